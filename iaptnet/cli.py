@@ -1,0 +1,149 @@
+"""The `iaptnet` command line.
+
+Every user mistake ends as one sentence on stderr and a non-zero exit, never a traceback.
+Long work shows progress on a terminal and stays quiet with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+# Flower must never phone home from anything we run.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+from .protocol.errors import IaptnetError  # noqa: E402
+
+
+def _progress_printer(enabled: bool):
+    if not enabled:
+        return None, None
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    status = console.status("starting")
+    status.start()
+
+    def progress(kind: str, round_no: int, answered: int, expected: int) -> None:
+        status.update(f"round {round_no} ({kind}): {answered}/{expected} nodes answered")
+
+    return progress, status
+
+
+def cmd_run(args) -> int:
+    from .coordinator.inprocess import run_inprocess
+    from .coordinator.results import render_report, write_json_atomic
+
+    if args.engine != "inprocess":
+        raise IaptnetError(f"--engine {args.engine}: only the in-process engine is available in this release.")
+    if not args.network:
+        raise IaptnetError("iaptnet run: --network NETWORK.toml is required for the in-process engine.")
+    progress, status = _progress_printer(not args.json and sys.stderr.isatty())
+    try:
+        results = run_inprocess(args.study, args.network, progress=progress)
+    finally:
+        if status:
+            status.stop()
+    if args.out:
+        out = Path(args.out)
+        if len(results) == 1:
+            write_json_atomic(out / "results.json", results[0])
+        else:
+            for result in results:
+                write_json_atomic(out / result["study"] / "results.json", result)
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+    else:
+        for result in results:
+            print(render_report(result))
+            print()
+        if args.out:
+            print(f"results written to {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .coordinator.demo import run_demo
+
+    return run_demo(Path(args.out), cache=Path(args.cache) if args.cache else None,
+                    json_mode=args.json, patients=args.patients, seed=args.seed)
+
+
+def cmd_synth(args) -> int:
+    from .synth import generate_network
+
+    path = generate_network(Path(args.out), services=args.services, patients=args.patients,
+                            seed=args.seed, fmt=args.format)
+    print(f"wrote {args.patients:,} referrals for {args.services} services; network file {path}")
+    return 0
+
+
+def cmd_node_check(args) -> int:
+    from .node.check import run_check
+
+    text, ok = run_check(args.data, args.schema)
+    print(text)
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iaptnet", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"iaptnet {__import__('iaptnet').__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log detail to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one or more studies and write results.json")
+    run.add_argument("study", nargs="+", help="study TOML file(s); several share rounds")
+    run.add_argument("--network", help="network.toml (in-process engine)")
+    run.add_argument("--engine", default="inprocess", choices=["inprocess", "flower"])
+    run.add_argument("--out", help="folder for results.json")
+    run.add_argument("--json", action="store_true", help="print results as JSON, no progress")
+    run.set_defaults(fn=cmd_run)
+
+    demo = sub.add_parser("demo", help="synthesise the paper-scale network and run the catalogue")
+    demo.add_argument("--out", default="demo-out")
+    demo.add_argument("--cache", help="folder for the cached synthetic network")
+    demo.add_argument("--patients", type=int, default=483_683)
+    demo.add_argument("--seed", type=int, default=None)
+    demo.add_argument("--json", action="store_true")
+    demo.set_defaults(fn=cmd_demo)
+
+    synth = sub.add_parser("synth", help="write a synthetic network of service extracts")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--services", type=int, default=8)
+    synth.add_argument("--patients", type=int, default=483_683)
+    synth.add_argument("--seed", type=int, default=20210901)
+    synth.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    synth.set_defaults(fn=cmd_synth)
+
+    node = sub.add_parser("node", help="commands for a Trust's node")
+    node_sub = node.add_subparsers(dest="node_command", required=True)
+    check = node_sub.add_parser("check", help="validate a data extract and report per column")
+    check.add_argument("--data", required=True)
+    check.add_argument("--schema", help="schema TOML (default: the built-in IAPT extract)")
+    check.set_defaults(fn=cmd_node_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.fn(args)
+    except IaptnetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

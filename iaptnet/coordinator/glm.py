@@ -1,0 +1,312 @@
+"""The coordinator half of the exact federated GLM: how the pooled fit iterates.
+
+Pooled Newton-Raphson (= IRLS for canonical links) on sums of the nodes' scores and
+information matrices, which equal the pooled rows' own, so the fixed point is exactly the
+pooled-rows maximum-likelihood estimate. Several models share every round (one message per
+node per round carries every model still iterating). The fit:
+
+1. `glm.moments` (only if a formula centres or scales): pooled mean and SD for the transform.
+2. `glm.prepare`: nodes build their designs; the coordinator checks the nodes agree on the
+   columns, drops columns no node has rows for (levels absent from the cohort), stops on an
+   empty cohort, a perfectly predicting level, or collinear terms (naming them), and warm-starts
+   from the nodes' local fits: beta0 = (sum I_k)^-1 sum I_k b_k.
+3. `glm.round` until the Newton step is below 1e-8 standard errors for every coefficient,
+   halving the step when the deviance rises. The reported estimate includes that last step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.linalg
+
+from ..protocol import messages as m
+from ..protocol.errors import ModelError, NetworkError
+from ..protocol.families import Family, get_family
+from ..protocol.study import StudySpec
+from .session import Session
+
+NULL_SUFFIX = ".null"
+STEP_TOL = 1e-8  # converged when every Newton step is below this many standard errors
+MAX_ROUNDS = 40
+MAX_HALVINGS = 20
+
+
+@dataclass
+class ModelFit:
+    """Everything the coordinator knows about one model, during and after the fit."""
+
+    key: str
+    spec: StudySpec
+    family: Family
+    names: list[str] = field(default_factory=list)
+    active: np.ndarray | None = None
+    beta: np.ndarray | None = None
+    prev_beta: np.ndarray | None = None
+    prev_dev: float | None = None
+    iterations: int = 0
+    halvings: int = 0
+    converged: bool = False
+    n: int = 0
+    n_missing: int = 0
+    n_cohort: int = 0
+    events: float | None = None
+    dropped: list[dict] = field(default_factory=list)
+    deviance: float = float("nan")
+    pearson: float = float("nan")
+    loglike_sum: float = float("nan")
+    cov: np.ndarray | None = None  # unscaled inverse information over active columns
+    node_counts: dict[str, dict] = field(default_factory=dict)
+    null: "ModelFit | None" = None
+
+    @property
+    def active_names(self) -> list[str]:
+        return [n for n, a in zip(self.names, self.active) if a]
+
+    @property
+    def rank(self) -> int:
+        return int(self.active.sum())
+
+    @property
+    def scale(self) -> float:
+        if self.family.has_dispersion:
+            return self.pearson / (self.n - self.rank)
+        return 1.0
+
+    @property
+    def llf(self) -> float:
+        return self.family.llf(self.loglike_sum, self.n, self.deviance)
+
+
+def fit_models(session: Session, specs: dict[str, StudySpec], stateful: dict[str, list[str]]) -> dict[str, ModelFit]:
+    """Fit every model of a batch on the session's nodes; keys are model keys ("m0", ...)."""
+    fits = {key: ModelFit(key, spec, get_family(spec.family)) for key, spec in specs.items()}
+    models_wire = {key: spec.to_wire() for key, spec in specs.items()}
+    transform_state = _pooled_transform_state(session, models_wire, stateful) if any(stateful.values()) else {}
+    replies = session.ask(m.GLM_PREPARE, {"models": models_wire, "transform_state": transform_state})
+    _check_replies(replies, session)
+    for reply in replies:
+        session.node_named(reply.node).data_version = str(reply.payload.get("data_version", ""))
+    for fit in fits.values():
+        _absorb_prepare(fit, replies)
+    all_fits = []
+    for fit in fits.values():
+        all_fits.extend([fit, fit.null])
+    while True:
+        pending = [f for f in all_fits if not f.converged]
+        if not pending:
+            break
+        arrays = {f"beta/{f.key}": f.beta for f in pending}
+        replies = session.ask(m.GLM_ROUND, {"models": [f.key for f in pending]}, arrays)
+        _check_replies(replies, session)
+        for fit in pending:
+            score = _sum(replies, f"score/{fit.key}")
+            info = m.unpack_upper(_sum(replies, f"info/{fit.key}"), len(fit.names))
+            stats = _sum(replies, f"stats/{fit.key}")
+            _newton_update(fit, score, info, stats)
+    _count_contributors(fits, session)
+    return fits
+
+
+def _count_contributors(fits: dict[str, ModelFit], session: Session) -> None:
+    """If a node dropped out after prepare (min_nodes), counts cover only the contributors."""
+    active = {n.name for n in session.active}
+    for fit in fits.values():
+        fit.node_counts = {k: v for k, v in fit.node_counts.items() if k in active}
+        for target in (fit, fit.null):
+            target.n = sum(int(c["n_used"]) for c in fit.node_counts.values())
+            target.n_missing = sum(int(c["n_missing"]) for c in fit.node_counts.values())
+            target.n_cohort = sum(int(c["n_cohort"]) for c in fit.node_counts.values())
+            if fit.events is not None:
+                target.events = sum(float(c["events"]) for c in fit.node_counts.values())
+
+
+def _check_replies(replies: list[m.Reply], session: Session) -> None:
+    if not replies:
+        raise NetworkError("no node contributed to the study.")
+    names = [r.node for r in replies]
+    if len(set(names)) != len(names):
+        raise NetworkError("two nodes of the network use the same name; each node needs its own.")
+
+
+def _sum(replies: list[m.Reply], name: str) -> np.ndarray:
+    """Sum one array over the replies, in their (node-name) order."""
+    total = None
+    for reply in replies:
+        try:
+            value = reply.arrays[name]
+        except KeyError:
+            raise NetworkError(f"node {reply.node} sent a reply without '{name}'.") from None
+        total = value.copy() if total is None else total + value
+    return total
+
+
+def _pooled_transform_state(session, models_wire, stateful) -> dict:
+    """Pool (n, mean, M2) per centred/scaled expression with Chan's formula; exact."""
+    replies = session.ask(m.GLM_MOMENTS, {"models": models_wire})
+    _check_replies(replies, session)
+    state: dict[str, dict] = {}
+    for key, exprs in stateful.items():
+        state[key] = {}
+        for i, expr in enumerate(exprs):
+            n = mean = m2 = 0.0
+            for reply in replies:
+                nk, meank, m2k = reply.arrays[f"moments/{key}/{i}"]
+                if nk == 0:
+                    continue
+                delta = meank - mean
+                total = n + nk
+                mean = mean + delta * nk / total
+                m2 = m2 + m2k + delta * delta * n * nk / total
+                n = total
+            if n < 2:
+                raise ModelError(f"model '{key}': too few rows to centre or scale '{expr}'.")
+            entry = {"ddof": 1, "center": mean, "scale": None}
+            if expr.replace(" ", "").startswith("scale("):
+                entry["scale"] = float(np.sqrt(m2 / (n - 1)))
+            state[key][expr] = entry
+    return state
+
+
+def _absorb_prepare(fit: ModelFit, replies: list[m.Reply]) -> None:
+    spec = fit.spec
+    shapes = [r.payload["models"][fit.key] for r in replies]
+    names = shapes[0]["columns"]
+    for reply, shape in zip(replies, shapes):
+        if shape["columns"] != names:
+            raise NetworkError(f"model '{spec.name}': node {reply.node} builds different design columns from node {replies[0].node}; do they serve the same schema and software version?")
+    fit.names = list(names)
+    p = len(names)
+    fit.n = sum(int(s["n_used"]) for s in shapes)
+    fit.n_missing = sum(int(s["n_missing"]) for s in shapes)
+    fit.n_cohort = sum(int(s["n_cohort"]) for s in shapes)
+    fit.node_counts = {r.node: {"n_used": s["n_used"], "n_missing": s["n_missing"], "n_cohort": s["n_cohort"],
+                                "events": s["events"]}
+                       for r, s in zip(replies, shapes)}
+    if fit.family.name != "gaussian":
+        fit.events = sum(float(s["events"]) for s in shapes)
+    if fit.n == 0:
+        raise ModelError(f"model '{spec.name}': the cohort is empty: no rows match the filter with every model variable recorded.")
+    if p == 0:
+        raise ModelError(f"model '{spec.name}': the formula has no terms.")
+    nnz = np.sum([s["nnz"] for s in shapes], axis=0)
+    fit.active = nnz > 0
+    for j in np.flatnonzero(~fit.active):
+        fit.dropped.append({"term": names[j], "reason": "no rows in the cohort have this term (a level absent from the cohort)"})
+    if spec.exposure and spec.exposure in names and not fit.active[names.index(spec.exposure)]:
+        raise ModelError(f"model '{spec.name}': the exposure term '{spec.exposure}' has no rows in the cohort.")
+    if fit.family.name == "binomial":
+        if fit.events == 0 or fit.events == fit.n:
+            raise ModelError(f"model '{spec.name}': the outcome takes a single value in the whole cohort, so there is nothing to model.")
+        _check_level_separation(fit, shapes)
+    if fit.n <= fit.rank:
+        raise ModelError(f"model '{spec.name}': the cohort has {fit.n} rows for {fit.rank} coefficients; it needs more rows than coefficients.")
+    info = m.unpack_upper(_sum(replies, f"local_info/{fit.key}"), p)
+    ibeta = _sum(replies, f"local_ibeta/{fit.key}")
+    _check_collinear(fit, info)
+    fit.beta = np.zeros(p)
+    fit.beta[fit.active] = _solve_start(info[np.ix_(fit.active, fit.active)], ibeta[fit.active])
+    fit.null = _null_fit(fit, replies)
+
+
+def _check_level_separation(fit: ModelFit, shapes: list[dict]) -> None:
+    """A 0/1 column whose rows all share one outcome value makes the MLE infinite."""
+    if "events_nnz" not in shapes[0]:
+        return
+    events_nnz = np.sum([s["events_nnz"] for s in shapes], axis=0)
+    indicator = np.all([s["indicator"] for s in shapes], axis=0)
+    nnz = np.sum([s["nnz"] for s in shapes], axis=0)
+    bad = [fit.names[j] for j in range(len(fit.names))
+           if fit.active[j] and indicator[j] and fit.names[j] != "Intercept"
+           and (events_nnz[j] == 0 or events_nnz[j] == nnz[j])]
+    if bad:
+        listed = ", ".join(f"'{b}'" for b in bad)
+        raise ModelError(f"model '{fit.spec.name}': perfect separation: every row with {listed} has the same outcome, so its odds ratio is infinite; merge that level with another or drop the term.")
+
+
+def _check_collinear(fit: ModelFit, info: np.ndarray) -> None:
+    a = fit.active
+    sub = info[np.ix_(a, a)]
+    d = np.sqrt(np.diag(sub))
+    if np.any(d == 0):
+        return
+    scaled = sub / np.outer(d, d)
+    _, r, piv = scipy.linalg.qr(scaled, pivoting=True)
+    diag = np.abs(np.diag(r))
+    rank = int(np.sum(diag > 1e-9 * diag[0]))
+    if rank == len(diag):
+        return
+    names = [n for n, keep in zip(fit.names, a) if keep]
+    basis, aliased = piv[:rank], piv[rank:]
+    j = aliased[0]
+    coef = np.linalg.lstsq(scaled[np.ix_(basis, basis)], scaled[basis, j], rcond=None)[0]
+    partners = [names[basis[i]] for i in np.argsort(-np.abs(coef)) if abs(coef[i]) > 1e-6][:6]
+    others = ", ".join(f"'{p}'" for p in partners) or "the intercept"
+    also = f" ({len(aliased) - 1} more term(s) are also collinear)" if len(aliased) > 1 else ""
+    raise ModelError(f"model '{fit.spec.name}': the design is collinear: '{names[j]}' is a linear combination of {others}{also}; drop one of them or merge levels.")
+
+
+def _solve_start(info: np.ndarray, ibeta: np.ndarray) -> np.ndarray:
+    try:
+        beta = scipy.linalg.solve(info, ibeta, assume_a="pos")
+    except (np.linalg.LinAlgError, ValueError):
+        return np.zeros(len(ibeta))
+    if not np.all(np.isfinite(beta)) or np.max(np.abs(beta)) > 50:
+        return np.zeros(len(ibeta))
+    return beta
+
+
+def _null_fit(fit: ModelFit, replies: list[m.Reply]) -> ModelFit:
+    null = ModelFit(fit.key + NULL_SUFFIX, fit.spec, fit.family, names=["Intercept"],
+                    active=np.array([True]), n=fit.n, n_missing=fit.n_missing, n_cohort=fit.n_cohort,
+                    events=fit.events)
+    info = _sum(replies, f"local_info/{null.key}").reshape(1, 1)
+    ibeta = _sum(replies, f"local_ibeta/{null.key}")
+    null.beta = _solve_start(info, ibeta)
+    return null
+
+
+def _newton_update(fit: ModelFit, score: np.ndarray, info: np.ndarray, stats: np.ndarray) -> None:
+    dev = float(stats[0])
+    if fit.prev_dev is not None and dev > fit.prev_dev + 1e-10 * (abs(fit.prev_dev) + 1.0):
+        fit.halvings += 1
+        if fit.halvings > MAX_HALVINGS:
+            raise ModelError(f"model '{fit.spec.name}': the fit did not converge (the deviance kept rising after {MAX_HALVINGS} step-halvings).")
+        fit.beta = (fit.beta + fit.prev_beta) / 2.0
+        return
+    a = fit.active
+    sub = info[np.ix_(a, a)]
+    try:
+        chol = scipy.linalg.cho_factor(sub)
+        cov = scipy.linalg.cho_solve(chol, np.eye(sub.shape[0]))
+    except (np.linalg.LinAlgError, ValueError):
+        raise ModelError(f"model '{fit.spec.name}': the information matrix became singular during the fit; the design may be collinear or the outcome perfectly predicted.") from None
+    step = cov @ score[a]
+    se = np.sqrt(np.diag(cov))
+    fit.iterations += 1
+    ratio = np.abs(step) / se
+    if np.all(ratio < STEP_TOL):
+        fit.beta = fit.beta.copy()
+        fit.beta[a] += step
+        fit.converged = True
+        fit.cov = cov
+        fit.deviance, fit.pearson, fit.loglike_sum = float(stats[0]), float(stats[1]), float(stats[2])
+        return
+    _check_divergence(fit, se)
+    fit.prev_beta, fit.prev_dev = fit.beta.copy(), dev
+    fit.beta = fit.beta.copy()
+    fit.beta[a] += step
+
+
+def _check_divergence(fit: ModelFit, se: np.ndarray) -> None:
+    names = fit.active_names
+    beta = fit.beta[fit.active]
+    if fit.family.name != "gaussian":
+        runaway = [names[i] for i in range(len(names))
+                   if names[i] != "Intercept" and ((abs(beta[i]) > 5 and se[i] > 10) or abs(beta[i]) > 30)]
+        if runaway and fit.iterations >= 3:
+            listed = ", ".join(f"'{t}'" for t in runaway[:6])
+            raise ModelError(f"model '{fit.spec.name}': perfect or quasi-perfect separation: the estimates for {listed} run off to infinity; merge levels or drop those terms.")
+    if fit.iterations >= MAX_ROUNDS:
+        raise ModelError(f"model '{fit.spec.name}': the fit did not converge in {MAX_ROUNDS} rounds.")

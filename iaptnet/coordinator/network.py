@@ -1,0 +1,72 @@
+"""The `network.toml` contract: the nodes of a network for the in-process engine or the
+local launcher. Each `[[node]]` has `name`, `data` (a CSV or Parquet path relative to the file,
+or an SQLAlchemy URL with `table` or `query`), optional `schema` and optional `policy`."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..node.runtime import resolve_path
+from ..protocol.errors import SpecError
+
+NODE_KEYS = {"name", "data", "schema", "policy", "table", "query"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Network:
+    path: Path
+    nodes: list[dict]
+
+    @property
+    def schema_paths(self) -> set[str | None]:
+        return {n.get("schema") for n in self.nodes}
+
+
+def load_network(path: str | Path) -> Network:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: network file not found.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: not a valid TOML file ({exc}).") from None
+    raw_nodes = data.get("node")
+    if not isinstance(raw_nodes, list) or not raw_nodes:
+        raise SpecError(f"{path}: expected one or more [[node]] tables.")
+    base = path.parent
+    nodes, seen = [], set()
+    for i, raw in enumerate(raw_nodes, 1):
+        where = f"{path}: [[node]] number {i}"
+        unknown = set(raw) - NODE_KEYS
+        if unknown:
+            raise SpecError(f"{where}: unknown field '{sorted(unknown)[0]}' (expected {', '.join(sorted(NODE_KEYS))}).")
+        name = raw.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise SpecError(f"{where}: field 'name' must be a short name of letters, digits, '_', '-' or '.'.")
+        if name in seen:
+            raise SpecError(f"{where}: field 'name' repeats '{name}'; node names must be unique.")
+        seen.add(name)
+        data_ref = raw.get("data")
+        if not isinstance(data_ref, str) or not data_ref:
+            raise SpecError(f"{where} ({name}): field 'data' must be a file path or an SQLAlchemy URL.")
+        node = {"name": name, "data": resolve_path(base, data_ref)}
+        if "://" in data_ref:
+            if not (raw.get("table") or raw.get("query")):
+                raise SpecError(f"{where} ({name}): an SQL source needs 'table' or 'query'.")
+        elif not Path(node["data"]).exists():
+            raise SpecError(f"{where} ({name}): field 'data' names {data_ref}, which does not exist.")
+        for key in ("schema", "policy"):
+            if raw.get(key) is not None:
+                value = resolve_path(base, str(raw[key]))
+                if not Path(value).exists():
+                    raise SpecError(f"{where} ({name}): field '{key}' names {raw[key]}, which does not exist.")
+                node[key] = value
+        for key in ("table", "query"):
+            if raw.get(key) is not None:
+                node[key] = str(raw[key])
+        nodes.append(node)
+    return Network(path, nodes)

@@ -1,0 +1,140 @@
+"""Results of a study: the `results.json` contract and the human-readable report.
+
+Term names follow the statsmodels/formulaic conventions (`C(x)[T.level]`, `a:b`), so a
+result can be compared term by term with a statsmodels fit on pooled rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from .. import __version__
+from .glm import ModelFit
+
+Z975 = float(stats.norm.ppf(0.975))
+
+
+def term_rows(fit: ModelFit) -> list[dict]:
+    scale = fit.scale
+    se = np.sqrt(np.diag(fit.cov) * scale)
+    est = fit.beta[fit.active]
+    rows = []
+    for name, b, s in zip(fit.active_names, est, se):
+        z = b / s
+        row = {
+            "term": name,
+            "estimate": float(b),
+            "std_error": float(s),
+            "statistic": float(z),
+            "p_value": float(2.0 * stats.norm.sf(abs(z))),
+            "conf_low": float(b - Z975 * s),
+            "conf_high": float(b + Z975 * s),
+        }
+        if fit.family.ratio_name:
+            row["ratio"] = math.exp(row["estimate"])
+            row["ratio_low"] = math.exp(row["conf_low"])
+            row["ratio_high"] = math.exp(row["conf_high"])
+        rows.append(row)
+    return rows
+
+
+def build_results(fit: ModelFit, *, study_hash: str, engine: str, node_status: list[dict],
+                  rounds: int) -> dict:
+    spec = fit.spec
+    terms = term_rows(fit)
+    exposure = next((t for t in terms if t["term"] == spec.exposure), None)
+    llf = fit.llf
+    return {
+        "study": spec.name,
+        "title": spec.title,
+        "study_hash": study_hash,
+        "kind": spec.kind,
+        "family": fit.family.name,
+        "link": fit.family.link_name,
+        "ratio_name": fit.family.ratio_name,
+        "formula": spec.formula,
+        "where": spec.where,
+        "offset": spec.offset,
+        "exposure": spec.exposure,
+        "exposure_term": exposure,
+        "n": fit.n,
+        "n_missing": fit.n_missing,
+        "n_cohort": fit.n_cohort,
+        "events": fit.events,
+        "converged": fit.converged,
+        "iterations": fit.iterations,
+        "rounds": rounds,
+        "deviance": fit.deviance,
+        "null_deviance": fit.null.deviance,
+        "pearson_chi2": fit.pearson,
+        "scale": fit.scale,
+        "df_model": fit.rank - 1,
+        "df_resid": fit.n - fit.rank,
+        "llf": llf,
+        "aic": -2.0 * llf + 2.0 * fit.rank,
+        "dropped_terms": fit.dropped,
+        "nodes": node_status,
+        "terms": terms,
+        "software": {"iaptnet": __version__, "flwr": _flwr_version()},
+        "engine": engine,
+        "reference": spec.reference or None,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _flwr_version() -> str:
+    from importlib.metadata import version
+
+    return version("flwr")
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write to a temporary file beside the target, then rename: never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, allow_nan=True)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def render_report(result: dict) -> str:
+    """A statsmodels-like summary table for the terminal."""
+    lines = []
+    title = result.get("title") or result["study"]
+    lines.append(f"{title}  [{result['family']}/{result['link']}]  study {result['study_hash'][:12]}")
+    lines.append(f"  n = {result['n']:,} used ({result['n_missing']:,} dropped for missing values, cohort {result['n_cohort']:,}); "
+                 f"deviance {result['deviance']:.4f}, null {result['null_deviance']:.4f}, AIC {result['aic']:.2f}; "
+                 f"{result['iterations']} Newton rounds")
+    contributed = [n["name"] for n in result["nodes"] if n["contributed"]]
+    lines.append(f"  nodes: {len(contributed)} contributed ({', '.join(contributed)})")
+    for n in result["nodes"]:
+        if not n["contributed"]:
+            lines.append(f"  node {n['name']} did not contribute: {n['reason']}")
+    ratio = result.get("ratio_name")
+    head = f"  {'term':<34} {'estimate':>10} {'std err':>9} {'z':>8} {'p':>9}"
+    if ratio:
+        head += f"   {ratio + ' (95% CI)':>26}"
+    lines.append(head)
+    for t in result["terms"]:
+        row = f"  {t['term'][:34]:<34} {t['estimate']:>10.4f} {t['std_error']:>9.4f} {t['statistic']:>8.2f} {t['p_value']:>9.3g}"
+        if ratio:
+            row += f"   {t['ratio']:>8.3f} ({t['ratio_low']:.3f}-{t['ratio_high']:.3f})"
+        if t["term"] == result.get("exposure"):
+            row += "  <- exposure"
+        lines.append(row)
+    for d in result.get("dropped_terms", []):
+        lines.append(f"  dropped {d['term']}: {d['reason']}")
+    return "\n".join(lines)

@@ -1,0 +1,136 @@
+"""A study's conversation with its nodes over a Flower `Grid`.
+
+The session pins the study's cohort of nodes when it starts (a node that connects or
+reconnects later does not join as a stranger), sends one task per node per round, waits for
+the replies, and returns them ordered by node name so that every pooled sum is taken in the
+same order whatever order the replies arrived in. Refusals and errors stop the study, unless
+the study allows a minimum number of nodes and enough remain; dropped nodes are recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from flwr.app import Message
+from flwr.serverapp.grid import Grid
+
+from ..protocol import messages as m
+from ..protocol.errors import NetworkError
+
+ProgressFn = Callable[[str, int, int, int], None]  # (task kind, round, answered, expected)
+
+
+@dataclass
+class NodeStatus:
+    node_id: int
+    name: str = ""
+    contributed: bool = True
+    dropped_reason: str = ""
+    data_version: str = ""
+    payload: dict = field(default_factory=dict)
+
+
+class Session:
+    def __init__(self, grid: Grid, study_hash: str, *, min_nodes: int | None = None,
+                 timeout: float | None = 300.0, poll_interval: float = 0.0,
+                 progress: ProgressFn | None = None):
+        self.grid = grid
+        self.study_hash = study_hash
+        self.min_nodes = min_nodes
+        self.timeout = timeout
+        self.poll_interval = poll_interval
+        self.progress = progress
+        self.round = 0
+        node_ids = sorted(grid.get_node_ids())
+        if not node_ids:
+            raise NetworkError("no nodes are connected to the network.")
+        self.nodes: dict[int, NodeStatus] = {nid: NodeStatus(nid) for nid in node_ids}
+
+    @property
+    def active(self) -> list[NodeStatus]:
+        return [n for n in self.nodes.values() if n.contributed]
+
+    def ask(self, kind: str, payload: dict | None = None, arrays: dict | None = None) -> list[m.Reply]:
+        """One round: the same task to every active node; ok replies ordered by node name."""
+        self.round += 1
+        task_ids = {}
+        messages = []
+        for node in self.active:
+            task = m.Task(kind=kind, study_hash=self.study_hash, payload=payload or {},
+                          arrays=arrays or {}, round=self.round)
+            task_ids[node.node_id] = task.task_id
+            messages.append(Message(m.encode_task(task), node.node_id, m.MESSAGE_TYPE,
+                                    group_id=f"{self.study_hash[:16]}:{self.round}"))
+        replies = self._exchange(kind, messages)
+        ok: list[tuple[str, m.Reply]] = []
+        problems = []
+        for node in list(self.active):
+            reply = replies.get(node.node_id)
+            if reply is None:
+                problems.append((node, f"did not answer within {self.timeout or 0:g} s"))
+                continue
+            if reply.node and node.name and reply.node != node.name:
+                problems.append((node, "changed its name during the study"))
+                continue
+            node.name = node.name or reply.node
+            if reply.status != m.OK:
+                verb = "refused" if reply.status == m.REFUSED else "failed"
+                problems.append((node, f"{verb}: {reply.message}"))
+                continue
+            if reply.task_id != task_ids[node.node_id]:
+                problems.append((node, "answered a different task"))
+                continue
+            ok.append((node.name, reply))
+        if problems:
+            self._drop(problems, kind)
+            ok = [(name, r) for name, r in ok if self._is_active(name)]
+        return [r for _, r in sorted(ok, key=lambda pair: pair[0])]
+
+    def node_named(self, name: str) -> NodeStatus:
+        return next(n for n in self.nodes.values() if n.name == name)
+
+    def _is_active(self, name: str) -> bool:
+        return any(n.name == name for n in self.active)
+
+    def _drop(self, problems, kind):
+        described = "; ".join(f"{node.name or f'node {node.node_id}'} {why}" for node, why in problems)
+        remaining = len(self.active) - len(problems)
+        if self.min_nodes is None or remaining < self.min_nodes:
+            need = "" if self.min_nodes is None else f" (the study needs at least {self.min_nodes} nodes; {remaining} remain)"
+            raise NetworkError(f"the study stopped at {kind}: {described}{need}.")
+        for node, why in problems:
+            node.contributed = False
+            node.dropped_reason = why
+
+    def _exchange(self, kind: str, messages: list[Message]) -> dict[int, m.Reply]:
+        expected = len(messages)
+        if self.progress:
+            self.progress(kind, self.round, 0, expected)
+        ids = list(self.grid.push_messages(messages))
+        pending = set(ids)
+        out: dict[int, m.Reply] = {}
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while pending:
+            for msg in self.grid.pull_messages(list(pending)):
+                pending.discard(msg.metadata.reply_to_message_id)
+                out[msg.metadata.src_node_id] = self._decode(msg)
+                if self.progress:
+                    self.progress(kind, self.round, len(out), expected)
+            if not pending or (deadline is not None and time.monotonic() > deadline):
+                break
+            time.sleep(self.poll_interval)
+        return out
+
+    @staticmethod
+    def _decode(msg: Message) -> m.Reply:
+        if msg.has_error():
+            # Flower's own error (the node app crashed or vanished); its text is not shown
+            # because it could echo local detail.
+            return m.Reply(status=m.ERROR, node="", code=f"flower_{msg.error.code}",
+                           message=f"the node's app failed (Flower error code {msg.error.code})")
+        try:
+            return m.decode_reply(msg.content)
+        except (KeyError, ValueError, TypeError):
+            return m.Reply(status=m.ERROR, node="", code="bad_reply", message="sent a reply the coordinator cannot read")

@@ -1,0 +1,50 @@
+"""Loading study files and validating them against their dataset's schema, before any node
+is asked anything. A study names its dataset schema with `schema = "path.toml"` (relative to
+the study file); without it, the network's own schema is used (all nodes must share one), and
+without that, the built-in IAPT dataset (the extract's columns and the derived variables)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..protocol.errors import SpecError
+from ..protocol.formula_check import ParsedFormula
+from ..protocol.iapt_schema import iapt_analysis_schema
+from ..protocol.schema import Schema
+from ..protocol.study import StudySpec, parse_study, read_study_file
+
+
+@dataclass(frozen=True)
+class LoadedStudy:
+    spec: StudySpec
+    parsed: ParsedFormula
+    path: Path | None
+
+
+def resolve_schema(study_data: dict, study_path: Path | None, network_schemas: set[str | None]) -> Schema:
+    if study_data.get("schema"):
+        base = study_path.parent if study_path else Path.cwd()
+        return Schema.load(base / str(study_data["schema"]))
+    custom = {s for s in network_schemas if s}
+    if len(custom) > 1 or (custom and None in network_schemas):
+        raise SpecError(f"{study_path or 'study'}: the network's nodes serve different schemas; name the study's schema with 'schema = \"...\"'.")
+    if custom:
+        return Schema.load(next(iter(custom)))
+    return iapt_analysis_schema()
+
+
+def load_study(path: str | Path, network_schemas: set[str | None] = frozenset({None})) -> LoadedStudy:
+    path = Path(path)
+    data = read_study_file(path)
+    schema = resolve_schema(data, path, set(network_schemas))
+    spec, parsed = parse_study(data, schema, str(path))
+    return LoadedStudy(spec, parsed, path)
+
+
+def batch_hash(specs: list[StudySpec]) -> str:
+    """Identity of a batch of studies run together: the hash of their hashes, in order."""
+    if len(specs) == 1:
+        return specs[0].hash
+    return hashlib.sha256(":".join(s.hash for s in specs).encode()).hexdigest()

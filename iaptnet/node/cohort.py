@@ -1,0 +1,86 @@
+"""Evaluate a parsed cohort filter on the node's analysis frame.
+
+Three-valued (Kleene) logic, as SQL's WHERE: a comparison with a missing value is unknown,
+`not unknown` stays unknown, and rows whose condition is unknown are left out. Only
+`is missing` / `is not missing` look at missingness directly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+_OPS = {
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+}
+
+
+def cohort_mask(frame: pd.DataFrame, tree: tuple | None) -> np.ndarray:
+    """Boolean numpy mask of the rows in the cohort (all rows when there is no filter)."""
+    if tree is None:
+        return np.ones(len(frame), dtype=bool)
+    return _eval(frame, tree).fillna(False).to_numpy(dtype=bool)
+
+
+def _eval(frame: pd.DataFrame, tree: tuple) -> pd.Series:
+    kind = tree[0]
+    if kind == "and":
+        out = _eval(frame, tree[1][0])
+        for sub in tree[1][1:]:
+            out = out & _eval(frame, sub)
+        return out
+    if kind == "or":
+        out = _eval(frame, tree[1][0])
+        for sub in tree[1][1:]:
+            out = out | _eval(frame, sub)
+        return out
+    if kind == "not":
+        return ~_eval(frame, tree[1])
+    if kind == "missing":
+        isna = frame[tree[1]].isna()
+        return pd.Series(~isna if tree[2] else isna, index=frame.index, dtype="boolean")
+    if kind == "in":
+        col = frame[tree[1]]
+        values = [_literal(col, v) for v in tree[2]]
+        result = _plain(col).isin(values)
+        if tree[3]:
+            result = ~result
+        return _with_missing(result, col.isna())
+    op, left, right = tree[1], tree[2], tree[3]
+    lhs, lmiss = _operand(frame, left, right)
+    rhs, rmiss = _operand(frame, right, left)
+    result = pd.Series(_OPS[op](lhs, rhs), index=frame.index)
+    return _with_missing(result, lmiss | rmiss)
+
+
+def _plain(col: pd.Series) -> pd.Series:
+    """Categoricals compare as their level strings."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        return col.astype(object)
+    return col
+
+
+def _literal(col: pd.Series, lit: tuple):
+    if lit[0] == "str" and pd.api.types.is_datetime64_any_dtype(col):
+        return pd.Timestamp(lit[1])
+    return lit[1]
+
+
+def _operand(frame: pd.DataFrame, op: tuple, other: tuple):
+    if op[0] == "col":
+        col = frame[op[1]]
+        return _plain(col), col.isna().to_numpy()
+    if other[0] == "col":
+        return _literal(frame[other[1]], op), np.zeros(len(frame), dtype=bool)
+    return op[1], np.zeros(len(frame), dtype=bool)
+
+
+def _with_missing(result: pd.Series, missing) -> pd.Series:
+    out = pd.Series(np.asarray(result, dtype=bool), index=result.index, dtype="boolean")
+    out[np.asarray(missing, dtype=bool)] = pd.NA
+    return out

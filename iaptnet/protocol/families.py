@@ -1,0 +1,158 @@
+"""GLM families with their canonical links, as small numpy objects.
+
+Both halves need them: the node evaluates means, scores, working weights and deviances on its
+rows; the coordinator computes log-likelihoods and AIC from pooled sums. Formulas follow
+statsmodels so that every pooled quantity matches a statsmodels fit on the pooled rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+FAMILIES = ("binomial", "gaussian", "poisson")
+
+
+class Family:
+    name: str
+    link_name: str
+    ratio_name: str | None = None  # "odds ratio" / "rate ratio" where exp(beta) means one
+    has_dispersion = False
+
+    def mean(self, eta: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def working(self, y: np.ndarray, eta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return (mu, w, r): weights and score residuals so that score = X'r and
+        Fisher information = X' diag(w) X. Canonical links: r = y - mu, w = Var(mu)."""
+        raise NotImplementedError
+
+    def deviance(self, y: np.ndarray, mu: np.ndarray, eta: np.ndarray | None = None) -> float:
+        raise NotImplementedError
+
+    def pearson(self, y: np.ndarray, mu: np.ndarray) -> float:
+        return float(np.sum((y - mu) ** 2 / self.variance(mu)))
+
+    def variance(self, mu: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def loglike_sum(self, y: np.ndarray, mu: np.ndarray, eta: np.ndarray | None = None) -> float:
+        """Sum of the log-likelihood terms that depend on data only through each row.
+        Gaussian returns the residual sum of squares instead (its llf needs n and RSS)."""
+        raise NotImplementedError
+
+    def llf(self, loglike_sum: float, n: int, deviance: float) -> float:
+        return loglike_sum
+
+    def check_outcome(self, y: np.ndarray) -> str | None:
+        """A plain-words problem with the outcome values, or None."""
+        return None
+
+
+class Binomial(Family):
+    name = "binomial"
+    link_name = "logit"
+    ratio_name = "odds ratio"
+
+    def mean(self, eta):
+        return _expit(eta)
+
+    def working(self, y, eta):
+        mu = _expit(eta)
+        w = mu * (1.0 - mu)
+        return mu, w, y - mu
+
+    def variance(self, mu):
+        return mu * (1.0 - mu)
+
+    def deviance(self, y, mu, eta=None):
+        # y is 0/1, so the saturated log-likelihood is 0; from eta when known, which stays
+        # finite where mu rounds to exactly 0 or 1.
+        if eta is None:
+            eta = np.log(mu) - np.log1p(-mu)
+        return float(2.0 * np.sum(np.where(y > 0, np.logaddexp(0.0, -eta), np.logaddexp(0.0, eta))))
+
+    def loglike_sum(self, y, mu, eta=None):
+        return -0.5 * self.deviance(y, mu, eta)
+
+    def check_outcome(self, y):
+        if np.any((y != 0) & (y != 1)):
+            return "a binomial outcome must be 0 or 1"
+        return None
+
+
+class Poisson(Family):
+    name = "poisson"
+    link_name = "log"
+    ratio_name = "rate ratio"
+
+    def mean(self, eta):
+        return np.exp(eta)
+
+    def working(self, y, eta):
+        mu = np.exp(eta)
+        return mu, mu, y - mu
+
+    def variance(self, mu):
+        return mu
+
+    def deviance(self, y, mu, eta=None):
+        ylogy = np.where(y > 0, y * np.log(np.where(y > 0, y, 1.0) / mu), 0.0)
+        return float(2.0 * np.sum(ylogy - (y - mu)))
+
+    def loglike_sum(self, y, mu, eta=None):
+        return float(np.sum(y * np.log(mu) - mu) - _sum_log_factorial(y))
+
+    def check_outcome(self, y):
+        if np.any(y < 0):
+            return "a poisson outcome must be a count (zero or more)"
+        return None
+
+
+class Gaussian(Family):
+    name = "gaussian"
+    link_name = "identity"
+    has_dispersion = True
+
+    def mean(self, eta):
+        return eta
+
+    def working(self, y, eta):
+        return eta, np.ones_like(eta), y - eta
+
+    def variance(self, mu):
+        return np.ones_like(mu)
+
+    def deviance(self, y, mu, eta=None):
+        return float(np.sum((y - mu) ** 2))
+
+    def loglike_sum(self, y, mu, eta=None):
+        return self.deviance(y, mu)
+
+    def llf(self, loglike_sum, n, deviance):
+        # statsmodels: the Gaussian/identity llf uses the ML scale RSS / n.
+        scale = deviance / n
+        return -0.5 * n * (math.log(2 * math.pi * scale) + 1.0)
+
+
+_FAMILIES = {"binomial": Binomial(), "gaussian": Gaussian(), "poisson": Poisson()}
+
+
+def get_family(name: str) -> Family:
+    return _FAMILIES[name]
+
+
+def _expit(eta: np.ndarray) -> np.ndarray:
+    out = np.empty_like(eta, dtype=float)
+    pos = eta >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-eta[pos]))
+    e = np.exp(eta[~pos])
+    out[~pos] = e / (1.0 + e)
+    return out
+
+
+def _sum_log_factorial(y: np.ndarray) -> float:
+    """sum(lgamma(y + 1)) over few distinct counts, without scipy."""
+    values, counts = np.unique(y, return_counts=True)
+    return float(sum(c * math.lgamma(v + 1.0) for v, c in zip(values.tolist(), counts.tolist())))

@@ -1,0 +1,148 @@
+"""Dataset schemas: the column contract every node of a network serves.
+
+A schema fixes each column's type and, for categorical columns, the full list of levels in
+order (the first is the reference). Levels come from the schema, never from local data, so
+every node builds the same design columns in the same order even when a level is absent
+locally. The schema's fingerprint is part of a study's identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import SpecError
+
+#: Types a user may declare in a schema TOML. `date` and `identifier` columns are read and
+#: validated but cannot appear in a formula.
+COLUMN_TYPES = ("numeric", "integer", "binary", "categorical", "date", "identifier")
+MODEL_TYPES = ("numeric", "integer", "binary", "categorical")
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str
+    levels: tuple[str, ...] = ()
+    min: float | None = None
+    max: float | None = None
+    optional: bool = False
+    description: str = ""
+
+    @property
+    def is_categorical(self) -> bool:
+        return self.type == "categorical"
+
+    @property
+    def in_models(self) -> bool:
+        return self.type in MODEL_TYPES
+
+    def as_dict(self) -> dict:
+        out: dict = {"type": self.type}
+        if self.levels:
+            out["levels"] = list(self.levels)
+        if self.min is not None:
+            out["min"] = self.min
+        if self.max is not None:
+            out["max"] = self.max
+        if self.optional:
+            out["optional"] = True
+        return out
+
+
+@dataclass(frozen=True)
+class Schema:
+    """An ordered set of columns with a stable fingerprint."""
+
+    name: str
+    columns: dict[str, Column] = field(default_factory=dict)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.columns
+
+    def __getitem__(self, name: str) -> Column:
+        return self.columns[name]
+
+    def names(self) -> list[str]:
+        return list(self.columns)
+
+    def canonical(self) -> dict:
+        return {"name": self.name, "columns": {n: c.as_dict() for n, c in self.columns.items()}}
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON form: two nodes serve the same dataset iff equal."""
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def merged(self, other: "Schema", name: str | None = None) -> "Schema":
+        cols = dict(self.columns)
+        cols.update(other.columns)
+        return Schema(name or self.name, cols)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str, name: str | None = None) -> "Schema":
+        columns = data.get("columns")
+        if not isinstance(columns, dict) or not columns:
+            raise SpecError(f"{source}: expected a [columns.NAME] table for each column, found none.")
+        parsed: dict[str, Column] = {}
+        for raw_name, spec in columns.items():
+            col_name = str(raw_name).strip()
+            where = f"{source}: column '{col_name}'"
+            if not col_name.isidentifier():
+                raise SpecError(f"{where}: a column name must be a Python-style identifier (letters, digits, _).")
+            if col_name in parsed:
+                raise SpecError(f"{where}: declared twice.")
+            if not isinstance(spec, dict):
+                raise SpecError(f"{where}: expected a table with at least 'type'.")
+            unknown = set(spec) - {"type", "levels", "min", "max", "optional", "description"}
+            if unknown:
+                raise SpecError(f"{where}: unknown key '{sorted(unknown)[0]}' (expected type, levels, min, max, optional, description).")
+            ctype = spec.get("type")
+            if ctype not in COLUMN_TYPES:
+                raise SpecError(f"{where}: 'type' must be one of {', '.join(COLUMN_TYPES)}, got {ctype!r}.")
+            levels = spec.get("levels", [])
+            if ctype == "categorical":
+                if not isinstance(levels, list) or len(levels) < 2:
+                    raise SpecError(f"{where}: a categorical column needs 'levels' = a list of at least two values (the first is the reference).")
+                levels = [str(v).strip() for v in levels]
+                if len(set(levels)) != len(levels):
+                    raise SpecError(f"{where}: 'levels' lists a value twice.")
+            elif levels:
+                raise SpecError(f"{where}: 'levels' is only allowed for categorical columns.")
+            lo, hi = spec.get("min"), spec.get("max")
+            for key, val in (("min", lo), ("max", hi)):
+                if val is not None and (isinstance(val, bool) or not isinstance(val, (int, float))):
+                    raise SpecError(f"{where}: '{key}' must be a number.")
+            if (lo is not None or hi is not None) and ctype not in ("numeric", "integer"):
+                raise SpecError(f"{where}: 'min'/'max' apply only to numeric and integer columns.")
+            if lo is not None and hi is not None and lo > hi:
+                raise SpecError(f"{where}: 'min' is greater than 'max'.")
+            parsed[col_name] = Column(
+                name=col_name,
+                type=ctype,
+                levels=tuple(levels),
+                min=None if lo is None else float(lo),
+                max=None if hi is None else float(hi),
+                optional=bool(spec.get("optional", False)),
+                description=str(spec.get("description", "")),
+            )
+        return cls(name or str(data.get("name", Path(source).stem)), parsed)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Schema":
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise SpecError(f"{path}: schema file not found.") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise SpecError(f"{path}: not a valid TOML file ({exc}).") from None
+        return cls.from_dict(data, str(path))
+
+
+def builtin_schema_path(name: str) -> Path:
+    return Path(__file__).with_name("schemas") / f"{name}.toml"
