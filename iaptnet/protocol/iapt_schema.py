@@ -1,0 +1,37 @@
+"""The built-in IAPT schemas, read from the two TOML files beside the protocol.
+
+The coordinator validates a study against `iapt_analysis_schema()` without seeing any data, and
+each node serves exactly these columns, so both sides read the same files through these
+functions. Pure: no pandas, no data.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from .schema import Schema, builtin_schema_path
+
+#: Name of the merged schema a node serves for the IAPT extract (part of the fingerprint).
+IAPT_SCHEMA_NAME = "iapt"
+
+
+@cache
+def iapt_extract_schema() -> Schema:
+    """The raw flat per-referral extract a Trust writes (DOMAIN.md §A)."""
+    return Schema.load(builtin_schema_path("iapt_extract"))
+
+
+@cache
+def iapt_derived_schema() -> Schema:
+    """The variables the node derives from the extract (DOMAIN.md §B, §C)."""
+    return Schema.load(builtin_schema_path("iapt_derived"))
+
+
+@cache
+def iapt_analysis_schema() -> Schema:
+    """Extract columns followed by derived columns: what studies on IAPT data may use."""
+    extract, derived = iapt_extract_schema(), iapt_derived_schema()
+    clash = set(extract.columns) & set(derived.columns)
+    if clash:  # a packaging mistake, not a user's: the derived value would hide the raw one
+        raise RuntimeError(f"iapt_derived.toml redefines extract columns: {sorted(clash)}")
+    return extract.merged(derived, name=IAPT_SCHEMA_NAME)
