@@ -95,7 +95,7 @@ class Session:
         return any(n.name == name for n in self.active)
 
     def _drop(self, problems, kind):
-        described = "; ".join(f"{node.name or f'node {node.node_id}'} {why}" for node, why in problems)
+        described = "; ".join(f"{node.name or f'node {node.node_id}'} {why.rstrip('.')}" for node, why in problems)
         remaining = len(self.active) - len(problems)
         if self.min_nodes is None or remaining < self.min_nodes:
             need = "" if self.min_nodes is None else f" (the study needs at least {self.min_nodes} nodes; {remaining} remain)"

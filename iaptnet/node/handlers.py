@@ -37,7 +37,7 @@ def dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
         reply = fn(runtime, task)
     except IaptnetError as exc:
         # Our own errors are written never to carry data values.
-        log.warning("task %s (%s) failed: %s", task.task_id, task.kind, exc)
+        log.info("task %s (%s) failed: %s", task.task_id, task.kind, exc)
         return _error(runtime, task, type(exc).__name__, str(exc))
     except Exception:  # noqa: BLE001 - anything else may carry values: log here, say little
         log.exception("task %s (%s) failed with an internal error", task.task_id, task.kind)
