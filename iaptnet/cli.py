@@ -83,14 +83,6 @@ def cmd_synth(args) -> int:
     return 0
 
 
-def cmd_node_check(args) -> int:
-    from .node.check import run_check
-
-    text, ok = run_check(args.data, args.schema)
-    print(text)
-    return 0 if ok else 1
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iaptnet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"iaptnet {__import__('iaptnet').__version__}")
@@ -101,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("study", nargs="+", help="study TOML file(s); several share rounds")
     run.add_argument("--network", help="network.toml (in-process engine)")
     run.add_argument("--engine", default="inprocess", choices=["inprocess", "flower"])
+    run.add_argument("--hub", help="hub.toml: the hub's address and CA certificate (flower engine)")
     run.add_argument("--out", help="folder for results.json")
     run.add_argument("--json", action="store_true", help="print results as JSON, no progress")
     run.set_defaults(fn=cmd_run)
@@ -121,12 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--format", choices=["parquet", "csv"], default="parquet")
     synth.set_defaults(fn=cmd_synth)
 
-    node = sub.add_parser("node", help="commands for a Trust's node")
-    node_sub = node.add_subparsers(dest="node_command", required=True)
-    check = node_sub.add_parser("check", help="validate a data extract and report per column")
-    check.add_argument("--data", required=True)
-    check.add_argument("--schema", help="schema TOML (default: the built-in IAPT extract)")
-    check.set_defaults(fn=cmd_node_check)
+    # Each side registers its own commands: the node's in node/cli.py, the hub's in
+    # coordinator/cli.py, operators' tooling (keys, local networks) in ops/cli.py.
+    from .coordinator import cli as coordinator_cli
+    from .node import cli as node_cli
+    from .ops import cli as ops_cli
+
+    node_cli.register(sub)
+    coordinator_cli.register(sub)
+    ops_cli.register(sub)
     return parser
 
 

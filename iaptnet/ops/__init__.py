@@ -1,0 +1,1 @@
+"""Operators' tooling: keys and certificates, local networks in a box."""
