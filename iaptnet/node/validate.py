@@ -31,6 +31,7 @@ ABOVE_MAX = "above max"
 NOT_BINARY = "not 0/1"
 UNKNOWN_LEVEL = "unknown level"
 NOT_A_DATE = "not a date"
+REPEATED_KEY = "repeated in a unique column"
 
 #: Reasons in the order they are checked (a value is counted under its first failing reason).
 REASONS = (NOT_A_NUMBER, NOT_AN_INTEGER, BELOW_MIN, ABOVE_MAX, NOT_BINARY, UNKNOWN_LEVEL,
@@ -49,9 +50,8 @@ class ColumnReport:
     required: bool
     n_missing: int
     invalid: dict[str, int] = field(default_factory=dict)  # reason -> count (non-zero only)
-    # Identifier columns: rows repeating an earlier row's value. Informational, not invalid:
-    # the schema cannot yet say which identifier is a row key (pathway_id) and which is not
-    # (lsoa_code).
+    # Identifier columns: rows repeating an earlier row's value. Invalid only for a column the
+    # schema marks `unique` (a row key such as pathway_id); informational otherwise (lsoa_code).
     n_duplicates: int = 0
     min: float | None = None
     max: float | None = None
@@ -150,6 +150,8 @@ def validate(raw: pd.DataFrame, schema: Schema, source: str
     `raw` is present in the frame as all-missing (the report says whether that is allowed).
     """
     raw = raw.rename(columns=lambda c: str(c).strip())
+    renames = {c.source: c.name for c in schema.columns.values() if c.source}
+    raw = raw.rename(columns=renames)
     if raw.columns.duplicated().any():
         name = raw.columns[raw.columns.duplicated()][0]
         raise DataError(f"{source}: column '{name}' appears twice; expected each column once.")
@@ -166,6 +168,8 @@ def validate(raw: pd.DataFrame, schema: Schema, source: str
         duplicates = 0
         if col.type == "identifier":
             duplicates = int(values.dropna().duplicated().sum())
+            if col.unique and duplicates:
+                invalid = dict(invalid, **{REPEATED_KEY: duplicates})
         typed[col.name] = values
         reports.append(ColumnReport(col.name, col.type, True, not col.optional, int(missing.sum()),
                                     {r: c for r, c in invalid.items() if c}, duplicates,

@@ -31,6 +31,8 @@ class Column:
     max: float | None = None
     optional: bool = False
     description: str = ""
+    source: str | None = None  # the column's header in the file, when it is not a valid name
+    unique: bool = False  # identifier columns only: every value must differ (a row key)
 
     @property
     def is_categorical(self) -> bool:
@@ -50,6 +52,10 @@ class Column:
             out["max"] = self.max
         if self.optional:
             out["optional"] = True
+        if self.source:
+            out["source"] = self.source
+        if self.unique:
+            out["unique"] = True
         return out
 
 
@@ -93,14 +99,14 @@ class Schema:
             col_name = str(raw_name).strip()
             where = f"{source}: column '{col_name}'"
             if not col_name.isidentifier():
-                raise SpecError(f"{where}: a column name must be a Python-style identifier (letters, digits, _).")
+                raise SpecError(f"{where}: a column name must be a Python-style identifier (letters, digits, _); name it so and give the file's header as 'source'.")
             if col_name in parsed:
                 raise SpecError(f"{where}: declared twice.")
             if not isinstance(spec, dict):
                 raise SpecError(f"{where}: expected a table with at least 'type'.")
-            unknown = set(spec) - {"type", "levels", "min", "max", "optional", "description"}
+            unknown = set(spec) - {"type", "levels", "min", "max", "optional", "description", "source", "unique"}
             if unknown:
-                raise SpecError(f"{where}: unknown key '{sorted(unknown)[0]}' (expected type, levels, min, max, optional, description).")
+                raise SpecError(f"{where}: unknown key '{sorted(unknown)[0]}' (expected type, levels, min, max, optional, description, source, unique).")
             ctype = spec.get("type")
             if ctype not in COLUMN_TYPES:
                 raise SpecError(f"{where}: 'type' must be one of {', '.join(COLUMN_TYPES)}, got {ctype!r}.")
@@ -121,6 +127,11 @@ class Schema:
                 raise SpecError(f"{where}: 'min'/'max' apply only to numeric and integer columns.")
             if lo is not None and hi is not None and lo > hi:
                 raise SpecError(f"{where}: 'min' is greater than 'max'.")
+            source_name = spec.get("source")
+            if source_name is not None and (not isinstance(source_name, str) or not source_name.strip()):
+                raise SpecError(f"{where}: 'source' must be the column's header in the file.")
+            if spec.get("unique") and ctype != "identifier":
+                raise SpecError(f"{where}: 'unique' applies only to identifier columns.")
             parsed[col_name] = Column(
                 name=col_name,
                 type=ctype,
@@ -129,6 +140,8 @@ class Schema:
                 max=None if hi is None else float(hi),
                 optional=bool(spec.get("optional", False)),
                 description=str(spec.get("description", "")),
+                source=source_name.strip() if source_name else None,
+                unique=bool(spec.get("unique", False)),
             )
         return cls(name or str(data.get("name", Path(source).stem)), parsed)
 
