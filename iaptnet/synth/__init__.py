@@ -1,0 +1,99 @@
+"""The synthetic IAPT network: deterministic extracts with the source study's effects planted.
+
+    generate_network(out_dir, services=8, patients=483683, seed=20210901) -> network.toml path
+    generate_extract(patients, services, seed) -> pooled extract DataFrame (as read from files)
+    generate(patients, services, seed) -> Synthetic(extract, truth) Arrow tables
+
+Modules, one job each: `params` (the DOMAIN.md §E targets), `population` (who is referred),
+`pathway` (funnel, treatment, dates, end codes), `nice` (the §C table used to plant
+mismatches), `outcomes` (the planted outcome model and last scores), `missing` (MCAR masks),
+`extract` (the schema-exact table), `network` (atomic writing and network.toml).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from ..protocol.errors import SpecError
+from ..protocol.iapt_schema import iapt_extract_schema
+from .extract import build_tables, to_frame
+from .missing import draw_masks
+from .network import FORMATS, service_names, write_network
+from .outcomes import draw_outcomes
+from .params import DEFAULT_SEED, PAPER_PATIENTS, PAPER_SERVICES
+from .pathway import draw_pathway
+from .population import draw_population
+
+__all__ = ["DEFAULT_SEED", "PAPER_PATIENTS", "PAPER_SERVICES", "FORMATS", "Synthetic",
+           "generate", "generate_extract", "generate_network", "max_services", "service_names"]
+
+
+@dataclass(frozen=True)
+class Synthetic:
+    """A generated network before it is split into files.
+
+    `extract`: the pooled extract (schema columns only). `truth`: per referral, in the same row
+    order, what the generator planted (reliable_recovery, reliable_improvement,
+    reliable_deterioration, attrition, nice_mismatch, finished_treatment, case_first, the
+    outcome intercept and service effect) for tests; it never goes into a node's files.
+    """
+
+    extract: pa.Table
+    truth: pa.Table
+    seed: int
+    services: int
+
+
+def max_services() -> int:
+    return len(iapt_extract_schema()["service_id"].levels)
+
+
+def generate(patients: int = PAPER_PATIENTS, services: int = PAPER_SERVICES,
+             seed: int = DEFAULT_SEED) -> Synthetic:
+    _check(patients, services, seed)
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
+    cohort = draw_population(streams[0], patients, services)
+    draw_pathway(streams[1], cohort)
+    # The MCAR masks depend on nothing in the data; drawn before the outcomes only so that the
+    # balanced outcome draw can stratify on the complete-case pattern. They are applied after.
+    masks = draw_masks(streams[3], patients, cohort["finished"])
+    draw_outcomes(streams[2], cohort, services, masks)
+    extract, truth = build_tables(streams[4], cohort, masks)
+    return Synthetic(extract, truth, seed, services)
+
+
+def generate_extract(patients: int = PAPER_PATIENTS, services: int = PAPER_SERVICES,
+                     seed: int = DEFAULT_SEED) -> pd.DataFrame:
+    """The pooled extract of all services as one DataFrame, as pandas reads the files."""
+    return to_frame(generate(patients, services, seed).extract)
+
+
+def generate_network(out_dir: str | Path, services: int = PAPER_SERVICES,
+                     patients: int = PAPER_PATIENTS, seed: int = DEFAULT_SEED,
+                     fmt: str = "parquet") -> Path:
+    """Generate and write a network (one extract per service + network.toml) into out_dir,
+    atomically. Returns the path of network.toml."""
+    if fmt not in FORMATS:
+        raise SpecError(f"synth: format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
+    synthetic = generate(patients, services, seed)
+    return write_network(out_dir, synthetic.extract, services, seed, fmt)
+
+
+def _check(patients: int, services: int, seed: int) -> None:
+    for name, value in (("patients", patients), ("services", services), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise SpecError(f"synth: --{name} must be a whole number, got {value!r}.")
+    top = max_services()
+    if not 1 <= services <= top:
+        raise SpecError(f"synth: --services must be between 1 and {top} "
+                        f"(the IAPT schema's service_id levels), got {services}.")
+    if patients < 100 * services:
+        raise SpecError(f"synth: --patients must be at least 100 per service "
+                        f"({100 * services} for {services} services), got {patients}.")
+    if seed < 0:
+        raise SpecError(f"synth: --seed must be zero or positive, got {seed}.")

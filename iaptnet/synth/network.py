@@ -1,0 +1,98 @@
+"""Writing a synthetic network: one extract per service and the network.toml that lists them.
+
+The files are written into a temporary folder beside the destination and moved into place with
+a rename, so an interrupted or failed run leaves either the previous network or the new one,
+never a half-written folder. A destination that holds something other than a previous synthetic
+network is refused rather than replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from ..protocol.errors import SpecError
+from . import params as P
+
+HEADER = "# written by iaptnet synth"
+FORMATS = ("parquet", "csv")
+
+
+def service_names(services: int) -> list[str]:
+    """NCEL service names for the 8-service network, service_<k> otherwise."""
+    if services == P.PAPER_SERVICES:
+        return list(P.SERVICE_NAMES_8)
+    return [f"service_{k}" for k in range(1, services + 1)]
+
+
+def write_network(out_dir: str | Path, extract: pa.Table, services: int, seed: int,
+                  fmt: str = "parquet") -> Path:
+    """Write `extract` split by service into out_dir; returns the network.toml path."""
+    if fmt not in FORMATS:
+        raise SpecError(f"synth: format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
+    out = Path(out_dir)
+    _check_destination(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.synth-", dir=parent))
+    try:
+        service = extract.column("service_id")
+        lines = [f"{HEADER} (seed {seed})",
+                 f"# {extract.num_rows:,} referrals in {services} services", ""]
+        for k, name in enumerate(service_names(services), start=1):
+            part = extract.filter(pc.equal(service, str(k)))
+            filename = f"service_{k}.{fmt}"
+            if fmt == "parquet":
+                pq.write_table(part, tmp / filename, compression="zstd")
+            else:
+                pacsv.write_csv(part, tmp / filename,
+                                pacsv.WriteOptions(quoting_style="needed"))
+            lines += ["[[node]]", f'name = "{name}"', f'data = "{filename}"', ""]
+        (tmp / "network.toml").write_text("\n".join(lines))
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / "network.toml"
+
+
+def _check_destination(out: Path) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise SpecError(f"{out}: exists and is not a folder; "
+                        "give a new or empty folder for the network.")
+    if any(out.iterdir()) and not _is_synthetic(out):
+        raise SpecError(f"{out}: the folder is not empty and was not written by 'iaptnet synth'; "
+                        "give a new or empty folder.")
+
+
+def _is_synthetic(out: Path) -> bool:
+    toml = out / "network.toml"
+    try:
+        return toml.is_file() and toml.read_text().startswith(HEADER)
+    except OSError:
+        return False
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move tmp to out; a previous network at out is swapped aside and then removed."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=tmp.parent))
+    os.rmdir(old)
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
