@@ -59,9 +59,12 @@ def network(tmp_path_factory):
 def test_binomial_with_interaction_filter_missing_and_absent_levels(network):
     folder, frame = network
     formula = "y ~ x * z + g + h"
+    # The filter leaves out a good share of each site (z <= -1.5, about 7%): a filter that
+    # left out 1-7 rows beside the module's unfiltered models on the same rows would be a
+    # differencing pair, which the nodes' default policy refuses (tests/test_attacks.py).
     result = run_study(folder, name="logit", family="binomial", formula=formula,
-                       where='z > -2.5 and h in ["lo", "hi"]', exposure="x")
-    ref = reference_fit(frame[(frame.z > -2.5)], formula, "binomial", ["y", "x", "z", "g", "h"])
+                       where='z > -1.5 and h in ["lo", "hi"]', exposure="x")
+    ref = reference_fit(frame[(frame.z > -1.5)], formula, "binomial", ["y", "x", "z", "g", "h"])
     assert_matches(result, ref)
     assert result["converged"] and result["n_missing"] > 0
     assert result["exposure_term"]["term"] == "x"

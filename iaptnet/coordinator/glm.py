@@ -57,7 +57,8 @@ class ModelFit:
     pearson: float = float("nan")
     loglike_sum: float = float("nan")
     cov: np.ndarray | None = None  # unscaled inverse information over active columns
-    node_counts: dict[str, dict] = field(default_factory=dict)
+    node_counts: dict[str, dict] = field(default_factory=dict)  # per node, small-number rules applied
+    node_stats: dict[str, dict] = field(default_factory=dict)  # per node, exact n_used and events
     null: "ModelFit | None" = None
 
     @property
@@ -114,12 +115,19 @@ def _count_contributors(fits: dict[str, ModelFit], session: Session) -> None:
     active = {n.name for n in session.active}
     for fit in fits.values():
         fit.node_counts = {k: v for k, v in fit.node_counts.items() if k in active}
+        fit.node_stats = {k: v for k, v in fit.node_stats.items() if k in active}
         for target in (fit, fit.null):
-            target.n = sum(int(c["n_used"]) for c in fit.node_counts.values())
-            target.n_missing = sum(int(c["n_missing"]) for c in fit.node_counts.values())
-            target.n_cohort = sum(int(c["n_cohort"]) for c in fit.node_counts.values())
-            if fit.events is not None:
-                target.events = sum(float(c["events"]) for c in fit.node_counts.values())
+            _set_totals(target, fit.node_stats, fit.node_counts)
+
+
+def _set_totals(fit: ModelFit, stats: dict[str, dict], counts: dict[str, dict]) -> None:
+    """n and events are exact (model statistics); rows dropped as missing are the sum of the
+    nodes' counts under their small-number rules (suppressed counts add nothing)."""
+    fit.n = sum(int(s["n_used"]) for s in stats.values())
+    fit.n_missing = sum(int(c.get("n_missing") or 0) for c in counts.values())
+    fit.n_cohort = fit.n + fit.n_missing
+    if fit.family.name != "gaussian":
+        fit.events = sum(float(s["events"]) for s in stats.values())
 
 
 def _check_replies(replies: list[m.Reply], session: Session) -> None:
@@ -178,14 +186,13 @@ def _absorb_prepare(fit: ModelFit, replies: list[m.Reply]) -> None:
             raise NetworkError(f"model '{spec.name}': node {reply.node} builds different design columns from node {replies[0].node}; do they serve the same schema and software version?")
     fit.names = list(names)
     p = len(names)
-    fit.n = sum(int(s["n_used"]) for s in shapes)
-    fit.n_missing = sum(int(s["n_missing"]) for s in shapes)
-    fit.n_cohort = sum(int(s["n_cohort"]) for s in shapes)
-    fit.node_counts = {r.node: {"n_used": s["n_used"], "n_missing": s["n_missing"], "n_cohort": s["n_cohort"],
-                                "events": s["events"]}
-                       for r, s in zip(replies, shapes)}
-    if fit.family.name != "gaussian":
-        fit.events = sum(float(s["events"]) for s in shapes)
+    fit.node_stats = {r.node: {"n_used": s["n_used"], "events": s["events"]} for r, s in zip(replies, shapes)}
+    fit.node_counts = {}
+    for reply in replies:
+        table = reply.payload.get("counts", {}).get(fit.key, {})
+        keys = ("n_used", "events", "n_cohort", "n_missing") if fit.family.name != "gaussian" else ("n_used", "n_cohort", "n_missing")
+        fit.node_counts[reply.node] = {k: table.get(k) for k in keys}
+    _set_totals(fit, fit.node_stats, fit.node_counts)
     if fit.n == 0:
         raise ModelError(f"model '{spec.name}': the cohort is empty: no rows match the filter with every model variable recorded.")
     if p == 0:

@@ -18,6 +18,7 @@ from flwr.serverapp.grid import Grid
 
 from ..protocol import messages as m
 from ..protocol.errors import NetworkError
+from . import refusals
 
 ProgressFn = Callable[[str, int, int, int], None]  # (task kind, round, answered, expected)
 
@@ -30,6 +31,8 @@ class NodeStatus:
     dropped_reason: str = ""
     data_version: str = ""
     payload: dict = field(default_factory=dict)
+    refusals: list[dict] = field(default_factory=list)  # structured reasons, if it refused
+    audit_hash: str = ""  # the node's audit-chain hash after its last reply
 
 
 class Session:
@@ -75,9 +78,14 @@ class Session:
                 problems.append((node, "changed its name during the study"))
                 continue
             node.name = node.name or reply.node
+            if reply.audit_hash:
+                node.audit_hash = reply.audit_hash
+            if reply.status == m.REFUSED:
+                node.refusals = refusals.refusals_of(reply)
+                problems.append((node, f"refused: {refusals.describe(reply)}"))
+                continue
             if reply.status != m.OK:
-                verb = "refused" if reply.status == m.REFUSED else "failed"
-                problems.append((node, f"{verb}: {reply.message}"))
+                problems.append((node, f"failed: {reply.message}"))
                 continue
             if reply.task_id != task_ids[node.node_id]:
                 problems.append((node, "answered a different task"))
@@ -95,7 +103,12 @@ class Session:
         return any(n.name == name for n in self.active)
 
     def _drop(self, problems, kind):
-        described = "; ".join(f"{node.name or f'node {node.node_id}'} {why.rstrip('.')}" for node, why in problems)
+        # Nodes with the same reason are named together, so a rare level refused by five
+        # nodes reads as one sentence.
+        grouped: dict[str, list[str]] = {}
+        for node, why in problems:
+            grouped.setdefault(why.rstrip("."), []).append(node.name or f"node {node.node_id}")
+        described = "; ".join(f"{_names(names)} {why}" for why, names in grouped.items())
         remaining = len(self.active) - len(problems)
         if self.min_nodes is None or remaining < self.min_nodes:
             need = "" if self.min_nodes is None else f" (the study needs at least {self.min_nodes} nodes; {remaining} remain)"
@@ -134,3 +147,7 @@ class Session:
             return m.decode_reply(msg.content)
         except (KeyError, ValueError, TypeError):
             return m.Reply(status=m.ERROR, node="", code="bad_reply", message="sent a reply the coordinator cannot read")
+
+
+def _names(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]

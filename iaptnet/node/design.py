@@ -2,15 +2,22 @@
 
 Categorical levels come from the schema (the analysis frame holds pandas Categoricals whose
 categories are the schema levels), so every node builds the same columns in the same order,
-including columns for levels it has no rows of. Complete-case handling drops rows with a
-missing outcome, offset or right-hand column. Centring and scaling use pooled statistics sent
-by the coordinator, never local ones, so every node applies the same transform.
+including columns for levels it has no rows of. A study's level merges are applied to the
+cohort's rows before the design is built, the same way at every node. Complete-case handling
+drops rows with a missing outcome, offset or right-hand column. Centring and scaling use
+pooled statistics sent by the coordinator, never local ones, so every node applies the same
+transform.
+
+Beside X and y the design keeps, for the disclosure policy only (never sent), the mask of the
+dataset rows it uses and its per-level counts: rows per level of every categorical or binary
+column in the formula, and for every other design column the rows away from its most common
+value (a column that sets 1..7 rows apart from all others would reveal them).
 """
 
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,8 +26,9 @@ import pandas as pd
 from ..protocol.errors import DataError
 from ..protocol.formula_check import ParsedFormula, check_formula
 from ..protocol.schema import Schema
-from ..protocol.study import StudySpec
+from ..protocol.study import StudySpec, check_at_node, merged_levels
 from .cohort import cohort_mask
+from .disclosure import LevelCount
 
 #: The only names a factor can see when formulaic evaluates it (never the caller's frame).
 EVAL_CONTEXT = {
@@ -41,21 +49,70 @@ class DesignedModel:
     offset: np.ndarray
     n_cohort: int
     n_missing: int
+    mask: np.ndarray | None = None  # dataset rows used (kept at the node)
+    levels: list = field(default_factory=list)  # disclosure.LevelCount, kept at the node
 
     @property
     def n(self) -> int:
         return len(self.y)
 
+    def max_leverage(self) -> float | None:
+        """The largest leverage (diagonal of the hat matrix of X) of a row; None without rows.
 
-def model_rows(frame: pd.DataFrame, spec: StudySpec, parsed: ParsedFormula) -> tuple[pd.DataFrame, int, int]:
-    """The complete cases of the study's cohort: (rows, n in cohort, n dropped as missing)."""
+        From the eigen-decomposition of the column-scaled X'X (p x p), so the cost is one
+        X'X and one X V; directions with no support (absent levels, exact collinearity)
+        are left out, as in a pseudo-inverse."""
+        if self.n == 0:
+            return None
+        X = self.X[:, np.any(self.X != 0, axis=0)]
+        if X.shape[1] == 0:
+            return None
+        X = X / np.linalg.norm(X, axis=0)
+        values, vectors = np.linalg.eigh(X.T @ X)
+        keep = values > 1e-14 * values[-1]
+        u = (X @ vectors[:, keep]) / np.sqrt(values[keep])
+        return float(np.max(np.einsum("ij,ij->i", u, u)))
+
+    @property
+    def parameters(self) -> int:
+        """Design columns with a non-zero value at this node."""
+        return int(np.count_nonzero(np.any(self.X != 0, axis=0))) if self.n else 0
+
+
+def model_selection(frame: pd.DataFrame, spec: StudySpec, parsed: ParsedFormula):
+    """(complete-case rows with merges applied, mask over the dataset's rows, n in cohort,
+    n dropped as missing)."""
     mask = cohort_mask(frame, spec.where_tree())
     needed = [parsed.outcome, *sorted(parsed.columns)]
     if spec.offset:
         needed.append(spec.offset)
     cohort = frame.loc[mask, list(dict.fromkeys(needed))]
     complete = cohort.notna().all(axis=1).to_numpy()
-    return cohort.loc[complete], int(mask.sum()), int((~complete).sum())
+    used = mask.copy()
+    used[np.flatnonzero(mask)[~complete]] = False
+    rows = apply_merges(cohort.loc[complete], spec)
+    return rows, used, int(mask.sum()), int((~complete).sum())
+
+
+def model_rows(frame: pd.DataFrame, spec: StudySpec, parsed: ParsedFormula) -> tuple[pd.DataFrame, int, int]:
+    """The complete cases of the study's cohort: (rows, n in cohort, n dropped as missing)."""
+    rows, _, n_cohort, n_missing = model_selection(frame, spec, parsed)
+    return rows, n_cohort, n_missing
+
+
+def apply_merges(rows: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
+    """The study's level merges on the rows' categorical columns (same result at every node)."""
+    if not spec.merge:
+        return rows
+    rows = rows.copy()
+    for column, groups in spec.merge.items():
+        if column not in rows.columns:
+            continue
+        col = rows[column]
+        levels, mapping = merged_levels(list(col.cat.categories), groups)
+        values = col.astype(object).map(lambda v: mapping.get(v, v) if isinstance(v, str) else v)
+        rows[column] = pd.Categorical(values, categories=levels)
+    return rows
 
 
 def stateful_arguments(parsed: ParsedFormula) -> dict[str, str]:
@@ -80,15 +137,16 @@ def build_design(frame: pd.DataFrame, schema: Schema, spec: StudySpec,
     """Filter, drop incomplete rows and build X with formulaic; raise DataError on failure."""
     from formulaic import ModelSpec
 
+    check_at_node(spec, schema)
     parsed = check_formula(spec.formula, schema, spec.family, spec.source)
-    rows, n_cohort, n_missing = model_rows(frame, spec, parsed)
+    rows, used, n_cohort, n_missing = model_selection(frame, spec, parsed)
     rhs = legacy_ordered(spec.formula.split("~", 1)[1], schema)
     model_spec = ModelSpec(formula=rhs, na_action="ignore", output="pandas",
                            transform_state=dict(transform_state or {}))
     if len(rows) == 0:
         names = _names_from_empty(rows, model_spec)
         p = len(names)
-        return DesignedModel(names, np.zeros((0, p)), np.zeros(0), np.zeros(0), n_cohort, n_missing)
+        return DesignedModel(names, np.zeros((0, p)), np.zeros(0), np.zeros(0), n_cohort, n_missing, used)
     try:
         mm = model_spec.get_model_matrix(rows, context=EVAL_CONTEXT)
     except Exception as exc:  # formulaic raises many types; none may carry data values out
@@ -98,7 +156,84 @@ def build_design(frame: pd.DataFrame, schema: Schema, spec: StudySpec,
         raise DataError("a transform in the formula gives values that are not finite (for example log of 0) for some rows.")
     y = rows[parsed.outcome].to_numpy(dtype=float)
     offset = rows[spec.offset].to_numpy(dtype=float) if spec.offset else np.zeros(len(rows))
-    return DesignedModel(list(mm.columns), X, y, offset, n_cohort, n_missing)
+    names = list(mm.columns)
+    levels = level_counts(rows, X, names, mm.model_spec, schema, spec, parsed)
+    return DesignedModel(names, X, y, offset, n_cohort, n_missing, used, levels)
+
+
+def _factor_column(factor, schema: Schema) -> str | None:
+    """The column of a factor that is a categorical or binary column as such (x or C(x))."""
+    expr = str(factor.expr).replace(" ", "")
+    method = factor.eval_method.value
+    name = expr if method == "lookup" else (expr[2:-1] if expr.startswith("C(") and expr.endswith(")") else None)
+    if name and name in schema and schema[name].type in ("categorical", "binary"):
+        return name
+    return None
+
+
+def level_counts(rows: pd.DataFrame, X: np.ndarray, names: list[str], model_spec, schema: Schema,
+                 spec: StudySpec, parsed: ParsedFormula) -> list[LevelCount]:
+    """Rows per level of each categorical/binary column of the formula, and rows away from
+    the most common value of every other design column (see the module docstring)."""
+    out: list[LevelCount] = []
+    covered: set[str] = set()
+    for struct in model_spec.structure:
+        factors = list(struct.term.factors)
+        if len(factors) == 1 and _factor_column(factors[0], schema):
+            covered.update(struct.columns)
+    for column in sorted(parsed.columns):
+        kind = schema[column].type
+        if kind == "categorical":
+            counts = rows[column].value_counts(sort=False)
+            order = [str(c) for c in rows[column].cat.categories]
+            for level in order:
+                n = int(counts.get(level, 0))
+                out.append(LevelCount(column, level, n, _merge_hint(column, level, order, spec, schema)))
+        elif kind == "binary":
+            values = rows[column].to_numpy(dtype=float)
+            for level in (0, 1):
+                out.append(LevelCount(column, str(level), int(np.sum(values == level)),
+                                      f"drop the term '{column}' or use a cohort with more rows of each value"))
+    outcome = parsed.outcome
+    if schema[outcome].type == "binary" and spec.family != "binomial":
+        # (a binomial outcome is judged by the events rule)
+        values = rows[outcome].to_numpy(dtype=float)
+        for level in (0, 1):
+            out.append(LevelCount(outcome, str(level), int(np.sum(values == level)),
+                                  "use a cohort with more rows of each outcome value"))
+    for j, name in enumerate(names):
+        if name in covered or name == "Intercept":
+            continue
+        column = X[:, j]
+        _, counts = np.unique(column, return_counts=True)
+        off_mode = int(len(column) - counts.max()) if len(counts) else 0
+        out.append(LevelCount(name, None, off_mode, f"drop the term '{name}' or merge the levels it involves"))
+    return out
+
+
+def _merge_hint(column: str, level: str, order: list[str], spec: StudySpec, schema: Schema) -> str:
+    """How an analyst can avoid a refusal for a rare level: merge it, or drop the term."""
+    others = [lv for lv in order if lv != level]
+    if not others:
+        return f"drop the term '{column}'"
+    partner = next((lv for lv in others if "other" in lv.lower()), None)
+    if partner is None:
+        i = order.index(level)
+        partner = order[i - 1] if i > 0 else order[i + 1]
+    groups = dict(spec.merge.get(column, {}))
+
+    def members(lv):
+        return list(groups.pop(lv)) if lv in groups else [lv]
+
+    merged = members(partner) + members(level)
+    example = f"[merge.{column}] {partner} = [{', '.join(_quote(v) for v in merged)}]"
+    for new, olds in groups.items():  # the study's other merges of this column stay
+        example += f", {new} = [{', '.join(_quote(v) for v in olds)}]"
+    return f"merge it with another level, e.g. {example}, or drop the term '{column}'"
+
+
+def _quote(text: str) -> str:
+    return '"' + text + '"'
 
 
 def legacy_ordered(rhs: str, schema: Schema):

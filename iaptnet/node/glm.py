@@ -2,15 +2,22 @@
 
 - `glm.moments`: for centred/scaled terms, (n, mean, centred sum of squares) of the inner
   expression, so the coordinator can pool them exactly (Chan's formula).
-- `glm.prepare`: filter, complete cases and design matrix, built once per study and kept; the
-  reply has the model's shape (column names, rows used, rows dropped as missing, rows with a
-  non-zero value per column) and a local fit for the warm start: the information matrix I_k at
-  the local estimate b_k and the vector I_k b_k.
+- `glm.prepare`: filter, merges, complete cases and design matrix, built once per study and
+  kept; the reply has the model's shape (column names, rows used, events, rows with a non-zero
+  value per column and, for binomial models, events among them) and a local fit for the warm
+  start: the information matrix I_k at the local estimate b_k and the vector I_k b_k; and a
+  count table (rows used, events, rows in the cohort, rows dropped as missing) under the
+  small-number rules, for display.
 - `glm.round`: for each model's beta, the score X'r, the information X'WX (upper triangle)
   and the deviance, Pearson statistic and log-likelihood sum of the node's rows.
 
 Each model has a companion null model (intercept only, same rows, same offset), fitted in the
 same rounds, for the null deviance.
+
+Everything is declared to the node's policy (node/disclosure.py): the model statistics are
+exact (a pooled fit equal to statsmodels needs them exact) and guarded by the model rules over
+each model's facts; the per-round statistics are also declared with the row weights they sum
+over (IRLS weights and fitted means), so coefficients that single out a few rows are refused.
 """
 
 from __future__ import annotations
@@ -21,42 +28,63 @@ from ..protocol.errors import DataError
 from ..protocol.families import get_family
 from ..protocol.formula_check import check_formula
 from ..protocol.messages import pack_upper
-from ..protocol.study import StudySpec
-from .design import DesignedModel, build_design, evaluate_expression, model_rows, stateful_arguments
+from ..protocol.study import StudySpec, check_at_node
+from .design import DesignedModel, build_design, evaluate_expression, model_selection, stateful_arguments
+from .disclosure import ModelFacts, Release
 
 LOCAL_MAX_ITER = 25
 NULL_SUFFIX = ".null"
+
+
+MAX_MODELS = 64
 
 
 def studies_from_payload(payload: dict) -> dict[str, StudySpec]:
     models = payload.get("models")
     if not isinstance(models, dict) or not models:
         raise DataError("the task lists no models.")
+    if len(models) > MAX_MODELS or not all(isinstance(k, str) and 0 < len(k) <= 32 for k in models):
+        raise DataError(f"the task lists more than {MAX_MODELS} models or names one badly.")
     return {key: StudySpec.from_wire(spec) for key, spec in models.items()}
 
 
-def moments(dataset, payload: dict) -> dict[str, np.ndarray]:
+def moments(dataset, payload: dict, release: Release) -> None:
     """(n, mean, M2) of each centred/scaled expression over the model's complete cases."""
-    out = {}
     for key, spec in studies_from_payload(payload).items():
+        check_at_node(spec, dataset.schema)
         parsed = check_formula(spec.formula, dataset.schema, spec.family, spec.source)
-        rows, _, _ = model_rows(dataset.frame, spec, parsed)
+        rows, used, _, _ = model_selection(dataset.frame, spec, parsed)
+        section = release.model(key, ModelFacts(spec.name, used), group="moments")
         for i, (expr, inner) in enumerate(stateful_arguments(parsed).items()):
             values = evaluate_expression(rows, inner) if len(rows) else np.zeros(0)
             n = float(len(values))
             mean = float(values.mean()) if n else 0.0
             m2 = float(np.sum((values - mean) ** 2)) if n else 0.0
-            out[f"moments/{key}/{i}"] = np.array([n, mean, m2])
-    return out
+            section.array(f"moments/{key}/{i}", np.array([n, mean, m2]))
 
 
-def prepare(dataset, payload: dict) -> tuple[dict[str, DesignedModel], dict, dict[str, np.ndarray]]:
-    """Design every model of the task; return (designs, reply payload, reply arrays)."""
+def model_facts(label: str, design: DesignedModel, family: str) -> ModelFacts:
+    """What the policy judges a model by (kept at the node)."""
+    events = None
+    if family == "binomial":
+        events = int(np.count_nonzero(design.y == 1))
+    elif family == "poisson":
+        events = int(np.count_nonzero(design.y > 0))
+    return ModelFacts(label, design.mask, parameters=design.parameters, family=family,
+                      events=events, levels=list(design.levels), max_leverage=design.max_leverage())
+
+
+def prepare(dataset, payload: dict, release: Release):
+    """Design every model of the task and declare what the reply releases.
+
+    Returns (designs, facts, local estimates) keyed by model key, null models included."""
     specs = studies_from_payload(payload)
     states = payload.get("transform_state", {})
+    if not isinstance(states, dict):
+        raise DataError("the task's transform state is not a table.")
     designs: dict[str, DesignedModel] = {}
-    shapes: dict[str, dict] = {}
-    arrays: dict[str, np.ndarray] = {}
+    facts: dict[str, ModelFacts] = {}
+    local: dict[str, np.ndarray] = {}
     for key, spec in specs.items():
         design = build_design(dataset.frame, dataset.schema, spec, states.get(key))
         family = get_family(spec.family)
@@ -65,46 +93,93 @@ def prepare(dataset, payload: dict) -> tuple[dict[str, DesignedModel], dict, dic
             raise DataError(f"model '{spec.name}': {problem}.")
         designs[key] = design
         designs[key + NULL_SUFFIX] = _null_design(design)
-        shapes[key] = {
-            "columns": design.names,
-            "n_cohort": design.n_cohort,
-            "n_used": design.n,
-            "n_missing": design.n_missing,
-            "events": float(design.y.sum()) if spec.family != "gaussian" else None,
-            "nnz": np.count_nonzero(design.X, axis=0).tolist(),
-        }
+        facts[key] = model_facts(spec.name, design, spec.family)
+        facts[key + NULL_SUFFIX] = facts[key]
+        section = release.model(key, facts[key])
+        section.value("columns", list(design.names))
+        section.value("n_used", design.n)
+        section.value("events", float(design.y.sum()) if spec.family != "gaussian" else None)
+        section.value("nnz", np.count_nonzero(design.X, axis=0).tolist())
         if spec.family == "binomial":
             # Per 0/1 column: is it an indicator, and how many of its rows have the outcome.
             # Lets the coordinator name a perfectly predicting level before iterating.
             nonzero = design.X != 0
-            shapes[key]["indicator"] = np.all((design.X == 0) | (design.X == 1), axis=0).tolist()
-            shapes[key]["events_nnz"] = (design.y @ nonzero).tolist() if design.n else [0.0] * design.X.shape[1]
+            section.value("indicator", np.all((design.X == 0) | (design.X == 1), axis=0).tolist())
+            section.value("events_nnz", (design.y @ nonzero).tolist() if design.n else [0.0] * design.X.shape[1])
         for model_key in (key, key + NULL_SUFFIX):
-            info, ibeta = local_fit(designs[model_key], family)
-            arrays[f"local_info/{model_key}"] = pack_upper(info)
-            arrays[f"local_ibeta/{model_key}"] = ibeta
-    return designs, {"models": shapes}, arrays
+            info, ibeta, local[model_key] = local_fit(designs[model_key], family)
+            section.array(f"local_info/{model_key}", pack_upper(info))
+            section.array(f"local_ibeta/{model_key}", ibeta)
+        table = release.table(key, group="counts")
+        table.count("n_used", design.n)
+        if spec.family != "gaussian":
+            table.count("events", float(design.y.sum()))
+        table.count("n_cohort", design.n_cohort)
+        table.count("n_missing", design.n_missing)
+    return designs, facts, local
 
 
-def round_contributions(designs: dict[str, DesignedModel], families: dict[str, str],
-                        betas: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Score, packed information and [deviance, pearson, loglike sum, boundary rows] per model."""
-    out = {}
+def round_contributions(prepared, betas: dict[str, np.ndarray], release: Release) -> None:
+    """Declare score, packed information and [deviance, pearson, loglike sum, boundary rows]
+    per model, with the row weights they sum over and those of the rounds answered before."""
     for key, beta in betas.items():
-        design = designs[key]
+        design = prepared.designs[key]
         if beta.shape != (design.X.shape[1],):
             raise DataError(f"model '{key}': expected {design.X.shape[1]} coefficients, received {beta.size}.")
-        if not np.all(np.isfinite(beta)):
-            raise DataError(f"model '{key}': the coefficients sent are not finite.")
-        family = get_family(families[key])
-        score, info, stats = evaluate(design, family, beta)
-        out[f"score/{key}"] = score
-        out[f"info/{key}"] = pack_upper(info)
-        out[f"stats/{key}"] = stats
+        family = get_family(prepared.families[key])
+        beta = np.asarray(beta, dtype=float)
+        finite = bool(np.all(np.isfinite(beta)))
+        weights, history = {}, {}
+        if finite and family.name != "gaussian" and design.n:
+            weights = row_weights(design, family, beta)
+            previous = prepared.history.get(key, [])
+            history = row_weights_many(design, family, previous) if previous else {}
+        section = release.round(key, prepared.facts[key], coefficients=beta, weights=weights,
+                                history=history, bounded=family.name != "gaussian")
+        if finite:
+            score, info, stats = evaluate(design, family, beta)
+            section.array(f"score/{key}", score)
+            section.array(f"info/{key}", pack_upper(info))
+            section.array(f"stats/{key}", stats)
+        release.after(lambda key=key, beta=beta: prepared.history.setdefault(key, []).append(beta.copy()))
+
+
+def row_weights(design: DesignedModel, family, beta: np.ndarray) -> dict[str, np.ndarray]:
+    """The row weights a round's statistics are sums over: the IRLS weights W of X'WX, and
+    for the score X'(y - mu) the fitted means (and 1 - mu for binomial: X'1 is known)."""
+    return _weights_at(design, family, design.X @ beta + design.offset)
+
+
+def row_weights_many(design: DesignedModel, family, betas: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
+    """The same weights at each of several coefficient vectors (rounds answered before)."""
+    out: dict[str, list[np.ndarray]] = {}
+    if design.n == 0:
+        return out
+    etas = design.X @ np.column_stack(betas) + design.offset[:, None]
+    for j in range(etas.shape[1]):
+        for name, v in _weights_at(design, family, etas[:, j]).items():
+            out.setdefault(name, []).append(v)
+    return out
+
+
+def _weights_at(design: DesignedModel, family, eta: np.ndarray) -> dict[str, np.ndarray]:
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
+        mu, w, _ = family.working(design.y, eta)
+    out = {"information": w}
+    if family.name == "binomial":
+        out["fitted"] = mu
+        out["fitted complement"] = 1.0 - mu
+    elif family.name == "poisson":
+        out["fitted"] = mu
     return out
 
 
 def evaluate(design: DesignedModel, family, beta: np.ndarray):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return _evaluate(design, family, beta)
+
+
+def _evaluate(design: DesignedModel, family, beta: np.ndarray):
     X = design.X
     eta = X @ beta + design.offset
     mu, w, r = family.working(design.y, eta)
@@ -117,10 +192,11 @@ def evaluate(design: DesignedModel, family, beta: np.ndarray):
     return score, info, np.array([dev, pearson, llsum, boundary])
 
 
-def local_fit(design: DesignedModel, family) -> tuple[np.ndarray, np.ndarray]:
+def local_fit(design: DesignedModel, family) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """This node's own maximum-likelihood fit, for the coordinator's warm start.
 
-    Returns (I_k, I_k b_k) at the local estimate b_k. Columns the node cannot estimate
+    Returns (I_k, I_k b_k, b_k) at the local estimate b_k (b_k itself is not released, but
+    the coordinator can compute it, so later rounds are compared with it). Columns the node cannot estimate
     (levels it has no rows of, local separation) get the minimum-norm solution; they carry
     little or no information, so the pooled combination sum(I_k)^-1 sum(I_k b_k) is still a
     good start.
@@ -128,7 +204,7 @@ def local_fit(design: DesignedModel, family) -> tuple[np.ndarray, np.ndarray]:
     X, y, off = design.X, design.y, design.offset
     p = X.shape[1]
     if design.n == 0:
-        return np.zeros((p, p)), np.zeros(p)
+        return np.zeros((p, p)), np.zeros(p), np.zeros(p)
     mu = _starting_mu(family.name, y)
     eta = family_link(family.name, mu)
     beta = np.zeros(p)
@@ -154,7 +230,7 @@ def local_fit(design: DesignedModel, family) -> tuple[np.ndarray, np.ndarray]:
     eta = X @ beta + off
     _, w, _ = family.working(y, eta)
     info = X.T @ (X * w[:, None])
-    return info, info @ beta
+    return info, info @ beta, beta
 
 
 def _starting_mu(family: str, y: np.ndarray) -> np.ndarray:
@@ -176,4 +252,4 @@ def family_link(family: str, mu: np.ndarray) -> np.ndarray:
 
 def _null_design(design: DesignedModel) -> DesignedModel:
     return DesignedModel(["Intercept"], np.ones((design.n, 1)), design.y, design.offset,
-                         design.n_cohort, design.n_missing)
+                         design.n_cohort, design.n_missing, design.mask, [])

@@ -1,7 +1,201 @@
-"""`iaptnet node approve | audit`: the Trust's governance commands (policy and audit log)."""
+"""`iaptnet node approve | audit`: the Trust's governance commands (policy and audit log).
+
+    iaptnet node approve STUDY.toml --policy policy.toml [--schema SCHEMA.toml] [--yes]
+        prints what the study will compute and what the node will release for it, then adds
+        its hash to the policy's `approved` list (after a yes, or with --yes).
+    iaptnet node audit --policy policy.toml [--node NAME] [--since DATE] [--verify] [--json]
+        lists the audit log's entries (one line each, or full JSON), and with --verify checks
+        the hash chain and the head: any edited, deleted or reordered entry is reported.
+"""
 
 from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..protocol.errors import SpecError
 
 
 def register(node_sub) -> None:
     """Governance commands register here."""
+    approve = node_sub.add_parser("approve", help="review a study and add its hash to the policy's approved list")
+    approve.add_argument("study", help="study TOML file")
+    approve.add_argument("--policy", default="policy.toml", help="the node's policy file (default ./policy.toml)")
+    approve.add_argument("--schema", help="the schema TOML this node serves (default: the study's own, else the built-in IAPT dataset)")
+    approve.add_argument("--yes", action="store_true", help="approve without asking")
+    approve.set_defaults(fn=cmd_approve)
+
+    audit = node_sub.add_parser("audit", help="list and verify the node's audit log")
+    audit.add_argument("--policy", default="policy.toml", help="the node's policy file (default ./policy.toml)")
+    audit.add_argument("--node", help="the node's name (needed when the state folder holds several)")
+    audit.add_argument("--since", help="only entries from this date (YYYY-MM-DD) or time on, UTC")
+    audit.add_argument("--verify", action="store_true", help="check the hash chain; exit 1 if it is broken")
+    audit.add_argument("--json", action="store_true", help="print the entries as JSON lines, in full")
+    audit.set_defaults(fn=cmd_audit)
+
+
+# --------------------------------------------------------------------------- approve
+
+def cmd_approve(args) -> int:
+    from ..protocol.iapt_schema import iapt_analysis_schema
+    from ..protocol.schema import Schema
+    from ..protocol.study import parse_study, read_study_file
+    from .policy import add_approved_hash, load_policy
+
+    policy_path = Path(args.policy)
+    policy = load_policy(policy_path, production=True)
+    study_path = Path(args.study)
+    data = read_study_file(study_path)
+    if args.schema:
+        schema = Schema.load(args.schema)
+    elif data.get("schema"):
+        schema = Schema.load(study_path.parent / str(data["schema"]))
+    else:
+        schema = iapt_analysis_schema()
+    spec, parsed = parse_study(data, schema, str(study_path))
+    print(describe_study(spec, parsed, schema, policy))
+    if spec.hash in policy.approved:
+        print(f"\nalready approved in {policy_path}")
+        return 0
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise SpecError("approve: not approved; give --yes to approve without a terminal to ask on.")
+        answer = input(f"\nApprove this study in {policy_path}? [y/N] ").strip().lower()
+        if answer not in ("y", "yes"):
+            print("not approved")
+            return 1
+    add_approved_hash(policy_path, spec.hash)
+    print(f"approved: {spec.hash} added to {policy_path}")
+    return 0
+
+
+def describe_study(spec, parsed, schema, policy) -> str:
+    """What a study will compute at this node and what the node will release for it."""
+    from ..protocol.families import get_family
+
+    family = get_family(spec.family)
+    terms = design_terms(spec, parsed, schema)
+    rules = policy.rules
+    lines = [
+        f"study '{spec.name}'" + (f": {spec.title}" if spec.title else ""),
+        f"  hash       {spec.hash}",
+        f"  dataset    {spec.dataset} (schema sha256 {spec.schema_fingerprint[:16]})",
+        f"  model      {spec.family} GLM ({family.link_name} link) of '{parsed.outcome}'",
+        f"  formula    {' '.join(spec.formula.split())}",
+        f"  cohort     {spec.where or 'every row'}",
+    ]
+    if spec.offset:
+        lines.append(f"  offset     {spec.offset}")
+    if spec.exposure:
+        lines.append(f"  exposure   {spec.exposure}")
+    for column, groups in spec.merge.items():
+        for new, olds in groups.items():
+            lines.append(f"  merge      {column}: '{new}' = {' + '.join(repr(o) for o in olds)}")
+    lines.append(f"  nodes      {'every node must contribute' if spec.min_nodes is None else f'continues with at least {spec.min_nodes} nodes'}")
+    lines.append(f"  reads      {', '.join(sorted({parsed.outcome, *parsed.columns, *([spec.offset] if spec.offset else [])}))}")
+    if terms:
+        lines.append(f"  estimates  {len(terms)} coefficients: {', '.join(terms)}")
+    lines += [
+        "",
+        "what this node releases for it (every reply is checked against the policy first):",
+        "  prepare   rows used and events (exact), rows with a non-zero value per design column",
+        "            (and events among them), this node's own fit (information matrix and I*b);",
+        f"            rows in the cohort and dropped as missing as counts (1-{rules.suppress_max} suppressed, others rounded to {rules.round_to})",
+        "  rounds    score, information matrix, deviance and log-likelihood at coefficients sent",
+        "            by the coordinator (refused if they single out a few rows)",
+        f"  refused   under {rules.min_rows} rows, under {rules.min_events} events or non-events, over "
+        f"{rules.max_params_per_row:g} parameters per row, a level with 1-{rules.min_level_count - 1} rows,",
+        f"            rows differing by 1-{rules.min_subset_difference - 1} people from the whole dataset or an earlier release,",
+        f"            more than {rules.max_rounds_per_study} tasks a day",
+    ]
+    return "\n".join(lines)
+
+
+def design_terms(spec, parsed, schema) -> list[str]:
+    """The design's column names, built on one placeholder row (no data involved)."""
+    import pandas as pd
+    from formulaic import ModelSpec
+
+    from ..protocol.study import merged_levels
+    from .design import EVAL_CONTEXT, legacy_ordered
+
+    row = {}
+    for name in {parsed.outcome, *parsed.columns}:
+        col = schema[name]
+        if col.is_categorical:
+            levels = list(col.levels)
+            if name in spec.merge:
+                levels = merged_levels(levels, spec.merge[name])[0]
+            row[name] = pd.Categorical([levels[0]], categories=levels)
+        else:
+            row[name] = [1.0]
+    try:
+        rhs = legacy_ordered(spec.formula.split("~", 1)[1], schema)
+        mm = ModelSpec(formula=rhs, na_action="ignore", output="pandas").get_model_matrix(
+            pd.DataFrame(row), context=EVAL_CONTEXT)
+        return list(mm.columns)
+    except Exception:  # noqa: BLE001 - the listing is a help, not a check
+        return []
+
+
+# --------------------------------------------------------------------------- audit
+
+def cmd_audit(args) -> int:
+    from .audit import AuditLog, parse_since
+    from .policy import load_policy
+
+    policy = load_policy(Path(args.policy), production=True)
+    folder = state_folder(policy, args.node)
+    log = AuditLog(folder)
+    since = parse_since(args.since) if args.since else None
+    if args.verify:
+        result = log.verify()
+        if result.ok:
+            print(f"audit log OK: {result.entries} entries, chain intact, head {result.head}")
+            return 0
+        print(f"audit log FAILED after {result.entries} good entries: {result.problem}")
+        return 1
+    for entry in log.entries(since):
+        print(json.dumps(entry, sort_keys=True) if args.json else summarise(entry))
+    return 0
+
+
+def state_folder(policy, node: str | None) -> Path:
+    base = Path(policy.state_dir)
+    if node:
+        folder = base / node
+        if not (folder / "audit.jsonl").exists():
+            raise SpecError(f"{policy.path}: no audit log for node '{node}' in {base}.")
+        return folder
+    found = sorted(p.parent for p in base.glob("*/audit.jsonl")) if base.exists() else []
+    if not found:
+        raise SpecError(f"{policy.path}: no audit log yet in {base} (the node has answered no task).")
+    if len(found) > 1:
+        raise SpecError(f"{policy.path}: the state folder {base} holds several nodes' logs "
+                        f"({', '.join(p.name for p in found)}); name one with --node.")
+    return found[0]
+
+
+def summarise(entry: dict) -> str:
+    head = (f"#{entry.get('seq')} {entry.get('time', '')[:19]}Z {entry.get('kind', '')} "
+            f"study {str(entry.get('study_hash', ''))[:12] or '-'} round {entry.get('round', 0)}")
+    status = entry.get("status")
+    if status == "ok":
+        released = entry.get("released", {})
+        arrays = released.get("arrays", {})
+        values = sum(len(a.get("values", [])) for a in arrays.values())
+        return f"{head}: released {len(arrays)} arrays ({values} numbers) and {_count_leaves(released.get('payload', {}))} values"
+    if status == "refused":
+        from ..protocol.messages import render_refusal
+
+        return f"{head}: REFUSED " + "; ".join(render_refusal(r) for r in entry.get("refusal", []))
+    return f"{head}: ERROR {entry.get('code', '')}: {entry.get('error', '')}"
+
+
+def _count_leaves(obj) -> int:
+    if isinstance(obj, dict):
+        return sum(_count_leaves(v) for v in obj.values())
+    if isinstance(obj, list):
+        return sum(_count_leaves(v) for v in obj) if obj and isinstance(obj[0], (dict, list)) else len(obj)
+    return 1

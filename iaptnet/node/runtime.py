@@ -1,8 +1,10 @@
-"""A node's long-lived state: its configuration, its dataset and the studies it has prepared.
+"""A node's long-lived state: its configuration, its dataset, its policy, audit log and
+memory, and the studies it has prepared.
 
 One `NodeRuntime` per node. In the in-process engine several live in one process, keyed by
 node name; in a deployed node daemon there is one. Prepared design matrices are kept per
-study so that each round only multiplies matrices.
+study so that each round only multiplies matrices. The audit log and memory live in the
+policy's `state_dir`, in a folder per node name (in memory when the node has no policy file).
 """
 
 from __future__ import annotations
@@ -45,15 +47,69 @@ class PreparedStudy:
     designs: dict
     families: dict
     rounds: int = 0
+    facts: dict = field(default_factory=dict)  # model key -> disclosure.ModelFacts
+    history: dict = field(default_factory=dict)  # model key -> {weight name: [vectors answered]}
+    approved: bool = False
 
 
 class NodeRuntime:
-    def __init__(self, config: NodeConfig):
+    def __init__(self, config: NodeConfig, policy=None):
         self.config = config
         self.name = config.name
         self._dataset = None
         self._lock = threading.Lock()
         self.prepared: OrderedDict[str, PreparedStudy] = OrderedDict()
+        self._policy = policy
+        self._policy_stamp = None  # (mtime_ns, size) of the policy file last read
+        self._fixed_policy = policy is not None
+        self._state = None
+        self._state_dir = None
+        self.approvals: dict[str, bool] = {}  # study hash -> approved by the Trust (vs exploratory)
+        self.task_lock = threading.RLock()  # one task at a time per node
+
+    @property
+    def policy(self):
+        """The node's policy: read on first use and again whenever its file changes (so an
+        `iaptnet node approve` takes effect without a restart). A local node without a file
+        is exploratory. A file that became invalid raises SpecError: the node then refuses
+        every task until it is fixed."""
+        if self._fixed_policy:
+            return self._policy
+        from .policy import load_policy
+
+        stamp = None
+        if self.config.policy:
+            try:
+                st = Path(self.config.policy).stat()
+                stamp = (st.st_mtime_ns, st.st_size)
+            except OSError:
+                stamp = ("missing",)
+        if self._policy is None or stamp != self._policy_stamp:
+            policy = load_policy(self.config.policy, production=False)  # SpecError: keep failing
+            if self._state is not None and policy.state_dir != self._state_dir:
+                self._state = None
+            self._policy, self._policy_stamp = policy, stamp
+        return self._policy
+
+    @property
+    def state(self):
+        """(audit log, memory) of this node, shared by every runtime serving the same folder."""
+        policy = self.policy
+        if self._state is None:
+            folder = None
+            if policy.state_dir is not None:
+                folder = (Path(policy.state_dir) / self.name).resolve()
+            self._state = _state_for(folder)
+            self._state_dir = policy.state_dir
+        return self._state
+
+    @property
+    def audit(self):
+        return self.state[0]
+
+    @property
+    def memory(self):
+        return self.state[1]
 
     @property
     def dataset(self):
@@ -88,6 +144,18 @@ class NodeRuntime:
 
 _RUNTIMES: dict[NodeConfig, NodeRuntime] = {}
 _RUNTIMES_LOCK = threading.Lock()
+_STATES: dict = {}
+
+
+def _state_for(folder: Path | None):
+    from .audit import AuditLog, NodeMemory
+
+    if folder is None:
+        return AuditLog(None), NodeMemory(None)
+    with _RUNTIMES_LOCK:
+        if folder not in _STATES:
+            _STATES[folder] = (AuditLog(folder), NodeMemory(folder))
+        return _STATES[folder]
 
 
 def runtime_for(config: NodeConfig) -> NodeRuntime:

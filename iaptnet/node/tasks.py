@@ -1,38 +1,53 @@
-"""Handlers for the GLM task kinds: glue between the dispatcher and node/glm.py."""
+"""Handlers for the GLM task kinds: glue between the dispatcher and node/glm.py.
+
+Each handler returns a `disclosure.Release` (what it wants to release, declared); the
+dispatcher judges it against the policy, audits it and builds the reply.
+"""
 
 from __future__ import annotations
 
 from ..protocol import messages as m
+from ..protocol.errors import DataError
 from . import glm
+from .disclosure import Release
 from .handlers import handler
 from .runtime import NodeRuntime, PreparedStudy
 
-
-@handler(m.GLM_MOMENTS)
-def glm_moments(runtime: NodeRuntime, task: m.Task) -> m.Reply:
-    return m.Reply(status=m.OK, node=runtime.name, arrays=glm.moments(runtime.dataset, task.payload))
+MAX_BETAS = 128
 
 
-@handler(m.GLM_PREPARE)
-def glm_prepare(runtime: NodeRuntime, task: m.Task) -> m.Reply:
+@handler(m.GLM_MOMENTS, studies="payload")
+def glm_moments(runtime: NodeRuntime, task: m.Task) -> Release:
+    release = Release()
+    glm.moments(runtime.dataset, task.payload, release)
+    return release
+
+
+@handler(m.GLM_PREPARE, studies="payload")
+def glm_prepare(runtime: NodeRuntime, task: m.Task) -> Release:
     dataset = runtime.dataset
-    designs, payload, arrays = glm.prepare(dataset, task.payload)
+    release = Release()
+    designs, facts, local = glm.prepare(dataset, task.payload, release)
     families = {}
     for key, spec in glm.studies_from_payload(task.payload).items():
         families[key] = families[key + glm.NULL_SUFFIX] = spec.family
-    runtime.remember(task.study_hash, PreparedStudy(designs=designs, families=families))
-    payload["data_version"] = dataset.data_version
-    return m.Reply(status=m.OK, node=runtime.name, payload=payload, arrays=arrays)
+    release.public("data_version", dataset.data_version)
+    prepared = PreparedStudy(designs=designs, families=families, facts=facts,
+                             history={key: [beta] for key, beta in local.items()})
+    release.after(lambda: runtime.remember(task.study_hash, prepared))
+    return release
 
 
-@handler(m.GLM_ROUND)
-def glm_round(runtime: NodeRuntime, task: m.Task) -> m.Reply:
+@handler(m.GLM_ROUND, studies="prepared")
+def glm_round(runtime: NodeRuntime, task: m.Task) -> Release:
     prepared = runtime.recall(task.study_hash)
     prepared.rounds += 1
     betas = {k[len("beta/"):]: v for k, v in task.arrays.items() if k.startswith("beta/")}
+    if not betas or len(betas) > MAX_BETAS or len(betas) != len(task.arrays):
+        raise DataError("the task's coefficients are not one array per prepared model.")
     unknown = set(betas) - set(prepared.designs)
     if unknown:
-        from ..protocol.errors import DataError
         raise DataError("the task names a model this study did not prepare.")
-    arrays = glm.round_contributions(prepared.designs, prepared.families, betas)
-    return m.Reply(status=m.OK, node=runtime.name, arrays=arrays)
+    release = Release()
+    glm.round_contributions(prepared, betas, release)
+    return release

@@ -3,8 +3,12 @@
 Every task travels as one Flower message of type `query.task` whose content holds a
 ConfigRecord "task" (kind, study hash, round, JSON payload) and an ArrayRecord "arrays"
 (float64 arrays, serialised by Flower with numpy's format, bit-exact). Replies mirror it with a
-"reply" ConfigRecord (status, node, code, message, JSON payload). A refusal or an error is a
-normal reply with status "refused" or "error": a sentence free of data values, never a trace.
+"reply" ConfigRecord (status, node, code, message, JSON payload, audit hash). A refusal or
+an error is a normal reply with status "refused" or "error": a sentence free of data values,
+never a trace. A refusal's payload is {"refusals": [{rule, sentence, threshold, model, term,
+level, fix}, ...]} (fields absent when they do not apply), which the coordinator renders in
+plain words. `audit_hash` is the node's audit-chain hash after it logged the task: a
+coordinator that keeps it can later hold the node's log to it.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class Reply:
     code: str = ""
     message: str = ""
     task_id: str = ""
+    audit_hash: str = ""
 
     @property
     def ok(self) -> bool:
@@ -79,12 +84,37 @@ def encode_task(task: Task) -> RecordDict:
     })
 
 
+def content_size(content: RecordDict) -> int:
+    """Bytes a message's content holds (strings and array buffers), counted without decoding
+    anything, so that a node can refuse a huge task before parsing it."""
+    total = 0
+    for record in content.config_records.values():
+        for key, value in record.items():
+            total += len(key) + (len(value) if isinstance(value, (str, bytes)) else 16)
+    for record in content.array_records.values():
+        for key, array in record.items():
+            total += len(key) + len(array.data)
+    return total
+
+
+def peek_task(content: RecordDict) -> tuple[str, str]:
+    """(kind, task id) of a task message, read without decoding its payload ("" if absent)."""
+    cfg = content.config_records.get("task")
+    if cfg is None:
+        return "", ""
+    kind, task_id = cfg.get("kind", ""), cfg.get("task_id", "")
+    return (kind if isinstance(kind, str) else "", task_id if isinstance(task_id, str) else "")
+
+
 def decode_task(content: RecordDict) -> Task:
     """Raise ValueError (caught by the node's dispatcher) when the content is not a task."""
     cfg = content.config_records.get("task")
     if cfg is None:
         raise ValueError("message carries no task record")
-    payload = json.loads(str(cfg["payload"]))
+    try:
+        payload = json.loads(str(cfg["payload"]))
+    except RecursionError:
+        raise ValueError("task payload is nested too deeply") from None
     if not isinstance(payload, dict):
         raise ValueError("task payload is not an object")
     return Task(
@@ -107,6 +137,7 @@ def encode_reply(reply: Reply) -> RecordDict:
             "code": reply.code,
             "message": reply.message,
             "task_id": reply.task_id,
+            "audit_hash": reply.audit_hash,
             "payload": json.dumps(reply.payload, sort_keys=True),
         }),
         "arrays": _arrays_record(reply.arrays),
@@ -123,7 +154,27 @@ def decode_reply(content: RecordDict) -> Reply:
         code=str(cfg["code"]),
         message=str(cfg["message"]),
         task_id=str(cfg["task_id"]),
+        audit_hash=str(cfg.get("audit_hash", "")),
     )
+
+
+def render_refusal(refusal: dict) -> str:
+    """One structured refusal in plain words, e.g. "level 'bdd' of problem has fewer than 8
+    rows; the policy's minimum is 8 (model 'd5'); to fix: merge it with another level, ..."."""
+    def clean(value) -> str:
+        return "".join(ch for ch in str(value)[:600] if ch.isprintable())
+
+    text = clean(refusal.get("sentence") or refusal.get("rule") or "refused")
+    threshold = refusal.get("threshold")
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        word = "maximum" if str(refusal.get("rule", "")).startswith("max_") else "minimum"
+        shown = str(int(threshold)) if float(threshold).is_integer() else f"{threshold:g}"
+        text += f"; the policy's {word} is {shown}"
+    if refusal.get("model"):
+        text += f" (model '{clean(refusal['model'])}')"
+    if refusal.get("fix"):
+        text += f"; to fix: {clean(refusal['fix'])}"
+    return text
 
 
 def pack_upper(matrix: np.ndarray) -> np.ndarray:

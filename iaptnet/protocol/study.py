@@ -1,7 +1,15 @@
 """The study spec: what an analyst asks the network to compute, and its identity (hash).
 
 A study TOML names a family, a formula, an optional cohort filter (`where`), an optional
-offset column and the exposure term it is about. The coordinator validates it against the
+offset column, the exposure term it is about, and optional level merges:
+
+    [merge.problem]
+    ocd = ["ocd", "bdd"]          # the new level "ocd" holds the rows of ocd and bdd
+
+Merges are applied identically at every node before the design is built (the filter still
+sees the schema's own levels). The merged level takes the place, in the column's level order,
+of the first level of its list, so `[merge.x] a = ["a", ...]` with the reference level `a`
+first keeps the reference; term names then use the merged level (`problem[T.ocd]`). The coordinator validates it against the
 dataset schema before any node is asked anything; the sha256 of its canonical form is the
 study's identity, which Trusts approve and which every result and audit entry carries.
 """
@@ -22,7 +30,7 @@ from .schema import Schema
 
 STUDY_KEYS = {
     "name", "kind", "title", "description", "family", "formula", "where", "offset", "exposure",
-    "schema", "min_nodes", "reference",
+    "schema", "min_nodes", "reference", "merge",
 }
 KINDS = ("glm",)
 
@@ -40,13 +48,14 @@ class StudySpec:
     description: str = ""
     min_nodes: int | None = None  # None: every node of the cohort must contribute
     reference: dict = field(default_factory=dict)
+    merge: dict = field(default_factory=dict)  # column -> {new level: [schema levels]}
     dataset: str = "iapt"  # schema name
     schema_fingerprint: str = ""
     source: str = "study"
 
     def canonical(self) -> dict:
         """What is computed; presentation-only fields (title, description, reference) are left out."""
-        return {
+        out = {
             "kind": self.kind,
             "name": self.name,
             "dataset": self.dataset,
@@ -58,6 +67,10 @@ class StudySpec:
             "exposure": self.exposure,
             "min_nodes": self.min_nodes,
         }
+        if self.merge:  # only when present, so hashes of studies without merges are unchanged
+            out["merge"] = {col: {new: list(levels) for new, levels in groups.items()}
+                            for col, groups in self.merge.items()}
+        return out
 
     @property
     def hash(self) -> str:
@@ -72,11 +85,15 @@ class StudySpec:
 
     @classmethod
     def from_wire(cls, data: dict, source: str = "task") -> "StudySpec":
+        merge = data.get("merge") if isinstance(data, dict) else None
+        if merge is not None and not _merge_shaped(merge):
+            raise SpecError(f"{source}: field 'merge' must map columns to tables of level lists.")
         try:
             return cls(
                 name=str(data["name"]), family=str(data["family"]), formula=str(data["formula"]),
                 where=data.get("where"), offset=data.get("offset"), exposure=data.get("exposure"),
                 kind=str(data.get("kind", "glm")), min_nodes=data.get("min_nodes"),
+                merge=data.get("merge") or {},
                 dataset=str(data.get("dataset", "iapt")), schema_fingerprint=str(data.get("schema", "")),
                 source=source,
             )
@@ -138,6 +155,7 @@ def parse_study(data: dict, schema: Schema, source: str) -> tuple[StudySpec, Par
     exposure = data.get("exposure")
     if exposure is not None and not isinstance(exposure, str):
         raise SpecError(f"{source}: field 'exposure' must be a term name, e.g. \"n_treat\".")
+    merge = check_merges(data.get("merge"), schema, source)
     spec = StudySpec(
         name=data["name"].strip(),
         family=family,
@@ -150,8 +168,92 @@ def parse_study(data: dict, schema: Schema, source: str) -> tuple[StudySpec, Par
         description=str(data.get("description", "")),
         min_nodes=min_nodes,
         reference=reference,
+        merge=merge,
         dataset=schema.name,
         schema_fingerprint=schema.fingerprint,
         source=source,
     )
     return spec, parsed
+
+
+MAX_MERGED_COLUMNS = 50
+
+
+def _merge_shaped(merge) -> bool:
+    """{column: {new level: [level, ...]}} with strings throughout (structure only)."""
+    return isinstance(merge, dict) and len(merge) <= MAX_MERGED_COLUMNS and all(
+        isinstance(col, str) and isinstance(groups, dict) and all(
+            isinstance(new, str) and isinstance(levels, list) and len(levels) <= 1000
+            and all(isinstance(v, str) for v in levels)
+            for new, levels in groups.items())
+        for col, groups in merge.items())
+
+
+def check_merges(merge, schema: Schema, source: str) -> dict:
+    """Validate `[merge.COLUMN] new = ["level", ...]` tables; return their canonical form."""
+    if merge is None or merge == {}:
+        return {}
+    if not isinstance(merge, dict) or len(merge) > MAX_MERGED_COLUMNS:
+        raise SpecError(f"{source}: field 'merge' must be tables like [merge.problem] ocd = [\"ocd\", \"bdd\"].")
+    out = {}
+    for column, groups in merge.items():
+        where = f"{source}: field 'merge.{column}'"
+        if not isinstance(column, str) or column not in schema:
+            raise SpecError(f"{source}: field 'merge' names column '{column}', which the dataset '{schema.name}' does not have.")
+        col = schema[column]
+        if not col.is_categorical:
+            raise SpecError(f"{where} merges levels of the {col.type} column '{column}'; only categorical columns have levels to merge.")
+        if not isinstance(groups, dict) or not groups:
+            raise SpecError(f"{where} must map a new level name to the levels it merges, e.g. {column}.other = [\"{col.levels[-1]}\", ...].")
+        used: dict[str, str] = {}
+        canonical = {}
+        for new, levels in groups.items():
+            if not isinstance(new, str) or not new.strip() or len(new) > 60 or not new.isprintable():
+                raise SpecError(f"{where}: a merged level needs a short printable name.")
+            if not isinstance(levels, list) or len(levels) < 2 or not all(isinstance(v, str) for v in levels):
+                raise SpecError(f"{where}.{new} must list at least two levels of '{column}' to merge.")
+            for level in levels:
+                if level not in col.levels:
+                    raise SpecError(f"{where}.{new} lists '{level}', which is not a level of '{column}'; its levels are {', '.join(col.levels)}.")
+                if level in used:
+                    raise SpecError(f"{where}: level '{level}' is merged twice (into '{used[level]}' and '{new}').")
+                used[level] = new
+            if new in col.levels and new not in levels:
+                raise SpecError(f"{where}.{new}: the merged level's name is already a level of '{column}' that it does not include.")
+            canonical[new] = list(levels)
+        names = merged_levels(col.levels, canonical)[0]
+        if len(names) < 2:
+            raise SpecError(f"{where} leaves '{column}' with a single level; drop the term instead.")
+        if len(set(names)) != len(names):
+            raise SpecError(f"{where}: two merged levels share a name.")
+        out[column] = canonical
+    return out
+
+
+def merged_levels(levels: tuple[str, ...] | list[str], groups: dict) -> tuple[list[str], dict[str, str]]:
+    """(new level order, old level -> new level) for one column's merges."""
+    mapping = {old: new for new, olds in groups.items() for old in olds}
+    first = {olds[0]: new for new, olds in groups.items()}
+    order = []
+    for level in levels:
+        if level in first:
+            order.append(first[level])
+        elif level not in mapping:
+            order.append(level)
+    return order, mapping
+
+
+def check_at_node(spec: StudySpec, schema: Schema) -> None:
+    """A node re-checks what arrives from the coordinator: filter, offset and merges."""
+    if spec.where:
+        try:
+            tree = cohort_filter.parse(spec.where)
+        except SpecError as exc:
+            raise SpecError(f"{spec.source}: field 'where': {exc}") from None
+        cohort_filter.check_against_schema(tree, schema, spec.source)
+    if spec.offset is not None:
+        if not isinstance(spec.offset, str) or spec.offset not in schema or schema[spec.offset].type not in ("numeric", "integer"):
+            raise SpecError(f"{spec.source}: field 'offset' must name a numeric column of the dataset '{schema.name}'.")
+    if spec.merge:
+        if check_merges(spec.merge, schema, spec.source) != spec.merge:
+            raise SpecError(f"{spec.source}: field 'merge' is not in canonical form.")

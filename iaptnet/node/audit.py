@@ -1,0 +1,368 @@
+"""The node's audit log and its memory, kept in the policy's `state_dir` (per node name).
+
+`audit.jsonl` is append-only and hash-chained: one JSON line per task with the time, the
+task's id, kind, study hash and round, a digest of its parameters, its status, and exactly
+what was released (every payload value and every array element, as sent) or the refusal or
+error; `prev` is the previous entry's hash and `hash` = sha256(prev + canonical JSON of the
+entry without `hash`). `audit.head` holds the last sequence number and hash, so deleting
+entries from the end is detected as well as editing or deleting any entry. `iaptnet node
+audit --verify` checks both.
+
+The memory (`memory.json`, `rowsets/`) is what the node must remember between tasks: task
+ids it has answered (replay), tasks per study and studies today (volume limits), and a
+bitmap of every row set it has released model statistics on (the subset rule). Without a
+state folder (a local network's node with no policy file) all of it lives in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..protocol.errors import DataError, SpecError
+from .disclosure import Violation
+from .policy import Rules
+
+GENESIS = "0" * 64
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+
+try:  # POSIX advisory locks; other systems rely on the in-process lock
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+
+def canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=True)
+
+
+def entry_hash(prev: str, entry: dict) -> str:
+    body = {k: v for k, v in entry.items() if k != "hash"}
+    return hashlib.sha256((prev + canonical(body)).encode()).hexdigest()
+
+
+def digest_parameters(payload: dict, arrays: dict[str, np.ndarray]) -> str:
+    """sha256 of a task's parameters: its JSON payload and its arrays (dtype, shape, bytes)."""
+    h = hashlib.sha256(canonical(payload).encode())
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(np.asarray(arrays[name], dtype=np.float64))
+        h.update(f"\0{name}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def arrays_for_log(arrays: dict[str, np.ndarray]) -> dict:
+    return {name: {"shape": list(np.shape(a)), "values": np.asarray(a, dtype=float).ravel().tolist()}
+            for name, a in sorted(arrays.items())}
+
+
+def now_iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- the audit log
+
+@dataclass
+class Verification:
+    ok: bool
+    entries: int
+    head: str
+    problem: str = ""
+
+
+class AuditLog:
+    """Append-only, hash-chained. `folder=None` keeps the entries in memory."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self._lock = threading.Lock()
+        self._memory: list[str] = []
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.folder is None else self.folder / "audit.jsonl"
+
+    @property
+    def head_path(self) -> Path | None:
+        return None if self.folder is None else self.folder / "audit.head"
+
+    def append(self, fields: dict) -> dict:
+        """Chain and write one entry; returns it (with seq, prev and hash)."""
+        with self._lock, (_file_lock(self.folder / "audit.lock") if self.folder else contextlib.nullcontext()):
+            seq, prev = self._head()
+            entry = {"seq": seq + 1, **fields, "prev": prev}
+            entry["hash"] = entry_hash(prev, entry)
+            line = canonical(entry) + "\n"
+            if self.folder is None:
+                self._memory.append(line)
+            else:
+                with open(self.path, "a") as fh:
+                    fh.write(line)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                _write_atomic(self.head_path, json.dumps({"seq": entry["seq"], "hash": entry["hash"]}) + "\n")
+            return entry
+
+    def _head(self) -> tuple[int, str]:
+        if self.folder is None:
+            if not self._memory:
+                return 0, GENESIS
+            last = json.loads(self._memory[-1])
+            return int(last["seq"]), str(last["hash"])
+        try:
+            head = json.loads(self.head_path.read_text())
+            return int(head["seq"]), str(head["hash"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            last = _last_line(self.path)
+            if last is None:
+                return 0, GENESIS
+            entry = json.loads(last)
+            return int(entry["seq"]), str(entry["hash"])
+
+    def lines(self) -> Iterator[str]:
+        if self.folder is None:
+            yield from list(self._memory)
+            return
+        if not self.path.exists():
+            return
+        with open(self.path) as fh:
+            yield from fh
+
+    def entries(self, since: dt.datetime | None = None) -> Iterator[dict]:
+        for line in self.lines():
+            if not line.strip():
+                continue
+            entry = json.loads(line)
+            if since is not None and _parse_time(entry.get("time", "")) < since:
+                continue
+            yield entry
+
+    def verify(self) -> Verification:
+        prev, seq, count = GENESIS, 0, 0
+        for number, line in enumerate(self.lines(), 1):
+            if not line.strip():
+                return Verification(False, count, prev, f"line {number} is empty: the log was edited.")
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                return Verification(False, count, prev, f"line {number} is not a valid entry: the log was edited.")
+            if not isinstance(entry, dict) or "hash" not in entry or "seq" not in entry:
+                return Verification(False, count, prev, f"line {number} is not a valid entry: the log was edited.")
+            if entry["seq"] != seq + 1:
+                return Verification(False, count, prev,
+                                    f"entry {seq + 1} is missing (line {number} holds entry {entry['seq']}): entries were deleted or reordered.")
+            if entry.get("prev") != prev:
+                return Verification(False, count, prev,
+                                    f"entry {entry['seq']} does not follow entry {seq}: the chain is broken (an entry was deleted or replaced).")
+            if entry_hash(prev, entry) != entry["hash"]:
+                return Verification(False, count, prev, f"entry {entry['seq']} was edited: its hash does not match its content.")
+            prev, seq, count = entry["hash"], entry["seq"], count + 1
+        if self.folder is not None:
+            try:
+                head = json.loads(self.head_path.read_text())
+            except FileNotFoundError:
+                if count:
+                    return Verification(False, count, prev, "the head file audit.head is missing, so deletions at the end cannot be ruled out.")
+                head = {"seq": 0, "hash": GENESIS}
+            except ValueError:
+                return Verification(False, count, prev, "the head file audit.head is not valid: it was edited.")
+            if head.get("seq") != seq or head.get("hash") != prev:
+                if isinstance(head.get("seq"), int) and head["seq"] > seq:
+                    return Verification(False, count, prev,
+                                        f"the log ends at entry {seq} but the head records entry {head['seq']}: the last entries were deleted.")
+                return Verification(False, count, prev, "the head file does not match the last entry: the log or its head was edited.")
+        return Verification(True, count, prev)
+
+
+def _last_line(path: Path) -> str | None:
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        end = fh.tell()
+        pos, chunk, data = end, 65536, b""
+        while pos > 0:
+            step = min(chunk, pos)
+            pos -= step
+            fh.seek(pos)
+            data = fh.read(step) + data
+            stripped = data.rstrip(b"\n")
+            if b"\n" in stripped:
+                return stripped.rsplit(b"\n", 1)[1].decode()
+        return data.rstrip(b"\n").decode() or None
+
+
+def _parse_time(text: str) -> dt.datetime:
+    try:
+        return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc)
+    except ValueError:
+        return dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+
+
+def parse_since(text: str) -> dt.datetime:
+    """A --since value: YYYY-MM-DD or an ISO time, read as UTC."""
+    try:
+        value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise SpecError(f"--since {text!r}: expected a date YYYY-MM-DD or a time YYYY-MM-DDTHH:MM.") from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+# --------------------------------------------------------------------------- the node's memory
+
+class NodeMemory:
+    """Task ids answered, tasks per study today, studies today, and released row sets."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self._lock = threading.RLock()
+        self._state = {"day": "", "studies": {}, "tasks": {}}
+        self._rowsets: dict[str, dict[str, np.ndarray]] = {}  # data version -> digest -> packed bits
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Hold the memory (across threads and processes), load it, and save it afterwards."""
+        with self._lock, (_file_lock(self.folder / "memory.lock") if self.folder else contextlib.nullcontext()):
+            if self.folder is not None:
+                try:
+                    self._state = json.loads((self.folder / "memory.json").read_text())
+                except FileNotFoundError:
+                    pass
+                except ValueError:
+                    raise DataError("the node's memory file is damaged; its operator must restore it "
+                                    "from backup (deleting it forgets which tasks were answered).") from None
+            yield self
+            if self.folder is not None:
+                _write_atomic(self.folder / "memory.json", json.dumps(self._state, sort_keys=True))
+
+    # -- replay
+    def seen_task(self, task_id: str) -> bool:
+        return task_id in self._state["tasks"]
+
+    def remember_task(self, task_id: str, issued_at: float, now: float, max_age: float) -> None:
+        tasks = self._state["tasks"]
+        for old in [k for k, t in tasks.items() if t < now - 2 * max_age]:
+            del tasks[old]  # older tasks are refused for their age anyway
+        tasks[task_id] = issued_at
+
+    # -- volume
+    def _roll(self, now: float) -> None:
+        day = dt.datetime.fromtimestamp(now, dt.timezone.utc).strftime("%Y-%m-%d")
+        if self._state.get("day") != day:
+            self._state["day"] = day
+            self._state["studies"] = {}
+
+    def tasks_today(self, study_hash: str, now: float) -> int:
+        self._roll(now)
+        return int(self._state["studies"].get(study_hash, 0))
+
+    def studies_today(self, now: float) -> int:
+        self._roll(now)
+        return len(self._state["studies"])
+
+    def count_task(self, study_hash: str, now: float) -> None:
+        self._roll(now)
+        self._state["studies"][study_hash] = self._state["studies"].get(study_hash, 0) + 1
+
+    # -- released row sets (the subset rule)
+    def _sets(self, version: str) -> dict[str, np.ndarray]:
+        sets = self._rowsets.setdefault(version, {})
+        if self.folder is not None:
+            folder = self.folder / "rowsets" / version[:32]
+            if folder.exists():
+                for path in folder.glob("*.npy"):
+                    if path.stem not in sets:
+                        sets[path.stem] = np.load(path, allow_pickle=False)
+        return sets
+
+    def check_rows(self, candidates: list[tuple[str, np.ndarray]], version: str, rules: Rules) -> list[Violation]:
+        """The subset rule over each candidate row set (label, mask): against the whole
+        dataset, every row set released before on this data version, and each other."""
+        t = rules.min_subset_difference
+        out: list[Violation] = []
+        known = self._sets(version)
+        fresh: list[tuple[int, np.ndarray]] = []
+        for label, mask in candidates:
+            mask = np.asarray(mask, dtype=bool)
+            n, total = int(mask.sum()), mask.size
+            if n == 0:
+                continue
+            outside = total - n
+            if 0 < outside < t:
+                out.append(Violation("min_subset_difference",
+                                     f"the rows used leave out fewer than {t} of this node's rows, so the result "
+                                     "would differ from the whole dataset's by a few people", t, model=label,
+                                     fix="use the whole dataset, or a cohort that leaves out more people"))
+                continue
+            packed = np.packbits(mask)
+            for other in [*known.values(), *(p for _, p in fresh)]:
+                if other.shape != packed.shape:
+                    continue
+                diff = int(_POPCOUNT[np.bitwise_xor(other, packed)].sum())
+                if 0 < diff < t:
+                    out.append(Violation("min_subset_difference",
+                                         f"the rows used differ from rows this node already released results on "
+                                         f"by fewer than {t} people (a differencing attack, or a covariate missing for a few)",
+                                         t, model=label,
+                                         fix="use the same cohort and covariates as before, or ones that differ by more people"))
+                    break
+            fresh.append((total, packed))
+        return out
+
+    def remember_rows(self, masks: list[np.ndarray], version: str) -> None:
+        known = self._sets(version)
+        for mask in masks:
+            mask = np.asarray(mask, dtype=bool)
+            if not mask.any():
+                continue
+            packed = np.packbits(mask)
+            digest = hashlib.sha256(packed.tobytes() + str(mask.size).encode()).hexdigest()[:32]
+            if digest in known:
+                continue
+            known[digest] = packed
+            if self.folder is not None:
+                folder = self.folder / "rowsets" / version[:32]
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = folder / f".{digest}.tmp.npy"
+                np.save(tmp, packed, allow_pickle=False)
+                os.replace(tmp, folder / f"{digest}.npy")

@@ -1,0 +1,415 @@
+"""What a task handler releases, declared so that the node's policy can judge it.
+
+A handler never builds its reply. It returns a `Release`, saying for every number what kind
+of thing it is; `handlers.dispatch` runs the node's policy over the declaration before
+anything leaves, builds the reply from what passed, and writes the audit entry. Whatever a
+handler does not declare cannot reach the reply, a model or round section without facts is
+refused, and a handler that returns a bare `Reply` carrying payload or arrays is refused
+(fail closed). So a new task kind cannot forget the policy.
+
+Register a handler with `@handler(kind, studies=...)` (node/handlers.py): `"payload"` when the
+task carries its studies as wire specs in `payload["models"]` (the dispatcher checks their
+hashes against the Trust's approvals), `"prepared"` when it continues a study this node
+prepared, `"none"` when it reads no rows (it may then release only public strings).
+
+Three kinds of release:
+
+- **model statistics** (`release.model(key, facts)`): exact numbers computed on a set of
+  rows (rows used, events, sums of scores, information matrices, local fits, moments). They
+  must be exact for the pooled result to equal a regression on the pooled rows, so they are
+  not rounded; they are guarded by the model rules over the declared `ModelFacts`: minimum
+  rows, minimum events and non-events, parameters per row, rows per level of every
+  categorical or binary term and per design column, the largest leverage of a row, and the
+  subset rule (the rows used must not differ by 1..threshold-1 people from the whole dataset
+  or from any row set released before). For a design matrix, `glm.model_facts(label,
+  design, family)` builds the facts (levels and leverage included) from a `DesignedModel`.
+- **per-round statistics** (`release.round(key, facts, coefficients=..., weights=...,
+  history=...)`): statistics at coefficients chosen by the coordinator. They are guarded
+  against probing: the coefficients must be finite and (`bounded=True`) not too large, and
+  each row weight vector the statistics sum over (e.g. IRLS weights, fitted means) must not
+  rest on a few rows, set a few rows apart from the value most rows share, or differ in only
+  a few rows from the same vector at the rounds already answered for the model (`history`).
+- **count tables** (`release.table(key, facts=...)`, or `section.count(name, n)` inside any
+  section): counts shown as counts. The dispatcher applies the small-number rules (0 stays 0,
+  1..7 suppressed as None, others rounded to the nearest 5 by default); a statistic over a
+  cell (`section.cell_statistic(name, value, n)`, e.g. a mean) is suppressed with its cell.
+  A table with `facts` is also held to the subset rule.
+
+Plus `release.public(key, text)` for strings that say nothing about rows (a data version
+hash), and `release.after(fn)` for what to do only once the release has passed and been
+audited (e.g. keep a prepared study). Values of model sections go to
+`payload[group][key][name]`, table counts likewise, arrays to `arrays[name]` (unique names).
+
+A descriptive table (issue 5 style):
+
+    from .disclosure import ModelFacts, Release
+    from .handlers import handler
+
+    @handler("describe.table", studies="payload")
+    def describe_table(runtime, task) -> Release:
+        rows = ...                                   # bool mask over the dataset's rows
+        release = Release()
+        table = release.table("sex_by_service", facts=ModelFacts("sex by service", rows))
+        for level, n in counts.items():
+            table.count(level, n)                    # rounded / suppressed by the policy
+            table.cell_statistic(f"{level}/mean_phq9", means[level], n)
+        return release
+
+An exact statistic, e.g. a local propensity-score fit, and a per-round reply:
+
+        section = release.model("ps", glm.model_facts("propensity", design, "binomial"))
+        section.value("n_used", design.n)
+        section.array("ps/info", pack_upper(info))
+        ...
+        section = release.round("ps", facts, coefficients=beta,
+                                weights={"information": w, "fitted": mu},
+                                history={"information": [w_at_earlier_rounds, ...]})
+        section.array("ps/score", score)
+
+A handler may also refuse itself with `raise Refusal(Violation(rule, sentence, threshold))`:
+the rule, its threshold and the term/level concerned, never a value of the data.
+`Violation.sentence` is what the coordinator shows after "<node> refused: ".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..protocol.messages import render_refusal
+from .policy import Rules, round_count
+
+KINDS = ("model", "round", "table")
+
+
+# --------------------------------------------------------------------------- refusals
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken rule. `sentence` is plain words free of data values; `threshold` is the
+    policy's value (or None for rules without one)."""
+
+    rule: str
+    sentence: str
+    threshold: float | int | None = None
+    model: str | None = None
+    term: str | None = None
+    level: str | None = None
+    fix: str | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in {
+            "rule": self.rule, "sentence": self.sentence, "threshold": self.threshold,
+            "model": self.model, "term": self.term, "level": self.level, "fix": self.fix,
+        }.items() if v is not None}
+
+    def render(self) -> str:
+        return render_refusal(self.as_dict())
+
+
+class Refusal(Exception):
+    """Raised by the policy (or by a handler) to refuse a task; carries the violations."""
+
+    def __init__(self, violations: Violation | Iterable[Violation]):
+        if isinstance(violations, Violation):
+            violations = [violations]
+        self.violations = list(violations)
+        super().__init__("; ".join(v.render() for v in self.violations))
+
+    @property
+    def rule(self) -> str:
+        return self.violations[0].rule if self.violations else "refused"
+
+
+# --------------------------------------------------------------------------- facts
+
+@dataclass(frozen=True)
+class LevelCount:
+    """Rows at this node with one level of a categorical or binary term (`level` set), or
+    with a non-zero value / one of the two values of a design column (`level` None)."""
+
+    term: str
+    level: str | None
+    count: int
+    fix: str = ""
+
+
+@dataclass
+class ModelFacts:
+    """What the policy needs to know about the rows behind a release; stays at the node.
+
+    `rows` is a boolean mask over all rows of the node's dataset (the base for the subset
+    rule). `parameters` is the number of design columns with a non-zero value here (None when
+    the release is not a model). `events`: binomial rows with the outcome, poisson rows with a
+    non-zero outcome (None for gaussian and non-models). `max_leverage`: the largest diagonal
+    element of X(X'X)^-X' (near 1 when some combination of the terms sets one row apart)."""
+
+    label: str
+    rows: np.ndarray
+    parameters: int | None = None
+    family: str | None = None
+    events: int | None = None
+    levels: list[LevelCount] = field(default_factory=list)
+    max_leverage: float | None = None  # largest leverage of a row in the design
+
+    def __post_init__(self):
+        self.rows = np.asarray(self.rows, dtype=bool)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.rows.sum())
+
+    @property
+    def n_base(self) -> int:
+        return int(self.rows.size)
+
+
+# --------------------------------------------------------------------------- declaration
+
+class Section:
+    """One declared block of a release. Created by `Release.model/round/table`."""
+
+    def __init__(self, kind: str, key: str, group: str, facts: ModelFacts | None, *,
+                 coefficients: np.ndarray | None = None, weights: Mapping[str, np.ndarray] | None = None,
+                 history: Mapping[str, list[np.ndarray]] | None = None, bounded: bool = True):
+        if kind not in KINDS:
+            raise ValueError(f"unknown release kind {kind!r}")
+        self.kind, self.key, self.group, self.facts = kind, key, group, facts
+        self.coefficients = None if coefficients is None else np.asarray(coefficients, dtype=float)
+        self.weights = {k: np.asarray(v, dtype=float) for k, v in (weights or {}).items()}
+        self.history = {k: [np.asarray(h, dtype=float) for h in v] for k, v in (history or {}).items()}
+        self.bounded = bounded
+        self.values: dict = {}
+        self.arrays: dict[str, np.ndarray] = {}
+        self.counts: dict[str, float] = {}
+        self.cell_stats: dict[str, tuple[float, float]] = {}
+
+    def value(self, name: str, value) -> "Section":
+        """An exact statistic (number, string or list of them) of a model or round section."""
+        if self.kind == "table":
+            raise TypeError("a table section releases counts and cell statistics only")
+        self.values[name] = value
+        return self
+
+    def array(self, name: str, value) -> "Section":
+        """An exact array statistic of a model or round section; the name is global."""
+        if self.kind == "table":
+            raise TypeError("a table section releases counts and cell statistics only")
+        self.arrays[name] = np.asarray(value, dtype=float)
+        return self
+
+    def count(self, name: str, n: float | int) -> "Section":
+        """A count shown as a count: released under the small-number rules."""
+        self.counts[name] = float(n)
+        return self
+
+    def cell_statistic(self, name: str, value: float, n: float | int) -> "Section":
+        """A statistic over n rows (a mean, an SD): released only when n is not a small number."""
+        self.cell_stats[name] = (float(value), float(n))
+        return self
+
+
+class Release:
+    """Everything a handler wants to release, by kind. See the module docstring."""
+
+    def __init__(self):
+        self.public_values: dict[str, str | list[str]] = {}
+        self.sections: list[Section] = []
+        self.on_release: list = []
+
+    def after(self, fn) -> None:
+        """Run fn() once the release has passed the policy and been written to the audit log
+        (e.g. keep a prepared study for later rounds); never when it is refused."""
+        self.on_release.append(fn)
+
+    def public(self, key: str, value: str | list[str]) -> None:
+        """A string (or list of strings) that says nothing about rows, e.g. a data version."""
+        ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        if not ok:
+            raise TypeError("public values are strings; numbers computed on rows are model statistics or counts")
+        self.public_values[key] = value
+
+    def model(self, key: str, facts: ModelFacts, *, group: str = "models") -> Section:
+        return self._add(Section("model", key, group, facts))
+
+    def round(self, key: str, facts: ModelFacts, *, coefficients, weights: Mapping[str, np.ndarray],
+              history: Mapping[str, list[np.ndarray]] | None = None, bounded: bool = True,
+              group: str = "models") -> Section:
+        """Statistics at coordinator-chosen coefficients. `weights`: each row weight vector the
+        statistics are weighted sums over; `history`: the same vectors at the rounds already
+        answered for this model; `bounded`: apply the coefficient bound (False when the
+        statistics do not depend on the coefficients beyond known algebra, e.g. gaussian)."""
+        return self._add(Section("round", key, group, facts, coefficients=coefficients,
+                                 weights=weights, history=history, bounded=bounded))
+
+    def table(self, key: str, *, facts: ModelFacts | None = None, group: str = "tables") -> Section:
+        return self._add(Section("table", key, group, facts))
+
+    def _add(self, section: Section) -> Section:
+        self.sections.append(section)
+        return section
+
+
+# --------------------------------------------------------------------------- the rules
+
+def check_declaration(release: Release) -> list[Violation]:
+    """Fail closed: model and round sections must declare their facts."""
+    out = []
+    for s in release.sections:
+        if s.kind in ("model", "round") and s.facts is None:
+            out.append(Violation("undeclared", f"the task's handler did not declare the rows behind '{s.key}'"))
+    return out
+
+
+def check_model(facts: ModelFacts, rules: Rules) -> list[Violation]:
+    """Minimum rows, events, parameters per row and rows per level, for one model's rows."""
+    out: list[Violation] = []
+    n = facts.n_rows
+    label = facts.label
+    if n == 0:
+        return out  # no rows here: nothing about anyone is released
+    if n < rules.min_rows:
+        out.append(Violation("min_rows", f"the model uses fewer than {rules.min_rows} rows at this node",
+                             rules.min_rows, model=label,
+                             fix="widen the cohort, or set min_nodes in the study so that it can continue without this node"))
+    if facts.parameters is not None and facts.parameters > rules.max_params_per_row * n:
+        out.append(Violation("max_params_per_row",
+                             "the model has too many parameters for the rows it uses at this node "
+                             "(a nearly saturated model reveals rows)",
+                             rules.max_params_per_row, model=label,
+                             fix="use fewer terms (merge levels, drop interactions) or a wider cohort"))
+    if facts.events is not None and facts.family in ("binomial", "poisson"):
+        if facts.family == "binomial":
+            groups = (("events", facts.events), ("non-events", n - facts.events))
+        else:
+            groups = (("rows with a non-zero outcome", facts.events),)
+        for what, count in groups:
+            if count < rules.min_events:
+                out.append(Violation("min_events", f"the outcome has fewer than {rules.min_events} {what} at this node",
+                                     rules.min_events, model=label,
+                                     fix="widen the cohort, or set min_nodes in the study so that it can continue without this node"))
+    if facts.max_leverage is not None and rules.max_leverage < 1.0 and facts.max_leverage > rules.max_leverage:
+        out.append(Violation("max_leverage",
+                             "a combination of the model's terms sets one or two people at this node apart from "
+                             "everyone else (a row's leverage is above the limit)",
+                             rules.max_leverage, model=label,
+                             fix="drop terms that nearly duplicate each other, or merge rare combinations of levels"))
+    for lc in facts.levels:
+        if 0 < lc.count < rules.min_level_count:
+            if lc.level is not None:
+                sentence = f"level '{lc.level}' of {lc.term} has fewer than {rules.min_level_count} rows"
+            else:
+                sentence = f"the design column '{lc.term}' has fewer than {rules.min_level_count} rows with one of its values"
+            out.append(Violation("min_level_count", sentence, rules.min_level_count, model=label,
+                                 term=lc.term, level=lc.level, fix=lc.fix or None))
+    return out
+
+
+def effective_rows(weights: np.ndarray) -> float:
+    """(sum w)^2 / sum w^2 of non-negative weights: how many rows the weights really use."""
+    w = np.abs(np.asarray(weights, dtype=float))
+    if w.size == 0:
+        return math.inf
+    top = float(w.max()) if np.all(np.isfinite(w)) else math.inf
+    if top == 0.0:
+        return math.inf  # nothing weighted: nothing about any row
+    if not math.isfinite(top):
+        return 0.0
+    w = w / top
+    return float(w.sum() ** 2 / np.sum(w * w))
+
+
+def _spread(values: np.ndarray, reference: np.ndarray | float) -> float:
+    """Effective rows of the change from a reference; inf when nothing changes measurably."""
+    delta = np.abs(values - reference)
+    scale = max(float(np.max(np.abs(values))) if values.size else 0.0, 1e-300)
+    if values.size == 0 or float(delta.max()) <= 1e-9 * scale:
+        return math.inf
+    return effective_rows(delta)
+
+
+def check_round(section: Section, rules: Rules) -> list[Violation]:
+    """Probing defences for statistics at coordinator-chosen coefficients."""
+    out: list[Violation] = []
+    label = section.facts.label if section.facts else section.key
+    beta = section.coefficients
+    if beta is not None:
+        if not np.all(np.isfinite(beta)):
+            return [Violation("finite_coefficients", "the coefficients sent are not all finite numbers", model=label)]
+        if section.bounded and beta.size and float(np.max(np.abs(beta))) > rules.max_abs_coefficient:
+            out.append(Violation("max_abs_coefficient", "a coefficient sent is larger in size than this node answers for",
+                                 rules.max_abs_coefficient, model=label,
+                                 fix="such coefficients usually mean perfect prediction by a level; merge that level or drop the term"))
+            return out
+    if section.facts is not None and section.facts.n_rows == 0:
+        return out
+    for name, w in section.weights.items():
+        # The first broken check is enough: one sentence per refused round.
+        if effective_rows(w) < rules.min_effective_rows:
+            return [Violation("min_effective_rows",
+                              f"at the coefficients sent, the {name} weights rest on fewer than "
+                              f"{rules.min_effective_rows} effective rows",
+                              rules.min_effective_rows, model=label)]
+        # Everyone alike but a few rows: X'w minus the known sums would isolate those rows.
+        if _spread(w, float(np.median(w))) < rules.min_level_count:
+            return [Violation("min_effective_rows",
+                              f"at the coefficients sent, the {name} weights set fewer than "
+                              f"{rules.min_level_count} rows apart from all others",
+                              rules.min_level_count, model=label)]
+        for previous in section.history.get(name, []):
+            if previous.shape == w.shape and _spread(w, previous) < rules.min_level_count:
+                return [Violation("min_effective_rows",
+                                  f"compared with a round this node already answered, the coefficients "
+                                  f"sent change the {name} weights of fewer than {rules.min_level_count} rows",
+                                  rules.min_level_count, model=label)]
+    return out
+
+
+# --------------------------------------------------------------------------- building the reply
+
+def finish(release: Release, rules: Rules) -> tuple[dict, dict[str, np.ndarray]]:
+    """The reply's payload and arrays from a release that passed: counts rounded/suppressed."""
+    payload: dict = dict(release.public_values)
+    arrays: dict[str, np.ndarray] = {}
+    for s in release.sections:
+        if s.values or s.counts or s.cell_stats:
+            block = payload.setdefault(s.group, {})
+            if not isinstance(block, dict):
+                raise ValueError(f"release group '{s.group}' clashes with a public value")
+            entry = block.setdefault(s.key, {})
+        else:
+            entry = {}
+        for name, value in s.values.items():
+            _no_clash(entry, name)
+            entry[name] = _jsonable(value)
+        for name, n in s.counts.items():
+            _no_clash(entry, name)
+            entry[name] = round_count(n, rules)
+        for name, (value, n) in s.cell_stats.items():
+            _no_clash(entry, name)
+            entry[name] = None if round_count(n, rules) is None or n == 0 else float(value)
+        for name, arr in s.arrays.items():
+            if name in arrays:
+                raise ValueError(f"two sections release an array named '{name}'")
+            arrays[name] = arr
+    return payload, arrays
+
+
+def _no_clash(entry: dict, name: str) -> None:
+    if name in entry:
+        raise ValueError(f"a release names '{name}' twice")
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
