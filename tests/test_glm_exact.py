@@ -130,3 +130,84 @@ def test_result_does_not_depend_on_node_order(tmp_path):
     r2 = run_study(backward, name="o", family="binomial", formula="y ~ x + g + h")
     assert [t["estimate"] for t in r1["terms"]] == [t["estimate"] for t in r2["terms"]]
     assert [t["std_error"] for t in r1["terms"]] == [t["std_error"] for t in r2["terms"]]
+
+
+# --- prior weights, robust and cluster-robust covariances, offset expressions -------------------
+
+WEIGHTED_COLUMNS = dict(COLUMNS, wt={"type": "numeric", "min": 0}, clinic={"type": "integer"},
+                        days={"type": "numeric", "min": 0})
+
+
+@pytest.fixture(scope="module")
+def weighted_network(tmp_path_factory):
+    rng = np.random.default_rng(21)
+    sites = make_sites(seed=21)
+    for k, frame in enumerate(sites.values()):
+        n = len(frame)
+        frame["wt"] = rng.gamma(2.0, 0.5, size=n)
+        frame["clinic"] = 100 * k + rng.integers(0, 12, size=n)  # clinics lie within a site
+        frame["days"] = np.exp(frame["logtime"]) * 30
+    folder = tmp_path_factory.mktemp("weighted")
+    write_network(folder, sites, WEIGHTED_COLUMNS)
+    return folder, pooled(sites, WEIGHTED_COLUMNS)
+
+
+def _reference(frame, formula, family, needed, **fit_kwargs):
+    import statsmodels.formula.api as smf
+    from glmcase import FAMILIES
+
+    frame = frame.dropna(subset=needed)
+    extra = {}
+    if "wt" in needed:
+        extra["var_weights"] = frame["wt"]
+    if "offset" in fit_kwargs:
+        extra["offset"] = fit_kwargs.pop("offset")(frame)
+    if fit_kwargs.get("cov_type") == "cluster":
+        fit_kwargs["cov_kwds"] = {"groups": frame["clinic"].to_numpy()}
+    model = smf.glm(formula, frame, family=FAMILIES[family](), **extra)
+    return model.fit(tol=1e-13, maxiter=200, **fit_kwargs)
+
+
+@pytest.mark.parametrize("family, formula", [
+    ("binomial", "y ~ x + g + h"),
+    ("gaussian", "w ~ x + z + g"),
+    ("poisson", "count ~ x + g"),
+])
+def test_prior_weights(weighted_network, family, formula):
+    folder, frame = weighted_network
+    result = run_study(folder, name=f"weighted_{family}", family=family, formula=formula, weights="wt")
+    outcome = formula.split("~")[0].strip()
+    needed = [outcome, "x", "g", "wt"] + (["z", "h"] if family != "poisson" else [])
+    needed = [c for c in needed if c in formula or c in ("wt", outcome)]
+    assert_matches(result, _reference(frame, formula, family, needed))
+    assert result["weights"] == "wt"
+
+
+@pytest.mark.parametrize("family, formula", [("binomial", "y ~ x + g"), ("gaussian", "w ~ x + z")])
+def test_robust_sandwich(weighted_network, family, formula):
+    folder, frame = weighted_network
+    result = run_study(folder, name=f"hc0_{family}", family=family, formula=formula, cov_type="HC0")
+    outcome = formula.split("~")[0].strip()
+    needed = [outcome] + [c for c in ("x", "z", "g") if c in formula]
+    ref = _reference(frame, formula, family, needed, cov_type="HC0")
+    assert_matches(result, ref)
+    assert result["cov_type"] == "HC0"
+
+
+def test_cluster_robust_with_clusters_inside_nodes(weighted_network):
+    folder, frame = weighted_network
+    result = run_study(folder, name="clustered", family="binomial", formula="y ~ x + g + h",
+                       cov_type="cluster", cluster="clinic", weights="wt")
+    ref = _reference(frame, "y ~ x + g + h", "binomial", ["y", "x", "g", "h", "wt", "clinic"],
+                     cov_type="cluster")
+    assert_matches(result, ref)
+    assert result["n_clusters"] == frame.dropna(subset=["y", "x", "g", "h"])["clinic"].nunique()
+
+
+def test_offset_expression(weighted_network):
+    folder, frame = weighted_network
+    result = run_study(folder, name="rate_days", family="poisson", formula="count ~ x + h",
+                       offset="log(days / 30)")
+    ref = _reference(frame, "count ~ x + h", "poisson", ["count", "x", "h", "days"],
+                     offset=lambda f: np.log(f["days"] / 30))
+    assert_matches(result, ref)

@@ -57,6 +57,8 @@ class ModelFit:
     pearson: float = float("nan")
     loglike_sum: float = float("nan")
     cov: np.ndarray | None = None  # unscaled inverse information over active columns
+    meat: np.ndarray | None = None  # sum of score outer products (robust covariances)
+    n_clusters: int = 0
     node_counts: dict[str, dict] = field(default_factory=dict)  # per node, small-number rules applied
     node_stats: dict[str, dict] = field(default_factory=dict)  # per node, exact n_used and events
     null: "ModelFit | None" = None
@@ -78,6 +80,20 @@ class ModelFit:
     @property
     def llf(self) -> float:
         return self.family.llf(self.loglike_sum, self.n, self.deviance)
+
+    @property
+    def covariance(self) -> np.ndarray:
+        """Covariance of the active estimates, as statsmodels computes it for `cov_type`:
+        the scaled inverse information, the sandwich (HC0), or the cluster sandwich with
+        statsmodels' small-sample factor G/(G-1) * (n-1)/(n-p)."""
+        kind = self.spec.cov_type
+        if kind == "nonrobust":
+            return self.cov * self.scale
+        sandwich = self.cov @ self.meat @ self.cov
+        if kind == "cluster":
+            g = self.n_clusters
+            sandwich = sandwich * (g / (g - 1.0)) * ((self.n - 1.0) / (self.n - self.rank))
+        return sandwich
 
 
 def fit_models(session: Session, specs: dict[str, StudySpec], stateful: dict[str, list[str]]) -> dict[str, ModelFit]:
@@ -105,7 +121,10 @@ def fit_models(session: Session, specs: dict[str, StudySpec], stateful: dict[str
             score = _sum(replies, f"score/{fit.key}")
             info = m.unpack_upper(_sum(replies, f"info/{fit.key}"), len(fit.names))
             stats = _sum(replies, f"stats/{fit.key}")
-            _newton_update(fit, score, info, stats)
+            meat = None
+            if fit.spec.cov_type != "nonrobust" and not fit.key.endswith(NULL_SUFFIX):
+                meat = m.unpack_upper(_sum(replies, f"meat/{fit.key}"), len(fit.names))
+            _newton_update(fit, score, info, stats, meat)
     _count_contributors(fits, session)
     return fits
 
@@ -199,6 +218,10 @@ def _absorb_prepare(fit: ModelFit, replies: list[m.Reply]) -> None:
         raise ModelError(f"model '{spec.name}': the formula has no terms.")
     nnz = np.sum([s["nnz"] for s in shapes], axis=0)
     fit.active = nnz > 0
+    if spec.cov_type == "cluster":
+        fit.n_clusters = sum(int(s["n_clusters"]) for s in shapes)
+        if fit.n_clusters < 2:
+            raise ModelError(f"model '{spec.name}': cluster-robust standard errors need at least two clusters.")
     for j in np.flatnonzero(~fit.active):
         fit.dropped.append({"term": names[j], "reason": "no rows in the cohort have this term (a level absent from the cohort)"})
     if spec.exposure and spec.exposure in names and not fit.active[names.index(spec.exposure)]:
@@ -274,7 +297,8 @@ def _null_fit(fit: ModelFit, replies: list[m.Reply]) -> ModelFit:
     return null
 
 
-def _newton_update(fit: ModelFit, score: np.ndarray, info: np.ndarray, stats: np.ndarray) -> None:
+def _newton_update(fit: ModelFit, score: np.ndarray, info: np.ndarray, stats: np.ndarray,
+                   meat: np.ndarray | None = None) -> None:
     dev = float(stats[0])
     if fit.prev_dev is not None and dev > fit.prev_dev + 1e-10 * (abs(fit.prev_dev) + 1.0):
         fit.halvings += 1
@@ -298,6 +322,8 @@ def _newton_update(fit: ModelFit, score: np.ndarray, info: np.ndarray, stats: np
         fit.beta[a] += step
         fit.converged = True
         fit.cov = cov
+        if meat is not None:
+            fit.meat = meat[np.ix_(a, a)]
         fit.deviance, fit.pearson, fit.loglike_sum = float(stats[0]), float(stats[1]), float(stats[2])
         return
     _check_divergence(fit, se)

@@ -23,8 +23,7 @@ Z975 = float(stats.norm.ppf(0.975))
 
 
 def term_rows(fit: ModelFit) -> list[dict]:
-    scale = fit.scale
-    se = np.sqrt(np.diag(fit.cov) * scale)
+    se = np.sqrt(np.diag(fit.covariance))
     est = fit.beta[fit.active]
     rows = []
     for name, b, s in zip(fit.active_names, est, se):
@@ -76,6 +75,9 @@ def build_results(fit: ModelFit, *, study_hash: str, engine: str, node_status: l
         "null_deviance": fit.null.deviance,
         "pearson_chi2": fit.pearson,
         "scale": fit.scale,
+        "cov_type": fit.spec.cov_type,
+        "n_clusters": fit.n_clusters if fit.spec.cov_type == "cluster" else None,
+        "weights": fit.spec.weights,
         "df_model": fit.rank - 1,
         "df_resid": fit.n - fit.rank,
         "llf": llf,

@@ -51,10 +51,16 @@ class DesignedModel:
     n_missing: int
     mask: np.ndarray | None = None  # dataset rows used (kept at the node)
     levels: list = field(default_factory=list)  # disclosure.LevelCount, kept at the node
+    weights: np.ndarray | None = None  # prior weights; None means 1 for every row
+    clusters: np.ndarray | None = None  # cluster code per row (cov_type = "cluster")
 
     @property
     def n(self) -> int:
         return len(self.y)
+
+    @property
+    def n_clusters(self) -> int:
+        return 0 if self.clusters is None or self.n == 0 else int(self.clusters.max()) + 1
 
     def max_leverage(self) -> float | None:
         """The largest leverage (diagonal of the hat matrix of X) of a row; None without rows.
@@ -83,15 +89,40 @@ def model_selection(frame: pd.DataFrame, spec: StudySpec, parsed: ParsedFormula)
     """(complete-case rows with merges applied, mask over the dataset's rows, n in cohort,
     n dropped as missing)."""
     mask = cohort_mask(frame, spec.where_tree())
-    needed = [parsed.outcome, *sorted(parsed.columns)]
-    if spec.offset:
-        needed.append(spec.offset)
+    needed = [parsed.outcome, *sorted(parsed.columns), *estimation_columns(spec, frame)]
     cohort = frame.loc[mask, list(dict.fromkeys(needed))]
     complete = cohort.notna().all(axis=1).to_numpy()
     used = mask.copy()
     used[np.flatnonzero(mask)[~complete]] = False
     rows = apply_merges(cohort.loc[complete], spec)
     return rows, used, int(mask.sum()), int((~complete).sum())
+
+
+def estimation_columns(spec: StudySpec, frame: pd.DataFrame) -> list[str]:
+    """Columns besides the formula's that a row needs to be a complete case: the offset's,
+    the weights and the cluster column."""
+    out = []
+    if spec.offset:
+        if spec.offset in frame.columns:
+            out.append(spec.offset)
+        else:
+            out.extend(sorted(_expression_columns(spec.offset, frame)))
+    out.extend(c for c in (spec.weights, spec.cluster) if c)
+    return out
+
+
+def _expression_columns(expr: str, frame: pd.DataFrame) -> set[str]:
+    return {n.id for n in ast.walk(ast.parse(expr, mode="eval")) if isinstance(n, ast.Name) and n.id in frame.columns}
+
+
+def study_frame(frame: pd.DataFrame, spec: StudySpec, augments) -> pd.DataFrame:
+    """The dataset's rows plus any columns this node computed for the study earlier."""
+    if not spec.augment:
+        return frame
+    state = augments.get(spec.augment["state"]) if augments is not None else None
+    if state is None:
+        raise DataError("this node has not computed the columns this step of the study needs (it may have restarted); start the study again.")
+    return frame.join(state[list(spec.augment["columns"])])
 
 
 def model_rows(frame: pd.DataFrame, spec: StudySpec, parsed: ParsedFormula) -> tuple[pd.DataFrame, int, int]:
@@ -138,6 +169,7 @@ def build_design(frame: pd.DataFrame, schema: Schema, spec: StudySpec,
     from formulaic import ModelSpec
 
     check_at_node(spec, schema)
+    schema = spec.schema_with_augment(schema)
     parsed = check_formula(spec.formula, schema, spec.family, spec.source)
     rows, used, n_cohort, n_missing = model_selection(frame, spec, parsed)
     rhs = legacy_ordered(spec.formula.split("~", 1)[1], schema)
@@ -155,10 +187,28 @@ def build_design(frame: pd.DataFrame, schema: Schema, spec: StudySpec,
     if not np.all(np.isfinite(X)):
         raise DataError("a transform in the formula gives values that are not finite (for example log of 0) for some rows.")
     y = rows[parsed.outcome].to_numpy(dtype=float)
-    offset = rows[spec.offset].to_numpy(dtype=float) if spec.offset else np.zeros(len(rows))
+    offset = _offset(rows, spec)
+    weights = None
+    if spec.weights:
+        weights = rows[spec.weights].to_numpy(dtype=float)
+        if np.any(weights < 0) or not np.all(np.isfinite(weights)):
+            raise DataError(f"the weights column '{spec.weights}' has negative or infinite values.")
+    clusters = pd.factorize(rows[spec.cluster], sort=True)[0] if spec.cluster else None
     names = list(mm.columns)
     levels = level_counts(rows, X, names, mm.model_spec, schema, spec, parsed)
-    return DesignedModel(names, X, y, offset, n_cohort, n_missing, used, levels)
+    return DesignedModel(names, X, y, offset, n_cohort, n_missing, used, levels, weights, clusters)
+
+
+def _offset(rows: pd.DataFrame, spec: StudySpec) -> np.ndarray:
+    if not spec.offset:
+        return np.zeros(len(rows))
+    if spec.offset in rows.columns:
+        values = rows[spec.offset].to_numpy(dtype=float)
+    else:
+        values = evaluate_expression(rows, spec.offset)
+    if not np.all(np.isfinite(values)):
+        raise DataError("the offset gives values that are not finite (for example log of 0) for some rows.")
+    return values
 
 
 def _factor_column(factor, schema: Schema) -> str | None:

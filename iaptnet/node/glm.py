@@ -29,7 +29,8 @@ from ..protocol.families import get_family
 from ..protocol.formula_check import check_formula
 from ..protocol.messages import pack_upper
 from ..protocol.study import StudySpec, check_at_node
-from .design import DesignedModel, build_design, evaluate_expression, model_selection, stateful_arguments
+from .design import (DesignedModel, build_design, evaluate_expression, model_selection,
+                     stateful_arguments, study_frame)
 from .disclosure import ModelFacts, Release
 
 LOCAL_MAX_ITER = 25
@@ -48,12 +49,12 @@ def studies_from_payload(payload: dict) -> dict[str, StudySpec]:
     return {key: StudySpec.from_wire(spec) for key, spec in models.items()}
 
 
-def moments(dataset, payload: dict, release: Release) -> None:
+def moments(dataset, payload: dict, release: Release, augments=None) -> None:
     """(n, mean, M2) of each centred/scaled expression over the model's complete cases."""
     for key, spec in studies_from_payload(payload).items():
         check_at_node(spec, dataset.schema)
-        parsed = check_formula(spec.formula, dataset.schema, spec.family, spec.source)
-        rows, used, _, _ = model_selection(dataset.frame, spec, parsed)
+        parsed = check_formula(spec.formula, spec.schema_with_augment(dataset.schema), spec.family, spec.source)
+        rows, used, _, _ = model_selection(study_frame(dataset.frame, spec, augments), spec, parsed)
         section = release.model(key, ModelFacts(spec.name, used), group="moments")
         for i, (expr, inner) in enumerate(stateful_arguments(parsed).items()):
             values = evaluate_expression(rows, inner) if len(rows) else np.zeros(0)
@@ -74,7 +75,7 @@ def model_facts(label: str, design: DesignedModel, family: str) -> ModelFacts:
                       events=events, levels=list(design.levels), max_leverage=design.max_leverage())
 
 
-def prepare(dataset, payload: dict, release: Release):
+def prepare(dataset, payload: dict, release: Release, augments=None):
     """Design every model of the task and declare what the reply releases.
 
     Returns (designs, facts, local estimates) keyed by model key, null models included."""
@@ -86,7 +87,8 @@ def prepare(dataset, payload: dict, release: Release):
     facts: dict[str, ModelFacts] = {}
     local: dict[str, np.ndarray] = {}
     for key, spec in specs.items():
-        design = build_design(dataset.frame, dataset.schema, spec, states.get(key))
+        design = build_design(study_frame(dataset.frame, spec, augments), dataset.schema, spec,
+                              states.get(key))
         family = get_family(spec.family)
         problem = family.check_outcome(design.y) if design.n else None
         if problem:
@@ -100,6 +102,8 @@ def prepare(dataset, payload: dict, release: Release):
         section.value("n_used", design.n)
         section.value("events", float(design.y.sum()) if spec.family != "gaussian" else None)
         section.value("nnz", np.count_nonzero(design.X, axis=0).tolist())
+        if spec.cov_type == "cluster":
+            section.value("n_clusters", design.n_clusters)
         if spec.family == "binomial":
             # Per 0/1 column: is it an indicator, and how many of its rows have the outcome.
             # Lets the coordinator name a perfectly predicting level before iterating.
@@ -127,6 +131,7 @@ def round_contributions(prepared, betas: dict[str, np.ndarray], release: Release
         if beta.shape != (design.X.shape[1],):
             raise DataError(f"model '{key}': expected {design.X.shape[1]} coefficients, received {beta.size}.")
         family = get_family(prepared.families[key])
+        cov_type = prepared.cov_types.get(key, "nonrobust")
         beta = np.asarray(beta, dtype=float)
         finite = bool(np.all(np.isfinite(beta)))
         weights, history = {}, {}
@@ -141,6 +146,8 @@ def round_contributions(prepared, betas: dict[str, np.ndarray], release: Release
             section.array(f"score/{key}", score)
             section.array(f"info/{key}", pack_upper(info))
             section.array(f"stats/{key}", stats)
+            if cov_type != "nonrobust":
+                section.array(f"meat/{key}", pack_upper(meat(design, family, beta, cov_type)))
         release.after(lambda key=key, beta=beta: prepared.history.setdefault(key, []).append(beta.copy()))
 
 
@@ -180,16 +187,38 @@ def evaluate(design: DesignedModel, family, beta: np.ndarray):
 
 
 def _evaluate(design: DesignedModel, family, beta: np.ndarray):
-    X = design.X
+    X, pw = design.X, design.weights
     eta = X @ beta + design.offset
     mu, w, r = family.working(design.y, eta)
+    if pw is not None:
+        w, r = w * pw, r * pw
     score = X.T @ r
     info = X.T @ (X * w[:, None])
-    dev = family.deviance(design.y, mu, eta)
-    pearson = family.pearson(design.y, mu) if design.n else 0.0
-    llsum = family.loglike_sum(design.y, mu, eta) if design.n else 0.0
+    dev = family.deviance(design.y, mu, eta, pw)
+    pearson = family.pearson(design.y, mu, pw) if design.n else 0.0
+    llsum = family.loglike_sum(design.y, mu, eta, pw) if design.n else 0.0
     boundary = float(np.count_nonzero(np.abs(eta) > 30.0)) if family.name == "binomial" else 0.0
     return score, info, np.array([dev, pearson, llsum, boundary])
+
+
+def meat(design: DesignedModel, family, beta: np.ndarray, cov_type: str) -> np.ndarray:
+    """The middle of the sandwich: sum of outer products of score contributions, per row
+    (HC0) or per cluster (each cluster lies within this node, so the pooled sum is exact)."""
+    X = design.X
+    p = X.shape[1]
+    if design.n == 0:
+        return np.zeros((p, p))
+    with np.errstate(over="ignore", invalid="ignore"):
+        _, _, r = family.working(design.y, X @ beta + design.offset)
+    if design.weights is not None:
+        r = r * design.weights
+    if cov_type == "HC0":
+        return X.T @ (X * (r * r)[:, None])
+    order = np.argsort(design.clusters, kind="stable")
+    codes = design.clusters[order]
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    per_cluster = np.add.reduceat(X[order] * r[order, None], starts, axis=0)
+    return per_cluster.T @ per_cluster
 
 
 def local_fit(design: DesignedModel, family) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -202,6 +231,7 @@ def local_fit(design: DesignedModel, family) -> tuple[np.ndarray, np.ndarray, np
     good start.
     """
     X, y, off = design.X, design.y, design.offset
+    pw = design.weights if design.weights is not None else 1.0
     p = X.shape[1]
     if design.n == 0:
         return np.zeros((p, p)), np.zeros(p), np.zeros(p)
@@ -210,17 +240,14 @@ def local_fit(design: DesignedModel, family) -> tuple[np.ndarray, np.ndarray, np
     beta = np.zeros(p)
     for it in range(LOCAL_MAX_ITER):
         if it == 0:
-            w = family.variance(mu)
-            z = eta - off + (y - mu) / w
+            w = family.variance(mu) * pw
+            z = eta - off + (y - mu) / family.variance(mu)
             info = X.T @ (X * w[:, None])
-            rhs = X.T @ (w * z)
-            new = np.linalg.lstsq(info, rhs, rcond=None)[0]
+            new = np.linalg.lstsq(info, X.T @ (w * z), rcond=None)[0]
         else:
-            eta = X @ beta + off
-            mu, w, r = family.working(y, eta)
-            info = X.T @ (X * w[:, None])
-            step = np.linalg.lstsq(info, X.T @ r, rcond=None)[0]
-            new = beta + step
+            mu, w, r = family.working(y, X @ beta + off)
+            info = X.T @ (X * (w * pw)[:, None])
+            new = beta + np.linalg.lstsq(info, X.T @ (r * pw), rcond=None)[0]
         if not np.all(np.isfinite(new)):
             break
         # A warm start needs no more precision than this: the pooled Newton rounds polish it.
@@ -228,9 +255,8 @@ def local_fit(design: DesignedModel, family) -> tuple[np.ndarray, np.ndarray, np
         beta = new
         if converged or np.max(np.abs(beta)) > 50:
             break
-    eta = X @ beta + off
-    _, w, _ = family.working(y, eta)
-    info = X.T @ (X * w[:, None])
+    _, w, _ = family.working(y, X @ beta + off)
+    info = X.T @ (X * (w * pw)[:, None])
     return info, info @ beta, beta
 
 
@@ -253,4 +279,4 @@ def family_link(family: str, mu: np.ndarray) -> np.ndarray:
 
 def _null_design(design: DesignedModel) -> DesignedModel:
     return DesignedModel(["Intercept"], np.ones((design.n, 1)), design.y, design.offset,
-                         design.n_cohort, design.n_missing, design.mask, [])
+                         design.n_cohort, design.n_missing, design.mask, [], weights=design.weights)

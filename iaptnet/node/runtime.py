@@ -46,6 +46,7 @@ class NodeConfig:
 class PreparedStudy:
     designs: dict
     families: dict
+    cov_types: dict = field(default_factory=dict)  # model key -> "nonrobust" | "HC0" | "cluster"
     rounds: int = 0
     facts: dict = field(default_factory=dict)  # model key -> disclosure.ModelFacts
     history: dict = field(default_factory=dict)  # model key -> {weight name: [vectors answered]}
@@ -59,6 +60,9 @@ class NodeRuntime:
         self._dataset = None
         self._lock = threading.Lock()
         self.prepared: OrderedDict[str, PreparedStudy] = OrderedDict()
+        # Columns computed for a study by an earlier step of it (e.g. matched pairs), keyed by
+        # state key, aligned with the dataset's rows; never sent anywhere.
+        self.augments: OrderedDict[str, object] = OrderedDict()
         self._policy = policy
         self._policy_stamp = None  # (mtime_ns, size) of the policy file last read
         self._fixed_policy = policy is not None
@@ -132,6 +136,13 @@ class NodeRuntime:
         self.prepared.move_to_end(study_hash)
         while len(self.prepared) > MAX_PREPARED:
             self.prepared.popitem(last=False)
+
+    def remember_columns(self, key: str, frame) -> None:
+        """Keep columns computed for a study (a DataFrame aligned with the dataset's rows)."""
+        self.augments[key] = frame
+        self.augments.move_to_end(key)
+        while len(self.augments) > MAX_PREPARED:
+            self.augments.popitem(last=False)
 
     def recall(self, study_hash: str) -> PreparedStudy:
         try:

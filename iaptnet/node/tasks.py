@@ -19,7 +19,7 @@ MAX_BETAS = 128
 @handler(m.GLM_MOMENTS, studies="payload")
 def glm_moments(runtime: NodeRuntime, task: m.Task) -> Release:
     release = Release()
-    glm.moments(runtime.dataset, task.payload, release)
+    glm.moments(runtime.dataset, task.payload, release, runtime.augments)
     return release
 
 
@@ -27,12 +27,13 @@ def glm_moments(runtime: NodeRuntime, task: m.Task) -> Release:
 def glm_prepare(runtime: NodeRuntime, task: m.Task) -> Release:
     dataset = runtime.dataset
     release = Release()
-    designs, facts, local = glm.prepare(dataset, task.payload, release)
-    families = {}
+    designs, facts, local = glm.prepare(dataset, task.payload, release, runtime.augments)
+    families, cov_types = {}, {}
     for key, spec in glm.studies_from_payload(task.payload).items():
         families[key] = families[key + glm.NULL_SUFFIX] = spec.family
+        cov_types[key] = spec.cov_type
     release.public("data_version", dataset.data_version)
-    prepared = PreparedStudy(designs=designs, families=families, facts=facts,
+    prepared = PreparedStudy(designs=designs, families=families, cov_types=cov_types, facts=facts,
                              history={key: [beta] for key, beta in local.items()})
     release.after(lambda: runtime.remember(task.study_hash, prepared))
     return release

@@ -28,18 +28,22 @@ class Family:
         Fisher information = X' diag(w) X. Canonical links: r = y - mu, w = Var(mu)."""
         raise NotImplementedError
 
-    def deviance(self, y: np.ndarray, mu: np.ndarray, eta: np.ndarray | None = None) -> float:
+    def deviance(self, y: np.ndarray, mu: np.ndarray, eta: np.ndarray | None = None,
+                 weights: np.ndarray | None = None) -> float:
+        """Sum of (prior-weighted) unit deviances."""
         raise NotImplementedError
 
-    def pearson(self, y: np.ndarray, mu: np.ndarray) -> float:
-        return float(np.sum((y - mu) ** 2 / self.variance(mu)))
+    def pearson(self, y: np.ndarray, mu: np.ndarray, weights: np.ndarray | None = None) -> float:
+        return float(np.sum(_w(weights) * (y - mu) ** 2 / self.variance(mu)))
 
     def variance(self, mu: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def loglike_sum(self, y: np.ndarray, mu: np.ndarray, eta: np.ndarray | None = None) -> float:
-        """Sum of the log-likelihood terms that depend on data only through each row.
-        Gaussian returns the residual sum of squares instead (its llf needs n and RSS)."""
+    def loglike_sum(self, y: np.ndarray, mu: np.ndarray, eta: np.ndarray | None = None,
+                    weights: np.ndarray | None = None) -> float:
+        """Sum over rows of the log-likelihood terms (prior weights as statsmodels'
+        var_weights). Gaussian returns 0.5 * sum(log w) instead: its llf needs only n, the
+        residual sum of squares (the deviance) and that."""
         raise NotImplementedError
 
     def llf(self, loglike_sum: float, n: int, deviance: float) -> float:
@@ -66,15 +70,16 @@ class Binomial(Family):
     def variance(self, mu):
         return mu * (1.0 - mu)
 
-    def deviance(self, y, mu, eta=None):
+    def deviance(self, y, mu, eta=None, weights=None):
         # y is 0/1, so the saturated log-likelihood is 0; from eta when known, which stays
         # finite where mu rounds to exactly 0 or 1.
         if eta is None:
             eta = np.log(mu) - np.log1p(-mu)
-        return float(2.0 * np.sum(np.where(y > 0, np.logaddexp(0.0, -eta), np.logaddexp(0.0, eta))))
+        unit = np.where(y > 0, np.logaddexp(0.0, -eta), np.logaddexp(0.0, eta))
+        return float(2.0 * np.sum(_w(weights) * unit))
 
-    def loglike_sum(self, y, mu, eta=None):
-        return -0.5 * self.deviance(y, mu, eta)
+    def loglike_sum(self, y, mu, eta=None, weights=None):
+        return -0.5 * self.deviance(y, mu, eta, weights)
 
     def check_outcome(self, y):
         if np.any((y != 0) & (y != 1)):
@@ -97,12 +102,14 @@ class Poisson(Family):
     def variance(self, mu):
         return mu
 
-    def deviance(self, y, mu, eta=None):
+    def deviance(self, y, mu, eta=None, weights=None):
         ylogy = np.where(y > 0, y * np.log(np.where(y > 0, y, 1.0) / mu), 0.0)
-        return float(2.0 * np.sum(ylogy - (y - mu)))
+        return float(2.0 * np.sum(_w(weights) * (ylogy - (y - mu))))
 
-    def loglike_sum(self, y, mu, eta=None):
-        return float(np.sum(y * np.log(mu) - mu) - _sum_log_factorial(y))
+    def loglike_sum(self, y, mu, eta=None, weights=None):
+        if weights is None:
+            return float(np.sum(y * np.log(mu) - mu) - _sum_log_factorial(y))
+        return float(np.sum(weights * (y * np.log(mu) - mu)) - _sum_log_factorial(y, weights))
 
     def check_outcome(self, y):
         if np.any(y < 0):
@@ -124,16 +131,17 @@ class Gaussian(Family):
     def variance(self, mu):
         return np.ones_like(mu)
 
-    def deviance(self, y, mu, eta=None):
-        return float(np.sum((y - mu) ** 2))
+    def deviance(self, y, mu, eta=None, weights=None):
+        return float(np.sum(_w(weights) * (y - mu) ** 2))
 
-    def loglike_sum(self, y, mu, eta=None):
-        return self.deviance(y, mu)
+    def loglike_sum(self, y, mu, eta=None, weights=None):
+        return 0.0 if weights is None else float(0.5 * np.sum(np.log(weights)))
 
     def llf(self, loglike_sum, n, deviance):
-        # statsmodels: the Gaussian/identity llf uses the ML scale RSS / n.
+        # statsmodels: the Gaussian/identity llf is the concentrated one, at the ML scale
+        # (weighted RSS) / n; prior weights add 0.5 * sum(log w).
         scale = deviance / n
-        return -0.5 * n * (math.log(2 * math.pi * scale) + 1.0)
+        return -0.5 * n * (math.log(2 * math.pi * scale) + 1.0) + loglike_sum
 
 
 _FAMILIES = {"binomial": Binomial(), "gaussian": Gaussian(), "poisson": Poisson()}
@@ -152,7 +160,12 @@ def _expit(eta: np.ndarray) -> np.ndarray:
     return out
 
 
-def _sum_log_factorial(y: np.ndarray) -> float:
-    """sum(lgamma(y + 1)) over few distinct counts, without scipy."""
-    values, counts = np.unique(y, return_counts=True)
-    return float(sum(c * math.lgamma(v + 1.0) for v, c in zip(values.tolist(), counts.tolist())))
+def _sum_log_factorial(y: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """sum(w * lgamma(y + 1)) over few distinct counts, without scipy."""
+    values, inverse = np.unique(y, return_inverse=True)
+    table = np.array([math.lgamma(v + 1.0) for v in values.tolist()])
+    return float(np.sum(_w(weights) * table[inverse]))
+
+
+def _w(weights: np.ndarray | None):
+    return 1.0 if weights is None else weights

@@ -150,6 +150,23 @@ def check_formula(text: str, schema: Schema, family: str, source: str = "study")
     )
 
 
+def check_expression(expr: str, schema: Schema, source: str, field: str) -> frozenset[str]:
+    """Check a standalone expression (an offset such as `log(n_dna + n_treat)`) against the
+    same allowed transforms as a formula factor; return the columns it reads."""
+    if not isinstance(expr, str) or not expr.strip() or len(expr) > 500:
+        raise SpecError(f"{source}: field '{field}' must be a column or a short expression of columns.")
+    if expr in schema:
+        _check_column(expr, schema, source)
+        return frozenset({expr})
+    try:
+        names = _check_python_factor(expr, schema, source)
+    except SpecError as exc:
+        raise SpecError(str(exc).replace("field 'formula'", f"field '{field}'")) from None
+    if "C(" in expr.replace(" ", "") or any(f"{c}(" in expr.replace(" ", "") for c in STATEFUL_CALLS):
+        raise SpecError(f"{source}: field '{field}' may not use C(), center() or scale().")
+    return frozenset(names)
+
+
 def _check_column(name: str, schema: Schema, source: str) -> None:
     if name not in schema:
         raise _fail(source, f"names column '{name}', which the dataset '{schema.name}' does not have.")

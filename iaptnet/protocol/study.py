@@ -25,13 +25,17 @@ from pathlib import Path
 from . import cohort_filter
 from .errors import SpecError
 from .families import FAMILIES
-from .formula_check import ParsedFormula, check_formula
-from .schema import Schema
+from .formula_check import ParsedFormula, check_expression, check_formula
+from .schema import Column, Schema
 
 STUDY_KEYS = {
     "name", "kind", "title", "description", "family", "formula", "where", "offset", "exposure",
-    "schema", "min_nodes", "reference", "merge",
+    "schema", "min_nodes", "reference", "merge", "weights", "cov_type", "cluster",
 }
+#: Covariance of the estimates, as statsmodels names them: model-based, robust (sandwich,
+#: HC0) and cluster-robust (with statsmodels' small-sample correction; clusters must not span
+#: nodes, e.g. services or matched pairs).
+COV_TYPES = ("nonrobust", "HC0", "cluster")
 KINDS = ("glm",)
 
 
@@ -49,6 +53,12 @@ class StudySpec:
     min_nodes: int | None = None  # None: every node of the cohort must contribute
     reference: dict = field(default_factory=dict)
     merge: dict = field(default_factory=dict)  # column -> {new level: [schema levels]}
+    weights: str | None = None  # a column of prior weights (statsmodels' var_weights)
+    cov_type: str = "nonrobust"
+    cluster: str | None = None  # the cluster column for cov_type = "cluster"
+    # Columns a node computed for this study from an earlier step of it (e.g. matched pairs
+    # of a propensity-score study): {"state": key at the node, "columns": {name: type}}.
+    augment: dict | None = None
     dataset: str = "iapt"  # schema name
     schema_fingerprint: str = ""
     source: str = "study"
@@ -70,7 +80,21 @@ class StudySpec:
         if self.merge:  # only when present, so hashes of studies without merges are unchanged
             out["merge"] = {col: {new: list(levels) for new, levels in groups.items()}
                             for col, groups in self.merge.items()}
+        # Likewise the estimation options, only when they differ from the defaults.
+        if self.weights:
+            out["weights"] = self.weights
+        if self.cov_type != "nonrobust":
+            out["cov_type"] = self.cov_type
+        if self.cluster:
+            out["cluster"] = self.cluster
+        if self.augment:
+            out["augment"] = {"state": str(self.augment["state"]),
+                              "columns": dict(sorted(self.augment["columns"].items()))}
         return out
+
+    def schema_with_augment(self, schema: Schema) -> Schema:
+        """The dataset schema plus the columns a node computed for this study."""
+        return augmented_schema(schema, self.augment)
 
     @property
     def hash(self) -> str:
@@ -94,6 +118,8 @@ class StudySpec:
                 where=data.get("where"), offset=data.get("offset"), exposure=data.get("exposure"),
                 kind=str(data.get("kind", "glm")), min_nodes=data.get("min_nodes"),
                 merge=data.get("merge") or {},
+                weights=data.get("weights"), cov_type=str(data.get("cov_type", "nonrobust")),
+                cluster=data.get("cluster"), augment=data.get("augment"),
                 dataset=str(data.get("dataset", "iapt")), schema_fingerprint=str(data.get("schema", "")),
                 source=source,
             )
@@ -140,12 +166,10 @@ def parse_study(data: dict, schema: Schema, source: str) -> tuple[StudySpec, Par
         where = cohort_filter.render(tree)
     offset = data.get("offset")
     if offset is not None:
-        if not isinstance(offset, str) or offset not in schema:
-            raise SpecError(f"{source}: field 'offset' must name a column of the dataset '{schema.name}'.")
-        if schema[offset].type not in ("numeric", "integer"):
-            raise SpecError(f"{source}: field 'offset' names the {schema[offset].type} column '{offset}'; an offset must be numeric (already on the link scale, e.g. log person-years).")
+        check_offset(offset, schema, source)
         if family == "binomial":
             raise SpecError(f"{source}: field 'offset' is not supported for a binomial model.")
+    weights, cov_type, cluster = check_estimation(data, schema, source)
     min_nodes = data.get("min_nodes")
     if min_nodes is not None and (isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or min_nodes < 1):
         raise SpecError(f"{source}: field 'min_nodes' must be a whole number of at least 1.")
@@ -169,6 +193,9 @@ def parse_study(data: dict, schema: Schema, source: str) -> tuple[StudySpec, Par
         min_nodes=min_nodes,
         reference=reference,
         merge=merge,
+        weights=weights,
+        cov_type=cov_type,
+        cluster=cluster,
         dataset=schema.name,
         schema_fingerprint=schema.fingerprint,
         source=source,
@@ -243,8 +270,59 @@ def merged_levels(levels: tuple[str, ...] | list[str], groups: dict) -> tuple[li
     return order, mapping
 
 
+def check_offset(offset, schema: Schema, source: str) -> frozenset[str]:
+    """An offset is a numeric column or an allowed expression of columns (e.g. log(days)),
+    on the link scale; returns the columns it reads."""
+    if isinstance(offset, str) and offset in schema and schema[offset].type not in ("numeric", "integer"):
+        raise SpecError(f"{source}: field 'offset' names the {schema[offset].type} column '{offset}'; an offset must be numeric (on the link scale, e.g. log(person_years)).")
+    columns = check_expression(offset, schema, source, "offset")
+    for name in columns:
+        if schema[name].type not in ("numeric", "integer", "binary"):
+            raise SpecError(f"{source}: field 'offset' uses the {schema[name].type} column '{name}'; an offset must be numeric.")
+    return columns
+
+
+def check_estimation(data: dict, schema: Schema, source: str) -> tuple[str | None, str, str | None]:
+    """Validate `weights`, `cov_type` and `cluster`."""
+    weights = data.get("weights")
+    if weights is not None:
+        if not isinstance(weights, str) or weights not in schema or schema[weights].type not in ("numeric", "integer"):
+            raise SpecError(f"{source}: field 'weights' must name a numeric column of the dataset '{schema.name}' (non-negative prior weights).")
+        if schema[weights].min is not None and schema[weights].min < 0:
+            raise SpecError(f"{source}: field 'weights' names '{weights}', which may be negative; weights must be zero or more.")
+    cov_type = data.get("cov_type", "nonrobust")
+    if cov_type not in COV_TYPES:
+        raise SpecError(f"{source}: field 'cov_type' must be one of {', '.join(COV_TYPES)}, got {cov_type!r}.")
+    cluster = data.get("cluster")
+    if cov_type == "cluster":
+        if not isinstance(cluster, str) or cluster not in schema or schema[cluster].type not in ("categorical", "integer", "binary"):
+            raise SpecError(f"{source}: field 'cluster' must name a categorical or integer column (clusters must not span nodes) when cov_type = \"cluster\".")
+    elif cluster is not None:
+        raise SpecError(f"{source}: field 'cluster' applies only with cov_type = \"cluster\".")
+    return weights, cov_type, cluster
+
+
+AUGMENT_TYPES = ("numeric", "integer", "binary")
+
+
+def augmented_schema(schema: Schema, augment: dict | None) -> Schema:
+    """`schema` plus columns a node computed for a study (checked: names, types)."""
+    if not augment:
+        return schema
+    if not isinstance(augment, dict) or not isinstance(augment.get("state"), str) or not isinstance(augment.get("columns"), dict):
+        raise SpecError("the study's computed columns are not described properly.")
+    extra = {}
+    for name, kind in augment["columns"].items():
+        if not isinstance(name, str) or not name.isidentifier() or name in schema or kind not in AUGMENT_TYPES:
+            raise SpecError("the study's computed columns clash with the dataset or have an unknown type.")
+        extra[name] = Column(name=name, type=kind)
+    return schema.merged(Schema(schema.name, extra))
+
+
 def check_at_node(spec: StudySpec, schema: Schema) -> None:
-    """A node re-checks what arrives from the coordinator: filter, offset and merges."""
+    """A node re-checks what arrives from the coordinator: filter, offset, merges and the
+    estimation options."""
+    schema = spec.schema_with_augment(schema)
     if spec.where:
         try:
             tree = cohort_filter.parse(spec.where)
@@ -252,8 +330,9 @@ def check_at_node(spec: StudySpec, schema: Schema) -> None:
             raise SpecError(f"{spec.source}: field 'where': {exc}") from None
         cohort_filter.check_against_schema(tree, schema, spec.source)
     if spec.offset is not None:
-        if not isinstance(spec.offset, str) or spec.offset not in schema or schema[spec.offset].type not in ("numeric", "integer"):
-            raise SpecError(f"{spec.source}: field 'offset' must name a numeric column of the dataset '{schema.name}'.")
+        check_offset(spec.offset, schema, spec.source)
+    check_estimation({"weights": spec.weights, "cov_type": spec.cov_type, "cluster": spec.cluster},
+                     schema, spec.source)
     if spec.merge:
         if check_merges(spec.merge, schema, spec.source) != spec.merge:
             raise SpecError(f"{spec.source}: field 'merge' is not in canonical form.")
