@@ -1,7 +1,8 @@
-"""Run a batch of GLM studies on a Grid and turn the fits into results.
+"""Run a batch of studies on a Grid and turn them into results.
 
-The same function runs inside the in-process engine and inside the Flower ServerApp, so
-both engines give the same numbers for the same study.
+GLM studies share their rounds; studies of every other kind run through their kind's module
+(coordinator/kinds.py). The same function runs inside the in-process engine and inside the
+Flower ServerApp, so both engines give the same numbers for the same study.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from flwr.serverapp.grid import Grid
 
 from ..protocol.errors import SpecError
 from .glm import fit_models
+from .kinds import module_for
 from .results import build_results
 from .session import ProgressFn, Session
 from .studies import LoadedStudy, batch_hash
@@ -17,9 +19,29 @@ from .studies import LoadedStudy, batch_hash
 
 def run_batch(grid: Grid, studies: list[LoadedStudy], *, engine: str, progress: ProgressFn | None = None,
               timeout: float | None = 300.0, poll_interval: float = 0.0) -> list[dict]:
+    """Results of every study, in the order given."""
     names = [s.spec.name for s in studies]
     if len(set(names)) != len(names):
         raise SpecError("two studies in one run share a name; give each study its own 'name'.")
+    options = {"engine": engine, "progress": progress, "timeout": timeout, "poll_interval": poll_interval}
+    by_kind: dict[str, list[int]] = {}
+    for i, study in enumerate(studies):
+        by_kind.setdefault(study.spec.kind, []).append(i)
+    results: list[dict | None] = [None] * len(studies)
+    for kind, indices in by_kind.items():
+        chosen = [studies[i] for i in indices]
+        if kind == "glm":
+            out = run_glm_batch(grid, chosen, **options)
+        else:
+            out = module_for(kind).run(grid, chosen, **options)
+        for i, result in zip(indices, out):
+            results[i] = result
+    return results
+
+
+def run_glm_batch(grid: Grid, studies: list[LoadedStudy], *, engine: str, progress: ProgressFn | None = None,
+                  timeout: float | None = 300.0, poll_interval: float = 0.0) -> list[dict]:
+    """GLM studies fitted together: every model travels in the same rounds."""
     specs = {f"m{i}": s.spec for i, s in enumerate(studies)}
     stateful = {f"m{i}": list(s.parsed.stateful) for i, s in enumerate(studies)}
     min_nodes = [s.spec.min_nodes for s in studies if s.spec.min_nodes is not None]
@@ -29,15 +51,22 @@ def run_batch(grid: Grid, studies: list[LoadedStudy], *, engine: str, progress: 
     fits = fit_models(session, specs, stateful)
     out = []
     for key, fit in fits.items():
-        status = []
-        for node in sorted(session.nodes.values(), key=lambda n: n.name or str(n.node_id)):
-            entry = {"name": node.name or f"node {node.node_id}", "contributed": node.contributed,
-                     "data_version": node.data_version}
-            if node.contributed:
-                entry.update(fit.node_counts.get(node.name, {}))
-            else:
-                entry["reason"] = node.dropped_reason
-            status.append(entry)
+        status = node_status(session, fit.node_counts)
         out.append(build_results(fit, study_hash=fit.spec.hash, engine=engine, node_status=status,
                                  rounds=session.round))
     return out
+
+
+def node_status(session: Session, counts: dict[str, dict] | None = None) -> list[dict]:
+    """The results' `nodes` entries: every node of the cohort, whether it contributed (with
+    its data version and its counts, under the small-number rules) or why not."""
+    status = []
+    for node in sorted(session.nodes.values(), key=lambda n: n.name or str(n.node_id)):
+        entry = {"name": node.name or f"node {node.node_id}", "contributed": node.contributed,
+                 "data_version": node.data_version}
+        if node.contributed:
+            entry.update((counts or {}).get(node.name, {}))
+        else:
+            entry["reason"] = node.dropped_reason
+        status.append(entry)
+    return status

@@ -306,4 +306,4 @@ def _safe(text, limit: int = 60) -> str:
 
 
 # Register the built-in task kinds.
-from . import tasks  # noqa: E402,F401
+from . import task_kinds  # noqa: E402,F401

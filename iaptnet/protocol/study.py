@@ -36,14 +36,14 @@ STUDY_KEYS = {
 #: HC0) and cluster-robust (with statsmodels' small-sample correction; clusters must not span
 #: nodes, e.g. services or matched pairs).
 COV_TYPES = ("nonrobust", "HC0", "cluster")
-KINDS = ("glm",)
+KINDS = ("glm", "table", "psm", "iptw", "access", "meta", "its")
 
 
 @dataclass(frozen=True)
 class StudySpec:
     name: str
-    family: str
-    formula: str
+    family: str = ""  # GLM kinds; "" for kinds without a single model
+    formula: str = ""
     where: str | None = None  # canonical rendering of the parsed filter
     offset: str | None = None
     exposure: str | None = None
@@ -59,6 +59,8 @@ class StudySpec:
     # Columns a node computed for this study from an earlier step of it (e.g. matched pairs
     # of a propensity-score study): {"state": key at the node, "columns": {name: type}}.
     augment: dict | None = None
+    # Kind-specific settings of the non-GLM kinds (protocol/kinds/<kind>.py), canonical JSON.
+    params: dict = field(default_factory=dict)
     dataset: str = "iapt"  # schema name
     schema_fingerprint: str = ""
     source: str = "study"
@@ -90,6 +92,8 @@ class StudySpec:
         if self.augment:
             out["augment"] = {"state": str(self.augment["state"]),
                               "columns": dict(sorted(self.augment["columns"].items()))}
+        if self.params:
+            out["params"] = self.params
         return out
 
     def schema_with_augment(self, schema: Schema) -> Schema:
@@ -114,12 +118,13 @@ class StudySpec:
             raise SpecError(f"{source}: field 'merge' must map columns to tables of level lists.")
         try:
             return cls(
-                name=str(data["name"]), family=str(data["family"]), formula=str(data["formula"]),
+                name=str(data["name"]), family=str(data.get("family", "")), formula=str(data.get("formula", "")),
                 where=data.get("where"), offset=data.get("offset"), exposure=data.get("exposure"),
                 kind=str(data.get("kind", "glm")), min_nodes=data.get("min_nodes"),
                 merge=data.get("merge") or {},
                 weights=data.get("weights"), cov_type=str(data.get("cov_type", "nonrobust")),
                 cluster=data.get("cluster"), augment=data.get("augment"),
+                params=data.get("params") or {},
                 dataset=str(data.get("dataset", "iapt")), schema_fingerprint=str(data.get("schema", "")),
                 source=source,
             )
@@ -137,8 +142,24 @@ def read_study_file(path: str | Path) -> dict:
         raise SpecError(f"{path}: not a valid TOML file ({exc}).") from None
 
 
-def parse_study(data: dict, schema: Schema, source: str) -> tuple[StudySpec, ParsedFormula]:
-    """Validate a study dict against a schema; raise SpecError naming the field."""
+def parse_study(data: dict, schema: Schema, source: str):
+    """Validate a study dict against a schema; raise SpecError naming the field.
+
+    Returns (spec, parsed): for `kind = "glm"` (the default) `parsed` is the formula's
+    ParsedFormula; other kinds are parsed by their module in protocol/kinds/ and return what
+    their coordinator half needs."""
+    kind = data.get("kind", "glm")
+    if kind not in KINDS:
+        raise SpecError(f"{source}: field 'kind' must be one of {', '.join(KINDS)}, got {kind!r}.")
+    if kind != "glm":
+        from .kinds import parse_kind
+
+        return parse_kind(kind, data, schema, source)
+    return parse_glm_study(data, schema, source)
+
+
+def parse_glm_study(data: dict, schema: Schema, source: str) -> tuple[StudySpec, ParsedFormula]:
+    """The GLM study: family, formula and the estimation options."""
     unknown = set(data) - STUDY_KEYS
     if unknown:
         raise SpecError(f"{source}: unknown field '{sorted(unknown)[0]}' (expected {', '.join(sorted(STUDY_KEYS))}).")
@@ -201,6 +222,56 @@ def parse_study(data: dict, schema: Schema, source: str) -> tuple[StudySpec, Par
         source=source,
     )
     return spec, parsed
+
+
+#: Fields every kind of study may have (besides its own).
+COMMON_KEYS = {"name", "kind", "title", "description", "where", "schema", "min_nodes", "reference",
+               "merge", "exposure"}
+
+
+def common_fields(data: dict, schema: Schema, source: str, allowed: set[str]) -> dict:
+    """Validate the fields every kind shares; return them as StudySpec keyword arguments.
+
+    `allowed` is the kind's full set of fields (common ones included): anything else is an
+    unknown field. A kind module then adds its own `params` (and family/formula if any)."""
+    unknown = set(data) - allowed
+    if unknown:
+        raise SpecError(f"{source}: unknown field '{sorted(unknown)[0]}' (expected {', '.join(sorted(allowed))}).")
+    if not isinstance(data.get("name"), str) or not data["name"].strip():
+        raise SpecError(f"{source}: field 'name' is required and must be a non-empty string.")
+    where = None
+    if data.get("where") is not None:
+        if not isinstance(data["where"], str):
+            raise SpecError(f"{source}: field 'where' must be a string.")
+        try:
+            tree = cohort_filter.parse(data["where"])
+        except SpecError as exc:
+            raise SpecError(f"{source}: field 'where': {exc}") from None
+        cohort_filter.check_against_schema(tree, schema, source)
+        where = cohort_filter.render(tree)
+    min_nodes = data.get("min_nodes")
+    if min_nodes is not None and (isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or min_nodes < 1):
+        raise SpecError(f"{source}: field 'min_nodes' must be a whole number of at least 1.")
+    reference = data.get("reference", {})
+    if not isinstance(reference, dict):
+        raise SpecError(f"{source}: field 'reference' must be a table.")
+    exposure = data.get("exposure")
+    if exposure is not None and not isinstance(exposure, str):
+        raise SpecError(f"{source}: field 'exposure' must be a string.")
+    return {
+        "name": data["name"].strip(),
+        "kind": data.get("kind", "glm"),
+        "where": where,
+        "exposure": exposure,
+        "title": str(data.get("title", "")),
+        "description": str(data.get("description", "")),
+        "min_nodes": min_nodes,
+        "reference": reference,
+        "merge": check_merges(data.get("merge"), schema, source),
+        "dataset": schema.name,
+        "schema_fingerprint": schema.fingerprint,
+        "source": source,
+    }
 
 
 MAX_MERGED_COLUMNS = 50

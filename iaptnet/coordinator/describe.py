@@ -1,0 +1,1 @@
+"""Coordinator half of a study kind (see coordinator/kinds.py); not yet implemented."""

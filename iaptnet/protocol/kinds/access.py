@@ -1,0 +1,1 @@
+"""Study kind module (see protocol/kinds/__init__.py); not yet implemented."""
