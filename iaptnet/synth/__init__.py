@@ -3,11 +3,20 @@
     generate_network(out_dir, services=8, patients=483683, seed=20210901) -> network.toml path
     generate_extract(patients, services, seed) -> pooled extract DataFrame (as read from files)
     generate(patients, services, seed) -> Synthetic(extract, truth) Arrow tables
+    population_table(patients, services) -> the population denominators (population.csv)
+    REMINDER_DATES / REMINDER_DATES_BY_SERVICE_ID -> when each service started SMS reminders
 
 Modules, one job each: `params` (the DOMAIN.md §E targets), `population` (who is referred),
-`pathway` (funnel, treatment, dates, end codes), `nice` (the §C table used to plant
-mismatches), `outcomes` (the planted outcome model and last scores), `missing` (MCAR masks),
-`extract` (the schema-exact table), `network` (atomic writing and network.toml).
+`pathway` (funnel, treatment, dates, end codes), `reminders` (the planted service change: SMS
+appointment reminders lower the odds of a missed appointment), `nice` (the §C table used to
+plant mismatches), `outcomes` (the planted outcome model and last scores), `missing` (MCAR
+masks), `extract` (the schema-exact table), `denominators` (the catchments' adult population
+by age band, sex, ethnic group and IMD quintile, for access rates), `network` (atomic writing
+and network.toml).
+
+A written network folder holds service_<k>.parquet (or .csv), network.toml and population.csv.
+The package ships `population.csv` for the default paper-scale network (483,683 referrals, 8
+services); it does not depend on the seed.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import pyarrow as pa
 
 from ..protocol.errors import SpecError
 from ..protocol.iapt_schema import iapt_extract_schema
+from .denominators import population_csv, population_table, read_population
 from .extract import build_tables, to_frame
 from .missing import draw_masks
 from .network import FORMATS, service_names, write_network
@@ -28,9 +38,14 @@ from .outcomes import draw_outcomes
 from .params import DEFAULT_SEED, PAPER_PATIENTS, PAPER_SERVICES
 from .pathway import draw_pathway
 from .population import draw_population
+from .reminders import (REMINDER_DATES, REMINDER_DATES_BY_SERVICE_ID,
+                        REMINDER_MONTH_BY_SERVICE_ID, reminder_dates)
 
-__all__ = ["DEFAULT_SEED", "PAPER_PATIENTS", "PAPER_SERVICES", "FORMATS", "Synthetic",
-           "generate", "generate_extract", "generate_network", "max_services", "service_names"]
+__all__ = ["DEFAULT_SEED", "PAPER_PATIENTS", "PAPER_SERVICES", "FORMATS", "REMINDER_DATES",
+           "REMINDER_DATES_BY_SERVICE_ID", "REMINDER_MONTH_BY_SERVICE_ID", "Synthetic",
+           "generate", "generate_extract", "generate_network", "max_services",
+           "population_csv", "population_table", "read_population", "reminder_dates",
+           "service_names"]
 
 
 @dataclass(frozen=True)
@@ -76,12 +91,13 @@ def generate_extract(patients: int = PAPER_PATIENTS, services: int = PAPER_SERVI
 def generate_network(out_dir: str | Path, services: int = PAPER_SERVICES,
                      patients: int = PAPER_PATIENTS, seed: int = DEFAULT_SEED,
                      fmt: str = "parquet") -> Path:
-    """Generate and write a network (one extract per service + network.toml) into out_dir,
-    atomically. Returns the path of network.toml."""
+    """Generate and write a network (one extract per service, network.toml and the population
+    denominators population.csv) into out_dir, atomically. Returns the path of network.toml."""
     if fmt not in FORMATS:
         raise SpecError(f"synth: format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
     synthetic = generate(patients, services, seed)
-    return write_network(out_dir, synthetic.extract, services, seed, fmt)
+    return write_network(out_dir, synthetic.extract, services, seed, fmt,
+                         population=population_csv(patients, services))
 
 
 def _check(patients: int, services: int, seed: int) -> None:

@@ -6,15 +6,20 @@ import numpy as np
 from scipy.special import expit
 
 
-def calibrate_intercept(eta: np.ndarray, target: float, iterations: int = 60) -> float:
-    """b such that mean(expit(b + eta)) == target (Newton on a monotone function)."""
+def calibrate_intercept(eta: np.ndarray, target: float, iterations: int = 60,
+                        weights: np.ndarray | None = None) -> float:
+    """b such that mean(expit(b + eta)) == target (Newton on a monotone function); with
+    `weights` w (in 0..1), b such that mean(w * expit(b + eta)) == target."""
     if eta.size == 0:
         return 0.0
-    b = float(np.log(target / (1 - target)) - np.mean(eta))
+    w = 1.0 if weights is None else np.asarray(weights, dtype=float)
+    start = min(target / max(float(np.mean(w)), 1e-12), 1 - 1e-9)
+    b = float(np.log(start / (1 - start)) - np.mean(eta))
     for _ in range(iterations):
         p = expit(b + eta)
-        gap = p.mean() - target
-        slope = np.mean(p * (1 - p))
+        wp = p if weights is None else w * p
+        gap = wp.mean() - target
+        slope = np.mean(wp * (1 - p))
         if abs(gap) < 1e-13 or slope <= 0:
             break
         b -= gap / slope

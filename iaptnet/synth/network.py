@@ -1,4 +1,6 @@
-"""Writing a synthetic network: one extract per service and the network.toml that lists them.
+"""Writing a synthetic network: one extract per service, the network.toml that lists them, and
+population.csv, the coordinator's population denominators for the services' catchments
+(denominators.py; scaled to the network's size).
 
 The files are written into a temporary folder beside the destination and moved into place with
 a rename, so an interrupted or failed run leaves either the previous network or the new one,
@@ -33,8 +35,9 @@ def service_names(services: int) -> list[str]:
 
 
 def write_network(out_dir: str | Path, extract: pa.Table, services: int, seed: int,
-                  fmt: str = "parquet") -> Path:
-    """Write `extract` split by service into out_dir; returns the network.toml path."""
+                  fmt: str = "parquet", population: str | None = None) -> Path:
+    """Write `extract` split by service into out_dir, and `population` (CSV text) as
+    population.csv when given; returns the network.toml path."""
     if fmt not in FORMATS:
         raise SpecError(f"synth: format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
     out = Path(out_dir)
@@ -55,6 +58,10 @@ def write_network(out_dir: str | Path, extract: pa.Table, services: int, seed: i
                 pacsv.write_csv(part, tmp / filename,
                                 pacsv.WriteOptions(quoting_style="needed"))
             lines += ["[[node]]", f'name = "{name}"', f'data = "{filename}"', ""]
+        if population is not None:
+            (tmp / "population.csv").write_text(population, encoding="utf-8", newline="")
+            lines[2:2] = ["# population.csv: adult population denominators of the catchments "
+                          "(for the coordinator)"]
         (tmp / "network.toml").write_text("\n".join(lines))
         _replace(tmp, out)
     except BaseException:

@@ -174,15 +174,23 @@ SESSIONS_PER_DNA = -0.10
 #: Latent engagement lowering missed appointments (log-odds per SD).
 ENGAGE_DNA = -0.45
 
-#: Missed appointments among finishers: 50% none, mean ~1.0, long tail (hurdle: 1 + NB) [A].
+#: Missed appointments among finishers: 50% none, mean ~1.05, long tail (hurdle: 1 + NB) [A].
+#: The hurdle and tail describe the appointments a patient's engagement would lead them to miss;
+#: the secular trend and the SMS reminders (below) then keep each with a probability of 0.59-1
+#: (reminders.py). The hurdle is calibrated so that the count kept (the extract's n_dna) has
+#: DNA_ZERO zeros; the tail mean is raised from 1.1 so that the kept count among those with
+#: any keeps its mean of ~2.1 [fitted].
 DNA_ZERO = 0.50
-DNA_EXTRA_MEAN = 1.1  # mean of (n_dna - 1) among those with any
+DNA_EXTRA_MEAN = 1.3  # mean of (missed - 1) among those with any, before the trend and reminders
 DNA_EXTRA_SIZE = 0.35  # NB size of that tail
-#: Odds multipliers on having any DNA [A: deprivation, youth and NEET raise DNAs, age lowers].
-DNA_LOG_OR = {"imd1": 0.50, "imd2": 0.25, "young": 0.20, "neet": 0.35, "older": -0.40,
+#: Odds multipliers on having any DNA [A: deprivation, youth and NEET raise DNAs, age lowers;
+#: the deprivation terms are sized so that finishers in IMD Q1 miss ~0.3 more than in Q5].
+DNA_LOG_OR = {"imd1": 0.65, "imd2": 0.32, "young": 0.20, "neet": 0.35, "older": -0.40,
               "age10": -0.08}
-#: Patient and provider cancellations per scheduled contact.
-CANCEL_PT_RATE = 0.09
+#: Patient and provider cancellations per scheduled contact. The appointments the trend and
+#: the reminders kept from being missed are patient cancellations too (cancelled ahead), so the
+#: patient rate is lowered from 0.09 to keep patient cancellations ~8% of scheduled [fitted].
+CANCEL_PT_RATE = 0.062
 CANCEL_PROV_RATE = 0.055
 
 #: Days from referral to first treatment: log-normal, median 35, P(<= 42) = 0.87.
@@ -257,3 +265,47 @@ WSAS_MAX = 40
 #: this correlation between the missingness indicators [A]. 0 gives independent masks; higher
 #: values give more complete cases at the same per-column rates.
 MISSING_COPULA_RHO = 0.97
+
+# ---------------------------------------------------------------- service change: SMS reminders
+#: The date each service began sending SMS appointment reminders (service order as
+#: SERVICE_NAMES_8; a network of k < 8 services uses the first k). Dates are the first of a
+#: month so the step falls on a referral_month boundary; staggered 2015-04..2018-10 so that a
+#: pooled interrupted time series separates the step from the secular trend [A].
+REMINDER_DATES_8 = (
+    "2016-01-01",  # camden_islington
+    "2017-04-01",  # barnet
+    "2015-04-01",  # city_hackney
+    "2018-10-01",  # enfield_haringey
+    "2016-07-01",  # newham
+    "2017-10-01",  # waltham_forest
+    "2018-04-01",  # redbridge
+    "2015-10-01",  # barking_havering
+)
+#: Planted effect on the odds of missing a booked appointment for referrals made on or after
+#: the service's reminder date: an immediate level change (odds ratio), and a change of slope
+#: (log-odds per month; none planted) [A].
+REMINDER_ODDS_RATIO = 0.75
+REMINDER_SLOPE_CHANGE = 0.0
+#: Secular trend of the odds of missing an appointment over the whole period, before and after
+#: the reminders: -3% a year, in log-odds per referral month [A].
+DNA_TREND_PER_MONTH = math.log(0.97) / 12
+
+# ---------------------------------------------------------------- population denominators
+#: Adults (18+) living in each service's catchment, order as SERVICE_NAMES_8 [A: rounded from
+#: ONS mid-year estimates for the boroughs, around 2016]: 2.45 million in all. The shipped
+#: population.csv is for the paper-scale network; other sizes scale these by
+#: patients / PAPER_PATIENTS (and a network of k != 8 services splits the scaled total evenly).
+POPULATION_ADULTS_8 = (420_000, 300_000, 225_000, 460_000, 260_000, 210_000, 225_000, 350_000)
+#: Population shares of the age bands (AGE_BANDS order; 65+ means 65 and over) [A: London
+#: boroughs are young: 65+ is ~14% of adults against ~23% in England]. Referrals are 4.5% 65+,
+#: so older adults' referral rate is ~0.29 times that of 18-64 year olds (under-represented).
+POPULATION_AGE_SHARES = (0.12, 0.25, 0.20, 0.17, 0.12, 0.14)
+#: Female share of adults [A].
+POPULATION_FEMALE_SHARE = 0.51
+#: ONS 2011 five ethnic groups (R Chinese counted as Asian) among adults of the catchments [A:
+#: Census 2011 for the NCEL boroughs, roughly]. Referrals (known ethnicity) are 64.6% White,
+#: 13.2% Asian: Asian adults are referred less often.
+POPULATION_ETHNIC_SHARES = {"White": 0.58, "Mixed": 0.05, "Asian": 0.19, "Black": 0.13,
+                            "Other": 0.05}
+#: The population's IMD quintile profile is the referrals' (IMD_SHARES): access is similar
+#: across deprivation (abstract), so every quintile has the same referral rate in expectation.

@@ -2,8 +2,9 @@
 
 Order of draws: entering treatment; attrition (end code 43 / 47) among entrants with its planted
 odds ratios; finishing (two or more sessions), much less likely after dropping out; intensity,
-sessions and missed appointments; the primary therapy, matched or not to NICE guidance; then
-dates and end codes consistent with all of that.
+missed appointments (with the secular trend and the planted SMS-reminder step, reminders.py) and
+sessions; the primary therapy, matched or not to NICE guidance; then dates and end codes
+consistent with all of that.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from . import params as P
 from ._draw import bernoulli, calibrate_intercept, choice, neg_binomial
 from .nice import match_matrix
 from .population import PROBLEM_CODES, Cohort
+from .reminders import dna_retention, referral_month
 
 THERAPY_CODES = tuple(P.THERAPY_SHARES)
 _THERAPY_IS_LI = np.isin(np.asarray(THERAPY_CODES), P.LI_THERAPIES)
@@ -103,21 +105,31 @@ def draw_pathway(rng: np.random.Generator, c: Cohort) -> None:
 
     # Missed appointments first: hurdle (any?) then 1 + negative binomial tail. A latent
     # engagement lowers DNAs; missed appointments then cut the course short (fewer sessions).
+    # This is the count engagement alone would give (`would_miss`); the secular trend and the
+    # service's SMS reminders (reminders.py) then keep each missed appointment with probability
+    # `keep` (the others were cancelled ahead instead), which multiplies the odds of a missed
+    # appointment by exactly the planted shift. The hurdle is calibrated on the kept count:
+    # P(none kept) = 1 - p_any * P(at least one of 1 + NB kept).
     engage = rng.standard_normal(n)
+    keep = dna_retention(c["service"], referral_month(c["referral_day"]),
+                         int(c["service"].max()))
     eta = (P.DNA_LOG_OR["imd1"] * imd1 + P.DNA_LOG_OR["imd2"] * (c["imd_quintile"] == 2)
            + P.DNA_LOG_OR["young"] * c["young"] + P.DNA_LOG_OR["neet"] * c["neet"]
            + P.DNA_LOG_OR["older"] * c["older"] + P.DNA_LOG_OR["age10"] * (c["age"] - 38) / 10
            + P.ENGAGE_DNA * engage)
+    tail_mean = np.where(finished, P.DNA_EXTRA_MEAN, 0.4) * np.exp(0.5 * P.ENGAGE_DNA * engage)
+    size_dna = P.DNA_EXTRA_SIZE
+    any_kept = 1 - (1 - keep) * (1 + tail_mean * keep / size_dna) ** (-size_dna)
     p_any = np.zeros(n)
     for group, share in ((finished, P.DNA_ZERO), (one, 0.40), (~entered, 0.30)):
-        b = calibrate_intercept(eta[group], 1 - share)
+        b = calibrate_intercept(eta[group], 1 - share, weights=any_kept[group])
         p_any[group] = expit(b + eta[group])
     any_dna = bernoulli(rng, p_any)
-    tail_mean = np.where(finished, P.DNA_EXTRA_MEAN, 0.4) * np.exp(0.5 * P.ENGAGE_DNA * engage)
-    n_dna = np.where(any_dna, 1 + neg_binomial(rng, tail_mean, P.DNA_EXTRA_SIZE), 0)
+    would_miss = np.where(any_dna, 1 + neg_binomial(rng, tail_mean, size_dna), 0)
+    n_dna = rng.binomial(would_miss, keep)
 
     # Sessions among finishers: 2 + negative binomial by intensity, scaled by age, NEET and
-    # missed appointments (normalised so each intensity keeps its mean).
+    # the missed appointments engagement led to (normalised so each intensity keeps its mean).
     n_treat = np.zeros(n, dtype=np.int64)
     n_treat[one] = 1
     mean = np.asarray(P.SESSIONS_MEAN)[intensity.clip(0)]
@@ -125,7 +137,7 @@ def draw_pathway(rng: np.random.Generator, c: Cohort) -> None:
     extra_mean = mean - 2
     size = extra_mean**2 / np.maximum(sd**2 - extra_mean, 0.5)
     log_scale = (P.SESSIONS_AGE * (c["age"] - 38) + np.log(P.SESSIONS_NEET) * c["neet"]
-                 + P.SESSIONS_PER_DNA * n_dna)
+                 + P.SESSIONS_PER_DNA * would_miss)
     scale = np.exp(log_scale)
     for k in range(len(P.INTENSITY_LEVELS)):
         rows = finished & (intensity == k)
@@ -136,7 +148,8 @@ def draw_pathway(rng: np.random.Generator, c: Cohort) -> None:
     n_treat[finished] = 2 + extra[finished]
 
     scheduled = n_treat + n_dna + 1  # + the assessment
-    n_cancel_pt = rng.poisson(P.CANCEL_PT_RATE * scheduled)
+    # Appointments kept from being missed were cancelled ahead by the patient.
+    n_cancel_pt = rng.poisson(P.CANCEL_PT_RATE * scheduled) + (would_miss - n_dna)
     n_cancel_prov = rng.poisson(P.CANCEL_PROV_RATE * scheduled)
 
     therapy, mismatch = _primary_therapy(rng, c["problem"], intensity, entered)
