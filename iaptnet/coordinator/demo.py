@@ -1,5 +1,7 @@
-"""`iaptnet demo`: synthesise the paper-scale network (cached), run the catalogue of the
-source study's six findings in shared rounds, and show each odds ratio beside the abstract's."""
+"""`iaptnet demo`: synthesise the paper-scale network (cached), run the whole catalogue (the
+source study's six findings in shared rounds, then its descriptive tables, propensity-score
+sensitivity analyses, access against the population, heterogeneity between services and the
+service-change evaluation), and show each finding's odds ratio beside the abstract's."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 from ..protocol.errors import IaptnetError
 from .catalogue import catalogue_paths
 from .inprocess import run_inprocess
-from .results import write_json_atomic
+from .results import render_report, write_json_atomic
 
 DEFAULT_SEED = 20210901
 
@@ -49,9 +51,13 @@ def synthetic_network(cache: Path, patients: int, seed: int, say=print) -> Path:
 
 
 def summarise(results: list[dict]) -> list[dict]:
+    """summary.json: one entry per finding of the abstract (studies whose reference gives a
+    published ratio); the other studies are in their own results.json."""
     rows = []
     for result in results:
         ref = result.get("reference") or {}
+        if result.get("kind", "glm") != "glm" or ref.get("ratio") is None or not result.get("exposure_term"):
+            continue
         term = result["exposure_term"]
         rows.append({
             "finding": ref.get("finding", result["study"]),
@@ -68,7 +74,9 @@ def summarise(results: list[dict]) -> list[dict]:
 
 def render_summary(rows: list[dict], results: list[dict]) -> str:
     lines = [f"{'finding':<14} {'term':<22} {'federated OR (95% CI)':<24} {'abstract OR (95% CI)':<22} {'n':>8}  inside"]
-    for row, result in zip(rows, results):
+    by_finding = {(r.get("reference") or {}).get("finding"): r for r in results}
+    for row in rows:
+        result = by_finding[row["finding"]]
         ours = f"{row['ratio']:.3f} ({row['ratio_low']:.3f}-{row['ratio_high']:.3f})"
         paper = f"{row['paper_ratio']:.2f} ({row['paper_low']:.2f}-{row['paper_high']:.2f})"
         inside = "yes" if row["paper_low"] <= row["ratio"] <= row["paper_high"] else "NO"
@@ -82,9 +90,10 @@ def run_demo(out: Path, *, cache: Path | None = None, json_mode: bool = False,
     if patients < 10_000:
         raise IaptnetError("--patients must be at least 10,000 for the catalogue's sub-cohorts to be estimable.")
     network = synthetic_network(cache or default_cache(), patients, seed or DEFAULT_SEED, say)
-    say("running the catalogue (six studies, one shared conversation with the 8 nodes) ...")
+    paths = catalogue_paths()
+    say(f"running the catalogue ({len(paths)} studies; the six findings share one conversation with the 8 nodes) ...")
     start = time.perf_counter()
-    results = run_inprocess(catalogue_paths(), network)
+    results = run_inprocess(paths, network)
     elapsed = time.perf_counter() - start
     rows = summarise(results)
     for result in results:
@@ -94,5 +103,9 @@ def run_demo(out: Path, *, cache: Path | None = None, json_mode: bool = False,
         print(json.dumps(rows, indent=2))
     else:
         print(render_summary(rows, results))
-        print(f"\n{results[0]['rounds']} rounds, {elapsed:.1f} s; results in {out}/ (summary.json and one folder per study)")
+        for result in results:
+            if result.get("kind", "glm") != "glm":
+                print()
+                print(render_report(result))
+        print(f"\n{len(results)} studies in {elapsed:.1f} s; results in {out}/ (summary.json and one folder per study)")
     return 0

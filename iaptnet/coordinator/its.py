@@ -1,1 +1,219 @@
-"""Coordinator half of a study kind (see coordinator/kinds.py); not yet implemented."""
+"""The coordinator half of an interrupted time series (`kind = "its"`).
+
+1. `its.columns`: every node computes the study's segmented-regression columns for its own
+   rows and keeps them (node/its.py); it replies with a count table per group and period
+   (referrals, events, denominator; small numbers suppressed, others rounded).
+2. The exact federated Poisson GLMs with offset log(denominator), in shared rounds: the pooled
+   model (each group its own level and trend, a common level change and slope change) and one
+   model per group with a change date whose cohort has referrals before and after it
+   (protocol/kinds/its.py). A group whose table shows no referrals, or a suppressed count, on
+   one side of its change is reported and not fitted alone (a node would refuse it).
+
+The level change is the rate ratio at the change (exp of `after_change`); the slope change the
+ratio per time unit of the trend after the change to the trend before (exp of
+`time_after_change`), also shown per 12 units (a year of months).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..protocol.errors import ModelError
+from ..protocol.kinds import its as protocol
+from .derived_models import fit_derived, footer, header, model_result, with_ratio
+from .meta_analysis import meta_analyse
+from .session import Session
+
+PERIODS = ("before", "after")
+WHAT = ("referrals", "events", "denominator")
+
+
+def run(grid, studies, *, engine: str, progress=None, timeout: float | None = 300.0,
+        poll_interval: float = 0.0) -> list[dict]:
+    return [run_study(grid, s.spec, engine=engine, progress=progress, timeout=timeout,
+                      poll_interval=poll_interval) for s in studies]
+
+
+def run_study(grid, spec, *, engine: str, progress=None, timeout: float | None = 300.0,
+              poll_interval: float = 0.0) -> dict:
+    p = spec.params
+    first = Session(grid, spec.hash, min_nodes=spec.min_nodes, timeout=timeout,
+                    poll_interval=poll_interval, progress=progress)
+    replies = first.ask(protocol.TASK, {"models": {"its": spec.to_wire()}})
+    for reply in replies:
+        first.node_named(reply.node).data_version = str(reply.payload.get("data_version", ""))
+    segments = _segments(spec, replies)
+    by_level = {s["group"]: s for s in segments}
+    all_specs = protocol.model_specs(spec)
+    chosen = {"pooled": all_specs["pooled"]}
+    skipped = {}
+    for i, level in enumerate(p["changes"]):
+        reason = _why_not(by_level[level])
+        if reason:
+            skipped[level] = reason
+        else:
+            chosen[f"g{i}"] = all_specs[f"g{i}"]
+    if not any(by_level[level]["after"]["referrals"] for level in p["changes"]):
+        raise ModelError(f"study '{spec.name}': no referral in the cohort falls after a change date, so there is no change to estimate.")
+    session, fits = fit_derived(grid, chosen, min_nodes=spec.min_nodes, earlier=first,
+                                progress=progress, timeout=timeout, poll_interval=poll_interval)
+    pooled = _with_changes(model_result(fits["pooled"], session, engine), p)
+    per_service = []
+    for i, level in enumerate(p["changes"]):
+        entry = {"group": level, "change_time": p["changes"][level],
+                 "change_date": protocol.month_label(p["changes"][level], p["time_origin"])}
+        if level in skipped:
+            entry.update(fitted=False, reason=skipped[level])
+        else:
+            entry.update(fitted=True, **_with_changes(model_result(fits[f"g{i}"], session, engine), p))
+        per_service.append(entry)
+    result = header(spec)
+    result.update({
+        "level_change_meta": _level_change_meta(per_service),
+        "outcome": p["outcome"],
+        "denominator": p["denominator"],
+        "time": p["time"],
+        "group": p["group"],
+        "time_origin": p["time_origin"],
+        "cov_type": p["cov_type"],
+        "changes": [{"group": g, "change_time": t, "change_date": protocol.month_label(t, p["time_origin"])}
+                    for g, t in p["changes"].items()],
+        "level_change": pooled["level_change"],
+        "slope_change": pooled["slope_change"],
+        "exposure_term": pooled["level_change"],
+        "n": pooled["n"],
+        "pooled": pooled,
+        "per_service": per_service,
+        "segments": segments,
+        "nodes": pooled["nodes"],
+    })
+    result.update(footer(spec, engine, session.round))
+    return result
+
+
+def _segments(spec, replies) -> list[dict]:
+    """Per group level and period, the nodes' counts summed; None where a node suppressed one
+    (a sum with an unknown part is unknown). Crude rate = events / denominator of the rounded
+    counts, as NHS publications compute percentages from rounded values."""
+    p = spec.params
+    levels = list(dict.fromkeys([*p["changes"], *_levels_in(replies)]))
+    out = []
+    for level in levels:
+        entry = {"group": level, "change_time": p["changes"].get(level),
+                 "change_date": protocol.month_label(p["changes"][level], p["time_origin"]) if level in p["changes"] else None,
+                 "nodes": []}
+        for period in PERIODS:
+            cell = {}
+            for what in WHAT:
+                total, known = 0.0, True
+                for reply in replies:
+                    table = reply.payload.get("segments", {}).get("its", {})
+                    value = table.get(f"{level}/{period}/{what}")
+                    if value is None:
+                        known = False
+                    else:
+                        total += float(value)
+                cell[what] = int(total) if known else None
+            events, denominator = cell["events"], cell["denominator"]
+            cell["rate"] = events / denominator if events is not None and denominator else None
+            entry[period] = cell
+        for reply in replies:
+            table = reply.payload.get("segments", {}).get("its", {})
+            if any(table.get(f"{level}/{period}/referrals") != 0 for period in PERIODS):
+                entry["nodes"].append(reply.node)
+        if level in p["changes"] or entry["nodes"]:
+            out.append(entry)
+    return out
+
+
+def _levels_in(replies) -> list[str]:
+    names = []
+    for reply in replies:
+        for name in reply.payload.get("segments", {}).get("its", {}):
+            names.append(name.split("/")[0])
+    return names
+
+
+def _why_not(segment: dict) -> str | None:
+    for period in PERIODS:
+        n = segment[period]["referrals"]
+        if n is None:
+            return f"a node has a suppressed (1-7) count of referrals {period} the change, so it would refuse a model of this group alone"
+        if n == 0:
+            return f"no referral in the cohort falls {period} the change"
+    return None
+
+
+def _level_change_meta(per_service: list[dict]) -> dict | None:
+    """The groups' own level changes pooled by fixed-effect and random-effects meta-analysis
+    (their models use disjoint rows, so the estimates are independent): how much the change's
+    effect varies between groups, beside the pooled model's common level change."""
+    fitted = [s for s in per_service if s["fitted"]]
+    if len(fitted) < 2:
+        return None
+    pooled = meta_analyse([s["level_change"]["estimate"] for s in fitted],
+                          [s["level_change"]["std_error"] ** 2 for s in fitted])
+    for key, entry in pooled.items():
+        with_ratio(entry, True)
+        if entry.get("prediction_low") is not None:
+            with_ratio(entry, True, (("prediction_low", "prediction_ratio_low"),
+                                     ("prediction_high", "prediction_ratio_high")))
+        weights = entry.pop("weights", None)
+        if weights is not None:
+            entry["weights"] = {s["group"]: w for s, w in zip(fitted, weights)}
+    pooled["groups"] = [s["group"] for s in fitted]
+    return pooled
+
+
+def _with_changes(model: dict, p: dict) -> dict:
+    terms = {t["term"]: t for t in model["terms"]}
+    model["level_change"] = dict(terms[protocol.AFTER])
+    slope = dict(terms[protocol.SINCE])
+    slope["ratio_per_12"] = math.exp(12 * slope["estimate"])
+    slope["ratio_per_12_low"] = math.exp(12 * slope["conf_low"])
+    slope["ratio_per_12_high"] = math.exp(12 * slope["conf_high"])
+    model["slope_change"] = slope
+    return model
+
+
+def render(result: dict) -> str:
+    """A short report: crude rates per group and period, then the level and slope changes."""
+    lines = [f"{result.get('title') or result['study']}  [interrupted time series, poisson/log of "
+             f"{result['outcome']} per {' + '.join(result['denominator'])}]  study {result['study_hash'][:12]}"]
+    lines.append(f"  {'group':<8} {'change':<9} {'referrals before/after':>24} {'events per unit of denominator':>32}")
+
+    def num(v):
+        return "*" if v is None else f"{v:,}"
+
+    def pct(v):
+        return "*" if v is None else f"{v:.4f}"
+
+    for s in result["segments"]:
+        change = s["change_date"] or "none"
+        lines.append(f"  {s['group']:<8} {change:<9} {num(s['before']['referrals']) + ' / ' + num(s['after']['referrals']):>24} "
+                     f"{pct(s['before']['rate']) + ' / ' + pct(s['after']['rate']):>32}")
+
+    def change(model):
+        lv, sl = model["level_change"], model["slope_change"]
+        return (f"level RR {lv['ratio']:.3f} ({lv['ratio_low']:.3f}-{lv['ratio_high']:.3f}); "
+                f"slope RR per 12 {sl['ratio_per_12']:.3f} ({sl['ratio_per_12_low']:.3f}-{sl['ratio_per_12_high']:.3f})")
+
+    for s in result["per_service"]:
+        label = f"{result['group']} {s['group']} from {s['change_date']}"
+        if s["fitted"]:
+            lines.append(f"  {label:<32} {change(s)}  n = {s['n']:,}")
+        else:
+            lines.append(f"  {label:<32} not fitted: {s['reason']}")
+    pooled = result["pooled"]
+    lines.append(f"  {'pooled (common change)':<32} {change(pooled)}  n = {pooled['n']:,}, "
+                 f"{pooled['iterations']} Newton rounds, {result['cov_type']} SEs")
+    meta = result.get("level_change_meta")
+    if meta:
+        for key, name in (("random_dl", "groups' level changes, DL"), ("random_reml", "groups' level changes, REML")):
+            e = meta[key]
+            pi = ""
+            if e.get("prediction_ratio_low") is not None:
+                pi = f"; 95% PI {e['prediction_ratio_low']:.3f}-{e['prediction_ratio_high']:.3f}"
+            lines.append(f"  {name:<32} level RR {e['ratio']:.3f} ({e['ratio_low']:.3f}-{e['ratio_high']:.3f}); "
+                         f"tau2 = {e['tau2']:.3g}, I2 = {100 * e['I2']:.1f}%{pi}")
+    return "\n".join(lines)

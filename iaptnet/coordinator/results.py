@@ -113,7 +113,11 @@ def write_json_atomic(path: Path, data) -> None:
 
 
 def render_report(result: dict) -> str:
-    """A statsmodels-like summary table for the terminal."""
+    """A statsmodels-like summary table for the terminal (other kinds: their module's render)."""
+    if result.get("kind", "glm") != "glm":
+        from .kinds import module_for
+
+        return module_for(result["kind"]).render(result)
     lines = []
     title = result.get("title") or result["study"]
     lines.append(f"{title}  [{result['family']}/{result['link']}]  study {result['study_hash'][:12]}")

@@ -1,1 +1,413 @@
-"""Node half of a study kind (task handlers, see node/disclosure.py); not yet implemented."""
+"""The node half of descriptive tables (`kind = "table"`): what leaves the node for a Table 1
+or a cohort funnel.
+
+`describe.table` (one task per study) releases, for the study's cohort at this node:
+
+- **counts** (count tables, rounded and suppressed by the dispatcher under the small-number
+  rules): the cohort in each column (overall, each level of `by`, `by` missing), each
+  categorical or binary variable's levels and missing rows, each numeric variable's recorded
+  and missing rows, each funnel step. Before declaring them the node applies **secondary
+  suppression** (protocol/suppression.py) to its own tables, so that no suppressed count can be
+  recovered from the totals it releases, nor a small number of people leaving between two
+  funnel steps from the two steps' counts; the complementary cells are not declared at all.
+  The cohort's rows are declared as the tables' facts (subset rule: a cohort differing from
+  an earlier release by 1-7 people is refused).
+- **exact summaries** (model statistics: n, mean and centred sum of squares) of each numeric
+  variable in each column, over the rows with the value recorded, guarded by the model rules
+  (minimum rows, rows away from the most common value, the subset rule). A summary is
+  withheld, rather than the task refused, when those rules would refuse it, when the column's
+  count of missing values is suppressed (exact n beside the column's count would reveal it),
+  or when it is the only one withheld of its row (the overall summary is the sum of the
+  columns' ones, so a second is withheld with it).
+
+`describe.quantiles` (rounds of a federated bisection) releases, for thresholds t chosen by the
+coordinator, the exact number of rows at or below t in a column whose summary was released.
+Each count is declared as a per-round statistic whose coefficient is t and whose row weights
+are the 0/1 indicators of the rows counted (so the dispatcher's probing checks apply, against
+the column's rows and the nearest thresholds answered), and the node withholds a threshold
+that would make any bin between thresholds answered for the variable (in any column of the
+study) hold 1 to min-1 rows, in any part of the cohort the released columns can tell apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.linalg
+
+from ..protocol import cohort_filter
+from ..protocol.errors import DataError
+from ..protocol.kinds.describe import (QUANTILE_TASK, TABLE_TASK, Layout, cell_keys, layout,
+                                       relations, step_pairs, wire_name)
+from ..protocol.study import StudySpec, check_at_node
+from ..protocol.suppression import secondary
+from .cohort import cohort_mask
+from .design import apply_merges, study_frame
+from .disclosure import LevelCount, ModelFacts, Release, check_model, check_round
+from .handlers import handler, task_rules
+from .policy import round_count
+from .runtime import NodeRuntime, PreparedStudy
+
+MAX_THRESHOLDS = 2000
+WEIGHTS = "rows at or below the threshold"
+
+
+@dataclass
+class VariableState:
+    """A numeric variable's recorded rows in the cohort, kept for the quantile rounds."""
+
+    facts: ModelFacts  # the recorded rows (a mask over the dataset)
+    values: np.ndarray  # their values
+    groups: np.ndarray  # their `by` column (0 without a `by`)
+    released: tuple[int, ...]  # columns whose exact summary left the node
+    answered: dict[int, list[float]] = field(default_factory=dict)  # column -> thresholds
+    _cache: dict = field(default_factory=dict)
+
+    def base(self, column: int) -> np.ndarray:
+        key = ("base", column)
+        if key not in self._cache:
+            self._cache[key] = np.ones(len(self.values), dtype=bool) if column == 0 else self.groups == column
+        return self._cache[key]
+
+    def group_list(self) -> list[int]:
+        if "groups" not in self._cache:
+            self._cache["groups"] = [int(g) for g in np.unique(self.groups)]
+        return self._cache["groups"]
+
+    def sorted_values(self, group: int) -> np.ndarray:
+        key = ("values", group)
+        if key not in self._cache:
+            self._cache[key] = np.sort(self.values[self.groups == group])
+        return self._cache[key]
+
+
+@dataclass
+class TableState(PreparedStudy):
+    variables: dict[int, VariableState] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- describe.table
+
+@handler(TABLE_TASK, studies="payload")
+def describe_table(runtime: NodeRuntime, task) -> Release:
+    dataset = runtime.dataset
+    spec = _study(task.payload)
+    check_at_node(spec, dataset.schema)
+    lay = layout(spec.params, spec.schema_with_augment(dataset.schema), spec.merge, spec.source)
+    rules = task_rules()
+    frame = study_frame(dataset.frame, spec, runtime.augments)
+    cohort = cohort_mask(frame, spec.where_tree())
+    needed = list(dict.fromkeys([*([lay.by] if lay.by else []), *(v.name for v in lay.variables)]))
+    rows = apply_merges(frame.loc[cohort, needed], spec)
+    groups = _group_codes(rows, lay)
+    in_column = np.full(len(frame), -1, dtype=np.int64)
+    in_column[cohort] = groups
+
+    counts = _counts(rows, groups, lay)
+    steps = _funnel_masks(frame, cohort, lay)
+    for s, mask in enumerate(steps[1:], start=1):
+        for c, n in enumerate(_column_counts(in_column[mask], lay)):
+            counts[("f", s, c)] = n
+    primary = {key for key, n in counts.items() if round_count(n, rules) is None}
+
+    release = Release()
+    release.public("data_version", dataset.data_version)
+    checker = SubsetCheck(runtime, dataset.data_version, rules)
+    cohort_facts = ModelFacts(f"{spec.name}: cohort", cohort)
+    checker.accept(cohort_facts)  # refused by the dispatcher if it breaks the subset rule
+    leaving = [(a, b) for a, b in step_pairs(lay) if round_count(counts[a] - counts[b], rules) is None]
+    hidden = secondary(counts, primary, relations(lay), leaving)
+    for key in cell_keys(lay):
+        if key in hidden and key not in primary:
+            continue  # complementary suppression: not declared at all
+        section_key, name = wire_name(key)
+        _table(release, section_key, cohort_facts).count(name, counts[key])
+
+    state = TableState(designs={}, families={})
+    for i, v in enumerate(lay.variables):
+        if v.show == "summary":
+            state.variables[i] = _summaries(release, spec, lay, i, rows, groups, cohort, hidden, checker, rules)
+    earlier = runtime.prepared.get(task.study_hash)
+    if isinstance(earlier, TableState):  # the same study again: its thresholds still count
+        for i, v in state.variables.items():
+            if i in earlier.variables:
+                v.answered = {c: list(ts) for c, ts in earlier.variables[i].answered.items()}
+    release.after(lambda: runtime.remember(task.study_hash, state))
+    return release
+
+
+def _study(payload: dict) -> StudySpec:
+    models = payload.get("models")
+    if not isinstance(models, dict) or len(models) != 1:
+        raise DataError("a table task carries exactly one study.")
+    spec = StudySpec.from_wire(next(iter(models.values())))
+    if spec.kind != "table":
+        raise DataError("the task's study is not a table study.")
+    return spec
+
+
+def _table(release: Release, key: str, facts: ModelFacts):
+    for section in release.sections:
+        if section.kind == "table" and section.key == key:
+            return section
+    return release.table(key, facts=facts)
+
+
+def _group_codes(rows: pd.DataFrame, lay: Layout) -> np.ndarray:
+    """Each cohort row's `by` column: 1..K its level, K+1 missing; 0 for all without a `by`."""
+    if not lay.by:
+        return np.zeros(len(rows), dtype=np.int64)
+    col = rows[lay.by]
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        codes = col.cat.codes.to_numpy().astype(np.int64)
+    else:  # binary: 0/1/NaN
+        values = col.to_numpy(dtype=float)
+        codes = np.where(np.isnan(values), -1, values).astype(np.int64)
+    return np.where(codes < 0, len(lay.by_levels), codes) + 1
+
+
+def _column_counts(groups: np.ndarray, lay: Layout) -> list[int]:
+    """Rows per column (overall first) from the rows' `by` columns."""
+    per = np.bincount(groups, minlength=lay.n_columns)
+    per[0] = len(groups)
+    return [int(n) for n in per]
+
+
+def _row_codes(rows: pd.DataFrame, v) -> np.ndarray:
+    """Each cohort row's row of the variable's block: its level (or recorded), else missing."""
+    col = rows[v.name]
+    if v.show == "summary":
+        return np.isnan(col.to_numpy(dtype=float)).astype(np.int64)
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        codes = col.cat.codes.to_numpy().astype(np.int64)
+    else:
+        values = col.to_numpy(dtype=float)
+        codes = np.where(np.isnan(values), -1, values).astype(np.int64)
+    return np.where(codes < 0, len(v.rows) - 1, codes)
+
+
+def _counts(rows: pd.DataFrame, groups: np.ndarray, lay: Layout) -> dict[tuple, int]:
+    counts: dict[tuple, int] = {}
+    for c, n in enumerate(_column_counts(groups, lay)):
+        counts[("N", c)] = n
+    width = lay.n_columns
+    for i, v in enumerate(lay.variables):
+        codes = _row_codes(rows, v)
+        table = np.bincount(codes * width + groups, minlength=len(v.rows) * width).reshape(len(v.rows), width)
+        if lay.by:
+            table[:, 0] = table[:, 1:].sum(axis=1)
+        for r in range(len(v.rows)):
+            for c in range(width):
+                counts[("v", i, r, c)] = int(table[r, c])
+    return counts
+
+
+def _funnel_masks(frame: pd.DataFrame, cohort: np.ndarray, lay: Layout) -> list[np.ndarray]:
+    """Rows at each step: the cohort, then cumulatively each step's filter."""
+    masks = [cohort]
+    for text in lay.funnel:
+        masks.append(masks[-1] & cohort_mask(frame, cohort_filter.parse(text)))
+    return masks
+
+
+def _summaries(release: Release, spec: StudySpec, lay: Layout, i: int, rows: pd.DataFrame,
+               groups: np.ndarray, cohort: np.ndarray, hidden: set, checker: "SubsetCheck", rules) -> VariableState:
+    """Declare the exact (n, mean, centred sum of squares) of a numeric variable per column,
+    withholding those the policy would refuse (see the module docstring)."""
+    v = lay.variables[i]
+    values = rows[v.name].to_numpy(dtype=float)
+    recorded = ~np.isnan(values)
+    positions = np.flatnonzero(cohort)
+    mask = np.zeros(len(cohort), dtype=bool)
+    mask[positions[recorded]] = True
+    values, groups = values[recorded], groups[recorded]
+    columns = range(lay.n_columns)
+    candidates, released = {}, []
+    for c in columns:
+        in_c = np.ones(len(values), dtype=bool) if c == 0 else groups == c
+        part = np.zeros(len(cohort), dtype=bool)
+        part[positions[recorded][in_c]] = True
+        x = values[in_c]
+        off_mode = len(x) - int(np.unique(x, return_counts=True)[1].max()) if len(x) else 0
+        facts = ModelFacts(f"{spec.name}: {v.name}, column {c}", part,
+                           levels=[LevelCount(v.name, None, off_mode, "leave the variable out of the table")])
+        candidates[c] = (facts, x)
+        ok = ("v", i, 1, c) not in hidden and not check_model(facts, rules)
+        if ok and len(x):
+            ok = checker.allows(facts, commit=False)
+            if ok:
+                checker.hold(facts)
+        if ok:
+            released.append(c)
+    checker.drop_held()
+    released = _protect_row(released, candidates, lay)
+    for c in released:
+        facts, x = candidates[c]
+        if len(x):
+            checker.accept(facts)
+        mean = float(x.mean()) if len(x) else 0.0
+        section = release.model(f"v{i}/{c}", facts, group="summaries")
+        section.value("n", int(len(x)))
+        section.value("mean", mean)
+        section.value("m2", float(np.sum((x - mean) ** 2)) if len(x) else 0.0)
+    label = f"{spec.name}: {v.name} recorded"
+    return VariableState(ModelFacts(label, mask), values, groups, tuple(released))
+
+
+def _protect_row(released: list[int], candidates: dict, lay: Layout) -> list[int]:
+    """The overall summary is the sum of the columns' ones: never withhold exactly one."""
+    if not lay.by:
+        return released
+    members = [0, *lay.group_columns]
+    kept = list(released)
+    while sum(1 for c in members if c not in kept) == 1:
+        sizes = {c: len(candidates[c][1]) for c in kept if c != 0}
+        nonzero = [c for c in sizes if sizes[c] > 0]
+        drop = min(nonzero, key=lambda c: (sizes[c], c)) if nonzero else 0
+        if drop not in kept:
+            break
+        kept.remove(drop)
+    return kept
+
+
+class SubsetCheck:
+    """The subset rule, asked before declaring a row set so that a cell can be withheld
+    instead of the task refused: against the node's memory and the row sets of this task."""
+
+    def __init__(self, runtime: NodeRuntime, version: str, rules):
+        self.runtime, self.version, self.rules = runtime, version, rules
+        self.fresh: list[np.ndarray] = []  # packed row sets accepted in this task
+        self.held: list[np.ndarray] = []  # candidates of one variable, not yet accepted
+        self.digests: set[bytes] = set()
+        self.t = rules.min_subset_difference
+
+    def allows(self, facts: ModelFacts, commit: bool = True) -> bool:
+        packed = np.packbits(facts.rows)
+        digest = hashlib.sha256(packed.tobytes()).digest()
+        if digest in self.digests:
+            return True
+        for other in [*self.fresh, *self.held]:
+            diff = int(np.bitwise_count(np.bitwise_xor(other, packed)).sum())
+            if 0 < diff < self.t:
+                return False
+        with self.runtime.memory.transaction() as memory:
+            if memory.check_rows([(facts.label, facts.rows)], self.version, self.rules):
+                return False
+        if commit:
+            self._add(packed, digest)
+        return True
+
+    def hold(self, facts: ModelFacts) -> None:
+        self.held.append(np.packbits(facts.rows))
+
+    def drop_held(self) -> None:
+        self.held = []
+
+    def accept(self, facts: ModelFacts) -> None:
+        packed = np.packbits(facts.rows)
+        digest = hashlib.sha256(packed.tobytes()).digest()
+        if digest not in self.digests:
+            self._add(packed, digest)
+
+    def _add(self, packed: np.ndarray, digest: bytes) -> None:
+        self.fresh.append(packed)
+        self.digests.add(digest)
+
+
+# --------------------------------------------------------------------------- describe.quantiles
+
+@handler(QUANTILE_TASK, studies="prepared")
+def describe_quantiles(runtime: NodeRuntime, task) -> Release:
+    state = runtime.recall(task.study_hash)
+    if not isinstance(state, TableState):
+        raise DataError("this node did not prepare the study as a table.")
+    rules = task_rules()
+    queries = _queries(task.arrays, state)
+    minimum = max(rules.min_level_count, rules.min_subset_difference)
+    release = Release()
+    work = {i: {c: list(ts) for c, ts in v.answered.items()} for i, v in state.variables.items()}
+    for i, c, j, t in queries:
+        v = state.variables[i]
+        if c not in v.released:
+            continue  # the column's summary did not leave the node: nothing to count in
+        answered = work[i]
+        released = [(col, s) for col, ts in answered.items() for s in ts] + [(c, t)]
+        if isolates_few(v, released, minimum):
+            continue
+        base = v.base(c)
+        weights = (base & (v.values <= t)).astype(float)
+        history = [base.astype(float)] + [(base & (v.values <= s)).astype(float)
+                                           for s in _neighbours(answered.get(c, []), t)]
+        section = release.round(f"v{i}/{c}/{j}", v.facts, coefficients=np.array([t]), weights={WEIGHTS: weights},
+                                history={WEIGHTS: history}, bounded=False, group="thresholds")
+        if check_round(section, rules):
+            release.sections.remove(section)
+            continue
+        section.value("count", int(weights.sum()))
+        answered.setdefault(c, []).append(t)
+
+    def commit():
+        for i, answered in work.items():
+            state.variables[i].answered = answered
+    release.after(commit)
+    return release
+
+
+def _queries(arrays: dict, state: TableState) -> list[tuple[int, int, int, float]]:
+    """(variable, column, index, threshold) for every threshold sent, checked."""
+    out = []
+    for name, values in sorted(arrays.items()):
+        parts = name.split("/")
+        if len(parts) != 3 or parts[0] != "t" or not parts[1].isdigit() or not parts[2].isdigit():
+            raise DataError("the task's thresholds are not named t/<variable>/<column>.")
+        i, c = int(parts[1]), int(parts[2])
+        if i not in state.variables:
+            raise DataError("the task asks for thresholds of a variable the table does not summarise.")
+        values = np.asarray(values, dtype=float).ravel()
+        if not np.all(np.isfinite(values)):
+            raise DataError("the task's thresholds are not all finite numbers.")
+        out += [(i, c, j, float(t)) for j, t in enumerate(values)]
+    if len(out) > MAX_THRESHOLDS:
+        raise DataError(f"the task sends more than {MAX_THRESHOLDS} thresholds.")
+    return out
+
+
+def isolates_few(v: VariableState, released: list[tuple[int, float]], minimum: int) -> bool:
+    """Whether some combination of the exact counts released for a variable (each released
+    column's n, and the rows at or below each threshold answered in a column) counts only
+    cells of 1 to minimum-1 rows, where the cells are the `by` groups cut at every threshold:
+    then a small group of people could be singled out by differencing. Linear algebra over
+    the cells: no vector of the counts' span may vanish on the larger cells and not on the
+    small ones (empty cells are free)."""
+    thresholds = np.array(sorted({t for _, t in released}), dtype=float)
+    groups = v.group_list()
+    width = len(thresholds) + 1
+    sizes = []
+    for g in groups:
+        at = np.searchsorted(v.sorted_values(g), thresholds, side="right")
+        sizes.append(np.diff(np.concatenate([[0], at, [len(v.sorted_values(g))]])))
+    sizes = np.concatenate(sizes)
+    small = (sizes > 0) & (sizes < minimum)
+    if not small.any():
+        return False
+    rows = [(c, t) for c, t in released] + [(c, np.inf) for c in v.released]
+    matrix = np.zeros((len(rows), len(groups) * width))
+    for r, (c, t) in enumerate(rows):
+        upto = width if np.isinf(t) else int(np.searchsorted(thresholds, t)) + 1
+        for j, g in enumerate(groups):
+            if c == 0 or c == g:
+                matrix[r, j * width:j * width + upto] = 1.0
+    big = sizes >= minimum
+    combos = scipy.linalg.null_space(matrix[:, big].T) if big.any() else np.eye(len(rows))
+    return combos.size > 0 and float(np.abs(matrix[:, small].T @ combos).max()) > 1e-9
+
+
+def _neighbours(answered: list[float], t: float) -> list[float]:
+    """The nearest thresholds answered in the column below and above t."""
+    below = [s for s in answered if s <= t]
+    above = [s for s in answered if s > t]
+    return ([max(below)] if below else []) + ([min(above)] if above else [])
+

@@ -74,6 +74,8 @@ def describe_study(spec, parsed, schema, policy) -> str:
     """What a study will compute at this node and what the node will release for it."""
     from ..protocol.families import get_family
 
+    if spec.kind != "glm":
+        return describe_kind_study(spec, policy)
     family = get_family(spec.family)
     terms = design_terms(spec, parsed, schema)
     rules = policy.rules
@@ -109,6 +111,29 @@ def describe_study(spec, parsed, schema, policy) -> str:
         f"            rows differing by 1-{rules.min_subset_difference - 1} people from the whole dataset or an earlier release,",
         f"            more than {rules.max_rounds_per_study} tasks a day",
     ]
+    return "\n".join(lines)
+
+
+def describe_kind_study(spec, policy) -> str:
+    """A study of another kind: its identity, cohort and merges, then what its kind's module
+    (protocol/kinds/, `describe(spec, rules)`) says it computes and releases."""
+    from importlib import import_module
+
+    from ..protocol.kinds import MODULES
+
+    lines = [
+        f"study '{spec.name}'" + (f": {spec.title}" if spec.title else ""),
+        f"  hash       {spec.hash}",
+        f"  kind       {spec.kind}",
+        f"  dataset    {spec.dataset} (schema sha256 {spec.schema_fingerprint[:16]})",
+        f"  cohort     {spec.where or 'every row'}",
+    ]
+    for column, groups in spec.merge.items():
+        for new, olds in groups.items():
+            lines.append(f"  merge      {column}: '{new}' = {' + '.join(repr(o) for o in olds)}")
+    describe = getattr(import_module(f"..protocol.kinds.{MODULES[spec.kind]}", __package__), "describe", None)
+    if describe is not None:
+        lines += describe(spec, policy.rules)
     return "\n".join(lines)
 
 

@@ -30,11 +30,12 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from ..protocol import messages as m
 from ..protocol.errors import DataError, IaptnetError, SpecError
-from ..protocol.study import StudySpec
+from ..protocol.study import StudySpec, approval_hash
 from . import disclosure as d
 from .audit import arrays_for_log, digest_parameters, now_iso
 from .runtime import NodeRuntime
@@ -55,6 +56,17 @@ class Registration:
 
 
 HANDLERS: dict[str, Registration] = {}
+_TASK_RULES: ContextVar = ContextVar("iaptnet_task_rules", default=None)
+
+
+def task_rules():
+    """The policy's rules for the task being handled: for a handler that adapts what it
+    declares (e.g. withholds one table cell rather than have the whole task refused). The
+    dispatcher still judges everything the handler declares."""
+    rules = _TASK_RULES.get()
+    if rules is None:
+        raise RuntimeError("task_rules() is only available inside a task handler")
+    return rules
 
 
 def handler(kind: str, *, studies: str = "payload"):
@@ -89,7 +101,11 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
         registration = HANDLERS[task.kind]
         if registration.studies != "none":
             _load_dataset(runtime)
-        release = registration.fn(runtime, task)
+        token = _TASK_RULES.set(rules)
+        try:
+            release = registration.fn(runtime, task)
+        finally:
+            _TASK_RULES.reset(token)
         release = _as_release(release)
         if registration.studies == "none" and release.sections:
             raise d.Refusal(d.Violation("undeclared", "a task kind that reads no rows tried to release statistics"))
@@ -189,7 +205,7 @@ def _approval(policy, task: m.Task) -> bool:
         raise d.Refusal(d.Violation("invalid_study", "the task carries no study"))
     if len(models) > MAX_MODELS:
         raise d.Refusal(d.Violation("invalid_study", f"the task carries more than {MAX_MODELS} models"))
-    hashes, names = [], []
+    hashes, names, approvals = [], [], []
     for key in sorted(models, key=lambda k: (len(str(k)), str(k))):
         spec = models[key]
         if not isinstance(spec, dict):
@@ -197,9 +213,10 @@ def _approval(policy, task: m.Task) -> bool:
         parsed = StudySpec.from_wire(spec)  # SpecError: refused as an invalid study
         hashes.append(parsed.hash)
         names.append(parsed.name)
+        approvals.append(approval_hash(parsed))  # a derived model: its study's hash, checked
     if task.study_hash != batch_hash(hashes):
         raise d.Refusal(d.Violation("study_hash", "the task's study hash does not match the studies it carries"))
-    unapproved = [(n, h) for n, h in zip(names, hashes) if not policy.is_approved(h)]
+    unapproved = [(n, h) for n, h in zip(names, approvals) if not policy.is_approved(h)]
     if unapproved and policy.mode == "approved":
         listed = ", ".join(f"'{_safe(n)}' ({h[:12]})" for n, h in unapproved[:3])
         raise d.Refusal(d.Violation("not_approved", f"the Trust has not approved the study {listed}",

@@ -132,14 +132,71 @@ class StudySpec:
             raise SpecError(f"{source}: the study is missing field {exc}.") from None
 
 
+def approval_hash(spec: StudySpec) -> str:
+    """The hash under which a Trust's approval of `spec` is looked up: its own; or, for a model
+    derived from a study of another kind (`params["derived_from"]`, e.g. the propensity model of
+    a PSM study), that study's hash, once the kind's module (`parent_of(spec)`) has checked that
+    the study derives exactly this model. Raises SpecError for a derivation that does not hold."""
+    link = spec.params.get("derived_from") if isinstance(spec.params, dict) else None
+    if link is None:
+        return spec.hash
+    from importlib import import_module
+
+    from .kinds import MODULES
+
+    kind = link.get("kind") if isinstance(link, dict) else None
+    module = import_module(f"{__package__}.kinds.{MODULES[kind]}") if kind in MODULES else None
+    check = getattr(module, "parent_of", None)
+    if check is None:
+        raise SpecError(f"{spec.source}: the model '{spec.name}' claims to belong to a study that derives no models.")
+    return check(spec).hash
+
+
 def read_study_file(path: str | Path) -> dict:
     path = Path(path)
     try:
-        return tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise SpecError(f"{path}: study file not found.") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SpecError(f"{path}: not a valid TOML file ({exc}).") from None
+    return embed_files(data, path)
+
+
+MAX_EMBEDDED_BYTES = 20_000_000
+
+
+def embed_files(data: dict, path: Path) -> dict:
+    """Read the files a study names (a kind module's FILES, e.g. an access study's population
+    table, relative to the study file) into the study's data, so that the study carries them
+    wherever it is parsed again (the Flower hub, a Trust's approve) and hashes alike."""
+    from .kinds import MODULES
+
+    kind = data.get("kind")
+    if kind not in MODULES:
+        return data
+    from importlib import import_module
+
+    files = getattr(import_module(f"{__package__}.kinds.{MODULES[kind]}"), "FILES", {})
+    for field_name, (target, builtins) in files.items():
+        value = data.get(field_name)
+        if not isinstance(value, str) or not value.strip() or target in data:
+            continue
+        file = builtins.get(value.strip()) or path.parent / value.strip()
+        try:
+            if file.stat().st_size > MAX_EMBEDDED_BYTES:
+                raise SpecError(f"{path}: field '{field_name}' names {file}, which is larger than "
+                                f"{MAX_EMBEDDED_BYTES // 1_000_000} MB.")
+            text = file.read_text(encoding="utf-8-sig")
+        except FileNotFoundError:
+            raise SpecError(f"{path}: field '{field_name}' names {value!r}, which does not exist "
+                            f"(looked for {file}).") from None
+        except UnicodeDecodeError:
+            raise SpecError(f"{path}: field '{field_name}' names {file}, which is not UTF-8 text.") from None
+        except OSError as exc:
+            raise SpecError(f"{path}: field '{field_name}' names {file}, which cannot be read ({exc.strerror}).") from None
+        data = {**data, target: {"source": str(file), "text": text}}
+    return data
 
 
 def parse_study(data: dict, schema: Schema, source: str):

@@ -1,0 +1,268 @@
+"""Population denominators for access studies: the CSV the coordinator holds, read and checked.
+
+The layout is ONS mid-year-estimate style, one row per area and group (long format):
+
+    area,age_band,sex,ethnic_group,imd_quintile,population
+    camden_islington,18-24,female,White,1,5099
+
+`area` is the node (service) whose catchment the row belongs to (a study may map a node to
+several areas, e.g. local authorities), `population` the number of people in the group (the
+average over the study period; whole numbers or decimals). The group columns are optional as
+a set: a table needs the column of every variable the study groups by, and sums over the
+others. Each grouping variable reads its own name (`age_group`) or its ONS-layout name
+(`age_band` for age_group, `ethnic_group` for ethnicity_ons). Values are matched to the
+dataset schema's levels ignoring case and surrounding spaces; ages may also be single years
+(`37`, `90+`), which are put into the schema's bands (ages below the first band are not in
+the population the service serves and are left out); sex also reads ONS codes (1 male,
+2 female) and M/F. Every area needs a row for every group a study counts (after summing over
+the columns it does not use); a population of 0 is allowed and means the group has no one
+there, so the node leaves that group's referrals out. Anything else (an unknown value, a total row, a column the layout does not
+have, a repeated row) is refused with one sentence naming the file, the line and the column,
+because summing it would silently count people twice.
+
+Pure: text in, a `PopulationTable` out (stdlib only). The table is aggregated to the study's
+grain (area x the levels of its grouping variables, after its level merges), and its sha256
+digest becomes part of the study hash, so two files with the same denominators in another
+order give the same study.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import re
+from dataclasses import dataclass
+
+from .errors import SpecError
+from .schema import Schema
+from .study import merged_levels
+
+AREA, POPULATION = "area", "population"
+#: The ONS-layout column of each grouping variable of the IAPT dataset.
+ONS_COLUMNS = {"age_group": "age_band", "sex": "sex", "ethnicity_ons": "ethnic_group",
+               "imd_quintile": "imd_quintile"}
+LAYOUT = (AREA, "age_band", "sex", "ethnic_group", "imd_quintile", POPULATION)
+SEX_CODES = {"1": "male", "2": "female", "m": "male", "f": "female", "males": "male",
+             "females": "female", "men": "male", "women": "female"}
+MAX_ROWS = 2_000_000
+_BAND = re.compile(r"^(\d+)\s*-\s*(\d+)$")
+_OPEN_BAND = re.compile(r"^(\d+)\s*\+$")
+_AGE = re.compile(r"^(\d{1,3})(\+?)$")
+
+
+@dataclass(frozen=True)
+class PopulationTable:
+    """Denominators at a study's grain: cells[area][levels tuple] = population (> 0 or 0)."""
+
+    source: str
+    by: tuple[str, ...]
+    levels: dict[str, tuple[str, ...]]
+    cells: dict[str, dict[tuple[str, ...], float]]
+    digest: str
+
+    @property
+    def areas(self) -> list[str]:
+        return sorted(self.cells)
+
+    def groups(self) -> list[tuple[str, ...]]:
+        """Every combination of the grouping variables' levels, first variable slowest."""
+        out: list[tuple[str, ...]] = [()]
+        for var in self.by:
+            out = [g + (level,) for g in out for level in self.levels[var]]
+        return out
+
+    def area_population(self, areas: list[str], label: str, study: str) -> list[float]:
+        """The population of each group summed over `areas` (the catchment of one node), in
+        `groups()` order; SpecError when an area, or a group's row in an area, is absent (an
+        explicit 0 is a group without population, whose referrals the node leaves out)."""
+        where = f"{self.source}: the population table (field 'population' of {study})"
+        missing = [a for a in areas if a not in self.cells]
+        if missing:
+            raise SpecError(f"{where} has no rows for area '{missing[0]}' (node {label}); add its rows, or map "
+                            f"the node to the table's areas with [areas] {label} = [\"...\"].")
+        out = []
+        for group in self.groups():
+            absent = [a for a in areas if group not in self.cells[a]]
+            if absent:
+                named = ", ".join(f"{v} '{lv}'" for v, lv in zip(self.by, group))
+                raise SpecError(f"{where} has no row for {named} in area '{absent[0]}' (node {label}); every "
+                                "group the study counts needs a row in every area (population 0 where there is "
+                                "no one).")
+            out.append(math.fsum(self.cells[a][group] for a in areas))
+        return out
+
+    def zero_groups(self) -> dict[str, list[list[str]]]:
+        """Per area, the groups with no population there (a node leaves their referrals out:
+        a rate needs a population, and a Poisson mean of 0 cannot have referrals)."""
+        out = {}
+        for area in self.areas:
+            zero = [list(g) for g in self.groups() if not self.cells[area].get(g, 0.0) > 0]
+            if zero:
+                out[area] = zero
+        return out
+
+
+def parse_population(text: str, source: str, by: list[str], schema: Schema, merge: dict,
+                     study: str) -> PopulationTable:
+    """Read the CSV text and aggregate it to area x the study's groups (see the module doc)."""
+    where = f"{source}: the population table (field 'population' of {study})"
+    if not isinstance(text, str):
+        raise SpecError(f"{where} is not text.")
+    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise SpecError(f"{where} is empty; it needs a header line {','.join(LAYOUT)}.") from None
+    except csv.Error as exc:
+        raise SpecError(f"{where} is not a valid CSV file ({exc}).") from None
+    names = [h.strip().lower()[:60] for h in header]
+    if len(names) > 20:
+        raise SpecError(f"{where} has {len(names)} columns; expected {', '.join(LAYOUT)}.")
+    if len(set(names)) != len(names):
+        raise SpecError(f"{where} has a repeated column in its header line.")
+    for required in (AREA, POPULATION):
+        if required not in names:
+            raise SpecError(f"{where} has no column '{required}'; its columns are {', '.join(names)} "
+                            f"(expected {', '.join(LAYOUT)}).")
+    # Which schema variable each group column holds: its own name, or its ONS-layout name.
+    by_ons = {ons: var for var, ons in ONS_COLUMNS.items()}
+    holds: dict[int, str] = {}  # column index -> variable, in column order
+    for i, name in enumerate(names):
+        if name in (AREA, POPULATION):
+            continue
+        # An ONS-layout name means its variable (the CSV's ethnic_group holds the ONS five
+        # groups, ethnicity_ons, not the dataset's NHS ethnic_group); any other name must be
+        # a categorical column of the dataset.
+        var = by_ons.get(name) or (name if name in schema and schema[name].is_categorical else None)
+        if var is None:
+            raise SpecError(f"{where} has a column '{name}' that is not part of the layout "
+                            f"({', '.join(LAYOUT)}); remove it (a population over several years "
+                            "should be averaged first).")
+        if var in holds.values():
+            raise SpecError(f"{where} has two columns for '{var}'.")
+        holds[i] = var
+    for var in by:
+        if var not in holds.values():
+            expected = ONS_COLUMNS.get(var, var)
+            raise SpecError(f"{where} has no column '{expected}' for '{var}' (field 'by'); "
+                            f"its columns are {', '.join(names)}.")
+    matchers = {i: _matcher(var, schema) for i, var in holds.items()}
+    area_i, pop_i = names.index(AREA), names.index(POPULATION)
+    mappings = [merged_levels(list(schema[var].levels), merge.get(var, {}))[1] for var in by]
+    parts: dict[tuple, list[float]] = {}
+    seen: set[tuple] = set()
+    line = 1
+    try:
+        for line, row in enumerate(reader, start=2):
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if line > MAX_ROWS:
+                raise SpecError(f"{where} has more than {MAX_ROWS:,} rows; aggregate it to areas first.")
+            if len(row) != len(names):
+                raise SpecError(f"{where}, line {line}: has {len(row)} values for {len(names)} columns.")
+            area = row[area_i].strip()
+            if not area:
+                raise SpecError(f"{where}, line {line}: column 'area' is empty.")
+            population = _population(row[pop_i], f"{where}, line {line}")
+            raw = (area, *(_norm(row[i]) for i in holds))
+            if raw in seen:
+                raise SpecError(f"{where}, line {line}: repeats the group of an earlier row "
+                                f"(area '{area}'); each group needs one row.")
+            seen.add(raw)
+            key = [area]
+            skip = False
+            for i in holds:
+                level = matchers[i](row[i])
+                if level is _BELOW:
+                    skip = True
+                elif level is None:
+                    var = holds[i]
+                    allowed = ", ".join(schema[var].levels) if var in schema else ""
+                    raise SpecError(f"{where}, line {line}: column '{names[i]}' has '{row[i].strip()[:40]}', "
+                                    f"which is not a level of {var} ({allowed}).")
+                key.append(level)
+            if skip:
+                continue
+            levels = dict(zip(holds.values(), key[1:]))
+            group = tuple(mapping.get(levels[var], levels[var]) for var, mapping in zip(by, mappings))
+            parts.setdefault((area, group), []).append(population)
+    except csv.Error as exc:
+        raise SpecError(f"{where}, line {line}: not valid CSV ({exc}).") from None
+    if not parts:
+        raise SpecError(f"{where} has no rows of adults in the study's groups.")
+    cells: dict[str, dict[tuple, float]] = {}
+    for (area, group), values in parts.items():
+        cells.setdefault(area, {})[group] = math.fsum(values)
+    levels = {var: tuple(merged_levels(list(schema[var].levels), merge.get(var, {}))[0]) for var in by}
+    for k, var in enumerate(by):
+        for level in levels[var]:
+            if not any(p > 0 for c in cells.values() for g, p in c.items() if g[k] == level):
+                raise SpecError(f"{where} has no population for {var} '{level}' in any area; "
+                                "merge that level with another or leave the variable out of field 'by'.")
+    blob = json.dumps({"by": list(by), "levels": {v: list(ls) for v, ls in levels.items()},
+                       "cells": sorted([area, list(g), p] for area, c in cells.items() for g, p in c.items())},
+                      sort_keys=True, separators=(",", ":"))
+    return PopulationTable(source, tuple(by), levels, cells, hashlib.sha256(blob.encode()).hexdigest())
+
+
+_BELOW = object()  # an age below the first band: not in the population a service serves
+
+
+def _population(text: str, where: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise SpecError(f"{where}: column 'population' has '{text.strip()[:40]}', which is not a number "
+                        "(write whole numbers without thousands separators).") from None
+    if not math.isfinite(value) or value < 0:
+        raise SpecError(f"{where}: column 'population' must be a number of people, zero or more.")
+    return value
+
+
+def _matcher(var: str, schema: Schema):
+    """value -> schema level (None when unknown, _BELOW for ages under the first band)."""
+    if var not in schema:
+        return lambda value: value.strip()
+    levels = list(schema[var].levels)
+    plain = {_norm(level): level for level in levels}
+    aliases = dict(SEX_CODES) if set(levels) == {"female", "male"} else {}
+    bands = _age_bands(levels)
+
+    def match(value: str):
+        key = _norm(value)
+        if key in plain:
+            return plain[key]
+        if key in aliases:
+            return aliases[key]
+        if bands:
+            found = _AGE.match(key)
+            if found:
+                age = int(found.group(1))
+                if age < bands[0][0]:
+                    return _BELOW
+                for low, high, level in bands:
+                    if low <= age <= high and (not found.group(2) or high == math.inf):
+                        return level
+        return None
+    return match
+
+
+def _age_bands(levels: list[str]) -> list[tuple[float, float, str]]:
+    """[(first age, last age, level)] when every level is a band like 18-24 or 65+."""
+    bands = []
+    for level in levels:
+        closed, open_ = _BAND.match(level.strip()), _OPEN_BAND.match(level.strip())
+        if closed:
+            bands.append((int(closed.group(1)), int(closed.group(2)), level))
+        elif open_:
+            bands.append((int(open_.group(1)), math.inf, level))
+        else:
+            return []
+    return sorted(bands)
+
+
+def _norm(text: str) -> str:
+    return " ".join(str(text).split()).lower()
