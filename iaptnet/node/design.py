@@ -17,6 +17,7 @@ value (a column that sets 1..7 rows apart from all others would reveal them).
 from __future__ import annotations
 
 import ast
+import functools
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -293,6 +294,11 @@ def legacy_ordered(rhs: str, schema: Schema):
     grouped by their numeric factors in order of appearance, each group by degree. Which
     factors are categorical is known from the schema, so every node orders alike.
     """
+    return _legacy_ordered(rhs, tuple(n for n, c in schema.columns.items() if c.is_categorical))
+
+
+@functools.lru_cache(maxsize=256)
+def _legacy_ordered(rhs: str, categorical_columns: tuple[str, ...]):
     from formulaic import Formula
 
     terms = list(Formula(rhs, _ordering="none"))
@@ -300,7 +306,7 @@ def legacy_ordered(rhs: str, schema: Schema):
     def categorical(factor) -> bool:
         expr = str(factor.expr)
         if factor.eval_method.value == "lookup":
-            return expr in schema and schema[expr].is_categorical
+            return expr in categorical_columns
         return expr.replace(" ", "").startswith("C(")
 
     intercept = [t for t in terms if t.degree == 0]

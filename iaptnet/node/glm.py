@@ -137,8 +137,7 @@ def round_contributions(prepared, betas: dict[str, np.ndarray], release: Release
         weights, history = {}, {}
         if finite and family.name != "gaussian" and design.n:
             weights = row_weights(design, family, beta)
-            previous = prepared.history.get(key, [])
-            history = row_weights_many(design, family, previous) if previous else {}
+            history = _history_weights(prepared, key, design, family)
         section = release.round(key, prepared.facts[key], coefficients=beta, weights=weights,
                                 history=history, bounded=family.name != "gaussian")
         if finite:
@@ -148,7 +147,31 @@ def round_contributions(prepared, betas: dict[str, np.ndarray], release: Release
             section.array(f"stats/{key}", stats)
             if cov_type != "nonrobust":
                 section.array(f"meat/{key}", pack_upper(meat(design, family, beta, cov_type)))
-        release.after(lambda key=key, beta=beta: prepared.history.setdefault(key, []).append(beta.copy()))
+        release.after(lambda key=key, beta=beta, weights=weights: _remember_round(prepared, key, beta, weights))
+
+
+def _remember_round(prepared, key: str, beta: np.ndarray, weights: dict) -> None:
+    """An answered round joins the history the next rounds are compared with; its weights
+    are kept so they need not be computed again."""
+    prepared.history.setdefault(key, []).append(beta.copy())
+    if weights:
+        prepared.weight_cache.setdefault(key, []).append(weights)
+
+
+def _history_weights(prepared, key: str, design: DesignedModel, family) -> dict[str, list[np.ndarray]]:
+    """The weights at every coefficient vector answered before (and the node's own fit),
+    computed once each and cached."""
+    previous = prepared.history.get(key, [])
+    cache = prepared.weight_cache.setdefault(key, [])
+    if len(cache) < len(previous):
+        missing = row_weights_many(design, family, previous[len(cache):])
+        for j in range(len(previous) - len(cache)):
+            cache.append({name: vectors[j] for name, vectors in missing.items()})
+    out: dict[str, list[np.ndarray]] = {}
+    for entry in cache:
+        for name, vector in entry.items():
+            out.setdefault(name, []).append(vector)
+    return out
 
 
 def row_weights(design: DesignedModel, family, beta: np.ndarray) -> dict[str, np.ndarray]:
@@ -251,7 +274,7 @@ def local_fit(design: DesignedModel, family) -> tuple[np.ndarray, np.ndarray, np
         if not np.all(np.isfinite(new)):
             break
         # A warm start needs no more precision than this: the pooled Newton rounds polish it.
-        converged = np.max(np.abs(new - beta)) < 1e-6 * (1.0 + np.max(np.abs(new)))
+        converged = np.max(np.abs(new - beta)) < 1e-4 * (1.0 + np.max(np.abs(new)))
         beta = new
         if converged or np.max(np.abs(beta)) > 50:
             break

@@ -49,7 +49,8 @@ class PreparedStudy:
     cov_types: dict = field(default_factory=dict)  # model key -> "nonrobust" | "HC0" | "cluster"
     rounds: int = 0
     facts: dict = field(default_factory=dict)  # model key -> disclosure.ModelFacts
-    history: dict = field(default_factory=dict)  # model key -> {weight name: [vectors answered]}
+    history: dict = field(default_factory=dict)  # model key -> [coefficient vectors answered]
+    weight_cache: dict = field(default_factory=dict)  # model key -> [{weight name: vector}], aligned with history
     approved: bool = False
 
 

@@ -11,6 +11,7 @@ build a huge number.
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import tokenize
 from dataclasses import dataclass
@@ -78,8 +79,10 @@ def _prescan(text: str, source: str) -> None:
             prev = tok
 
 
+@functools.lru_cache(maxsize=256)
 def parse_formula(text: str, source: str = "study") -> "ParsedFormulaParts":
-    """Scan and parse with formulaic; returns the outcome and the right-hand factors."""
+    """Scan and parse with formulaic; returns the outcome and the right-hand factors.
+    Cached: a node parses the same formulas at every task of a study."""
     from formulaic import Formula  # the parser only; nothing is evaluated
     from formulaic.errors import FormulaicError
 

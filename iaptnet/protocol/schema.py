@@ -8,6 +8,7 @@ locally. The schema's fingerprint is part of a study's identity.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import tomllib
@@ -78,7 +79,7 @@ class Schema:
     def canonical(self) -> dict:
         return {"name": self.name, "columns": {n: c.as_dict() for n, c in self.columns.items()}}
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON form: two nodes serve the same dataset iff equal."""
         blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
