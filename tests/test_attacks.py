@@ -9,7 +9,7 @@ records the refusal with nothing released. Where part of an attack is legitimate
 the difference that would reveal the row never leaves the node.
 
 The target is one person, "Bob" (row 0), who has values no one else has. ATTACKS lists every
-case; docs/governance.md reports them (tried, refused, leaked) and a test keeps the two in
+case; the README ("The Trust stays in control") reports them (tried, refused, leaked) and a test keeps the two in
 step.
 """
 
@@ -432,7 +432,7 @@ def test_too_many_studies(tmp_path):
 
 def test_every_attack_has_a_test_and_a_line_in_the_report():
     here = Path(__file__).read_text()
-    report = (Path(__file__).parents[1] / "docs" / "governance.md").read_text()
+    report = (Path(__file__).parents[1] / "README.md").read_text()
     for name in ATTACKS:
         assert f"def test_{name}(" in here, name
         assert f"`{name}`" in report, name
