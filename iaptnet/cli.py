@@ -36,16 +36,24 @@ def _progress_printer(enabled: bool):
 
 
 def cmd_run(args) -> int:
-    from .coordinator.inprocess import run_inprocess
     from .coordinator.results import render_report, write_json_atomic
 
-    if args.engine != "inprocess":
-        raise IaptnetError(f"--engine {args.engine}: only the in-process engine is available in this release.")
-    if not args.network:
+    if args.engine == "flower":
+        if not args.hub:
+            raise IaptnetError("iaptnet run: --hub HUB.toml is required for the flower engine.")
+    elif not args.network:
         raise IaptnetError("iaptnet run: --network NETWORK.toml is required for the in-process engine.")
     progress, status = _progress_printer(not args.json and sys.stderr.isatty())
     try:
-        results = run_inprocess(args.study, args.network, progress=progress)
+        if args.engine == "flower":
+            from .coordinator.engines.flower import run_flower
+
+            results = run_flower(args.study, args.hub, progress=progress,
+                                 status=status.update if status else None)
+        else:
+            from .coordinator.inprocess import run_inprocess
+
+            results = run_inprocess(args.study, args.network, progress=progress)
     finally:
         if status:
             status.stop()
