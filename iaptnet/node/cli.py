@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 
 def cmd_check(args) -> int:
     from .check import run_check
@@ -9,6 +11,23 @@ def cmd_check(args) -> int:
     text, ok = run_check(args.data, args.schema, table=args.table, query=args.query)
     print(text)
     return 0 if ok else 1
+
+
+def cmd_start(args) -> int:
+    from .config import load_node_file
+    from .daemon import start
+
+    return start(load_node_file(args.config), local_network=args.local_network)
+
+
+def cmd_approve_app(args) -> int:
+    from .config import approve, load_node_file, read_approved
+
+    cfg = load_node_file(args.config)
+    added = approve(cfg.approved_apps, args.hash, args.note or "")
+    state = "approved" if added else "was already approved"
+    print(f"app bundle {args.hash.strip().lower()} {state}; {len(read_approved(cfg.approved_apps))} approved in {cfg.approved_apps}.")
+    return 0
 
 
 def register(sub) -> None:
@@ -20,6 +39,19 @@ def register(sub) -> None:
     check.add_argument("--table", help="table name, for an SQL source")
     check.add_argument("--query", help="SQL query, for an SQL source")
     check.set_defaults(fn=cmd_check)
+
+    start = node_sub.add_parser("start", help="run the node daemon (a Flower SuperNode serving this Trust's data)")
+    start.add_argument("--config", default="node.toml", help="node.toml (default ./node.toml)")
+    # Used by `iaptnet network up` only: a node of a local demo network may run without a
+    # policy file (exploratory), and only when its hub is on this machine.
+    start.add_argument("--local-network", action="store_true", help=argparse.SUPPRESS)
+    start.set_defaults(fn=cmd_start)
+
+    approve_app = node_sub.add_parser("approve-app", help="approve an app bundle hash (a release, from 'iaptnet app-hash')")
+    approve_app.add_argument("hash", help="the sha256 printed by 'iaptnet app-hash' for the release")
+    approve_app.add_argument("--config", default="node.toml", help="node.toml (default ./node.toml)")
+    approve_app.add_argument("--note", help="a note kept beside the hash (who approved, which release)")
+    approve_app.set_defaults(fn=cmd_approve_app)
 
     # Governance commands (approve studies, read and verify the audit log) live beside the
     # policy code that they drive.
