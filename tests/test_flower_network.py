@@ -1,0 +1,332 @@
+"""The real network on localhost: a Flower SuperLink hub and node daemons (SuperNodes) as
+separate processes, with TLS and SuperNode authentication, started by `iaptnet network up`.
+
+* a logistic study over the network gives the in-process engine's numbers (to 1e-12), and a
+  node that connects mid-study does not join it;
+* refusals, for real: an unregistered node key, a node speaking plain HTTP, an app bundle the
+  Trust has not approved (refused before any of its code runs, said so in the node's log);
+* faults: a node killed mid-study fails the study within the configured timeout naming the
+  node, or, when the study allows a minimum number of nodes, the study completes without it and
+  says so in its results; the hub and the other nodes keep running;
+* `network down` stops exactly the processes `network up` started.
+
+Every process started here is stopped whatever happens (the module fixture's finally, plus a
+sweep of any process whose command line names this test's private folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from glmcase import write_network, write_study
+from iaptnet.cli import main
+from iaptnet.coordinator.engines.flower import run_flower
+from iaptnet.coordinator.results import write_json_atomic
+from iaptnet.coordinator.inprocess import run_inprocess
+from iaptnet.ops import launcher, pki
+from iaptnet.protocol.errors import NetworkError
+
+COLUMNS = {
+    "y": {"type": "binary"},
+    "x": {"type": "numeric"},
+    "z": {"type": "numeric"},
+    "g": {"type": "categorical", "levels": ["a", "b", "c"]},
+}
+SITES = ("site0", "site1", "site2", "site3")
+NODE_TIMEOUT = 10.0
+
+
+def make_sites(seed: int = 11, sizes=(300, 450, 350, 400)) -> dict[str, pd.DataFrame]:
+    rng = np.random.default_rng(seed)
+    sites = {}
+    for name, n in zip(SITES + ("newcomer",), sizes + (200,)):
+        x = rng.normal(size=n)
+        z = rng.normal(size=n)
+        g = rng.choice(["a", "b", "c"], size=n)
+        eta = -0.3 + 0.8 * x - 0.4 * z + pd.Series(g).map({"a": 0.0, "b": 0.5, "c": -0.6}).to_numpy()
+        y = (rng.random(n) < 1 / (1 + np.exp(-eta))).astype(int)
+        frame = pd.DataFrame({"y": y, "x": x, "z": z, "g": g})
+        frame.loc[rng.choice(n, size=n // 30, replace=False), "x"] = np.nan
+        sites[name] = frame
+    return sites
+
+
+def _sweep(marker: str) -> None:
+    """Kill (by pid) any process left whose command line names this test's folder."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+PG_URL = os.environ.get("IAPTNET_TEST_POSTGRES_URL")
+
+
+def _site0_in_postgres(network: Path, frame: pd.DataFrame) -> str | None:
+    """With a PostgreSQL server (CI), node site0 reads its rows from a database table."""
+    if not PG_URL:
+        return None
+    import sqlalchemy as sa
+    import uuid
+
+    table = f"flower_site0_{uuid.uuid4().hex[:8]}"
+    engine = sa.create_engine(PG_URL)
+    frame.to_sql(table, engine, index=False)
+    engine.dispose()
+    text = network.read_text().replace('data = "site0.csv"', f'data = "{PG_URL}"\ntable = "{table}"', 1)
+    network.write_text(text)
+    return table
+
+
+def _drop_table(table: str) -> None:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(PG_URL)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'DROP TABLE IF EXISTS "{table}"'))
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("flowernet")
+    sites = make_sites()
+    newcomer = sites.pop("newcomer")
+    network = write_network(folder, sites, COLUMNS)
+    newcomer.to_csv(folder / "newcomer.csv", index=False)
+    table = _site0_in_postgres(network, sites["site0"])
+    lines = []
+    try:
+        record = launcher.up(network, timeout=180, node_timeout=NODE_TIMEOUT, echo=lines.append)
+        yield {"folder": folder, "network": network, "record": record, "hub": folder / "hub.toml",
+               "sites": sites}
+    finally:
+        try:
+            if (folder / launcher.STATE_DIR / launcher.PROCESSES).exists():
+                launcher.down(network, echo=lines.append)
+        finally:
+            _sweep(str(folder))
+            if table:
+                _drop_table(table)
+
+
+def node_pid(net, name: str) -> int:
+    return next(p["pid"] for p in net["record"]["processes"] if p["name"] == name)
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def study(net, name: str, **extra) -> Path:
+    fields = {"name": name, "family": "binomial", "formula": "y ~ x + z + g", "exposure": "x"}
+    fields.update(extra)
+    return write_study(net["folder"] / f"{name}.toml", **fields)
+
+
+def log_of(net, name: str) -> str:
+    return (net["folder"] / launcher.STATE_DIR / "logs" / f"{name}.log").read_text(errors="replace")
+
+
+def _start_newcomer(net) -> subprocess.Popen:
+    """A registered node that connects after the study has pinned its cohort."""
+    from iaptnet.coordinator.hub import load_hub_config, register_node
+    from iaptnet.node.config import approve
+    from iaptnet.ops.fab import release_hash
+
+    root = net["folder"] / launcher.STATE_DIR
+    ndir = root / "nodes" / "newcomer"
+    key, pub = pki.node_key(ndir, "newcomer")
+    register_node(load_hub_config(root / "coordinator.toml"), "newcomer", pub)
+    approve(ndir / "state" / "approved-apps.txt", release_hash())
+    (ndir / "node.toml").write_text(
+        f'name = "newcomer"\nhub = "{net["record"]["address"]}"\nca_cert = "{root / "pki" / "ca.crt"}"\n'
+        f'key = "{key}"\ndata = "{net["folder"] / "newcomer.csv"}"\nschema = "{net["folder"] / "schema.toml"}"\n'
+        f'state_dir = "{ndir / "state"}"\n')
+    log = open(root / "logs" / "newcomer.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "iaptnet.cli", "node", "start", "--config",
+                             str(ndir / "node.toml"), "--local-network"], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+
+
+def test_logistic_study_equals_inprocess_and_newcomer_does_not_join(net):
+    path = study(net, "logit_equal")
+    events, newcomer = [], []
+
+    def progress(kind, round_no, answered, expected):
+        events.append((kind, round_no, answered, expected))
+        if not newcomer:  # the study has pinned its cohort: a node connecting now is a stranger
+            newcomer.append(_start_newcomer(net))
+
+    try:
+        flower = run_flower([path], net["hub"], progress=progress)[0]
+    finally:
+        for proc in newcomer:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+    local = run_inprocess([path], net["network"])[0]
+    assert flower["engine"] == "flower" and local["engine"] == "inprocess"
+    assert [n["name"] for n in flower["nodes"]] == list(SITES) and all(n["contributed"] for n in flower["nodes"])
+    # results.json is the same document, every number equal to 1e-12
+    assert_same({k: v for k, v in flower.items() if k not in ("engine", "created_at")},
+                {k: v for k, v in local.items() if k not in ("engine", "created_at")})
+    assert events[0][0] == "glm.prepare" and events[-1][2] == events[-1][3] == len(SITES)
+    assert flower["rounds"] <= 5  # warm start: prepare + a few Newton rounds
+
+
+def assert_same(a, b, path="results"):
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), path
+        for key in a:
+            assert_same(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and not isinstance(b, bool):
+        assert a == pytest.approx(b, rel=1e-12, abs=0, nan_ok=True), path
+    else:
+        assert a == b, path
+
+
+def test_unapproved_app_bundle_is_refused_before_it_runs(net, capsys):
+    approved = net["folder"] / launcher.STATE_DIR / "nodes" / "site1" / "state" / "approved-apps.txt"
+    saved = approved.read_text()
+    approved.write_text("# nothing approved\n")
+    try:  # the command line: a run that fails on the hub exits non-zero with the reason
+        code = main(["run", str(study(net, "logit_refused")), "--engine", "flower", "--hub", str(net["hub"])])
+    finally:
+        approved.write_text(saved)
+    text = capsys.readouterr().err
+    assert code == NetworkError.exit_code and "Traceback" not in text
+    assert "site1 refused" in text and "has not approved this app bundle" in text
+    assert "REFUSED run" in log_of(net, "site1") and "not approved" in log_of(net, "site1").lower()
+
+
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def test_unregistered_key_and_plain_http_are_refused(net, tmp_path):
+    root = net["folder"] / launcher.STATE_DIR
+    key, _ = pki.node_key(tmp_path, "intruder")
+    (tmp_path / "node.toml").write_text(
+        f'name = "intruder"\nhub = "{net["record"]["address"]}"\nca_cert = "{root / "pki" / "ca.crt"}"\n'
+        f'key = "{key}"\ndata = "{net["folder"] / "site0.csv"}"\nschema = "{net["folder"] / "schema.toml"}"\n'
+        f'state_dir = "{tmp_path / "state"}"\n')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), FLWR_HOME=str(tmp_path / "home"),
+               FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    intruder = subprocess.run([sys.executable, "-m", "iaptnet.cli", "node", "start", "--config",
+                               str(tmp_path / "node.toml"), "--local-network"],
+                              capture_output=True, text=True, timeout=120, env=env, start_new_session=True)
+    assert intruder.returncode != 0
+    assert "Failed to activate SuperNode" in intruder.stderr and "register" in intruder.stderr
+    plain = subprocess.run([str(Path(sys.executable).parent / "flower-supernode"), "--insecure",
+                            "--superlink", net["record"]["address"], "--max-retries", "1",
+                            "--max-wait-time", "10", "--isolation", "process", "--port", _free_port()],
+                           capture_output=True, text=True, timeout=120, env=env, start_new_session=True)
+    assert plain.returncode != 0 and "could not establish a connection" in (plain.stdout + plain.stderr)
+    with_key = subprocess.run([str(Path(sys.executable).parent / "flower-supernode"), "--insecure",
+                               "--superlink", net["record"]["address"], "--auth-supernode-private-key",
+                               str(root / "nodes" / "site0" / "site0.key"), "--isolation", "process",
+                               "--port", _free_port()],
+                              capture_output=True, text=True, timeout=120, env=env, start_new_session=True)
+    assert with_key.returncode != 0 and "requires a secure TLS connection" in (with_key.stdout + with_key.stderr)
+    assert all(alive(p["pid"]) for p in net["record"]["processes"])
+
+
+def _kill_when_started(net, name: str):
+    killed = []
+
+    def progress(kind, round_no, answered, expected):
+        if not killed:
+            os.killpg(node_pid(net, name), signal.SIGKILL)
+            killed.append((kind, round_no))
+
+    return progress, killed
+
+
+def test_node_killed_mid_study_fails_it_naming_the_node(net):
+    progress, killed = _kill_when_started(net, "site3")
+    started = time.monotonic()
+    with pytest.raises(NetworkError) as err:
+        run_flower([study(net, "logit_killed")], net["hub"], progress=progress)
+    assert killed and "site3" in str(err.value) and f"did not answer within {NODE_TIMEOUT:g} s" in str(err.value)
+    assert time.monotonic() - started < 120  # bounded by the node timeout, not Flower's 60 s+ defaults
+    others = [p for p in net["record"]["processes"] if p["name"] != "site3"]
+    assert all(alive(p["pid"]) for p in others)  # the hub and the other nodes keep running
+
+
+def test_node_killed_mid_study_with_min_nodes_completes_without_it(net, tmp_path):
+    # site3 was killed above (the hub may still count it online for a minute); kill site2 now.
+    progress, killed = _kill_when_started(net, "site2")
+    result = run_flower([study(net, "logit_min_nodes", min_nodes=2)], net["hub"], progress=progress)[0]
+    write_json_atomic(tmp_path / "results.json", result)
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert killed and result["converged"]
+    by_name = {n["name"]: n for n in result["nodes"]}
+    assert by_name["site2"]["contributed"] is False and "did not answer" in by_name["site2"]["reason"]
+    assert by_name["site0"]["contributed"] and by_name["site1"]["contributed"]
+    if "site3" in by_name:
+        assert by_name["site3"]["contributed"] is False
+    used = net["sites"]["site0"].dropna().shape[0] + net["sites"]["site1"].dropna().shape[0]
+    assert result["n"] == used
+    # The estimate is the pooled fit of the nodes that stayed (within Newton's tolerance).
+    two = net["folder"] / "two"
+    write_network(two, {k: net["sites"][k] for k in ("site0", "site1")}, COLUMNS)
+    local = run_inprocess([net["folder"] / "logit_min_nodes.toml"], two / "network.toml")[0]
+    np.testing.assert_allclose([t["estimate"] for t in result["terms"]], [t["estimate"] for t in local["terms"]],
+                               rtol=1e-7)
+    assert alive(node_pid(net, "site0")) and alive(node_pid(net, "site1"))
+
+
+def test_network_down_stops_exactly_its_processes(net):
+    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    try:
+        ours = [p["pid"] for p in net["record"]["processes"]]
+        stopped = launcher.down(net["network"], echo=lambda *_: None)
+        assert "hub hub" in stopped
+        deadline = time.monotonic() + 15
+        while any(alive(pid) for pid in ours) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(pid) for pid in ours)
+        assert decoy.poll() is None  # not ours: untouched
+        leftovers = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    cmd = (entry / "cmdline").read_bytes().decode(errors="replace")
+                except OSError:
+                    continue
+                if str(net["folder"] / launcher.STATE_DIR) in cmd and alive(int(entry.name)):
+                    leftovers.append(cmd[:120])
+        assert not leftovers
+    finally:
+        decoy.kill()
+        decoy.wait()
