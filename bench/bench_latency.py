@@ -1,0 +1,134 @@
+"""Latency of the real network on localhost: seconds a round and the whole D1 study.
+
+For 3 and 8 nodes (synthetic services of ~60,000 referrals each; 8 nodes is the paper-scale
+483,683), starts a real network with `iaptnet network up` (hub + node daemons, TLS, node
+authentication), runs the D1 study (iaptnet/catalogue/d1_sessions.toml) `--repeat` times through
+the flower engine, then stops the network; once with flwr 1.42's own timings ("before":
+IAPTNET_STOCK_FLOWER_TIMING=1 keeps its 3 s idle poll, 0.5 s reply check, 1 s+ pull backoffs,
+1 s dispatch poll) and once with iaptnet's adaptations ("after": node/flower_adapt.py).
+
+Both keep what is not a timing: the warm worker (with flwr's stock one-process-per-message the
+node loses the prepared study between rounds and the GLM cannot run at all; FLOWER.md measured
+that path at 7-10 s a round with 3 nodes), one array per message (protocol/flower_frame.py) and
+the hub's in-memory state (coordinator.toml `database = "memory"`).
+
+Per configuration it prints: the median seconds a round (from the ServerApp's own event
+timestamps: a round starts when its tasks are pushed and ends when the last node's reply is
+pulled), the median of the D1 study on the hub (first task pushed to results) and of the whole
+`iaptnet run` (submit to results.json on the analyst's machine), and the rounds D1 took.
+These machines are shared and noisy: compare the before/after of one run, not seconds across
+runs.
+
+    .venv/bin/python bench/bench_latency.py [--nodes 3 8] [--repeat 3] [--patients-per-node 60000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from iaptnet.coordinator.catalogue import catalogue_paths
+from iaptnet.coordinator.engines import flower as engine
+from iaptnet.ops import launcher
+from iaptnet.synth import generate_network
+
+D1 = next(p for p in catalogue_paths() if p.stem == "d1_sessions")
+
+
+def run_once(hub_toml: Path) -> dict:
+    hub = engine.load_hub_file(hub_toml)
+    entries = engine.study_entries([D1], hub)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
+        run = engine.FlowerRun(hub, Path(tmp))
+        run.submit_and_follow(entries)
+        status, details = run.status()
+    wall = time.monotonic() - started
+    if run.error or status != "finished:completed" or not run.results:
+        raise SystemExit(f"D1 failed: {run.error or details or status}")
+    events = [json.loads(base64.b64decode(b)) for line in run.log_lines for b in engine._EVENT.findall(line)]
+    rounds: dict[int, list[float]] = {}
+    for e in events:
+        if e["event"] == "progress":
+            rounds.setdefault(e["round"], []).append(e["t"])
+    per_round = [max(ts) - min(ts) for _, ts in sorted(rounds.items())]
+    first_push = min(min(ts) for ts in rounds.values())
+    done = next(e["t"] for e in events if e["event"] == "done")
+    return {"rounds": per_round, "study": done - first_push, "wall": wall,
+            "n_rounds": run.results[0]["rounds"], "beta": run.results[0]["exposure_term"]["estimate"]}
+
+
+def measure(network: Path, nodes: int, stock: bool, repeat: int) -> dict:
+    env_key = "IAPTNET_STOCK_FLOWER_TIMING"
+    saved = os.environ.get(env_key)
+    if stock:
+        os.environ[env_key] = "1"
+    else:
+        os.environ.pop(env_key, None)
+    try:
+        launcher.up(network, timeout=600, echo=lambda *_: None)
+        try:
+            run_once(network.parent / "hub.toml")  # warm-up: first load of the data, caches
+            runs = [run_once(network.parent / "hub.toml") for _ in range(repeat)]
+        finally:
+            launcher.down(network, echo=lambda *_: None)
+    finally:
+        if saved is None:
+            os.environ.pop(env_key, None)
+        else:
+            os.environ[env_key] = saved
+    rounds = [r for run in runs for r in run["rounds"]]
+    return {"nodes": nodes, "config": "before (flwr 1.42 timings)" if stock else "after (iaptnet adaptations)",
+            "round_median": statistics.median(rounds), "study_median": statistics.median(r["study"] for r in runs),
+            "wall_median": statistics.median(r["wall"] for r in runs), "rounds": runs[0]["n_rounds"],
+            "beta": runs[0]["beta"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, nargs="+", default=[3, 8])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--patients-per-node", type=int, default=60_000)
+    parser.add_argument("--seed", type=int, default=20210901)
+    parser.add_argument("--work", help="folder for the synthetic networks (default: a temporary one)")
+    parser.add_argument("--only", choices=["before", "after"], help="measure one configuration only")
+    args = parser.parse_args()
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-latency-"))
+    rows = []
+    for nodes in args.nodes:
+        folder = work / f"net{nodes}"
+        network = folder / "network.toml"
+        if not network.exists():
+            print(f"synthesising {nodes} services x {args.patients_per_node:,} referrals in {folder}", file=sys.stderr)
+            generate_network(folder, services=nodes, patients=nodes * args.patients_per_node, seed=args.seed)
+        for stock in (True, False):
+            if args.only and (args.only == "before") != stock:
+                continue
+            print(f"{nodes} nodes, {'before' if stock else 'after'}: measuring", file=sys.stderr)
+            row = measure(network, nodes, stock, args.repeat)
+            rows.append(row)
+            print(f"  {row['round_median']:.2f} s a round, D1 {row['study_median']:.1f} s on the hub, "
+                  f"{row['wall_median']:.1f} s end to end, {row['rounds']} rounds", file=sys.stderr)
+    print("\n| nodes | configuration | median s/round | D1 on the hub (s) | D1 end to end (s) | D1 rounds |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['nodes']} | {r['config']} | {r['round_median']:.2f} | {r['study_median']:.1f} | "
+              f"{r['wall_median']:.1f} | {r['rounds']} |")
+    by = {(r["nodes"], r["config"].split()[0]): r for r in rows}
+    for nodes in args.nodes:
+        if (nodes, "before") in by and (nodes, "after") in by:
+            b, a = by[(nodes, "before")], by[(nodes, "after")]
+            assert b["beta"] == a["beta"], "both configurations must give the same D1 estimate"
+            print(f"{nodes} nodes: a round {b['round_median'] / a['round_median']:.1f}x faster, "
+                  f"D1 end to end {b['wall_median'] / a['wall_median']:.1f}x faster")
+
+
+if __name__ == "__main__":
+    main()
