@@ -294,7 +294,26 @@ def _null_fit(fit: ModelFit, replies: list[m.Reply]) -> ModelFit:
     info = _sum(replies, f"local_info/{null.key}").reshape(1, 1)
     ibeta = _sum(replies, f"local_ibeta/{null.key}")
     null.beta = _solve_start(info, ibeta)
+    exact = _null_intercept(fit)
+    if exact is not None:
+        null.beta = np.array([exact])
     return null
+
+
+def _null_intercept(fit: ModelFit) -> float | None:
+    """The intercept-only MLE in closed form where there is one: with a canonical link, no
+    offset and no prior weights the fitted mean is the pooled mean of y, known exactly from
+    the nodes' n and sum of y. Started there, the null model converges in its first round
+    (which still checks it and gives the null deviance) instead of iterating beside the
+    model."""
+    if fit.spec.offset or fit.spec.weights or not fit.n:
+        return None
+    mean = fit.events / fit.n if fit.events is not None else None
+    if fit.family.name == "binomial" and mean is not None and 0.0 < mean < 1.0:
+        return float(np.log(mean) - np.log1p(-mean))
+    if fit.family.name == "poisson" and mean is not None and mean > 0.0:
+        return float(np.log(mean))
+    return None
 
 
 def _newton_update(fit: ModelFit, score: np.ndarray, info: np.ndarray, stats: np.ndarray,

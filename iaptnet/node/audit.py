@@ -113,6 +113,7 @@ class AuditLog:
         self.folder = folder
         self._lock = threading.Lock()
         self._memory: list[str] = []
+        self._memory_head: tuple[int, str] = (0, GENESIS)
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -129,10 +130,14 @@ class AuditLog:
         with self._lock, (_file_lock(self.folder / "audit.lock") if self.folder else contextlib.nullcontext()):
             seq, prev = self._head()
             entry = {"seq": seq + 1, **fields, "prev": prev}
-            entry["hash"] = entry_hash(prev, entry)
-            line = canonical(entry) + "\n"
+            # The body is serialised once: hashed, then written with the hash appended (the
+            # line is the canonical body plus its hash; verify() re-serialises the body).
+            body = canonical(entry)
+            entry["hash"] = hashlib.sha256((prev + body).encode()).hexdigest()
+            line = body[:-1] + ',"hash":' + json.dumps(entry["hash"]) + "}\n"
             if self.folder is None:
                 self._memory.append(line)
+                self._memory_head = (entry["seq"], entry["hash"])
             else:
                 with open(self.path, "a") as fh:
                     fh.write(line)
@@ -143,10 +148,7 @@ class AuditLog:
 
     def _head(self) -> tuple[int, str]:
         if self.folder is None:
-            if not self._memory:
-                return 0, GENESIS
-            last = json.loads(self._memory[-1])
-            return int(last["seq"]), str(last["hash"])
+            return self._memory_head
         try:
             head = json.loads(self.head_path.read_text())
             return int(head["seq"]), str(head["hash"])

@@ -54,10 +54,17 @@ class DesignedModel:
     levels: list = field(default_factory=list)  # disclosure.LevelCount, kept at the node
     weights: np.ndarray | None = None  # prior weights; None means 1 for every row
     clusters: np.ndarray | None = None  # cluster code per row (cov_type = "cluster")
+    _gram: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def n(self) -> int:
         return len(self.y)
+
+    def gram(self) -> np.ndarray:
+        """X'X, computed once (the leverage check and the local fit's first step use it)."""
+        if self._gram is None:
+            self._gram = self.X.T @ self.X
+        return self._gram
 
     @property
     def n_clusters(self) -> int:
@@ -66,18 +73,33 @@ class DesignedModel:
     def max_leverage(self) -> float | None:
         """The largest leverage (diagonal of the hat matrix of X) of a row; None without rows.
 
-        From the eigen-decomposition of the column-scaled X'X (p x p), so the cost is one
-        X'X and one X V; directions with no support (absent levels, exact collinearity)
-        are left out, as in a pseudo-inverse."""
+        h_i = x_i' (X'X)^+ x_i, with columns that have no rows left out. X'X is scaled to unit
+        diagonal first (leverage does not change with column scale). Well conditioned (the
+        usual case): h = rowsum((X M) * X) with M the inverse, the product in float32, ample
+        for comparing with the policy's threshold and half the cost. Otherwise from the
+        eigen-decomposition, leaving out directions with no support (exact collinearity), as
+        a pseudo-inverse does."""
         if self.n == 0:
             return None
-        X = self.X[:, np.any(self.X != 0, axis=0)]
-        if X.shape[1] == 0:
+        gram = self.gram()
+        diag = np.diag(gram).copy()
+        keep = diag > 0
+        if not keep.any():
             return None
-        X = X / np.linalg.norm(X, axis=0)
-        values, vectors = np.linalg.eigh(X.T @ X)
-        keep = values > 1e-14 * values[-1]
-        u = (X @ vectors[:, keep]) / np.sqrt(values[keep])
+        scale = np.where(keep, 1.0 / np.sqrt(np.where(keep, diag, 1.0)), 0.0)
+        scaled = gram * scale[:, None] * scale[None, :]
+        scaled[~keep, ~keep] = 1.0  # empty columns: an identity block, removed by scale below
+        if np.linalg.cond(scaled) < 1e8:
+            import scipy.linalg
+
+            inverse = scipy.linalg.cho_solve(scipy.linalg.cho_factor(scaled), np.eye(len(scaled)))
+            M = (inverse * scale[:, None] * scale[None, :]).astype(np.float32)
+            X32 = self.X.astype(np.float32)
+            return float(np.max(np.einsum("ij,ij->i", X32 @ M, X32)))
+        X = self.X[:, keep] * scale[keep]
+        values, vectors = np.linalg.eigh(scaled[np.ix_(keep, keep)])
+        kept = values > 1e-14 * values[-1]
+        u = (X @ vectors[:, kept]) / np.sqrt(values[kept])
         return float(np.max(np.einsum("ij,ij->i", u, u)))
 
     @property
@@ -174,7 +196,7 @@ def build_design(frame: pd.DataFrame, schema: Schema, spec: StudySpec,
     parsed = check_formula(spec.formula, schema, spec.family, spec.source)
     rows, used, n_cohort, n_missing = model_selection(frame, spec, parsed)
     rhs = legacy_ordered(spec.formula.split("~", 1)[1], schema)
-    model_spec = ModelSpec(formula=rhs, na_action="ignore", output="pandas",
+    model_spec = ModelSpec(formula=rhs, na_action="ignore", output="numpy",
                            transform_state=dict(transform_state or {}))
     if len(rows) == 0:
         names = _names_from_empty(rows, model_spec)
@@ -184,7 +206,7 @@ def build_design(frame: pd.DataFrame, schema: Schema, spec: StudySpec,
         mm = model_spec.get_model_matrix(rows, context=EVAL_CONTEXT)
     except Exception as exc:  # formulaic raises many types; none may carry data values out
         raise DataError(f"the formula could not be evaluated on this node's rows ({type(exc).__name__}).") from exc
-    X = np.ascontiguousarray(mm.to_numpy(dtype=float))
+    X = np.ascontiguousarray(np.asarray(mm, dtype=float))
     if not np.all(np.isfinite(X)):
         raise DataError("a transform in the formula gives values that are not finite (for example log of 0) for some rows.")
     y = rows[parsed.outcome].to_numpy(dtype=float)
@@ -195,7 +217,7 @@ def build_design(frame: pd.DataFrame, schema: Schema, spec: StudySpec,
         if np.any(weights < 0) or not np.all(np.isfinite(weights)):
             raise DataError(f"the weights column '{spec.weights}' has negative or infinite values.")
     clusters = pd.factorize(rows[spec.cluster], sort=True)[0] if spec.cluster else None
-    names = list(mm.columns)
+    names = list(mm.model_spec.column_names)
     levels = level_counts(rows, X, names, mm.model_spec, schema, spec, parsed)
     return DesignedModel(names, X, y, offset, n_cohort, n_missing, used, levels, weights, clusters)
 
@@ -333,6 +355,6 @@ def _names_from_empty(rows: pd.DataFrame, model_spec) -> list[str]:
             placeholder[name] = [1.0]
     try:
         mm = model_spec.get_model_matrix(pd.DataFrame(placeholder), context=EVAL_CONTEXT)
-        return list(mm.columns)
+        return list(mm.model_spec.column_names)
     except Exception:
         return []

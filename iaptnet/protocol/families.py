@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import scipy.special
 
 FAMILIES = ("binomial", "gaussian", "poisson")
 
@@ -46,6 +47,10 @@ class Family:
         residual sum of squares (the deviance) and that."""
         raise NotImplementedError
 
+    def deviance_and_loglike(self, y, mu, eta=None, weights=None) -> tuple[float, float]:
+        """Both sums of a round in one call (a family may share the work)."""
+        return self.deviance(y, mu, eta, weights), self.loglike_sum(y, mu, eta, weights)
+
     def llf(self, loglike_sum: float, n: int, deviance: float) -> float:
         return loglike_sum
 
@@ -75,11 +80,15 @@ class Binomial(Family):
         # finite where mu rounds to exactly 0 or 1.
         if eta is None:
             eta = np.log(mu) - np.log1p(-mu)
-        unit = np.where(y > 0, np.logaddexp(0.0, -eta), np.logaddexp(0.0, eta))
+        unit = np.logaddexp(0.0, np.where(y > 0, -eta, eta))
         return float(2.0 * np.sum(_w(weights) * unit))
 
     def loglike_sum(self, y, mu, eta=None, weights=None):
         return -0.5 * self.deviance(y, mu, eta, weights)
+
+    def deviance_and_loglike(self, y, mu, eta=None, weights=None):
+        deviance = self.deviance(y, mu, eta, weights)
+        return deviance, -0.5 * deviance
 
     def check_outcome(self, y):
         if np.any((y != 0) & (y != 1)):
@@ -152,12 +161,8 @@ def get_family(name: str) -> Family:
 
 
 def _expit(eta: np.ndarray) -> np.ndarray:
-    out = np.empty_like(eta, dtype=float)
-    pos = eta >= 0
-    out[pos] = 1.0 / (1.0 + np.exp(-eta[pos]))
-    e = np.exp(eta[~pos])
-    out[~pos] = e / (1.0 + e)
-    return out
+    """The logistic function, stable at both tails (scipy's ufunc)."""
+    return scipy.special.expit(np.asarray(eta, dtype=float))
 
 
 def _sum_log_factorial(y: np.ndarray, weights: np.ndarray | None = None) -> float:
