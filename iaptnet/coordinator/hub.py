@@ -36,12 +36,12 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..protocol.errors import NetworkError, SpecError
+from ..protocol.tomlfile import read_toml
 
 KEYS = {"host", "port", "ca_cert", "cert", "key", "state_dir", "database", "log_file", "control_address"}
 DATABASES = ("memory", "sqlite")
@@ -96,17 +96,6 @@ class HubConfig:
         return self.state_dir / "nodes.json"
 
 
-def _read_toml(path: Path, what: str) -> dict:
-    try:
-        return tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(f"{path}: {what} not found.") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{path}: not a valid TOML file ({exc}).") from None
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read the file ({exc.strerror}).") from None
-
-
 def _resolve(base: Path, value: str) -> Path:
     p = Path(value).expanduser()
     return p if p.is_absolute() else base / p
@@ -116,7 +105,7 @@ def load_hub_config(path: str | Path) -> HubConfig:
     from ..ops.pki import check_pem_private_key, load_certificate
 
     path = Path(path)
-    raw = _read_toml(path, "coordinator configuration file")
+    raw = read_toml(path, "coordinator configuration file")
     base = path.parent.resolve()
     unknown = set(raw) - KEYS
     if unknown:
@@ -225,15 +214,23 @@ def start_hub(cfg: HubConfig) -> int:
 
 def wait_healthy(cfg: HubConfig, proc: subprocess.Popen | None = None, timeout: float = 60.0) -> bool:
     """True once the hub answers on its control address (False if it exited or timed out)."""
+    return wait_for_hub(cfg.control_address, cfg.ca_cert, proc, timeout)
+
+
+def wait_for_hub(address: str, ca_cert: Path, proc: subprocess.Popen | None, timeout: float) -> bool:
+    """Poll the SuperLink's /health over TLS (trusting only `ca_cert`) until it answers."""
+    import ssl
+
     import httpx
 
+    context = ssl.create_default_context(cafile=str(ca_cert))
     deadline = time.monotonic() + timeout
-    with httpx.Client(verify=str(cfg.ca_cert), timeout=2.0) as client:
+    with httpx.Client(verify=context, timeout=2.0) as client:
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
                 return False
             try:
-                client.get(f"https://{cfg.control_address}/health")
+                client.get(f"https://{address}/health")
                 return True
             except httpx.HTTPError:
                 time.sleep(0.2)

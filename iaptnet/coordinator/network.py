@@ -5,12 +5,12 @@ or an SQLAlchemy URL with `table` or `query`), optional `schema` and optional `p
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..node.runtime import resolve_path
 from ..protocol.errors import SpecError
+from ..protocol.tomlfile import read_toml
 
 NODE_KEYS = {"name", "data", "schema", "policy", "table", "query"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -28,12 +28,7 @@ class Network:
 
 def load_network(path: str | Path) -> Network:
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(f"{path}: network file not found.") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{path}: not a valid TOML file ({exc}).") from None
+    data = read_toml(path, "network file")
     raw_nodes = data.get("node")
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise SpecError(f"{path}: expected one or more [[node]] tables.")

@@ -23,11 +23,11 @@ sentence naming the file and the field.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..protocol.errors import SpecError
+from ..protocol.tomlfile import read_toml
 
 KEYS = {"name", "hub", "ca_cert", "key", "data", "table", "query", "schema", "policy", "state_dir",
         "approved_apps", "tuning"}
@@ -79,14 +79,7 @@ def _resolve(base: Path, value: str) -> str:
 
 def load_node_file(path: str | Path) -> NodeFile:
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(f"{path}: node configuration file not found.") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{path}: not a valid TOML file ({exc}).") from None
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read the file ({exc.strerror}).") from None
+    raw = read_toml(path, "node configuration file")
     base = path.parent.resolve()
     unknown = set(raw) - KEYS
     if unknown:

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from ..protocol.errors import SpecError
+from ..protocol.tomlfile import read_toml
 
 MODES = ("approved", "exploratory")
 
@@ -137,14 +138,7 @@ def load_policy(path: str | Path | None, *, production: bool) -> Policy:
                             "node's configuration; the README's section on the policy file has a template with the defaults.")
         return default_policy()
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(f"{path}: policy file not found.") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{path}: not a valid TOML file ({exc}).") from None
-    except OSError as exc:
-        raise SpecError(f"{path}: the policy file cannot be read ({exc.strerror}).") from None
+    data = read_toml(path, "policy file")
     return parse_policy(data, path)
 
 

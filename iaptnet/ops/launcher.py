@@ -113,18 +113,12 @@ def _alive(pid: int, marker: str) -> bool:
 
 
 def _wait_ready(address: str, ca_cert: Path, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    import httpx
+    from ..coordinator.hub import wait_for_hub
 
-    deadline = time.monotonic() + timeout
-    with httpx.Client(verify=str(ca_cert), timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise NetworkError(f"the hub exited during start-up (exit {proc.returncode}); see {log}.")
-            try:
-                client.get(f"https://{address}/health")
-                return
-            except httpx.HTTPError:
-                time.sleep(0.2)
+    if wait_for_hub(address, ca_cert, proc, timeout):
+        return
+    if proc.poll() is not None:
+        raise NetworkError(f"the hub exited during start-up (exit {proc.returncode}); see {log}.")
     raise NetworkError(f"the hub did not start within {timeout:g} s; see {log}.")
 
 

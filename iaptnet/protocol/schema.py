@@ -11,11 +11,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import SpecError
+from .tomlfile import read_toml
 
 #: Types a user may declare in a schema TOML. `date` and `identifier` columns are read and
 #: validated but cannot appear in a formula.
@@ -149,12 +149,7 @@ class Schema:
     @classmethod
     def load(cls, path: str | Path) -> "Schema":
         path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise SpecError(f"{path}: schema file not found.") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise SpecError(f"{path}: not a valid TOML file ({exc}).") from None
+        data = read_toml(path, "schema file")
         return cls.from_dict(data, str(path))
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from .errors import SpecError
 from .families import FAMILIES
 from .formula_check import ParsedFormula, check_expression, check_formula
 from .schema import Column, Schema
+from .tomlfile import read_toml
 
 STUDY_KEYS = {
     "name", "kind", "title", "description", "family", "formula", "where", "offset", "exposure",
@@ -154,12 +154,7 @@ def approval_hash(spec: StudySpec) -> str:
 
 def read_study_file(path: str | Path) -> dict:
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(f"{path}: study file not found.") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{path}: not a valid TOML file ({exc}).") from None
+    data = read_toml(path, "study file")
     return embed_files(data, path)
 
 

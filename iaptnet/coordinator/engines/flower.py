@@ -31,7 +31,6 @@ import re
 import subprocess
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from ...protocol.errors import NetworkError, SpecError
 from ..hub import CONNECTION, FlwrCli, flwr_error, write_connection
 from ..serverapp import MARK_CLOSE, MARK_OPEN, encode_studies
 from ..session import ProgressFn
+from ...protocol.tomlfile import read_toml
 
 HUB_KEYS = {"address", "ca_cert", "schema", "node_timeout", "poll_interval", "run_timeout"}
 _EVENT = re.compile(re.escape(MARK_OPEN) + r"([A-Za-z0-9+/=]+)" + re.escape(MARK_CLOSE))
@@ -63,12 +63,7 @@ def load_hub_file(path: str | Path) -> HubFile:
     from ...ops.pki import load_certificate
 
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(f"{path}: hub file not found.") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{path}: not a valid TOML file ({exc}).") from None
+    raw = read_toml(path, "hub file")
     unknown = set(raw) - HUB_KEYS
     if unknown:
         raise SpecError(f"{path}: unknown field '{sorted(unknown)[0]}' (expected {', '.join(sorted(HUB_KEYS))}).")

@@ -1,0 +1,24 @@
+"""Reading the TOML files users hand us (studies, schemas, networks, policies, configurations)
+with one sentence for each way it can go wrong, never a traceback."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from .errors import SpecError
+
+
+def read_toml(path: str | Path, what: str) -> dict:
+    """The parsed file; SpecError naming the file and `what` it should be (e.g. "study file")."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: {what} not found.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: not a valid TOML file ({exc}).") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a folder, not a {what}.") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: the {what} cannot be read ({exc.strerror}).") from None
