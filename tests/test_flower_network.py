@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -261,23 +262,48 @@ def test_unregistered_key_and_plain_http_are_refused(net, tmp_path):
     assert all(alive(p["pid"]) for p in net["record"]["processes"])
 
 
-def _kill_when_started(net, name: str):
-    killed = []
+class _KillAfterAnswer(threading.Thread):
+    """Kills a node's daemon the moment its own log says it answered the study's prepare task,
+    so it dies mid-study every time: after the study pinned it and before the first Newton
+    round (the hub needs at least one poll interval to collect every reply and push the next
+    round), whether or not its prepare reply got out first. (Killing on the analyst's first
+    progress event was racy: Flower's log stream can deliver it after the study has ended.)"""
 
-    def progress(kind, round_no, answered, expected):
-        if not killed:
-            os.killpg(node_pid(net, name), signal.SIGKILL)
-            killed.append((kind, round_no))
+    def __init__(self, net, name: str):
+        super().__init__(daemon=True)
+        self.path = net["folder"] / launcher.STATE_DIR / "logs" / f"{name}.log"
+        self.offset = self.path.stat().st_size
+        self.pid = node_pid(net, name)
+        self.name_ = name
+        self.killed_after: str | None = None
+        self.done = threading.Event()
 
-    return progress, killed
+    def run(self) -> None:
+        deadline = time.monotonic() + 120
+        while not self.done.is_set() and time.monotonic() < deadline:
+            with open(self.path, errors="replace") as fh:
+                fh.seek(self.offset)
+                new = fh.read()
+            if f"node {self.name_} answered glm.prepare" in new:
+                os.killpg(self.pid, signal.SIGKILL)
+                self.killed_after = "glm.prepare"
+                return
+            time.sleep(0.005)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.join(timeout=10)
 
 
 def test_node_killed_mid_study_fails_it_naming_the_node(net):
-    progress, killed = _kill_when_started(net, "site3")
     started = time.monotonic()
-    with pytest.raises(NetworkError) as err:
-        run_flower([study(net, "logit_killed")], net["hub"], progress=progress)
-    assert killed and "site3" in str(err.value) and f"did not answer within {NODE_TIMEOUT:g} s" in str(err.value)
+    with _KillAfterAnswer(net, "site3") as killer, pytest.raises(NetworkError) as err:
+        run_flower([study(net, "logit_killed")], net["hub"])
+    assert killer.killed_after == "glm.prepare" and "site3" in str(err.value) and f"did not answer within {NODE_TIMEOUT:g} s" in str(err.value)
     assert time.monotonic() - started < 120  # bounded by the node timeout, not Flower's 60 s+ defaults
     others = [p for p in net["record"]["processes"] if p["name"] != "site3"]
     assert all(alive(p["pid"]) for p in others)  # the hub and the other nodes keep running
@@ -285,11 +311,11 @@ def test_node_killed_mid_study_fails_it_naming_the_node(net):
 
 def test_node_killed_mid_study_with_min_nodes_completes_without_it(net, tmp_path):
     # site3 was killed above (the hub may still count it online for a minute); kill site2 now.
-    progress, killed = _kill_when_started(net, "site2")
-    result = run_flower([study(net, "logit_min_nodes", min_nodes=2)], net["hub"], progress=progress)[0]
+    with _KillAfterAnswer(net, "site2") as killer:
+        result = run_flower([study(net, "logit_min_nodes", min_nodes=2)], net["hub"])[0]
     write_json_atomic(tmp_path / "results.json", result)
     result = json.loads((tmp_path / "results.json").read_text())
-    assert killed and result["converged"]
+    assert killer.killed_after == "glm.prepare" and result["converged"]
     by_name = {n["name"]: n for n in result["nodes"]}
     assert by_name["site2"]["contributed"] is False and "did not answer" in by_name["site2"]["reason"]
     assert by_name["site0"]["contributed"] and by_name["site1"]["contributed"]

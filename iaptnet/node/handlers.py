@@ -142,6 +142,9 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
             log.exception("task %s: a step after the release failed", task.task_id)
     if fresh_study is not None:
         runtime.approvals[task.study_hash] = fresh_study
+    # The operator's view of activity (node log): what was answered, never a value.
+    log.info("node %s answered %s (study %s, round %d): %d arrays released, audit entry %d",
+             runtime.name, record["kind"], record["study_hash"][:12], record["round"], len(arrays), entry["seq"])
     return m.Reply(status=m.OK, node=runtime.name, payload=payload, arrays=arrays,
                    task_id=task.task_id, audit_hash=entry["hash"])
 
@@ -284,6 +287,8 @@ def _refused(runtime: NodeRuntime, task: m.Task, record: dict, refusal: d.Refusa
     if len(refusal.violations) > 6:
         message += f"; and {len(refusal.violations) - 6} more"
     audit_hash = _audit(runtime, {**record, "status": m.REFUSED, "code": refusal.rule, "refusal": refusals})
+    log.info("node %s refused %s (study %s, round %d): %s", runtime.name, record["kind"],
+             record["study_hash"][:12], record["round"], message)
     if audit_hash is None:
         return _reply_error(runtime, task, "audit_failed",
                             "the node could not write its audit log; its operator has the detail.")
