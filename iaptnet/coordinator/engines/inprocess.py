@@ -7,6 +7,7 @@ processes: used by `iaptnet demo`, most tests, and analysts trying a study on sy
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from collections.abc import Iterable
@@ -21,6 +22,17 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 COORDINATOR_NODE_ID = 0
+
+
+@functools.cache
+def _blas_controller():
+    """threadpoolctl's view of the loaded BLAS libraries, found once (the search costs ~5 ms).
+    numpy's and scipy's BLAS builds are both loaded first, so that both are limited."""
+    import numpy  # noqa: F401
+    import scipy.linalg  # noqa: F401
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def _wire(message: Message) -> Message:
@@ -65,8 +77,6 @@ class InProcessGrid(Grid):
         return list(self._nodes)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        from threadpoolctl import threadpool_limits
-
         jobs = []
         for msg in messages:
             msg_id = uuid.uuid4().hex
@@ -74,7 +84,7 @@ class InProcessGrid(Grid):
             if msg.metadata.dst_node_id in self._nodes:
                 jobs.append((msg_id, msg))
         workers = max(1, min(len(jobs), os.cpu_count() or 1))
-        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        with _blas_controller().limit(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
             replies = list(pool.map(lambda job: self._deliver(*job), jobs))
         for (msg_id, _), reply in zip(jobs, replies):
             self._replies[msg_id] = reply
