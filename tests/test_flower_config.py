@@ -204,3 +204,21 @@ def test_deploy_examples_use_only_known_fields():
     assert {"name", "hub", "ca_cert", "key", "data", "policy"} <= set(node)
     assert set(tomllib.loads((examples / "coordinator.toml").read_text())) <= COORDINATOR_KEYS
     assert set(tomllib.loads((examples / "hub.toml").read_text())) <= HUB_KEYS
+
+
+def test_unreachable_hub_is_one_plain_sentence(kit, capsys):
+    import socket
+
+    from iaptnet.coordinator.catalogue import catalogue_paths
+    from iaptnet.protocol.errors import NetworkError
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    hub = kit / "hub.toml"
+    hub.write_text(f'address = "127.0.0.1:{port}"\nca_cert = "pki/ca.crt"\n')
+    d1 = next(p for p in catalogue_paths() if p.stem == "d1_sessions")
+    code, err = run_cli(capsys, "run", str(d1), "--engine", "flower", "--hub", str(hub))
+    assert code == NetworkError.exit_code and "Traceback" not in err
+    assert f"the hub at 127.0.0.1:{port} did not accept the run" in err and "unavailable" in err
+    assert len(err.strip().splitlines()) == 1 and not re.search(r"[\u2500-\u257f]", err)

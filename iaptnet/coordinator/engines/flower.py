@@ -185,7 +185,7 @@ class FlowerRun:
         if self.run_id is None:
             said = [ln for ln in self.log_lines if ln.strip() and not ln.startswith("Using SuperLink")]
             raise NetworkError(f"the hub at {self.hub.address} did not accept the run: "
-                               f"{' '.join(said[-3:])[:400] or 'no answer'}")
+                               f"{_plain(' '.join(said[-4:]))[:400] or 'no answer'}")
         if n_parts is not None and len(parts) == n_parts:
             self.results = json.loads("".join(parts[i] for i in range(n_parts)))
 
@@ -209,6 +209,11 @@ class FlowerRun:
                 self.cli.json("stop", self.run_id, CONNECTION, timeout=60)
             except NetworkError:
                 pass
+
+
+def _plain(text: str) -> str:
+    """flwr's console output without its box drawing, on one line."""
+    return " ".join(re.sub(r"[\u2500-\u257f]", " ", text).split())
 
 
 def _raise_reported(error: dict, run_id: str) -> None:
