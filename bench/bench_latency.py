@@ -20,6 +20,7 @@ These machines are shared and noisy: compare the before/after of one run, not se
 runs.
 
     .venv/bin/python bench/bench_latency.py [--nodes 3 8] [--repeat 3] [--patients-per-node 60000]
+                                            [--only before|after] [--poll-active 0.25 0.5]
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def run_once(hub_toml: Path) -> dict:
             "n_rounds": run.results[0]["rounds"], "beta": run.results[0]["exposure_term"]["estimate"]}
 
 
-def measure(network: Path, nodes: int, stock: bool, repeat: int) -> dict:
+def measure(network: Path, nodes: int, stock: bool, repeat: int, poll_active: float = 0.25) -> dict:
     env_key = "IAPTNET_STOCK_FLOWER_TIMING"
     saved = os.environ.get(env_key)
     if stock:
@@ -73,7 +74,7 @@ def measure(network: Path, nodes: int, stock: bool, repeat: int) -> dict:
     else:
         os.environ.pop(env_key, None)
     try:
-        launcher.up(network, timeout=600, echo=lambda *_: None)
+        launcher.up(network, timeout=600, echo=lambda *_: None, poll_active=poll_active)
         try:
             run_once(network.parent / "hub.toml")  # warm-up: first load of the data, caches
             runs = [run_once(network.parent / "hub.toml") for _ in range(repeat)]
@@ -85,7 +86,10 @@ def measure(network: Path, nodes: int, stock: bool, repeat: int) -> dict:
         else:
             os.environ[env_key] = saved
     rounds = [r for run in runs for r in run["rounds"]]
-    return {"nodes": nodes, "config": "before (flwr 1.42 timings)" if stock else "after (iaptnet adaptations)",
+    config = "before (flwr 1.42 timings)" if stock else "after (iaptnet adaptations)"
+    if not stock and poll_active != 0.25:
+        config += f", poll_active {poll_active:g} s"
+    return {"nodes": nodes, "config": config, "poll_active": poll_active,
             "round_median": statistics.median(rounds), "study_median": statistics.median(r["study"] for r in runs),
             "wall_median": statistics.median(r["wall"] for r in runs), "rounds": runs[0]["n_rounds"],
             "beta": runs[0]["beta"]}
@@ -99,6 +103,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=20210901)
     parser.add_argument("--work", help="folder for the synthetic networks (default: a temporary one)")
     parser.add_argument("--only", choices=["before", "after"], help="measure one configuration only")
+    parser.add_argument("--poll-active", type=float, nargs="+", default=[0.25],
+                        help="node.toml tuning.poll_active values to measure 'after' with (default 0.25)")
     args = parser.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-latency-"))
     rows = []
@@ -108,11 +114,12 @@ def main() -> None:
         if not network.exists():
             print(f"synthesising {nodes} services x {args.patients_per_node:,} referrals in {folder}", file=sys.stderr)
             generate_network(folder, services=nodes, patients=nodes * args.patients_per_node, seed=args.seed)
-        for stock in (True, False):
+        configs = [(True, 0.25)] + [(False, poll) for poll in args.poll_active]
+        for stock, poll in configs:
             if args.only and (args.only == "before") != stock:
                 continue
-            print(f"{nodes} nodes, {'before' if stock else 'after'}: measuring", file=sys.stderr)
-            row = measure(network, nodes, stock, args.repeat)
+            print(f"{nodes} nodes, {'before' if stock else f'after (poll_active {poll:g} s)'}: measuring", file=sys.stderr)
+            row = measure(network, nodes, stock, args.repeat, poll)
             rows.append(row)
             print(f"  {row['round_median']:.2f} s a round, D1 {row['study_median']:.1f} s on the hub, "
                   f"{row['wall_median']:.1f} s end to end, {row['rounds']} rounds", file=sys.stderr)
@@ -121,7 +128,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['nodes']} | {r['config']} | {r['round_median']:.2f} | {r['study_median']:.1f} | "
               f"{r['wall_median']:.1f} | {r['rounds']} |")
-    by = {(r["nodes"], r["config"].split()[0]): r for r in rows}
+    by = {(r["nodes"], r["config"].split()[0]): r for r in rows if r["poll_active"] == 0.25 or r["config"].startswith("before")}
     for nodes in args.nodes:
         if (nodes, "before") in by and (nodes, "after") in by:
             b, a = by[(nodes, "before")], by[(nodes, "after")]
