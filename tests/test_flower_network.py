@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -174,19 +175,41 @@ def _start_newcomer(net) -> subprocess.Popen:
 
 def test_logistic_study_equals_inprocess_and_newcomer_does_not_join(net):
     path = study(net, "logit_equal")
-    events, newcomer = [], []
+    # This study waits up to a minute for a node (the others use NODE_TIMEOUT): site1 is
+    # frozen mid-study while a registered newcomer starts and connects to the hub, then
+    # thawed, so the newcomer is certainly online while the study runs.
+    patient_hub = net["folder"] / "hub-patient.toml"
+    patient_hub.write_text(re.sub(r"(?m)^node_timeout = .*$", "node_timeout = 60.0", net["hub"].read_text()))
+    events, newcomer, connected = [], [], []
+    newcomer_log = net["folder"] / launcher.STATE_DIR / "logs" / "newcomer.log"
 
     def progress(kind, round_no, answered, expected):
         events.append((kind, round_no, answered, expected))
-        if not newcomer:  # the study has pinned its cohort: a node connecting now is a stranger
+
+    def freeze_site1_and_start_newcomer():
+        pid = node_pid(net, "site1")
+        os.killpg(pid, signal.SIGSTOP)
+        try:
             newcomer.append(_start_newcomer(net))
+            deadline = time.monotonic() + 45
+            while time.monotonic() < deadline and not connected:
+                if newcomer_log.exists() and "SuperNode ID" in newcomer_log.read_text(errors="replace"):
+                    connected.append(time.monotonic())
+                time.sleep(0.05)
+        finally:
+            os.killpg(pid, signal.SIGCONT)
 
     try:
-        flower = run_flower([path], net["hub"], progress=progress)[0]
+        with _OnAnswer(net, "site1", freeze_site1_and_start_newcomer) as watcher:
+            flower = run_flower([path], patient_hub, progress=progress)[0]
     finally:
         for proc in newcomer:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
+    assert watcher.fired and connected, "the newcomer did not connect while the study waited"
+    said = newcomer_log.read_text(errors="replace")
+    # never asked anything: no task reached it, it answered and refused nothing
+    assert "Receiving:" not in said and "node newcomer answered" not in said and "node newcomer refused" not in said
     local = run_inprocess([path], net["network"])[0]
     assert flower["engine"] == "flower" and local["engine"] == "inprocess"
     assert [n["name"] for n in flower["nodes"]] == list(SITES) and all(n["contributed"] for n in flower["nodes"])
@@ -262,20 +285,20 @@ def test_unregistered_key_and_plain_http_are_refused(net, tmp_path):
     assert all(alive(p["pid"]) for p in net["record"]["processes"])
 
 
-class _KillAfterAnswer(threading.Thread):
-    """Kills a node's daemon the moment its own log says it answered the study's prepare task,
-    so it dies mid-study every time: after the study pinned it and before the first Newton
-    round (the hub needs at least one poll interval to collect every reply and push the next
-    round), whether or not its prepare reply got out first. (Killing on the analyst's first
-    progress event was racy: Flower's log stream can deliver it after the study has ended.)"""
+class _OnAnswer(threading.Thread):
+    """Runs `action` the moment a node's own log says it answered the study's prepare task:
+    mid-study every time, after the study pinned the node and before the first Newton round
+    (the hub needs at least one poll interval to collect every reply and push the next
+    round), whether or not the node's prepare reply got out first. (Acting on the analyst's
+    first progress event was racy: Flower's log stream can deliver it after the study ended.)"""
 
-    def __init__(self, net, name: str):
+    def __init__(self, net, name: str, action):
         super().__init__(daemon=True)
         self.path = net["folder"] / launcher.STATE_DIR / "logs" / f"{name}.log"
         self.offset = self.path.stat().st_size
-        self.pid = node_pid(net, name)
         self.name_ = name
-        self.killed_after: str | None = None
+        self.action = action
+        self.fired = False
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -285,8 +308,8 @@ class _KillAfterAnswer(threading.Thread):
                 fh.seek(self.offset)
                 new = fh.read()
             if f"node {self.name_} answered glm.prepare" in new:
-                os.killpg(self.pid, signal.SIGKILL)
-                self.killed_after = "glm.prepare"
+                self.fired = True
+                self.action()
                 return
             time.sleep(0.005)
 
@@ -296,14 +319,18 @@ class _KillAfterAnswer(threading.Thread):
 
     def __exit__(self, *exc):
         self.done.set()
-        self.join(timeout=10)
+        self.join(timeout=90)
+
+
+def _kill_after_answer(net, name: str) -> _OnAnswer:
+    return _OnAnswer(net, name, lambda: os.killpg(node_pid(net, name), signal.SIGKILL))
 
 
 def test_node_killed_mid_study_fails_it_naming_the_node(net):
     started = time.monotonic()
-    with _KillAfterAnswer(net, "site3") as killer, pytest.raises(NetworkError) as err:
+    with _kill_after_answer(net, "site3") as killer, pytest.raises(NetworkError) as err:
         run_flower([study(net, "logit_killed")], net["hub"])
-    assert killer.killed_after == "glm.prepare" and "site3" in str(err.value) and f"did not answer within {NODE_TIMEOUT:g} s" in str(err.value)
+    assert killer.fired and "site3" in str(err.value) and f"did not answer within {NODE_TIMEOUT:g} s" in str(err.value)
     assert time.monotonic() - started < 120  # bounded by the node timeout, not Flower's 60 s+ defaults
     others = [p for p in net["record"]["processes"] if p["name"] != "site3"]
     assert all(alive(p["pid"]) for p in others)  # the hub and the other nodes keep running
@@ -311,11 +338,11 @@ def test_node_killed_mid_study_fails_it_naming_the_node(net):
 
 def test_node_killed_mid_study_with_min_nodes_completes_without_it(net, tmp_path):
     # site3 was killed above (the hub may still count it online for a minute); kill site2 now.
-    with _KillAfterAnswer(net, "site2") as killer:
+    with _kill_after_answer(net, "site2") as killer:
         result = run_flower([study(net, "logit_min_nodes", min_nodes=2)], net["hub"])[0]
     write_json_atomic(tmp_path / "results.json", result)
     result = json.loads((tmp_path / "results.json").read_text())
-    assert killer.killed_after == "glm.prepare" and result["converged"]
+    assert killer.fired and result["converged"]
     by_name = {n["name"]: n for n in result["nodes"]}
     assert by_name["site2"]["contributed"] is False and "did not answer" in by_name["site2"]["reason"]
     assert by_name["site0"]["contributed"] and by_name["site1"]["contributed"]
