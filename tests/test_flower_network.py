@@ -2,7 +2,8 @@
 separate processes, with TLS and SuperNode authentication, started by `iaptnet network up`.
 
 * a logistic study over the network gives the in-process engine's numbers (to 1e-12), and a
-  node that connects mid-study does not join it;
+  node that connects mid-study does not join it; a node restarted mid-study comes back with
+  its identity, contributes nothing more, and the study stops naming it;
 * refusals, for real: an unregistered node key, a node speaking plain HTTP, an app bundle the
   Trust has not approved (refused before any of its code runs, said so in the node's log);
 * faults: a node killed mid-study fails the study within the configured timeout naming the
@@ -178,8 +179,7 @@ def test_logistic_study_equals_inprocess_and_newcomer_does_not_join(net):
     # This study waits up to a minute for a node (the others use NODE_TIMEOUT): site1 is
     # frozen mid-study while a registered newcomer starts and connects to the hub, then
     # thawed, so the newcomer is certainly online while the study runs.
-    patient_hub = net["folder"] / "hub-patient.toml"
-    patient_hub.write_text(re.sub(r"(?m)^node_timeout = .*$", "node_timeout = 60.0", net["hub"].read_text()))
+    patient_hub = _patient_hub(net)
     events, newcomer, connected = [], [], []
     newcomer_log = net["folder"] / launcher.STATE_DIR / "logs" / "newcomer.log"
 
@@ -233,6 +233,75 @@ def assert_same(a, b, path="results"):
         assert a == pytest.approx(b, rel=1e-12, abs=0, nan_ok=True), path
     else:
         assert a == b, path
+
+
+def _patient_hub(net) -> Path:
+    """The network's hub file with a node timeout of a minute (the others use NODE_TIMEOUT)."""
+    path = net["folder"] / "hub-patient.toml"
+    path.write_text(re.sub(r"(?m)^node_timeout = .*$", "node_timeout = 60.0", net["hub"].read_text()))
+    return path
+
+
+def _replace_process(net, name: str, proc: subprocess.Popen) -> None:
+    """Record a restarted node's new process, in memory and on disk (for `network down`)."""
+    for record in (net["record"], None):
+        if record is None:
+            path = net["folder"] / launcher.STATE_DIR / launcher.PROCESSES
+            record = json.loads(path.read_text())
+        for entry in record["processes"]:
+            if entry["name"] == name:
+                entry["pid"] = proc.pid
+        if record is not net["record"]:
+            path.write_text(json.dumps(record, indent=2))
+
+
+def test_node_restarted_mid_study_is_not_taken_back_as_a_stranger(net):
+    """A Trust restarts its node (systemctl restart: SIGTERM, then start) just after it has
+    answered the first Newton round. It comes back with the same identity (its key) but
+    without the prepared study or the task in flight, so it contributes nothing more and the
+    study stops naming it (flwr 1.42 drops the in-flight task: the node does not answer in
+    time; a task it did receive would be refused as not prepared)."""
+    node_toml = net["folder"] / launcher.STATE_DIR / "nodes" / "site1" / "node.toml"
+    log = net["folder"] / launcher.STATE_DIR / "logs" / "site1.log"
+    restarted = []
+
+    def restart_site1():
+        old = node_pid(net, "site1")
+        os.killpg(old, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while alive(old) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with open(log, "ab") as fh:
+            fh.write(b"--- restarted by the test ---\n")
+            fh.flush()
+            restarted.append(subprocess.Popen(
+                [sys.executable, "-m", "iaptnet.cli", "node", "start", "--config", str(node_toml), "--local-network"],
+                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))))
+
+    ids_before = re.findall(r"SuperNode ID: (\d+)", log.read_text(errors="replace"))
+    path = study(net, "logit_restart")
+    # the prepare reply and the first round's reply have been sent: the second "Sent successfully"
+    after_round_1 = _OnAnswer(net, "site1", restart_site1, seen=lambda text: text.count("Sent successfully") >= 2)
+    try:
+        with after_round_1, pytest.raises(NetworkError) as err:
+            run_flower([path], net["hub"])
+        deadline = time.monotonic() + 60  # the restarted node is back (for the tests after this one)
+        while "SuperNode ID" not in log.read_text(errors="replace").rsplit("restarted by the test", 1)[-1]:
+            assert time.monotonic() < deadline, "the restarted node did not reconnect"
+            time.sleep(0.2)
+    finally:
+        if restarted:
+            _replace_process(net, "site1", restarted[0])
+    assert after_round_1.fired and restarted
+    message = str(err.value)
+    assert "site1" in message and ("did not answer" in message or "has not prepared the study" in message)
+    text = log.read_text(errors="replace")
+    after = text.rsplit("restarted by the test", 1)[-1]
+    ids_after = re.findall(r"SuperNode ID: (\d+)", text)
+    assert ids_after[-1] == ids_before[-1] and len(ids_after) == len(ids_before) + 1  # same identity, back
+    assert "answered" not in after  # contributed nothing more to the study
+    assert all(alive(p["pid"]) for p in net["record"]["processes"])  # hub, other nodes, restarted node
 
 
 def test_unapproved_app_bundle_is_refused_before_it_runs(net, capsys):
@@ -292,11 +361,11 @@ class _OnAnswer(threading.Thread):
     round), whether or not the node's prepare reply got out first. (Acting on the analyst's
     first progress event was racy: Flower's log stream can deliver it after the study ended.)"""
 
-    def __init__(self, net, name: str, action):
+    def __init__(self, net, name: str, action, seen=None):
         super().__init__(daemon=True)
         self.path = net["folder"] / launcher.STATE_DIR / "logs" / f"{name}.log"
         self.offset = self.path.stat().st_size
-        self.name_ = name
+        self.seen = seen or (lambda text: f"node {name} answered glm.prepare" in text)
         self.action = action
         self.fired = False
         self.done = threading.Event()
@@ -307,7 +376,7 @@ class _OnAnswer(threading.Thread):
             with open(self.path, errors="replace") as fh:
                 fh.seek(self.offset)
                 new = fh.read()
-            if f"node {self.name_} answered glm.prepare" in new:
+            if self.seen(new):
                 self.fired = True
                 self.action()
                 return
