@@ -222,3 +222,15 @@ def test_unreachable_hub_is_one_plain_sentence(kit, capsys):
     assert code == NetworkError.exit_code and "Traceback" not in err
     assert f"the hub at 127.0.0.1:{port} did not accept the run" in err and "unavailable" in err
     assert len(err.strip().splitlines()) == 1 and not re.search(r"[\u2500-\u257f]", err)
+
+
+def test_network_up_polling_interval(tmp_path, capsys):
+    from iaptnet.ops.launcher import default_poll_active
+
+    # all processes share one machine: fewer polls as nodes are added, never slower than 1 s
+    assert [default_poll_active(n) for n in (1, 3, 4, 8, 20)] == [0.25, 0.25, 0.5, 1.0, 1.0]
+    (tmp_path / "network.toml").write_text('[[node]]\nname = "a"\ndata = "a.csv"\n')
+    (tmp_path / "a.csv").write_text("x,y\n1,0\n")
+    code, err = run_cli(capsys, "network", "up", str(tmp_path / "network.toml"), "--poll-active", "0")
+    assert code == 2 and "--poll-active 0" in err and "Traceback" not in err
+    assert not (tmp_path / ".iaptnet-network").exists()  # nothing started, nothing written
