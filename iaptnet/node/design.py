@@ -112,13 +112,13 @@ def model_selection(frame: pd.DataFrame, spec: StudySpec, parsed: ParsedFormula)
     """(complete-case rows with merges applied, mask over the dataset's rows, n in cohort,
     n dropped as missing)."""
     mask = cohort_mask(frame, spec.where_tree())
-    needed = [parsed.outcome, *sorted(parsed.columns), *estimation_columns(spec, frame)]
-    cohort = frame.loc[mask, list(dict.fromkeys(needed))]
-    complete = cohort.notna().all(axis=1).to_numpy()
-    used = mask.copy()
-    used[np.flatnonzero(mask)[~complete]] = False
-    rows = apply_merges(cohort.loc[complete], spec)
-    return rows, used, int(mask.sum()), int((~complete).sum())
+    needed = list(dict.fromkeys([parsed.outcome, *sorted(parsed.columns), *estimation_columns(spec, frame)]))
+    missing = np.zeros(len(frame), dtype=bool)
+    for column in needed:  # column by column: no copy of the frame
+        missing |= frame[column].isna().to_numpy()
+    used = mask & ~missing
+    rows = apply_merges(frame.loc[used, needed], spec)
+    return rows, used, int(mask.sum()), int(np.count_nonzero(mask & missing))
 
 
 def estimation_columns(spec: StudySpec, frame: pd.DataFrame) -> list[str]:
@@ -257,11 +257,11 @@ def level_counts(rows: pd.DataFrame, X: np.ndarray, names: list[str], model_spec
     for column in sorted(parsed.columns):
         kind = schema[column].type
         if kind == "categorical":
-            counts = rows[column].value_counts(sort=False)
             order = [str(c) for c in rows[column].cat.categories]
-            for level in order:
-                n = int(counts.get(level, 0))
-                out.append(LevelCount(column, level, n, _merge_hint(column, level, order, spec, schema)))
+            codes = rows[column].cat.codes.to_numpy()
+            counts = np.bincount(codes[codes >= 0], minlength=len(order))
+            for level, n in zip(order, counts.tolist()):
+                out.append(LevelCount(column, level, int(n), _merge_hint(column, level, order, spec, schema)))
         elif kind == "binary":
             values = rows[column].to_numpy(dtype=float)
             for level in (0, 1):
