@@ -28,10 +28,11 @@ from .formula_check import ParsedFormula, check_expression, check_formula
 from .schema import Column, Schema
 from .tomlfile import read_toml
 
-STUDY_KEYS = {
-    "name", "kind", "title", "description", "family", "formula", "where", "offset", "exposure",
-    "schema", "min_nodes", "reference", "merge", "weights", "cov_type", "cluster",
-}
+#: Fields every kind of study may have (besides its own).
+COMMON_KEYS = {"name", "kind", "title", "description", "where", "schema", "min_nodes", "reference",
+               "merge", "exposure"}
+#: The fields of a GLM study (`kind = "glm"`, the default).
+STUDY_KEYS = COMMON_KEYS | {"family", "formula", "offset", "weights", "cov_type", "cluster"}
 #: Covariance of the estimates, as statsmodels names them: model-based, robust (sandwich,
 #: HC0) and cluster-robust (with statsmodels' small-sample correction; clusters must not span
 #: nodes, e.g. services or matched pairs).
@@ -211,74 +212,28 @@ def parse_study(data: dict, schema: Schema, source: str):
 
 
 def parse_glm_study(data: dict, schema: Schema, source: str) -> tuple[StudySpec, ParsedFormula]:
-    """The GLM study: family, formula and the estimation options."""
-    unknown = set(data) - STUDY_KEYS
-    if unknown:
-        raise SpecError(f"{source}: unknown field '{sorted(unknown)[0]}' (expected {', '.join(sorted(STUDY_KEYS))}).")
-    for key in ("name", "family", "formula"):
+    """The GLM study: the common fields, then family, formula and the estimation options."""
+    common = common_fields(data, schema, source, STUDY_KEYS)
+    for key in ("family", "formula"):
         if key not in data:
             raise SpecError(f"{source}: field '{key}' is required.")
         if not isinstance(data[key], str) or not data[key].strip():
             raise SpecError(f"{source}: field '{key}' must be a non-empty string.")
-    kind = data.get("kind", "glm")
-    if kind not in KINDS:
-        raise SpecError(f"{source}: field 'kind' must be one of {', '.join(KINDS)}, got {kind!r}.")
     family = data["family"]
     if family not in FAMILIES:
         raise SpecError(f"{source}: field 'family' must be one of {', '.join(FAMILIES)}, got {family!r}.")
     parsed = check_formula(data["formula"], schema, family, source)
-    where = None
-    if data.get("where") is not None:
-        if not isinstance(data["where"], str):
-            raise SpecError(f"{source}: field 'where' must be a string.")
-        try:
-            tree = cohort_filter.parse(data["where"])
-        except SpecError as exc:
-            raise SpecError(f"{source}: field 'where': {exc}") from None
-        cohort_filter.check_against_schema(tree, schema, source)
-        where = cohort_filter.render(tree)
     offset = data.get("offset")
     if offset is not None:
         check_offset(offset, schema, source)
         if family == "binomial":
             raise SpecError(f"{source}: field 'offset' is not supported for a binomial model.")
     weights, cov_type, cluster = check_estimation(data, schema, source)
-    min_nodes = data.get("min_nodes")
-    if min_nodes is not None and (isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or min_nodes < 1):
-        raise SpecError(f"{source}: field 'min_nodes' must be a whole number of at least 1.")
-    reference = data.get("reference", {})
-    if not isinstance(reference, dict):
-        raise SpecError(f"{source}: field 'reference' must be a table.")
-    exposure = data.get("exposure")
-    if exposure is not None and not isinstance(exposure, str):
-        raise SpecError(f"{source}: field 'exposure' must be a term name, e.g. \"n_treat\".")
-    merge = check_merges(data.get("merge"), schema, source)
-    spec = StudySpec(
-        name=data["name"].strip(),
-        family=family,
-        formula=data["formula"],
-        where=where,
-        offset=offset,
-        exposure=exposure,
-        kind=kind,
-        title=str(data.get("title", "")),
-        description=str(data.get("description", "")),
-        min_nodes=min_nodes,
-        reference=reference,
-        merge=merge,
-        weights=weights,
-        cov_type=cov_type,
-        cluster=cluster,
-        dataset=schema.name,
-        schema_fingerprint=schema.fingerprint,
-        source=source,
-    )
+    spec = StudySpec(family=family, formula=data["formula"], offset=offset, weights=weights,
+                     cov_type=cov_type, cluster=cluster, **common)
     return spec, parsed
 
 
-#: Fields every kind of study may have (besides its own).
-COMMON_KEYS = {"name", "kind", "title", "description", "where", "schema", "min_nodes", "reference",
-               "merge", "exposure"}
 
 
 def common_fields(data: dict, schema: Schema, source: str, allowed: set[str]) -> dict:
