@@ -598,7 +598,7 @@ def test_run_check(tmp_path):
     assert not ok
     assert text.splitlines()[-1] == ("2 columns have invalid values and 1 required column is "
                                      "missing: see above (not usable for studies)")
-    assert "77" not in text
+    assert "77" not in text.replace(str(tmp_path), "")  # (pytest's folder may be pytest-77...)
 
 
 def test_derive_is_vectorised_on_many_rows():
