@@ -20,19 +20,17 @@ shown count. Model outputs (rate ratios, CIs) are not small-number controlled (D
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 from scipy import stats
 from statsmodels.stats.rates import confint_poisson
 
-from .. import __version__
 from ..protocol.errors import NetworkError, SpecError
 from ..protocol.families import get_family
 from ..protocol.kinds.access import PER, TASK
 from . import loglinear
 from .glm import ModelFit
-from .results import term_rows
+from .results import node_lines, provenance, term_rows
 from .runner import node_status
 from .session import Session
 from .suppression import ROUND_TO, SUPPRESS_MAX, display_count, secondary_suppression
@@ -41,12 +39,6 @@ KEY = "m0"
 ALL = "all"
 COUNT_KEYS = ("n_used", "n_cohort", "n_missing", "n_no_population")
 
-
-def run(grid, studies, *, engine: str, progress=None, timeout: float | None = 300.0,
-        poll_interval: float = 0.0) -> list[dict]:
-    """Each access study in its own one-round conversation with the nodes."""
-    return [run_study(grid, study, engine=engine, progress=progress, timeout=timeout,
-                      poll_interval=poll_interval) for study in studies]
 
 
 def run_study(grid, study, *, engine: str, progress=None, timeout=300.0, poll_interval=0.0) -> dict:
@@ -295,17 +287,8 @@ def build_results(spec, access, analysis: dict, *, engine: str, node_status: lis
                         "node_counts": "as each node's policy released them",
                         "secondary": analysis["secondary"]},
         "nodes": node_status,
-        "software": {"iaptnet": __version__, "flwr": _flwr_version()},
-        "engine": engine,
-        "reference": spec.reference or None,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **provenance(spec, engine),
     }
-
-
-def _flwr_version() -> str:
-    from importlib.metadata import version
-
-    return version("flwr")
 
 
 # --------------------------------------------------------------------------- the report
@@ -319,11 +302,7 @@ def render(result: dict) -> str:
              f"'{result['population']['source']}' (sha256 {result['population']['sha256'][:12]})",
              f"  n = {result['n']:,} referrals counted ({result['n_missing']:,} left out for a missing group); "
              f"{result['cells']} cells"]
-    contributed = [n["name"] for n in result["nodes"] if n["contributed"]]
-    lines.append(f"  nodes: {len(contributed)} contributed ({', '.join(contributed)})")
-    for n in result["nodes"]:
-        if not n["contributed"]:
-            lines.append(f"  node {n['name']} did not contribute: {n['reason']}")
+    lines.extend(node_lines(result))
     lines.append(f"  {'group':<30} {'referrals':>10} {'population':>12}   {'rate per 100,000/yr (95% CI)':<30} crude rate ratio (95% CI)")
     for row in result["rates"]:
         group = "all referrals" if row["variable"] == ALL else f"{row['variable']} {row['level']}"

@@ -8,14 +8,11 @@ whose hash is the batch hash of the models it carries, as every node recomputes 
 
 from __future__ import annotations
 
-import time
-from importlib.metadata import version
 
-from .. import __version__
 from ..protocol.families import get_family
 from ..protocol.study import StudySpec
 from .glm import ModelFit, fit_models
-from .results import build_results
+from .results import build_results, provenance
 from .runner import node_status
 from .session import Session
 from .studies import batch_hash
@@ -74,13 +71,7 @@ def header(spec: StudySpec) -> dict:
 
 
 def footer(spec: StudySpec, engine: str, rounds: int) -> dict:
-    return {
-        "rounds": rounds,
-        "software": {"iaptnet": __version__, "flwr": version("flwr")},
-        "engine": engine,
-        "reference": spec.reference or None,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    return {"rounds": rounds, **provenance(spec, engine)}
 
 
 def with_ratio(entry: dict, ratio: bool, keys=(("estimate", "ratio"), ("conf_low", "ratio_low"),

@@ -19,12 +19,9 @@ funnel from the nodes' releases.
 from __future__ import annotations
 
 import math
-import time
-from importlib.metadata import version
 
 import numpy as np
 
-from .. import __version__
 from ..protocol import messages as m
 from ..protocol.errors import NetworkError
 from ..protocol.kinds.describe import (QUANTILE_TASK, TABLE_TASK, Layout, TablePlan, cell_keys,
@@ -32,6 +29,7 @@ from ..protocol.kinds.describe import (QUANTILE_TASK, TABLE_TASK, Layout, TableP
 from ..protocol.study import StudySpec
 from ..protocol.suppression import secondary
 from .quantiles import Search
+from .results import node_lines, provenance
 from .runner import node_status
 from .session import Session
 
@@ -41,14 +39,10 @@ ABSENT = object()
 PHASES = (lambda c: c == 0, lambda c: c != 0)
 
 
-def run(grid, studies, *, engine: str, progress=None, timeout: float | None = 300.0,
-        poll_interval: float = 0.0) -> list[dict]:
-    return [run_study(grid, s.spec, s.parsed, engine=engine, progress=progress, timeout=timeout,
-                      poll_interval=poll_interval) for s in studies]
 
-
-def run_study(grid, spec: StudySpec, plan: TablePlan, *, engine: str, progress=None,
+def run_study(grid, study, *, engine: str, progress=None,
               timeout: float | None = 300.0, poll_interval: float = 0.0) -> dict:
+    spec, plan = study.spec, study.parsed
     session = Session(grid, spec.hash, min_nodes=spec.min_nodes, timeout=timeout,
                       poll_interval=poll_interval, progress=progress)
     replies = session.ask(TABLE_TASK, {"models": {"m0": spec.to_wire()}})
@@ -257,10 +251,7 @@ def _results(spec: StudySpec, plan: TablePlan, pooled: dict, summaries: dict, se
         "nodes": node_status(session, node_counts),
         "terms": [],
         "rounds": session.round,
-        "software": {"iaptnet": __version__, "flwr": version("flwr")},
-        "engine": engine,
-        "reference": spec.reference or None,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **provenance(spec, engine),
     }
 
 
@@ -275,11 +266,7 @@ def render(result: dict) -> str:
     lines = [f"{title}  [table]  study {result['study_hash'][:12]}",
              f"  cohort: {result.get('where') or 'all rows'}; n = {_n(result['n'])}"
              f"  (counts rounded to 5 per service, * suppressed)"]
-    contributed = [n["name"] for n in result["nodes"] if n["contributed"]]
-    lines.append(f"  nodes: {len(contributed)} contributed ({', '.join(contributed)})")
-    for n in result["nodes"]:
-        if not n["contributed"]:
-            lines.append(f"  node {n['name']} did not contribute: {n['reason']}")
+    lines.extend(node_lines(result))
     rows: list[tuple[str, list[str]]] = []  # (label, cells); cells [] for a heading
     if result["tables"]:
         rows.append(("N", [_n(c["count"]) for c in result["group_sizes"]]))

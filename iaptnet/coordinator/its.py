@@ -28,14 +28,10 @@ PERIODS = ("before", "after")
 WHAT = ("referrals", "events", "denominator")
 
 
-def run(grid, studies, *, engine: str, progress=None, timeout: float | None = 300.0,
-        poll_interval: float = 0.0) -> list[dict]:
-    return [run_study(grid, s.spec, engine=engine, progress=progress, timeout=timeout,
-                      poll_interval=poll_interval) for s in studies]
 
-
-def run_study(grid, spec, *, engine: str, progress=None, timeout: float | None = 300.0,
+def run_study(grid, study, *, engine: str, progress=None, timeout: float | None = 300.0,
               poll_interval: float = 0.0) -> dict:
+    spec = study.spec
     p = spec.params
     first = Session(grid, spec.hash, min_nodes=spec.min_nodes, timeout=timeout,
                     poll_interval=poll_interval, progress=progress)

@@ -24,14 +24,10 @@ METHODS = (("fixed", "fixed effect"), ("random_dl", "random effects, DerSimonian
            ("random_reml", "random effects, REML"))
 
 
-def run(grid, studies, *, engine: str, progress=None, timeout: float | None = 300.0,
-        poll_interval: float = 0.0) -> list[dict]:
-    return [run_study(grid, s.spec, engine=engine, progress=progress, timeout=timeout,
-                      poll_interval=poll_interval) for s in studies]
 
-
-def run_study(grid, spec, *, engine: str, progress=None, timeout: float | None = 300.0,
+def run_study(grid, study, *, engine: str, progress=None, timeout: float | None = 300.0,
               poll_interval: float = 0.0) -> dict:
+    spec = study.spec
     ratio = get_family(spec.family).ratio_name is not None
     local = Session(grid, spec.hash, min_nodes=0, timeout=timeout, poll_interval=poll_interval,
                     progress=progress)

@@ -48,12 +48,6 @@ MATCHING_METHOD = ("1:1 nearest neighbour on the logit of the propensity score, 
                    "within each node; exposed rows in descending order of the score, ties in row order")
 
 
-def run(grid, studies: list[LoadedStudy], *, engine: str, progress: ProgressFn | None = None,
-        timeout: float | None = 300.0, poll_interval: float = 0.0) -> list[dict]:
-    """Each study in its own conversation with the nodes, in the order given."""
-    return [run_study(grid, study, engine=engine, progress=progress, timeout=timeout,
-                      poll_interval=poll_interval) for study in studies]
-
 
 def run_study(grid, study: LoadedStudy, *, engine: str, progress: ProgressFn | None = None,
               timeout: float | None = 300.0, poll_interval: float = 0.0) -> dict:

@@ -85,17 +85,29 @@ def build_results(fit: ModelFit, *, study_hash: str, engine: str, node_status: l
         "dropped_terms": fit.dropped,
         "nodes": node_status,
         "terms": terms,
-        "software": {"iaptnet": __version__, "flwr": _flwr_version()},
+        **provenance(spec, engine),
+    }
+
+
+def provenance(spec, engine: str) -> dict:
+    """The fields every results.json ends with: software versions, engine, the study's
+    reference values and the time."""
+    from importlib.metadata import version
+
+    return {
+        "software": {"iaptnet": __version__, "flwr": version("flwr")},
         "engine": engine,
         "reference": spec.reference or None,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
-def _flwr_version() -> str:
-    from importlib.metadata import version
-
-    return version("flwr")
+def node_lines(result: dict) -> list[str]:
+    """The report's lines on which nodes contributed, and why any did not."""
+    contributed = [n["name"] for n in result["nodes"] if n["contributed"]]
+    lines = [f"  nodes: {len(contributed)} contributed ({', '.join(contributed)})"]
+    lines += [f"  node {n['name']} did not contribute: {n['reason']}" for n in result["nodes"] if not n["contributed"]]
+    return lines
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -124,11 +136,7 @@ def render_report(result: dict) -> str:
     lines.append(f"  n = {result['n']:,} used ({result['n_missing']:,} dropped for missing values, cohort {result['n_cohort']:,}); "
                  f"deviance {result['deviance']:.4f}, null {result['null_deviance']:.4f}, AIC {result['aic']:.2f}; "
                  f"{result['iterations']} Newton rounds")
-    contributed = [n["name"] for n in result["nodes"] if n["contributed"]]
-    lines.append(f"  nodes: {len(contributed)} contributed ({', '.join(contributed)})")
-    for n in result["nodes"]:
-        if not n["contributed"]:
-            lines.append(f"  node {n['name']} did not contribute: {n['reason']}")
+    lines.extend(node_lines(result))
     ratio = result.get("ratio_name")
     head = f"  {'term':<34} {'estimate':>10} {'std err':>9} {'z':>8} {'p':>9}"
     if ratio:

@@ -33,7 +33,7 @@ def run_batch(grid: Grid, studies: list[LoadedStudy], *, engine: str, progress: 
         if kind == "glm":
             out = run_glm_batch(grid, chosen, **options)
         else:
-            out = module_for(kind).run(grid, chosen, **options)
+            out = [module_for(kind).run_study(grid, study, **options) for study in chosen]
         for i, result in zip(indices, out):
             results[i] = result
     return results
