@@ -42,13 +42,20 @@ def write_schema(path: Path, columns: dict[str, dict]) -> Path:
     return path
 
 
-def write_network(folder: Path, sites: dict[str, pd.DataFrame], columns: dict[str, dict]) -> Path:
+def write_network(folder: Path, sites: dict[str, pd.DataFrame], columns: dict[str, dict],
+                  policies: dict[str, str] | None = None) -> Path:
+    """One CSV per site, the schema, and network.toml; `policies` gives some nodes a policy
+    file (its TOML text)."""
     folder.mkdir(parents=True, exist_ok=True)
     write_schema(folder / "schema.toml", columns)
     entries = []
     for name, frame in sites.items():
         frame.to_csv(folder / f"{name}.csv", index=False)
-        entries.append(f'[[node]]\nname = "{name}"\ndata = "{name}.csv"\nschema = "schema.toml"\n')
+        entry = f'[[node]]\nname = "{name}"\ndata = "{name}.csv"\nschema = "schema.toml"\n'
+        if policies and name in policies:
+            (folder / f"{name}_policy.toml").write_text(policies[name])
+            entry += f'policy = "{name}_policy.toml"\n'
+        entries.append(entry)
     (folder / "network.toml").write_text("\n".join(entries))
     return folder / "network.toml"
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import tomli_w
 
-from glmcase import write_schema
+import glmcase
 from iaptnet.cli import main
 from iaptnet.coordinator.access import render
 from iaptnet.coordinator.inprocess import run_inprocess
@@ -80,19 +80,8 @@ def make_population(seed: int = 3) -> pd.DataFrame:
 
 
 def write_network(folder, sites, policy: str | None = None):
-    folder.mkdir(parents=True, exist_ok=True)
-    write_schema(folder / "schema.toml", COLUMNS)
-    entries = []
-    for name, frame in sites.items():
-        frame.to_csv(folder / f"{name}.csv", index=False)
-        entry = f'[[node]]\nname = "{name}"\ndata = "{name}.csv"\nschema = "schema.toml"\n'
-        if policy:
-            entry += 'policy = "policy.toml"\n'
-        entries.append(entry)
-    if policy:
-        (folder / "policy.toml").write_text(policy)
-    (folder / "network.toml").write_text("\n".join(entries))
-    return folder / "network.toml"
+    """Every node with the same policy, when one is given."""
+    return glmcase.write_network(folder, sites, COLUMNS, {name: policy for name in sites} if policy else None)
 
 
 def pooled(sites: dict[str, pd.DataFrame]) -> pd.DataFrame:

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import glmcase
 from glmcase import assert_matches, pooled, write_schema, write_study
 from iaptnet.coordinator.inprocess import run_inprocess
 from iaptnet.coordinator.meta import render
@@ -47,18 +48,7 @@ def make_site(name: str, n: int, rng) -> pd.DataFrame:
 
 
 def write_network(folder, sites: dict[str, pd.DataFrame], policies: dict[str, str] | None = None):
-    folder.mkdir(parents=True, exist_ok=True)
-    write_schema(folder / "schema.toml", COLUMNS)
-    entries = []
-    for name, frame in sites.items():
-        frame.to_csv(folder / f"{name}.csv", index=False)
-        entry = f'[[node]]\nname = "{name}"\ndata = "{name}.csv"\nschema = "schema.toml"\n'
-        if policies and name in policies:
-            (folder / f"{name}_policy.toml").write_text(policies[name])
-            entry += f'policy = "{name}_policy.toml"\n'
-        entries.append(entry)
-    (folder / "network.toml").write_text("\n".join(entries))
-    return folder / "network.toml"
+    return glmcase.write_network(folder, sites, COLUMNS, policies)
 
 
 @pytest.fixture(scope="module")
