@@ -49,6 +49,17 @@ def studies_from_payload(payload: dict) -> dict[str, StudySpec]:
     return {key: StudySpec.from_wire(spec) for key, spec in models.items()}
 
 
+def single_study(payload: dict, schema, what: str) -> tuple[str, StudySpec]:
+    """The one study of a task that carries exactly one (meta, its, ...), checked against this
+    node's schema."""
+    specs = studies_from_payload(payload)
+    if len(specs) != 1:
+        raise DataError(f"a task of kind '{what}' carries exactly one study.")
+    key, spec = next(iter(specs.items()))
+    check_at_node(spec, schema)
+    return key, spec
+
+
 def moments(dataset, payload: dict, release: Release, augments=None) -> None:
     """(n, mean, M2) of each centred/scaled expression over the model's complete cases."""
     for key, spec in studies_from_payload(payload).items():

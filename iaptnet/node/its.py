@@ -19,9 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..protocol.errors import DataError
 from ..protocol.kinds import its as protocol
-from ..protocol.study import check_at_node
 from . import glm
 from .cohort import cohort_mask
 from .disclosure import ModelFacts, Release
@@ -32,12 +30,8 @@ PERIODS = ("before", "after")
 
 @handler(protocol.TASK, studies="payload")
 def its_columns(runtime, task) -> Release:
-    specs = glm.studies_from_payload(task.payload)
-    if len(specs) != 1:
-        raise DataError("an its task carries exactly one study.")
-    key, spec = next(iter(specs.items()))
     dataset = runtime.dataset
-    check_at_node(spec, dataset.schema)
+    key, spec = glm.single_study(task.payload, dataset.schema, "its")
     p = protocol.check_at_node(spec, dataset.schema)
     frame = dataset.frame
     columns = study_columns(frame, p)

@@ -28,7 +28,6 @@ import scipy.linalg
 from ..protocol.errors import DataError
 from ..protocol.families import get_family
 from ..protocol.kinds import meta as protocol
-from ..protocol.study import check_at_node
 from . import glm
 from .design import DesignedModel, build_design, study_frame
 from .disclosure import Release
@@ -41,12 +40,8 @@ RUNAWAY = 30.0  # a non-intercept coefficient this large means (quasi-)separatio
 
 @handler(protocol.TASK, studies="payload")
 def meta_local_fit(runtime, task) -> Release:
-    specs = glm.studies_from_payload(task.payload)
-    if len(specs) != 1:
-        raise DataError("a meta task carries exactly one study.")
-    key, spec = next(iter(specs.items()))
     dataset = runtime.dataset
-    check_at_node(spec, dataset.schema)
+    key, spec = glm.single_study(task.payload, dataset.schema, "meta")
     local = protocol.check_at_node(spec, dataset.schema)
     design = build_design(study_frame(dataset.frame, local, runtime.augments), dataset.schema, local)
     family = get_family(local.family)
