@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..protocol.errors import NetworkError, SpecError
-from ..protocol.tomlfile import read_toml
+from ..protocol.tomlfile import read_toml, reject_unknown
 
 KEYS = {"host", "port", "ca_cert", "cert", "key", "state_dir", "database", "log_file", "control_address"}
 DATABASES = ("memory", "sqlite")
@@ -107,9 +107,7 @@ def load_hub_config(path: str | Path) -> HubConfig:
     path = Path(path)
     raw = read_toml(path, "coordinator configuration file")
     base = path.parent.resolve()
-    unknown = set(raw) - KEYS
-    if unknown:
-        raise SpecError(f"{path}: unknown field '{sorted(unknown)[0]}' (expected {', '.join(sorted(KEYS))}).")
+    reject_unknown(raw, KEYS, path)
     for key in ("ca_cert", "cert", "key", "state_dir"):
         if not isinstance(raw.get(key), str) or not raw[key].strip():
             raise SpecError(f"{path}: field '{key}' is required (a path).")
@@ -311,10 +309,16 @@ class FlwrCli:
 
 
 def flwr_error(data: dict) -> str:
-    """The last meaningful line of a `flwr` JSON error, without the 'Using SuperLink' banner."""
+    """A `flwr` JSON error on one line, without the 'Using SuperLink' banner."""
     text = str(data.get("error-message", "unknown error"))
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("Using SuperLink")]
-    return " ".join(lines) or text
+    return flwr_plain(ln for ln in text.splitlines() if not ln.startswith("Using SuperLink")) or text
+
+
+def flwr_plain(lines) -> str:
+    """flwr's console output on one plain line: without its box drawing and padding."""
+    import re
+
+    return " ".join(re.sub(r"[\u2500-\u257f]", " ", " ".join(lines)).split())
 
 
 def register_node(cfg: HubConfig, name: str, public_key: Path) -> int:

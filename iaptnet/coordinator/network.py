@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..node.runtime import resolve_path
 from ..protocol.errors import SpecError
-from ..protocol.tomlfile import read_toml
+from ..protocol.tomlfile import read_toml, reject_unknown
 
 NODE_KEYS = {"name", "data", "schema", "policy", "table", "query"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -36,9 +36,7 @@ def load_network(path: str | Path) -> Network:
     nodes, seen = [], set()
     for i, raw in enumerate(raw_nodes, 1):
         where = f"{path}: [[node]] number {i}"
-        unknown = set(raw) - NODE_KEYS
-        if unknown:
-            raise SpecError(f"{where}: unknown field '{sorted(unknown)[0]}' (expected {', '.join(sorted(NODE_KEYS))}).")
+        reject_unknown(raw, NODE_KEYS, where)
         name = raw.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
             raise SpecError(f"{where}: field 'name' must be a short name of letters, digits, '_', '-' or '.'.")

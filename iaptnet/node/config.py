@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..protocol.errors import SpecError
-from ..protocol.tomlfile import read_toml
+from ..protocol.tomlfile import read_toml, reject_unknown
 
 KEYS = {"name", "hub", "ca_cert", "key", "data", "table", "query", "schema", "policy", "state_dir",
         "approved_apps", "tuning"}
@@ -81,9 +81,7 @@ def load_node_file(path: str | Path) -> NodeFile:
     path = Path(path)
     raw = read_toml(path, "node configuration file")
     base = path.parent.resolve()
-    unknown = set(raw) - KEYS
-    if unknown:
-        raise SpecError(f"{path}: unknown field '{sorted(unknown)[0]}' (expected {', '.join(sorted(KEYS))}).")
+    reject_unknown(raw, KEYS, path)
 
     def text(key: str, required: bool = True) -> str | None:
         value = raw.get(key)
@@ -135,9 +133,7 @@ def load_node_file(path: str | Path) -> NodeFile:
     tuning = raw.get("tuning", {})
     if not isinstance(tuning, dict):
         raise SpecError(f"{path}: [tuning] must be a table.")
-    unknown = set(tuning) - TUNING_KEYS
-    if unknown:
-        raise SpecError(f"{path}: unknown field 'tuning.{sorted(unknown)[0]}' (expected {', '.join(sorted(TUNING_KEYS))}).")
+    reject_unknown(tuning, TUNING_KEYS, path, "tuning.")
 
     def number(key: str, default: float, lo: float, hi: float) -> float:
         value = tuning.get(key, default)

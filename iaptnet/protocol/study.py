@@ -26,7 +26,7 @@ from .errors import SpecError
 from .families import FAMILIES
 from .formula_check import ParsedFormula, check_expression, check_formula
 from .schema import Column, Schema
-from .tomlfile import read_toml
+from .tomlfile import read_toml, reject_unknown
 
 #: Fields every kind of study may have (besides its own).
 COMMON_KEYS = {"name", "kind", "title", "description", "where", "schema", "min_nodes", "reference",
@@ -241,9 +241,7 @@ def common_fields(data: dict, schema: Schema, source: str, allowed: set[str]) ->
 
     `allowed` is the kind's full set of fields (common ones included): anything else is an
     unknown field. A kind module then adds its own `params` (and family/formula if any)."""
-    unknown = set(data) - allowed
-    if unknown:
-        raise SpecError(f"{source}: unknown field '{sorted(unknown)[0]}' (expected {', '.join(sorted(allowed))}).")
+    reject_unknown(data, allowed, source)
     if not isinstance(data.get("name"), str) or not data["name"].strip():
         raise SpecError(f"{source}: field 'name' is required and must be a non-empty string.")
     where = None

@@ -22,3 +22,10 @@ def read_toml(path: str | Path, what: str) -> dict:
         raise SpecError(f"{path}: is a folder, not a {what}.") from None
     except OSError as exc:
         raise SpecError(f"{path}: the {what} cannot be read ({exc.strerror}).") from None
+
+
+def reject_unknown(data: dict, allowed: set[str], where: str, prefix: str = "") -> None:
+    """SpecError naming the first field of `data` not in `allowed` (typos must not pass)."""
+    unknown = set(data) - allowed
+    if unknown:
+        raise SpecError(f"{where}: unknown field '{prefix}{sorted(unknown)[0]}' (expected {', '.join(sorted(allowed))}).")

@@ -37,10 +37,10 @@ from pathlib import Path
 
 from ...protocol import errors
 from ...protocol.errors import NetworkError, SpecError
-from ..hub import CONNECTION, FlwrCli, flwr_error, write_connection
+from ..hub import CONNECTION, FlwrCli, flwr_error, flwr_plain, write_connection
 from ..serverapp import MARK_CLOSE, MARK_OPEN, encode_studies
 from ..session import ProgressFn
-from ...protocol.tomlfile import read_toml
+from ...protocol.tomlfile import read_toml, reject_unknown
 
 HUB_KEYS = {"address", "ca_cert", "schema", "node_timeout", "poll_interval", "run_timeout"}
 _EVENT = re.compile(re.escape(MARK_OPEN) + r"([A-Za-z0-9+/=]+)" + re.escape(MARK_CLOSE))
@@ -64,9 +64,7 @@ def load_hub_file(path: str | Path) -> HubFile:
 
     path = Path(path)
     raw = read_toml(path, "hub file")
-    unknown = set(raw) - HUB_KEYS
-    if unknown:
-        raise SpecError(f"{path}: unknown field '{sorted(unknown)[0]}' (expected {', '.join(sorted(HUB_KEYS))}).")
+    reject_unknown(raw, HUB_KEYS, path)
     base = path.parent.resolve()
     address = raw.get("address")
     if not isinstance(address, str) or not re.match(r"^[^\s:]+:\d{1,5}$|^\[[0-9A-Fa-f:.]+\]:\d{1,5}$", address):
@@ -185,7 +183,7 @@ class FlowerRun:
         if self.run_id is None:
             said = [ln for ln in self.log_lines if ln.strip() and not ln.startswith("Using SuperLink")]
             raise NetworkError(f"the hub at {self.hub.address} did not accept the run: "
-                               f"{_plain(' '.join(said[-4:]))[:400] or 'no answer'}")
+                               f"{flwr_plain(said[-4:])[:400] or 'no answer'}")
         if n_parts is not None and len(parts) == n_parts:
             self.results = json.loads("".join(parts[i] for i in range(n_parts)))
 
@@ -209,11 +207,6 @@ class FlowerRun:
                 self.cli.json("stop", self.run_id, CONNECTION, timeout=60)
             except NetworkError:
                 pass
-
-
-def _plain(text: str) -> str:
-    """flwr's console output without its box drawing, on one line."""
-    return " ".join(re.sub(r"[\u2500-\u257f]", " ", text).split())
 
 
 def _raise_reported(error: dict, run_id: str) -> None:
