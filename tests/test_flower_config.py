@@ -206,6 +206,23 @@ def test_deploy_examples_use_only_known_fields():
     assert set(tomllib.loads((examples / "hub.toml").read_text())) <= HUB_KEYS
 
 
+def test_readme_examples_of_the_network_files_use_only_known_fields():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from iaptnet.coordinator.engines.flower import HUB_KEYS
+    from iaptnet.coordinator.hub import KEYS as COORDINATOR_KEYS
+    from iaptnet.node.config import KEYS as NODE_KEYS, TUNING_KEYS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = {m.group(1): tomllib.loads(m.group(0)[len("```toml"):-3])
+              for m in re.finditer(r"```toml\n# (hub|node|coordinator)\.toml:.*?```", readme, re.S)}
+    assert set(blocks) == {"hub", "node", "coordinator"}
+    assert set(blocks["hub"]) <= HUB_KEYS and set(blocks["coordinator"]) <= COORDINATOR_KEYS
+    assert set(blocks["node"]) <= NODE_KEYS and set(blocks["node"]["tuning"]) <= TUNING_KEYS
+
+
 def test_unreachable_hub_is_one_plain_sentence(kit, capsys):
     import socket
 
