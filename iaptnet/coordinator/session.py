@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp.grid import Grid
 
 from ..protocol import messages as m
@@ -33,6 +34,12 @@ class NodeStatus:
     payload: dict = field(default_factory=dict)
     refusals: list[dict] = field(default_factory=list)  # structured reasons, if it refused
     audit_hash: str = ""  # the node's audit-chain hash after its last reply
+
+
+#: Errors that the hub, not the node, puts in place of a reply: the task expired or vanished
+#: before the node answered, or the node's reply could not be fetched whole (it died while
+#: uploading it). Each means the node did not answer.
+_NO_REPLY = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 
 
 class Session:
@@ -118,26 +125,45 @@ class Session:
             node.dropped_reason = why
 
     def _exchange(self, kind: str, messages: list[Message]) -> dict[int, m.Reply]:
+        """Push one round and collect the replies until every node answered or the timeout.
+
+        Replies are matched to nodes by the task they answer, not by their sender: a reply that
+        Flower's hub could not fetch whole (the node died while uploading it) comes back as an
+        error from the hub itself. Such a reply counts as no answer. A pull can wait on that
+        upload for up to the timeout, so the replies that arrived meanwhile are collected by
+        one more pull once the deadline has passed."""
         expected = len(messages)
         if self.progress:
             self.progress(kind, self.round, 0, expected)
         ids = list(self.grid.push_messages(messages))
+        node_of = {msg_id: msg.metadata.dst_node_id for msg_id, msg in zip(ids, messages)}
         pending = set(ids)
         out: dict[int, m.Reply] = {}
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        overdue = False
         while pending:
             for msg in self.grid.pull_messages(list(pending)):
-                pending.discard(msg.metadata.reply_to_message_id)
-                out[msg.metadata.src_node_id] = self._decode(msg)
+                msg_id = msg.metadata.reply_to_message_id
+                if msg_id not in pending:
+                    continue
+                pending.discard(msg_id)
+                if msg.has_error() and msg.error.code in _NO_REPLY:
+                    continue  # the node's reply never arrived (whole): it did not answer
+                out[node_of[msg_id]] = self._decode(msg)
                 if self.progress:
                     self.progress(kind, self.round, len(out), expected)
-            if not pending or (deadline is not None and time.monotonic() > deadline):
+            if not pending or overdue:
                 break
-            time.sleep(self.poll_interval)
+            overdue = deadline is not None and time.monotonic() > deadline
+            if not overdue:
+                time.sleep(self.poll_interval)
         return out
 
     @staticmethod
     def _decode(msg: Message) -> m.Reply:
+        if msg.has_error() and msg.error.code == ErrorCode.NODE_UNAVAILABLE:
+            return m.Reply(status=m.ERROR, node="", code=f"flower_{msg.error.code}",
+                           message="it went offline before answering")
         if msg.has_error():
             # Flower's own error (the node app crashed or vanished); its text is not shown
             # because it could echo local detail.

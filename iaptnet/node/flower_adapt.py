@@ -97,7 +97,10 @@ NEEDS: tuple[_Need, ...] = (
            "initial_backoff", "backoff_cap")),
     _Need("flwr.supernode.start_client_internal", "pull_objects"),
     _Need("flwr.superlink.grid.http_grid", "pull_objects"),
-    _Need("flwr.superlink.grid.http_grid", "HttpGrid"),
+    # The hub's session (coordinator/session.py) counts this error, put in place of a reply
+    # whose objects never arrived, as the node's missing answer.
+    _Need("flwr.superlink.grid.http_grid", "HttpGrid", None,
+          ("code=ErrorCode.MESSAGE_UNAVAILABLE", "reply_to_message_id=msg_proto.metadata.reply_to_message_id")),
     _Need("flwr.cli.build", "build_fab_from_disk", ("app",)),
 )
 

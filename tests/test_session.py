@@ -1,0 +1,102 @@
+"""The coordinator's round exchange (coordinator/session.py) against replies as Flower's hub
+delivers them when something goes wrong: an error put in place of a reply by the hub itself
+(its sender is the hub, not the node), a pull that blocks past the deadline on a dead node's
+upload, a node that never answers. A fake Grid plays the hub, so each case is deterministic."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from flwr.app import Error, Message
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.supercore.task_identity import TaskIdentity
+
+from iaptnet.coordinator.session import Session
+from iaptnet.protocol import messages as m
+from iaptnet.protocol.errors import NetworkError
+
+HUB_NODE_ID = 0  # the sender of errors that Flower's hub makes up
+NAMES = {1: "site0", 2: "site1", 3: "site2", 4: "site3"}
+
+
+class ScriptedHub:
+    """A Grid whose pulls follow a script: `script[k]` lists, for the k-th pull, which nodes'
+    answers become visible and how (`"ok"`, or a Flower error code), after `delays[k]` s."""
+
+    def __init__(self, script: list[dict[int, object]], delays: list[float] | None = None):
+        self.script = script
+        self.delays = delays or [0.0] * len(script)
+        self.pulls = 0
+        self.sent: dict[str, Message] = {}
+        # Messages read their sender's identity from here, as in Flower's ServerApp runtime.
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+
+    def get_node_ids(self):
+        return list(NAMES)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg_id = f"task-{msg.metadata.dst_node_id}"
+            msg.metadata.__dict__["_message_id"] = msg_id
+            self.sent[msg_id] = msg
+            ids.append(msg_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        k = min(self.pulls, len(self.script) - 1)
+        self.pulls += 1
+        time.sleep(self.delays[k] if self.pulls <= len(self.delays) else 0.0)
+        out = []
+        for node_id, how in self.script[k].items():
+            msg = self.sent[f"task-{node_id}"]
+            if msg.metadata.message_id not in message_ids:
+                continue
+            if how == "ok":
+                task = m.decode_task(msg.content)
+                reply = m.Reply(status=m.OK, node=NAMES[node_id], task_id=task.task_id)
+                out.append(Message(m.encode_reply(reply), reply_to=msg))
+            else:
+                err = Message(Error(code=int(how), reason="made up by the hub"), reply_to=msg)
+                err.metadata.__dict__["_src_node_id"] = HUB_NODE_ID
+                out.append(err)
+        return out
+
+
+def session(hub, **options) -> Session:
+    return Session(hub, "f" * 64, timeout=options.pop("timeout", 0.3), poll_interval=0.01, **options)
+
+
+def test_replies_that_arrive_while_a_pull_waits_on_a_dead_upload_are_not_lost():
+    # Pull 1 blocks past the deadline fetching site2's half-uploaded reply and returns the
+    # hub's MESSAGE_UNAVAILABLE error for it; site0's and site1's replies arrived meanwhile.
+    hub = ScriptedHub([{3: ErrorCode.MESSAGE_UNAVAILABLE}, {1: "ok", 2: "ok"}], delays=[0.5, 0.0])
+    s = session(hub, min_nodes=2)
+    replies = s.ask("glm.prepare")
+    assert [r.node for r in replies] == ["site0", "site1"]
+    dropped = {n.node_id: n.dropped_reason for n in s.nodes.values() if not n.contributed}
+    assert dropped == {3: "did not answer within 0.3 s", 4: "did not answer within 0.3 s"}
+
+
+def test_hub_made_errors_are_charged_to_the_node_they_stand_for():
+    hub = ScriptedHub([{1: "ok", 2: "ok", 3: "ok", 4: ErrorCode.NODE_UNAVAILABLE}])
+    with pytest.raises(NetworkError) as err:
+        session(hub).ask("glm.prepare")
+    # Named by the task it stands for (node 4), not by its sender (the hub's own id).
+    assert "node 4 failed: it went offline before answering" in str(err.value)
+    assert "node 0" not in str(err.value)
+
+
+def test_an_expired_task_counts_as_no_answer():
+    hub = ScriptedHub([{1: "ok", 2: "ok", 3: "ok", 4: ErrorCode.REPLY_MESSAGE_UNAVAILABLE}])
+    s = session(hub, min_nodes=3)
+    assert [r.node for r in s.ask("glm.prepare")] == ["site0", "site1", "site2"]
+    assert s.nodes[4].dropped_reason == "did not answer within 0.3 s"
+
+
+def test_without_a_timeout_the_exchange_waits_for_every_node():
+    hub = ScriptedHub([{}, {2: "ok"}, {}, {1: "ok", 3: "ok", 4: "ok"}])
+    replies = session(hub, timeout=None).ask("glm.prepare")
+    assert [r.node for r in replies] == ["site0", "site1", "site2", "site3"]
+    assert hub.pulls == 4
