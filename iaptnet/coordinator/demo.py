@@ -1,7 +1,8 @@
 """`iaptnet demo`: synthesise the paper-scale network (cached), run the whole catalogue (the
-source study's six findings in shared rounds, then its descriptive tables, propensity-score
-sensitivity analyses, access against the population, heterogeneity between services and the
-service-change evaluation), and show each finding's odds ratio beside the abstract's."""
+source study's six findings and its secondary ones in shared rounds, then its descriptive
+tables, propensity-score sensitivity analyses, access against the population, heterogeneity
+between services and the service-change evaluation), and show each finding's odds ratio beside
+the published one."""
 
 from __future__ import annotations
 
@@ -50,13 +51,16 @@ def synthetic_network(cache: Path, patients: int, seed: int, say=print) -> Path:
     return path
 
 
-def summarise(results: list[dict]) -> list[dict]:
-    """summary.json: one entry per finding of the abstract (studies whose reference gives a
-    published ratio); the other studies are in their own results.json."""
+def summarise(results: list[dict], *, secondary: bool = False) -> list[dict]:
+    """One entry per finding whose study reference gives a published ratio: the abstract's six
+    (summary.json) or, with `secondary`, the source papers' secondary findings (secondary.json);
+    the other studies are in their own results.json."""
     rows = []
     for result in results:
         ref = result.get("reference") or {}
         if result.get("kind", "glm") != "glm" or ref.get("ratio") is None or not result.get("exposure_term"):
+            continue
+        if bool(ref.get("secondary")) != secondary:
             continue
         term = result["exposure_term"]
         rows.append({
@@ -72,15 +76,16 @@ def summarise(results: list[dict]) -> list[dict]:
     return rows
 
 
-def render_summary(rows: list[dict], results: list[dict]) -> str:
-    lines = [f"{'finding':<14} {'term':<22} {'federated OR (95% CI)':<24} {'abstract OR (95% CI)':<22} {'n':>8}  inside"]
+def render_summary(rows: list[dict], results: list[dict], heading: str = "finding") -> str:
+    width = max([14, len(heading)] + [len(r["finding"]) for r in rows])
+    lines = [f"{heading:<{width}} {'term':<22} {'federated OR (95% CI)':<24} {'published OR (95% CI)':<22} {'n':>8}  inside"]
     by_finding = {(r.get("reference") or {}).get("finding"): r for r in results}
     for row in rows:
         result = by_finding[row["finding"]]
         ours = f"{row['ratio']:.3f} ({row['ratio_low']:.3f}-{row['ratio_high']:.3f})"
         paper = f"{row['paper_ratio']:.2f} ({row['paper_low']:.2f}-{row['paper_high']:.2f})"
         inside = "yes" if row["paper_low"] <= row["ratio"] <= row["paper_high"] else "NO"
-        lines.append(f"{row['finding']:<14} {row['term']:<22} {ours:<24} {paper:<22} {result['n']:>8,}  {inside}")
+        lines.append(f"{row['finding']:<{width}} {row['term']:<22} {ours:<24} {paper:<22} {result['n']:>8,}  {inside}")
     return "\n".join(lines)
 
 
@@ -91,18 +96,21 @@ def run_demo(out: Path, *, cache: Path | None = None, json_mode: bool = False,
         raise IaptnetError("--patients must be at least 10,000 for the catalogue's sub-cohorts to be estimable.")
     network = synthetic_network(cache or default_cache(), patients, seed or DEFAULT_SEED, say)
     paths = catalogue_paths()
-    say(f"running the catalogue ({len(paths)} studies; the six findings share one conversation with the 8 nodes) ...")
+    say(f"running the catalogue ({len(paths)} studies; its regressions share one conversation with the 8 nodes) ...")
     start = time.perf_counter()
     results = run_inprocess(paths, network)
     elapsed = time.perf_counter() - start
-    rows = summarise(results)
+    rows, secondary = summarise(results), summarise(results, secondary=True)
     for result in results:
         write_json_atomic(out / result["study"] / "results.json", result)
+    write_json_atomic(out / "secondary.json", secondary)
     write_json_atomic(out / "summary.json", rows)
     if json_mode:
         print(json.dumps(rows, indent=2))
     else:
         print(render_summary(rows, results))
+        print()
+        print(render_summary(secondary, results, heading="secondary (S4, S5)"))
         for result in results:
             if result.get("kind", "glm") != "glm":
                 print()

@@ -5,8 +5,8 @@
    adjusted models recover the planted odds ratios. The intercept is calibrated so that
    P(Y) = 0.46 in that population. Y is drawn by balanced (systematic) sampling within strata
    unless params.OUTCOME_SAMPLING says "independent" (see there).
-2. The other flags for all finishers: reliable deterioration (6%, NEET odds 1.41) and reliable
-   improvement (65% overall, including every Y = 1).
+2. The other flags for all finishers: reliable deterioration (6%, NEET odds 1.41 among all
+   finishers) and reliable improvement (65% overall, including every Y = 1).
 3. Last PHQ-9 / GAD-7 scores sampled by rejection so that re-deriving the flags from the scores
    with the §B.2 rules gives back exactly the planted flags; then last WSAS.
 """
@@ -83,12 +83,17 @@ def draw_outcomes(rng: np.random.Generator, c: Cohort, services: int,
         (f_g >= P.GAD_RCI) & (f_p + P.PHQ_RCI - 1 >= P.PHQ_CUT))
     can_improve = np.where(case, same | cross, can_drop)
 
+    # Deterioration: its planted odds ratio holds among all finishers (where the source study
+    # measured it), not only among those who did not recover. Recovery and deterioration exclude
+    # each other, so a finisher who did not recover deteriorates with probability q / (1 - p),
+    # q the planted deterioration probability and p the recovery one: overall P = q.
     rest = fin & ~recovered
     eta_d = P.DETERIORATION_LOG_OR["neet"] * c["neet"]
-    pool = rest & can_rise
-    target = P.DETERIORATION_SHARE * fin.sum() / max(pool.sum(), 1)
-    b = calibrate_intercept(eta_d[pool], target)
-    deteriorated = pool & bernoulli(rng, expit(b + eta_d))
+    able = fin & can_rise
+    b = calibrate_intercept(eta_d[able], P.DETERIORATION_SHARE * fin.sum() / max(able.sum(), 1))
+    p_recover = np.where(eligible, p, 0.0)
+    p_rest = np.minimum(expit(b + eta_d) / np.maximum(1.0 - p_recover, 1e-12), 1.0)
+    deteriorated = rest & can_rise & bernoulli(rng, p_rest)
 
     pool = rest & ~deteriorated & can_improve
     need = P.IMPROVEMENT_SHARE * fin.sum() - recovered.sum()
