@@ -46,6 +46,7 @@ from iaptnet.node.cohort import cohort_mask  # noqa: E402
 from iaptnet.node.policy import load_policy  # noqa: E402
 from iaptnet.node.runtime import NodeConfig, runtime_for  # noqa: E402
 from iaptnet.protocol.iapt_schema import iapt_analysis_schema  # noqa: E402
+from iaptnet.protocol.kinds.access import ILLUSTRATIVE_NEED  # noqa: E402
 from iaptnet.synth.denominators import read_population  # noqa: E402
 
 statsmodels.formula.options.formula_engine = "formulaic"
@@ -64,6 +65,10 @@ def pooled_glm(frame, study, toml):
 
 def pooled_access(frame, study, toml):
     population = read_population()
+    if toml.get("need"):  # people with need: each population row times its group's prevalence
+        need = pd.read_csv(ILLUSTRATIVE_NEED if toml["need"] == "illustrative" else toml["need"])
+        population = population.merge(need, on=list(need.columns.drop("prevalence")), how="left")
+        population = population.assign(population=population["population"] * population["prevalence"])
     settings = {"by": toml["by"], "period": tuple(toml["period"]), "years": 8.0,
                 "merge": toml.get("merge") or {}, "nodes": sorted(frame["area"].unique())}
     return reference_access(frame, population, settings)

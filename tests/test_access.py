@@ -409,6 +409,86 @@ def test_groups_without_population_leave_their_referrals_out(tmp_path, network):
     assert_rates(result["rates"], ref["rates"])
 
 
+# --------------------------------------------------------------------------- need
+
+def make_need() -> pd.DataFrame:
+    """Prevalence by age band and sex (women more, older people less, as in APMS)."""
+    rows = [{"age_band": age, "sex": sex, "prevalence": (0.24 if sex == "female" else 0.14) * (0.6 if age == "65+" else 1.0)
+             + 0.002 * i}
+            for i, (age, sex) in enumerate((a, x) for a in AGES for x in SEXES)]
+    return pd.DataFrame(rows)
+
+
+def with_need(population: pd.DataFrame, need: pd.DataFrame) -> pd.DataFrame:
+    """The population of people with need, row by row (what the reference divides by)."""
+    merged = population.merge(need, on=["age_band", "sex"], how="left", validate="many_to_one")
+    assert merged["prevalence"].notna().all()
+    return merged.assign(population=merged["population"] * merged["prevalence"]).drop(columns="prevalence")
+
+
+@pytest.mark.parametrize("by", [["age_group", "sex"], ["age_group", "imd_quintile"]])
+def test_rates_against_need_equal_the_pooled_rows_with_population_times_prevalence(network, by):
+    """With `need`, each population row counts its people times its group's prevalence, before
+    summing to the study's groups (by age and deprivation, the prevalence by age and sex weights
+    every row, not the margins)."""
+    folder, rows, population = network
+    need = make_need()
+    need.to_csv(folder / "need.csv", index=False)
+    result = run(folder, name="need_" + "_".join(by), by=by, areas=AREAS, need="need.csv",
+                 exposure="age_group[T.65+]")
+    ref = reference_access(rows, with_need(population, need), settings(by))
+    assert result["n"] == ref["n"] and result["cells"] == len(ref["cells"])
+    assert_terms(result["terms"], ref["adjusted"])
+    for var in by:
+        assert_terms({m["name"]: m for m in result["models"]}[f"crude {var}"]["terms"], ref["crude"][var])
+    assert_rates(result["rates"], ref["rates"])
+    assert_rates(result["area_rates"], ref["area_rates"], keys=("area", "variable", "level"))
+    assert result["offset"] == "log(population * prevalence * years)"
+    assert result["need"]["source"] == "need.csv" and result["need"]["by"] == ["age_group", "sex"]
+    assert "per 100,000 with need/yr" in render(result)
+    # Against need, older adults (prevalence 0.6 times the others') are less under-represented.
+    plain = run(folder, name="plain_" + "_".join(by), by=by, areas=AREAS, exposure="age_group[T.65+]")
+    assert plain["need"] is None and plain["offset"] == "log(population * years)"
+    assert result["exposure_term"]["ratio"] / plain["exposure_term"]["ratio"] > 1.3
+
+
+def test_the_need_table_is_in_the_study_hash(network, tmp_path):
+    folder, _, _ = network
+    need = make_need()
+    need.to_csv(folder / "need.csv", index=False)
+    first = load_study(study_file(folder, name="hashed", by=["age_group", "sex"], areas=AREAS, need="need.csv"))
+    need.loc[0, "prevalence"] += 0.01
+    need.to_csv(folder / "need.csv", index=False)
+    second = load_study(study_file(folder, name="hashed", by=["age_group", "sex"], areas=AREAS, need="need.csv"))
+    assert first.spec.hash != second.spec.hash
+    assert first.spec.params["need"]["sha256"] != second.spec.params["need"]["sha256"]
+
+
+@pytest.mark.parametrize("need_change, pop_change, expected", [
+    (lambda n: n[n.age_band != "65+"], None, "has no prevalence for age_band '65+', sex 'female'"),
+    (lambda n: n.assign(prevalence=n.prevalence * 100), None,
+     "column 'prevalence' has '24.0'; it must be a proportion between 0 and 1"),
+    (lambda n: n.assign(region="London"), None, "has a column 'region' that is not a group column"),
+    (lambda n: n.drop(columns="prevalence"), None, "has no column 'prevalence'"),
+    (lambda n: pd.concat([n, n.head(1)]), None, "repeats the group of an earlier row"),
+    (None, lambda p: p.groupby(["area", "age_band", "ethnic_group", "imd_quintile"], as_index=False)["population"].sum(),
+     "has no column 'sex', which the need table"),
+])
+def test_bad_need_tables_get_one_sentence(tmp_path, capsys, network, need_change, pop_change, expected):
+    folder, _, population = network
+    local = tmp_path / "net"
+    local.mkdir()
+    for name in ("schema.toml", "network.toml", *(f"{s}.csv" for s in SITES)):
+        (local / name).write_text((folder / name).read_text())
+    (pop_change(population) if pop_change else population).to_csv(local / "population.csv", index=False)
+    need = make_need()
+    (need_change(need) if need_change else need).to_csv(local / "need.csv", index=False)
+    by = ["age_group", "imd_quintile"] if pop_change else ["age_group", "sex"]
+    err = cli(local, tmp_path, capsys, name="badneed", by=by, areas=AREAS, need="need.csv")
+    assert expected in err
+    assert "need.csv" in err or "population.csv" in err
+
+
 # --------------------------------------------------------------------------- bad input
 
 def cli(folder, tmp_path, capsys, **fields):
@@ -493,3 +573,18 @@ def test_on_a_small_synthetic_iapt_network(tmp_path):
     assert_rates(result["rates"], ref["rates"])
     assert result["exposure_term"]["ratio"] < 0.5  # older adults under-represented
 
+    # Against the shipped illustrative need table (prevalence by age band and sex).
+    from iaptnet.protocol.kinds.access import ILLUSTRATIVE_NEED
+
+    need_study = network.parent / "need.toml"
+    need_study.write_text(tomli_w.dumps({"kind": "access", "name": "syn_need", "population": "population.csv",
+                                         "need": "illustrative", "by": by, "period": ["2012-04-01", "2020-03-31"],
+                                         "exposure": "age_group[T.65+]"}))
+    against_need = run_inprocess([need_study], network)[0]
+    need = pd.read_csv(ILLUSTRATIVE_NEED)
+    assert set(need["age_band"]) == set(AGES) and set(need["sex"]) == set(SEXES)
+    ref = reference_access(rows, with_need(population, need), {"by": by, "period": ("2012-04-01", "2020-03-31"),
+                                                               "years": 8.0, "nodes": names})
+    assert against_need["need"]["source"] == "illustrative"
+    assert_terms(against_need["terms"], ref["adjusted"])
+    assert_rates(against_need["rates"], ref["rates"])

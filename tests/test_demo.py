@@ -34,3 +34,14 @@ def test_summary_has_the_six_findings_and_secondary_the_rest():
     table = render_summary(secondary, results, heading="secondary (S4, S5)").splitlines()
     assert table[0].startswith("secondary (S4, S5)") and len(table) == 1 + len(secondary)
     assert all(line.endswith("NO") for line in table[1:] if "neet_sessions" in line)  # 1.5 outside 1.08-1.12
+
+
+def test_every_catalogue_study_validates_against_the_iapt_schema():
+    """The shipped studies (and the tables they name: population, need) load and validate as
+    `iaptnet run` would load them, before any node is asked anything."""
+    from iaptnet.coordinator.studies import load_study
+
+    studies = [load_study(p) for p in catalogue_paths()]
+    assert len({s.spec.hash for s in studies}) == len(studies)
+    need = [s for s in studies if s.spec.kind == "access" and s.spec.params.get("need")]
+    assert [s.spec.name for s in need] == ["a4_access_need"]

@@ -7,7 +7,9 @@ alone it computes, exactly as on the pooled referral rows:
 
 - `rates`: for each level of each grouping variable, referrals, population, person-years and
   the rate per 100,000 per year with an exact Poisson 95% CI, and the crude rate ratio against
-  the variable's first level (from the Poisson GLM `referrals ~ variable`);
+  the variable's first level (from the Poisson GLM `referrals ~ variable`); with a need table
+  (protocol/prevalence.py) the population is of people with need, so all of this is against
+  need;
 - `terms`: the adjusted Poisson GLM `referrals ~ by... [+ area]` with offset
   log(population x years) (coordinator/loglinear.py), as DESIGN.md's terms list (rate ratios);
 - `area_rates`: the same per node, displayed from the node's own rounded/suppressed counts.
@@ -252,7 +254,7 @@ def build_results(spec, access, analysis: dict, *, engine: str, node_status: lis
         "link": "log",
         "ratio_name": "rate ratio",
         "formula": adjusted["formula"],
-        "offset": "log(population * years)",
+        "offset": "log(population * prevalence * years)" if access.need else "log(population * years)",
         "where": spec.where,
         "merge": spec.merge or None,
         "by": list(access.by),
@@ -261,6 +263,10 @@ def build_results(spec, access, analysis: dict, *, engine: str, node_status: lis
         "population": {"source": access.population_label, "file": table.source, "sha256": table.digest,
                        "areas": {n["name"]: access.areas.get(n["name"], [n["name"]])
                                  for n in node_status if n.get("contributed")}},
+        # With a need table, `population` and `person_years` in the rates are of people with
+        # need (population x prevalence), and rates are per 100,000 of them.
+        "need": ({"source": access.need_label, "file": access.need.source, "sha256": access.need.digest,
+                  "by": list(access.need.vars)} if access.need else None),
         "exposure": spec.exposure,
         "exposure_term": next((t for t in terms if t["term"] == spec.exposure), None),
         "n": analysis["n"],
@@ -297,13 +303,21 @@ def render(result: dict) -> str:
     """Rates per 100,000 per year with crude rate ratios, then the adjusted rate ratios."""
     title = result.get("title") or result["study"]
     period = result["period"]
-    lines = [f"{title}  [access: Poisson, offset log(population x years)]  study {result['study_hash'][:12]}",
-             f"  referrals {period['first']}..{period['last']} ({period['years']:g} years) against population "
-             f"'{result['population']['source']}' (sha256 {result['population']['sha256'][:12]})",
+    need = result.get("need")
+    offset = "population x prevalence x years" if need else "population x years"
+    against = (f"people with need: population '{result['population']['source']}' x prevalence "
+               f"'{need['source']}' by {', '.join(need['by'])} (sha256 {result['population']['sha256'][:12]}, "
+               f"{need['sha256'][:12]})") if need else \
+        f"population '{result['population']['source']}' (sha256 {result['population']['sha256'][:12]})"
+    lines = [f"{title}  [access: Poisson, offset log({offset})]  study {result['study_hash'][:12]}",
+             f"  referrals {period['first']}..{period['last']} ({period['years']:g} years) against {against}",
              f"  n = {result['n']:,} referrals counted ({result['n_missing']:,} left out for a missing group); "
              f"{result['cells']} cells"]
     lines.extend(node_lines(result))
-    lines.append(f"  {'group':<30} {'referrals':>10} {'population':>12}   {'rate per 100,000/yr (95% CI)':<30} crude rate ratio (95% CI)")
+    rate = "per 100,000 with need/yr" if need else "rate per 100,000/yr"
+    width = 34 if need else 30
+    lines.append(f"  {'group':<30} {'referrals':>10} {'with need' if need else 'population':>12}   "
+                 f"{rate + ' (95% CI)':<{width}} crude rate ratio (95% CI)")
     for row in result["rates"]:
         group = "all referrals" if row["variable"] == ALL else f"{row['variable']} {row['level']}"
         count = "*" if row["referrals"] is None else f"{row['referrals']:,}"
@@ -312,7 +326,7 @@ def render(result: dict) -> str:
         if row.get("rate_ratio") is not None:
             ratio = "1 (reference)" if row["rate_ratio_low"] is None else \
                 f"{row['rate_ratio']:.3f} ({row['rate_ratio_low']:.3f}-{row['rate_ratio_high']:.3f})"
-        lines.append(f"  {group[:30]:<30} {count:>10} {row['population']:>12,.0f}   {shown:<30} {ratio}")
+        lines.append(f"  {group[:30]:<30} {count:>10} {row['population']:>12,.0f}   {shown:<{width}} {ratio}")
     p = result["lr_p_value"]
     lines.append(f"  adjusted: {result['formula']}; likelihood ratio vs no groups {result['lr_statistic']:.1f} "
                  f"on {result['lr_df']} df" + (f", p {p:.3g}" if p is not None else ""))

@@ -37,6 +37,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import SpecError
+from .prevalence import Prevalence
 from .schema import Schema
 from .study import merged_levels
 
@@ -106,8 +107,10 @@ class PopulationTable:
 
 
 def parse_population(text: str, source: str, by: list[str], schema: Schema, merge: dict,
-                     study: str) -> PopulationTable:
-    """Read the CSV text and aggregate it to area x the study's groups (see the module doc)."""
+                     study: str, need: Prevalence | None = None) -> PopulationTable:
+    """Read the CSV text and aggregate it to area x the study's groups (see the module doc).
+    With `need` (protocol/prevalence.py), each row counts its population times the prevalence
+    of its group: the table is then of people with need."""
     where = f"{source}: the population table (field 'population' of {study})"
     if not isinstance(text, str):
         raise SpecError(f"{where} is not text.")
@@ -149,6 +152,11 @@ def parse_population(text: str, source: str, by: list[str], schema: Schema, merg
             expected = ONS_COLUMNS.get(var, var)
             raise SpecError(f"{where} has no column '{expected}' for '{var}' (field 'by'); "
                             f"its columns are {', '.join(names)}.")
+    if need is not None:
+        for var in need.vars:
+            if var not in holds.values():
+                raise SpecError(f"{where} has no column '{ONS_COLUMNS.get(var, var)}', which the need table "
+                                f"{need.source} (field 'need') gives prevalence by.")
     matchers = {i: _matcher(var, schema) for i, var in holds.items()}
     area_i, pop_i = names.index(AREA), names.index(POPULATION)
     mappings = [merged_levels(list(schema[var].levels), merge.get(var, {}))[1] for var in by]
@@ -187,6 +195,13 @@ def parse_population(text: str, source: str, by: list[str], schema: Schema, merg
             if skip:
                 continue
             levels = dict(zip(holds.values(), key[1:]))
+            if need is not None:
+                share = need.of(levels)
+                if share is None:
+                    named = ", ".join(f"{ONS_COLUMNS.get(v, v)} '{levels[v]}'" for v in need.vars)
+                    raise SpecError(f"{where}, line {line}: the need table {need.source} (field 'need') has no "
+                                    f"prevalence for {named}; give every group of the population a row.")
+                population *= share
             group = tuple(mapping.get(levels[var], levels[var]) for var, mapping in zip(by, mappings))
             parts.setdefault((area, group), []).append(population)
     except csv.Error as exc:

@@ -6,6 +6,8 @@
     by = ["age_group", "sex"]             # grouping variables: rates per level, model terms
     period = ["2012-04-01", "2020-03-31"] # first and last referral date counted (inclusive)
     area_effects = true                   # optional: area (node) fixed effects in the adjusted model
+    need = "illustrative"                 # optional: prevalence by group (protocol/prevalence.py):
+                                          # rates against people with need, not everyone
     exposure = "age_group[T.65+]"         # optional: the adjusted model's term the study is about
     [merge.age_group]                     # common fields: where, merge, min_nodes, reference, ...
     "18-64" = ["18-24", "25-34", "35-44", "45-54", "55-64"]
@@ -20,9 +22,10 @@ log(population x years) (adjusted) and `referrals ~ v` for each v (crude), exact
 statsmodels' GLM on the pooled cell table (coordinator/access.py).
 
 The population table travels inside the study's data: `read_study_file` embeds the text of the
-file that `population` names under `population_csv` (see FILES), so the study parses to the
-same spec and hash wherever it is parsed (the analyst's machine, the Flower hub, a Trust's
-`iaptnet node approve`). Only the table's digest goes into the spec (and so to the nodes).
+file that `population` names under `population_csv` (and `need`'s under `need_csv`; see
+FILES), so the study parses to the same spec and hash wherever it is parsed (the analyst's
+machine, the Flower hub, a Trust's `iaptnet node approve`). Only the tables' digests go into
+the spec (and so to the nodes).
 """
 
 from __future__ import annotations
@@ -34,20 +37,25 @@ from pathlib import Path
 
 from ..errors import SpecError
 from ..population import PopulationTable, parse_population
+from ..prevalence import Prevalence, parse_prevalence
 from ..schema import Schema
 from ..study import COMMON_KEYS, StudySpec, common_fields, merged_levels
 
 #: The task a node answers for this kind (node/access.py; coordinator/access.py).
 TASK = "access.counts"
-KEYS = COMMON_KEYS | {"population", "population_csv", "by", "period", "area_effects", "areas"}
+KEYS = COMMON_KEYS | {"population", "population_csv", "by", "period", "area_effects", "areas", "need", "need_csv"}
 PER = 100_000
 DATE_COLUMN = "referral_date"
 MAX_BY = 6
 #: The illustrative denominators shipped for the eight synthetic areas (paper scale).
 SYNTHETIC_POPULATION = Path(__file__).resolve().parents[2] / "synth" / "population.csv"
+#: Illustrative prevalence of common mental disorders by age band and sex (approximately the
+#: APMS 2014 survey's, recalled, not a published table: replace it with the real one).
+ILLUSTRATIVE_NEED = Path(__file__).resolve().parents[2] / "synth" / "need_prevalence.csv"
 #: Study fields naming a file that `read_study_file` reads and carries inside the study:
 #: field -> (key the text goes under, built-in names).
-FILES = {"population": ("population_csv", {"synthetic": SYNTHETIC_POPULATION})}
+FILES = {"population": ("population_csv", {"synthetic": SYNTHETIC_POPULATION}),
+         "need": ("need_csv", {"illustrative": ILLUSTRATIVE_NEED})}
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -61,8 +69,10 @@ class AccessStudy:
     years: float
     area_effects: bool
     areas: dict[str, list[str]]  # node name -> population areas (absent: the node's own name)
-    population: PopulationTable
+    population: PopulationTable  # of people with need when `need` is set
     population_label: str
+    need: Prevalence | None = None
+    need_label: str | None = None
 
 
 def parse(data: dict, schema: Schema, source: str) -> tuple[StudySpec, AccessStudy]:
@@ -80,8 +90,9 @@ def parse(data: dict, schema: Schema, source: str) -> tuple[StudySpec, AccessStu
     if not isinstance(embedded, dict) or not isinstance(embedded.get("text"), str):
         raise SpecError(f"{source}: field 'population' names a table that was not read with the study; "
                         "load the study file with iaptnet (which carries the table inside the study).")
+    need, need_label = _need(data, schema, source)
     table = parse_population(embedded["text"], str(embedded.get("source") or label), list(by), schema,
-                             common["merge"], source)
+                             common["merge"], source, need)
     areas = check_areas(data.get("areas"), table, source)
     levels = {var: table.levels[var] for var in by}
     exposure = common["exposure"]
@@ -99,12 +110,30 @@ def parse(data: dict, schema: Schema, source: str) -> tuple[StudySpec, AccessStu
         "area_effects": area_effects,
         "areas": areas,
         "population": {"sha256": table.digest},
+        **({"need": {"sha256": need.digest}} if need else {}),
         # Groups without population in an area: its node leaves their referrals out.
         "no_population": table.zero_groups(),
     }
     spec = StudySpec(**common, params=params)
-    study = AccessStudy(by, levels, period, params["years"], area_effects, areas, table, label.strip())
+    study = AccessStudy(by, levels, period, params["years"], area_effects, areas, table, label.strip(),
+                        need, need_label)
     return spec, study
+
+
+def _need(data: dict, schema: Schema, source: str) -> tuple[Prevalence | None, str | None]:
+    """The study's need table (field `need`), or (None, None) without one."""
+    label = data.get("need")
+    if label is None:
+        return None, None
+    if not isinstance(label, str) or not label.strip():
+        raise SpecError(f"{source}: field 'need' must name a CSV of prevalence by group (a path relative to "
+                        "the study file), or \"illustrative\" for the table shipped with iaptnet.")
+    embedded = data.get("need_csv")
+    if not isinstance(embedded, dict) or not isinstance(embedded.get("text"), str):
+        raise SpecError(f"{source}: field 'need' names a table that was not read with the study; "
+                        "load the study file with iaptnet (which carries the table inside the study).")
+    need = parse_prevalence(embedded["text"], str(embedded.get("source") or label), schema, source)
+    return need, label.strip()
 
 
 def check_by(by, schema: Schema, source: str) -> tuple[str, ...]:
@@ -178,7 +207,8 @@ def describe(spec: StudySpec, rules) -> list[str]:
     p = spec.params
     return [
         f"  counts     referrals {p['period'][0]}..{p['period'][1]} by {', '.join(p['by'])} "
-        f"(rates per {PER:,} against population sha256 {p['population']['sha256'][:16]})",
+        f"(rates per {PER:,} against population sha256 {p['population']['sha256'][:16]}"
+        + (f", people with need: prevalence sha256 {p['need']['sha256'][:16]}" if p.get("need") else "") + ")",
         "",
         "what this node releases for it (every reply is checked against the policy first):",
         "  exactly   the referrals it counts, and their number at each level of each of those",
