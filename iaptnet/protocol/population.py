@@ -36,10 +36,14 @@ import math
 import re
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 from .errors import SpecError
-from .prevalence import Prevalence
 from .schema import Schema
 from .study import merged_levels
+
+if TYPE_CHECKING:
+    from .prevalence import Prevalence
 
 AREA, POPULATION = "area", "population"
 #: The ONS-layout column of each grouping variable of the IAPT dataset.
@@ -157,7 +161,7 @@ def parse_population(text: str, source: str, by: list[str], schema: Schema, merg
             if var not in holds.values():
                 raise SpecError(f"{where} has no column '{ONS_COLUMNS.get(var, var)}', which the need table "
                                 f"{need.source} (field 'need') gives prevalence by.")
-    matchers = {i: _matcher(var, schema) for i, var in holds.items()}
+    matchers = {i: level_matcher(var, schema) for i, var in holds.items()}
     area_i, pop_i = names.index(AREA), names.index(POPULATION)
     mappings = [merged_levels(list(schema[var].levels), merge.get(var, {}))[1] for var in by]
     parts: dict[tuple, list[float]] = {}
@@ -184,7 +188,7 @@ def parse_population(text: str, source: str, by: list[str], schema: Schema, merg
             skip = False
             for i in holds:
                 level = matchers[i](row[i])
-                if level is _BELOW:
+                if level is BELOW_FIRST_BAND:
                     skip = True
                 elif level is None:
                     var = holds[i]
@@ -223,7 +227,7 @@ def parse_population(text: str, source: str, by: list[str], schema: Schema, merg
     return PopulationTable(source, tuple(by), levels, cells, hashlib.sha256(blob.encode()).hexdigest())
 
 
-_BELOW = object()  # an age below the first band: not in the population a service serves
+BELOW_FIRST_BAND = object()  # an age below the first band: not in the population a service serves
 
 
 def _population(text: str, where: str) -> float:
@@ -237,8 +241,8 @@ def _population(text: str, where: str) -> float:
     return value
 
 
-def _matcher(var: str, schema: Schema):
-    """value -> schema level (None when unknown, _BELOW for ages under the first band)."""
+def level_matcher(var: str, schema: Schema):
+    """value -> schema level (None when unknown, BELOW_FIRST_BAND for ages under the first band)."""
     if var not in schema:
         return lambda value: value.strip()
     levels = list(schema[var].levels)
@@ -257,7 +261,7 @@ def _matcher(var: str, schema: Schema):
             if found:
                 age = int(found.group(1))
                 if age < bands[0][0]:
-                    return _BELOW
+                    return BELOW_FIRST_BAND
                 for low, high, level in bands:
                     if low <= age <= high and (not found.group(2) or high == math.inf):
                         return level

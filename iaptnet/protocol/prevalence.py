@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import SpecError
+from .population import AREA, BELOW_FIRST_BAND, ONS_COLUMNS, level_matcher
 from .schema import Schema
 
 PREVALENCE = "prevalence"
@@ -54,8 +55,6 @@ class Prevalence:
 
 def parse_prevalence(text: str, source: str, schema: Schema, study: str) -> Prevalence:
     """Read the CSV text of a need table (see the module docstring)."""
-    from .population import AREA, ONS_COLUMNS, _matcher
-
     where = f"{source}: the need table (field 'need' of {study})"
     if not isinstance(text, str):
         raise SpecError(f"{where} is not text.")
@@ -88,7 +87,7 @@ def parse_prevalence(text: str, source: str, schema: Schema, study: str) -> Prev
         holds[i] = var
     if not holds:
         raise SpecError(f"{where} has no group column (for example age_band and sex) beside '{PREVALENCE}'.")
-    matchers = {i: _matcher(var, schema) for i, var in holds.items()}
+    matchers = {i: level_matcher(var, schema) for i, var in holds.items()}
     value_i = names.index(PREVALENCE)
     values: dict[tuple[str, ...], float] = {}
     line = 1
@@ -103,7 +102,7 @@ def parse_prevalence(text: str, source: str, schema: Schema, study: str) -> Prev
             key = []
             for i, var in holds.items():
                 level = matchers[i](row[i])
-                if level is None or not isinstance(level, str):
+                if level is None or level is BELOW_FIRST_BAND:
                     raise SpecError(f"{where}, line {line}: column '{names[i]}' has '{row[i].strip()[:40]}', "
                                     f"which is not a level of {var} ({', '.join(schema[var].levels)}).")
                 key.append(level)
