@@ -86,8 +86,9 @@ def cmd_synth(args) -> int:
     from .synth import generate_network
 
     path = generate_network(Path(args.out), services=args.services, patients=args.patients,
-                            seed=args.seed, fmt=args.format)
-    print(f"wrote {args.patients:,} referrals for {args.services} services; network file {path}")
+                            seed=args.seed, fmt=args.format, appointments=args.appointments)
+    also = " with their appointment tables" if args.appointments else ""
+    print(f"wrote {args.patients:,} referrals for {args.services} services{also}; network file {path}")
     return 0
 
 
@@ -120,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--patients", type=int, default=483_683)
     synth.add_argument("--seed", type=int, default=20210901)
     synth.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    synth.add_argument("--appointments", action="store_true",
+                       help="write each service's pathway columns as an appointment table (one row per contact)")
     synth.set_defaults(fn=cmd_synth)
 
     # Each side registers its own commands: the node's in node/cli.py, the hub's in

@@ -52,6 +52,10 @@ def test_node_file_resolves_paths(kit):
     assert cfg.data == str(kit / "data.csv") and cfg.state_dir == kit / "st"
     assert cfg.approved_apps == kit / "st" / "approved-apps.txt"
     assert cfg.node_config() == {"name": "site-a", "data": str(kit / "data.csv"), "policy": str(kit / "policy.toml")}
+    with_contacts = load_node_file(node_toml(kit, appointments="data.csv"))
+    assert with_contacts.node_config()["appointments"] == str(kit / "data.csv")
+    sql = load_node_file(node_toml(kit, appointments="postgresql+psycopg://db/x", appointments_table="contacts"))
+    assert sql.node_config()["appointments_table"] == "contacts"
 
 
 @pytest.mark.parametrize("fields, field", [
@@ -64,6 +68,10 @@ def test_node_file_resolves_paths(kit):
     ({"name": "bad name!"}, "name"),
     ({"data": "postgresql+psycopg://db/x"}, "table"),
     ({"colour": "blue"}, "colour"),
+    ({"appointments": "nowhere.csv"}, "appointments"),
+    ({"appointments_table": "contacts"}, "appointments_table"),
+    ({"appointments": "postgresql+psycopg://db/x"}, "appointments_table"),
+    ({"appointments": "data.csv", "schema": "data.csv"}, "appointments"),
 ])
 def test_node_file_mistakes_name_file_and_field(kit, capsys, fields, field):
     path = node_toml(kit, **fields)

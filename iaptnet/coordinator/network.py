@@ -1,6 +1,8 @@
 """The `network.toml` contract: the nodes of a network for the in-process engine or the
 local launcher. Each `[[node]]` has `name`, `data` (a CSV or Parquet path relative to the file,
-or an SQLAlchemy URL with `table` or `query`), optional `schema` and optional `policy`."""
+or an SQLAlchemy URL with `table` or `query`), optional `schema` and optional `policy`; for the
+IAPT extract, optional `appointments` (a path, or a URL with `appointments_table` or
+`appointments_query`)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from ..node.runtime import resolve_path
 from ..protocol.errors import SpecError
 from ..protocol.tomlfile import read_toml, reject_unknown
 
-NODE_KEYS = {"name", "data", "schema", "policy", "table", "query"}
+NODE_KEYS = {"name", "data", "schema", "policy", "table", "query", "appointments", "appointments_table",
+             "appointments_query"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -58,8 +61,21 @@ def load_network(path: str | Path) -> Network:
                 if not Path(value).exists():
                     raise SpecError(f"{where} ({name}): field '{key}' names {raw[key]}, which does not exist.")
                 node[key] = value
-        for key in ("table", "query"):
+        for key in ("table", "query", "appointments_table", "appointments_query"):
             if raw.get(key) is not None:
                 node[key] = str(raw[key])
+        appointments = raw.get("appointments")
+        if appointments is not None:
+            if not isinstance(appointments, str) or not appointments:
+                raise SpecError(f"{where} ({name}): field 'appointments' must be a file path or an SQLAlchemy URL.")
+            if raw.get("schema") is not None:
+                raise SpecError(f"{where} ({name}): field 'appointments' goes with the IAPT extract only, not with 'schema'.")
+            node["appointments"] = resolve_path(base, appointments)
+            if "://" in appointments:
+                if not (raw.get("appointments_table") or raw.get("appointments_query")):
+                    raise SpecError(f"{where} ({name}): an SQL appointment table needs 'appointments_table' or "
+                                    "'appointments_query'.")
+            elif not Path(node["appointments"]).exists():
+                raise SpecError(f"{where} ({name}): field 'appointments' names {appointments}, which does not exist.")
         nodes.append(node)
     return Network(path, nodes)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .dataset import load_dataset
+from .dataset import AppointmentSource, load_dataset
 
 
 def run_check(
@@ -17,24 +17,34 @@ def run_check(
     *,
     table: str | None = None,
     query: str | None = None,
+    appointments: str | Path | None = None,
+    appointments_table: str | None = None,
+    appointments_query: str | None = None,
 ) -> tuple[str, bool]:
-    """(report text ending in a one-line verdict, whether the data is usable for studies)."""
-    dataset = load_dataset(data, schema, table=table, query=query)
-    report = dataset.report
-    lines = [report.render(), f"data version: sha256 {dataset.data_version}", ""]
-    if report.ok:
+    """(report text ending in a one-line verdict, whether the data is usable for studies).
+    With an appointment table, its report comes first, then the extract's (whose pathway
+    columns were computed from it)."""
+    source = AppointmentSource(str(appointments), appointments_table, appointments_query) if appointments else None
+    dataset = load_dataset(data, schema, table=table, query=query, appointments=source)
+    reports = [r for r in (dataset.appointments, dataset.report) if r is not None]
+    lines = [text for r in reports for text in (r.render(), "")]
+    lines += [f"data version: sha256 {dataset.data_version}", ""]
+    if dataset.usable:
+        report = dataset.report
         n_columns = sum(c.present for c in report.columns)
         lines.append(f"OK: {report.n_rows:,} rows, {n_columns} columns valid")
     else:
         problems = []
-        if report.invalid_columns:
-            problems.append(_count(len(report.invalid_columns), "column has", "columns have")
-                            + " invalid values")
-        if report.missing_required:
-            problems.append(_count(len(report.missing_required), "required column is",
-                                   "required columns are") + " missing")
+        for report in reports:
+            where = f" in {report.source}" if len(reports) > 1 else ""
+            if report.invalid_columns:
+                problems.append(_count(len(report.invalid_columns), "column has", "columns have")
+                                + f" invalid values{where}")
+            if report.missing_required:
+                problems.append(_count(len(report.missing_required), "required column is",
+                                       "required columns are") + f" missing{where}")
         lines.append(" and ".join(problems) + ": see above (not usable for studies)")
-    return "\n".join(lines), report.ok
+    return "\n".join(lines), dataset.usable
 
 
 def _count(n: int, one: str, many: str) -> str:

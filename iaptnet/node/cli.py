@@ -8,7 +8,9 @@ import argparse
 def cmd_check(args) -> int:
     from .check import run_check
 
-    text, ok = run_check(args.data, args.schema, table=args.table, query=args.query)
+    text, ok = run_check(args.data, args.schema, table=args.table, query=args.query,
+                         appointments=args.appointments, appointments_table=args.appointments_table,
+                         appointments_query=args.appointments_query)
     print(text)
     return 0 if ok else 1
 
@@ -38,6 +40,9 @@ def register(sub) -> None:
     check.add_argument("--schema", help="schema TOML (default: the built-in IAPT extract)")
     check.add_argument("--table", help="table name, for an SQL source")
     check.add_argument("--query", help="SQL query, for an SQL source")
+    check.add_argument("--appointments", help="the IAPT extract's appointment table (CSV, Parquet or an SQLAlchemy URL)")
+    check.add_argument("--appointments-table", help="table name, for an SQL appointment table")
+    check.add_argument("--appointments-query", help="SQL query, for an SQL appointment table")
     check.set_defaults(fn=cmd_check)
 
     start = node_sub.add_parser("start", help="run the node daemon (a Flower SuperNode serving this Trust's data)")

@@ -6,6 +6,9 @@
     key      = "/etc/iaptnet/trust-a.key"         # the node's authentication private key
     data     = "postgresql+psycopg://iaptnet@db/iapt"   # or a CSV / Parquet path
     table    = "iapt_extract"                     # for a database: a table, or query = "SELECT ..."
+    appointments = "appointments.parquet"         # optional, IAPT extract only: the appointment table the
+                                                  # pathway columns are computed from (a database: a URL
+                                                  # with appointments_table or appointments_query)
     schema   = "schema.toml"                      # optional (default: the built-in IAPT extract)
     policy   = "/etc/iaptnet/policy.toml"         # the Trust's disclosure policy (required)
     state_dir = "/var/lib/iaptnet-node"           # approved app hashes, Flower's private home
@@ -30,7 +33,7 @@ from ..protocol.errors import SpecError
 from ..protocol.tomlfile import read_toml, reject_unknown
 
 KEYS = {"name", "hub", "ca_cert", "key", "data", "table", "query", "schema", "policy", "state_dir",
-        "approved_apps", "tuning"}
+        "approved_apps", "tuning", "appointments", "appointments_table", "appointments_query"}
 TUNING_KEYS = {"poll_idle", "poll_active", "runtime_port"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
@@ -51,6 +54,9 @@ class NodeFile:
     policy: str | None
     state_dir: Path
     approved_apps: Path
+    appointments: str | None = None
+    appointments_table: str | None = None
+    appointments_query: str | None = None
     poll_idle: float = 1.0
     poll_active: float = 0.25
     runtime_port: int = 0
@@ -59,7 +65,8 @@ class NodeFile:
     def node_config(self) -> dict:
         """The mapping `iaptnet.node.runtime.NodeConfig.from_mapping` reads."""
         out = {"name": self.name, "data": self.data}
-        for key in ("schema", "policy", "table", "query"):
+        for key in ("schema", "policy", "table", "query", "appointments", "appointments_table",
+                    "appointments_query"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -124,7 +131,20 @@ def load_node_file(path: str | Path) -> NodeFile:
         if table is not None or query is not None:
             raise SpecError(f"{path}: fields 'table' and 'query' apply only when 'data' is a database URL.")
         data = existing_file("data", "the Trust's extract as CSV or Parquet")
+    appointments = text("appointments", False)
+    appointments_table, appointments_query = text("appointments_table", False), text("appointments_query", False)
+    if appointments is not None and "://" in appointments:
+        if (appointments_table is None) == (appointments_query is None):
+            raise SpecError(f"{path}: a database in field 'appointments' needs exactly one of 'appointments_table' "
+                            "or 'appointments_query'.")
+    elif appointments_table is not None or appointments_query is not None:
+        raise SpecError(f"{path}: fields 'appointments_table' and 'appointments_query' apply only when "
+                        "'appointments' is a database URL.")
+    elif appointments is not None:
+        appointments = existing_file("appointments", "the Trust's appointment table as CSV or Parquet")
     schema = existing_file("schema", "a dataset schema TOML", required=False)
+    if appointments is not None and schema is not None:
+        raise SpecError(f"{path}: field 'appointments' goes with the IAPT extract only, not with 'schema'.")
     policy = existing_file("policy", "the Trust's disclosure policy TOML", required=False)
     state_dir = Path(_resolve(base, text("state_dir", False) or "state"))
     approved = text("approved_apps", False)
@@ -147,7 +167,8 @@ def load_node_file(path: str | Path) -> NodeFile:
     return NodeFile(
         path=path, name=name, hub=hub, ca_cert=Path(ca_cert), key=Path(key), data=data,
         table=table, query=query, schema=schema, policy=policy, state_dir=state_dir,
-        approved_apps=approved_apps, poll_idle=number("poll_idle", 1.0, 0.05, 3.0),
+        approved_apps=approved_apps, appointments=appointments, appointments_table=appointments_table,
+        appointments_query=appointments_query, poll_idle=number("poll_idle", 1.0, 0.05, 3.0),
         poll_active=number("poll_active", 0.25, 0.01, 3.0), runtime_port=port,
     )
 

@@ -32,6 +32,11 @@ class NodeConfig:
     policy: str | None = None
     table: str | None = None  # for an SQL source: the table (or `query`)
     query: str | None = None
+    # The IAPT extract's appointment table (node/iapt/appointments.py): a path or a URL with
+    # appointments_table or appointments_query.
+    appointments: str | None = None
+    appointments_table: str | None = None
+    appointments_query: str | None = None
 
     @classmethod
     def from_mapping(cls, m) -> "NodeConfig":
@@ -39,7 +44,16 @@ class NodeConfig:
             value = m.get(key)
             return str(value) if value not in (None, "") else None
         return cls(name=str(m["name"]), data=str(m["data"]), schema=opt("schema"),
-                   policy=opt("policy"), table=opt("table"), query=opt("query"))
+                   policy=opt("policy"), table=opt("table"), query=opt("query"),
+                   appointments=opt("appointments"), appointments_table=opt("appointments_table"),
+                   appointments_query=opt("appointments_query"))
+
+    def appointment_source(self):
+        from .dataset import AppointmentSource
+
+        if self.appointments is None:
+            return None
+        return AppointmentSource(self.appointments, self.appointments_table, self.appointments_query)
 
 
 @dataclass
@@ -125,7 +139,8 @@ class NodeRuntime:
 
                 source = self.config.data
                 self._dataset = load_dataset(source, self.config.schema, table=self.config.table,
-                                             query=self.config.query)
+                                             query=self.config.query,
+                                             appointments=self.config.appointment_source())
                 log.info("node %s loaded %s rows (data version %s)", self.name,
                          self._dataset.n_rows, self._dataset.data_version[:12])
             if not self._dataset.usable:

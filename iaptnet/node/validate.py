@@ -313,13 +313,18 @@ def _date(series: pd.Series, col: Column):
 
 
 def _identifier(series: pd.Series, col: Column):
-    """Mostly distinct values, so whole-column string operations rather than per distinct value."""
+    values = identifier_text(series)
+    return values, values.isna().to_numpy(), {}
+
+
+def identifier_text(series: pd.Series) -> pd.Series:
+    """Identifiers as trimmed text, missing tokens as missing (how a key column is compared).
+    Mostly distinct values, so whole-column string operations rather than per distinct value."""
     series = series.reset_index(drop=True)
     if pd.api.types.is_float_dtype(series) and (series.dropna() % 1 == 0).all():
         series = series.astype("Int64")  # integer ids that passed through a float column
     text = series.astype("str").str.strip()
-    values = text.mask(text.isin(NA_TOKENS))
-    return values, values.isna().to_numpy(), {}
+    return text.mask(text.isin(NA_TOKENS))
 
 
 def _empty(col: Column, n: int):

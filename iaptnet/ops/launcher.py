@@ -197,7 +197,8 @@ def up(network_path: str | Path, *, port: int | None = None, timeout: float = 18
             lines = [f"name = {_toml_str(name)}", f"hub = {_toml_str(address)}",
                      f"ca_cert = {_toml_str(hub_cfg.ca_cert)}", f"key = {_toml_str(key)}",
                      f"data = {_toml_str(node['data'])}", f"state_dir = {_toml_str(ndir / 'state')}"]
-            for field in ("table", "query", "schema", "policy"):
+            for field in ("table", "query", "schema", "policy", "appointments", "appointments_table",
+                          "appointments_query"):
                 if node.get(field):
                     lines.append(f"{field} = {_toml_str(node[field])}")
             lines += ["", "[tuning]", f"poll_idle = {poll_idle!r}", f"poll_active = {poll_active!r}"]

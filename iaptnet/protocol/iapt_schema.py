@@ -1,4 +1,4 @@
-"""The built-in IAPT schemas, read from the two TOML files beside the protocol.
+"""The built-in IAPT schemas, read from the TOML files beside the protocol.
 
 The coordinator validates a study against `iapt_analysis_schema()` without seeing any data, and
 each node serves exactly these columns, so both sides read the same files through these
@@ -13,6 +13,10 @@ from .schema import Schema, builtin_schema_path
 
 #: Name of the merged schema a node serves for the IAPT extract (part of the fingerprint).
 IAPT_SCHEMA_NAME = "iapt"
+#: The low-intensity therapy types (DOMAIN.md §A, NHSE's LI/HI classification); the others
+#: are high intensity.
+LOW_INTENSITY_THERAPIES = ("GSH_BOOK", "NGSH_BOOK", "GSH_COMP", "NGSH_COMP", "PHYS_ACT", "PSYED_PEER",
+                           "OTHER_LI", "SIGNPOST", "MINDFUL", "BA_LI")
 
 
 @cache
@@ -25,6 +29,12 @@ def iapt_extract_schema() -> Schema:
 def iapt_derived_schema() -> Schema:
     """The variables the node derives from the extract (DOMAIN.md §B, §C)."""
     return Schema.load(builtin_schema_path("iapt_derived"))
+
+
+@cache
+def iapt_appointments_schema() -> Schema:
+    """The optional appointment table (one row per scheduled contact) beside the extract."""
+    return Schema.load(builtin_schema_path("iapt_appointments"))
 
 
 @cache

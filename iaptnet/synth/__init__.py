@@ -90,14 +90,15 @@ def generate_extract(patients: int = PAPER_PATIENTS, services: int = PAPER_SERVI
 
 def generate_network(out_dir: str | Path, services: int = PAPER_SERVICES,
                      patients: int = PAPER_PATIENTS, seed: int = DEFAULT_SEED,
-                     fmt: str = "parquet") -> Path:
+                     fmt: str = "parquet", appointments: bool = False) -> Path:
     """Generate and write a network (one extract per service, network.toml and the population
-    denominators population.csv) into out_dir, atomically. Returns the path of network.toml."""
+    denominators population.csv) into out_dir, atomically. Returns the path of network.toml.
+    With `appointments`, each service's pathway columns come as an appointment table."""
     if fmt not in FORMATS:
         raise SpecError(f"synth: format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
     synthetic = generate(patients, services, seed)
     return write_network(out_dir, synthetic.extract, services, seed, fmt,
-                         population=population_csv(patients, services))
+                         population=population_csv(patients, services), appointments=appointments)
 
 
 def _check(patients: int, services: int, seed: int) -> None:

@@ -1,6 +1,7 @@
-"""Writing a synthetic network: one extract per service, the network.toml that lists them, and
-population.csv, the coordinator's population denominators for the services' catchments
-(denominators.py; scaled to the network's size).
+"""Writing a synthetic network: one extract per service (optionally with its appointment table,
+appointments.py), the network.toml that lists them, and population.csv, the coordinator's
+population denominators for the services' catchments (denominators.py; scaled to the
+network's size).
 
 The files are written into a temporary folder beside the destination and moved into place with
 a rename, so an interrupted or failed run leaves either the previous network or the new one,
@@ -15,6 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -22,6 +24,7 @@ import pyarrow.parquet as pq
 
 from ..protocol.errors import SpecError
 from . import params as P
+from .appointments import appointments_for, without_pathway_columns
 
 HEADER = "# written by iaptnet synth"
 FORMATS = ("parquet", "csv")
@@ -35,9 +38,12 @@ def service_names(services: int) -> list[str]:
 
 
 def write_network(out_dir: str | Path, extract: pa.Table, services: int, seed: int,
-                  fmt: str = "parquet", population: str | None = None) -> Path:
+                  fmt: str = "parquet", population: str | None = None,
+                  appointments: bool = False) -> Path:
     """Write `extract` split by service into out_dir, and `population` (CSV text) as
-    population.csv when given; returns the network.toml path."""
+    population.csv when given; returns the network.toml path. With `appointments`, each
+    service's extract leaves out the pathway columns and an appointment table that carries
+    them is written beside it (appointments.py)."""
     if fmt not in FORMATS:
         raise SpecError(f"synth: format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
     out = Path(out_dir)
@@ -52,12 +58,14 @@ def write_network(out_dir: str | Path, extract: pa.Table, services: int, seed: i
         for k, name in enumerate(service_names(services), start=1):
             part = extract.filter(pc.equal(service, str(k)))
             filename = f"service_{k}.{fmt}"
-            if fmt == "parquet":
-                pq.write_table(part, tmp / filename, compression="zstd")
-            else:
-                pacsv.write_csv(part, tmp / filename,
-                                pacsv.WriteOptions(quoting_style="needed"))
-            lines += ["[[node]]", f'name = "{name}"', f'data = "{filename}"', ""]
+            node = ["[[node]]", f'name = "{name}"', f'data = "{filename}"']
+            if appointments:
+                contacts = appointments_for(part, np.random.default_rng([seed, k]), with_intensity=k % 2 == 1)
+                _write(contacts, tmp / f"service_{k}_appointments.{fmt}", fmt)
+                node.append(f'appointments = "service_{k}_appointments.{fmt}"')
+                part = without_pathway_columns(part)
+            _write(part, tmp / filename, fmt)
+            lines += node + [""]
         if population is not None:
             (tmp / "population.csv").write_text(population, encoding="utf-8", newline="")
             lines[2:2] = ["# population.csv: adult population denominators of the catchments "
@@ -68,6 +76,13 @@ def write_network(out_dir: str | Path, extract: pa.Table, services: int, seed: i
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out / "network.toml"
+
+
+def _write(table: pa.Table, path: Path, fmt: str) -> None:
+    if fmt == "parquet":
+        pq.write_table(table, path, compression="zstd")
+    else:
+        pacsv.write_csv(table, path, pacsv.WriteOptions(quoting_style="needed"))
 
 
 def _check_destination(out: Path) -> None:
