@@ -109,3 +109,36 @@ def test_pooled_fit_with_a_postgres_node_equals_the_reference(pg_table, tmp_path
     np.testing.assert_allclose([t["std_error"] for t in result["terms"]], ref.bse.to_numpy(), rtol=1e-8)
     assert result["n"] == int(ref.nobs)
     assert {n["name"] for n in result["nodes"]} == {"files", "database"}
+
+
+def test_appointments_from_postgres_give_back_the_flat_extract(tmp_path):
+    """A node whose appointment table is in the database (network.toml `appointments` URL with
+    `appointments_table` or `appointments_query`) serves what the flat extract gives."""
+    import sqlalchemy as sa
+
+    from iaptnet.coordinator.network import load_network
+    from iaptnet.node.dataset import AppointmentSource, load_dataset
+    from iaptnet.synth import generate_network
+
+    url = require_postgres()
+    flat = load_network(generate_network(tmp_path / "flat", services=1, patients=2_000, seed=6)).nodes[0]
+    appt = load_network(generate_network(tmp_path / "appt", services=1, patients=2_000, seed=6,
+                                         appointments=True)).nodes[0]
+    table = f"iapt_contacts_{uuid.uuid4().hex[:8]}"
+    engine = sa.create_engine(url)
+    pd.read_parquet(appt["appointments"]).to_sql(table, engine, index=False)
+    try:
+        (tmp_path / "network.toml").write_text(
+            f'[[node]]\nname = "db"\ndata = "{appt["data"]}"\nappointments = "{url}"\n'
+            f'appointments_query = "SELECT * FROM {table}"\n')
+        node = load_network(tmp_path / "network.toml").nodes[0]
+        reference = load_dataset(flat["data"]).frame
+        for source in (AppointmentSource(node["appointments"], query=node["appointments_query"]),
+                       AppointmentSource(url, table=table)):
+            served = load_dataset(node["data"], appointments=source)
+            assert served.usable
+            pd.testing.assert_frame_equal(served.frame, reference)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'DROP TABLE IF EXISTS "{table}"'))
+        engine.dispose()
