@@ -202,6 +202,12 @@ def test_cluster_robust_with_clusters_inside_nodes(weighted_network):
                      cov_type="cluster")
     assert_matches(result, ref)
     assert result["n_clusters"] == frame.dropna(subset=["y", "x", "g", "h"])["clinic"].nunique()
+    # Beside the sandwich, the model-based standard errors (statsmodels' nonrobust fit).
+    model_based = _reference(frame, "y ~ x + g + h", "binomial", ["y", "x", "g", "h", "wt", "clinic"])
+    np.testing.assert_allclose([t["std_error_model"] for t in result["terms"]], model_based.bse.to_numpy(),
+                               rtol=1e-8)
+    plain = run_study(folder, name="plain", family="binomial", formula="y ~ x + g + h")
+    assert all("std_error_model" not in t for t in plain["terms"])
 
 
 def test_offset_expression(weighted_network):

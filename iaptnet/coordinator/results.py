@@ -23,10 +23,15 @@ Z975 = float(stats.norm.ppf(0.975))
 
 
 def term_rows(fit: ModelFit) -> list[dict]:
+    """DESIGN.md's term rows. With robust or cluster-robust standard errors, each row also
+    gives the model-based one (`std_error_model`), which DOMAIN.md asks to report beside a
+    sandwich from few clusters."""
     se = np.sqrt(np.diag(fit.covariance))
+    robust = fit.spec.cov_type != "nonrobust"
+    se_model = np.sqrt(np.diag(fit.cov * fit.scale)) if robust else se
     est = fit.beta[fit.active]
     rows = []
-    for name, b, s in zip(fit.active_names, est, se):
+    for name, b, s, s_model in zip(fit.active_names, est, se, se_model):
         z = b / s
         row = {
             "term": name,
@@ -37,6 +42,8 @@ def term_rows(fit: ModelFit) -> list[dict]:
             "conf_low": float(b - Z975 * s),
             "conf_high": float(b + Z975 * s),
         }
+        if robust:
+            row["std_error_model"] = float(s_model)
         if fit.family.ratio_name:
             row["ratio"] = math.exp(row["estimate"])
             row["ratio_low"] = math.exp(row["conf_low"])
