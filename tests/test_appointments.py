@@ -112,6 +112,10 @@ def test_the_rules_on_a_hand_made_table():
     pd.testing.assert_frame_equal(out.astype(object), want.astype(object), check_dtype=False)
     assert notes == ["appointments: 1 contacts name a referral that is not in the extract; left out",
                      "appointments: 1 contacts without a pathway_id, app_type or attend_code; left out"]
+    # An empty table (a header only) is served, and says so.
+    out, notes = summarise(contacts.iloc[:0], ids)
+    assert out["n_treat"].tolist() == [0, 0, 0, 0] and out["primary_therapy"].isna().all()
+    assert notes == ["appointments: the table has no contacts, so every referral has 0 sessions"]
 
 
 def test_bad_input_gets_one_sentence(networks, tmp_path, capsys):

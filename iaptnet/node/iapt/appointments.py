@@ -48,7 +48,7 @@ def summarise(contacts: pd.DataFrame, pathway_ids: pd.Series) -> tuple[pd.DataFr
     row = keys.get_indexer(contacts["pathway_id"].astype("string"))
     app, attend = contacts["app_type"].astype("string"), contacts["attend_code"].astype("string")
     known = (row >= 0) & app.notna().to_numpy() & attend.notna().to_numpy()
-    notes = []
+    notes = [] if len(contacts) else ["appointments: the table has no contacts, so every referral has 0 sessions"]
     unmatched = int(((row < 0) & contacts["pathway_id"].notna().to_numpy()).sum())
     if unmatched:
         notes.append(f"appointments: {unmatched:,} contacts name a referral that is not in the extract; left out")
