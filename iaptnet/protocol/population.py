@@ -35,7 +35,6 @@ import json
 import math
 import re
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 from .errors import SpecError
@@ -116,41 +115,14 @@ def parse_population(text: str, source: str, by: list[str], schema: Schema, merg
     With `need` (protocol/prevalence.py), each row counts its population times the prevalence
     of its group: the table is then of people with need."""
     where = f"{source}: the population table (field 'population' of {study})"
-    if not isinstance(text, str):
-        raise SpecError(f"{where} is not text.")
-    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise SpecError(f"{where} is empty; it needs a header line {','.join(LAYOUT)}.") from None
-    except csv.Error as exc:
-        raise SpecError(f"{where} is not a valid CSV file ({exc}).") from None
-    names = [h.strip().lower()[:60] for h in header]
-    if len(names) > 20:
-        raise SpecError(f"{where} has {len(names)} columns; expected {', '.join(LAYOUT)}.")
-    if len(set(names)) != len(names):
-        raise SpecError(f"{where} has a repeated column in its header line.")
+    reader, names = read_header(text, where, ",".join(LAYOUT), max_columns=20)
     for required in (AREA, POPULATION):
         if required not in names:
             raise SpecError(f"{where} has no column '{required}'; its columns are {', '.join(names)} "
                             f"(expected {', '.join(LAYOUT)}).")
-    # Which schema variable each group column holds: its own name, or its ONS-layout name.
-    by_ons = {ons: var for var, ons in ONS_COLUMNS.items()}
-    holds: dict[int, str] = {}  # column index -> variable, in column order
-    for i, name in enumerate(names):
-        if name in (AREA, POPULATION):
-            continue
-        # An ONS-layout name means its variable (the CSV's ethnic_group holds the ONS five
-        # groups, ethnicity_ons, not the dataset's NHS ethnic_group); any other name must be
-        # a categorical column of the dataset.
-        var = by_ons.get(name) or (name if name in schema and schema[name].is_categorical else None)
-        if var is None:
-            raise SpecError(f"{where} has a column '{name}' that is not part of the layout "
-                            f"({', '.join(LAYOUT)}); remove it (a population over several years "
-                            "should be averaged first).")
-        if var in holds.values():
-            raise SpecError(f"{where} has two columns for '{var}'.")
-        holds[i] = var
+    holds = group_columns(names, (AREA, POPULATION), schema, where,
+                          f"not part of the layout ({', '.join(LAYOUT)}); remove it (a population over "
+                          "several years should be averaged first)")
     for var in by:
         if var not in holds.values():
             expected = ONS_COLUMNS.get(var, var)
@@ -166,50 +138,41 @@ def parse_population(text: str, source: str, by: list[str], schema: Schema, merg
     mappings = [merged_levels(list(schema[var].levels), merge.get(var, {}))[1] for var in by]
     parts: dict[tuple, list[float]] = {}
     seen: set[tuple] = set()
-    line = 1
-    try:
-        for line, row in enumerate(reader, start=2):
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if line > MAX_ROWS:
-                raise SpecError(f"{where} has more than {MAX_ROWS:,} rows; aggregate it to areas first.")
-            if len(row) != len(names):
-                raise SpecError(f"{where}, line {line}: has {len(row)} values for {len(names)} columns.")
-            area = row[area_i].strip()
-            if not area:
-                raise SpecError(f"{where}, line {line}: column 'area' is empty.")
-            population = _population(row[pop_i], f"{where}, line {line}")
-            raw = (area, *(_norm(row[i]) for i in holds))
-            if raw in seen:
-                raise SpecError(f"{where}, line {line}: repeats the group of an earlier row "
-                                f"(area '{area}'); each group needs one row.")
-            seen.add(raw)
-            key = [area]
-            skip = False
-            for i in holds:
-                level = matchers[i](row[i])
-                if level is BELOW_FIRST_BAND:
-                    skip = True
-                elif level is None:
-                    var = holds[i]
-                    allowed = ", ".join(schema[var].levels) if var in schema else ""
-                    raise SpecError(f"{where}, line {line}: column '{names[i]}' has '{row[i].strip()[:40]}', "
-                                    f"which is not a level of {var} ({allowed}).")
-                key.append(level)
-            if skip:
-                continue
-            levels = dict(zip(holds.values(), key[1:]))
-            if need is not None:
-                share = need.of(levels)
-                if share is None:
-                    named = ", ".join(f"{ONS_COLUMNS.get(v, v)} '{levels[v]}'" for v in need.vars)
-                    raise SpecError(f"{where}, line {line}: the need table {need.source} (field 'need') has no "
-                                    f"prevalence for {named}; give every group of the population a row.")
-                population *= share
-            group = tuple(mapping.get(levels[var], levels[var]) for var, mapping in zip(by, mappings))
-            parts.setdefault((area, group), []).append(population)
-    except csv.Error as exc:
-        raise SpecError(f"{where}, line {line}: not valid CSV ({exc}).") from None
+    rows = data_rows(reader, len(names), where, MAX_ROWS, "; aggregate it to areas first")
+    for line, row in rows:
+        area = row[area_i].strip()
+        if not area:
+            raise SpecError(f"{where}, line {line}: column 'area' is empty.")
+        population = _population(row[pop_i], f"{where}, line {line}")
+        raw = (area, *(_norm(row[i]) for i in holds))
+        if raw in seen:
+            raise SpecError(f"{where}, line {line}: repeats the group of an earlier row "
+                            f"(area '{area}'); each group needs one row.")
+        seen.add(raw)
+        key = [area]
+        skip = False
+        for i in holds:
+            level = matchers[i](row[i])
+            if level is BELOW_FIRST_BAND:
+                skip = True
+            elif level is None:
+                var = holds[i]
+                allowed = ", ".join(schema[var].levels) if var in schema else ""
+                raise SpecError(f"{where}, line {line}: column '{names[i]}' has '{row[i].strip()[:40]}', "
+                                f"which is not a level of {var} ({allowed}).")
+            key.append(level)
+        if skip:
+            continue
+        levels = dict(zip(holds.values(), key[1:]))
+        if need is not None:
+            share = need.of(levels)
+            if share is None:
+                named = ", ".join(f"{ONS_COLUMNS.get(v, v)} '{levels[v]}'" for v in need.vars)
+                raise SpecError(f"{where}, line {line}: the need table {need.source} (field 'need') has no "
+                                f"prevalence for {named}; give every group of the population a row.")
+            population *= share
+        group = tuple(mapping.get(levels[var], levels[var]) for var, mapping in zip(by, mappings))
+        parts.setdefault((area, group), []).append(population)
     if not parts:
         raise SpecError(f"{where} has no rows of adults in the study's groups.")
     cells: dict[str, dict[tuple, float]] = {}
@@ -225,6 +188,64 @@ def parse_population(text: str, source: str, by: list[str], schema: Schema, merg
                        "cells": sorted([area, list(g), p] for area, c in cells.items() for g, p in c.items())},
                       sort_keys=True, separators=(",", ":"))
     return PopulationTable(source, tuple(by), levels, cells, hashlib.sha256(blob.encode()).hexdigest())
+
+
+# --------------------------------------------------------------------------------------------
+# The CSV grammar shared with the need table (protocol/prevalence.py)
+
+def read_header(text: str, where: str, expected: str, max_columns: int):
+    """(a csv reader positioned after the header, the header's names trimmed and lower-cased)."""
+    if not isinstance(text, str):
+        raise SpecError(f"{where} is not text.")
+    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise SpecError(f"{where} is empty; it needs a header line {expected}.") from None
+    except csv.Error as exc:
+        raise SpecError(f"{where} is not a valid CSV file ({exc}).") from None
+    names = [h.strip().lower()[:60] for h in header]
+    if len(names) > max_columns:
+        raise SpecError(f"{where} has {len(names)} columns; expected {expected}.")
+    if len(set(names)) != len(names):
+        raise SpecError(f"{where} has a repeated column in its header line.")
+    return reader, names
+
+
+def group_columns(names: list[str], skip: tuple[str, ...], schema: Schema, where: str,
+                  unknown: str) -> dict[int, str]:
+    """Column index -> the schema variable a group column holds, in column order: its
+    ONS-layout name (the CSV's ethnic_group holds the ONS five groups, ethnicity_ons, not the
+    dataset's NHS ethnic_group) or a categorical column's own name; `unknown` ends the
+    sentence for any other column."""
+    by_ons = {ons: var for var, ons in ONS_COLUMNS.items()}
+    holds: dict[int, str] = {}
+    for i, name in enumerate(names):
+        if name in skip:
+            continue
+        var = by_ons.get(name) or (name if name in schema and schema[name].is_categorical else None)
+        if var is None:
+            raise SpecError(f"{where} has a column '{name}' that is {unknown}.")
+        if var in holds.values():
+            raise SpecError(f"{where} has two columns for '{var}'.")
+        holds[i] = var
+    return holds
+
+
+def data_rows(reader, width: int, where: str, max_rows: int, too_many: str = ""):
+    """(line number, values) of each non-blank data row, each with `width` values."""
+    line = 1
+    try:
+        for line, row in enumerate(reader, start=2):
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if line > max_rows:
+                raise SpecError(f"{where} has more than {max_rows:,} rows{too_many}.")
+            if len(row) != width:
+                raise SpecError(f"{where}, line {line}: has {len(row)} values for {width} columns.")
+            yield line, row
+    except csv.Error as exc:
+        raise SpecError(f"{where}, line {line}: not valid CSV ({exc}).") from None
 
 
 BELOW_FIRST_BAND = object()  # an age below the first band: not in the population a service serves

@@ -24,15 +24,21 @@ Pure: text in, a `Prevalence` out (stdlib only); its sha256 digest goes into the
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import math
 from dataclasses import dataclass
 
 from .errors import SpecError
-from .population import AREA, BELOW_FIRST_BAND, ONS_COLUMNS, level_matcher
+from .population import (
+    AREA,
+    BELOW_FIRST_BAND,
+    ONS_COLUMNS,
+    data_rows,
+    group_columns,
+    level_matcher,
+    read_header,
+)
 from .schema import Schema
 
 PREVALENCE = "prevalence"
@@ -56,68 +62,37 @@ class Prevalence:
 def parse_prevalence(text: str, source: str, schema: Schema, study: str) -> Prevalence:
     """Read the CSV text of a need table (see the module docstring)."""
     where = f"{source}: the need table (field 'need' of {study})"
-    if not isinstance(text, str):
-        raise SpecError(f"{where} is not text.")
-    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise SpecError(f"{where} is empty; it needs a header line such as age_band,sex,{PREVALENCE}.") from None
-    except csv.Error as exc:
-        raise SpecError(f"{where} is not a valid CSV file ({exc}).") from None
-    names = [h.strip().lower()[:60] for h in header]
-    if len(set(names)) != len(names) or len(names) > 10:
-        raise SpecError(f"{where} needs distinct columns: group columns and '{PREVALENCE}'.")
+    reader, names = read_header(text, where, f"such as age_band,sex,{PREVALENCE}", max_columns=10)
     if PREVALENCE not in names:
         raise SpecError(f"{where} has no column '{PREVALENCE}' (the proportion of the group with need); "
                         f"its columns are {', '.join(names)}.")
-    by_ons = {ons: var for var, ons in ONS_COLUMNS.items()}
-    holds: dict[int, str] = {}
-    for i, name in enumerate(names):
-        if name == PREVALENCE:
-            continue
-        if name == AREA:
-            raise SpecError(f"{where} has a column 'area'; prevalence is national here: give one row per group.")
-        var = by_ons.get(name) or (name if name in schema and schema[name].is_categorical else None)
-        if var is None:
-            raise SpecError(f"{where} has a column '{name}' that is not a group column of the population "
-                            f"layout ({', '.join(ONS_COLUMNS.values())}).")
-        if var in holds.values():
-            raise SpecError(f"{where} has two columns for '{var}'.")
-        holds[i] = var
+    if AREA in names:
+        raise SpecError(f"{where} has a column 'area'; prevalence is national here: give one row per group.")
+    holds = group_columns(names, (PREVALENCE,), schema, where,
+                          f"not a group column of the population layout ({', '.join(ONS_COLUMNS.values())})")
     if not holds:
         raise SpecError(f"{where} has no group column (for example age_band and sex) beside '{PREVALENCE}'.")
     matchers = {i: level_matcher(var, schema) for i, var in holds.items()}
     value_i = names.index(PREVALENCE)
     values: dict[tuple[str, ...], float] = {}
-    line = 1
-    try:
-        for line, row in enumerate(reader, start=2):
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if line > MAX_ROWS:
-                raise SpecError(f"{where} has more than {MAX_ROWS:,} rows.")
-            if len(row) != len(names):
-                raise SpecError(f"{where}, line {line}: has {len(row)} values for {len(names)} columns.")
-            key = []
-            for i, var in holds.items():
-                level = matchers[i](row[i])
-                if level is None or level is BELOW_FIRST_BAND:
-                    raise SpecError(f"{where}, line {line}: column '{names[i]}' has '{row[i].strip()[:40]}', "
-                                    f"which is not a level of {var} ({', '.join(schema[var].levels)}).")
-                key.append(level)
-            try:
-                value = float(row[value_i].strip())
-            except ValueError:
-                value = math.nan
-            if not 0.0 <= value <= 1.0:
-                raise SpecError(f"{where}, line {line}: column '{PREVALENCE}' has '{row[value_i].strip()[:40]}'; "
-                                "it must be a proportion between 0 and 1 (write 0.26 for 26%).")
-            if tuple(key) in values:
-                raise SpecError(f"{where}, line {line}: repeats the group of an earlier row; each group needs one row.")
-            values[tuple(key)] = value
-    except csv.Error as exc:
-        raise SpecError(f"{where}, line {line}: not valid CSV ({exc}).") from None
+    for line, row in data_rows(reader, len(names), where, MAX_ROWS):
+        key = []
+        for i, var in holds.items():
+            level = matchers[i](row[i])
+            if level is None or level is BELOW_FIRST_BAND:
+                raise SpecError(f"{where}, line {line}: column '{names[i]}' has '{row[i].strip()[:40]}', "
+                                f"which is not a level of {var} ({', '.join(schema[var].levels)}).")
+            key.append(level)
+        try:
+            value = float(row[value_i].strip())
+        except ValueError:
+            value = math.nan
+        if not 0.0 <= value <= 1.0:
+            raise SpecError(f"{where}, line {line}: column '{PREVALENCE}' has '{row[value_i].strip()[:40]}'; "
+                            "it must be a proportion between 0 and 1 (write 0.26 for 26%).")
+        if tuple(key) in values:
+            raise SpecError(f"{where}, line {line}: repeats the group of an earlier row; each group needs one row.")
+        values[tuple(key)] = value
     if not values:
         raise SpecError(f"{where} has no rows.")
     variables = tuple(holds.values())

@@ -82,17 +82,16 @@ def parse(data: dict, schema: Schema, source: str) -> tuple[StudySpec, AccessStu
     area_effects = data.get("area_effects", True)
     if not isinstance(area_effects, bool):
         raise SpecError(f"{source}: field 'area_effects' must be true or false.")
-    label = data.get("population")
-    if not isinstance(label, str) or not label.strip():
-        raise SpecError(f"{source}: field 'population' is required: a CSV of population denominators "
-                        "(a path relative to the study file), or \"synthetic\" for the table shipped with iaptnet.")
-    embedded = data.get("population_csv")
-    if not isinstance(embedded, dict) or not isinstance(embedded.get("text"), str):
-        raise SpecError(f"{source}: field 'population' names a table that was not read with the study; "
-                        "load the study file with iaptnet (which carries the table inside the study).")
-    need, need_label = _need(data, schema, source)
-    table = parse_population(embedded["text"], str(embedded.get("source") or label), list(by), schema,
-                             common["merge"], source, need)
+    label, text, file = embedded_table(data, "population", source, "is required: a CSV of population "
+                                       "denominators (a path relative to the study file), or \"synthetic\" "
+                                       "for the table shipped with iaptnet")
+    need = need_label = None
+    if data.get("need") is not None:
+        need_label, need_text, need_file = embedded_table(
+            data, "need", source, "must name a CSV of prevalence by group (a path relative to the study "
+            "file), or \"illustrative\" for the table shipped with iaptnet")
+        need = parse_prevalence(need_text, need_file, schema, source)
+    table = parse_population(text, file, list(by), schema, common["merge"], source, need)
     areas = check_areas(data.get("areas"), table, source)
     levels = {var: table.levels[var] for var in by}
     exposure = common["exposure"]
@@ -115,25 +114,22 @@ def parse(data: dict, schema: Schema, source: str) -> tuple[StudySpec, AccessStu
         "no_population": table.zero_groups(),
     }
     spec = StudySpec(**common, params=params)
-    study = AccessStudy(by, levels, period, params["years"], area_effects, areas, table, label.strip(),
+    study = AccessStudy(by, levels, period, params["years"], area_effects, areas, table, label,
                         need, need_label)
     return spec, study
 
 
-def _need(data: dict, schema: Schema, source: str) -> tuple[Prevalence | None, str | None]:
-    """The study's need table (field `need`), or (None, None) without one."""
-    label = data.get("need")
-    if label is None:
-        return None, None
+def embedded_table(data: dict, field_name: str, source: str, expected: str) -> tuple[str, str, str]:
+    """(label, CSV text, file) of a table a study field names, which `read_study_file` carried
+    inside the study (FILES); `expected` ends the sentence for a missing or empty field."""
+    label = data.get(field_name)
     if not isinstance(label, str) or not label.strip():
-        raise SpecError(f"{source}: field 'need' must name a CSV of prevalence by group (a path relative to "
-                        "the study file), or \"illustrative\" for the table shipped with iaptnet.")
-    embedded = data.get("need_csv")
+        raise SpecError(f"{source}: field '{field_name}' {expected}.")
+    embedded = data.get(FILES[field_name][0])
     if not isinstance(embedded, dict) or not isinstance(embedded.get("text"), str):
-        raise SpecError(f"{source}: field 'need' names a table that was not read with the study; "
+        raise SpecError(f"{source}: field '{field_name}' names a table that was not read with the study; "
                         "load the study file with iaptnet (which carries the table inside the study).")
-    need = parse_prevalence(embedded["text"], str(embedded.get("source") or label), schema, source)
-    return need, label.strip()
+    return label.strip(), embedded["text"], str(embedded.get("source") or label)
 
 
 def check_by(by, schema: Schema, source: str) -> tuple[str, ...]:
