@@ -50,8 +50,7 @@ def run_once(hub_toml: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         run = engine.FlowerRun(hub, Path(tmp))
         run.submit_and_follow(entries)
-        # As run_flower: whole results are the run's success; the hub is asked otherwise.
-        status, details = ("finished:completed", "") if run.results and not run.error else run.status()
+        status, details = run.outcome()
     wall = time.monotonic() - started
     if run.error or status != "finished:completed" or not run.results:
         raise SystemExit(f"D1 failed: {run.error or details or status}")

@@ -409,6 +409,17 @@ def test_groups_without_population_leave_their_referrals_out(tmp_path, network):
     assert_rates(result["rates"], ref["rates"])
 
 
+def network_copy(network, tmp_path, population: pd.DataFrame):
+    """The module's network in a folder of this test's own, with `population` as its table."""
+    folder = network[0]
+    local = tmp_path / "net"
+    local.mkdir()
+    for name in ("schema.toml", "network.toml", *(f"{s}.csv" for s in SITES)):
+        (local / name).write_text((folder / name).read_text())
+    population.to_csv(local / "population.csv", index=False)
+    return local
+
+
 # --------------------------------------------------------------------------- need
 
 def make_need() -> pd.DataFrame:
@@ -475,12 +486,8 @@ def test_the_need_table_is_in_the_study_hash(network, tmp_path):
      "has no column 'sex', which the need table"),
 ])
 def test_bad_need_tables_get_one_sentence(tmp_path, capsys, network, need_change, pop_change, expected):
-    folder, _, population = network
-    local = tmp_path / "net"
-    local.mkdir()
-    for name in ("schema.toml", "network.toml", *(f"{s}.csv" for s in SITES)):
-        (local / name).write_text((folder / name).read_text())
-    (pop_change(population) if pop_change else population).to_csv(local / "population.csv", index=False)
+    _, _, population = network
+    local = network_copy(network, tmp_path, pop_change(population) if pop_change else population)
     need = make_need()
     (need_change(need) if need_change else need).to_csv(local / "need.csv", index=False)
     by = ["age_group", "imd_quintile"] if pop_change else ["age_group", "sex"]
@@ -520,12 +527,8 @@ def cli(folder, tmp_path, capsys, **fields):
     ({"colour": "red"}, None, "unknown field 'colour'"),
 ])
 def test_bad_input_gets_one_sentence_naming_the_file_and_field(tmp_path, capsys, network, fields, csv_change, expected):
-    folder, _, population = network
-    local = tmp_path / "net"
-    local.mkdir()
-    for name in ("schema.toml", "network.toml", *(f"{s}.csv" for s in SITES)):
-        (local / name).write_text((folder / name).read_text())
-    (csv_change(population) if csv_change else population).to_csv(local / "population.csv", index=False)
+    _, _, population = network
+    local = network_copy(network, tmp_path, csv_change(population) if csv_change else population)
     study = {"name": "bad", "by": ["age_group", "sex"], "areas": AREAS, **fields}
     err = cli(local, tmp_path, capsys, **study)
     assert expected in err

@@ -45,7 +45,7 @@ def test_appointment_tables_give_back_the_flat_extract(networks, fmt):
         assert not set(PATHWAY_COLUMNS) & set(extract_columns)  # the Trust's extract lacks them
         served = load_dataset(node["data"], appointments=AppointmentSource(node["appointments"]))
         reference = load_dataset(_nodes(flat)[name]["data"])
-        assert served.usable and served.appointments.ok
+        assert served.usable and served.appointments_report.ok
         pd.testing.assert_frame_equal(served.frame, reference.frame)
         assert served.data_version != reference.data_version
         assert not [n for n in served.report.notes if n.startswith("appointments:")]

@@ -26,7 +26,7 @@ def run_check(
     columns were computed from it)."""
     source = AppointmentSource(str(appointments), appointments_table, appointments_query) if appointments else None
     dataset = load_dataset(data, schema, table=table, query=query, appointments=source)
-    reports = [r for r in (dataset.appointments, dataset.report) if r is not None]
+    reports = [r for r in (dataset.appointments_report, dataset.report) if r is not None]
     lines = [text for r in reports for text in (r.render(), "")]
     lines += [f"data version: sha256 {dataset.data_version}", ""]
     if dataset.usable:

@@ -15,7 +15,11 @@ from pathlib import Path
 import pandas as pd
 
 from ..protocol.errors import DataError
-from ..protocol.iapt_schema import iapt_analysis_schema, iapt_appointments_schema, iapt_extract_schema
+from ..protocol.iapt_schema import (
+    iapt_analysis_schema,
+    iapt_appointments_schema,
+    iapt_extract_schema,
+)
 from ..protocol.schema import Schema
 from .iapt import consistency_notes, derive
 from .iapt.appointments import PATHWAY_COLUMNS, summarise
@@ -33,7 +37,7 @@ class Dataset:
     report: ValidationReport
     data_version: str  # sha256 hex of the source file, or of the query result (and appointments)
     source: str
-    appointments: ValidationReport | None = None  # the appointment table's, when there is one
+    appointments_report: ValidationReport | None = None  # the appointment table's, when there is one
 
     @property
     def n_rows(self) -> int:
@@ -42,7 +46,7 @@ class Dataset:
     @property
     def usable(self) -> bool:
         """False when validation found invalid values or missing required columns."""
-        return self.report.ok and (self.appointments is None or self.appointments.ok)
+        return self.report.ok and (self.appointments_report is None or self.appointments_report.ok)
 
 
 def _with_appointments(raw, where: AppointmentSource):

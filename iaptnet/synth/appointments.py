@@ -24,8 +24,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from ..protocol.iapt_schema import LOW_INTENSITY_THERAPIES, iapt_appointments_schema
-from ..node.iapt.appointments import PATHWAY_COLUMNS
+from ..protocol.iapt_schema import (
+    LOW_INTENSITY_THERAPIES,
+    PATHWAY_COLUMNS,
+    iapt_appointments_schema,
+)
 
 #: The therapy a stepped pathway's other-intensity sessions use.
 OTHER = {"LI": "OTHER_HI", "HI": "OTHER_LI"}
@@ -78,7 +81,7 @@ def appointments_for(extract: pa.Table, rng: np.random.Generator, with_intensity
     }
     if with_intensity:
         klass = np.where(np.isin(therapies.astype(str), LOW_INTENSITY_THERAPIES), "LI", "HI")
-        columns["intensity"] = pa.array(np.where(therapies == None, None, klass), pa.string())  # noqa: E711
+        columns["intensity"] = pa.array(np.where(np.equal(therapies, None), None, klass), pa.string())
     assert set(columns) <= set(iapt_appointments_schema().columns)
     return pa.table(columns)
 

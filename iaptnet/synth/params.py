@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 
-from ..protocol.iapt_schema import LOW_INTENSITY_THERAPIES
-
 #: Seed used when the caller gives none (the CLI default too).
 DEFAULT_SEED = 20210901
 #: Size of the source study's pooled cohort.
@@ -208,7 +206,6 @@ THERAPY_SHARES = {
     "CBT": 32.0, "CFD": 12.0, "IPT": 3.0, "EMDR": 3.0, "BA_HI": 1.5, "DIT": 1.5,
     "COUPLES_DEP": 0.5, "APPLIED_RELAX": 1.0, "COLLAB_CARE": 0.3, "OTHER_HI": 0.5,
 }
-LI_THERAPIES = LOW_INTENSITY_THERAPIES
 #: Share of referrals with a NICE guideline whose primary therapy is not recommended, by problem
 #: group (about 25% overall; counselling for anxiety is the usual mismatch) [A].
 MISMATCH_BY_GROUP = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import expit
 
+from ..protocol.iapt_schema import LOW_INTENSITY_THERAPIES
 from . import params as P
 from ._draw import bernoulli, calibrate_intercept, choice, neg_binomial
 from .nice import match_matrix
@@ -19,7 +20,7 @@ from .population import PROBLEM_CODES, Cohort
 from .reminders import dna_retention, referral_month
 
 THERAPY_CODES = tuple(P.THERAPY_SHARES)
-_THERAPY_IS_LI = np.isin(np.asarray(THERAPY_CODES), P.LI_THERAPIES)
+_THERAPY_IS_LI = np.isin(np.asarray(THERAPY_CODES), LOW_INTENSITY_THERAPIES)
 #: [problem, therapy]: 1 matched, 0 mismatched, -1 no guideline.
 NICE_TABLE = match_matrix(PROBLEM_CODES, THERAPY_CODES)
 

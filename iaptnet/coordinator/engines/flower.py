@@ -189,6 +189,14 @@ class FlowerRun:
         if n_parts is not None and len(parts) == n_parts:
             self.results = json.loads("".join(parts[i] for i in range(n_parts)))
 
+    def outcome(self) -> tuple[str, str]:
+        """(status, details) of the finished run. The ServerApp sends its results as its very
+        last act, after every study finished, so whole results are the run's success; only
+        without them is the hub asked (a `flwr ls`, ~1.5 s)."""
+        if self.results is not None and not self.error:
+            return "finished:completed", ""
+        return self.status()
+
     def status(self) -> tuple[str, str]:
         """(status, details) of the run at the hub, e.g. ('finished:completed', '')."""
         for _ in range(50):
@@ -237,11 +245,7 @@ def run_flower(study_paths: list[str | Path], hub_path: str | Path, *,
         except KeyboardInterrupt:
             run.stop()
             raise
-        if run.results is not None and not run.error:
-            # The ServerApp sends its results as its very last act, after every study has
-            # finished; whole results are the run's success (asking the hub costs ~1.5 s).
-            return run.results
-        state, details = run.status()
+        state, details = run.outcome()
     run_id = run.run_id
     if run.error:
         _raise_reported(run.error, run_id)

@@ -26,11 +26,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ...protocol.iapt_schema import LOW_INTENSITY_THERAPIES, iapt_appointments_schema
+from ...protocol.iapt_schema import (
+    LOW_INTENSITY_THERAPIES,
+    PATHWAY_COLUMNS,
+    iapt_appointments_schema,
+)
 
-#: The extract columns this module computes (they must not also be in the extract).
-PATHWAY_COLUMNS = ("n_treat", "n_dna", "n_cancel_pt", "n_cancel_prov", "first_treatment_date",
-                   "intensity", "primary_therapy")
+__all__ = ["PATHWAY_COLUMNS", "summarise"]
 TREATMENT = ("02", "03", "05")
 SCHEDULED = ("01", "02", "03", "05")
 ATTENDED = ("5", "6")
@@ -58,7 +60,7 @@ def summarise(contacts: pd.DataFrame, pathway_ids: pd.Series) -> tuple[pd.DataFr
     row, app, attend = row[known], app[known].to_numpy(), attend[known].to_numpy()
     date = contacts["contact_date"].to_numpy()[known]
     therapy = contacts["therapy_type"].astype("string").to_numpy()[known]
-    level = contacts["intensity"].astype("string").to_numpy()[known] if "intensity" in contacts else None
+    level = contacts["intensity"].astype("string").to_numpy()[known]
 
     n = len(keys)
     treated = np.isin(app, TREATMENT) & np.isin(attend, ATTENDED)
@@ -72,16 +74,15 @@ def summarise(contacts: pd.DataFrame, pathway_ids: pd.Series) -> tuple[pd.DataFr
     sessions = pd.DataFrame({"row": row[treated], "date": date[treated], "therapy": therapy[treated]})
     first = sessions.dropna(subset=["date"]).groupby("row")["date"].min()
     out["first_treatment_date"] = pd.Series(first, index=range(n)).dt.strftime("%Y-%m-%d")
-    out["intensity"] = _intensity(sessions, level[treated] if level is not None else None, n)
+    out["intensity"] = _intensity(sessions, level[treated], n)
     out["primary_therapy"] = _primary(sessions, therapies, n)
     return out, notes
 
 
-def _intensity(sessions: pd.DataFrame, level: np.ndarray | None, n: int) -> pd.Series:
+def _intensity(sessions: pd.DataFrame, level: np.ndarray, n: int) -> pd.Series:
     klass = np.where(np.isin(sessions["therapy"].to_numpy(dtype=object), LOW_INTENSITY_THERAPIES), "LI",
                      np.where(pd.isna(sessions["therapy"]).to_numpy(), None, "HI"))
-    if level is not None:  # the contact's own intensity where recorded
-        klass = np.where(pd.isna(level), klass, level)
+    klass = np.where(pd.isna(level), klass, level)  # the contact's own intensity where recorded
     frame = pd.DataFrame({"row": sessions["row"].to_numpy(), "li": klass == "LI", "hi": klass == "HI"})
     seen = frame.groupby("row")[["li", "hi"]].any()
     kind = np.where(seen["li"] & seen["hi"], "stepped", np.where(seen["li"], "LI", np.where(seen["hi"], "HI", None)))
