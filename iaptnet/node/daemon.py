@@ -17,6 +17,7 @@ Telemetry and update checks are off and Flower's files live under the node's own
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -118,9 +119,29 @@ def configure_logging() -> None:
     flwr_logger.addHandler(handler)
 
 
+@contextlib.contextmanager
+def daemon_logging():
+    """The daemon's log lines while it runs; the loggers are as they were once it returns, so
+    a start that fails in-process (a test, a script) leaves no handler or level behind."""
+    loggers = [logging.getLogger(name) for name in ("iaptnet", "flwr")]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    configure_logging()
+    try:
+        yield
+    finally:
+        for lg, handlers, level, propagate in saved:
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate = propagate
+
+
 def start(cfg: NodeFile, *, local_network: bool = False) -> int:
     """Run the node daemon until it is stopped (SIGTERM/SIGINT). Returns only on exit."""
-    configure_logging()
+    with daemon_logging():
+        return _serve(cfg, local_network)
+
+
+def _serve(cfg: NodeFile, local_network: bool) -> int:
     check_policy(cfg, local_network=local_network)
     try:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
@@ -135,12 +156,12 @@ def start(cfg: NodeFile, *, local_network: bool = False) -> int:
     except flower_adapt.FlowerAdaptationError as exc:
         raise SpecError(str(exc)) from None
 
-    from ..ops.fab import release_hash
-    from .runtime import NodeConfig, runtime_for
-
     # One BLAS thread, as the in-process engine's nodes compute: the same sums in the same order,
     # so both engines give the same numbers bit for bit.
     from threadpoolctl import threadpool_limits
+
+    from ..ops.fab import release_hash
+    from .runtime import NodeConfig, runtime_for
 
     threadpool_limits(limits=1, user_api="blas")
     node_config = cfg.node_config()
