@@ -35,14 +35,26 @@ def _progress_printer(enabled: bool):
     return progress, status
 
 
+def _study_names(paths: list[str]) -> list[str | None]:
+    """Each study file's `name` as written (None where it has none: loading it says so)."""
+    from .protocol.tomlfile import read_toml
+
+    names = [read_toml(p, "study file").get("name") for p in paths]
+    return [n if isinstance(n, str) else None for n in names]
+
+
 def cmd_run(args) -> int:
-    from .coordinator.results import render_report, write_json_atomic
+    from .coordinator.results import render_report, results_paths, write_json_atomic
 
     if args.engine == "flower":
         if not args.hub:
             raise IaptnetError("iaptnet run: --hub HUB.toml is required for the flower engine.")
     elif not args.network:
         raise IaptnetError("iaptnet run: --network NETWORK.toml is required for the in-process engine.")
+    if args.out and len(args.study) > 1:
+        # Two studies writing one folder is found now, not after an hour of rounds.
+        named = [(n, p) for n, p in zip(_study_names(args.study), args.study) if n is not None]
+        results_paths(Path(args.out), [n for n, _ in named], [p for _, p in named])
     progress, status = _progress_printer(not args.json and sys.stderr.isatty())
     try:
         if args.engine == "flower":
@@ -62,8 +74,9 @@ def cmd_run(args) -> int:
         if len(results) == 1:
             write_json_atomic(out / "results.json", results[0])
         else:
-            for result in results:
-                write_json_atomic(out / result["study"] / "results.json", result)
+            paths = results_paths(out, [r["study"] for r in results], args.study)
+            for path, result in zip(paths, results):
+                write_json_atomic(path, result)
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     else:

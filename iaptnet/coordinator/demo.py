@@ -17,7 +17,7 @@ from pathlib import Path
 from ..protocol.errors import IaptnetError
 from .catalogue import catalogue_paths
 from .inprocess import run_inprocess
-from .results import render_report, write_json_atomic
+from .results import render_report, results_paths, write_json_atomic
 
 DEFAULT_SEED = 20210901
 
@@ -101,8 +101,8 @@ def run_demo(out: Path, *, cache: Path | None = None, json_mode: bool = False,
     results = run_inprocess(paths, network)
     elapsed = time.perf_counter() - start
     rows, secondary = summarise(results), summarise(results, secondary=True)
-    for result in results:
-        write_json_atomic(out / result["study"] / "results.json", result)
+    for path, result in zip(results_paths(out, [r["study"] for r in results]), results):
+        write_json_atomic(path, result)
     write_json_atomic(out / "secondary.json", secondary)
     write_json_atomic(out / "summary.json", rows)
     if json_mode:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 from scipy import special
 
 from .. import __version__
+from ..protocol.errors import SpecError
 from .glm import ModelFit
 
 # The normal quantile and tail from scipy.special (what scipy.stats.norm computes them with):
@@ -117,6 +119,38 @@ def node_lines(result: dict) -> list[str]:
     lines = [f"  nodes: {len(contributed)} contributed ({', '.join(contributed)})"]
     lines += [f"  node {n['name']} did not contribute: {n['reason']}" for n in result["nodes"] if not n["contributed"]]
     return lines
+
+
+MAX_FILENAME = 100
+
+
+def safe_filename(name: str) -> str:
+    """A study name as one plain file name. Names come from study files (or a hub's reply),
+    so `../x`, `/abs`, `a/b`, control characters or a leading dot must not choose where
+    results go: anything but letters, digits, `_ - .` becomes `_`, as does a leading dot."""
+    text = re.sub(r"[^A-Za-z0-9_.-]", "_", str(name).strip())[:MAX_FILENAME]
+    return re.sub(r"^\.", "_", text) or "_"
+
+
+def results_paths(out: Path, names: list, sources: list | None = None) -> list[Path]:
+    """Each study's `out/<safe name>/results.json`, checked before anything is written (or
+    run): SpecError if two studies would share a folder (compared case-blind, as some file
+    systems do) or a folder resolves outside `out` (a symlink)."""
+    root = Path(out).resolve()
+    paths, seen = [], {}
+    for i, name in enumerate(names):
+        folder = safe_filename(name)
+        source = str(sources[i]) if sources else f"study '{folder}'"
+        if folder.casefold() in seen:
+            raise SpecError(f"{source}: field 'name' gives the results folder '{folder}', as {seen[folder.casefold()]} "
+                            "does; give each study a name that differs in its letters or digits.")
+        seen[folder.casefold()] = source
+        path = root / folder / "results.json"
+        if not path.resolve().is_relative_to(root):
+            raise SpecError(f"{Path(out) / folder}: leads outside the --out folder {out} (a link?); "
+                            "results are written only inside it.")
+        paths.append(path)
+    return paths
 
 
 def write_json_atomic(path: Path, data) -> None:

@@ -1,0 +1,127 @@
+"""Hostile or mistaken input through the public CLI: every case ends as one sentence on stderr
+naming the file and field, a non-zero exit, no traceback, and nothing written outside --out
+(or anything at all when the run fails)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import tomli_w
+
+from glmcase import write_network
+from iaptnet.cli import main
+from iaptnet.protocol import messages as m
+
+COLUMNS = {
+    "y": {"type": "binary"},
+    "x": {"type": "numeric"},
+    "k": {"type": "integer", "min": 0, "max": 27},
+    "z": {"type": "numeric"},
+    "w": {"type": "numeric", "min": 0},
+    "d": {"type": "date"},
+    "g": {"type": "categorical", "levels": ["a", "b"]},
+}
+
+
+def frame(rng, n: int = 200) -> pd.DataFrame:
+    days = rng.integers(0, 3000, size=n)
+    return pd.DataFrame({
+        "y": (rng.random(n) < 0.5).astype(int), "x": rng.normal(size=n),
+        "k": rng.integers(0, 28, size=n), "z": rng.normal(50, 10, size=n), "w": rng.gamma(2.0, 20.0, size=n),
+        "d": (pd.Timestamp("2012-04-01") + pd.to_timedelta(days, unit="D")).strftime("%Y-%m-%d"),
+        "g": rng.choice(["a", "b"], size=n),
+    })
+
+
+@pytest.fixture
+def net(tmp_path):
+    rng = np.random.default_rng(7)
+    return write_network(tmp_path / "net", {f"s{i}": frame(rng) for i in range(2)}, COLUMNS)
+
+
+def write(path, **fields):
+    path.write_text(tomli_w.dumps(fields))
+    return path
+
+
+def cli(capsys, *argv) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err.strip()
+
+
+def one_sentence(code: int, err: str, *expected: str, exit_code: int | None = None) -> None:
+    assert code != 0 if exit_code is None else code == exit_code, err
+    assert "Traceback" not in err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    for text in expected:
+        assert text in err, err
+
+
+def files_under(folder) -> set[str]:
+    return {os.path.join(root, f) for root, _, files in os.walk(folder) for f in files}
+
+
+# --------------------------------------------------------------------------- 1. output paths
+
+BAD_NAMES = ["../../escaped", "a/b", "..", ".", "bad\x00name\x1b[31m\n", "~", "x" * 400]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES + ["ABS"], ids=range(len(BAD_NAMES) + 1))
+def test_study_names_never_choose_a_path_outside_out(capsys, tmp_path, net, name):
+    if name == "ABS":
+        name = str(tmp_path / "absolute")
+    a = write(tmp_path / "a.toml", name=name, family="binomial", formula="y ~ x")
+    b = write(tmp_path / "b.toml", name="plain", family="binomial", formula="y ~ x")
+    out = tmp_path / "deep" / "er" / "out"
+    before = files_under(tmp_path)
+    code, err = cli(capsys, "run", a, b, "--network", net, "--out", out)
+    assert code == 0, err
+    written = files_under(tmp_path) - before
+    assert written and all(f.startswith(str(out) + os.sep) for f in written), written
+    assert (out / "plain" / "results.json").exists()
+    folders = [p for p in out.iterdir() if p.name != "plain"]
+    assert len(folders) == 1 and (folders[0] / "results.json").exists()
+    assert not folders[0].name.startswith(".") and all(c.isprintable() for c in folders[0].name)
+
+
+@pytest.mark.parametrize("first, second", [("a/b", "a_b"), ("Same", "same"), ("x", "x")])
+def test_two_studies_with_one_results_folder_are_refused_before_anything_runs(capsys, tmp_path, net, monkeypatch,
+                                                                              first, second):
+    import iaptnet.coordinator.inprocess as inprocess
+
+    monkeypatch.setattr(inprocess, "run_inprocess", lambda *a, **k: pytest.fail("the studies ran"))
+    a = write(tmp_path / "a.toml", name=first, family="binomial", formula="y ~ x")
+    b = write(tmp_path / "b.toml", name=second, family="binomial", formula="y ~ x")
+    out = tmp_path / "out"
+    code, err = cli(capsys, "run", a, b, "--network", net, "--out", out)
+    one_sentence(code, err, "b.toml", "field 'name'", "a.toml", exit_code=2)
+    assert not out.exists()
+
+
+def test_a_results_folder_that_leads_outside_out_is_refused(capsys, tmp_path, net):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "one").symlink_to(elsewhere, target_is_directory=True)
+    a = write(tmp_path / "a.toml", name="one", family="binomial", formula="y ~ x")
+    b = write(tmp_path / "b.toml", name="two", family="binomial", formula="y ~ x")
+    code, err = cli(capsys, "run", a, b, "--network", net, "--out", out)
+    one_sentence(code, err, "one", "outside", exit_code=2)
+    assert not any(elsewhere.iterdir())
+    assert not (out / "two").exists()
+
+
+def test_the_demo_writes_study_names_under_out_only(tmp_path, monkeypatch):
+    from iaptnet.coordinator import demo
+
+    results = [{"study": "../../escaped", "kind": "glm"}, {"study": str(tmp_path / "abs"), "kind": "glm"}]
+    monkeypatch.setattr(demo, "synthetic_network", lambda *a, **k: tmp_path / "network.toml")
+    monkeypatch.setattr(demo, "run_inprocess", lambda *a, **k: results)
+    out = tmp_path / "a" / "b" / "out"
+    assert demo.run_demo(out, cache=tmp_path, json_mode=True, patients=10_000) == 0
+    written = files_under(tmp_path)
+    assert len(written) == 4 and all(f.startswith(str(out) + os.sep) for f in written), written
