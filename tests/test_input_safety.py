@@ -125,3 +125,47 @@ def test_the_demo_writes_study_names_under_out_only(tmp_path, monkeypatch):
     assert demo.run_demo(out, cache=tmp_path, json_mode=True, patients=10_000) == 0
     written = files_under(tmp_path)
     assert len(written) == 4 and all(f.startswith(str(out) + os.sep) for f in written), written
+
+
+# --------------------------------------------------------------------------- 2. deep TOML
+
+DEEP = "a = " + "[" * 3000 + "]" * 3000 + "\n"
+
+
+def test_a_deeply_nested_study_file(capsys, tmp_path, net):
+    study = tmp_path / "deep.toml"
+    study.write_text('name = "s"\nfamily = "binomial"\nformula = "y ~ x"\n' + DEEP)
+    code, err = cli(capsys, "run", study, "--network", net, "--out", tmp_path / "out")
+    one_sentence(code, err, "deep.toml", "nested too deeply", exit_code=2)
+
+
+def test_a_deeply_nested_network_file(capsys, tmp_path, net):
+    net.write_text(net.read_text() + "\n[extra]\n" + DEEP)
+    study = write(tmp_path / "s.toml", name="s", family="binomial", formula="y ~ x")
+    code, err = cli(capsys, "run", study, "--network", net, "--out", tmp_path / "out")
+    one_sentence(code, err, "network.toml", "nested too deeply", exit_code=2)
+
+
+def test_a_deeply_nested_schema_file(capsys, tmp_path, net):
+    schema = tmp_path / "schema.toml"
+    schema.write_text((net.parent / "schema.toml").read_text() + "\n[extra]\n" + DEEP)
+    study = write(tmp_path / "s.toml", name="s", family="binomial", formula="y ~ x", schema="schema.toml")
+    code, err = cli(capsys, "run", study, "--network", net, "--out", tmp_path / "out")
+    one_sentence(code, err, "schema.toml", "nested too deeply", exit_code=2)
+
+
+def test_a_deeply_nested_policy_file(capsys, tmp_path, net):
+    (net.parent / "policy.toml").write_text(DEEP)
+    net.write_text(net.read_text().replace('schema = "schema.toml"\n', 'schema = "schema.toml"\npolicy = "policy.toml"\n', 1))
+    study = write(tmp_path / "s.toml", name="s", family="binomial", formula="y ~ x")
+    code, err = cli(capsys, "run", study, "--network", net, "--out", tmp_path / "out")
+    one_sentence(code, err, "policy.toml", "nested too deeply")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_deeply_nested_hub_file(capsys, tmp_path):
+    hub = tmp_path / "hub.toml"
+    hub.write_text(DEEP)
+    study = write(tmp_path / "s.toml", name="s", family="binomial", formula="y ~ x")
+    code, err = cli(capsys, "run", study, "--engine", "flower", "--hub", hub, "--out", tmp_path / "out")
+    one_sentence(code, err, "hub.toml", "nested too deeply", exit_code=2)

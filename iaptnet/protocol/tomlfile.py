@@ -18,6 +18,10 @@ def read_toml(path: str | Path, what: str) -> dict:
         raise SpecError(f"{path}: {what} not found.") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SpecError(f"{path}: not a valid TOML file ({exc}).") from None
+    except RecursionError:
+        # tomllib parses nested arrays and tables recursively: a few hundred levels exhaust
+        # Python's stack, and no file of ours nests more than a handful.
+        raise SpecError(f"{path}: the {what} is nested too deeply (arrays or tables inside each other) to be read.") from None
     except IsADirectoryError:
         raise SpecError(f"{path}: is a folder, not a {what}.") from None
     except OSError as exc:
