@@ -169,3 +169,61 @@ def test_a_deeply_nested_hub_file(capsys, tmp_path):
     study = write(tmp_path / "s.toml", name="s", family="binomial", formula="y ~ x")
     code, err = cli(capsys, "run", study, "--engine", "flower", "--hub", hub, "--out", tmp_path / "out")
     one_sentence(code, err, "hub.toml", "nested too deeply", exit_code=2)
+
+
+# --------------------------------------------------------------------------- 3. cohort filters
+
+BAD_FILTERS = [
+    ('d >= "2020-13-45"', "not a calendar date"),
+    ('d in ["2020-02-30"]', "not a calendar date"),
+    ('d > "0000-01-01"', "not a calendar date"),
+    ("d > 5", "quoted date"),
+    ('k > "2020-01-01"', "with a string"),
+    ("d < k", "'d'"),
+    ("k == d", "'d'"),
+    ("y != d", "'d'"),
+    ("k > 1e999", "too large"),
+    ("x < -1e400", "too large"),
+]
+
+
+@pytest.mark.parametrize("where, expected", BAD_FILTERS, ids=range(len(BAD_FILTERS)))
+def test_filters_that_make_no_sense_for_the_column_type(capsys, tmp_path, net, where, expected):
+    study = write(tmp_path / "s.toml", name="s", family="binomial", formula="y ~ x", where=where)
+    out = tmp_path / "out"
+    code, err = cli(capsys, "run", study, "--network", net, "--out", out)
+    one_sentence(code, err, "s.toml", "'where'", expected, exit_code=2)
+    assert not out.exists()
+
+
+def test_a_funnel_step_with_an_impossible_date(capsys, tmp_path, net):
+    study = write(tmp_path / "t.toml", name="t", kind="table", funnel=['d >= "2020-02-30"'])
+    code, err = cli(capsys, "run", study, "--network", net, "--out", tmp_path / "out")
+    one_sentence(code, err, "t.toml", "'funnel' step 1", "not a calendar date", exit_code=2)
+
+
+@pytest.mark.parametrize("where", ['d >= "2020-13-45"', 'd in ["2020-02-30"]', "d < k", "k == d",
+                                   'd != "9999-99-99"'])
+def test_a_node_refuses_such_filters_sent_anyway(tmp_path, where):
+    from nodecase import Node, assert_nothing_released
+
+    node = Node(tmp_path / "node", frame(np.random.default_rng(3), 400), COLUMNS)
+    wire = node.spec(formula="y ~ x")
+    wire["where"] = where  # as a coordinator that skipped its checks would send it
+    reply, _ = node.prepare(wire)
+    assert_nothing_released(reply, rule="invalid_study")
+    assert "'where'" in reply.message
+
+
+def test_a_node_evaluates_a_bad_date_without_crashing():
+    """cohort_mask itself, should a tree reach it unchecked: a SpecError, not a pandas error."""
+    from iaptnet.node.cohort import cohort_mask
+    from iaptnet.protocol.errors import SpecError
+
+    data = pd.DataFrame({"d": pd.to_datetime(["2020-01-01", None]), "k": [1.0, 2.0]})
+    with pytest.raises(SpecError, match="not a calendar date"):
+        cohort_mask(data, ("cmp", ">=", ("col", "d"), ("str", "2020-13-45")))
+    with pytest.raises(SpecError, match="'d'"):
+        cohort_mask(data, ("cmp", "<", ("col", "d"), ("col", "k")))
+    with pytest.raises(SpecError, match="'d'"):
+        cohort_mask(data, ("cmp", "<", ("col", "d"), ("num", 5.0)))

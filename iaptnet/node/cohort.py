@@ -10,6 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..protocol.cohort_filter import calendar_date
+from ..protocol.errors import SpecError
+
 _OPS = {
     "==": lambda a, b: a == b,
     "!=": lambda a, b: a != b,
@@ -52,6 +55,7 @@ def _eval(frame: pd.DataFrame, tree: tuple) -> pd.Series:
             result = ~result
         return _with_missing(result, col.isna())
     op, left, right = tree[1], tree[2], tree[3]
+    _check_dates(frame, left, right)
     lhs, lmiss = _operand(frame, left, right)
     rhs, rmiss = _operand(frame, right, left)
     result = pd.Series(_OPS[op](lhs, rhs), index=frame.index)
@@ -65,10 +69,29 @@ def _plain(col: pd.Series) -> pd.Series:
     return col
 
 
+def _is_date(frame: pd.DataFrame, operand: tuple) -> bool:
+    return operand[0] == "col" and pd.api.types.is_datetime64_any_dtype(frame[operand[1]])
+
+
+def _check_dates(frame: pd.DataFrame, left: tuple, right: tuple) -> None:
+    """A date column compares only with a date column or a date string. The coordinator checks
+    this, but a node does not trust that it did: pandas would raise, or call every row unequal."""
+    for date, other in ((left, right), (right, left)):
+        if _is_date(frame, date) and not (_is_date(frame, other) or other[0] == "str"):
+            raise SpecError(f"the filter compares the date column '{date[1]}' with something other than a date.")
+
+
 def _literal(col: pd.Series, lit: tuple):
-    if lit[0] == "str" and pd.api.types.is_datetime64_any_dtype(col):
-        return pd.Timestamp(lit[1])
+    if pd.api.types.is_datetime64_any_dtype(col):
+        day = calendar_date(lit[1]) if lit[0] == "str" else None
+        if day is None:
+            raise SpecError(f"the filter compares the date column '{col.name}' with {_shown(lit)}, which is not a calendar date.")
+        return pd.Timestamp(day)
     return lit[1]
+
+
+def _shown(lit: tuple) -> str:
+    return f'"{lit[1]}"' if lit[0] == "str" else repr(lit[1])
 
 
 def _operand(frame: pd.DataFrame, op: tuple, other: tuple):

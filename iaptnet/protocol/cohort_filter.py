@@ -21,6 +21,8 @@ Trees are tuples: ("or", [..]), ("and", [..]), ("not", x), ("cmp", op, left, rig
 
 from __future__ import annotations
 
+import datetime
+import math
 import re
 
 from .errors import SpecError
@@ -128,6 +130,8 @@ class _Parser:
         kind, value = self.peek()
         if kind == "num":
             self.take()
+            if not math.isfinite(float(value)):
+                raise FilterSyntaxError(f"the filter's number {value[:24]!r} is too large.")
             return ("num", float(value))
         if kind == "str":
             self.take()
@@ -248,6 +252,10 @@ def check_against_schema(tree: tuple, schema: Schema, source: str) -> None:
     op, left, right = tree[1], tree[2], tree[3]
     if left[0] == "col" and right[0] == "col":
         lt, rt = schema[left[1]], schema[right[1]]
+        if (lt.type == "date") != (rt.type == "date"):
+            date, other = (lt, rt) if lt.type == "date" else (rt, lt)
+            raise SpecError(f"{source}: field 'where' compares the date column '{date.name}' with the {other.type} column "
+                            f"'{other.name}'; a date compares only with a date column or a quoted date \"YYYY-MM-DD\".")
         if lt.is_categorical or rt.is_categorical:
             if op not in ("==", "!=") or lt.levels != rt.levels:
                 raise SpecError(f"{source}: field 'where' compares '{left[1]}' with '{right[1]}', which have different types or levels.")
@@ -269,6 +277,19 @@ def _check_literal(col, lit, op, source):
     if col.type == "date":
         if lit[0] != "str" or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", lit[1]):
             raise SpecError(f"{where} compares the date column '{col.name}' with something other than a quoted date \"YYYY-MM-DD\".")
+        if calendar_date(lit[1]) is None:
+            raise SpecError(f"{where} compares the date column '{col.name}' with \"{lit[1]}\", which is not a calendar date.")
         return
     if lit[0] != "num":
         raise SpecError(f"{where} compares the {col.type} column '{col.name}' with a string; use a number.")
+
+
+def calendar_date(text: str) -> datetime.date | None:
+    """A quoted "YYYY-MM-DD" as a date; None for anything else, including dates no calendar
+    has ("2020-13-45", "2020-02-30", year 0), which pandas would raise on at the node."""
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        return None
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        return None
