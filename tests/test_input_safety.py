@@ -227,3 +227,36 @@ def test_a_node_evaluates_a_bad_date_without_crashing():
         cohort_mask(data, ("cmp", "<", ("col", "d"), ("col", "k")))
     with pytest.raises(SpecError, match="'d'"):
         cohort_mask(data, ("cmp", "<", ("col", "d"), ("num", 5.0)))
+
+
+# --------------------------------------------------------------------------- 4. exact fits
+
+@pytest.mark.parametrize("outcome", ["exact", "integer"])
+def test_a_gaussian_model_that_fits_its_outcome_exactly(capsys, tmp_path, outcome):
+    rng = np.random.default_rng(2)
+    sites = {}
+    for i in range(2):
+        x = rng.normal(size=100) if outcome == "exact" else rng.integers(0, 10, size=100).astype(float)
+        sites[f"s{i}"] = pd.DataFrame({"y": 2 * x + 1, "x": x})
+    network = write_network(tmp_path / "net", sites, {"y": {"type": "numeric"}, "x": {"type": "numeric"}})
+    study = write(tmp_path / "s.toml", name="exact", family="gaussian", formula="y ~ x")
+    out = tmp_path / "out"
+    code, err = cli(capsys, "run", study, "--network", network, "--out", out)
+    one_sentence(code, err, "model 'exact'", "fits the outcome exactly", exit_code=3)
+    assert not out.exists()
+
+
+def test_a_gaussian_model_with_a_small_residual_still_fits(capsys, tmp_path):
+    rng = np.random.default_rng(2)
+    sites = {}
+    for i in range(2):
+        x = rng.normal(size=100)
+        sites[f"s{i}"] = pd.DataFrame({"y": 2 * x + 1 + 1e-6 * rng.normal(size=100), "x": x})
+    network = write_network(tmp_path / "net", sites, {"y": {"type": "numeric"}, "x": {"type": "numeric"}})
+    study = write(tmp_path / "s.toml", name="close", family="gaussian", formula="y ~ x")
+    code, err = cli(capsys, "run", study, "--network", network, "--out", tmp_path / "out", "--json")
+    assert code == 0, err
+    import json
+
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert math.isfinite(result["llf"]) and result["scale"] > 0

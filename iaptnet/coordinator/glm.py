@@ -31,6 +31,9 @@ NULL_SUFFIX = ".null"
 STEP_TOL = 1e-8  # converged when every Newton step is below this many standard errors
 MAX_ROUNDS = 40
 MAX_HALVINGS = 20
+# A residual deviance below this share of the null deviance is an exact fit up to rounding
+# (R² = 1 to 20 digits, beyond float64's 16): a dispersion family's scale is then zero.
+EXACT_FIT = 1e-20
 
 
 @dataclass
@@ -125,8 +128,19 @@ def fit_models(session: Session, specs: dict[str, StudySpec], stateful: dict[str
             if fit.spec.cov_type != "nonrobust" and not fit.key.endswith(NULL_SUFFIX):
                 meat = m.unpack_upper(_sum(replies, f"meat/{fit.key}"), len(fit.names))
             _newton_update(fit, score, info, stats, meat)
+    for fit in fits.values():
+        _check_exact_fit(fit)
     _count_contributors(fits, session)
     return fits
+
+
+def _check_exact_fit(fit: ModelFit) -> None:
+    """A gaussian model whose terms give the outcome exactly has zero scale: its standard
+    errors are zero and its log-likelihood infinite (statsmodels gives both, with warnings),
+    which no reader should be handed as a result."""
+    if fit.family.has_dispersion and fit.deviance <= EXACT_FIT * fit.null.deviance:
+        raise ModelError(f"model '{fit.spec.name}': the model fits the outcome exactly (no residual deviance), so its "
+                         "scale is zero and no standard error can be estimated; is the outcome computed from the terms?")
 
 
 def _count_contributors(fits: dict[str, ModelFit], session: Session) -> None:
