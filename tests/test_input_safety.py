@@ -260,3 +260,97 @@ def test_a_gaussian_model_with_a_small_residual_still_fits(capsys, tmp_path):
 
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     assert math.isfinite(result["llf"]) and result["scale"] > 0
+
+
+# --------------------------------------------------------------------------- 5. non-finite replies
+
+class NonFiniteHub:
+    """A Grid of four nodes that answer at once; `bad` maps a node id to (arrays, payload)."""
+
+    NAMES = {1: "site0", 2: "site1", 3: "site2", 4: "site3"}
+
+    def __init__(self, bad: dict[int, tuple[dict, dict]]):
+        from flwr.common.constant import SUPERLINK_NODE_ID
+        from flwr.supercore.task_identity import TaskIdentity
+
+        self.bad = bad
+        self.sent = {}
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+
+    def get_node_ids(self):
+        return list(self.NAMES)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg_id = f"task-{msg.metadata.dst_node_id}"
+            msg.metadata.__dict__["_message_id"] = msg_id
+            self.sent[msg_id] = msg
+            ids.append(msg_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        from flwr.app import Message
+
+        out = []
+        for msg_id in message_ids:
+            msg = self.sent[msg_id]
+            node_id = msg.metadata.dst_node_id
+            arrays, payload = self.bad.get(node_id, ({"score": np.ones(3)}, {"n": 5, "stats": {"mean": 1.5}}))
+            task = m.decode_task(msg.content)
+            deep = payload == "DEEP"
+            reply = m.Reply(status=m.OK, node=self.NAMES[node_id], task_id=task.task_id, arrays=arrays,
+                            payload={} if deep else payload)
+            content = m.encode_reply(reply)
+            if deep:  # JSON nested deeper than Python's json module can decode
+                content.config_records["reply"]["payload"] = "[" * 100_000 + "]" * 100_000
+            out.append(Message(content, reply_to=msg))
+        return out
+
+
+NON_FINITE = {
+    "nan_array": ({"score": np.array([1.0, np.nan, 2.0])}, {}),
+    "inf_array": ({"score": np.ones(3), "info": np.array([[1.0, -np.inf]])}, {}),
+    "nan_payload": ({}, {"counts": {"m0": {"n_used": float("nan")}}}),
+    "inf_payload_list": ({}, {"sums": [1.0, [2.0, float("inf")]]}),
+}
+
+
+@pytest.mark.parametrize("case", NON_FINITE)
+def test_a_node_that_sends_a_non_finite_number_has_failed(case):
+    from iaptnet.coordinator.session import Session
+    from iaptnet.protocol.errors import NetworkError
+
+    hub = NonFiniteHub({3: NON_FINITE[case]})
+    with pytest.raises(NetworkError) as err:
+        Session(hub, "f" * 64, timeout=1.0).ask("glm.prepare")
+    assert "site2 sent a statistic that is not a finite number" in str(err.value)
+    s = Session(hub, "f" * 64, timeout=1.0, min_nodes=3)
+    replies = s.ask("glm.prepare")
+    assert [r.node for r in replies] == ["site0", "site1", "site3"]
+    assert s.nodes[3].dropped_reason == "sent a statistic that is not a finite number"
+
+
+def test_a_reply_nested_too_deeply_to_decode_is_a_failed_node():
+    from iaptnet.coordinator.session import Session
+
+    s = Session(NonFiniteHub({3: ({}, "DEEP")}), "f" * 64, timeout=1.0, min_nodes=3)
+    assert [r.node for r in s.ask("glm.prepare")] == ["site0", "site1", "site3"]
+    assert "cannot read" in s.nodes[3].dropped_reason
+
+
+def test_a_run_stops_on_a_node_that_releases_nan(capsys, tmp_path, net, monkeypatch):
+    real = m.encode_reply
+
+    def poisoned(reply):
+        if reply.node == "s1" and reply.arrays:
+            key = sorted(reply.arrays)[0]
+            reply.arrays[key] = np.full_like(np.asarray(reply.arrays[key], dtype=float), np.nan)
+        return real(reply)
+
+    monkeypatch.setattr(m, "encode_reply", poisoned)
+    study = write(tmp_path / "s.toml", name="s", family="binomial", formula="y ~ x")
+    out = tmp_path / "out"
+    code, err = cli(capsys, "run", study, "--network", net, "--out", out)
+    one_sentence(code, err, "s1 sent a statistic that is not a finite number", exit_code=4)
+    assert not out.exists()

@@ -9,10 +9,12 @@ the study allows a minimum number of nodes and enough remain; dropped nodes are 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 from flwr.app import Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp.grid import Grid
@@ -97,6 +99,9 @@ class Session:
             if reply.task_id != task_ids[node.node_id]:
                 problems.append((node, "answered a different task"))
                 continue
+            if not _all_finite(reply):
+                problems.append((node, "sent a statistic that is not a finite number"))
+                continue
             ok.append((node.name, reply))
         if problems:
             self._drop(problems, kind)
@@ -171,8 +176,30 @@ class Session:
                            message=f"the node's app failed (Flower error code {msg.error.code})")
         try:
             return m.decode_reply(msg.content)
-        except (KeyError, ValueError, TypeError):
+        except (KeyError, ValueError, TypeError, RecursionError):  # RecursionError: JSON nested too deep
             return m.Reply(status=m.ERROR, node="", code="bad_reply", message="sent a reply the coordinator cannot read")
+
+
+def _all_finite(reply: m.Reply) -> bool:
+    """Every number in a reply's arrays and payload is finite. Checked here, once, for every
+    task kind: a NaN or an infinity from one node would otherwise pass through the pooled sums
+    into a solver or a results file."""
+    for value in reply.arrays.values():
+        try:
+            if not np.all(np.isfinite(np.asarray(value, dtype=float))):
+                return False
+        except (TypeError, ValueError):
+            return False
+    stack = [reply.payload]
+    while stack:  # iterative: a payload may nest as deep as JSON allows
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            return False
+    return True
 
 
 def _names(names: list[str]) -> str:
