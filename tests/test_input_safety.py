@@ -354,3 +354,37 @@ def test_a_run_stops_on_a_node_that_releases_nan(capsys, tmp_path, net, monkeypa
     code, err = cli(capsys, "run", study, "--network", net, "--out", out)
     one_sentence(code, err, "s1 sent a statistic that is not a finite number", exit_code=4)
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- 6. table resolution
+
+BAD_RESOLUTIONS = [
+    ("k", 1e-300, "steps"),
+    ("k", 1e300, "range"),
+    ("k", 5e-324, "steps"),
+    ("w", 5e-324, "between"),
+    ("z", 1e-310, "between"),
+    ("z", 1e300, "between"),
+    ("x", 0, "positive"),
+    ("x", float("nan"), "positive"),
+    ("x", float("inf"), "positive"),
+    ("x", 10**400, "positive"),
+]
+
+
+@pytest.mark.parametrize("column, resolution, expected", BAD_RESOLUTIONS, ids=range(len(BAD_RESOLUTIONS)))
+def test_a_quantile_grid_that_is_too_fine_or_too_coarse(capsys, tmp_path, net, column, resolution, expected):
+    study = tmp_path / "t.toml"
+    # Written by hand: TOML has nan, inf and integers larger than tomli_w writes.
+    study.write_text(f'name = "t"\nkind = "table"\nvariables = [{{name = "{column}", resolution = {resolution!r}}}]\n')
+    out = tmp_path / "out"
+    code, err = cli(capsys, "run", study, "--network", net, "--out", out)
+    one_sentence(code, err, "t.toml", f"variables.{column}", "resolution", expected, exit_code=2)
+    assert not out.exists()
+
+
+def test_a_reasonable_resolution_still_runs(capsys, tmp_path, net):
+    study = write(tmp_path / "t.toml", name="t", kind="table",
+                  variables=[{"name": "k"}, {"name": "w", "resolution": 0.5}, {"name": "z", "resolution": 1e-3}])
+    code, err = cli(capsys, "run", study, "--network", net, "--out", tmp_path / "out")
+    assert code == 0, err

@@ -42,6 +42,11 @@ DEFAULT_QUANTILES = (0.25, 0.5, 0.75)
 MAX_VARIABLES = 64
 MAX_STEPS = 20
 MAX_QUANTILES = 9
+#: The finest quantile grid: at most this many steps over a column's declared range (the
+#: bisection then takes about 30 rounds). A column whose schema does not declare both `min`
+#: and `max` takes a resolution within OPEN_RESOLUTION (declare the range to go beyond it).
+MAX_GRID_STEPS = 10**9
+OPEN_RESOLUTION = (1e-9, 1e9)
 VARIABLE_KEYS = {"name", "label", "quantiles", "resolution"}
 COUNT_TYPES = ("categorical", "binary")
 SUMMARY_TYPES = ("integer", "numeric")
@@ -156,7 +161,7 @@ def _variables(raw, schema: Schema, source: str, by: str | None) -> tuple[list[d
         entry = {"name": name}
         if kind in SUMMARY_TYPES:
             entry["quantiles"] = _quantiles(item.get("quantiles", list(DEFAULT_QUANTILES)), where)
-            entry["resolution"] = _resolution(item.get("resolution"), kind, where)
+            entry["resolution"] = _resolution(item.get("resolution"), schema[name], where)
         elif "quantiles" in item or "resolution" in item:
             raise SpecError(f"{where}: 'quantiles' and 'resolution' apply to integer and numeric columns only; '{name}' is {kind}.")
         out.append(entry)
@@ -171,12 +176,33 @@ def _quantiles(value, where: str) -> list[float]:
     return sorted({float(p) for p in value})
 
 
-def _resolution(value, kind: str, where: str) -> float | None:
-    if value is None:
-        return 1.0 if kind == "integer" else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+def _resolution(value, col, where: str) -> float | None:
+    """The quantile grid's step for a column. A step too fine for the column's range makes the
+    bisection run for thousands of rounds (or overflow a float); one wider than the range puts
+    every quantile at the grid's top."""
+    if value is None and col.type != "integer":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, type(None))):
+        step = math.nan
+    else:
+        try:
+            step = 1.0 if value is None else float(value)
+        except OverflowError:  # an integer beyond any float
+            step = math.inf
+    if not math.isfinite(step) or step <= 0:
         raise SpecError(f"{where}.resolution must be a positive number (the step of the values, e.g. 1 for days).")
-    return float(value)
+    if col.min is not None and col.max is not None and col.max > col.min:
+        span = float(col.max) - float(col.min)
+        if step > span:
+            raise SpecError(f"{where}.resolution {step:g} is wider than the column's range ({col.min:g} to {col.max:g}); "
+                            "every quantile would be the grid's top.")
+        if span / step > MAX_GRID_STEPS:
+            raise SpecError(f"{where}.resolution {step:g} makes more than {MAX_GRID_STEPS:,} steps over the column's "
+                            f"range ({col.min:g} to {col.max:g}); use a coarser one.")
+    elif not OPEN_RESOLUTION[0] <= step <= OPEN_RESOLUTION[1]:
+        raise SpecError(f"{where}.resolution must be between {OPEN_RESOLUTION[0]:g} and {OPEN_RESOLUTION[1]:g} for a "
+                        "column whose schema does not declare both min and max.")
+    return step
 
 
 def _funnel(raw, schema: Schema, source: str) -> tuple[list[str], list[str]]:
@@ -251,7 +277,7 @@ def layout(params: dict, schema: Schema, merge: dict, source: str = "study") -> 
             out.append(VariableLayout(name, kind, "counts", (*column_levels(name, schema, merge), "missing")))
         elif kind in SUMMARY_TYPES and set(v) == {"name", "quantiles", "resolution"}:
             qs, res = v["quantiles"], v["resolution"]
-            if _quantiles(qs, source) != qs or (res is not None and _resolution(res, kind, source) != res):
+            if _quantiles(qs, source) != qs or (res is not None and _resolution(res, schema[name], source) != res):
                 raise SpecError(f"{source}: variable '{name}' has quantiles or a resolution out of range.")
             out.append(VariableLayout(name, kind, "summary", ("recorded", "missing"), tuple(qs), res))
         else:
