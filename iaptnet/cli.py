@@ -44,13 +44,15 @@ def _study_names(paths: list[str]) -> list[str | None]:
 
 
 def cmd_run(args) -> int:
-    from .coordinator.results import render_report, results_paths, write_json_atomic
+    from .coordinator.results import check_out_folder, render_report, results_paths, write_json_atomic
 
     if args.engine == "flower":
         if not args.hub:
             raise IaptnetError("iaptnet run: --hub HUB.toml is required for the flower engine.")
     elif not args.network:
         raise IaptnetError("iaptnet run: --network NETWORK.toml is required for the in-process engine.")
+    if args.out:
+        check_out_folder(Path(args.out))
     if args.out and len(args.study) > 1:
         # Two studies writing one folder is found now, not after an hour of rounds.
         named = [(n, p) for n, p in zip(_study_names(args.study), args.study) if n is not None]
@@ -72,11 +74,14 @@ def cmd_run(args) -> int:
     if args.out:
         out = Path(args.out)
         if len(results) == 1:
-            write_json_atomic(out / "results.json", results[0])
+            writes = [(out / "results.json", results[0])]
         else:
-            paths = results_paths(out, [r["study"] for r in results], args.study)
-            for path, result in zip(paths, results):
+            writes = zip(results_paths(out, [r["study"] for r in results], args.study), results)
+        for path, result in writes:
+            try:
                 write_json_atomic(path, result)
+            except OSError as exc:
+                raise IaptnetError(f"{path}: the results cannot be written ({exc.strerror or exc}).") from None
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     else:

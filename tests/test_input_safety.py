@@ -115,6 +115,32 @@ def test_a_results_folder_that_leads_outside_out_is_refused(capsys, tmp_path, ne
     assert not (out / "two").exists()
 
 
+def test_an_out_that_is_a_file_is_refused_before_anything_runs(capsys, tmp_path, net, monkeypatch):
+    import iaptnet.coordinator.inprocess as inprocess
+
+    monkeypatch.setattr(inprocess, "run_inprocess", lambda *a, **k: pytest.fail("the study ran"))
+    out = tmp_path / "out"
+    out.write_text("not a folder")
+    study = write(tmp_path / "s.toml", name="s", family="binomial", formula="y ~ x")
+    code, err = cli(capsys, "run", study, "--network", net, "--out", out)
+    one_sentence(code, err, str(out), "--out", "not a folder", exit_code=2)
+    code, err = cli(capsys, "run", study, "--network", net, "--out", out / "below")
+    one_sentence(code, err, str(out / "below"), "--out", exit_code=2)
+    assert out.read_text() == "not a folder"
+
+
+def test_results_that_cannot_be_written_are_one_sentence(capsys, tmp_path, net, monkeypatch):
+    from iaptnet.coordinator import results
+
+    def full(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(results, "write_json_atomic", full)
+    study = write(tmp_path / "s.toml", name="s", family="binomial", formula="y ~ x")
+    code, err = cli(capsys, "run", study, "--network", net, "--out", tmp_path / "out")
+    one_sentence(code, err, "results.json", "cannot be written", "No space left", exit_code=2)
+
+
 def test_the_demo_writes_study_names_under_out_only(tmp_path, monkeypatch):
     from iaptnet.coordinator import demo
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..protocol.errors import IaptnetError
 from .catalogue import catalogue_paths
 from .inprocess import run_inprocess
-from .results import render_report, results_paths, write_json_atomic
+from .results import check_out_folder, render_report, results_paths, write_json_atomic
 
 DEFAULT_SEED = 20210901
 
@@ -94,6 +94,7 @@ def run_demo(out: Path, *, cache: Path | None = None, json_mode: bool = False,
     say = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if json_mode else print
     if patients < 10_000:
         raise IaptnetError("--patients must be at least 10,000 for the catalogue's sub-cohorts to be estimable.")
+    check_out_folder(out)
     network = synthetic_network(cache or default_cache(), patients, seed or DEFAULT_SEED, say)
     paths = catalogue_paths()
     say(f"running the catalogue ({len(paths)} studies; its regressions share one conversation with the 8 nodes) ...")

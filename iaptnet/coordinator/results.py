@@ -153,6 +153,17 @@ def results_paths(out: Path, names: list, sources: list | None = None) -> list[P
     return paths
 
 
+def check_out_folder(out: Path) -> None:
+    """Before a run: `out` is a folder, or one can be made there. Finding out when the results
+    are written would lose a run that may have taken an hour of rounds."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"{out}: --out names a file, not a folder for the results.")
+    existing = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SpecError(f"{out}: --out cannot be made, because {existing} is not a folder this user may write in.")
+
+
 def write_json_atomic(path: Path, data) -> None:
     """Write to a temporary file beside the target, then rename: never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
