@@ -197,6 +197,30 @@ def test_a_deeply_nested_hub_file(capsys, tmp_path):
     one_sentence(code, err, "hub.toml", "nested too deeply", exit_code=2)
 
 
+@pytest.mark.parametrize("field", ["study", "schema"])
+def test_a_toml_path_that_is_not_a_regular_file(capsys, tmp_path, net, field):
+    """/dev/zero would be read forever; a named pipe would block on open."""
+    os.mkfifo(tmp_path / "pipe.toml")
+    study = write(tmp_path / "s.toml", name="s", family="binomial", formula="y ~ x", schema="/dev/zero")
+    if field == "study":
+        study = tmp_path / "pipe.toml"
+    code, err = cli(capsys, "run", study, "--network", net, "--out", tmp_path / "out")
+    one_sentence(code, err, "/dev/zero" if field == "schema" else "pipe.toml", "not a regular file", exit_code=2)
+
+
+def test_a_toml_path_with_a_nul_character(capsys, tmp_path, net):
+    study = write(tmp_path / "s.toml", name="s", family="binomial", formula="y ~ x", schema="sch\x00ema.toml")
+    code, err = cli(capsys, "run", study, "--network", net, "--out", tmp_path / "out")
+    one_sentence(code, err, "sch\\x00ema.toml", "NUL", exit_code=2)
+
+
+def test_a_toml_file_too_large_to_be_ours(capsys, tmp_path, net):
+    study = tmp_path / "big.toml"
+    study.write_text('name = "s"\nfamily = "binomial"\nformula = "y ~ x"\n' + "# padding\n" * 1_100_000)
+    code, err = cli(capsys, "run", study, "--network", net, "--out", tmp_path / "out")
+    one_sentence(code, err, "big.toml", "larger than", exit_code=2)
+
+
 # --------------------------------------------------------------------------- 3. cohort filters
 
 BAD_FILTERS = [

@@ -8,11 +8,21 @@ from pathlib import Path
 
 from .errors import SpecError
 
+#: No study, schema, policy or configuration file of ours comes near this.
+MAX_TOML_BYTES = 10_000_000
+
 
 def read_toml(path: str | Path, what: str) -> dict:
     """The parsed file; SpecError naming the file and `what` it should be (e.g. "study file")."""
     path = Path(path)
+    if "\x00" in str(path):  # the OS refuses it with a ValueError, not an OSError
+        raise SpecError(f"{str(path)!r}: the name of a {what} cannot hold a NUL character.")
     try:
+        if path.exists() and not path.is_dir() and not path.is_file():
+            # /dev/zero would be read forever, a named pipe blocks on open.
+            raise SpecError(f"{path}: the {what} is not a regular file.")
+        if path.is_file() and path.stat().st_size > MAX_TOML_BYTES:
+            raise SpecError(f"{path}: the {what} is larger than {MAX_TOML_BYTES // 1_000_000} MB.")
         return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise SpecError(f"{path}: {what} not found.") from None
