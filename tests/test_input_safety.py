@@ -438,3 +438,15 @@ def test_a_reasonable_resolution_still_runs(capsys, tmp_path, net):
                   variables=[{"name": "k"}, {"name": "w", "resolution": 0.5}, {"name": "z", "resolution": 1e-3}])
     code, err = cli(capsys, "run", study, "--network", net, "--out", tmp_path / "out")
     assert code == 0, err
+
+
+# --------------------------------------------------------------------------- 7. fuzzing
+
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="protocol/study.py embed_files looks a non-string 'kind' up in a dict; "
+                          "the one-line patch is in the input-safety report (study.py is not this change's)")
+@pytest.mark.parametrize("kind", [{}, [[]]], ids=["table", "list"])
+def test_a_kind_that_is_not_a_string(capsys, tmp_path, net, kind):
+    study = write(tmp_path / "s.toml", name="s", kind=kind, family="binomial", formula="y ~ x")
+    code, err = cli(capsys, "run", study, "--network", net, "--out", tmp_path / "out")
+    one_sentence(code, err, "s.toml", "field 'kind'", exit_code=2)
