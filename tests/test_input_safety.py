@@ -363,6 +363,7 @@ NON_FINITE = {
     "inf_array": ({"score": np.ones(3), "info": np.array([[1.0, -np.inf]])}, {}),
     "nan_payload": ({}, {"counts": {"m0": {"n_used": float("nan")}}}),
     "inf_payload_list": ({}, {"sums": [1.0, [2.0, float("inf")]]}),
+    "int_beyond_floats": ({}, {"counts": {"m0": {"n_used": 10**400}}}),
 }
 
 

@@ -197,8 +197,12 @@ def _all_finite(reply: m.Reply) -> bool:
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
-        elif isinstance(item, float) and not math.isfinite(item):
-            return False
+        elif isinstance(item, (int, float)):
+            try:
+                if not math.isfinite(item):
+                    return False
+            except OverflowError:  # an integer beyond any float: infinite once converted
+                return False
     return True
 
 
