@@ -222,15 +222,8 @@ def _rules(table, base: Rules, section: str, fail) -> Rules:
 def round_count(count: float | int, rules: Rules) -> int | None:
     """A table count under the small-number rules: 0 stays 0, 1..suppress_max is suppressed
     (None, shown as '*'), anything else is rounded to the nearest `round_to` (halves up)."""
-    n = int(round(float(count)))
-    if n == 0:
-        return 0
-    if n < 0:
-        raise ValueError("a count cannot be negative")
-    if n <= rules.suppress_max:
-        return None
-    base = rules.round_to
-    return int(math.floor(n / base + 0.5) * base)
+    from ..protocol import sdc  # the one rule (protocol/sdc.py), with this Trust's thresholds
+    return sdc.round_count(count, rules.suppress_max, rules.round_to)
 
 
 # --------------------------------------------------------------------------- approve
