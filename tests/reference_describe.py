@@ -14,12 +14,13 @@ and returns what results.json reports: `group_sizes`, per variable `rows` (count
 None where suppressed) and `summary` (n, mean, sd, quantiles), and the funnel's counts.
 
 The disclosure rule it applies is the one iaptnet documents: each service's counts are
-suppressed when 1..suppress_max, secondary suppression (the smallest non-zero count shown,
-else the total, else a zero, relation by relation until none hides exactly one member) runs
-over the service's tables (and where 1..suppress_max people leave between two funnel steps,
-the later step is hidden unless one of the two already is), the rest are rounded to the
-nearest round_to; a network count is the
-sum of the services' rounded counts, suppressed when any service hid it. A numeric summary of
+suppressed when 1..suppress_max, complementary suppression runs over the service's tables
+(the relations below, each column's funnel steps as a chain, and the pairs of steps between
+which 1..suppress_max people leave), the rest are rounded to the nearest round_to; a network
+count is the sum of the services' rounded counts, suppressed when any service hid it, and the
+same rules run over the network table. Complementary suppression itself is iaptnet's
+(iaptnet.protocol.sdc, tested on its own in tests/test_sdc.py): this reference checks what is
+counted, hidden, rounded and pooled around it. A numeric summary of
 a column is shown when every service shows its missing count there, has 0 or at least min_rows
 rows with a value and 0 or at least min_level_count rows away from the most common value (and,
 as the overall is the sum of the columns, never exactly one of a row is withheld). Quantiles:
@@ -35,6 +36,8 @@ import re
 
 import numpy as np
 import pandas as pd
+
+from iaptnet.protocol.sdc import Chain, suppress
 
 
 def to_query(where: str | None) -> str | None:
@@ -61,18 +64,20 @@ def describe_reference(frame: pd.DataFrame, settings: dict) -> dict:
     exact = {s: _exact_counts(cohort[cohort[node] == s], col[cohort[node] == s], steps, node, s, settings, columns)
              for s in services}
     relations = _relations(settings, columns)
-    shown = {}
+    shown, small = {}, set()
     for s in services:
-        hidden = {k for k, n in exact[s].items() if 1 <= n <= rules["suppress_max"]}
+        primary = {k for k, n in exact[s].items() if 1 <= n <= rules["suppress_max"]}
         leaving = [(a, b) for a, b in _step_pairs(len(steps), len(columns))
                    if 1 <= exact[s][a] - exact[s][b] <= rules["suppress_max"]]
-        hidden = _secondary(exact[s], hidden, relations, leaving)
+        hidden = suppress(exact[s], primary, relations, leaving)
         shown[s] = {k: (None if k in hidden else _round(n, rules["round_to"])) for k, n in exact[s].items()}
+        small |= primary
     pooled = {}
     for k in exact[services[0]]:
         values = [shown[s][k] for s in services]
         pooled[k] = None if any(v is None for v in values) else sum(values)
-    network_hidden = _secondary(pooled, {k for k, v in pooled.items() if v is None}, relations)
+    withheld = {k for k, v in pooled.items() if v is None} - small
+    network_hidden = suppress(pooled, small, relations, hidden=withheld)
     pooled = {k: (None if k in network_hidden else v) for k, v in pooled.items()}
 
     out = {"group_sizes": [pooled[("N", c)] for c in range(len(columns))], "tables": [], "funnel": None}
@@ -129,7 +134,8 @@ def _exact_counts(rows, col, steps, node, service, settings, columns) -> dict:
 
 
 def _relations(settings, columns) -> list:
-    """Rows then columns of each variable, the cohort row, each funnel step's row."""
+    """Rows then columns of each variable, the cohort row, each funnel step's row; each
+    column's funnel steps (the cohort first) as a chain."""
     width = len(columns)
     groups = list(range(1, width))
     out = []
@@ -144,6 +150,9 @@ def _relations(settings, columns) -> list:
         out.append((("N", 0), [("N", g) for g in groups]))
         for s in range(1, len(settings.get("funnel", [])) + 1):
             out.append((("f", s, 0), [("f", s, g) for g in groups]))
+    n_steps = len(settings.get("funnel", []))
+    if n_steps:
+        out += [Chain((("N", c), *(("f", s, c) for s in range(1, n_steps + 1)))) for c in range(width)]
     return out
 
 
@@ -152,30 +161,6 @@ def _step_pairs(n_steps: int, width: int) -> list:
     def cell(s, c):
         return ("N", c) if s == 0 else ("f", s, c)
     return [(cell(a, c), cell(b, c)) for a in range(n_steps) for b in range(a + 1, n_steps) for c in range(width)]
-
-
-def _secondary(values: dict, hidden: set, relations: list, leaving: list = ()) -> set:
-    hidden = set(hidden)
-    again = True
-    while again:
-        again = False
-        for total, parts in relations:
-            if sum(k in hidden for k in [total, *parts]) != 1:
-                continue
-            visible = [k for k in parts if k not in hidden]
-            candidates = [(values[k], j) for j, k in enumerate(visible) if values[k] != 0]
-            if candidates:
-                hidden.add(visible[min(candidates)[1]])
-            elif total not in hidden:
-                hidden.add(total)
-            else:
-                hidden.add(visible[0])
-            again = True
-        for a, b in leaving:  # a few people between two steps: not both steps shown
-            if a not in hidden and b not in hidden:
-                hidden.add(b)
-                again = True
-    return hidden
 
 
 def _round(n: int, base: int) -> int:

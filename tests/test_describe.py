@@ -21,7 +21,7 @@ from iaptnet.protocol.iapt_schema import iapt_analysis_schema
 from iaptnet.protocol.kinds.describe import QUANTILE_TASK, TABLE_TASK, layout, relations
 from iaptnet.protocol.schema import Schema
 from iaptnet.protocol.study import parse_study, read_study_file
-from iaptnet.protocol.suppression import unprotected
+from iaptnet.protocol.sdc import unprotected
 
 RULES = {"suppress_max": 7, "round_to": 5, "min_rows": 100, "min_level_count": 8}  # exploratory defaults
 COLUMNS = {

@@ -2,14 +2,15 @@
 funnel from the nodes' releases.
 
 1. `describe.table`: every node releases its counts (rounded and suppressed under its own
-   policy, with its own secondary suppression), the exact n, mean and centred sum of squares
-   of each numeric variable per column, or withholds a cell (node/describe.py).
+   policy, with its own complementary suppression), the exact n, mean and centred sum of
+   squares of each numeric variable per column, or withholds a cell (node/describe.py).
 2. Counts are pooled by one rule: **a network cell is the sum of the nodes' released
    (rounded) counts, and is suppressed when any contributing node suppressed or withheld it.**
-   Every node's table already hides none or at least two members of each row and column, so
-   the network table does too; the same secondary suppression runs over the network table
-   as a check (protocol/suppression.py). Percentages are of the column's cohort, from these
-   rounded counts, to 1 decimal place when the denominator is at least 4,000, else whole.
+   Every node's table is protected (protocol/sdc.py), and a count free at one node stays
+   free in the sum, so the network table is too; the same rules run over the network table as
+   a check (a count some node suppressed as small is small for rules (b) and (c)).
+   Percentages are of the column's cohort, from these rounded counts, to 1 decimal place
+   when the denominator is at least 4,000, else whole.
 3. Means and SDs are exact (Chan's pooling of the nodes' moments); shown only when every
    contributing node released its part of the cell.
 4. Quantiles: rounds of `describe.quantiles`, a federated bisection per variable and column
@@ -27,7 +28,7 @@ from ..protocol.errors import NetworkError
 from ..protocol.kinds.describe import (QUANTILE_TASK, TABLE_TASK, Layout, TablePlan, cell_keys,
                                        relations, wire_name)
 from ..protocol.study import StudySpec
-from ..protocol.suppression import secondary
+from ..protocol.sdc import suppress
 from .quantiles import Search
 from .results import node_lines, provenance
 from .runner import node_status
@@ -120,12 +121,18 @@ def _summaries(reply: m.Reply, lay: Layout) -> dict:
 
 def pool_counts(per_node: dict[str, dict], lay: Layout) -> dict:
     """The network table: sums of released counts, suppressed where any node did not show
-    the cell; then secondary suppression over the network table (normally nothing to add)."""
-    pooled = {}
+    the cell; then the complementary suppression rules over the network table (normally
+    nothing to add). A cell some node released as suppressed is small; one a node did not
+    release at all was hidden to protect another."""
+    pooled, small, withheld = {}, set(), set()
     for key in cell_keys(lay):
         values = [counts[key] for _, counts in sorted(per_node.items())]
         pooled[key] = None if any(v is None or v is ABSENT for v in values) else sum(values)
-    hidden = secondary(pooled, {k for k, v in pooled.items() if v is None}, relations(lay))
+        if any(v is None for v in values):
+            small.add(key)
+        elif pooled[key] is None:
+            withheld.add(key)
+    hidden = suppress(pooled, small, relations(lay), hidden=withheld)
     return {k: (None if k in hidden else v) for k, v in pooled.items()}
 
 
@@ -245,8 +252,10 @@ def _results(spec: StudySpec, plan: TablePlan, pooled: dict, summaries: dict, se
         "tables": tables,
         "funnel": funnel,
         "disclosure": ("counts: each node rounds its counts (1-7 suppressed, others to the nearest 5 under "
-                       "its policy) and applies secondary suppression; a network count is the sum of the "
-                       "nodes' released counts and is suppressed (null) when any node did not show it. "
+                       "its policy) and applies complementary suppression (a hidden total hides its "
+                       "breakdown, zeros included; a funnel step of 1-7 hides the steps after it); a network "
+                       "count is the sum of the nodes' released counts and is suppressed (null) when any "
+                       "node did not show it. "
                        "n, mean and SD are exact; quantiles exact on the resolution's grid."),
         "nodes": node_status(session, node_counts),
         "terms": [],

@@ -43,7 +43,7 @@ from ..protocol.errors import DataError
 from ..protocol.kinds.describe import (QUANTILE_TASK, TABLE_TASK, Layout, cell_keys, layout,
                                        relations, step_pairs, wire_name)
 from ..protocol.study import StudySpec, check_at_node
-from ..protocol.suppression import secondary
+from ..protocol.sdc import suppress
 from .cohort import cohort_mask
 from .design import apply_merges, study_frame
 from .disclosure import LevelCount, ModelFacts, Release, check_model, check_round
@@ -119,7 +119,7 @@ def describe_table(runtime: NodeRuntime, task) -> Release:
     cohort_facts = ModelFacts(f"{spec.name}: cohort", cohort)
     checker.accept(cohort_facts)  # refused by the dispatcher if it breaks the subset rule
     leaving = [(a, b) for a, b in step_pairs(lay) if round_count(counts[a] - counts[b], rules) is None]
-    hidden = secondary(counts, primary, relations(lay), leaving)
+    hidden = suppress(counts, primary, relations(lay), leaving)
     for key in cell_keys(lay):
         if key in hidden and key not in primary:
             continue  # complementary suppression: not declared at all

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from .. import cohort_filter
 from ..errors import SpecError
 from ..schema import Schema
+from ..sdc import Chain
 from ..study import COMMON_KEYS, StudySpec, common_fields, merged_levels
 
 KEYS = COMMON_KEYS | {"by", "by_labels", "variables", "funnel", "cohort_label"}
@@ -357,15 +358,16 @@ def cell_keys(lay: Layout) -> list[tuple]:
     return keys
 
 
-def relations(lay: Layout) -> list[tuple]:
+def relations(lay: Layout) -> list:
     """The additive relations between the cells, in the order secondary suppression visits
-    them: per variable its rows (overall = sum over the `by` columns) then its columns (the
-    cohort in the column = sum over the rows); the cohort row; each funnel step's row. Funnel
-    steps are nested, not a partition, so only their rows add up (a small difference between
-    two steps is guarded by `step_pairs`)."""
+    them (protocol/sdc.py): per variable its rows (overall = sum over the `by` columns) then
+    its columns (the column's cohort = sum of the variable's rows, so a hidden cohort hides
+    the whole column); the cohort row; each funnel step's row. Funnel steps are nested, not a
+    partition: each column's steps are a `Chain` (after a small step every later one is
+    hidden), and a small difference between two steps is guarded by `step_pairs`."""
     columns = range(lay.n_columns)
     groups = lay.group_columns
-    out: list[tuple] = []
+    out: list = []
     for i, v in enumerate(lay.variables):
         rows = range(len(v.rows))
         if groups:
@@ -374,6 +376,8 @@ def relations(lay: Layout) -> list[tuple]:
     if groups:
         out.append((("N", 0), [("N", g) for g in groups]))
         out += [(("f", s, 0), [("f", s, g) for g in groups]) for s in range(1, len(lay.funnel) + 1)]
+    if lay.funnel:
+        out += [Chain((("N", c), *(("f", s, c) for s in range(1, len(lay.funnel) + 1)))) for c in columns]
     return out
 
 
