@@ -18,7 +18,8 @@ from iaptnet.coordinator.access import render
 from iaptnet.coordinator.inprocess import run_inprocess
 from iaptnet.coordinator.serverapp import load_wire_study
 from iaptnet.coordinator.studies import load_study
-from iaptnet.coordinator.suppression import display_count, secondary_suppression
+from iaptnet.protocol.sdc import round_count as display_count
+from iaptnet.protocol.sdc import suppress
 from iaptnet.protocol import messages as m
 from iaptnet.protocol.errors import ModelError, NetworkError
 from iaptnet.protocol.kinds.access import TASK
@@ -374,12 +375,12 @@ def test_secondary_suppression_leaves_no_suppressed_count_recoverable(primary):
     full[:4, 4] = exact.sum(axis=1)
     full[4, :4] = exact.sum(axis=0)
     full[4, 4] = exact.sum()
-    table = full.tolist()
-    for i, j in primary:
-        table[i][j] = None
-    added = secondary_suppression(table)
-    suppressed = {(i, j) for i in range(5) for j in range(5) if table[i][j] is None}
-    assert suppressed == set(primary) | added and added
+    values = {(i, j): int(full[i, j]) for i in range(5) for j in range(5)}
+    relations = [((i, 4), [(i, j) for j in range(4)]) for i in range(5)]
+    relations += [((4, j), [(i, j) for i in range(4)]) for j in range(5)]
+    suppressed = suppress(values, set(primary), relations)  # the access display's algorithm (protocol/sdc.py)
+    table = [[None if (i, j) in suppressed else values[(i, j)] for j in range(5)] for i in range(5)]
+    assert suppressed > set(primary)
     assert undetermined(table, suppressed)
     assert all(sum(v is None for v in line) != 1 for line in table + [list(c) for c in zip(*table)])
     assert all(table[i][j] is None or table[i][j] == full[i][j] for i in range(5) for j in range(5))

@@ -14,10 +14,12 @@ alone it computes, exactly as on the pooled referral rows:
   log(population x years) (coordinator/loglinear.py), as DESIGN.md's terms list (rate ratios);
 - `area_rates`: the same per node, displayed from the node's own rounded/suppressed counts.
 
-The displayed counts follow the small-number rules (coordinator/suppression.py): each node's
-counts as its policy released them, network sums under the NHS rule, then secondary
-suppression across each area x level table and its totals; a rate is shown only beside a
-shown count. Model outputs (rate ratios, CIs) are not small-number controlled (DOMAIN.md §F).
+The displayed counts follow the small-number rules (protocol/sdc.py): each node's counts as
+its policy released them, network sums under the NHS rule, then complementary suppression over
+every area x level table with its totals (each node's referrals, shared by all the tables; the
+network row; the network total, which `n` gives exactly), audited on the exact margins so that
+no suppressed count follows from the counts shown; a rate is shown only beside a shown count.
+Model outputs (rate ratios, CIs) are not small-number controlled (DOMAIN.md §F).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from .glm import ModelFit
 from .results import node_lines, provenance, term_rows
 from .runner import node_status
 from .session import Session
-from .suppression import ROUND_TO, SUPPRESS_MAX, display_count, secondary_suppression
+from ..protocol.sdc import ROUND_TO, SUPPRESS_MAX, Relation, round_count, suppress
 
 KEY = "m0"
 ALL = "all"
@@ -164,12 +166,11 @@ def rate_tables(access, cells, margins, totals, counts, fits):
         # under the network rule; the last column holds the totals every table shares.
         shown[var] = [[counts[node].get(f"{var}={level}") for level in levels] + [counts[node].get("n_used")]
                       for node in nodes]
-        shown[var].append([display_count(v) for v in exact[var].sum(axis=0)] + [display_count(grand_n)])
-    primary = {var: {(r, c) for r, row in enumerate(t) for c, v in enumerate(row) if v is None}
-               for var, t in shown.items()}
-    _suppress_jointly(shown)
-    secondary = sum(len({(r, c) for r, row in enumerate(t) for c, v in enumerate(row) if v is None} - primary[var])
-                    for var, t in shown.items())
+        shown[var].append([round_count(v) for v in exact[var].sum(axis=0)] + [round_count(grand_n)])
+    primary, hidden, secondary = display_suppression(access, nodes, exact, totals, shown)
+    for var, r, c in hidden:
+        shown[var][r][c] = None
+    primary = {var: {(r, c) for v, r, c in primary if v == var} for var in access.by}
     rates, area_rates, exact_rates, exact_area = [], [], [], []
     for var in access.by:
         levels = access.levels[var]
@@ -203,22 +204,41 @@ def rate_tables(access, cells, margins, totals, counts, fits):
     return rates, area_rates, secondary
 
 
-def _suppress_jointly(shown: dict[str, list[list]]) -> None:
-    """Secondary suppression in every variable's table; the totals column (each node's and
-    the network's referrals) is the same in all of them, so a total suppressed in one table
-    is suppressed in all, and the tables are checked again until nothing changes."""
-    while True:
-        for table in shown.values():
-            secondary_suppression(table)
-        hidden = {r for table in shown.values() for r, row in enumerate(table) if row[-1] is None}
-        changed = False
-        for table in shown.values():
-            for r in hidden:
-                if table[r][-1] is not None:
-                    table[r][-1] = None
-                    changed = True
-        if not changed:
-            return
+def display_suppression(access, nodes: list[str], exact: dict, totals: dict, shown: dict) -> tuple[set, set, int]:
+    """Which displayed counts are small and which to hide, as (variable, row, column) of the
+    `shown` tables (a row per node then the network; the last column the totals, the same
+    cells in every table), and how many counts are hidden to protect others. Relations: each node's levels add up to its total, each level's
+    nodes to the network's count, the levels and the nodes' totals to the network total,
+    which results.json gives exactly (`n`), so it is known, never hidden (rule d). Exact
+    margins give the audit the true counts."""
+    grand = len(nodes)
+    values: dict = {("total", k): float(totals[node]) for k, node in enumerate(nodes)}
+    values[("total", grand)] = float(sum(totals.values()))
+    small: set = set()
+    relations: list = [Relation(("total", grand), tuple(("total", k) for k in range(grand)), implicit=True)]
+    for var in access.by:
+        levels = range(len(access.levels[var]))
+        for k in range(grand + 1):
+            for i in levels:
+                values[(var, k, i)] = float(exact[var][k, i] if k < grand else exact[var][:, i].sum())
+        relations += [(("total", k), [(var, k, i) for i in levels]) for k in range(grand)]
+        relations.append(Relation(("total", grand), tuple((var, grand, i) for i in levels), implicit=True))
+        relations += [((var, grand, i), [(var, k, i) for k in range(grand)]) for i in levels]
+        for k, row in enumerate(shown[var]):
+            small |= {(var, k, i) for i in levels if row[i] is None}
+            if row[-1] is None:
+                small.add(("total", k))
+    hidden = suppress(values, small, relations)
+
+    def cells(keys):  # ("total", k) is the last column of every table
+        out = set()
+        for key in keys:
+            if key[0] == "total":
+                out |= {(var, key[1], len(access.levels[var])) for var in access.by}
+            else:
+                out.add(key)
+        return out
+    return cells(small), cells(hidden), len(hidden - small)
 
 
 def _rate_row(var, level, shown, is_primary, person_years, years) -> dict:
