@@ -2,12 +2,15 @@
 
 1. `its.columns`: every node computes the study's segmented-regression columns for its own
    rows and keeps them (node/its.py); it replies with a count table per group and period
-   (referrals, events, denominator; small numbers suppressed, others rounded).
+   (referrals, events, denominator; small numbers suppressed, others rounded, a group's other
+   period hidden beside a suppressed one: protocol/sdc.py). Summed over nodes, the same rules
+   run over the network's table.
 2. The exact federated Poisson GLMs with offset log(denominator), in shared rounds: the pooled
    model (each group its own level and trend, a common level change and slope change) and one
    model per group with a change date whose cohort has referrals before and after it
    (protocol/kinds/its.py). A group whose table shows no referrals, or a suppressed count, on
-   one side of its change is reported and not fitted alone (a node would refuse it).
+   one side of its change is reported and not fitted alone (a node would refuse it, or its
+   model would give the suppressed count away).
 
 The level change is the rate ratio at the change (exp of `after_change`); the slope change the
 ratio per time unit of the trend after the change to the trend before (exp of
@@ -20,6 +23,7 @@ import math
 
 from ..protocol.errors import ModelError
 from ..protocol.kinds import its as protocol
+from ..protocol.sdc import Relation, suppress
 from .derived_models import fit_derived, footer, header, model_result, with_ratio
 from .meta_analysis import meta_analyse
 from .session import Session
@@ -49,8 +53,13 @@ def run_study(grid, study, *, engine: str, progress=None, timeout: float | None 
             skipped[level] = reason
         else:
             chosen[f"g{i}"] = all_specs[f"g{i}"]
-    if not any(by_level[level]["after"]["referrals"] for level in p["changes"]):
-        raise ModelError(f"study '{spec.name}': no referral in the cohort falls after a change date, so there is no change to estimate.")
+    after = [by_level[level]["after"]["referrals"] for level in p["changes"]]
+    if not any(after):
+        if all(n == 0 for n in after):
+            raise ModelError(f"study '{spec.name}': no referral in the cohort falls after a change date, so there is no change to estimate.")
+        raise ModelError(f"study '{spec.name}': the count of referrals after each change date is suppressed (a node has "
+                         "1-7 of them, or hides the count beside such a small one) or 0, so the change cannot be "
+                         "estimated without singling out a few referrals; widen the cohort or the time after the changes.")
     session, fits = fit_derived(grid, chosen, min_nodes=spec.min_nodes, earlier=first,
                                 progress=progress, timeout=timeout, poll_interval=poll_interval)
     pooled = _with_changes(model_result(fits["pooled"], session, engine), p)
@@ -89,27 +98,37 @@ def run_study(grid, study, *, engine: str, progress=None, timeout: float | None 
 
 def _segments(spec, replies) -> list[dict]:
     """Per group level and period, the nodes' counts summed; None where a node suppressed one
-    (a sum with an unknown part is unknown). Crude rate = events / denominator of the rounded
-    counts, as NHS publications compute percentages from rounded values."""
+    or did not release it (a sum with an unknown part is unknown), then the nodes' rules over
+    the network's table: a group's two periods add up to a count its models give, so one
+    hidden hides the other; sums follow their referrals. Crude rate = events / denominator of
+    the rounded counts, as NHS publications compute percentages from rounded values."""
     p = spec.params
     levels = list(dict.fromkeys([*p["changes"], *_levels_in(replies)]))
+    pooled, small, withheld = {}, set(), set()
+    for level in levels:
+        for period in PERIODS:
+            for what in WHAT:
+                key, name, total, known = (level, period, what), f"{level}/{period}/{what}", 0.0, True
+                for reply in replies:
+                    table = reply.payload.get("segments", {}).get("its", {})
+                    value = table.get(name)
+                    if value is None:
+                        known = False
+                        (small if name in table else withheld).add(key)
+                    else:
+                        total += float(value)
+                pooled[key] = int(total) if known else None
+    relations = [Relation((level, "total", what), ((level, "before", what), (level, "after", what)), implicit=True)
+                 for level in levels for what in WHAT]
+    hidden = suppress(pooled, small, relations, hidden=withheld)
+    hidden |= {(level, period, what) for level, period, kind in hidden if kind == "referrals" for what in WHAT[1:]}
     out = []
     for level in levels:
         entry = {"group": level, "change_time": p["changes"].get(level),
                  "change_date": protocol.month_label(p["changes"][level], p["time_origin"]) if level in p["changes"] else None,
                  "nodes": []}
         for period in PERIODS:
-            cell = {}
-            for what in WHAT:
-                total, known = 0.0, True
-                for reply in replies:
-                    table = reply.payload.get("segments", {}).get("its", {})
-                    value = table.get(f"{level}/{period}/{what}")
-                    if value is None:
-                        known = False
-                    else:
-                        total += float(value)
-                cell[what] = int(total) if known else None
+            cell = {what: None if (level, period, what) in hidden else pooled[(level, period, what)] for what in WHAT}
             events, denominator = cell["events"], cell["denominator"]
             cell["rate"] = events / denominator if events is not None and denominator else None
             entry[period] = cell
@@ -134,7 +153,8 @@ def _why_not(segment: dict) -> str | None:
     for period in PERIODS:
         n = segment[period]["referrals"]
         if n is None:
-            return f"a node has a suppressed (1-7) count of referrals {period} the change, so it would refuse a model of this group alone"
+            return (f"the count of referrals {period} the change is suppressed (a node has 1-7 of them, or hides it "
+                    "beside such a count), so a model of this group alone would be refused or would give it away")
         if n == 0:
             return f"no referral in the cohort falls {period} the change"
     return None

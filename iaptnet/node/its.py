@@ -8,10 +8,14 @@ models (their specs name the columns in `augment`); the columns never leave the 
 
 It releases a count table of the cohort per group level and period (before / after the
 change): referrals, events (sum of the outcome) and denominator (sum), under the Trust's
-small-number rules (1-7 suppressed, others rounded). The events and denominator of a cell are
-sums over the cell's referrals, so when the referral count of a cell is suppressed they are
-not released at all (a sum over 1-7 people). The table's rows are the models' complete cases,
-so the subset rule sees one row set for the whole study.
+small-number rules (1-7 suppressed, others rounded), with complementary suppression
+(protocol/sdc.py): each group's before and after counts add up to the group's count, which
+the fitted models give exactly, so when one period is suppressed the other is hidden too,
+even a 0. The events and denominator of a period are sums over its referrals: they are
+released only when its referrals are shown and number at least the policy's
+`min_level_count` (or none), never as a sum over a few people; hidden ones are not released
+at all. The table's rows are the models' complete cases, so the subset rule sees one row set
+for the whole study.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ import numpy as np
 import pandas as pd
 
 from ..protocol.kinds import its as protocol
+from ..protocol.sdc import Relation, round_count, suppress
 from . import glm
 from .cohort import cohort_mask
 from .disclosure import ModelFacts, Release
 from .handlers import handler, task_rules
 
 PERIODS = ("before", "after")
+WHAT = ("referrals", "events", "denominator")
 
 
 @handler(protocol.TASK, studies="payload")
@@ -45,17 +51,46 @@ def its_columns(runtime, task) -> Release:
     after = columns[protocol.AFTER].to_numpy()
     outcome = frame[p["outcome"]].to_numpy(dtype=float, na_value=np.nan)
     denominator = columns[protocol.DENOMINATOR].to_numpy()
+    counts = {}
     for level in dataset.schema[p["group"]].levels:
         for flag, period in enumerate(PERIODS):
             cell = rows & (group == level) & (after == flag)
-            n = int(cell.sum())
-            table.count(f"{level}/{period}/referrals", n)
-            if n == 0 or n > rules.suppress_max:
-                table.count(f"{level}/{period}/events", float(outcome[cell].sum()))
-                table.count(f"{level}/{period}/denominator", float(denominator[cell].sum()))
+            counts[(level, period, "referrals")] = int(cell.sum())
+            counts[(level, period, "events")] = float(outcome[cell].sum())
+            counts[(level, period, "denominator")] = float(denominator[cell].sum())
+    small, hidden, withheld = segment_suppression(counts, rules)
+    for key, n in counts.items():
+        if key in withheld or (key in hidden and key not in small):
+            continue  # not released at all
+        table.count("/".join(key), n)  # a small count is released as suppressed
     release.public("data_version", dataset.data_version)
     release.after(lambda: runtime.remember_columns(spec.hash, columns))
     return release
+
+
+def segment_suppression(counts: dict, rules) -> tuple[set, set, set]:
+    """(small, hidden, withheld) cells of the count table {(level, period, what): n}. Each
+    group's (before, after) of each count is a relation whose total the models release
+    exactly; the sums of a period whose referrals are hidden or fewer than min_level_count
+    (but not none) are withheld, and hiding them can hide more: repeated until stable."""
+    levels = dict.fromkeys(level for level, _, _ in counts)
+    values, relations = dict(counts), []
+    for level in levels:
+        for what in WHAT:
+            before, after = (level, "before", what), (level, "after", what)
+            values[(level, "total", what)] = counts[before] + counts[after]
+            relations.append(Relation((level, "total", what), (before, after), implicit=True))
+    small = {key for key, n in counts.items() if round_count(n, rules.suppress_max, rules.round_to) is None}
+    few = {(level, period) for level, period, what in counts
+           if what == "referrals" and 0 < counts[(level, period, what)] < rules.min_level_count}
+    withheld: set = set()
+    while True:
+        hidden = suppress(values, small, relations, hidden=withheld)
+        sums = {(level, period, what) for level, period, kind in hidden | {(*lp, "referrals") for lp in few}
+                if kind == "referrals" for what in WHAT[1:]}
+        if sums <= withheld:
+            return small, hidden, withheld
+        withheld |= sums
 
 
 def study_columns(frame: pd.DataFrame, p: dict) -> pd.DataFrame:
