@@ -204,13 +204,15 @@ def rate_tables(access, cells, margins, totals, counts, fits):
     return rates, area_rates, secondary
 
 
-def display_suppression(access, nodes: list[str], exact: dict, totals: dict, shown: dict) -> tuple[set, set, int]:
+def display_suppression(access, nodes: list[str], exact: dict, totals: dict,
+                        shown: dict) -> tuple[set, set, int]:
     """Which displayed counts are small and which to hide, as (variable, row, column) of the
     `shown` tables (a row per node then the network; the last column the totals, the same
-    cells in every table), and how many counts are hidden to protect others. Relations: each node's levels add up to its total, each level's
-    nodes to the network's count, the levels and the nodes' totals to the network total,
-    which results.json gives exactly (`n`), so it is known, never hidden (rule d). Exact
-    margins give the audit the true counts."""
+    cells in every table), and how many counts are hidden to protect others. Relations:
+    each node's levels add up to its total, each level's nodes to the network's count, the
+    levels and the nodes' totals to the network total, which results.json gives exactly
+    (`n`), so it is known, never hidden (rule d). Exact margins give the audit the true
+    counts."""
     grand = len(nodes)
     values: dict = {("total", k): float(totals[node]) for k, node in enumerate(nodes)}
     values[("total", grand)] = float(sum(totals.values()))
