@@ -77,7 +77,13 @@ def reference_access(rows: pd.DataFrame, population: pd.DataFrame, settings: dic
 
     def glm(terms):
         model = smf.glm("referrals ~ " + " + ".join(terms), cells, family=sm.families.Poisson(), offset=offset)
-        return model.fit(tol=1e-13, maxiter=200)
+        # Converge on the parameters, not on the deviance (statsmodels' default). IRLS takes its
+        # covariance (bse) from the weights of the iterate *before* the last, and a deviance
+        # change below tol=1e-13 is one or two ulps of a deviance of a few hundred: with some
+        # BLAS kernels (OpenBLAS Haswell) it stopped one iteration early, with the estimate exact
+        # but its SEs from an iterate 2e-8 away, 1.1e-8 off. A last step below 1e-13 makes the
+        # covariance the estimate's (SEs within 1e-14 of a 50-digit fit).
+        return model.fit(tol=1e-13, tol_criterion="params", maxiter=200)
 
     terms = by + (["area"] if settings.get("area_effects", True) and len(nodes) > 1 else [])
     rates, area_rates = [], []
