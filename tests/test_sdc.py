@@ -469,8 +469,8 @@ def test_its_segments_never_show_a_zero_beside_a_suppressed_period(tmp_path):
     changes = {"1": 20, "2": 24, "3": 30}
     sites = {"site0": its_site(rng, {"1": (400, 500)}, changes),
              "site1": its_site(rng, {"2": (450, 350), "3": (5, 0), "4": (300, 0)}, changes)}
-    relaxed = ('mode = "exploratory"\n[rules]\nmin_level_count = 1\nmax_leverage = 1\n'
-               '[exploratory]\nmin_level_count = 1\nmax_leverage = 1\n')
+    loose = "min_level_count = 1\nmax_leverage = 1\nmin_subset_difference = 1\n"
+    relaxed = f'mode = "exploratory"\n[rules]\n{loose}[exploratory]\n{loose}'
     write_network(tmp_path, sites, ITS_COLUMNS, policies={"site1": relaxed})
     study = write_study(tmp_path / "its.toml", name="its3", kind="its", outcome="dna", denominator=["att"],
                         time="month", group="svc", changes=changes)
