@@ -443,11 +443,15 @@ def test_a_reasonable_resolution_still_runs(capsys, tmp_path, net):
 
 # --------------------------------------------------------------------------- 7. fuzzing
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="protocol/study.py embed_files looks a non-string 'kind' up in a dict; "
-                          "the one-line patch is in the input-safety report (study.py is not this change's)")
 @pytest.mark.parametrize("kind", [{}, [[]]], ids=["table", "list"])
 def test_a_kind_that_is_not_a_string(capsys, tmp_path, net, kind):
     study = write(tmp_path / "s.toml", name="s", kind=kind, family="binomial", formula="y ~ x")
     code, err = cli(capsys, "run", study, "--network", net, "--out", tmp_path / "out")
     one_sentence(code, err, "s.toml", "field 'kind'", exit_code=2)
+
+
+@pytest.mark.parametrize("schema", [3, [1], {"a": 1}, ""], ids=["number", "list", "table", "empty"])
+def test_a_schema_field_that_is_not_a_path(capsys, tmp_path, net, schema):
+    study = write(tmp_path / "s.toml", name="s", schema=schema, family="binomial", formula="y ~ x")
+    code, err = cli(capsys, "run", study, "--network", net, "--out", tmp_path / "out")
+    one_sentence(code, err, "s.toml", "field 'schema'", exit_code=2)

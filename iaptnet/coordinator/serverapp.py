@@ -78,7 +78,7 @@ def load_wire_study(entry: dict):
     if schema_entry:
         try:
             schema = Schema.from_dict(tomllib.loads(schema_entry["text"]), str(schema_entry["source"]))
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, RecursionError) as exc:
             raise SpecError(f"{schema_entry['source']}: not a valid TOML file ({exc}).") from None
     else:
         schema = iapt_analysis_schema()

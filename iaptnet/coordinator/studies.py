@@ -24,6 +24,8 @@ class LoadedStudy:
 
 
 def resolve_schema(study_data: dict, study_path: Path | None, network_schemas: set[str | None]) -> Schema:
+    if "schema" in study_data and (not isinstance(study_data["schema"], str) or not study_data["schema"].strip()):
+        raise SpecError(f"{study_path or 'study'}: field 'schema' must be the path of a schema TOML file.")
     if study_data.get("schema"):
         base = study_path.parent if study_path else Path.cwd()
         return Schema.load(base / str(study_data["schema"]))
