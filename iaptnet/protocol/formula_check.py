@@ -1,11 +1,22 @@
-"""Check a model formula against a fixed list of allowed transforms before anything evaluates it.
+"""Check a model formula against a fixed whitelist of transforms before anything evaluates it.
 
 Formula libraries evaluate each factor as Python, and a formula arrives from the coordinator.
 So the formula is first scanned (length, nesting, term powers), then parsed by formulaic's
-parser (which evaluates nothing), and every factor's Python expression is walked with `ast`:
-only schema column names, numbers, arithmetic, and the calls in ALLOWED_CALLS pass. Nothing
-can reach an attribute (other than np.log / np.exp / np.sqrt), call anything off the list, or
-build a huge number.
+parser (which evaluates nothing), and every factor's Python expression must match one of
+these forms exactly (walked with `ast`, never evaluated here):
+
+- a column `x`; `C(g)` of a categorical column; `center(x)`, `scale(x)` of a numeric column;
+- inside `I(...)`: an affine function of ONE numeric column, `a`, written `x`, `x + c`,
+  `x - c`, `c + x`, `c * x`, `x * c`, `x / c`; or its square or cube, `a ** 2`, `a ** 3`;
+- `log(a)` and `sqrt(a)` (or `np.log`, `np.sqrt`), bare or inside `I(...)`, only when the
+  schema's declared range of the column makes `a` positive (log) or not negative (sqrt).
+
+Constants are 0 or between 1e-3 and 1e6 in size. Why so few: a transform decides which rows a
+statistic rests on. A polynomial of high degree, a product of shifted columns, a constant of
+1e-30 or an exponential can make a column that equals another except for one person's row,
+or that is negligible for every row but one, or that overflows a check; the node's rules judge
+columns, and only columns whose shape the schema bounds can be judged. The node repeats this
+check on every study it receives.
 """
 
 from __future__ import annotations
@@ -23,14 +34,16 @@ MAX_LENGTH = 4000
 MAX_NESTING = 12
 MAX_TERMS = 400
 MAX_TERM_POWER = 3
-MAX_EXPONENT = 10
 
-#: calls a factor may make; each takes exactly one argument except C (see _check_call).
-ALLOWED_CALLS = ("C", "I", "log", "exp", "sqrt", "center", "scale")
-_NP_CALLS = {"log", "exp", "sqrt"}
+#: The calls a factor may make (the whitelist above says where).
+ALLOWED_CALLS = ("C", "I", "log", "sqrt", "center", "scale")
+_FUNCTIONS = {"log", "sqrt"}
 #: transforms whose value depends on the whole column (pooled state needed).
 STATEFUL_CALLS = ("center", "scale")
-_BINOPS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow)
+#: Constants in a transform are 0 or between these sizes.
+MIN_CONSTANT, MAX_CONSTANT = 1e-3, 1e6
+POWERS = (2, 3)
+TRANSFORMABLE = ("numeric", "integer")
 
 
 @dataclass(frozen=True)
@@ -161,12 +174,22 @@ def check_expression(expr: str, schema: Schema, source: str, field: str) -> froz
     if expr in schema:
         _check_column(expr, schema, source)
         return frozenset({expr})
+    if "C(" in expr.replace(" ", "") or "I(" in expr.replace(" ", "") or any(
+            f"{c}(" in expr.replace(" ", "") for c in STATEFUL_CALLS):
+        raise SpecError(f"{source}: field '{field}' may not use C(), I(), center() or scale(); an offset is a column, "
+                        "an affine function of one column, or log() or sqrt() of one.")
     try:
-        names = _check_python_factor(expr, schema, source)
+        tree = ast.parse(expr, mode="eval")
+        checker = _Whitelist(schema, source)
+        call = _Whitelist.call_name(tree.body)
+        if call in _FUNCTIONS or (call and call.startswith("np.")):
+            names = checker.function(call, tree.body.args[0] if len(tree.body.args) == 1 else None, tree.body)
+        else:
+            names = {checker.affine(tree.body)[0]}
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        raise SpecError(f"{source}: field '{field}' is not a valid expression.") from None
     except SpecError as exc:
         raise SpecError(str(exc).replace("field 'formula'", f"field '{field}'")) from None
-    if "C(" in expr.replace(" ", "") or any(f"{c}(" in expr.replace(" ", "") for c in STATEFUL_CALLS):
-        raise SpecError(f"{source}: field '{field}' may not use C(), center() or scale().")
     return frozenset(names)
 
 
@@ -190,78 +213,158 @@ def _check_outcome_type(col, family: str, source: str) -> None:
 
 
 def _check_python_factor(expr: str, schema: Schema, source: str) -> set[str]:
+    """The columns of a factor expression that matches the whitelist; SpecError otherwise."""
     try:
         tree = ast.parse(expr, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         raise _fail(source, f"has a term that is not a valid expression: {expr!r}.") from None
-    names: set[str] = set()
-    _walk(tree.body, schema, source, names, depth=0, in_call=None)
-    return names
+    return _Whitelist(schema, source).factor(tree.body)
 
 
-def _walk(node, schema, source, names, depth, in_call):
-    if depth > MAX_NESTING:
-        raise _fail(source, f"has a term nested more than {MAX_NESTING} levels deep.")
-    if isinstance(node, ast.Name):
+class _Whitelist:
+    """Matches one factor against the whitelist (module docstring); returns its columns."""
+
+    def __init__(self, schema: Schema, source: str):
+        self.schema, self.source = schema, source
+
+    def fail(self, node) -> SpecError:
+        try:
+            shown = ast.unparse(node)[:80]
+        except Exception:  # noqa: BLE001 - a shape ast cannot print
+            shown = "a term"
+        return _fail(self.source, f"has the term {shown!r}, which is not an allowed transform (allowed: a column, "
+                                  "C(g), center(x), scale(x), I(a), I(a ** 2), I(a ** 3), log(a) and sqrt(a) where "
+                                  "a is x, x + c, x - c, c * x or x / c for one numeric column x whose declared range "
+                                  f"keeps log and sqrt finite, and constants 0 or between {MIN_CONSTANT:g} and "
+                                  f"{MAX_CONSTANT:g} in size).")
+
+    def factor(self, node) -> set[str]:
+        if isinstance(node, ast.Name):
+            return {self.column(node)}
+        name = self.call_name(node)
+        if name is None:
+            raise self.fail(node)
+        args = node.args
+        if node.keywords or len(args) != 1 or any(isinstance(a, ast.Starred) for a in args):
+            raise _fail(self.source, f"calls {name}() with other than exactly one argument.")
+        arg = args[0]
+        if name == "C":
+            if not isinstance(arg, ast.Name):
+                raise _fail(self.source, "may only apply C() to a column name.")
+            if arg.id in self.schema and self.schema[arg.id].type != "categorical":
+                raise _fail(self.source, f"applies C() to the {self.schema[arg.id].type} column '{arg.id}'; C() needs a "
+                                         f"categorical column whose levels the schema declares (use '{arg.id}' directly).")
+            return {self.column(arg)}
+        if name in STATEFUL_CALLS:
+            if not isinstance(arg, ast.Name):
+                raise _fail(self.source, f"may only apply {name}() to a column name.")
+            return {self.column(arg, TRANSFORMABLE)}
+        if name == "I":
+            return self.inner(arg)
+        return self.function(name, arg, node)
+
+    def inner(self, node) -> set[str]:
+        """Inside I(): an affine term, its square or cube, or log/sqrt of an affine term."""
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+            power = node.right
+            if not (isinstance(power, ast.Constant) and type(power.value) is int and power.value in POWERS):
+                raise _fail(self.source, f"may only raise a term to the power {' or '.join(map(str, POWERS))}.")
+            column, _ = self.affine(node.left)
+            return {column}
+        name = self.call_name(node)
+        if name in _FUNCTIONS:
+            return self.function(name, node.args[0] if len(node.args) == 1 else None, node)
+        column, _ = self.affine(node)
+        return {column}
+
+    def function(self, name: str, arg, node) -> set[str]:
+        if arg is None or node.keywords:
+            raise self.fail(node)
+        column, (low, _) = self.affine(arg)
+        fn = name.split(".")[-1]
+        if fn == "log" and not (low is not None and low > 0):
+            raise _fail(self.source, f"takes log() of an expression of '{column}' that the schema does not keep "
+                                     "positive; declare the column's min (above 0) in the schema, or add a constant.")
+        if fn == "sqrt" and not (low is not None and low >= 0):
+            raise _fail(self.source, f"takes sqrt() of an expression of '{column}' that the schema does not keep "
+                                     "at or above 0; declare the column's min in the schema, or add a constant.")
+        return {column}
+
+    def affine(self, node) -> tuple[str, tuple[float | None, float | None]]:
+        """(column, its declared range mapped through the affine function) for x and, with a
+        an affine term of the same kind, a + c, a - c, c + a, c - a, c * a, a * c, a / c;
+        anything else (two columns, a power, a call) fails."""
+        if isinstance(node, ast.Name):
+            col = self.column(node, TRANSFORMABLE)
+            c = self.schema[col]
+            return col, (c.min, c.max)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+            left_const, right_const = self.constant(node.left), self.constant(node.right)
+            if right_const is None and left_const is not None and not isinstance(node.op, ast.Div):
+                col, (lo, hi) = self.affine(node.right)
+                if isinstance(node.op, ast.Add):
+                    return col, _shift(lo, hi, left_const)
+                if isinstance(node.op, ast.Sub):
+                    return col, _shift(*_scale(lo, hi, -1.0), left_const)
+                return col, _scale(lo, hi, left_const)
+            if left_const is None and right_const is not None:
+                col, (lo, hi) = self.affine(node.left)
+                if isinstance(node.op, ast.Add):
+                    return col, _shift(lo, hi, right_const)
+                if isinstance(node.op, ast.Sub):
+                    return col, _shift(lo, hi, -right_const)
+                if isinstance(node.op, ast.Mult):
+                    return col, _scale(lo, hi, right_const)
+                if right_const == 0:
+                    raise _fail(self.source, "divides by zero.")
+                return col, _scale(lo, hi, 1.0 / right_const)
+        raise self.fail(node)
+
+    def constant(self, node) -> float | None:
+        negative = False
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            negative, node = isinstance(node.op, ast.USub), node.operand
+        if not isinstance(node, ast.Constant):
+            return None
+        value = node.value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail(self.source, "may only contain numbers as constants in transforms.")
+        try:
+            value = float(value)
+        except OverflowError:
+            raise _fail(self.source, "has a constant that is too large.") from None
+        if value != 0 and not (MIN_CONSTANT <= abs(value) <= MAX_CONSTANT):
+            raise _fail(self.source, f"has a constant of size {abs(value):g}; constants in transforms are 0 or between "
+                                     f"{MIN_CONSTANT:g} and {MAX_CONSTANT:g}, so that no transform concentrates a column on a few rows.")
+        return -value if negative else value
+
+    def column(self, node: ast.Name, types: tuple[str, ...] | None = None) -> str:
         if node.id in ALLOWED_CALLS or node.id == "np":
-            raise _fail(source, f"uses {node.id!r} other than as a call.")
-        _check_column(node.id, schema, source)
-        names.add(node.id)
-        return
-    if isinstance(node, ast.Constant):
-        if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
-            raise _fail(source, "may only contain numbers as constants in transforms.")
-        if abs(node.value) > 1e15:
-            raise _fail(source, "has a constant that is too large.")
-        return
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        _walk(node.operand, schema, source, names, depth + 1, in_call)
-        return
-    if isinstance(node, ast.BinOp) and isinstance(node.op, _BINOPS):
-        if isinstance(node.op, ast.Pow):
-            exp = node.right
-            if isinstance(exp, ast.UnaryOp) and isinstance(exp.op, ast.USub):
-                exp = exp.operand
-            if not (isinstance(exp, ast.Constant) and isinstance(exp.value, (int, float))
-                    and not isinstance(exp.value, bool) and abs(exp.value) <= MAX_EXPONENT):
-                raise _fail(source, f"may only raise to a constant power of at most {MAX_EXPONENT}.")
-            if not _mentions_column(node.left):
-                raise _fail(source, "may only raise an expression containing a column to a power.")
-        _walk(node.left, schema, source, names, depth + 1, in_call)
-        _walk(node.right, schema, source, names, depth + 1, in_call)
-        return
-    if isinstance(node, ast.Call):
-        fname = _call_name(node.func, source)
-        _check_call(fname, node, schema, source)
-        for arg in node.args:
-            _walk(arg, schema, source, names, depth + 1, fname)
-        return
-    raise _fail(source, f"uses {type(node).__name__.lower()} syntax, which is not an allowed transform "
-                        f"(allowed: column names, numbers, + - * / **, {', '.join(ALLOWED_CALLS)}).")
+            raise _fail(self.source, f"uses {node.id!r} other than as a call.")
+        _check_column(node.id, self.schema, self.source)
+        if types is not None and self.schema[node.id].type not in types:
+            raise _fail(self.source, f"transforms the {self.schema[node.id].type} column '{node.id}'; only numeric and "
+                                     "integer columns can be transformed.")
+        return node.id
+
+    @staticmethod
+    def call_name(node) -> str | None:
+        if not isinstance(node, ast.Call):
+            return None
+        func = node.func
+        if isinstance(func, ast.Name) and func.id in ALLOWED_CALLS:
+            return func.id
+        if (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "np"
+                and func.attr in _FUNCTIONS):
+            return f"np.{func.attr}"
+        return None
 
 
-def _call_name(func, source) -> str:
-    if isinstance(func, ast.Name) and func.id in ALLOWED_CALLS:
-        return func.id
-    if (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
-            and func.value.id == "np" and func.attr in _NP_CALLS):
-        return f"np.{func.attr}"
-    shown = ast.unparse(func) if hasattr(ast, "unparse") else "a function"
-    raise _fail(source, f"calls {shown!r}, which is not an allowed transform (allowed: {', '.join(ALLOWED_CALLS)}).")
+def _shift(lo, hi, c):
+    return (None if lo is None else lo + c), (None if hi is None else hi + c)
 
 
-def _check_call(fname, node, schema, source):
-    if node.keywords or any(isinstance(a, ast.Starred) for a in node.args):
-        raise _fail(source, f"passes options to {fname}(); only a single argument is allowed.")
-    if len(node.args) != 1:
-        raise _fail(source, f"calls {fname}() with {len(node.args)} arguments; it takes exactly one.")
-    if fname == "C":
-        arg = node.args[0]
-        if not isinstance(arg, ast.Name):
-            raise _fail(source, "may only apply C() to a column name.")
-        if arg.id in schema and schema[arg.id].type != "categorical":
-            raise _fail(source, f"applies C() to the {schema[arg.id].type} column '{arg.id}'; C() needs a categorical column whose levels the schema declares (use '{arg.id}' directly).")
-
-
-def _mentions_column(node) -> bool:
-    return any(isinstance(n, ast.Name) and n.id not in ALLOWED_CALLS and n.id != "np" for n in ast.walk(node))
+def _scale(lo, hi, c):
+    a = None if lo is None else lo * c
+    b = None if hi is None else hi * c
+    return (a, b) if c >= 0 else (b, a)

@@ -17,6 +17,7 @@ study's identity, which Trusts approve and which every result and audit entry ca
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,7 +170,7 @@ def embed_files(data: dict, path: Path) -> dict:
     from .kinds import MODULES
 
     kind = data.get("kind")
-    if kind not in MODULES:
+    if not isinstance(kind, str) or kind not in MODULES:
         return data
     from importlib import import_module
 
@@ -378,7 +379,10 @@ def check_estimation(data: dict, schema: Schema, source: str) -> tuple[str | Non
     return weights, cov_type, cluster
 
 
-AUGMENT_TYPES = ("numeric", "integer", "binary")
+#: Types of columns a node computes for a study; "positive" is a numeric column the node
+#: guarantees above 0 (an its study's denominator, whose rows at 0 are left out), so that
+#: log() of it passes the transform whitelist.
+AUGMENT_TYPES = ("numeric", "integer", "binary", "positive")
 
 
 def augmented_schema(schema: Schema, augment: dict | None) -> Schema:
@@ -391,7 +395,8 @@ def augmented_schema(schema: Schema, augment: dict | None) -> Schema:
     for name, kind in augment["columns"].items():
         if not isinstance(name, str) or not name.isidentifier() or name in schema or kind not in AUGMENT_TYPES:
             raise SpecError("the study's computed columns clash with the dataset or have an unknown type.")
-        extra[name] = Column(name=name, type=kind)
+        extra[name] = (Column(name=name, type="numeric", min=math.ulp(0.0)) if kind == "positive"
+                       else Column(name=name, type=kind))
     return schema.merged(Schema(schema.name, extra))
 
 

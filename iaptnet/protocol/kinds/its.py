@@ -44,7 +44,7 @@ TASK = "its.columns"
 COV_TYPES = ("nonrobust", "HC0")
 AFTER, SINCE, DENOMINATOR = "after_change", "time_after_change", "denominator"
 #: The columns a node computes for an ITS study (study columns, node/its.py).
-COLUMNS = {AFTER: "binary", SINCE: "integer", DENOMINATOR: "numeric"}
+COLUMNS = {AFTER: "binary", SINCE: "integer", DENOMINATOR: "positive"}
 #: Known origins of time columns (the IAPT derived variables).
 TIME_ORIGINS = {"referral_month": "2012-04"}
 MAX_CHANGES = 200
