@@ -38,19 +38,20 @@ def log_path(node: Node):
 
 
 def run_tasks(node: Node) -> list[m.Reply]:
-    """An honest study (prepare and two rounds), a refused task and a failing one."""
+    """An honest study (prepare and two rounds), a refused task and one that cannot be
+    computed (refused in the same form: a failure is never told apart from a refusal)."""
     prepare, study = node.prepare(node.spec(formula="y ~ x + g"))
     beta = local_beta(prepare)
     replies = [prepare, node.round(study, {"m0": beta * 0.9}), node.round(study, {"m0": beta})]
     replies.append(node.send(m.Task(kind="no.such.kind", study_hash="x")))
-    replies.append(node.round(study, {"m0": [0.0]}))  # wrong length: an error
+    replies.append(node.round(study, {"m0": [0.0]}))  # wrong length: cannot be computed
     return replies
 
 
 def test_each_task_is_one_chained_entry_holding_exactly_what_was_released(node):
     replies = run_tasks(node)
     entries = [json.loads(line) for line in log_path(node).read_text().splitlines()]
-    assert [e["status"] for e in entries] == ["ok", "ok", "ok", "refused", "error"]
+    assert [e["status"] for e in entries] == ["ok", "ok", "ok", "refused", "refused"]
     assert [e["kind"] for e in entries] == ["glm.prepare", "glm.round", "glm.round", "no.such.kind", "glm.round"]
     prev = "0" * 64
     for number, (entry, reply) in enumerate(zip(entries, replies), 1):
@@ -70,7 +71,8 @@ def test_each_task_is_one_chained_entry_holding_exactly_what_was_released(node):
                 assert logged["shape"] == list(array.shape)
                 assert logged["values"] == array.ravel().tolist()  # bit for bit
     assert entries[3]["refusal"][0]["rule"] == "task_kind" and "released" not in entries[3]
-    assert "released" not in entries[4] and entries[4]["error"] == replies[4].message
+    assert "released" not in entries[4] and entries[4]["refusal"][0]["rule"] == "cannot_compute"
+    assert entries[4]["refusal"][0]["sentence"] in replies[4].message
     # the study hash, and a digest that changes with the parameters
     assert entries[1]["study_hash"] == entries[0]["study_hash"] and entries[1]["params"] != entries[2]["params"]
 
@@ -134,7 +136,7 @@ def test_the_listing_since_a_date_and_as_json(node, capsys):
     assert len(lines) == 5
     assert lines[0].startswith("#1 ") and "glm.prepare" in lines[0] and "released 4 arrays" in lines[0]
     assert "REFUSED this node does not know the task kind 'no.such.kind'" in lines[3]
-    assert "ERROR DataError" in lines[4]
+    assert "REFUSED model 'm0': expected 3 coefficients" in lines[4]
     tomorrow = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)).strftime("%Y-%m-%d")
     assert main(["node", "audit", "--policy", policy, "--since", tomorrow]) == 0
     assert capsys.readouterr().out == ""

@@ -105,9 +105,11 @@ def test_filter_injection_is_refused(capsys, tmp_path, net, where):
 
 
 def test_empty_cohort(capsys, tmp_path, net):
+    """An empty cohort is refused with the very sentence a cohort of a few people gets: a
+    refusal must not tell 0 people from 1."""
     code, err, out = run_cli(capsys, tmp_path, net, formula="y ~ x", where="x > 1000")
     assert_clean_failure(code, err, out)
-    assert "cohort is empty" in err
+    assert "rows at this node are fewer than 100" in err
 
 
 def test_separation_names_the_level(capsys, tmp_path):

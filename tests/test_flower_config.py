@@ -51,7 +51,8 @@ def test_node_file_resolves_paths(kit):
     assert cfg.ca_cert == kit / "pki" / "ca.crt" and cfg.key == kit / "pki" / "site-a.key"
     assert cfg.data == str(kit / "data.csv") and cfg.state_dir == kit / "st"
     assert cfg.approved_apps == kit / "st" / "approved-apps.txt"
-    assert cfg.node_config() == {"name": "site-a", "data": str(kit / "data.csv"), "policy": str(kit / "policy.toml")}
+    assert cfg.node_config() == {"name": "site-a", "data": str(kit / "data.csv"), "policy": str(kit / "policy.toml"),
+                                 "state": str(kit / "st" / "governance")}
     with_contacts = load_node_file(node_toml(kit, appointments="data.csv"))
     assert with_contacts.node_config()["appointments"] == str(kit / "data.csv")
     sql = load_node_file(node_toml(kit, appointments="postgresql+psycopg://db/x", appointments_table="contacts"))

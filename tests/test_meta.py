@@ -128,7 +128,7 @@ def test_refusing_nodes_are_reported_and_left_out(tmp_path):
     result = run_inprocess([write_study(tmp_path / "het_policy.toml", **settings)], tmp_path / "network.toml")[0]
     by_node = {e["node"]: e for e in result["per_node"]}
     assert by_node["s2"]["estimate"] is None and "does not allow the task kind 'meta.local_fit'" in by_node["s2"]["reason"]
-    assert by_node["s6"]["estimate"] is None and "fewer than 100 rows" in by_node["s6"]["reason"]
+    assert by_node["s6"]["estimate"] is None and "rows at this node are fewer than 100" in by_node["s6"]["reason"]
     assert result["k"] == 4
     ref = reference_meta(pooled({k: v for k, v in sites.items() if k != "s6"}, COLUMNS), settings)
     kept = ["s1", "s3", "s4", "s5"]

@@ -16,6 +16,7 @@ from ..protocol.tomlfile import read_toml, reject_unknown
 
 NODE_KEYS = {"name", "data", "schema", "policy", "table", "query", "appointments", "appointments_table",
              "appointments_query"}
+STATE_FOLDER = ".iaptnet-state"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -49,7 +50,9 @@ def load_network(path: str | Path) -> Network:
         data_ref = raw.get("data")
         if not isinstance(data_ref, str) or not data_ref:
             raise SpecError(f"{where} ({name}): field 'data' must be a file path or an SQLAlchemy URL.")
-        node = {"name": name, "data": resolve_path(base, data_ref)}
+        # A node without a policy file keeps its audit log and release memory beside the
+        # network file (node/runtime.py: state_folder).
+        node = {"name": name, "data": resolve_path(base, data_ref), "state": str(base / STATE_FOLDER)}
         if "://" in data_ref:
             if not (raw.get("table") or raw.get("query")):
                 raise SpecError(f"{where} ({name}): an SQL source needs 'table' or 'query'.")

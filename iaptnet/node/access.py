@@ -31,7 +31,7 @@ from ..protocol.kinds.access import DATE_COLUMN, TASK, node_settings
 from ..protocol.study import check_at_node
 from .cohort import cohort_mask
 from .design import apply_merges
-from .disclosure import LevelCount, ModelFacts, Release
+from .disclosure import LevelCount, ModelFacts, Release, require_rows, task_rules
 from .glm import studies_from_payload
 from .handlers import handler
 from .runtime import NodeRuntime
@@ -67,21 +67,30 @@ def count_referrals(dataset, key: str, spec, release: Release, node: str) -> Non
         rows = rows.loc[counted]
     used = np.zeros_like(cohort)
     used[np.flatnonzero(cohort)[complete][counted]] = True
+    require_rows(used, spec.name, task_rules())
     n = int(used.sum())
-    margins, levels = {}, []
+    positions = np.flatnonzero(used)
+    margins, levels, indicators = {}, [], []
     for var in settings.by:
         values = rows[var]
         if list(values.cat.categories) != settings.levels[var]:
             raise DataError(f"the column '{var}' does not have the schema's levels at this node.")
         counts = values.value_counts(sort=False).reindex(settings.levels[var], fill_value=0)
         margins[var] = counts.to_numpy(dtype=float)
+        codes = values.cat.codes.to_numpy()
+        for k in range(len(settings.levels[var])):
+            if counts.iloc[k]:
+                indicator = np.zeros(used.size, dtype=bool)
+                indicator[positions[codes == k]] = True
+                indicators.append(indicator)  # each margin is an exact count of these rows
         for level, count in counts.items():
             levels.append(LevelCount(var, str(level), int(count),
                                      f"merge '{level}' with another level of {var} ([merge.{var}]) "
                                      f"or leave {var} out of the study's 'by'"))
     # Parameters: the columns of the main-effects model this node has referrals for.
     parameters = 1 + sum(max(int(np.count_nonzero(c)) - 1, 0) for c in margins.values())
-    facts = ModelFacts(spec.name, used, parameters=parameters, family="poisson", events=n, levels=levels)
+    facts = ModelFacts(spec.name, used, parameters=parameters, family="poisson", events=n, levels=levels,
+                       indicators=indicators)
     section = release.model(key, facts, group="access")
     section.value("n_used", n)
     section.value("by", list(settings.by))

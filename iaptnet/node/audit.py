@@ -32,9 +32,9 @@ import numpy as np
 from ..protocol.errors import DataError, SpecError
 from .disclosure import Violation
 from .policy import Rules
+from .release_memory import ReleaseMemory
 
 GENESIS = "0" * 64
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 
 try:  # POSIX advisory locks; other systems rely on the in-process lock
     import fcntl
@@ -257,7 +257,7 @@ class NodeMemory:
         self.folder = folder
         self._lock = threading.RLock()
         self._state = {"day": "", "studies": {}, "tasks": {}}
-        self._rowsets: dict[str, dict[str, np.ndarray]] = {}  # data version -> digest -> packed bits
+        self._releases = ReleaseMemory(folder)
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -273,9 +273,11 @@ class NodeMemory:
                 except ValueError:
                     raise DataError("the node's memory file is damaged; its operator must restore it "
                                     "from backup (deleting it forgets which tasks were answered).") from None
+            before = json.dumps(self._state, sort_keys=True)
             yield self
-            if self.folder is not None:
-                _write_atomic(self.folder / "memory.json", json.dumps(self._state, sort_keys=True))
+            after = json.dumps(self._state, sort_keys=True)
+            if self.folder is not None and after != before:  # (an audit alone changes nothing)
+                _write_atomic(self.folder / "memory.json", after)
 
     # -- replay
     def seen_task(self, task_id: str) -> bool:
@@ -306,65 +308,43 @@ class NodeMemory:
         self._roll(now)
         self._state["studies"][study_hash] = self._state["studies"].get(study_hash, 0) + 1
 
-    # -- released row sets (the subset rule)
-    def _sets(self, version: str) -> dict[str, np.ndarray]:
-        sets = self._rowsets.setdefault(version, {})
-        if self.folder is not None:
-            folder = self.folder / "rowsets" / version[:32]
-            if folder.exists():
-                for path in folder.glob("*.npy"):
-                    if path.stem not in sets:
-                        sets[path.stem] = np.load(path, allow_pickle=False)
-        return sets
+    # -- what was released (the differencing audit, node/release_memory.py)
+    def releases(self, version: str, n: int):
+        """The memory of everything released on this data version (n rows)."""
+        return self._releases.for_version(version, n)
 
-    def check_rows(self, candidates: list[tuple[str, np.ndarray]], version: str, rules: Rules) -> list[Violation]:
-        """The subset rule over each candidate row set (label, mask): against the whole
-        dataset, every row set released before on this data version, and each other."""
+    def audit_release(self, footprints, version: str, n: int, rules: Rules, vetted=()) -> list[Violation]:
+        """Violations of the subset rule, generalised: would releasing these footprints let
+        some combination of everything released on this data version single out 1 to
+        min_subset_difference - 1 people? (`vetted`: footprints of this release already
+        audited together, see VersionMemory.audit.)"""
         t = rules.min_subset_difference
-        out: list[Violation] = []
-        known = self._sets(version)
-        fresh: list[tuple[int, np.ndarray]] = []
-        for label, mask in candidates:
-            mask = np.asarray(mask, dtype=bool)
-            n, total = int(mask.sum()), mask.size
-            if n == 0:
-                continue
-            outside = total - n
-            if 0 < outside < t:
-                out.append(Violation("min_subset_difference",
-                                     f"the rows used leave out fewer than {t} of this node's rows, so the result "
-                                     "would differ from the whole dataset's by a few people", t, model=label,
-                                     fix="use the whole dataset, or a cohort that leaves out more people"))
-                continue
-            packed = np.packbits(mask)
-            for other in [*known.values(), *(p for _, p in fresh)]:
-                if other.shape != packed.shape:
-                    continue
-                diff = int(_POPCOUNT[np.bitwise_xor(other, packed)].sum())
-                if 0 < diff < t:
-                    out.append(Violation("min_subset_difference",
-                                         f"the rows used differ from rows this node already released results on "
-                                         f"by fewer than {t} people (a differencing attack, or a covariate missing for a few)",
-                                         t, model=label,
-                                         fix="use the same cohort and covariates as before, or ones that differ by more people"))
-                    break
-            fresh.append((total, packed))
+        out = []
+        for finding in self.releases(version, n).audit(footprints, t, vetted=list(vetted)):
+            out.append(Violation("min_subset_difference", _FINDINGS[finding.what].format(t=t), t,
+                                 model=finding.label, fix=_FIXES[finding.what]))
         return out
 
-    def remember_rows(self, masks: list[np.ndarray], version: str) -> None:
-        known = self._sets(version)
-        for mask in masks:
-            mask = np.asarray(mask, dtype=bool)
-            if not mask.any():
-                continue
-            packed = np.packbits(mask)
-            digest = hashlib.sha256(packed.tobytes() + str(mask.size).encode()).hexdigest()[:32]
-            if digest in known:
-                continue
-            known[digest] = packed
-            if self.folder is not None:
-                folder = self.folder / "rowsets" / version[:32]
-                folder.mkdir(parents=True, exist_ok=True)
-                tmp = folder / f".{digest}.tmp.npy"
-                np.save(tmp, packed, allow_pickle=False)
-                os.replace(tmp, folder / f"{digest}.npy")
+    def remember_release(self, footprints, version: str, n: int, rules: Rules) -> None:
+        self.releases(version, n).remember(footprints, rules.min_subset_difference)
+
+
+_FINDINGS = {
+    "complement": "the rows used leave out fewer than {t} of this node's rows, so the result would differ "
+                  "from the whole dataset's by a few people",
+    "rows": "the rows used differ from rows this node already released results on by fewer than {t} people "
+            "(a differencing attack, or a covariate missing for a few)",
+    "combination": "together with row sets this node already released results on, the rows used would let a "
+                   "combination of the results single out fewer than {t} people (a differencing attack)",
+    "column": "a column of this release (a term, offset or variable) equals one this node already released "
+              "except for fewer than {t} people (a differencing attack)",
+    "unproved": "the node cannot prove that this release, with what it released before, does not single out "
+                "fewer than {t} people",
+}
+_FIXES = {
+    "complement": "use the whole dataset, or a cohort that leaves out more people",
+    "rows": "use the same cohort and covariates as before, or ones that differ by more people",
+    "combination": "use the same cohorts as earlier studies, or cohorts that differ from them by more people",
+    "column": "use the same terms as earlier studies, or terms that differ from them for more people",
+    "unproved": "use cohorts and terms closer to earlier studies; the Trust can start a new data version",
+}

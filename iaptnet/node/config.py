@@ -70,6 +70,9 @@ class NodeFile:
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
+        # Without a policy file (local networks only) the audit log and release memory still
+        # live on disk, under the daemon's state folder.
+        out["state"] = str(self.state_dir / "governance")
         return out
 
     @property

@@ -17,6 +17,7 @@ value (a column that sets 1..7 rows apart from all others would reveal them).
 from __future__ import annotations
 
 import ast
+import math
 import functools
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -71,36 +72,46 @@ class DesignedModel:
         return 0 if self.clusters is None or self.n == 0 else int(self.clusters.max()) + 1
 
     def max_leverage(self) -> float | None:
-        """The largest leverage (diagonal of the hat matrix of X) of a row; None without rows.
+        """The largest leverage (diagonal of the hat matrix) of a row; None without rows; NaN
+        when it cannot be computed (the policy then refuses: fail closed).
 
-        h_i = x_i' (X'X)^+ x_i, with columns that have no rows left out. X'X is scaled to unit
-        diagonal first (leverage does not change with column scale). Well conditioned (the
-        usual case): h = rowsum((X M) * X) with M the inverse, the product in float32, ample
-        for comparing with the policy's threshold and half the cost. Otherwise from the
-        eigen-decomposition, leaving out directions with no support (exact collinearity), as
-        a pseudo-inverse does."""
+        h_i = z_i' (Z'Z)^+ z_i for the design Z the statistics rest on: X with the offset as
+        one more column (an offset is judged like a design column), each row scaled by the
+        square root of its prior weight. Columns are scaled to unit norm first (leverage does
+        not change with column scale, so a term multiplied by 1e-30 cannot overflow it), and
+        the pseudo-inverse leaves out directions with no support (exact collinearity). All
+        in float64."""
         if self.n == 0:
             return None
-        gram = self.gram()
-        diag = np.diag(gram).copy()
-        keep = diag > 0
+        Z = self.X
+        if np.any(self.offset != self.offset[0]):
+            Z = np.column_stack([Z, self.offset])
+        if self.weights is not None:
+            Z = Z * np.sqrt(self.weights)[:, None]
+        if not np.all(np.isfinite(Z)):
+            return math.nan
+        norms = np.sqrt(np.einsum("ij,ij->j", Z, Z))
+        keep = norms > 0
         if not keep.any():
             return None
-        scale = np.where(keep, 1.0 / np.sqrt(np.where(keep, diag, 1.0)), 0.0)
-        scaled = gram * scale[:, None] * scale[None, :]
-        scaled[~keep, ~keep] = 1.0  # empty columns: an identity block, removed by scale below
-        if np.linalg.cond(scaled) < 1e8:
-            import scipy.linalg
-
-            inverse = scipy.linalg.cho_solve(scipy.linalg.cho_factor(scaled), np.eye(len(scaled)))
-            M = (inverse * scale[:, None] * scale[None, :]).astype(np.float32)
-            X32 = self.X.astype(np.float32)
-            return float(np.max(np.einsum("ij,ij->i", X32 @ M, X32)))
-        X = self.X[:, keep] * scale[keep]
-        values, vectors = np.linalg.eigh(scaled[np.ix_(keep, keep)])
-        kept = values > 1e-14 * values[-1]
-        u = (X @ vectors[:, kept]) / np.sqrt(values[kept])
-        return float(np.max(np.einsum("ij,ij->i", u, u)))
+        U = Z[:, keep] / norms[keep]
+        with np.errstate(all="ignore"):
+            gram = U.T @ U
+            values, vectors = np.linalg.eigh(gram)
+            if not np.all(np.isfinite(values)):
+                return math.nan
+            kept = values > 1e-12 * values[-1]
+            basis = vectors[:, kept] / np.sqrt(values[kept])
+            if kept.all() and values[0] > 1e-4 * values[-1]:
+                # Well conditioned (the usual case): the projection in float32 is accurate to
+                # far better than the threshold needs, at half the cost; the design itself is
+                # unit-scaled, so nothing can overflow.
+                proj = U.astype(np.float32) @ basis.astype(np.float32)
+            else:
+                proj = U @ basis
+            h = np.einsum("ij,ij->i", proj, proj, dtype=np.float64)
+        top = float(np.max(h)) if h.size else 0.0
+        return top if math.isfinite(top) else math.nan
 
     @property
     def parameters(self) -> int:
@@ -187,14 +198,25 @@ def evaluate_expression(rows: pd.DataFrame, expr: str) -> np.ndarray:
 
 
 def build_design(frame: pd.DataFrame, schema: Schema, spec: StudySpec,
-                 transform_state: dict | None = None) -> DesignedModel:
-    """Filter, drop incomplete rows and build X with formulaic; raise DataError on failure."""
+                 transform_state: dict | None = None, gate=None) -> DesignedModel:
+    """Filter, drop incomplete rows and build X with formulaic; raise DataError on failure.
+
+    `gate(rows)` is called with the model's rows (those with a positive prior weight) before
+    anything is computed on them: the size rule comes first, so that no failure of a
+    computation on a handful of rows can answer a question about them."""
     from formulaic import ModelSpec
 
     check_at_node(spec, schema)
     schema = spec.schema_with_augment(schema)
     parsed = check_formula(spec.formula, schema, spec.family, spec.source)
     rows, used, n_cohort, n_missing = model_selection(frame, spec, parsed)
+    if gate is not None:
+        counted = used
+        if spec.weights:
+            positive = rows[spec.weights].to_numpy(dtype=float) > 0
+            counted = used.copy()
+            counted[np.flatnonzero(used)[~positive]] = False
+        gate(counted)
     rhs = legacy_ordered(spec.formula.split("~", 1)[1], schema)
     model_spec = ModelSpec(formula=rhs, na_action="ignore", output="numpy",
                            transform_state=dict(transform_state or {}))

@@ -74,6 +74,7 @@ the rule, its threshold and the term/level concerned, never a value of the data.
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -81,8 +82,22 @@ import numpy as np
 
 from ..protocol.messages import render_refusal
 from .policy import Rules, round_count
+from .release_memory import Footprint
 
 KINDS = ("model", "round", "table")
+
+TASK_RULES: ContextVar = ContextVar("iaptnet_task_rules", default=None)
+
+
+def task_rules() -> Rules:
+    """The policy's rules for the task being handled: for a handler that adapts what it
+    declares (e.g. withholds one table cell rather than have the whole task refused), or
+    judges the size rule before it computes. The dispatcher still judges everything the
+    handler declares."""
+    rules = TASK_RULES.get()
+    if rules is None:
+        raise RuntimeError("task_rules() is only available inside a task handler")
+    return rules
 
 
 # --------------------------------------------------------------------------- refusals
@@ -141,11 +156,20 @@ class LevelCount:
 class ModelFacts:
     """What the policy needs to know about the rows behind a release; stays at the node.
 
-    `rows` is a boolean mask over all rows of the node's dataset (the base for the subset
-    rule). `parameters` is the number of design columns with a non-zero value here (None when
-    the release is not a model). `events`: binomial rows with the outcome, poisson rows with a
-    non-zero outcome (None for gaussian and non-models). `max_leverage`: the largest diagonal
-    element of X(X'X)^-X' (near 1 when some combination of the terms sets one row apart)."""
+    `rows` is a boolean mask over all rows of the node's dataset: the rows the statistics
+    rest on. `cohort`: the size rule applies to them (at least `min_rows`, an empty set
+    included: 0 rows and a few rows get the same refusal, so that a refusal never tells one
+    from the other). `combine`: they join the differencing audit's combinations of row sets
+    (every set the node released exact statistics on); sets only compared in pairs (quantile
+    thresholds) say False. `indicators` (0/1 masks over the dataset) and `columns` (values on
+    `rows`, in dataset order) are what the statistics sum over besides the rows themselves:
+    design columns, offsets, summarised variables; the audit compares them with every column
+    released before. `parameters` is the number of design columns with a non-zero value here
+    (None when the release is not a model). `events`: binomial rows with the outcome, poisson
+    rows with a non-zero outcome. `max_leverage`: the largest diagonal element of X(X'X)^-X'
+    (near 1 when some combination of the terms sets one row apart; NaN when it could not be
+    computed, which refuses). `weights` and `offset` (on `rows`): prior weights and offset,
+    judged like IRLS weights and design columns."""
 
     label: str
     rows: np.ndarray
@@ -153,7 +177,13 @@ class ModelFacts:
     family: str | None = None
     events: int | None = None
     levels: list[LevelCount] = field(default_factory=list)
-    max_leverage: float | None = None  # largest leverage of a row in the design
+    max_leverage: float | None = None
+    cohort: bool = True
+    combine: bool = True
+    indicators: list[np.ndarray] = field(default_factory=list)
+    columns: list[np.ndarray] = field(default_factory=list)
+    weights: np.ndarray | None = None
+    offset: np.ndarray | None = None
 
     def __post_init__(self):
         self.rows = np.asarray(self.rows, dtype=bool)
@@ -165,6 +195,16 @@ class ModelFacts:
     @property
     def n_base(self) -> int:
         return int(self.rows.size)
+
+    def footprint(self) -> Footprint:
+        """What the differencing audit remembers of these rows (built once per content)."""
+        key = (len(self.indicators), len(self.columns))
+        cached = self.__dict__.get("_footprint")
+        if cached is None or cached[0] != key:
+            cached = (key, Footprint(self.label, self.rows, combine=self.combine, indicators=list(self.indicators),
+                                     columns=list(self.columns)))
+            self.__dict__["_footprint"] = cached
+        return cached[1]
 
 
 # --------------------------------------------------------------------------- declaration
@@ -264,18 +304,37 @@ def check_declaration(release: Release) -> list[Violation]:
     return out
 
 
+def too_small(label: str | None, rules: Rules) -> Violation:
+    """The one reply for a cohort below `min_rows`, whatever its size (0 included) and
+    whatever else is wrong with it: the size rule is judged first and alone."""
+    return Violation("min_rows", f"the study's rows at this node are fewer than {rules.min_rows}", rules.min_rows,
+                     model=label,
+                     fix="widen the cohort, or set min_nodes in the study so that it can continue without this node")
+
+
+def check_size(facts: ModelFacts, rules: Rules) -> list[Violation]:
+    if facts.cohort and not facts.n_rows >= rules.min_rows:
+        return [too_small(facts.label, rules)]
+    return []
+
+
+def require_rows(rows: np.ndarray, label: str | None, rules: Rules) -> None:
+    """For a handler, before it computes anything on a cohort: refuse a cohort below the
+    minimum at once, so that no computation failure on a few rows can answer a question."""
+    if not int(np.count_nonzero(rows)) >= rules.min_rows:
+        raise Refusal(too_small(label, rules))
+
+
 def check_model(facts: ModelFacts, rules: Rules) -> list[Violation]:
-    """Minimum rows, events, parameters per row and rows per level, for one model's rows."""
+    """Events, parameters per row, rows per level, leverage, and the prior weights and offset
+    of one model's rows (the size rule comes first, in `check_size`). Every comparison is
+    written so that a value that could not be computed (NaN) refuses."""
     out: list[Violation] = []
     n = facts.n_rows
     label = facts.label
     if n == 0:
-        return out  # no rows here: nothing about anyone is released
-    if n < rules.min_rows:
-        out.append(Violation("min_rows", f"the model uses fewer than {rules.min_rows} rows at this node",
-                             rules.min_rows, model=label,
-                             fix="widen the cohort, or set min_nodes in the study so that it can continue without this node"))
-    if facts.parameters is not None and facts.parameters > rules.max_params_per_row * n:
+        return out
+    if facts.parameters is not None and not facts.parameters <= rules.max_params_per_row * n:
         out.append(Violation("max_params_per_row",
                              "the model has too many parameters for the rows it uses at this node "
                              "(a nearly saturated model reveals rows)",
@@ -287,11 +346,11 @@ def check_model(facts: ModelFacts, rules: Rules) -> list[Violation]:
         else:
             groups = (("rows with a non-zero outcome", facts.events),)
         for what, count in groups:
-            if count < rules.min_events:
+            if not count >= rules.min_events:
                 out.append(Violation("min_events", f"the outcome has fewer than {rules.min_events} {what} at this node",
                                      rules.min_events, model=label,
                                      fix="widen the cohort, or set min_nodes in the study so that it can continue without this node"))
-    if facts.max_leverage is not None and rules.max_leverage < 1.0 and facts.max_leverage > rules.max_leverage:
+    if facts.max_leverage is not None and rules.max_leverage < 1.0 and not facts.max_leverage <= rules.max_leverage:
         out.append(Violation("max_leverage",
                              "a combination of the model's terms sets one or two people at this node apart from "
                              "everyone else (a row's leverage is above the limit)",
@@ -305,6 +364,49 @@ def check_model(facts: ModelFacts, rules: Rules) -> list[Violation]:
                 sentence = f"the design column '{lc.term}' has fewer than {rules.min_level_count} rows with one of its values"
             out.append(Violation("min_level_count", sentence, rules.min_level_count, model=label,
                                  term=lc.term, level=lc.level, fix=lc.fix or None))
+    out += _check_shaping(facts, rules)
+    return out
+
+
+#: Prior weights below this share of the largest one would hide rows' contributions at a scale
+#: no rule sees; legitimate weights (survey, inverse probability) never span such a range.
+MIN_WEIGHT_RATIO = 1e-6
+
+
+def _check_shaping(facts: ModelFacts, rules: Rules) -> list[Violation]:
+    """Prior weights and offsets change which rows a statistic rests on: judged like IRLS
+    weights (effective rows, a few rows set apart) and like a design column."""
+    out = []
+    label = facts.label
+    w = facts.weights
+    if w is not None and w.size:
+        w = np.asarray(w, dtype=float)
+        top = float(np.max(w)) if np.all(np.isfinite(w)) else math.nan
+        positive = w[w > 0]
+        if not top > 0 or (positive.size and not float(positive.min()) >= MIN_WEIGHT_RATIO * top):
+            out.append(Violation("prior_weights", "the prior weights are not finite, all zero, or span more than six "
+                                 "orders of magnitude (tiny weights would hide rows from every rule)",
+                                 model=label, fix="use weights of comparable size, or none"))
+        elif not effective_rows(w) >= rules.min_effective_rows:
+            out.append(Violation("min_effective_rows", f"the prior weights rest on fewer than {rules.min_effective_rows} "
+                                 "effective rows", rules.min_effective_rows, model=label,
+                                 fix="use weights that do not concentrate on a few rows, or none"))
+        elif not _spread(w, float(np.median(w))) >= rules.min_level_count:
+            out.append(Violation("min_effective_rows", f"the prior weights set fewer than {rules.min_level_count} rows "
+                                 "apart from all others", rules.min_level_count, model=label,
+                                 fix="use weights that do not single out a few rows, or none"))
+    off = facts.offset
+    if off is not None and off.size:
+        off = np.asarray(off, dtype=float)
+        if not np.all(np.isfinite(off)):
+            out.append(Violation("offset", "the offset is not a finite number for every row", model=label))
+        else:
+            values, counts = np.unique(off, return_counts=True)
+            off_mode = int(off.size - counts.max())
+            if 0 < off_mode < rules.min_level_count or not _spread(off, float(np.median(off))) >= rules.min_level_count:
+                out.append(Violation("offset", f"the offset sets fewer than {rules.min_level_count} rows apart from all others",
+                                     rules.min_level_count, model=label,
+                                     fix="use an offset that varies across many rows (e.g. log of person-time), or none"))
     return out
 
 
@@ -339,7 +441,7 @@ def check_round(section: Section, rules: Rules) -> list[Violation]:
     if beta is not None:
         if not np.all(np.isfinite(beta)):
             return [Violation("finite_coefficients", "the coefficients sent are not all finite numbers", model=label)]
-        if section.bounded and beta.size and float(np.max(np.abs(beta))) > rules.max_abs_coefficient:
+        if section.bounded and beta.size and not float(np.max(np.abs(beta))) <= rules.max_abs_coefficient:
             out.append(Violation("max_abs_coefficient", "a coefficient sent is larger in size than this node answers for",
                                  rules.max_abs_coefficient, model=label,
                                  fix="such coefficients usually mean perfect prediction by a level; merge that level or drop the term"))
@@ -347,25 +449,59 @@ def check_round(section: Section, rules: Rules) -> list[Violation]:
     if section.facts is not None and section.facts.n_rows == 0:
         return out
     for name, w in section.weights.items():
-        # The first broken check is enough: one sentence per refused round.
-        if effective_rows(w) < rules.min_effective_rows:
+        # The first broken check is enough: one sentence per refused round. Written so that
+        # a NaN (a check that could not be computed) refuses.
+        if not effective_rows(w) >= rules.min_effective_rows:
             return [Violation("min_effective_rows",
                               f"at the coefficients sent, the {name} weights rest on fewer than "
                               f"{rules.min_effective_rows} effective rows",
                               rules.min_effective_rows, model=label)]
         # Everyone alike but a few rows: X'w minus the known sums would isolate those rows.
-        if _spread(w, float(np.median(w))) < rules.min_level_count:
+        if not _spread(w, float(np.median(w))) >= rules.min_level_count:
             return [Violation("min_effective_rows",
                               f"at the coefficients sent, the {name} weights set fewer than "
                               f"{rules.min_level_count} rows apart from all others",
                               rules.min_level_count, model=label)]
         for previous in section.history.get(name, []):
-            if previous.shape == w.shape and _spread(w, previous) < rules.min_level_count:
+            if previous.shape == w.shape and not _spread(w, previous) >= rules.min_level_count:
                 return [Violation("min_effective_rows",
                                   f"compared with a round this node already answered, the coefficients "
                                   f"sent change the {name} weights of fewer than {rules.min_level_count} rows",
                                   rules.min_level_count, model=label)]
     return out
+
+
+def all_finite(release: Release, rules: Rules) -> bool:
+    """Whether every number the release would send is finite: a NaN or an infinity never
+    leaves a node (it could encode a row's value, and it breaks the coordinator's solver)."""
+    for s in release.sections:
+        for value in s.values.values():
+            if not _finite_value(value):
+                return False
+        for arr in s.arrays.values():
+            if not np.all(np.isfinite(arr)):
+                return False
+        for n in s.counts.values():
+            if not math.isfinite(n):
+                return False
+        for value, n in s.cell_stats.values():
+            if not math.isfinite(n):
+                return False
+            if n != 0 and round_count(n, rules) is not None and not math.isfinite(value):
+                return False  # (a statistic suppressed with its cell is not sent)
+    return True
+
+
+def _finite_value(value) -> bool:
+    if value is None or isinstance(value, (str, bool)):
+        return True
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return math.isfinite(float(value))
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind not in "fc" or bool(np.all(np.isfinite(value)))
+    if isinstance(value, (list, tuple)):
+        return all(_finite_value(v) for v in value)
+    return True
 
 
 # --------------------------------------------------------------------------- building the reply

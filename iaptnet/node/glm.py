@@ -31,7 +31,7 @@ from ..protocol.messages import pack_upper
 from ..protocol.study import StudySpec, check_at_node
 from .design import (DesignedModel, build_design, evaluate_expression, model_selection,
                      stateful_arguments, study_frame)
-from .disclosure import ModelFacts, Release
+from .disclosure import ModelFacts, Refusal, Release, require_rows, task_rules
 
 LOCAL_MAX_ITER = 25
 NULL_SUFFIX = ".null"
@@ -66,9 +66,12 @@ def moments(dataset, payload: dict, release: Release, augments=None) -> None:
         check_at_node(spec, dataset.schema)
         parsed = check_formula(spec.formula, spec.schema_with_augment(dataset.schema), spec.family, spec.source)
         rows, used, _, _ = model_selection(study_frame(dataset.frame, spec, augments), spec, parsed)
-        section = release.model(key, ModelFacts(spec.name, used), group="moments")
+        require_rows(used, spec.name, task_rules())
+        facts = ModelFacts(spec.name, used)
+        section = release.model(key, facts, group="moments")
         for i, (expr, inner) in enumerate(stateful_arguments(parsed).items()):
             values = evaluate_expression(rows, inner) if len(rows) else np.zeros(0)
+            facts.columns.append((inner, values))
             n = float(len(values))
             mean = float(values.mean()) if n else 0.0
             m2 = float(np.sum((values - mean) ** 2)) if n else 0.0
@@ -76,14 +79,48 @@ def moments(dataset, payload: dict, release: Release, augments=None) -> None:
 
 
 def model_facts(label: str, design: DesignedModel, family: str) -> ModelFacts:
-    """What the policy judges a model by (kept at the node)."""
+    """What the policy judges a model by (kept at the node): its rows (those with a positive
+    prior weight), events, levels, leverage, prior weights and offset, and the columns its
+    statistics sum over for the differencing audit: each 0/1 design column as an indicator,
+    every other one (and the offset) as values; with prior weights every column, the
+    intercept included, is a weighted column."""
     events = None
     if family == "binomial":
         events = int(np.count_nonzero(design.y == 1))
     elif family == "poisson":
         events = int(np.count_nonzero(design.y > 0))
-    return ModelFacts(label, design.mask, parameters=design.parameters, family=family,
-                      events=events, levels=list(design.levels), max_leverage=design.max_leverage())
+    mask = np.asarray(design.mask, dtype=bool).copy()
+    positions = np.flatnonzero(mask)
+    keep = np.ones(design.n, dtype=bool)
+    if design.weights is not None and design.n:
+        keep = design.weights > 0
+        mask[positions[~keep]] = False
+        positions = positions[keep]
+    indicators, columns = [], []
+    if design.n:
+        X = design.X[keep]
+        w = design.weights[keep] if design.weights is not None else None
+        if w is not None:
+            columns.append(("prior weights", w))
+        present = np.any(X != 0, axis=0)
+        binary = np.all((X == 0) | (X == 1), axis=0) if w is None else np.zeros(X.shape[1], dtype=bool)
+        for j, name in enumerate(design.names):
+            if name == "Intercept" or not present[j]:
+                continue
+            col = X[:, j]
+            if binary[j]:
+                indicator = np.zeros(mask.size, dtype=bool)
+                indicator[positions[col == 1]] = True
+                indicators.append(indicator)
+            else:
+                columns.append((name, col * w if w is not None else col))
+        off = design.offset[keep]
+        if off.size and np.any(off != off[0]):
+            columns.append(("offset", off * w if w is not None else off))
+    return ModelFacts(label, mask, parameters=design.parameters, family=family,
+                      events=events, levels=list(design.levels), max_leverage=design.max_leverage(),
+                      indicators=indicators, columns=columns, weights=design.weights,
+                      offset=design.offset if design.n and np.any(design.offset != 0) else None)
 
 
 def prepare(dataset, payload: dict, release: Release, augments=None):
@@ -94,12 +131,22 @@ def prepare(dataset, payload: dict, release: Release, augments=None):
     states = payload.get("transform_state", {})
     if not isinstance(states, dict):
         raise DataError("the task's transform state is not a table.")
+    optional = payload.get("optional") or []
+    if not isinstance(optional, list) or not all(isinstance(k, str) and k in specs for k in optional):
+        raise DataError("the task's optional models are not keys of its models.")
     designs: dict[str, DesignedModel] = {}
     facts: dict[str, ModelFacts] = {}
     local: dict[str, np.ndarray] = {}
+    declined: list[str] = []
     for key, spec in specs.items():
-        design = build_design(study_frame(dataset.frame, spec, augments), dataset.schema, spec,
-                              states.get(key))
+        try:
+            design = build_design(study_frame(dataset.frame, spec, augments), dataset.schema, spec,
+                                  states.get(key), gate=lambda rows, name=spec.name: require_rows(rows, name, task_rules()))
+        except Refusal as refusal:
+            if key not in optional or refusal.rule != "min_rows":
+                raise
+            declined.append(key)  # the same answer for 0 rows and for a few
+            continue
         family = get_family(spec.family)
         problem = family.check_outcome(design.y) if design.n else None
         if problem:
@@ -131,6 +178,8 @@ def prepare(dataset, payload: dict, release: Release, augments=None):
             table.count("events", float(design.y.sum()))
         table.count("n_cohort", design.n_cohort)
         table.count("n_missing", design.n_missing)
+    if declined:
+        release.public("declined", declined)
     return designs, facts, local
 
 

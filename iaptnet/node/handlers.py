@@ -30,7 +30,6 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 from ..protocol import messages as m
@@ -56,17 +55,8 @@ class Registration:
 
 
 HANDLERS: dict[str, Registration] = {}
-_TASK_RULES: ContextVar = ContextVar("iaptnet_task_rules", default=None)
-
-
-def task_rules():
-    """The policy's rules for the task being handled: for a handler that adapts what it
-    declares (e.g. withholds one table cell rather than have the whole task refused). The
-    dispatcher still judges everything the handler declares."""
-    rules = _TASK_RULES.get()
-    if rules is None:
-        raise RuntimeError("task_rules() is only available inside a task handler")
-    return rules
+_TASK_RULES = d.TASK_RULES
+task_rules = d.task_rules  # re-exported: handlers import it from here
 
 
 def handler(kind: str, *, studies: str = "payload"):
@@ -109,7 +99,7 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
         release = _as_release(release)
         if registration.studies == "none" and release.sections:
             raise d.Refusal(d.Violation("undeclared", "a task kind that reads no rows tried to release statistics"))
-        masks = _judge(runtime, release, rules)
+        footprints = _judge(runtime, release, rules)
         payload, arrays = d.finish(release, rules)
     except d.Refusal as refusal:
         return _refused(runtime, task, record, refusal)
@@ -117,18 +107,26 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
         # The study itself is not acceptable here (e.g. a formula or filter that fails the
         # node's own checks): a refusal, in the SpecError's own words (no data values).
         return _refused(runtime, task, record, d.Refusal(d.Violation("invalid_study", f"the study is not valid here: {exc}")))
+    except DataError as exc:
+        # A statistic that cannot be computed on the rows (handlers judge the size rule
+        # before computing, so this is never about a cohort of a few): told in the same form
+        # as a refusal, in our own words (written never to carry data values).
+        log.info("task %s (%s) could not be computed: %s", task.task_id, task.kind, exc)
+        return _refused(runtime, task, record, d.Refusal(d.Violation("cannot_compute", str(exc))))
     except IaptnetError as exc:
         # Our own errors are written never to carry data values.
         log.info("task %s (%s) failed: %s", task.task_id, task.kind, exc)
-        return _failed(runtime, task, record, type(exc).__name__, str(exc))
+        code = "DataError" if isinstance(exc, Unserviceable) else type(exc).__name__
+        return _failed(runtime, task, record, code, str(exc))
     except Exception:  # noqa: BLE001 - anything else may carry values: log here, say little
         log.exception("task %s (%s) failed with an internal error", task.task_id, task.kind)
         return _failed(runtime, task, record, "internal_error",
                        "the node hit an internal error; the detail is in the node's own log.")
     try:
-        if masks:
+        if footprints:
+            dataset = runtime.dataset
             with runtime.memory.transaction() as memory:
-                memory.remember_rows(masks, runtime.dataset.data_version)
+                memory.remember_release(footprints, dataset.data_version, dataset.n_rows, rules)
         entry = runtime.audit.append({**record, "status": m.OK, "released": {
             "payload": payload, "arrays": arrays_for_log(arrays)}})
     except Exception:  # noqa: BLE001
@@ -149,13 +147,19 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
                    task_id=task.task_id, audit_hash=entry["hash"])
 
 
+class Unserviceable(IaptnetError):
+    """The node cannot serve its data (broken schema or extract): the operator's error."""
+
+
 def _load_dataset(runtime: NodeRuntime) -> None:
     """Load the node's data before the handler, so that a broken schema or extract is the
     operator's error, not a refusal of the study."""
     try:
         runtime.dataset
     except SpecError as exc:
-        raise DataError(f"this node cannot serve its data: {exc}") from None
+        raise Unserviceable(f"this node cannot serve its data: {exc}") from None
+    except DataError as exc:
+        raise Unserviceable(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- the gate
@@ -245,28 +249,47 @@ def _as_release(result) -> d.Release:
 
 
 def _judge(runtime: NodeRuntime, release: d.Release, rules) -> list:
-    """Every rule over the declaration; returns the row masks to remember if it passes."""
+    """Every rule over the declaration, in stages; returns the footprints to remember if it
+    passes. Each stage refuses alone, so that a refusal never says more than its own rule:
+    first the size rule (one identical reply for 0 rows and for a few), then the model and
+    round rules, then whether every number can be released (finite), then the differencing
+    audit against everything the node released before on this data."""
     violations = d.check_declaration(release)
-    candidates: list[tuple[str, object]] = []
-    seen: set[int] = set()
+    if violations:
+        raise d.Refusal(violations)
+    facts = _distinct_facts(release)
+    size = [v for f in facts for v in d.check_size(f, rules)]
+    if size:
+        raise d.Refusal(_dedupe(size))
     for section in release.sections:
-        if section.kind == "model":
-            if id(section.facts) not in seen:
-                violations += d.check_model(section.facts, rules)
-        elif section.kind == "round":
+        if section.kind == "round":
             violations += d.check_round(section, rules)
-        if section.kind in ("model", "table") and section.facts is not None and id(section.facts) not in seen:
-            seen.add(id(section.facts))
-            candidates.append((section.facts.label, section.facts.rows))
-    masks = []
-    if candidates and not violations:
-        version = runtime.dataset.data_version
-        with runtime.memory.transaction() as memory:
-            violations += memory.check_rows(candidates, version, rules)
-        masks = [mask for _, mask in candidates]
+    for f in facts:
+        if f.parameters is not None or f.levels or f.max_leverage is not None or f.events is not None \
+                or f.weights is not None or f.offset is not None:
+            violations += d.check_model(f, rules)
     if violations:
         raise d.Refusal(_dedupe(violations))
-    return masks
+    if not d.all_finite(release, rules):
+        raise d.Refusal(d.Violation("not_finite", "a statistic of this release is not a finite number on this "
+                                    "node's rows, so it is not released"))
+    footprints = [f.footprint() for f in facts if f.n_rows]
+    if footprints:
+        dataset = runtime.dataset
+        with runtime.memory.transaction() as memory:
+            violations = memory.audit_release(footprints, dataset.data_version, dataset.n_rows, rules)
+        if violations:
+            raise d.Refusal(_dedupe(violations)[:1])
+    return footprints
+
+
+def _distinct_facts(release: d.Release) -> list[d.ModelFacts]:
+    out, seen = [], set()
+    for section in release.sections:
+        if section.kind in ("model", "table") and section.facts is not None and id(section.facts) not in seen:
+            seen.add(id(section.facts))
+            out.append(section.facts)
+    return out
 
 
 def _dedupe(violations: list[d.Violation]) -> list[d.Violation]:

@@ -30,7 +30,7 @@ from ..protocol.families import get_family
 from ..protocol.kinds import meta as protocol
 from . import glm
 from .design import DesignedModel, build_design, study_frame
-from .disclosure import Release
+from .disclosure import Release, require_rows, task_rules
 from .handlers import handler
 
 MAX_ITER = 100
@@ -43,7 +43,8 @@ def meta_local_fit(runtime, task) -> Release:
     dataset = runtime.dataset
     key, spec = glm.single_study(task.payload, dataset.schema, "meta")
     local = protocol.check_at_node(spec, dataset.schema)
-    design = build_design(study_frame(dataset.frame, local, runtime.augments), dataset.schema, local)
+    design = build_design(study_frame(dataset.frame, local, runtime.augments), dataset.schema, local,
+                          gate=lambda rows: require_rows(rows, local.name, task_rules()))
     family = get_family(local.family)
     problem = family.check_outcome(design.y) if design.n else None
     if problem:

@@ -4,12 +4,15 @@ memory, and the studies it has prepared.
 One `NodeRuntime` per node. In the in-process engine several live in one process, keyed by
 node name; in a deployed node daemon there is one. Prepared design matrices are kept per
 study so that each round only multiplies matrices. The audit log and memory live in the
-policy's `state_dir`, in a folder per node name (in memory when the node has no policy file).
+policy's `state_dir`, in a folder per node name; a node without a policy file keeps them on
+disk too (`state_folder`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -37,6 +40,9 @@ class NodeConfig:
     appointments: str | None = None
     appointments_table: str | None = None
     appointments_query: str | None = None
+    # Where a node without a policy file keeps its audit log and release memory (the
+    # network file's `.iaptnet-state` folder, or the daemon's state_dir); see `state_folder`.
+    state: str | None = None
 
     @classmethod
     def from_mapping(cls, m) -> "NodeConfig":
@@ -46,7 +52,7 @@ class NodeConfig:
         return cls(name=str(m["name"]), data=str(m["data"]), schema=opt("schema"),
                    policy=opt("policy"), table=opt("table"), query=opt("query"),
                    appointments=opt("appointments"), appointments_table=opt("appointments_table"),
-                   appointments_query=opt("appointments_query"))
+                   appointments_query=opt("appointments_query"), state=opt("state"))
 
     def appointment_source(self):
         from .dataset import AppointmentSource
@@ -66,6 +72,7 @@ class PreparedStudy:
     history: dict = field(default_factory=dict)  # model key -> [coefficient vectors answered]
     weight_cache: dict = field(default_factory=dict)  # model key -> [{weight name: vector}], aligned with history
     approved: bool = False
+    declined: set = field(default_factory=set)  # optional models this node declined (too few rows)
 
 
 class NodeRuntime:
@@ -115,10 +122,7 @@ class NodeRuntime:
         """(audit log, memory) of this node, shared by every runtime serving the same folder."""
         policy = self.policy
         if self._state is None:
-            folder = None
-            if policy.state_dir is not None:
-                folder = (Path(policy.state_dir) / self.name).resolve()
-            self._state = _state_for(folder)
+            self._state = _state_for((state_folder(self.config, policy.state_dir) / self.name).resolve())
             self._state_dir = policy.state_dir
         return self._state
 
@@ -169,16 +173,34 @@ class NodeRuntime:
         return prepared
 
 
+def state_folder(config: NodeConfig, policy_state_dir) -> Path:
+    """Where the node keeps what it must never forget (its audit log and the memory of what it
+    released): on disk always, so that two runs differing by one person are compared even
+    when nobody wrote a policy file. In order: the policy file's `state_dir`; the
+    IAPTNET_STATE_DIR environment variable; the folder the network file or node.toml names
+    (`.iaptnet-state` beside a network file); the user's state directory
+    ($XDG_STATE_HOME/iaptnet, by default ~/.local/state/iaptnet), under a folder per data
+    source."""
+    if policy_state_dir is not None:
+        return Path(policy_state_dir)
+    env = os.environ.get("IAPTNET_STATE_DIR")
+    if env:
+        return Path(env)
+    if config.state:
+        return Path(config.state)
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "iaptnet"
+    source = hashlib.sha256(f"{config.data}|{config.table}|{config.query}".encode()).hexdigest()[:16]
+    return base / source
+
+
 _RUNTIMES: dict[NodeConfig, NodeRuntime] = {}
 _RUNTIMES_LOCK = threading.Lock()
 _STATES: dict = {}
 
 
-def _state_for(folder: Path | None):
+def _state_for(folder: Path):
     from .audit import AuditLog, NodeMemory
 
-    if folder is None:
-        return AuditLog(None), NodeMemory(None)
     with _RUNTIMES_LOCK:
         if folder not in _STATES:
             _STATES[folder] = (AuditLog(folder), NodeMemory(folder))

@@ -33,8 +33,9 @@ def glm_prepare(runtime: NodeRuntime, task: m.Task) -> Release:
         families[key] = families[key + glm.NULL_SUFFIX] = spec.family
         cov_types[key] = spec.cov_type
     release.public("data_version", dataset.data_version)
+    declined = {k for k in families if k not in designs}  # optional models too small here
     prepared = PreparedStudy(designs=designs, families=families, cov_types=cov_types, facts=facts,
-                             history={key: [beta] for key, beta in local.items()})
+                             history={key: [beta] for key, beta in local.items()}, declined=declined)
     release.after(lambda: runtime.remember(task.study_hash, prepared))
     return release
 
@@ -46,9 +47,10 @@ def glm_round(runtime: NodeRuntime, task: m.Task) -> Release:
     betas = {k[len("beta/"):]: v for k, v in task.arrays.items() if k.startswith("beta/")}
     if not betas or len(betas) > MAX_BETAS or len(betas) != len(task.arrays):
         raise DataError("the task's coefficients are not one array per prepared model.")
-    unknown = set(betas) - set(prepared.designs)
+    unknown = set(betas) - set(prepared.designs) - prepared.declined
     if unknown:
         raise DataError("the task names a model this study did not prepare.")
+    betas = {k: v for k, v in betas.items() if k in prepared.designs}  # nothing for declined models
     release = Release()
     glm.round_contributions(prepared, betas, release)
     return release
