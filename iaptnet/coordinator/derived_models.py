@@ -25,10 +25,11 @@ MODEL_KEYS = ("study", "family", "link", "ratio_name", "formula", "where", "offs
 
 
 def fit_derived(grid, specs: dict[str, StudySpec], *, min_nodes: int | None, earlier: Session | None = None,
-                progress=None, timeout: float | None = 300.0, poll_interval: float = 0.0
-                ) -> tuple[Session, dict[str, ModelFit]]:
+                progress=None, timeout: float | None = 300.0, poll_interval: float = 0.0,
+                optional: frozenset[str] = frozenset()) -> tuple[Session, dict[str, ModelFit]]:
     """Fit the derived GLMs together. Nodes that dropped out of the study's earlier session
-    stay out, with their reason."""
+    stay out, with their reason. `optional`: models a node may decline for too few rows
+    (coordinator/glm.py: fit_models)."""
     ordered = [specs[k] for k in sorted(specs, key=lambda k: (len(k), k))]  # the nodes' order
     session = Session(grid, batch_hash(ordered), min_nodes=min_nodes, timeout=timeout,
                       poll_interval=poll_interval, progress=progress)
@@ -42,7 +43,7 @@ def fit_derived(grid, specs: dict[str, StudySpec], *, min_nodes: int | None, ear
                 if not before.contributed:
                     node.contributed, node.dropped_reason = False, before.dropped_reason
                     node.refusals = before.refusals
-    fits = fit_models(session, specs, {key: [] for key in specs})
+    fits = fit_models(session, specs, {key: [] for key in specs}, optional)
     return session, fits
 
 

@@ -65,6 +65,7 @@ class ModelFit:
     node_counts: dict[str, dict] = field(default_factory=dict)  # per node, small-number rules applied
     node_stats: dict[str, dict] = field(default_factory=dict)  # per node, exact n_used and events
     null: "ModelFit | None" = None
+    holders: list[str] = field(default_factory=list)  # nodes whose rows the model rests on
 
     @property
     def active_names(self) -> list[str]:
@@ -99,17 +100,32 @@ class ModelFit:
         return sandwich
 
 
-def fit_models(session: Session, specs: dict[str, StudySpec], stateful: dict[str, list[str]]) -> dict[str, ModelFit]:
-    """Fit every model of a batch on the session's nodes; keys are model keys ("m0", ...)."""
+def fit_models(session: Session, specs: dict[str, StudySpec], stateful: dict[str, list[str]],
+               optional: frozenset[str] = frozenset()) -> dict[str, ModelFit]:
+    """Fit every model of a batch on the session's nodes; keys are model keys ("m0", ...).
+
+    A node may decline a model named in `optional` when its rows are below its minimum (0
+    included: the same answer); the model is then fitted on the nodes that hold it
+    (`ModelFit.holders`), and the caller decides whether that is the model it asked for (an
+    its study's per-group models: the nodes whose count table shows no rows of the group)."""
     fits = {key: ModelFit(key, spec, get_family(spec.family)) for key, spec in specs.items()}
     models_wire = {key: spec.to_wire() for key, spec in specs.items()}
     transform_state = _pooled_transform_state(session, models_wire, stateful) if any(stateful.values()) else {}
-    replies = session.ask(m.GLM_PREPARE, {"models": models_wire, "transform_state": transform_state})
+    payload = {"models": models_wire, "transform_state": transform_state}
+    if optional:
+        payload["optional"] = sorted(optional)
+    replies = session.ask(m.GLM_PREPARE, payload)
     _check_replies(replies, session)
     for reply in replies:
         session.node_named(reply.node).data_version = str(reply.payload.get("data_version", ""))
     for fit in fits.values():
-        _absorb_prepare(fit, replies)
+        declined = {r.node for r in replies if fit.key in (r.payload.get("declined") or [])}
+        if declined and fit.key not in optional:
+            raise NetworkError(f"model '{fit.spec.name}': nodes {', '.join(sorted(declined))} declined a model they must answer.")
+        fit.holders = [r.node for r in replies if r.node not in declined]
+        if not fit.holders:
+            raise ModelError(f"model '{fit.spec.name}': no node holds enough rows of it.")
+        _absorb_prepare(fit, [r for r in replies if r.node in fit.holders])
     all_fits = []
     for fit in fits.values():
         all_fits.extend([fit, fit.null])
@@ -121,12 +137,14 @@ def fit_models(session: Session, specs: dict[str, StudySpec], stateful: dict[str
         replies = session.ask(m.GLM_ROUND, {"models": [f.key for f in pending]}, arrays)
         _check_replies(replies, session)
         for fit in pending:
-            score = _sum(replies, f"score/{fit.key}")
-            info = m.unpack_upper(_sum(replies, f"info/{fit.key}"), len(fit.names))
-            stats = _sum(replies, f"stats/{fit.key}")
+            holders = fits[fit.key.removesuffix(NULL_SUFFIX)].holders
+            mine = [r for r in replies if r.node in holders]
+            score = _sum(mine, f"score/{fit.key}")
+            info = m.unpack_upper(_sum(mine, f"info/{fit.key}"), len(fit.names))
+            stats = _sum(mine, f"stats/{fit.key}")
             meat = None
             if fit.spec.cov_type != "nonrobust" and not fit.key.endswith(NULL_SUFFIX):
-                meat = m.unpack_upper(_sum(replies, f"meat/{fit.key}"), len(fit.names))
+                meat = m.unpack_upper(_sum(mine, f"meat/{fit.key}"), len(fit.names))
             _newton_update(fit, score, info, stats, meat)
     for fit in fits.values():
         _check_exact_fit(fit)

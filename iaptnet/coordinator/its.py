@@ -60,8 +60,18 @@ def run_study(grid, study, *, engine: str, progress=None, timeout: float | None 
         raise ModelError(f"study '{spec.name}': the count of referrals after each change date is suppressed (a node has "
                          "1-7 of them, or hides the count beside such a small one) or 0, so the change cannot be "
                          "estimated without singling out a few referrals; widen the cohort or the time after the changes.")
+    # A group's own model rests on the nodes holding its referrals; the others decline it
+    # (too few rows: a node answers 0 rows as it answers a few, so it cannot say "none").
     session, fits = fit_derived(grid, chosen, min_nodes=spec.min_nodes, earlier=first,
-                                progress=progress, timeout=timeout, poll_interval=poll_interval)
+                                progress=progress, timeout=timeout, poll_interval=poll_interval,
+                                optional=frozenset(k for k in chosen if k != "pooled"))
+    for i, level in enumerate(p["changes"]):
+        key = f"g{i}"
+        if key in fits:
+            holders = {n for n in by_level[level]["nodes"] if n in {s.name for s in session.active}}
+            if set(fits[key].holders) != holders:
+                skipped[level] = ("a node holding referrals of this group declined its model (fewer rows than its "
+                                  "policy's minimum), so it would not be the group's own model")
     pooled = _with_changes(model_result(fits["pooled"], session, engine), p)
     per_service = []
     for i, level in enumerate(p["changes"]):
