@@ -120,6 +120,23 @@ def match_within(logit: np.ndarray, exposed: np.ndarray, caliper: float) -> np.n
     return pair
 
 
+def none_or_many_unmatched(pair: np.ndarray, logit: np.ndarray, exposed: np.ndarray, t: int) -> np.ndarray:
+    """The documented disclosure rule after matching one service: while the exposed or the
+    controls left unmatched number 1 to t - 1, unmatch the pair with the largest logit
+    distance (ties: the highest pair number)."""
+    pair = pair.copy()
+    while True:
+        matched = ~np.isnan(pair)
+        n_pairs = int(matched.sum()) // 2
+        left = (int(exposed.sum()) - n_pairs, int((~exposed).sum()) - n_pairs)
+        if n_pairs == 0 or not any(0 < k < t for k in left):
+            return pair
+        numbers = np.unique(pair[matched])
+        distance = {k: abs(float(np.diff(logit[pair == k])[0])) for k in numbers}
+        worst = max(numbers, key=lambda k: (distance[k], k))
+        pair[pair == worst] = np.nan
+
+
 def smd_table(names: list[str], values: np.ndarray, exposed: np.ndarray, after: np.ndarray | None = None,
               weights: np.ndarray | None = None) -> pd.DataFrame:
     """Means and SMDs before, and after matching (`after`: rows kept) or weighting (`weights`),
@@ -160,7 +177,8 @@ def reference_psm(frame: pd.DataFrame, settings: dict, group: str, match=None) -
     caliper = settings.get("caliper", 0.2) * logit_sd
     pair = np.full(len(rows), np.nan)
     for _, index in rows.groupby(group, sort=False, observed=True).indices.items():
-        pair[index] = match(logit[index], exposed[index], caliper)
+        pair[index] = none_or_many_unmatched(match(logit[index], exposed[index], caliper), logit[index],
+                                             exposed[index], settings.get("min_subset_difference", 8))
     matched = ~np.isnan(pair)
     values = np.column_stack([logit, X])
     balance = smd_table(["ps_logit", *names], values, exposed, after=matched)

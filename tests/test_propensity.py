@@ -174,6 +174,9 @@ def test_iptw_equals_weighting_on_pooled_rows(network, options):
 
 def test_nodes_never_release_scores_pairs_or_weights(network):
     folder, _ = network
+    run(folder, name="psm_audited", **PSM)
+    run(folder, name="iptw_audited", kind="iptw", outcome="y", exposure="t", covariates="g + h + x1",
+        where="x2 > -1.6", estimand="ATE")
     n_rows = min(len(f) for f in make_sites().values())
     for node in load_network(folder / "network.toml").nodes:
         runtime = runtime_for(NodeConfig.from_mapping(node))
@@ -211,30 +214,30 @@ def _single_site(exposed=(40, 40, 40), controls=(60, 60, 60), seed: int = 3) -> 
     return frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
 
 
-def test_matched_set_that_leaves_out_a_few_people_is_refused(tmp_path):
-    """3 exposed find no control and 3 controls are left over: results on the matched set and
-    on the cohort would differ by those 6 people, so the node's subset rule refuses."""
-    site = _single_site(exposed=(40, 40, 43), controls=(42, 41, 40))
-    write_network(tmp_path, {"trust": site}, COLUMNS)
-    study = write_study(tmp_path / "few.toml", name="few", kind="psm", outcome="y", exposure="t", covariates="x1")
-    with pytest.raises(NetworkError, match="stopped at propensity.match: trust refused: the rows used .* by a few people"):
-        run_inprocess([study], tmp_path / "network.toml")
+def _pairs_released(folder) -> float:
+    (node,) = load_network(folder / "network.toml").nodes
+    (entry,) = [e for e in runtime_for(NodeConfig.from_mapping(node)).audit.entries() if e["kind"] == kind.TASK_MATCH]
+    assert sorted(entry["released"]["arrays"]) == ["after/difference", "after/pairs"]  # no sum over one group
+    return entry["released"]["arrays"]["after/pairs"]["values"][0]
 
 
-def test_a_few_unmatched_exposed_among_many_unmatched_controls_are_protected(tmp_path):
-    """3 exposed find no control but 60 controls are left over: the study runs, and nothing
-    released over the matched set is a sum over its exposed rows alone (which, subtracted from
-    the cohort's exposed, would give the 3 people's covariates away)."""
-    site = _single_site(exposed=(40, 40, 43), controls=(70, 70, 40))
+@pytest.mark.parametrize("exposed, controls", [((40, 40, 43), (42, 41, 40)), ((40, 40, 43), (70, 70, 40))],
+                         ids=["few-of-each", "few-exposed-many-controls"])
+def test_a_few_unmatched_people_are_never_left(tmp_path, exposed, controls):
+    """Matching leaves 3 exposed without a control (and 3, or 60, controls over): results on
+    the matched set beside results on the cohort (the exposure column of the outcome model
+    beside the propensity model's) would differ by those few people. So the node also
+    unmatches its worst-matched pairs until 0 or at least 8 of each group are left, as the
+    documented rule says (tests/reference_propensity.py applies it to the pooled rows), and
+    the study runs; nothing released over the matched set is a sum over one group."""
+    site = _single_site(exposed=exposed, controls=controls)
     write_network(tmp_path, {"trust": site}, COLUMNS)
-    study = write_study(tmp_path / "three.toml", name="three", kind="psm", outcome="y", exposure="t",
-                        covariates="x1")
-    result = run_inprocess([study], tmp_path / "network.toml")[0]
-    assert result["matching"]["exposed_unmatched"] == 3 and result["matching"]["controls_unmatched"] == 60
-    (node,) = load_network(tmp_path / "network.toml").nodes
-    (entry,) = [e for e in runtime_for(NodeConfig.from_mapping(node)).audit.entries()
-                if e["kind"] == kind.TASK_MATCH]
-    assert sorted(entry["released"]["arrays"]) == ["after/difference", "after/pairs"]
+    settings = dict(name="few", kind="psm", outcome="y", exposure="t", covariates="x1")
+    result = run_inprocess([write_study(tmp_path / "few.toml", **settings)], tmp_path / "network.toml")[0]
+    frame = site.assign(site="trust")
+    ref = reference_psm(frame, settings, group="site")
+    assert _pairs_released(tmp_path) == ref["n_pairs"] == sum(exposed) - 8
+    assert_matches(result, ref["outcome"])
 
 
 def test_trust_approves_the_study_once_for_its_models(tmp_path):

@@ -78,3 +78,23 @@ def match_nearest(logit: np.ndarray, exposed: np.ndarray, caliper: float) -> tup
         right[best] = best + 1
         left[best + 1] = best
     return np.asarray(out_t, dtype=np.int64), np.asarray(out_c, dtype=np.int64)
+
+
+def leave_none_or_many_unmatched(treated: np.ndarray, controls: np.ndarray, logit: np.ndarray,
+                                 n_exposed: int, n_controls: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs kept so that the exposed left unmatched, and the controls left unmatched,
+    number 0 or at least t (the policy's min_subset_difference): otherwise a result on the
+    matched set beside one on the cohort would differ by those few people. While either group
+    holds 1 to t - 1 people, the pair with the largest logit distance is unmatched too (ties:
+    the one matched last)."""
+    keep = len(treated)
+    order = np.lexsort((-np.arange(keep), -np.abs(logit[treated] - logit[controls])))
+
+    def few(k: int) -> bool:
+        return 0 < n_exposed - k < t or 0 < n_controls - k < t
+
+    dropped = 0
+    while dropped < keep and few(keep - dropped):
+        dropped += 1
+    kept = np.sort(order[dropped:])
+    return treated[kept], controls[kept]

@@ -46,9 +46,9 @@ from ..protocol.kinds import propensity as kind
 from ..protocol.study import StudySpec
 from . import glm
 from .design import DesignedModel
-from .disclosure import ModelFacts, Release
+from .disclosure import ModelFacts, Release, task_rules
 from .handlers import handler
-from .matching import match_nearest
+from .matching import leave_none_or_many_unmatched, match_nearest
 from .runtime import NodeRuntime
 
 GROUPS = (("exposed", 1.0), ("control", 0.0))
@@ -116,6 +116,9 @@ def propensity_match(runtime: NodeRuntime, task) -> Release:
     logit = state[kind.LOGIT_COLUMN].to_numpy()[design.mask]
     exposed = design.y == 1
     treated_rows, control_rows = match_nearest(logit, exposed, float(caliper))
+    treated_rows, control_rows = leave_none_or_many_unmatched(
+        treated_rows, control_rows, logit, int(exposed.sum()), int((~exposed).sum()),
+        task_rules().min_subset_difference)
     pairs = np.full(design.n, np.nan)
     pairs[treated_rows] = np.arange(1, treated_rows.size + 1)
     pairs[control_rows] = np.arange(1, control_rows.size + 1)
@@ -191,7 +194,8 @@ def _declare_groups(release: Release, parent: StudySpec, what: str, mask: np.nda
     for name, value in GROUPS:
         group = np.zeros(mask.size, dtype=bool)
         group[rows[selected & (exposure == value)]] = True
-        release.table(f"{what}_{name}", facts=ModelFacts(f"{parent.name} ({what} {name} rows)", group),
+        # (sized by the propensity model's events rule, not the cohort size rule)
+        release.table(f"{what}_{name}", facts=ModelFacts(f"{parent.name} ({what} {name} rows)", group, cohort=False),
                       group="propensity")
 
 
