@@ -20,7 +20,8 @@ which 1..suppress_max people leave), the rest are rounded to the nearest round_t
 count is the sum of the services' rounded counts, suppressed when any service hid it, and the
 same rules run over the network table. Complementary suppression itself is iaptnet's
 (iaptnet.protocol.sdc, tested on its own in tests/test_sdc.py): this reference checks what is
-counted, hidden, rounded and pooled around it. A numeric summary of
+counted, hidden, rounded and pooled around it. A `by` group smaller than min_rows at a service
+shows nothing there (its cells are hidden, protected like small ones). A numeric summary of
 a column is shown when every service shows its missing count there, has 0 or at least min_rows
 rows with a value and 0 or at least min_level_count rows away from the most common value (and,
 as the overall is the sum of the columns, never exactly one of a row is withheld). Quantiles:
@@ -69,9 +70,12 @@ def describe_reference(frame: pd.DataFrame, settings: dict) -> dict:
         primary = {k for k, n in exact[s].items() if 1 <= n <= rules["suppress_max"]}
         leaving = [(a, b) for a, b in _step_pairs(len(steps), len(columns))
                    if 1 <= exact[s][a] - exact[s][b] <= rules["suppress_max"]]
-        hidden = suppress(exact[s], primary, relations, leaving)
+        # A `by` group below the cohort minimum shows nothing at that service.
+        tiny = {c for c in range(1, len(columns)) if 0 < exact[s][("N", c)] < rules["min_rows"]}
+        forced = {k for k in exact[s] if k[-1] in tiny}
+        hidden = suppress(exact[s], primary, relations, leaving, hidden=forced)
         shown[s] = {k: (None if k in hidden else _round(n, rules["round_to"])) for k, n in exact[s].items()}
-        small |= primary
+        small |= primary - forced
     pooled = {}
     for k in exact[services[0]]:
         values = [shown[s][k] for s in services]

@@ -10,9 +10,11 @@ of every open bracket. So the result is exact for values on the grid (integer sc
 and otherwise the quantile of the values rounded up to the grid.
 
 Bounds come from the schema (min/max) where it has them; an open side is found by galloping
-out from the pooled mean in steps of the pooled SD, doubling. A node may withhold a count (its
-policy would not release the bins it makes); a bracket whose midpoint is withheld stops, and
-the quantile is reported as the interval its brackets leave (`exact` false).
+out from the pooled mean in steps of the pooled SD, doubling, and back halfway once a node
+withholds a point out there. A node withholds a count its policy would not release (a bin of
+a few rows, or a threshold among the few smallest or largest values: the minimum and maximum
+are never found); a bracket whose midpoint is withheld stops, and the quantile is reported as
+the interval its brackets leave (`exact` false).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import math
 from dataclasses import dataclass, field
 
 MAX_GALLOP = 50
-MAX_GALLOP_WITHHELD = 3  # withheld steps out on an open side before it is left open
 
 
 @dataclass
@@ -102,14 +103,9 @@ class Search:
         return sorted(out)
 
     def _gallop(self, k: int, lo: int | None, hi: int | None) -> int | None:
-        if lo is None and hi is not None:
-            refused = sum(1 for i in self.withheld if i < hi)
-        elif hi is None and lo is not None:
-            refused = sum(1 for i in self.withheld if i > lo)
-        else:
-            refused = len(self.withheld)
-        if refused >= MAX_GALLOP_WITHHELD:
-            return None  # the nodes keep withholding the tail: leave the side open
+        """The next point out on an open side: doubling steps from the known end, and once a
+        node has withheld a point out there (nodes withhold the tails: no count among the
+        few smallest or largest values), halfway back towards the known end instead."""
         while True:
             g = self.gallops.get(k, 0)
             if g > MAX_GALLOP:
@@ -118,9 +114,15 @@ class Search:
             if lo is None and hi is None:
                 ask = self.start
             elif lo is None:
-                ask = hi - self.spread * 2 ** g
+                blocked = [i for i in self.withheld if i < hi]
+                ask = (max(blocked) + hi + 1) // 2 if blocked else hi - self.spread * 2 ** g
+                if blocked and ask >= hi:
+                    return None
             else:
-                ask = lo + self.spread * 2 ** g
+                blocked = [i for i in self.withheld if i > lo]
+                ask = (lo + min(blocked)) // 2 if blocked else lo + self.spread * 2 ** g
+                if blocked and ask <= lo:
+                    return None
             if ask not in self.withheld and ask not in self.known:
                 return ask
 

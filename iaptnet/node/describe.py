@@ -31,7 +31,6 @@ study) hold 1 to min-1 rows, in any part of the cohort the released columns can 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,8 +45,9 @@ from ..protocol.study import StudySpec, check_at_node
 from ..protocol.sdc import suppress
 from .cohort import cohort_mask
 from .design import apply_merges, study_frame
-from .disclosure import LevelCount, ModelFacts, Release, check_model, check_round
-from .handlers import handler, task_rules
+from .disclosure import (LevelCount, ModelFacts, Release, check_model, check_round, check_size,
+                         require_rows, task_rules)
+from .handlers import handler
 from .policy import round_count
 from .runtime import NodeRuntime, PreparedStudy
 
@@ -97,7 +97,6 @@ def describe_table(runtime: NodeRuntime, task) -> Release:
     spec = _study(task.payload)
     check_at_node(spec, dataset.schema)
     lay = layout(spec.params, spec.schema_with_augment(dataset.schema), spec.merge, spec.source)
-    rules = task_rules()
     frame = study_frame(dataset.frame, spec, runtime.augments)
     cohort = cohort_mask(frame, spec.where_tree())
     needed = list(dict.fromkeys([*([lay.by] if lay.by else []), *(v.name for v in lay.variables)]))
@@ -106,22 +105,28 @@ def describe_table(runtime: NodeRuntime, task) -> Release:
     in_column = np.full(len(frame), -1, dtype=np.int64)
     in_column[cohort] = groups
 
+    rules = task_rules()
+    require_rows(cohort, spec.name, rules)  # the size rule first: nothing is counted on a few rows
     counts = _counts(rows, groups, lay)
     steps = _funnel_masks(frame, cohort, lay)
     for s, mask in enumerate(steps[1:], start=1):
         for c, n in enumerate(_column_counts(in_column[mask], lay)):
             counts[("f", s, c)] = n
     primary = {key for key, n in counts.items() if round_count(n, rules) is None}
+    # A `by` group smaller than the cohort minimum is shown nowhere (its cells are hidden
+    # like small counts, so complementary suppression protects them from the totals).
+    small_groups = {c for c in lay.group_columns if 0 < counts[("N", c)] < rules.min_rows}
+    forced = {key for key in cell_keys(lay) if key[-1] in small_groups}
 
     release = Release()
     release.public("data_version", dataset.data_version)
-    checker = SubsetCheck(runtime, dataset.data_version, rules)
+    checker = SubsetCheck(runtime, dataset.data_version, dataset.n_rows, rules)
     cohort_facts = ModelFacts(f"{spec.name}: cohort", cohort)
     checker.accept(cohort_facts)  # refused by the dispatcher if it breaks the subset rule
     leaving = [(a, b) for a, b in step_pairs(lay) if round_count(counts[a] - counts[b], rules) is None]
-    hidden = suppress(counts, primary, relations(lay), leaving)
+    hidden = suppress(counts, primary, relations(lay), leaving, hidden=forced)
     for key in cell_keys(lay):
-        if key in hidden and key not in primary:
+        if key in hidden and (key not in primary or key in forced):
             continue  # complementary suppression: not declared at all
         section_key, name = wire_name(key)
         _table(release, section_key, cohort_facts).count(name, counts[key])
@@ -129,7 +134,7 @@ def describe_table(runtime: NodeRuntime, task) -> Release:
     state = TableState(designs={}, families={})
     for i, v in enumerate(lay.variables):
         if v.show == "summary":
-            state.variables[i] = _summaries(release, spec, lay, i, rows, groups, cohort, hidden, checker, rules)
+            state.variables[i] = _summaries(release, spec, lay, i, rows, groups, cohort, hidden | forced, checker, rules)
     earlier = runtime.prepared.get(task.study_hash)
     if isinstance(earlier, TableState):  # the same study again: its thresholds still count
         for i, v in state.variables.items():
@@ -233,9 +238,12 @@ def _summaries(release: Release, spec: StudySpec, lay: Layout, i: int, rows: pd.
         x = values[in_c]
         off_mode = len(x) - int(np.unique(x, return_counts=True)[1].max()) if len(x) else 0
         facts = ModelFacts(f"{spec.name}: {v.name}, column {c}", part,
-                           levels=[LevelCount(v.name, None, off_mode, "leave the variable out of the table")])
+                           levels=[LevelCount(v.name, None, off_mode, "leave the variable out of the table")],
+                           columns=[(v.name, x)])
         candidates[c] = (facts, x)
-        ok = ("v", i, 1, c) not in hidden and not check_model(facts, rules)
+        # An empty cell is released as empty (the table shows its count, 0, anyway).
+        ok = ("v", i, 1, c) not in hidden and (not len(x) or not check_size(facts, rules)) \
+            and not check_model(facts, rules)
         if ok and len(x):
             ok = checker.allows(facts, commit=False)
             if ok:
@@ -248,6 +256,8 @@ def _summaries(release: Release, spec: StudySpec, lay: Layout, i: int, rows: pd.
         facts, x = candidates[c]
         if len(x):
             checker.accept(facts)
+        else:
+            facts.cohort = False  # an empty cell: shown as empty, like its count of 0
         mean = float(x.mean()) if len(x) else 0.0
         section = release.model(f"v{i}/{c}", facts, group="summaries")
         section.value("n", int(len(x)))
@@ -274,47 +284,34 @@ def _protect_row(released: list[int], candidates: dict, lay: Layout) -> list[int
 
 
 class SubsetCheck:
-    """The subset rule, asked before declaring a row set so that a cell can be withheld
-    instead of the task refused: against the node's memory and the row sets of this task."""
+    """The differencing audit, asked before declaring a row set so that a cell can be
+    withheld instead of the task refused: against everything the node released before on
+    this data and the sets accepted in this task (node/release_memory.py)."""
 
-    def __init__(self, runtime: NodeRuntime, version: str, rules):
-        self.runtime, self.version, self.rules = runtime, version, rules
-        self.fresh: list[np.ndarray] = []  # packed row sets accepted in this task
-        self.held: list[np.ndarray] = []  # candidates of one variable, not yet accepted
-        self.digests: set[bytes] = set()
-        self.t = rules.min_subset_difference
+    def __init__(self, runtime: NodeRuntime, version: str, n: int, rules):
+        self.runtime, self.version, self.n, self.rules = runtime, version, n, rules
+        self.accepted: list = []  # footprints accepted in this task
+        self.held: list = []  # candidates of one variable, not yet accepted
 
     def allows(self, facts: ModelFacts, commit: bool = True) -> bool:
-        packed = np.packbits(facts.rows)
-        digest = hashlib.sha256(packed.tobytes()).digest()
-        if digest in self.digests:
-            return True
-        for other in [*self.fresh, *self.held]:
-            diff = int(np.bitwise_count(np.bitwise_xor(other, packed)).sum())
-            if 0 < diff < self.t:
-                return False
+        footprint = facts.footprint()
         with self.runtime.memory.transaction() as memory:
-            if memory.check_rows([(facts.label, facts.rows)], self.version, self.rules):
-                return False
+            problems = memory.audit_release([footprint], self.version, self.n, self.rules,
+                                            vetted=[*self.accepted, *self.held])
+        if problems:
+            return False
         if commit:
-            self._add(packed, digest)
+            self.accepted.append(footprint)
         return True
 
     def hold(self, facts: ModelFacts) -> None:
-        self.held.append(np.packbits(facts.rows))
+        self.held.append(facts.footprint())
 
     def drop_held(self) -> None:
         self.held = []
 
     def accept(self, facts: ModelFacts) -> None:
-        packed = np.packbits(facts.rows)
-        digest = hashlib.sha256(packed.tobytes()).digest()
-        if digest not in self.digests:
-            self._add(packed, digest)
-
-    def _add(self, packed: np.ndarray, digest: bytes) -> None:
-        self.fresh.append(packed)
-        self.digests.add(digest)
+        self.accepted.append(facts.footprint())
 
 
 # --------------------------------------------------------------------------- describe.quantiles
@@ -328,25 +325,38 @@ def describe_quantiles(runtime: NodeRuntime, task) -> Release:
     queries = _queries(task.arrays, state)
     minimum = max(rules.min_level_count, rules.min_subset_difference)
     release = Release()
+    dataset = runtime.dataset
+    checker = SubsetCheck(runtime, dataset.data_version, dataset.n_rows, rules)
     work = {i: {c: list(ts) for c, ts in v.answered.items()} for i, v in state.variables.items()}
     for i, c, j, t in queries:
         v = state.variables[i]
         if c not in v.released:
             continue  # the column's summary did not leave the node: nothing to count in
+        base = v.base(c)
+        below = base & (v.values <= t)
+        count = int(below.sum())
+        if not _outside_tails(v, c, count, minimum):
+            continue
         answered = work[i]
         released = [(col, s) for col, ts in answered.items() for s in ts] + [(c, t)]
         if isolates_few(v, released, minimum):
             continue
-        base = v.base(c)
-        weights = (base & (v.values <= t)).astype(float)
+        rows = np.zeros(v.facts.rows.size, dtype=bool)
+        rows[np.flatnonzero(v.facts.rows)[below]] = True
+        threshold_facts = ModelFacts(f"{v.facts.label} at or below a threshold", rows, cohort=False, combine=False)
+        if not checker.allows(threshold_facts):
+            continue  # the same count differs by a few people from a row set released before
+        weights = below.astype(float)
         history = [base.astype(float)] + [(base & (v.values <= s)).astype(float)
                                            for s in _neighbours(answered.get(c, []), t)]
         section = release.round(f"v{i}/{c}/{j}", v.facts, coefficients=np.array([t]), weights={WEIGHTS: weights},
                                 history={WEIGHTS: history}, bounded=False, group="thresholds")
         if check_round(section, rules):
             release.sections.remove(section)
+            checker.accepted.pop()
             continue
-        section.value("count", int(weights.sum()))
+        section.value("count", count)
+        release.model(f"v{i}/{c}/{j}", threshold_facts, group="threshold_rows")  # remembered, sends nothing
         answered.setdefault(c, []).append(t)
 
     def commit():
@@ -354,6 +364,24 @@ def describe_quantiles(runtime: NodeRuntime, task) -> Release:
             state.variables[i].answered = answered
     release.after(commit)
     return release
+
+
+def _outside_tails(v: VariableState, column: int, count: int, minimum: int) -> bool:
+    """The tails of a column's values are one cell: a threshold is answered only if at least
+    `minimum` rows lie on each side of it, or none on one side when the extreme value there
+    is shared by at least `minimum` rows. So a threshold among (or beyond) the few smallest or
+    largest values is withheld alike, bisection can find neither the minimum nor the maximum
+    (only the minimum-th value from either end), and 0 rows is never told from a few."""
+    key = ("ties", column)
+    if key not in v._cache:
+        x = v.values[v.base(column)]
+        v._cache[key] = (int(np.count_nonzero(x == x.min())) if x.size else 0,
+                         int(np.count_nonzero(x == x.max())) if x.size else 0, int(x.size))
+    bottom, top, n = v._cache[key]
+    above = n - count
+    low_ok = count >= minimum or (count == 0 and bottom >= minimum)
+    high_ok = above >= minimum or (above == 0 and top >= minimum)
+    return low_ok and high_ok
 
 
 def _queries(arrays: dict, state: TableState) -> list[tuple[int, int, int, float]]:
