@@ -66,7 +66,7 @@ def segmented(frame: pd.DataFrame, settings: dict) -> pd.DataFrame:
 
 def _fit(data: pd.DataFrame, formula: str, cov_type: str):
     model = smf.glm(formula, data, family=sm.families.Poisson(), offset=np.log(data["denominator"]))
-    return model.fit(tol=1e-13, maxiter=200, cov_type=cov_type)
+    return model.fit(tol=1e-13, tol_criterion="params", maxiter=200, cov_type=cov_type)
 
 
 def monthly(rows: pd.DataFrame, settings: dict) -> pd.DataFrame:

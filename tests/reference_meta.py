@@ -69,7 +69,7 @@ def glm_fit(rows: pd.DataFrame, formula: str, settings: dict):
     if settings.get("weights"):
         kwargs["var_weights"] = rows[settings["weights"]]
     model = smf.glm(formula, rows, family=FAMILIES[settings["family"]](), missing="drop", **kwargs)
-    return model.fit(tol=1e-13, maxiter=200, cov_type=settings.get("cov_type", "nonrobust"))
+    return model.fit(tol=1e-13, tol_criterion="params", maxiter=200, cov_type=settings.get("cov_type", "nonrobust"))
 
 
 def local_rows(rows: pd.DataFrame) -> pd.DataFrame:

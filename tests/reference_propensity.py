@@ -77,7 +77,7 @@ def propensity_fit(rows: pd.DataFrame, settings: dict):
     """statsmodels' logistic propensity model, converged tightly, and its logits (X β row by
     row, so that rows with equal covariates have equal logits)."""
     model = smf.glm(f"{settings['exposure']} ~ {settings['covariates']}", rows, family=sm.families.Binomial())
-    fit = model.fit(tol=1e-13, maxiter=200)
+    fit = model.fit(tol=1e-13, tol_criterion="params", maxiter=200)
     X = np.asarray(model.exog)
     logit = (X * fit.params.to_numpy()).sum(axis=1)
     return fit, X, list(model.exog_names), logit
@@ -187,7 +187,7 @@ def reference_psm(frame: pd.DataFrame, settings: dict, group: str, match=None) -
     clusters = pd.factorize(pd.Series(labels))[0]
     family = FAMILIES[settings.get("family", "binomial")]()
     outcome = smf.glm(_outcome_formula(settings), kept, family=family).fit(
-        tol=1e-13, maxiter=200, cov_type="cluster", cov_kwds={"groups": clusters})
+        tol=1e-13, tol_criterion="params", maxiter=200, cov_type="cluster", cov_kwds={"groups": clusters})
     return {"rows": rows, "ps": ps, "logit": logit, "logit_sd": logit_sd, "caliper": caliper,
             "pair": pair, "balance": balance, "outcome": outcome, "n_pairs": int(matched.sum() // 2)}
 
@@ -212,7 +212,7 @@ def reference_iptw(frame: pd.DataFrame, settings: dict) -> dict:
     balance = smd_table(["ps_logit", *names], np.column_stack([logit, X]), exposed, weights=w)
     family = FAMILIES[settings.get("family", "binomial")]()
     outcome = smf.glm(_outcome_formula(settings), rows, family=family, var_weights=w).fit(
-        tol=1e-13, maxiter=200, cov_type="HC0")
+        tol=1e-13, tol_criterion="params", maxiter=200, cov_type="HC0")
     summary = {g: {"n": int(m.sum()), "sum_weights": float(w[m].sum()),
                    "effective_n": float(w[m].sum() ** 2 / np.sum(w[m] ** 2))}
                for g, m in (("exposed", exposed), ("control", ~exposed))}

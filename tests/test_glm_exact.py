@@ -166,7 +166,7 @@ def _reference(frame, formula, family, needed, **fit_kwargs):
     if fit_kwargs.get("cov_type") == "cluster":
         fit_kwargs["cov_kwds"] = {"groups": frame["clinic"].to_numpy()}
     model = smf.glm(formula, frame, family=FAMILIES[family](), **extra)
-    return model.fit(tol=1e-13, maxiter=200, **fit_kwargs)
+    return model.fit(tol=1e-13, tol_criterion="params", maxiter=200, **fit_kwargs)
 
 
 @pytest.mark.parametrize("family, formula", [

@@ -295,10 +295,19 @@ class NodeMemory:
         if self._state.get("day") != day:
             self._state["day"] = day
             self._state["studies"] = {}
+            self._state["refused"] = 0
 
     def tasks_today(self, study_hash: str, now: float) -> int:
         self._roll(now)
         return int(self._state["studies"].get(study_hash, 0))
+
+    def refusals_today(self, now: float) -> int:
+        self._roll(now)
+        return int(self._state.get("refused", 0))
+
+    def count_refusal(self, now: float) -> None:
+        self._roll(now)
+        self._state["refused"] = int(self._state.get("refused", 0)) + 1
 
     def studies_today(self, now: float) -> int:
         self._roll(now)

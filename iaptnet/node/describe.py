@@ -430,7 +430,7 @@ def isolates_few(v: VariableState, released: list[tuple[int, float]], minimum: i
                 matrix[r, j * width:j * width + upto] = 1.0
     big = sizes >= minimum
     combos = scipy.linalg.null_space(matrix[:, big].T) if big.any() else np.eye(len(rows))
-    return combos.size > 0 and float(np.abs(matrix[:, small].T @ combos).max()) > 1e-9
+    return combos.size > 0 and not float(np.abs(matrix[:, small].T @ combos).max()) <= 1e-9  # NaN: isolates
 
 
 def _neighbours(answered: list[float], t: float) -> list[float]:

@@ -149,7 +149,7 @@ def find_isolating_combination(packed_sets: list[np.ndarray], signatures: Signat
     small_sizes = sizes[small]
     basis, perp = _span_and_complement(big_cols, A.shape[0])
     residual = small_cols - basis @ (basis.T @ small_cols) if basis.size else small_cols
-    exposed = np.linalg.norm(residual, axis=0) > SPAN_TOL
+    exposed = ~(np.linalg.norm(residual, axis=0) <= SPAN_TOL)  # (NaN: exposed, fail closed)
     if not exposed.any():
         return None
     weights = small_sizes[exposed]

@@ -194,6 +194,11 @@ def _gate(runtime: NodeRuntime, policy, task: m.Task, now: float):
         else:
             approved = False
         rules = policy.rules_for(approved)
+        if memory.refusals_today(now) >= rules.max_refusals_per_day:
+            raise d.Refusal(d.Violation("max_refusals_per_day",
+                                        "this node has refused as many tasks on its data today as its policy allows "
+                                        "(each such refusal answers a yes/no question about its rows); it answers "
+                                        "again tomorrow (UTC)", rules.max_refusals_per_day))
         if registration.studies != "none":
             done = memory.tasks_today(task.study_hash, now)
             if done >= rules.max_rounds_per_study:
@@ -304,7 +309,20 @@ def _dedupe(violations: list[d.Violation]) -> list[d.Violation]:
 
 # --------------------------------------------------------------------------- replies
 
+#: Refusals that depend on the node's rows: each tells the analyst something (a cohort is small,
+#: two cohorts differ by a few people), so the policy caps how many a day (max_refusals_per_day).
+DATA_RULES = frozenset({"min_rows", "min_events", "min_level_count", "max_leverage", "max_params_per_row",
+                        "min_subset_difference", "min_effective_rows", "cannot_compute", "not_finite",
+                        "prior_weights", "offset"})
+
+
 def _refused(runtime: NodeRuntime, task: m.Task, record: dict, refusal: d.Refusal) -> m.Reply:
+    if any(v.rule in DATA_RULES for v in refusal.violations):
+        try:
+            with runtime.memory.transaction() as memory:
+                memory.count_refusal(time.time())
+        except Exception:  # noqa: BLE001 - the refusal stands; the count is best effort
+            log.exception("the node could not count a refusal")
     refusals = [v.as_dict() for v in refusal.violations]
     message = "; ".join(v.render() for v in refusal.violations[:6])
     if len(refusal.violations) > 6:

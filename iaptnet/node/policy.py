@@ -27,6 +27,7 @@ and analysts' trials on synthetic data work out of the box.
     max_abs_coefficient = 50     # per-round coefficients sent by the coordinator
     max_rounds_per_study = 100   # tasks per study per day
     max_studies_per_day = 100
+    max_refusals_per_day = 20    # refusals that depend on the data (each answers a yes/no question)
 
     [exploratory]                # unapproved studies (mode = "exploratory"): stricter values
     min_rows = 100
@@ -66,6 +67,7 @@ class Rules:
     max_abs_coefficient: float = 50.0
     max_rounds_per_study: int = 100
     max_studies_per_day: int = 100
+    max_refusals_per_day: int = 20
 
 
 #: The stricter defaults for studies the Trust has not approved (exploratory mode).
@@ -75,6 +77,7 @@ EXPLORATORY_DEFAULTS = {
     "min_effective_rows": 20,
     "max_rounds_per_study": 60,
     "max_studies_per_day": 25,
+    "max_refusals_per_day": 10,
 }
 
 #: For each rule, which direction is stricter: +1 larger is stricter, -1 smaller is stricter.
@@ -82,7 +85,7 @@ _STRICTER = {
     "suppress_max": +1, "round_to": +1, "min_rows": +1, "min_events": +1,
     "max_params_per_row": -1, "min_level_count": +1, "max_leverage": -1, "min_subset_difference": +1,
     "min_effective_rows": +1, "max_abs_coefficient": -1, "max_rounds_per_study": -1,
-    "max_studies_per_day": -1,
+    "max_studies_per_day": -1, "max_refusals_per_day": -1,
 }
 _RULE_LIMITS = {  # (smallest allowed, largest allowed)
     "suppress_max": (0, 1000), "round_to": (1, 1000), "min_rows": (1, 10**9),
@@ -90,7 +93,7 @@ _RULE_LIMITS = {  # (smallest allowed, largest allowed)
     "max_leverage": (0.01, 1.0),
     "min_subset_difference": (1, 10**9), "min_effective_rows": (1, 10**9),
     "max_abs_coefficient": (1.0, 1e6), "max_rounds_per_study": (1, 10**6),
-    "max_studies_per_day": (1, 10**6),
+    "max_studies_per_day": (1, 10**6), "max_refusals_per_day": (1, 10**6),
 }
 _TOP_KEYS = {"mode", "approved", "tasks", "state_dir", "max_task_age_minutes", "max_payload_mb",
              "rules", "exploratory"}
