@@ -26,6 +26,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from iaptnet.protocol import messages as m
 from iaptnet.protocol.errors import SpecError
+from iaptnet.protocol.study import parse_study
 from nodecase import Node, assert_nothing_released, local_beta
 
 BOB_X = 7.31234
@@ -44,6 +45,13 @@ COLUMNS = {
     "unit": {"type": "categorical", "levels": ["p", "q"]},
     "bonus": {"type": "numeric"},
     "wmiss": {"type": "numeric"},
+    "big": {"type": "numeric"},          # ordinary values, the target's 1e200
+    "spike": {"type": "numeric"},        # 1e-41 for everyone, the target's 1.0
+    "wt_spike": {"type": "numeric", "min": 0},  # 0 for everyone, the target's 1.0
+    "wt_tiny": {"type": "numeric", "min": 0},   # 1e-9 for everyone, the target's 1.0
+    "count": {"type": "integer", "min": 0},
+    "score": {"type": "numeric"},
+    "solo": {"type": "categorical", "levels": ["crowd", "alone"]},  # "alone": the target only
     **{name: {"type": "numeric"} for name in EXTRA},
 }
 
@@ -78,6 +86,28 @@ ATTACKS = {
     "round_without_prepare": "rounds for a study the node refused to prepare",
     "too_many_rounds": "more tasks for one study than the policy allows in a day",
     "too_many_studies": "more studies in a day than the policy allows",
+    "combination_of_three_cohorts": "three cohorts, pairwise far apart, whose combination is one person",
+    "combination_across_kinds_through_the_cli": "a GLM's sums and two tables' means that combine to one person",
+    "memory_across_runs_under_the_default_policy": "two runs without a policy file, differing by one person",
+    "memory_across_a_restart_and_kinds": "a table, a node restart, then a GLM differing from it by one person",
+    "prior_weights_zero_for_all_but_the_target": "prior weights 0 for everyone but one person",
+    "prior_weights_negligible_for_all_but_the_target": "prior weights 1e-9 for everyone but one person",
+    "offset_concentrated_on_the_target": "an offset of 1 for one person and 1e-41 for the rest",
+    "two_designs_that_differ_in_one_row": "two designs whose columns differ only in one person's value",
+    "interaction_against_a_cohort": "x:h over everyone against x over the h cohort minus one person",
+    "transforms_outside_the_whitelist": "a term scaled to 1e-30, high or nested powers, exp, products of columns, an unbounded log",
+    "a_column_that_overflows_the_leverage_check": "a column whose square overflows the leverage check to NaN",
+    "a_statistic_that_overflows_is_never_released": "an information matrix that overflows, with leverage off",
+    "empty_and_small_cohorts_get_the_same_answer": "a cohort of 0 against a cohort of 1 (the person's outcome)",
+    "a_small_cohort_is_refused_for_its_size_alone": "a cohort of 3 whose refusal would name a level one of them holds",
+    "a_computation_that_fails_on_the_target_says_nothing_more": "a transform that overflows for one person only",
+    "refusals_that_answer_questions_are_rationed": "many yes/no questions asked through refusals",
+    "a_by_group_of_one_shows_nothing_through_the_cli": "a table column of one person beside exact zeros",
+    "the_maximum_cannot_be_bisected": "thresholds at, below and beyond the maximum",
+    "a_quantile_at_the_top_is_never_the_maximum_through_the_cli": "a quantile at p = 0.9999",
+    "a_table_of_three_people_is_refused": "a table of a cohort of three",
+    "a_study_name_cannot_write_outside_out": "a study named ../../escaped",
+    "a_deeply_nested_study_file_is_one_sentence": "a study file nested 3,000 levels deep",
 }
 
 
@@ -103,8 +133,21 @@ def make_frame(seed: int = 11) -> pd.DataFrame:
     eta = 0.4 * np.clip(x, -3, 3) + 0.3 * h - 0.2
     y = (rng.random(N) < 1 / (1 + np.exp(-eta))).astype(int)
     y[0] = 1
+    big = rng.normal(size=N)
+    big[0] = 1e200
+    spike = np.full(N, 1e-41)
+    spike[0] = 1.0
+    wt_spike = np.zeros(N)
+    wt_spike[0] = 1.0
+    wt_tiny = np.full(N, 1e-9)
+    wt_tiny[0] = 1.0
+    count = rng.poisson(2.0, size=N)
+    score = 10 + 3 * x + rng.normal(size=N)
+    solo = np.array(["crowd"] * N, dtype=object)
+    solo[0] = "alone"
     frame = pd.DataFrame({"y": y, "x": x, "x2": x2, "age": age, "h": h, "g": g, "unit": unit,
-                          "bonus": bonus, "wmiss": wmiss})
+                          "bonus": bonus, "wmiss": wmiss, "big": big, "spike": spike, "wt_spike": wt_spike,
+                          "wt_tiny": wt_tiny, "count": count, "score": score, "solo": solo})
     for name in EXTRA:
         frame[name] = rng.normal(size=N)
     return frame
@@ -449,3 +492,314 @@ def test_honest_rounds_are_answered(prepared):
     released = entry["released"]["arrays"]["score/m0"]["values"]
     assert released == reply.arrays["score/m0"].tolist()
     assert json.dumps(entry)  # the audit entry is plain JSON
+
+
+# =========================================================================== the classes of
+# attack a determined analyst found with study files alone (issue 9). Each case is built so
+# that, if it were answered, it would give the target's planted value exactly; the case first
+# checks that arithmetic on the frame, then that the node refuses with nothing released.
+
+from glmcase import write_network  # noqa: E402
+from iaptnet.cli import main as cli_main  # noqa: E402
+from iaptnet.node import runtime as node_runtime  # noqa: E402
+from iaptnet.protocol.kinds.describe import QUANTILE_TASK, TABLE_TASK  # noqa: E402
+
+
+def cli_network(tmp_path, policy: str | None = None) -> Path:
+    """The attack frame as a one-node network behind the CLI (`iaptnet run`)."""
+    return write_network(tmp_path / "net", {"trust": make_frame()}, COLUMNS,
+                         policies={"trust": policy} if policy else None)
+
+
+def cli_run(capsys, tmp_path, network: Path, **study) -> tuple[int, str, Path]:
+    import tomli_w
+
+    study.setdefault("family", "binomial")
+    study = {k: v for k, v in study.items() if v is not None}
+    slug = "".join(ch if ch.isalnum() else "_" for ch in study["name"])
+    path = tmp_path / f"{slug}.toml"
+    path.write_text(tomli_w.dumps(study))
+    out = tmp_path / f"out-{slug}"
+    code = cli_main(["run", str(path), "--network", str(network), "--out", str(out)])
+    err = capsys.readouterr().err
+    return code, err, out
+
+
+def cli_refused(code: int, err: str, out: Path, rule_words: str) -> None:
+    """The CLI stopped with one sentence naming the refusal, wrote nothing, showed no value."""
+    assert code == 4, err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert rule_words in err, err
+    assert not out.exists()
+    for secret in SECRETS:
+        assert secret not in err
+
+
+def restart_nodes() -> None:
+    """A node process restarted: every runtime and its in-memory state gone."""
+    node_runtime._RUNTIMES.clear()
+    node_runtime._STATES.clear()
+
+
+def table_task(node: Node, **fields) -> m.Reply:
+    fields.setdefault("name", "t")
+    spec, _ = parse_study({"kind": "table", **fields}, node.schema, "t.toml")
+    return node.send(m.Task(kind=TABLE_TASK, study_hash=spec.hash, payload={"models": {"m0": spec.to_wire()}})), spec.hash
+
+
+# --------------------------------------------------------------------------- 1. combinations
+
+def test_combination_of_three_cohorts(node):
+    """All rows, then age < 50, then 50 <= age < 93: pairwise the cohorts differ by hundreds,
+    but all - (age < 50) - (50..92) is the target alone, so the third release's events would
+    give the target's outcome."""
+    frame = make_frame()
+    a, b = frame.age < 50, (frame.age >= 50) & (frame.age < 93)
+    assert frame.y.sum() - frame.y[a].sum() - frame.y[b].sum() == frame.y[0]  # the leak, if answered
+    ok(node.prepare(node.spec(name="all", formula="y ~ x"))[0])
+    ok(node.prepare(node.spec(name="young", formula="y ~ x", where="age < 50"))[0])
+    reply, _ = node.prepare(node.spec(name="rest", formula="y ~ x", where="age >= 50 and age < 93"))
+    refused(node, reply, "min_subset_difference")
+    assert "combination" in reply.message
+
+
+def test_combination_across_kinds_through_the_cli(capsys, tmp_path):
+    """A GLM on everyone (its X'X holds the sum of x), then a table's exact mean of x on
+    age < 60 and on 60 <= age < 93: the sum minus both tables' sums is the target's x."""
+    frame = make_frame()
+    a, b = frame.age < 60, (frame.age >= 60) & (frame.age < 93)
+    assert abs(frame.x.sum() - frame.x[a].sum() - frame.x[b].sum() - BOB_X) < 1e-9
+    net = cli_network(tmp_path)
+    assert cli_run(capsys, tmp_path, net, name="everyone", formula="y ~ x")[0] == 0
+    code, err, _ = cli_run(capsys, tmp_path, net, name="young", kind="table", where="age < 60",
+                           variables=[{"name": "x", "resolution": 0.5}], family=None)
+    assert code == 0, err
+    code, err, out = cli_run(capsys, tmp_path, net, name="older", kind="table", where="age >= 60 and age < 93",
+                             variables=[{"name": "x", "resolution": 0.5}], family=None)
+    # A table withholds a summary rather than refuse: the mean that would close the
+    # combination is not in results.json, and neither is the target's x.
+    if code == 0:
+        result = json.loads((out / "results.json").read_text())
+        summary = result["tables"][0]["summary"][0]
+        assert summary["mean"] is None and summary["suppressed"]
+        assert "7.312" not in (out / "results.json").read_text()
+    else:
+        cli_refused(code, err, out, "fewer than 8 people")
+
+
+# --------------------------------------------------------------------------- 2. memory
+
+def test_memory_across_runs_under_the_default_policy(capsys, tmp_path, monkeypatch):
+    """No policy file, two runs: the second differs from the first by the target. The node
+    keeps what it released on disk beside the network file, so the second run is refused."""
+    monkeypatch.delenv("IAPTNET_STATE_DIR")
+    frame = make_frame()
+    assert frame.y[(frame.h == 1)].sum() - frame.y[(frame.h == 1) & (frame.age < 93)].sum() == frame.y[0]
+    net = cli_network(tmp_path)
+    assert cli_run(capsys, tmp_path, net, name="first", formula="y ~ x", where="h == 1")[0] == 0
+    restart_nodes()
+    code, err, out = cli_run(capsys, tmp_path, net, name="second", formula="y ~ x", where="h == 1 and age < 93")
+    cli_refused(code, err, out, "fewer than 8 people")
+    assert (net.parent / ".iaptnet-state" / "trust" / "releases").is_dir()
+
+
+def test_memory_across_a_restart_and_kinds(node):
+    """A table's exact mean of x over h == 1, a restart, then a GLM on h == 1 without the
+    target: its X'X sum of x beside the table's would give the target's x."""
+    reply, _ = table_task(node, where="h == 1", variables=[{"name": "x", "resolution": 0.5}])
+    ok(reply)
+    assert "v0/0" in reply.payload["summaries"]
+    restart_nodes()
+    reply, _ = node.prepare(node.spec(formula="y ~ x", where="h == 1 and age < 93"))
+    refused(node, reply, "min_subset_difference")
+
+
+# --------------------------------------------------------------------------- 3. unjudged inputs
+
+def test_prior_weights_zero_for_all_but_the_target(node):
+    """Weights 0 for everyone but the target: the weighted sums are the target's values."""
+    reply, _ = node.prepare(node.spec(formula="y ~ x", weights="wt_spike"))
+    refused(node, reply, "min_rows")
+
+
+def test_prior_weights_negligible_for_all_but_the_target(node):
+    """Weights 1e-9 for everyone but the target: every row counts, yet the sums are the
+    target's values to nine digits."""
+    reply, _ = node.prepare(node.spec(formula="y ~ x", weights="wt_tiny"))
+    refused(node, reply, "prior_weights")
+
+
+def test_offset_concentrated_on_the_target(node):
+    """An offset of 1 for the target and 1e-41 for everyone else shapes only the target's
+    fitted count: the rounds' difference with and without it isolates the target."""
+    reply, _ = node.prepare(node.spec(family="poisson", formula="count ~ x", offset="spike"))
+    refused(node, reply, "offset")
+
+
+def test_two_designs_that_differ_in_one_row(node):
+    """y ~ x, then y ~ x2 where x2 equals x for everyone but the target: X'y of the two
+    differ by the target's x times their outcome."""
+    frame = make_frame()
+    assert abs((frame.x * frame.y).sum() - (frame.x2 * frame.y).sum() - BOB_X * frame.y[0]) < 1e-9
+    ok(node.prepare(node.spec(name="one", formula="y ~ x + h"))[0])
+    reply, _ = node.prepare(node.spec(name="two", formula="y ~ x2 + h"))
+    refused(node, reply, "min_subset_difference")
+    assert "column" in reply.message
+
+
+def test_interaction_against_a_cohort(node):
+    """x:h over everyone is x on the h == 1 rows; x over h == 1 without the target differs
+    from it only in the target's row, though the two cohorts differ by 250 people."""
+    ok(node.prepare(node.spec(name="inter", formula="y ~ x:h"))[0])
+    reply, _ = node.prepare(node.spec(name="cohort", formula="y ~ x", where="h == 1 and age < 93"))
+    refused(node, reply, "min_subset_difference")
+
+
+@pytest.mark.parametrize("formula", ["y ~ x + I(x2 * 1e-30)", "y ~ I(x ** 5)", "y ~ exp(x)",
+                                     "y ~ I(x * x2)", "y ~ log(x)", "y ~ I((x ** 2) ** 2)"])
+def test_transforms_outside_the_whitelist(node, formula):
+    """Sent straight to the node (no coordinator validation): a term scaled to 1e-30, a high
+    power, an exponential, a product of columns, a log the schema does not keep finite, a
+    nested power — each could shape a column onto one row; the node's own check refuses."""
+    wire = node.spec(formula="y ~ x")
+    wire["formula"] = formula
+    reply, _ = node.prepare(wire)
+    refused(node, reply, "invalid_study")
+
+
+# --------------------------------------------------------------------------- 4. fail open
+
+def test_a_column_that_overflows_the_leverage_check(node):
+    """big is ordinary for everyone and 1e200 for the target: its square overflows, which
+    made the leverage check NaN (and NaN > limit is false). Its X'y entry is 1e200 times the
+    target's outcome."""
+    reply, _ = node.prepare(node.spec(formula="y ~ x + big"))
+    refused(node, reply)
+    assert reply.payload["refusals"][0]["rule"] in ("max_leverage", "cannot_compute")
+
+
+def test_a_statistic_that_overflows_is_never_released(tmp_path):
+    """With the leverage rule switched off by the Trust, the same column's information
+    matrix is infinite: the node refuses rather than send a non-finite number (the X'y beside
+    it would still be the target's outcome times 1e200)."""
+    node = policy_node(tmp_path, 'mode = "exploratory"\n[rules]\nmax_leverage = 1.0\n[exploratory]\nmax_leverage = 1.0\n')
+    reply, _ = node.prepare(node.spec(family="gaussian", formula="score ~ x + big"))
+    refused(node, reply)
+    assert reply.payload["refusals"][0]["rule"] in ("not_finite", "cannot_compute")
+
+
+# --------------------------------------------------------------------------- 5. oracles
+
+def _same_answer(a: m.Reply, b: m.Reply) -> None:
+    assert a.status == b.status and a.code == b.code and a.payload == b.payload and a.message == b.message
+
+
+def test_empty_and_small_cohorts_get_the_same_answer(tmp_path):
+    """age == 93 and y == 1 holds the target or no one, depending on their outcome: the two
+    answers must be identical, or the refusal tells the outcome."""
+    frame = make_frame()
+    assert frame.y[0] == 1 and ((frame.age == 93) & (frame.y == 0)).sum() == 0
+    first = Node(tmp_path / "a", frame, COLUMNS)
+    holds, _ = first.prepare(first.spec(formula="y ~ x", where="age == 93 and y == 1"))
+    second = Node(tmp_path / "b", frame, COLUMNS, name="trust2")
+    empty, _ = second.prepare(second.spec(formula="y ~ x", where="age == 93 and y == 0"))
+    refused(first, holds, "min_rows")
+    refused(second, empty, "min_rows")
+    _same_answer(holds, empty)
+
+
+def test_a_small_cohort_is_refused_for_its_size_alone(node):
+    """age >= 86 holds three people, the target among them with the only 'rare' level: the
+    refusal names the size rule only, never the rare level (which would say the target is in
+    the cohort and has it)."""
+    reply, _ = node.prepare(node.spec(formula="y ~ g + x", where="age >= 86"))
+    refused(node, reply, "min_rows")
+    assert [r["rule"] for r in reply.payload["refusals"]] == ["min_rows"]
+    assert "rare" not in reply.message and "level" not in reply.message
+
+
+def test_a_computation_that_fails_on_the_target_says_nothing_more(tmp_path):
+    """big ** 3 overflows for the target alone: on a cohort of the target it used to fail
+    ("not finite") where a cohort of someone else was refused for its size. Both now get
+    the size rule's one answer."""
+    frame = make_frame()
+    first = Node(tmp_path / "a", frame, COLUMNS)
+    target, _ = first.prepare(first.spec(formula="y ~ I(big ** 3)", where="age == 93"))
+    second = Node(tmp_path / "b", frame, COLUMNS, name="trust2")
+    other, _ = second.prepare(second.spec(formula="y ~ I(big ** 3)", where="age == 86"))
+    refused(first, target, "min_rows")
+    _same_answer(target, other)
+
+
+def test_refusals_that_answer_questions_are_rationed(tmp_path):
+    """Each refusal of the data's rules answers a yes/no question; after the policy's daily
+    number the node answers nothing more that day, honest studies included."""
+    node = policy_node(tmp_path, 'mode = "exploratory"\n[exploratory]\nmax_refusals_per_day = 3\n'
+                                 '[rules]\nmax_refusals_per_day = 3\n')
+    for age in (90, 91, 92):
+        refused(node, node.prepare(node.spec(name=f"q{age}", formula="y ~ x", where=f"age > {age}"))[0], "min_rows")
+    reply, _ = node.prepare(node.spec(name="honest", formula="y ~ x"))
+    refused(node, reply, "max_refusals_per_day")
+
+
+# --------------------------------------------------------------------------- 6. small cells
+
+def test_a_by_group_of_one_shows_nothing_through_the_cli(capsys, tmp_path):
+    """A table by `solo`, whose level 'alone' is the target: a suppressed total beside
+    exact zeros would give the target's level of g. Every cell of that column is hidden."""
+    net = cli_network(tmp_path)
+    code, err, out = cli_run(capsys, tmp_path, net, name="solo_table", kind="table", by="solo",
+                             variables=["g", "h"], family=None)
+    assert code == 0, err
+    result = json.loads((out / "results.json").read_text())
+    alone = result["columns"].index(next(c for c in result["columns"] if c.get("level") == "alone"))
+    assert result["group_sizes"][alone]["count"] is None
+    for table in result["tables"]:
+        for row in table["rows"]:
+            assert row["cells"][alone]["count"] is None, (table["variable"], row["row"])
+
+
+def test_the_maximum_cannot_be_bisected(node):
+    """Thresholds at, below and beyond the target's age (the maximum): every one of them is
+    withheld alike, so bisection can find neither the maximum nor whether 93 is it."""
+    reply, study = table_task(node, variables=["age"])
+    ok(reply)
+    for t in (92.0, 93.0, 1000.0, 86.5):
+        reply = node.send(m.Task(kind=QUANTILE_TASK, study_hash=study, arrays={"t/0/0": np.array([t])}))
+        assert reply.status == m.OK and not reply.payload.get("thresholds"), t
+    reply = node.send(m.Task(kind=QUANTILE_TASK, study_hash=study, arrays={"t/0/0": np.array([50.0])}))
+    assert reply.payload["thresholds"]["v0/0/0"]["count"] == int((make_frame().age <= 50).sum())
+
+
+def test_a_quantile_at_the_top_is_never_the_maximum_through_the_cli(capsys, tmp_path):
+    net = cli_network(tmp_path)
+    code, err, out = cli_run(capsys, tmp_path, net, name="top", kind="table",
+                             variables=[{"name": "age", "quantiles": [0.5, 0.9999]}], family=None)
+    assert code == 0, err
+    summary = json.loads((out / "results.json").read_text())["tables"][0]["summary"][0]
+    top = summary["quantiles"][1]
+    assert not top["exact"] and top["value"] is None and top["high"] != 93.0 and top["low"] < 86
+
+
+def test_a_table_of_three_people_is_refused(node):
+    reply, _ = table_task(node, where="age >= 86", variables=["g", "h"])
+    refused(node, reply, "min_rows")
+
+
+# --------------------------------------------------------------------------- 7. output and crashes
+
+def test_a_study_name_cannot_write_outside_out(capsys, tmp_path):
+    net = cli_network(tmp_path)
+    code, err, out = cli_run(capsys, tmp_path, net, name="../../escaped", formula="y ~ x")
+    assert code == 0, err
+    assert not (tmp_path.parent / "escaped").exists() and not (tmp_path / "escaped").exists()
+    assert len(list(out.rglob("results.json"))) == 1
+
+
+def test_a_deeply_nested_study_file_is_one_sentence(capsys, tmp_path):
+    net = cli_network(tmp_path)
+    study = tmp_path / "deep.toml"
+    study.write_text("name = \"deep\"\nx = " + "[" * 3000 + "]" * 3000 + "\n")
+    code = cli_main(["run", str(study), "--network", str(net), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err and "deep.toml" in err

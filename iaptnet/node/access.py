@@ -78,11 +78,9 @@ def count_referrals(dataset, key: str, spec, release: Release, node: str) -> Non
         counts = values.value_counts(sort=False).reindex(settings.levels[var], fill_value=0)
         margins[var] = counts.to_numpy(dtype=float)
         codes = values.cat.codes.to_numpy()
-        for k in range(len(settings.levels[var])):
+        for k, level in enumerate(settings.levels[var]):
             if counts.iloc[k]:
-                indicator = np.zeros(used.size, dtype=bool)
-                indicator[positions[codes == k]] = True
-                indicators.append(indicator)  # each margin is an exact count of these rows
+                indicators.append((f"{var}={level}", positions[codes == k]))  # each margin counts these rows exactly
         for level, count in counts.items():
             levels.append(LevelCount(var, str(level), int(count),
                                      f"merge '{level}' with another level of {var} ([merge.{var}]) "

@@ -228,6 +228,7 @@ def _summaries(release: Release, spec: StudySpec, lay: Layout, i: int, rows: pd.
     positions = np.flatnonzero(cohort)
     mask = np.zeros(len(cohort), dtype=bool)
     mask[positions[recorded]] = True
+    everyone, every_group = np.where(recorded, values, 0.0), groups  # for the audit: one base per column
     values, groups = values[recorded], groups[recorded]
     columns = range(lay.n_columns)
     candidates, released = {}, []
@@ -237,9 +238,14 @@ def _summaries(release: Release, spec: StudySpec, lay: Layout, i: int, rows: pd.
         part[positions[recorded][in_c]] = True
         x = values[in_c]
         off_mode = len(x) - int(np.unique(x, return_counts=True)[1].max()) if len(x) else 0
+        # The audit compares the variable, 0 where it is not recorded, on the column's rows:
+        # the same vector, on rows every variable of the column shares.
+        in_column = np.ones(len(every_group), dtype=bool) if c == 0 else every_group == c
+        column_rows = np.zeros(len(cohort), dtype=bool)
+        column_rows[positions[in_column]] = True
         facts = ModelFacts(f"{spec.name}: {v.name}, column {c}", part,
                            levels=[LevelCount(v.name, None, off_mode, "leave the variable out of the table")],
-                           columns=[(v.name, x)])
+                           columns=[(v.name, everyone[in_column])], column_rows=column_rows)
         candidates[c] = (facts, x)
         # An empty cell is released as empty (the table shows its count, 0, anyway).
         ok = ("v", i, 1, c) not in hidden and (not len(x) or not check_size(facts, rules)) \
@@ -326,7 +332,9 @@ def describe_quantiles(runtime: NodeRuntime, task) -> Release:
     minimum = max(rules.min_level_count, rules.min_subset_difference)
     release = Release()
     dataset = runtime.dataset
-    checker = SubsetCheck(runtime, dataset.data_version, dataset.n_rows, rules)
+    with runtime.memory.transaction() as memory:
+        remembered = memory.releases(dataset.data_version, dataset.n_rows)
+    accepted: list[np.ndarray] = []  # threshold row sets answered in this task (packed)
     work = {i: {c: list(ts) for c, ts in v.answered.items()} for i, v in state.variables.items()}
     for i, c, j, t in queries:
         v = state.variables[i]
@@ -344,17 +352,16 @@ def describe_quantiles(runtime: NodeRuntime, task) -> Release:
         rows = np.zeros(v.facts.rows.size, dtype=bool)
         rows[np.flatnonzero(v.facts.rows)[below]] = True
         threshold_facts = ModelFacts(f"{v.facts.label} at or below a threshold", rows, cohort=False, combine=False)
-        if not checker.allows(threshold_facts):
+        if remembered.set_differs_by_few(rows, accepted, rules.min_subset_difference):
             continue  # the same count differs by a few people from a row set released before
-        weights = below.astype(float)
-        history = [base.astype(float)] + [(base & (v.values <= s)).astype(float)
-                                           for s in _neighbours(answered.get(c, []), t)]
+        weights = below  # 0/1: the rows counted (the policy's checks count them directly)
+        history = [base] + [(base & (v.values <= s)) for s in _neighbours(answered.get(c, []), t)]
         section = release.round(f"v{i}/{c}/{j}", v.facts, coefficients=np.array([t]), weights={WEIGHTS: weights},
                                 history={WEIGHTS: history}, bounded=False, group="thresholds")
         if check_round(section, rules):
             release.sections.remove(section)
-            checker.accepted.pop()
             continue
+        accepted.append(np.packbits(rows))
         section.value("count", count)
         release.model(f"v{i}/{c}/{j}", threshold_facts, group="threshold_rows")  # remembered, sends nothing
         answered.setdefault(c, []).append(t)

@@ -64,7 +64,8 @@ class DesignedModel:
     def gram(self) -> np.ndarray:
         """X'X, computed once (the leverage check and the local fit's first step use it)."""
         if self._gram is None:
-            self._gram = self.X.T @ self.X
+            with np.errstate(over="ignore", invalid="ignore"):  # (overflow is judged by its users)
+                self._gram = self.X.T @ self.X
         return self._gram
 
     @property
@@ -83,6 +84,16 @@ class DesignedModel:
         in float64."""
         if self.n == 0:
             return None
+        plain = self.weights is None and not np.any(self.offset != self.offset[0])
+        gram = self.gram() if plain else None  # X'X, shared with the local fit's first step
+        if plain and np.all(np.isfinite(gram)) and np.all(np.isfinite(self.X)):
+            Z, norms = self.X, np.sqrt(np.maximum(np.diag(gram), 0.0))
+            keep = norms > 0
+            if not keep.any():
+                return None
+            Zk = Z[:, keep] if not keep.all() else Z
+            scaled = gram[np.ix_(keep, keep)] / np.outer(norms[keep], norms[keep])
+            return _largest_leverage(Zk, 1.0 / norms[keep], scaled)
         Z = self.X
         if np.any(self.offset != self.offset[0]):
             Z = np.column_stack([Z, self.offset])
@@ -90,33 +101,42 @@ class DesignedModel:
             Z = Z * np.sqrt(self.weights)[:, None]
         if not np.all(np.isfinite(Z)):
             return math.nan
-        norms = np.sqrt(np.einsum("ij,ij->j", Z, Z))
-        keep = norms > 0
+        # Each column divided by its largest value first, so that squaring cannot overflow
+        # (a column of 1e200 for one row would otherwise make every norm infinite).
+        top = np.max(np.abs(Z), axis=0)
+        keep = top > 0
         if not keep.any():
             return None
-        U = Z[:, keep] / norms[keep]
-        with np.errstate(all="ignore"):
-            gram = U.T @ U
-            values, vectors = np.linalg.eigh(gram)
-            if not np.all(np.isfinite(values)):
-                return math.nan
-            kept = values > 1e-12 * values[-1]
-            basis = vectors[:, kept] / np.sqrt(values[kept])
-            if kept.all() and values[0] > 1e-4 * values[-1]:
-                # Well conditioned (the usual case): the projection in float32 is accurate to
-                # far better than the threshold needs, at half the cost; the design itself is
-                # unit-scaled, so nothing can overflow.
-                proj = U.astype(np.float32) @ basis.astype(np.float32)
-            else:
-                proj = U @ basis
-            h = np.einsum("ij,ij->i", proj, proj, dtype=np.float64)
-        top = float(np.max(h)) if h.size else 0.0
-        return top if math.isfinite(top) else math.nan
+        Z1 = Z[:, keep] / top[keep]
+        inv = 1.0 / np.sqrt(np.einsum("ij,ij->j", Z1, Z1))
+        U = Z1 * inv
+        return _largest_leverage(Z1, inv, U.T @ U)
 
     @property
     def parameters(self) -> int:
         """Design columns with a non-zero value at this node."""
         return int(np.count_nonzero(np.any(self.X != 0, axis=0))) if self.n else 0
+
+
+def _largest_leverage(Z: np.ndarray, inv_norms: np.ndarray, scaled_gram: np.ndarray) -> float:
+    """max_i z_i' (Z'Z)^+ z_i from the unit-diagonal Gram matrix of Z's columns (scaled by
+    `inv_norms`): eigen-decomposition, directions without support left out; NaN refuses."""
+    with np.errstate(all="ignore"):
+        values, vectors = np.linalg.eigh(scaled_gram)
+        if not np.all(np.isfinite(values)) or values[-1] <= 0:
+            return math.nan
+        kept = values > 1e-12 * values[-1]
+        basis = (vectors[:, kept] / np.sqrt(values[kept])) * inv_norms[:, None]
+        if kept.all() and values[0] > 1e-4 * values[-1]:
+            # Well conditioned (the usual case): the projection in float32 is accurate far
+            # beyond what the threshold needs, at half the cost; its entries are bounded by
+            # the condition number, so nothing overflows.
+            proj = Z.astype(np.float32) @ basis.astype(np.float32)
+        else:
+            proj = Z @ basis
+        h = np.einsum("ij,ij->i", proj, proj, dtype=np.float64)
+    top = float(np.max(h)) if h.size else 0.0
+    return top if math.isfinite(top) else math.nan
 
 
 def model_selection(frame: pd.DataFrame, spec: StudySpec, parsed: ParsedFormula):

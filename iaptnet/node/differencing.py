@@ -273,6 +273,59 @@ def near_affine_mismatch(u: np.ndarray, f: np.ndarray, gu: np.ndarray, gf: np.nd
     return best if best < t else t
 
 
+def off_mode(values: np.ndarray) -> int:
+    """Rows away from the most common value."""
+    if values.size == 0:
+        return 0
+    _, counts = np.unique(values, return_counts=True)
+    return int(values.size - counts.max())
+
+
+def varies_on_many(F: np.ndarray, t: int) -> np.ndarray:
+    """For each column of F (rows x q): are at least t of its rows away from any one value?
+    First on its first 4t rows (if t of those already differ from the commonest of them,
+    they differ from every single value), then exactly for the columns left undecided."""
+    if F.shape[0] < t:
+        return np.zeros(F.shape[1], dtype=bool)
+    head = np.sort(F[:4 * t], axis=0)
+    k = head.shape[0]
+    same = np.vstack([np.zeros((1, head.shape[1]), dtype=bool), head[1:] == head[:-1]])
+    # longest run of equal values per column
+    runs = np.zeros(head.shape[1], dtype=np.int64)
+    current = np.zeros(head.shape[1], dtype=np.int64)
+    for row in same:
+        current = np.where(row, current + 1, 1)
+        runs = np.maximum(runs, current)
+    out = (k - runs) >= t
+    for j in np.flatnonzero(~out):
+        out[j] = off_mode(F[:, j]) >= t
+    return out
+
+
+def standard_ranks(F: np.ndarray) -> np.ndarray:
+    """Each column's (average) ranks, centred and scaled to unit norm (0 for a constant one)."""
+    from scipy.stats import rankdata
+
+    R = rankdata(F, axis=0).astype(float)
+    R -= R.mean(axis=0)
+    norms = np.sqrt(np.einsum("ij,ij->j", R, R))
+    return np.divide(R, norms, out=np.zeros_like(R), where=norms > 0)
+
+
+def rank_screen(u: np.ndarray, ranked: np.ndarray, t: int, r: np.ndarray | None = None) -> np.ndarray:
+    """Which columns could equal an affine function of u but for fewer than t rows: their
+    rank correlation with u is within 12 (t/n)(1 + t/n) of +-1 (a bound with room: each
+    differing row moves another row's rank by at most one). A constant column or u is left
+    to the other rules (u = a + b * constant is constant: the off-mode rule)."""
+    n = u.size
+    r = standard_ranks(u[:, None])[:, 0] if r is None else r
+    if not np.any(r):
+        return np.zeros(ranked.shape[1], dtype=bool)
+    rho = np.abs(r @ ranked)
+    slack = 12.0 * (t / n) * (1.0 + t / n)
+    return (rho >= 1.0 - slack) & np.any(ranked != 0, axis=0)
+
+
 def screen_allowance(k: int, union: int, t: int) -> int:
     """How many of k sampled rows (of `union`) may disagree with a true near relation: the
     1..t-1 rows it fails on fall in the sample more often only with probability under 1e-10

@@ -161,7 +161,8 @@ class ModelFacts:
     included: 0 rows and a few rows get the same refusal, so that a refusal never tells one
     from the other). `combine`: they join the differencing audit's combinations of row sets
     (every set the node released exact statistics on); sets only compared in pairs (quantile
-    thresholds) say False. `indicators` (0/1 masks over the dataset) and `columns` (values on
+    thresholds) say False. `indicators` (0/1 columns as (name, dataset row numbers), or masks
+    over the dataset) and `columns` (values on
     `rows`, in dataset order) are what the statistics sum over besides the rows themselves:
     design columns, offsets, summarised variables; the audit compares them with every column
     released before. `parameters` is the number of design columns with a non-zero value here
@@ -184,6 +185,7 @@ class ModelFacts:
     columns: list[np.ndarray] = field(default_factory=list)
     weights: np.ndarray | None = None
     offset: np.ndarray | None = None
+    column_rows: np.ndarray | None = None  # the rows `columns` are given on, when not `rows`
 
     def __post_init__(self):
         self.rows = np.asarray(self.rows, dtype=bool)
@@ -202,7 +204,7 @@ class ModelFacts:
         cached = self.__dict__.get("_footprint")
         if cached is None or cached[0] != key:
             cached = (key, Footprint(self.label, self.rows, combine=self.combine, indicators=list(self.indicators),
-                                     columns=list(self.columns)))
+                                     columns=list(self.columns), column_rows=self.column_rows))
             self.__dict__["_footprint"] = cached
         return cached[1]
 
@@ -219,8 +221,8 @@ class Section:
             raise ValueError(f"unknown release kind {kind!r}")
         self.kind, self.key, self.group, self.facts = kind, key, group, facts
         self.coefficients = None if coefficients is None else np.asarray(coefficients, dtype=float)
-        self.weights = {k: np.asarray(v, dtype=float) for k, v in (weights or {}).items()}
-        self.history = {k: [np.asarray(h, dtype=float) for h in v] for k, v in (history or {}).items()}
+        self.weights = {k: _weights(v) for k, v in (weights or {}).items()}
+        self.history = {k: [_weights(h) for h in v] for k, v in (history or {}).items()}
         self.bounded = bounded
         self.values: dict = {}
         self.arrays: dict[str, np.ndarray] = {}
@@ -410,8 +412,17 @@ def _check_shaping(facts: ModelFacts, rules: Rules) -> list[Violation]:
     return out
 
 
+def _weights(v) -> np.ndarray:
+    """Row weights as float64, or as booleans when they are 0/1 indicators (rows counted)."""
+    v = np.asarray(v)
+    return v if v.dtype == bool else np.asarray(v, dtype=float)
+
+
 def effective_rows(weights: np.ndarray) -> float:
     """(sum w)^2 / sum w^2 of non-negative weights: how many rows the weights really use."""
+    if weights.dtype == bool:  # 0/1 weights: the rows counted
+        k = int(np.count_nonzero(weights))
+        return math.inf if k == 0 else float(k)
     w = np.abs(np.asarray(weights, dtype=float))
     if w.size == 0:
         return math.inf
@@ -426,6 +437,10 @@ def effective_rows(weights: np.ndarray) -> float:
 
 def _spread(values: np.ndarray, reference: np.ndarray | float) -> float:
     """Effective rows of the change from a reference; inf when nothing changes measurably."""
+    if values.dtype == bool and (np.ndim(reference) == 0 or np.asarray(reference).dtype == bool):
+        changed = int(np.count_nonzero(values != (np.asarray(reference) >= 0.5 if np.ndim(reference) == 0
+                                                  else reference)))
+        return math.inf if changed == 0 else float(changed)
     delta = np.abs(values - reference)
     scale = max(float(np.max(np.abs(values))) if values.size else 0.0, 1e-300)
     if values.size == 0 or float(delta.max()) <= 1e-9 * scale:

@@ -109,9 +109,7 @@ def model_facts(label: str, design: DesignedModel, family: str) -> ModelFacts:
                 continue
             col = X[:, j]
             if binary[j]:
-                indicator = np.zeros(mask.size, dtype=bool)
-                indicator[positions[col == 1]] = True
-                indicators.append(indicator)
+                indicators.append((name, positions[col == 1]))
             else:
                 columns.append((name, col * w if w is not None else col))
         off = design.offset[keep]

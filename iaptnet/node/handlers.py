@@ -32,6 +32,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..protocol import messages as m
 from ..protocol.errors import DataError, IaptnetError, SpecError
 from ..protocol.study import StudySpec, approval_hash
@@ -113,6 +115,12 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
         # as a refusal, in our own words (written never to carry data values).
         log.info("task %s (%s) could not be computed: %s", task.task_id, task.kind, exc)
         return _refused(runtime, task, record, d.Refusal(d.Violation("cannot_compute", str(exc))))
+    except (np.linalg.LinAlgError, FloatingPointError, OverflowError, ZeroDivisionError):
+        # Numerical failure on the rows (after the size rule): the same form as a refusal,
+        # and never the library's words.
+        log.exception("task %s (%s) could not be computed", task.task_id, task.kind)
+        return _refused(runtime, task, record, d.Refusal(d.Violation(
+            "cannot_compute", "a statistic of this study cannot be computed on this node's rows")))
     except IaptnetError as exc:
         # Our own errors are written never to carry data values.
         log.info("task %s (%s) failed: %s", task.task_id, task.kind, exc)

@@ -43,7 +43,8 @@ class Footprint:
     compared in pairs (quantile thresholds). `indicators`: 0/1 columns released over the rows
     (bool masks over the dataset, inside `rows`), each also standing for its complement within
     `rows`. `columns`: numeric columns as (name, values on the rows of `rows` in dataset
-    order); the name (a design column's, a variable's) only speeds up comparing a column with
+    order, or of `column_rows` when given: a table's summaries of several variables share the
+    rows of their column, with 0 where a variable is not recorded, the same vectors); the name (a design column's, a variable's) only speeds up comparing a column with
     the same column released on other rows."""
 
     label: str
@@ -51,6 +52,7 @@ class Footprint:
     combine: bool = True
     indicators: list[np.ndarray] = field(default_factory=list)
     columns: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    column_rows: np.ndarray | None = None  # the rows `columns` are given on, when not `rows`
     _planned: dict = field(default_factory=dict, repr=False, compare=False)  # (n, t) -> its _Plan
 
 
@@ -89,6 +91,9 @@ class VersionMemory:
         self._legacy_read = False
         self._last_plan = None
         self._sig_cache = None
+        self._rank_cache: dict[str, np.ndarray] = {}
+        self._matrix = None
+        self._pair_cache: dict = {}
         self.reload()
 
     # -- persistence
@@ -133,7 +138,10 @@ class VersionMemory:
     def _read_bundle(self, entry: dict) -> None:
         with np.load(self.folder / "bundles" / entry["bundle"], allow_pickle=False) as bundle:
             for digest, kind in entry["sets"]:
-                packed = bundle[f"s_{digest}"]
+                if f"q_{digest}" in bundle:  # a small set, kept as its rows
+                    packed = dif.pack(_mask(bundle[f"q_{digest}"], self.n))
+                else:
+                    packed = bundle[f"s_{digest}"]
                 if kind == "base":
                     self._add_base(digest, packed)
                 self._add_pair(digest, packed)
@@ -149,7 +157,13 @@ class VersionMemory:
         name = f"{secrets.token_hex(16)}.npz"
         tmp = folder / f".{name}.tmp"
         with open(tmp, "wb") as fh:
-            np.savez(fh, **{f"s_{d}": p for d, _, p in sets}, **{f"c_{d}": v for d, _, _, v in columns})
+            arrays = {}
+            for d, _, p in sets:
+                if dif.popcount(p) * 32 < self.n:  # small: its row numbers take less room
+                    arrays[f"q_{d}"] = np.flatnonzero(dif.unpack(p, self.n)).astype(np.uint32)
+                else:
+                    arrays[f"s_{d}"] = p
+            np.savez(fh, **arrays, **{f"c_{d}": v for d, _, _, v in columns})
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, folder / name)
@@ -201,27 +215,55 @@ class VersionMemory:
         findings += self._column_findings(plan, t, rng, before)
         return findings
 
+    def _pair_index(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """The remembered sets as one matrix sorted by size (rebuilt after a change): a new
+        set is compared with every set within t - 1 of its size in one vectorised step."""
+        if self._matrix is None or self._matrix[3] != len(self._pop):
+            digests = [d for _, d in self._pop]
+            pops = np.array([p for p, _ in self._pop], dtype=np.int64)
+            matrix = np.stack([self.pairs[d] for d in digests]) if digests else np.zeros((0, (self.n + 7) // 8), np.uint8)
+            self._matrix = (matrix, pops, digests, len(self._pop))
+        return self._matrix[:3]
+
+    def _near_remembered(self, packed: np.ndarray, pop: int, t: int) -> str | None:
+        """The digest of a remembered set differing from `packed` by 1..t-1 rows, if any."""
+        matrix, pops, digests = self._pair_index()
+        lo, hi = np.searchsorted(pops, pop - t + 1, "left"), np.searchsorted(pops, pop + t - 1, "right")
+        if lo >= hi:
+            return None
+        diff = np.bitwise_count(np.bitwise_xor(matrix[lo:hi], packed)).sum(axis=1, dtype=np.int64)
+        hits = np.flatnonzero((diff > 0) & (diff < t))
+        return digests[lo + int(hits[0])] if hits.size else None
+
     def _pairs_findings(self, plan: "_Plan", t: int, before: "_Plan") -> list[Finding]:
         out = []
         seen_new: dict[int, list[tuple[np.ndarray, str]]] = {}  # popcount -> new sets
         for _, digest, packed, _ in before.pair_sets:
             seen_new.setdefault(dif.popcount(packed), []).append((packed, digest))
+        checked = set()
         for label, digest, packed, _ in plan.pair_sets:
-            if digest in self.pairs:
+            if digest in self.pairs or digest in checked:
                 continue
+            checked.add(digest)
             pop = dif.popcount(packed)
-            lo = bisect.bisect_left(self._pop, (pop - t + 1, ""))
-            hi = bisect.bisect_right(self._pop, (pop + t - 1, "~"))
-            names = [d for _, d in self._pop[lo:hi]]
-            others = [self.pairs[d] for d in names]
-            others += [p for q in range(pop - t + 1, pop + t) for p, d in seen_new.get(q, ()) if d != digest]
-            hit = dif.sets_differ_by_few(packed, others, t)
-            if hit is not None:
-                whole = hit < len(names) and names[hit] == self.universe
-                out.append(Finding(label, "complement" if whole else "rows"))
+            near = self._near_remembered(packed, pop, t)
+            if near is not None:
+                out.append(Finding(label, "complement" if near == self.universe else "rows"))
+                continue
+            others = [p for q in range(pop - t + 1, pop + t) for p, d in seen_new.get(q, ()) if d != digest]
+            if dif.sets_differ_by_few(packed, others, t) is not None:
+                out.append(Finding(label, "rows"))
                 continue
             seen_new.setdefault(pop, []).append((packed, digest))
         return out
+
+    def set_differs_by_few(self, rows: np.ndarray, fresh: list[np.ndarray], t: int) -> bool:
+        """The pairwise check alone, for one row set against everything remembered and the
+        packed sets `fresh` (a fast path for a table's many quantile thresholds)."""
+        packed = dif.pack(rows)
+        if self._near_remembered(packed, dif.popcount(packed), t) is not None:
+            return True
+        return dif.sets_differ_by_few(packed, fresh, t) is not None
 
     def _combination_findings(self, plan: "_Plan", t: int, before: "_Plan") -> list[Finding]:
         fresh = [(label, d, p) for label, d, p in plan.base_sets if d not in self.base]
@@ -277,6 +319,7 @@ class VersionMemory:
             owners[digest] = label
             fresh.append((label, base, positions, name, values, digest))
         stacked: dict[tuple, np.ndarray] = {}
+        cache: dict = {}  # work shared by the new columns of one base against one group
         for label, base, positions, name, values, digest in fresh:
             in_u = np.zeros(self.n, dtype=bool)
             in_u[positions] = True
@@ -302,7 +345,8 @@ class VersionMemory:
                     f_positions = plan.positions.get(b)
                     if f_positions is None:
                         f_positions = self.positions(b)
-                    if self._near_affine(positions, u_full, in_u, f_positions, rank, stacked[key], t, rng):
+                    if self._near_affine(positions, u_full, in_u, f_positions, rank, stacked[key], t, rng,
+                                         cache, ((base,), key), digest):
                         return [Finding(label, "column")]
             groups.setdefault(base, []).append((digest, name, values))
             self._positions.setdefault(base, positions)
@@ -336,12 +380,61 @@ class VersionMemory:
             self._positions[key] = rank
         return self._positions[key]
 
+    def _ranked(self, digest: str, values: np.ndarray) -> np.ndarray:
+        """A column's standardised ranks on its base rows, kept (a bounded cache)."""
+        out = self._rank_cache.get(digest)
+        if out is None:
+            out = dif.standard_ranks(values[:, None])[:, 0]
+            if len(self._rank_cache) > 2048:
+                self._rank_cache.clear()
+            self._rank_cache[digest] = out
+        return out
+
     def _near_affine(self, positions: np.ndarray, u_full: np.ndarray, in_u: np.ndarray, f_positions: np.ndarray,
-                     rank: np.ndarray, F: np.ndarray, t: int, rng: np.random.Generator) -> bool:
+                     rank: np.ndarray, F: np.ndarray, t: int, rng: np.random.Generator,
+                     cache: dict | None = None, key=None, u_digest: str = "") -> bool:
         """Whether u (on `positions`; `u_full` over the dataset) is near an affine function of
         a column of F (columns stacked on the rows `f_positions`; `rank` places dataset rows
-        among them)."""
-        union_size = positions.size + f_positions.size - int(np.count_nonzero(in_u[f_positions]))
+        among them).
+
+        Outside the rows both were released on, a near relation needs each column constant
+        (0, or the fit's intercept) but for a few rows: u on its rows alone, and f on its
+        rows alone unless b is 0 (then u is constant but for a few rows, which the model's
+        own rule refuses). So pairs that fail this are not examined further. On the same rows,
+        a near relation has a rank correlation of nearly +-1 (each differing row moves the
+        others' ranks by at most one), a cheap screen of every column at once."""
+        if key is None:
+            cache = {}
+        else:  # work that depends only on the two bases (and the group's columns): kept
+            cache = self._pair_cache
+            if len(cache) > 4096:
+                cache.clear()
+        bk = ("bases", key[0][0] if key else None, key[1][0] if key else None, t)
+        if bk not in cache:
+            only_u = positions[rank[positions] < 0]
+            outside_f = ~in_u[f_positions]
+            cache[bk] = (only_u, outside_f, positions.size + int(np.count_nonzero(outside_f)))
+        only_u, outside_f, union_size = cache[bk]
+        if int(outside_f.sum()) >= t:
+            ck = ("offmode", key, t)
+            if ck not in cache:
+                cache[ck] = dif.varies_on_many(F[outside_f], t)
+            possible = ~cache[ck]
+            if not possible.any():
+                return False
+        else:
+            possible = np.ones(F.shape[1], dtype=bool)
+        if only_u.size >= t and dif.varies_on_many(u_full[only_u][:, None], t)[0]:
+            return False
+        if only_u.size == 0 and not outside_f.any() and positions.size >= 4 * t:
+            ck = ("ranks", key, t)
+            if ck not in cache:
+                columns = key[1][1]
+                cache[ck] = np.column_stack([self._ranked(d, F[:, j]) for j, d in enumerate(columns)])[rank[positions]]
+            near = dif.rank_screen(u_full[positions], cache[ck], t, self._ranked(u_digest, u_full[positions]))
+            possible &= near
+            if not possible.any():
+                return False
 
         def at(rows):
             r = rank[rows]
@@ -361,12 +454,14 @@ class VersionMemory:
             rows = np.concatenate(parts)
             allowed = dif.screen_allowance_for(expected)
             gf = (rank[rows] >= 0).astype(float)
-            candidates = dif.screen_near_affine(u_full[rows], at(rows), in_u[rows].astype(float),
-                                                np.repeat(gf[:, None], F.shape[1], axis=1), allowed, rng)
+            candidates = possible.copy()
+            idx = np.flatnonzero(possible)
+            candidates[idx] = dif.screen_near_affine(u_full[rows], at(rows)[:, idx], in_u[rows].astype(float),
+                                                     np.repeat(gf[:, None], idx.size, axis=1), allowed, rng)
             if not candidates.any():
                 return False
         else:
-            candidates = np.ones(F.shape[1], dtype=bool)
+            candidates = possible
         union = np.union1d(positions, f_positions)
         full = at(union)
         gu, gf = in_u[union].astype(float), (rank[union] >= 0).astype(float)
@@ -458,21 +553,49 @@ class _Plan:
                 base_sets.append((fp.label, digest, packed))
             pair_sets.append((fp.label, digest, packed, digest))
             for indicator in fp.indicators:
-                ind = np.asarray(indicator, dtype=bool) & rows
-                for part in (ind, rows & ~ind):
-                    if part.any():
-                        p = dif.pack(part)
-                        pair_sets.append((fp.label, _digest(p, n), p, digest))
+                for p, d in _indicator_sets(indicator, rows, packed, digest, n):
+                    pair_sets.append((fp.label, d, p, digest))
+            col_digest, col_positions = digest, row_positions
+            if fp.column_rows is not None:
+                col_rows = np.asarray(fp.column_rows, dtype=bool)
+                col_packed = dif.pack(col_rows)
+                col_digest, col_positions = _digest(col_packed, n), np.flatnonzero(col_rows)
+                positions[col_digest] = col_positions
+                pair_sets.append((fp.label, col_digest, col_packed, col_digest))
             for name, values in fp.columns:
                 values = np.asarray(values, dtype=np.float64)
-                if values.shape != (row_positions.size,):
+                if values.shape != (col_positions.size,):
                     raise ValueError("a footprint column does not match its rows")
-                for derived in _level_sets(values, row_positions, n, fp.label, t):
-                    pair_sets.append(derived + (digest,))
-                columns.append((fp.label, digest, row_positions, str(name), values, _column_digest(digest, values)))
+                for derived in _level_sets(values, col_positions, n, fp.label, t):
+                    pair_sets.append(derived + (col_digest,))
+                columns.append((fp.label, col_digest, col_positions, str(name), values,
+                                _column_digest(col_digest, values)))
         plan = cls(base_sets, pair_sets, columns, positions)
         fp._planned[key] = plan
         return plan
+
+
+_INDICATORS: dict = {}  # (n, base digest, rows digest) -> the packed set and its complement
+
+
+def _indicator_sets(indicator, rows: np.ndarray, base_packed: np.ndarray, base: str, n: int):
+    """An indicator column as two sets: its rows and the rest of its base rows. Given as
+    (name, dataset row numbers) or a mask; several models of one study share most of their
+    columns, so each is packed once (a small cache keyed by content)."""
+    if isinstance(indicator, tuple):
+        positions = np.asarray(indicator[1], dtype=np.int64)
+    else:
+        positions = np.flatnonzero(np.asarray(indicator, dtype=bool) & rows)
+    key = (n, base, hashlib.sha1(positions.tobytes()).hexdigest())
+    out = _INDICATORS.get(key)
+    if out is None:
+        part = dif.pack(_mask(positions, n))
+        rest = np.bitwise_and(base_packed, np.bitwise_not(part))
+        out = [(p, _digest(p, n)) for p in (part, rest) if dif.popcount(p)]
+        if len(_INDICATORS) > 20_000:
+            _INDICATORS.clear()
+        _INDICATORS[key] = out
+    return out
 
 
 def _level_sets(values: np.ndarray, positions: np.ndarray, n: int, label: str, t: int):
