@@ -332,3 +332,20 @@ def test_refusal_sentences_name_rule_threshold_and_fix():
     assert v.render() == "the model uses fewer than 50 rows at this node; the policy's minimum is 50 (model 's'); to fix: widen the cohort"
     v = d.Violation("max_params_per_row", "too many parameters", 0.33)
     assert v.render() == "too many parameters; the policy's maximum is 0.33"
+
+
+def test_a_study_run_again_on_the_same_data_does_not_use_up_the_daily_limits(tmp_path):
+    """The node's volume limits count new releases: the same study answered again (same
+    tasks, same data) releases nothing new, so running the demo twice in a day works; a
+    different study still counts."""
+    rng = np.random.default_rng(3)
+    sites = {"a": pd.DataFrame({"y": (rng.random(300) < 0.4).astype(float), "x": rng.normal(size=300)})}
+    policy = 'mode = "exploratory"\n[exploratory]\nmax_rounds_per_study = 8\nmax_studies_per_day = 2\n' \
+             '[rules]\nmax_rounds_per_study = 8\nmax_studies_per_day = 2\n'
+    write_network(tmp_path, sites, {"y": {"type": "binary"}, "x": {"type": "numeric"}}, {"a": policy})
+    for _ in range(4):  # about 5 tasks a run, 8 allowed a day
+        result = run_study(tmp_path, name="same", family="binomial", formula="y ~ x")
+        assert result["converged"]
+    run_study(tmp_path, name="other", family="binomial", formula="y ~ x", where="x > -2")
+    with pytest.raises(NetworkError, match="max_studies_per_day|as many studies today"):
+        run_study(tmp_path, name="third", family="binomial", formula="y ~ x", where="x > -2.5")

@@ -296,10 +296,21 @@ class NodeMemory:
             self._state["day"] = day
             self._state["studies"] = {}
             self._state["refused"] = 0
+            self._state["answered"] = {}
 
     def tasks_today(self, study_hash: str, now: float) -> int:
         self._roll(now)
         return int(self._state["studies"].get(study_hash, 0))
+
+    def answered_before(self, key: str, now: float) -> bool:
+        self._roll(now)
+        return key in self._state.get("answered", {})
+
+    def remember_answer(self, key: str, now: float) -> None:
+        self._roll(now)
+        answered = self._state.setdefault("answered", {})
+        if len(answered) < 200_000:
+            answered[key] = 1
 
     def refusals_today(self, now: float) -> int:
         self._roll(now)

@@ -89,7 +89,7 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
         "params": digest_parameters(task.payload, task.arrays),
     }
     try:
-        rules, fresh_study = _gate(runtime, policy, task, now)
+        rules, fresh_study, repeat = _gate(runtime, policy, task, now, record["params"])
         registration = HANDLERS[task.kind]
         if registration.studies != "none":
             _load_dataset(runtime)
@@ -135,6 +135,9 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
             dataset = runtime.dataset
             with runtime.memory.transaction() as memory:
                 memory.remember_release(footprints, dataset.data_version, dataset.n_rows, rules)
+        if repeat is not None:
+            with runtime.memory.transaction() as memory:
+                memory.remember_answer(repeat, now)
         entry = runtime.audit.append({**record, "status": m.OK, "released": {
             "payload": payload, "arrays": arrays_for_log(arrays)}})
     except Exception:  # noqa: BLE001
@@ -172,8 +175,11 @@ def _load_dataset(runtime: NodeRuntime) -> None:
 
 # --------------------------------------------------------------------------- the gate
 
-def _gate(runtime: NodeRuntime, policy, task: m.Task, now: float):
-    """Refuse what may not run at all; returns (rules, approval to remember or None)."""
+def _gate(runtime: NodeRuntime, policy, task: m.Task, now: float, params: str):
+    """Refuse what may not run at all; returns (rules, approval to remember or None, the
+    task's repeat key or None). A task the node has answered before on the same data (same
+    kind, study and parameters) releases nothing new: it does not count towards the daily
+    limits (a demo run twice in a day is answered twice)."""
     if not isinstance(task.task_id, str) or not _TASK_ID.match(task.task_id):
         raise d.Refusal(d.Violation("task_id", "the task has no valid id"))
     with runtime.memory.transaction() as memory:
@@ -207,7 +213,13 @@ def _gate(runtime: NodeRuntime, policy, task: m.Task, now: float):
                                         "this node has refused as many tasks on its data today as its policy allows "
                                         "(each such refusal answers a yes/no question about its rows); it answers "
                                         "again tomorrow (UTC)", rules.max_refusals_per_day))
+        repeat = None
         if registration.studies != "none":
+            _load_dataset(runtime)
+            repeat = hashlib.sha256(f"{task.kind}|{task.study_hash}|{params}|{runtime.dataset.data_version}"
+                                    .encode()).hexdigest()
+            if memory.answered_before(repeat, now):
+                return rules, fresh, repeat
             done = memory.tasks_today(task.study_hash, now)
             if done >= rules.max_rounds_per_study:
                 raise d.Refusal(d.Violation("max_rounds_per_study", "the study has had as many tasks today as this node answers",
@@ -216,7 +228,7 @@ def _gate(runtime: NodeRuntime, policy, task: m.Task, now: float):
                 raise d.Refusal(d.Violation("max_studies_per_day", "this node has answered as many studies today as its policy allows",
                                             rules.max_studies_per_day))
             memory.count_task(task.study_hash, now)
-    return rules, fresh
+    return rules, fresh, repeat
 
 
 def _approval(policy, task: m.Task) -> bool:
