@@ -126,3 +126,76 @@ def test_meta_equals_glm_and_metafor(tmp_path):
     np.testing.assert_allclose(result["random_reml"]["tau2"], ref["random_reml"]["tau2"], rtol=0,
                                atol=META_REML_TAU2_ATOL)
     assert ref["random_reml"]["tau2"] > 0 and ref["random_dl"]["tau2"] > 0  # the case tests heterogeneity
+
+
+# --- propensity-score matching: glm(), MatchIt, iaptnet's few-unmatched rule, sandwich::vcovCL ---
+
+PROPENSITY_COLUMNS = {
+    "y": {"type": "binary"},
+    "t": {"type": "binary"},
+    "x1": {"type": "numeric"},
+    "x2": {"type": "numeric"},
+    "g": {"type": "categorical", "levels": ["a", "b", "c"]},
+    "h": {"type": "binary"},
+}
+PROPENSITY_FACTORS = {"g": ["a", "b", "c"]}
+
+
+def node_states(folder: Path, study: str) -> dict[str, pd.DataFrame]:
+    """What each node kept for the study: its rows' logits and pair ids (never released)."""
+    from iaptnet.coordinator.network import load_network
+    from iaptnet.coordinator.studies import load_study
+    from iaptnet.node.runtime import NodeConfig, runtime_for
+    from iaptnet.protocol.kinds import propensity as kind
+
+    spec = load_study(folder / f"{study}.toml", {str(folder / "schema.toml")}).spec
+    return {node["name"]: runtime_for(NodeConfig.from_mapping(node)).augments[kind.state_key(spec)]
+            for node in load_network(folder / "network.toml").nodes}
+
+
+def pairs_of(exposed_rows: np.ndarray, control_rows: np.ndarray) -> list[list[int]]:
+    """[exposed row, control row] pairs, by exposed row, as make_psm.R writes them."""
+    return sorted([int(e), int(c)] for e, c in zip(exposed_rows, control_rows))
+
+
+def test_psm_equals_matchit_and_sandwich(tmp_path):
+    from iaptnet.node.matching import match_nearest
+    from iaptnet.protocol.kinds import propensity as kind
+
+    ref = reference("psm")
+    sites = sites_of("psm")
+    write_network(tmp_path, sites, PROPENSITY_COLUMNS)
+    result = run_study(tmp_path, name="psm_r", kind="psm", outcome="y", exposure="t", covariates="g + h + x1 + x2")
+    assert_terms(result["propensity_model"]["terms"], ref["propensity_model"], PROPENSITY_FACTORS, what="score")
+    assert result["propensity_model"]["n"] == ref["propensity_model"]["n"]
+    np.testing.assert_allclose(result["propensity_score"]["logit_sd"], ref["logit_sd"], rtol=RTOL, atol=0)
+    np.testing.assert_allclose(result["matching"]["caliper"], ref["caliper"], rtol=RTOL, atol=0)
+    caliper = result["matching"]["caliper"]
+    for site, state in node_states(tmp_path, "psm_r").items():
+        theirs = ref["sites"][site]
+        assert len(state) == len(sites[site]) and state[kind.LOGIT_COLUMN].notna().all()
+        exposed = sites[site]["t"].to_numpy() == 1
+        assert (exposed.sum(), (~exposed).sum()) == (theirs["exposed"], theirs["controls"])
+        # MatchIt's pairs: iaptnet's matching algorithm on the node's own logits ...
+        t_rows, c_rows = match_nearest(state[kind.LOGIT_COLUMN].to_numpy(), exposed, caliper)
+        assert pairs_of(t_rows, c_rows) == theirs["matchit_pair_rows"], site
+        # ... and the pairs the node kept: MatchIt's after the rule on few unmatched people.
+        pair = state[kind.PAIR_COLUMN].to_numpy()
+        kept = []
+        for number in np.unique(pair[~np.isnan(pair)]):
+            rows = np.flatnonzero(pair == number)
+            assert len(rows) == 2 and exposed[rows].sum() == 1
+            kept.append(rows[np.argsort(~exposed[rows])])
+        assert pairs_of(*zip(*kept)) == theirs["pair_rows"], site
+    # The rule applied where MatchIt left 1..7 exposed unmatched (s0, s3), not where it left
+    # none (s2) or 8 or more (s1): the case tests both sides of it.
+    assert {s: v["matchit_pairs"] - v["pairs"] for s, v in ref["sites"].items()} == {"s0": 7, "s1": 0, "s2": 0, "s3": 6}
+    assert result["matching"]["pairs"] == ref["n_pairs"]
+    outcome = ref["outcome"]
+    assert_terms(result["terms"], outcome, {}, what="outcome (clustered on the pair)")
+    assert_terms(result["terms"], {**outcome, "std_error": outcome["std_error_model"]}, {}, se_key="std_error_model",
+                 what="outcome (model-based)")
+    assert result["cov_type"] == "cluster"
+    assert result["n"] == outcome["n"] and result["n_clusters"] == outcome["n_clusters"]
+    for field in ("deviance", "null_deviance"):
+        np.testing.assert_allclose(result[field], outcome[field], rtol=RTOL, atol=0, err_msg=field)

@@ -7,9 +7,10 @@ committed and the tests read them, so R and numpy versions never move the inputs
 
 - meta: 5 services with different slopes of x (so tau^2 > 0); s3 has no rows of level c.
 - psm: 4 services; continuous x2, so no two logits tie and the greedy pairs are unambiguous
-  (make_psm.R checks that by perturbing the logits and the caliper); in s1 three exposed rows
-  have logits beyond every control's, so iaptnet's rule that a service leaves 0 or at least 8
-  exposed unmatched unmatches 5 more pairs there.
+  (make_psm.R checks that by perturbing the logits and the caliper). Matching within a caliper
+  of 0.2 SD of the logit leaves 1 exposed row unmatched in s0 and 2 in s3 (so iaptnet's rule
+  that a service leaves 0 or at least 8 unmatched unmatches 7 and 6 more pairs there), none in
+  s2, and 14 in s1, three of them exposed rows whose logits lie beyond every control's.
 - iptw: 3 services, exposure depending on a categorical and two continuous covariates.
 - glm: 4 services of 12 clinics each (clusters within services), prior weights.
 """
