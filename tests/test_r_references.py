@@ -199,3 +199,46 @@ def test_psm_equals_matchit_and_sandwich(tmp_path):
     assert result["n"] == outcome["n"] and result["n_clusters"] == outcome["n_clusters"]
     for field in ("deviance", "null_deviance"):
         np.testing.assert_allclose(result[field], outcome[field], rtol=RTOL, atol=0, err_msg=field)
+
+
+# --- inverse probability weighting: glm(), sandwich's HC0 (and survey::svyglm) ------------------
+
+IPTW_STUDIES = {
+    "ate_stabilized": dict(estimand="ATE", stabilized=True),
+    "att_adjusted": dict(estimand="ATT", adjust_outcome=True),
+}
+
+
+@pytest.fixture(scope="module")
+def iptw_network(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("iptw_r")
+    write_network(folder, sites_of("iptw"), PROPENSITY_COLUMNS)
+    return folder
+
+
+@pytest.mark.parametrize("analysis", list(IPTW_STUDIES))
+def test_iptw_equals_glm_with_sandwich_hc0(iptw_network, analysis):
+    ref = reference("iptw")
+    theirs = ref[analysis]
+    result = run_study(iptw_network, name=f"iptw_{analysis}", kind="iptw", outcome="y", exposure="t",
+                       covariates="g + h + x1 + x2", **IPTW_STUDIES[analysis])
+    assert_terms(result["propensity_model"]["terms"], ref["propensity_model"], PROPENSITY_FACTORS, what="score")
+    for group in ("exposed", "control"):
+        ours = result["weighting"][group]
+        assert ours["n"] == theirs["weighting"][group]["n"]
+        for field in ("sum_weights", "effective_n"):
+            np.testing.assert_allclose(ours[field], theirs["weighting"][group][field], rtol=RTOL, atol=0,
+                                       err_msg=f"{group} {field}")
+    outcome = theirs["outcome"]
+    assert result["cov_type"] == "HC0"
+    assert_terms(result["terms"], outcome, PROPENSITY_FACTORS, what="outcome (HC0)")
+    assert_terms(result["terms"], {**outcome, "std_error": outcome["std_error_model"]}, PROPENSITY_FACTORS,
+                 se_key="std_error_model", what="outcome (model-based)")
+    assert result["n"] == outcome["n"]
+    for field in ("deviance", "null_deviance"):
+        np.testing.assert_allclose(result[field], outcome[field], rtol=RTOL, atol=0, err_msg=field)
+    # survey::svyglm's covariance is the same sandwich times n / (n - 1): iaptnet's is HC0.
+    n = outcome["n"]
+    svy = {iaptnet_term(k, PROPENSITY_FACTORS): v for k, v in outcome["std_error_svyglm"].items()}
+    for term in result["terms"]:
+        np.testing.assert_allclose(term["std_error"] * np.sqrt(n / (n - 1)), svy[term["term"]], rtol=RTOL, atol=0)
