@@ -242,3 +242,45 @@ def test_iptw_equals_glm_with_sandwich_hc0(iptw_network, analysis):
     svy = {iaptnet_term(k, PROPENSITY_FACTORS): v for k, v in outcome["std_error_svyglm"].items()}
     for term in result["terms"]:
         np.testing.assert_allclose(term["std_error"] * np.sqrt(n / (n - 1)), svy[term["term"]], rtol=RTOL, atol=0)
+
+
+# --- GLM robust covariances: glm() with sandwich::vcovCL (HC1) and vcovHC (HC0) -------------------
+
+GLM_COLUMNS = {
+    "clinic": {"type": "integer"},
+    "y": {"type": "binary"},
+    "w": {"type": "numeric"},
+    "x": {"type": "numeric"},
+    "g": {"type": "categorical", "levels": ["a", "b", "c"]},
+    "h": {"type": "binary"},
+    "wt": {"type": "numeric", "min": 0},
+}
+GLM_MODELS = ["binomial_weighted_cluster", "gaussian_cluster", "binomial_hc0", "gaussian_weighted_hc0"]
+
+
+@pytest.fixture(scope="module")
+def glm_network(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("glm_r")
+    write_network(folder, sites_of("glm"), GLM_COLUMNS)
+    return folder
+
+
+@pytest.mark.parametrize("model", GLM_MODELS)
+def test_glm_robust_covariance_equals_sandwich(glm_network, model):
+    theirs = reference("glm")[model]
+    fields = dict(family=theirs["family"], formula=theirs["formula"], cov_type=theirs["cov_type"])
+    if theirs["cov_type"] == "cluster":
+        fields["cluster"] = "clinic"
+    if theirs["weights"]:
+        fields["weights"] = theirs["weights"]
+    result = run_study(glm_network, name=f"glm_{model}", **fields)
+    factors = {"g": ["a", "b", "c"]}
+    assert_terms(result["terms"], theirs, factors, what=f"{theirs['cov_type']}")
+    assert_terms(result["terms"], {**theirs, "std_error": theirs["std_error_model"]}, factors,
+                 se_key="std_error_model", what="model-based")
+    assert result["n"] == theirs["n"]
+    if theirs["cov_type"] == "cluster":
+        assert result["n_clusters"] == theirs["n_clusters"] == 48
+    for field in ("deviance", "null_deviance"):
+        np.testing.assert_allclose(result[field], theirs[field], rtol=RTOL, atol=0, err_msg=field)
+    np.testing.assert_allclose(result["scale"], theirs["dispersion"], rtol=RTOL, atol=0)
