@@ -1,7 +1,8 @@
 """The `iaptnet` command line.
 
 Every user mistake ends as one sentence on stderr and a non-zero exit, never a traceback.
-Long work shows progress on a terminal and stays quiet with --json.
+Long work shows progress on a terminal and stays quiet with --json. Every option says what it
+is for and shows its default.
 """
 
 from __future__ import annotations
@@ -110,35 +111,63 @@ def cmd_synth(args) -> int:
     return 0
 
 
+DESCRIPTION = """iaptnet: a federated analysis network for NHS Talking Therapies (IAPT) services.
+Each service runs a node next to its own records and releases only aggregates, under a
+disclosure policy the Trust controls; a coordinator combines them into estimates identical to
+a regression on the pooled rows. Documentation: docs/ (make docs), starting at docs/index.md."""
+
+
+class _DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows an option's default after its help, when it has a meaningful one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" not in text and action.option_strings and default not in (None, False, argparse.SUPPRESS)
+                and not isinstance(default, bool)):
+            text += " (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """Every parser and sub-parser shows defaults (sub-parsers are made of the parent's class)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iaptnet", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"iaptnet {__import__('iaptnet').__version__}")
+    parser = Parser(prog="iaptnet", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"iaptnet {__import__('iaptnet').__version__}",
+                        help="print the installed release and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log detail to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one or more studies and write results.json")
     run.add_argument("study", nargs="+", help="study TOML file(s); several share rounds")
     run.add_argument("--network", help="network.toml (in-process engine)")
-    run.add_argument("--engine", default="inprocess", choices=["inprocess", "flower"])
+    run.add_argument("--engine", default="inprocess", choices=["inprocess", "flower"],
+                     help="inprocess: the nodes of a network file in this process; flower: a real hub")
     run.add_argument("--hub", help="hub.toml: the hub's address and CA certificate (flower engine)")
     run.add_argument("--out", help="folder for results.json")
     run.add_argument("--json", action="store_true", help="print results as JSON, no progress")
     run.set_defaults(fn=cmd_run)
 
     demo = sub.add_parser("demo", help="synthesise the paper-scale network and run the catalogue")
-    demo.add_argument("--out", default="demo-out")
+    demo.add_argument("--out", default="demo-out", help="folder for summary.json, secondary.json and each study's results")
     demo.add_argument("--cache", help="folder for the cached synthetic network")
-    demo.add_argument("--patients", type=int, default=483_683)
-    demo.add_argument("--seed", type=int, default=None)
-    demo.add_argument("--json", action="store_true")
+    demo.add_argument("--patients", type=int, default=483_683, help="referrals in the synthetic network")
+    demo.add_argument("--seed", type=int, default=None, help="the synthetic network's seed (default: the paper's, 20210901)")
+    demo.add_argument("--json", action="store_true", help="print the findings as JSON, no progress")
     demo.set_defaults(fn=cmd_demo)
 
     synth = sub.add_parser("synth", help="write a synthetic network of service extracts")
-    synth.add_argument("--out", required=True)
-    synth.add_argument("--services", type=int, default=8)
-    synth.add_argument("--patients", type=int, default=483_683)
-    synth.add_argument("--seed", type=int, default=20210901)
-    synth.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    synth.add_argument("--out", required=True, help="folder for the extracts and network.toml")
+    synth.add_argument("--services", type=int, default=8, help="services (nodes) in the network")
+    synth.add_argument("--patients", type=int, default=483_683, help="referrals over all services")
+    synth.add_argument("--seed", type=int, default=20210901, help="random seed (the same seed gives the same data)")
+    synth.add_argument("--format", choices=["parquet", "csv"], default="parquet", help="file format of the extracts")
     synth.add_argument("--appointments", action="store_true",
                        help="write each service's pathway columns as an appointment table (one row per contact)")
     synth.set_defaults(fn=cmd_synth)

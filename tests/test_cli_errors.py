@@ -165,3 +165,29 @@ def test_missing_network_file(capsys, tmp_path):
     code, err, out = run_cli(capsys, tmp_path, tmp_path / "nope.toml", formula="y ~ x")
     assert_clean_failure(code, err, out)
     assert "nope.toml" in err
+
+
+def test_every_command_and_option_says_what_it_is_for():
+    """`iaptnet --help` says what the tool is, and every sub-command and option has help
+    text (defaults are shown by the formatter)."""
+    import argparse
+
+    from iaptnet.cli import build_parser
+
+    parser = build_parser()
+    assert "federated analysis network" in parser.format_help()
+    missing = []
+
+    def walk(p, path):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helps = {a.dest: a.help for a in action._choices_actions}
+                for name, sub in action.choices.items():
+                    if not helps.get(name):
+                        missing.append(f"{path} {name}")
+                    walk(sub, f"{path} {name}")
+            elif action.help is None and not isinstance(action, argparse._HelpAction):
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(parser, "iaptnet")
+    assert missing == []

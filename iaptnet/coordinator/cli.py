@@ -61,11 +61,11 @@ def register(sub) -> None:
     reg.set_defaults(fn=cmd_register_node)
 
     unreg = csub.add_parser("unregister-node", help="remove a node's key (key rotation, a Trust leaving)")
-    unreg.add_argument("name")
+    unreg.add_argument("name", help="the node's registered name")
     unreg.add_argument("--config", required=True, help="coordinator.toml")
     unreg.set_defaults(fn=cmd_unregister_node)
 
     nodes = csub.add_parser("nodes", help="list registered nodes and whether they are connected")
     nodes.add_argument("--config", required=True, help="coordinator.toml")
-    nodes.add_argument("--json", action="store_true")
+    nodes.add_argument("--json", action="store_true", help="print the list as JSON")
     nodes.set_defaults(fn=cmd_nodes)

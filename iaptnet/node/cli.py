@@ -46,7 +46,7 @@ def register(sub) -> None:
     check.set_defaults(fn=cmd_check)
 
     start = node_sub.add_parser("start", help="run the node daemon (a Flower SuperNode serving this Trust's data)")
-    start.add_argument("--config", default="node.toml", help="node.toml (default ./node.toml)")
+    start.add_argument("--config", default="node.toml", help="node.toml")
     # Used by `iaptnet network up` only: a node of a local demo network may run without a
     # policy file (exploratory), and only when its hub is on this machine.
     start.add_argument("--local-network", action="store_true", help=argparse.SUPPRESS)
@@ -54,7 +54,7 @@ def register(sub) -> None:
 
     approve_app = node_sub.add_parser("approve-app", help="approve an app bundle hash (a release, from 'iaptnet app-hash')")
     approve_app.add_argument("hash", help="the sha256 printed by 'iaptnet app-hash' for the release")
-    approve_app.add_argument("--config", default="node.toml", help="node.toml (default ./node.toml)")
+    approve_app.add_argument("--config", default="node.toml", help="node.toml")
     approve_app.add_argument("--note", help="a note kept beside the hash (who approved, which release)")
     approve_app.set_defaults(fn=cmd_approve_app)
 

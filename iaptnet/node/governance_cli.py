@@ -21,13 +21,13 @@ def register(node_sub) -> None:
     """Governance commands register here."""
     approve = node_sub.add_parser("approve", help="review a study and add its hash to the policy's approved list")
     approve.add_argument("study", help="study TOML file")
-    approve.add_argument("--policy", default="policy.toml", help="the node's policy file (default ./policy.toml)")
+    approve.add_argument("--policy", default="policy.toml", help="the node's policy file")
     approve.add_argument("--schema", help="the schema TOML this node serves (default: the study's own, else the built-in IAPT dataset)")
     approve.add_argument("--yes", action="store_true", help="approve without asking")
     approve.set_defaults(fn=cmd_approve)
 
     audit = node_sub.add_parser("audit", help="list and verify the node's audit log")
-    audit.add_argument("--policy", default="policy.toml", help="the node's policy file (default ./policy.toml)")
+    audit.add_argument("--policy", default="policy.toml", help="the node's policy file")
     audit.add_argument("--node", help="the node's name (needed when the state folder holds several)")
     audit.add_argument("--since", help="only entries from this date (YYYY-MM-DD) or time on, UTC")
     audit.add_argument("--verify", action="store_true", help="check the hash chain; exit 1 if it is broken")
