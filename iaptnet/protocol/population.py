@@ -28,33 +28,20 @@ order give the same study.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import math
-import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .errors import SpecError
+from .group_csv import (AREA, BELOW_FIRST_BAND, ONS_COLUMNS, GroupShares, data_rows, group_columns, normalise,
+                        level_matcher, read_header)
 from .schema import Schema
 from .study import merged_levels
 
-if TYPE_CHECKING:
-    from .prevalence import Prevalence
-
-AREA, POPULATION = "area", "population"
-#: The ONS-layout column of each grouping variable of the IAPT dataset.
-ONS_COLUMNS = {"age_group": "age_band", "sex": "sex", "ethnicity_ons": "ethnic_group",
-               "imd_quintile": "imd_quintile"}
+POPULATION = "population"
 LAYOUT = (AREA, "age_band", "sex", "ethnic_group", "imd_quintile", POPULATION)
-SEX_CODES = {"1": "male", "2": "female", "m": "male", "f": "female", "males": "male",
-             "females": "female", "men": "male", "women": "female"}
 MAX_ROWS = 2_000_000
-_BAND = re.compile(r"^(\d+)\s*-\s*(\d+)$")
-_OPEN_BAND = re.compile(r"^(\d+)\s*\+$")
-_AGE = re.compile(r"^(\d{1,3})(\+?)$")
 
 
 @dataclass(frozen=True)
@@ -110,7 +97,7 @@ class PopulationTable:
 
 
 def parse_population(text: str, source: str, by: list[str], schema: Schema, merge: dict,
-                     study: str, need: Prevalence | None = None) -> PopulationTable:
+                     study: str, need: GroupShares | None = None) -> PopulationTable:
     """Read the CSV text and aggregate it to area x the study's groups (see the module doc).
     With `need` (protocol/prevalence.py), each row counts its population times the prevalence
     of its group: the table is then of people with need."""
@@ -144,7 +131,7 @@ def parse_population(text: str, source: str, by: list[str], schema: Schema, merg
         if not area:
             raise SpecError(f"{where}, line {line}: column 'area' is empty.")
         population = _population(row[pop_i], f"{where}, line {line}")
-        raw = (area, *(_norm(row[i]) for i in holds))
+        raw = (area, *(normalise(row[i]) for i in holds))
         if raw in seen:
             raise SpecError(f"{where}, line {line}: repeats the group of an earlier row "
                             f"(area '{area}'); each group needs one row.")
@@ -190,67 +177,6 @@ def parse_population(text: str, source: str, by: list[str], schema: Schema, merg
     return PopulationTable(source, tuple(by), levels, cells, hashlib.sha256(blob.encode()).hexdigest())
 
 
-# --------------------------------------------------------------------------------------------
-# The CSV grammar shared with the need table (protocol/prevalence.py)
-
-def read_header(text: str, where: str, expected: str, max_columns: int):
-    """(a csv reader positioned after the header, the header's names trimmed and lower-cased)."""
-    if not isinstance(text, str):
-        raise SpecError(f"{where} is not text.")
-    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise SpecError(f"{where} is empty; it needs a header line {expected}.") from None
-    except csv.Error as exc:
-        raise SpecError(f"{where} is not a valid CSV file ({exc}).") from None
-    names = [h.strip().lower()[:60] for h in header]
-    if len(names) > max_columns:
-        raise SpecError(f"{where} has {len(names)} columns; expected {expected}.")
-    if len(set(names)) != len(names):
-        raise SpecError(f"{where} has a repeated column in its header line.")
-    return reader, names
-
-
-def group_columns(names: list[str], skip: tuple[str, ...], schema: Schema, where: str,
-                  unknown: str) -> dict[int, str]:
-    """Column index -> the schema variable a group column holds, in column order: its
-    ONS-layout name (the CSV's ethnic_group holds the ONS five groups, ethnicity_ons, not the
-    dataset's NHS ethnic_group) or a categorical column's own name; `unknown` ends the
-    sentence for any other column."""
-    by_ons = {ons: var for var, ons in ONS_COLUMNS.items()}
-    holds: dict[int, str] = {}
-    for i, name in enumerate(names):
-        if name in skip:
-            continue
-        var = by_ons.get(name) or (name if name in schema and schema[name].is_categorical else None)
-        if var is None:
-            raise SpecError(f"{where} has a column '{name}' that is {unknown}.")
-        if var in holds.values():
-            raise SpecError(f"{where} has two columns for '{var}'.")
-        holds[i] = var
-    return holds
-
-
-def data_rows(reader, width: int, where: str, max_rows: int, too_many: str = ""):
-    """(line number, values) of each non-blank data row, each with `width` values."""
-    line = 1
-    try:
-        for line, row in enumerate(reader, start=2):
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if line > max_rows:
-                raise SpecError(f"{where} has more than {max_rows:,} rows{too_many}.")
-            if len(row) != width:
-                raise SpecError(f"{where}, line {line}: has {len(row)} values for {width} columns.")
-            yield line, row
-    except csv.Error as exc:
-        raise SpecError(f"{where}, line {line}: not valid CSV ({exc}).") from None
-
-
-BELOW_FIRST_BAND = object()  # an age below the first band: not in the population a service serves
-
-
 def _population(text: str, where: str) -> float:
     try:
         value = float(text.strip())
@@ -260,49 +186,3 @@ def _population(text: str, where: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise SpecError(f"{where}: column 'population' must be a number of people, zero or more.")
     return value
-
-
-def level_matcher(var: str, schema: Schema):
-    """value -> schema level (None when unknown, BELOW_FIRST_BAND for ages under the first band)."""
-    if var not in schema:
-        return lambda value: value.strip()
-    levels = list(schema[var].levels)
-    plain = {_norm(level): level for level in levels}
-    aliases = dict(SEX_CODES) if set(levels) == {"female", "male"} else {}
-    bands = _age_bands(levels)
-
-    def match(value: str):
-        key = _norm(value)
-        if key in plain:
-            return plain[key]
-        if key in aliases:
-            return aliases[key]
-        if bands:
-            found = _AGE.match(key)
-            if found:
-                age = int(found.group(1))
-                if age < bands[0][0]:
-                    return BELOW_FIRST_BAND
-                for low, high, level in bands:
-                    if low <= age <= high and (not found.group(2) or high == math.inf):
-                        return level
-        return None
-    return match
-
-
-def _age_bands(levels: list[str]) -> list[tuple[float, float, str]]:
-    """[(first age, last age, level)] when every level is a band like 18-24 or 65+."""
-    bands = []
-    for level in levels:
-        closed, open_ = _BAND.match(level.strip()), _OPEN_BAND.match(level.strip())
-        if closed:
-            bands.append((int(closed.group(1)), int(closed.group(2)), level))
-        elif open_:
-            bands.append((int(open_.group(1)), math.inf, level))
-        else:
-            return []
-    return sorted(bands)
-
-
-def _norm(text: str) -> str:
-    return " ".join(str(text).split()).lower()

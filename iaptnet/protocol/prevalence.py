@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import SpecError
-from .population import (
+from .group_csv import (
     AREA,
     BELOW_FIRST_BAND,
     ONS_COLUMNS,
