@@ -39,6 +39,8 @@ from iaptnet.coordinator.inprocess import run_inprocess
 from iaptnet.ops import launcher, pki
 from iaptnet.protocol.errors import NetworkError
 
+pytestmark = pytest.mark.network
+
 COLUMNS = {
     "y": {"type": "binary"},
     "x": {"type": "numeric"},

@@ -17,6 +17,8 @@ import pytest
 
 from glmcase import pooled, reference_fit, write_network, write_study
 
+pytestmark = pytest.mark.postgres
+
 URL = os.environ.get("IAPTNET_TEST_POSTGRES_URL")
 COLUMNS = {
     "y": {"type": "binary"},

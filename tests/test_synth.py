@@ -386,6 +386,7 @@ def _fit(paper, where: str, formula: str):
     return paper["fits"][key]
 
 
+@pytest.mark.paper_scale
 @pytest.mark.parametrize("study_path", CATALOGUE, ids=lambda p: p.stem)
 def test_catalogue_models_recover_the_abstract_at_paper_scale(paper, study_path):
     study = tomllib.loads(study_path.read_text())
