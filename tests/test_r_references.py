@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from glmcase import run_study, write_network
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,18 +60,30 @@ def iaptnet_term(r_name: str, factors: dict[str, list[str]]) -> str:
     return r_name
 
 
-def assert_terms(terms: list[dict], table: dict, factors: dict[str, list[str]], se_key: str = "std_error",
-                 rtol: float = RTOL, what: str = "") -> None:
+def assert_terms(
+    terms: list[dict],
+    table: dict,
+    factors: dict[str, list[str]],
+    se_key: str = "std_error",
+    rtol: float = RTOL,
+    what: str = "",
+) -> None:
     """iaptnet's terms (estimate and `se_key`) equal R's coefficient table, name by name."""
     ours = {t["term"]: t for t in terms}
     theirs_est = {iaptnet_term(k, factors): v for k, v in table["estimate"].items()}
     theirs_se = {iaptnet_term(k, factors): v for k, v in table["std_error"].items()}
     assert sorted(ours) == sorted(theirs_est), what
-    for name in theirs_est:
-        np.testing.assert_allclose(ours[name]["estimate"], theirs_est[name], rtol=rtol, atol=0,
-                                   err_msg=f"{what} {name} estimate")
-        np.testing.assert_allclose(ours[name][se_key], theirs_se[name], rtol=rtol, atol=0,
-                                   err_msg=f"{what} {name} {se_key}")
+    for name, estimate in theirs_est.items():
+        np.testing.assert_allclose(
+            ours[name]["estimate"], estimate, rtol=rtol, atol=0, err_msg=f"{what} {name} estimate"
+        )
+        np.testing.assert_allclose(
+            ours[name][se_key],
+            theirs_se[name],
+            rtol=rtol,
+            atol=0,
+            err_msg=f"{what} {name} {se_key}",
+        )
 
 
 # --- meta-analysis: glm() per service, metafor::rma -----------------------------------------------
@@ -93,7 +104,16 @@ META_REML_TAU2_ATOL = 100 * 1e-12
 # Quantities computed from the estimates by closed forms (FE, DL, Q, I^2, the REML summary at
 # tau^2), all exact in R: 1e-8 relative, like the estimates. p-values of large z amplify a
 # relative difference eps in z to about z^2 eps, so they are compared to RTOL * max(1, z^2).
-META_FIELDS = ("estimate", "std_error", "statistic", "conf_low", "conf_high", "Q", "Q_p_value", "I2")
+META_FIELDS = (
+    "estimate",
+    "std_error",
+    "statistic",
+    "conf_low",
+    "conf_high",
+    "Q",
+    "Q_p_value",
+    "I2",
+)
 META_RANDOM_FIELDS = ("tau", "prediction_low", "prediction_high")
 
 
@@ -101,31 +121,55 @@ def test_meta_equals_glm_and_metafor(tmp_path):
     ref = reference("meta")
     sites = sites_of("meta", keep_site=True)
     write_network(tmp_path, sites, META_COLUMNS)
-    result = run_study(tmp_path, name="meta_r", kind="meta", family="binomial", formula="y ~ x + z + g + site",
-                       exposure="x", service="site")
+    result = run_study(
+        tmp_path,
+        name="meta_r",
+        kind="meta",
+        family="binomial",
+        formula="y ~ x + z + g + site",
+        exposure="x",
+        service="site",
+    )
     by_node = {e["node"]: e for e in result["per_node"]}
     assert sorted(by_node) == sorted(ref["per_service"])
     for site, theirs in ref["per_service"].items():
         for field in ("estimate", "std_error"):
-            np.testing.assert_allclose(by_node[site][field], theirs[field], rtol=RTOL, atol=0,
-                                       err_msg=f"{site} {field}")
+            np.testing.assert_allclose(
+                by_node[site][field], theirs[field], rtol=RTOL, atol=0, err_msg=f"{site} {field}"
+            )
     assert result["k"] == ref["fixed"]["k"] == 5
     for key in ("fixed", "random_dl", "random_reml"):
         ours, theirs = result[key], ref[key]
         assert ours["Q_df"] == theirs["Q_df"] and ours["k"] == theirs["k"]
         fields = META_FIELDS + (META_RANDOM_FIELDS if key != "fixed" else ())
         for field in fields:
-            np.testing.assert_allclose(ours[field], theirs[field], rtol=RTOL, atol=0, err_msg=f"{key}.{field}")
+            np.testing.assert_allclose(
+                ours[field], theirs[field], rtol=RTOL, atol=0, err_msg=f"{key}.{field}"
+            )
         for site, weight in theirs["weights"].items():  # each node's share of the pooled estimate
-            np.testing.assert_allclose(by_node[site]["weights"][key], weight, rtol=RTOL, atol=0,
-                                       err_msg=f"{key} weight of {site}")
-        np.testing.assert_allclose(ours["p_value"], theirs["p_value"], rtol=RTOL * max(1.0, theirs["statistic"] ** 2),
-                                   atol=0, err_msg=f"{key}.p_value")
-    np.testing.assert_allclose(result["random_dl"]["tau2"], ref["random_dl"]["tau2"], rtol=RTOL, atol=0)
+            np.testing.assert_allclose(
+                by_node[site]["weights"][key],
+                weight,
+                rtol=RTOL,
+                atol=0,
+                err_msg=f"{key} weight of {site}",
+            )
+        np.testing.assert_allclose(
+            ours["p_value"],
+            theirs["p_value"],
+            rtol=RTOL * max(1.0, theirs["statistic"] ** 2),
+            atol=0,
+            err_msg=f"{key}.p_value",
+        )
+    np.testing.assert_allclose(
+        result["random_dl"]["tau2"], ref["random_dl"]["tau2"], rtol=RTOL, atol=0
+    )
     assert ref["reml_threshold"] == 1e-12
-    np.testing.assert_allclose(result["random_reml"]["tau2"], ref["random_reml"]["tau2"], rtol=0,
-                               atol=META_REML_TAU2_ATOL)
-    assert ref["random_reml"]["tau2"] > 0 and ref["random_dl"]["tau2"] > 0  # the case tests heterogeneity
+    np.testing.assert_allclose(
+        result["random_reml"]["tau2"], ref["random_reml"]["tau2"], rtol=0, atol=META_REML_TAU2_ATOL
+    )
+    # The case has heterogeneity: tau^2 > 0 for both estimators.
+    assert ref["random_reml"]["tau2"] > 0 and ref["random_dl"]["tau2"] > 0
 
 
 # --- propensity-score matching: glm(), MatchIt, iaptnet's few-unmatched rule, sandwich::vcovCL ---
@@ -149,8 +193,10 @@ def node_states(folder: Path, study: str) -> dict[str, pd.DataFrame]:
     from iaptnet.protocol.kinds import propensity as kind
 
     spec = load_study(folder / f"{study}.toml", {str(folder / "schema.toml")}).spec
-    return {node["name"]: runtime_for(NodeConfig.from_mapping(node)).augments[kind.state_key(spec)]
-            for node in load_network(folder / "network.toml").nodes}
+    return {
+        node["name"]: runtime_for(NodeConfig.from_mapping(node)).augments[kind.state_key(spec)]
+        for node in load_network(folder / "network.toml").nodes
+    }
 
 
 def pairs_of(exposed_rows: np.ndarray, control_rows: np.ndarray) -> list[list[int]]:
@@ -165,10 +211,19 @@ def test_psm_equals_matchit_and_sandwich(tmp_path):
     ref = reference("psm")
     sites = sites_of("psm")
     write_network(tmp_path, sites, PROPENSITY_COLUMNS)
-    result = run_study(tmp_path, name="psm_r", kind="psm", outcome="y", exposure="t", covariates="g + h + x1 + x2")
-    assert_terms(result["propensity_model"]["terms"], ref["propensity_model"], PROPENSITY_FACTORS, what="score")
+    result = run_study(
+        tmp_path, name="psm_r", kind="psm", outcome="y", exposure="t", covariates="g + h + x1 + x2"
+    )
+    assert_terms(
+        result["propensity_model"]["terms"],
+        ref["propensity_model"],
+        PROPENSITY_FACTORS,
+        what="score",
+    )
     assert result["propensity_model"]["n"] == ref["propensity_model"]["n"]
-    np.testing.assert_allclose(result["propensity_score"]["logit_sd"], ref["logit_sd"], rtol=RTOL, atol=0)
+    np.testing.assert_allclose(
+        result["propensity_score"]["logit_sd"], ref["logit_sd"], rtol=RTOL, atol=0
+    )
     np.testing.assert_allclose(result["matching"]["caliper"], ref["caliper"], rtol=RTOL, atol=0)
     caliper = result["matching"]["caliper"]
     for site, state in node_states(tmp_path, "psm_r").items():
@@ -189,12 +244,22 @@ def test_psm_equals_matchit_and_sandwich(tmp_path):
         assert pairs_of(*zip(*kept)) == theirs["pair_rows"], site
     # The rule applied where MatchIt left 1..7 exposed unmatched (s0, s3), not where it left
     # none (s2) or 8 or more (s1): the case tests both sides of it.
-    assert {s: v["matchit_pairs"] - v["pairs"] for s, v in ref["sites"].items()} == {"s0": 7, "s1": 0, "s2": 0, "s3": 6}
+    assert {s: v["matchit_pairs"] - v["pairs"] for s, v in ref["sites"].items()} == {
+        "s0": 7,
+        "s1": 0,
+        "s2": 0,
+        "s3": 6,
+    }
     assert result["matching"]["pairs"] == ref["n_pairs"]
     outcome = ref["outcome"]
     assert_terms(result["terms"], outcome, {}, what="outcome (clustered on the pair)")
-    assert_terms(result["terms"], {**outcome, "std_error": outcome["std_error_model"]}, {}, se_key="std_error_model",
-                 what="outcome (model-based)")
+    assert_terms(
+        result["terms"],
+        {**outcome, "std_error": outcome["std_error_model"]},
+        {},
+        se_key="std_error_model",
+        what="outcome (model-based)",
+    )
     assert result["cov_type"] == "cluster"
     assert result["n"] == outcome["n"] and result["n_clusters"] == outcome["n_clusters"]
     for field in ("deviance", "null_deviance"):
@@ -204,8 +269,8 @@ def test_psm_equals_matchit_and_sandwich(tmp_path):
 # --- inverse probability weighting: glm(), sandwich's HC0 (and survey::svyglm) ------------------
 
 IPTW_STUDIES = {
-    "ate_stabilized": dict(estimand="ATE", stabilized=True),
-    "att_adjusted": dict(estimand="ATT", adjust_outcome=True),
+    "ate_stabilized": {"estimand": "ATE", "stabilized": True},
+    "att_adjusted": {"estimand": "ATT", "adjust_outcome": True},
 }
 
 
@@ -220,20 +285,42 @@ def iptw_network(tmp_path_factory):
 def test_iptw_equals_glm_with_sandwich_hc0(iptw_network, analysis):
     ref = reference("iptw")
     theirs = ref[analysis]
-    result = run_study(iptw_network, name=f"iptw_{analysis}", kind="iptw", outcome="y", exposure="t",
-                       covariates="g + h + x1 + x2", **IPTW_STUDIES[analysis])
-    assert_terms(result["propensity_model"]["terms"], ref["propensity_model"], PROPENSITY_FACTORS, what="score")
+    result = run_study(
+        iptw_network,
+        name=f"iptw_{analysis}",
+        kind="iptw",
+        outcome="y",
+        exposure="t",
+        covariates="g + h + x1 + x2",
+        **IPTW_STUDIES[analysis],
+    )
+    assert_terms(
+        result["propensity_model"]["terms"],
+        ref["propensity_model"],
+        PROPENSITY_FACTORS,
+        what="score",
+    )
     for group in ("exposed", "control"):
         ours = result["weighting"][group]
         assert ours["n"] == theirs["weighting"][group]["n"]
         for field in ("sum_weights", "effective_n"):
-            np.testing.assert_allclose(ours[field], theirs["weighting"][group][field], rtol=RTOL, atol=0,
-                                       err_msg=f"{group} {field}")
+            np.testing.assert_allclose(
+                ours[field],
+                theirs["weighting"][group][field],
+                rtol=RTOL,
+                atol=0,
+                err_msg=f"{group} {field}",
+            )
     outcome = theirs["outcome"]
     assert result["cov_type"] == "HC0"
     assert_terms(result["terms"], outcome, PROPENSITY_FACTORS, what="outcome (HC0)")
-    assert_terms(result["terms"], {**outcome, "std_error": outcome["std_error_model"]}, PROPENSITY_FACTORS,
-                 se_key="std_error_model", what="outcome (model-based)")
+    assert_terms(
+        result["terms"],
+        {**outcome, "std_error": outcome["std_error_model"]},
+        PROPENSITY_FACTORS,
+        se_key="std_error_model",
+        what="outcome (model-based)",
+    )
     assert result["n"] == outcome["n"]
     for field in ("deviance", "null_deviance"):
         np.testing.assert_allclose(result[field], outcome[field], rtol=RTOL, atol=0, err_msg=field)
@@ -241,7 +328,9 @@ def test_iptw_equals_glm_with_sandwich_hc0(iptw_network, analysis):
     n = outcome["n"]
     svy = {iaptnet_term(k, PROPENSITY_FACTORS): v for k, v in outcome["std_error_svyglm"].items()}
     for term in result["terms"]:
-        np.testing.assert_allclose(term["std_error"] * np.sqrt(n / (n - 1)), svy[term["term"]], rtol=RTOL, atol=0)
+        np.testing.assert_allclose(
+            term["std_error"] * np.sqrt(n / (n - 1)), svy[term["term"]], rtol=RTOL, atol=0
+        )
 
 
 # --- GLM robust covariances: glm() with sandwich::vcovCL (HC1) and vcovHC (HC0) -------------------
@@ -255,7 +344,12 @@ GLM_COLUMNS = {
     "h": {"type": "binary"},
     "wt": {"type": "numeric", "min": 0},
 }
-GLM_MODELS = ["binomial_weighted_cluster", "gaussian_cluster", "binomial_hc0", "gaussian_weighted_hc0"]
+GLM_MODELS = [
+    "binomial_weighted_cluster",
+    "gaussian_cluster",
+    "binomial_hc0",
+    "gaussian_weighted_hc0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +362,11 @@ def glm_network(tmp_path_factory):
 @pytest.mark.parametrize("model", GLM_MODELS)
 def test_glm_robust_covariance_equals_sandwich(glm_network, model):
     theirs = reference("glm")[model]
-    fields = dict(family=theirs["family"], formula=theirs["formula"], cov_type=theirs["cov_type"])
+    fields = {
+        "family": theirs["family"],
+        "formula": theirs["formula"],
+        "cov_type": theirs["cov_type"],
+    }
     if theirs["cov_type"] == "cluster":
         fields["cluster"] = "clinic"
     if theirs["weights"]:
@@ -276,8 +374,13 @@ def test_glm_robust_covariance_equals_sandwich(glm_network, model):
     result = run_study(glm_network, name=f"glm_{model}", **fields)
     factors = {"g": ["a", "b", "c"]}
     assert_terms(result["terms"], theirs, factors, what=f"{theirs['cov_type']}")
-    assert_terms(result["terms"], {**theirs, "std_error": theirs["std_error_model"]}, factors,
-                 se_key="std_error_model", what="model-based")
+    assert_terms(
+        result["terms"],
+        {**theirs, "std_error": theirs["std_error_model"]},
+        factors,
+        se_key="std_error_model",
+        what="model-based",
+    )
     assert result["n"] == theirs["n"]
     if theirs["cov_type"] == "cluster":
         assert result["n_clusters"] == theirs["n_clusters"] == 48
