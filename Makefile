@@ -12,7 +12,7 @@ LOCK_TARGET := --python-version 3.11 --python-platform x86_64-unknown-linux-gnu
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: demo test test-fast lint docs bench lock wheelhouse clean
+.PHONY: demo test test-fast lint docs bench lock wheelhouse clean references
 
 # The packages, exactly the lock (pip refuses any file whose hash the lock lacks, and any
 # dependency the lock does not pin). A changed lock rebuilds the venv from nothing, so nothing
@@ -54,6 +54,15 @@ docs: $(BIN)/iaptnet
 
 bench: $(BIN)/iaptnet
 	$(BIN)/python bench/bench_glm.py
+
+# The stored R results in tests/results/, which tests/test_r_references.py compares iaptnet
+# with (R is needed only here, never to run the tests): the inputs from make_inputs.py, then
+# each make_<name>.R writes <name>.json. R and its packages from Debian's archive:
+#   apt-get install -y --no-install-recommends r-base-core r-cran-metafor r-cran-matchit \
+#       r-cran-sandwich r-cran-survey r-cran-jsonlite
+references: $(BIN)/iaptnet
+	$(BIN)/python tests/results/make_inputs.py
+	cd tests/results && for script in make_*.R; do Rscript "$$script" || exit 1; done
 
 # Every dependency of iaptnet and of all its extras (an extra added to pyproject.toml is in the
 # next lock), iaptnet's build backend ([build-system] requires) and pip, for Python 3.11 on
