@@ -1,21 +1,15 @@
-"""Check iaptnet against other projects' test data (../shared/acceptance by default).
-
-For each DataSHIELD and vantage6 test study: serve each site's CSV as a node (with a schema
-written here), run the pooled GLM in-process, and compare with statsmodels' GLM on the
-sites' rows concatenated. Prints the largest relative differences; exits 1 above 1e-8.
-
-    .venv/bin/python scripts/check_acceptance.py [--data ../shared/acceptance]
-"""
+"""iaptnet against other projects' acceptance data (tests/data/acceptance: DataSHIELD and
+vantage6 test studies, one CSV per site as upstream splits them): each site served as a node
+(with a schema written here), the pooled GLM run in-process, compared with statsmodels' GLM on
+the sites' rows concatenated: coefficients, SEs and deviance to 1e-8 relative, the same N."""
 
 from __future__ import annotations
 
-import argparse
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import statsmodels.api as sm
 import statsmodels.formula
 import statsmodels.formula.api as smf
@@ -24,6 +18,7 @@ import tomli_w
 from iaptnet.coordinator.inprocess import run_inprocess
 
 statsmodels.formula.options.formula_engine = "formulaic"
+DATA = Path(__file__).parent / "data" / "acceptance"
 FAMILY = {"binomial": sm.families.Binomial, "gaussian": sm.families.Gaussian, "poisson": sm.families.Poisson}
 
 CNSIM = {
@@ -67,8 +62,15 @@ def run_case(root: Path, work: Path, name, folder, pattern, schema, family, form
     if not sites[0].exists():
         sites = [root / folder / pattern.format(s) for s in ("a", "b", "c")]
     (work / "schema.toml").write_text(tomli_w.dumps({"columns": schema}))
+    # vantage6's sites are tiny (20-70 rows): their Trusts would set a lower minimum.
+    small = max(len(pd.read_csv(p)) for p in sites) < 100
+    rules = "min_rows = 15\nmin_events = 5\nmin_level_count = 2\nmin_subset_difference = 3\n"
+    policy = f'mode = "exploratory"\n[rules]\n{rules}[exploratory]\n{rules}'
+    if small:
+        (work / "policy.toml").write_text(policy)
     (work / "network.toml").write_text("\n".join(
-        f'[[node]]\nname = "site{i}"\ndata = "{p}"\nschema = "schema.toml"\n' for i, p in enumerate(sites)))
+        f'[[node]]\nname = "site{i}"\ndata = "{p}"\nschema = "schema.toml"\n' + ('policy = "policy.toml"\n' if small else "")
+        for i, p in enumerate(sites)))
     (work / "study.toml").write_text(tomli_w.dumps({"name": "acceptance", "family": family, "formula": formula}))
     result = run_inprocess([work / "study.toml"], work / "network.toml")[0]
 
@@ -85,7 +87,7 @@ def run_case(root: Path, work: Path, name, folder, pattern, schema, family, form
             pooled[col] = pd.Categorical(pooled[col].str.strip(), categories=spec["levels"])
         else:
             pooled[col] = pd.to_numeric(pooled[col])
-    ref = smf.glm(formula, pooled, family=FAMILY[family]()).fit(tol=1e-13, maxiter=200)
+    ref = smf.glm(formula, pooled, family=FAMILY[family]()).fit(tol=1e-13, tol_criterion="params", maxiter=200)
     assert [t["term"] for t in result["terms"]] == list(ref.params.index), name
     est = np.array([t["estimate"] for t in result["terms"]])
     se = np.array([t["std_error"] for t in result["terms"]])
@@ -97,25 +99,9 @@ def run_case(root: Path, work: Path, name, folder, pattern, schema, family, form
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "acceptance"))
-    args = parser.parse_args()
-    root = Path(args.data)
-    if not root.exists():
-        print(f"error: {root} not found; pass --data", file=sys.stderr)
-        return 2
-    worst = 0.0
-    print(f"{'case':<36} {'n':>6} {'coef rel':>10} {'SE rel':>10} {'dev rel':>10}")
-    for case in CASES:
-        with tempfile.TemporaryDirectory() as tmp:
-            row = run_case(root, Path(tmp), *case)
-        worst = max(worst, row["coef"], row["se"], row["deviance"])
-        flag = "" if row["n"] == row["n_ref"] else f"  n differs: statsmodels {row['n_ref']}"
-        print(f"{row['case']:<36} {row['n']:>6} {row['coef']:>10.1e} {row['se']:>10.1e} {row['deviance']:>10.1e}{flag}")
-    print(f"largest relative difference: {worst:.1e}")
-    return 0 if worst < 1e-8 else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_other_projects_studies_equal_the_pooled_rows(tmp_path, case):
+    row = run_case(DATA, tmp_path, *case)
+    assert row["n"] == row["n_ref"]
+    assert row["coef"] < 1e-8 and row["se"] < 1e-8 and row["deviance"] < 1e-8, row
