@@ -1,3 +1,3 @@
 """iaptnet: a federated analysis network for NHS Talking Therapies services."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
