@@ -15,7 +15,11 @@ Each test runs iaptnet in-process on the same rows, one node per site, and compa
 
 R's own computations are exact here (its glm converged to 1e-14 and restarted at its answer,
 closed forms), so estimates and standard errors agree to 1e-8 relative; REML's tau^2 is the
-one optimised quantity (its tolerance is at META_REML_TAU2_ATOL).
+one optimised quantity (its tolerance is at META_REML_TAU2_ATOL). Measured when the
+references were made: estimates within 3e-14, standard errors within 3e-14 but for the IPTW
+fits (9e-12 for the score model, 3e-11 for the outcome model: iaptnet takes its covariance
+from the information at the iterate before its last Newton step, which stops below 1e-8 SE),
+meta-analysis quantities within 5e-13, REML tau^2 within 1e-15 absolute.
 """
 
 from __future__ import annotations
@@ -99,15 +103,17 @@ META_COLUMNS = {
 # precision; metafor's Fisher scoring stops once a step changes tau^2 by less than its
 # threshold, set to 1e-12 in make_meta.R (default 1e-5; meta.json records it). Fisher scoring
 # converges linearly near the root, so what is left after a step below the threshold is a small
-# multiple of it: 100 times the threshold, absolute, is R's accuracy for tau^2 here.
+# multiple of it (rate/(1 - rate) times the last step): 100 times the threshold, absolute, is
+# R's accuracy for tau^2 here. tau^2 is about 0.036, so that is 3e-9 relative, and what depends
+# on it (the REML estimate, SE, CI, I^2, prediction interval, weights) moves by less than that.
 META_REML_TAU2_ATOL = 100 * 1e-12
-# Quantities computed from the estimates by closed forms (FE, DL, Q, I^2, the REML summary at
-# tau^2), all exact in R: 1e-8 relative, like the estimates. p-values of large z amplify a
-# relative difference eps in z to about z^2 eps, so they are compared to RTOL * max(1, z^2).
+# Quantities computed from the estimates by closed forms (FE, DL, Q, I^2, p-values, the REML
+# summary at tau^2), all exact in R: 1e-8 relative, like the estimates.
 META_FIELDS = (
     "estimate",
     "std_error",
     "statistic",
+    "p_value",
     "conf_low",
     "conf_high",
     "Q",
@@ -154,13 +160,6 @@ def test_meta_equals_glm_and_metafor(tmp_path):
                 atol=0,
                 err_msg=f"{key} weight of {site}",
             )
-        np.testing.assert_allclose(
-            ours["p_value"],
-            theirs["p_value"],
-            rtol=RTOL * max(1.0, theirs["statistic"] ** 2),
-            atol=0,
-            err_msg=f"{key}.p_value",
-        )
     np.testing.assert_allclose(
         result["random_dl"]["tau2"], ref["random_dl"]["tau2"], rtol=RTOL, atol=0
     )
