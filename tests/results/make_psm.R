@@ -8,12 +8,18 @@
 # That is MatchIt::matchit(method = "nearest", distance = "glm", link = "linear.logit",
 #   m.order = "largest", replace = FALSE, ratio = 1, caliper = 0.2, std.caliper = TRUE,
 #   exact = ~ site): MatchIt fits the score on all rows and matches within each exact stratum;
-#   its caliper is 0.2 * sd(distance) over all rows. MatchIt breaks a tie between the control
-#   below and the control above at equal distance towards the one below (nn_matchC_vec.cpp,
-#   `<=`), and ties of equal logits by its sort; iaptnet breaks ties (within 1e-9) by row
-#   order. The input has a continuous covariate, so no two logits tie, and this script checks
-#   that the pairs are unambiguous: MatchIt makes the same pairs with every logit moved by up to
-#   1e-8 at random and with the caliper 1e-7 wider or narrower.
+#   its caliper is 0.2 * sd(distance) over all rows. But MatchIt before 4.5.4 (Debian 12 has
+#   4.5.1) gets nearest-neighbour matching on a distance vector wrong (below: integer abs()),
+#   so the pairs come from the same matchit() with the distance as a matrix of absolute logit
+#   differences, which MatchIt's general code (nn_matchC.cpp) matches correctly: the rows put
+#   in descending order of the logit with m.order = "data" (= "largest"), and the prescribed
+#   call's caliper in logit units. The prescribed call is still run, and the JSON records what
+#   it gives (matchit_vector_code).
+# Ties: MatchIt's general code takes the first control in data order among equal distances;
+#   iaptnet breaks ties (within 1e-9) by row order. The input has a continuous covariate, so no
+#   two logits tie, and this script checks that the pairs are unambiguous: MatchIt makes the
+#   same pairs with every logit moved by up to 1e-8 at random and with the caliper 1e-7 wider
+#   or narrower.
 # Then iaptnet's disclosure rule, which is not MatchIt's, applied here to MatchIt's pairs, as
 #   iaptnet documents it: while a service leaves 1 to 7 exposed or 1 to 7 controls unmatched,
 #   the pair with the largest logit distance is unmatched too (ties: the one matched last).
@@ -71,7 +77,7 @@ beyond <- function(p) sum(abs(logit[p$exposed] - logit[p$control]) > caliper)
 # doubles: it is used here, with the same rule spelled for a matrix. A matrix admits only
 # m.order = "data" and an absolute caliper, so the rows are put in descending order of the
 # logit first (ties: row order within the site, as iaptnet), which is m.order = "largest", and
-# the caliper is the prescribed call's own (0.2 * sd(logit), checked above).
+# the caliper is 0.2 * sd(logit) of the converged score (the prescribed call's to 1e-9, above).
 by_logit <- d[order(-logit, d$site, d$row), ]
 logit_sorted <- logit[rownames(by_logit)]
 exposed_rows <- rownames(by_logit)[by_logit$t == 1]
