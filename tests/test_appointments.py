@@ -1,5 +1,5 @@
 """A node given its appointment table (one row per contact) computes the extract's pathway
-columns by DOMAIN.md §B.1's rules and serves exactly what the flat extract would give."""
+columns by the rules of docs/reference/domain.md#pathway and serves exactly what the flat extract would give."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Reading, validating and deriving a node's table (node.sources, node.validate, node.iapt,
-node.dataset, node.check). Expected values are computed by hand from DOMAIN.md §A–C."""
+node.dataset, node.check). Expected values are computed by hand from docs/reference/domain.md."""
 
 from __future__ import annotations
 

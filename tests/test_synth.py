@@ -1,10 +1,10 @@
-"""The synthetic network generator (iaptnet.synth) against DOMAIN.md §E.
+"""The synthetic network generator (iaptnet.synth) against docs/reference/synthetic.md#targets.
 
 Structural and marginal checks run on a 60,000-referral network; the key check (the six
 catalogue models recover the abstract's odds ratios) runs once at paper scale with the default
 seed, fitting statsmodels' GLM on the pooled derived rows as an independent reference. The
 same paper-scale rows serve the checks of the population denominators (access rates by age and
-deprivation, DOMAIN.md §D) and of the planted service change (SMS reminders: an interrupted
+deprivation, docs/reference/domain.md#access-analyses) and of the planted service change (SMS reminders: an interrupted
 time series of the monthly DNA rate).
 """
 

@@ -11,7 +11,7 @@ alone it computes, exactly as on the pooled referral rows:
   (protocol/prevalence.py) the population is of people with need, so all of this is against
   need;
 - `terms`: the adjusted Poisson GLM `referrals ~ by... [+ area]` with offset
-  log(population x years) (coordinator/loglinear.py), as DESIGN.md's terms list (rate ratios);
+  log(population x years) (coordinator/loglinear.py), as term rows (rate ratios; docs/reference/design.md#results-contract);
 - `area_rates`: the same per node, displayed from the node's own rounded/suppressed counts.
 
 The displayed counts follow the small-number rules (protocol/sdc.py): each node's counts as
@@ -19,7 +19,7 @@ its policy released them, network sums under the NHS rule, then complementary su
 every area x level table with its totals (each node's referrals, shared by all the tables; the
 network row; the network total, which `n` gives exactly), audited on the exact margins so that
 no suppressed count follows from the counts shown; a rate is shown only beside a shown count.
-Model outputs (rate ratios, CIs) are not small-number controlled (DOMAIN.md §F).
+Model outputs (rate ratios, CIs) are not small-number controlled (docs/reference/domain.md#small-numbers).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..protocol.errors import NetworkError
 
-BALANCE_THRESHOLD = 0.1  # |SMD| below this counts as balanced (DOMAIN.md §D)
+BALANCE_THRESHOLD = 0.1  # |SMD| below this counts as balanced (docs/reference/domain.md#psm)
 
 
 def pool_moments(parts: list[tuple[float, np.ndarray, np.ndarray]]) -> tuple[float, np.ndarray, np.ndarray]:

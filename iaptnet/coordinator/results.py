@@ -27,8 +27,8 @@ Z975 = float(special.ndtri(0.975))
 
 
 def term_rows(fit: ModelFit) -> list[dict]:
-    """DESIGN.md's term rows. With robust or cluster-robust standard errors, each row also
-    gives the model-based one (`std_error_model`), which DOMAIN.md asks to report beside a
+    """The term rows of docs/reference/design.md#results-contract. With robust or cluster-robust standard errors, each row also
+    gives the model-based one (`std_error_model`), which docs/reference/domain.md#model-defaults reports beside a
     sandwich from few clusters."""
     se = np.sqrt(np.diag(fit.covariance))
     robust = fit.spec.cov_type != "nonrobust"

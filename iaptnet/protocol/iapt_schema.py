@@ -13,7 +13,7 @@ from .schema import Schema, builtin_schema_path
 
 #: Name of the merged schema a node serves for the IAPT extract (part of the fingerprint).
 IAPT_SCHEMA_NAME = "iapt"
-#: The low-intensity therapy types (DOMAIN.md §A, NHSE's LI/HI classification); the others
+#: The low-intensity therapy types (docs/reference/domain.md#therapy-types, NHSE's LI/HI classification); the others
 #: are high intensity.
 LOW_INTENSITY_THERAPIES = ("GSH_BOOK", "NGSH_BOOK", "GSH_COMP", "NGSH_COMP", "PHYS_ACT", "PSYED_PEER",
                            "OTHER_LI", "SIGNPOST", "MINDFUL", "BA_LI")
@@ -25,13 +25,13 @@ PATHWAY_COLUMNS = ("n_treat", "n_dna", "n_cancel_pt", "n_cancel_prov", "first_tr
 
 @cache
 def iapt_extract_schema() -> Schema:
-    """The raw flat per-referral extract a Trust writes (DOMAIN.md §A)."""
+    """The raw flat per-referral extract a Trust writes (docs/reference/domain.md#record-schema)."""
     return Schema.load(builtin_schema_path("iapt_extract"))
 
 
 @cache
 def iapt_derived_schema() -> Schema:
-    """The variables the node derives from the extract (DOMAIN.md §B, §C)."""
+    """The variables the node derives from the extract (docs/reference/domain.md#derived-variables)."""
     return Schema.load(builtin_schema_path("iapt_derived"))
 
 

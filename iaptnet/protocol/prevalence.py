@@ -5,7 +5,7 @@ than their need is a question for the population *with* a common mental disorder
 England's access measure divides by an estimate of it (APMS-based prevalence). An access
 study may name such a table (field `need`); the coordinator then multiplies each population
 row by the prevalence of its group before anything else, so every rate, rate ratio and model
-of the study is against people with need (DOMAIN.md §D: expected = population x prevalence).
+of the study is against people with need (docs/reference/domain.md#access-analyses: expected = population x prevalence).
 
 The layout is the population table's (protocol/population.py), with `prevalence` (a proportion
 between 0 and 1) in place of `population`, and no `area` (prevalence is national):

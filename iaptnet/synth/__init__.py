@@ -6,7 +6,7 @@
     population_table(patients, services) -> the population denominators (population.csv)
     REMINDER_DATES / REMINDER_DATES_BY_SERVICE_ID -> when each service started SMS reminders
 
-Modules, one job each: `params` (the DOMAIN.md §E targets), `population` (who is referred),
+Modules, one job each: `params` (the targets of docs/reference/synthetic.md), `population` (who is referred),
 `pathway` (funnel, treatment, dates, end codes), `reminders` (the planted service change: SMS
 appointment reminders lower the odds of a missed appointment), `nice` (the §C table used to
 plant mismatches), `outcomes` (the planted outcome model and last scores), `missing` (MCAR

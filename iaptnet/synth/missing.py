@@ -1,4 +1,4 @@
-"""Which values the extract leaves unrecorded (DOMAIN.md §A missingness).
+"""Which values the extract leaves unrecorded (docs/reference/synthetic.md#missingness).
 
 Applied after the outcomes were generated from the true values, and missing completely at
 random: each mask is independent of every value in the data, so complete-case analysis stays

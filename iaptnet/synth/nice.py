@@ -1,4 +1,4 @@
-"""The NICE match table (DOMAIN.md §C) as the generator uses it to plant matched and
+"""The NICE match table (docs/reference/domain.md#nice-match) as the generator uses it to plant matched and
 mismatched treatments.
 
 The node derives `nice_match` from the extract with its own copy of this table; the tests check

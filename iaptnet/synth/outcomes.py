@@ -1,7 +1,7 @@
 """The planted outcome model and the last scores that carry it.
 
 1. Reliable recovery Y for finishers at caseness from the conditional logistic model of
-   DOMAIN.md §E, written in the derived variables the catalogue models use, so that the fully
+   docs/reference/synthetic.md#outcome-model, written in the derived variables the catalogue models use, so that the fully
    adjusted models recover the planted odds ratios. The intercept is calibrated so that
    P(Y) = 0.46 in that population. Y is drawn by balanced (systematic) sampling within strata
    unless params.OUTCOME_SAMPLING says "independent" (see there).

@@ -1,7 +1,7 @@
-"""The numbers the synthetic network is built to reproduce (DOMAIN.md §E), in one place.
+"""The numbers the synthetic network is built to reproduce (docs/reference/synthetic.md#targets), in one place.
 
 Every share, mean and effect the generator plants lives here so that a reader can check the
-targets against DOMAIN.md without reading the sampling code. Values marked [fitted] were tuned
+targets against docs/reference/synthetic.md without reading the sampling code. Values marked [fitted] were tuned
 by simulation so that the generated marginals meet the §E targets (e.g. integer ages).
 """
 
@@ -18,7 +18,7 @@ PAPER_SERVICES = 8
 # ---------------------------------------------------------------- services
 #: §E service shares for the 8-service network.
 SERVICE_SHARES_8 = (0.17, 0.10, 0.18, 0.12, 0.13, 0.09, 0.10, 0.11)
-#: NCEL network services (DOMAIN §0). Barnet/Enfield/Haringey is split in two to make 8 [A].
+#: NCEL network services (docs/reference/synthetic.md#the-catalogue). Barnet/Enfield/Haringey is split in two to make 8 [A].
 SERVICE_NAMES_8 = (
     "camden_islington",
     "barnet",

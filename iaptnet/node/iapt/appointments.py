@@ -1,4 +1,4 @@
-"""The extract's pathway columns from a Trust's appointment table (DOMAIN.md §A, §B.1).
+"""The extract's pathway columns from a Trust's appointment table (docs/reference/domain.md#pathway).
 
 A Trust may serve its referral extract without the pathway summaries and give the node its
 appointment table (IDS201 care contacts, one row per scheduled contact; schema

@@ -1,11 +1,11 @@
-"""The derived IAPT variables (iapt_derived.toml; DOMAIN.md §B, §C) from the typed extract.
+"""The derived IAPT variables (iapt_derived.toml; docs/reference/domain.md#derived-variables) from the typed extract.
 
 Every node derives the same variables the same way, so a pooled model means the same thing at
 every Trust. All work is whole-column numpy on category codes: no per-row Python. Output types
 follow the typed-frame conventions of `node.validate` (binary float 0/1/NaN, categorical with
 exactly the schema's levels).
 
-Choices not fixed by DOMAIN.md, recorded here:
+Choices not fixed by docs/reference/domain.md, recorded here:
 - The anxiety measure of a referral is its ADSM (adsm_type with its own cut-off and reliable
   change) when adsm_type is recorded and both adsm_first and adsm_last are present; otherwise
   GAD-7 for both first and last. One measure per referral, so scales are never mixed. adsm_type
@@ -25,7 +25,7 @@ import pandas as pd
 from ...protocol.iapt_schema import iapt_derived_schema, iapt_extract_schema
 from .nice import matched_therapies
 
-#: (cut-off, caseness is strictly above the cut-off, reliable change) per measure (DOMAIN §B.3).
+#: (cut-off, caseness is strictly above the cut-off, reliable change) per measure (docs/reference/domain.md#anxiety-measures).
 GAD7 = (8.0, False, 4.0)
 PHQ9_CUT, PHQ9_RCI = 10.0, 6.0
 ADSM = {
@@ -140,7 +140,7 @@ def derive(typed: pd.DataFrame) -> pd.DataFrame:
 
 
 def _outcomes(x: "_Columns", finished: np.ndarray) -> dict[str, np.ndarray]:
-    """Caseness, reliable change and recovery (DOMAIN.md §B.2, §B.3)."""
+    """Caseness, reliable change and recovery (docs/reference/domain.md#caseness, #reliable-change, #recovery)."""
     phq_f, phq_l = x.num("phq9_first"), x.num("phq9_last")
     adsm_f, adsm_l = x.num("adsm_first"), x.num("adsm_last")
     adsm_code = x.codes("adsm_type")

@@ -1,8 +1,8 @@
-"""Which therapies NICE recommends for each presenting problem (DOMAIN.md §C), as data.
+"""Which therapies NICE recommends for each presenting problem (docs/reference/domain.md#nice-match), as data.
 
 A referral's treatment "matches" when its primary therapy is in the first- or second-line set
 for its problem descriptor. Problems with no applicable guideline are absent from the table, so
-`nice_match` is missing for them. The cells are recalled guidance [A in DOMAIN.md]: a Trust
+`nice_match` is missing for them. The cells are recalled guidance [A: docs/reference/domain.md#nice-match]: a Trust
 that disagrees edits this table, not the derivation code.
 
 Simplifications: COLLAB_CARE (NICE: depression with a long-term condition) and MINDFUL (NICE:

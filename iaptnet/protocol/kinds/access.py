@@ -1,4 +1,4 @@
-"""Study kind `access`: referral rates against population denominators (DOMAIN.md §D, access).
+"""Study kind `access`: referral rates against population denominators (docs/reference/domain.md#access-analyses).
 
     kind = "access"
     name = "a1_access_older_adults"
