@@ -215,7 +215,7 @@ def test_deploy_examples_use_only_known_fields():
     assert set(tomllib.loads((examples / "hub.toml").read_text())) <= HUB_KEYS
 
 
-def test_readme_examples_of_the_network_files_use_only_known_fields():
+def test_documented_examples_of_the_network_files_use_only_known_fields():
     import re
     import tomllib
     from pathlib import Path
@@ -224,9 +224,22 @@ def test_readme_examples_of_the_network_files_use_only_known_fields():
     from iaptnet.coordinator.hub import KEYS as COORDINATOR_KEYS
     from iaptnet.node.config import KEYS as NODE_KEYS, TUNING_KEYS
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    blocks = {m.group(1): tomllib.loads(m.group(0)[len("```toml"):-3])
-              for m in re.finditer(r"```toml\n# (hub|node|coordinator)\.toml:.*?```", readme, re.S)}
+    # The operator guide's page of the three files; it includes them with pymdownx.snippets
+    # (--8<-- "deploy/examples/..."), so the page is read with its inclusions expanded.
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "operator" / "configuration.md").read_text()
+    page = re.sub(
+        r'^--8<-- "([^"]+)"$',
+        lambda m: (root / m.group(1)).read_text().rstrip("\n"),
+        page,
+        flags=re.MULTILINE,
+    )
+    blocks = {
+        m.group(1): tomllib.loads(m.group(0)[len("```toml") : -3])
+        for m in re.finditer(
+            r"```toml\n# (?:/etc/iaptnet/)?(hub|node|coordinator)\.toml:.*?```", page, re.DOTALL
+        )
+    }
     assert set(blocks) == {"hub", "node", "coordinator"}
     assert set(blocks["hub"]) <= HUB_KEYS and set(blocks["coordinator"]) <= COORDINATOR_KEYS
     assert set(blocks["node"]) <= NODE_KEYS and set(blocks["node"]["tuning"]) <= TUNING_KEYS

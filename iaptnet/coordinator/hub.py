@@ -13,7 +13,7 @@
 
 Flower's Control API (submitting runs, registering nodes) has no authentication in the
 open-source edition and shares the hub's port with the Fleet API the nodes use: listen on
-127.0.0.1 and put a reverse proxy in front that passes only `/v1/fleet/` (deploy/README.md).
+127.0.0.1 and put a reverse proxy in front that passes only `/v1/fleet/` (docs/operator/index.md).
 
 The hub runs `flower-superlink` with `--enable-supernode-auth`, TLS, runtime dependency
 installation off, telemetry and update checks off and a private FLWR_HOME under `state_dir`.

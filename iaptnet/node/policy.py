@@ -33,7 +33,7 @@ and analysts' trials on synthetic data work out of the box.
     min_rows = 100
     ...
 
-Every field is optional; the README ("The Trust stays in control") gives the reasoning for each default. Values in
+Every field is optional; docs/governance/policy.md#why-these-defaults gives the reasoning for each default. Values in
 [exploratory] must be at least as strict as [rules]: a mistake there is a SpecError naming
 the file and the field, never a traceback.
 """
@@ -138,7 +138,7 @@ def load_policy(path: str | Path | None, *, production: bool) -> Policy:
     if path is None or str(path) == "":
         if production:
             raise SpecError("a production node needs a policy file: give its path (policy.toml) in the "
-                            "node's configuration; the README's section on the policy file has a template with the defaults.")
+                            "node's configuration; docs/governance/policy.md has a template with the defaults.")
         return default_policy()
     path = Path(path)
     data = read_toml(path, "policy file")
