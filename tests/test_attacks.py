@@ -108,6 +108,12 @@ ATTACKS = {
     "a_table_of_three_people_is_refused": "a table of a cohort of three",
     "a_study_name_cannot_write_outside_out": "a study named ../../escaped",
     "a_deeply_nested_study_file_is_one_sentence": "a study file nested 3,000 levels deep",
+    "a_filter_that_pins_the_released_variable": "a cohort whose outcome the filter fixes, plus the target through another column",
+    "a_condition_that_sets_a_few_people_apart_answers_no_question": "age < 94 then age < 93 beside y == v: the refusal as a question about y",
+    "a_condition_of_a_few_people_is_refused_alone": "a filter condition that admits, or leaves out, one person",
+    "rows_at_the_boundary_are_not_released": "a round's count of rows beyond a coefficient-chosen cut",
+    "round_history_survives_a_restart": "a probing round sent after a node restart",
+    "a_robust_middle_term_on_one_row": "HC0 middle term at coefficients leaving one non-zero residual",
 }
 
 
@@ -190,7 +196,7 @@ def test_differencing_missing_covariate(node):
 
 
 def test_differencing_complement(node):
-    reply, _ = node.prepare(node.spec(formula="y ~ x", where="age < 90"))
+    reply, _ = node.prepare(node.spec(formula="y ~ x + wmiss"))  # everyone but the target
     refused(node, reply, "min_subset_difference")
     assert "leave out fewer than 8" in reply.message
 
@@ -805,3 +811,89 @@ def test_a_deeply_nested_study_file_is_one_sentence(capsys, tmp_path):
     code = cli_main(["run", str(study), "--network", str(net), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err and "deep.toml" in err
+
+
+# --------------------------------------------------------------------------- 8. filters that pin values
+
+PINNING_FILTERS = [
+    "(y == 1 and age < 90) or age == 93",         # everyone's outcome known but the target's
+    "not (y != 1 and age != 93)",                 # the same, through De Morgan
+    "(x < 0 and age < 90) or (x >= 0 and age == 93)",
+    "x2 < x",                                     # two columns compared: 0 < x only where x2 was zeroed
+]
+
+
+@pytest.mark.parametrize("where", PINNING_FILTERS, ids=range(len(PINNING_FILTERS)))
+def test_a_filter_that_pins_the_released_variable(node, where):
+    """A cohort of people whose outcome the filter fixes, plus the target through another
+    column: the mean outcome would be the target's. Sent straight to the node (past the
+    coordinator's check), as a model and as a table."""
+    wire = node.spec(formula="y ~ 1", family="gaussian")
+    wire["where"] = where
+    reply, _ = node.prepare(wire)
+    refused(node, reply, "invalid_study")
+    assert "a cohort must be conditions joined by 'and', each on one column" in reply.message
+    with pytest.raises(SpecError, match="each on one column"):
+        table_task(node, variables=["y"], where=where)
+
+
+def test_a_condition_that_sets_a_few_people_apart_answers_no_question(tmp_path):
+    """`y == v and age < 94` then `y == v and age < 93`: the cohorts differ by the target
+    exactly when the target's y is v, so a differencing audit of the cohorts alone would
+    answer "is the target's y v?" by refusing or not. The node judges the age conditions on
+    the whole dataset (they differ by the target whatever y is): the same refusal for both v."""
+    replies = []
+    for v in (0, 1):
+        node = Node(tmp_path / f"node{v}", make_frame(), COLUMNS)
+        ok(node.prepare(node.spec(formula="h ~ x", where=f"y == {v} and age < 94"))[0])
+        reply, _ = node.prepare(node.spec(formula="h ~ x", where=f"y == {v} and age < 93"))
+        refused(node, reply, "min_subset_difference")
+        replies.append(reply)
+        restart_nodes()
+    assert replies[0].message == replies[1].message
+    assert "condition on 'age'" in replies[0].message
+
+
+def test_a_condition_of_a_few_people_is_refused_alone(node):
+    """`age > 85` admits three people of the whole dataset: refused for its size whatever the
+    rest of the filter; a condition that leaves out one person (`age != 93`) likewise."""
+    reply, _ = node.prepare(node.spec(formula="y ~ x", where="h == 0 and age != 93"))
+    refused(node, reply, "min_subset_difference")
+    assert "condition on 'age'" in reply.message
+
+
+def test_rows_at_the_boundary_are_not_released(prepared):
+    """A binomial round used to say how many rows had |eta| > 30 at the coefficients sent: a
+    threshold count at any cut the coordinator chose (bisection found the maximum of x). A
+    round releases the score, the information and [deviance, Pearson, log-likelihood] only."""
+    node, study, _ = prepared
+    reply = ok(node.round(study, {"m0": np.array([-0.2, 0.4, 0.3])}))
+    assert set(reply.arrays) == {"score/m0", "info/m0", "stats/m0"}
+    assert reply.arrays["stats/m0"].shape == (3,)
+
+
+def test_round_history_survives_a_restart(tmp_path):
+    """The probing round of test_beta_round_difference, sent after a restart and a fresh
+    (free, repeated) prepare: still compared with the round answered before the restart."""
+    node = policy_node(tmp_path, 'mode = "exploratory"\nstate_dir = "state"\n[rules]\nmax_leverage = 1.0\n'
+                                 '[exploratory]\nmax_leverage = 1.0\n')
+    wire = node.spec(formula="y ~ x + x2 + h")
+    reply, study = node.prepare(wire)
+    ok(reply)
+    beta = np.array([-0.2, 0.2, 0.2, 0.3])
+    ok(node.round(study, {"m0": beta}))
+    restart_nodes()
+    ok(node.prepare(wire)[0])
+    probe = beta + np.array([0.0, 5.0, -5.0, 0.0])
+    refused(node, node.round(study, {"m0": probe}), "min_effective_rows")
+    assert "compared with a round this node already answered" in node.audit_entries()[-1]["refusal"][0]["sentence"]
+
+
+def test_a_robust_middle_term_on_one_row(node):
+    """Gaussian `bonus ~ x` with HC0 SEs: at coefficients 0 every residual is 0 but the
+    target's, so the middle term sum r^2 x x' would be the target's bonus squared times his
+    x x'. Its squared residuals are judged like IRLS weights (Gaussian models too)."""
+    reply, study = node.prepare(node.spec(formula="bonus ~ x", family="gaussian", cov_type="HC0"))
+    ok(reply)
+    refused(node, node.round(study, {"m0": np.zeros(2)}), "min_effective_rows")
+    assert "squared residual" in node.audit_entries()[-1]["refusal"][0]["sentence"]

@@ -58,7 +58,7 @@ STUDY = {
     "variables": ["g", "score", {"name": "days", "resolution": 1.0},
                   {"name": "dose", "resolution": 0.5, "quantiles": [0.1, 0.5, 0.9]}, "w"],
     "funnel": [{"label": "step one", "where": "step1 == 1"}, "score >= 4",
-               {"label": "w below 78", "where": "w < 78"}],  # leaves out a few people per site
+               {"label": "w below 74", "where": "w < 74"}],  # leaves out a few of the cohort at site2
 }
 
 

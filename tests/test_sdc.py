@@ -407,16 +407,19 @@ def test_a_by_column_of_one_person_reveals_nothing(tmp_path):
 
 
 def test_a_suppressed_funnel_step_hides_the_zero_after_it(tmp_path):
-    """Three people at site0 pass the first step and none of them the second: without rule
-    (c) the 0 would say all three left at the second step."""
+    """Three people of site0's cohort pass the first step and none of them the second:
+    without rule (c) the 0 would say all three left at the second step. (Each condition
+    admits many people of the whole dataset, as the node requires: the cohort makes them few.)"""
     sites = table_sites()
     for name, frame in sites.items():
         frame["step1"] = 0.0
         frame["score"] = np.minimum(frame["score"], 8.0)
-    sites["site0"].loc[sites["site0"].index[:3], "step1"] = 1.0  # 3 people, none with score >= 9
+    site0 = sites["site0"]
+    site0.loc[site0.index[:20], "step1"] = 1.0
+    site0.loc[site0.index[3:40], "score"] = 9.0  # so only 3 with step1 are in the cohort
     sites["site1"].loc[sites["site1"].index[:40], ["step1", "score"]] = [1.0, 9.0]
     write_network(tmp_path, sites, TABLE_COLUMNS)
-    study = write_study(tmp_path / "fun.toml", name="fun", kind="table",
+    study = write_study(tmp_path / "fun.toml", name="fun", kind="table", where="score <= 8",
                         funnel=["step1 == 1", "score >= 9"])
     result = run_inprocess([study], tmp_path / "network.toml")[0]
     steps = [[cell["count"] for cell in step["cells"]] for step in result["funnel"]["steps"]]

@@ -32,7 +32,7 @@ import numpy as np
 from ..protocol.errors import DataError, SpecError
 from .disclosure import Violation
 from .policy import Rules
-from .release_memory import ReleaseMemory
+from .release_memory import Footprint, MemoryDamaged, ReleaseMemory
 
 GENESIS = "0" * 64
 
@@ -258,6 +258,7 @@ class NodeMemory:
         self._lock = threading.RLock()
         self._state = {"day": "", "studies": {}, "tasks": {}}
         self._releases = ReleaseMemory(folder)
+        self._conditions = ReleaseMemory(folder, "conditions")
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -347,6 +348,88 @@ class NodeMemory:
 
     def remember_release(self, footprints, version: str, n: int, rules: Rules) -> None:
         self.releases(version, n).remember(footprints, rules.min_subset_difference)
+
+    # -- the coefficients of GLM rounds answered (the probing defence compares with them)
+    def answered_rounds(self, study_hash: str, version: str) -> dict[str, list[np.ndarray]]:
+        """Every coefficient vector answered for this study on this data version, by model:
+        kept on disk, so a restarted node compares a new round with rounds answered before
+        the restart, not only since."""
+        path = self._rounds_path(study_hash, version)
+        if path is None or not path.exists():
+            return {}
+        out: dict[str, list[np.ndarray]] = {}
+        data = path.read_bytes()
+        for line in data[: data.rfind(b"\n") + 1].splitlines():  # (a torn last line: not yet written)
+            try:
+                entry = json.loads(line)
+                beta = np.array([float(v) for v in entry["beta"]], dtype=float)
+                out.setdefault(str(entry["model"]), []).append(beta)
+            except (ValueError, KeyError, TypeError):
+                raise MemoryDamaged(f"this node's record of answered rounds ({path}) has an entry it cannot "
+                                    "read; restore the state folder from its backup before answering more "
+                                    "tasks") from None
+        return out
+
+    def remember_rounds(self, study_hash: str, version: str, betas: dict[str, np.ndarray]) -> None:
+        path = self._rounds_path(study_hash, version)
+        if path is None or not betas:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps({"model": key, "beta": [float(v) for v in np.asarray(beta, dtype=float)]}) + "\n"
+                       for key, beta in betas.items())
+        with self._lock, open(path, "a") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _rounds_path(self, study_hash: str, version: str) -> Path | None:
+        if self.folder is None:
+            return None
+        name = hashlib.sha256(study_hash.encode()).hexdigest()[:32]
+        return self.folder / "rounds" / version[:32] / f"{name}.jsonl"
+
+    # -- the conditions of cohort filters answered (node/cohort.py)
+    def audit_conditions(self, conditions, version: str, n: int, rules: Rules) -> list[Violation]:
+        """Violations by a filter's conditions: the rows of the whole dataset that one column's
+        conditions admit may not differ by 1 to min_subset_difference - 1 people from no one,
+        from everyone, or from the rows admitted by a condition answered before. The sets
+        depend on that one column only, so neither the answer nor the refusal can tell
+        anything about the values of another column (the cohort's, which the release audit
+        judges): filters `age < 93` and `age < 94` are refused together whoever is 93."""
+        t = rules.min_subset_difference
+        if t <= 1 or not conditions:
+            return []
+        footprints = _condition_footprints(conditions)
+        few = [fp for fp in footprints if 0 < int(np.count_nonzero(fp.rows)) < t]
+        if few:
+            return [Violation("min_subset_difference", _CONDITION_FINDING.format(t=t, label=few[0].label), t,
+                              fix="widen or drop that condition, or use the conditions of earlier studies")]
+        out = []
+        for finding in self._conditions.for_version(version, n).audit(footprints, t):
+            out.append(Violation("min_subset_difference", _CONDITION_FINDING.format(t=t, label=finding.label), t,
+                                 fix="widen or drop that condition, or use the conditions of earlier studies"))
+        return out
+
+    def remember_conditions(self, conditions, version: str, n: int, rules: Rules) -> None:
+        if conditions:
+            self._conditions.for_version(version, n).remember(_condition_footprints(conditions),
+                                                              rules.min_subset_difference)
+
+
+def _condition_footprints(conditions) -> list:
+    """One set per distinct (column, rows admitted), compared in pairs only."""
+    out, seen = [], set()
+    for column, rows in conditions:
+        key = (column, hashlib.sha256(np.packbits(rows).tobytes()).hexdigest())
+        if key not in seen:
+            seen.add(key)
+            out.append(Footprint(f"the filter's condition on '{column}'", rows, combine=False))
+    return out
+
+
+_CONDITION_FINDING = ("{label} admits rows of this node's whole dataset that differ by fewer than {t} "
+                      "people from no one, from everyone, or from the rows a condition of an earlier "
+                      "filter admitted (results on such filters could differ by those few people)")
 
 
 _FINDINGS = {

@@ -3,15 +3,39 @@
 Three-valued (Kleene) logic, as SQL's WHERE: a comparison with a missing value is unknown,
 `not unknown` stays unknown, and rows whose condition is unknown are left out. Only
 `is missing` / `is not missing` look at missingness directly.
+
+While the node answers a task (`recording_conditions`), every cohort evaluated also records,
+per column, the rows of the whole dataset that the filter's conditions on that column admit.
+The dispatcher judges those sets against the conditions of earlier filters (node/handlers.py):
+a decision that depends on one column's values only, so it cannot answer a question about
+another column's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import numpy as np
 import pandas as pd
 
-from ..protocol.cohort_filter import calendar_date
+from ..protocol.cohort_filter import by_column, calendar_date, check_shape
 from ..protocol.errors import SpecError
+
+#: (column, rows of the dataset its conditions admit) for every cohort evaluated in a task.
+_CONDITIONS: contextvars.ContextVar[list | None] = contextvars.ContextVar("filter_conditions", default=None)
+
+
+@contextlib.contextmanager
+def recording_conditions() -> Iterator[list[tuple[str, np.ndarray]]]:
+    """Collect the per-column condition sets of every cohort evaluated inside the block."""
+    found: list[tuple[str, np.ndarray]] = []
+    token = _CONDITIONS.set(found)
+    try:
+        yield found
+    finally:
+        _CONDITIONS.reset(token)
 
 _OPS = {
     "==": lambda a, b: a == b,
@@ -27,7 +51,19 @@ def cohort_mask(frame: pd.DataFrame, tree: tuple | None) -> np.ndarray:
     """Boolean numpy mask of the rows in the cohort (all rows when there is no filter)."""
     if tree is None:
         return np.ones(len(frame), dtype=bool)
-    return _eval(frame, tree).fillna(False).to_numpy(dtype=bool)
+    found = _CONDITIONS.get()
+    if found is None:
+        return _eval(frame, tree).fillna(False).to_numpy(dtype=bool)
+    # At the node, whatever built the filter: a cohort must have the shape of one (conditions
+    # on one column each, joined by `and`); it is then the rows every column's conditions admit.
+    check_shape(tree, "the study")
+    mask = np.ones(len(frame), dtype=bool)
+    for column, conditions in by_column(tree).items():
+        admitted = _eval(frame, conditions[0] if len(conditions) == 1 else ("and", conditions))
+        admitted = admitted.fillna(False).to_numpy(dtype=bool)
+        found.append((column, admitted))
+        mask &= admitted
+    return mask
 
 
 def _eval(frame: pd.DataFrame, tree: tuple) -> pd.Series:

@@ -97,25 +97,32 @@ class DesignedModel:
         Z = self.X
         if np.any(self.offset != self.offset[0]):
             Z = np.column_stack([Z, self.offset])
-        if self.weights is not None:
-            Z = Z * np.sqrt(self.weights)[:, None]
-        if not np.all(np.isfinite(Z)):
-            return math.nan
-        # Each column divided by its largest value first, so that squaring cannot overflow
-        # (a column of 1e200 for one row would otherwise make every norm infinite).
-        top = np.max(np.abs(Z), axis=0)
-        keep = top > 0
-        if not keep.any():
-            return None
-        Z1 = Z[:, keep] / top[keep]
-        inv = 1.0 / np.sqrt(np.einsum("ij,ij->j", Z1, Z1))
-        U = Z1 * inv
-        return _largest_leverage(Z1, inv, U.T @ U)
+        return weighted_leverage(Z, self.weights)
 
     @property
     def parameters(self) -> int:
         """Design columns with a non-zero value at this node."""
         return int(np.count_nonzero(np.any(self.X != 0, axis=0))) if self.n else 0
+
+
+def weighted_leverage(Z: np.ndarray, weights: np.ndarray | None = None) -> float | None:
+    """The largest leverage of a row in Z'WZ (W = diag(weights)): how far one row alone can
+    decide that matrix. None when Z has no non-zero column; NaN (refuse) when not finite."""
+    if weights is not None:
+        with np.errstate(invalid="ignore", over="ignore"):
+            Z = Z * np.sqrt(weights)[:, None]
+    if not np.all(np.isfinite(Z)):
+        return math.nan
+    # Each column divided by its largest value first, so that squaring cannot overflow
+    # (a column of 1e200 for one row would otherwise make every norm infinite).
+    top = np.max(np.abs(Z), axis=0) if Z.size else np.zeros(Z.shape[1])
+    keep = top > 0
+    if not keep.any():
+        return None
+    Z1 = Z[:, keep] / top[keep]
+    inv = 1.0 / np.sqrt(np.einsum("ij,ij->j", Z1, Z1))
+    U = Z1 * inv
+    return _largest_leverage(Z1, inv, U.T @ U)
 
 
 def _largest_leverage(Z: np.ndarray, inv_norms: np.ndarray, scaled_gram: np.ndarray) -> float:

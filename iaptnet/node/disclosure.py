@@ -261,6 +261,12 @@ class Release:
         self.public_values: dict[str, str | list[str]] = {}
         self.sections: list[Section] = []
         self.on_release: list = []
+        self.on_commit: list = []
+
+    def remember(self, fn) -> None:
+        """Run fn() when the release has passed, before it is logged and sent: state the
+        node's defences rely on later (if fn fails, nothing is released)."""
+        self.on_commit.append(fn)
 
     def after(self, fn) -> None:
         """Run fn() once the release has passed the policy and been written to the audit log

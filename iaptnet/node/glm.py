@@ -182,7 +182,7 @@ def prepare(dataset, payload: dict, release: Release, augments=None):
 
 
 def round_contributions(prepared, betas: dict[str, np.ndarray], release: Release) -> None:
-    """Declare score, packed information and [deviance, pearson, loglike sum, boundary rows]
+    """Declare score, packed information and [deviance, pearson, loglike sum]
     per model, with the row weights they sum over and those of the rounds answered before."""
     for key, beta in betas.items():
         design = prepared.designs[key]
@@ -193,9 +193,12 @@ def round_contributions(prepared, betas: dict[str, np.ndarray], release: Release
         beta = np.asarray(beta, dtype=float)
         finite = bool(np.all(np.isfinite(beta)))
         weights, history = {}, {}
-        if finite and family.name != "gaussian" and design.n:
-            weights = row_weights(design, family, beta)
-            history = _history_weights(prepared, key, design, family)
+        # The HC0 middle term sum r_i^2 x_i x_i' is X'WX with W = r^2 at coefficients the
+        # coordinator chose: its weights are judged like the IRLS weights, Gaussian models too.
+        robust = cov_type == "HC0"
+        if finite and (family.name != "gaussian" or robust) and design.n:
+            weights = row_weights(design, family, beta, robust)
+            history = _history_weights(prepared, key, design, family, robust)
         section = release.round(key, prepared.facts[key], coefficients=beta, weights=weights,
                                 history=history, bounded=family.name != "gaussian")
         if finite:
@@ -216,13 +219,13 @@ def _remember_round(prepared, key: str, beta: np.ndarray, weights: dict) -> None
         prepared.weight_cache.setdefault(key, []).append(weights)
 
 
-def _history_weights(prepared, key: str, design: DesignedModel, family) -> dict[str, list[np.ndarray]]:
+def _history_weights(prepared, key: str, design: DesignedModel, family, robust: bool = False) -> dict[str, list[np.ndarray]]:
     """The weights at every coefficient vector answered before (and the node's own fit),
     computed once each and cached."""
     previous = prepared.history.get(key, [])
     cache = prepared.weight_cache.setdefault(key, [])
     if len(cache) < len(previous):
-        missing = row_weights_many(design, family, previous[len(cache):])
+        missing = row_weights_many(design, family, previous[len(cache):], robust)
         for j in range(len(previous) - len(cache)):
             cache.append({name: vectors[j] for name, vectors in missing.items()})
     out: dict[str, list[np.ndarray]] = {}
@@ -232,33 +235,44 @@ def _history_weights(prepared, key: str, design: DesignedModel, family) -> dict[
     return out
 
 
-def row_weights(design: DesignedModel, family, beta: np.ndarray) -> dict[str, np.ndarray]:
+#: The name of the HC0 middle term's row weights in a round's declaration.
+SQUARED_RESIDUALS = "squared residual"
+
+
+def row_weights(design: DesignedModel, family, beta: np.ndarray, robust: bool = False) -> dict[str, np.ndarray]:
     """The row weights a round's statistics are sums over: the IRLS weights W of X'WX, and
-    for the score X'(y - mu) the fitted means (and 1 - mu for binomial: X'1 is known)."""
-    return _weights_at(design, family, design.X @ beta + design.offset)
+    for the score X'(y - mu) the fitted means (and 1 - mu for binomial: X'1 is known); with
+    HC0 robust SEs, the squared residuals of the middle term (Gaussian models: only those,
+    their W is constant)."""
+    return _weights_at(design, family, design.X @ beta + design.offset, robust)
 
 
-def row_weights_many(design: DesignedModel, family, betas: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
+def row_weights_many(design: DesignedModel, family, betas: list[np.ndarray], robust: bool = False) -> dict[str, list[np.ndarray]]:
     """The same weights at each of several coefficient vectors (rounds answered before)."""
     out: dict[str, list[np.ndarray]] = {}
     if design.n == 0:
         return out
     etas = design.X @ np.column_stack(betas) + design.offset[:, None]
     for j in range(etas.shape[1]):
-        for name, v in _weights_at(design, family, etas[:, j]).items():
+        for name, v in _weights_at(design, family, etas[:, j], robust).items():
             out.setdefault(name, []).append(v)
     return out
 
 
-def _weights_at(design: DesignedModel, family, eta: np.ndarray) -> dict[str, np.ndarray]:
+def _weights_at(design: DesignedModel, family, eta: np.ndarray, robust: bool = False) -> dict[str, np.ndarray]:
     with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
-        mu, w, _ = family.working(design.y, eta)
-    out = {"information": w}
+        mu, w, r = family.working(design.y, eta)
+        if design.weights is not None:
+            r = r * design.weights
+    out = {} if family.name == "gaussian" else {"information": w}
     if family.name == "binomial":
         out["fitted"] = mu
         out["fitted complement"] = 1.0 - mu
     elif family.name == "poisson":
         out["fitted"] = mu
+    if robust:
+        with np.errstate(over="ignore", invalid="ignore"):
+            out[SQUARED_RESIDUALS] = r * r
     return out
 
 
@@ -280,8 +294,7 @@ def _evaluate(design: DesignedModel, family, beta: np.ndarray):
         pearson = family.pearson(design.y, mu, pw)
     else:
         dev, llsum, pearson = family.deviance(design.y, mu, eta, pw), 0.0, 0.0
-    boundary = float(np.count_nonzero(np.abs(eta) > 30.0)) if family.name == "binomial" else 0.0
-    return score, info, np.array([dev, pearson, llsum, boundary])
+    return score, info, np.array([dev, pearson, llsum])
 
 
 def meat(design: DesignedModel, family, beta: np.ndarray, cov_type: str) -> np.ndarray:

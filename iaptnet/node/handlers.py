@@ -39,6 +39,7 @@ from ..protocol.errors import DataError, IaptnetError, SpecError
 from ..protocol.study import StudySpec, approval_hash
 from . import disclosure as d
 from .audit import arrays_for_log, digest_parameters, now_iso
+from .cohort import recording_conditions
 from .runtime import NodeRuntime
 
 log = logging.getLogger("iaptnet.node")
@@ -95,13 +96,16 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
             _load_dataset(runtime)
         token = _TASK_RULES.set(rules)
         try:
-            release = registration.fn(runtime, task)
+            with recording_conditions() as conditions:
+                release = registration.fn(runtime, task)
         finally:
             _TASK_RULES.reset(token)
         release = _as_release(release)
         if registration.studies == "none" and release.sections:
             raise d.Refusal(d.Violation("undeclared", "a task kind that reads no rows tried to release statistics"))
-        footprints = _judge(runtime, release, rules)
+        if not release.sections:
+            conditions = []  # nothing released: nothing to remember either
+        footprints = _judge(runtime, release, rules, conditions)
         payload, arrays = d.finish(release, rules)
     except d.Refusal as refusal:
         return _refused(runtime, task, record, refusal)
@@ -131,10 +135,13 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
         return _failed(runtime, task, record, "internal_error",
                        "the node hit an internal error; the detail is in the node's own log.")
     try:
-        if footprints:
+        if footprints or conditions:
             dataset = runtime.dataset
             with runtime.memory.transaction() as memory:
                 memory.remember_release(footprints, dataset.data_version, dataset.n_rows, rules)
+                memory.remember_conditions(conditions, dataset.data_version, dataset.n_rows, rules)
+        for fn in release.on_commit:
+            fn()
         if repeat is not None:
             with runtime.memory.transaction() as memory:
                 memory.remember_answer(repeat, now)
@@ -273,12 +280,14 @@ def _as_release(result) -> d.Release:
     raise d.Refusal(d.Violation("undeclared", "the task's handler returned statistics it did not declare"))
 
 
-def _judge(runtime: NodeRuntime, release: d.Release, rules) -> list:
+def _judge(runtime: NodeRuntime, release: d.Release, rules, conditions=()) -> list:
     """Every rule over the declaration, in stages; returns the footprints to remember if it
     passes. Each stage refuses alone, so that a refusal never says more than its own rule:
-    first the size rule (one identical reply for 0 rows and for a few), then the model and
-    round rules, then whether every number can be released (finite), then the differencing
-    audit against everything the node released before on this data."""
+    first the size rule (one identical reply for 0 rows and for a few), then the cohort
+    filters' conditions (each judged on one column of the whole dataset, so the decision says
+    nothing about other columns), then the model and round rules, then whether every number can
+    be released (finite), then the differencing audit against everything the node released
+    before on this data."""
     violations = d.check_declaration(release)
     if violations:
         raise d.Refusal(violations)
@@ -286,6 +295,14 @@ def _judge(runtime: NodeRuntime, release: d.Release, rules) -> list:
     size = [v for f in facts for v in d.check_size(f, rules)]
     if size:
         raise d.Refusal(_dedupe(size))
+    if conditions:
+        dataset = runtime.dataset
+        if any(rows.shape != (dataset.n_rows,) for _, rows in conditions):
+            raise RuntimeError("a cohort was evaluated on other rows than the dataset's")
+        with runtime.memory.transaction() as memory:
+            violations = memory.audit_conditions(conditions, dataset.data_version, dataset.n_rows, rules)
+        if violations:
+            raise d.Refusal(violations[:1])
     for section in release.sections:
         if section.kind == "round":
             violations += d.check_round(section, rules)

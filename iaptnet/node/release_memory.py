@@ -13,7 +13,8 @@ columns (values on their base rows); `index.jsonl`, one line per bundle naming i
 "base" for row sets that join the combination audit, "pair" for sets only compared in pairs)
 and columns (with their base set); `salt`, the node's secret for set keys. A bundle is written
 and synced before the index line that names it, so a crash leaves at worst an unreferenced
-file; a torn last index line is ignored.
+file; a torn last index line (no newline yet) is ignored; any other unreadable line stops the
+node answering (fail closed: see MemoryDamaged).
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..protocol.errors import IaptnetError
 from . import differencing as dif
+
+
+class MemoryDamaged(IaptnetError):
+    """The release memory on disk cannot be read back: the node answers nothing until its
+    operator restores it."""
 
 #: Numeric columns are screened on this many sampled rows before an exact comparison.
 SCREEN_ROWS = 256
@@ -123,7 +130,10 @@ class VersionMemory:
                 try:
                     self._read_bundle(json.loads(line))
                 except (ValueError, KeyError, TypeError, OSError):
-                    continue  # a damaged line or a missing bundle: those entries are not known
+                    # Fail closed: a release the node cannot read back is one it could not
+                    # audit a later release against.
+                    raise MemoryDamaged(f"this node's release memory ({path}) has an entry it cannot read; "
+                                        "restore the state folder from its backup before answering more tasks") from None
             self._offset += complete
         legacy = self.folder.parent.parent / "rowsets" / self.folder.name
         if legacy.is_dir() and not self._legacy_read:
@@ -636,15 +646,15 @@ def _write_new(path: Path, text: str) -> None:
 class ReleaseMemory:
     """A node's release memories, one per data version (in memory when `folder` is None)."""
 
-    def __init__(self, folder: Path | None):
-        self.folder = folder
+    def __init__(self, folder: Path | None, name: str = "releases"):
+        self.folder, self.name = folder, name
         self._versions: dict[str, VersionMemory] = {}
 
     def for_version(self, version: str, n: int) -> VersionMemory:
         key = f"{version}:{n}"
         memory = self._versions.get(key)
         if memory is None:
-            folder = None if self.folder is None else self.folder / "releases" / version[:32]
+            folder = None if self.folder is None else self.folder / self.name / version[:32]
             memory = VersionMemory(folder, n)
             self._versions[key] = memory
         else:

@@ -34,8 +34,10 @@ def glm_prepare(runtime: NodeRuntime, task: m.Task) -> Release:
         cov_types[key] = spec.cov_type
     release.public("data_version", dataset.data_version)
     declined = {k for k in families if k not in designs}  # optional models too small here
+    answered = runtime.memory.answered_rounds(task.study_hash, dataset.data_version)
+    history = {key: [beta, *(b for b in answered.get(key, []) if b.shape == beta.shape)] for key, beta in local.items()}
     prepared = PreparedStudy(designs=designs, families=families, cov_types=cov_types, facts=facts,
-                             history={key: [beta] for key, beta in local.items()}, declined=declined)
+                             history=history, declined=declined)
     release.after(lambda: runtime.remember(task.study_hash, prepared))
     return release
 
@@ -53,4 +55,6 @@ def glm_round(runtime: NodeRuntime, task: m.Task) -> Release:
     betas = {k: v for k, v in betas.items() if k in prepared.designs}  # nothing for declined models
     release = Release()
     glm.round_contributions(prepared, betas, release)
+    version = runtime.dataset.data_version
+    release.remember(lambda: runtime.memory.remember_rounds(task.study_hash, version, betas))
     return release

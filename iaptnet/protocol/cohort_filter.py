@@ -228,15 +228,65 @@ def _render_operand(op: tuple) -> str:
     return '"' + op[1] + '"'
 
 
+def conjuncts(tree: tuple) -> list[tuple]:
+    """The filter as a list of conditions all of which a row must meet: top-level `and`s
+    split, and `not (a or b)` read as `not a and not b` (De Morgan)."""
+    kind = tree[0]
+    if kind == "and":
+        return [c for t in tree[1] for c in conjuncts(t)]
+    if kind == "not":
+        inner = tree[1]
+        if inner[0] == "not":
+            return conjuncts(inner[1])
+        if inner[0] == "or":
+            return [c for t in inner[1] for c in conjuncts(("not", t))]
+    return [tree]
+
+
+def by_column(tree: tuple) -> dict[str, list[tuple]]:
+    """The filter's conditions grouped by the one column each names (see check_shape)."""
+    out: dict[str, list[tuple]] = {}
+    for condition in conjuncts(tree):
+        names = columns(condition)
+        out.setdefault(next(iter(names)) if len(names) == 1 else "", []).append(condition)
+    return out
+
+
+def check_shape(tree: tuple, source: str) -> None:
+    """A cohort is conditions joined by `and`, each on one column ("age >= 18 and (sex == 'f'
+    or sex == 'm')"), so every row in it is admitted by the same rule.
+
+    Why: with `or` across columns (or a comparison of two columns) a filter can admit most
+    rows through a condition on the very variable being released and one person through
+    another column ("(phq9 in [5, 6] and age < 90) or age == 93"): the statistic then holds
+    that person's value beside values the filter made known. Conditions each on one column
+    cannot pin some rows' values and not others'."""
+    for condition in conjuncts(tree):
+        names = sorted(columns(condition))
+        if len(names) > 1:
+            quoted = [f"'{n}'" for n in names]
+            listed = ", ".join(quoted[:-1]) + " and " + quoted[-1]
+            raise SpecError(
+                f"{source}: field 'where' has a condition on {listed} at once (joined by 'or' or 'not', or "
+                f"compared with each other); a cohort must be conditions joined by 'and', "
+                f"each on one column, e.g. age >= 18 and (sex == \"f\" or sex == \"m\").")
+
+
 def check_against_schema(tree: tuple, schema: Schema, source: str) -> None:
-    """Every column exists and every comparison makes sense for the column's type."""
+    """Every column exists, every comparison makes sense for the column's type, and the
+    filter has the shape of a cohort (check_shape)."""
+    _check_terms(tree, schema, source)
+    check_shape(tree, source)
+
+
+def _check_terms(tree: tuple, schema: Schema, source: str) -> None:
     kind = tree[0]
     if kind in ("or", "and"):
         for t in tree[1]:
-            check_against_schema(t, schema, source)
+            _check_terms(t, schema, source)
         return
     if kind == "not":
-        check_against_schema(tree[1], schema, source)
+        _check_terms(tree[1], schema, source)
         return
     for name in columns(tree):
         if name not in schema:
