@@ -355,3 +355,25 @@ def test_catalogue_studies_parse_against_the_iapt_schema():
         assert spec.kind == "table" and spec.params
         assert plan.layout.by in ("older_adult", "age_group")
     assert len(plan.step_labels) == 5  # t2: referred and four steps
+
+
+def test_quantiles_of_values_far_above_the_schema_minimum():
+    """Waiting times with a schema minimum of 0 but every value between 20 and 50 (the demo's
+    Table 1): the search must start at the pooled mean, not gallop up from 0 through the
+    withheld lower tail (which left every quartile an open interval, 0..?)."""
+    from iaptnet.coordinator.quantiles import Search
+
+    rng = np.random.default_rng(3)
+    values = np.round(rng.normal(35, 6, size=20_000)).clip(20, 50)
+    ps = (0.25, 0.5, 0.75)
+    search = Search.for_variable(values.size, values.mean(), values.std(), ps, (0.0, 1.0, 0, None))
+    for _ in range(60):  # rounds, as the coordinator runs them
+        asks = search.asks()
+        if not asks:
+            break
+        for i in asks:
+            count = int(np.count_nonzero(values <= search.value(i)))
+            inside = count >= 8 and values.size - count >= 8  # a node withholds the tails
+            search.record(i, count if inside else None)
+    got = [q["value"] for q in search.results()]
+    assert got == list(np.quantile(values, ps))

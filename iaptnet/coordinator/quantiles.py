@@ -106,6 +106,10 @@ class Search:
         """The next point out on an open side: doubling steps from the known end, and once a
         node has withheld a point out there (nodes withhold the tails: no count among the
         few smallest or largest values), halfway back towards the known end instead."""
+        if self.start not in self.known and self.start not in self.withheld:
+            # The pooled mean first, even when the schema bounds one side: a schema's minimum
+            # (0 days) can lie far below every value, where each point is in the withheld tail.
+            return self.start
         while True:
             g = self.gallops.get(k, 0)
             if g > MAX_GALLOP:
