@@ -9,6 +9,13 @@ tests of the memory itself say so explicitly (tests/test_release_memory.py).
 from __future__ import annotations
 
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run, so CI never turns red on a new random
+# draw; `pytest --hypothesis-profile=explore` searches afresh (and keeps what it finds).
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore")
+settings.load_profile("repeatable")
 
 
 @pytest.fixture(autouse=True)

@@ -107,6 +107,9 @@ def attacker_range(values, hidden, items, functional: dict) -> tuple[float, floa
     out = []
     for sign in (1.0, -1.0):
         res = milp(sign * goal, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, np.inf))
+        if res.status == 2:  # HiGHS' presolve can call a feasible problem infeasible: ask again without it
+            res = milp(sign * goal, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, np.inf),
+                       options={"presolve": False})
         if res.status == 3 or (res.status != 0 and sign < 0):  # unbounded above
             out.append(None)
             continue

@@ -1,0 +1,107 @@
+"""iaptnet/flower/ reaches into private parts of flwr 1.42.0. This test fails
+loudly the day a new flwr moves any of them: the version, each private function's presence and
+signature, the sleeps it caps. It also checks the adaptations themselves (sleep caps, patching
+and unpatching) without starting any process."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import threading
+
+import pytest
+
+from iaptnet.flower import pins, supernode
+
+
+def test_installed_flwr_is_the_one_adapted_to():
+    import flwr
+
+    assert flwr.__version__ == pins.FLWR_VERSION == "1.42.0"
+    pins.check_flwr()  # every private object is where iaptnet/flower/ expects it
+
+
+def test_every_need_is_present_with_its_signature():
+    for need in pins.NEEDS:
+        obj = getattr(importlib.import_module(need.module), need.name)
+        if need.params:
+            target = obj.__init__ if inspect.isclass(obj) else obj
+            params = [p for p in inspect.signature(target).parameters if p != "self"]
+            assert params[: len(need.params)] == list(need.params), f"{need.module}.{need.name}"
+        for snippet in need.source_contains:
+            assert snippet in inspect.getsource(obj), f"{need.module}.{need.name}: {snippet}"
+
+
+def test_a_different_flwr_version_is_refused(monkeypatch):
+    import flwr
+
+    monkeypatch.setattr(flwr, "__version__", "1.43.0")
+    with pytest.raises(pins.FlowerAdaptationError, match="flwr 1.43.0 is installed"):
+        pins.check_flwr()
+
+
+def test_a_moved_private_function_is_refused(monkeypatch):
+    import flwr.supernode.start_client_internal as sci
+
+    monkeypatch.delattr(sci, "_pull_and_store_message")
+    with pytest.raises(pins.FlowerAdaptationError, match="_pull_and_store_message no longer exists"):
+        pins.check_flwr()
+
+
+def test_a_changed_signature_or_sleep_is_refused(monkeypatch):
+    import flwr.supernode.runtime.run_clientapp as rc
+
+    monkeypatch.setattr(rc, "push_message", lambda client, msg: None)
+    with pytest.raises(pins.FlowerAdaptationError, match="push_message now takes"):
+        pins.check_flwr()
+    monkeypatch.undo()
+    needs = list(pins.NEEDS) + [pins._Need("flwr.supernode.start_client_internal", "_push_messages",
+                                       source_contains=("time.sleep(7)",))]
+    monkeypatch.setattr(pins, "NEEDS", tuple(needs))
+    with pytest.raises(pins.FlowerAdaptationError, match=r"no longer contains `time.sleep\(7\)`"):
+        pins.check_flwr()
+
+
+def test_sleep_policy_caps_flower_sleeps():
+    policy = supernode.SleepPolicy(idle_poll=1.0, active_poll=0.1, active_window=60.0)
+    assert policy.cap(3) == 1.0           # idle: poll the hub every second, not every 3 s
+    policy.touch()
+    assert policy.cap(3) == 0.1           # during a study
+    policy.period = 4.0                   # long rounds (many nodes): poll less often
+    assert policy.cap(3) == pytest.approx(0.4)
+    policy.period = 60.0
+    assert policy.cap(3) == 1.0           # never slower than idle
+    assert policy.cap(0.5) == policy.reply_poll == 0.01   # waiting for the reply
+    assert policy.cap(0.005) == 0.005     # never longer than flwr asked
+
+
+def test_install_and_uninstall_patch_only_the_supernode_module():
+    import flwr.superlink.grid.http_grid as http_grid
+    import flwr.supernode.start_client_internal as sci
+    import time as real_time
+
+    original = sci._pull_and_store_message
+    original_push = sci._push_messages
+    original_pull = sci.pull_objects
+    calls = []
+    policy = supernode.SleepPolicy()
+    supernode.install_supernode_adaptations(policy, lambda: calls.append(1), threading.Lock())
+    try:
+        assert sci._pull_and_store_message is not original
+        assert isinstance(sci.time, supernode._TimeProxy) and sci.time.monotonic is real_time.monotonic
+        assert sci.pull_objects.keywords == {"initial_backoff": policy.pull_backoff,
+                                             "backoff_cap": policy.pull_backoff_cap}
+        assert http_grid.pull_objects is original_pull  # the hub side is separate
+        pins.check_flwr()  # still passes with the patches in place
+    finally:
+        supernode.uninstall_supernode_adaptations()
+    assert sci._pull_and_store_message is original and sci.time is real_time
+    assert sci._push_messages is original_push
+    assert sci.pull_objects is original_pull
+
+
+def test_refusal_is_a_normal_reply_free_of_data():
+    from iaptnet.protocol import messages as m
+
+    reply = m.decode_reply(supernode._refusal_content("site-a", "the Trust has not approved this app bundle"))
+    assert reply.status == m.REFUSED and reply.node == "site-a" and reply.code == "app_not_approved"
