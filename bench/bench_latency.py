@@ -5,11 +5,11 @@ For 3 and 8 nodes (synthetic services of ~60,000 referrals each; 8 nodes is the 
 authentication), runs the D1 study (iaptnet/catalogue/d1_sessions.toml) `--repeat` times through
 the flower engine, then stops the network; once with flwr 1.42's own timings ("before":
 IAPTNET_STOCK_FLOWER_TIMING=1 keeps its 3 s idle poll, 0.5 s reply check, 1 s+ pull backoffs,
-1 s dispatch poll) and once with iaptnet's adaptations ("after": node/flower_adapt.py).
+1 s dispatch poll) and once with iaptnet's adaptations ("after": flower/supernode.py).
 
 Both keep what is not a timing: the warm worker (with flwr's stock one-process-per-message the
 node loses the prepared study between rounds and the GLM cannot run at all; docs/reference/flower.md#latency has
-that path at 7-10 s a round with 3 nodes), one array per message (protocol/flower_frame.py) and
+that path at 7-10 s a round with 3 nodes), one array per message (flower/frame.py) and
 the hub's in-memory state (coordinator.toml `database = "memory"`).
 
 Per configuration it prints: the median seconds a round (from the ServerApp's own event

@@ -25,6 +25,7 @@ import pytest
 from flwr.app import ConfigRecord, RecordDict
 
 from iaptnet.protocol import messages as m
+from iaptnet.protocol.kinds import glm as glm_protocol
 from iaptnet.protocol.errors import SpecError
 from iaptnet.protocol.study import parse_study
 from nodecase import Node, assert_nothing_released, local_beta
@@ -114,6 +115,8 @@ ATTACKS = {
     "rows_at_the_boundary_are_not_released": "a round's count of rows beyond a coefficient-chosen cut",
     "round_history_survives_a_restart": "a probing round sent after a node restart",
     "a_robust_middle_term_on_one_row": "HC0 middle term at coefficients leaving one non-zero residual",
+    "three_models_whose_columns_combine_to_one_row": "x ~ age, x ~ I(age ** 2), x ~ I(age ** 3): a combination of their sums is one person",
+    "a_cluster_of_one": "cluster-robust SEs with the target alone in his cluster",
 }
 
 
@@ -292,14 +295,14 @@ def test_beta_isolates_all_but_one(prepared):
 def test_beta_bulk_constant(tmp_path):
     # With the leverage rule off, a design with two nearly equal terms is prepared; a round
     # whose fit is the same for everyone but the target is still refused.
-    node = policy_node(tmp_path, 'mode = "exploratory"\n[rules]\nmax_leverage = 1.0\n[exploratory]\nmax_leverage = 1.0\n')
+    node = policy_node(tmp_path, 'mode = "exploratory"\n[rules]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n[exploratory]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n')
     reply, study = node.prepare(node.spec(formula="y ~ x + x2 + h"))
     ok(reply)
     refused(node, node.round(study, {"m0": [0.1, 30.0, -30.0, 0.0]}), "min_effective_rows")
 
 
 def test_beta_round_difference(tmp_path):
-    node = policy_node(tmp_path, 'mode = "exploratory"\n[rules]\nmax_leverage = 1.0\n[exploratory]\nmax_leverage = 1.0\n')
+    node = policy_node(tmp_path, 'mode = "exploratory"\n[rules]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n[exploratory]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n')
     reply, study = node.prepare(node.spec(formula="y ~ x + x2 + h"))
     ok(reply)
     beta = np.array([-0.2, 0.2, 0.2, 0.3])
@@ -313,7 +316,7 @@ def test_beta_round_difference(tmp_path):
 # --------------------------------------------------------------------------- the gate
 
 def test_replayed_task(node):
-    task = m.Task(kind=m.GLM_PREPARE, study_hash="", payload={})
+    task = m.Task(kind=glm_protocol.PREPARE, study_hash="", payload={})
     wire = node.spec(formula="y ~ x")
     task.payload = {"models": {"m0": wire}, "transform_state": {}}
     task.study_hash = node.hash_of(wire)
@@ -323,7 +326,7 @@ def test_replayed_task(node):
 
 def test_stale_task(node):
     wire = node.spec(formula="y ~ x")
-    task = m.Task(kind=m.GLM_PREPARE, study_hash=node.hash_of(wire),
+    task = m.Task(kind=glm_protocol.PREPARE, study_hash=node.hash_of(wire),
                   payload={"models": {"m0": wire}, "transform_state": {}},
                   issued_at=time.time() - 2 * 86400)
     refused(node, node.send(task), "max_task_age")
@@ -336,7 +339,7 @@ def test_unknown_task_kind(node):
 
 def test_disallowed_task_kind(tmp_path):
     node = policy_node(tmp_path, 'mode = "exploratory"\ntasks = ["glm.prepare", "glm.round"]\n')
-    reply, _ = node.prepare(node.spec(formula="y ~ center(x)"), kind=m.GLM_MOMENTS)
+    reply, _ = node.prepare(node.spec(formula="y ~ center(x)"), kind=glm_protocol.MOMENTS)
     refused(node, reply, "task_kind")
 
 
@@ -345,13 +348,13 @@ def test_huge_payload(node, monkeypatch):
         raise AssertionError("a huge task was decoded")
 
     monkeypatch.setattr(m, "decode_task", never)
-    task = m.Task(kind=m.GLM_PREPARE, study_hash="x", payload={"junk": "x" * 3_000_000})
+    task = m.Task(kind=glm_protocol.PREPARE, study_hash="x", payload={"junk": "x" * 3_000_000})
     refused(node, node.send(task), "max_payload_bytes")
 
 
 def test_nested_payload(node):
     content = RecordDict({"task": ConfigRecord({
-        "version": 1, "kind": m.GLM_PREPARE, "study_hash": "x", "round": 0,
+        "version": 1, "kind": glm_protocol.PREPARE, "study_hash": "x", "round": 0,
         "task_id": "ab" * 16, "issued_at": time.time(),
         "payload": "[" * 100_000 + "]" * 100_000})})
     start = time.perf_counter()
@@ -690,7 +693,7 @@ def test_a_statistic_that_overflows_is_never_released(tmp_path):
     """With the leverage rule switched off by the Trust, the same column's information
     matrix is infinite: the node refuses rather than send a non-finite number (the X'y beside
     it would still be the target's outcome times 1e200)."""
-    node = policy_node(tmp_path, 'mode = "exploratory"\n[rules]\nmax_leverage = 1.0\n[exploratory]\nmax_leverage = 1.0\n')
+    node = policy_node(tmp_path, 'mode = "exploratory"\n[rules]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n[exploratory]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n')
     reply, _ = node.prepare(node.spec(family="gaussian", formula="score ~ x + big"))
     refused(node, reply)
     assert reply.payload["refusals"][0]["rule"] in ("not_finite", "cannot_compute")
@@ -876,7 +879,7 @@ def test_round_history_survives_a_restart(tmp_path):
     """The probing round of test_beta_round_difference, sent after a restart and a fresh
     (free, repeated) prepare: still compared with the round answered before the restart."""
     node = policy_node(tmp_path, 'mode = "exploratory"\nstate_dir = "state"\n[rules]\nmax_leverage = 1.0\n'
-                                 '[exploratory]\nmax_leverage = 1.0\n')
+                                 'max_combined_leverage = 1.0\n[exploratory]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n')
     wire = node.spec(formula="y ~ x + x2 + h")
     reply, study = node.prepare(wire)
     ok(reply)
@@ -897,3 +900,49 @@ def test_a_robust_middle_term_on_one_row(node):
     ok(reply)
     refused(node, node.round(study, {"m0": np.zeros(2)}), "min_effective_rows")
     assert "squared residual" in node.audit_entries()[-1]["refusal"][0]["sentence"]
+
+
+# --------------------------------------------------------------------------- 9. combinations across models
+
+SPAN_COLUMNS = {"x": {"type": "numeric"}, "age": {"type": "integer"}, "g": {"type": "categorical", "levels": ["a", "b"]}}
+
+
+def span_frame() -> pd.DataFrame:
+    """300 people aged 60, 61 or 62 and the target aged 64: (a-60)(a-61)(a-62) is 24 for the
+    target and 0 for everyone else."""
+    rng = np.random.default_rng(5)
+    age = np.repeat([60, 61, 62], 100)
+    age = np.concatenate([[64], age])
+    x = rng.normal(size=age.size)
+    x[0] = BOB_X
+    g = rng.choice(["a", "b"], size=age.size).astype(object)
+    return pd.DataFrame({"x": x, "age": age, "g": g})
+
+
+def test_three_models_whose_columns_combine_to_one_row(tmp_path):
+    """`x ~ age`, `x ~ I(age ** 2)`, `x ~ I(age ** 3)`, each with low leverage alone: a
+    combination of their X'y is 24 times the target's x (red team, round 2). The node keeps
+    the span of every column it released and refuses the model that would let a combination
+    weigh one row above max_leverage."""
+    frame = span_frame()
+    a = frame.age.to_numpy(dtype=float)
+    p = (a - 60) * (a - 61) * (a - 62)
+    coefficients = np.polynomial.polynomial.polyfromroots([60, 61, 62])  # p = c0 + c1 a + c2 a^2 + c3 a^3
+    sums = [np.sum(a ** k * frame.x) for k in range(4)]
+    assert np.isclose(np.dot(coefficients, sums) / 24, BOB_X)  # the leak, if all were answered
+    assert np.count_nonzero(p) == 1
+    node = Node(tmp_path / "node", frame, SPAN_COLUMNS)
+    replies = [node.prepare(node.spec(name=f"s{k}", family="gaussian", formula=f))[0]
+               for k, f in enumerate(["x ~ age", "x ~ I(age ** 2)", "x ~ I(age ** 3)"])]
+    assert replies[0].status == m.OK and replies[1].status == m.OK  # (the target's leverage: below 0.9)
+    assert_nothing_released(replies[2], rule="max_combined_leverage", secrets=SECRETS)
+    assert "together with everything this node released before" in replies[2].message
+
+
+def test_a_cluster_of_one(tmp_path):
+    """Cluster-robust SEs clustered on age: the target is alone in his cluster, and the
+    per-cluster meat at chosen coefficients would give his sums (red team, round 2)."""
+    node = Node(tmp_path / "node", span_frame(), SPAN_COLUMNS)
+    reply, _ = node.prepare(node.spec(family="gaussian", formula="x ~ g", cov_type="cluster", cluster="age"))
+    refused(node, reply, "min_level_count")
+    assert "a cluster of the cluster-robust variance" in reply.message and "64" not in reply.message

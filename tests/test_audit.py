@@ -15,6 +15,7 @@ import pytest
 from iaptnet.cli import main
 from iaptnet.node import runtime as rt
 from iaptnet.protocol import messages as m
+from iaptnet.protocol.kinds import glm as glm_protocol
 from nodecase import Node, local_beta
 
 COLUMNS = {"y": {"type": "binary"}, "x": {"type": "numeric"}, "g": {"type": "categorical", "levels": ["a", "b"]}}
@@ -149,7 +150,7 @@ def test_the_listing_since_a_date_and_as_json(node, capsys):
 
 def test_the_log_and_the_memory_survive_a_restart(node):
     prepare, study = node.prepare(node.spec(formula="y ~ x"))
-    task = m.Task(kind=m.GLM_ROUND, study_hash=study, arrays={"beta/m0": local_beta(prepare)})
+    task = m.Task(kind=glm_protocol.ROUND, study_hash=study, arrays={"beta/m0": local_beta(prepare)})
     assert node.send(task).status == m.OK
     rt._RUNTIMES.clear()
     rt._STATES.clear()

@@ -13,7 +13,7 @@ from iaptnet.coordinator.engines.flower import load_hub_file
 from iaptnet.coordinator.hub import load_hub_config, superlink_command
 from iaptnet.node.config import approve, load_node_file, read_approved
 from iaptnet.node.daemon import Gate, check_policy
-from iaptnet.ops import pki
+from iaptnet import keys as pki
 from iaptnet.protocol.errors import SpecError
 
 HASH_A = "a" * 64
@@ -121,7 +121,7 @@ def test_app_hash_is_the_release_bundle(capsys):
     assert main(["app-hash"]) == 0
     first = capsys.readouterr().out.strip()
     assert re.fullmatch(r"[0-9a-f]{64}", first)
-    from iaptnet.ops.fab import release_fab
+    from iaptnet.flower.bundle import release_fab
 
     data, digest = release_fab()
     assert digest == first
@@ -131,6 +131,18 @@ def test_app_hash_is_the_release_bundle(capsys):
     names = zipfile.ZipFile(io.BytesIO(data)).namelist()
     assert "pyproject.toml" in names and "iaptnet/node/app.py" in names and "iaptnet/coordinator/serverapp.py" in names
     assert not [n for n in names if n.startswith("tests/") or n.endswith((".pyc", ".csv", ".parquet"))]
+    # The bundle's project file is written from the installed package (a wheel install has no
+    # pyproject.toml): this release's version, and the flwr pin the project installs.
+    import tomllib
+    from pathlib import Path
+
+    import iaptnet
+
+    project = tomllib.loads(zipfile.ZipFile(io.BytesIO(data)).read("pyproject.toml").decode())
+    assert project["project"]["version"] == iaptnet.__version__
+    assert project["tool"]["flwr"]["app"]["components"]["clientapp"] == "iaptnet.node.app:app"
+    installed = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert project["project"]["dependencies"] == [d for d in installed if d.startswith("flwr")]
 
 
 def coordinator_toml(folder, **fields) -> str:

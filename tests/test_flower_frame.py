@@ -15,7 +15,7 @@ from iaptnet.coordinator.runner import run_batch
 from iaptnet.coordinator.serverapp import FramedGrid
 from iaptnet.coordinator.studies import load_study
 from iaptnet.protocol import messages as m
-from iaptnet.protocol.flower_frame import pack, unpack
+from iaptnet.flower.frame import pack, unpack
 
 
 def reply_with(arrays) -> m.Reply:

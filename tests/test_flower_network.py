@@ -36,7 +36,8 @@ from iaptnet.cli import main
 from iaptnet.coordinator.engines.flower import run_flower
 from iaptnet.coordinator.results import write_json_atomic
 from iaptnet.coordinator.inprocess import run_inprocess
-from iaptnet.ops import launcher, pki
+from iaptnet import keys as pki
+from iaptnet.ops import launcher
 from iaptnet.protocol.errors import NetworkError
 
 pytestmark = pytest.mark.network
@@ -159,7 +160,7 @@ def _start_newcomer(net) -> subprocess.Popen:
     """A registered node that connects after the study has pinned its cohort."""
     from iaptnet.coordinator.hub import load_hub_config, register_node
     from iaptnet.node.config import approve
-    from iaptnet.ops.fab import release_hash
+    from iaptnet.flower.bundle import release_hash
 
     root = net["folder"] / launcher.STATE_DIR
     ndir = root / "nodes" / "newcomer"

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from iaptnet.cli import main
-from iaptnet.ops import pki
+from iaptnet import keys as pki
 from iaptnet.protocol.errors import SpecError
 
 

@@ -12,7 +12,7 @@ from glmcase import pooled, reference_fit, run_study, write_network, write_study
 from iaptnet.cli import main
 from iaptnet.coordinator.inprocess import run_inprocess
 from iaptnet.node import disclosure as d
-from iaptnet.node.handlers import HANDLERS, handler
+from iaptnet.node.registry import HANDLERS, handler
 from iaptnet.node.policy import Rules, load_policy, round_count
 from iaptnet.protocol import messages as m
 from iaptnet.protocol.errors import NetworkError, SpecError

@@ -66,7 +66,7 @@ def pg_table():
 def test_node_toml_reads_a_table_and_a_query(pg_table, tmp_path):
     from iaptnet.node.config import load_node_file
     from iaptnet.node.runtime import NodeConfig, NodeRuntime
-    from iaptnet.ops import pki
+    from iaptnet import keys as pki
 
     url, table, frame = pg_table
     pki.init_ca(tmp_path)

@@ -31,7 +31,7 @@ from statsmodels.stats.rates import confint_poisson
 
 from ..protocol.errors import NetworkError, SpecError
 from ..protocol.families import get_family
-from ..protocol.kinds.access import PER, TASK
+from ..protocol.kinds.access import PER, TASK, margins_key
 from . import loglinear
 from .glm import ModelFit
 from .results import node_lines, provenance, term_rows
@@ -69,7 +69,7 @@ def run_study(grid, study, *, engine: str, progress=None, timeout=300.0, poll_in
 def _margins(reply, access) -> tuple[dict[str, np.ndarray], float]:
     try:
         n = float(reply.payload["access"][KEY]["n_used"])
-        out = {var: np.asarray(reply.arrays[f"margins/{KEY}/{var}"], dtype=float) for var in access.by}
+        out = {var: np.asarray(reply.arrays[margins_key(KEY, var)], dtype=float) for var in access.by}
     except (KeyError, TypeError, ValueError):
         raise NetworkError(f"node {reply.node} sent a reply without the study's counts.") from None
     for var, values in out.items():

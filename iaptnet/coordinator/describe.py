@@ -25,6 +25,7 @@ import numpy as np
 
 from ..protocol import messages as m
 from ..protocol.errors import NetworkError
+from ..protocol.kinds import describe as contract
 from ..protocol.kinds.describe import (QUANTILE_TASK, TABLE_TASK, Layout, TablePlan, cell_keys,
                                        relations, wire_name)
 from ..protocol.study import StudySpec
@@ -108,7 +109,7 @@ def _summaries(reply: m.Reply, lay: Layout) -> dict:
         if v.show != "summary":
             continue
         for c in range(lay.n_columns):
-            entry = block.get(f"v{i}/{c}")
+            entry = block.get(contract.summary_key(i, c))
             if isinstance(entry, dict):
                 try:
                     out[(i, c)] = (int(entry["n"]), float(entry["mean"]), float(entry["m2"]))
@@ -181,7 +182,7 @@ def _bisect(session: Session, searches: dict, budget: int) -> int:
         asks = {key: idx for key, idx in asks.items() if idx}
         if not asks:
             return used
-        arrays = {f"t/{i}/{c}": np.array([searches[(i, c)].value(k) for k in idx], dtype=float)
+        arrays = {contract.thresholds_array_key(i, c): np.array([searches[(i, c)].value(k) for k in idx], dtype=float)
                   for (i, c), idx in asks.items()}
         before = len(session.active)
         replies = session.ask(QUANTILE_TASK, {}, arrays)
@@ -189,7 +190,7 @@ def _bisect(session: Session, searches: dict, budget: int) -> int:
             return used + 1  # a node left: the caller pools again without it
         for (i, c), idx in asks.items():
             for j, k in enumerate(idx):
-                counts = [r.payload.get("thresholds", {}).get(f"v{i}/{c}/{j}", {}).get("count") for r in replies]
+                counts = [r.payload.get("thresholds", {}).get(contract.threshold_key(i, c, j), {}).get("count") for r in replies]
                 searches[(i, c)].record(k, None if any(x is None for x in counts) else sum(int(x) for x in counts))
     return budget
 

@@ -12,6 +12,8 @@ node per round carries every model still iterating). The fit:
    from the nodes' local fits: beta0 = (sum I_k)^-1 sum I_k b_k.
 3. `glm.round` until the Newton step is below 1e-8 standard errors for every coefficient,
    halving the step when the deviance rises. The reported estimate includes that last step.
+
+The node half is node/glm.py; the wire contract (task names, array keys) protocol/kinds/glm.py.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ import numpy as np
 import scipy.linalg
 
 from ..protocol import messages as m
+from ..protocol.kinds import glm as protocol
+from ..protocol.kinds.glm import NULL_SUFFIX
 from ..protocol.errors import ModelError, NetworkError
 from ..protocol.families import Family, get_family
 from ..protocol.study import StudySpec
 from .session import Session
 
-NULL_SUFFIX = ".null"
 STEP_TOL = 1e-8  # converged when every Newton step is below this many standard errors
 MAX_ROUNDS = 40
 MAX_HALVINGS = 20
@@ -114,7 +117,7 @@ def fit_models(session: Session, specs: dict[str, StudySpec], stateful: dict[str
     payload = {"models": models_wire, "transform_state": transform_state}
     if optional:
         payload["optional"] = sorted(optional)
-    replies = session.ask(m.GLM_PREPARE, payload)
+    replies = session.ask(protocol.PREPARE, payload)
     _check_replies(replies, session)
     for reply in replies:
         session.node_named(reply.node).data_version = str(reply.payload.get("data_version", ""))
@@ -133,18 +136,18 @@ def fit_models(session: Session, specs: dict[str, StudySpec], stateful: dict[str
         pending = [f for f in all_fits if not f.converged]
         if not pending:
             break
-        arrays = {f"beta/{f.key}": f.beta for f in pending}
-        replies = session.ask(m.GLM_ROUND, {"models": [f.key for f in pending]}, arrays)
+        arrays = {protocol.beta_key(f.key): f.beta for f in pending}
+        replies = session.ask(protocol.ROUND, {"models": [f.key for f in pending]}, arrays)
         _check_replies(replies, session)
         for fit in pending:
             holders = fits[fit.key.removesuffix(NULL_SUFFIX)].holders
             mine = [r for r in replies if r.node in holders]
-            score = _sum(mine, f"score/{fit.key}")
-            info = m.unpack_upper(_sum(mine, f"info/{fit.key}"), len(fit.names))
-            stats = _sum(mine, f"stats/{fit.key}")
+            score = _sum(mine, protocol.score_key(fit.key))
+            info = m.unpack_upper(_sum(mine, protocol.info_key(fit.key)), len(fit.names))
+            stats = _sum(mine, protocol.stats_key(fit.key))
             meat = None
             if fit.spec.cov_type != "nonrobust" and not fit.key.endswith(NULL_SUFFIX):
-                meat = m.unpack_upper(_sum(mine, f"meat/{fit.key}"), len(fit.names))
+                meat = m.unpack_upper(_sum(mine, protocol.meat_key(fit.key)), len(fit.names))
             _newton_update(fit, score, info, stats, meat)
     for fit in fits.values():
         _check_exact_fit(fit)
@@ -203,7 +206,7 @@ def _sum(replies: list[m.Reply], name: str) -> np.ndarray:
 
 def _pooled_transform_state(session, models_wire, stateful) -> dict:
     """Pool (n, mean, M2) per centred/scaled expression with Chan's formula; exact."""
-    replies = session.ask(m.GLM_MOMENTS, {"models": models_wire})
+    replies = session.ask(protocol.MOMENTS, {"models": models_wire})
     _check_replies(replies, session)
     state: dict[str, dict] = {}
     for key, exprs in stateful.items():
@@ -211,7 +214,7 @@ def _pooled_transform_state(session, models_wire, stateful) -> dict:
         for i, expr in enumerate(exprs):
             n = mean = m2 = 0.0
             for reply in replies:
-                nk, meank, m2k = reply.arrays[f"moments/{key}/{i}"]
+                nk, meank, m2k = reply.arrays[protocol.moments_key(key, i)]
                 if nk == 0:
                     continue
                 delta = meank - mean
@@ -264,8 +267,8 @@ def _absorb_prepare(fit: ModelFit, replies: list[m.Reply]) -> None:
         _check_level_separation(fit, shapes)
     if fit.n <= fit.rank:
         raise ModelError(f"model '{spec.name}': the cohort has {fit.n} rows for {fit.rank} coefficients; it needs more rows than coefficients.")
-    info = m.unpack_upper(_sum(replies, f"local_info/{fit.key}"), p)
-    ibeta = _sum(replies, f"local_ibeta/{fit.key}")
+    info = m.unpack_upper(_sum(replies, protocol.local_info_key(fit.key)), p)
+    ibeta = _sum(replies, protocol.local_ibeta_key(fit.key))
     _check_collinear(fit, info)
     fit.beta = np.zeros(p)
     fit.beta[fit.active] = _solve_start(info[np.ix_(fit.active, fit.active)], ibeta[fit.active])
@@ -323,8 +326,8 @@ def _null_fit(fit: ModelFit, replies: list[m.Reply]) -> ModelFit:
     null = ModelFit(fit.key + NULL_SUFFIX, fit.spec, fit.family, names=["Intercept"],
                     active=np.array([True]), n=fit.n, n_missing=fit.n_missing, n_cohort=fit.n_cohort,
                     events=fit.events)
-    info = _sum(replies, f"local_info/{null.key}").reshape(1, 1)
-    ibeta = _sum(replies, f"local_ibeta/{null.key}")
+    info = _sum(replies, protocol.local_info_key(null.key)).reshape(1, 1)
+    ibeta = _sum(replies, protocol.local_ibeta_key(null.key))
     null.beta = _solve_start(info, ibeta)
     exact = _null_intercept(fit)
     if exact is not None:

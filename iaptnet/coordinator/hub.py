@@ -102,7 +102,7 @@ def _resolve(base: Path, value: str) -> Path:
 
 
 def load_hub_config(path: str | Path) -> HubConfig:
-    from ..ops.pki import check_pem_private_key, load_certificate
+    from ..keys import check_pem_private_key, load_certificate
 
     path = Path(path)
     raw = read_toml(path, "coordinator configuration file")
@@ -323,7 +323,7 @@ def flwr_plain(lines) -> str:
 
 def register_node(cfg: HubConfig, name: str, public_key: Path) -> int:
     """Register a Trust's node public key under `name`; return Flower's node id."""
-    from ..ops.pki import check_node_public_key
+    from ..keys import check_node_public_key
 
     if not _NAME.match(name):
         raise SpecError(f"node name '{name[:60]}' must be a short name of letters, digits, '_', '-' or '.'.")

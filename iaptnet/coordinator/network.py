@@ -10,7 +10,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..node.runtime import resolve_path
 from ..protocol.errors import SpecError
 from ..protocol.tomlfile import read_toml, reject_unknown
 
@@ -82,3 +81,11 @@ def load_network(path: str | Path) -> Network:
                 raise SpecError(f"{where} ({name}): field 'appointments' names {appointments}, which does not exist.")
         nodes.append(node)
     return Network(path, nodes)
+
+
+def resolve_path(base: Path, value: str) -> str:
+    """A data or schema path relative to the file that names it (URLs pass through)."""
+    if "://" in value:
+        return value
+    path = Path(value)
+    return str(path if path.is_absolute() else (base / path))

@@ -78,8 +78,8 @@ def run_study(grid, study: LoadedStudy, *, engine: str, progress: ProgressFn | N
         rows = balance_rows(names, keep, before, difference)
         extra = {"matching": _matching(parent, caliper, score["logit_sd"], before, pairs, matched)}
     else:
-        sums = {g: np.sum([_array(r, f"weights/{g}") for r in scored], axis=0) for g in GROUPS}
-        means = {g: pool_weighted_means([(_array(r, f"weights/{g}")[0], _array(r, f"weighted/{g}/mean"))
+        sums = {g: np.sum([_array(r, kind.weights_key(g)) for r in scored], axis=0) for g in GROUPS}
+        means = {g: pool_weighted_means([(_array(r, kind.weights_key(g))[0], _array(r, kind.weighted_mean_key(g)))
                                          for r in scored])[1] for g in GROUPS}
         rows = balance_rows(names, keep, before, means["exposed"] - means["control"], means)
         extra = {"weighting": _weighting(parent, before, sums, ps_fit)}
@@ -110,7 +110,7 @@ def run_study(grid, study: LoadedStudy, *, engine: str, progress: ProgressFn | N
 
 def _score_summary(replies) -> dict:
     """The logit's mean and SD per group, and its SD over the whole cohort (for the caliper)."""
-    logit = {g: pool_moments([_triple(r, f"logit/{g}") for r in replies]) for g in GROUPS}
+    logit = {g: pool_moments([_triple(r, kind.logit_key(g)) for r in replies]) for g in GROUPS}
     n, _, m2 = pool_moments([logit["exposed"], logit["control"]])
     return {
         "logit_sd": math.sqrt(m2[0] / (n - 1.0)),
@@ -121,7 +121,7 @@ def _score_summary(replies) -> dict:
 
 def _before(replies) -> dict:
     """The cohort's (n, mean, M2) of every balance column, per group."""
-    return {g: pool_moments([_block(r, f"before/{g}") for r in replies]) for g in GROUPS}
+    return {g: pool_moments([_block(r, g) for r in replies]) for g in GROUPS}
 
 
 def _check(replies) -> None:
@@ -144,12 +144,12 @@ def _array(reply, name: str) -> np.ndarray:
         raise NetworkError(f"node {reply.node} sent a reply without '{name}'.") from None
 
 
-def _block(reply, prefix: str) -> tuple[float, np.ndarray, np.ndarray]:
+def _block(reply, group: str) -> tuple[float, np.ndarray, np.ndarray]:
     try:
-        return (float(reply.arrays[f"{prefix}/n"][0]), reply.arrays[f"{prefix}/mean"],
-                reply.arrays[f"{prefix}/m2"])
+        return (float(reply.arrays[kind.before_key(group, "n")][0]), reply.arrays[kind.before_key(group, "mean")],
+                reply.arrays[kind.before_key(group, "m2")])
     except (KeyError, IndexError):
-        raise NetworkError(f"node {reply.node} sent a reply without '{prefix}'.") from None
+        raise NetworkError(f"node {reply.node} sent a reply without the balance of the {group} group.") from None
 
 
 def _carry_dropped(first: Session, second: Session) -> None:

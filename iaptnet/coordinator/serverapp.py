@@ -12,9 +12,9 @@ JSON of `results.json`, in chunks; JSON keeps every float64 exactly) and errors 
 sentences the session and the nodes write for the analyst, results are aggregates.
 
 On the way, the Grid is wrapped so that each task's arrays travel as one (`FramedGrid`,
-protocol/flower_frame.py), a node that never answered is named by the name its key is registered
+flower/frame.py), a node that never answered is named by the name its key is registered
 under at the hub (`name_nodes`), and flwr's reply pulls retry quickly and time out with the
-study's node timeout (`install_serverapp_adaptations` in node/flower_adapt.py, the one module
+study's node timeout (`install_serverapp_adaptations` in flower/serverapp.py, the one module
 that patches flwr).
 """
 
@@ -89,7 +89,7 @@ def load_wire_study(entry: dict):
 
 
 class FramedGrid(Grid):
-    """The hub's Grid, sending each task's arrays as one (see protocol/flower_frame.py)."""
+    """The hub's Grid, sending each task's arrays as one (see flower/frame.py)."""
 
     def __init__(self, grid: Grid):
         self._grid = grid
@@ -104,7 +104,7 @@ class FramedGrid(Grid):
         return self._grid.get_nodes()
 
     def push_messages(self, messages):
-        from ..protocol.flower_frame import pack
+        from ..flower.frame import pack
 
         messages = list(messages)
         for msg in messages:
@@ -113,7 +113,7 @@ class FramedGrid(Grid):
         return self._grid.push_messages(messages)
 
     def pull_messages(self, message_ids):
-        from ..protocol.flower_frame import unpack
+        from ..flower.frame import unpack
 
         replies = list(self._grid.pull_messages(message_ids))
         for msg in replies:
@@ -164,9 +164,8 @@ def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
     timeout = float(cfg.get("node-timeout", 300.0))
     # flwr's reply pulls back off for seconds when a reply is seen before its upload ends. The
-    # fix patches a flwr internal, so it lives with all the others in the one pinned module
-    # (node/flower_adapt.py): the single import of node code here, deliberately.
-    from ..node.flower_adapt import install_serverapp_adaptations
+    # fix patches a flwr internal, so it lives with all the others in iaptnet/flower/.
+    from ..flower.serverapp import install_serverapp_adaptations
 
     install_serverapp_adaptations(max_time=timeout)
     names: dict[int, str] = {}

@@ -5,13 +5,13 @@ without that, the built-in IAPT dataset (the extract's columns and the derived v
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..protocol.errors import SpecError
 from ..protocol.formula_check import ParsedFormula
 from ..protocol.iapt_schema import iapt_analysis_schema
+from ..protocol.kinds import glm as glm_protocol
 from ..protocol.schema import Schema
 from ..protocol.study import StudySpec, parse_study, read_study_file
 
@@ -46,7 +46,5 @@ def load_study(path: str | Path, network_schemas: set[str | None] = frozenset({N
 
 
 def batch_hash(specs: list[StudySpec]) -> str:
-    """Identity of a batch of studies run together: the hash of their hashes, in order."""
-    if len(specs) == 1:
-        return specs[0].hash
-    return hashlib.sha256(":".join(s.hash for s in specs).encode()).hexdigest()
+    """Identity of a batch of studies run together (protocol/kinds/glm.py), in order."""
+    return glm_protocol.batch_hash([s.hash for s in specs])

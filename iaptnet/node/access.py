@@ -27,13 +27,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..protocol.errors import DataError
-from ..protocol.kinds.access import DATE_COLUMN, TASK, node_settings
+from ..protocol.kinds.access import DATE_COLUMN, TASK, margins_key, node_settings
 from ..protocol.study import check_at_node
 from .cohort import cohort_mask
 from .design import apply_merges
 from .disclosure import LevelCount, ModelFacts, Release, require_rows, task_rules
 from .glm import studies_from_payload
-from .handlers import handler
+from .registry import handler
 from .runtime import NodeRuntime
 
 
@@ -93,7 +93,7 @@ def count_referrals(dataset, key: str, spec, release: Release, node: str) -> Non
     section.value("n_used", n)
     section.value("by", list(settings.by))
     for var, counts in margins.items():
-        section.array(f"margins/{key}/{var}", counts)
+        section.array(margins_key(key, var), counts)
     table = release.table(key, facts=facts, group="counts")
     table.count("n_used", n)
     table.count("n_cohort", int(cohort.sum()))

@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from ..protocol import messages as m
 from ..protocol.errors import SpecError
 from .disclosure import Violation
-from .handlers import dispatch, refuse_undecoded
+from .dispatch import dispatch, refuse_undecoded
 from .runtime import NodeConfig, runtime_for
 
 log = logging.getLogger("iaptnet.node")

@@ -33,6 +33,7 @@ from ..protocol.errors import DataError, SpecError
 from .disclosure import Violation
 from .policy import Rules
 from .release_memory import Footprint, MemoryDamaged, ReleaseMemory
+from .span import SpanMemory
 
 GENESIS = "0" * 64
 
@@ -259,6 +260,7 @@ class NodeMemory:
         self._state = {"day": "", "studies": {}, "tasks": {}}
         self._releases = ReleaseMemory(folder)
         self._conditions = ReleaseMemory(folder, "conditions")
+        self._span = SpanMemory(folder)
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -346,8 +348,26 @@ class NodeMemory:
                                  model=finding.label, fix=_FIXES[finding.what]))
         return out
 
-    def remember_release(self, footprints, version: str, n: int, rules: Rules) -> None:
+    def remember_release(self, footprints, version: str, n: int, rules: Rules, span=None) -> None:
+        """Remember a release's footprints (the differencing audit) and join those in `span`
+        (default: all) to the span of released columns (node/span.py)."""
         self.releases(version, n).remember(footprints, rules.min_subset_difference)
+        self._span.for_version(version, n).remember(footprints if span is None else span)
+
+    def audit_span(self, footprints, version: str, n: int, rules: Rules) -> list[Violation]:
+        """The leverage rule over everything released on this data version with these
+        footprints (node/span.py): no combination of all the released columns may weigh one
+        row more than max_leverage."""
+        if rules.max_combined_leverage >= 1.0 or not footprints:
+            return []
+        top = self._span.for_version(version, n).audit(footprints)
+        if top <= rules.max_combined_leverage:
+            return []
+        return [Violation("max_combined_leverage", "together with everything this node released before on this data, the "
+                          "statistics would let a combination of results across models, studies or tables single "
+                          "out one person's row (its leverage in all the released columns is above the limit)",
+                          rules.max_combined_leverage,
+                          fix="use the covariates and cohorts of earlier studies; the Trust can start a new data version")]
 
     # -- the coefficients of GLM rounds answered (the probing defence compares with them)
     def answered_rounds(self, study_hash: str, version: str) -> dict[str, list[np.ndarray]]:

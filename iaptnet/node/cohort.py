@@ -6,7 +6,7 @@ Three-valued (Kleene) logic, as SQL's WHERE: a comparison with a missing value i
 
 While the node answers a task (`recording_conditions`), every cohort evaluated also records,
 per column, the rows of the whole dataset that the filter's conditions on that column admit.
-The dispatcher judges those sets against the conditions of earlier filters (node/handlers.py):
+The dispatcher judges those sets against the conditions of earlier filters (node/dispatch.py):
 a decision that depends on one column's values only, so it cannot answer a question about
 another column's.
 """

@@ -120,7 +120,7 @@ def load_node_file(path: str | Path) -> NodeFile:
     if not match or not 0 < int(match.group(2)) < 65536:
         raise SpecError(f"{path}: field 'hub' must be the hub's address as host:port, e.g. \"hub.example.nhs.uk:443\".")
     ca_cert = existing_file("ca_cert", "the network CA certificate; TLS is mandatory")
-    from ..ops.pki import check_node_private_key, load_certificate
+    from ..keys import check_node_private_key, load_certificate
 
     load_certificate(ca_cert, f"CA certificate named by {path} field 'ca_cert'")
     key = existing_file("key", "the node's authentication private key")

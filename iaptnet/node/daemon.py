@@ -5,11 +5,11 @@
 1. reads node.toml, checks the CA certificate, the node key, the data source and the policy
    (a production node refuses to start without its policy file), and loads and validates the
    extract once (so a bad extract stops the daemon now, not in a study);
-2. checks that the installed flwr is the release `flower_adapt` was written for;
+2. checks that the installed flwr is the release iaptnet/flower/ was written for;
 3. computes the hash of the installed iaptnet release (the only bundle it will serve) and reads
    the Trust's approved hashes (re-read at every run, so `approve-app` needs no restart);
 4. runs flwr's SuperNode in this process, with TLS and node authentication, the warm worker and
-   the capped sleeps of `flower_adapt`. It connects out to the hub only; its Runtime API
+   the capped sleeps of flower/supernode.py. It connects out to the hub only; its Runtime API
    listens on 127.0.0.1.
 
 Telemetry and update checks are off and Flower's files live under the node's own state folder.
@@ -149,18 +149,19 @@ def _serve(cfg: NodeFile, local_network: bool) -> int:
     except OSError as exc:
         raise SpecError(f"{cfg.path}: field 'state_dir' names {cfg.state_dir}, which cannot be written ({exc.strerror}).") from None
 
-    from . import flower_adapt
+    from ..flower import pins
+    from ..flower import supernode
 
     try:
-        flower_adapt.check_flwr()
-    except flower_adapt.FlowerAdaptationError as exc:
+        pins.check_flwr()
+    except pins.FlowerAdaptationError as exc:
         raise SpecError(str(exc)) from None
 
     # One BLAS thread, as the in-process engine's nodes compute: the same sums in the same order,
     # so both engines give the same numbers bit for bit.
     from threadpoolctl import threadpool_limits
 
-    from ..ops.fab import release_hash
+    from ..flower.bundle import release_hash
     from .runtime import NodeConfig, runtime_for
 
     threadpool_limits(limits=1, user_api="blas")
@@ -176,22 +177,22 @@ def _serve(cfg: NodeFile, local_network: bool) -> int:
     from .app import app as client_app
 
     port = cfg.runtime_port or _free_port()
-    stock = os.environ.get(flower_adapt.STOCK_TIMING_ENV) == "1"
-    worker = flower_adapt.WarmWorker(f"127.0.0.1:{port}", client_app, node_config,
+    stock = os.environ.get(pins.STOCK_TIMING_ENV) == "1"
+    worker = supernode.WarmWorker(f"127.0.0.1:{port}", client_app, node_config,
                                      Gate(cfg.approved_apps, release), cfg.name,
                                      fallback_poll=1.0 if stock else 5.0)
     if stock:  # benchmarks: flwr's own sleeps and a 1 s dispatch poll, like its SuperExec
         log.warning("node %s runs with flwr's stock timings (%s=1): for benchmarks only", cfg.name,
-                    flower_adapt.STOCK_TIMING_ENV)
-        policy, wake = flower_adapt.SleepPolicy.flwr_defaults(), (lambda: None)
+                    pins.STOCK_TIMING_ENV)
+        policy, wake = supernode.SleepPolicy.flwr_defaults(), (lambda: None)
     else:
-        policy = flower_adapt.SleepPolicy(idle_poll=cfg.poll_idle, active_poll=cfg.poll_active)
+        policy = supernode.SleepPolicy(idle_poll=cfg.poll_idle, active_poll=cfg.poll_active)
         wake = worker.notify
-    flower_adapt.install_supernode_adaptations(policy, wake, worker.storing)
+    supernode.install_supernode_adaptations(policy, wake, worker.storing)
     worker.start()
     log.info("node %s connecting to hub %s (TLS, node authentication)", cfg.name, cfg.hub)
     try:
-        flower_adapt.run_supernode([
+        supernode.run_supernode([
             "--superlink", cfg.hub,
             "--root-certificates", str(cfg.ca_cert),
             "--auth-supernode-private-key", str(cfg.key),

@@ -39,6 +39,7 @@ import scipy.linalg
 
 from ..protocol import cohort_filter
 from ..protocol.errors import DataError
+from ..protocol.kinds import describe as contract
 from ..protocol.kinds.describe import (QUANTILE_TASK, TABLE_TASK, Layout, cell_keys, layout,
                                        relations, step_pairs, wire_name)
 from ..protocol.study import StudySpec, check_at_node
@@ -47,7 +48,7 @@ from .cohort import cohort_mask
 from .design import apply_merges, study_frame
 from .disclosure import (LevelCount, ModelFacts, Release, check_model, check_round, check_size,
                          require_rows, task_rules)
-from .handlers import handler
+from .registry import handler
 from .policy import round_count
 from .runtime import NodeRuntime, PreparedStudy
 
@@ -121,7 +122,7 @@ def describe_table(runtime: NodeRuntime, task) -> Release:
     release = Release()
     release.public("data_version", dataset.data_version)
     checker = SubsetCheck(runtime, dataset.data_version, dataset.n_rows, rules)
-    cohort_facts = ModelFacts(f"{spec.name}: cohort", cohort)
+    cohort_facts = ModelFacts(f"{spec.name}: cohort", cohort, span=False)
     checker.accept(cohort_facts)  # refused by the dispatcher if it breaks the subset rule
     leaving = [(a, b) for a, b in step_pairs(lay) if round_count(counts[a] - counts[b], rules) is None]
     hidden = suppress(counts, primary, relations(lay), leaving, hidden=forced)
@@ -245,7 +246,7 @@ def _summaries(release: Release, spec: StudySpec, lay: Layout, i: int, rows: pd.
         column_rows[positions[in_column]] = True
         facts = ModelFacts(f"{spec.name}: {v.name}, column {c}", part,
                            levels=[LevelCount(v.name, None, off_mode, "leave the variable out of the table")],
-                           columns=[(v.name, everyone[in_column])], column_rows=column_rows)
+                           columns=[(v.name, everyone[in_column])], column_rows=column_rows, span=False)
         candidates[c] = (facts, x)
         # An empty cell is released as empty (the table shows its count, 0, anyway).
         ok = ("v", i, 1, c) not in hidden and (not len(x) or not check_size(facts, rules)) \
@@ -265,12 +266,12 @@ def _summaries(release: Release, spec: StudySpec, lay: Layout, i: int, rows: pd.
         else:
             facts.cohort = False  # an empty cell: shown as empty, like its count of 0
         mean = float(x.mean()) if len(x) else 0.0
-        section = release.model(f"v{i}/{c}", facts, group="summaries")
+        section = release.model(contract.summary_key(i, c), facts, group="summaries")
         section.value("n", int(len(x)))
         section.value("mean", mean)
         section.value("m2", float(np.sum((x - mean) ** 2)) if len(x) else 0.0)
     label = f"{spec.name}: {v.name} recorded"
-    return VariableState(ModelFacts(label, mask), values, groups, tuple(released))
+    return VariableState(ModelFacts(label, mask, span=False), values, groups, tuple(released))
 
 
 def _protect_row(released: list[int], candidates: dict, lay: Layout) -> list[int]:
@@ -351,19 +352,20 @@ def describe_quantiles(runtime: NodeRuntime, task) -> Release:
             continue
         rows = np.zeros(v.facts.rows.size, dtype=bool)
         rows[np.flatnonzero(v.facts.rows)[below]] = True
-        threshold_facts = ModelFacts(f"{v.facts.label} at or below a threshold", rows, cohort=False, combine=False)
+        threshold_facts = ModelFacts(f"{v.facts.label} at or below a threshold", rows, cohort=False, combine=False,
+                                     span=False)
         if remembered.set_differs_by_few(rows, accepted, rules.min_subset_difference):
             continue  # the same count differs by a few people from a row set released before
         weights = below  # 0/1: the rows counted (the policy's checks count them directly)
         history = [base] + [(base & (v.values <= s)) for s in _neighbours(answered.get(c, []), t)]
-        section = release.round(f"v{i}/{c}/{j}", v.facts, coefficients=np.array([t]), weights={WEIGHTS: weights},
+        section = release.round(contract.threshold_key(i, c, j), v.facts, coefficients=np.array([t]), weights={WEIGHTS: weights},
                                 history={WEIGHTS: history}, bounded=False, group="thresholds")
         if check_round(section, rules):
             release.sections.remove(section)
             continue
         accepted.append(np.packbits(rows))
         section.value("count", count)
-        release.model(f"v{i}/{c}/{j}", threshold_facts, group="threshold_rows")  # remembered, sends nothing
+        release.model(contract.threshold_key(i, c, j), threshold_facts, group="threshold_rows")  # remembered, sends nothing
         answered.setdefault(c, []).append(t)
 
     def commit():
@@ -395,10 +397,10 @@ def _queries(arrays: dict, state: TableState) -> list[tuple[int, int, int, float
     """(variable, column, index, threshold) for every threshold sent, checked."""
     out = []
     for name, values in sorted(arrays.items()):
-        parts = name.split("/")
-        if len(parts) != 3 or parts[0] != "t" or not parts[1].isdigit() or not parts[2].isdigit():
+        found = contract.parse_thresholds_array_key(name)
+        if found is None:
             raise DataError("the task's thresholds are not named t/<variable>/<column>.")
-        i, c = int(parts[1]), int(parts[2])
+        i, c = found
         if i not in state.variables:
             raise DataError("the task asks for thresholds of a variable the table does not summarise.")
         values = np.asarray(values, dtype=float).ravel()

@@ -1,13 +1,13 @@
 """What a task handler releases, declared so that the node's policy can judge it.
 
 A handler never builds its reply. It returns a `Release`, saying for every number what kind
-of thing it is; `handlers.dispatch` runs the node's policy over the declaration before
+of thing it is; `dispatch.dispatch` runs the node's policy over the declaration before
 anything leaves, builds the reply from what passed, and writes the audit entry. Whatever a
 handler does not declare cannot reach the reply, a model or round section without facts is
 refused, and a handler that returns a bare `Reply` carrying payload or arrays is refused
 (fail closed). So a new task kind cannot forget the policy.
 
-Register a handler with `@handler(kind, studies=...)` (node/handlers.py): `"payload"` when the
+Register a handler with `@handler(kind, studies=...)` (node/registry.py): `"payload"` when the
 task carries its studies as wire specs in `payload["models"]` (the dispatcher checks their
 hashes against the Trust's approvals), `"prepared"` when it continues a study this node
 prepared, `"none"` when it reads no rows (it may then release only public strings).
@@ -43,7 +43,7 @@ audited (e.g. keep a prepared study). Values of model sections go to
 A descriptive table (issue 5 style):
 
     from .disclosure import ModelFacts, Release
-    from .handlers import handler
+    from .registry import handler
 
     @handler("describe.table", studies="payload")
     def describe_table(runtime, task) -> Release:
@@ -150,6 +150,7 @@ class LevelCount:
     level: str | None
     count: int
     fix: str = ""
+    cluster: bool = False  # a cluster of cluster-robust SEs (`term` names the clustering)
 
 
 @dataclass
@@ -186,6 +187,9 @@ class ModelFacts:
     weights: np.ndarray | None = None
     offset: np.ndarray | None = None
     column_rows: np.ndarray | None = None  # the rows `columns` are given on, when not `rows`
+    # Joins the span of released columns (node/span.py): models' sums do; a table's cells,
+    # summaries and thresholds have their own rules (small cells, tails, set combinations).
+    span: bool = True
 
     def __post_init__(self):
         self.rows = np.asarray(self.rows, dtype=bool)
@@ -366,7 +370,9 @@ def check_model(facts: ModelFacts, rules: Rules) -> list[Violation]:
                              fix="drop terms that nearly duplicate each other, or merge rare combinations of levels"))
     for lc in facts.levels:
         if 0 < lc.count < rules.min_level_count:
-            if lc.level is not None:
+            if lc.cluster:
+                sentence = f"a cluster of the cluster-robust variance has fewer than {rules.min_level_count} rows"
+            elif lc.level is not None:
                 sentence = f"level '{lc.level}' of {lc.term} has fewer than {rules.min_level_count} rows"
             else:
                 sentence = f"the design column '{lc.term}' has fewer than {rules.min_level_count} rows with one of its values"

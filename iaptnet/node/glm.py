@@ -14,6 +14,9 @@
 Each model has a companion null model (intercept only, same rows, same offset), fitted in the
 same rounds, for the null deviance.
 
+The task handlers are at the end of this module; the wire contract (task names, keys) is
+protocol/kinds/glm.py.
+
 Everything is declared to the node's policy (node/disclosure.py): the model statistics are
 exact (a pooled fit equal to statsmodels needs them exact) and guarded by the model rules over
 each model's facts; the per-round statistics are also declared with the row weights they sum
@@ -27,26 +30,17 @@ import numpy as np
 from ..protocol.errors import DataError
 from ..protocol.families import get_family
 from ..protocol.formula_check import check_formula
+from ..protocol.kinds import glm as protocol
+from ..protocol.kinds.glm import NULL_SUFFIX, studies_from_payload
 from ..protocol.messages import pack_upper
 from ..protocol.study import StudySpec, check_at_node
 from .design import (DesignedModel, build_design, evaluate_expression, model_selection,
                      stateful_arguments, study_frame)
-from .disclosure import ModelFacts, Refusal, Release, require_rows, task_rules
+from .disclosure import LevelCount, ModelFacts, Refusal, Release, require_rows, task_rules
+from .registry import handler
+from .runtime import NodeRuntime, PreparedStudy
 
 LOCAL_MAX_ITER = 25
-NULL_SUFFIX = ".null"
-
-
-MAX_MODELS = 64
-
-
-def studies_from_payload(payload: dict) -> dict[str, StudySpec]:
-    models = payload.get("models")
-    if not isinstance(models, dict) or not models:
-        raise DataError("the task lists no models.")
-    if len(models) > MAX_MODELS or not all(isinstance(k, str) and 0 < len(k) <= 32 for k in models):
-        raise DataError(f"the task lists more than {MAX_MODELS} models or names one badly.")
-    return {key: StudySpec.from_wire(spec) for key, spec in models.items()}
 
 
 def single_study(payload: dict, schema, what: str) -> tuple[str, StudySpec]:
@@ -75,10 +69,10 @@ def moments(dataset, payload: dict, release: Release, augments=None) -> None:
             n = float(len(values))
             mean = float(values.mean()) if n else 0.0
             m2 = float(np.sum((values - mean) ** 2)) if n else 0.0
-            section.array(f"moments/{key}/{i}", np.array([n, mean, m2]))
+            section.array(protocol.moments_key(key, i), np.array([n, mean, m2]))
 
 
-def model_facts(label: str, design: DesignedModel, family: str) -> ModelFacts:
+def model_facts(label: str, design: DesignedModel, family: str, clusters_chosen: bool = False) -> ModelFacts:
     """What the policy judges a model by (kept at the node): its rows (those with a positive
     prior weight), events, levels, leverage, prior weights and offset, and the columns its
     statistics sum over for the differencing audit: each 0/1 design column as an indicator,
@@ -115,8 +109,19 @@ def model_facts(label: str, design: DesignedModel, family: str) -> ModelFacts:
         off = design.offset[keep]
         if off.size and np.any(off != off[0]):
             columns.append(("offset", off * w if w is not None else off))
+    levels = list(design.levels)
+    if clusters_chosen and design.clusters is not None and design.n:
+        # Cluster-robust SEs release, at coefficients the coordinator chooses, a quadratic sum
+        # per cluster: a cluster of a few people, on a column the analyst chose, is their sums.
+        # Judged like levels (never named: a cluster's value is a row's), and remembered as
+        # row sets. (Clusters the node makes itself, a propensity study's matched pairs, are
+        # never known to the analyst, who cannot weigh one against another.)
+        clusters = design.clusters[keep]
+        counts = np.bincount(clusters)
+        levels += [LevelCount("the clusters", None, int(c), cluster=True) for c in counts if c]
+        indicators += [("cluster", positions[clusters == c]) for c in np.flatnonzero(counts)]
     return ModelFacts(label, mask, parameters=design.parameters, family=family,
-                      events=events, levels=list(design.levels), max_leverage=design.max_leverage(),
+                      events=events, levels=levels, max_leverage=design.max_leverage(),
                       indicators=indicators, columns=columns, weights=design.weights,
                       offset=design.offset if design.n and np.any(design.offset != 0) else None)
 
@@ -151,7 +156,8 @@ def prepare(dataset, payload: dict, release: Release, augments=None):
             raise DataError(f"model '{spec.name}': {problem}.")
         designs[key] = design
         designs[key + NULL_SUFFIX] = _null_design(design)
-        facts[key] = model_facts(spec.name, design, spec.family)
+        facts[key] = model_facts(spec.name, design, spec.family,
+                                 clusters_chosen=spec.cluster is not None and spec.cluster in dataset.schema)
         facts[key + NULL_SUFFIX] = facts[key]
         section = release.model(key, facts[key])
         section.value("columns", list(design.names))
@@ -168,8 +174,8 @@ def prepare(dataset, payload: dict, release: Release, augments=None):
             section.value("events_nnz", (design.y @ nonzero).tolist() if design.n else [0.0] * design.X.shape[1])
         for model_key in (key, key + NULL_SUFFIX):
             info, ibeta, local[model_key] = local_fit(designs[model_key], family)
-            section.array(f"local_info/{model_key}", pack_upper(info))
-            section.array(f"local_ibeta/{model_key}", ibeta)
+            section.array(protocol.local_info_key(model_key), pack_upper(info))
+            section.array(protocol.local_ibeta_key(model_key), ibeta)
         table = release.table(key, group="counts")
         table.count("n_used", design.n)
         if spec.family != "gaussian":
@@ -203,11 +209,11 @@ def round_contributions(prepared, betas: dict[str, np.ndarray], release: Release
                                 history=history, bounded=family.name != "gaussian")
         if finite:
             score, info, stats = evaluate(design, family, beta)
-            section.array(f"score/{key}", score)
-            section.array(f"info/{key}", pack_upper(info))
-            section.array(f"stats/{key}", stats)
+            section.array(protocol.score_key(key), score)
+            section.array(protocol.info_key(key), pack_upper(info))
+            section.array(protocol.stats_key(key), stats)
             if cov_type != "nonrobust":
-                section.array(f"meat/{key}", pack_upper(meat(design, family, beta, cov_type)))
+                section.array(protocol.meat_key(key), pack_upper(meat(design, family, beta, cov_type)))
         release.after(lambda key=key, beta=beta, weights=weights: _remember_round(prepared, key, beta, weights))
 
 
@@ -393,3 +399,49 @@ def family_link(family: str, mu: np.ndarray) -> np.ndarray:
 def _null_design(design: DesignedModel) -> DesignedModel:
     return DesignedModel(["Intercept"], np.ones((design.n, 1)), design.y, design.offset,
                          design.n_cohort, design.n_missing, design.mask, [], weights=design.weights)
+
+
+# --------------------------------------------------------------------------- the task handlers
+
+@handler(protocol.MOMENTS, studies="payload")
+def glm_moments(runtime: NodeRuntime, task) -> Release:
+    release = Release()
+    moments(runtime.dataset, task.payload, release, runtime.augments)
+    return release
+
+
+@handler(protocol.PREPARE, studies="payload")
+def glm_prepare(runtime: NodeRuntime, task) -> Release:
+    """Designs built once and kept (PreparedStudy) for the rounds; the rounds this node
+    answered for the study before (a restart) join the history the probing defence uses."""
+    dataset = runtime.dataset
+    release = Release()
+    designs, facts, local = prepare(dataset, task.payload, release, runtime.augments)
+    families, cov_types = {}, {}
+    for key, spec in studies_from_payload(task.payload).items():
+        families[key] = families[key + NULL_SUFFIX] = spec.family
+        cov_types[key] = spec.cov_type
+    release.public("data_version", dataset.data_version)
+    declined = {k for k in families if k not in designs}  # optional models too small here
+    answered = runtime.memory.answered_rounds(task.study_hash, dataset.data_version)
+    history = {key: [beta, *(b for b in answered.get(key, []) if b.shape == beta.shape)] for key, beta in local.items()}
+    prepared = PreparedStudy(designs=designs, families=families, cov_types=cov_types, facts=facts,
+                             history=history, declined=declined)
+    release.after(lambda: runtime.remember(task.study_hash, prepared))
+    return release
+
+
+@handler(protocol.ROUND, studies="prepared")
+def glm_round(runtime: NodeRuntime, task) -> Release:
+    prepared = runtime.recall(task.study_hash)
+    prepared.rounds += 1
+    betas = protocol.betas_from_arrays(task.arrays)
+    unknown = set(betas) - set(prepared.designs) - prepared.declined
+    if unknown:
+        raise DataError("the task names a model this study did not prepare.")
+    betas = {k: v for k, v in betas.items() if k in prepared.designs}  # nothing for declined models
+    release = Release()
+    round_contributions(prepared, betas, release)
+    version = runtime.dataset.data_version
+    release.remember(lambda: runtime.memory.remember_rounds(task.study_hash, version, betas))
+    return release

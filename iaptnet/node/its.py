@@ -27,8 +27,8 @@ from ..protocol.kinds import its as protocol
 from ..protocol.sdc import Relation, round_count, suppress
 from . import glm
 from .cohort import cohort_mask
-from .disclosure import ModelFacts, Release
-from .handlers import handler, task_rules
+from .disclosure import ModelFacts, Release, task_rules
+from .registry import handler
 
 PERIODS = ("before", "after")
 WHAT = ("referrals", "events", "denominator")

@@ -31,7 +31,7 @@ from ..protocol.kinds import meta as protocol
 from . import glm
 from .design import DesignedModel, build_design, study_frame
 from .disclosure import Release, require_rows, task_rules
-from .handlers import handler
+from .registry import handler
 
 MAX_ITER = 100
 STEP_TOL = 1e-10  # converged when every Newton step is below this many standard errors

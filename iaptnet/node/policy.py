@@ -22,6 +22,7 @@ and analysts' trials on synthetic data work out of the box.
     max_params_per_row = 0.33    # design columns used at this node / rows (DataSHIELD's 0.33)
     min_level_count = 8          # rows per level of a categorical/binary term (0 is allowed)
     max_leverage = 0.4           # no row may dominate its own fitted value (1 = rule off)
+    max_combined_leverage = 0.9  # ... nor any combination of all released model sums (1 = off)
     min_subset_difference = 8    # the subset rule (differencing)
     min_effective_rows = 10      # per-round weights: (sum w)^2 / sum w^2
     max_abs_coefficient = 50     # per-round coefficients sent by the coordinator
@@ -62,6 +63,7 @@ class Rules:
     max_params_per_row: float = 0.33
     min_level_count: int = 8
     max_leverage: float = 0.4
+    max_combined_leverage: float = 0.9
     min_subset_difference: int = 8
     min_effective_rows: int = 10
     max_abs_coefficient: float = 50.0
@@ -83,14 +85,15 @@ EXPLORATORY_DEFAULTS = {
 #: For each rule, which direction is stricter: +1 larger is stricter, -1 smaller is stricter.
 _STRICTER = {
     "suppress_max": +1, "round_to": +1, "min_rows": +1, "min_events": +1,
-    "max_params_per_row": -1, "min_level_count": +1, "max_leverage": -1, "min_subset_difference": +1,
+    "max_params_per_row": -1, "min_level_count": +1, "max_leverage": -1, "max_combined_leverage": -1,
+    "min_subset_difference": +1,
     "min_effective_rows": +1, "max_abs_coefficient": -1, "max_rounds_per_study": -1,
     "max_studies_per_day": -1, "max_refusals_per_day": -1,
 }
 _RULE_LIMITS = {  # (smallest allowed, largest allowed)
     "suppress_max": (0, 1000), "round_to": (1, 1000), "min_rows": (1, 10**9),
     "min_events": (1, 10**9), "max_params_per_row": (0.001, 1.0), "min_level_count": (1, 10**9),
-    "max_leverage": (0.01, 1.0),
+    "max_leverage": (0.01, 1.0), "max_combined_leverage": (0.01, 1.0),
     "min_subset_difference": (1, 10**9), "min_effective_rows": (1, 10**9),
     "max_abs_coefficient": (1.0, 1e6), "max_rounds_per_study": (1, 10**6),
     "max_studies_per_day": (1, 10**6), "max_refusals_per_day": (1, 10**6),

@@ -43,12 +43,13 @@ import pandas as pd
 
 from ..protocol.errors import DataError
 from ..protocol.kinds import propensity as kind
+from ..protocol.kinds.glm import studies_from_payload
 from ..protocol.study import StudySpec
 from . import glm
 from .design import DesignedModel
 from .disclosure import ModelFacts, Release, task_rules
-from .handlers import handler
 from .matching import leave_none_or_many_unmatched, match_nearest
+from .registry import handler
 from .runtime import NodeRuntime
 
 GROUPS = (("exposed", 1.0), ("control", 0.0))
@@ -83,15 +84,15 @@ def propensity_score(runtime: NodeRuntime, task) -> Release:
     for name, value in GROUPS if finite else ():  # (not finite: the round check refuses)
         rows = design.y == value
         n, mean, m2 = moments(logit[rows, None])
-        section.array(f"logit/{name}", [n, mean[0], m2[0]])
+        section.array(kind.logit_key(name), [n, mean[0], m2[0]])
         n, mean, m2 = moments(columns[rows])
-        cohort.array(f"before/{name}/n", [n]).array(f"before/{name}/mean", mean)
-        cohort.array(f"before/{name}/m2", m2)
+        cohort.array(kind.before_key(name, "n"), [n]).array(kind.before_key(name, "mean"), mean)
+        cohort.array(kind.before_key(name, "m2"), m2)
         if ipw is not None:
             w = ipw[rows]
-            section.array(f"weights/{name}", [float(w.sum()), float(np.dot(w, w))])
+            section.array(kind.weights_key(name), [float(w.sum()), float(np.dot(w, w))])
             wmean = (w @ columns[rows]) / w.sum() if w.size else np.zeros(columns.shape[1])
-            cohort.array(f"weighted/{name}/mean", wmean)
+            cohort.array(kind.weighted_mean_key(name), wmean)
     frame = pd.DataFrame(index=runtime.dataset.frame.index)
     frame[kind.LOGIT_COLUMN] = _spread(logit, design.mask)
     if ipw is not None:

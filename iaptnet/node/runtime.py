@@ -213,10 +213,3 @@ def runtime_for(config: NodeConfig) -> NodeRuntime:
             _RUNTIMES[config] = NodeRuntime(config)
         return _RUNTIMES[config]
 
-
-def resolve_path(base: Path, value: str) -> str:
-    """A data or schema path relative to the file that names it (URLs pass through)."""
-    if "://" in value:
-        return value
-    path = Path(value)
-    return str(path if path.is_absolute() else (base / path))

@@ -1,1 +1,1 @@
-"""Operators' tooling: keys and certificates, local networks in a box."""
+"""The operator's tooling: a network on one machine (launcher.py) and the commands for keys, the app hash and networks (cli.py)."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def cmd_pki_init(args) -> int:
-    from .pki import init_ca
+    from ..keys import init_ca
 
     cert, key = init_ca(Path(args.dir), name=args.name, days=args.days, overwrite=args.force)
     print(f"network CA: {cert} (give it to every Trust and analyst) and {key} (keep it secret, offline if you can)")
@@ -14,7 +14,7 @@ def cmd_pki_init(args) -> int:
 
 
 def cmd_pki_issue(args) -> int:
-    from .pki import issue_certificate
+    from ..keys import issue_certificate
 
     cert, key = issue_certificate(Path(args.ca_dir), Path(args.out or args.ca_dir), args.host,
                                   name=args.name, days=args.days, overwrite=args.force)
@@ -23,7 +23,7 @@ def cmd_pki_issue(args) -> int:
 
 
 def cmd_pki_node_key(args) -> int:
-    from .pki import node_key
+    from ..keys import node_key
 
     key, pub = node_key(Path(args.out), args.name, overwrite=args.force)
     print(f"node key pair: {key} (stays at the Trust) and {pub} (send it to the coordinator to register)")
@@ -31,7 +31,7 @@ def cmd_pki_node_key(args) -> int:
 
 
 def cmd_app_hash(args) -> int:
-    from .fab import release_hash
+    from ..flower.bundle import release_hash
 
     print(release_hash())
     return 0

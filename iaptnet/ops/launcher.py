@@ -141,8 +141,8 @@ def up(network_path: str | Path, *, port: int | None = None, timeout: float = 18
     from ..coordinator.hub import load_hub_config, node_statuses, register_node
     from ..coordinator.network import load_network
     from ..node.config import approve
-    from . import pki
-    from .fab import release_hash
+    from .. import keys as pki
+    from ..flower.bundle import release_hash
 
     network_path = Path(network_path).resolve()
     network = load_network(network_path)

@@ -24,10 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 MESSAGE_TYPE = "query.task"
 PROTOCOL_VERSION = 1
 
-# Task kinds. Each has a node handler (node/handlers) and a coordinator half.
-GLM_MOMENTS = "glm.moments"
-GLM_PREPARE = "glm.prepare"
-GLM_ROUND = "glm.round"
+# Task kinds are named by each kind's contract in protocol/kinds/ (the GLM's: kinds/glm.py).
 
 OK, REFUSED, ERROR = "ok", "refused", "error"
 

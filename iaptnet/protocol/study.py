@@ -38,9 +38,6 @@ STUDY_KEYS = COMMON_KEYS | {"family", "formula", "offset", "weights", "cov_type"
 #: HC0) and cluster-robust (with statsmodels' small-sample correction; clusters must not span
 #: nodes, e.g. services or matched pairs).
 COV_TYPES = ("nonrobust", "HC0", "cluster")
-KINDS = ("glm", "table", "psm", "iptw", "access", "meta", "its")
-
-
 @dataclass(frozen=True)
 class StudySpec:
     name: str
@@ -202,14 +199,12 @@ def parse_study(data: dict, schema: Schema, source: str):
     Returns (spec, parsed): for `kind = "glm"` (the default) `parsed` is the formula's
     ParsedFormula; other kinds are parsed by their module in protocol/kinds/ and return what
     their coordinator half needs."""
-    kind = data.get("kind", "glm")
-    if kind not in KINDS:
-        raise SpecError(f"{source}: field 'kind' must be one of {', '.join(KINDS)}, got {kind!r}.")
-    if kind != "glm":
-        from .kinds import parse_kind
+    from .kinds import MODULES, parse_kind
 
-        return parse_kind(kind, data, schema, source)
-    return parse_glm_study(data, schema, source)
+    kind = data.get("kind", "glm")
+    if not isinstance(kind, str) or kind not in MODULES:
+        raise SpecError(f"{source}: field 'kind' must be one of {', '.join(MODULES)}, got {kind!r}.")
+    return parse_kind(kind, data, schema, source)
 
 
 def parse_glm_study(data: dict, schema: Schema, source: str) -> tuple[StudySpec, ParsedFormula]:

@@ -60,7 +60,7 @@ class HubFile:
 
 
 def load_hub_file(path: str | Path) -> HubFile:
-    from ...ops.pki import load_certificate
+    from ...keys import load_certificate
 
     path = Path(path)
     raw = read_toml(path, "hub file")
@@ -140,7 +140,7 @@ class FlowerRun:
                           on_run_id: Callable[[str], None] | None = None) -> None:
         """`flwr run --stream`: submit the release with the studies, then read the run's log
         stream until the run finishes (or `run_timeout` passes), collecting its events."""
-        from ...ops.fab import stage_release
+        from ...flower.bundle import stage_release
 
         app = stage_release(self.workdir)
         config = self.workdir / "run-config.toml"

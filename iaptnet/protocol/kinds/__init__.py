@@ -1,14 +1,15 @@
-"""Study kinds beyond the GLM: each module here parses and validates its kind's study TOML.
+"""The one table of study kinds: each kind's module here is its wire contract and its parser.
 
-A kind module defines `KEYS` (the fields its study TOML may have) and
-`parse(data, schema, source) -> (StudySpec, parsed)`, where the StudySpec carries the common
-fields (name, where, merge, min_nodes, ...) and the kind's own settings in `params`
-(canonical, JSON; part of the study hash), and `parsed` is whatever the kind's coordinator
-half needs (for example ParsedFormulas). Pure: no I/O, no pandas.
+A kind module defines `parse(data, schema, source) -> (StudySpec, parsed)`, where the
+StudySpec carries the common fields (name, where, merge, min_nodes, ...) and the kind's own
+settings (canonical, JSON; part of the study hash), and `parsed` is whatever the kind's
+coordinator half needs (for example ParsedFormulas); its task names and reply keys are
+declared here once (the GLM's in glm.py). Pure: no I/O, no pandas.
 
-The node half of a kind lives in node/<kind module>.py (its task handlers), the coordinator
-half in coordinator/<kind module>.py (`run`), both registered by name in
-coordinator/kinds.py and node/task_kinds.py.
+The node half of a kind lives in node/<module>.py (its task handlers, registered with
+node/registry.py), the coordinator half in coordinator/<module>.py (`run_study` and `render`,
+found through coordinator/kinds.py; the GLM's studies share their rounds, coordinator/runner.py).
+docs/developer/adding-a-kind.md walks through adding one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..errors import SpecError
 
 #: kind -> module under iaptnet.protocol.kinds
 MODULES = {
+    "glm": "glm",
     "table": "describe",
     "psm": "propensity",
     "iptw": "propensity",

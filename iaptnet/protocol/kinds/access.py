@@ -43,6 +43,13 @@ from ..study import COMMON_KEYS, StudySpec, common_fields, merged_levels
 
 #: The task a node answers for this kind (node/access.py; coordinator/access.py).
 TASK = "access.counts"
+
+
+def margins_key(model: str, variable: str) -> str:
+    """Reply array: the referrals in each level of `variable` (node/access.py writes it,
+    coordinator/access.py reads it)."""
+    return f"margins/{model}/{variable}"
+
 KEYS = COMMON_KEYS | {"population", "population_csv", "by", "period", "area_effects", "areas", "need", "need_csv"}
 PER = 100_000
 DATE_COLUMN = "referral_date"

@@ -39,6 +39,32 @@ KEYS = COMMON_KEYS | {"by", "by_labels", "variables", "funnel", "cohort_label"}
 TABLE_TASK = "describe.table"
 QUANTILE_TASK = "describe.quantiles"
 
+
+# Keys of describe.table and describe.quantiles (node/describe.py writes the replies,
+# coordinator/describe.py the quantile tasks): variable i of the table, column c (0: all, then
+# each `by` level), threshold j.
+def summary_key(i: int, c: int) -> str:
+    """Reply payload `summaries`: (n, mean, centred sum of squares) of a variable in a column."""
+    return f"v{i}/{c}"
+
+
+def threshold_key(i: int, c: int, j: int) -> str:
+    """Reply payload `thresholds`: the count at or below the j-th threshold sent."""
+    return f"v{i}/{c}/{j}"
+
+
+def thresholds_array_key(i: int, c: int) -> str:
+    """Task array: the thresholds asked for variable i in column c."""
+    return f"t/{i}/{c}"
+
+
+def parse_thresholds_array_key(name: str) -> tuple[int, int] | None:
+    """(i, c) of a thresholds array's name; None for any other name."""
+    parts = name.split("/")
+    if len(parts) != 3 or parts[0] != "t" or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return int(parts[1]), int(parts[2])
+
 DEFAULT_QUANTILES = (0.25, 0.5, 0.75)
 MAX_VARIABLES = 64
 MAX_STEPS = 20

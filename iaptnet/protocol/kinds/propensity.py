@@ -49,6 +49,28 @@ MAX_CALIPER = 10.0
 TASK_SCORE = "propensity.score"
 TASK_MATCH = "propensity.match"
 
+
+# Reply arrays of propensity.score, per group ("exposed", "control"); node/propensity.py writes
+# them, coordinator/propensity.py reads them.
+def logit_key(group: str) -> str:
+    """(n, mean, centred sum of squares) of the propensity logit in the group."""
+    return f"logit/{group}"
+
+
+def before_key(group: str, part: str) -> str:
+    """The balance rows' `part` ("n", "mean", "m2") before matching or weighting."""
+    return f"before/{group}/{part}"
+
+
+def weights_key(group: str) -> str:
+    """(sum of weights, sum of squared weights) of the group (iptw)."""
+    return f"weights/{group}"
+
+
+def weighted_mean_key(group: str) -> str:
+    """The balance rows' weighted means in the group (iptw)."""
+    return f"weighted/{group}/mean"
+
 #: Columns a node computes for the study and keeps (never released).
 PAIR_COLUMN = "pair_id"
 WEIGHT_COLUMN = "iptw_weight"

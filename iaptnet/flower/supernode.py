@@ -1,7 +1,4 @@
-"""Every adaptation of Flower's internals that iaptnet relies on, in one place, pinned.
-
-flwr 1.42.0 has no public option for what a Trust's node needs, so this module reaches into
-private parts of that exact release (and nothing else in iaptnet does):
+"""The node daemon's SuperNode, adapted (flwr 1.42.0 exactly; see flower/pins.py).
 
 1. **An app allow-list.** A SuperNode runs whatever app bundle (FAB) a run brings; its
    signature check only accepts Flower Hub signatures. Here the node never installs or imports
@@ -17,174 +14,36 @@ private parts of that exact release (and nothing else in iaptnet does):
    design matrices stay in memory between rounds (`WarmWorker`).
 3. **Capped sleeps and backoffs.** The SuperNode sleeps a hard-coded 3 s after an empty poll
    and checks for the ClientApp's reply every 0.5 s (`supernode/start_client_internal.py`);
-   pulling a message whose objects are still uploading backs off 1 s, 2 s, 4 s... on both
-   sides. The SuperNode module's `time` is replaced by a proxy whose `sleep` polls fast while a
-   study is active and slower when idle and waits for replies in 10 ms steps, the worker is woken
-   the moment a message is stored instead of polling, and object pulls retry every 20-250 ms
-   (`install_supernode_adaptations`; in the hub's ServerApp, `install_serverapp_adaptations`).
-
-`check_flwr()` verifies the installed version and the presence, signature and relied-on source
-lines of every private object used here (`NEEDS`), and raises `FlowerAdaptationError` naming
-what moved. The daemon and the ServerApp call it before patching and tests/test_flower_adapt.py
-calls it on every CI run, so a new flwr fails loudly, never silently.
+   pulling a message whose objects are still uploading backs off 1 s, 2 s, 4 s... The
+   SuperNode module's `time` is replaced by a proxy whose `sleep` polls fast while a study is
+   active and slower when idle and waits for replies in 10 ms steps, the worker is woken the
+   moment a message is stored instead of polling, and object pulls retry every 20-250 ms
+   (`install_supernode_adaptations`).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
-import inspect
 import logging
 import os
 import threading
 import time as _time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+
+from .pins import INSTALLED as _INSTALLED
+from .pins import STOCK_TIMING_ENV, check_flwr
 
 log = logging.getLogger("iaptnet.node.flower")
-
-FLWR_VERSION = "1.42.0"
-# Benchmarks only (bench/bench_latency.py "before"): keep flwr's own sleeps and backoffs.
-STOCK_TIMING_ENV = "IAPTNET_STOCK_FLOWER_TIMING"
-
-
-class FlowerAdaptationError(RuntimeError):
-    """The installed flwr is not the release these adaptations were written for."""
-
-
-@dataclass(frozen=True)
-class _Need:
-    module: str
-    name: str
-    params: tuple[str, ...] | None = None  # leading parameter names, in order; None: not checked
-    source_contains: tuple[str, ...] = ()
-
-
-# Every private (or unstable) flwr object this module and the FAB builder touch.
-NEEDS: tuple[_Need, ...] = (
-    _Need("flwr.supernode.cli.flower_supernode", "flower_supernode", ()),
-    _Need("flwr.supernode.start_client_internal", "start_client_internal",
-          ("state_factory", "server_address", "node_config", "root_certificates", "insecure",
-           "authentication_keys", "max_retries", "max_wait_time", "isolation",
-           "runtime_api_address"),
-          # "SuperNode ID:" is the line `iaptnet network up` waits for in each node's log.
-          ("time.sleep(3)", "_pull_and_store_message(", "_push_messages(", '"SuperNode ID: %s"')),
-    _Need("flwr.supernode.start_client_internal", "_pull_and_store_message",
-          ("state", "object_store", "node_config", "receive", "get_run", "get_fab", "pull_object",
-           "confirm_message_received", "trusted_entities"),
-          ("state.create_task(", "return run_id")),
-    _Need("flwr.supernode.start_client_internal", "_push_messages",
-          ("state", "object_store", "send", "push_object"),
-          ("time.sleep(0.5)",)),
-    _Need("flwr.supernode.runtime.run_clientapp", "pull_task_input", ("client",)),
-    _Need("flwr.supernode.runtime.run_clientapp", "push_message", ("client", "message", "context")),
-    _Need("flwr.supernode.runtime.run_clientapp", "push_task_output",
-          ("client", "context", "sub_status", "details")),
-    _Need("flwr.supercore.runtime", "RuntimeHttpClient"),
-    _Need("flwr.supercore.interceptors", "RuntimeTokenHttpInterceptor", ("token",)),
-    _Need("flwr.supercore.interceptors", "RuntimeVersionHttpInterceptor", ("component_name",)),
-    _Need("flwr.supercore.retry", "make_simple_http_retry_invoker", ()),
-    _Need("flwr.supercore.heartbeat", "HeartbeatSender", ("heartbeat_fn",)),
-    _Need("flwr.supercore.constant", "TaskType"),
-    _Need("flwr.common.constant", "SubStatus"),
-    _Need("flwr.common.constant", "ErrorCode"),
-    _Need("flwr.proto.runtime_pb2", "AcquireTaskRequest"),
-    _Need("flwr.proto.runtime_pb2", "SendTaskHeartbeatRequest"),
-    _Need("flwr.supercore.inflatable.inflatable_utils", "pull_objects",
-          ("object_ids", "pull_object_fn", "max_concurrent_pulls", "max_time", "max_tries_per_object",
-           "initial_backoff", "backoff_cap")),
-    _Need("flwr.supernode.start_client_internal", "pull_objects"),
-    _Need("flwr.superlink.grid.http_grid", "pull_objects"),
-    # The hub's session (coordinator/session.py) counts this error, put in place of a reply
-    # whose objects never arrived, as the node's missing answer.
-    _Need("flwr.superlink.grid.http_grid", "HttpGrid", None,
-          ("code=ErrorCode.MESSAGE_UNAVAILABLE", "reply_to_message_id=msg_proto.metadata.reply_to_message_id")),
-    _Need("flwr.cli.build", "build_fab_from_disk", ("app",)),
-)
-
-
-def _get(need: _Need):
-    return getattr(importlib.import_module(need.module), need.name)
-
-
-def check_flwr() -> None:
-    """Raise FlowerAdaptationError unless every flwr internal used here is where we expect it."""
-    import flwr
-
-    problems = []
-    version = getattr(flwr, "__version__", None)
-    if version is None:
-        from importlib.metadata import version as dist_version
-
-        version = dist_version("flwr")
-    if version != FLWR_VERSION:
-        problems.append(f"flwr {version} is installed; iaptnet's node adaptations are written for flwr {FLWR_VERSION} exactly")
-    for need in NEEDS:
-        where = f"{need.module}.{need.name}"
-        try:
-            obj = inspect.unwrap(_get(need))  # see through our own patches (functools.wraps)
-        except (ImportError, AttributeError):
-            problems.append(f"{where} no longer exists")
-            continue
-        if isinstance(obj, functools.partial):
-            obj = obj.func
-        if need.params is not None:
-            target = obj.__init__ if inspect.isclass(obj) else obj
-            try:
-                params = [p for p in inspect.signature(target).parameters if p != "self"]
-            except (TypeError, ValueError):
-                problems.append(f"{where} has no inspectable signature")
-                continue
-            if params[: len(need.params)] != list(need.params):
-                problems.append(f"{where} now takes ({', '.join(params)}), expected ({', '.join(need.params)}, ...)")
-        if need.source_contains:
-            try:
-                source = inspect.getsource(obj)
-            except (OSError, TypeError):
-                problems.append(f"{where}: source not available")
-                continue
-            for snippet in need.source_contains:
-                if snippet not in source:
-                    problems.append(f"{where} no longer contains `{snippet}`")
-    sci = importlib.import_module("flwr.supernode.start_client_internal")
-    if getattr(sci, "time", None) is not _time and not isinstance(getattr(sci, "time", None), _TimeProxy):
-        problems.append("flwr.supernode.start_client_internal no longer imports the time module as `time`")
-    try:
-        from flwr.proto.runtime_pb2 import AcquireTaskRequest
-
-        AcquireTaskRequest(supported_task_types=["x"])
-    except (ImportError, ValueError, TypeError):
-        problems.append("AcquireTaskRequest no longer has a 'supported_task_types' field")
-    try:
-        from flwr.supercore.constant import TaskType
-
-        TaskType.CLIENT_APP  # noqa: B018
-    except AttributeError:
-        problems.append("flwr.supercore.constant.TaskType.CLIENT_APP no longer exists")
-    if problems:
-        raise FlowerAdaptationError(
-            "iaptnet's node cannot run on this flwr: " + "; ".join(problems)
-            + ". Install the flwr version pinned in pyproject.toml, or update iaptnet/node/flower_adapt.py."
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# FAB building (used by `iaptnet app-hash`, the node's release check and the flower engine)
-
-def build_fab_from_dir(app_dir: Path) -> bytes:
-    """The FAB bytes `flwr run` / `flwr build` would make of `app_dir` (deterministic)."""
-    from flwr.cli.build import build_fab_from_disk
-
-    return build_fab_from_disk(Path(app_dir))
-
 
 # --------------------------------------------------------------------------------------------
 # Capped sleeps
 
 class _TimeProxy:
     """Stands in for the `time` module inside flwr's SuperNode loop."""
+
+    iaptnet_proxy = True  # (pins.check_flwr accepts it in place of the time module)
 
     def __init__(self, policy: "SleepPolicy"):
         self._policy = policy
@@ -242,7 +101,6 @@ class SleepPolicy:
         self.last_activity = now
 
 
-_INSTALLED: dict[str, object] = {}
 
 
 def install_supernode_adaptations(policy: SleepPolicy, on_message: Callable[[], None],
@@ -296,24 +154,6 @@ def uninstall_supernode_adaptations() -> None:
 
     for name, value in _INSTALLED.pop("sci", {}).items():
         setattr(sci, name, value)
-
-
-def install_serverapp_adaptations(max_time: float) -> None:
-    """In the hub's ServerApp process: pull replies with short retries, and not for ever.
-
-    A reply becomes visible to the ServerApp before the node has finished uploading its
-    objects; flwr's `HttpGrid.pull_messages` then waits 1 s, 2 s, 4 s... (up to 10 s between
-    tries, for up to 2 hours). Here it retries every 20-250 ms and gives up after `max_time`
-    seconds (the study's node timeout), so a node that dies mid-upload fails the round in time.
-    """
-    import flwr.superlink.grid.http_grid as http_grid
-
-    if os.environ.get(STOCK_TIMING_ENV) == "1" or "grid_pull_objects" in _INSTALLED:
-        return
-    check_flwr()
-    _INSTALLED["grid_pull_objects"] = http_grid.pull_objects
-    http_grid.pull_objects = functools.partial(http_grid.pull_objects, initial_backoff=0.02,
-                                               backoff_cap=0.25, max_time=max_time)
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,7 +238,7 @@ class WarmWorker(threading.Thread):
         from flwr.supercore.runtime import RuntimeHttpClient
         from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-        from ..protocol.flower_frame import pack, unpack
+        from .frame import pack, unpack
 
         client = RuntimeHttpClient.from_server_address(
             server_address=self.runtime_address, insecure=True, root_certificates=None,

@@ -1,0 +1,107 @@
+"""The GLM's wire contract: task names, payload and array keys, shared by its node half
+(node/glm.py) and its coordinator half (coordinator/glm.py). Pure: no I/O, no pandas.
+
+One GLM run is three task kinds (docs/developer/architecture.md draws one round):
+
+- `glm.moments` (only with `center()`/`scale()`): per model, per centred expression i, the
+  array `moments/<model>/<i>` = (n, mean, centred sum of squares);
+- `glm.prepare`: payload `models` (model key -> study in wire form) and `optional` (model keys
+  a node may decline as too small); per model `local_info/<key>` (packed upper triangle) and
+  `local_ibeta/<key>`, for the model and for its null model (key + NULL_SUFFIX);
+- `glm.round`: task arrays `beta/<key>`; reply arrays `score/<key>`, `info/<key>` (packed),
+  `stats/<key>` = (deviance, Pearson statistic, log-likelihood sum) and, with robust SEs,
+  `meat/<key>` (packed).
+
+The task's study hash is `batch_hash` of its models' hashes (every kind's tasks carry their
+studies the same way, as `models`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from ..errors import DataError, SpecError
+
+MOMENTS = "glm.moments"
+PREPARE = "glm.prepare"
+ROUND = "glm.round"
+TASKS = (MOMENTS, PREPARE, ROUND)
+
+#: Each model's companion (intercept only, same rows and offset), for the null deviance.
+NULL_SUFFIX = ".null"
+#: Models one task may carry; coefficient vectors one round may carry (a model and its null).
+MAX_MODELS = 64
+MAX_BETAS = 2 * MAX_MODELS
+
+
+def batch_hash(hashes: list[str]) -> str:
+    """The identity of studies run together: one study's own hash, else the sha256 of theirs."""
+    if len(hashes) == 1:
+        return hashes[0]
+    return hashlib.sha256(":".join(hashes).encode()).hexdigest()
+
+
+def null_key(key: str) -> str:
+    return key + NULL_SUFFIX
+
+
+def moments_key(model: str, i: int) -> str:
+    return f"moments/{model}/{i}"
+
+
+def local_info_key(model: str) -> str:
+    return f"local_info/{model}"
+
+
+def local_ibeta_key(model: str) -> str:
+    return f"local_ibeta/{model}"
+
+
+def beta_key(model: str) -> str:
+    return f"beta/{model}"
+
+
+def score_key(model: str) -> str:
+    return f"score/{model}"
+
+
+def info_key(model: str) -> str:
+    return f"info/{model}"
+
+
+def stats_key(model: str) -> str:
+    return f"stats/{model}"
+
+
+def meat_key(model: str) -> str:
+    return f"meat/{model}"
+
+
+def betas_from_arrays(arrays: dict) -> dict:
+    """A round task's coefficient vectors by model key; DataError unless every array is one."""
+    prefix = beta_key("")
+    betas = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    if not betas or len(betas) > MAX_BETAS or len(betas) != len(arrays):
+        raise DataError("the task's coefficients are not one array per prepared model.")
+    return betas
+
+
+def studies_from_payload(payload: dict) -> dict:
+    """The studies a task carries, by model key (StudySpec, from their wire form)."""
+    from ..study import StudySpec
+
+    models = payload.get("models")
+    if not isinstance(models, dict) or not models:
+        raise DataError("the task lists no models.")
+    if len(models) > MAX_MODELS or not all(isinstance(k, str) and 0 < len(k) <= 32 for k in models):
+        raise DataError(f"the task lists more than {MAX_MODELS} models or names one badly.")
+    return {key: StudySpec.from_wire(spec) for key, spec in models.items()}
+
+
+def parse(data: dict, schema, source: str):
+    """A GLM study file: (StudySpec, ParsedFormula)."""
+    from ..study import parse_glm_study
+
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a study is a table of fields.")
+    return parse_glm_study(data, schema, source)
