@@ -45,8 +45,8 @@ test-fast: $(BIN)/iaptnet
 	$(BIN)/python -m pytest -q -n 2 -m "not network and not paper_scale and not postgres"
 
 lint: $(BIN)/iaptnet
-	$(BIN)/ruff check iaptnet tests bench scripts
-	$(BIN)/ruff format --check iaptnet tests bench scripts
+	$(BIN)/ruff check iaptnet tests bench
+	$(BIN)/ruff format --check iaptnet tests bench
 
 # The documentation site (MkDocs, Material theme) into site/; --strict fails on any warning.
 docs: $(BIN)/iaptnet

@@ -68,14 +68,13 @@ def glm_footprint(data: dict, rows: np.ndarray) -> tuple[Footprint, np.ndarray]:
     sex, and numeric columns; with its design matrix for the X'WX comparison."""
     positions = np.flatnonzero(rows)
     indicators, X = [], [np.ones(positions.size)]
-    for name, levels in (("ethnic", range(1, 17)), ("imd", range(2, 6)), ("year", range(2013, 2020)),
-                         ("sex", (1,))):
+    for name, levels in (("ethnic", range(1, 17)), ("imd", range(2, 6)), ("year", range(2013, 2020)), ("sex", (1,))):
         for level in levels:
             hit = data[name][positions] == level
             indicators.append((f"{name}[T.{level}]", positions[hit]))
             X.append(hit.astype(float))
     columns = []
-    for j, name in enumerate(("age", "phq9")):
+    for _j, name in enumerate(("age", "phq9")):
         values = data[name][positions].astype(float)
         for power in (1, 2, 3, 4):
             columns.append((f"{name}^{power}", (values / 50.0) ** power))
@@ -110,8 +109,10 @@ def main() -> None:
             continue
         memory.remember([footprint], T)
     build = time.perf_counter() - start
-    print(f"node of {args.rows:,} rows; {memory.size} row sets remembered in {build:.1f} s "
-          f"({build / memory.size * 1000:.1f} ms per audited release; {refused} cohorts refused on the way)")
+    print(
+        f"node of {args.rows:,} rows; {memory.size} row sets remembered in {build:.1f} s "
+        f"({build / memory.size * 1000:.1f} ms per audited release; {refused} cohorts refused on the way)"
+    )
 
     one = Footprint("cohort", cohort(data, rng))
     audit_one = seconds(lambda: memory.audit([one], T))
@@ -121,16 +122,20 @@ def main() -> None:
     glm, X = glm_footprint(data, rows)
     w = rng.random(X.shape[0])
     gram = seconds(lambda: (X * np.sqrt(w)[:, None]).T @ (X * np.sqrt(w)[:, None]))
-    audit_glm = seconds(lambda: memory.audit([Footprint(glm.label, glm.rows, indicators=glm.indicators,
-                                                        columns=glm.columns)], T))
-    print(f"audit of a GLM release ({len(glm.indicators)} indicators, {len(glm.columns)} numeric columns): "
-          f"{audit_glm * 1000:.1f} ms; one round's X'WX on the same {X.shape[0]:,} rows: {gram * 1000:.1f} ms; "
-          f"ratio {audit_glm / gram:.1f}")
+    audit_glm = seconds(
+        lambda: memory.audit([Footprint(glm.label, glm.rows, indicators=glm.indicators, columns=glm.columns)], T)
+    )
+    print(
+        f"audit of a GLM release ({len(glm.indicators)} indicators, {len(glm.columns)} numeric columns): "
+        f"{audit_glm * 1000:.1f} ms; one round's X'WX on the same {X.shape[0]:,} rows: {gram * 1000:.1f} ms; "
+        f"ratio {audit_glm / gram:.1f}"
+    )
 
     thresholds = [(data["phq9"] <= k) & rows for k in range(5, 25)]
     fast = seconds(lambda: [memory.set_differs_by_few(s, [], T) for s in thresholds])
-    print(f"pairwise check of 20 quantile thresholds: {fast * 1000:.1f} ms "
-          f"({fast / len(thresholds) * 1000:.2f} ms each)")
+    print(
+        f"pairwise check of 20 quantile thresholds: {fast * 1000:.1f} ms ({fast / len(thresholds) * 1000:.2f} ms each)"
+    )
 
 
 if __name__ == "__main__":

@@ -69,8 +69,13 @@ def pooled_access(frame, study, toml):
         need = pd.read_csv(ILLUSTRATIVE_NEED if toml["need"] == "illustrative" else toml["need"])
         population = population.merge(need, on=list(need.columns.drop("prevalence")), how="left")
         population = population.assign(population=population["population"] * population["prevalence"])
-    settings = {"by": toml["by"], "period": tuple(toml["period"]), "years": 8.0,
-                "merge": toml.get("merge") or {}, "nodes": sorted(frame["area"].unique())}
+    settings = {
+        "by": toml["by"],
+        "period": tuple(toml["period"]),
+        "years": 8.0,
+        "merge": toml.get("merge") or {},
+        "nodes": sorted(frame["area"].unique()),
+    }
     return reference_access(frame, population, settings)
 
 
@@ -80,9 +85,19 @@ def pooled(kind, frame, study, toml):
         return pooled_glm(frame, study, toml)
     if kind == "table":
         rules = load_policy(None, production=False).rules_for(False)  # the demo's exploratory nodes
-        return describe_reference(frame, settings_for_study(toml, schema, {
-            "suppress_max": rules.suppress_max, "round_to": rules.round_to,
-            "min_rows": rules.min_rows, "min_level_count": rules.min_level_count}))
+        return describe_reference(
+            frame,
+            settings_for_study(
+                toml,
+                schema,
+                {
+                    "suppress_max": rules.suppress_max,
+                    "round_to": rules.round_to,
+                    "min_rows": rules.min_rows,
+                    "min_level_count": rules.min_level_count,
+                },
+            ),
+        )
     if kind == "psm":
         return reference_psm(frame, toml, "service")
     if kind == "iptw":

@@ -69,12 +69,16 @@ def main() -> None:
     # statsmodels gets the better of its two BLAS settings (default threads, one thread).
     f = statistics.median(fed)
     r = min(statistics.median(ref_default), statistics.median(ref_single))
-    print(f"statsmodels: median {statistics.median(ref_default):.2f} s with default BLAS threads, "
-          f"{statistics.median(ref_single):.2f} s with one BLAS thread")
+    print(
+        f"statsmodels: median {statistics.median(ref_default):.2f} s with default BLAS threads, "
+        f"{statistics.median(ref_single):.2f} s with one BLAS thread"
+    )
     print(f"D1 model: n = {result['n']:,}, {len(result['terms'])} coefficients")
     print("federated runs (s): " + " ".join(f"{x:.2f}" for x in fed))
-    print(f"federated in-process fit: median {f:.2f} s over {args.repeat} runs; "
-          f"{result['rounds']} rounds (1 prepare + {result['iterations']} Newton)")
+    print(
+        f"federated in-process fit: median {f:.2f} s over {args.repeat} runs; "
+        f"{result['rounds']} rounds (1 prepare + {result['iterations']} Newton)"
+    )
     print(f"statsmodels GLM on pooled rows: {r:.2f} s, the better setting (n = {int(fit.nobs):,})")
     print(f"ratio federated / statsmodels: {f / r:.3f}")
     rel = max(abs(t["estimate"] / fit.params[t["term"]] - 1) for t in result["terms"])

@@ -62,8 +62,13 @@ def run_once(hub_toml: Path) -> dict:
     per_round = [max(ts) - min(ts) for _, ts in sorted(rounds.items())]
     first_push = min(min(ts) for ts in rounds.values())
     done = max(e["t"] for e in events if e["event"] == "result")  # the ServerApp's last act
-    return {"rounds": per_round, "study": done - first_push, "wall": wall,
-            "n_rounds": run.results[0]["rounds"], "beta": run.results[0]["exposure_term"]["estimate"]}
+    return {
+        "rounds": per_round,
+        "study": done - first_push,
+        "wall": wall,
+        "n_rounds": run.results[0]["rounds"],
+        "beta": run.results[0]["exposure_term"]["estimate"],
+    }
 
 
 def measure(network: Path, nodes: int, stock: bool, repeat: int, poll_active: float = 0.25) -> dict:
@@ -89,10 +94,16 @@ def measure(network: Path, nodes: int, stock: bool, repeat: int, poll_active: fl
     config = "before (flwr 1.42 timings)" if stock else "after (iaptnet adaptations)"
     if not stock and poll_active != 0.25:
         config += f", poll_active {poll_active:g} s"
-    return {"nodes": nodes, "config": config, "poll_active": poll_active,
-            "round_median": statistics.median(rounds), "study_median": statistics.median(r["study"] for r in runs),
-            "wall_median": statistics.median(r["wall"] for r in runs), "rounds": runs[0]["n_rounds"],
-            "beta": runs[0]["beta"]}
+    return {
+        "nodes": nodes,
+        "config": config,
+        "poll_active": poll_active,
+        "round_median": statistics.median(rounds),
+        "study_median": statistics.median(r["study"] for r in runs),
+        "wall_median": statistics.median(r["wall"] for r in runs),
+        "rounds": runs[0]["n_rounds"],
+        "beta": runs[0]["beta"],
+    }
 
 
 def main() -> None:
@@ -103,8 +114,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=20210901)
     parser.add_argument("--work", help="folder for the synthetic networks (default: a temporary one)")
     parser.add_argument("--only", choices=["before", "after"], help="measure one configuration only")
-    parser.add_argument("--poll-active", type=float, nargs="+", default=[0.25],
-                        help="node.toml tuning.poll_active values to measure 'after' with (default 0.25)")
+    parser.add_argument(
+        "--poll-active",
+        type=float,
+        nargs="+",
+        default=[0.25],
+        help="node.toml tuning.poll_active values to measure 'after' with (default 0.25)",
+    )
     args = parser.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-latency-"))
     rows = []
@@ -118,23 +134,36 @@ def main() -> None:
         for stock, poll in configs:
             if args.only and (args.only == "before") != stock:
                 continue
-            print(f"{nodes} nodes, {'before' if stock else f'after (poll_active {poll:g} s)'}: measuring", file=sys.stderr)
+            print(
+                f"{nodes} nodes, {'before' if stock else f'after (poll_active {poll:g} s)'}: measuring", file=sys.stderr
+            )
             row = measure(network, nodes, stock, args.repeat, poll)
             rows.append(row)
-            print(f"  {row['round_median']:.2f} s a round, D1 {row['study_median']:.1f} s on the hub, "
-                  f"{row['wall_median']:.1f} s end to end, {row['rounds']} rounds", file=sys.stderr)
+            print(
+                f"  {row['round_median']:.2f} s a round, D1 {row['study_median']:.1f} s on the hub, "
+                f"{row['wall_median']:.1f} s end to end, {row['rounds']} rounds",
+                file=sys.stderr,
+            )
     print("\n| nodes | configuration | median s/round | D1 on the hub (s) | D1 end to end (s) | D1 rounds |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['nodes']} | {r['config']} | {r['round_median']:.2f} | {r['study_median']:.1f} | "
-              f"{r['wall_median']:.1f} | {r['rounds']} |")
-    by = {(r["nodes"], r["config"].split()[0]): r for r in rows if r["poll_active"] == 0.25 or r["config"].startswith("before")}
+        print(
+            f"| {r['nodes']} | {r['config']} | {r['round_median']:.2f} | {r['study_median']:.1f} | "
+            f"{r['wall_median']:.1f} | {r['rounds']} |"
+        )
+    by = {
+        (r["nodes"], r["config"].split()[0]): r
+        for r in rows
+        if r["poll_active"] == 0.25 or r["config"].startswith("before")
+    }
     for nodes in args.nodes:
         if (nodes, "before") in by and (nodes, "after") in by:
             b, a = by[(nodes, "before")], by[(nodes, "after")]
             assert b["beta"] == a["beta"], "both configurations must give the same D1 estimate"
-            print(f"{nodes} nodes: a round {b['round_median'] / a['round_median']:.1f}x faster, "
-                  f"D1 end to end {b['wall_median'] / a['wall_median']:.1f}x faster")
+            print(
+                f"{nodes} nodes: a round {b['round_median'] / a['round_median']:.1f}x faster, "
+                f"D1 end to end {b['wall_median'] / a['wall_median']:.1f}x faster"
+            )
 
 
 if __name__ == "__main__":

@@ -63,8 +63,7 @@ def cmd_run(args) -> int:
         if args.engine == "flower":
             from .coordinator.engines.flower import run_flower
 
-            results = run_flower(args.study, args.hub, progress=progress,
-                                 status=status.update if status else None)
+            results = run_flower(args.study, args.hub, progress=progress, status=status.update if status else None)
         else:
             from .coordinator.inprocess import run_inprocess
 
@@ -97,15 +96,26 @@ def cmd_run(args) -> int:
 def cmd_demo(args) -> int:
     from .coordinator.demo import run_demo
 
-    return run_demo(Path(args.out), cache=Path(args.cache) if args.cache else None,
-                    json_mode=args.json, patients=args.patients, seed=args.seed)
+    return run_demo(
+        Path(args.out),
+        cache=Path(args.cache) if args.cache else None,
+        json_mode=args.json,
+        patients=args.patients,
+        seed=args.seed,
+    )
 
 
 def cmd_synth(args) -> int:
     from .synth import generate_network
 
-    path = generate_network(Path(args.out), services=args.services, patients=args.patients,
-                            seed=args.seed, fmt=args.format, appointments=args.appointments)
+    path = generate_network(
+        Path(args.out),
+        services=args.services,
+        patients=args.patients,
+        seed=args.seed,
+        fmt=args.format,
+        appointments=args.appointments,
+    )
     also = " with their appointment tables" if args.appointments else ""
     print(f"wrote {args.patients:,} referrals for {args.services} services{also}; network file {path}")
     return 0
@@ -123,8 +133,12 @@ class _DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        if ("%(default)" not in text and action.option_strings and default not in (None, False, argparse.SUPPRESS)
-                and not isinstance(default, bool)):
+        if (
+            "%(default)" not in text
+            and action.option_strings
+            and default not in (None, False, argparse.SUPPRESS)
+            and not isinstance(default, bool)
+        ):
             text += " (default: %(default)s)"
         return text
 
@@ -139,26 +153,38 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="iaptnet", description=DESCRIPTION)
-    parser.add_argument("--version", action="version", version=f"iaptnet {__import__('iaptnet').__version__}",
-                        help="print the installed release and exit")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"iaptnet {__import__('iaptnet').__version__}",
+        help="print the installed release and exit",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log detail to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one or more studies and write results.json")
     run.add_argument("study", nargs="+", help="study TOML file(s); several share rounds")
     run.add_argument("--network", help="network.toml (in-process engine)")
-    run.add_argument("--engine", default="inprocess", choices=["inprocess", "flower"],
-                     help="inprocess: the nodes of a network file in this process; flower: a real hub")
+    run.add_argument(
+        "--engine",
+        default="inprocess",
+        choices=["inprocess", "flower"],
+        help="inprocess: the nodes of a network file in this process; flower: a real hub",
+    )
     run.add_argument("--hub", help="hub.toml: the hub's address and CA certificate (flower engine)")
     run.add_argument("--out", help="folder for results.json")
     run.add_argument("--json", action="store_true", help="print results as JSON, no progress")
     run.set_defaults(fn=cmd_run)
 
     demo = sub.add_parser("demo", help="synthesise the paper-scale network and run the catalogue")
-    demo.add_argument("--out", default="demo-out", help="folder for summary.json, secondary.json and each study's results")
+    demo.add_argument(
+        "--out", default="demo-out", help="folder for summary.json, secondary.json and each study's results"
+    )
     demo.add_argument("--cache", help="folder for the cached synthetic network")
     demo.add_argument("--patients", type=int, default=483_683, help="referrals in the synthetic network")
-    demo.add_argument("--seed", type=int, default=None, help="the synthetic network's seed (default: the paper's, 20210901)")
+    demo.add_argument(
+        "--seed", type=int, default=None, help="the synthetic network's seed (default: the paper's, 20210901)"
+    )
     demo.add_argument("--json", action="store_true", help="print the findings as JSON, no progress")
     demo.set_defaults(fn=cmd_demo)
 
@@ -168,8 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--patients", type=int, default=483_683, help="referrals over all services")
     synth.add_argument("--seed", type=int, default=20210901, help="random seed (the same seed gives the same data)")
     synth.add_argument("--format", choices=["parquet", "csv"], default="parquet", help="file format of the extracts")
-    synth.add_argument("--appointments", action="store_true",
-                       help="write each service's pathway columns as an appointment table (one row per contact)")
+    synth.add_argument(
+        "--appointments",
+        action="store_true",
+        help="write each service's pathway columns as an appointment table (one row per contact)",
+    )
     synth.set_defaults(fn=cmd_synth)
 
     # Each side registers its own commands: the node's in node/cli.py, the hub's in
@@ -187,8 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         return args.fn(args)
     except IaptnetError as exc:

@@ -32,7 +32,7 @@ CURVE = ec.SECP384R1
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _write(path: Path, data: bytes, *, private: bool, overwrite: bool) -> None:
@@ -47,12 +47,14 @@ def _write(path: Path, data: bytes, *, private: bool, overwrite: bool) -> None:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
-def init_ca(folder: str | Path, *, name: str = "iaptnet network CA", days: int = 3650,
-            overwrite: bool = False) -> tuple[Path, Path]:
+def init_ca(
+    folder: str | Path, *, name: str = "iaptnet network CA", days: int = 3650, overwrite: bool = False
+) -> tuple[Path, Path]:
     """Create the network CA in `folder`; return (ca.crt, ca.key)."""
     folder = Path(folder)
     key = ec.generate_private_key(CURVE())
@@ -60,16 +62,27 @@ def init_ca(folder: str | Path, *, name: str = "iaptnet network CA", days: int =
     now = _now()
     cert = (
         x509.CertificateBuilder()
-        .subject_name(subject).issuer_name(subject)
+        .subject_name(subject)
+        .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
@@ -85,7 +98,9 @@ def load_ca(folder: str | Path) -> tuple[x509.Certificate, ec.EllipticCurvePriva
     try:
         key = serialization.load_pem_private_key((folder / CA_KEY).read_bytes(), password=None)
     except FileNotFoundError:
-        raise SpecError(f"{folder / CA_KEY}: CA private key not found; create the CA with 'iaptnet pki init'.") from None
+        raise SpecError(
+            f"{folder / CA_KEY}: CA private key not found; create the CA with 'iaptnet pki init'."
+        ) from None
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise SpecError(f"{folder / CA_KEY}: not a readable unencrypted PEM private key.") from None
     return cert, key
@@ -121,8 +136,15 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
-def issue_certificate(ca_folder: str | Path, out_folder: str | Path, hosts: list[str], *,
-                      name: str = "hub", days: int = 825, overwrite: bool = False) -> tuple[Path, Path]:
+def issue_certificate(
+    ca_folder: str | Path,
+    out_folder: str | Path,
+    hosts: list[str],
+    *,
+    name: str = "hub",
+    days: int = 825,
+    overwrite: bool = False,
+) -> tuple[Path, Path]:
     """Issue a TLS server certificate for `hosts`, signed by the CA; return (NAME.crt, NAME.key)."""
     ca_cert, ca_key = load_ca(ca_folder)
     key = ec.generate_private_key(CURVE())
@@ -152,10 +174,10 @@ def issue_certificate(ca_folder: str | Path, out_folder: str | Path, hosts: list
 def node_key(out_folder: str | Path, name: str, *, overwrite: bool = False) -> tuple[Path, Path]:
     """Create a SuperNode authentication key pair; return (NAME.key, NAME.pub)."""
     key = ec.generate_private_key(CURVE())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                           serialization.PublicFormat.OpenSSH)
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     out = Path(out_folder)
     key_path, pub_path = out / f"{name}.key", out / f"{name}.pub"
     _write(key_path, private, private=True, overwrite=overwrite)
@@ -175,7 +197,9 @@ def check_node_private_key(path: str | Path, field: str) -> None:
     try:
         key = serialization.load_ssh_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise SpecError(f"{field}: {path} is not an unencrypted OpenSSH private key as written by 'iaptnet pki node-key'.") from None
+        raise SpecError(
+            f"{field}: {path} is not an unencrypted OpenSSH private key as written by 'iaptnet pki node-key'."
+        ) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise SpecError(f"{field}: {path} is not an elliptic-curve key; create one with 'iaptnet pki node-key'.")
 
@@ -187,7 +211,9 @@ def check_pem_private_key(path: str | Path, field: str) -> None:
     except OSError:
         raise SpecError(f"{field}: cannot read {path}.") from None
     except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise SpecError(f"{field}: {path} is not an unencrypted PEM private key as written by 'iaptnet pki issue'.") from None
+        raise SpecError(
+            f"{field}: {path} is not an unencrypted PEM private key as written by 'iaptnet pki issue'."
+        ) from None
 
 
 def check_node_public_key(path: str | Path) -> bytes:

@@ -42,8 +42,9 @@ def write_schema(path: Path, columns: dict[str, dict]) -> Path:
     return path
 
 
-def write_network(folder: Path, sites: dict[str, pd.DataFrame], columns: dict[str, dict],
-                  policies: dict[str, str] | None = None) -> Path:
+def write_network(
+    folder: Path, sites: dict[str, pd.DataFrame], columns: dict[str, dict], policies: dict[str, str] | None = None
+) -> Path:
     """One CSV per site, the schema, and network.toml; `policies` gives some nodes a policy
     file (its TOML text)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -79,8 +80,7 @@ def pooled(sites: dict[str, pd.DataFrame], columns: dict[str, dict]) -> pd.DataF
     return frame
 
 
-def reference_fit(frame: pd.DataFrame, formula: str, family: str, needed: list[str],
-                  offset: str | None = None):
+def reference_fit(frame: pd.DataFrame, formula: str, family: str, needed: list[str], offset: str | None = None):
     """statsmodels GLM on the pooled complete cases of `needed`, converged tightly."""
     kwargs = {}
     frame = frame.dropna(subset=needed + ([offset] if offset else []))

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from flwr.app import Message, RecordDict
-
 from glmcase import write_schema
+
 from iaptnet.coordinator.engines.inprocess import InProcessGrid
-from iaptnet.protocol.kinds.glm import batch_hash
 from iaptnet.node.runtime import NodeConfig, runtime_for
 from iaptnet.protocol import messages as m
 from iaptnet.protocol.kinds import glm as glm_protocol
+from iaptnet.protocol.kinds.glm import batch_hash
 from iaptnet.protocol.schema import Schema
 from iaptnet.protocol.study import StudySpec, parse_study
 
@@ -23,8 +23,9 @@ REFUSAL_KEYS = {"rule", "sentence", "threshold", "model", "term", "level", "fix"
 
 
 class Node:
-    def __init__(self, folder: Path, frame: pd.DataFrame, columns: dict, policy: str | None = None,
-                 name: str = "trust"):
+    def __init__(
+        self, folder: Path, frame: pd.DataFrame, columns: dict, policy: str | None = None, name: str = "trust"
+    ):
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         schema_path = write_schema(folder / "schema.toml", columns)
@@ -60,7 +61,9 @@ class Node:
         assert not reply.has_error(), "the node's app raised: Flower would forward its text"
         return m.decode_reply(reply.content)
 
-    def prepare(self, *wires: dict, study_hash: str | None = None, kind: str = glm_protocol.PREPARE) -> tuple[m.Reply, str]:
+    def prepare(
+        self, *wires: dict, study_hash: str | None = None, kind: str = glm_protocol.PREPARE
+    ) -> tuple[m.Reply, str]:
         models = {f"m{i}": w for i, w in enumerate(wires)}
         study_hash = study_hash or self.hash_of(*wires)
         task = m.Task(kind=kind, study_hash=study_hash, payload={"models": models, "transform_state": {}})
@@ -68,8 +71,9 @@ class Node:
 
     def round(self, study_hash: str, betas: dict[str, np.ndarray]) -> m.Reply:
         arrays = {f"beta/{k}": np.asarray(v, dtype=float) for k, v in betas.items()}
-        return self.send(m.Task(kind=glm_protocol.ROUND, study_hash=study_hash,
-                                payload={"models": list(betas)}, arrays=arrays))
+        return self.send(
+            m.Task(kind=glm_protocol.ROUND, study_hash=study_hash, payload={"models": list(betas)}, arrays=arrays)
+        )
 
     def audit_entries(self) -> list[dict]:
         return list(self.runtime.audit.entries())

@@ -111,5 +111,13 @@ def _rate(var, level, part: pd.DataFrame) -> dict:
     py = float(part["person_years"].sum())
     low = stats.chi2.ppf(0.025, 2 * y) / 2 if y > 0 else 0.0
     high = stats.chi2.ppf(0.975, 2 * y + 2) / 2
-    return {"variable": var, "level": level, "referrals": y, "population": float(part["population"].sum()),
-            "person_years": py, "rate": PER * y / py, "rate_low": PER * low / py, "rate_high": PER * high / py}
+    return {
+        "variable": var,
+        "level": level,
+        "referrals": y,
+        "population": float(part["population"].sum()),
+        "person_years": py,
+        "rate": PER * y / py,
+        "rate_low": PER * low / py,
+        "rate_high": PER * high / py,
+    }

@@ -62,14 +62,19 @@ def describe_reference(frame: pd.DataFrame, settings: dict) -> dict:
     for q in settings.get("funnel", []):
         steps.append(steps[-1].query(to_query(q), engine="python"))
 
-    exact = {s: _exact_counts(cohort[cohort[node] == s], col[cohort[node] == s], steps, node, s, settings, columns)
-             for s in services}
+    exact = {
+        s: _exact_counts(cohort[cohort[node] == s], col[cohort[node] == s], steps, node, s, settings, columns)
+        for s in services
+    }
     relations = _relations(settings, columns)
     shown, small = {}, set()
     for s in services:
         primary = {k for k, n in exact[s].items() if 1 <= n <= rules["suppress_max"]}
-        leaving = [(a, b) for a, b in _step_pairs(len(steps), len(columns))
-                   if 1 <= exact[s][a] - exact[s][b] <= rules["suppress_max"]]
+        leaving = [
+            (a, b)
+            for a, b in _step_pairs(len(steps), len(columns))
+            if 1 <= exact[s][a] - exact[s][b] <= rules["suppress_max"]
+        ]
         # A `by` group below the cohort minimum shows nothing at that service.
         tiny = {c for c in range(1, len(columns)) if 0 < exact[s][("N", c)] < rules["min_rows"]}
         forced = {k for k in exact[s] if k[-1] in tiny}
@@ -92,8 +97,9 @@ def describe_reference(frame: pd.DataFrame, settings: dict) -> dict:
             table["summary"] = _summaries(cohort, col, v, i, services, exact, shown, settings, columns)
         out["tables"].append(table)
     if settings.get("funnel"):
-        out["funnel"] = [out["group_sizes"]] + [[pooled[("f", s, c)] for c in range(len(columns))]
-                                                for s in range(1, len(steps))]
+        out["funnel"] = [out["group_sizes"]] + [
+            [pooled[("f", s, c)] for c in range(len(columns))] for s in range(1, len(steps))
+        ]
     return out
 
 
@@ -105,7 +111,9 @@ def _column_of(rows: pd.DataFrame, by: str | None, levels: list[str]) -> pd.Seri
     if not isinstance(values.dtype, pd.CategoricalDtype):
         values = values.map(lambda x: None if pd.isna(x) else str(int(x)))
     lookup = {level: j + 1 for j, level in enumerate(levels)}
-    return values.astype(object).map(lambda x: lookup.get(x, len(levels) + 1) if isinstance(x, str) else len(levels) + 1)
+    return values.astype(object).map(
+        lambda x: lookup.get(x, len(levels) + 1) if isinstance(x, str) else len(levels) + 1
+    )
 
 
 def _exact_counts(rows, col, steps, node, service, settings, columns) -> dict:
@@ -121,7 +129,9 @@ def _exact_counts(rows, col, steps, node, service, settings, columns) -> dict:
     for i, v in enumerate(settings["variables"]):
         values = rows[v["name"]]
         if v["show"] == "counts":
-            labels = values.astype(object).map(lambda x: None if pd.isna(x) else (x if isinstance(x, str) else str(int(x))))
+            labels = values.astype(object).map(
+                lambda x: None if pd.isna(x) else (x if isinstance(x, str) else str(int(x)))
+            )
             row_names = list(v["levels"]) + [None]
         else:
             labels = values.isna().map({False: "recorded", True: None})
@@ -162,8 +172,10 @@ def _relations(settings, columns) -> list:
 
 def _step_pairs(n_steps: int, width: int) -> list:
     """Every two funnel steps (the cohort first), per column: earlier, later."""
+
     def cell(s, c):
         return ("N", c) if s == 0 else ("f", s, c)
+
     return [(cell(a, c), cell(b, c)) for a in range(n_steps) for b in range(a + 1, n_steps) for c in range(width)]
 
 
@@ -182,8 +194,11 @@ def _summaries(cohort, col, v, i, services, exact, shown, settings, columns) -> 
             rows = cohort[(cohort[node] == s) & ((col == c) | (c == 0))]
             x = rows[v["name"]].dropna().to_numpy(dtype=float)
             off_mode = len(x) - (pd.Series(x).value_counts().max() if len(x) else 0)
-            good = (shown[s][("v", i, 1, c)] is not None and not (0 < len(x) < rules["min_rows"])
-                    and not (0 < off_mode < rules["min_level_count"]))
+            good = (
+                shown[s][("v", i, 1, c)] is not None
+                and not (0 < len(x) < rules["min_rows"])
+                and not (0 < off_mode < rules["min_level_count"])
+            )
             ok.append((c, good, len(x)))
         kept = [c for c, good, _ in ok if good]
         sizes = {c: n for c, _, n in ok}
@@ -197,8 +212,13 @@ def _summaries(cohort, col, v, i, services, exact, shown, settings, columns) -> 
         if not all(c in released[s] for s in services):
             out.append({"suppressed": True})
             continue
-        entry = {"suppressed": False, "n": len(x), "mean": float(np.mean(x)) if len(x) else None,
-                 "sd": float(np.std(x, ddof=1)) if len(x) > 1 else None, "quantiles": {}}
+        entry = {
+            "suppressed": False,
+            "n": len(x),
+            "mean": float(np.mean(x)) if len(x) else None,
+            "sd": float(np.std(x, ddof=1)) if len(x) > 1 else None,
+            "quantiles": {},
+        }
         if v.get("resolution") and len(x):
             snapped = _snap(x, v["origin"], v["resolution"])
             for p in v["quantiles"]:
@@ -229,8 +249,21 @@ def settings_for_study(study: dict, schema, rules: dict, node: str = "service") 
             variables.append({"name": v.name, "show": "counts", "levels": list(v.rows[:-1])})
         else:
             origin = grid_of(v, schema)[0] if v.resolution else 0.0
-            variables.append({"name": v.name, "show": "summary", "resolution": v.resolution,
-                              "origin": origin, "quantiles": list(v.quantiles)})
-    return {"node": node, "where": study.get("where"), "by": lay.by, "by_levels": list(lay.by_levels),
-            "variables": variables, "funnel": [f if isinstance(f, str) else f["where"] for f in study.get("funnel", [])],
-            "rules": rules}
+            variables.append(
+                {
+                    "name": v.name,
+                    "show": "summary",
+                    "resolution": v.resolution,
+                    "origin": origin,
+                    "quantiles": list(v.quantiles),
+                }
+            )
+    return {
+        "node": node,
+        "where": study.get("where"),
+        "by": lay.by,
+        "by_levels": list(lay.by_levels),
+        "variables": variables,
+        "funnel": [f if isinstance(f, str) else f["where"] for f in study.get("funnel", [])],
+        "rules": rules,
+    }

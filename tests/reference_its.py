@@ -91,9 +91,11 @@ def reference_its(frame: pd.DataFrame, settings: dict) -> dict:
     present = rows.copy()
     present[group] = present[group].cat.remove_unused_categories()
     agg = monthly(present, settings)
-    out = {"rows": {"pooled": _fit(present, pooled, cov_type)},
-           "monthly": {"pooled": _fit(agg, pooled, "nonrobust")},
-           "segments": {}}
+    out = {
+        "rows": {"pooled": _fit(present, pooled, cov_type)},
+        "monthly": {"pooled": _fit(agg, pooled, "nonrobust")},
+        "segments": {},
+    }
     for level in change_months(settings):
         part = rows[rows[group].astype(str) == level]
         if part["after_change"].nunique() == 2:
@@ -102,7 +104,14 @@ def reference_its(frame: pd.DataFrame, settings: dict) -> dict:
     for level in rows[group].cat.categories:
         part = rows[rows[group].astype(str) == level]
         out["segments"][str(level)] = {
-            period: {"referrals": int(len(cell)), "events": float(cell[outcome].sum()),
-                     "denominator": float(cell["denominator"].sum())}
-            for period, cell in (("before", part[part["after_change"] == 0]), ("after", part[part["after_change"] == 1]))}
+            period: {
+                "referrals": int(len(cell)),
+                "events": float(cell[outcome].sum()),
+                "denominator": float(cell["denominator"].sum()),
+            }
+            for period, cell in (
+                ("before", part[part["after_change"] == 0]),
+                ("after", part[part["after_change"] == 1]),
+            )
+        }
     return out

@@ -64,8 +64,9 @@ def cohort(frame: pd.DataFrame, settings: dict) -> pd.DataFrame:
 def glm_fit(rows: pd.DataFrame, formula: str, settings: dict):
     kwargs = {}
     if settings.get("offset"):
-        kwargs["offset"] = rows.eval(settings["offset"], engine="python",
-                                     local_dict={"log": np.log, "exp": np.exp, "sqrt": np.sqrt})
+        kwargs["offset"] = rows.eval(
+            settings["offset"], engine="python", local_dict={"log": np.log, "exp": np.exp, "sqrt": np.sqrt}
+        )
     if settings.get("weights"):
         kwargs["var_weights"] = rows[settings["weights"]]
     model = smf.glm(formula, rows, family=FAMILIES[settings["family"]](), missing="drop", **kwargs)
@@ -104,16 +105,24 @@ def pool(y: np.ndarray, v: np.ndarray) -> dict:
     q = float(np.sum(w * (y - fe) ** 2))
     c = float(np.sum(w) - np.sum(w * w) / np.sum(w))
     typical = (k - 1) / c
-    out = {"fixed": {"estimate": fe, "std_error": math.sqrt(1.0 / np.sum(w)), "Q": q,
-                     "I2": max(0.0, (q - (k - 1)) / q)}}
+    out = {
+        "fixed": {"estimate": fe, "std_error": math.sqrt(1.0 / np.sum(w)), "Q": q, "I2": max(0.0, (q - (k - 1)) / q)}
+    }
     taus = {"random_dl": max(0.0, (q - (k - 1)) / c), "random_reml": tau2_reml_fixed_point(y, v)}
     for key, tau2 in taus.items():
         ws = 1.0 / (v + tau2)
         mu = float(np.sum(ws * y) / np.sum(ws))
         se = math.sqrt(1.0 / np.sum(ws))
         half = stats.t.ppf(0.975, k - 2) * math.sqrt(tau2 + se * se)
-        out[key] = {"estimate": mu, "std_error": se, "tau2": tau2, "I2": tau2 / (tau2 + typical), "Q": q,
-                    "prediction_low": mu - half, "prediction_high": mu + half}
+        out[key] = {
+            "estimate": mu,
+            "std_error": se,
+            "tau2": tau2,
+            "I2": tau2 / (tau2 + typical),
+            "Q": q,
+            "prediction_low": mu - half,
+            "prediction_high": mu + half,
+        }
     for entry in out.values():
         entry["conf_low"] = entry["estimate"] - Z * entry["std_error"]
         entry["conf_high"] = entry["estimate"] + Z * entry["std_error"]
@@ -139,6 +148,9 @@ def reference_meta(frame: pd.DataFrame, settings: dict) -> dict:
         per_service[str(level)] = {"estimate": float(fit.params[exposure]), "std_error": float(fit.bse[exposure])}
     y = np.array([e["estimate"] for e in per_service.values()])
     v = np.array([e["std_error"] ** 2 for e in per_service.values()])
-    return {"per_service": per_service, **pool(y, v),
-            "one_stage": glm_fit(local_rows(rows), without, settings),
-            "one_stage_service_fe": glm_fit(local_rows(rows), with_fe, settings)}
+    return {
+        "per_service": per_service,
+        **pool(y, v),
+        "one_stage": glm_fit(local_rows(rows), without, settings),
+        "one_stage_service_fe": glm_fit(local_rows(rows), with_fe, settings),
+    }

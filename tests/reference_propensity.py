@@ -28,8 +28,7 @@ import statsmodels.formula.api as smf
 # Term names and order as iaptnet's (formulaic, statsmodels' legacy order).
 statsmodels.formula.options.formula_engine = "formulaic"
 
-FAMILIES = {"binomial": sm.families.Binomial, "gaussian": sm.families.Gaussian,
-            "poisson": sm.families.Poisson}
+FAMILIES = {"binomial": sm.families.Binomial, "gaussian": sm.families.Gaussian, "poisson": sm.families.Poisson}
 _CALLS = {"C", "I", "np", "log", "exp", "sqrt", "center", "scale"}
 
 
@@ -47,8 +46,7 @@ def merged(frame: pd.DataFrame, merge: dict | None) -> pd.DataFrame:
     for column, groups in merge.items():
         old_to_new = {old: new for new, olds in groups.items() for old in olds}
         first = {olds[0]: new for new, olds in groups.items()}
-        levels = [first.get(lv, lv) for lv in frame[column].cat.categories
-                  if lv in first or lv not in old_to_new]
+        levels = [first.get(lv, lv) for lv in frame[column].cat.categories if lv in first or lv not in old_to_new]
         values = frame[column].astype(object).map(lambda v: old_to_new.get(v, v))
         frame[column] = pd.Categorical(values, categories=levels)
     return frame
@@ -137,8 +135,13 @@ def none_or_many_unmatched(pair: np.ndarray, logit: np.ndarray, exposed: np.ndar
         pair[pair == worst] = np.nan
 
 
-def smd_table(names: list[str], values: np.ndarray, exposed: np.ndarray, after: np.ndarray | None = None,
-              weights: np.ndarray | None = None) -> pd.DataFrame:
+def smd_table(
+    names: list[str],
+    values: np.ndarray,
+    exposed: np.ndarray,
+    after: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+) -> pd.DataFrame:
     """Means and SMDs before, and after matching (`after`: rows kept) or weighting (`weights`),
     with the before-groups' variances (n - 1) in both SMDs."""
     e, c = exposed, ~exposed
@@ -177,8 +180,12 @@ def reference_psm(frame: pd.DataFrame, settings: dict, group: str, match=None) -
     caliper = settings.get("caliper", 0.2) * logit_sd
     pair = np.full(len(rows), np.nan)
     for _, index in rows.groupby(group, sort=False, observed=True).indices.items():
-        pair[index] = none_or_many_unmatched(match(logit[index], exposed[index], caliper), logit[index],
-                                             exposed[index], settings.get("min_subset_difference", 8))
+        pair[index] = none_or_many_unmatched(
+            match(logit[index], exposed[index], caliper),
+            logit[index],
+            exposed[index],
+            settings.get("min_subset_difference", 8),
+        )
     matched = ~np.isnan(pair)
     values = np.column_stack([logit, X])
     balance = smd_table(["ps_logit", *names], values, exposed, after=matched)
@@ -187,9 +194,19 @@ def reference_psm(frame: pd.DataFrame, settings: dict, group: str, match=None) -
     clusters = pd.factorize(pd.Series(labels))[0]
     family = FAMILIES[settings.get("family", "binomial")]()
     outcome = smf.glm(_outcome_formula(settings), kept, family=family).fit(
-        tol=1e-13, tol_criterion="params", maxiter=200, cov_type="cluster", cov_kwds={"groups": clusters})
-    return {"rows": rows, "ps": ps, "logit": logit, "logit_sd": logit_sd, "caliper": caliper,
-            "pair": pair, "balance": balance, "outcome": outcome, "n_pairs": int(matched.sum() // 2)}
+        tol=1e-13, tol_criterion="params", maxiter=200, cov_type="cluster", cov_kwds={"groups": clusters}
+    )
+    return {
+        "rows": rows,
+        "ps": ps,
+        "logit": logit,
+        "logit_sd": logit_sd,
+        "caliper": caliper,
+        "pair": pair,
+        "balance": balance,
+        "outcome": outcome,
+        "n_pairs": int(matched.sum() // 2),
+    }
 
 
 def iptw_weights(ps_fitted: np.ndarray, exposed: np.ndarray, settings: dict) -> np.ndarray:
@@ -212,9 +229,23 @@ def reference_iptw(frame: pd.DataFrame, settings: dict) -> dict:
     balance = smd_table(["ps_logit", *names], np.column_stack([logit, X]), exposed, weights=w)
     family = FAMILIES[settings.get("family", "binomial")]()
     outcome = smf.glm(_outcome_formula(settings), rows, family=family, var_weights=w).fit(
-        tol=1e-13, tol_criterion="params", maxiter=200, cov_type="HC0")
-    summary = {g: {"n": int(m.sum()), "sum_weights": float(w[m].sum()),
-                   "effective_n": float(w[m].sum() ** 2 / np.sum(w[m] ** 2))}
-               for g, m in (("exposed", exposed), ("control", ~exposed))}
-    return {"rows": rows, "ps": ps, "logit": logit, "logit_sd": float(np.std(logit, ddof=1)),
-            "weights": w, "weighting": summary, "balance": balance, "outcome": outcome}
+        tol=1e-13, tol_criterion="params", maxiter=200, cov_type="HC0"
+    )
+    summary = {
+        g: {
+            "n": int(m.sum()),
+            "sum_weights": float(w[m].sum()),
+            "effective_n": float(w[m].sum() ** 2 / np.sum(w[m] ** 2)),
+        }
+        for g, m in (("exposed", exposed), ("control", ~exposed))
+    }
+    return {
+        "rows": rows,
+        "ps": ps,
+        "logit": logit,
+        "logit_sd": float(np.std(logit, ddof=1)),
+        "weights": w,
+        "weighting": summary,
+        "balance": balance,
+        "outcome": outcome,
+    }

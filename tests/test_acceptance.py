@@ -22,39 +22,80 @@ DATA = Path(__file__).parent / "data" / "acceptance"
 FAMILY = {"binomial": sm.families.Binomial, "gaussian": sm.families.Gaussian, "poisson": sm.families.Poisson}
 
 CNSIM = {
-    "LAB_TSC": {"type": "numeric"}, "LAB_TRIG": {"type": "numeric"}, "LAB_HDL": {"type": "numeric"},
-    "LAB_GLUC_ADJUSTED": {"type": "numeric"}, "PM_BMI_CONTINUOUS": {"type": "numeric"},
-    "DIS_CVA": {"type": "binary"}, "MEDI_LPD": {"type": "binary"}, "DIS_DIAB": {"type": "binary"},
-    "DIS_AMI": {"type": "binary"}, "GENDER": {"type": "binary"},
+    "LAB_TSC": {"type": "numeric"},
+    "LAB_TRIG": {"type": "numeric"},
+    "LAB_HDL": {"type": "numeric"},
+    "LAB_GLUC_ADJUSTED": {"type": "numeric"},
+    "PM_BMI_CONTINUOUS": {"type": "numeric"},
+    "DIS_CVA": {"type": "binary"},
+    "MEDI_LPD": {"type": "binary"},
+    "DIS_DIAB": {"type": "binary"},
+    "DIS_AMI": {"type": "binary"},
+    "GENDER": {"type": "binary"},
     "PM_BMI_CATEGORICAL": {"type": "categorical", "levels": ["1", "2", "3"]},
 }
 EXPAND = {
-    "survtime": {"type": "numeric"}, "cens": {"type": "integer", "min": 0},
-    "age_60": {"type": "numeric", "source": "age.60"}, "female": {"type": "binary"},
-    "noise_56": {"type": "numeric", "source": "noise.56"}, "pm10_16": {"type": "numeric", "source": "pm10.16"},
+    "survtime": {"type": "numeric"},
+    "cens": {"type": "integer", "min": 0},
+    "age_60": {"type": "numeric", "source": "age.60"},
+    "female": {"type": "binary"},
+    "noise_56": {"type": "numeric", "source": "noise.56"},
+    "pm10_16": {"type": "numeric", "source": "pm10.16"},
     "bmi_26": {"type": "numeric", "source": "bmi.26"},
 }
 V6 = {
-    "binomial": ({"admit": {"type": "binary"}, "gre": {"type": "numeric"}, "gpa": {"type": "numeric"},
-                  "rank": {"type": "categorical", "levels": ["1", "2", "3", "4"]}},
-                 "admit ~ gre + gpa + rank"),
-    "gaussian": ({"Girth": {"type": "numeric"}, "Height": {"type": "numeric"}, "Volume": {"type": "numeric"}},
-                 "Volume ~ Girth + Height"),
-    "poisson": ({"num_awards": {"type": "integer", "min": 0},
-                 "prog": {"type": "categorical", "levels": ["General", "Academic", "Vocational"]},
-                 "math": {"type": "numeric"}},
-                "num_awards ~ prog + math"),
+    "binomial": (
+        {
+            "admit": {"type": "binary"},
+            "gre": {"type": "numeric"},
+            "gpa": {"type": "numeric"},
+            "rank": {"type": "categorical", "levels": ["1", "2", "3", "4"]},
+        },
+        "admit ~ gre + gpa + rank",
+    ),
+    "gaussian": (
+        {"Girth": {"type": "numeric"}, "Height": {"type": "numeric"}, "Volume": {"type": "numeric"}},
+        "Volume ~ Girth + Height",
+    ),
+    "poisson": (
+        {
+            "num_awards": {"type": "integer", "min": 0},
+            "prog": {"type": "categorical", "levels": ["General", "Academic", "Vocational"]},
+            "math": {"type": "numeric"},
+        },
+        "num_awards ~ prog + math",
+    ),
 }
 
 CASES = [
-    ("datashield CNSIM binomial", "datashield", "CNSIM{}.csv", CNSIM, "binomial",
-     "DIS_DIAB ~ GENDER * PM_BMI_CONTINUOUS + LAB_HDL"),
-    ("datashield CNSIM gaussian", "datashield", "CNSIM{}.csv", CNSIM, "gaussian",
-     "LAB_TSC ~ LAB_TRIG + LAB_HDL + PM_BMI_CATEGORICAL + GENDER"),
-    ("datashield EXPAND_MISSING poisson", "datashield", "expand_missing_study{}.csv", EXPAND, "poisson",
-     "cens ~ female + age_60 + bmi_26 + pm10_16"),
-] + [(f"vantage6 {fam}", "vantage6-glm", f"{fam}_{{}}.csv", V6[fam][0], fam, V6[fam][1])
-     for fam in ("binomial", "gaussian", "poisson")]
+    (
+        "datashield CNSIM binomial",
+        "datashield",
+        "CNSIM{}.csv",
+        CNSIM,
+        "binomial",
+        "DIS_DIAB ~ GENDER * PM_BMI_CONTINUOUS + LAB_HDL",
+    ),
+    (
+        "datashield CNSIM gaussian",
+        "datashield",
+        "CNSIM{}.csv",
+        CNSIM,
+        "gaussian",
+        "LAB_TSC ~ LAB_TRIG + LAB_HDL + PM_BMI_CATEGORICAL + GENDER",
+    ),
+    (
+        "datashield EXPAND_MISSING poisson",
+        "datashield",
+        "expand_missing_study{}.csv",
+        EXPAND,
+        "poisson",
+        "cens ~ female + age_60 + bmi_26 + pm10_16",
+    ),
+] + [
+    (f"vantage6 {fam}", "vantage6-glm", f"{fam}_{{}}.csv", V6[fam][0], fam, V6[fam][1])
+    for fam in ("binomial", "gaussian", "poisson")
+]
 
 
 def run_case(root: Path, work: Path, name, folder, pattern, schema, family, formula):
@@ -68,9 +109,13 @@ def run_case(root: Path, work: Path, name, folder, pattern, schema, family, form
     policy = f'mode = "exploratory"\n[rules]\n{rules}[exploratory]\n{rules}'
     if small:
         (work / "policy.toml").write_text(policy)
-    (work / "network.toml").write_text("\n".join(
-        f'[[node]]\nname = "site{i}"\ndata = "{p}"\nschema = "schema.toml"\n' + ('policy = "policy.toml"\n' if small else "")
-        for i, p in enumerate(sites)))
+    (work / "network.toml").write_text(
+        "\n".join(
+            f'[[node]]\nname = "site{i}"\ndata = "{p}"\nschema = "schema.toml"\n'
+            + ('policy = "policy.toml"\n' if small else "")
+            for i, p in enumerate(sites)
+        )
+    )
     (work / "study.toml").write_text(tomli_w.dumps({"name": "acceptance", "family": family, "formula": formula}))
     result = run_inprocess([work / "study.toml"], work / "network.toml")[0]
 
@@ -92,12 +137,13 @@ def run_case(root: Path, work: Path, name, folder, pattern, schema, family, form
     est = np.array([t["estimate"] for t in result["terms"]])
     se = np.array([t["std_error"] for t in result["terms"]])
     return {
-        "case": name, "n": result["n"], "n_ref": int(ref.nobs),
+        "case": name,
+        "n": result["n"],
+        "n_ref": int(ref.nobs),
         "coef": float(np.max(np.abs(est / ref.params.to_numpy() - 1))),
         "se": float(np.max(np.abs(se / ref.bse.to_numpy() - 1))),
         "deviance": abs(result["deviance"] / ref.deviance - 1),
     }
-
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

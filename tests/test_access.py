@@ -7,25 +7,25 @@ from __future__ import annotations
 
 import json
 
+import glmcase
 import numpy as np
 import pandas as pd
 import pytest
 import tomli_w
+from nodecase import Node, assert_nothing_released
+from reference_access import reference_access
 
-import glmcase
 from iaptnet.cli import main
 from iaptnet.coordinator.access import render
 from iaptnet.coordinator.inprocess import run_inprocess
 from iaptnet.coordinator.serverapp import load_wire_study
 from iaptnet.coordinator.studies import load_study
-from iaptnet.protocol.sdc import round_count as display_count
-from iaptnet.protocol.sdc import suppress
 from iaptnet.protocol import messages as m
 from iaptnet.protocol.errors import ModelError, NetworkError
 from iaptnet.protocol.kinds.access import TASK
+from iaptnet.protocol.sdc import round_count as display_count
+from iaptnet.protocol.sdc import suppress
 from iaptnet.protocol.study import parse_study, read_study_file
-from nodecase import Node, assert_nothing_released
-from reference_access import reference_access
 
 AGES = ["18-24", "25-34", "35-44", "45-54", "55-64", "65+"]
 SEXES = ["female", "male"]
@@ -51,14 +51,16 @@ def make_sites(seed: int = 11, rare: dict | None = None) -> dict[str, pd.DataFra
     rng = np.random.default_rng(seed)
     sites = {}
     for name, n in SITES.items():
-        frame = pd.DataFrame({
-            "referral_date": pd.Timestamp("2015-01-01") + pd.to_timedelta(rng.integers(0, 5 * 365, n), unit="D"),
-            "age_group": rng.choice(AGES, n, p=[.2, .3, .2, .14, .1, .06]),
-            "sex": rng.choice(SEXES, n, p=[.65, .35]),
-            "ethnicity_ons": rng.choice(ETHNIC, n, p=[.55, .1, .15, .12, .08]),
-            "imd_quintile": rng.choice(IMD, n, p=[.3, .3, .2, .12, .08]),
-            "source": rng.choice(["GP", "self", "other"], n, p=[.45, .45, .1]),
-        }).astype(object)
+        frame = pd.DataFrame(
+            {
+                "referral_date": pd.Timestamp("2015-01-01") + pd.to_timedelta(rng.integers(0, 5 * 365, n), unit="D"),
+                "age_group": rng.choice(AGES, n, p=[0.2, 0.3, 0.2, 0.14, 0.1, 0.06]),
+                "sex": rng.choice(SEXES, n, p=[0.65, 0.35]),
+                "ethnicity_ons": rng.choice(ETHNIC, n, p=[0.55, 0.1, 0.15, 0.12, 0.08]),
+                "imd_quintile": rng.choice(IMD, n, p=[0.3, 0.3, 0.2, 0.12, 0.08]),
+                "source": rng.choice(["GP", "self", "other"], n, p=[0.45, 0.45, 0.1]),
+            }
+        ).astype(object)
         for col in ("sex", "ethnicity_ons", "imd_quintile"):
             frame.loc[rng.choice(n, n // 20, replace=False), col] = None
         if rare and name in rare:
@@ -72,8 +74,10 @@ def make_sites(seed: int = 11, rare: dict | None = None) -> dict[str, pd.DataFra
 
 def make_population(seed: int = 3) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    index = pd.MultiIndex.from_product([sorted(a for v in AREAS.values() for a in v), AGES, SEXES, ETHNIC, IMD],
-                                       names=["area", "age_band", "sex", "ethnic_group", "imd_quintile"])
+    index = pd.MultiIndex.from_product(
+        [sorted(a for v in AREAS.values() for a in v), AGES, SEXES, ETHNIC, IMD],
+        names=["area", "age_band", "sex", "ethnic_group", "imd_quintile"],
+    )
     frame = index.to_frame(index=False)
     age_weight = frame["age_band"].map(dict(zip(AGES, [1, 1.6, 1.4, 1.2, 1.0, 1.3])))
     frame["population"] = (rng.integers(20, 400, len(frame)) * age_weight).round().astype(int)
@@ -155,17 +159,21 @@ def assert_rates(rows: list[dict], ref: pd.DataFrame, keys=("variable", "level")
 
 # --------------------------------------------------------------------------- exactness
 
+
 def test_rates_and_rate_ratios_equal_the_pooled_rows(network):
     folder, rows, population = network
     by = ["age_group", "sex", "ethnicity_ons", "imd_quintile"]
-    result = run(folder, name="all_four", by=by, areas=AREAS, where='source in ["GP", "self"]',
-                 exposure="age_group[T.65+]")
+    result = run(
+        folder, name="all_four", by=by, areas=AREAS, where='source in ["GP", "self"]', exposure="age_group[T.65+]"
+    )
     ref = reference_access(rows, population, settings(by, where=lambda r: r["source"].isin(["GP", "self"])))
     assert result["n"] == ref["n"]
     assert result["cells"] == len(ref["cells"])
     assert_terms(result["terms"], ref["adjusted"])
     assert result["formula"] == "referrals ~ age_group + sex + ethnicity_ons + imd_quintile + area"
-    np.testing.assert_allclose(result["lr_statistic"], ref["adjusted"].null_deviance - ref["adjusted"].deviance, rtol=1e-8)
+    np.testing.assert_allclose(
+        result["lr_statistic"], ref["adjusted"].null_deviance - ref["adjusted"].deviance, rtol=1e-8
+    )
     assert result["lr_df"] == ref["adjusted"].df_model
     crude = {m["name"]: m for m in result["models"]}
     for var in by:
@@ -191,8 +199,15 @@ def test_rates_and_rate_ratios_equal_the_pooled_rows(network):
 def test_older_adults_against_18_to_64_without_area_effects(network):
     folder, rows, population = network
     merge = {"age_group": {"18-64": AGES[:5]}}
-    result = run(folder, name="older", by=["age_group", "sex"], areas=AREAS, merge=merge,
-                 area_effects=False, exposure="age_group[T.65+]")
+    result = run(
+        folder,
+        name="older",
+        by=["age_group", "sex"],
+        areas=AREAS,
+        merge=merge,
+        area_effects=False,
+        exposure="age_group[T.65+]",
+    )
     ref = reference_access(rows, population, settings(["age_group", "sex"], merge=merge, area_effects=False))
     assert_terms(result["terms"], ref["adjusted"])
     assert [r["level"] for r in result["rates"] if r["variable"] == "age_group"] == ["18-64", "65+"]
@@ -205,8 +220,14 @@ def test_single_years_of_age_and_ons_sex_codes_give_the_same_study(network, tmp_
     folder, _, population = network
     banded = load_study(study_file(folder, name="banded", by=["age_group", "sex"], areas=AREAS))
     rows = []
-    years = {"18-24": range(18, 25), "25-34": range(25, 35), "35-44": range(35, 45), "45-54": range(45, 55),
-             "55-64": range(55, 65), "65+": [*range(65, 90), "90+"]}
+    years = {
+        "18-24": range(18, 25),
+        "25-34": range(25, 35),
+        "35-44": range(35, 45),
+        "45-54": range(45, 55),
+        "55-64": range(55, 65),
+        "65+": [*range(65, 90), "90+"],
+    }
     sex_code = {"male": "1", "female": "2"}
     summed = population.groupby(["area", "age_band", "sex"], as_index=False)["population"].sum()
     for row in summed.itertuples(index=False):
@@ -226,6 +247,7 @@ def test_single_years_of_age_and_ons_sex_codes_give_the_same_study(network, tmp_
 
 # --------------------------------------------------------------------------- the study's identity
 
+
 def test_the_table_travels_inside_the_study_and_its_digest_is_in_the_hash(network, tmp_path):
     folder, _, population = network
     path = study_file(folder, name="ident", by=["age_group"], areas=AREAS)
@@ -233,8 +255,14 @@ def test_the_table_travels_inside_the_study_and_its_digest_is_in_the_hash(networ
     data = read_study_file(path)
     assert data["population_csv"]["text"] == (folder / "population.csv").read_text()
     # The Flower hub re-parses the study from its data alone: same spec, same hash.
-    hub = load_wire_study({"source": str(path), "data": json.loads(json.dumps(data)), "hash": loaded.spec.hash,
-                           "schema": {"source": "schema.toml", "text": (folder / "schema.toml").read_text()}})
+    hub = load_wire_study(
+        {
+            "source": str(path),
+            "data": json.loads(json.dumps(data)),
+            "hash": loaded.spec.hash,
+            "schema": {"source": "schema.toml", "text": (folder / "schema.toml").read_text()},
+        }
+    )
     assert hub.spec.hash == loaded.spec.hash
     # Nodes get the digest, never the table.
     wire = json.dumps(loaded.spec.to_wire())
@@ -250,6 +278,7 @@ def test_the_table_travels_inside_the_study_and_its_digest_is_in_the_hash(networ
 
 
 # --------------------------------------------------------------------------- what a node releases
+
 
 def node_for(tmp_path, frame: pd.DataFrame, policy: str | None = None) -> Node:
     return Node(tmp_path / "node", frame, COLUMNS, policy=policy, name="east")
@@ -290,8 +319,21 @@ def test_a_trust_approves_the_study_with_its_denominators(network, tmp_path, cap
     path = study_file(tmp_path / "node", name="appr", by=["age_group", "sex"], areas=AREAS)
     reply = node.send(access_task(node, path))
     assert_nothing_released(reply, rule="not_approved")
-    assert main(["node", "approve", str(path), "--policy", str(tmp_path / "node" / "policy.toml"),
-                 "--schema", str(tmp_path / "node" / "schema.toml"), "--yes"]) == 0
+    assert (
+        main(
+            [
+                "node",
+                "approve",
+                str(path),
+                "--policy",
+                str(tmp_path / "node" / "policy.toml"),
+                "--schema",
+                str(tmp_path / "node" / "schema.toml"),
+                "--yes",
+            ]
+        )
+        == 0
+    )
     shown = capsys.readouterr().out
     assert "one-way margins" in shown and load_study(path).spec.hash in shown
     assert node.send(access_task(node, path)).status == m.OK
@@ -309,10 +351,12 @@ def test_a_rare_level_is_refused_by_name_and_a_merge_lets_the_study_run(tmp_path
     assert "north refused" in text and "level '65+' of age_group has fewer than 8 rows" in text
     assert "[merge.age_group]" in text
     merge = {"age_group": {"55+": ["55-64", "65+"]}}
-    result = run(folder, name="rare_merged", by=["age_group"], areas=AREAS, merge=merge,
-                 period=["2015-01-01", "2019-12-31"])
-    ref = reference_access(pooled(sites), population, settings(["age_group"], merge=merge,
-                                                                 period=["2015-01-01", "2019-12-31"], years=5.0))
+    result = run(
+        folder, name="rare_merged", by=["age_group"], areas=AREAS, merge=merge, period=["2015-01-01", "2019-12-31"]
+    )
+    ref = reference_access(
+        pooled(sites), population, settings(["age_group"], merge=merge, period=["2015-01-01", "2019-12-31"], years=5.0)
+    )
     assert_terms(result["terms"], ref["adjusted"])
 
 
@@ -334,8 +378,10 @@ def test_small_counts_are_suppressed_with_secondary_suppression(tmp_path, networ
     assert target["referrals"] is None and target["rate"] is None and target["suppressed"] == "small number"
     assert result["suppression"]["secondary"] >= 2
     for var, levels in (("ethnicity_ons", ETHNIC), ("sex", SEXES)):
-        grid = [[cells[(a, var, lv)]["referrals"] for lv in levels] + [cells[(a, "all", "all")]["referrals"]]
-                for a in sorted(SITES)]
+        grid = [
+            [cells[(a, var, lv)]["referrals"] for lv in levels] + [cells[(a, "all", "all")]["referrals"]]
+            for a in sorted(SITES)
+        ]
         net = {(r["variable"], r["level"]): r["referrals"] for r in result["rates"]}
         grid.append([net[(var, lv)] for lv in levels] + [net[("all", "all")]])
         lines = [row for row in grid] + [list(col) for col in zip(*grid)]
@@ -344,8 +390,10 @@ def test_small_counts_are_suppressed_with_secondary_suppression(tmp_path, networ
     assert secondary and all(r["rate"] is None for r in secondary)
     assert "* suppressed" in render(result)
     for var, levels in (("ethnicity_ons", ETHNIC), ("sex", SEXES)):
-        grid = [[cells[(a, var, lv)]["referrals"] for lv in levels] + [cells[(a, "all", "all")]["referrals"]]
-                for a in sorted(SITES)]
+        grid = [
+            [cells[(a, var, lv)]["referrals"] for lv in levels] + [cells[(a, "all", "all")]["referrals"]]
+            for a in sorted(SITES)
+        ]
         grid.append([net[(var, lv)] for lv in levels] + [net[("all", "all")]])
         hidden = {(i, j) for i, row in enumerate(grid) for j, v in enumerate(row) if v is None}
         assert not hidden or undetermined(grid, hidden)
@@ -363,7 +411,7 @@ def undetermined(table, suppressed) -> bool:
         equations.append([(1.0 if i < rows - 1 else -1.0) if b == j else 0.0 for i, b in hidden])
     a = np.array(equations)
     _, sv, vt = np.linalg.svd(a)
-    null = vt[int(np.sum(sv > 1e-9)):]
+    null = vt[int(np.sum(sv > 1e-9)) :]
     return null.size > 0 and bool(np.all(np.abs(null).max(axis=0) > 1e-9))
 
 
@@ -392,6 +440,7 @@ def test_the_network_rule_for_counts():
 
 # --------------------------------------------------------------------------- groups without population
 
+
 def test_groups_without_population_leave_their_referrals_out(tmp_path, network):
     _, _, population = network
     sites = make_sites()
@@ -399,7 +448,9 @@ def test_groups_without_population_leave_their_referrals_out(tmp_path, network):
     write_network(folder, sites)
     zeroed = population.copy()
     # No 65+ women of quintile 5 in south (everywhere else they exist).
-    hole = (zeroed.area == "south") & (zeroed.age_band == "65+") & (zeroed.sex == "female") & (zeroed.imd_quintile == "5")
+    hole = (
+        (zeroed.area == "south") & (zeroed.age_band == "65+") & (zeroed.sex == "female") & (zeroed.imd_quintile == "5")
+    )
     zeroed.loc[hole, "population"] = 0
     zeroed.to_csv(folder / "population.csv", index=False)
     by = ["age_group", "sex", "imd_quintile"]
@@ -423,11 +474,17 @@ def network_copy(network, tmp_path, population: pd.DataFrame):
 
 # --------------------------------------------------------------------------- need
 
+
 def make_need() -> pd.DataFrame:
     """Prevalence by age band and sex (women more, older people less, as in APMS)."""
-    rows = [{"age_band": age, "sex": sex, "prevalence": (0.24 if sex == "female" else 0.14) * (0.6 if age == "65+" else 1.0)
-             + 0.002 * i}
-            for i, (age, sex) in enumerate((a, x) for a in AGES for x in SEXES)]
+    rows = [
+        {
+            "age_band": age,
+            "sex": sex,
+            "prevalence": (0.24 if sex == "female" else 0.14) * (0.6 if age == "65+" else 1.0) + 0.002 * i,
+        }
+        for i, (age, sex) in enumerate((a, x) for a in AGES for x in SEXES)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -456,8 +513,7 @@ def test_rates_against_need_equal_the_pooled_rows_with_population_times_prevalen
     folder, rows, population = network
     need = make_need()
     need.to_csv(folder / "need.csv", index=False)
-    result = run(folder, name="need_" + "_".join(by), by=by, areas=AREAS, need="need.csv",
-                 exposure="age_group[T.65+]")
+    result = run(folder, name="need_" + "_".join(by), by=by, areas=AREAS, need="need.csv", exposure="age_group[T.65+]")
     ref = reference_access(rows, with_need(population, need), settings(by))
     for fit in (ref["adjusted"], *ref["crude"].values()):
         assert_reference_at_its_estimate(fit)
@@ -488,16 +544,27 @@ def test_the_need_table_is_in_the_study_hash(network, tmp_path):
     assert first.spec.params["need"]["sha256"] != second.spec.params["need"]["sha256"]
 
 
-@pytest.mark.parametrize("need_change, pop_change, expected", [
-    (lambda n: n[n.age_band != "65+"], None, "has no prevalence for age_band '65+', sex 'female'"),
-    (lambda n: n.assign(prevalence=n.prevalence * 100), None,
-     "column 'prevalence' has '24.0'; it must be a proportion between 0 and 1"),
-    (lambda n: n.assign(region="London"), None, "has a column 'region' that is not a group column"),
-    (lambda n: n.drop(columns="prevalence"), None, "has no column 'prevalence'"),
-    (lambda n: pd.concat([n, n.head(1)]), None, "repeats the group of an earlier row"),
-    (None, lambda p: p.groupby(["area", "age_band", "ethnic_group", "imd_quintile"], as_index=False)["population"].sum(),
-     "has no column 'sex', which the need table"),
-])
+@pytest.mark.parametrize(
+    "need_change, pop_change, expected",
+    [
+        (lambda n: n[n.age_band != "65+"], None, "has no prevalence for age_band '65+', sex 'female'"),
+        (
+            lambda n: n.assign(prevalence=n.prevalence * 100),
+            None,
+            "column 'prevalence' has '24.0'; it must be a proportion between 0 and 1",
+        ),
+        (lambda n: n.assign(region="London"), None, "has a column 'region' that is not a group column"),
+        (lambda n: n.drop(columns="prevalence"), None, "has no column 'prevalence'"),
+        (lambda n: pd.concat([n, n.head(1)]), None, "repeats the group of an earlier row"),
+        (
+            None,
+            lambda p: p.groupby(["area", "age_band", "ethnic_group", "imd_quintile"], as_index=False)[
+                "population"
+            ].sum(),
+            "has no column 'sex', which the need table",
+        ),
+    ],
+)
 def test_bad_need_tables_get_one_sentence(tmp_path, capsys, network, need_change, pop_change, expected):
     _, _, population = network
     local = network_copy(network, tmp_path, pop_change(population) if pop_change else population)
@@ -511,34 +578,53 @@ def test_bad_need_tables_get_one_sentence(tmp_path, capsys, network, need_change
 
 # --------------------------------------------------------------------------- bad input
 
+
 def cli(folder, tmp_path, capsys, **fields):
     out = tmp_path / "out"
-    code = main(["run", str(study_file(folder, **fields)), "--network", str(folder / "network.toml"), "--out", str(out)])
+    code = main(
+        ["run", str(study_file(folder, **fields)), "--network", str(folder / "network.toml"), "--out", str(out)]
+    )
     err = capsys.readouterr().err.strip()
     assert code != 0 and err.startswith("error: ") and "Traceback" not in err and len(err.splitlines()) == 1
     assert not out.exists()
     return err
 
 
-@pytest.mark.parametrize("fields, csv_change, expected", [
-    ({}, lambda p: p.drop(columns="sex"), "has no column 'sex' for 'sex' (field 'by')"),
-    ({}, lambda p: p.assign(sex=p.sex.replace("male", "man?")), "column 'sex' has 'man?', which is not a level of sex"),
-    ({}, lambda p: pd.concat([p, p.head(1)]), "repeats the group of an earlier row"),
-    ({}, lambda p: p.assign(year=2019), "has a column 'year' that is not part of the layout"),
-    ({}, lambda p: p.assign(population=p.population.where(p.sex == "female", 0)),
-     "has no population for sex 'male' in any area"),
-    ({"areas": {"west": ["west_a", "west_b"]}}, lambda p: p[p.area != "north"],
-     "has no rows for area 'north' (node north)"),
-    ({}, lambda p: p[~((p.area == "south") & (p.age_band == "65+") & (p.sex == "male"))],
-     "has no row for age_group '65+', sex 'male' in area 'south' (node south)"),
-    ({"by": ["age_group", "height"]}, None, "field 'by' names column 'height'"),
-    ({"period": ["2019-01-01", "2016-01-01"]}, None, "field 'period' ends before it starts"),
-    ({"period": "2016"}, None, "field 'period' must be the first and last referral dates"),
-    ({"population": "nowhere.csv"}, None, "field 'population' names 'nowhere.csv', which does not exist"),
-    ({"areas": {"west": ["atlantis"]}}, None, "field 'areas.west' names area 'atlantis'"),
-    ({"exposure": "age_group[T.99]"}, None, "field 'exposure' must be a term of the adjusted model"),
-    ({"colour": "red"}, None, "unknown field 'colour'"),
-])
+@pytest.mark.parametrize(
+    "fields, csv_change, expected",
+    [
+        ({}, lambda p: p.drop(columns="sex"), "has no column 'sex' for 'sex' (field 'by')"),
+        (
+            {},
+            lambda p: p.assign(sex=p.sex.replace("male", "man?")),
+            "column 'sex' has 'man?', which is not a level of sex",
+        ),
+        ({}, lambda p: pd.concat([p, p.head(1)]), "repeats the group of an earlier row"),
+        ({}, lambda p: p.assign(year=2019), "has a column 'year' that is not part of the layout"),
+        (
+            {},
+            lambda p: p.assign(population=p.population.where(p.sex == "female", 0)),
+            "has no population for sex 'male' in any area",
+        ),
+        (
+            {"areas": {"west": ["west_a", "west_b"]}},
+            lambda p: p[p.area != "north"],
+            "has no rows for area 'north' (node north)",
+        ),
+        (
+            {},
+            lambda p: p[~((p.area == "south") & (p.age_band == "65+") & (p.sex == "male"))],
+            "has no row for age_group '65+', sex 'male' in area 'south' (node south)",
+        ),
+        ({"by": ["age_group", "height"]}, None, "field 'by' names column 'height'"),
+        ({"period": ["2019-01-01", "2016-01-01"]}, None, "field 'period' ends before it starts"),
+        ({"period": "2016"}, None, "field 'period' must be the first and last referral dates"),
+        ({"population": "nowhere.csv"}, None, "field 'population' names 'nowhere.csv', which does not exist"),
+        ({"areas": {"west": ["atlantis"]}}, None, "field 'areas.west' names area 'atlantis'"),
+        ({"exposure": "age_group[T.99]"}, None, "field 'exposure' must be a term of the adjusted model"),
+        ({"colour": "red"}, None, "unknown field 'colour'"),
+    ],
+)
 def test_bad_input_gets_one_sentence_naming_the_file_and_field(tmp_path, capsys, network, fields, csv_change, expected):
     _, _, population = network
     local = network_copy(network, tmp_path, csv_change(population) if csv_change else population)
@@ -562,6 +648,7 @@ def test_a_level_without_referrals_is_a_clear_model_error(tmp_path, network):
 
 # --------------------------------------------------------------------------- the IAPT dataset
 
+
 def test_on_a_small_synthetic_iapt_network(tmp_path):
     """The built-in dataset (derived age_group, sex, ethnicity_ons, imd_quintile) and the
     network's own denominators; groups without population at this small scale included."""
@@ -571,8 +658,18 @@ def test_on_a_small_synthetic_iapt_network(tmp_path):
     network = generate_network(tmp_path / "syn", services=8, patients=4000, seed=4)
     study = network.parent / "a.toml"
     by = ["age_group", "sex", "imd_quintile"]
-    study.write_text(tomli_w.dumps({"kind": "access", "name": "syn", "population": "population.csv", "by": by,
-                                    "period": ["2012-04-01", "2020-03-31"], "exposure": "age_group[T.65+]"}))
+    study.write_text(
+        tomli_w.dumps(
+            {
+                "kind": "access",
+                "name": "syn",
+                "population": "population.csv",
+                "by": by,
+                "period": ["2012-04-01", "2020-03-31"],
+                "exposure": "age_group[T.65+]",
+            }
+        )
+    )
     result = run_inprocess([study], network)[0]
     names = [line.split('"')[1] for line in network.read_text().splitlines() if line.startswith("name =")]
     files = [line.split('"')[1] for line in network.read_text().splitlines() if line.startswith("data =")]
@@ -582,8 +679,9 @@ def test_on_a_small_synthetic_iapt_network(tmp_path):
         frames.append(frame.assign(area=name))
     rows = pd.concat(frames, ignore_index=True)
     population = pd.read_csv(network.parent / "population.csv", dtype={"imd_quintile": str})
-    ref = reference_access(rows, population, {"by": by, "period": ("2012-04-01", "2020-03-31"), "years": 8.0,
-                                              "nodes": names})
+    ref = reference_access(
+        rows, population, {"by": by, "period": ("2012-04-01", "2020-03-31"), "years": 8.0, "nodes": names}
+    )
     assert result["n"] == ref["n"]
     assert_terms(result["terms"], ref["adjusted"])
     assert_rates(result["rates"], ref["rates"])
@@ -593,14 +691,27 @@ def test_on_a_small_synthetic_iapt_network(tmp_path):
     from iaptnet.protocol.kinds.access import ILLUSTRATIVE_NEED
 
     need_study = network.parent / "need.toml"
-    need_study.write_text(tomli_w.dumps({"kind": "access", "name": "syn_need", "population": "population.csv",
-                                         "need": "illustrative", "by": by, "period": ["2012-04-01", "2020-03-31"],
-                                         "exposure": "age_group[T.65+]"}))
+    need_study.write_text(
+        tomli_w.dumps(
+            {
+                "kind": "access",
+                "name": "syn_need",
+                "population": "population.csv",
+                "need": "illustrative",
+                "by": by,
+                "period": ["2012-04-01", "2020-03-31"],
+                "exposure": "age_group[T.65+]",
+            }
+        )
+    )
     against_need = run_inprocess([need_study], network)[0]
     need = pd.read_csv(ILLUSTRATIVE_NEED)
     assert set(need["age_band"]) == set(AGES) and set(need["sex"]) == set(SEXES)
-    ref = reference_access(rows, with_need(population, need), {"by": by, "period": ("2012-04-01", "2020-03-31"),
-                                                               "years": 8.0, "nodes": names})
+    ref = reference_access(
+        rows,
+        with_need(population, need),
+        {"by": by, "period": ("2012-04-01", "2020-03-31"), "years": 8.0, "nodes": names},
+    )
     assert against_need["need"]["source"] == "illustrative"
     assert_terms(against_need["terms"], ref["adjusted"])
     assert_rates(against_need["rates"], ref["rates"])

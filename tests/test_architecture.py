@@ -29,8 +29,11 @@ def module_imports() -> dict[str, set[str]]:
             for n in ast.walk(node) if isinstance(node, (ast.If, ast.Try)) else [node]:
                 if isinstance(n, ast.ImportFrom):
                     base = package.split(".")
-                    target = ".".join(base[: len(base) - n.level + 1] + ([n.module] if n.module else [])) \
-                        if n.level else (n.module or "")
+                    target = (
+                        ".".join(base[: len(base) - n.level + 1] + ([n.module] if n.module else []))
+                        if n.level
+                        else (n.module or "")
+                    )
                     subs = [f"{target}.{a.name}" for a in n.names if f"{target}.{a.name}" in modules]
                     found = subs if len(subs) == len(n.names) else [target, *subs]
                 elif isinstance(n, ast.Import):
@@ -49,7 +52,7 @@ def test_no_module_level_import_cycle():
         state[name] = 1
         for other in sorted(edges[name]):
             if state.get(other) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(path[path.index(other):] + [other]))
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(other) :] + [other]))
             if other not in state:
                 visit(other, path + [other])
         state[name] = 2

@@ -23,12 +23,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from flwr.app import ConfigRecord, RecordDict
+from nodecase import Node, assert_nothing_released, local_beta
 
 from iaptnet.protocol import messages as m
-from iaptnet.protocol.kinds import glm as glm_protocol
 from iaptnet.protocol.errors import SpecError
+from iaptnet.protocol.kinds import glm as glm_protocol
 from iaptnet.protocol.study import parse_study
-from nodecase import Node, assert_nothing_released, local_beta
 
 BOB_X = 7.31234
 BOB_BONUS = 5.5512
@@ -46,10 +46,10 @@ COLUMNS = {
     "unit": {"type": "categorical", "levels": ["p", "q"]},
     "bonus": {"type": "numeric"},
     "wmiss": {"type": "numeric"},
-    "big": {"type": "numeric"},          # ordinary values, the target's 1e200
-    "spike": {"type": "numeric"},        # 1e-41 for everyone, the target's 1.0
+    "big": {"type": "numeric"},  # ordinary values, the target's 1e200
+    "spike": {"type": "numeric"},  # 1e-41 for everyone, the target's 1.0
     "wt_spike": {"type": "numeric", "min": 0},  # 0 for everyone, the target's 1.0
-    "wt_tiny": {"type": "numeric", "min": 0},   # 1e-9 for everyone, the target's 1.0
+    "wt_tiny": {"type": "numeric", "min": 0},  # 1e-9 for everyone, the target's 1.0
     "count": {"type": "integer", "min": 0},
     "score": {"type": "numeric"},
     "solo": {"type": "categorical", "levels": ["crowd", "alone"]},  # "alone": the target only
@@ -154,9 +154,26 @@ def make_frame(seed: int = 11) -> pd.DataFrame:
     score = 10 + 3 * x + rng.normal(size=N)
     solo = np.array(["crowd"] * N, dtype=object)
     solo[0] = "alone"
-    frame = pd.DataFrame({"y": y, "x": x, "x2": x2, "age": age, "h": h, "g": g, "unit": unit,
-                          "bonus": bonus, "wmiss": wmiss, "big": big, "spike": spike, "wt_spike": wt_spike,
-                          "wt_tiny": wt_tiny, "count": count, "score": score, "solo": solo})
+    frame = pd.DataFrame(
+        {
+            "y": y,
+            "x": x,
+            "x2": x2,
+            "age": age,
+            "h": h,
+            "g": g,
+            "unit": unit,
+            "bonus": bonus,
+            "wmiss": wmiss,
+            "big": big,
+            "spike": spike,
+            "wt_spike": wt_spike,
+            "wt_tiny": wt_tiny,
+            "count": count,
+            "score": score,
+            "solo": solo,
+        }
+    )
     for name in EXTRA:
         frame[name] = rng.normal(size=N)
     return frame
@@ -186,6 +203,7 @@ def ok(reply: m.Reply) -> m.Reply:
 
 # --------------------------------------------------------------------------- differencing
 
+
 def test_differencing_filter(node):
     ok(node.prepare(node.spec(formula="y ~ x", where="h == 1"))[0])
     reply, _ = node.prepare(node.spec(formula="y ~ x", where="h == 1 and age < 90"))
@@ -205,8 +223,10 @@ def test_differencing_complement(node):
 
 
 def test_differencing_in_one_task(node):
-    reply, _ = node.prepare(node.spec(name="a", formula="y ~ x", where="h == 1"),
-                            node.spec(name="b", formula="y ~ x", where="h == 1 and age < 90"))
+    reply, _ = node.prepare(
+        node.spec(name="a", formula="y ~ x", where="h == 1"),
+        node.spec(name="b", formula="y ~ x", where="h == 1 and age < 90"),
+    )
     refused(node, reply, "min_subset_difference")
 
 
@@ -223,6 +243,7 @@ def test_differencing_is_remembered_across_a_restart(tmp_path):
 
 
 # --------------------------------------------------------------------------- small and saturated
+
 
 def test_cohort_of_three(node):
     reply, _ = node.prepare(node.spec(formula="y ~ x", where="age > 85"))
@@ -263,6 +284,7 @@ def test_near_duplicate_terms(node):
 
 # --------------------------------------------------------------------------- probing with beta
 
+
 @pytest.fixture
 def prepared(node):
     reply, study = node.prepare(node.spec(formula="y ~ x + h"))
@@ -295,14 +317,20 @@ def test_beta_isolates_all_but_one(prepared):
 def test_beta_bulk_constant(tmp_path):
     # With the leverage rule off, a design with two nearly equal terms is prepared; a round
     # whose fit is the same for everyone but the target is still refused.
-    node = policy_node(tmp_path, 'mode = "exploratory"\n[rules]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n[exploratory]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n')
+    node = policy_node(
+        tmp_path,
+        'mode = "exploratory"\n[rules]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n[exploratory]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n',
+    )
     reply, study = node.prepare(node.spec(formula="y ~ x + x2 + h"))
     ok(reply)
     refused(node, node.round(study, {"m0": [0.1, 30.0, -30.0, 0.0]}), "min_effective_rows")
 
 
 def test_beta_round_difference(tmp_path):
-    node = policy_node(tmp_path, 'mode = "exploratory"\n[rules]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n[exploratory]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n')
+    node = policy_node(
+        tmp_path,
+        'mode = "exploratory"\n[rules]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n[exploratory]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n',
+    )
     reply, study = node.prepare(node.spec(formula="y ~ x + x2 + h"))
     ok(reply)
     beta = np.array([-0.2, 0.2, 0.2, 0.3])
@@ -315,6 +343,7 @@ def test_beta_round_difference(tmp_path):
 
 # --------------------------------------------------------------------------- the gate
 
+
 def test_replayed_task(node):
     task = m.Task(kind=glm_protocol.PREPARE, study_hash="", payload={})
     wire = node.spec(formula="y ~ x")
@@ -326,9 +355,12 @@ def test_replayed_task(node):
 
 def test_stale_task(node):
     wire = node.spec(formula="y ~ x")
-    task = m.Task(kind=glm_protocol.PREPARE, study_hash=node.hash_of(wire),
-                  payload={"models": {"m0": wire}, "transform_state": {}},
-                  issued_at=time.time() - 2 * 86400)
+    task = m.Task(
+        kind=glm_protocol.PREPARE,
+        study_hash=node.hash_of(wire),
+        payload={"models": {"m0": wire}, "transform_state": {}},
+        issued_at=time.time() - 2 * 86400,
+    )
     refused(node, node.send(task), "max_task_age")
 
 
@@ -353,10 +385,21 @@ def test_huge_payload(node, monkeypatch):
 
 
 def test_nested_payload(node):
-    content = RecordDict({"task": ConfigRecord({
-        "version": 1, "kind": glm_protocol.PREPARE, "study_hash": "x", "round": 0,
-        "task_id": "ab" * 16, "issued_at": time.time(),
-        "payload": "[" * 100_000 + "]" * 100_000})})
+    content = RecordDict(
+        {
+            "task": ConfigRecord(
+                {
+                    "version": 1,
+                    "kind": glm_protocol.PREPARE,
+                    "study_hash": "x",
+                    "round": 0,
+                    "task_id": "ab" * 16,
+                    "issued_at": time.time(),
+                    "payload": "[" * 100_000 + "]" * 100_000,
+                }
+            )
+        }
+    )
     start = time.perf_counter()
     reply = node.send_content(content)
     assert time.perf_counter() - start < 2.0
@@ -418,13 +461,16 @@ def test_formula_injection(node, formula, tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
-@pytest.mark.parametrize("merge", [
-    {"x": {"a": ["a", "b"]}},
-    {"g": {"z": ["a", "nope"]}},
-    {"nope": {"z": ["a", "b"]}},
-    {"g": {"z": ["a", "b", "c", "rare"]}},
-    {"g": "__import__('os')"},
-])
+@pytest.mark.parametrize(
+    "merge",
+    [
+        {"x": {"a": ["a", "b"]}},
+        {"g": {"z": ["a", "nope"]}},
+        {"nope": {"z": ["a", "b"]}},
+        {"g": {"z": ["a", "b", "c", "rare"]}},
+        {"g": "__import__('os')"},
+    ],
+)
 def test_merge_injection(node, merge):
     wire = node.spec(formula="y ~ x + g", merge={"g": {"c": ["c", "rare"]}})
     wire["merge"] = merge
@@ -437,6 +483,7 @@ def test_merge_injection(node, merge):
 
 
 # --------------------------------------------------------------------------- approval and volume
+
 
 def test_study_not_approved(tmp_path):
     node = policy_node(tmp_path, 'mode = "approved"\napproved = []\n')
@@ -482,6 +529,7 @@ def test_too_many_studies(tmp_path):
 
 # --------------------------------------------------------------------------- the report
 
+
 def test_every_attack_has_a_test_and_a_line_in_the_report():
     """The governance documentation's attack table lists exactly these cases."""
     here = Path(__file__).read_text()
@@ -511,6 +559,7 @@ def test_honest_rounds_are_answered(prepared):
 # checks that arithmetic on the frame, then that the node refuses with nothing released.
 
 from glmcase import write_network  # noqa: E402
+
 from iaptnet.cli import main as cli_main  # noqa: E402
 from iaptnet.node import runtime as node_runtime  # noqa: E402
 from iaptnet.protocol.kinds.describe import QUANTILE_TASK, TABLE_TASK  # noqa: E402
@@ -518,8 +567,9 @@ from iaptnet.protocol.kinds.describe import QUANTILE_TASK, TABLE_TASK  # noqa: E
 
 def cli_network(tmp_path, policy: str | None = None) -> Path:
     """The attack frame as a one-node network behind the CLI (`iaptnet run`)."""
-    return write_network(tmp_path / "net", {"trust": make_frame()}, COLUMNS,
-                         policies={"trust": policy} if policy else None)
+    return write_network(
+        tmp_path / "net", {"trust": make_frame()}, COLUMNS, policies={"trust": policy} if policy else None
+    )
 
 
 def cli_run(capsys, tmp_path, network: Path, **study) -> tuple[int, str, Path]:
@@ -555,10 +605,13 @@ def restart_nodes() -> None:
 def table_task(node: Node, **fields) -> m.Reply:
     fields.setdefault("name", "t")
     spec, _ = parse_study({"kind": "table", **fields}, node.schema, "t.toml")
-    return node.send(m.Task(kind=TABLE_TASK, study_hash=spec.hash, payload={"models": {"m0": spec.to_wire()}})), spec.hash
+    return node.send(
+        m.Task(kind=TABLE_TASK, study_hash=spec.hash, payload={"models": {"m0": spec.to_wire()}})
+    ), spec.hash
 
 
 # --------------------------------------------------------------------------- 1. combinations
+
 
 def test_combination_of_three_cohorts(node):
     """All rows, then age < 50, then 50 <= age < 93: pairwise the cohorts differ by hundreds,
@@ -582,11 +635,27 @@ def test_combination_across_kinds_through_the_cli(capsys, tmp_path):
     assert abs(frame.x.sum() - frame.x[a].sum() - frame.x[b].sum() - BOB_X) < 1e-9
     net = cli_network(tmp_path)
     assert cli_run(capsys, tmp_path, net, name="everyone", formula="y ~ x")[0] == 0
-    code, err, _ = cli_run(capsys, tmp_path, net, name="young", kind="table", where="age < 60",
-                           variables=[{"name": "x", "resolution": 0.5}], family=None)
+    code, err, _ = cli_run(
+        capsys,
+        tmp_path,
+        net,
+        name="young",
+        kind="table",
+        where="age < 60",
+        variables=[{"name": "x", "resolution": 0.5}],
+        family=None,
+    )
     assert code == 0, err
-    code, err, out = cli_run(capsys, tmp_path, net, name="older", kind="table", where="age >= 60 and age < 93",
-                             variables=[{"name": "x", "resolution": 0.5}], family=None)
+    code, err, out = cli_run(
+        capsys,
+        tmp_path,
+        net,
+        name="older",
+        kind="table",
+        where="age >= 60 and age < 93",
+        variables=[{"name": "x", "resolution": 0.5}],
+        family=None,
+    )
     # A table withholds a summary rather than refuse: the mean that would close the
     # combination is not in results.json, and neither is the target's x.
     if code == 0:
@@ -599,6 +668,7 @@ def test_combination_across_kinds_through_the_cli(capsys, tmp_path):
 
 
 # --------------------------------------------------------------------------- 2. memory
+
 
 def test_memory_across_runs_under_the_default_policy(capsys, tmp_path, monkeypatch):
     """No policy file, two runs: the second differs from the first by the target. The node
@@ -626,6 +696,7 @@ def test_memory_across_a_restart_and_kinds(node):
 
 
 # --------------------------------------------------------------------------- 3. unjudged inputs
+
 
 def test_prior_weights_zero_for_all_but_the_target(node):
     """Weights 0 for everyone but the target: the weighted sums are the target's values."""
@@ -666,8 +737,10 @@ def test_interaction_against_a_cohort(node):
     refused(node, reply, "min_subset_difference")
 
 
-@pytest.mark.parametrize("formula", ["y ~ x + I(x2 * 1e-30)", "y ~ I(x ** 5)", "y ~ exp(x)",
-                                     "y ~ I(x * x2)", "y ~ log(x)", "y ~ I((x ** 2) ** 2)"])
+@pytest.mark.parametrize(
+    "formula",
+    ["y ~ x + I(x2 * 1e-30)", "y ~ I(x ** 5)", "y ~ exp(x)", "y ~ I(x * x2)", "y ~ log(x)", "y ~ I((x ** 2) ** 2)"],
+)
 def test_transforms_outside_the_whitelist(node, formula):
     """Sent straight to the node (no coordinator validation): a term scaled to 1e-30, a high
     power, an exponential, a product of columns, a log the schema does not keep finite, a
@@ -679,6 +752,7 @@ def test_transforms_outside_the_whitelist(node, formula):
 
 
 # --------------------------------------------------------------------------- 4. fail open
+
 
 def test_a_column_that_overflows_the_leverage_check(node):
     """big is ordinary for everyone and 1e200 for the target: its square overflows, which
@@ -693,13 +767,17 @@ def test_a_statistic_that_overflows_is_never_released(tmp_path):
     """With the leverage rule switched off by the Trust, the same column's information
     matrix is infinite: the node refuses rather than send a non-finite number (the X'y beside
     it would still be the target's outcome times 1e200)."""
-    node = policy_node(tmp_path, 'mode = "exploratory"\n[rules]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n[exploratory]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n')
+    node = policy_node(
+        tmp_path,
+        'mode = "exploratory"\n[rules]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n[exploratory]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n',
+    )
     reply, _ = node.prepare(node.spec(family="gaussian", formula="score ~ x + big"))
     refused(node, reply)
     assert reply.payload["refusals"][0]["rule"] in ("not_finite", "cannot_compute")
 
 
 # --------------------------------------------------------------------------- 5. oracles
+
 
 def _same_answer(a: m.Reply, b: m.Reply) -> None:
     assert a.status == b.status and a.code == b.code and a.payload == b.payload and a.message == b.message
@@ -745,8 +823,9 @@ def test_a_computation_that_fails_on_the_target_says_nothing_more(tmp_path):
 def test_refusals_that_answer_questions_are_rationed(tmp_path):
     """Each refusal of the data's rules answers a yes/no question; after the policy's daily
     number the node answers nothing more that day, honest studies included."""
-    node = policy_node(tmp_path, 'mode = "exploratory"\n[exploratory]\nmax_refusals_per_day = 3\n'
-                                 '[rules]\nmax_refusals_per_day = 3\n')
+    node = policy_node(
+        tmp_path, 'mode = "exploratory"\n[exploratory]\nmax_refusals_per_day = 3\n[rules]\nmax_refusals_per_day = 3\n'
+    )
     for age in (90, 91, 92):
         refused(node, node.prepare(node.spec(name=f"q{age}", formula="y ~ x", where=f"age > {age}"))[0], "min_rows")
     reply, _ = node.prepare(node.spec(name="honest", formula="y ~ x"))
@@ -755,12 +834,14 @@ def test_refusals_that_answer_questions_are_rationed(tmp_path):
 
 # --------------------------------------------------------------------------- 6. small cells
 
+
 def test_a_by_group_of_one_shows_nothing_through_the_cli(capsys, tmp_path):
     """A table by `solo`, whose level 'alone' is the target: a suppressed total beside
     exact zeros would give the target's level of g. Every cell of that column is hidden."""
     net = cli_network(tmp_path)
-    code, err, out = cli_run(capsys, tmp_path, net, name="solo_table", kind="table", by="solo",
-                             variables=["g", "h"], family=None)
+    code, err, out = cli_run(
+        capsys, tmp_path, net, name="solo_table", kind="table", by="solo", variables=["g", "h"], family=None
+    )
     assert code == 0, err
     result = json.loads((out / "results.json").read_text())
     alone = result["columns"].index(next(c for c in result["columns"] if c.get("level") == "alone"))
@@ -784,8 +865,15 @@ def test_the_maximum_cannot_be_bisected(node):
 
 def test_a_quantile_at_the_top_is_never_the_maximum_through_the_cli(capsys, tmp_path):
     net = cli_network(tmp_path)
-    code, err, out = cli_run(capsys, tmp_path, net, name="top", kind="table",
-                             variables=[{"name": "age", "quantiles": [0.5, 0.9999]}], family=None)
+    code, err, out = cli_run(
+        capsys,
+        tmp_path,
+        net,
+        name="top",
+        kind="table",
+        variables=[{"name": "age", "quantiles": [0.5, 0.9999]}],
+        family=None,
+    )
     assert code == 0, err
     summary = json.loads((out / "results.json").read_text())["tables"][0]["summary"][0]
     top = summary["quantiles"][1]
@@ -799,6 +887,7 @@ def test_a_table_of_three_people_is_refused(node):
 
 # --------------------------------------------------------------------------- 7. output and crashes
 
+
 def test_a_study_name_cannot_write_outside_out(capsys, tmp_path):
     net = cli_network(tmp_path)
     code, err, out = cli_run(capsys, tmp_path, net, name="../../escaped", formula="y ~ x")
@@ -810,7 +899,7 @@ def test_a_study_name_cannot_write_outside_out(capsys, tmp_path):
 def test_a_deeply_nested_study_file_is_one_sentence(capsys, tmp_path):
     net = cli_network(tmp_path)
     study = tmp_path / "deep.toml"
-    study.write_text("name = \"deep\"\nx = " + "[" * 3000 + "]" * 3000 + "\n")
+    study.write_text('name = "deep"\nx = ' + "[" * 3000 + "]" * 3000 + "\n")
     code = cli_main(["run", str(study), "--network", str(net), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err and "deep.toml" in err
@@ -819,10 +908,10 @@ def test_a_deeply_nested_study_file_is_one_sentence(capsys, tmp_path):
 # --------------------------------------------------------------------------- 8. filters that pin values
 
 PINNING_FILTERS = [
-    "(y == 1 and age < 90) or age == 93",         # everyone's outcome known but the target's
-    "not (y != 1 and age != 93)",                 # the same, through De Morgan
+    "(y == 1 and age < 90) or age == 93",  # everyone's outcome known but the target's
+    "not (y != 1 and age != 93)",  # the same, through De Morgan
     "(x < 0 and age < 90) or (x >= 0 and age == 93)",
-    "x2 < x",                                     # two columns compared: 0 < x only where x2 was zeroed
+    "x2 < x",  # two columns compared: 0 < x only where x2 was zeroed
 ]
 
 
@@ -878,8 +967,11 @@ def test_rows_at_the_boundary_are_not_released(prepared):
 def test_round_history_survives_a_restart(tmp_path):
     """The probing round of test_beta_round_difference, sent after a restart and a fresh
     (free, repeated) prepare: still compared with the round answered before the restart."""
-    node = policy_node(tmp_path, 'mode = "exploratory"\nstate_dir = "state"\n[rules]\nmax_leverage = 1.0\n'
-                                 'max_combined_leverage = 1.0\n[exploratory]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n')
+    node = policy_node(
+        tmp_path,
+        'mode = "exploratory"\nstate_dir = "state"\n[rules]\nmax_leverage = 1.0\n'
+        "max_combined_leverage = 1.0\n[exploratory]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n",
+    )
     wire = node.spec(formula="y ~ x + x2 + h")
     reply, study = node.prepare(wire)
     ok(reply)
@@ -904,7 +996,11 @@ def test_a_robust_middle_term_on_one_row(node):
 
 # --------------------------------------------------------------------------- 9. combinations across models
 
-SPAN_COLUMNS = {"x": {"type": "numeric"}, "age": {"type": "integer"}, "g": {"type": "categorical", "levels": ["a", "b"]}}
+SPAN_COLUMNS = {
+    "x": {"type": "numeric"},
+    "age": {"type": "integer"},
+    "g": {"type": "categorical", "levels": ["a", "b"]},
+}
 
 
 def span_frame() -> pd.DataFrame:
@@ -928,12 +1024,14 @@ def test_three_models_whose_columns_combine_to_one_row(tmp_path):
     a = frame.age.to_numpy(dtype=float)
     p = (a - 60) * (a - 61) * (a - 62)
     coefficients = np.polynomial.polynomial.polyfromroots([60, 61, 62])  # p = c0 + c1 a + c2 a^2 + c3 a^3
-    sums = [np.sum(a ** k * frame.x) for k in range(4)]
+    sums = [np.sum(a**k * frame.x) for k in range(4)]
     assert np.isclose(np.dot(coefficients, sums) / 24, BOB_X)  # the leak, if all were answered
     assert np.count_nonzero(p) == 1
     node = Node(tmp_path / "node", frame, SPAN_COLUMNS)
-    replies = [node.prepare(node.spec(name=f"s{k}", family="gaussian", formula=f))[0]
-               for k, f in enumerate(["x ~ age", "x ~ I(age ** 2)", "x ~ I(age ** 3)"])]
+    replies = [
+        node.prepare(node.spec(name=f"s{k}", family="gaussian", formula=f))[0]
+        for k, f in enumerate(["x ~ age", "x ~ I(age ** 2)", "x ~ I(age ** 3)"])
+    ]
     assert replies[0].status == m.OK and replies[1].status == m.OK  # (the target's leverage: below 0.9)
     assert_nothing_released(replies[2], rule="max_combined_leverage", secrets=SECRETS)
     assert "together with everything this node released before" in replies[2].message

@@ -11,12 +11,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from nodecase import Node, local_beta
 
 from iaptnet.cli import main
 from iaptnet.node import runtime as rt
 from iaptnet.protocol import messages as m
 from iaptnet.protocol.kinds import glm as glm_protocol
-from nodecase import Node, local_beta
 
 COLUMNS = {"y": {"type": "binary"}, "x": {"type": "numeric"}, "g": {"type": "categorical", "levels": ["a", "b"]}}
 POLICY = 'mode = "exploratory"\nstate_dir = "state"\n'
@@ -25,8 +25,9 @@ POLICY = 'mode = "exploratory"\nstate_dir = "state"\n'
 def frame(n: int = 300, seed: int = 2) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     x = rng.normal(size=n)
-    return pd.DataFrame({"y": (rng.random(n) < 1 / (1 + np.exp(-x))).astype(int), "x": x,
-                         "g": rng.choice(["a", "b"], size=n)})
+    return pd.DataFrame(
+        {"y": (rng.random(n) < 1 / (1 + np.exp(-x))).astype(int), "x": x, "g": rng.choice(["a", "b"], size=n)}
+    )
 
 
 @pytest.fixture
@@ -104,14 +105,17 @@ def _edit_and_rehash(lines):
     return lines
 
 
-@pytest.mark.parametrize("tamper, problem", [
-    (_edit_value, "entry 2 was edited"),
-    (_edit_and_rehash, "entry 3 does not follow entry 2"),
-    (lambda lines: lines[:2] + lines[3:], "entry 3 is missing"),
-    (lambda lines: [lines[0], lines[2], lines[1], *lines[3:]], "entry 2 is missing"),
-    (lambda lines: lines[:-1], "the last entries were deleted"),
-    (lambda lines: lines[:1] + ["{not json"] + lines[2:], "line 2 is not a valid entry"),
-])
+@pytest.mark.parametrize(
+    "tamper, problem",
+    [
+        (_edit_value, "entry 2 was edited"),
+        (_edit_and_rehash, "entry 3 does not follow entry 2"),
+        (lambda lines: lines[:2] + lines[3:], "entry 3 is missing"),
+        (lambda lines: [lines[0], lines[2], lines[1], *lines[3:]], "entry 2 is missing"),
+        (lambda lines: lines[:-1], "the last entries were deleted"),
+        (lambda lines: lines[:1] + ["{not json"] + lines[2:], "line 2 is not a valid entry"),
+    ],
+)
 def test_verify_detects_edits_deletions_and_reordering(node, capsys, tamper, problem):
     run_tasks(node)
     path = log_path(node)
@@ -138,7 +142,7 @@ def test_the_listing_since_a_date_and_as_json(node, capsys):
     assert lines[0].startswith("#1 ") and "glm.prepare" in lines[0] and "released 4 arrays" in lines[0]
     assert "REFUSED this node does not know the task kind 'no.such.kind'" in lines[3]
     assert "REFUSED model 'm0': expected 3 coefficients" in lines[4]
-    tomorrow = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)).strftime("%Y-%m-%d")
+    tomorrow = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).strftime("%Y-%m-%d")
     assert main(["node", "audit", "--policy", policy, "--since", tomorrow]) == 0
     assert capsys.readouterr().out == ""
     assert main(["node", "audit", "--policy", policy, "--since", "2000-01-01", "--json"]) == 0

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import tomli_w
-
 from glmcase import write_network
+
 from iaptnet.cli import main
 
 COLUMNS = {
@@ -25,8 +25,9 @@ def net(tmp_path):
     for k in range(2):
         n = 200
         x = rng.normal(size=n)
-        sites[f"s{k}"] = pd.DataFrame({"y": (rng.random(n) < 0.5).astype(int), "x": x,
-                                       "g": rng.choice(["a", "b"], size=n)})
+        sites[f"s{k}"] = pd.DataFrame(
+            {"y": (rng.random(n) < 0.5).astype(int), "x": x, "g": rng.choice(["a", "b"], size=n)}
+        )
     return write_network(tmp_path / "net", sites, COLUMNS)
 
 
@@ -49,17 +50,20 @@ def assert_clean_failure(code, err, out):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("study, expected", [
-    ({"formula": "y ~ x + age"}, "names column 'age'"),
-    ({"formula": "y ~ x", "where": "bmi > 30"}, "names column 'bmi'"),
-    ({"formula": "x ~ g"}, "needs a binary outcome"),
-    ({"formula": "y ~ C(x)"}, "C() needs a categorical column"),
-    ({"formula": "y ~ x", "where": 'g == "zz"'}, "level that column 'g' does not have"),
-    ({"formula": "y ~ x", "family": "gamma"}, "field 'family' must be one of"),
-    ({"formula": "y ~ x", "offset": "g"}, "field 'offset'"),
-    ({"formula": "y ~ x", "colour": "red"}, "unknown field 'colour'"),
-    ({"formula": "y x"}, "exactly one '~'"),
-])
+@pytest.mark.parametrize(
+    "study, expected",
+    [
+        ({"formula": "y ~ x + age"}, "names column 'age'"),
+        ({"formula": "y ~ x", "where": "bmi > 30"}, "names column 'bmi'"),
+        ({"formula": "x ~ g"}, "needs a binary outcome"),
+        ({"formula": "y ~ C(x)"}, "C() needs a categorical column"),
+        ({"formula": "y ~ x", "where": 'g == "zz"'}, "level that column 'g' does not have"),
+        ({"formula": "y ~ x", "family": "gamma"}, "field 'family' must be one of"),
+        ({"formula": "y ~ x", "offset": "g"}, "field 'offset'"),
+        ({"formula": "y ~ x", "colour": "red"}, "unknown field 'colour'"),
+        ({"formula": "y x"}, "exactly one '~'"),
+    ],
+)
 def test_study_mistakes(capsys, tmp_path, net, study, expected):
     code, err, out = run_cli(capsys, tmp_path, net, **study)
     assert_clean_failure(code, err, out)
@@ -67,20 +71,23 @@ def test_study_mistakes(capsys, tmp_path, net, study, expected):
     assert "study.toml" in err
 
 
-@pytest.mark.parametrize("formula", [
-    "y ~ __import__('os').system('touch pwned')",
-    "y ~ x.__class__",
-    "y ~ I(x.__class__.__bases__)",
-    "y ~ {open('/etc/passwd')}",
-    "y ~ I(eval('1'))",
-    "y ~ I([c for c in x])",
-    "y ~ np.load('x')",
-    "y ~ I(lambda: 1)",
-    "y ~ I(x ** 10 ** 10 ** 10)",
-    "y ~ I(9 ** 9 ** 9)",
-    "y ~ " + "(" * 200 + "x" + ")" * 200,
-    "y ~ (x + g) ** 40",
-])
+@pytest.mark.parametrize(
+    "formula",
+    [
+        "y ~ __import__('os').system('touch pwned')",
+        "y ~ x.__class__",
+        "y ~ I(x.__class__.__bases__)",
+        "y ~ {open('/etc/passwd')}",
+        "y ~ I(eval('1'))",
+        "y ~ I([c for c in x])",
+        "y ~ np.load('x')",
+        "y ~ I(lambda: 1)",
+        "y ~ I(x ** 10 ** 10 ** 10)",
+        "y ~ I(9 ** 9 ** 9)",
+        "y ~ " + "(" * 200 + "x" + ")" * 200,
+        "y ~ (x + g) ** 40",
+    ],
+)
 def test_formula_injection_is_refused_before_evaluation(capsys, tmp_path, net, formula):
     code, err, out = run_cli(capsys, tmp_path, net, formula=formula)
     assert_clean_failure(code, err, out)
@@ -88,15 +95,18 @@ def test_formula_injection_is_refused_before_evaluation(capsys, tmp_path, net, f
     assert not (tmp_path / "pwned").exists()
 
 
-@pytest.mark.parametrize("where", [
-    "__import__('os').system('touch pwned')",
-    "x.__class__ == 1",
-    "x > 1; import os",
-    "(" * 100 + "x > 1" + ")" * 100,
-    "not " * 100 + "x > 1",
-    "x in [" + ", ".join(["1"] * 1000) + "]",
-    "1 == 1",
-])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "__import__('os').system('touch pwned')",
+        "x.__class__ == 1",
+        "x > 1; import os",
+        "(" * 100 + "x > 1" + ")" * 100,
+        "not " * 100 + "x > 1",
+        "x in [" + ", ".join(["1"] * 1000) + "]",
+        "1 == 1",
+    ],
+)
 def test_filter_injection_is_refused(capsys, tmp_path, net, where):
     code, err, out = run_cli(capsys, tmp_path, net, formula="y ~ x", where=where)
     assert_clean_failure(code, err, out)
@@ -133,8 +143,9 @@ def test_collinearity_names_the_terms(capsys, tmp_path):
     for k in range(2):
         n = 300
         x = rng.normal(size=n)
-        sites[f"s{k}"] = pd.DataFrame({"y": (rng.random(n) < 0.5).astype(int), "x": x, "x2": 2 * x + 1,
-                                       "g": rng.choice(["a", "b"], size=n)})
+        sites[f"s{k}"] = pd.DataFrame(
+            {"y": (rng.random(n) < 0.5).astype(int), "x": x, "x2": 2 * x + 1, "g": rng.choice(["a", "b"], size=n)}
+        )
     network = write_network(tmp_path / "col", sites, cols)
     code, err, out = run_cli(capsys, tmp_path, network, formula="y ~ g + x + x2")
     assert_clean_failure(code, err, out)

@@ -33,15 +33,39 @@ NaN = float("nan")
 #: One complete, valid referral as a CSV would hold it: a finisher with depression treated by
 #: CBT who recovered reliably (PHQ-9 18 -> 6, GAD-7 14 -> 5).
 BASE = {
-    "pathway_id": "P001", "service_id": "1", "referral_date": "2015-06-01",
-    "referral_source": "A1", "age_at_referral": "30", "gender": "2", "ethnic_category": "A",
-    "employment_status": "01", "lsoa_code": "E01000001", "imd_decile": "3", "ltc": "0",
-    "disability": "NN", "sexual_orientation": "20430005", "psychotropic_med": "1",
-    "problem_descriptor": "F32", "end_code": "46", "discharge_date": "2015-12-01",
-    "n_treat": "8", "n_dna": "1", "n_cancel_pt": "0", "n_cancel_prov": "0",
-    "first_treatment_date": "2015-07-01", "intensity": "HI", "primary_therapy": "CBT",
-    "phq9_first": "18", "phq9_last": "6", "gad7_first": "14", "gad7_last": "5",
-    "adsm_type": "", "adsm_first": "", "adsm_last": "", "wsas_first": "20", "wsas_last": "10",
+    "pathway_id": "P001",
+    "service_id": "1",
+    "referral_date": "2015-06-01",
+    "referral_source": "A1",
+    "age_at_referral": "30",
+    "gender": "2",
+    "ethnic_category": "A",
+    "employment_status": "01",
+    "lsoa_code": "E01000001",
+    "imd_decile": "3",
+    "ltc": "0",
+    "disability": "NN",
+    "sexual_orientation": "20430005",
+    "psychotropic_med": "1",
+    "problem_descriptor": "F32",
+    "end_code": "46",
+    "discharge_date": "2015-12-01",
+    "n_treat": "8",
+    "n_dna": "1",
+    "n_cancel_pt": "0",
+    "n_cancel_prov": "0",
+    "first_treatment_date": "2015-07-01",
+    "intensity": "HI",
+    "primary_therapy": "CBT",
+    "phq9_first": "18",
+    "phq9_last": "6",
+    "gad7_first": "14",
+    "gad7_last": "5",
+    "adsm_type": "",
+    "adsm_first": "",
+    "adsm_last": "",
+    "wsas_first": "20",
+    "wsas_last": "10",
 }
 
 
@@ -67,6 +91,7 @@ def write_csv(path, frame: pd.DataFrame, **kwargs) -> None:
 
 
 # --- sources ----------------------------------------------------------------------------------
+
 
 def test_csv_keeps_codes_as_written(tmp_path):
     path = tmp_path / "x.csv"
@@ -102,8 +127,10 @@ def test_headers_trimmed_and_leading_index_dropped(tmp_path):
 def test_custom_schema_with_datashield_style_headers(tmp_path):
     data, schema = tmp_path / "lab.csv", tmp_path / "lab.toml"
     data.write_text("LAB_TSC ,LAB_HDL , GENDER,extra\n5.5,1.2,0,x\n4.1,NA,1,y\n")
-    schema.write_text('[columns.LAB_TSC]\ntype = "numeric"\n[columns.LAB_HDL]\ntype = "numeric"\n'
-                      '[columns.GENDER]\ntype = "categorical"\nlevels = ["0", "1"]\n')
+    schema.write_text(
+        '[columns.LAB_TSC]\ntype = "numeric"\n[columns.LAB_HDL]\ntype = "numeric"\n'
+        '[columns.GENDER]\ntype = "categorical"\nlevels = ["0", "1"]\n'
+    )
     ds = load_dataset(data, schema)
     assert ds.usable
     assert list(ds.frame.columns) == ["LAB_TSC", "LAB_HDL", "GENDER"]
@@ -224,6 +251,7 @@ def test_database_errors_hide_password_and_driver_text():
 
 # --- validation -------------------------------------------------------------------------------
 
+
 def check(frame: pd.DataFrame, schema: Schema | None = None):
     typed, report = validate(frame, schema or iapt_extract_schema(), "data.csv")
     text = report.render()
@@ -253,10 +281,12 @@ def test_score_above_max():
 
 
 def test_integer_binary_and_date_rules():
-    typed, report, shown = check(extract(
-        {"n_treat": "2.5", "ltc": "2", "discharge_date": "2015-02-30"},
-        {"n_treat": "3.0", "ltc": " 1 ", "discharge_date": "01/12/2015"},
-    ))
+    typed, report, shown = check(
+        extract(
+            {"n_treat": "2.5", "ltc": "2", "discharge_date": "2015-02-30"},
+            {"n_treat": "3.0", "ltc": " 1 ", "discharge_date": "01/12/2015"},
+        )
+    )
     assert invalid_of(report, "n_treat") == {"not an integer": 1}
     assert invalid_of(report, "ltc") == {"not 0/1": 1}
     assert invalid_of(report, "discharge_date") == {"not a date": 1}
@@ -333,6 +363,7 @@ def test_render_has_one_line_per_column():
 
 # --- derivations ------------------------------------------------------------------------------
 
+
 def test_output_columns_and_types():
     frame = derived({}, {"employment_status": "ZZ", "phq9_last": ""})
     extract_schema, derived_schema = iapt_extract_schema(), iapt_derived_schema()
@@ -350,15 +381,17 @@ def test_output_columns_and_types():
             assert set(frame[name].dropna().unique()) <= {0.0, 1.0}, name
 
 
-@pytest.mark.parametrize("phq_last, improved, deteriorated", [
-    ("12", 1.0, 0.0),  # drop of exactly 6: reliable
-    ("13", 0.0, 0.0),  # drop of 5: not reliable
-    ("24", 0.0, 1.0),  # rise of exactly 6: reliable deterioration
-    ("23", 0.0, 0.0),  # rise of 5
-])
+@pytest.mark.parametrize(
+    "phq_last, improved, deteriorated",
+    [
+        ("12", 1.0, 0.0),  # drop of exactly 6: reliable
+        ("13", 0.0, 0.0),  # drop of 5: not reliable
+        ("24", 0.0, 1.0),  # rise of exactly 6: reliable deterioration
+        ("23", 0.0, 0.0),  # rise of 5
+    ],
+)
 def test_phq9_reliable_change(phq_last, improved, deteriorated):
-    frame = derived({"phq9_first": "18", "phq9_last": phq_last,
-                     "gad7_first": "5", "gad7_last": "5"})
+    frame = derived({"phq9_first": "18", "phq9_last": phq_last, "gad7_first": "5", "gad7_last": "5"})
     assert col(frame, "reliable_improvement") == [improved]
     assert col(frame, "reliable_deterioration") == [deteriorated]
 
@@ -373,12 +406,18 @@ def test_gad7_reliable_change_and_conflict():
     assert col(frame, "reliable_deterioration") == [0.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("phq, gad, case", [
-    ("9", "7", 0.0), ("10", "0", 1.0), ("0", "8", 1.0), ("9", "", None), ("", "12", None),
-])
+@pytest.mark.parametrize(
+    "phq, gad, case",
+    [
+        ("9", "7", 0.0),
+        ("10", "0", 1.0),
+        ("0", "8", 1.0),
+        ("9", "", None),
+        ("", "12", None),
+    ],
+)
 def test_caseness_cut_offs(phq, gad, case):
-    frame = derived({"phq9_first": phq, "gad7_first": gad, "n_treat": "0",
-                     "first_treatment_date": ""})
+    frame = derived({"phq9_first": phq, "gad7_first": gad, "n_treat": "0", "first_treatment_date": ""})
     assert col(frame, "case_first") == [case]
 
 
@@ -404,11 +443,26 @@ def test_recovery_and_reliable_recovery():
 def test_adsm_used_when_recorded_with_both_scores():
     frame = derived(
         # social anxiety, SPIN 30 -> 15: case (>=19), reliable drop (>=10), recovered.
-        {"problem_descriptor": "F40.1", "adsm_type": "SPIN", "adsm_first": "30", "adsm_last": "15",
-         "phq9_first": "5", "phq9_last": "5", "gad7_first": "3", "gad7_last": "3"},
+        {
+            "problem_descriptor": "F40.1",
+            "adsm_type": "SPIN",
+            "adsm_first": "30",
+            "adsm_last": "15",
+            "phq9_first": "5",
+            "phq9_last": "5",
+            "gad7_first": "3",
+            "gad7_last": "3",
+        },
         # same but no last ADSM: GAD-7 for both, so not at caseness
-        {"problem_descriptor": "F40.1", "adsm_type": "SPIN", "adsm_first": "30",
-         "phq9_first": "5", "phq9_last": "5", "gad7_first": "3", "gad7_last": "3"},
+        {
+            "problem_descriptor": "F40.1",
+            "adsm_type": "SPIN",
+            "adsm_first": "30",
+            "phq9_first": "5",
+            "phq9_last": "5",
+            "gad7_first": "3",
+            "gad7_last": "3",
+        },
         # scores without adsm_type: GAD-7
         {"adsm_first": "30", "adsm_last": "15", "gad7_first": "14", "gad7_last": "5"},
     )
@@ -422,8 +476,14 @@ def test_adsm_used_when_recorded_with_both_scores():
 
 
 def test_mobility_inventory_strict_cut_and_fractional_rci():
-    calm = {"phq9_first": "5", "phq9_last": "5", "gad7_first": "3", "gad7_last": "3",
-            "adsm_type": "MI", "problem_descriptor": "F40.0"}
+    calm = {
+        "phq9_first": "5",
+        "phq9_last": "5",
+        "gad7_first": "3",
+        "gad7_last": "3",
+        "adsm_type": "MI",
+        "problem_descriptor": "F40.0",
+    }
     frame = derived(
         {**calm, "adsm_first": "2.3", "adsm_last": "2.3"},  # not > 2.3
         {**calm, "adsm_first": "2.4", "adsm_last": "2.0"},  # case; drop 0.4 not reliable
@@ -454,8 +514,7 @@ def test_financial_year_boundary():
         {"referral_date": "2013-03-31", "first_treatment_date": "2013-04-02"},
         {"referral_date": "2013-04-01", "first_treatment_date": "2013-04-02"},
         {"referral_date": "2012-04-01", "first_treatment_date": "2012-05-01"},
-        {"referral_date": "2020-03-31", "first_treatment_date": "2020-04-01",
-         "discharge_date": "2020-06-01"},
+        {"referral_date": "2020-03-31", "first_treatment_date": "2020-04-01", "discharge_date": "2020-06-01"},
     )
     assert col(frame, "referral_year") == ["2012", "2013", "2012", "2019"]
     assert col(frame, "referral_month") == [11.0, 12.0, 0.0, 95.0]
@@ -464,9 +523,13 @@ def test_financial_year_boundary():
 
 def test_referral_outside_period_is_noted(tmp_path):
     path = tmp_path / "x.csv"
-    write_csv(path, extract({"referral_date": "2020-04-01", "first_treatment_date": "2020-05-01",
-                             "discharge_date": "2020-09-01"},
-                            {"first_treatment_date": "2015-05-01"}))
+    write_csv(
+        path,
+        extract(
+            {"referral_date": "2020-04-01", "first_treatment_date": "2020-05-01", "discharge_date": "2020-09-01"},
+            {"first_treatment_date": "2015-05-01"},
+        ),
+    )
     ds = load_dataset(path)
     assert ds.usable
     assert col(ds.frame, "referral_year") == [None, "2015"]
@@ -476,12 +539,25 @@ def test_referral_outside_period_is_noted(tmp_path):
     assert "1 rows with first_treatment_date before referral_date" in notes
 
 
-@pytest.mark.parametrize("age, code, neet", [
-    ("20", "02", 1.0), ("20", "04", 1.0), ("20", "05", 1.0), ("20", "06", 1.0),
-    ("20", "07", 1.0), ("20", "01", 0.0), ("20", "03", 0.0), ("20", "08", None),
-    ("20", "ZZ", None), ("20", "", None), ("18", "02", 1.0), ("24", "01", 0.0),
-    ("25", "02", None), ("30", "01", None),
-])
+@pytest.mark.parametrize(
+    "age, code, neet",
+    [
+        ("20", "02", 1.0),
+        ("20", "04", 1.0),
+        ("20", "05", 1.0),
+        ("20", "06", 1.0),
+        ("20", "07", 1.0),
+        ("20", "01", 0.0),
+        ("20", "03", 0.0),
+        ("20", "08", None),
+        ("20", "ZZ", None),
+        ("20", "", None),
+        ("18", "02", 1.0),
+        ("24", "01", 0.0),
+        ("25", "02", None),
+        ("30", "01", None),
+    ],
+)
 def test_neet(age, code, neet):
     frame = derived({"age_at_referral": age, "employment_status": code})
     assert col(frame, "neet") == [neet]
@@ -503,14 +579,10 @@ def test_age_bands():
 
 def test_demographic_groupings():
     frame = derived(
-        {"gender": "1", "ethnic_category": "R", "imd_decile": "1", "disability": "05",
-         "referral_source": "B1"},
-        {"gender": "2", "ethnic_category": "C", "imd_decile": "2", "disability": "XX",
-         "referral_source": "H2"},
-        {"gender": "9", "ethnic_category": "Z", "imd_decile": "10", "disability": "ZZ",
-         "referral_source": "A1"},
-        {"gender": "X", "ethnic_category": "99", "imd_decile": "", "disability": "NN",
-         "referral_source": ""},
+        {"gender": "1", "ethnic_category": "R", "imd_decile": "1", "disability": "05", "referral_source": "B1"},
+        {"gender": "2", "ethnic_category": "C", "imd_decile": "2", "disability": "XX", "referral_source": "H2"},
+        {"gender": "9", "ethnic_category": "Z", "imd_decile": "10", "disability": "ZZ", "referral_source": "A1"},
+        {"gender": "X", "ethnic_category": "99", "imd_decile": "", "disability": "NN", "referral_source": ""},
     )
     assert col(frame, "sex") == ["male", "female", None, None]
     assert col(frame, "ethnic_group") == ["Other", "White other", None, None]
@@ -521,14 +593,31 @@ def test_demographic_groupings():
     assert col(frame, "referral_source_group") == ["self", "other", "GP", None]
 
 
-@pytest.mark.parametrize("descriptor, therapy, match", [
-    ("F32", "CBT", 1.0), ("F33", "CFD", 1.0), ("F32", "EMDR", 0.0), ("F32", "SIGNPOST", 0.0),
-    ("F41.1", "APPLIED_RELAX", 1.0), ("F41.1", "CFD", 0.0), ("F41.0", "NGSH_BOOK", 1.0),
-    ("F40.1", "DIT", 1.0), ("F40.1", "PSYED_PEER", 0.0), ("F43.1", "EMDR", 1.0),
-    ("F43.1", "GSH_BOOK", 0.0), ("F42", "PSYED_PEER", 1.0), ("BDD", "GSH_COMP", 1.0),
-    ("F45.2", "OTHER_HI", 0.0), ("F41.2", "CBT", None), ("F40-F43", "CBT", None),
-    ("OTHER_MH", "CBT", None), ("UNSPECIFIED", "CBT", None), ("", "CBT", None), ("F32", "", None),
-])
+@pytest.mark.parametrize(
+    "descriptor, therapy, match",
+    [
+        ("F32", "CBT", 1.0),
+        ("F33", "CFD", 1.0),
+        ("F32", "EMDR", 0.0),
+        ("F32", "SIGNPOST", 0.0),
+        ("F41.1", "APPLIED_RELAX", 1.0),
+        ("F41.1", "CFD", 0.0),
+        ("F41.0", "NGSH_BOOK", 1.0),
+        ("F40.1", "DIT", 1.0),
+        ("F40.1", "PSYED_PEER", 0.0),
+        ("F43.1", "EMDR", 1.0),
+        ("F43.1", "GSH_BOOK", 0.0),
+        ("F42", "PSYED_PEER", 1.0),
+        ("BDD", "GSH_COMP", 1.0),
+        ("F45.2", "OTHER_HI", 0.0),
+        ("F41.2", "CBT", None),
+        ("F40-F43", "CBT", None),
+        ("OTHER_MH", "CBT", None),
+        ("UNSPECIFIED", "CBT", None),
+        ("", "CBT", None),
+        ("F32", "", None),
+    ],
+)
 def test_nice_match(descriptor, therapy, match):
     frame = derived({"problem_descriptor": descriptor, "primary_therapy": therapy})
     assert col(frame, "nice_match") == [match]
@@ -537,8 +626,7 @@ def test_nice_match(descriptor, therapy, match):
 
 def test_problem_groups():
     frame = derived(*({"problem_descriptor": d} for d in ("F33", "F41.2", "F40-F43", "OTHER_MH")))
-    assert col(frame, "problem") == ["depression", "mixed_anxiety_depression", "other_anxiety",
-                                     "other"]
+    assert col(frame, "problem") == ["depression", "mixed_anxiety_depression", "other_anxiety", "other"]
 
 
 def test_tables_cover_the_schemas():
@@ -560,11 +648,11 @@ def test_tables_cover_the_schemas():
 
 # --- dataset and check ------------------------------------------------------------------------
 
+
 def test_analysis_schema_is_pure_and_merged():
     schema = iapt_analysis_schema()
     assert schema.names() == iapt_extract_schema().names() + iapt_derived_schema().names()
-    code = ("import sys, iaptnet.protocol.iapt_schema as m; m.iapt_analysis_schema(); "
-            "assert 'pandas' not in sys.modules")
+    code = "import sys, iaptnet.protocol.iapt_schema as m; m.iapt_analysis_schema(); assert 'pandas' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -596,8 +684,9 @@ def test_run_check(tmp_path):
     write_csv(bad, extract({"phq9_first": "77", "gender": "Q"}).drop(columns=["wsas_last"]))
     text, ok = run_check(bad)
     assert not ok
-    assert text.splitlines()[-1] == ("2 columns have invalid values and 1 required column is "
-                                     "missing: see above (not usable for studies)")
+    assert text.splitlines()[-1] == (
+        "2 columns have invalid values and 1 required column is missing: see above (not usable for studies)"
+    )
     assert "77" not in text.replace(str(tmp_path), "")  # (pytest's folder may be pytest-77...)
 
 
@@ -613,6 +702,7 @@ def test_derive_is_vectorised_on_many_rows():
 
 
 # --- schema extras: source headers and unique row keys --------------------------------------
+
 
 def test_schema_source_maps_a_messy_header(tmp_path):
     schema_path = tmp_path / "s.toml"

@@ -16,8 +16,13 @@ def _fake_result(path) -> dict:
     study = tomllib.loads(path.read_text())
     exposure = study.get("exposure")
     term = {"term": exposure, "ratio": 1.5, "ratio_low": 1.2, "ratio_high": 1.9} if exposure else None
-    return {"study": study["name"], "kind": study.get("kind", "glm"), "reference": study.get("reference"),
-            "exposure_term": term, "n": 1000}
+    return {
+        "study": study["name"],
+        "kind": study.get("kind", "glm"),
+        "reference": study.get("reference"),
+        "exposure_term": term,
+        "n": 1000,
+    }
 
 
 def test_summary_has_the_six_findings_and_secondary_the_rest():
@@ -25,11 +30,23 @@ def test_summary_has_the_six_findings_and_secondary_the_rest():
     primary, secondary = summarise(results), summarise(results, secondary=True)
     assert [r["finding"] for r in primary] == SIX
     assert [r["finding"] for r in secondary] == [
-        "older_adults_improvement", "older_adults_attrition",
-        "neet_deterioration", "neet_attrition", "neet_sessions"]
+        "older_adults_improvement",
+        "older_adults_attrition",
+        "neet_deterioration",
+        "neet_attrition",
+        "neet_sessions",
+    ]
     for row in primary + secondary:
-        assert set(row) == {"finding", "term", "ratio", "ratio_low", "ratio_high",
-                            "paper_ratio", "paper_low", "paper_high"}
+        assert set(row) == {
+            "finding",
+            "term",
+            "ratio",
+            "ratio_low",
+            "ratio_high",
+            "paper_ratio",
+            "paper_low",
+            "paper_high",
+        }
         assert row["paper_low"] < row["paper_ratio"] < row["paper_high"]
     table = render_summary(secondary, results, heading="secondary (S4, S5)").splitlines()
     assert table[0].startswith("secondary (S4, S5)") and len(table) == 1 + len(secondary)

@@ -10,18 +10,18 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
 from glmcase import pooled, run_study, write_network
 from nodecase import Node, assert_nothing_released
 from reference_describe import describe_reference
+
 from iaptnet.coordinator.describe import render
 from iaptnet.protocol import messages as m
 from iaptnet.protocol.errors import SpecError
 from iaptnet.protocol.iapt_schema import iapt_analysis_schema
 from iaptnet.protocol.kinds.describe import QUANTILE_TASK, TABLE_TASK, layout, relations
 from iaptnet.protocol.schema import Schema
-from iaptnet.protocol.study import parse_study, read_study_file
 from iaptnet.protocol.sdc import unprotected
+from iaptnet.protocol.study import parse_study, read_study_file
 
 RULES = {"suppress_max": 7, "round_to": 5, "min_rows": 100, "min_level_count": 8}  # exploratory defaults
 COLUMNS = {
@@ -48,17 +48,28 @@ def make_sites(seed: int = 11, sizes=(1500, 2300, 1800)) -> dict[str, pd.DataFra
         dose = 0.5 * rng.integers(0, 7, size=n) - 2.0  # on a grid of halves, from -2
         step1 = (rng.random(n) < 0.7).astype(float)
         w = rng.normal(50, 10, size=n)
-        sites[f"site{k}"] = pd.DataFrame({"g": g, "flag": flag, "score": score, "days": days, "dose": dose,
-                                          "step1": step1, "w": w})
+        sites[f"site{k}"] = pd.DataFrame(
+            {"g": g, "flag": flag, "score": score, "days": days, "dose": dose, "step1": step1, "w": w}
+        )
     return sites
 
 
 STUDY = {
-    "name": "tab", "kind": "table", "by": "flag",
-    "variables": ["g", "score", {"name": "days", "resolution": 1.0},
-                  {"name": "dose", "resolution": 0.5, "quantiles": [0.1, 0.5, 0.9]}, "w"],
-    "funnel": [{"label": "step one", "where": "step1 == 1"}, "score >= 4",
-               {"label": "w below 74", "where": "w < 74"}],  # leaves out a few of the cohort at site2
+    "name": "tab",
+    "kind": "table",
+    "by": "flag",
+    "variables": [
+        "g",
+        "score",
+        {"name": "days", "resolution": 1.0},
+        {"name": "dose", "resolution": 0.5, "quantiles": [0.1, 0.5, 0.9]},
+        "w",
+    ],
+    "funnel": [
+        {"label": "step one", "where": "step1 == 1"},
+        "score >= 4",
+        {"label": "w below 74", "where": "w < 74"},
+    ],  # leaves out a few of the cohort at site2
 }
 
 
@@ -72,12 +83,25 @@ def settings_for(study: dict, columns: dict) -> dict:
             variables.append({"name": item["name"], "show": "counts", "levels": spec.get("levels", ["0", "1"])})
         else:
             res = item.get("resolution", 1.0 if spec["type"] == "integer" else None)
-            variables.append({"name": item["name"], "show": "summary", "resolution": res,
-                              "origin": float(spec.get("min", 0.0)), "quantiles": item.get("quantiles", [0.25, 0.5, 0.75])})
+            variables.append(
+                {
+                    "name": item["name"],
+                    "show": "summary",
+                    "resolution": res,
+                    "origin": float(spec.get("min", 0.0)),
+                    "quantiles": item.get("quantiles", [0.25, 0.5, 0.75]),
+                }
+            )
     by = study.get("by")
-    return {"node": "site", "where": study.get("where"), "by": by,
-            "by_levels": columns[by].get("levels", ["0", "1"]) if by else [], "variables": variables,
-            "funnel": [f if isinstance(f, str) else f["where"] for f in study.get("funnel", [])], "rules": RULES}
+    return {
+        "node": "site",
+        "where": study.get("where"),
+        "by": by,
+        "by_levels": columns[by].get("levels", ["0", "1"]) if by else [],
+        "variables": variables,
+        "funnel": [f if isinstance(f, str) else f["where"] for f in study.get("funnel", [])],
+        "rules": RULES,
+    }
 
 
 def pooled_frame(sites: dict, columns: dict) -> pd.DataFrame:
@@ -149,8 +173,7 @@ def test_network_table_hides_none_or_two_per_row_and_column(network):
     """Secondary suppression: no row or column of the network table (its totals included)
     hides exactly one count, so no suppressed count equals a total minus counts shown."""
     folder, frame = network
-    study = {"name": "tab_rare", "kind": "table", "by": "g", "variables": ["flag"],
-             "where": "w > 30"}
+    study = {"name": "tab_rare", "kind": "table", "by": "g", "variables": ["flag"], "where": "w > 30"}
     result = run_study(folder, **study)
     ref = describe_reference(frame, settings_for(study, COLUMNS))
     assert_table_matches(result, ref, study)
@@ -161,7 +184,9 @@ def test_network_table_hides_none_or_two_per_row_and_column(network):
     for i, table in enumerate(result["tables"]):
         for r, row in enumerate(table["rows"]):
             hidden |= {("v", i, r, c) for c, cell in enumerate(row["cells"]) if cell["suppressed"]}
-    lay = layout({"by": "g", "variables": [{"name": "flag"}], "funnel": []}, Schema.from_dict({"columns": COLUMNS}, "s"), {})
+    lay = layout(
+        {"by": "g", "variables": [{"name": "flag"}], "funnel": []}, Schema.from_dict({"columns": COLUMNS}, "s"), {}
+    )
     assert hidden, "the rare level d must be suppressed somewhere"
     assert any(key[0] == "v" and key[-1] == 4 for key in hidden)  # level d: 1-7 rows of a flag at a site
     assert unprotected(hidden, relations(lay)) == []
@@ -186,14 +211,21 @@ def test_each_node_releases_a_protected_table(tmp_path):
     summary."""
     rng = np.random.default_rng(5)
     n = 600
-    frame = pd.DataFrame({
-        "g": rng.choice(["a", "b", "c", "d"], size=n, p=[0.6, 0.3, 0.095, 0.005]),
-        "flag": np.where(rng.random(n) < 0.1, 1.0, 0.0),  # ~60 rows: below min_rows 100
-        "score": rng.binomial(10, 0.5, size=n).astype(float), "days": 7.0 * rng.poisson(3, size=n),
-        "dose": 0.0, "step1": 1.0, "w": rng.normal(size=n)})
+    frame = pd.DataFrame(
+        {
+            "g": rng.choice(["a", "b", "c", "d"], size=n, p=[0.6, 0.3, 0.095, 0.005]),
+            "flag": np.where(rng.random(n) < 0.1, 1.0, 0.0),  # ~60 rows: below min_rows 100
+            "score": rng.binomial(10, 0.5, size=n).astype(float),
+            "days": 7.0 * rng.poisson(3, size=n),
+            "dose": 0.0,
+            "step1": 1.0,
+            "w": rng.normal(size=n),
+        }
+    )
     node = Node(tmp_path, frame, COLUMNS)
-    spec, _ = parse_study({"name": "one", "kind": "table", "by": "flag", "variables": ["g", "score"]},
-                          node.schema, "one.toml")
+    spec, _ = parse_study(
+        {"name": "one", "kind": "table", "by": "flag", "variables": ["g", "score"]}, node.schema, "one.toml"
+    )
     reply = node.send(m.Task(kind=TABLE_TASK, study_hash=spec.hash, payload={"models": {"m0": spec.to_wire()}}))
     assert reply.status == m.OK, reply.message
     lay = layout(spec.params, node.schema, {})
@@ -233,11 +265,13 @@ def test_threshold_probing_is_withheld(tmp_path):
     n = 800
     days = 7.0 * rng.poisson(3, size=n)
     days[17] = 1000.0  # the target: nobody else waits this long
-    frame = pd.DataFrame({"g": "a", "flag": 0.0, "score": 5.0, "days": days, "dose": 0.0, "step1": 1.0,
-                          "w": rng.normal(size=n)})
+    frame = pd.DataFrame(
+        {"g": "a", "flag": 0.0, "score": 5.0, "days": days, "dose": 0.0, "step1": 1.0, "w": rng.normal(size=n)}
+    )
     node = Node(tmp_path, frame, COLUMNS)
-    spec, _ = parse_study({"name": "probe", "kind": "table", "variables": [{"name": "days", "resolution": 1}]},
-                          node.schema, "probe.toml")
+    spec, _ = parse_study(
+        {"name": "probe", "kind": "table", "variables": [{"name": "days", "resolution": 1}]}, node.schema, "probe.toml"
+    )
     reply = node.send(m.Task(kind=TABLE_TASK, study_hash=spec.hash, payload={"models": {"m0": spec.to_wire()}}))
     assert reply.status == m.OK and "v0/0" in reply.payload["summaries"]
     asks = np.array([21.0, 999.0, 1000.0, 998.5])
@@ -260,16 +294,26 @@ def test_differencing_two_cohorts_is_refused(tmp_path):
     subset rule (counts are rounded, but the Trust may round to 1)."""
     rng = np.random.default_rng(2)
     n = 400
-    frame = pd.DataFrame({"g": rng.choice(["a", "b"], size=n), "flag": 0.0, "score": 5.0,
-                          "days": 7.0 * rng.poisson(3, size=n), "dose": 0.0, "step1": 1.0, "w": rng.normal(size=n)})
+    frame = pd.DataFrame(
+        {
+            "g": rng.choice(["a", "b"], size=n),
+            "flag": 0.0,
+            "score": 5.0,
+            "days": 7.0 * rng.poisson(3, size=n),
+            "dose": 0.0,
+            "step1": 1.0,
+            "w": rng.normal(size=n),
+        }
+    )
     frame.loc[17, "w"] = 99.0  # the target
     node = Node(tmp_path, frame, COLUMNS)
     replies = []
     for name, where in (("all", None), ("all_but_one", "w < 90")):
         fields = {"name": name, "kind": "table", "variables": ["g"], **({"where": where} if where else {})}
         spec, _ = parse_study(fields, node.schema, f"{name}.toml")
-        replies.append(node.send(m.Task(kind=TABLE_TASK, study_hash=spec.hash,
-                                        payload={"models": {"m0": spec.to_wire()}})))
+        replies.append(
+            node.send(m.Task(kind=TABLE_TASK, study_hash=spec.hash, payload={"models": {"m0": spec.to_wire()}}))
+        )
     assert replies[0].status == m.OK
     assert_nothing_released(replies[1], rule="min_subset_difference")
 
@@ -281,16 +325,29 @@ def test_thresholds_in_two_columns_cannot_be_differenced(tmp_path):
     rng = np.random.default_rng(4)
     n0, n1 = 700, 150
     days = np.concatenate([rng.integers(0, 100, size=n0), 100 + rng.integers(0, 50, size=n1)]).astype(float)
-    days[n0:n0 + 3] = 10.0  # three people with flag 1 wait 50 days or less
-    frame = pd.DataFrame({"g": "a", "flag": [0.0] * n0 + [1.0] * n1, "score": 5.0, "days": days, "dose": 0.0,
-                          "step1": 1.0, "w": rng.normal(size=n0 + n1)})
+    days[n0 : n0 + 3] = 10.0  # three people with flag 1 wait 50 days or less
+    frame = pd.DataFrame(
+        {
+            "g": "a",
+            "flag": [0.0] * n0 + [1.0] * n1,
+            "score": 5.0,
+            "days": days,
+            "dose": 0.0,
+            "step1": 1.0,
+            "w": rng.normal(size=n0 + n1),
+        }
+    )
     node = Node(tmp_path, frame, COLUMNS)
-    spec, _ = parse_study({"name": "cols", "kind": "table", "by": "flag",
-                           "variables": [{"name": "days", "resolution": 1}]}, node.schema, "cols.toml")
+    spec, _ = parse_study(
+        {"name": "cols", "kind": "table", "by": "flag", "variables": [{"name": "days", "resolution": 1}]},
+        node.schema,
+        "cols.toml",
+    )
     reply = node.send(m.Task(kind=TABLE_TASK, study_hash=spec.hash, payload={"models": {"m0": spec.to_wire()}}))
     assert {"v0/0", "v0/1", "v0/2"} <= set(reply.payload["summaries"])
-    reply = node.send(m.Task(kind=QUANTILE_TASK, study_hash=spec.hash,
-                             arrays={"t/0/0": np.array([50.0]), "t/0/1": np.array([50.0])}))
+    reply = node.send(
+        m.Task(kind=QUANTILE_TASK, study_hash=spec.hash, arrays={"t/0/0": np.array([50.0]), "t/0/1": np.array([50.0])})
+    )
     counts = {key: v["count"] for key, v in reply.payload.get("thresholds", {}).items()}
     assert counts == {"v0/0/0": int((days <= 50).sum())}  # the flag 0 count would leave 3 people
 
@@ -302,8 +359,9 @@ def test_quantile_is_an_interval_when_a_node_withholds_a_step(tmp_path):
     sites = {}
     for k, n in enumerate((2000, 150)):
         x = rng.integers(0, 200, size=n).astype(float)  # many values: fine bins are small at site1
-        sites[f"site{k}"] = pd.DataFrame({"g": "a", "flag": 0.0, "score": 5.0, "days": x, "dose": 0.0,
-                                          "step1": 1.0, "w": rng.normal(size=n)})
+        sites[f"site{k}"] = pd.DataFrame(
+            {"g": "a", "flag": 0.0, "score": 5.0, "days": x, "dose": 0.0, "step1": 1.0, "w": rng.normal(size=n)}
+        )
     write_network(tmp_path, sites, COLUMNS)
     result = run_study(tmp_path, name="interval", kind="table", variables=[{"name": "days", "resolution": 1}])
     frame = pooled_frame(sites, COLUMNS)
@@ -318,24 +376,27 @@ def test_quantile_is_an_interval_when_a_node_withholds_a_step(tmp_path):
             assert q["value"] == truth
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"by": "w"}, "field 'by' names the numeric column 'w'"),
-    ({"by": "nope"}, "field 'by' must name a categorical or binary column"),
-    ({"variables": ["nope"]}, "field 'variables' names column 'nope'"),
-    ({"variables": ["flag", "flag"]}, "lists 'flag' twice"),
-    ({"variables": [{"name": "score", "quantiles": [0.5, 1.5]}]}, "field 'variables.score'.quantiles"),
-    ({"variables": [{"name": "w", "resolution": -1}]}, "field 'variables.w'.resolution must be a positive number"),
-    ({"variables": [{"name": "g", "resolution": 1}]}, "apply to integer and numeric columns only"),
-    ({"variables": [{"name": "g", "colour": "red"}]}, "unknown option 'colour'"),
-    ({"variables": ["g"], "by": "g"}, "is the 'by' column"),
-    ({"variables": 3}, "field 'variables' must be a list"),
-    ({"variables": []}, "needs 'variables'"),
-    ({"funnel": ["step1 = 1"]}, "field 'funnel' step 1"),
-    ({"funnel": ["nope == 1"]}, "field 'funnel' step 1: names column 'nope'"),
-    ({"funnel": [{"label": "x"}]}, "field 'funnel' step 1 must be a filter string"),
-    ({"variables": ["g"], "family": "binomial"}, "unknown field 'family'"),
-    ({"variables": ["g"], "by": "flag", "by_labels": {"2": "x"}}, "field 'by_labels' names '2'"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"by": "w"}, "field 'by' names the numeric column 'w'"),
+        ({"by": "nope"}, "field 'by' must name a categorical or binary column"),
+        ({"variables": ["nope"]}, "field 'variables' names column 'nope'"),
+        ({"variables": ["flag", "flag"]}, "lists 'flag' twice"),
+        ({"variables": [{"name": "score", "quantiles": [0.5, 1.5]}]}, "field 'variables.score'.quantiles"),
+        ({"variables": [{"name": "w", "resolution": -1}]}, "field 'variables.w'.resolution must be a positive number"),
+        ({"variables": [{"name": "g", "resolution": 1}]}, "apply to integer and numeric columns only"),
+        ({"variables": [{"name": "g", "colour": "red"}]}, "unknown option 'colour'"),
+        ({"variables": ["g"], "by": "g"}, "is the 'by' column"),
+        ({"variables": 3}, "field 'variables' must be a list"),
+        ({"variables": []}, "needs 'variables'"),
+        ({"funnel": ["step1 = 1"]}, "field 'funnel' step 1"),
+        ({"funnel": ["nope == 1"]}, "field 'funnel' step 1: names column 'nope'"),
+        ({"funnel": [{"label": "x"}]}, "field 'funnel' step 1 must be a filter string"),
+        ({"variables": ["g"], "family": "binomial"}, "unknown field 'family'"),
+        ({"variables": ["g"], "by": "flag", "by_labels": {"2": "x"}}, "field 'by_labels' names '2'"),
+    ],
+)
 def test_bad_study_fields_are_one_sentence(fields, message):
     schema = Schema.from_dict({"columns": COLUMNS}, "schema.toml")
     with pytest.raises(SpecError) as err:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from glmcase import assert_matches, reference_fit
+
 from iaptnet.cli import main
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom-table"
@@ -15,16 +15,21 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom-table"
 
 def test_worked_example_matches_pooled_statsmodels(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["run", str(EXAMPLE / "study.toml"), "--network", str(EXAMPLE / "network.toml"),
-                 "--out", str(out)]) == 0
+    assert (
+        main(["run", str(EXAMPLE / "study.toml"), "--network", str(EXAMPLE / "network.toml"), "--out", str(out)]) == 0
+    )
     import json
 
     result = json.loads((out / "results.json").read_text())
     frame = pd.concat([pd.read_csv(EXAMPLE / f"{s}.csv") for s in ("north", "south", "east")])
     frame["delivery"] = pd.Categorical(frame["delivery"], categories=["face_to_face", "video", "phone"])
     frame = frame[frame["age"] >= 25].dropna(subset=["baseline_phq9"])
-    ref = reference_fit(frame, "improved ~ sessions + delivery + center(baseline_phq9) + age", "binomial",
-                        ["improved", "sessions", "delivery", "baseline_phq9", "age"])
+    ref = reference_fit(
+        frame,
+        "improved ~ sessions + delivery + center(baseline_phq9) + age",
+        "binomial",
+        ["improved", "sessions", "delivery", "baseline_phq9", "age"],
+    )
     assert_matches(result, ref)
     assert result["exposure_term"]["term"] == "delivery[T.phone]"
     assert np.isfinite(result["exposure_term"]["ratio"])

@@ -8,12 +8,12 @@ import re
 
 import pytest
 
+from iaptnet import keys as pki
 from iaptnet.cli import main
 from iaptnet.coordinator.engines.flower import load_hub_file
 from iaptnet.coordinator.hub import load_hub_config, superlink_command
 from iaptnet.node.config import approve, load_node_file, read_approved
 from iaptnet.node.daemon import Gate, check_policy
-from iaptnet import keys as pki
 from iaptnet.protocol.errors import SpecError
 
 HASH_A = "a" * 64
@@ -31,8 +31,14 @@ def kit(tmp_path):
 
 
 def node_toml(folder, **fields) -> str:
-    base = {"name": "site-a", "hub": "127.0.0.1:9092", "ca_cert": "pki/ca.crt", "key": "pki/site-a.key",
-            "data": "data.csv", "policy": "policy.toml"}
+    base = {
+        "name": "site-a",
+        "hub": "127.0.0.1:9092",
+        "ca_cert": "pki/ca.crt",
+        "key": "pki/site-a.key",
+        "data": "data.csv",
+        "policy": "policy.toml",
+    }
     base.update(fields)
     lines = [f'{k} = "{v}"' for k, v in base.items() if v is not None]
     path = folder / "node.toml"
@@ -51,29 +57,36 @@ def test_node_file_resolves_paths(kit):
     assert cfg.ca_cert == kit / "pki" / "ca.crt" and cfg.key == kit / "pki" / "site-a.key"
     assert cfg.data == str(kit / "data.csv") and cfg.state_dir == kit / "st"
     assert cfg.approved_apps == kit / "st" / "approved-apps.txt"
-    assert cfg.node_config() == {"name": "site-a", "data": str(kit / "data.csv"), "policy": str(kit / "policy.toml"),
-                                 "state": str(kit / "st" / "governance")}
+    assert cfg.node_config() == {
+        "name": "site-a",
+        "data": str(kit / "data.csv"),
+        "policy": str(kit / "policy.toml"),
+        "state": str(kit / "st" / "governance"),
+    }
     with_contacts = load_node_file(node_toml(kit, appointments="data.csv"))
     assert with_contacts.node_config()["appointments"] == str(kit / "data.csv")
     sql = load_node_file(node_toml(kit, appointments="postgresql+psycopg://db/x", appointments_table="contacts"))
     assert sql.node_config()["appointments_table"] == "contacts"
 
 
-@pytest.mark.parametrize("fields, field", [
-    ({"ca_cert": None}, "ca_cert"),             # no TLS: refused
-    ({"ca_cert": "pki/missing.crt"}, "ca_cert"),
-    ({"ca_cert": "data.csv"}, "ca_cert"),       # not a certificate
-    ({"key": "pki/ca.crt"}, "key"),             # not an OpenSSH key
-    ({"hub": "no-port"}, "hub"),
-    ({"data": "nowhere.csv"}, "data"),
-    ({"name": "bad name!"}, "name"),
-    ({"data": "postgresql+psycopg://db/x"}, "table"),
-    ({"colour": "blue"}, "colour"),
-    ({"appointments": "nowhere.csv"}, "appointments"),
-    ({"appointments_table": "contacts"}, "appointments_table"),
-    ({"appointments": "postgresql+psycopg://db/x"}, "appointments_table"),
-    ({"appointments": "data.csv", "schema": "data.csv"}, "appointments"),
-])
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"ca_cert": None}, "ca_cert"),  # no TLS: refused
+        ({"ca_cert": "pki/missing.crt"}, "ca_cert"),
+        ({"ca_cert": "data.csv"}, "ca_cert"),  # not a certificate
+        ({"key": "pki/ca.crt"}, "key"),  # not an OpenSSH key
+        ({"hub": "no-port"}, "hub"),
+        ({"data": "nowhere.csv"}, "data"),
+        ({"name": "bad name!"}, "name"),
+        ({"data": "postgresql+psycopg://db/x"}, "table"),
+        ({"colour": "blue"}, "colour"),
+        ({"appointments": "nowhere.csv"}, "appointments"),
+        ({"appointments_table": "contacts"}, "appointments_table"),
+        ({"appointments": "postgresql+psycopg://db/x"}, "appointments_table"),
+        ({"appointments": "data.csv", "schema": "data.csv"}, "appointments"),
+    ],
+)
 def test_node_file_mistakes_name_file_and_field(kit, capsys, fields, field):
     path = node_toml(kit, **fields)
     with pytest.raises(SpecError) as err:
@@ -146,8 +159,13 @@ def test_app_hash_is_the_release_bundle(capsys):
 
 
 def coordinator_toml(folder, **fields) -> str:
-    base = {"host": "127.0.0.1", "ca_cert": "pki/ca.crt", "cert": "pki/hub.crt", "key": "pki/hub.key",
-            "state_dir": "hub-state"}
+    base = {
+        "host": "127.0.0.1",
+        "ca_cert": "pki/ca.crt",
+        "cert": "pki/hub.crt",
+        "key": "pki/hub.key",
+        "state_dir": "hub-state",
+    }
     base.update(fields)
     lines = [f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}" for k, v in base.items() if v is not None]
     path = folder / "coordinator.toml"
@@ -167,14 +185,17 @@ def test_coordinator_file_and_superlink_flags(kit):
     assert sqlite[sqlite.index("--database") + 1] == str(kit / "hub-state" / "state.db")
 
 
-@pytest.mark.parametrize("fields, field", [
-    ({"cert": None}, "cert"),
-    ({"cert": "pki/nope.crt"}, "cert"),
-    ({"ca_cert": "pki/hub.key"}, "ca_cert"),
-    ({"port": 70000}, "port"),
-    ({"state_dir": None}, "state_dir"),
-    ({"database": "postgres"}, "database"),
-])
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"cert": None}, "cert"),
+        ({"cert": "pki/nope.crt"}, "cert"),
+        ({"ca_cert": "pki/hub.key"}, "ca_cert"),
+        ({"port": 70000}, "port"),
+        ({"state_dir": None}, "state_dir"),
+        ({"database": "postgres"}, "database"),
+    ],
+)
 def test_coordinator_file_mistakes(kit, capsys, fields, field):
     path = coordinator_toml(kit, **fields)
     with pytest.raises(SpecError) as err:
@@ -188,8 +209,9 @@ def test_coordinator_file_mistakes(kit, capsys, fields, field):
 
 def test_register_node_checks_the_key_first(kit, capsys):
     path = coordinator_toml(kit)
-    code, text = run_cli(capsys, "coordinator", "register-node", "site-a", str(kit / "pki" / "ca.crt"),
-                         "--config", path)
+    code, text = run_cli(
+        capsys, "coordinator", "register-node", "site-a", str(kit / "pki" / "ca.crt"), "--config", path
+    )
     assert code != 0 and "OpenSSH public key" in text
 
 
@@ -198,10 +220,12 @@ def test_hub_file_mistakes(kit, capsys):
     hub.write_text('address = "127.0.0.1:9092"\nca_cert = "pki/ca.crt"\n')
     assert load_hub_file(hub).ca_cert == kit / "pki" / "ca.crt"
     (kit / "study.toml").write_text('name = "s"\nfamily = "binomial"\nformula = "y ~ x"\n')
-    for text_, field in (('address = "nowhere"\nca_cert = "pki/ca.crt"\n', "address"),
-                         ('address = "127.0.0.1:9092"\n', "ca_cert"),
-                         ('address = "127.0.0.1:9092"\nca_cert = "data.csv"\n', "ca_cert"),
-                         ('address = "127.0.0.1:9092"\nca_cert = "pki/ca.crt"\nnode_timeout = -1\n', "node_timeout")):
+    for text_, field in (
+        ('address = "nowhere"\nca_cert = "pki/ca.crt"\n', "address"),
+        ('address = "127.0.0.1:9092"\n', "ca_cert"),
+        ('address = "127.0.0.1:9092"\nca_cert = "data.csv"\n', "ca_cert"),
+        ('address = "127.0.0.1:9092"\nca_cert = "pki/ca.crt"\nnode_timeout = -1\n', "node_timeout"),
+    ):
         hub.write_text(text_)
         with pytest.raises(SpecError, match=field):
             load_hub_file(hub)
@@ -217,7 +241,8 @@ def test_deploy_examples_use_only_known_fields():
 
     from iaptnet.coordinator.engines.flower import HUB_KEYS
     from iaptnet.coordinator.hub import KEYS as COORDINATOR_KEYS
-    from iaptnet.node.config import KEYS as NODE_KEYS, TUNING_KEYS
+    from iaptnet.node.config import KEYS as NODE_KEYS
+    from iaptnet.node.config import TUNING_KEYS
 
     examples = Path(__file__).resolve().parents[1] / "deploy" / "examples"
     node = tomllib.loads((examples / "node.toml").read_text())
@@ -234,7 +259,8 @@ def test_documented_examples_of_the_network_files_use_only_known_fields():
 
     from iaptnet.coordinator.engines.flower import HUB_KEYS
     from iaptnet.coordinator.hub import KEYS as COORDINATOR_KEYS
-    from iaptnet.node.config import KEYS as NODE_KEYS, TUNING_KEYS
+    from iaptnet.node.config import KEYS as NODE_KEYS
+    from iaptnet.node.config import TUNING_KEYS
 
     # The operator guide's page of the three files; it includes them with pymdownx.snippets
     # (--8<-- "deploy/examples/..."), so the page is read with its inclusions expanded.
@@ -248,9 +274,7 @@ def test_documented_examples_of_the_network_files_use_only_known_fields():
     )
     blocks = {
         m.group(1): tomllib.loads(m.group(0)[len("```toml") : -3])
-        for m in re.finditer(
-            r"```toml\n# (?:/etc/iaptnet/)?(hub|node|coordinator)\.toml:.*?```", page, re.DOTALL
-        )
+        for m in re.finditer(r"```toml\n# (?:/etc/iaptnet/)?(hub|node|coordinator)\.toml:.*?```", page, re.DOTALL)
     }
     assert set(blocks) == {"hub", "node", "coordinator"}
     assert set(blocks["hub"]) <= HUB_KEYS and set(blocks["coordinator"]) <= COORDINATOR_KEYS

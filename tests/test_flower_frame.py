@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 from flwr.app import Message
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-
 from glmcase import write_network, write_study
+
 from iaptnet.coordinator.engines.inprocess import InProcessGrid
 from iaptnet.coordinator.network import load_network
 from iaptnet.coordinator.runner import run_batch
 from iaptnet.coordinator.serverapp import FramedGrid
 from iaptnet.coordinator.studies import load_study
-from iaptnet.protocol import messages as m
 from iaptnet.flower.frame import pack, unpack
+from iaptnet.protocol import messages as m
 
 
 def reply_with(arrays) -> m.Reply:
@@ -24,9 +24,13 @@ def reply_with(arrays) -> m.Reply:
 
 def test_pack_unpack_is_bit_exact():
     rng = np.random.default_rng(3)
-    arrays = {"score/m0": rng.normal(size=7), "info/m0": rng.normal(size=28) * 1e300,
-              "stats/m0": np.array([np.nan, -0.0, np.inf, 5e-324]), "empty": np.zeros(0),
-              "matrix": rng.normal(size=(3, 4))}
+    arrays = {
+        "score/m0": rng.normal(size=7),
+        "info/m0": rng.normal(size=28) * 1e300,
+        "stats/m0": np.array([np.nan, -0.0, np.inf, 5e-324]),
+        "empty": np.zeros(0),
+        "matrix": rng.normal(size=(3, 4)),
+    }
     content = m.encode_reply(reply_with(arrays))
     back = m.decode_reply(unpack(pack(content)))
     assert set(back.arrays) == set(arrays)
@@ -43,8 +47,11 @@ def test_framing_cuts_the_objects_flower_moves():
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     rng = np.random.default_rng(4)
-    arrays = {f"{kind}/{model}": rng.normal(size=size) for model in ("m0", "m0.null")
-              for kind, size in (("score", 60), ("info", 1830), ("stats", 4))}
+    arrays = {
+        f"{kind}/{model}": rng.normal(size=size)
+        for model in ("m0", "m0.null")
+        for kind, size in (("score", 60), ("info", 1830), ("stats", 4))
+    }
     content = m.encode_reply(reply_with(arrays))
     plain = len(get_all_nested_objects(Message(content, dst_node_id=1, message_type=m.MESSAGE_TYPE)))
     framed = len(get_all_nested_objects(Message(pack(content), dst_node_id=1, message_type=m.MESSAGE_TYPE)))
@@ -55,8 +62,11 @@ def test_study_through_the_frame_equals_inprocess(tmp_path):
     rng = np.random.default_rng(8)
     import pandas as pd
 
-    columns = {"y": {"type": "binary"}, "x": {"type": "numeric"},
-               "g": {"type": "categorical", "levels": ["a", "b", "c"]}}
+    columns = {
+        "y": {"type": "binary"},
+        "x": {"type": "numeric"},
+        "g": {"type": "categorical", "levels": ["a", "b", "c"]},
+    }
     sites = {}
     for k, n in enumerate((200, 300, 250)):
         x = rng.normal(size=n)
@@ -64,8 +74,9 @@ def test_study_through_the_frame_equals_inprocess(tmp_path):
         y = (rng.random(n) < 1 / (1 + np.exp(0.2 - 0.7 * x))).astype(int)
         sites[f"s{k}"] = pd.DataFrame({"y": y, "x": x, "g": g})
     network = load_network(write_network(tmp_path, sites, columns))
-    study = load_study(write_study(tmp_path / "st.toml", name="st", family="binomial", formula="y ~ x + g"),
-                       network.schema_paths)
+    study = load_study(
+        write_study(tmp_path / "st.toml", name="st", family="binomial", formula="y ~ x + g"), network.schema_paths
+    )
     from iaptnet.node.app import app as node_app
 
     def framed_node(message, context):  # what the node daemon's warm worker does
@@ -105,5 +116,6 @@ def test_serverapp_events_survive_the_log_stream_exactly():
     back = json.loads(base64.b64decode(blob))
     assert [repr(x) for x in back["data"]] == [repr(x) for x in value["data"]]
     names = {123456789012345: "trust-c"}
-    assert name_nodes("node 123456789012345 did not answer; node 42 too", names) == \
-        "trust-c did not answer; node 42 too"
+    assert (
+        name_nodes("node 123456789012345 did not answer; node 42 too", names) == "trust-c did not answer; node 42 too"
+    )

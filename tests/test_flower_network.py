@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from glmcase import write_network, write_study
+
+from iaptnet import keys as pki
 from iaptnet.cli import main
 from iaptnet.coordinator.engines.flower import run_flower
-from iaptnet.coordinator.results import write_json_atomic
 from iaptnet.coordinator.inprocess import run_inprocess
-from iaptnet import keys as pki
+from iaptnet.coordinator.results import write_json_atomic
 from iaptnet.ops import launcher
 from iaptnet.protocol.errors import NetworkError
 
@@ -90,8 +90,9 @@ def _site0_in_postgres(network: Path, frame: pd.DataFrame) -> str | None:
     """With a PostgreSQL server (CI), node site0 reads its rows from a database table."""
     if not PG_URL:
         return None
-    import sqlalchemy as sa
     import uuid
+
+    import sqlalchemy as sa
 
     table = f"flower_site0_{uuid.uuid4().hex[:8]}"
     engine = sa.create_engine(PG_URL)
@@ -122,8 +123,7 @@ def net(tmp_path_factory):
     lines = []
     try:
         record = launcher.up(network, timeout=180, node_timeout=NODE_TIMEOUT, echo=lines.append)
-        yield {"folder": folder, "network": network, "record": record, "hub": folder / "hub.toml",
-               "sites": sites}
+        yield {"folder": folder, "network": network, "record": record, "hub": folder / "hub.toml", "sites": sites}
     finally:
         try:
             if (folder / launcher.STATE_DIR / launcher.PROCESSES).exists():
@@ -159,8 +159,8 @@ def log_of(net, name: str) -> str:
 def _start_newcomer(net) -> subprocess.Popen:
     """A registered node that connects after the study has pinned its cohort."""
     from iaptnet.coordinator.hub import load_hub_config, register_node
-    from iaptnet.node.config import approve
     from iaptnet.flower.bundle import release_hash
+    from iaptnet.node.config import approve
 
     root = net["folder"] / launcher.STATE_DIR
     ndir = root / "nodes" / "newcomer"
@@ -170,11 +170,16 @@ def _start_newcomer(net) -> subprocess.Popen:
     (ndir / "node.toml").write_text(
         f'name = "newcomer"\nhub = "{net["record"]["address"]}"\nca_cert = "{root / "pki" / "ca.crt"}"\n'
         f'key = "{key}"\ndata = "{net["folder"] / "newcomer.csv"}"\nschema = "{net["folder"] / "schema.toml"}"\n'
-        f'state_dir = "{ndir / "state"}"\n')
+        f'state_dir = "{ndir / "state"}"\n'
+    )
     log = open(root / "logs" / "newcomer.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "iaptnet.cli", "node", "start", "--config",
-                             str(ndir / "node.toml"), "--local-network"], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    return subprocess.Popen(
+        [sys.executable, "-m", "iaptnet.cli", "node", "start", "--config", str(ndir / "node.toml"), "--local-network"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+    )
 
 
 def test_logistic_study_equals_inprocess_and_newcomer_does_not_join(net):
@@ -217,8 +222,10 @@ def test_logistic_study_equals_inprocess_and_newcomer_does_not_join(net):
     assert flower["engine"] == "flower" and local["engine"] == "inprocess"
     assert [n["name"] for n in flower["nodes"]] == list(SITES) and all(n["contributed"] for n in flower["nodes"])
     # results.json is the same document, every number equal to 1e-12
-    assert_same({k: v for k, v in flower.items() if k not in ("engine", "created_at")},
-                {k: v for k, v in local.items() if k not in ("engine", "created_at")})
+    assert_same(
+        {k: v for k, v in flower.items() if k not in ("engine", "created_at")},
+        {k: v for k, v in local.items() if k not in ("engine", "created_at")},
+    )
     assert events[0][0] == "glm.prepare" and events[-1][2] == events[-1][3] == len(SITES)
     assert flower["rounds"] <= 5  # warm start: prepare + a few Newton rounds
 
@@ -278,10 +285,24 @@ def test_node_restarted_mid_study_is_not_taken_back_as_a_stranger(net):
         with open(log, "ab") as fh:
             fh.write(b"--- restarted by the test ---\n")
             fh.flush()
-            restarted.append(subprocess.Popen(
-                [sys.executable, "-m", "iaptnet.cli", "node", "start", "--config", str(node_toml), "--local-network"],
-                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))))
+            restarted.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "iaptnet.cli",
+                        "node",
+                        "start",
+                        "--config",
+                        str(node_toml),
+                        "--local-network",
+                    ],
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+                )
+            )
 
     ids_before = re.findall(r"SuperNode ID: (\d+)", log.read_text(errors="replace"))
     path = study(net, "logit_restart")
@@ -299,8 +320,9 @@ def test_node_restarted_mid_study_is_not_taken_back_as_a_stranger(net):
             _replace_process(net, "site1", restarted[0])
     assert after_round_1.fired and restarted
     message = str(err.value)
-    assert "site1" in message and any(why in message for why in (
-        "did not answer", "went offline before answering", "has not prepared the study"))
+    assert "site1" in message and any(
+        why in message for why in ("did not answer", "went offline before answering", "has not prepared the study")
+    )
     text = log.read_text(errors="replace")
     after = text.rsplit("restarted by the test", 1)[-1]
     ids_after = re.findall(r"SuperNode ID: (\d+)", text)
@@ -337,24 +359,75 @@ def test_unregistered_key_and_plain_http_are_refused(net, tmp_path):
     (tmp_path / "node.toml").write_text(
         f'name = "intruder"\nhub = "{net["record"]["address"]}"\nca_cert = "{root / "pki" / "ca.crt"}"\n'
         f'key = "{key}"\ndata = "{net["folder"] / "site0.csv"}"\nschema = "{net["folder"] / "schema.toml"}"\n'
-        f'state_dir = "{tmp_path / "state"}"\n')
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), FLWR_HOME=str(tmp_path / "home"),
-               FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
-    intruder = subprocess.run([sys.executable, "-m", "iaptnet.cli", "node", "start", "--config",
-                               str(tmp_path / "node.toml"), "--local-network"],
-                              capture_output=True, text=True, timeout=120, env=env, start_new_session=True)
+        f'state_dir = "{tmp_path / "state"}"\n'
+    )
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(sys.path),
+        FLWR_HOME=str(tmp_path / "home"),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+    )
+    intruder = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "iaptnet.cli",
+            "node",
+            "start",
+            "--config",
+            str(tmp_path / "node.toml"),
+            "--local-network",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        start_new_session=True,
+    )
     assert intruder.returncode != 0
     assert "Failed to activate SuperNode" in intruder.stderr and "register" in intruder.stderr
-    plain = subprocess.run([str(Path(sys.executable).parent / "flower-supernode"), "--insecure",
-                            "--superlink", net["record"]["address"], "--max-retries", "1",
-                            "--max-wait-time", "10", "--isolation", "process", "--port", _free_port()],
-                           capture_output=True, text=True, timeout=120, env=env, start_new_session=True)
+    plain = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "flower-supernode"),
+            "--insecure",
+            "--superlink",
+            net["record"]["address"],
+            "--max-retries",
+            "1",
+            "--max-wait-time",
+            "10",
+            "--isolation",
+            "process",
+            "--port",
+            _free_port(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        start_new_session=True,
+    )
     assert plain.returncode != 0 and "could not establish a connection" in (plain.stdout + plain.stderr)
-    with_key = subprocess.run([str(Path(sys.executable).parent / "flower-supernode"), "--insecure",
-                               "--superlink", net["record"]["address"], "--auth-supernode-private-key",
-                               str(root / "nodes" / "site0" / "site0.key"), "--isolation", "process",
-                               "--port", _free_port()],
-                              capture_output=True, text=True, timeout=120, env=env, start_new_session=True)
+    with_key = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "flower-supernode"),
+            "--insecure",
+            "--superlink",
+            net["record"]["address"],
+            "--auth-supernode-private-key",
+            str(root / "nodes" / "site0" / "site0.key"),
+            "--isolation",
+            "process",
+            "--port",
+            _free_port(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        start_new_session=True,
+    )
     assert with_key.returncode != 0 and "requires a secure TLS connection" in (with_key.stdout + with_key.stderr)
     assert all(alive(p["pid"]) for p in net["record"]["processes"])
 
@@ -428,8 +501,9 @@ def test_node_killed_mid_study_with_min_nodes_completes_without_it(net, tmp_path
     two = net["folder"] / "two"
     write_network(two, {k: net["sites"][k] for k in ("site0", "site1")}, COLUMNS)
     local = run_inprocess([net["folder"] / "logit_min_nodes.toml"], two / "network.toml")[0]
-    np.testing.assert_allclose([t["estimate"] for t in result["terms"]], [t["estimate"] for t in local["terms"]],
-                               rtol=1e-7)
+    np.testing.assert_allclose(
+        [t["estimate"] for t in result["terms"]], [t["estimate"] for t in local["terms"]], rtol=1e-7
+    )
     assert alive(node_pid(net, "site0")) and alive(node_pid(net, "site1"))
 
 

@@ -55,8 +55,9 @@ def test_a_changed_signature_or_sleep_is_refused(monkeypatch):
     with pytest.raises(pins.FlowerAdaptationError, match="push_message now takes"):
         pins.check_flwr()
     monkeypatch.undo()
-    needs = list(pins.NEEDS) + [pins._Need("flwr.supernode.start_client_internal", "_push_messages",
-                                       source_contains=("time.sleep(7)",))]
+    needs = list(pins.NEEDS) + [
+        pins._Need("flwr.supernode.start_client_internal", "_push_messages", source_contains=("time.sleep(7)",))
+    ]
     monkeypatch.setattr(pins, "NEEDS", tuple(needs))
     with pytest.raises(pins.FlowerAdaptationError, match=r"no longer contains `time.sleep\(7\)`"):
         pins.check_flwr()
@@ -64,21 +65,22 @@ def test_a_changed_signature_or_sleep_is_refused(monkeypatch):
 
 def test_sleep_policy_caps_flower_sleeps():
     policy = supernode.SleepPolicy(idle_poll=1.0, active_poll=0.1, active_window=60.0)
-    assert policy.cap(3) == 1.0           # idle: poll the hub every second, not every 3 s
+    assert policy.cap(3) == 1.0  # idle: poll the hub every second, not every 3 s
     policy.touch()
-    assert policy.cap(3) == 0.1           # during a study
-    policy.period = 4.0                   # long rounds (many nodes): poll less often
+    assert policy.cap(3) == 0.1  # during a study
+    policy.period = 4.0  # long rounds (many nodes): poll less often
     assert policy.cap(3) == pytest.approx(0.4)
     policy.period = 60.0
-    assert policy.cap(3) == 1.0           # never slower than idle
-    assert policy.cap(0.5) == policy.reply_poll == 0.01   # waiting for the reply
-    assert policy.cap(0.005) == 0.005     # never longer than flwr asked
+    assert policy.cap(3) == 1.0  # never slower than idle
+    assert policy.cap(0.5) == policy.reply_poll == 0.01  # waiting for the reply
+    assert policy.cap(0.005) == 0.005  # never longer than flwr asked
 
 
 def test_install_and_uninstall_patch_only_the_supernode_module():
+    import time as real_time
+
     import flwr.superlink.grid.http_grid as http_grid
     import flwr.supernode.start_client_internal as sci
-    import time as real_time
 
     original = sci._pull_and_store_message
     original_push = sci._push_messages
@@ -89,8 +91,10 @@ def test_install_and_uninstall_patch_only_the_supernode_module():
     try:
         assert sci._pull_and_store_message is not original
         assert isinstance(sci.time, supernode._TimeProxy) and sci.time.monotonic is real_time.monotonic
-        assert sci.pull_objects.keywords == {"initial_backoff": policy.pull_backoff,
-                                             "backoff_cap": policy.pull_backoff_cap}
+        assert sci.pull_objects.keywords == {
+            "initial_backoff": policy.pull_backoff,
+            "backoff_cap": policy.pull_backoff_cap,
+        }
         assert http_grid.pull_objects is original_pull  # the hub side is separate
         pins.check_flwr()  # still passes with the patches in place
     finally:

@@ -7,9 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from numpy import log, sqrt  # noqa: F401 - the reference formulas use them
-
 from glmcase import assert_matches, pooled, reference_fit, run_study, write_network
+from numpy import log, sqrt  # noqa: F401 - the reference formulas use them
 
 COLUMNS = {
     "y": {"type": "binary"},
@@ -40,8 +39,7 @@ def make_sites(seed: int = 7, sizes=(400, 700, 550, 300)) -> dict[str, pd.DataFr
         y = (rng.random(n) < 1 / (1 + np.exp(-eta))).astype(float)
         count = rng.poisson(np.exp(-0.5 + 0.3 * x + 0.5 * eff + logtime))
         w = 3.0 + 1.5 * x - 0.8 * z + eff + rng.normal(scale=1.3, size=n)
-        frame = pd.DataFrame({"y": y, "count": count, "w": w, "x": x, "z": z, "g": g, "h": h,
-                              "logtime": logtime})
+        frame = pd.DataFrame({"y": y, "count": count, "w": w, "x": x, "z": z, "g": g, "h": h, "logtime": logtime})
         for col in ("x", "g", "w", "count"):
             frame.loc[rng.choice(n, size=n // 25, replace=False), col] = np.nan
         frame["count"] = frame["count"].astype("Int64")
@@ -63,8 +61,9 @@ def test_binomial_with_interaction_filter_missing_and_absent_levels(network):
     # The filter leaves out a good share of each site (z <= -1.5, about 7%): a filter that
     # left out 1-7 rows beside the module's unfiltered models on the same rows would be a
     # differencing pair, which the nodes' default policy refuses (tests/test_attacks.py).
-    result = run_study(folder, name="logit", family="binomial", formula=formula,
-                       where='z > -1.5 and h in ["lo", "hi"]', exposure="x")
+    result = run_study(
+        folder, name="logit", family="binomial", formula=formula, where='z > -1.5 and h in ["lo", "hi"]', exposure="x"
+    )
     ref = reference_fit(frame[(frame.z > -1.5)], formula, "binomial", ["y", "x", "z", "g", "h"])
     assert_matches(result, ref)
     assert result["converged"] and result["n_missing"] > 0
@@ -84,8 +83,7 @@ def test_gaussian_with_categorical_interaction(network):
 def test_poisson_with_offset_and_transforms(network):
     folder, frame = network
     formula = "count ~ x + g + I(z ** 2) + I((x - 1) ** 2) + I(z / 2 + 1)"
-    result = run_study(folder, name="rates", family="poisson", formula=formula, offset="logtime",
-                       where='g != "d"')
+    result = run_study(folder, name="rates", family="poisson", formula=formula, offset="logtime", where='g != "d"')
     sub = frame[(frame.g != "d") & frame.g.notna()].copy()
     sub["g"] = sub["g"].cat.remove_unused_categories()
     ref = reference_fit(sub, formula, "poisson", ["count", "x", "g", "z"], offset="logtime")
@@ -105,13 +103,15 @@ def test_pooled_centring_and_scaling(network):
 
 
 def test_models_share_rounds(tmp_path, network):
-    from iaptnet.coordinator.inprocess import run_inprocess
     from glmcase import write_study
+
+    from iaptnet.coordinator.inprocess import run_inprocess
 
     folder, frame = network
     a = write_study(tmp_path / "a.toml", name="a", family="binomial", formula="y ~ x + g")
-    b = write_study(tmp_path / "b.toml", name="b", family="gaussian", formula="w ~ x + z",
-                    schema=str(folder / "schema.toml"))
+    b = write_study(
+        tmp_path / "b.toml", name="b", family="gaussian", formula="w ~ x + z", schema=str(folder / "schema.toml")
+    )
     c = write_study(tmp_path / "c.toml", name="c", family="poisson", formula="count ~ x", offset="logtime")
     results = run_inprocess([a, b, c], folder / "network.toml")
     assert [r["study"] for r in results] == ["a", "b", "c"]
@@ -135,8 +135,9 @@ def test_result_does_not_depend_on_node_order(tmp_path):
 
 # --- prior weights, robust and cluster-robust covariances, offset expressions -------------------
 
-WEIGHTED_COLUMNS = dict(COLUMNS, wt={"type": "numeric", "min": 0}, clinic={"type": "integer"},
-                        days={"type": "numeric", "min": 0.01})  # log() and sqrt() need a declared range
+WEIGHTED_COLUMNS = dict(
+    COLUMNS, wt={"type": "numeric", "min": 0}, clinic={"type": "integer"}, days={"type": "numeric", "min": 0.01}
+)  # log() and sqrt() need a declared range
 
 
 @pytest.fixture(scope="module")
@@ -169,11 +170,14 @@ def _reference(frame, formula, family, needed, **fit_kwargs):
     return model.fit(tol=1e-13, tol_criterion="params", maxiter=200, **fit_kwargs)
 
 
-@pytest.mark.parametrize("family, formula", [
-    ("binomial", "y ~ x + g + h"),
-    ("gaussian", "w ~ x + z + g"),
-    ("poisson", "count ~ x + g"),
-])
+@pytest.mark.parametrize(
+    "family, formula",
+    [
+        ("binomial", "y ~ x + g + h"),
+        ("gaussian", "w ~ x + z + g"),
+        ("poisson", "count ~ x + g"),
+    ],
+)
 def test_prior_weights(weighted_network, family, formula):
     folder, frame = weighted_network
     result = run_study(folder, name=f"weighted_{family}", family=family, formula=formula, weights="wt")
@@ -197,24 +201,35 @@ def test_robust_sandwich(weighted_network, family, formula):
 
 def test_cluster_robust_with_clusters_inside_nodes(weighted_network):
     folder, frame = weighted_network
-    result = run_study(folder, name="clustered", family="binomial", formula="y ~ x + g + h",
-                       cov_type="cluster", cluster="clinic", weights="wt")
-    ref = _reference(frame, "y ~ x + g + h", "binomial", ["y", "x", "g", "h", "wt", "clinic"],
-                     cov_type="cluster")
+    result = run_study(
+        folder,
+        name="clustered",
+        family="binomial",
+        formula="y ~ x + g + h",
+        cov_type="cluster",
+        cluster="clinic",
+        weights="wt",
+    )
+    ref = _reference(frame, "y ~ x + g + h", "binomial", ["y", "x", "g", "h", "wt", "clinic"], cov_type="cluster")
     assert_matches(result, ref)
     assert result["n_clusters"] == frame.dropna(subset=["y", "x", "g", "h"])["clinic"].nunique()
     # Beside the sandwich, the model-based standard errors (statsmodels' nonrobust fit).
     model_based = _reference(frame, "y ~ x + g + h", "binomial", ["y", "x", "g", "h", "wt", "clinic"])
-    np.testing.assert_allclose([t["std_error_model"] for t in result["terms"]], model_based.bse.to_numpy(),
-                               rtol=1e-8)
+    np.testing.assert_allclose([t["std_error_model"] for t in result["terms"]], model_based.bse.to_numpy(), rtol=1e-8)
     plain = run_study(folder, name="plain", family="binomial", formula="y ~ x + g + h")
     assert all("std_error_model" not in t for t in plain["terms"])
 
 
 def test_offset_expression(weighted_network):
     folder, frame = weighted_network
-    result = run_study(folder, name="rate_days", family="poisson", formula="count ~ x + h + sqrt(days)",
-                       offset="log(days / 30)")
-    ref = _reference(frame, "count ~ x + h + sqrt(days)", "poisson", ["count", "x", "h", "days"],
-                     offset=lambda f: np.log(f["days"] / 30))
+    result = run_study(
+        folder, name="rate_days", family="poisson", formula="count ~ x + h + sqrt(days)", offset="log(days / 30)"
+    )
+    ref = _reference(
+        frame,
+        "count ~ x + h + sqrt(days)",
+        "poisson",
+        ["count", "x", "h", "days"],
+        offset=lambda f: np.log(f["days"] / 30),
+    )
     assert_matches(result, ref)

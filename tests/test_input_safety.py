@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import tomli_w
-
 from glmcase import write_network
+
 from iaptnet.cli import main
 from iaptnet.protocol import messages as m
 
@@ -29,12 +29,17 @@ COLUMNS = {
 
 def frame(rng, n: int = 200) -> pd.DataFrame:
     days = rng.integers(0, 3000, size=n)
-    return pd.DataFrame({
-        "y": (rng.random(n) < 0.5).astype(int), "x": rng.normal(size=n),
-        "k": rng.integers(0, 28, size=n), "z": rng.normal(50, 10, size=n), "w": rng.gamma(2.0, 20.0, size=n),
-        "d": (pd.Timestamp("2012-04-01") + pd.to_timedelta(days, unit="D")).strftime("%Y-%m-%d"),
-        "g": rng.choice(["a", "b"], size=n),
-    })
+    return pd.DataFrame(
+        {
+            "y": (rng.random(n) < 0.5).astype(int),
+            "x": rng.normal(size=n),
+            "k": rng.integers(0, 28, size=n),
+            "z": rng.normal(50, 10, size=n),
+            "w": rng.gamma(2.0, 20.0, size=n),
+            "d": (pd.Timestamp("2012-04-01") + pd.to_timedelta(days, unit="D")).strftime("%Y-%m-%d"),
+            "g": rng.choice(["a", "b"], size=n),
+        }
+    )
 
 
 @pytest.fixture
@@ -89,8 +94,9 @@ def test_study_names_never_choose_a_path_outside_out(capsys, tmp_path, net, name
 
 
 @pytest.mark.parametrize("first, second", [("a/b", "a_b"), ("Same", "same"), ("x", "x")])
-def test_two_studies_with_one_results_folder_are_refused_before_anything_runs(capsys, tmp_path, net, monkeypatch,
-                                                                              first, second):
+def test_two_studies_with_one_results_folder_are_refused_before_anything_runs(
+    capsys, tmp_path, net, monkeypatch, first, second
+):
     import iaptnet.coordinator.inprocess as inprocess
 
     monkeypatch.setattr(inprocess, "run_inprocess", lambda *a, **k: pytest.fail("the studies ran"))
@@ -182,7 +188,9 @@ def test_a_deeply_nested_schema_file(capsys, tmp_path, net):
 
 def test_a_deeply_nested_policy_file(capsys, tmp_path, net):
     (net.parent / "policy.toml").write_text(DEEP)
-    net.write_text(net.read_text().replace('schema = "schema.toml"\n', 'schema = "schema.toml"\npolicy = "policy.toml"\n', 1))
+    net.write_text(
+        net.read_text().replace('schema = "schema.toml"\n', 'schema = "schema.toml"\npolicy = "policy.toml"\n', 1)
+    )
     study = write(tmp_path / "s.toml", name="s", family="binomial", formula="y ~ x")
     code, err = cli(capsys, "run", study, "--network", net, "--out", tmp_path / "out")
     one_sentence(code, err, "policy.toml", "nested too deeply")
@@ -252,8 +260,7 @@ def test_a_funnel_step_with_an_impossible_date(capsys, tmp_path, net):
     one_sentence(code, err, "t.toml", "'funnel' step 1", "not a calendar date", exit_code=2)
 
 
-@pytest.mark.parametrize("where", ['d >= "2020-13-45"', 'd in ["2020-02-30"]', "d < k", "k == d",
-                                   'd != "9999-99-99"'])
+@pytest.mark.parametrize("where", ['d >= "2020-13-45"', 'd in ["2020-02-30"]', "d < k", "k == d", 'd != "9999-99-99"'])
 def test_a_node_refuses_such_filters_sent_anyway(tmp_path, where):
     from nodecase import Node, assert_nothing_released
 
@@ -280,6 +287,7 @@ def test_a_node_evaluates_a_bad_date_without_crashing():
 
 
 # --------------------------------------------------------------------------- 4. exact fits
+
 
 @pytest.mark.parametrize("outcome", ["exact", "integer"])
 def test_a_gaussian_model_that_fits_its_outcome_exactly(capsys, tmp_path, outcome):
@@ -313,6 +321,7 @@ def test_a_gaussian_model_with_a_small_residual_still_fits(capsys, tmp_path):
 
 
 # --------------------------------------------------------------------------- 5. non-finite replies
+
 
 class NonFiniteHub:
     """A Grid of four nodes that answer at once; `bad` maps a node id to (arrays, payload)."""
@@ -349,8 +358,13 @@ class NonFiniteHub:
             arrays, payload = self.bad.get(node_id, ({"score": np.ones(3)}, {"n": 5, "stats": {"mean": 1.5}}))
             task = m.decode_task(msg.content)
             deep = payload == "DEEP"
-            reply = m.Reply(status=m.OK, node=self.NAMES[node_id], task_id=task.task_id, arrays=arrays,
-                            payload={} if deep else payload)
+            reply = m.Reply(
+                status=m.OK,
+                node=self.NAMES[node_id],
+                task_id=task.task_id,
+                arrays=arrays,
+                payload={} if deep else payload,
+            )
             content = m.encode_reply(reply)
             if deep:  # JSON nested deeper than Python's json module can decode
                 content.config_records["reply"]["payload"] = "[" * 100_000 + "]" * 100_000
@@ -435,13 +449,18 @@ def test_a_quantile_grid_that_is_too_fine_or_too_coarse(capsys, tmp_path, net, c
 
 
 def test_a_reasonable_resolution_still_runs(capsys, tmp_path, net):
-    study = write(tmp_path / "t.toml", name="t", kind="table",
-                  variables=[{"name": "k"}, {"name": "w", "resolution": 0.5}, {"name": "z", "resolution": 1e-3}])
+    study = write(
+        tmp_path / "t.toml",
+        name="t",
+        kind="table",
+        variables=[{"name": "k"}, {"name": "w", "resolution": 0.5}, {"name": "z", "resolution": 1e-3}],
+    )
     code, err = cli(capsys, "run", study, "--network", net, "--out", tmp_path / "out")
     assert code == 0, err
 
 
 # --------------------------------------------------------------------------- 7. fuzzing
+
 
 @pytest.mark.parametrize("kind", [{}, [[]]], ids=["table", "list"])
 def test_a_kind_that_is_not_a_string(capsys, tmp_path, net, kind):

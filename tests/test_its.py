@@ -10,8 +10,11 @@ import datetime as dt
 import numpy as np
 import pandas as pd
 import pytest
-
 from glmcase import pooled, write_network, write_schema, write_study
+from nodecase import Node
+from reference_its import reference_its
+from reference_meta import pool
+
 from iaptnet.coordinator.inprocess import run_inprocess
 from iaptnet.coordinator.its import render
 from iaptnet.node.policy import Rules
@@ -20,9 +23,6 @@ from iaptnet.protocol.errors import SpecError
 from iaptnet.protocol.kinds import its as protocol
 from iaptnet.protocol.schema import Schema
 from iaptnet.protocol.study import parse_study
-from nodecase import Node
-from reference_its import reference_its
-from reference_meta import pool
 
 COLUMNS = {
     "dna": {"type": "integer", "min": 0},
@@ -40,10 +40,11 @@ def make_site(service: str, n: int, rng) -> pd.DataFrame:
     change = CHANGES.get(service, 10**6)
     after = month >= change
     att = rng.poisson(3.0, size=n)
-    log_rate = -1.2 + 0.1 * int(service) - 0.006 * month + np.log(0.7) * after + 0.01 * np.where(after, month - change, 0)
+    log_rate = (
+        -1.2 + 0.1 * int(service) - 0.006 * month + np.log(0.7) * after + 0.01 * np.where(after, month - change, 0)
+    )
     dna = rng.poisson(np.exp(log_rate) * (att + 0.5))
-    frame = pd.DataFrame({"dna": dna, "att": att, "month": month, "svc": service,
-                          "age": rng.normal(40, 12, size=n)})
+    frame = pd.DataFrame({"dna": dna, "att": att, "month": month, "svc": service, "age": rng.normal(40, 12, size=n)})
     frame["att"] = frame["att"].astype("Int64")
     frame.loc[rng.choice(n, size=n // 50, replace=False), "att"] = pd.NA
     return frame
@@ -58,8 +59,16 @@ def network(tmp_path_factory):
     return folder, pooled(sites, COLUMNS)
 
 
-SETTINGS = {"name": "its", "kind": "its", "outcome": "dna", "denominator": ["dna", "att"], "time": "month",
-            "group": "svc", "changes": CHANGES, "where": "age > 20"}
+SETTINGS = {
+    "name": "its",
+    "kind": "its",
+    "outcome": "dna",
+    "denominator": ["dna", "att"],
+    "time": "month",
+    "group": "svc",
+    "changes": CHANGES,
+    "where": "age > 20",
+}
 
 
 def run(folder, **fields):
@@ -74,8 +83,9 @@ def assert_same(model: dict, ref, *, full: bool = True) -> None:
     np.testing.assert_allclose([t["std_error"] for t in model["terms"]], ref.bse.to_numpy(), rtol=RTOL)
     if full:
         assert model["n"] == int(ref.nobs)
-        np.testing.assert_allclose([model["deviance"], model["llf"], model["aic"]],
-                                   [ref.deviance, ref.llf, ref.aic], rtol=RTOL)
+        np.testing.assert_allclose(
+            [model["deviance"], model["llf"], model["aic"]], [ref.deviance, ref.llf, ref.aic], rtol=RTOL
+        )
 
 
 def test_segmented_regressions_equal_pooled_rows(network):
@@ -93,7 +103,9 @@ def test_segmented_regressions_equal_pooled_rows(network):
     assert level["term"] == protocol.AFTER
     np.testing.assert_allclose(level["ratio"], np.exp(ref["rows"]["pooled"].params[protocol.AFTER]), rtol=RTOL)
     slope = result["slope_change"]
-    np.testing.assert_allclose(slope["ratio_per_12"], np.exp(12 * ref["rows"]["pooled"].params[protocol.SINCE]), rtol=RTOL)
+    np.testing.assert_allclose(
+        slope["ratio_per_12"], np.exp(12 * ref["rows"]["pooled"].params[protocol.SINCE]), rtol=RTOL
+    )
     # absent service 5 has no columns in the pooled model
     assert {d["term"] for d in result["pooled"]["dropped_terms"]} == {"svc[5]", "svc[5]:month"}
     # the count table: each node's counts under the small-number rules, summed
@@ -149,27 +161,37 @@ def test_suppressed_cells_release_no_sums(tmp_path):
     assert set(reply.payload) == {"segments", "data_version"}
 
 
-BASE = {"name": "s", "kind": "its", "outcome": "dna", "denominator": ["dna", "att"], "time": "month",
-        "group": "svc", "changes": {"1": 20}}
+BASE = {
+    "name": "s",
+    "kind": "its",
+    "outcome": "dna",
+    "denominator": ["dna", "att"],
+    "time": "month",
+    "group": "svc",
+    "changes": {"1": 20},
+}
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"changes": {"9": 20}}, "field 'changes' names '9', which is not a level of 'svc'"),
-    ({"changes": {"1": 0}}, "falls outside the time the data covers"),
-    ({"changes": {"1": 48}}, "falls outside the time the data covers"),
-    ({"changes": {"1": "2016-01"}}, "the study has no 'time_origin'"),
-    ({"changes": {"1": "2016-01-15"}, "time_origin": "2015-01"}, "as \"YYYY-MM\""),
-    ({"changes": {}}, "field 'changes' must be a table"),
-    ({"changes": {"1": dt.date(2016, 1, 1)}, "time_origin": "2015-01"}, "write it as a string"),
-    ({"family": "binomial"}, "field 'family' must be \"poisson\""),
-    ({"denominator": ["svc"]}, "field 'denominator' names 'svc', which is not a numeric column"),
-    ({"denominator": []}, "field 'denominator' must be a column"),
-    ({"outcome": "svc"}, "field 'outcome' must name a count column"),
-    ({"time": "age"}, "field 'time' must name an integer time column"),
-    ({"cov_type": "cluster"}, "field 'cov_type' must be"),
-    ({"exposure": "x"}, "unknown field 'exposure'"),
-    ({"merge": {"svc": {"1": ["1", "2"]}}}, "merges levels of the group column"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"changes": {"9": 20}}, "field 'changes' names '9', which is not a level of 'svc'"),
+        ({"changes": {"1": 0}}, "falls outside the time the data covers"),
+        ({"changes": {"1": 48}}, "falls outside the time the data covers"),
+        ({"changes": {"1": "2016-01"}}, "the study has no 'time_origin'"),
+        ({"changes": {"1": "2016-01-15"}, "time_origin": "2015-01"}, 'as "YYYY-MM"'),
+        ({"changes": {}}, "field 'changes' must be a table"),
+        ({"changes": {"1": dt.date(2016, 1, 1)}, "time_origin": "2015-01"}, "write it as a string"),
+        ({"family": "binomial"}, "field 'family' must be \"poisson\""),
+        ({"denominator": ["svc"]}, "field 'denominator' names 'svc', which is not a numeric column"),
+        ({"denominator": []}, "field 'denominator' must be a column"),
+        ({"outcome": "svc"}, "field 'outcome' must name a count column"),
+        ({"time": "age"}, "field 'time' must name an integer time column"),
+        ({"cov_type": "cluster"}, "field 'cov_type' must be"),
+        ({"exposure": "x"}, "unknown field 'exposure'"),
+        ({"merge": {"svc": {"1": ["1", "2"]}}}, "merges levels of the group column"),
+    ],
+)
 def test_bad_fields_are_one_sentence(tmp_path, change, words):
     schema = Schema.load(write_schema(tmp_path / "schema.toml", COLUMNS))
     with pytest.raises(SpecError) as err:
@@ -180,8 +202,9 @@ def test_bad_fields_are_one_sentence(tmp_path, change, words):
 
 def test_dates_become_months_from_the_origin(tmp_path):
     schema = Schema.load(write_schema(tmp_path / "schema.toml", COLUMNS))
-    spec, _ = parse_study({**BASE, "changes": {"1": "2016-09", "2": "2015-02-01"}, "time_origin": "2015-01"},
-                          schema, "s.toml")
+    spec, _ = parse_study(
+        {**BASE, "changes": {"1": "2016-09", "2": "2015-02-01"}, "time_origin": "2015-01"}, schema, "s.toml"
+    )
     assert spec.params["changes"] == {"1": 20, "2": 1}
     assert protocol.month_label(20, "2015-01") == "2016-09"
     models = protocol.model_specs(spec)

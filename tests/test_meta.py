@@ -5,12 +5,14 @@ their own fit are reported and left out; bad study fields are one sentence."""
 
 from __future__ import annotations
 
+import glmcase
 import numpy as np
 import pandas as pd
 import pytest
-
-import glmcase
 from glmcase import assert_matches, pooled, write_schema, write_study
+from nodecase import Node, assert_nothing_released
+from reference_meta import pool, reference_meta
+
 from iaptnet.coordinator.inprocess import run_inprocess
 from iaptnet.coordinator.meta import render
 from iaptnet.coordinator.meta_analysis import meta_analyse
@@ -18,8 +20,6 @@ from iaptnet.protocol.errors import SpecError
 from iaptnet.protocol.kinds import meta as protocol
 from iaptnet.protocol.schema import Schema
 from iaptnet.protocol.study import parse_study
-from nodecase import Node, assert_nothing_released
-from reference_meta import pool, reference_meta
 
 SITES = ["s1", "s2", "s3", "s4", "s5", "s6"]
 COLUMNS = {
@@ -73,14 +73,20 @@ def assert_pooled_matches(result: dict, ref: dict, nodes: list[str]) -> None:
         np.testing.assert_allclose(by_node[node]["std_error"], ref["per_service"][node]["std_error"], rtol=RTOL)
     for key in ("fixed", "random_dl", "random_reml"):
         for field in ref[key]:
-            np.testing.assert_allclose(result[key][field], ref[key][field], rtol=RTOL, atol=1e-14,
-                                       err_msg=f"{key}.{field}")
+            np.testing.assert_allclose(
+                result[key][field], ref[key][field], rtol=RTOL, atol=1e-14, err_msg=f"{key}.{field}"
+            )
 
 
 def test_binomial_meta_equals_per_service_fits_and_pooled_rows(network):
     folder, sites = network
-    settings = {"name": "het_x", "family": "binomial", "formula": "y ~ x + z + g + site", "exposure": "x",
-                "service": "site"}
+    settings = {
+        "name": "het_x",
+        "family": "binomial",
+        "formula": "y ~ x + z + g + site",
+        "exposure": "x",
+        "service": "site",
+    }
     result = _study(folder, **settings)
     ref = reference_meta(pooled(sites, COLUMNS), settings)
     assert_pooled_matches(result, ref, list(sites))
@@ -102,8 +108,16 @@ def test_binomial_meta_equals_per_service_fits_and_pooled_rows(network):
 
 def test_gaussian_hc0_weighted_meta(network):
     folder, sites = network
-    settings = {"name": "het_w", "family": "gaussian", "formula": "w ~ x + z + g", "exposure": "x",
-                "service": "site", "cov_type": "HC0", "weights": "wt", "where": "z > -1.5"}
+    settings = {
+        "name": "het_w",
+        "family": "gaussian",
+        "formula": "w ~ x + z + g",
+        "exposure": "x",
+        "service": "site",
+        "cov_type": "HC0",
+        "weights": "wt",
+        "where": "z > -1.5",
+    }
     result = _study(folder, **settings)
     ref = reference_meta(pooled(sites, COLUMNS), settings)
     assert_pooled_matches(result, ref, list(sites))
@@ -118,8 +132,15 @@ def test_refusing_nodes_are_reported_and_left_out(tmp_path):
     rng = np.random.default_rng(8)
     sizes = (500, 700, 450, 650, 550, 60)
     sites = {name: make_site(name, n, rng) for name, n in zip(SITES, sizes)}
-    settings = {"name": "het_policy", "kind": "meta", "family": "binomial", "formula": "y ~ x + z + g",
-                "exposure": "x", "service": "site", "min_nodes": 5}
+    settings = {
+        "name": "het_policy",
+        "kind": "meta",
+        "family": "binomial",
+        "formula": "y ~ x + z + g",
+        "exposure": "x",
+        "service": "site",
+        "min_nodes": 5,
+    }
     schema_path = write_schema(tmp_path / "schema.toml", COLUMNS)  # as the network names it
     spec, _ = parse_study(settings, Schema.load(schema_path), "het_policy.toml")
     # approving the study's own hash is enough: its one-stage models name it and s2 checks that
@@ -127,7 +148,9 @@ def test_refusing_nodes_are_reported_and_left_out(tmp_path):
     write_network(tmp_path, sites, {"s2": policy})
     result = run_inprocess([write_study(tmp_path / "het_policy.toml", **settings)], tmp_path / "network.toml")[0]
     by_node = {e["node"]: e for e in result["per_node"]}
-    assert by_node["s2"]["estimate"] is None and "does not allow the task kind 'meta.local_fit'" in by_node["s2"]["reason"]
+    assert (
+        by_node["s2"]["estimate"] is None and "does not allow the task kind 'meta.local_fit'" in by_node["s2"]["reason"]
+    )
     assert by_node["s6"]["estimate"] is None and "rows at this node are fewer than 100" in by_node["s6"]["reason"]
     assert result["k"] == 4
     ref = reference_meta(pooled({k: v for k, v in sites.items() if k != "s6"}, COLUMNS), settings)
@@ -150,7 +173,9 @@ def test_estimators_against_textbook_formulas():
     got = meta_analyse(y, v)
     for key in ref:
         for field in ref[key]:
-            np.testing.assert_allclose(got[key][field], ref[key][field], rtol=1e-10, atol=1e-15, err_msg=f"{key}.{field}")
+            np.testing.assert_allclose(
+                got[key][field], ref[key][field], rtol=1e-10, atol=1e-15, err_msg=f"{key}.{field}"
+            )
     # homogeneous: Q < k - 1, so tau^2 is 0 (statsmodels' DL would go negative) and RE = FE
     y = np.array([0.10, 0.11, 0.105, 0.099])
     v = np.array([0.01, 0.01, 0.02, 0.015])
@@ -169,28 +194,48 @@ def test_estimators_against_textbook_formulas():
 def test_node_refuses_its_own_fit_below_the_model_minimums(tmp_path):
     rng = np.random.default_rng(2)
     node = Node(tmp_path, make_site("s1", 40, rng), COLUMNS)
-    spec, _ = parse_study({"name": "small", "kind": "meta", "family": "binomial", "formula": "y ~ x + z",
-                           "exposure": "x", "service": "site"}, node.schema, "small.toml")
+    spec, _ = parse_study(
+        {
+            "name": "small",
+            "kind": "meta",
+            "family": "binomial",
+            "formula": "y ~ x + z",
+            "exposure": "x",
+            "service": "site",
+        },
+        node.schema,
+        "small.toml",
+    )
     wire = spec.to_wire()
     reply, _ = node.prepare(wire, kind=protocol.TASK)
     assert_nothing_released(reply, rule="min_rows")
 
 
-BASE = {"name": "m", "kind": "meta", "family": "binomial", "formula": "y ~ x + z + site", "exposure": "x", "service": "site"}
+BASE = {
+    "name": "m",
+    "kind": "meta",
+    "family": "binomial",
+    "formula": "y ~ x + z + site",
+    "exposure": "x",
+    "service": "site",
+}
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"exposure": None}, "field 'exposure' is required"),
-    ({"exposure": "q"}, "field 'exposure' must be a term of the formula"),
-    ({"exposure": "g", "formula": "y ~ x + g"}, "name one of its levels"),
-    ({"exposure": "g[T.a]", "formula": "y ~ x + g"}, "not one of its non-reference levels"),
-    ({"service": "x"}, "field 'service' must name a categorical column"),
-    ({"formula": "y ~ x + site:z"}, "other than as a main effect"),
-    ({"formula": "y ~ center(x) + z"}, "center() or scale()"),
-    ({"cov_type": "cluster"}, "field 'cov_type' must be"),
-    ({"family": "binomial", "offset": "z"}, "field 'offset' is not supported"),
-    ({"colour": "red"}, "unknown field 'colour'"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"exposure": None}, "field 'exposure' is required"),
+        ({"exposure": "q"}, "field 'exposure' must be a term of the formula"),
+        ({"exposure": "g", "formula": "y ~ x + g"}, "name one of its levels"),
+        ({"exposure": "g[T.a]", "formula": "y ~ x + g"}, "not one of its non-reference levels"),
+        ({"service": "x"}, "field 'service' must name a categorical column"),
+        ({"formula": "y ~ x + site:z"}, "other than as a main effect"),
+        ({"formula": "y ~ center(x) + z"}, "center() or scale()"),
+        ({"cov_type": "cluster"}, "field 'cov_type' must be"),
+        ({"family": "binomial", "offset": "z"}, "field 'offset' is not supported"),
+        ({"colour": "red"}, "unknown field 'colour'"),
+    ],
+)
 def test_bad_fields_are_one_sentence(tmp_path, change, words):
     schema = Schema.load(write_schema(tmp_path / "schema.toml", COLUMNS))
     data = {k: v for k, v in {**BASE, **change}.items() if v is not None}

@@ -17,24 +17,38 @@ from iaptnet.protocol.errors import SpecError
 from iaptnet.protocol.formula_check import check_formula
 from iaptnet.protocol.schema import Schema
 
-SCHEMA = Schema.from_dict({"columns": {
-    "y": {"type": "binary"}, "x": {"type": "numeric"}, "age": {"type": "integer", "min": 18, "max": 100},
-    "d": {"type": "numeric", "min": 0}, "g": {"type": "categorical", "levels": ["a", "b", "c"]},
-}}, "s")
+SCHEMA = Schema.from_dict(
+    {
+        "columns": {
+            "y": {"type": "binary"},
+            "x": {"type": "numeric"},
+            "age": {"type": "integer", "min": 18, "max": 100},
+            "d": {"type": "numeric", "min": 0},
+            "g": {"type": "categorical", "levels": ["a", "b", "c"]},
+        }
+    },
+    "s",
+)
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # --------------------------------------------------------------------------- the filter
 
 NUMBERS = st.sampled_from([0, 1, 2.5, -3, 40, 65])
 comparison = st.one_of(
-    st.tuples(st.sampled_from(["x", "age"]), st.sampled_from(["==", "!=", "<", "<=", ">", ">="]), NUMBERS)
-    .map(lambda t: f"{t[0]} {t[1]} {t[2]}"),
+    st.tuples(st.sampled_from(["x", "age"]), st.sampled_from(["==", "!=", "<", "<=", ">", ">="]), NUMBERS).map(
+        lambda t: f"{t[0]} {t[1]} {t[2]}"
+    ),
     st.tuples(st.sampled_from(["==", "!="]), st.sampled_from(["a", "b", "c"])).map(lambda t: f'g {t[0]} "{t[1]}"'),
     st.sampled_from(["x is missing", "x is not missing", "g is missing", 'g in ["a", "c"]', 'g not in ["b"]']),
 )
-filters = st.recursive(comparison, lambda inner: st.one_of(
-    st.tuples(inner, st.sampled_from(["and", "or"]), inner).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
-    inner.map(lambda e: f"not {e}")), max_leaves=8)
+filters = st.recursive(
+    comparison,
+    lambda inner: st.one_of(
+        st.tuples(inner, st.sampled_from(["and", "or"]), inner).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+        inner.map(lambda e: f"not {e}"),
+    ),
+    max_leaves=8,
+)
 
 
 @SETTINGS
@@ -67,6 +81,7 @@ def _frame(seed: int) -> pd.DataFrame:
 
 def _reference(frame: pd.DataFrame, tree) -> np.ndarray:
     """Kleene logic by hand: True, False or None (unknown) per row."""
+
     def value(row, tree):
         kind = tree[0]
         if kind in ("and", "or"):
@@ -92,6 +107,7 @@ def _reference(frame: pd.DataFrame, tree) -> np.ndarray:
         if pd.isna(a) or pd.isna(b):
             return None
         return {"==": a == b, "!=": a != b, "<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b}[op]
+
     return np.array([value(row, tree) is True for _, row in frame.iterrows()])
 
 
@@ -105,9 +121,15 @@ def test_a_filter_keeps_exactly_the_rows_three_valued_logic_says(text, seed):
 
 # --------------------------------------------------------------------------- the formula
 
-affine = st.recursive(st.sampled_from(["x", "age"]), lambda inner: st.one_of(
-    st.tuples(inner, st.sampled_from(["+", "-", "*", "/"]), st.sampled_from(["2", "0.5", "10"]))
-    .map(lambda t: f"({t[0]} {t[1]} {t[2]})")), max_leaves=3)
+affine = st.recursive(
+    st.sampled_from(["x", "age"]),
+    lambda inner: st.one_of(
+        st.tuples(inner, st.sampled_from(["+", "-", "*", "/"]), st.sampled_from(["2", "0.5", "10"])).map(
+            lambda t: f"({t[0]} {t[1]} {t[2]})"
+        )
+    ),
+    max_leaves=3,
+)
 allowed_terms = st.one_of(
     st.sampled_from(["x", "age", "g", "C(g)", "center(x)", "scale(age)", "x:g", "log(age)", "sqrt(d)"]),
     affine.map(lambda a: f"I({a})"),
@@ -122,9 +144,24 @@ def test_whitelisted_transforms_pass(terms):
 
 
 @SETTINGS
-@given(st.sampled_from(["x", "age"]), st.sampled_from([
-    "I({c} ** 4)", "exp({c})", "I({c} * x)", "I({c} * 1e-30)", "I(({c} ** 2) ** 2)", "log(x)", "I({c} + 1e9)",
-    "I(-{c})", "np.log({c})", "I({c} ** 0.5)", "sqrt(x)"]))
+@given(
+    st.sampled_from(["x", "age"]),
+    st.sampled_from(
+        [
+            "I({c} ** 4)",
+            "exp({c})",
+            "I({c} * x)",
+            "I({c} * 1e-30)",
+            "I(({c} ** 2) ** 2)",
+            "log(x)",
+            "I({c} + 1e9)",
+            "I(-{c})",
+            "np.log({c})",
+            "I({c} ** 0.5)",
+            "sqrt(x)",
+        ]
+    ),
+)
 def test_near_neighbours_outside_the_whitelist_fail(column, template):
     text = "y ~ " + template.format(c=column)
     try:

@@ -11,23 +11,24 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from iaptnet.cli import main
 from iaptnet import keys as pki
+from iaptnet.cli import main
 from iaptnet.protocol.errors import SpecError
 
 
 def test_ca_signs_hub_certificate_with_hosts(tmp_path):
     ca_cert, ca_key = pki.init_ca(tmp_path / "pki")
-    cert_path, key_path = pki.issue_certificate(tmp_path / "pki", tmp_path / "hub",
-                                                ["hub.example.nhs.uk", "10.1.2.3"])
+    cert_path, key_path = pki.issue_certificate(tmp_path / "pki", tmp_path / "hub", ["hub.example.nhs.uk", "10.1.2.3"])
     ca = x509.load_pem_x509_certificate(ca_cert.read_bytes())
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     cert.verify_directly_issued_by(ca)  # raises if the CA did not sign it
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(san.get_values_for_type(x509.DNSName)) == {"hub.example.nhs.uk", "localhost"}
-    assert set(san.get_values_for_type(x509.IPAddress)) == {ipaddress.ip_address("10.1.2.3"),
-                                                            ipaddress.ip_address("127.0.0.1")}
+    assert set(san.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address("10.1.2.3"),
+        ipaddress.ip_address("127.0.0.1"),
+    }
     assert cert.not_valid_after_utc <= ca.not_valid_after_utc
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     assert key.public_key().public_numbers() == cert.public_key().public_numbers()

@@ -3,21 +3,22 @@ merges, min_nodes), small-number rounding of released counts, and safe errors.""
 
 from __future__ import annotations
 
+import tomllib
+
 import numpy as np
 import pandas as pd
 import pytest
-import tomllib
-
 from glmcase import pooled, reference_fit, run_study, write_network, write_study
+from nodecase import Node, assert_nothing_released
+
 from iaptnet.cli import main
 from iaptnet.coordinator.inprocess import run_inprocess
 from iaptnet.node import disclosure as d
-from iaptnet.node.registry import HANDLERS, handler
 from iaptnet.node.policy import Rules, load_policy, round_count
+from iaptnet.node.registry import HANDLERS, handler
 from iaptnet.protocol import messages as m
 from iaptnet.protocol.errors import NetworkError, SpecError
 from iaptnet.protocol.study import StudySpec
-from nodecase import Node, assert_nothing_released
 
 COLUMNS = {
     "y": {"type": "binary"},
@@ -43,6 +44,7 @@ def make_sites(rare_at: str | None = "s1", seed: int = 5) -> dict[str, pd.DataFr
 
 
 # --------------------------------------------------------------------------- the policy file
+
 
 def test_defaults_without_a_file_are_exploratory_and_a_production_node_needs_one():
     policy = load_policy(None, production=False)
@@ -83,20 +85,23 @@ min_rows = 200
     assert policy.rules_for(True) is policy.rules and policy.rules_for(False) is policy.exploratory
 
 
-@pytest.mark.parametrize("text, field", [
-    ('mode = "open"', "'mode'"),
-    ('approved = ["not-a-hash"]', "'approved'"),
-    ("tasks = []", "'tasks'"),
-    ("colour = 1", "'colour'"),
-    ("[rules]\nmin_rows = \"ten\"", "'rules.min_rows'"),
-    ("[rules]\nmin_rows = 0", "'rules.min_rows'"),
-    ("[rules]\nmax_params_per_row = 2.0", "'rules.max_params_per_row'"),
-    ("[rules]\nmin_cell = 5", "'rules.min_cell'"),
-    ("[rules]\nmin_rows = 80\n[exploratory]\nmin_rows = 60", "'exploratory.min_rows'"),
-    ("[exploratory]\nmax_studies_per_day = 500", "'exploratory.max_studies_per_day'"),
-    ("max_payload_mb = -1", "'max_payload_mb'"),
-    ("mode = ", "not a valid TOML file"),
-])
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ('mode = "open"', "'mode'"),
+        ('approved = ["not-a-hash"]', "'approved'"),
+        ("tasks = []", "'tasks'"),
+        ("colour = 1", "'colour'"),
+        ('[rules]\nmin_rows = "ten"', "'rules.min_rows'"),
+        ("[rules]\nmin_rows = 0", "'rules.min_rows'"),
+        ("[rules]\nmax_params_per_row = 2.0", "'rules.max_params_per_row'"),
+        ("[rules]\nmin_cell = 5", "'rules.min_cell'"),
+        ("[rules]\nmin_rows = 80\n[exploratory]\nmin_rows = 60", "'exploratory.min_rows'"),
+        ("[exploratory]\nmax_studies_per_day = 500", "'exploratory.max_studies_per_day'"),
+        ("max_payload_mb = -1", "'max_payload_mb'"),
+        ("mode = ", "not a valid TOML file"),
+    ],
+)
 def test_a_malformed_policy_is_one_sentence_naming_file_and_field(tmp_path, capsys, text, field):
     path = tmp_path / "policy.toml"
     path.write_text(text + "\n")
@@ -120,9 +125,21 @@ def test_a_policy_that_breaks_while_serving_stops_the_node_answering(tmp_path):
     assert reply.arrays == {}
 
 
-@pytest.mark.parametrize("count, shown", [
-    (0, 0), (1, None), (7, None), (8, 10), (12, 10), (13, 15), (17, 15), (18, 20), (1234, 1235), (1232, 1230),
-])
+@pytest.mark.parametrize(
+    "count, shown",
+    [
+        (0, 0),
+        (1, None),
+        (7, None),
+        (8, 10),
+        (12, 10),
+        (13, 15),
+        (17, 15),
+        (18, 20),
+        (1234, 1235),
+        (1232, 1230),
+    ],
+)
 def test_small_numbers_follow_the_nhs_convention(count, shown):
     assert round_count(count, Rules()) == shown
 
@@ -140,14 +157,24 @@ def test_count_tables_and_cell_statistics_are_rounded_and_suppressed():
 
 # --------------------------------------------------------------------------- approval
 
+
 def test_approve_prints_the_study_and_adds_its_hash_keeping_the_file(tmp_path, capsys):
     sites = make_sites(rare_at=None)
     net = write_network(tmp_path / "net", sites, COLUMNS)
     policy = tmp_path / "net" / "policy.toml"
-    policy.write_text('# the Trust\'s policy: keep this comment\nmode = "approved"\nstate_dir = "state"\n\n[rules]\nmin_rows = 60  # ours\n')
-    net.write_text(net.read_text().replace('schema = "schema.toml"\n', 'schema = "schema.toml"\npolicy = "policy.toml"\n'))
-    study = write_study(tmp_path / "s.toml", name="s", family="binomial", formula="y ~ x + g",
-                        schema=str(tmp_path / "net" / "schema.toml"))
+    policy.write_text(
+        '# the Trust\'s policy: keep this comment\nmode = "approved"\nstate_dir = "state"\n\n[rules]\nmin_rows = 60  # ours\n'
+    )
+    net.write_text(
+        net.read_text().replace('schema = "schema.toml"\n', 'schema = "schema.toml"\npolicy = "policy.toml"\n')
+    )
+    study = write_study(
+        tmp_path / "s.toml",
+        name="s",
+        family="binomial",
+        formula="y ~ x + g",
+        schema=str(tmp_path / "net" / "schema.toml"),
+    )
     with pytest.raises(NetworkError, match="s0, s1 and s2 refused: the Trust has not approved the study 's'"):
         run_inprocess([study], net)
     assert main(["node", "approve", str(study), "--policy", str(policy), "--yes"]) == 0
@@ -174,6 +201,7 @@ def _wire(study_path, schema_path):
 
 # --------------------------------------------------------------------------- refusals and fixes
 
+
 def test_a_rare_level_is_refused_in_plain_words_with_the_fix(tmp_path):
     net = write_network(tmp_path / "net", make_sites(), COLUMNS).parent
     with pytest.raises(NetworkError) as err:
@@ -181,7 +209,8 @@ def test_a_rare_level_is_refused_in_plain_words_with_the_fix(tmp_path):
     assert str(err.value) == (
         "the study stopped at glm.prepare: s1 refused: level 'd' of g has fewer than 8 rows; "
         "the policy's minimum is 8 (model 's'); to fix: merge it with another level, e.g. "
-        "[merge.g] c = [\"c\", \"d\"], or drop the term 'g'.")
+        '[merge.g] c = ["c", "d"], or drop the term \'g\'.'
+    )
 
 
 def test_min_nodes_lets_the_study_continue_without_the_refusing_node(tmp_path):
@@ -221,22 +250,26 @@ def test_a_merge_changes_the_hash_and_keeps_the_reference_level(tmp_path):
     write_network(tmp_path / "net", sites, COLUMNS)
     schema = Schema.load(tmp_path / "net" / "schema.toml")
     plain = parse_study({"name": "s", "family": "binomial", "formula": "y ~ x + g"}, schema, "s")[0]
-    merged = parse_study({"name": "s", "family": "binomial", "formula": "y ~ x + g",
-                          "merge": {"g": {"c": ["c", "d"]}}}, schema, "s")[0]
+    merged = parse_study(
+        {"name": "s", "family": "binomial", "formula": "y ~ x + g", "merge": {"g": {"c": ["c", "d"]}}}, schema, "s"
+    )[0]
     assert plain.hash != merged.hash and "merge" not in plain.canonical()
     assert merged_levels(["a", "b", "c", "d"], {"ab": ["a", "b"]}) == (["ab", "c", "d"], {"a": "ab", "b": "ab"})
     assert merged_levels(["a", "b", "c", "d"], {"z": ["d", "a"]})[0] == ["b", "c", "z"]
 
 
-@pytest.mark.parametrize("merge, message", [
-    ({"x": {"a": ["a", "b"]}}, "merges levels of the numeric column 'x'"),
-    ({"g": {"e": ["a", "zz"]}}, "lists 'zz', which is not a level of 'g'"),
-    ({"g": {"e": ["a"]}}, "at least two levels"),
-    ({"g": {"e": ["a", "b"], "f": ["b", "c"]}}, "level 'b' is merged twice"),
-    ({"g": {"b": ["a", "c"]}}, "already a level of 'g'"),
-    ({"g": {"e": ["a", "b", "c", "d"]}}, "single level"),
-    ({"h": {"e": ["a", "b"]}}, "names column 'h'"),
-])
+@pytest.mark.parametrize(
+    "merge, message",
+    [
+        ({"x": {"a": ["a", "b"]}}, "merges levels of the numeric column 'x'"),
+        ({"g": {"e": ["a", "zz"]}}, "lists 'zz', which is not a level of 'g'"),
+        ({"g": {"e": ["a"]}}, "at least two levels"),
+        ({"g": {"e": ["a", "b"], "f": ["b", "c"]}}, "level 'b' is merged twice"),
+        ({"g": {"b": ["a", "c"]}}, "already a level of 'g'"),
+        ({"g": {"e": ["a", "b", "c", "d"]}}, "single level"),
+        ({"h": {"e": ["a", "b"]}}, "names column 'h'"),
+    ],
+)
 def test_merge_mistakes_are_one_sentence(tmp_path, capsys, merge, message):
     net = write_network(tmp_path / "net", make_sites(rare_at=None), COLUMNS)
     study = write_study(tmp_path / "s.toml", name="s", family="binomial", formula="y ~ x + g", merge=merge)
@@ -262,6 +295,7 @@ def test_per_node_counts_follow_the_small_number_rules(tmp_path):
 
 
 # --------------------------------------------------------------------------- the one door
+
 
 @pytest.fixture
 def scratch_kind():
@@ -329,7 +363,10 @@ def test_an_undeclared_release_is_refused(tmp_path, scratch_kind):
 
 def test_refusal_sentences_name_rule_threshold_and_fix():
     v = d.Violation("min_rows", "the model uses fewer than 50 rows at this node", 50, model="s", fix="widen the cohort")
-    assert v.render() == "the model uses fewer than 50 rows at this node; the policy's minimum is 50 (model 's'); to fix: widen the cohort"
+    assert (
+        v.render()
+        == "the model uses fewer than 50 rows at this node; the policy's minimum is 50 (model 's'); to fix: widen the cohort"
+    )
     v = d.Violation("max_params_per_row", "too many parameters", 0.33)
     assert v.render() == "too many parameters; the policy's maximum is 0.33"
 
@@ -340,8 +377,10 @@ def test_a_study_run_again_on_the_same_data_does_not_use_up_the_daily_limits(tmp
     different study still counts."""
     rng = np.random.default_rng(3)
     sites = {"a": pd.DataFrame({"y": (rng.random(300) < 0.4).astype(float), "x": rng.normal(size=300)})}
-    policy = 'mode = "exploratory"\n[exploratory]\nmax_rounds_per_study = 8\nmax_studies_per_day = 2\n' \
-             '[rules]\nmax_rounds_per_study = 8\nmax_studies_per_day = 2\n'
+    policy = (
+        'mode = "exploratory"\n[exploratory]\nmax_rounds_per_study = 8\nmax_studies_per_day = 2\n'
+        "[rules]\nmax_rounds_per_study = 8\nmax_studies_per_day = 2\n"
+    )
     write_network(tmp_path, sites, {"y": {"type": "binary"}, "x": {"type": "numeric"}}, {"a": policy})
     for _ in range(4):  # about 5 tasks a run, 8 allowed a day
         result = run_study(tmp_path, name="same", family="binomial", formula="y ~ x")

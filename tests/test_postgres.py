@@ -14,7 +14,6 @@ import uuid
 import numpy as np
 import pandas as pd
 import pytest
-
 from glmcase import pooled, reference_fit, write_network, write_study
 
 pytestmark = pytest.mark.postgres
@@ -44,13 +43,15 @@ def pg_table():
     engine = sa.create_engine(url)
     rng = np.random.default_rng(5)
     n = 600
-    frame = pd.DataFrame({
-        "y": (rng.random(n) < 0.4).astype(int),
-        "x": rng.normal(size=n),
-        "n_sessions": rng.poisson(5, size=n),
-        "g": rng.choice(["a", "b", "c"], size=n),
-        "site": rng.choice(["north", "south"], size=n),
-    })
+    frame = pd.DataFrame(
+        {
+            "y": (rng.random(n) < 0.4).astype(int),
+            "x": rng.normal(size=n),
+            "n_sessions": rng.poisson(5, size=n),
+            "g": rng.choice(["a", "b", "c"], size=n),
+            "site": rng.choice(["north", "south"], size=n),
+        }
+    )
     frame.loc[rng.choice(n, size=20, replace=False), "x"] = np.nan
     frame.loc[rng.choice(n, size=10, replace=False), "g"] = None
     table = f"iapt_extract_{uuid.uuid4().hex[:8]}"
@@ -64,22 +65,29 @@ def pg_table():
 
 
 def test_node_toml_reads_a_table_and_a_query(pg_table, tmp_path):
+    from iaptnet import keys as pki
     from iaptnet.node.config import load_node_file
     from iaptnet.node.runtime import NodeConfig, NodeRuntime
-    from iaptnet import keys as pki
 
     url, table, frame = pg_table
     pki.init_ca(tmp_path)
     pki.node_key(tmp_path, "n")
     (tmp_path / "schema.toml").write_text(
-        "[columns.y]\ntype = \"binary\"\n[columns.x]\ntype = \"numeric\"\n"
-        "[columns.n_sessions]\ntype = \"integer\"\nmin = 0\n"
-        "[columns.g]\ntype = \"categorical\"\nlevels = [\"a\", \"b\", \"c\"]\n")
-    base = (f'name = "n"\nhub = "127.0.0.1:9092"\nca_cert = "ca.crt"\nkey = "n.key"\n'
-            f'data = "{url}"\nschema = "schema.toml"\npolicy = "schema.toml"\n')
-    for source, expected in ((f'table = "{table}"\n', len(frame)),
-                             (f'query = "SELECT y, x, n_sessions, g FROM {table} WHERE site = \'north\'"\n',
-                              int((frame.site == "north").sum()))):
+        '[columns.y]\ntype = "binary"\n[columns.x]\ntype = "numeric"\n'
+        '[columns.n_sessions]\ntype = "integer"\nmin = 0\n'
+        '[columns.g]\ntype = "categorical"\nlevels = ["a", "b", "c"]\n'
+    )
+    base = (
+        f'name = "n"\nhub = "127.0.0.1:9092"\nca_cert = "ca.crt"\nkey = "n.key"\n'
+        f'data = "{url}"\nschema = "schema.toml"\npolicy = "schema.toml"\n'
+    )
+    for source, expected in (
+        (f'table = "{table}"\n', len(frame)),
+        (
+            f"query = \"SELECT y, x, n_sessions, g FROM {table} WHERE site = 'north'\"\n",
+            int((frame.site == "north").sum()),
+        ),
+    ):
         (tmp_path / "node.toml").write_text(base + source)
         cfg = load_node_file(tmp_path / "node.toml")
         assert cfg.data == url
@@ -99,14 +107,16 @@ def test_pooled_fit_with_a_postgres_node_equals_the_reference(pg_table, tmp_path
     write_network(tmp_path, {"files": south}, COLUMNS)
     # A second node reads its rows from PostgreSQL with a query.
     with open(tmp_path / "network.toml", "a") as fh:
-        fh.write(f'\n[[node]]\nname = "database"\ndata = "{url}"\n'
-                 f'query = "SELECT y, x, n_sessions, g FROM {table} WHERE site = \'north\'"\n'
-                 f'schema = "schema.toml"\n')
-    study = write_study(tmp_path / "pg.toml", name="pg", family="poisson",
-                        formula="n_sessions ~ x + g + y")
+        fh.write(
+            f'\n[[node]]\nname = "database"\ndata = "{url}"\n'
+            f"query = \"SELECT y, x, n_sessions, g FROM {table} WHERE site = 'north'\"\n"
+            f'schema = "schema.toml"\n'
+        )
+    study = write_study(tmp_path / "pg.toml", name="pg", family="poisson", formula="n_sessions ~ x + g + y")
     result = run_inprocess([study], tmp_path / "network.toml")[0]
-    ref = reference_fit(pooled({"a": south, "b": north}, COLUMNS), "n_sessions ~ x + g + y", "poisson",
-                        ["n_sessions", "x", "g", "y"])
+    ref = reference_fit(
+        pooled({"a": south, "b": north}, COLUMNS), "n_sessions ~ x + g + y", "poisson", ["n_sessions", "x", "g", "y"]
+    )
     np.testing.assert_allclose([t["estimate"] for t in result["terms"]], ref.params.to_numpy(), rtol=1e-8)
     np.testing.assert_allclose([t["std_error"] for t in result["terms"]], ref.bse.to_numpy(), rtol=1e-8)
     assert result["n"] == int(ref.nobs)
@@ -124,19 +134,23 @@ def test_appointments_from_postgres_give_back_the_flat_extract(tmp_path):
 
     url = require_postgres()
     flat = load_network(generate_network(tmp_path / "flat", services=1, patients=2_000, seed=6)).nodes[0]
-    appt = load_network(generate_network(tmp_path / "appt", services=1, patients=2_000, seed=6,
-                                         appointments=True)).nodes[0]
+    appt = load_network(
+        generate_network(tmp_path / "appt", services=1, patients=2_000, seed=6, appointments=True)
+    ).nodes[0]
     table = f"iapt_contacts_{uuid.uuid4().hex[:8]}"
     engine = sa.create_engine(url)
     pd.read_parquet(appt["appointments"]).to_sql(table, engine, index=False)
     try:
         (tmp_path / "network.toml").write_text(
             f'[[node]]\nname = "db"\ndata = "{appt["data"]}"\nappointments = "{url}"\n'
-            f'appointments_query = "SELECT * FROM {table}"\n')
+            f'appointments_query = "SELECT * FROM {table}"\n'
+        )
         node = load_network(tmp_path / "network.toml").nodes[0]
         reference = load_dataset(flat["data"]).frame
-        for source in (AppointmentSource(node["appointments"], query=node["appointments_query"]),
-                       AppointmentSource(url, table=table)):
+        for source in (
+            AppointmentSource(node["appointments"], query=node["appointments_query"]),
+            AppointmentSource(url, table=table),
+        ):
             served = load_dataset(node["data"], appointments=source)
             assert served.usable
             pd.testing.assert_frame_equal(served.frame, reference)

@@ -13,19 +13,19 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
 from glmcase import assert_matches, pooled, write_network, write_study
+from nodecase import Node, assert_nothing_released, local_beta
+from reference_propensity import match_within, reference_iptw, reference_psm
+
 from iaptnet.coordinator.inprocess import run_inprocess
 from iaptnet.coordinator.network import load_network
 from iaptnet.coordinator.propensity import render
 from iaptnet.node.runtime import NodeConfig, runtime_for
 from iaptnet.protocol import messages as m
-from iaptnet.protocol.errors import NetworkError, SpecError
+from iaptnet.protocol.errors import SpecError
 from iaptnet.protocol.kinds import propensity as kind
 from iaptnet.protocol.schema import Schema
 from iaptnet.protocol.study import parse_study
-from nodecase import Node, assert_nothing_released, local_beta
-from reference_propensity import match_within, reference_iptw, reference_psm
 
 COLUMNS = {
     "y": {"type": "binary"},
@@ -100,15 +100,20 @@ def assert_balance(result: dict, ref: pd.DataFrame) -> None:
     rows = pd.DataFrame(result["balance"]).set_index("term")
     expected = ref.loc[rows.index]  # the intercept and absent levels have no balance row
     assert list(rows.index) == [n for n in ref.index if n != "Intercept"]
-    columns = ["mean_exposed_before", "mean_control_before", "difference_before", "smd_before",
-               "difference_after", "smd_after"]
+    columns = [
+        "mean_exposed_before",
+        "mean_control_before",
+        "difference_before",
+        "smd_before",
+        "difference_after",
+        "smd_after",
+    ]
     if result["kind"] == "iptw":
         columns += ["mean_exposed_after", "mean_control_after"]
     else:  # matching releases no sum over one group of the matched set
         assert "mean_exposed_after" not in rows
     for column in columns:
-        np.testing.assert_allclose(rows[column].astype(float), expected[column], rtol=RTOL, atol=1e-12,
-                                   err_msg=column)
+        np.testing.assert_allclose(rows[column].astype(float), expected[column], rtol=RTOL, atol=1e-12, err_msg=column)
 
 
 PSM = dict(kind="psm", outcome="y", exposure="t", covariates="g + h + x1", where="x2 > -1.6")
@@ -127,8 +132,9 @@ def test_psm_equals_matching_on_pooled_rows(network):
     rows = ref["rows"]
     for name, state in node_states(folder, result).items():
         scored = state[kind.LOGIT_COLUMN].notna()
-        np.testing.assert_allclose(state.loc[scored, kind.LOGIT_COLUMN], ref["logit"][rows.site == name],
-                                   rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose(
+            state.loc[scored, kind.LOGIT_COLUMN], ref["logit"][rows.site == name], rtol=1e-9, atol=1e-11
+        )
         ours = state.loc[scored, kind.PAIR_COLUMN].to_numpy()
         assert np.array_equal(ours, ref["pair"][rows.site == name], equal_nan=True), name
         # ... and with the node's own logits as input, too (the algorithm alone).
@@ -148,24 +154,27 @@ def test_psm_equals_matching_on_pooled_rows(network):
     assert "propensity-score matching" in text and "<- exposure" in text
 
 
-@pytest.mark.parametrize("options", [
-    {"estimand": "ATE", "stabilized": True},
-    {"estimand": "ATT", "adjust_outcome": True},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"estimand": "ATE", "stabilized": True},
+        {"estimand": "ATT", "adjust_outcome": True},
+    ],
+)
 def test_iptw_equals_weighting_on_pooled_rows(network, options):
     folder, frame = network
     # The same cohort as the PSM study's: its exposed rows differing from those by a few
     # people would be a differencing pair, which the nodes refuse.
-    settings = dict(kind="iptw", outcome="y", exposure="t", covariates="g + h + x1 + x2",
-                    where="x2 > -1.6", **options)
+    settings = dict(kind="iptw", outcome="y", exposure="t", covariates="g + h + x1 + x2", where="x2 > -1.6", **options)
     result = run(folder, name=f"iptw_{options['estimand'].lower()}", **settings)
     ref = reference_iptw(frame, {**settings, "where": (frame.x2 > -1.6).to_numpy()})
     assert_terms(result["propensity_model"]["terms"], ref["ps"])
     for group in ("exposed", "control"):
         ours, theirs = result["weighting"][group], ref["weighting"][group]
         assert ours["n"] == theirs["n"]
-        np.testing.assert_allclose([ours["sum_weights"], ours["effective_n"]],
-                                   [theirs["sum_weights"], theirs["effective_n"]], rtol=RTOL)
+        np.testing.assert_allclose(
+            [ours["sum_weights"], ours["effective_n"]], [theirs["sum_weights"], theirs["effective_n"]], rtol=RTOL
+        )
     assert_balance(result, ref["balance"])
     assert_matches(result, ref["outcome"])
     assert result["cov_type"] == "HC0" and result["weights"] == kind.WEIGHT_COLUMN
@@ -175,8 +184,16 @@ def test_iptw_equals_weighting_on_pooled_rows(network, options):
 def test_nodes_never_release_scores_pairs_or_weights(network):
     folder, _ = network
     run(folder, name="psm_audited", **PSM)
-    run(folder, name="iptw_audited", kind="iptw", outcome="y", exposure="t", covariates="g + h + x1",
-        where="x2 > -1.6", estimand="ATE")
+    run(
+        folder,
+        name="iptw_audited",
+        kind="iptw",
+        outcome="y",
+        exposure="t",
+        covariates="g + h + x1",
+        where="x2 > -1.6",
+        estimand="ATE",
+    )
     n_rows = min(len(f) for f in make_sites().values())
     for node in load_network(folder / "network.toml").nodes:
         runtime = runtime_for(NodeConfig.from_mapping(node))
@@ -208,9 +225,16 @@ def _single_site(exposed=(40, 40, 40), controls=(60, 60, 60), seed: int = 3) -> 
     x1 = np.concatenate([np.full(e + c, v) for v, e, c in zip((0.0, 1.0, 3.0), exposed, controls)])
     t = np.concatenate([np.r_[np.ones(e), np.zeros(c)] for e, c in zip(exposed, controls)])
     n = len(x1)
-    frame = pd.DataFrame({"y": (rng.random(n) < 0.45).astype(float), "t": t, "x1": x1,
-                          "x2": rng.normal(size=n), "g": rng.choice(["a", "b", "c"], size=n),
-                          "h": (rng.random(n) < 0.5).astype(float)})
+    frame = pd.DataFrame(
+        {
+            "y": (rng.random(n) < 0.45).astype(float),
+            "t": t,
+            "x1": x1,
+            "x2": rng.normal(size=n),
+            "g": rng.choice(["a", "b", "c"], size=n),
+            "h": (rng.random(n) < 0.5).astype(float),
+        }
+    )
     return frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
 
 
@@ -221,8 +245,11 @@ def _pairs_released(folder) -> float:
     return entry["released"]["arrays"]["after/pairs"]["values"][0]
 
 
-@pytest.mark.parametrize("exposed, controls", [((40, 40, 43), (42, 41, 40)), ((40, 40, 43), (70, 70, 40))],
-                         ids=["few-of-each", "few-exposed-many-controls"])
+@pytest.mark.parametrize(
+    "exposed, controls",
+    [((40, 40, 43), (42, 41, 40)), ((40, 40, 43), (70, 70, 40))],
+    ids=["few-of-each", "few-exposed-many-controls"],
+)
 def test_a_few_unmatched_people_are_never_left(tmp_path, exposed, controls):
     """Matching leaves 3 exposed without a control (and 3, or 60, controls over): results on
     the matched set beside results on the cohort (the exposure column of the outcome model
@@ -258,8 +285,12 @@ def test_trust_approves_the_study_once_for_its_models(tmp_path):
     result = run_inprocess([study], tmp_path / "network.toml")[0]
     assert result["matching"]["pairs"] == 120 and result["n"] == 240
     # A forged model: another formula, claiming the approved study as its parent.
-    node = Node(tmp_path / "forged", _single_site(), COLUMNS,
-                policy=f'mode = "approved"\napproved = ["{spec.hash}"]\nstate_dir = "state"\n')
+    node = Node(
+        tmp_path / "forged",
+        _single_site(),
+        COLUMNS,
+        policy=f'mode = "approved"\napproved = ["{spec.hash}"]\nstate_dir = "state"\n',
+    )
     real = kind.derived_specs(spec)["ps"].to_wire()
     forged = dict(real, formula="t ~ x2")
     reply, _ = node.prepare(forged)
@@ -272,39 +303,47 @@ def test_score_coefficients_that_put_the_weights_on_a_few_people_are_refused(tmp
     """A coordinator sending a β of its own choosing to the weighting step, so that the
     weights (and the weighted means released) rest on the few people with the largest x2."""
     node = Node(tmp_path, _single_site(), COLUMNS)
-    spec, _ = parse_study(dict(name="probe", kind="iptw", outcome="y", exposure="t", covariates="x1 + x2"),
-                          node.schema, "probe.toml")
+    spec, _ = parse_study(
+        dict(name="probe", kind="iptw", outcome="y", exposure="t", covariates="x1 + x2"), node.schema, "probe.toml"
+    )
     ps = kind.derived_specs(spec)["ps"].to_wire()
     reply, study_hash = node.prepare(ps)
     assert reply.status == m.OK
 
     def score(beta):
-        return node.send(m.Task(kind=kind.TASK_SCORE, study_hash=study_hash, payload={"models": {"m0": ps}},
-                                arrays={"beta": np.asarray(beta, dtype=float)}))
+        return node.send(
+            m.Task(
+                kind=kind.TASK_SCORE,
+                study_hash=study_hash,
+                payload={"models": {"m0": ps}},
+                arrays={"beta": np.asarray(beta, dtype=float)},
+            )
+        )
 
     assert_nothing_released(score([0.0, 0.0, -25.0]), rule="min_effective_rows")
     assert score(local_beta(reply)).status == m.OK
 
 
-
-
-@pytest.mark.parametrize("fields, message", [
-    ({"outcome": None}, "field 'outcome' is required"),
-    ({"exposure": "x1"}, "field 'exposure' names the numeric column 'x1'"),
-    ({"covariates": "g + t"}, "field 'covariates' uses the exposure 't'"),
-    ({"covariates": "g + y"}, "field 'covariates' uses the outcome 'y'"),
-    ({"covariates": "g + nope"}, "field 'covariates' names column 'nope'"),
-    ({"covariates": "g + __import__('os')"}, "field 'covariates'"),
-    ({"caliper": 0}, "field 'caliper' must be a number above 0"),
-    ({"caliper": "wide"}, "field 'caliper' must be a number above 0"),
-    ({"estimand": "ATE"}, "field 'estimand' applies only to kind = \"iptw\""),
-    ({"kind": "iptw", "estimand": "ATC"}, "field 'estimand' must be \"ATE\" or \"ATT\""),
-    ({"kind": "iptw", "estimand": "ATT", "stabilized": True}, "field 'stabilized' applies to ATE weights only"),
-    ({"kind": "iptw", "caliper": 0.1}, "field 'caliper' applies only to kind = \"psm\""),
-    ({"family": "negbin"}, "field 'family' must be one of"),
-    ({"adjust_outcome": "yes"}, "field 'adjust_outcome' must be true or false"),
-    ({"formula": "y ~ t"}, "unknown field 'formula'"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"outcome": None}, "field 'outcome' is required"),
+        ({"exposure": "x1"}, "field 'exposure' names the numeric column 'x1'"),
+        ({"covariates": "g + t"}, "field 'covariates' uses the exposure 't'"),
+        ({"covariates": "g + y"}, "field 'covariates' uses the outcome 'y'"),
+        ({"covariates": "g + nope"}, "field 'covariates' names column 'nope'"),
+        ({"covariates": "g + __import__('os')"}, "field 'covariates'"),
+        ({"caliper": 0}, "field 'caliper' must be a number above 0"),
+        ({"caliper": "wide"}, "field 'caliper' must be a number above 0"),
+        ({"estimand": "ATE"}, "field 'estimand' applies only to kind = \"iptw\""),
+        ({"kind": "iptw", "estimand": "ATC"}, 'field \'estimand\' must be "ATE" or "ATT"'),
+        ({"kind": "iptw", "estimand": "ATT", "stabilized": True}, "field 'stabilized' applies to ATE weights only"),
+        ({"kind": "iptw", "caliper": 0.1}, "field 'caliper' applies only to kind = \"psm\""),
+        ({"family": "negbin"}, "field 'family' must be one of"),
+        ({"adjust_outcome": "yes"}, "field 'adjust_outcome' must be true or false"),
+        ({"formula": "y ~ t"}, "unknown field 'formula'"),
+    ],
+)
 def test_bad_fields_are_one_sentence(tmp_path, fields, message):
     from glmcase import write_schema
 
@@ -321,14 +360,20 @@ def test_derived_models_are_deterministic_and_checked(tmp_path):
     from glmcase import write_schema
 
     schema = Schema.load(write_schema(tmp_path / "schema.toml", COLUMNS))
-    spec, parsed = parse_study(dict(name="d", kind="iptw", outcome="y", exposure="t", covariates="g + x1",
-                                    where="x2 > 0"), schema, "d.toml")
+    spec, parsed = parse_study(
+        dict(name="d", kind="iptw", outcome="y", exposure="t", covariates="g + x1", where="x2 > 0"), schema, "d.toml"
+    )
     models = kind.derived_specs(spec)
     assert models["ps"].formula == "t ~ g + x1" and models["ps"].where == models["outcome"].where
     assert "y is not missing" in models["ps"].where
     assert models["outcome"].weights == kind.WEIGHT_COLUMN and models["outcome"].cov_type == "HC0"
-    again = kind.derived_specs(parse_study(dict(name="d", kind="iptw", outcome="y", exposure="t",
-                                                covariates="g  +  x1", where="x2 > 0"), schema, "e.toml")[0])
+    again = kind.derived_specs(
+        parse_study(
+            dict(name="d", kind="iptw", outcome="y", exposure="t", covariates="g  +  x1", where="x2 > 0"),
+            schema,
+            "e.toml",
+        )[0]
+    )
     assert again["ps"].hash == models["ps"].hash
     assert kind.parent_of(models["outcome"]).hash == spec.hash
     assert parsed.outcome == "y" and "x1" in parsed.columns

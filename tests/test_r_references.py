@@ -149,9 +149,7 @@ def test_meta_equals_glm_and_metafor(tmp_path):
         assert ours["Q_df"] == theirs["Q_df"] and ours["k"] == theirs["k"]
         fields = META_FIELDS + (META_RANDOM_FIELDS if key != "fixed" else ())
         for field in fields:
-            np.testing.assert_allclose(
-                ours[field], theirs[field], rtol=RTOL, atol=0, err_msg=f"{key}.{field}"
-            )
+            np.testing.assert_allclose(ours[field], theirs[field], rtol=RTOL, atol=0, err_msg=f"{key}.{field}")
         for site, weight in theirs["weights"].items():  # each node's share of the pooled estimate
             np.testing.assert_allclose(
                 by_node[site]["weights"][key],
@@ -160,9 +158,7 @@ def test_meta_equals_glm_and_metafor(tmp_path):
                 atol=0,
                 err_msg=f"{key} weight of {site}",
             )
-    np.testing.assert_allclose(
-        result["random_dl"]["tau2"], ref["random_dl"]["tau2"], rtol=RTOL, atol=0
-    )
+    np.testing.assert_allclose(result["random_dl"]["tau2"], ref["random_dl"]["tau2"], rtol=RTOL, atol=0)
     assert ref["reml_threshold"] == 1e-12
     np.testing.assert_allclose(
         result["random_reml"]["tau2"], ref["random_reml"]["tau2"], rtol=0, atol=META_REML_TAU2_ATOL
@@ -210,9 +206,7 @@ def test_psm_equals_matchit_and_sandwich(tmp_path):
     ref = reference("psm")
     sites = sites_of("psm")
     write_network(tmp_path, sites, PROPENSITY_COLUMNS)
-    result = run_study(
-        tmp_path, name="psm_r", kind="psm", outcome="y", exposure="t", covariates="g + h + x1 + x2"
-    )
+    result = run_study(tmp_path, name="psm_r", kind="psm", outcome="y", exposure="t", covariates="g + h + x1 + x2")
     assert_terms(
         result["propensity_model"]["terms"],
         ref["propensity_model"],
@@ -220,9 +214,7 @@ def test_psm_equals_matchit_and_sandwich(tmp_path):
         what="score",
     )
     assert result["propensity_model"]["n"] == ref["propensity_model"]["n"]
-    np.testing.assert_allclose(
-        result["propensity_score"]["logit_sd"], ref["logit_sd"], rtol=RTOL, atol=0
-    )
+    np.testing.assert_allclose(result["propensity_score"]["logit_sd"], ref["logit_sd"], rtol=RTOL, atol=0)
     np.testing.assert_allclose(result["matching"]["caliper"], ref["caliper"], rtol=RTOL, atol=0)
     caliper = result["matching"]["caliper"]
     for site, state in node_states(tmp_path, "psm_r").items():
@@ -327,9 +319,7 @@ def test_iptw_equals_glm_with_sandwich_hc0(iptw_network, analysis):
     n = outcome["n"]
     svy = {iaptnet_term(k, PROPENSITY_FACTORS): v for k, v in outcome["std_error_svyglm"].items()}
     for term in result["terms"]:
-        np.testing.assert_allclose(
-            term["std_error"] * np.sqrt(n / (n - 1)), svy[term["term"]], rtol=RTOL, atol=0
-        )
+        np.testing.assert_allclose(term["std_error"] * np.sqrt(n / (n - 1)), svy[term["term"]], rtol=RTOL, atol=0)
 
 
 # --- GLM robust covariances: glm() with sandwich::vcovCL (HC1) and vcovHC (HC0) -------------------

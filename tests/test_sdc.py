@@ -17,11 +17,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from glmcase import write_network, write_study
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nodecase import Node
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from glmcase import write_network, write_study
 from iaptnet.coordinator.inprocess import run_inprocess
 from iaptnet.node.policy import Rules
 from iaptnet.node.policy import round_count as policy_round_count
@@ -30,13 +31,13 @@ from iaptnet.protocol.kinds import its as its_protocol
 from iaptnet.protocol.kinds.describe import Layout, VariableLayout, cell_keys, relations, step_pairs
 from iaptnet.protocol.sdc import Chain, Relation, round_count, suppress, unprotected
 from iaptnet.protocol.study import parse_study
-from nodecase import Node
 
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 COUNTS = st.sampled_from([0, 0, 0, 1, 2, 3, 5, 7, 8, 9, 12, 20, 35])
 
 
 # --------------------------------------------------------------------------- rounding
+
 
 def test_round_count_is_the_nhs_rule():
     assert [round_count(n) for n in (0, 1, 7, 8, 12, 13, 1234)] == [0, None, None, 10, 10, 15, 1235]
@@ -50,6 +51,7 @@ def test_round_count_is_the_nhs_rule():
 
 
 # --------------------------------------------------------------------------- the attacker
+
 
 def _split(items):
     rels, chains = [], []
@@ -108,8 +110,13 @@ def attacker_range(values, hidden, items, functional: dict) -> tuple[float, floa
     for sign in (1.0, -1.0):
         res = milp(sign * goal, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, np.inf))
         if res.status == 2:  # HiGHS' presolve can call a feasible problem infeasible: ask again without it
-            res = milp(sign * goal, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, np.inf),
-                       options={"presolve": False})
+            res = milp(
+                sign * goal,
+                constraints=constraints,
+                integrality=np.ones(n),
+                bounds=Bounds(0, np.inf),
+                options={"presolve": False},
+            )
         if res.status == 3 or (res.status != 0 and sign < 0):  # unbounded above
             out.append(None)
             continue
@@ -126,6 +133,7 @@ def public_zeros(values, hidden, items) -> set:
 
     def is_zero(k):
         return k in zero or (k not in hidden and values[k] == 0)
+
     again = True
     while again:
         again = False
@@ -142,7 +150,7 @@ def public_zeros(values, hidden, items) -> set:
         for steps in chains:
             for i, s in enumerate(steps):
                 if is_zero(s):
-                    for k in steps[i + 1:]:
+                    for k in steps[i + 1 :]:
                         if k in hidden and k not in zero:
                             zero.add(k)
                             again = True
@@ -187,6 +195,7 @@ def primary(values, suppress_max=7):
 
 # --------------------------------------------------------------------------- random tables
 
+
 @st.composite
 def two_way(draw):
     """A rows x columns table with row and column totals and a grand total (sometimes known
@@ -201,8 +210,10 @@ def two_way(draw):
     items = [(("row", i), [("x", i, j) for j in range(n_cols)]) for i in range(n_rows)]
     items += [(("col", j), [("x", i, j) for i in range(n_rows)]) for j in range(n_cols)]
     if grand != "none":
-        items += [Relation("all", tuple(("row", i) for i in range(n_rows)), grand == "implicit"),
-                  Relation("all", tuple(("col", j) for j in range(n_cols)), grand == "implicit")]
+        items += [
+            Relation("all", tuple(("row", i) for i in range(n_rows)), grand == "implicit"),
+            Relation("all", tuple(("col", j) for j in range(n_cols)), grand == "implicit"),
+        ]
     return values, items
 
 
@@ -233,8 +244,13 @@ def funnels(draw):
         counts[("s", s, 0)] = sum(counts[("s", s, g)] for g in range(1, groups + 1))
     items = [(("s", s, 0), [("s", s, g) for g in range(1, groups + 1)]) for s in range(steps + 1)]
     items += [Chain(tuple(("s", s, c) for s in range(steps + 1))) for c in range(groups + 1)]
-    pairs = [(("s", a, c), ("s", b, c)) for c in range(groups + 1) for a in range(steps + 1)
-             for b in range(a + 1, steps + 1) if round_count(counts[("s", a, c)] - counts[("s", b, c)]) is None]
+    pairs = [
+        (("s", a, c), ("s", b, c))
+        for c in range(groups + 1)
+        for a in range(steps + 1)
+        for b in range(a + 1, steps + 1)
+        if round_count(counts[("s", a, c)] - counts[("s", b, c)]) is None
+    ]
     return counts, items, pairs
 
 
@@ -273,11 +289,16 @@ def test_relations_with_implicit_totals(table):
             assert set(item.parts) <= hidden
 
 
-PEOPLE = st.lists(st.tuples(st.sampled_from([1, 1, 1, 2, 2, 3]),  # by: a, b, missing
-                            st.sampled_from([0, 0, 1, 2]),  # variable 0: p, q, missing
-                            st.sampled_from([0, 0, 0, 1]),  # variable 1: recorded, missing
-                            st.booleans(), st.booleans()),  # funnel steps
-                  max_size=45)
+PEOPLE = st.lists(
+    st.tuples(
+        st.sampled_from([1, 1, 1, 2, 2, 3]),  # by: a, b, missing
+        st.sampled_from([0, 0, 1, 2]),  # variable 0: p, q, missing
+        st.sampled_from([0, 0, 0, 1]),  # variable 1: recorded, missing
+        st.booleans(),
+        st.booleans(),
+    ),  # funnel steps
+    max_size=45,
+)
 
 
 def people_counts(people, lay: Layout) -> dict:
@@ -294,9 +315,15 @@ def people_counts(people, lay: Layout) -> dict:
     return counts
 
 
-LAYOUT = Layout("by", ("a", "b"), (VariableLayout("v0", "categorical", "counts", ("p", "q", "missing")),
-                                   VariableLayout("v1", "integer", "summary", ("recorded", "missing"), (0.5,), 1.0)),
-                ("step1 == 1", "step2 == 1"))
+LAYOUT = Layout(
+    "by",
+    ("a", "b"),
+    (
+        VariableLayout("v0", "categorical", "counts", ("p", "q", "missing")),
+        VariableLayout("v1", "integer", "summary", ("recorded", "missing"), (0.5,), 1.0),
+    ),
+    ("step1 == 1", "step2 == 1"),
+)
 
 
 @given(PEOPLE)
@@ -317,8 +344,12 @@ def test_one_person_column_hides_the_column():
     0. Without rule (b) the zeros would give that person's level of every variable."""
     people = [(1, 0, 0, True, True)] * 30 + [(1, 1, 0, True, False)] * 20 + [(2, 1, 0, True, True)]
     values = people_counts(people, LAYOUT)
-    hidden = assert_protected(values, primary(values), relations(LAYOUT),
-                              [(a, b) for a, b in step_pairs(LAYOUT) if round_count(values[a] - values[b]) is None])
+    hidden = assert_protected(
+        values,
+        primary(values),
+        relations(LAYOUT),
+        [(a, b) for a, b in step_pairs(LAYOUT) if round_count(values[a] - values[b]) is None],
+    )
     column_b = {k for k in cell_keys(LAYOUT) if k[-1] == 2}
     assert column_b <= hidden
 
@@ -378,10 +409,14 @@ def table_sites(seed=3):
     rng = np.random.default_rng(seed)
     sites = {}
     for k, n in enumerate((400, 500)):
-        frame = pd.DataFrame({"g": rng.choice(["a", "b", "c"], size=n, p=[0.5, 0.3, 0.2]),
-                              "flag": (rng.random(n) < 0.4).astype(float),
-                              "score": rng.integers(0, 11, size=n).astype(float),
-                              "step1": (rng.random(n) < 0.7).astype(float)})
+        frame = pd.DataFrame(
+            {
+                "g": rng.choice(["a", "b", "c"], size=n, p=[0.5, 0.3, 0.2]),
+                "flag": (rng.random(n) < 0.4).astype(float),
+                "score": rng.integers(0, 11, size=n).astype(float),
+                "step1": (rng.random(n) < 0.7).astype(float),
+            }
+        )
         frame.loc[frame.index[:10], "flag"] = np.nan
         sites[f"site{k}"] = frame
     return sites
@@ -394,8 +429,14 @@ def test_a_by_column_of_one_person_reveals_nothing(tmp_path):
     person = sites["site0"].index[50]
     sites["site0"].loc[person, ["g", "flag", "score", "step1"]] = ["d", 1.0, 10.0, 1.0]
     write_network(tmp_path, sites, TABLE_COLUMNS)
-    study = write_study(tmp_path / "one.toml", name="one", kind="table", by="g",
-                        variables=["flag", "score"], funnel=["step1 == 1", "score >= 9"])
+    study = write_study(
+        tmp_path / "one.toml",
+        name="one",
+        kind="table",
+        by="g",
+        variables=["flag", "score"],
+        funnel=["step1 == 1", "score >= 9"],
+    )
     result = run_inprocess([study], tmp_path / "network.toml")[0]
     d = [c["level"] for c in result["columns"]].index("d")
     assert result["group_sizes"][d]["suppressed"]
@@ -414,7 +455,7 @@ def test_a_suppressed_funnel_step_hides_the_zero_after_it(tmp_path):
     without rule (c) the 0 would say all three left at the second step. (Each condition
     admits many people of the whole dataset, as the node requires: the cohort makes them few.)"""
     sites = table_sites()
-    for name, frame in sites.items():
+    for _name, frame in sites.items():
         frame["step1"] = 0.0
         frame["score"] = np.minimum(frame["score"], 8.0)
     site0 = sites["site0"]
@@ -422,8 +463,9 @@ def test_a_suppressed_funnel_step_hides_the_zero_after_it(tmp_path):
     site0.loc[site0.index[3:40], "score"] = 9.0  # so only 3 with step1 are in the cohort
     sites["site1"].loc[sites["site1"].index[:40], ["step1", "score"]] = [1.0, 9.0]
     write_network(tmp_path, sites, TABLE_COLUMNS)
-    study = write_study(tmp_path / "fun.toml", name="fun", kind="table", where="score <= 8",
-                        funnel=["step1 == 1", "score >= 9"])
+    study = write_study(
+        tmp_path / "fun.toml", name="fun", kind="table", where="score <= 8", funnel=["step1 == 1", "score >= 9"]
+    )
     result = run_inprocess([study], tmp_path / "network.toml")[0]
     steps = [[cell["count"] for cell in step["cells"]] for step in result["funnel"]["steps"]]
     assert steps[0][0] is not None
@@ -444,8 +486,16 @@ def its_site(rng, rows: dict[str, tuple[int, int]], change: dict[str, int]) -> p
     for svc, (before, after) in rows.items():
         at = change.get(svc, 48)
         month = np.concatenate([rng.integers(0, at, size=before), rng.integers(at, 48, size=after)])
-        parts.append(pd.DataFrame({"dna": 1 + rng.poisson(0.8, size=before + after),
-                                   "att": 1 + rng.poisson(3.0, size=before + after), "month": month, "svc": svc}))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "dna": 1 + rng.poisson(0.8, size=before + after),
+                    "att": 1 + rng.poisson(3.0, size=before + after),
+                    "month": month,
+                    "svc": svc,
+                }
+            )
+        )
     return pd.concat(parts, ignore_index=True)
 
 
@@ -456,8 +506,19 @@ def test_its_node_hides_both_periods_of_a_group(tmp_path):
     changes = {"1": 20, "2": 30}
     frame = its_site(rng, {"1": (300, 400), "2": (0, 3)}, changes)
     node = Node(tmp_path, frame, ITS_COLUMNS)
-    spec, _ = parse_study({"name": "grp", "kind": "its", "outcome": "dna", "denominator": ["att"], "time": "month",
-                           "group": "svc", "changes": changes}, node.schema, "grp.toml")
+    spec, _ = parse_study(
+        {
+            "name": "grp",
+            "kind": "its",
+            "outcome": "dna",
+            "denominator": ["att"],
+            "time": "month",
+            "group": "svc",
+            "changes": changes,
+        },
+        node.schema,
+        "grp.toml",
+    )
     reply, _ = node.prepare(spec.to_wire(), kind=its_protocol.TASK)
     assert reply.status == m.OK, reply.message
     table = reply.payload["segments"]["m0"]
@@ -473,13 +534,23 @@ def test_its_segments_never_show_a_zero_beside_a_suppressed_period(tmp_path):
     without a change, is a control.)"""
     rng = np.random.default_rng(2)
     changes = {"1": 20, "2": 24, "3": 30}
-    sites = {"site0": its_site(rng, {"1": (400, 500)}, changes),
-             "site1": its_site(rng, {"2": (450, 350), "3": (5, 0), "4": (300, 0)}, changes)}
+    sites = {
+        "site0": its_site(rng, {"1": (400, 500)}, changes),
+        "site1": its_site(rng, {"2": (450, 350), "3": (5, 0), "4": (300, 0)}, changes),
+    }
     loose = "min_level_count = 1\nmax_leverage = 1\nmin_subset_difference = 1\n"
     relaxed = f'mode = "exploratory"\n[rules]\n{loose}[exploratory]\n{loose}'
     write_network(tmp_path, sites, ITS_COLUMNS, policies={"site1": relaxed})
-    study = write_study(tmp_path / "its.toml", name="its3", kind="its", outcome="dna", denominator=["att"],
-                        time="month", group="svc", changes=changes)
+    study = write_study(
+        tmp_path / "its.toml",
+        name="its3",
+        kind="its",
+        outcome="dna",
+        denominator=["att"],
+        time="month",
+        group="svc",
+        changes=changes,
+    )
     result = run_inprocess([study], tmp_path / "network.toml")[0]
     seg = {s["group"]: s for s in result["segments"]}
     for period in ("before", "after"):

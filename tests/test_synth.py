@@ -54,6 +54,7 @@ def small_frames(small):
 
 # ------------------------------------------------------------------ determinism
 
+
 def test_same_seed_same_data_and_different_seed_different_data(small):
     again = synth.generate(SMALL, 8, SMALL_SEED)
     assert again.extract.equals(small.extract)
@@ -69,13 +70,13 @@ def test_written_files_are_byte_identical_for_a_seed(tmp_path):
     first = synth.generate_network(tmp_path / "a", services=3, patients=6_000, seed=5)
     second = synth.generate_network(tmp_path / "b", services=3, patients=6_000, seed=5)
     names = sorted(p.name for p in first.parent.iterdir())
-    assert names == ["network.toml", "population.csv", "service_1.parquet", "service_2.parquet",
-                     "service_3.parquet"]
+    assert names == ["network.toml", "population.csv", "service_1.parquet", "service_2.parquet", "service_3.parquet"]
     for name in names:
         assert (first.parent / name).read_bytes() == (second.parent / name).read_bytes()
 
 
 # ------------------------------------------------------------------ the schema contract
+
 
 def test_extract_columns_types_and_codes_follow_the_schema(small):
     schema = iapt_extract_schema()
@@ -103,8 +104,7 @@ def test_extract_columns_types_and_codes_follow_the_schema(small):
 
 
 def test_network_files_load_validate_and_rederive_the_planted_flags(tmp_path, small):
-    toml_path = synth.generate_network(tmp_path / "net", services=8, patients=SMALL,
-                                       seed=SMALL_SEED)
+    toml_path = synth.generate_network(tmp_path / "net", services=8, patients=SMALL, seed=SMALL_SEED)
     text = toml_path.read_text()
     assert text.startswith(f"# written by iaptnet synth (seed {SMALL_SEED})")
     network = tomllib.loads(text)
@@ -133,8 +133,14 @@ def test_csv_network_loads_to_the_same_derived_frame(tmp_path):
 
 
 def _assert_planted_equals_derived(derived: pd.DataFrame, truth: pd.DataFrame) -> None:
-    for name in ("reliable_recovery", "reliable_improvement", "reliable_deterioration",
-                 "attrition", "nice_mismatch", "finished_treatment"):
+    for name in (
+        "reliable_recovery",
+        "reliable_improvement",
+        "reliable_deterioration",
+        "attrition",
+        "nice_mismatch",
+        "finished_treatment",
+    ):
         got = derived[name].to_numpy(dtype=float)
         planted = truth[name].to_numpy(dtype=float, na_value=np.nan)
         defined = ~np.isnan(got)
@@ -156,6 +162,7 @@ def test_rederived_flags_equal_planted_flags_on_the_pooled_frame(small_frames):
 
 
 # ------------------------------------------------------------------ marginal targets (§E)
+
 
 def _share(mask) -> float:
     return float(np.mean(mask))
@@ -219,8 +226,13 @@ def test_missingness_is_completely_at_random(small_frames):
     raw, d, truth = small_frames
     y = truth["reliable_recovery"].to_numpy(dtype=float, na_value=np.nan)
     have = ~np.isnan(y)
-    for mask in (raw["ltc"].isna(), raw["disability"] == "ZZ", raw["psychotropic_med"].isna(),
-                 d["ethnic_group"].isna(), raw["wsas_first"].isna()):
+    for mask in (
+        raw["ltc"].isna(),
+        raw["disability"] == "ZZ",
+        raw["psychotropic_med"].isna(),
+        d["ethnic_group"].isna(),
+        raw["wsas_first"].isna(),
+    ):
         m = mask.to_numpy()
         gap = np.nanmean(y[have & m]) - np.nanmean(y[have & ~m])
         assert abs(gap) < 0.03
@@ -306,6 +318,7 @@ def test_balanced_draw_keeps_each_probability_and_balances_strata():
 
 # ------------------------------------------------------------------ writing and arguments
 
+
 def test_toml_names_for_other_network_sizes(tmp_path):
     path = synth.generate_network(tmp_path / "three", services=3, patients=3_000, seed=1)
     nodes = tomllib.loads(path.read_text())["node"]
@@ -342,13 +355,16 @@ def test_rewrite_replaces_a_previous_network_but_not_a_foreign_folder(tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(services=9), "between 1 and 8"),
-    (dict(services=0), "between 1 and 8"),
-    (dict(services=2, patients=50), "at least 100 per service"),
-    (dict(services=2, patients=1_000, seed=-1), "zero or positive"),
-    (dict(services=2, patients=1_000, fmt="xlsx"), "format"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(services=9), "between 1 and 8"),
+        (dict(services=0), "between 1 and 8"),
+        (dict(services=2, patients=50), "at least 100 per service"),
+        (dict(services=2, patients=1_000, seed=-1), "zero or positive"),
+        (dict(services=2, patients=1_000, fmt="xlsx"), "format"),
+    ],
+)
 def test_bad_arguments_are_one_clear_sentence(tmp_path, kwargs, message):
     with pytest.raises(SpecError, match=message):
         synth.generate_network(tmp_path / "x", **kwargs)
@@ -356,6 +372,7 @@ def test_bad_arguments_are_one_clear_sentence(tmp_path, kwargs, message):
 
 
 # ------------------------------------------------------------------ the key check
+
 
 def _formula_columns(formula: str) -> list[str]:
     lhs, rhs = formula.split("~")
@@ -400,7 +417,8 @@ def test_catalogue_models_recover_the_abstract_at_paper_scale(paper, study_path)
     ratio = float(np.exp(beta))
     assert ref["low"] <= ratio <= ref["high"], (
         f"{study['name']}: OR {ratio:.3f} ({np.exp(beta - 1.96 * se):.3f}-"
-        f"{np.exp(beta + 1.96 * se):.3f}) outside {ref['low']}-{ref['high']}")
+        f"{np.exp(beta + 1.96 * se):.3f}) outside {ref['low']}-{ref['high']}"
+    )
     rows = cohort[complete]
     if study["name"] == "d1_sessions":
         assert 60_000 <= len(rows) <= 110_000
@@ -419,12 +437,14 @@ def test_catalogue_models_recover_the_abstract_at_paper_scale(paper, study_path)
 def test_shipped_population_layout_codes_and_totals():
     pop = synth.read_population(D.SHIPPED)
     assert D.SHIPPED.stat().st_size < 300_000
-    assert tuple(pop.columns) == D.COLUMNS == (
-        "area", "age_band", "sex", "ethnic_group", "imd_quintile", "population")
+    assert tuple(pop.columns) == D.COLUMNS == ("area", "age_band", "sex", "ethnic_group", "imd_quintile", "population")
     derived = iapt_derived_schema()
-    for column, derived_name in (("age_band", "age_group"), ("sex", "sex"),
-                                 ("ethnic_group", "ethnicity_ons"),
-                                 ("imd_quintile", "imd_quintile")):
+    for column, derived_name in (
+        ("age_band", "age_group"),
+        ("sex", "sex"),
+        ("ethnic_group", "ethnicity_ons"),
+        ("imd_quintile", "imd_quintile"),
+    ):
         assert pd.unique(pop[column]).tolist() == list(derived[derived_name].levels), column
     assert pd.unique(pop["area"]).tolist() == list(P.SERVICE_NAMES_8)
     # One row per area x age band x sex x ethnic group x IMD quintile, every count positive.
@@ -439,16 +459,16 @@ def test_shipped_population_layout_codes_and_totals():
     assert 0.12 <= share["65+"] <= 0.15
     imd = (pop.groupby("imd_quintile")["population"].sum() / total).sort_index()
     np.testing.assert_allclose(imd.to_numpy(), P.IMD_SHARES, atol=0.001)  # London is deprived
-    assert (pop.groupby("sex")["population"].sum() / total)["female"] == pytest.approx(0.51,
-                                                                                     abs=0.001)
+    assert (pop.groupby("sex")["population"].sum() / total)["female"] == pytest.approx(0.51, abs=0.001)
 
 
 def test_shipped_population_is_what_the_generator_writes():
     text = synth.population_csv()
     assert D.SHIPPED.read_bytes() == text.encode("utf-8")
     assert synth.population_csv() == text
-    assert text.startswith("area,age_band,sex,ethnic_group,imd_quintile,population\n"
-                           "camden_islington,18-24,female,White,1,")
+    assert text.startswith(
+        "area,age_band,sex,ethnic_group,imd_quintile,population\ncamden_islington,18-24,female,White,1,"
+    )
 
 
 def test_network_folders_carry_population_scaled_to_their_size(tmp_path):
@@ -460,9 +480,11 @@ def test_network_folders_carry_population_scaled_to_their_size(tmp_path):
     scaled = sum(P.POPULATION_ADULTS_8) * 6_000 / P.PAPER_PATIENTS
     assert pop["population"].sum() == pytest.approx(scaled, abs=3)
     eight = synth.population_table(SMALL, 8)
-    np.testing.assert_allclose(eight.groupby("area", sort=False)["population"].sum(),
-                               np.asarray(P.POPULATION_ADULTS_8) * SMALL / P.PAPER_PATIENTS,
-                               atol=1)
+    np.testing.assert_allclose(
+        eight.groupby("area", sort=False)["population"].sum(),
+        np.asarray(P.POPULATION_ADULTS_8) * SMALL / P.PAPER_PATIENTS,
+        atol=1,
+    )
 
 
 def _annual_rates(frame: pd.DataFrame, pop: pd.DataFrame, column: str, pop_column: str):
@@ -480,9 +502,14 @@ def _access_checks(frame: pd.DataFrame, pop: pd.DataFrame) -> dict[str, float]:
     rate_working = 100_000 * (~older).sum() / ((pop["population"].sum() - pop_older) * 8)
     imd = _annual_rates(frame, pop, "imd_quintile", "imd_quintile")
     overall = 100_000 * len(frame) / (pop["population"].sum() * 8)
-    return {"older_ratio": rate_older / rate_working, "imd_ratio": imd["5"] / imd["1"],
-            "imd_spread": imd.max() / imd.min(), "overall": overall, "age_65": age["65+"],
-            "older_share": older.mean()}
+    return {
+        "older_ratio": rate_older / rate_working,
+        "imd_ratio": imd["5"] / imd["1"],
+        "imd_spread": imd.max() / imd.min(),
+        "overall": overall,
+        "age_65": age["65+"],
+        "older_share": older.mean(),
+    }
 
 
 def test_access_rates_on_a_small_network(small_frames):
@@ -504,6 +531,7 @@ def test_access_rates_against_the_shipped_population_at_paper_scale(paper):
 
 
 # ------------------------------------------------------------------ the planted service change
+
 
 def test_reminder_dates_by_name_and_service_id():
     import datetime as dt
@@ -532,8 +560,7 @@ def test_generator_referral_month_matches_the_derived_one(small, small_frames):
 
 def _monthly_dna(frame: pd.DataFrame) -> pd.DataFrame:
     """Monthly aggregates per service with the segmented-regression terms."""
-    agg = (frame.groupby(["service_id", "referral_month"], observed=True)[["n_dna", "n_treat"]]
-           .sum().reset_index())
+    agg = frame.groupby(["service_id", "referral_month"], observed=True)[["n_dna", "n_treat"]].sum().reset_index()
     agg["service_id"] = agg["service_id"].astype(str)
     change = agg["service_id"].map(synth.REMINDER_MONTH_BY_SERVICE_ID)
     agg["month"] = agg["referral_month"].astype(float)
@@ -550,8 +577,7 @@ def _its_fit(agg: pd.DataFrame, formula: str):
     import statsmodels.api as sm
     import statsmodels.formula.api as smf
 
-    return smf.glm(formula, data=agg, family=sm.families.Binomial(),
-                   var_weights=agg["appointments"]).fit(scale="X2")
+    return smf.glm(formula, data=agg, family=sm.families.Binomial(), var_weights=agg["appointments"]).fit(scale="X2")
 
 
 def test_reminder_step_is_recovered_per_service_and_pooled(paper):

@@ -24,7 +24,6 @@ Model outputs (rate ratios, CIs) are not small-number controlled (docs/reference
 
 from __future__ import annotations
 
-
 import numpy as np
 from scipy import stats
 from statsmodels.stats.rates import confint_poisson
@@ -32,23 +31,23 @@ from statsmodels.stats.rates import confint_poisson
 from ..protocol.errors import NetworkError, SpecError
 from ..protocol.families import get_family
 from ..protocol.kinds.access import PER, TASK, margins_key
+from ..protocol.sdc import ROUND_TO, SUPPRESS_MAX, Relation, round_count, suppress
 from . import loglinear
 from .glm import ModelFit
 from .results import node_lines, provenance, term_rows
 from .runner import node_status
 from .session import Session
-from ..protocol.sdc import ROUND_TO, SUPPRESS_MAX, Relation, round_count, suppress
 
 KEY = "m0"
 ALL = "all"
 COUNT_KEYS = ("n_used", "n_cohort", "n_missing", "n_no_population")
 
 
-
 def run_study(grid, study, *, engine: str, progress=None, timeout=300.0, poll_interval=0.0) -> dict:
     spec, access = study.spec, study.parsed
-    session = Session(grid, spec.hash, min_nodes=spec.min_nodes, timeout=timeout,
-                      poll_interval=poll_interval, progress=progress)
+    session = Session(
+        grid, spec.hash, min_nodes=spec.min_nodes, timeout=timeout, poll_interval=poll_interval, progress=progress
+    )
     replies = session.ask(TASK, {"models": {KEY: spec.to_wire()}})
     if not replies:
         raise NetworkError("no node contributed to the study.")
@@ -94,11 +93,14 @@ def cell_table(access, nodes: list[str], source: str) -> loglinear.CellTable:
     for j, var in enumerate(access.by):
         for level in access.levels[var]:
             if not any(g[j] == level for g in cells):
-                raise SpecError(f"{table.source}: the population table (field 'population' of {source}) has no "
-                                f"population for {var} '{level}' in the areas of the contributing nodes; merge that "
-                                "level with another or leave the variable out of field 'by'.")
-    return loglinear.CellTable(list(nodes), access.by, access.levels, np.asarray(area_of), cells,
-                               np.asarray(person_years, dtype=float))
+                raise SpecError(
+                    f"{table.source}: the population table (field 'population' of {source}) has no "
+                    f"population for {var} '{level}' in the areas of the contributing nodes; merge that "
+                    "level with another or leave the variable out of field 'by'."
+                )
+    return loglinear.CellTable(
+        list(nodes), access.by, access.levels, np.asarray(area_of), cells, np.asarray(person_years, dtype=float)
+    )
 
 
 def model_terms(access, cells: loglinear.CellTable) -> list[str]:
@@ -128,14 +130,29 @@ def analyse(spec, access, cells, margins, totals, counts) -> dict:
             "lr_p_value": float(stats.chi2.sf(lr, df)) if df else None,
         }
     rates, area_rates, secondary = rate_tables(access, cells, margins, totals, counts, fits)
-    return {"fits": fits, "rates": rates, "area_rates": area_rates, "secondary": secondary,
-            "n": int(sum(totals.values())), "cells": len(cells.groups)}
+    return {
+        "fits": fits,
+        "rates": rates,
+        "area_rates": area_rates,
+        "secondary": secondary,
+        "n": int(sum(totals.values())),
+        "cells": len(cells.groups),
+    }
 
 
 def _model_fit(spec, fitted: loglinear.LoglinearFit) -> ModelFit:
     p = len(fitted.names)
-    return ModelFit(KEY, spec, get_family("poisson"), names=fitted.names, active=np.ones(p, dtype=bool),
-                    beta=fitted.beta, cov=fitted.cov, converged=True, iterations=fitted.iterations)
+    return ModelFit(
+        KEY,
+        spec,
+        get_family("poisson"),
+        names=fitted.names,
+        active=np.ones(p, dtype=bool),
+        beta=fitted.beta,
+        cov=fitted.cov,
+        converged=True,
+        iterations=fitted.iterations,
+    )
 
 
 def fill_rates(rows: list[dict], exact: list[float]) -> None:
@@ -160,12 +177,14 @@ def rate_tables(access, cells, margins, totals, counts, fits):
         levels = access.levels[var]
         exact[var] = np.array([margins[node][var] for node in nodes])
         level_of = np.array([g[j] for g in cells.groups], dtype=object)
-        cell_py[var] = np.array([[py[(cells.area_of == k) & (level_of == level)].sum() for level in levels]
-                                 for k in range(len(nodes))])
+        cell_py[var] = np.array(
+            [[py[(cells.area_of == k) & (level_of == level)].sum() for level in levels] for k in range(len(nodes))]
+        )
         # The displayed table: nodes' own released counts (their policy), then network sums
         # under the network rule; the last column holds the totals every table shares.
-        shown[var] = [[counts[node].get(f"{var}={level}") for level in levels] + [counts[node].get("n_used")]
-                      for node in nodes]
+        shown[var] = [
+            [counts[node].get(f"{var}={level}") for level in levels] + [counts[node].get("n_used")] for node in nodes
+        ]
         shown[var].append([round_count(v) for v in exact[var].sum(axis=0)] + [round_count(grand_n)])
     primary, hidden, secondary = display_suppression(access, nodes, exact, totals, shown)
     for var, r, c in hidden:
@@ -191,8 +210,9 @@ def rate_tables(access, cells, margins, totals, counts, fits):
     for r, node in enumerate(nodes + [ALL]):
         n = totals[node] if node != ALL else grand_n
         person_years = float(py[cells.area_of == r].sum()) if node != ALL else float(py.sum())
-        row = _rate_row(ALL, ALL, shown[first][r][totals_col], (r, totals_col) in primary[first],
-                        person_years, access.years)
+        row = _rate_row(
+            ALL, ALL, shown[first][r][totals_col], (r, totals_col) in primary[first], person_years, access.years
+        )
         if node == ALL:
             rates.append(row)
             exact_rates.append(n)
@@ -204,8 +224,7 @@ def rate_tables(access, cells, margins, totals, counts, fits):
     return rates, area_rates, secondary
 
 
-def display_suppression(access, nodes: list[str], exact: dict, totals: dict,
-                        shown: dict) -> tuple[set, set, int]:
+def display_suppression(access, nodes: list[str], exact: dict, totals: dict, shown: dict) -> tuple[set, set, int]:
     """Which displayed counts are small and which to hide, as (variable, row, column) of the
     `shown` tables (a row per node then the network; the last column the totals, the same
     cells in every table), and how many counts are hidden to protect others. Relations:
@@ -240,14 +259,23 @@ def display_suppression(access, nodes: list[str], exact: dict, totals: dict,
             else:
                 out.add(key)
         return out
+
     return cells(small), cells(hidden), len(hidden - small)
 
 
 def _rate_row(var, level, shown, is_primary, person_years, years) -> dict:
     """A displayed row; its rate is filled in (fill_rates) only beside a shown count."""
-    row = {"variable": var, "level": level, "referrals": shown,
-           "population": float(person_years / years), "person_years": float(person_years),
-           "rate": None, "rate_low": None, "rate_high": None, "suppressed": None}
+    row = {
+        "variable": var,
+        "level": level,
+        "referrals": shown,
+        "population": float(person_years / years),
+        "person_years": float(person_years),
+        "rate": None,
+        "rate_low": None,
+        "rate_high": None,
+        "suppressed": None,
+    }
     if shown is None:
         row["suppressed"] = "small number" if is_primary else "secondary"
     return row
@@ -282,13 +310,24 @@ def build_results(spec, access, analysis: dict, *, engine: str, node_status: lis
         "by": list(access.by),
         "period": {"first": access.period[0], "last": access.period[1], "years": access.years},
         "per": PER,
-        "population": {"source": access.population_label, "file": table.source, "sha256": table.digest,
-                       "areas": {n["name"]: access.areas.get(n["name"], [n["name"]])
-                                 for n in node_status if n.get("contributed")}},
+        "population": {
+            "source": access.population_label,
+            "file": table.source,
+            "sha256": table.digest,
+            "areas": {n["name"]: access.areas.get(n["name"], [n["name"]]) for n in node_status if n.get("contributed")},
+        },
         # With a need table, `population` and `person_years` in the rates are of people with
         # need (population x prevalence), and rates are per 100,000 of them.
-        "need": ({"source": access.need_label, "file": access.need.source, "sha256": access.need.digest,
-                  "by": list(access.need.vars)} if access.need else None),
+        "need": (
+            {
+                "source": access.need_label,
+                "file": access.need.source,
+                "sha256": access.need.digest,
+                "by": list(access.need.vars),
+            }
+            if access.need
+            else None
+        ),
         "exposure": spec.exposure,
         "exposure_term": next((t for t in terms if t["term"] == spec.exposure), None),
         "n": analysis["n"],
@@ -311,9 +350,11 @@ def build_results(spec, access, analysis: dict, *, engine: str, node_status: lis
         "models": list(analysis["fits"].values()),
         "rates": analysis["rates"],
         "area_rates": analysis["area_rates"],
-        "suppression": {"network_rule": f"1-{SUPPRESS_MAX} suppressed, others rounded to {ROUND_TO}",
-                        "node_counts": "as each node's policy released them",
-                        "secondary": analysis["secondary"]},
+        "suppression": {
+            "network_rule": f"1-{SUPPRESS_MAX} suppressed, others rounded to {ROUND_TO}",
+            "node_counts": "as each node's policy released them",
+            "secondary": analysis["secondary"],
+        },
         "nodes": node_status,
         **provenance(spec, engine),
     }
@@ -321,47 +362,65 @@ def build_results(spec, access, analysis: dict, *, engine: str, node_status: lis
 
 # --------------------------------------------------------------------------- the report
 
+
 def render(result: dict) -> str:
     """Rates per 100,000 per year with crude rate ratios, then the adjusted rate ratios."""
     title = result.get("title") or result["study"]
     period = result["period"]
     need = result.get("need")
     offset = "population x prevalence x years" if need else "population x years"
-    against = (f"people with need: population '{result['population']['source']}' x prevalence "
-               f"'{need['source']}' by {', '.join(need['by'])} (sha256 {result['population']['sha256'][:12]}, "
-               f"{need['sha256'][:12]})") if need else \
-        f"population '{result['population']['source']}' (sha256 {result['population']['sha256'][:12]})"
-    lines = [f"{title}  [access: Poisson, offset log({offset})]  study {result['study_hash'][:12]}",
-             f"  referrals {period['first']}..{period['last']} ({period['years']:g} years) against {against}",
-             f"  n = {result['n']:,} referrals counted ({result['n_missing']:,} left out for a missing group); "
-             f"{result['cells']} cells"]
+    against = (
+        (
+            f"people with need: population '{result['population']['source']}' x prevalence "
+            f"'{need['source']}' by {', '.join(need['by'])} (sha256 {result['population']['sha256'][:12]}, "
+            f"{need['sha256'][:12]})"
+        )
+        if need
+        else f"population '{result['population']['source']}' (sha256 {result['population']['sha256'][:12]})"
+    )
+    lines = [
+        f"{title}  [access: Poisson, offset log({offset})]  study {result['study_hash'][:12]}",
+        f"  referrals {period['first']}..{period['last']} ({period['years']:g} years) against {against}",
+        f"  n = {result['n']:,} referrals counted ({result['n_missing']:,} left out for a missing group); "
+        f"{result['cells']} cells",
+    ]
     lines.extend(node_lines(result))
     rate = "per 100,000 with need/yr" if need else "rate per 100,000/yr"
     width = 34 if need else 30
-    lines.append(f"  {'group':<30} {'referrals':>10} {'with need' if need else 'population':>12}   "
-                 f"{rate + ' (95% CI)':<{width}} crude rate ratio (95% CI)")
+    lines.append(
+        f"  {'group':<30} {'referrals':>10} {'with need' if need else 'population':>12}   "
+        f"{rate + ' (95% CI)':<{width}} crude rate ratio (95% CI)"
+    )
     for row in result["rates"]:
         group = "all referrals" if row["variable"] == ALL else f"{row['variable']} {row['level']}"
         count = "*" if row["referrals"] is None else f"{row['referrals']:,}"
         shown = "*" if row["rate"] is None else f"{row['rate']:.1f} ({row['rate_low']:.1f}-{row['rate_high']:.1f})"
         ratio = ""
         if row.get("rate_ratio") is not None:
-            ratio = "1 (reference)" if row["rate_ratio_low"] is None else \
-                f"{row['rate_ratio']:.3f} ({row['rate_ratio_low']:.3f}-{row['rate_ratio_high']:.3f})"
+            ratio = (
+                "1 (reference)"
+                if row["rate_ratio_low"] is None
+                else f"{row['rate_ratio']:.3f} ({row['rate_ratio_low']:.3f}-{row['rate_ratio_high']:.3f})"
+            )
         lines.append(f"  {group[:30]:<30} {count:>10} {row['population']:>12,.0f}   {shown:<{width}} {ratio}")
     p = result["lr_p_value"]
-    lines.append(f"  adjusted: {result['formula']}; likelihood ratio vs no groups {result['lr_statistic']:.1f} "
-                 f"on {result['lr_df']} df" + (f", p {p:.3g}" if p is not None else ""))
+    lines.append(
+        f"  adjusted: {result['formula']}; likelihood ratio vs no groups {result['lr_statistic']:.1f} "
+        f"on {result['lr_df']} df" + (f", p {p:.3g}" if p is not None else "")
+    )
     lines.append(f"  {'term':<34} {'estimate':>10} {'std err':>9} {'z':>8} {'p':>9}   {'rate ratio (95% CI)':>26}")
     for t in result["terms"]:
-        row = (f"  {t['term'][:34]:<34} {t['estimate']:>10.4f} {t['std_error']:>9.4f} {t['statistic']:>8.2f} "
-               f"{t['p_value']:>9.3g}   {t['ratio']:>8.3f} ({t['ratio_low']:.3f}-{t['ratio_high']:.3f})")
+        row = (
+            f"  {t['term'][:34]:<34} {t['estimate']:>10.4f} {t['std_error']:>9.4f} {t['statistic']:>8.2f} "
+            f"{t['p_value']:>9.3g}   {t['ratio']:>8.3f} ({t['ratio_low']:.3f}-{t['ratio_high']:.3f})"
+        )
         if t["term"] == result.get("exposure"):
             row += "  <- exposure"
         lines.append(row)
     suppressed = sum(1 for r in result["rates"] + result["area_rates"] if r["referrals"] is None)
     if suppressed:
-        lines.append(f"  * suppressed under the small-number rules ({suppressed} counts, "
-                     f"{result['suppression']['secondary']} of them to protect others)")
+        lines.append(
+            f"  * suppressed under the small-number rules ({suppressed} counts, "
+            f"{result['suppression']['secondary']} of them to protect others)"
+        )
     return "\n".join(lines)
-

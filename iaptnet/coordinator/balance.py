@@ -71,8 +71,9 @@ def smd(difference: np.ndarray, var_exposed: np.ndarray, var_control: np.ndarray
     return out
 
 
-def balance_rows(names: list[str], keep: list[int], before: dict, difference_after: np.ndarray,
-                 after_means: dict | None = None) -> list[dict]:
+def balance_rows(
+    names: list[str], keep: list[int], before: dict, difference_after: np.ndarray, after_means: dict | None = None
+) -> list[dict]:
     """One row per kept column: group means, their difference and the SMD before; the
     difference and the SMD after (and, after weighting, the weighted group means).
 
@@ -116,8 +117,9 @@ def balance_summary(rows: list[dict], definition: str) -> dict:
         "max_abs_smd_before": largest("smd_before"),
         "max_abs_smd_after": after,
         "balanced": after is not None and after < BALANCE_THRESHOLD,
-        "imbalanced_terms": [r["term"] for r in covariates
-                             if r["smd_after"] is not None and abs(r["smd_after"]) >= BALANCE_THRESHOLD],
+        "imbalanced_terms": [
+            r["term"] for r in covariates if r["smd_after"] is not None and abs(r["smd_after"]) >= BALANCE_THRESHOLD
+        ],
         "definition": definition,
     }
 

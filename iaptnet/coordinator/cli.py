@@ -34,8 +34,15 @@ def cmd_nodes(args) -> int:
     cfg = load_hub_config(args.config)
     registry = read_registry(cfg)
     statuses = node_statuses(cfg.flwr_home)
-    rows = [{"name": name, "node_id": entry["node_id"], "status": statuses.get(entry["node_id"], "unknown"),
-             "registered_at": entry["registered_at"]} for name, entry in sorted(registry.items())]
+    rows = [
+        {
+            "name": name,
+            "node_id": entry["node_id"],
+            "status": statuses.get(entry["node_id"], "unknown"),
+            "registered_at": entry["registered_at"],
+        }
+        for name, entry in sorted(registry.items())
+    ]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -63,22 +63,26 @@ def summarise(results: list[dict], *, secondary: bool = False) -> list[dict]:
         if bool(ref.get("secondary")) != secondary:
             continue
         term = result["exposure_term"]
-        rows.append({
-            "finding": ref.get("finding", result["study"]),
-            "term": term["term"],
-            "ratio": term["ratio"],
-            "ratio_low": term["ratio_low"],
-            "ratio_high": term["ratio_high"],
-            "paper_ratio": ref.get("ratio"),
-            "paper_low": ref.get("low"),
-            "paper_high": ref.get("high"),
-        })
+        rows.append(
+            {
+                "finding": ref.get("finding", result["study"]),
+                "term": term["term"],
+                "ratio": term["ratio"],
+                "ratio_low": term["ratio_low"],
+                "ratio_high": term["ratio_high"],
+                "paper_ratio": ref.get("ratio"),
+                "paper_low": ref.get("low"),
+                "paper_high": ref.get("high"),
+            }
+        )
     return rows
 
 
 def render_summary(rows: list[dict], results: list[dict], heading: str = "finding") -> str:
     width = max([14, len(heading)] + [len(r["finding"]) for r in rows])
-    lines = [f"{heading:<{width}} {'term':<22} {'federated OR (95% CI)':<24} {'published OR (95% CI)':<22} {'n':>8}  inside"]
+    lines = [
+        f"{heading:<{width}} {'term':<22} {'federated OR (95% CI)':<24} {'published OR (95% CI)':<22} {'n':>8}  inside"
+    ]
     by_finding = {(r.get("reference") or {}).get("finding"): r for r in results}
     for row in rows:
         result = by_finding[row["finding"]]
@@ -89,8 +93,9 @@ def render_summary(rows: list[dict], results: list[dict], heading: str = "findin
     return "\n".join(lines)
 
 
-def run_demo(out: Path, *, cache: Path | None = None, json_mode: bool = False,
-             patients: int = 483_683, seed: int | None = None) -> int:
+def run_demo(
+    out: Path, *, cache: Path | None = None, json_mode: bool = False, patients: int = 483_683, seed: int | None = None
+) -> int:
     say = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if json_mode else print
     if patients < 10_000:
         raise IaptnetError("--patients must be at least 10,000 for the catalogue's sub-cohorts to be estimable.")

@@ -8,7 +8,6 @@ whose hash is the batch hash of the models it carries, as every node recomputes 
 
 from __future__ import annotations
 
-
 from ..protocol.families import get_family
 from ..protocol.study import StudySpec
 from .glm import ModelFit, fit_models
@@ -18,21 +17,55 @@ from .session import Session
 from .studies import batch_hash
 
 #: Model-level keys of build_results kept for a model nested in a non-GLM study's results.
-MODEL_KEYS = ("study", "family", "link", "ratio_name", "formula", "where", "offset", "cov_type",
-              "exposure", "exposure_term", "n", "n_missing", "n_cohort", "events", "converged",
-              "iterations", "deviance", "null_deviance", "pearson_chi2", "scale", "df_model",
-              "df_resid", "llf", "aic", "dropped_terms", "nodes", "terms")
+MODEL_KEYS = (
+    "study",
+    "family",
+    "link",
+    "ratio_name",
+    "formula",
+    "where",
+    "offset",
+    "cov_type",
+    "exposure",
+    "exposure_term",
+    "n",
+    "n_missing",
+    "n_cohort",
+    "events",
+    "converged",
+    "iterations",
+    "deviance",
+    "null_deviance",
+    "pearson_chi2",
+    "scale",
+    "df_model",
+    "df_resid",
+    "llf",
+    "aic",
+    "dropped_terms",
+    "nodes",
+    "terms",
+)
 
 
-def fit_derived(grid, specs: dict[str, StudySpec], *, min_nodes: int | None, earlier: Session | None = None,
-                progress=None, timeout: float | None = 300.0, poll_interval: float = 0.0,
-                optional: frozenset[str] = frozenset()) -> tuple[Session, dict[str, ModelFit]]:
+def fit_derived(
+    grid,
+    specs: dict[str, StudySpec],
+    *,
+    min_nodes: int | None,
+    earlier: Session | None = None,
+    progress=None,
+    timeout: float | None = 300.0,
+    poll_interval: float = 0.0,
+    optional: frozenset[str] = frozenset(),
+) -> tuple[Session, dict[str, ModelFit]]:
     """Fit the derived GLMs together. Nodes that dropped out of the study's earlier session
     stay out, with their reason. `optional`: models a node may decline for too few rows
     (coordinator/glm.py: fit_models)."""
     ordered = [specs[k] for k in sorted(specs, key=lambda k: (len(k), k))]  # the nodes' order
-    session = Session(grid, batch_hash(ordered), min_nodes=min_nodes, timeout=timeout,
-                      poll_interval=poll_interval, progress=progress)
+    session = Session(
+        grid, batch_hash(ordered), min_nodes=min_nodes, timeout=timeout, poll_interval=poll_interval, progress=progress
+    )
     if earlier is not None:
         session.round = earlier.round
         for node_id, before in earlier.nodes.items():
@@ -49,8 +82,13 @@ def fit_derived(grid, specs: dict[str, StudySpec], *, min_nodes: int | None, ear
 
 def model_result(fit: ModelFit, session: Session, engine: str) -> dict:
     """One fitted model as a nested entry of results.json (terms named as statsmodels)."""
-    full = build_results(fit, study_hash=fit.spec.hash, engine=engine,
-                         node_status=node_status(session, fit.node_counts), rounds=session.round)
+    full = build_results(
+        fit,
+        study_hash=fit.spec.hash,
+        engine=engine,
+        node_status=node_status(session, fit.node_counts),
+        rounds=session.round,
+    )
     out = {key: full[key] for key in MODEL_KEYS}
     out["study_hash"] = fit.spec.hash
     return out
@@ -75,8 +113,9 @@ def footer(spec: StudySpec, engine: str, rounds: int) -> dict:
     return {"rounds": rounds, **provenance(spec, engine)}
 
 
-def with_ratio(entry: dict, ratio: bool, keys=(("estimate", "ratio"), ("conf_low", "ratio_low"),
-                                                 ("conf_high", "ratio_high"))) -> dict:
+def with_ratio(
+    entry: dict, ratio: bool, keys=(("estimate", "ratio"), ("conf_low", "ratio_low"), ("conf_high", "ratio_high"))
+) -> dict:
     """Add exp() of the estimate and CI (odds or rate ratios) where the family has them."""
     import math
 

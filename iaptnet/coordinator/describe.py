@@ -26,10 +26,9 @@ import numpy as np
 from ..protocol import messages as m
 from ..protocol.errors import NetworkError
 from ..protocol.kinds import describe as contract
-from ..protocol.kinds.describe import (QUANTILE_TASK, TABLE_TASK, Layout, TablePlan, cell_keys,
-                                       relations, wire_name)
-from ..protocol.study import StudySpec
+from ..protocol.kinds.describe import QUANTILE_TASK, TABLE_TASK, Layout, TablePlan, cell_keys, relations, wire_name
 from ..protocol.sdc import suppress
+from ..protocol.study import StudySpec
 from .quantiles import Search
 from .results import node_lines, provenance
 from .runner import node_status
@@ -41,12 +40,13 @@ ABSENT = object()
 PHASES = (lambda c: c == 0, lambda c: c != 0)
 
 
-
-def run_study(grid, study, *, engine: str, progress=None,
-              timeout: float | None = 300.0, poll_interval: float = 0.0) -> dict:
+def run_study(
+    grid, study, *, engine: str, progress=None, timeout: float | None = 300.0, poll_interval: float = 0.0
+) -> dict:
     spec, plan = study.spec, study.parsed
-    session = Session(grid, spec.hash, min_nodes=spec.min_nodes, timeout=timeout,
-                      poll_interval=poll_interval, progress=progress)
+    session = Session(
+        grid, spec.hash, min_nodes=spec.min_nodes, timeout=timeout, poll_interval=poll_interval, progress=progress
+    )
     replies = session.ask(TABLE_TASK, {"models": {"m0": spec.to_wire()}})
     _check(replies)
     for reply in replies:
@@ -84,6 +84,7 @@ def _check(replies: list[m.Reply]) -> None:
 
 # --------------------------------------------------------------------------- reading replies
 
+
 def _counts(reply: m.Reply, lay: Layout) -> dict:
     """A node's released counts by cell: an int, None (suppressed) or ABSENT (withheld)."""
     tables = reply.payload.get("tables", {})
@@ -120,6 +121,7 @@ def _summaries(reply: m.Reply, lay: Layout) -> dict:
 
 # --------------------------------------------------------------------------- pooling
 
+
 def pool_counts(per_node: dict[str, dict], lay: Layout) -> dict:
     """The network table: sums of released counts, suppressed where any node did not show
     the cell; then the complementary suppression rules over the network table (normally
@@ -147,8 +149,14 @@ def pool_summaries(per_node: dict[str, dict], lay: Layout) -> dict:
         for c in range(lay.n_columns):
             parts = [(name, s.get((i, c))) for name, s in sorted(per_node.items())]
             withheld = [name for name, p in parts if p is None]
-            entry = {"n": None, "mean": None, "sd": None, "quantiles": [], "suppressed": bool(withheld),
-                     "withheld_by": withheld}
+            entry = {
+                "n": None,
+                "mean": None,
+                "sd": None,
+                "quantiles": [],
+                "suppressed": bool(withheld),
+                "withheld_by": withheld,
+            }
             if not withheld:
                 n, mean, m2 = 0, 0.0, 0.0
                 for _, (nk, meank, m2k) in parts:
@@ -182,20 +190,26 @@ def _bisect(session: Session, searches: dict, budget: int) -> int:
         asks = {key: idx for key, idx in asks.items() if idx}
         if not asks:
             return used
-        arrays = {contract.thresholds_array_key(i, c): np.array([searches[(i, c)].value(k) for k in idx], dtype=float)
-                  for (i, c), idx in asks.items()}
+        arrays = {
+            contract.thresholds_array_key(i, c): np.array([searches[(i, c)].value(k) for k in idx], dtype=float)
+            for (i, c), idx in asks.items()
+        }
         before = len(session.active)
         replies = session.ask(QUANTILE_TASK, {}, arrays)
         if len(session.active) != before:
             return used + 1  # a node left: the caller pools again without it
         for (i, c), idx in asks.items():
             for j, k in enumerate(idx):
-                counts = [r.payload.get("thresholds", {}).get(contract.threshold_key(i, c, j), {}).get("count") for r in replies]
+                counts = [
+                    r.payload.get("thresholds", {}).get(contract.threshold_key(i, c, j), {}).get("count")
+                    for r in replies
+                ]
                 searches[(i, c)].record(k, None if any(x is None for x in counts) else sum(int(x) for x in counts))
     return budget
 
 
 # --------------------------------------------------------------------------- results
+
 
 def percent(count, total) -> float | None:
     if count is None or total is None or total == 0:
@@ -208,8 +222,9 @@ def _cell(count) -> dict:
     return {"count": count, "suppressed": count is None}
 
 
-def _results(spec: StudySpec, plan: TablePlan, pooled: dict, summaries: dict, session: Session,
-             node_counts: dict, engine: str) -> dict:
+def _results(
+    spec: StudySpec, plan: TablePlan, pooled: dict, summaries: dict, session: Session, node_counts: dict, engine: str
+) -> dict:
     lay = plan.layout
     columns = range(lay.n_columns)
     totals = [pooled[("N", c)] for c in columns]
@@ -231,8 +246,9 @@ def _results(spec: StudySpec, plan: TablePlan, pooled: dict, summaries: dict, se
     if lay.funnel:
         steps = [{"label": plan.step_labels[0], "where": spec.where, "cells": [_cell(t) for t in totals]}]
         for s, text in enumerate(lay.funnel, start=1):
-            steps.append({"label": plan.step_labels[s], "where": text,
-                          "cells": [_cell(pooled[("f", s, c)]) for c in columns]})
+            steps.append(
+                {"label": plan.step_labels[s], "where": text, "cells": [_cell(pooled[("f", s, c)]) for c in columns]}
+            )
         for s, step in enumerate(steps):
             for c, cell in enumerate(step["cells"]):
                 cell["percent_of_previous"] = percent(cell["count"], steps[s - 1]["cells"][c]["count"]) if s else None
@@ -247,17 +263,25 @@ def _results(spec: StudySpec, plan: TablePlan, pooled: dict, summaries: dict, se
         "where": spec.where,
         "by": lay.by,
         "n": totals[0],
-        "columns": [{"column": c, "label": plan.column_labels[c],
-                     "level": (lay.by_levels[c - 1] if 0 < c <= len(lay.by_levels) else None)} for c in columns],
+        "columns": [
+            {
+                "column": c,
+                "label": plan.column_labels[c],
+                "level": (lay.by_levels[c - 1] if 0 < c <= len(lay.by_levels) else None),
+            }
+            for c in columns
+        ],
         "group_sizes": [_cell(t) for t in totals],
         "tables": tables,
         "funnel": funnel,
-        "disclosure": ("counts: each node rounds its counts (1-7 suppressed, others to the nearest 5 under "
-                       "its policy) and applies complementary suppression (a hidden total hides its "
-                       "breakdown, zeros included; a funnel step of 1-7 hides the steps after it); a network "
-                       "count is the sum of the nodes' released counts and is suppressed (null) when any "
-                       "node did not show it. "
-                       "n, mean and SD are exact; quantiles exact on the resolution's grid."),
+        "disclosure": (
+            "counts: each node rounds its counts (1-7 suppressed, others to the nearest 5 under "
+            "its policy) and applies complementary suppression (a hidden total hides its "
+            "breakdown, zeros included; a funnel step of 1-7 hides the steps after it); a network "
+            "count is the sum of the nodes' released counts and is suppressed (null) when any "
+            "node did not show it. "
+            "n, mean and SD are exact; quantiles exact on the resolution's grid."
+        ),
         "nodes": node_status(session, node_counts),
         "terms": [],
         "rounds": session.round,
@@ -267,15 +291,18 @@ def _results(spec: StudySpec, plan: TablePlan, pooled: dict, summaries: dict, se
 
 # --------------------------------------------------------------------------- report
 
+
 def render(result: dict) -> str:
     """A readable Table 1 (and funnel) for the terminal: counts as n (%), numeric variables as
     mean (SD) and median [Q1, Q3] (an interval a..b where the nodes' policies stopped the
     search); '*' marks a suppressed count or a withheld statistic."""
     labels = [col["label"] for col in result["columns"]]
     title = result.get("title") or result["study"]
-    lines = [f"{title}  [table]  study {result['study_hash'][:12]}",
-             f"  cohort: {result.get('where') or 'all rows'}; n = {_n(result['n'])}"
-             f"  (counts rounded to 5 per service, * suppressed)"]
+    lines = [
+        f"{title}  [table]  study {result['study_hash'][:12]}",
+        f"  cohort: {result.get('where') or 'all rows'}; n = {_n(result['n'])}"
+        f"  (counts rounded to 5 per service, * suppressed)",
+    ]
     lines.extend(node_lines(result))
     rows: list[tuple[str, list[str]]] = []  # (label, cells); cells [] for a heading
     if result["tables"]:
@@ -292,16 +319,25 @@ def render(result: dict) -> str:
                 rows.append(("  " + row["row"], [_count_pct(cell, "percent") for cell in row["cells"]]))
     funnel = []
     if result.get("funnel"):
-        funnel = [(step["label"], [_count_pct(cell, "percent_of_previous") for cell in step["cells"]])
-                  for step in result["funnel"]["steps"]]
-    show = [c for c in range(len(labels))
-            if c < len(labels) - 1 or not result["by"] or any(cells and cells[c] not in ("0", "", "-")
-                                                              for _, cells in rows + funnel)]
+        funnel = [
+            (step["label"], [_count_pct(cell, "percent_of_previous") for cell in step["cells"]])
+            for step in result["funnel"]["steps"]
+        ]
+    show = [
+        c
+        for c in range(len(labels))
+        if c < len(labels) - 1
+        or not result["by"]
+        or any(cells and cells[c] not in ("0", "", "-") for _, cells in rows + funnel)
+    ]
     width = [max([len(labels[c])] + [len(cells[c]) for _, cells in rows + funnel if cells]) + 2 for c in show]
     head = "  " + " " * 36 + "".join(f"{labels[c]:>{w}}" for c, w in zip(show, width))
 
     def line(label, cells):
-        return f"  {label[:36]:<36}" + "".join(f"{cells[c]:>{w}}" for c, w in zip(show, width)) if cells else f"  {label}"
+        return (
+            f"  {label[:36]:<36}" + "".join(f"{cells[c]:>{w}}" for c, w in zip(show, width)) if cells else f"  {label}"
+        )
+
     if rows:
         lines += [head] + [line(label, cells) for label, cells in rows]
     if funnel:

@@ -24,10 +24,10 @@ import numpy as np
 import scipy.linalg
 
 from ..protocol import messages as m
-from ..protocol.kinds import glm as protocol
-from ..protocol.kinds.glm import NULL_SUFFIX
 from ..protocol.errors import ModelError, NetworkError
 from ..protocol.families import Family, get_family
+from ..protocol.kinds import glm as protocol
+from ..protocol.kinds.glm import NULL_SUFFIX
 from ..protocol.study import StudySpec
 from .session import Session
 
@@ -67,7 +67,7 @@ class ModelFit:
     n_clusters: int = 0
     node_counts: dict[str, dict] = field(default_factory=dict)  # per node, small-number rules applied
     node_stats: dict[str, dict] = field(default_factory=dict)  # per node, exact n_used and events
-    null: "ModelFit | None" = None
+    null: ModelFit | None = None
     holders: list[str] = field(default_factory=list)  # nodes whose rows the model rests on
 
     @property
@@ -103,8 +103,12 @@ class ModelFit:
         return sandwich
 
 
-def fit_models(session: Session, specs: dict[str, StudySpec], stateful: dict[str, list[str]],
-               optional: frozenset[str] = frozenset()) -> dict[str, ModelFit]:
+def fit_models(
+    session: Session,
+    specs: dict[str, StudySpec],
+    stateful: dict[str, list[str]],
+    optional: frozenset[str] = frozenset(),
+) -> dict[str, ModelFit]:
     """Fit every model of a batch on the session's nodes; keys are model keys ("m0", ...).
 
     A node may decline a model named in `optional` when its rows are below its minimum (0
@@ -124,7 +128,9 @@ def fit_models(session: Session, specs: dict[str, StudySpec], stateful: dict[str
     for fit in fits.values():
         declined = {r.node for r in replies if fit.key in (r.payload.get("declined") or [])}
         if declined and fit.key not in optional:
-            raise NetworkError(f"model '{fit.spec.name}': nodes {', '.join(sorted(declined))} declined a model they must answer.")
+            raise NetworkError(
+                f"model '{fit.spec.name}': nodes {', '.join(sorted(declined))} declined a model they must answer."
+            )
         fit.holders = [r.node for r in replies if r.node not in declined]
         if not fit.holders:
             raise ModelError(f"model '{fit.spec.name}': no node holds enough rows of it.")
@@ -160,8 +166,10 @@ def _check_exact_fit(fit: ModelFit) -> None:
     errors are zero and its log-likelihood infinite (statsmodels gives both, with warnings),
     which no reader should be handed as a result."""
     if fit.family.has_dispersion and fit.deviance <= EXACT_FIT * fit.null.deviance:
-        raise ModelError(f"model '{fit.spec.name}': the model fits the outcome exactly (no residual deviance), so its "
-                         "scale is zero and no standard error can be estimated; is the outcome computed from the terms?")
+        raise ModelError(
+            f"model '{fit.spec.name}': the model fits the outcome exactly (no residual deviance), so its "
+            "scale is zero and no standard error can be estimated; is the outcome computed from the terms?"
+        )
 
 
 def _count_contributors(fits: dict[str, ModelFit], session: Session) -> None:
@@ -237,18 +245,26 @@ def _absorb_prepare(fit: ModelFit, replies: list[m.Reply]) -> None:
     names = shapes[0]["columns"]
     for reply, shape in zip(replies, shapes):
         if shape["columns"] != names:
-            raise NetworkError(f"model '{spec.name}': node {reply.node} builds different design columns from node {replies[0].node}; do they serve the same schema and software version?")
+            raise NetworkError(
+                f"model '{spec.name}': node {reply.node} builds different design columns from node {replies[0].node}; do they serve the same schema and software version?"
+            )
     fit.names = list(names)
     p = len(names)
     fit.node_stats = {r.node: {"n_used": s["n_used"], "events": s["events"]} for r, s in zip(replies, shapes)}
     fit.node_counts = {}
     for reply in replies:
         table = reply.payload.get("counts", {}).get(fit.key, {})
-        keys = ("n_used", "events", "n_cohort", "n_missing") if fit.family.name != "gaussian" else ("n_used", "n_cohort", "n_missing")
+        keys = (
+            ("n_used", "events", "n_cohort", "n_missing")
+            if fit.family.name != "gaussian"
+            else ("n_used", "n_cohort", "n_missing")
+        )
         fit.node_counts[reply.node] = {k: table.get(k) for k in keys}
     _set_totals(fit, fit.node_stats, fit.node_counts)
     if fit.n == 0:
-        raise ModelError(f"model '{spec.name}': the cohort is empty: no rows match the filter with every model variable recorded.")
+        raise ModelError(
+            f"model '{spec.name}': the cohort is empty: no rows match the filter with every model variable recorded."
+        )
     if p == 0:
         raise ModelError(f"model '{spec.name}': the formula has no terms.")
     nnz = np.sum([s["nnz"] for s in shapes], axis=0)
@@ -258,15 +274,21 @@ def _absorb_prepare(fit: ModelFit, replies: list[m.Reply]) -> None:
         if fit.n_clusters < 2:
             raise ModelError(f"model '{spec.name}': cluster-robust standard errors need at least two clusters.")
     for j in np.flatnonzero(~fit.active):
-        fit.dropped.append({"term": names[j], "reason": "no rows in the cohort have this term (a level absent from the cohort)"})
+        fit.dropped.append(
+            {"term": names[j], "reason": "no rows in the cohort have this term (a level absent from the cohort)"}
+        )
     if spec.exposure and spec.exposure in names and not fit.active[names.index(spec.exposure)]:
         raise ModelError(f"model '{spec.name}': the exposure term '{spec.exposure}' has no rows in the cohort.")
     if fit.family.name == "binomial":
         if fit.events == 0 or fit.events == fit.n:
-            raise ModelError(f"model '{spec.name}': the outcome takes a single value in the whole cohort, so there is nothing to model.")
+            raise ModelError(
+                f"model '{spec.name}': the outcome takes a single value in the whole cohort, so there is nothing to model."
+            )
         _check_level_separation(fit, shapes)
     if fit.n <= fit.rank:
-        raise ModelError(f"model '{spec.name}': the cohort has {fit.n} rows for {fit.rank} coefficients; it needs more rows than coefficients.")
+        raise ModelError(
+            f"model '{spec.name}': the cohort has {fit.n} rows for {fit.rank} coefficients; it needs more rows than coefficients."
+        )
     info = m.unpack_upper(_sum(replies, protocol.local_info_key(fit.key)), p)
     ibeta = _sum(replies, protocol.local_ibeta_key(fit.key))
     _check_collinear(fit, info)
@@ -282,12 +304,19 @@ def _check_level_separation(fit: ModelFit, shapes: list[dict]) -> None:
     events_nnz = np.sum([s["events_nnz"] for s in shapes], axis=0)
     indicator = np.all([s["indicator"] for s in shapes], axis=0)
     nnz = np.sum([s["nnz"] for s in shapes], axis=0)
-    bad = [fit.names[j] for j in range(len(fit.names))
-           if fit.active[j] and indicator[j] and fit.names[j] != "Intercept"
-           and (events_nnz[j] == 0 or events_nnz[j] == nnz[j])]
+    bad = [
+        fit.names[j]
+        for j in range(len(fit.names))
+        if fit.active[j]
+        and indicator[j]
+        and fit.names[j] != "Intercept"
+        and (events_nnz[j] == 0 or events_nnz[j] == nnz[j])
+    ]
     if bad:
         listed = ", ".join(f"'{b}'" for b in bad)
-        raise ModelError(f"model '{fit.spec.name}': perfect separation: every row with {listed} has the same outcome, so its odds ratio is infinite; merge that level with another or drop the term.")
+        raise ModelError(
+            f"model '{fit.spec.name}': perfect separation: every row with {listed} has the same outcome, so its odds ratio is infinite; merge that level with another or drop the term."
+        )
 
 
 def _check_collinear(fit: ModelFit, info: np.ndarray) -> None:
@@ -309,7 +338,9 @@ def _check_collinear(fit: ModelFit, info: np.ndarray) -> None:
     partners = [names[basis[i]] for i in np.argsort(-np.abs(coef)) if abs(coef[i]) > 1e-6][:6]
     others = ", ".join(f"'{p}'" for p in partners) or "the intercept"
     also = f" ({len(aliased) - 1} more term(s) are also collinear)" if len(aliased) > 1 else ""
-    raise ModelError(f"model '{fit.spec.name}': the design is collinear: '{names[j]}' is a linear combination of {others}{also}; drop one of them or merge levels.")
+    raise ModelError(
+        f"model '{fit.spec.name}': the design is collinear: '{names[j]}' is a linear combination of {others}{also}; drop one of them or merge levels."
+    )
 
 
 def _solve_start(info: np.ndarray, ibeta: np.ndarray) -> np.ndarray:
@@ -323,9 +354,17 @@ def _solve_start(info: np.ndarray, ibeta: np.ndarray) -> np.ndarray:
 
 
 def _null_fit(fit: ModelFit, replies: list[m.Reply]) -> ModelFit:
-    null = ModelFit(fit.key + NULL_SUFFIX, fit.spec, fit.family, names=["Intercept"],
-                    active=np.array([True]), n=fit.n, n_missing=fit.n_missing, n_cohort=fit.n_cohort,
-                    events=fit.events)
+    null = ModelFit(
+        fit.key + NULL_SUFFIX,
+        fit.spec,
+        fit.family,
+        names=["Intercept"],
+        active=np.array([True]),
+        n=fit.n,
+        n_missing=fit.n_missing,
+        n_cohort=fit.n_cohort,
+        events=fit.events,
+    )
     info = _sum(replies, protocol.local_info_key(null.key)).reshape(1, 1)
     ibeta = _sum(replies, protocol.local_ibeta_key(null.key))
     null.beta = _solve_start(info, ibeta)
@@ -351,13 +390,16 @@ def _null_intercept(fit: ModelFit) -> float | None:
     return None
 
 
-def _newton_update(fit: ModelFit, score: np.ndarray, info: np.ndarray, stats: np.ndarray,
-                   meat: np.ndarray | None = None) -> None:
+def _newton_update(
+    fit: ModelFit, score: np.ndarray, info: np.ndarray, stats: np.ndarray, meat: np.ndarray | None = None
+) -> None:
     dev = float(stats[0])
     if fit.prev_dev is not None and dev > fit.prev_dev + 1e-10 * (abs(fit.prev_dev) + 1.0):
         fit.halvings += 1
         if fit.halvings > MAX_HALVINGS:
-            raise ModelError(f"model '{fit.spec.name}': the fit did not converge (the deviance kept rising after {MAX_HALVINGS} step-halvings).")
+            raise ModelError(
+                f"model '{fit.spec.name}': the fit did not converge (the deviance kept rising after {MAX_HALVINGS} step-halvings)."
+            )
         fit.beta = (fit.beta + fit.prev_beta) / 2.0
         return
     a = fit.active
@@ -366,7 +408,9 @@ def _newton_update(fit: ModelFit, score: np.ndarray, info: np.ndarray, stats: np
         chol = scipy.linalg.cho_factor(sub)
         cov = scipy.linalg.cho_solve(chol, np.eye(sub.shape[0]))
     except (np.linalg.LinAlgError, ValueError):
-        raise ModelError(f"model '{fit.spec.name}': the information matrix became singular during the fit; the design may be collinear or the outcome perfectly predicted.") from None
+        raise ModelError(
+            f"model '{fit.spec.name}': the information matrix became singular during the fit; the design may be collinear or the outcome perfectly predicted."
+        ) from None
     step = cov @ score[a]
     se = np.sqrt(np.diag(cov))
     fit.iterations += 1
@@ -390,10 +434,15 @@ def _check_divergence(fit: ModelFit, se: np.ndarray) -> None:
     names = fit.active_names
     beta = fit.beta[fit.active]
     if fit.family.name != "gaussian":
-        runaway = [names[i] for i in range(len(names))
-                   if names[i] != "Intercept" and ((abs(beta[i]) > 5 and se[i] > 10) or abs(beta[i]) > 30)]
+        runaway = [
+            names[i]
+            for i in range(len(names))
+            if names[i] != "Intercept" and ((abs(beta[i]) > 5 and se[i] > 10) or abs(beta[i]) > 30)
+        ]
         if runaway and fit.iterations >= 3:
             listed = ", ".join(f"'{t}'" for t in runaway[:6])
-            raise ModelError(f"model '{fit.spec.name}': perfect or quasi-perfect separation: the estimates for {listed} run off to infinity; merge levels or drop those terms.")
+            raise ModelError(
+                f"model '{fit.spec.name}': perfect or quasi-perfect separation: the estimates for {listed} run off to infinity; merge levels or drop those terms."
+            )
     if fit.iterations >= MAX_ROUNDS:
         raise ModelError(f"model '{fit.spec.name}': the fit did not converge in {MAX_ROUNDS} rounds.")

@@ -52,12 +52,14 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 def flower_env(flwr_home: Path, extra: dict | None = None) -> dict:
     """The environment every Flower process we start gets: no telemetry, private home."""
     env = dict(os.environ)
-    env.update({
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_HOME": str(flwr_home),
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_HOME": str(flwr_home),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     bindir = str(Path(sys.executable).parent)
     if bindir not in env.get("PATH", "").split(os.pathsep):
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
@@ -118,8 +120,11 @@ def load_hub_config(path: str | Path) -> HubConfig:
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise SpecError(f"{path}: field 'port' must be a port number.")
     files = {}
-    for key, what in (("ca_cert", "the network CA certificate"), ("cert", "the hub's certificate"),
-                      ("key", "the hub's private key")):
+    for key, what in (
+        ("ca_cert", "the network CA certificate"),
+        ("cert", "the hub's certificate"),
+        ("key", "the hub's private key"),
+    ):
         files[key] = _resolve(base, raw[key])
         if not files[key].is_file():
             raise SpecError(f"{path}: field '{key}' names {raw[key]}, which is not a readable file ({what}).")
@@ -133,23 +138,36 @@ def load_hub_config(path: str | Path) -> HubConfig:
     log_file = raw.get("log_file")
     database = raw.get("database", "memory")
     if database not in DATABASES:
-        raise SpecError(f"{path}: field 'database' must be \"memory\" or \"sqlite\".")
-    return HubConfig(path=path, host=host.strip(), port=port, ca_cert=files["ca_cert"], cert=files["cert"],
-                     key=files["key"], state_dir=_resolve(base, raw["state_dir"]),
-                     log_file=_resolve(base, log_file) if log_file else None, control_address=control,
-                     database_kind=database)
+        raise SpecError(f'{path}: field \'database\' must be "memory" or "sqlite".')
+    return HubConfig(
+        path=path,
+        host=host.strip(),
+        port=port,
+        ca_cert=files["ca_cert"],
+        cert=files["cert"],
+        key=files["key"],
+        state_dir=_resolve(base, raw["state_dir"]),
+        log_file=_resolve(base, log_file) if log_file else None,
+        control_address=control,
+        database_kind=database,
+    )
 
 
 def superlink_command(cfg: HubConfig) -> list[str]:
     cmd = [
         flwr_executable("flower-superlink"),
-        "--ssl-ca-certfile", str(cfg.ca_cert),
-        "--ssl-certfile", str(cfg.cert),
-        "--ssl-keyfile", str(cfg.key),
+        "--ssl-ca-certfile",
+        str(cfg.ca_cert),
+        "--ssl-certfile",
+        str(cfg.cert),
+        "--ssl-keyfile",
+        str(cfg.key),
         "--enable-supernode-auth",
         "--disable-runtime-dependency-installation",
-        "--host", cfg.host,
-        "--port", str(cfg.port),
+        "--host",
+        cfg.host,
+        "--port",
+        str(cfg.port),
     ]
     if cfg.database_kind == "sqlite":
         cmd += ["--database", str(cfg.database)]
@@ -164,12 +182,16 @@ def prepare_state(cfg: HubConfig) -> None:
         cfg.flwr_home.mkdir(parents=True, exist_ok=True)
         write_connection(cfg.flwr_home, cfg.control_address, cfg.ca_cert)
     except OSError as exc:
-        raise SpecError(f"{cfg.path}: field 'state_dir' names {cfg.state_dir}, which cannot be written ({exc.strerror}).") from None
+        raise SpecError(
+            f"{cfg.path}: field 'state_dir' names {cfg.state_dir}, which cannot be written ({exc.strerror})."
+        ) from None
     if cfg.log_file:
         try:
             cfg.log_file.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise SpecError(f"{cfg.path}: field 'log_file' names {cfg.log_file}, whose folder cannot be written ({exc.strerror}).") from None
+            raise SpecError(
+                f"{cfg.path}: field 'log_file' names {cfg.log_file}, whose folder cannot be written ({exc.strerror})."
+            ) from None
 
 
 def start_hub(cfg: HubConfig) -> int:
@@ -268,6 +290,7 @@ def replay_registrations(cfg: HubConfig) -> None:
 # --------------------------------------------------------------------------------------------
 # Talking to the Control API through Flower's own `flwr` CLI
 
+
 def write_connection(flwr_home: Path, address: str, ca_cert: Path) -> None:
     """The `flwr` CLI's connection file naming this hub as the default SuperLink."""
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -290,10 +313,13 @@ class FlwrCli:
     def json(self, *args: str, timeout: float = 120.0) -> dict:
         """Run a `flwr` command with `--format json`; return its JSON (success or not)."""
         try:
-            proc = subprocess.run(self.command(*args, "--format", "json"), env=self.env,
-                                  capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(
+                self.command(*args, "--format", "json"), env=self.env, capture_output=True, text=True, timeout=timeout
+            )
         except FileNotFoundError:
-            raise NetworkError("the 'flwr' command is not installed beside iaptnet; reinstall iaptnet with its dependencies.") from None
+            raise NetworkError(
+                "the 'flwr' command is not installed beside iaptnet; reinstall iaptnet with its dependencies."
+            ) from None
         except subprocess.TimeoutExpired:
             raise NetworkError(f"'flwr {args[0]}' did not finish within {timeout:g} s; is the hub reachable?") from None
         out = proc.stdout
@@ -330,9 +356,12 @@ def register_node(cfg: HubConfig, name: str, public_key: Path) -> int:
     key_text = check_node_public_key(public_key)
     prepare_state(cfg)
     if name in read_registry(cfg):
-        raise SpecError(f"a node named '{name}' is already registered (node id {read_registry(cfg)[name]['node_id']}); unregister it first to rotate its key.")
-    data = FlwrCli(cfg.flwr_home).json("supernode", "register", str(Path(public_key).resolve()), CONNECTION,
-                                        "--name", name)
+        raise SpecError(
+            f"a node named '{name}' is already registered (node id {read_registry(cfg)[name]['node_id']}); unregister it first to rotate its key."
+        )
+    data = FlwrCli(cfg.flwr_home).json(
+        "supernode", "register", str(Path(public_key).resolve()), CONNECTION, "--name", name
+    )
     if not data.get("success"):
         raise NetworkError(f"could not register node '{name}' at the hub: {flwr_error(data)}")
     node_id = int(data["node-id"])
@@ -340,9 +369,12 @@ def register_node(cfg: HubConfig, name: str, public_key: Path) -> int:
 
     with _registry_locked(cfg):
         registry = read_registry(cfg)
-        registry[name] = {"node_id": str(node_id), "public_key": key_text.decode().strip(),
-                          "public_key_sha256": hashlib.sha256(key_text.strip()).hexdigest(),
-                          "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        registry[name] = {
+            "node_id": str(node_id),
+            "public_key": key_text.decode().strip(),
+            "public_key_sha256": hashlib.sha256(key_text.strip()).hexdigest(),
+            "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         _write_registry(cfg, registry)
     return node_id
 

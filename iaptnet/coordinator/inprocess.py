@@ -11,8 +11,9 @@ from .session import ProgressFn
 from .studies import load_study
 
 
-def run_inprocess(study_paths: list[str | Path], network_path: str | Path, *,
-                  progress: ProgressFn | None = None) -> list[dict]:
+def run_inprocess(
+    study_paths: list[str | Path], network_path: str | Path, *, progress: ProgressFn | None = None
+) -> list[dict]:
     network = load_network(network_path)
     studies = [load_study(p, network.schema_paths) for p in study_paths]
     grid = InProcessGrid(network.nodes)

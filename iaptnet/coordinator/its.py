@@ -32,13 +32,14 @@ PERIODS = ("before", "after")
 WHAT = ("referrals", "events", "denominator")
 
 
-
-def run_study(grid, study, *, engine: str, progress=None, timeout: float | None = 300.0,
-              poll_interval: float = 0.0) -> dict:
+def run_study(
+    grid, study, *, engine: str, progress=None, timeout: float | None = 300.0, poll_interval: float = 0.0
+) -> dict:
     spec = study.spec
     p = spec.params
-    first = Session(grid, spec.hash, min_nodes=spec.min_nodes, timeout=timeout,
-                    poll_interval=poll_interval, progress=progress)
+    first = Session(
+        grid, spec.hash, min_nodes=spec.min_nodes, timeout=timeout, poll_interval=poll_interval, progress=progress
+    )
     replies = first.ask(protocol.TASK, {"models": {"its": spec.to_wire()}})
     for reply in replies:
         first.node_named(reply.node).data_version = str(reply.payload.get("data_version", ""))
@@ -56,52 +57,72 @@ def run_study(grid, study, *, engine: str, progress=None, timeout: float | None 
     after = [by_level[level]["after"]["referrals"] for level in p["changes"]]
     if not any(after):
         if all(n == 0 for n in after):
-            raise ModelError(f"study '{spec.name}': no referral in the cohort falls after a change date, so there is no change to estimate.")
-        raise ModelError(f"study '{spec.name}': the count of referrals after each change date is suppressed (a node has "
-                         "1-7 of them, or hides the count beside such a small one) or 0, so the change cannot be "
-                         "estimated without singling out a few referrals; widen the cohort or the time after the changes.")
+            raise ModelError(
+                f"study '{spec.name}': no referral in the cohort falls after a change date, so there is no change to estimate."
+            )
+        raise ModelError(
+            f"study '{spec.name}': the count of referrals after each change date is suppressed (a node has "
+            "1-7 of them, or hides the count beside such a small one) or 0, so the change cannot be "
+            "estimated without singling out a few referrals; widen the cohort or the time after the changes."
+        )
     # A group's own model rests on the nodes holding its referrals; the others decline it
     # (too few rows: a node answers 0 rows as it answers a few, so it cannot say "none").
-    session, fits = fit_derived(grid, chosen, min_nodes=spec.min_nodes, earlier=first,
-                                progress=progress, timeout=timeout, poll_interval=poll_interval,
-                                optional=frozenset(k for k in chosen if k != "pooled"))
+    session, fits = fit_derived(
+        grid,
+        chosen,
+        min_nodes=spec.min_nodes,
+        earlier=first,
+        progress=progress,
+        timeout=timeout,
+        poll_interval=poll_interval,
+        optional=frozenset(k for k in chosen if k != "pooled"),
+    )
     for i, level in enumerate(p["changes"]):
         key = f"g{i}"
         if key in fits:
             holders = {n for n in by_level[level]["nodes"] if n in {s.name for s in session.active}}
             if set(fits[key].holders) != holders:
-                skipped[level] = ("a node holding referrals of this group declined its model (fewer rows than its "
-                                  "policy's minimum), so it would not be the group's own model")
+                skipped[level] = (
+                    "a node holding referrals of this group declined its model (fewer rows than its "
+                    "policy's minimum), so it would not be the group's own model"
+                )
     pooled = _with_changes(model_result(fits["pooled"], session, engine), p)
     per_service = []
     for i, level in enumerate(p["changes"]):
-        entry = {"group": level, "change_time": p["changes"][level],
-                 "change_date": protocol.month_label(p["changes"][level], p["time_origin"])}
+        entry = {
+            "group": level,
+            "change_time": p["changes"][level],
+            "change_date": protocol.month_label(p["changes"][level], p["time_origin"]),
+        }
         if level in skipped:
             entry.update(fitted=False, reason=skipped[level])
         else:
             entry.update(fitted=True, **_with_changes(model_result(fits[f"g{i}"], session, engine), p))
         per_service.append(entry)
     result = header(spec)
-    result.update({
-        "level_change_meta": _level_change_meta(per_service),
-        "outcome": p["outcome"],
-        "denominator": p["denominator"],
-        "time": p["time"],
-        "group": p["group"],
-        "time_origin": p["time_origin"],
-        "cov_type": p["cov_type"],
-        "changes": [{"group": g, "change_time": t, "change_date": protocol.month_label(t, p["time_origin"])}
-                    for g, t in p["changes"].items()],
-        "level_change": pooled["level_change"],
-        "slope_change": pooled["slope_change"],
-        "exposure_term": pooled["level_change"],
-        "n": pooled["n"],
-        "pooled": pooled,
-        "per_service": per_service,
-        "segments": segments,
-        "nodes": pooled["nodes"],
-    })
+    result.update(
+        {
+            "level_change_meta": _level_change_meta(per_service),
+            "outcome": p["outcome"],
+            "denominator": p["denominator"],
+            "time": p["time"],
+            "group": p["group"],
+            "time_origin": p["time_origin"],
+            "cov_type": p["cov_type"],
+            "changes": [
+                {"group": g, "change_time": t, "change_date": protocol.month_label(t, p["time_origin"])}
+                for g, t in p["changes"].items()
+            ],
+            "level_change": pooled["level_change"],
+            "slope_change": pooled["slope_change"],
+            "exposure_term": pooled["level_change"],
+            "n": pooled["n"],
+            "pooled": pooled,
+            "per_service": per_service,
+            "segments": segments,
+            "nodes": pooled["nodes"],
+        }
+    )
     result.update(footer(spec, engine, session.round))
     return result
 
@@ -128,15 +149,23 @@ def _segments(spec, replies) -> list[dict]:
                     else:
                         total += float(value)
                 pooled[key] = int(total) if known else None
-    relations = [Relation((level, "total", what), ((level, "before", what), (level, "after", what)), implicit=True)
-                 for level in levels for what in WHAT]
+    relations = [
+        Relation((level, "total", what), ((level, "before", what), (level, "after", what)), implicit=True)
+        for level in levels
+        for what in WHAT
+    ]
     hidden = suppress(pooled, small, relations, hidden=withheld)
     hidden |= {(level, period, what) for level, period, kind in hidden if kind == "referrals" for what in WHAT[1:]}
     out = []
     for level in levels:
-        entry = {"group": level, "change_time": p["changes"].get(level),
-                 "change_date": protocol.month_label(p["changes"][level], p["time_origin"]) if level in p["changes"] else None,
-                 "nodes": []}
+        entry = {
+            "group": level,
+            "change_time": p["changes"].get(level),
+            "change_date": protocol.month_label(p["changes"][level], p["time_origin"])
+            if level in p["changes"]
+            else None,
+            "nodes": [],
+        }
         for period in PERIODS:
             cell = {what: None if (level, period, what) in hidden else pooled[(level, period, what)] for what in WHAT}
             events, denominator = cell["events"], cell["denominator"]
@@ -163,8 +192,10 @@ def _why_not(segment: dict) -> str | None:
     for period in PERIODS:
         n = segment[period]["referrals"]
         if n is None:
-            return (f"the count of referrals {period} the change is suppressed (a node has 1-7 of them, or hides it "
-                    "beside such a count), so a model of this group alone would be refused or would give it away")
+            return (
+                f"the count of referrals {period} the change is suppressed (a node has 1-7 of them, or hides it "
+                "beside such a count), so a model of this group alone would be refused or would give it away"
+            )
         if n == 0:
             return f"no referral in the cohort falls {period} the change"
     return None
@@ -177,13 +208,15 @@ def _level_change_meta(per_service: list[dict]) -> dict | None:
     fitted = [s for s in per_service if s["fitted"]]
     if len(fitted) < 2:
         return None
-    pooled = meta_analyse([s["level_change"]["estimate"] for s in fitted],
-                          [s["level_change"]["std_error"] ** 2 for s in fitted])
-    for key, entry in pooled.items():
+    pooled = meta_analyse(
+        [s["level_change"]["estimate"] for s in fitted], [s["level_change"]["std_error"] ** 2 for s in fitted]
+    )
+    for _key, entry in pooled.items():
         with_ratio(entry, True)
         if entry.get("prediction_low") is not None:
-            with_ratio(entry, True, (("prediction_low", "prediction_ratio_low"),
-                                     ("prediction_high", "prediction_ratio_high")))
+            with_ratio(
+                entry, True, (("prediction_low", "prediction_ratio_low"), ("prediction_high", "prediction_ratio_high"))
+            )
         weights = entry.pop("weights", None)
         if weights is not None:
             entry["weights"] = {s["group"]: w for s, w in zip(fitted, weights)}
@@ -204,8 +237,10 @@ def _with_changes(model: dict, p: dict) -> dict:
 
 def render(result: dict) -> str:
     """A short report: crude rates per group and period, then the level and slope changes."""
-    lines = [f"{result.get('title') or result['study']}  [interrupted time series, poisson/log of "
-             f"{result['outcome']} per {' + '.join(result['denominator'])}]  study {result['study_hash'][:12]}"]
+    lines = [
+        f"{result.get('title') or result['study']}  [interrupted time series, poisson/log of "
+        f"{result['outcome']} per {' + '.join(result['denominator'])}]  study {result['study_hash'][:12]}"
+    ]
     lines.append(f"  {'group':<8} {'change':<9} {'referrals before/after':>24} {'events per unit of denominator':>32}")
 
     def num(v):
@@ -216,13 +251,17 @@ def render(result: dict) -> str:
 
     for s in result["segments"]:
         change = s["change_date"] or "none"
-        lines.append(f"  {s['group']:<8} {change:<9} {num(s['before']['referrals']) + ' / ' + num(s['after']['referrals']):>24} "
-                     f"{pct(s['before']['rate']) + ' / ' + pct(s['after']['rate']):>32}")
+        lines.append(
+            f"  {s['group']:<8} {change:<9} {num(s['before']['referrals']) + ' / ' + num(s['after']['referrals']):>24} "
+            f"{pct(s['before']['rate']) + ' / ' + pct(s['after']['rate']):>32}"
+        )
 
     def change(model):
         lv, sl = model["level_change"], model["slope_change"]
-        return (f"level RR {lv['ratio']:.3f} ({lv['ratio_low']:.3f}-{lv['ratio_high']:.3f}); "
-                f"slope RR per 12 {sl['ratio_per_12']:.3f} ({sl['ratio_per_12_low']:.3f}-{sl['ratio_per_12_high']:.3f})")
+        return (
+            f"level RR {lv['ratio']:.3f} ({lv['ratio_low']:.3f}-{lv['ratio_high']:.3f}); "
+            f"slope RR per 12 {sl['ratio_per_12']:.3f} ({sl['ratio_per_12_low']:.3f}-{sl['ratio_per_12_high']:.3f})"
+        )
 
     for s in result["per_service"]:
         label = f"{result['group']} {s['group']} from {s['change_date']}"
@@ -231,8 +270,10 @@ def render(result: dict) -> str:
         else:
             lines.append(f"  {label:<32} not fitted: {s['reason']}")
     pooled = result["pooled"]
-    lines.append(f"  {'pooled (common change)':<32} {change(pooled)}  n = {pooled['n']:,}, "
-                 f"{pooled['iterations']} Newton rounds, {result['cov_type']} SEs")
+    lines.append(
+        f"  {'pooled (common change)':<32} {change(pooled)}  n = {pooled['n']:,}, "
+        f"{pooled['iterations']} Newton rounds, {result['cov_type']} SEs"
+    )
     meta = result.get("level_change_meta")
     if meta:
         for key, name in (("random_dl", "groups' level changes, DL"), ("random_reml", "groups' level changes, REML")):
@@ -240,6 +281,8 @@ def render(result: dict) -> str:
             pi = ""
             if e.get("prediction_ratio_low") is not None:
                 pi = f"; 95% PI {e['prediction_ratio_low']:.3f}-{e['prediction_ratio_high']:.3f}"
-            lines.append(f"  {name:<32} level RR {e['ratio']:.3f} ({e['ratio_low']:.3f}-{e['ratio_high']:.3f}); "
-                         f"tau2 = {e['tau2']:.3g}, I2 = {100 * e['I2']:.1f}%{pi}")
+            lines.append(
+                f"  {name:<32} level RR {e['ratio']:.3f} ({e['ratio_low']:.3f}-{e['ratio_high']:.3f}); "
+                f"tau2 = {e['tau2']:.3g}, I2 = {100 * e['I2']:.1f}%{pi}"
+            )
     return "\n".join(lines)

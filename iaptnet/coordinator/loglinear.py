@@ -76,8 +76,9 @@ def design(cells: CellTable, terms: list[str]) -> Design:
     return Design(names, np.column_stack(columns), sources)
 
 
-def sufficient_statistics(dsg: Design, margins: dict[str, dict[str, np.ndarray]],
-                          levels: dict[str, tuple[str, ...]], totals: dict[str, float]) -> np.ndarray:
+def sufficient_statistics(
+    dsg: Design, margins: dict[str, dict[str, np.ndarray]], levels: dict[str, tuple[str, ...]], totals: dict[str, float]
+) -> np.ndarray:
     """X'y from each area's total and margins (areas in the order their replies were summed)."""
     out = np.zeros(len(dsg.names))
     for k, source in enumerate(dsg.sources):
@@ -98,9 +99,11 @@ def fit(dsg: Design, person_years: np.ndarray, xty: np.ndarray, label: str) -> L
     information there. ModelError for a level without referrals (its rate ratio is 0)."""
     for name, value in zip(dsg.names[1:], xty[1:]):
         if value == 0:
-            raise ModelError(f"model '{label}': no referrals in the cohort have '{name}', so its rate ratio is 0 and "
-                             "cannot be estimated on the log scale; merge that level with another (or, for an area, "
-                             "set area_effects = false).")
+            raise ModelError(
+                f"model '{label}': no referrals in the cohort have '{name}', so its rate ratio is 0 and "
+                "cannot be estimated on the log scale; merge that level with another (or, for an area, "
+                "set area_effects = false)."
+            )
     X, offset = dsg.X, np.log(person_years)
     beta = np.zeros(X.shape[1])
     beta[0] = np.log(xty[0] / person_years.sum())
@@ -120,7 +123,9 @@ def fit(dsg: Design, person_years: np.ndarray, xty: np.ndarray, label: str) -> L
         while new_objective > objective + 1e-12 * abs(objective):
             halvings += 1
             if halvings > MAX_HALVINGS:
-                raise ModelError(f"model '{label}': the fit did not converge (the likelihood kept falling after step-halving).")
+                raise ModelError(
+                    f"model '{label}': the fit did not converge (the likelihood kept falling after step-halving)."
+                )
             step = step / 2.0
             new = beta + step
             new_objective = _objective(X, offset, xty, new)
@@ -142,5 +147,7 @@ def _inverse(info: np.ndarray, label: str) -> np.ndarray:
     try:
         return scipy.linalg.cho_solve(scipy.linalg.cho_factor(info), np.eye(info.shape[0]))
     except (np.linalg.LinAlgError, ValueError):
-        raise ModelError(f"model '{label}': the information matrix is singular; the grouping variables may be "
-                         "collinear (one determines another) in the population table.") from None
+        raise ModelError(
+            f"model '{label}': the information matrix is singular; the grouping variables may be "
+            "collinear (one determines another) in the population table."
+        ) from None

@@ -20,29 +20,37 @@ from .derived_models import fit_derived, footer, header, model_result, with_rati
 from .meta_analysis import Z975, meta_analyse
 from .session import Session
 
-METHODS = (("fixed", "fixed effect"), ("random_dl", "random effects, DerSimonian-Laird"),
-           ("random_reml", "random effects, REML"))
+METHODS = (
+    ("fixed", "fixed effect"),
+    ("random_dl", "random effects, DerSimonian-Laird"),
+    ("random_reml", "random effects, REML"),
+)
 
 
-
-def run_study(grid, study, *, engine: str, progress=None, timeout: float | None = 300.0,
-              poll_interval: float = 0.0) -> dict:
+def run_study(
+    grid, study, *, engine: str, progress=None, timeout: float | None = 300.0, poll_interval: float = 0.0
+) -> dict:
     spec = study.spec
     ratio = get_family(spec.family).ratio_name is not None
-    local = Session(grid, spec.hash, min_nodes=0, timeout=timeout, poll_interval=poll_interval,
-                    progress=progress)
+    local = Session(grid, spec.hash, min_nodes=0, timeout=timeout, poll_interval=poll_interval, progress=progress)
     replies = local.ask(protocol.TASK, {"models": {"meta": spec.to_wire()}})
     per_node = _per_node(local, replies, ratio)
     usable = [e for e in per_node if e["estimate"] is not None]
-    pooled = meta_analyse([e["estimate"] for e in usable], [e["std_error"] ** 2 for e in usable]) \
-        if len(usable) >= 2 else {key: None for key, _ in METHODS}
+    pooled = (
+        meta_analyse([e["estimate"] for e in usable], [e["std_error"] ** 2 for e in usable])
+        if len(usable) >= 2
+        else {key: None for key, _ in METHODS}
+    )
     for key, _ in METHODS:
         if pooled[key] is None:
             continue
         with_ratio(pooled[key], ratio)
         if pooled[key].get("prediction_low") is not None:
-            with_ratio(pooled[key], ratio, (("prediction_low", "prediction_ratio_low"),
-                                            ("prediction_high", "prediction_ratio_high")))
+            with_ratio(
+                pooled[key],
+                ratio,
+                (("prediction_low", "prediction_ratio_low"), ("prediction_high", "prediction_ratio_high")),
+            )
         weights = pooled[key].pop("weights", None)
         if weights is None:
             inv = [1.0 / e["std_error"] ** 2 for e in usable]
@@ -50,32 +58,43 @@ def run_study(grid, study, *, engine: str, progress=None, timeout: float | None 
         for entry, w in zip(usable, weights):
             entry.setdefault("weights", {})[key] = w
     one, fe = protocol.model_specs(spec)
-    session, fits = fit_derived(grid, {"m0": one, "m1": fe}, min_nodes=spec.min_nodes, earlier=None,
-                                progress=progress, timeout=timeout, poll_interval=poll_interval)
+    session, fits = fit_derived(
+        grid,
+        {"m0": one, "m1": fe},
+        min_nodes=spec.min_nodes,
+        earlier=None,
+        progress=progress,
+        timeout=timeout,
+        poll_interval=poll_interval,
+    )
     one_stage = model_result(fits["m0"], session, engine)
     service_fe = model_result(fits["m1"], session, engine)
     for model in (one_stage, service_fe):
         if model["exposure_term"] is None:
-            raise ModelError(f"model '{model['study']}': the exposure '{spec.exposure}' is not among its estimated terms.")
+            raise ModelError(
+                f"model '{model['study']}': the exposure '{spec.exposure}' is not among its estimated terms."
+            )
     result = header(spec)
-    result.update({
-        "formula": spec.formula,
-        "offset": spec.offset,
-        "weights": spec.weights,
-        "cov_type": spec.cov_type,
-        "exposure": spec.exposure,
-        "service": spec.params["service"],
-        "exposure_term": service_fe["exposure_term"],
-        "k": len(usable),
-        "per_node": per_node,
-        "fixed": pooled["fixed"],
-        "random_dl": pooled["random_dl"],
-        "random_reml": pooled["random_reml"],
-        "one_stage": one_stage,
-        "one_stage_service_fe": service_fe,
-        "n": service_fe["n"],
-        "nodes": service_fe["nodes"],
-    })
+    result.update(
+        {
+            "formula": spec.formula,
+            "offset": spec.offset,
+            "weights": spec.weights,
+            "cov_type": spec.cov_type,
+            "exposure": spec.exposure,
+            "service": spec.params["service"],
+            "exposure_term": service_fe["exposure_term"],
+            "k": len(usable),
+            "per_node": per_node,
+            "fixed": pooled["fixed"],
+            "random_dl": pooled["random_dl"],
+            "random_reml": pooled["random_reml"],
+            "one_stage": one_stage,
+            "one_stage_service_fe": service_fe,
+            "n": service_fe["n"],
+            "nodes": service_fe["nodes"],
+        }
+    )
     if len(usable) < 2:
         result["note"] = "fewer than two nodes released their own estimate, so there is no meta-analysis"
     result.update(footer(spec, engine, local.round + session.round))
@@ -99,14 +118,21 @@ def _per_node(session: Session, replies, ratio: bool) -> list[dict]:
             if fit.get("estimable"):
                 se = float(fit["std_error"])
                 est = float(fit["estimate"])
-                entry.update(estimate=est, std_error=se, conf_low=est - Z975 * se, conf_high=est + Z975 * se,
-                             dropped_terms=fit.get("dropped", []))
+                entry.update(
+                    estimate=est,
+                    std_error=se,
+                    conf_low=est - Z975 * se,
+                    conf_high=est + Z975 * se,
+                    dropped_terms=fit.get("dropped", []),
+                )
                 with_ratio(entry, ratio)
             elif not fit.get("has_rows"):
                 entry["reason"] = "has no rows in the study's cohort"
             else:
-                entry["reason"] = ("cannot estimate the exposure from its own rows alone (it is constant there, "
-                                   "determined by other terms, or predicts the outcome perfectly)")
+                entry["reason"] = (
+                    "cannot estimate the exposure from its own rows alone (it is constant there, "
+                    "determined by other terms, or predicts the outcome perfectly)"
+                )
         out.append(entry)
     return out
 
@@ -114,8 +140,10 @@ def _per_node(session: Session, replies, ratio: bool) -> list[dict]:
 def render(result: dict) -> str:
     """A short report: each node's estimate, the pooled ones, and the one-stage models."""
     ratio = result.get("ratio_name")
-    lines = [f"{result.get('title') or result['study']}  [meta-analysis of '{result['exposure']}', "
-             f"{result['family']}/{result['link']}]  study {result['study_hash'][:12]}"]
+    lines = [
+        f"{result.get('title') or result['study']}  [meta-analysis of '{result['exposure']}', "
+        f"{result['family']}/{result['link']}]  study {result['study_hash'][:12]}"
+    ]
 
     def show(entry: dict) -> str:
         if ratio:
@@ -149,12 +177,14 @@ def render(result: dict) -> str:
             else:
                 pi = f"{entry['prediction_low']:.4f} to {entry['prediction_high']:.4f}"
             lines.append(f"  {'':<38} 95% prediction interval for a new node: {pi}")
-    for key, name in (("one_stage", "one-stage (pooled rows)"), ("one_stage_service_fe", "one-stage + service fixed effects")):
+    for key, name in (
+        ("one_stage", "one-stage (pooled rows)"),
+        ("one_stage_service_fe", "one-stage + service fixed effects"),
+    ):
         model = result[key]
-        lines.append(f"  {name:<38} {show(model['exposure_term']):<26} n = {model['n']:,}, "
-                     f"{model['iterations']} Newton rounds")
+        lines.append(
+            f"  {name:<38} {show(model['exposure_term']):<26} n = {model['n']:,}, {model['iterations']} Newton rounds"
+        )
     if result.get("note"):
         lines.append(f"  note: {result['note']}")
     return "\n".join(lines)
-
-

@@ -38,8 +38,9 @@ def fixed_effect(effect: np.ndarray, variance: np.ndarray) -> dict:
     res = combine_effects(effect, variance, method_re="dl")
     q = float(res.q)
     out = _summary(float(res.mean_effect_fe), float(res.sd_eff_w_fe))
-    out.update(k=k, Q=q, Q_df=k - 1, Q_p_value=float(stats.chi2.sf(q, k - 1)),
-               I2=max(0.0, (q - (k - 1)) / q) if q > 0 else 0.0)
+    out.update(
+        k=k, Q=q, Q_df=k - 1, Q_p_value=float(stats.chi2.sf(q, k - 1)), I2=max(0.0, (q - (k - 1)) / q) if q > 0 else 0.0
+    )
     return out
 
 
@@ -66,8 +67,11 @@ def tau2_reml(effect: np.ndarray, variance: np.ndarray) -> float:
         if reml_score(upper, effect, variance) < 0.0:
             break
         upper *= 4.0
-    return float(optimize.brentq(reml_score, 0.0, upper, args=(effect, variance),
-                                 xtol=1e-300, rtol=4 * np.finfo(float).eps, maxiter=500))
+    return float(
+        optimize.brentq(
+            reml_score, 0.0, upper, args=(effect, variance), xtol=1e-300, rtol=4 * np.finfo(float).eps, maxiter=500
+        )
+    )
 
 
 def random_effects(effect: np.ndarray, variance: np.ndarray, tau2: float, method: str) -> dict:
@@ -81,10 +85,17 @@ def random_effects(effect: np.ndarray, variance: np.ndarray, tau2: float, method
     w0 = 1.0 / variance
     q = float(np.sum(w0 * (effect - np.sum(w0 * effect) / np.sum(w0)) ** 2))
     typical = (k - 1) * np.sum(w0) / (np.sum(w0) ** 2 - np.sum(w0 * w0)) if k > 1 else math.nan
-    out.update(method=method, k=k, tau2=float(tau2), tau=math.sqrt(tau2),
-               I2=float(tau2 / (tau2 + typical)) if k > 1 else None,
-               Q=q, Q_df=k - 1, Q_p_value=float(stats.chi2.sf(q, k - 1)) if k > 1 else None,
-               weights=(w / np.sum(w)).tolist())
+    out.update(
+        method=method,
+        k=k,
+        tau2=float(tau2),
+        tau=math.sqrt(tau2),
+        I2=float(tau2 / (tau2 + typical)) if k > 1 else None,
+        Q=q,
+        Q_df=k - 1,
+        Q_p_value=float(stats.chi2.sf(q, k - 1)) if k > 1 else None,
+        weights=(w / np.sum(w)).tolist(),
+    )
     if k >= 3:
         half = float(stats.t.ppf(0.975, k - 2)) * math.sqrt(tau2 + se * se)
         out.update(prediction_low=mu - half, prediction_high=mu + half)
@@ -105,9 +116,14 @@ def meta_analyse(effect, variance) -> dict:
 
 def _summary(estimate: float, se: float) -> dict:
     z = estimate / se
-    return {"estimate": estimate, "std_error": se, "statistic": z,
-            "p_value": float(2.0 * stats.norm.sf(abs(z))),
-            "conf_low": estimate - Z975 * se, "conf_high": estimate + Z975 * se}
+    return {
+        "estimate": estimate,
+        "std_error": se,
+        "statistic": z,
+        "p_value": float(2.0 * stats.norm.sf(abs(z))),
+        "conf_low": estimate - Z975 * se,
+        "conf_high": estimate + Z975 * se,
+    }
 
 
 def _checked(effect, variance) -> tuple[np.ndarray, np.ndarray]:

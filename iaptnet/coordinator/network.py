@@ -13,8 +13,17 @@ from pathlib import Path
 from ..protocol.errors import SpecError
 from ..protocol.tomlfile import read_toml, reject_unknown
 
-NODE_KEYS = {"name", "data", "schema", "policy", "table", "query", "appointments", "appointments_table",
-             "appointments_query"}
+NODE_KEYS = {
+    "name",
+    "data",
+    "schema",
+    "policy",
+    "table",
+    "query",
+    "appointments",
+    "appointments_table",
+    "appointments_query",
+}
 STATE_FOLDER = ".iaptnet-state"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -71,12 +80,16 @@ def load_network(path: str | Path) -> Network:
             if not isinstance(appointments, str) or not appointments:
                 raise SpecError(f"{where} ({name}): field 'appointments' must be a file path or an SQLAlchemy URL.")
             if raw.get("schema") is not None:
-                raise SpecError(f"{where} ({name}): field 'appointments' goes with the IAPT extract only, not with 'schema'.")
+                raise SpecError(
+                    f"{where} ({name}): field 'appointments' goes with the IAPT extract only, not with 'schema'."
+                )
             node["appointments"] = resolve_path(base, appointments)
             if "://" in appointments:
                 if not (raw.get("appointments_table") or raw.get("appointments_query")):
-                    raise SpecError(f"{where} ({name}): an SQL appointment table needs 'appointments_table' or "
-                                    "'appointments_query'.")
+                    raise SpecError(
+                        f"{where} ({name}): an SQL appointment table needs 'appointments_table' or "
+                        "'appointments_query'."
+                    )
             elif not Path(node["appointments"]).exists():
                 raise SpecError(f"{where} ({name}): field 'appointments' names {appointments}, which does not exist.")
         nodes.append(node)

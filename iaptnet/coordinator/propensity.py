@@ -33,8 +33,7 @@ import numpy as np
 
 from ..protocol.errors import NetworkError
 from ..protocol.kinds import propensity as kind
-from .balance import (balance_rows, balance_summary, pool_moments, pool_weighted_means,
-                      variances)
+from .balance import balance_rows, balance_summary, pool_moments, pool_weighted_means, variances
 from .glm import ModelFit, fit_models
 from .results import build_results, term_rows
 from .runner import node_status
@@ -42,15 +41,25 @@ from .session import ProgressFn, Session
 from .studies import LoadedStudy
 
 GROUPS = ("exposed", "control")
-SMD_DEFINITION = ("(mean exposed - mean control) / sqrt((s2 exposed + s2 control) / 2), with the "
-                  "group variances of the cohort before matching or weighting in both SMDs")
-MATCHING_METHOD = ("1:1 nearest neighbour on the logit of the propensity score, without replacement, "
-                   "within each node; exposed rows in descending order of the score, ties in row order")
+SMD_DEFINITION = (
+    "(mean exposed - mean control) / sqrt((s2 exposed + s2 control) / 2), with the "
+    "group variances of the cohort before matching or weighting in both SMDs"
+)
+MATCHING_METHOD = (
+    "1:1 nearest neighbour on the logit of the propensity score, without replacement, "
+    "within each node; exposed rows in descending order of the score, ties in row order"
+)
 
 
-
-def run_study(grid, study: LoadedStudy, *, engine: str, progress: ProgressFn | None = None,
-              timeout: float | None = 300.0, poll_interval: float = 0.0) -> dict:
+def run_study(
+    grid,
+    study: LoadedStudy,
+    *,
+    engine: str,
+    progress: ProgressFn | None = None,
+    timeout: float | None = 300.0,
+    poll_interval: float = 0.0,
+) -> dict:
     parent = study.spec
     specs = kind.derived_specs(parent)
     options = dict(min_nodes=parent.min_nodes, timeout=timeout, poll_interval=poll_interval, progress=progress)
@@ -79,32 +88,51 @@ def run_study(grid, study: LoadedStudy, *, engine: str, progress: ProgressFn | N
         extra = {"matching": _matching(parent, caliper, score["logit_sd"], before, pairs, matched)}
     else:
         sums = {g: np.sum([_array(r, kind.weights_key(g)) for r in scored], axis=0) for g in GROUPS}
-        means = {g: pool_weighted_means([(_array(r, kind.weights_key(g))[0], _array(r, kind.weighted_mean_key(g)))
-                                         for r in scored])[1] for g in GROUPS}
+        means = {
+            g: pool_weighted_means(
+                [(_array(r, kind.weights_key(g))[0], _array(r, kind.weighted_mean_key(g))) for r in scored]
+            )[1]
+            for g in GROUPS
+        }
         rows = balance_rows(names, keep, before, means["exposed"] - means["control"], means)
         extra = {"weighting": _weighting(parent, before, sums, ps_fit)}
     outcome_session = Session(grid, specs["outcome"].hash, **options)
     _carry_dropped(session, outcome_session)
-    out_fit = fit_models(outcome_session, {"outcome": specs["outcome"]},
-                         {"outcome": list(study.parsed.outcome_model.stateful)})["outcome"]
+    out_fit = fit_models(
+        outcome_session, {"outcome": specs["outcome"]}, {"outcome": list(study.parsed.outcome_model.stateful)}
+    )["outcome"]
     counts = out_fit.node_counts
     if parent.kind == "psm":  # the cohort's counts, not the matched set's
-        counts = {node: {**c, **{k: ps_fit.node_counts.get(node, {}).get(k) for k in ("n_cohort", "n_missing")}}
-                  for node, c in counts.items()}
-    result = build_results(out_fit, study_hash=parent.hash, engine=engine,
-                           node_status=node_status(outcome_session, counts),
-                           rounds=session.round + outcome_session.round)
-    result.update({
-        "study": parent.name, "title": parent.title, "kind": parent.kind, "where": parent.where,
-        "cohort_where": specs["ps"].where, "outcome": parent.params["outcome"],
-        "covariates": parent.params["covariates"], "reference": parent.reference or None,
-        "n_cohort": ps_fit.n_cohort, "n_missing": ps_fit.n_missing,
-        "propensity_model": _model_summary(ps_fit),
-        "propensity_score": score,
-        "balance": rows,
-        "balance_summary": balance_summary(rows, SMD_DEFINITION),
-        **extra,
-    })
+        counts = {
+            node: {**c, **{k: ps_fit.node_counts.get(node, {}).get(k) for k in ("n_cohort", "n_missing")}}
+            for node, c in counts.items()
+        }
+    result = build_results(
+        out_fit,
+        study_hash=parent.hash,
+        engine=engine,
+        node_status=node_status(outcome_session, counts),
+        rounds=session.round + outcome_session.round,
+    )
+    result.update(
+        {
+            "study": parent.name,
+            "title": parent.title,
+            "kind": parent.kind,
+            "where": parent.where,
+            "cohort_where": specs["ps"].where,
+            "outcome": parent.params["outcome"],
+            "covariates": parent.params["covariates"],
+            "reference": parent.reference or None,
+            "n_cohort": ps_fit.n_cohort,
+            "n_missing": ps_fit.n_missing,
+            "propensity_model": _model_summary(ps_fit),
+            "propensity_score": score,
+            "balance": rows,
+            "balance_summary": balance_summary(rows, SMD_DEFINITION),
+            **extra,
+        }
+    )
     return result
 
 
@@ -146,8 +174,11 @@ def _array(reply, name: str) -> np.ndarray:
 
 def _block(reply, group: str) -> tuple[float, np.ndarray, np.ndarray]:
     try:
-        return (float(reply.arrays[kind.before_key(group, "n")][0]), reply.arrays[kind.before_key(group, "mean")],
-                reply.arrays[kind.before_key(group, "m2")])
+        return (
+            float(reply.arrays[kind.before_key(group, "n")][0]),
+            reply.arrays[kind.before_key(group, "mean")],
+            reply.arrays[kind.before_key(group, "m2")],
+        )
     except (KeyError, IndexError):
         raise NetworkError(f"node {reply.node} sent a reply without the balance of the {group} group.") from None
 
@@ -182,8 +213,14 @@ def _matching(parent, caliper: float, sd: float, before: dict, pairs: float, rep
     nodes = []
     for reply in replies:
         table = reply.payload.get("propensity", {}).get("matching", {})
-        nodes.append({"name": reply.node, **{k: table.get(k) for k in
-                      ("exposed", "controls", "pairs", "exposed_unmatched", "controls_unmatched")}})
+        nodes.append(
+            {
+                "name": reply.node,
+                **{
+                    k: table.get(k) for k in ("exposed", "controls", "pairs", "exposed_unmatched", "controls_unmatched")
+                },
+            }
+        )
     return {
         "method": MATCHING_METHOD,
         "caliper_sd": parent.params["caliper"],
@@ -199,14 +236,20 @@ def _matching(parent, caliper: float, sd: float, before: dict, pairs: float, rep
 
 
 def _weighting(parent, before: dict, weights: dict, ps_fit: ModelFit) -> dict:
-    out = {"estimand": parent.params["estimand"], "stabilized": parent.params["stabilized"],
-           "se": "robust (HC0) sandwich treating the weights as fixed, as statsmodels' var_weights"}
+    out = {
+        "estimand": parent.params["estimand"],
+        "stabilized": parent.params["stabilized"],
+        "se": "robust (HC0) sandwich treating the weights as fixed, as statsmodels' var_weights",
+    }
     if parent.params["stabilized"]:
         out["exposed_share"] = ps_fit.events / ps_fit.n
     for g in GROUPS:
         total, squares = (float(v) for v in weights[g])
-        out[g] = {"n": int(before[g][0]), "sum_weights": total,
-                  "effective_n": total * total / squares if squares > 0 else 0.0}
+        out[g] = {
+            "n": int(before[g][0]),
+            "sum_weights": total,
+            "effective_n": total * total / squares if squares > 0 else 0.0,
+        }
     return out
 
 
@@ -218,35 +261,52 @@ def render(result: dict) -> str:
     method = "propensity-score matching" if result["kind"] == "psm" else "inverse probability weighting"
     lines.append(f"{title}  [{method}]  study {result['study_hash'][:12]}")
     ps = result["propensity_model"]
-    lines.append(f"  propensity model: {ps['n']:,} rows ({int(ps['exposed']):,} exposed), "
-                 f"{len(ps['terms'])} terms, {ps['iterations']} Newton rounds; "
-                 f"SD of the logit {result['propensity_score']['logit_sd']:.3f}")
+    lines.append(
+        f"  propensity model: {ps['n']:,} rows ({int(ps['exposed']):,} exposed), "
+        f"{len(ps['terms'])} terms, {ps['iterations']} Newton rounds; "
+        f"SD of the logit {result['propensity_score']['logit_sd']:.3f}"
+    )
     if result["kind"] == "psm":
         mt = result["matching"]
-        lines.append(f"  matching: caliper {mt['caliper_sd']:g} SD = {mt['caliper']:.4f} on the logit; "
-                     f"{mt['pairs']:,} pairs; {mt['exposed_unmatched']:,} of {mt['exposed']:,} exposed unmatched")
+        lines.append(
+            f"  matching: caliper {mt['caliper_sd']:g} SD = {mt['caliper']:.4f} on the logit; "
+            f"{mt['pairs']:,} pairs; {mt['exposed_unmatched']:,} of {mt['exposed']:,} exposed unmatched"
+        )
         per_node = ", ".join(f"{n['name']} {_shown(n['pairs'])}" for n in mt["nodes"])
         lines.append(f"  pairs per node (rounded): {per_node}")
     else:
         wt = result["weighting"]
-        lines.append(f"  weights: {wt['estimand']}{', stabilised' if wt['stabilized'] else ''}; effective n "
-                     f"{wt['exposed']['effective_n']:,.0f} exposed (of {wt['exposed']['n']:,}), "
-                     f"{wt['control']['effective_n']:,.0f} controls (of {wt['control']['n']:,})")
+        lines.append(
+            f"  weights: {wt['estimand']}{', stabilised' if wt['stabilized'] else ''}; effective n "
+            f"{wt['exposed']['effective_n']:,.0f} exposed (of {wt['exposed']['n']:,}), "
+            f"{wt['control']['effective_n']:,.0f} controls (of {wt['control']['n']:,})"
+        )
     summary = result["balance_summary"]
-    lines.append(f"  balance: max |SMD| {_smd(summary['max_abs_smd_before'])} before, "
-                 f"{_smd(summary['max_abs_smd_after'])} after"
-                 + ("; every covariate below 0.1" if summary["balanced"] else
-                    f"; at or above 0.1 after: {', '.join(summary['imbalanced_terms'][:8])}"))
-    shown = [r for r in result["balance"] if r["term"] == "ps_logit"
-             or r["term"] in summary["imbalanced_terms"]
-             or (r["smd_before"] is not None and abs(r["smd_before"]) >= summary["threshold"])]
+    lines.append(
+        f"  balance: max |SMD| {_smd(summary['max_abs_smd_before'])} before, "
+        f"{_smd(summary['max_abs_smd_after'])} after"
+        + (
+            "; every covariate below 0.1"
+            if summary["balanced"]
+            else f"; at or above 0.1 after: {', '.join(summary['imbalanced_terms'][:8])}"
+        )
+    )
+    shown = [
+        r
+        for r in result["balance"]
+        if r["term"] == "ps_logit"
+        or r["term"] in summary["imbalanced_terms"]
+        or (r["smd_before"] is not None and abs(r["smd_before"]) >= summary["threshold"])
+    ]
     if shown:
         lines.append(f"  {'term':<34} {'SMD before':>10} {'SMD after':>10}")
         for r in shown[:30]:
             lines.append(f"  {r['term'][:34]:<34} {_smd(r['smd_before']):>10} {_smd(r['smd_after']):>10}")
     ratio = result.get("ratio_name") or "estimate"
-    lines.append(f"  outcome model {result['formula']} on {result['n']:,} rows, "
-                 f"{'SEs clustered on the matched pair' if result['kind'] == 'psm' else 'robust (HC0) SEs'}:")
+    lines.append(
+        f"  outcome model {result['formula']} on {result['n']:,} rows, "
+        f"{'SEs clustered on the matched pair' if result['kind'] == 'psm' else 'robust (HC0) SEs'}:"
+    )
     for t in result["terms"]:
         row = f"    {t['term'][:32]:<32} {t['estimate']:>9.4f} ({t['std_error']:.4f})"
         if "ratio" in t:

@@ -49,7 +49,7 @@ class Search:
             self.known[self.high] = self.n
 
     @classmethod
-    def for_variable(cls, n: int, mean: float, sd: float, ps, grid) -> "Search":
+    def for_variable(cls, n: int, mean: float, sd: float, ps, grid) -> Search:
         origin, step, low, high = grid
         start = int(round((mean - origin) / step)) if math.isfinite(mean) else 0
         spread = max(1, int(round(sd / step))) if math.isfinite(sd) and sd > 0 else 1
@@ -119,12 +119,12 @@ class Search:
                 ask = self.start
             elif lo is None:
                 blocked = [i for i in self.withheld if i < hi]
-                ask = (max(blocked) + hi + 1) // 2 if blocked else hi - self.spread * 2 ** g
+                ask = (max(blocked) + hi + 1) // 2 if blocked else hi - self.spread * 2**g
                 if blocked and ask >= hi:
                     return None
             else:
                 blocked = [i for i in self.withheld if i > lo]
-                ask = (lo + min(blocked)) // 2 if blocked else lo + self.spread * 2 ** g
+                ask = (lo + min(blocked)) // 2 if blocked else lo + self.spread * 2**g
                 if blocked and ask <= lo:
                     return None
             if ask not in self.withheld and ask not in self.known:
@@ -152,8 +152,9 @@ class Search:
             b = self.order_interval(min(j + 1, self.n - 1))
             low, high = _lerp(a[0], b[0], gamma), _lerp(a[1], b[1], gamma)
             exact = a[0] == a[1] and b[0] == b[1]
-            out.append({"p": p, "value": low if exact else None, "low": _finite(low), "high": _finite(high),
-                        "exact": exact})
+            out.append(
+                {"p": p, "value": low if exact else None, "low": _finite(low), "high": _finite(high), "exact": exact}
+            )
         return out
 
 

@@ -56,8 +56,7 @@ def term_rows(fit: ModelFit) -> list[dict]:
     return rows
 
 
-def build_results(fit: ModelFit, *, study_hash: str, engine: str, node_status: list[dict],
-                  rounds: int) -> dict:
+def build_results(fit: ModelFit, *, study_hash: str, engine: str, node_status: list[dict], rounds: int) -> dict:
     spec = fit.spec
     terms = term_rows(fit)
     exposure = next((t for t in terms if t["term"] == spec.exposure), None)
@@ -142,13 +141,17 @@ def results_paths(out: Path, names: list, sources: list | None = None) -> list[P
         folder = safe_filename(name)
         source = str(sources[i]) if sources else f"study '{folder}'"
         if folder.casefold() in seen:
-            raise SpecError(f"{source}: field 'name' gives the results folder '{folder}', as {seen[folder.casefold()]} "
-                            "does; give each study a name that differs in its letters or digits.")
+            raise SpecError(
+                f"{source}: field 'name' gives the results folder '{folder}', as {seen[folder.casefold()]} "
+                "does; give each study a name that differs in its letters or digits."
+            )
         seen[folder.casefold()] = source
         path = root / folder / "results.json"
         if not path.resolve().is_relative_to(root):
-            raise SpecError(f"{Path(out) / folder}: leads outside the --out folder {out} (a link?); "
-                            "results are written only inside it.")
+            raise SpecError(
+                f"{Path(out) / folder}: leads outside the --out folder {out} (a link?); "
+                "results are written only inside it."
+            )
         paths.append(path)
     return paths
 
@@ -187,9 +190,11 @@ def render_report(result: dict) -> str:
     lines = []
     title = result.get("title") or result["study"]
     lines.append(f"{title}  [{result['family']}/{result['link']}]  study {result['study_hash'][:12]}")
-    lines.append(f"  n = {result['n']:,} used ({result['n_missing']:,} dropped for missing values, cohort {result['n_cohort']:,}); "
-                 f"deviance {result['deviance']:.4f}, null {result['null_deviance']:.4f}, AIC {result['aic']:.2f}; "
-                 f"{result['iterations']} Newton rounds")
+    lines.append(
+        f"  n = {result['n']:,} used ({result['n_missing']:,} dropped for missing values, cohort {result['n_cohort']:,}); "
+        f"deviance {result['deviance']:.4f}, null {result['null_deviance']:.4f}, AIC {result['aic']:.2f}; "
+        f"{result['iterations']} Newton rounds"
+    )
     lines.extend(node_lines(result))
     ratio = result.get("ratio_name")
     head = f"  {'term':<34} {'estimate':>10} {'std err':>9} {'z':>8} {'p':>9}"

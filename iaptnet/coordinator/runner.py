@@ -17,8 +17,15 @@ from .session import ProgressFn, Session
 from .studies import LoadedStudy, batch_hash
 
 
-def run_batch(grid: Grid, studies: list[LoadedStudy], *, engine: str, progress: ProgressFn | None = None,
-              timeout: float | None = 300.0, poll_interval: float = 0.0) -> list[dict]:
+def run_batch(
+    grid: Grid,
+    studies: list[LoadedStudy],
+    *,
+    engine: str,
+    progress: ProgressFn | None = None,
+    timeout: float | None = 300.0,
+    poll_interval: float = 0.0,
+) -> list[dict]:
     """Results of every study, in the order given."""
     names = [s.spec.name for s in studies]
     if len(set(names)) != len(names):
@@ -39,21 +46,34 @@ def run_batch(grid: Grid, studies: list[LoadedStudy], *, engine: str, progress: 
     return results
 
 
-def run_glm_batch(grid: Grid, studies: list[LoadedStudy], *, engine: str, progress: ProgressFn | None = None,
-                  timeout: float | None = 300.0, poll_interval: float = 0.0) -> list[dict]:
+def run_glm_batch(
+    grid: Grid,
+    studies: list[LoadedStudy],
+    *,
+    engine: str,
+    progress: ProgressFn | None = None,
+    timeout: float | None = 300.0,
+    poll_interval: float = 0.0,
+) -> list[dict]:
     """GLM studies fitted together: every model travels in the same rounds."""
     specs = {f"m{i}": s.spec for i, s in enumerate(studies)}
     stateful = {f"m{i}": list(s.parsed.stateful) for i, s in enumerate(studies)}
     min_nodes = [s.spec.min_nodes for s in studies if s.spec.min_nodes is not None]
-    session = Session(grid, batch_hash([s.spec for s in studies]),
-                      min_nodes=max(min_nodes) if min_nodes else None,
-                      timeout=timeout, poll_interval=poll_interval, progress=progress)
+    session = Session(
+        grid,
+        batch_hash([s.spec for s in studies]),
+        min_nodes=max(min_nodes) if min_nodes else None,
+        timeout=timeout,
+        poll_interval=poll_interval,
+        progress=progress,
+    )
     fits = fit_models(session, specs, stateful)
     out = []
-    for key, fit in fits.items():
+    for _key, fit in fits.items():
         status = node_status(session, fit.node_counts)
-        out.append(build_results(fit, study_hash=fit.spec.hash, engine=engine, node_status=status,
-                                 rounds=session.round))
+        out.append(
+            build_results(fit, study_hash=fit.spec.hash, engine=engine, node_status=status, rounds=session.round)
+        )
     return out
 
 
@@ -62,8 +82,11 @@ def node_status(session: Session, counts: dict[str, dict] | None = None) -> list
     its data version and its counts, under the small-number rules) or why not."""
     status = []
     for node in sorted(session.nodes.values(), key=lambda n: n.name or str(n.node_id)):
-        entry = {"name": node.name or f"node {node.node_id}", "contributed": node.contributed,
-                 "data_version": node.data_version}
+        entry = {
+            "name": node.name or f"node {node.node_id}",
+            "contributed": node.contributed,
+            "data_version": node.data_version,
+        }
         if node.contributed:
             entry.update((counts or {}).get(node.name, {}))
         else:

@@ -49,8 +49,7 @@ def emit(event: dict) -> None:
 
 
 def encode_studies(entries: list[dict]) -> str:
-    return base64.b64encode(json.dumps({"version": WIRE_VERSION, "studies": entries},
-                                       sort_keys=True).encode()).decode()
+    return base64.b64encode(json.dumps({"version": WIRE_VERSION, "studies": entries}, sort_keys=True).encode()).decode()
 
 
 def decode_studies(blob: str) -> list[dict]:
@@ -61,7 +60,9 @@ def decode_studies(blob: str) -> list[dict]:
     except (ValueError, TypeError):
         raise SpecError("the run config key 'studies' is not what 'iaptnet run --engine flower' sends.") from None
     if not isinstance(data, dict) or data.get("version") != WIRE_VERSION or not data.get("studies"):
-        raise SpecError("the run carries no studies (or studies from another iaptnet release); submit them with 'iaptnet run --engine flower'.")
+        raise SpecError(
+            "the run carries no studies (or studies from another iaptnet release); submit them with 'iaptnet run --engine flower'."
+        )
     return data["studies"]
 
 
@@ -84,7 +85,9 @@ def load_wire_study(entry: dict):
         schema = iapt_analysis_schema()
     spec, parsed = parse_study(dict(entry["data"]), schema, source)
     if entry.get("hash") and spec.hash != entry["hash"]:
-        raise SpecError(f"{source}: the hub computes a different study hash from the analyst's machine; are both on the same iaptnet release?")
+        raise SpecError(
+            f"{source}: the hub computes a different study hash from the analyst's machine; are both on the same iaptnet release?"
+        )
     return LoadedStudy(spec, parsed, None)
 
 
@@ -172,11 +175,15 @@ def main(grid: Grid, context: Context) -> None:
     try:
         studies = [load_wire_study(e) for e in decode_studies(str(cfg.get("studies", "")))]
         names = registered_names(grid)
-        emit({"event": "start", "studies": [s.spec.name for s in studies],
-              "hashes": [s.spec.hash for s in studies]})
-        results = run_batch(FramedGrid(grid), studies, engine="flower", progress=_progress,
-                            timeout=timeout,
-                            poll_interval=float(cfg.get("poll-interval", 0.25)))
+        emit({"event": "start", "studies": [s.spec.name for s in studies], "hashes": [s.spec.hash for s in studies]})
+        results = run_batch(
+            FramedGrid(grid),
+            studies,
+            engine="flower",
+            progress=_progress,
+            timeout=timeout,
+            poll_interval=float(cfg.get("poll-interval", 0.25)),
+        )
     except IaptnetError as exc:
         message = name_nodes(str(exc), names)
         emit({"event": "error", "type": type(exc).__name__, "exit_code": exc.exit_code, "message": message})
@@ -185,7 +192,7 @@ def main(grid: Grid, context: Context) -> None:
         for entry in result.get("nodes", []):
             entry["name"] = name_nodes(entry["name"], names)
     blob = json.dumps(results, allow_nan=True)
-    parts = [blob[i:i + CHUNK] for i in range(0, len(blob), CHUNK)] or [""]
+    parts = [blob[i : i + CHUNK] for i in range(0, len(blob), CHUNK)] or [""]
     for i, part in enumerate(parts):
         emit({"event": "result", "part": i, "parts": len(parts), "data": part})
     emit({"event": "done"})

@@ -45,9 +45,16 @@ _NO_REPLY = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 
 
 class Session:
-    def __init__(self, grid: Grid, study_hash: str, *, min_nodes: int | None = None,
-                 timeout: float | None = 300.0, poll_interval: float = 0.0,
-                 progress: ProgressFn | None = None):
+    def __init__(
+        self,
+        grid: Grid,
+        study_hash: str,
+        *,
+        min_nodes: int | None = None,
+        timeout: float | None = 300.0,
+        poll_interval: float = 0.0,
+        progress: ProgressFn | None = None,
+    ):
         self.grid = grid
         self.study_hash = study_hash
         self.min_nodes = min_nodes
@@ -70,11 +77,15 @@ class Session:
         task_ids = {}
         messages = []
         for node in self.active:
-            task = m.Task(kind=kind, study_hash=self.study_hash, payload=payload or {},
-                          arrays=arrays or {}, round=self.round)
+            task = m.Task(
+                kind=kind, study_hash=self.study_hash, payload=payload or {}, arrays=arrays or {}, round=self.round
+            )
             task_ids[node.node_id] = task.task_id
-            messages.append(Message(m.encode_task(task), node.node_id, m.MESSAGE_TYPE,
-                                    group_id=f"{self.study_hash[:16]}:{self.round}"))
+            messages.append(
+                Message(
+                    m.encode_task(task), node.node_id, m.MESSAGE_TYPE, group_id=f"{self.study_hash[:16]}:{self.round}"
+                )
+            )
         replies = self._exchange(kind, messages)
         ok: list[tuple[str, m.Reply]] = []
         problems = []
@@ -123,7 +134,11 @@ class Session:
         described = "; ".join(f"{_names(names)} {why}" for why, names in grouped.items())
         remaining = len(self.active) - len(problems)
         if self.min_nodes is None or remaining < self.min_nodes:
-            need = "" if self.min_nodes is None else f" (the study needs at least {self.min_nodes} nodes; {remaining} remain)"
+            need = (
+                ""
+                if self.min_nodes is None
+                else f" (the study needs at least {self.min_nodes} nodes; {remaining} remain)"
+            )
             raise NetworkError(f"the study stopped at {kind}: {described}{need}.")
         for node, why in problems:
             node.contributed = False
@@ -167,17 +182,24 @@ class Session:
     @staticmethod
     def _decode(msg: Message) -> m.Reply:
         if msg.has_error() and msg.error.code == ErrorCode.NODE_UNAVAILABLE:
-            return m.Reply(status=m.ERROR, node="", code=f"flower_{msg.error.code}",
-                           message="it went offline before answering")
+            return m.Reply(
+                status=m.ERROR, node="", code=f"flower_{msg.error.code}", message="it went offline before answering"
+            )
         if msg.has_error():
             # Flower's own error (the node app crashed or vanished); its text is not shown
             # because it could echo local detail.
-            return m.Reply(status=m.ERROR, node="", code=f"flower_{msg.error.code}",
-                           message=f"the node's app failed (Flower error code {msg.error.code})")
+            return m.Reply(
+                status=m.ERROR,
+                node="",
+                code=f"flower_{msg.error.code}",
+                message=f"the node's app failed (Flower error code {msg.error.code})",
+            )
         try:
             return m.decode_reply(msg.content)
         except (KeyError, ValueError, TypeError, RecursionError):  # RecursionError: JSON nested too deep
-            return m.Reply(status=m.ERROR, node="", code="bad_reply", message="sent a reply the coordinator cannot read")
+            return m.Reply(
+                status=m.ERROR, node="", code="bad_reply", message="sent a reply the coordinator cannot read"
+            )
 
 
 def _all_finite(reply: m.Reply) -> bool:

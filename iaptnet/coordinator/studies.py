@@ -31,7 +31,9 @@ def resolve_schema(study_data: dict, study_path: Path | None, network_schemas: s
         return Schema.load(base / str(study_data["schema"]))
     custom = {s for s in network_schemas if s}
     if len(custom) > 1 or (custom and None in network_schemas):
-        raise SpecError(f"{study_path or 'study'}: the network's nodes serve different schemas; name the study's schema with 'schema = \"...\"'.")
+        raise SpecError(
+            f"{study_path or 'study'}: the network's nodes serve different schemas; name the study's schema with 'schema = \"...\"'."
+        )
     if custom:
         return Schema.load(next(iter(custom)))
     return iapt_analysis_schema()

@@ -50,7 +50,7 @@ def project_text() -> str:
         "[project]",
         'name = "iaptnet"',
         f"version = {value(__version__)}",
-        f'dependencies = [{value("flwr==" + FLWR_VERSION)}]',
+        f"dependencies = [{value('flwr==' + FLWR_VERSION)}]",
         "",
         "[tool.flwr.app]",
         'publisher = "iaptnet"',

@@ -36,8 +36,9 @@ def pack(content: RecordDict) -> RecordDict:
     packed = np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0)
     out = RecordDict({key: value for key, value in content.items() if key != ARRAYS})
     out[ARRAYS] = ArrayRecord({PACKED: Array(np.ascontiguousarray(packed))})
-    out[FRAME] = ConfigRecord({"version": VERSION, "names": json.dumps(names),
-                               "shapes": json.dumps([list(a.shape) for a in arrays])})
+    out[FRAME] = ConfigRecord(
+        {"version": VERSION, "names": json.dumps(names), "shapes": json.dumps([list(a.shape) for a in arrays])}
+    )
     return out
 
 
@@ -57,7 +58,7 @@ def unpack(content: RecordDict) -> RecordDict:
     arrays = {}
     offset = 0
     for name, shape, size in zip(names, shapes, sizes):
-        arrays[name] = Array(np.ascontiguousarray(flat[offset:offset + size].reshape(shape)))
+        arrays[name] = Array(np.ascontiguousarray(flat[offset : offset + size].reshape(shape)))
         offset += size
     out = RecordDict({key: value for key, value in content.items() if key not in (ARRAYS, FRAME)})
     out[ARRAYS] = ArrayRecord(arrays)

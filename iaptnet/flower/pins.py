@@ -39,23 +39,49 @@ class _Need:
 # Every private (or unstable) flwr object this module and the FAB builder touch.
 NEEDS: tuple[_Need, ...] = (
     _Need("flwr.supernode.cli.flower_supernode", "flower_supernode", ()),
-    _Need("flwr.supernode.start_client_internal", "start_client_internal",
-          ("state_factory", "server_address", "node_config", "root_certificates", "insecure",
-           "authentication_keys", "max_retries", "max_wait_time", "isolation",
-           "runtime_api_address"),
-          # "SuperNode ID:" is the line `iaptnet network up` waits for in each node's log.
-          ("time.sleep(3)", "_pull_and_store_message(", "_push_messages(", '"SuperNode ID: %s"')),
-    _Need("flwr.supernode.start_client_internal", "_pull_and_store_message",
-          ("state", "object_store", "node_config", "receive", "get_run", "get_fab", "pull_object",
-           "confirm_message_received", "trusted_entities"),
-          ("state.create_task(", "return run_id")),
-    _Need("flwr.supernode.start_client_internal", "_push_messages",
-          ("state", "object_store", "send", "push_object"),
-          ("time.sleep(0.5)",)),
+    _Need(
+        "flwr.supernode.start_client_internal",
+        "start_client_internal",
+        (
+            "state_factory",
+            "server_address",
+            "node_config",
+            "root_certificates",
+            "insecure",
+            "authentication_keys",
+            "max_retries",
+            "max_wait_time",
+            "isolation",
+            "runtime_api_address",
+        ),
+        # "SuperNode ID:" is the line `iaptnet network up` waits for in each node's log.
+        ("time.sleep(3)", "_pull_and_store_message(", "_push_messages(", '"SuperNode ID: %s"'),
+    ),
+    _Need(
+        "flwr.supernode.start_client_internal",
+        "_pull_and_store_message",
+        (
+            "state",
+            "object_store",
+            "node_config",
+            "receive",
+            "get_run",
+            "get_fab",
+            "pull_object",
+            "confirm_message_received",
+            "trusted_entities",
+        ),
+        ("state.create_task(", "return run_id"),
+    ),
+    _Need(
+        "flwr.supernode.start_client_internal",
+        "_push_messages",
+        ("state", "object_store", "send", "push_object"),
+        ("time.sleep(0.5)",),
+    ),
     _Need("flwr.supernode.runtime.run_clientapp", "pull_task_input", ("client",)),
     _Need("flwr.supernode.runtime.run_clientapp", "push_message", ("client", "message", "context")),
-    _Need("flwr.supernode.runtime.run_clientapp", "push_task_output",
-          ("client", "context", "sub_status", "details")),
+    _Need("flwr.supernode.runtime.run_clientapp", "push_task_output", ("client", "context", "sub_status", "details")),
     _Need("flwr.supercore.runtime", "RuntimeHttpClient"),
     _Need("flwr.supercore.interceptors", "RuntimeTokenHttpInterceptor", ("token",)),
     _Need("flwr.supercore.interceptors", "RuntimeVersionHttpInterceptor", ("component_name",)),
@@ -66,15 +92,29 @@ NEEDS: tuple[_Need, ...] = (
     _Need("flwr.common.constant", "ErrorCode"),
     _Need("flwr.proto.runtime_pb2", "AcquireTaskRequest"),
     _Need("flwr.proto.runtime_pb2", "SendTaskHeartbeatRequest"),
-    _Need("flwr.supercore.inflatable.inflatable_utils", "pull_objects",
-          ("object_ids", "pull_object_fn", "max_concurrent_pulls", "max_time", "max_tries_per_object",
-           "initial_backoff", "backoff_cap")),
+    _Need(
+        "flwr.supercore.inflatable.inflatable_utils",
+        "pull_objects",
+        (
+            "object_ids",
+            "pull_object_fn",
+            "max_concurrent_pulls",
+            "max_time",
+            "max_tries_per_object",
+            "initial_backoff",
+            "backoff_cap",
+        ),
+    ),
     _Need("flwr.supernode.start_client_internal", "pull_objects"),
     _Need("flwr.superlink.grid.http_grid", "pull_objects"),
     # The hub's session (coordinator/session.py) counts this error, put in place of a reply
     # whose objects never arrived, as the node's missing answer.
-    _Need("flwr.superlink.grid.http_grid", "HttpGrid", None,
-          ("code=ErrorCode.MESSAGE_UNAVAILABLE", "reply_to_message_id=msg_proto.metadata.reply_to_message_id")),
+    _Need(
+        "flwr.superlink.grid.http_grid",
+        "HttpGrid",
+        None,
+        ("code=ErrorCode.MESSAGE_UNAVAILABLE", "reply_to_message_id=msg_proto.metadata.reply_to_message_id"),
+    ),
     _Need("flwr.cli.build", "build_fab_from_disk", ("app",)),
 )
 
@@ -94,7 +134,9 @@ def check_flwr() -> None:
 
         version = dist_version("flwr")
     if version != FLWR_VERSION:
-        problems.append(f"flwr {version} is installed; iaptnet's node adaptations are written for flwr {FLWR_VERSION} exactly")
+        problems.append(
+            f"flwr {version} is installed; iaptnet's node adaptations are written for flwr {FLWR_VERSION} exactly"
+        )
     for need in NEEDS:
         where = f"{need.module}.{need.name}"
         try:
@@ -139,11 +181,10 @@ def check_flwr() -> None:
         problems.append("flwr.supercore.constant.TaskType.CLIENT_APP no longer exists")
     if problems:
         raise FlowerAdaptationError(
-            "iaptnet's node cannot run on this flwr: " + "; ".join(problems)
+            "iaptnet's node cannot run on this flwr: "
+            + "; ".join(problems)
             + ". Install the flwr version pinned in pyproject.toml, or update iaptnet/flower/."
         )
-
-
 
 
 #: What the install functions replaced, to restore it (tests) and not patch twice.

@@ -24,6 +24,6 @@ def install_serverapp_adaptations(max_time: float) -> None:
         return
     check_flwr()
     _INSTALLED["grid_pull_objects"] = http_grid.pull_objects
-    http_grid.pull_objects = functools.partial(http_grid.pull_objects, initial_backoff=0.02,
-                                               backoff_cap=0.25, max_time=max_time)
-
+    http_grid.pull_objects = functools.partial(
+        http_grid.pull_objects, initial_backoff=0.02, backoff_cap=0.25, max_time=max_time
+    )

@@ -26,26 +26,25 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 import threading
 import time as _time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .pins import INSTALLED as _INSTALLED
-from .pins import STOCK_TIMING_ENV, check_flwr
 
 log = logging.getLogger("iaptnet.node.flower")
 
 # --------------------------------------------------------------------------------------------
 # Capped sleeps
 
+
 class _TimeProxy:
     """Stands in for the `time` module inside flwr's SuperNode loop."""
 
     iaptnet_proxy = True  # (pins.check_flwr accepts it in place of the time module)
 
-    def __init__(self, policy: "SleepPolicy"):
+    def __init__(self, policy: SleepPolicy):
         self._policy = policy
 
     def sleep(self, seconds: float) -> None:
@@ -79,7 +78,7 @@ class SleepPolicy:
     stock: bool = False  # benchmarks only: flwr 1.42's own timings, nothing capped
 
     @classmethod
-    def flwr_defaults(cls) -> "SleepPolicy":
+    def flwr_defaults(cls) -> SleepPolicy:
         """flwr 1.42 as shipped (the 'before' of bench/bench_latency.py)."""
         return cls(pull_backoff=1.0, pull_backoff_cap=10.0, stock=True)
 
@@ -101,10 +100,7 @@ class SleepPolicy:
         self.last_activity = now
 
 
-
-
-def install_supernode_adaptations(policy: SleepPolicy, on_message: Callable[[], None],
-                                  storing: threading.Lock) -> None:
+def install_supernode_adaptations(policy: SleepPolicy, on_message: Callable[[], None], storing: threading.Lock) -> None:
     """Patch the SuperNode loop (module `flwr.supernode.start_client_internal`):
 
     * its `time` becomes a `_TimeProxy` (capped sleeps, see `SleepPolicy`);
@@ -119,8 +115,7 @@ def install_supernode_adaptations(policy: SleepPolicy, on_message: Callable[[], 
 
     if "sci" in _INSTALLED:
         return
-    saved = {name: getattr(sci, name) for name in
-             ("time", "pull_objects", "_pull_and_store_message", "_push_messages")}
+    saved = {name: getattr(sci, name) for name in ("time", "pull_objects", "_pull_and_store_message", "_push_messages")}
     original_pull, original_push = saved["_pull_and_store_message"], saved["_push_messages"]
 
     @functools.wraps(original_pull)
@@ -142,8 +137,9 @@ def install_supernode_adaptations(policy: SleepPolicy, on_message: Callable[[], 
 
     _INSTALLED["sci"] = saved
     sci.time = _TimeProxy(policy)
-    sci.pull_objects = functools.partial(saved["pull_objects"], initial_backoff=policy.pull_backoff,
-                                         backoff_cap=policy.pull_backoff_cap)
+    sci.pull_objects = functools.partial(
+        saved["pull_objects"], initial_backoff=policy.pull_backoff, backoff_cap=policy.pull_backoff_cap
+    )
     sci._pull_and_store_message = pull_and_store_message
     sci._push_messages = push_messages
 
@@ -170,8 +166,15 @@ class WarmWorker(threading.Thread):
     never travels through flwr's command line).
     """
 
-    def __init__(self, runtime_address: str, client_app, node_config: dict, gate: Gate,
-                 node_name: str, fallback_poll: float = 5.0):
+    def __init__(
+        self,
+        runtime_address: str,
+        client_app,
+        node_config: dict,
+        gate: Gate,
+        node_name: str,
+        fallback_poll: float = 5.0,
+    ):
         super().__init__(name="iaptnet-warm-worker", daemon=True)
         self.runtime_address = runtime_address
         self.client_app = client_app
@@ -198,7 +201,9 @@ class WarmWorker(threading.Thread):
         from flwr.supercore.runtime import RuntimeHttpClient
 
         acquirer = RuntimeHttpClient.from_server_address(
-            server_address=self.runtime_address, insecure=True, root_certificates=None,
+            server_address=self.runtime_address,
+            insecure=True,
+            root_certificates=None,
             interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
             retry_invoker=make_simple_http_retry_invoker(),
         )
@@ -241,9 +246,13 @@ class WarmWorker(threading.Thread):
         from .frame import pack, unpack
 
         client = RuntimeHttpClient.from_server_address(
-            server_address=self.runtime_address, insecure=True, root_certificates=None,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                          RuntimeTokenHttpInterceptor(token)],
+            server_address=self.runtime_address,
+            insecure=True,
+            root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                RuntimeTokenHttpInterceptor(token),
+            ],
             retry_invoker=make_simple_http_retry_invoker(),
         )
         heartbeat = HeartbeatSender(_safe_heartbeat(client))
@@ -273,14 +282,19 @@ class WarmWorker(threading.Thread):
                     log.exception("the node's ClientApp raised an exception")
                     from flwr.app import Error
 
-                    reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                          reason="the node's app raised an exception; the detail is in the node's own log"),
-                                    reply_to=message)
+                    reply = Message(
+                        Error(
+                            code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                            reason="the node's app raised an exception; the detail is in the node's own log",
+                        ),
+                        reply_to=message,
+                    )
             t2 = _time.perf_counter()
             push_message(client, reply, context)
             self.served += 1
-            log.debug("task served: input %.3f s, app %.3f s, reply %.3f s", t1 - t0, t2 - t1,
-                      _time.perf_counter() - t2)
+            log.debug(
+                "task served: input %.3f s, app %.3f s, reply %.3f s", t1 - t0, t2 - t1, _time.perf_counter() - t2
+            )
         except Exception:  # noqa: BLE001
             log.exception("serving task %s failed", getattr(task, "task_id", "?"))
         finally:
@@ -308,12 +322,12 @@ def _safe_heartbeat(client) -> Callable[[], bool]:
 def _refusal_content(node_name: str, sentence: str):
     from ..protocol import messages as m
 
-    return m.encode_reply(m.Reply(status=m.REFUSED, node=node_name, code="app_not_approved",
-                                  message=sentence))
+    return m.encode_reply(m.Reply(status=m.REFUSED, node=node_name, code="app_not_approved", message=sentence))
 
 
 # --------------------------------------------------------------------------------------------
 # Running the SuperNode in this process
+
 
 def run_supernode(argv: list[str]) -> None:
     """Run flwr's `flower-supernode` entry point in this process with `argv` (blocks)."""

@@ -53,8 +53,13 @@ def count_referrals(dataset, key: str, spec, release: Release, node: str) -> Non
     check_at_node(spec, schema)
     settings = node_settings(spec, schema, node)
     frame = dataset.frame
-    in_period = ("and", [("cmp", ">=", ("col", DATE_COLUMN), ("str", settings.first)),
-                         ("cmp", "<=", ("col", DATE_COLUMN), ("str", settings.last))])
+    in_period = (
+        "and",
+        [
+            ("cmp", ">=", ("col", DATE_COLUMN), ("str", settings.first)),
+            ("cmp", "<=", ("col", DATE_COLUMN), ("str", settings.last)),
+        ],
+    )
     tree = spec.where_tree()
     cohort = cohort_mask(frame, ("and", [tree, in_period]) if tree else in_period)
     groups = frame.loc[cohort, list(settings.by)]
@@ -82,13 +87,20 @@ def count_referrals(dataset, key: str, spec, release: Release, node: str) -> Non
             if counts.iloc[k]:
                 indicators.append((f"{var}={level}", positions[codes == k]))  # each margin counts these rows exactly
         for level, count in counts.items():
-            levels.append(LevelCount(var, str(level), int(count),
-                                     f"merge '{level}' with another level of {var} ([merge.{var}]) "
-                                     f"or leave {var} out of the study's 'by'"))
+            levels.append(
+                LevelCount(
+                    var,
+                    str(level),
+                    int(count),
+                    f"merge '{level}' with another level of {var} ([merge.{var}]) "
+                    f"or leave {var} out of the study's 'by'",
+                )
+            )
     # Parameters: the columns of the main-effects model this node has referrals for.
     parameters = 1 + sum(max(int(np.count_nonzero(c)) - 1, 0) for c in margins.values())
-    facts = ModelFacts(spec.name, used, parameters=parameters, family="poisson", events=n, levels=levels,
-                       indicators=indicators)
+    facts = ModelFacts(
+        spec.name, used, parameters=parameters, family="poisson", events=n, levels=levels, indicators=indicators
+    )
     section = release.model(key, facts, group="access")
     section.value("n_used", n)
     section.value("by", list(settings.by))

@@ -33,8 +33,12 @@ def task(msg: Message, context: Context) -> Message:
         reply = handle(msg.content, context)
     except Exception:  # noqa: BLE001 - never let Flower forward exception text
         log.exception("the node's app failed")
-        reply = m.Reply(status=m.ERROR, node=str(context.node_config.get("name", "")), code="internal_error",
-                        message="the node hit an internal error; the detail is in the node's own log.")
+        reply = m.Reply(
+            status=m.ERROR,
+            node=str(context.node_config.get("name", "")),
+            code="internal_error",
+            message="the node hit an internal error; the detail is in the node's own log.",
+        )
     return Message(m.encode_reply(reply), reply_to=msg)
 
 
@@ -44,16 +48,28 @@ def handle(content, context: Context) -> m.Reply:
         limit = runtime.policy.max_payload_bytes
     except SpecError as exc:
         log.error("node %s cannot load its policy: %s", runtime.name, exc)
-        return m.Reply(status=m.ERROR, node=runtime.name, code="policy_invalid",
-                       message=f"this node's policy file is not valid: {exc}")
+        return m.Reply(
+            status=m.ERROR,
+            node=runtime.name,
+            code="policy_invalid",
+            message=f"this node's policy file is not valid: {exc}",
+        )
     size = m.content_size(content)
     if size > limit:
         kind, task_id = m.peek_task(content)
-        return refuse_undecoded(runtime, kind, task_id, Violation(
-            "max_payload_bytes", "the task is larger than this node accepts; it was not read", limit))
+        return refuse_undecoded(
+            runtime,
+            kind,
+            task_id,
+            Violation("max_payload_bytes", "the task is larger than this node accepts; it was not read", limit),
+        )
     try:
         decoded = m.decode_task(content)
     except (ValueError, KeyError, TypeError, RecursionError):
-        return m.Reply(status=m.ERROR, node=runtime.name, code="bad_task",
-                       message="the message is not a task this node understands.")
+        return m.Reply(
+            status=m.ERROR,
+            node=runtime.name,
+            code="bad_task",
+            message="the message is not a task this node understands.",
+        )
     return dispatch(runtime, decoded)

@@ -63,12 +63,14 @@ def digest_parameters(payload: dict, arrays: dict[str, np.ndarray]) -> str:
 
 
 def arrays_for_log(arrays: dict[str, np.ndarray]) -> dict:
-    return {name: {"shape": list(np.shape(a)), "values": np.asarray(a, dtype=float).ravel().tolist()}
-            for name, a in sorted(arrays.items())}
+    return {
+        name: {"shape": list(np.shape(a)), "values": np.asarray(a, dtype=float).ravel().tolist()}
+        for name, a in sorted(arrays.items())
+    }
 
 
 def now_iso(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @contextlib.contextmanager
@@ -99,6 +101,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 # --------------------------------------------------------------------------- the audit log
 
+
 @dataclass
 class Verification:
     ok: bool
@@ -128,7 +131,7 @@ class AuditLog:
 
     def append(self, fields: dict) -> dict:
         """Chain and write one entry; returns it (with seq, prev and hash)."""
-        with self._lock, (_file_lock(self.folder / "audit.lock") if self.folder else contextlib.nullcontext()):
+        with self._lock, _file_lock(self.folder / "audit.lock") if self.folder else contextlib.nullcontext():
             seq, prev = self._head()
             entry = {"seq": seq + 1, **fields, "prev": prev}
             # The body is serialised once: hashed, then written with the hash appended (the
@@ -190,28 +193,49 @@ class AuditLog:
             if not isinstance(entry, dict) or "hash" not in entry or "seq" not in entry:
                 return Verification(False, count, prev, f"line {number} is not a valid entry: the log was edited.")
             if entry["seq"] != seq + 1:
-                return Verification(False, count, prev,
-                                    f"entry {seq + 1} is missing (line {number} holds entry {entry['seq']}): entries were deleted or reordered.")
+                return Verification(
+                    False,
+                    count,
+                    prev,
+                    f"entry {seq + 1} is missing (line {number} holds entry {entry['seq']}): entries were deleted or reordered.",
+                )
             if entry.get("prev") != prev:
-                return Verification(False, count, prev,
-                                    f"entry {entry['seq']} does not follow entry {seq}: the chain is broken (an entry was deleted or replaced).")
+                return Verification(
+                    False,
+                    count,
+                    prev,
+                    f"entry {entry['seq']} does not follow entry {seq}: the chain is broken (an entry was deleted or replaced).",
+                )
             if entry_hash(prev, entry) != entry["hash"]:
-                return Verification(False, count, prev, f"entry {entry['seq']} was edited: its hash does not match its content.")
+                return Verification(
+                    False, count, prev, f"entry {entry['seq']} was edited: its hash does not match its content."
+                )
             prev, seq, count = entry["hash"], entry["seq"], count + 1
         if self.folder is not None:
             try:
                 head = json.loads(self.head_path.read_text())
             except FileNotFoundError:
                 if count:
-                    return Verification(False, count, prev, "the head file audit.head is missing, so deletions at the end cannot be ruled out.")
+                    return Verification(
+                        False,
+                        count,
+                        prev,
+                        "the head file audit.head is missing, so deletions at the end cannot be ruled out.",
+                    )
                 head = {"seq": 0, "hash": GENESIS}
             except ValueError:
                 return Verification(False, count, prev, "the head file audit.head is not valid: it was edited.")
             if head.get("seq") != seq or head.get("hash") != prev:
                 if isinstance(head.get("seq"), int) and head["seq"] > seq:
-                    return Verification(False, count, prev,
-                                        f"the log ends at entry {seq} but the head records entry {head['seq']}: the last entries were deleted.")
-                return Verification(False, count, prev, "the head file does not match the last entry: the log or its head was edited.")
+                    return Verification(
+                        False,
+                        count,
+                        prev,
+                        f"the log ends at entry {seq} but the head records entry {head['seq']}: the last entries were deleted.",
+                    )
+                return Verification(
+                    False, count, prev, "the head file does not match the last entry: the log or its head was edited."
+                )
         return Verification(True, count, prev)
 
 
@@ -235,9 +259,9 @@ def _last_line(path: Path) -> str | None:
 
 def _parse_time(text: str) -> dt.datetime:
     try:
-        return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc)
+        return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
     except ValueError:
-        return dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+        return dt.datetime.min.replace(tzinfo=dt.UTC)
 
 
 def parse_since(text: str) -> dt.datetime:
@@ -246,10 +270,11 @@ def parse_since(text: str) -> dt.datetime:
         value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise SpecError(f"--since {text!r}: expected a date YYYY-MM-DD or a time YYYY-MM-DDTHH:MM.") from None
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 # --------------------------------------------------------------------------- the node's memory
+
 
 class NodeMemory:
     """Task ids answered, tasks per study today, studies today, and released row sets."""
@@ -267,15 +292,17 @@ class NodeMemory:
     @contextlib.contextmanager
     def transaction(self):
         """Hold the memory (across threads and processes), load it, and save it afterwards."""
-        with self._lock, (_file_lock(self.folder / "memory.lock") if self.folder else contextlib.nullcontext()):
+        with self._lock, _file_lock(self.folder / "memory.lock") if self.folder else contextlib.nullcontext():
             if self.folder is not None:
                 try:
                     self._state = json.loads((self.folder / "memory.json").read_text())
                 except FileNotFoundError:
                     pass
                 except ValueError:
-                    raise DataError("the node's memory file is damaged; its operator must restore it "
-                                    "from backup (deleting it forgets which tasks were answered).") from None
+                    raise DataError(
+                        "the node's memory file is damaged; its operator must restore it "
+                        "from backup (deleting it forgets which tasks were answered)."
+                    ) from None
             before = json.dumps(self._state, sort_keys=True)
             yield self
             after = json.dumps(self._state, sort_keys=True)
@@ -294,7 +321,7 @@ class NodeMemory:
 
     # -- volume
     def _roll(self, now: float) -> None:
-        day = dt.datetime.fromtimestamp(now, dt.timezone.utc).strftime("%Y-%m-%d")
+        day = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%d")
         if self._state.get("day") != day:
             self._state["day"] = day
             self._state["studies"] = {}
@@ -344,8 +371,15 @@ class NodeMemory:
         t = rules.min_subset_difference
         out = []
         for finding in self.releases(version, n).audit(footprints, t, vetted=list(vetted)):
-            out.append(Violation("min_subset_difference", _FINDINGS[finding.what].format(t=t), t,
-                                 model=finding.label, fix=_FIXES[finding.what]))
+            out.append(
+                Violation(
+                    "min_subset_difference",
+                    _FINDINGS[finding.what].format(t=t),
+                    t,
+                    model=finding.label,
+                    fix=_FIXES[finding.what],
+                )
+            )
         return out
 
     def remember_release(self, footprints, version: str, n: int, rules: Rules, span=None) -> None:
@@ -363,11 +397,16 @@ class NodeMemory:
         top = self._span.for_version(version, n).audit(footprints)
         if top <= rules.max_combined_leverage:
             return []
-        return [Violation("max_combined_leverage", "together with everything this node released before on this data, the "
-                          "statistics would let a combination of results across models, studies or tables single "
-                          "out one person's row (its leverage in all the released columns is above the limit)",
-                          rules.max_combined_leverage,
-                          fix="use the covariates and cohorts of earlier studies; the Trust can start a new data version")]
+        return [
+            Violation(
+                "max_combined_leverage",
+                "together with everything this node released before on this data, the "
+                "statistics would let a combination of results across models, studies or tables single "
+                "out one person's row (its leverage in all the released columns is above the limit)",
+                rules.max_combined_leverage,
+                fix="use the covariates and cohorts of earlier studies; the Trust can start a new data version",
+            )
+        ]
 
     # -- the coefficients of GLM rounds answered (the probing defence compares with them)
     def answered_rounds(self, study_hash: str, version: str) -> dict[str, list[np.ndarray]]:
@@ -385,9 +424,11 @@ class NodeMemory:
                 beta = np.array([float(v) for v in entry["beta"]], dtype=float)
                 out.setdefault(str(entry["model"]), []).append(beta)
             except (ValueError, KeyError, TypeError):
-                raise MemoryDamaged(f"this node's record of answered rounds ({path}) has an entry it cannot "
-                                    "read; restore the state folder from its backup before answering more "
-                                    "tasks") from None
+                raise MemoryDamaged(
+                    f"this node's record of answered rounds ({path}) has an entry it cannot "
+                    "read; restore the state folder from its backup before answering more "
+                    "tasks"
+                ) from None
         return out
 
     def remember_rounds(self, study_hash: str, version: str, betas: dict[str, np.ndarray]) -> None:
@@ -395,8 +436,10 @@ class NodeMemory:
         if path is None or not betas:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps({"model": key, "beta": [float(v) for v in np.asarray(beta, dtype=float)]}) + "\n"
-                       for key, beta in betas.items())
+        text = "".join(
+            json.dumps({"model": key, "beta": [float(v) for v in np.asarray(beta, dtype=float)]}) + "\n"
+            for key, beta in betas.items()
+        )
         with self._lock, open(path, "a") as fh:
             fh.write(text)
             fh.flush()
@@ -422,18 +465,31 @@ class NodeMemory:
         footprints = _condition_footprints(conditions)
         few = [fp for fp in footprints if 0 < int(np.count_nonzero(fp.rows)) < t]
         if few:
-            return [Violation("min_subset_difference", _CONDITION_FINDING.format(t=t, label=few[0].label), t,
-                              fix="widen or drop that condition, or use the conditions of earlier studies")]
+            return [
+                Violation(
+                    "min_subset_difference",
+                    _CONDITION_FINDING.format(t=t, label=few[0].label),
+                    t,
+                    fix="widen or drop that condition, or use the conditions of earlier studies",
+                )
+            ]
         out = []
         for finding in self._conditions.for_version(version, n).audit(footprints, t):
-            out.append(Violation("min_subset_difference", _CONDITION_FINDING.format(t=t, label=finding.label), t,
-                                 fix="widen or drop that condition, or use the conditions of earlier studies"))
+            out.append(
+                Violation(
+                    "min_subset_difference",
+                    _CONDITION_FINDING.format(t=t, label=finding.label),
+                    t,
+                    fix="widen or drop that condition, or use the conditions of earlier studies",
+                )
+            )
         return out
 
     def remember_conditions(self, conditions, version: str, n: int, rules: Rules) -> None:
         if conditions:
-            self._conditions.for_version(version, n).remember(_condition_footprints(conditions),
-                                                              rules.min_subset_difference)
+            self._conditions.for_version(version, n).remember(
+                _condition_footprints(conditions), rules.min_subset_difference
+            )
 
 
 def _condition_footprints(conditions) -> list:
@@ -447,22 +503,24 @@ def _condition_footprints(conditions) -> list:
     return out
 
 
-_CONDITION_FINDING = ("{label} admits rows of this node's whole dataset that differ by fewer than {t} "
-                      "people from no one, from everyone, or from the rows a condition of an earlier "
-                      "filter admitted (results on such filters could differ by those few people)")
+_CONDITION_FINDING = (
+    "{label} admits rows of this node's whole dataset that differ by fewer than {t} "
+    "people from no one, from everyone, or from the rows a condition of an earlier "
+    "filter admitted (results on such filters could differ by those few people)"
+)
 
 
 _FINDINGS = {
     "complement": "the rows used leave out fewer than {t} of this node's rows, so the result would differ "
-                  "from the whole dataset's by a few people",
+    "from the whole dataset's by a few people",
     "rows": "the rows used differ from rows this node already released results on by fewer than {t} people "
-            "(a differencing attack, or a covariate missing for a few)",
+    "(a differencing attack, or a covariate missing for a few)",
     "combination": "together with row sets this node already released results on, the rows used would let a "
-                   "combination of the results single out fewer than {t} people (a differencing attack)",
+    "combination of the results single out fewer than {t} people (a differencing attack)",
     "column": "a column of this release (a term, offset or variable) equals one this node already released "
-              "except for fewer than {t} people (a differencing attack)",
+    "except for fewer than {t} people (a differencing attack)",
     "unproved": "the node cannot prove that this release, with what it released before, does not single out "
-                "fewer than {t} people",
+    "fewer than {t} people",
 }
 _FIXES = {
     "complement": "use the whole dataset, or a cohort that leaves out more people",

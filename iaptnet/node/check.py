@@ -38,11 +38,14 @@ def run_check(
         for report in reports:
             where = f" in {report.source}" if len(reports) > 1 else ""
             if report.invalid_columns:
-                problems.append(_count(len(report.invalid_columns), "column has", "columns have")
-                                + f" invalid values{where}")
+                problems.append(
+                    _count(len(report.invalid_columns), "column has", "columns have") + f" invalid values{where}"
+                )
             if report.missing_required:
-                problems.append(_count(len(report.missing_required), "required column is",
-                                       "required columns are") + f" missing{where}")
+                problems.append(
+                    _count(len(report.missing_required), "required column is", "required columns are")
+                    + f" missing{where}"
+                )
         lines.append(" and ".join(problems) + ": see above (not usable for studies)")
     return "\n".join(lines), dataset.usable
 

@@ -8,9 +8,15 @@ import argparse
 def cmd_check(args) -> int:
     from .check import run_check
 
-    text, ok = run_check(args.data, args.schema, table=args.table, query=args.query,
-                         appointments=args.appointments, appointments_table=args.appointments_table,
-                         appointments_query=args.appointments_query)
+    text, ok = run_check(
+        args.data,
+        args.schema,
+        table=args.table,
+        query=args.query,
+        appointments=args.appointments,
+        appointments_table=args.appointments_table,
+        appointments_query=args.appointments_query,
+    )
     print(text)
     return 0 if ok else 1
 
@@ -28,7 +34,9 @@ def cmd_approve_app(args) -> int:
     cfg = load_node_file(args.config)
     added = approve(cfg.approved_apps, args.hash, args.note or "")
     state = "approved" if added else "was already approved"
-    print(f"app bundle {args.hash.strip().lower()} {state}; {len(read_approved(cfg.approved_apps))} approved in {cfg.approved_apps}.")
+    print(
+        f"app bundle {args.hash.strip().lower()} {state}; {len(read_approved(cfg.approved_apps))} approved in {cfg.approved_apps}."
+    )
     return 0
 
 
@@ -40,7 +48,9 @@ def register(sub) -> None:
     check.add_argument("--schema", help="schema TOML (default: the built-in IAPT extract)")
     check.add_argument("--table", help="table name, for an SQL source")
     check.add_argument("--query", help="SQL query, for an SQL source")
-    check.add_argument("--appointments", help="the IAPT extract's appointment table (CSV, Parquet or an SQLAlchemy URL)")
+    check.add_argument(
+        "--appointments", help="the IAPT extract's appointment table (CSV, Parquet or an SQLAlchemy URL)"
+    )
     check.add_argument("--appointments-table", help="table name, for an SQL appointment table")
     check.add_argument("--appointments-query", help="SQL query, for an SQL appointment table")
     check.set_defaults(fn=cmd_check)
@@ -52,7 +62,9 @@ def register(sub) -> None:
     start.add_argument("--local-network", action="store_true", help=argparse.SUPPRESS)
     start.set_defaults(fn=cmd_start)
 
-    approve_app = node_sub.add_parser("approve-app", help="approve an app bundle hash (a release, from 'iaptnet app-hash')")
+    approve_app = node_sub.add_parser(
+        "approve-app", help="approve an app bundle hash (a release, from 'iaptnet app-hash')"
+    )
     approve_app.add_argument("hash", help="the sha256 printed by 'iaptnet app-hash' for the release")
     approve_app.add_argument("--config", default="node.toml", help="node.toml")
     approve_app.add_argument("--note", help="a note kept beside the hash (who approved, which release)")

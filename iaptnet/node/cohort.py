@@ -37,6 +37,7 @@ def recording_conditions() -> Iterator[list[tuple[str, np.ndarray]]]:
     finally:
         _CONDITIONS.reset(token)
 
+
 _OPS = {
     "==": lambda a, b: a == b,
     "!=": lambda a, b: a != b,
@@ -121,7 +122,9 @@ def _literal(col: pd.Series, lit: tuple):
     if pd.api.types.is_datetime64_any_dtype(col):
         day = calendar_date(lit[1]) if lit[0] == "str" else None
         if day is None:
-            raise SpecError(f"the filter compares the date column '{col.name}' with {_shown(lit)}, which is not a calendar date.")
+            raise SpecError(
+                f"the filter compares the date column '{col.name}' with {_shown(lit)}, which is not a calendar date."
+            )
         return pd.Timestamp(day)
     return lit[1]
 

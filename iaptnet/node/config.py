@@ -32,8 +32,23 @@ from pathlib import Path
 from ..protocol.errors import SpecError
 from ..protocol.tomlfile import read_toml, reject_unknown
 
-KEYS = {"name", "hub", "ca_cert", "key", "data", "table", "query", "schema", "policy", "state_dir",
-        "approved_apps", "tuning", "appointments", "appointments_table", "appointments_query"}
+KEYS = {
+    "name",
+    "hub",
+    "ca_cert",
+    "key",
+    "data",
+    "table",
+    "query",
+    "schema",
+    "policy",
+    "state_dir",
+    "approved_apps",
+    "tuning",
+    "appointments",
+    "appointments_table",
+    "appointments_query",
+}
 TUNING_KEYS = {"poll_idle", "poll_active", "runtime_port"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
@@ -65,8 +80,7 @@ class NodeFile:
     def node_config(self) -> dict:
         """The mapping `iaptnet.node.runtime.NodeConfig.from_mapping` reads."""
         out = {"name": self.name, "data": self.data}
-        for key in ("schema", "policy", "table", "query", "appointments", "appointments_table",
-                    "appointments_query"):
+        for key in ("schema", "policy", "table", "query", "appointments", "appointments_table", "appointments_query"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -138,11 +152,15 @@ def load_node_file(path: str | Path) -> NodeFile:
     appointments_table, appointments_query = text("appointments_table", False), text("appointments_query", False)
     if appointments is not None and "://" in appointments:
         if (appointments_table is None) == (appointments_query is None):
-            raise SpecError(f"{path}: a database in field 'appointments' needs exactly one of 'appointments_table' "
-                            "or 'appointments_query'.")
+            raise SpecError(
+                f"{path}: a database in field 'appointments' needs exactly one of 'appointments_table' "
+                "or 'appointments_query'."
+            )
     elif appointments_table is not None or appointments_query is not None:
-        raise SpecError(f"{path}: fields 'appointments_table' and 'appointments_query' apply only when "
-                        "'appointments' is a database URL.")
+        raise SpecError(
+            f"{path}: fields 'appointments_table' and 'appointments_query' apply only when "
+            "'appointments' is a database URL."
+        )
     elif appointments is not None:
         appointments = existing_file("appointments", "the Trust's appointment table as CSV or Parquet")
     schema = existing_file("schema", "a dataset schema TOML", required=False)
@@ -168,16 +186,30 @@ def load_node_file(path: str | Path) -> NodeFile:
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
         raise SpecError(f"{path}: field 'tuning.runtime_port' must be a port number (0 picks a free one).")
     return NodeFile(
-        path=path, name=name, hub=hub, ca_cert=Path(ca_cert), key=Path(key), data=data,
-        table=table, query=query, schema=schema, policy=policy, state_dir=state_dir,
-        approved_apps=approved_apps, appointments=appointments, appointments_table=appointments_table,
-        appointments_query=appointments_query, poll_idle=number("poll_idle", 1.0, 0.05, 3.0),
-        poll_active=number("poll_active", 0.25, 0.01, 3.0), runtime_port=port,
+        path=path,
+        name=name,
+        hub=hub,
+        ca_cert=Path(ca_cert),
+        key=Path(key),
+        data=data,
+        table=table,
+        query=query,
+        schema=schema,
+        policy=policy,
+        state_dir=state_dir,
+        approved_apps=approved_apps,
+        appointments=appointments,
+        appointments_table=appointments_table,
+        appointments_query=appointments_query,
+        poll_idle=number("poll_idle", 1.0, 0.05, 3.0),
+        poll_active=number("poll_active", 0.25, 0.01, 3.0),
+        runtime_port=port,
     )
 
 
 # --------------------------------------------------------------------------------------------
 # The approved app bundles (one sha256 per line, '#' starts a comment)
+
 
 def read_approved(path: Path) -> set[str]:
     try:
@@ -201,7 +233,9 @@ def approve(path: Path, fab_hash: str, note: str = "") -> bool:
     """Add `fab_hash` to the approved list; False if it was already there."""
     fab_hash = fab_hash.strip().lower()
     if not HASH.match(fab_hash):
-        raise SpecError(f"'{fab_hash[:80]}' is not an app hash; expected the 64 hexadecimal characters printed by 'iaptnet app-hash'.")
+        raise SpecError(
+            f"'{fab_hash[:80]}' is not an app hash; expected the 64 hexadecimal characters printed by 'iaptnet app-hash'."
+        )
     if fab_hash in read_approved(path):
         return False
     import time

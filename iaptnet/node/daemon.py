@@ -64,7 +64,9 @@ def check_policy(cfg: NodeFile, *, local_network: bool) -> None:
         if local_network and is_loopback(cfg.hub_host):
             log.warning("node %s runs without a policy file (exploratory mode, local network only)", cfg.name)
             return
-        raise SpecError(f"{cfg.path}: field 'policy' is required: a production node refuses to start without the Trust's disclosure policy file.")
+        raise SpecError(
+            f"{cfg.path}: field 'policy' is required: a production node refuses to start without the Trust's disclosure policy file."
+        )
     try:
         from .policy import load_policy  # issue 4: the Trust's disclosure policy
     except ImportError:
@@ -88,11 +90,15 @@ class Gate:
                 log.error("%s", exc)
                 approved = set()
         if fab_hash not in approved:
-            return (f"the Trust has not approved this app bundle (sha256 {fab_hash[:16]}...); the node's "
-                    "operator approves a release with 'iaptnet node approve-app HASH'.")
+            return (
+                f"the Trust has not approved this app bundle (sha256 {fab_hash[:16]}...); the node's "
+                "operator approves a release with 'iaptnet node approve-app HASH'."
+            )
         if fab_hash != self.release_hash:
-            return (f"the app bundle (sha256 {fab_hash[:16]}...) is approved but is not the iaptnet release "
-                    f"installed at this node (sha256 {self.release_hash[:16]}...); the node runs only its installed release.")
+            return (
+                f"the app bundle (sha256 {fab_hash[:16]}...) is approved but is not the iaptnet release "
+                f"installed at this node (sha256 {self.release_hash[:16]}...); the node runs only its installed release."
+            )
         return None
 
 
@@ -147,10 +153,11 @@ def _serve(cfg: NodeFile, local_network: bool) -> int:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         _flower_environment(cfg.state_dir)
     except OSError as exc:
-        raise SpecError(f"{cfg.path}: field 'state_dir' names {cfg.state_dir}, which cannot be written ({exc.strerror}).") from None
+        raise SpecError(
+            f"{cfg.path}: field 'state_dir' names {cfg.state_dir}, which cannot be written ({exc.strerror})."
+        ) from None
 
-    from ..flower import pins
-    from ..flower import supernode
+    from ..flower import pins, supernode
 
     try:
         pins.check_flwr()
@@ -170,20 +177,31 @@ def _serve(cfg: NodeFile, local_network: bool) -> int:
     dataset = runtime.dataset  # load and validate now: a bad extract stops the daemon here
     release = release_hash()
     approved = read_approved(cfg.approved_apps)
-    log.info("node %s: %s rows, data version %s; release app sha256 %s (%s)", cfg.name,
-             dataset.n_rows, dataset.data_version[:12], release,
-             "approved" if release in approved else f"NOT approved in {cfg.approved_apps}")
+    log.info(
+        "node %s: %s rows, data version %s; release app sha256 %s (%s)",
+        cfg.name,
+        dataset.n_rows,
+        dataset.data_version[:12],
+        release,
+        "approved" if release in approved else f"NOT approved in {cfg.approved_apps}",
+    )
 
     from .app import app as client_app
 
     port = cfg.runtime_port or _free_port()
     stock = os.environ.get(pins.STOCK_TIMING_ENV) == "1"
-    worker = supernode.WarmWorker(f"127.0.0.1:{port}", client_app, node_config,
-                                     Gate(cfg.approved_apps, release), cfg.name,
-                                     fallback_poll=1.0 if stock else 5.0)
+    worker = supernode.WarmWorker(
+        f"127.0.0.1:{port}",
+        client_app,
+        node_config,
+        Gate(cfg.approved_apps, release),
+        cfg.name,
+        fallback_poll=1.0 if stock else 5.0,
+    )
     if stock:  # benchmarks: flwr's own sleeps and a 1 s dispatch poll, like its SuperExec
-        log.warning("node %s runs with flwr's stock timings (%s=1): for benchmarks only", cfg.name,
-                    pins.STOCK_TIMING_ENV)
+        log.warning(
+            "node %s runs with flwr's stock timings (%s=1): for benchmarks only", cfg.name, pins.STOCK_TIMING_ENV
+        )
         policy, wake = supernode.SleepPolicy.flwr_defaults(), (lambda: None)
     else:
         policy = supernode.SleepPolicy(idle_poll=cfg.poll_idle, active_poll=cfg.poll_active)
@@ -192,20 +210,33 @@ def _serve(cfg: NodeFile, local_network: bool) -> int:
     worker.start()
     log.info("node %s connecting to hub %s (TLS, node authentication)", cfg.name, cfg.hub)
     try:
-        supernode.run_supernode([
-            "--superlink", cfg.hub,
-            "--root-certificates", str(cfg.ca_cert),
-            "--auth-supernode-private-key", str(cfg.key),
-            "--isolation", "process",
-            "--host", "127.0.0.1",
-            "--port", str(port),
-        ])
+        supernode.run_supernode(
+            [
+                "--superlink",
+                cfg.hub,
+                "--root-certificates",
+                str(cfg.ca_cert),
+                "--auth-supernode-private-key",
+                str(cfg.key),
+                "--isolation",
+                "process",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ]
+        )
     except SystemExit as exc:
         if exc.code not in (0, None):
-            log.error("node %s stopped: the hub refused it or could not be reached. Check that the "
-                      "coordinator registered this node's public key ('iaptnet coordinator register-node "
-                      "%s %s.pub'), that 'ca_cert' is the network's CA and 'hub' its address. A node "
-                      "restarted after a crash is accepted again once the hub has marked it offline "
-                      "(about a minute).", cfg.name, cfg.name, cfg.key.with_suffix(""))
+            log.error(
+                "node %s stopped: the hub refused it or could not be reached. Check that the "
+                "coordinator registered this node's public key ('iaptnet coordinator register-node "
+                "%s %s.pub'), that 'ca_cert' is the network's CA and 'hub' its address. A node "
+                "restarted after a crash is accepted again once the hub has marked it offline "
+                "(about a minute).",
+                cfg.name,
+                cfg.name,
+                cfg.key.with_suffix(""),
+            )
         raise
     return 0

@@ -55,8 +55,10 @@ def _with_appointments(raw, where: AppointmentSource):
     contacts = read_table(where.data, table=where.table, query=where.query)
     clash = [c for c in PATHWAY_COLUMNS if c in raw.frame.columns]
     if clash:
-        raise DataError(f"{raw.source}: column '{clash[0]}' is computed from the appointment table "
-                        f"{contacts.source}; remove it from the extract, or leave out the appointment table.")
+        raise DataError(
+            f"{raw.source}: column '{clash[0]}' is computed from the appointment table "
+            f"{contacts.source}; remove it from the extract, or leave out the appointment table."
+        )
     typed, report = validate(contacts.frame, iapt_appointments_schema(), contacts.source)
     ids = raw.frame["pathway_id"] if "pathway_id" in raw.frame else pd.Series([None] * len(raw.frame))
     summary, notes = summarise(typed, identifier_text(ids))
@@ -94,8 +96,10 @@ def load_dataset(
         report = report.with_notes(notes + consistency_notes(typed))
         return Dataset(derive(typed), iapt_analysis_schema(), report, version, raw.source, contacts)
     if appointments is not None:
-        raise DataError(f"{schema_path}: an appointment table goes with the IAPT extract only, not with a "
-                        "table described by a schema file; leave out 'appointments'.")
+        raise DataError(
+            f"{schema_path}: an appointment table goes with the IAPT extract only, not with a "
+            "table described by a schema file; leave out 'appointments'."
+        )
     schema = Schema.load(schema_path)
     typed, report = validate(raw.frame, schema, raw.source)
     served = [name for name, col in schema.columns.items() if col.type != "identifier"]

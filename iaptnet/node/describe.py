@@ -40,16 +40,23 @@ import scipy.linalg
 from ..protocol import cohort_filter
 from ..protocol.errors import DataError
 from ..protocol.kinds import describe as contract
-from ..protocol.kinds.describe import (QUANTILE_TASK, TABLE_TASK, Layout, cell_keys, layout,
-                                       relations, step_pairs, wire_name)
-from ..protocol.study import StudySpec, check_at_node
+from ..protocol.kinds.describe import (
+    QUANTILE_TASK,
+    TABLE_TASK,
+    Layout,
+    cell_keys,
+    layout,
+    relations,
+    step_pairs,
+    wire_name,
+)
 from ..protocol.sdc import suppress
+from ..protocol.study import StudySpec, check_at_node
 from .cohort import cohort_mask
 from .design import apply_merges, study_frame
-from .disclosure import (LevelCount, ModelFacts, Release, check_model, check_round, check_size,
-                         require_rows, task_rules)
-from .registry import handler
+from .disclosure import LevelCount, ModelFacts, Release, check_model, check_round, check_size, require_rows, task_rules
 from .policy import round_count
+from .registry import handler
 from .runtime import NodeRuntime, PreparedStudy
 
 MAX_THRESHOLDS = 2000
@@ -91,6 +98,7 @@ class TableState(PreparedStudy):
 
 
 # --------------------------------------------------------------------------- describe.table
+
 
 @handler(TABLE_TASK, studies="payload")
 def describe_table(runtime: NodeRuntime, task) -> Release:
@@ -135,7 +143,9 @@ def describe_table(runtime: NodeRuntime, task) -> Release:
     state = TableState(designs={}, families={})
     for i, v in enumerate(lay.variables):
         if v.show == "summary":
-            state.variables[i] = _summaries(release, spec, lay, i, rows, groups, cohort, hidden | forced, checker, rules)
+            state.variables[i] = _summaries(
+                release, spec, lay, i, rows, groups, cohort, hidden | forced, checker, rules
+            )
     earlier = runtime.prepared.get(task.study_hash)
     if isinstance(earlier, TableState):  # the same study again: its thresholds still count
         for i, v in state.variables.items():
@@ -219,8 +229,18 @@ def _funnel_masks(frame: pd.DataFrame, cohort: np.ndarray, lay: Layout) -> list[
     return masks
 
 
-def _summaries(release: Release, spec: StudySpec, lay: Layout, i: int, rows: pd.DataFrame,
-               groups: np.ndarray, cohort: np.ndarray, hidden: set, checker: "SubsetCheck", rules) -> VariableState:
+def _summaries(
+    release: Release,
+    spec: StudySpec,
+    lay: Layout,
+    i: int,
+    rows: pd.DataFrame,
+    groups: np.ndarray,
+    cohort: np.ndarray,
+    hidden: set,
+    checker: SubsetCheck,
+    rules,
+) -> VariableState:
     """Declare the exact (n, mean, centred sum of squares) of a numeric variable per column,
     withholding those the policy would refuse (see the module docstring)."""
     v = lay.variables[i]
@@ -244,13 +264,21 @@ def _summaries(release: Release, spec: StudySpec, lay: Layout, i: int, rows: pd.
         in_column = np.ones(len(every_group), dtype=bool) if c == 0 else every_group == c
         column_rows = np.zeros(len(cohort), dtype=bool)
         column_rows[positions[in_column]] = True
-        facts = ModelFacts(f"{spec.name}: {v.name}, column {c}", part,
-                           levels=[LevelCount(v.name, None, off_mode, "leave the variable out of the table")],
-                           columns=[(v.name, everyone[in_column])], column_rows=column_rows, span=False)
+        facts = ModelFacts(
+            f"{spec.name}: {v.name}, column {c}",
+            part,
+            levels=[LevelCount(v.name, None, off_mode, "leave the variable out of the table")],
+            columns=[(v.name, everyone[in_column])],
+            column_rows=column_rows,
+            span=False,
+        )
         candidates[c] = (facts, x)
         # An empty cell is released as empty (the table shows its count, 0, anyway).
-        ok = ("v", i, 1, c) not in hidden and (not len(x) or not check_size(facts, rules)) \
+        ok = (
+            ("v", i, 1, c) not in hidden
+            and (not len(x) or not check_size(facts, rules))
             and not check_model(facts, rules)
+        )
         if ok and len(x):
             ok = checker.allows(facts, commit=False)
             if ok:
@@ -303,8 +331,9 @@ class SubsetCheck:
     def allows(self, facts: ModelFacts, commit: bool = True) -> bool:
         footprint = facts.footprint()
         with self.runtime.memory.transaction() as memory:
-            problems = memory.audit_release([footprint], self.version, self.n, self.rules,
-                                            vetted=[*self.accepted, *self.held])
+            problems = memory.audit_release(
+                [footprint], self.version, self.n, self.rules, vetted=[*self.accepted, *self.held]
+            )
         if problems:
             return False
         if commit:
@@ -322,6 +351,7 @@ class SubsetCheck:
 
 
 # --------------------------------------------------------------------------- describe.quantiles
+
 
 @handler(QUANTILE_TASK, studies="prepared")
 def describe_quantiles(runtime: NodeRuntime, task) -> Release:
@@ -352,25 +382,36 @@ def describe_quantiles(runtime: NodeRuntime, task) -> Release:
             continue
         rows = np.zeros(v.facts.rows.size, dtype=bool)
         rows[np.flatnonzero(v.facts.rows)[below]] = True
-        threshold_facts = ModelFacts(f"{v.facts.label} at or below a threshold", rows, cohort=False, combine=False,
-                                     span=False)
+        threshold_facts = ModelFacts(
+            f"{v.facts.label} at or below a threshold", rows, cohort=False, combine=False, span=False
+        )
         if remembered.set_differs_by_few(rows, accepted, rules.min_subset_difference):
             continue  # the same count differs by a few people from a row set released before
         weights = below  # 0/1: the rows counted (the policy's checks count them directly)
         history = [base] + [(base & (v.values <= s)) for s in _neighbours(answered.get(c, []), t)]
-        section = release.round(contract.threshold_key(i, c, j), v.facts, coefficients=np.array([t]), weights={WEIGHTS: weights},
-                                history={WEIGHTS: history}, bounded=False, group="thresholds")
+        section = release.round(
+            contract.threshold_key(i, c, j),
+            v.facts,
+            coefficients=np.array([t]),
+            weights={WEIGHTS: weights},
+            history={WEIGHTS: history},
+            bounded=False,
+            group="thresholds",
+        )
         if check_round(section, rules):
             release.sections.remove(section)
             continue
         accepted.append(np.packbits(rows))
         section.value("count", count)
-        release.model(contract.threshold_key(i, c, j), threshold_facts, group="threshold_rows")  # remembered, sends nothing
+        release.model(
+            contract.threshold_key(i, c, j), threshold_facts, group="threshold_rows"
+        )  # remembered, sends nothing
         answered.setdefault(c, []).append(t)
 
     def commit():
         for i, answered in work.items():
             state.variables[i].answered = answered
+
     release.after(commit)
     return release
 
@@ -384,8 +425,11 @@ def _outside_tails(v: VariableState, column: int, count: int, minimum: int) -> b
     key = ("ties", column)
     if key not in v._cache:
         x = v.values[v.base(column)]
-        v._cache[key] = (int(np.count_nonzero(x == x.min())) if x.size else 0,
-                         int(np.count_nonzero(x == x.max())) if x.size else 0, int(x.size))
+        v._cache[key] = (
+            int(np.count_nonzero(x == x.min())) if x.size else 0,
+            int(np.count_nonzero(x == x.max())) if x.size else 0,
+            int(x.size),
+        )
     bottom, top, n = v._cache[key]
     above = n - count
     low_ok = count >= minimum or (count == 0 and bottom >= minimum)
@@ -436,7 +480,7 @@ def isolates_few(v: VariableState, released: list[tuple[int, float]], minimum: i
         upto = width if np.isinf(t) else int(np.searchsorted(thresholds, t)) + 1
         for j, g in enumerate(groups):
             if c == 0 or c == g:
-                matrix[r, j * width:j * width + upto] = 1.0
+                matrix[r, j * width : j * width + upto] = 1.0
     big = sizes >= minimum
     combos = scipy.linalg.null_space(matrix[:, big].T) if big.any() else np.eye(len(rows))
     return combos.size > 0 and not float(np.abs(matrix[:, small].T @ combos).max()) <= 1e-9  # NaN: isolates
@@ -447,4 +491,3 @@ def _neighbours(answered: list[float], t: float) -> list[float]:
     below = [s for s in answered if s <= t]
     above = [s for s in answered if s > t]
     return ([max(below)] if below else []) + ([min(above)] if above else [])
-

@@ -17,8 +17,8 @@ value (a column that sets 1..7 rows apart from all others would reveal them).
 from __future__ import annotations
 
 import ast
-import math
 import functools
+import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -182,7 +182,9 @@ def study_frame(frame: pd.DataFrame, spec: StudySpec, augments) -> pd.DataFrame:
         return frame
     state = augments.get(spec.augment["state"]) if augments is not None else None
     if state is None:
-        raise DataError("this node has not computed the columns this step of the study needs (it may have restarted); start the study again.")
+        raise DataError(
+            "this node has not computed the columns this step of the study needs (it may have restarted); start the study again."
+        )
     return frame.join(state[list(spec.augment["columns"])])
 
 
@@ -224,8 +226,9 @@ def evaluate_expression(rows: pd.DataFrame, expr: str) -> np.ndarray:
     return np.asarray(mm, dtype=float)[:, 0]
 
 
-def build_design(frame: pd.DataFrame, schema: Schema, spec: StudySpec,
-                 transform_state: dict | None = None, gate=None) -> DesignedModel:
+def build_design(
+    frame: pd.DataFrame, schema: Schema, spec: StudySpec, transform_state: dict | None = None, gate=None
+) -> DesignedModel:
     """Filter, drop incomplete rows and build X with formulaic; raise DataError on failure.
 
     `gate(rows)` is called with the model's rows (those with a positive prior weight) before
@@ -245,8 +248,7 @@ def build_design(frame: pd.DataFrame, schema: Schema, spec: StudySpec,
             counted[np.flatnonzero(used)[~positive]] = False
         gate(counted)
     rhs = legacy_ordered(spec.formula.split("~", 1)[1], schema)
-    model_spec = ModelSpec(formula=rhs, na_action="ignore", output="numpy",
-                           transform_state=dict(transform_state or {}))
+    model_spec = ModelSpec(formula=rhs, na_action="ignore", output="numpy", transform_state=dict(transform_state or {}))
     if len(rows) == 0:
         names = _names_from_empty(rows, model_spec)
         p = len(names)
@@ -257,7 +259,9 @@ def build_design(frame: pd.DataFrame, schema: Schema, spec: StudySpec,
         raise DataError(f"the formula could not be evaluated on this node's rows ({type(exc).__name__}).") from exc
     X = np.ascontiguousarray(np.asarray(mm, dtype=float))
     if not np.all(np.isfinite(X)):
-        raise DataError("a transform in the formula gives values that are not finite (for example log of 0) for some rows.")
+        raise DataError(
+            "a transform in the formula gives values that are not finite (for example log of 0) for some rows."
+        )
     y = rows[parsed.outcome].to_numpy(dtype=float)
     offset = _offset(rows, spec)
     weights = None
@@ -293,8 +297,15 @@ def _factor_column(factor, schema: Schema) -> str | None:
     return None
 
 
-def level_counts(rows: pd.DataFrame, X: np.ndarray, names: list[str], model_spec, schema: Schema,
-                 spec: StudySpec, parsed: ParsedFormula) -> list[LevelCount]:
+def level_counts(
+    rows: pd.DataFrame,
+    X: np.ndarray,
+    names: list[str],
+    model_spec,
+    schema: Schema,
+    spec: StudySpec,
+    parsed: ParsedFormula,
+) -> list[LevelCount]:
     """Rows per level of each categorical/binary column of the formula, and rows away from
     the most common value of every other design column (see the module docstring)."""
     out: list[LevelCount] = []
@@ -314,15 +325,27 @@ def level_counts(rows: pd.DataFrame, X: np.ndarray, names: list[str], model_spec
         elif kind == "binary":
             values = rows[column].to_numpy(dtype=float)
             for level in (0, 1):
-                out.append(LevelCount(column, str(level), int(np.sum(values == level)),
-                                      f"drop the term '{column}' or use a cohort with more rows of each value"))
+                out.append(
+                    LevelCount(
+                        column,
+                        str(level),
+                        int(np.sum(values == level)),
+                        f"drop the term '{column}' or use a cohort with more rows of each value",
+                    )
+                )
     outcome = parsed.outcome
     if schema[outcome].type == "binary" and spec.family != "binomial":
         # (a binomial outcome is judged by the events rule)
         values = rows[outcome].to_numpy(dtype=float)
         for level in (0, 1):
-            out.append(LevelCount(outcome, str(level), int(np.sum(values == level)),
-                                  "use a cohort with more rows of each outcome value"))
+            out.append(
+                LevelCount(
+                    outcome,
+                    str(level),
+                    int(np.sum(values == level)),
+                    "use a cohort with more rows of each outcome value",
+                )
+            )
     for j, name in enumerate(names):
         if name in covered or name == "Intercept":
             continue
@@ -381,8 +404,7 @@ def _legacy_ordered(rhs: str, categorical_columns: tuple[str, ...]):
         return expr.replace(" ", "").startswith("C(")
 
     intercept = [t for t in terms if t.degree == 0]
-    cats = sorted((t for t in terms if t.degree > 0 and all(categorical(f) for f in t.factors)),
-                  key=lambda t: t.degree)
+    cats = sorted((t for t in terms if t.degree > 0 and all(categorical(f) for f in t.factors)), key=lambda t: t.degree)
     groups: dict[tuple, list] = {}
     for t in terms:
         if t.degree == 0 or t in cats:

@@ -66,6 +66,7 @@ class Isolation:
 
 # --------------------------------------------------------------------------- bitmaps
 
+
 def pack(mask: np.ndarray) -> np.ndarray:
     return np.packbits(np.asarray(mask, dtype=bool))
 
@@ -94,7 +95,7 @@ class Signatures:
         self.lo = np.zeros(n, dtype=np.uint64)
         self.hi = np.zeros(n, dtype=np.uint64)
 
-    def copy(self) -> "Signatures":
+    def copy(self) -> Signatures:
         out = Signatures(self.n)
         out.lo, out.hi = self.lo.copy(), self.hi.copy()
         return out
@@ -118,6 +119,7 @@ class Signatures:
 
 # --------------------------------------------------------------------------- combinations
 
+
 def membership(packed_sets: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
     """0/1 matrix (sets x rows): whether each row is in each set."""
     if not packed_sets:
@@ -127,8 +129,9 @@ def membership(packed_sets: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
     return ((byte >> (7 - (rows & 7)).astype(np.uint8)) & 1).astype(float)
 
 
-def find_isolating_combination(packed_sets: list[np.ndarray], signatures: Signatures, t: int,
-                               budget: int = ENUMERATION_BUDGET) -> Isolation | None:
+def find_isolating_combination(
+    packed_sets: list[np.ndarray], signatures: Signatures, t: int, budget: int = ENUMERATION_BUDGET
+) -> Isolation | None:
     """None when no linear combination of the sets rests on 1..t-1 rows; else an Isolation
     (with the number of rows when one was found, None when safety could not be proved).
 
@@ -142,8 +145,11 @@ def find_isolating_combination(packed_sets: list[np.ndarray], signatures: Signat
     if not small.any():
         return None
     if int(small.sum()) > MAX_SMALL_ATOMS:
-        return Isolation(None, "the row sets this node has released cut its rows into too many small groups "
-                               "to prove that no combination singles out a few people")
+        return Isolation(
+            None,
+            "the row sets this node has released cut its rows into too many small groups "
+            "to prove that no combination singles out a few people",
+        )
     A = membership(packed_sets, reps)
     big_cols, small_cols = A[:, ~small], A[:, small]
     small_sizes = sizes[small]
@@ -212,8 +218,9 @@ def _lightest_combination(rows: np.ndarray, weights: np.ndarray, t: int, budget:
     light = np.flatnonzero(weights < t)
     order = light[np.argsort(weights[light], kind="stable")]
     examined = 0
-    unproved = Isolation(None, "the node cannot prove that no combination of the row sets it has "
-                               "released singles out a few people")
+    unproved = Isolation(
+        None, "the node cannot prove that no combination of the row sets it has released singles out a few people"
+    )
     for size in range(1, t):
         for combo in itertools.combinations(order.tolist(), size):
             picked = list(combo)
@@ -247,6 +254,7 @@ def _echelon_rows(rows: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- pairs of columns
 
+
 def sets_differ_by_few(packed: np.ndarray, others: list[np.ndarray], t: int) -> int | None:
     """The index of the first of `others` that `packed` differs from by 1..t-1 rows."""
     for k, other in enumerate(others):
@@ -256,8 +264,9 @@ def sets_differ_by_few(packed: np.ndarray, others: list[np.ndarray], t: int) -> 
     return None
 
 
-def near_affine_mismatch(u: np.ndarray, f: np.ndarray, gu: np.ndarray, gf: np.ndarray, t: int,
-                         rng: np.random.Generator) -> int:
+def near_affine_mismatch(
+    u: np.ndarray, f: np.ndarray, gu: np.ndarray, gf: np.ndarray, t: int, rng: np.random.Generator
+) -> int:
     """The fewest rows (over the union of the two columns' rows) on which u differs from
     b*f + a*g for some a, b and g in {nothing, u's rows, f's rows}, when that is below t;
     else t (no near relation). 0 means u is exactly such a function (nothing new).
@@ -287,7 +296,7 @@ def varies_on_many(F: np.ndarray, t: int) -> np.ndarray:
     they differ from every single value), then exactly for the columns left undecided."""
     if F.shape[0] < t:
         return np.zeros(F.shape[1], dtype=bool)
-    head = np.sort(F[:4 * t], axis=0)
+    head = np.sort(F[: 4 * t], axis=0)
     k = head.shape[0]
     same = np.vstack([np.zeros((1, head.shape[1]), dtype=bool), head[1:] == head[:-1]])
     # longest run of equal values per column
@@ -352,8 +361,9 @@ def _poisson_bound(lam: float) -> int:
     return a
 
 
-def screen_near_affine(u: np.ndarray, F: np.ndarray, gu: np.ndarray, GF: np.ndarray, allowed: int,
-                       rng: np.random.Generator) -> np.ndarray:
+def screen_near_affine(
+    u: np.ndarray, F: np.ndarray, gu: np.ndarray, GF: np.ndarray, allowed: int, rng: np.random.Generator
+) -> np.ndarray:
     """A cheap screen of many columns at once on a sample of rows: for each column of F
     (rows x q), whether the robust fit agrees with u on all but `allowed` sampled rows.
     False: no near relation (the sample disagrees on more rows than a true one could);
@@ -364,8 +374,15 @@ def screen_near_affine(u: np.ndarray, F: np.ndarray, gu: np.ndarray, GF: np.ndar
     return _mismatches(u, F, gu, GF, rng, exhaustive=False, pairings=1) <= allowed
 
 
-def _mismatches(u: np.ndarray, F: np.ndarray, gu: np.ndarray, GF: np.ndarray, rng: np.random.Generator,
-                exhaustive: bool, pairings: int = 2) -> np.ndarray:
+def _mismatches(
+    u: np.ndarray,
+    F: np.ndarray,
+    gu: np.ndarray,
+    GF: np.ndarray,
+    rng: np.random.Generator,
+    exhaustive: bool,
+    pairings: int = 2,
+) -> np.ndarray:
     """For each column of F (rows x q): the fewest rows on which u differs from the best of
     the fits b*f, b*f + a*gu and b*f + a*g (g the column's own rows, GF)."""
     k, q = F.shape

@@ -74,8 +74,8 @@ the rule, its threshold and the term/level concerned, never a value of the data.
 from __future__ import annotations
 
 import math
-from contextvars import ContextVar
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,6 +102,7 @@ def task_rules() -> Rules:
 
 # --------------------------------------------------------------------------- refusals
 
+
 @dataclass(frozen=True)
 class Violation:
     """One broken rule. `sentence` is plain words free of data values; `threshold` is the
@@ -116,10 +117,19 @@ class Violation:
     fix: str | None = None
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in {
-            "rule": self.rule, "sentence": self.sentence, "threshold": self.threshold,
-            "model": self.model, "term": self.term, "level": self.level, "fix": self.fix,
-        }.items() if v is not None}
+        return {
+            k: v
+            for k, v in {
+                "rule": self.rule,
+                "sentence": self.sentence,
+                "threshold": self.threshold,
+                "model": self.model,
+                "term": self.term,
+                "level": self.level,
+                "fix": self.fix,
+            }.items()
+            if v is not None
+        }
 
     def render(self) -> str:
         return render_refusal(self.as_dict())
@@ -140,6 +150,7 @@ class Refusal(Exception):
 
 
 # --------------------------------------------------------------------------- facts
+
 
 @dataclass(frozen=True)
 class LevelCount:
@@ -207,20 +218,39 @@ class ModelFacts:
         key = (len(self.indicators), len(self.columns))
         cached = self.__dict__.get("_footprint")
         if cached is None or cached[0] != key:
-            cached = (key, Footprint(self.label, self.rows, combine=self.combine, indicators=list(self.indicators),
-                                     columns=list(self.columns), column_rows=self.column_rows))
+            cached = (
+                key,
+                Footprint(
+                    self.label,
+                    self.rows,
+                    combine=self.combine,
+                    indicators=list(self.indicators),
+                    columns=list(self.columns),
+                    column_rows=self.column_rows,
+                ),
+            )
             self.__dict__["_footprint"] = cached
         return cached[1]
 
 
 # --------------------------------------------------------------------------- declaration
 
+
 class Section:
     """One declared block of a release. Created by `Release.model/round/table`."""
 
-    def __init__(self, kind: str, key: str, group: str, facts: ModelFacts | None, *,
-                 coefficients: np.ndarray | None = None, weights: Mapping[str, np.ndarray] | None = None,
-                 history: Mapping[str, list[np.ndarray]] | None = None, bounded: bool = True):
+    def __init__(
+        self,
+        kind: str,
+        key: str,
+        group: str,
+        facts: ModelFacts | None,
+        *,
+        coefficients: np.ndarray | None = None,
+        weights: Mapping[str, np.ndarray] | None = None,
+        history: Mapping[str, list[np.ndarray]] | None = None,
+        bounded: bool = True,
+    ):
         if kind not in KINDS:
             raise ValueError(f"unknown release kind {kind!r}")
         self.kind, self.key, self.group, self.facts = kind, key, group, facts
@@ -233,26 +263,26 @@ class Section:
         self.counts: dict[str, float] = {}
         self.cell_stats: dict[str, tuple[float, float]] = {}
 
-    def value(self, name: str, value) -> "Section":
+    def value(self, name: str, value) -> Section:
         """An exact statistic (number, string or list of them) of a model or round section."""
         if self.kind == "table":
             raise TypeError("a table section releases counts and cell statistics only")
         self.values[name] = value
         return self
 
-    def array(self, name: str, value) -> "Section":
+    def array(self, name: str, value) -> Section:
         """An exact array statistic of a model or round section; the name is global."""
         if self.kind == "table":
             raise TypeError("a table section releases counts and cell statistics only")
         self.arrays[name] = np.asarray(value, dtype=float)
         return self
 
-    def count(self, name: str, n: float | int) -> "Section":
+    def count(self, name: str, n: float | int) -> Section:
         """A count shown as a count: released under the small-number rules."""
         self.counts[name] = float(n)
         return self
 
-    def cell_statistic(self, name: str, value: float, n: float | int) -> "Section":
+    def cell_statistic(self, name: str, value: float, n: float | int) -> Section:
         """A statistic over n rows (a mean, an SD): released only when n is not a small number."""
         self.cell_stats[name] = (float(value), float(n))
         return self
@@ -287,15 +317,26 @@ class Release:
     def model(self, key: str, facts: ModelFacts, *, group: str = "models") -> Section:
         return self._add(Section("model", key, group, facts))
 
-    def round(self, key: str, facts: ModelFacts, *, coefficients, weights: Mapping[str, np.ndarray],
-              history: Mapping[str, list[np.ndarray]] | None = None, bounded: bool = True,
-              group: str = "models") -> Section:
+    def round(
+        self,
+        key: str,
+        facts: ModelFacts,
+        *,
+        coefficients,
+        weights: Mapping[str, np.ndarray],
+        history: Mapping[str, list[np.ndarray]] | None = None,
+        bounded: bool = True,
+        group: str = "models",
+    ) -> Section:
         """Statistics at coordinator-chosen coefficients. `weights`: each row weight vector the
         statistics are weighted sums over; `history`: the same vectors at the rounds already
         answered for this model; `bounded`: apply the coefficient bound (False when the
         statistics do not depend on the coefficients beyond known algebra, e.g. gaussian)."""
-        return self._add(Section("round", key, group, facts, coefficients=coefficients,
-                                 weights=weights, history=history, bounded=bounded))
+        return self._add(
+            Section(
+                "round", key, group, facts, coefficients=coefficients, weights=weights, history=history, bounded=bounded
+            )
+        )
 
     def table(self, key: str, *, facts: ModelFacts | None = None, group: str = "tables") -> Section:
         return self._add(Section("table", key, group, facts))
@@ -306,6 +347,7 @@ class Release:
 
 
 # --------------------------------------------------------------------------- the rules
+
 
 def check_declaration(release: Release) -> list[Violation]:
     """Fail closed: model and round sections must declare their facts."""
@@ -319,9 +361,13 @@ def check_declaration(release: Release) -> list[Violation]:
 def too_small(label: str | None, rules: Rules) -> Violation:
     """The one reply for a cohort below `min_rows`, whatever its size (0 included) and
     whatever else is wrong with it: the size rule is judged first and alone."""
-    return Violation("min_rows", f"the study's rows at this node are fewer than {rules.min_rows}", rules.min_rows,
-                     model=label,
-                     fix="widen the cohort, or set min_nodes in the study so that it can continue without this node")
+    return Violation(
+        "min_rows",
+        f"the study's rows at this node are fewer than {rules.min_rows}",
+        rules.min_rows,
+        model=label,
+        fix="widen the cohort, or set min_nodes in the study so that it can continue without this node",
+    )
 
 
 def check_size(facts: ModelFacts, rules: Rules) -> list[Violation]:
@@ -347,11 +393,16 @@ def check_model(facts: ModelFacts, rules: Rules) -> list[Violation]:
     if n == 0:
         return out
     if facts.parameters is not None and not facts.parameters <= rules.max_params_per_row * n:
-        out.append(Violation("max_params_per_row",
-                             "the model has too many parameters for the rows it uses at this node "
-                             "(a nearly saturated model reveals rows)",
-                             rules.max_params_per_row, model=label,
-                             fix="use fewer terms (merge levels, drop interactions) or a wider cohort"))
+        out.append(
+            Violation(
+                "max_params_per_row",
+                "the model has too many parameters for the rows it uses at this node "
+                "(a nearly saturated model reveals rows)",
+                rules.max_params_per_row,
+                model=label,
+                fix="use fewer terms (merge levels, drop interactions) or a wider cohort",
+            )
+        )
     if facts.events is not None and facts.family in ("binomial", "poisson"):
         if facts.family == "binomial":
             groups = (("events", facts.events), ("non-events", n - facts.events))
@@ -359,15 +410,26 @@ def check_model(facts: ModelFacts, rules: Rules) -> list[Violation]:
             groups = (("rows with a non-zero outcome", facts.events),)
         for what, count in groups:
             if not count >= rules.min_events:
-                out.append(Violation("min_events", f"the outcome has fewer than {rules.min_events} {what} at this node",
-                                     rules.min_events, model=label,
-                                     fix="widen the cohort, or set min_nodes in the study so that it can continue without this node"))
+                out.append(
+                    Violation(
+                        "min_events",
+                        f"the outcome has fewer than {rules.min_events} {what} at this node",
+                        rules.min_events,
+                        model=label,
+                        fix="widen the cohort, or set min_nodes in the study so that it can continue without this node",
+                    )
+                )
     if facts.max_leverage is not None and rules.max_leverage < 1.0 and not facts.max_leverage <= rules.max_leverage:
-        out.append(Violation("max_leverage",
-                             "a combination of the model's terms sets one or two people at this node apart from "
-                             "everyone else (a row's leverage is above the limit)",
-                             rules.max_leverage, model=label,
-                             fix="drop terms that nearly duplicate each other, or merge rare combinations of levels"))
+        out.append(
+            Violation(
+                "max_leverage",
+                "a combination of the model's terms sets one or two people at this node apart from "
+                "everyone else (a row's leverage is above the limit)",
+                rules.max_leverage,
+                model=label,
+                fix="drop terms that nearly duplicate each other, or merge rare combinations of levels",
+            )
+        )
     for lc in facts.levels:
         if 0 < lc.count < rules.min_level_count:
             if lc.cluster:
@@ -375,9 +437,20 @@ def check_model(facts: ModelFacts, rules: Rules) -> list[Violation]:
             elif lc.level is not None:
                 sentence = f"level '{lc.level}' of {lc.term} has fewer than {rules.min_level_count} rows"
             else:
-                sentence = f"the design column '{lc.term}' has fewer than {rules.min_level_count} rows with one of its values"
-            out.append(Violation("min_level_count", sentence, rules.min_level_count, model=label,
-                                 term=lc.term, level=lc.level, fix=lc.fix or None))
+                sentence = (
+                    f"the design column '{lc.term}' has fewer than {rules.min_level_count} rows with one of its values"
+                )
+            out.append(
+                Violation(
+                    "min_level_count",
+                    sentence,
+                    rules.min_level_count,
+                    model=label,
+                    term=lc.term,
+                    level=lc.level,
+                    fix=lc.fix or None,
+                )
+            )
     out += _check_shaping(facts, rules)
     return out
 
@@ -398,17 +471,35 @@ def _check_shaping(facts: ModelFacts, rules: Rules) -> list[Violation]:
         top = float(np.max(w)) if np.all(np.isfinite(w)) else math.nan
         positive = w[w > 0]
         if not top > 0 or (positive.size and not float(positive.min()) >= MIN_WEIGHT_RATIO * top):
-            out.append(Violation("prior_weights", "the prior weights are not finite, all zero, or span more than six "
-                                 "orders of magnitude (tiny weights would hide rows from every rule)",
-                                 model=label, fix="use weights of comparable size, or none"))
+            out.append(
+                Violation(
+                    "prior_weights",
+                    "the prior weights are not finite, all zero, or span more than six "
+                    "orders of magnitude (tiny weights would hide rows from every rule)",
+                    model=label,
+                    fix="use weights of comparable size, or none",
+                )
+            )
         elif not effective_rows(w) >= rules.min_effective_rows:
-            out.append(Violation("min_effective_rows", f"the prior weights rest on fewer than {rules.min_effective_rows} "
-                                 "effective rows", rules.min_effective_rows, model=label,
-                                 fix="use weights that do not concentrate on a few rows, or none"))
+            out.append(
+                Violation(
+                    "min_effective_rows",
+                    f"the prior weights rest on fewer than {rules.min_effective_rows} effective rows",
+                    rules.min_effective_rows,
+                    model=label,
+                    fix="use weights that do not concentrate on a few rows, or none",
+                )
+            )
         elif not _spread(w, float(np.median(w))) >= rules.min_level_count:
-            out.append(Violation("min_effective_rows", f"the prior weights set fewer than {rules.min_level_count} rows "
-                                 "apart from all others", rules.min_level_count, model=label,
-                                 fix="use weights that do not single out a few rows, or none"))
+            out.append(
+                Violation(
+                    "min_effective_rows",
+                    f"the prior weights set fewer than {rules.min_level_count} rows apart from all others",
+                    rules.min_level_count,
+                    model=label,
+                    fix="use weights that do not single out a few rows, or none",
+                )
+            )
     off = facts.offset
     if off is not None and off.size:
         off = np.asarray(off, dtype=float)
@@ -418,9 +509,15 @@ def _check_shaping(facts: ModelFacts, rules: Rules) -> list[Violation]:
             values, counts = np.unique(off, return_counts=True)
             off_mode = int(off.size - counts.max())
             if 0 < off_mode < rules.min_level_count or not _spread(off, float(np.median(off))) >= rules.min_level_count:
-                out.append(Violation("offset", f"the offset sets fewer than {rules.min_level_count} rows apart from all others",
-                                     rules.min_level_count, model=label,
-                                     fix="use an offset that varies across many rows (e.g. log of person-time), or none"))
+                out.append(
+                    Violation(
+                        "offset",
+                        f"the offset sets fewer than {rules.min_level_count} rows apart from all others",
+                        rules.min_level_count,
+                        model=label,
+                        fix="use an offset that varies across many rows (e.g. log of person-time), or none",
+                    )
+                )
     return out
 
 
@@ -450,8 +547,9 @@ def effective_rows(weights: np.ndarray) -> float:
 def _spread(values: np.ndarray, reference: np.ndarray | float) -> float:
     """Effective rows of the change from a reference; inf when nothing changes measurably."""
     if values.dtype == bool and (np.ndim(reference) == 0 or np.asarray(reference).dtype == bool):
-        changed = int(np.count_nonzero(values != (np.asarray(reference) >= 0.5 if np.ndim(reference) == 0
-                                                  else reference)))
+        changed = int(
+            np.count_nonzero(values != (np.asarray(reference) >= 0.5 if np.ndim(reference) == 0 else reference))
+        )
         return math.inf if changed == 0 else float(changed)
     delta = np.abs(values - reference)
     scale = max(float(np.max(np.abs(values))) if values.size else 0.0, 1e-300)
@@ -469,9 +567,15 @@ def check_round(section: Section, rules: Rules) -> list[Violation]:
         if not np.all(np.isfinite(beta)):
             return [Violation("finite_coefficients", "the coefficients sent are not all finite numbers", model=label)]
         if section.bounded and beta.size and not float(np.max(np.abs(beta))) <= rules.max_abs_coefficient:
-            out.append(Violation("max_abs_coefficient", "a coefficient sent is larger in size than this node answers for",
-                                 rules.max_abs_coefficient, model=label,
-                                 fix="such coefficients usually mean perfect prediction by a level; merge that level or drop the term"))
+            out.append(
+                Violation(
+                    "max_abs_coefficient",
+                    "a coefficient sent is larger in size than this node answers for",
+                    rules.max_abs_coefficient,
+                    model=label,
+                    fix="such coefficients usually mean perfect prediction by a level; merge that level or drop the term",
+                )
+            )
             return out
     if section.facts is not None and section.facts.n_rows == 0:
         return out
@@ -479,22 +583,37 @@ def check_round(section: Section, rules: Rules) -> list[Violation]:
         # The first broken check is enough: one sentence per refused round. Written so that
         # a NaN (a check that could not be computed) refuses.
         if not effective_rows(w) >= rules.min_effective_rows:
-            return [Violation("min_effective_rows",
-                              f"at the coefficients sent, the {name} weights rest on fewer than "
-                              f"{rules.min_effective_rows} effective rows",
-                              rules.min_effective_rows, model=label)]
+            return [
+                Violation(
+                    "min_effective_rows",
+                    f"at the coefficients sent, the {name} weights rest on fewer than "
+                    f"{rules.min_effective_rows} effective rows",
+                    rules.min_effective_rows,
+                    model=label,
+                )
+            ]
         # Everyone alike but a few rows: X'w minus the known sums would isolate those rows.
         if not _spread(w, float(np.median(w))) >= rules.min_level_count:
-            return [Violation("min_effective_rows",
-                              f"at the coefficients sent, the {name} weights set fewer than "
-                              f"{rules.min_level_count} rows apart from all others",
-                              rules.min_level_count, model=label)]
+            return [
+                Violation(
+                    "min_effective_rows",
+                    f"at the coefficients sent, the {name} weights set fewer than "
+                    f"{rules.min_level_count} rows apart from all others",
+                    rules.min_level_count,
+                    model=label,
+                )
+            ]
         for previous in section.history.get(name, []):
             if previous.shape == w.shape and not _spread(w, previous) >= rules.min_level_count:
-                return [Violation("min_effective_rows",
-                                  f"compared with a round this node already answered, the coefficients "
-                                  f"sent change the {name} weights of fewer than {rules.min_level_count} rows",
-                                  rules.min_level_count, model=label)]
+                return [
+                    Violation(
+                        "min_effective_rows",
+                        f"compared with a round this node already answered, the coefficients "
+                        f"sent change the {name} weights of fewer than {rules.min_level_count} rows",
+                        rules.min_level_count,
+                        model=label,
+                    )
+                ]
     return out
 
 
@@ -532,6 +651,7 @@ def _finite_value(value) -> bool:
 
 
 # --------------------------------------------------------------------------- building the reply
+
 
 def finish(release: Release, rules: Rules) -> tuple[dict, dict[str, np.ndarray]]:
     """The reply's payload and arrays from a release that passed: counts rounded/suppressed."""

@@ -62,8 +62,12 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
         log.error("node %s cannot load its policy: %s", runtime.name, exc)
         return _reply_error(runtime, task, "policy_invalid", f"this node's policy file is not valid: {exc}")
     record = {
-        "time": now_iso(now), "node": runtime.name, "task_id": _safe(task.task_id, 64),
-        "kind": _safe(task.kind), "study_hash": _safe(task.study_hash, 64), "round": int(task.round),
+        "time": now_iso(now),
+        "node": runtime.name,
+        "task_id": _safe(task.task_id, 64),
+        "kind": _safe(task.kind),
+        "study_hash": _safe(task.study_hash, 64),
+        "round": int(task.round),
         "params": digest_parameters(task.payload, task.arrays),
     }
     try:
@@ -89,7 +93,9 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
     except SpecError as exc:
         # The study itself is not acceptable here (e.g. a formula or filter that fails the
         # node's own checks): a refusal, in the SpecError's own words (no data values).
-        return _refused(runtime, task, record, d.Refusal(d.Violation("invalid_study", f"the study is not valid here: {exc}")))
+        return _refused(
+            runtime, task, record, d.Refusal(d.Violation("invalid_study", f"the study is not valid here: {exc}"))
+        )
     except DataError as exc:
         # A statistic that cannot be computed on the rows (handlers judge the size rule
         # before computing, so this is never about a cohort of a few): told in the same form
@@ -100,8 +106,14 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
         # Numerical failure on the rows (after the size rule): the same form as a refusal,
         # and never the library's words.
         log.exception("task %s (%s) could not be computed", task.task_id, task.kind)
-        return _refused(runtime, task, record, d.Refusal(d.Violation(
-            "cannot_compute", "a statistic of this study cannot be computed on this node's rows")))
+        return _refused(
+            runtime,
+            task,
+            record,
+            d.Refusal(
+                d.Violation("cannot_compute", "a statistic of this study cannot be computed on this node's rows")
+            ),
+        )
     except IaptnetError as exc:
         # Our own errors are written never to carry data values.
         log.info("task %s (%s) failed: %s", task.task_id, task.kind, exc)
@@ -109,26 +121,37 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
         return _failed(runtime, task, record, code, str(exc))
     except Exception:  # noqa: BLE001 - anything else may carry values: log here, say little
         log.exception("task %s (%s) failed with an internal error", task.task_id, task.kind)
-        return _failed(runtime, task, record, "internal_error",
-                       "the node hit an internal error; the detail is in the node's own log.")
+        return _failed(
+            runtime,
+            task,
+            record,
+            "internal_error",
+            "the node hit an internal error; the detail is in the node's own log.",
+        )
     try:
         if footprints or conditions:
             dataset = runtime.dataset
             with runtime.memory.transaction() as memory:
-                memory.remember_release(footprints, dataset.data_version, dataset.n_rows, rules,
-                                        span=_in_span(_distinct_facts(release)))
+                memory.remember_release(
+                    footprints, dataset.data_version, dataset.n_rows, rules, span=_in_span(_distinct_facts(release))
+                )
                 memory.remember_conditions(conditions, dataset.data_version, dataset.n_rows, rules)
         for fn in release.on_commit:
             fn()
         if repeat is not None:
             with runtime.memory.transaction() as memory:
                 memory.remember_answer(repeat, now)
-        entry = runtime.audit.append({**record, "status": m.OK, "released": {
-            "payload": payload, "arrays": arrays_for_log(arrays)}})
+        entry = runtime.audit.append(
+            {**record, "status": m.OK, "released": {"payload": payload, "arrays": arrays_for_log(arrays)}}
+        )
     except Exception:  # noqa: BLE001
         log.exception("task %s: the audit log could not be written; nothing was released", task.task_id)
-        return _reply_error(runtime, task, "audit_failed",
-                            "the node could not write its audit log, so it released nothing; its operator has the detail.")
+        return _reply_error(
+            runtime,
+            task,
+            "audit_failed",
+            "the node could not write its audit log, so it released nothing; its operator has the detail.",
+        )
     for fn in release.on_release:
         try:
             fn()
@@ -137,10 +160,18 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
     if fresh_study is not None:
         runtime.approvals[task.study_hash] = fresh_study
     # The operator's view of activity (node log): what was answered, never a value.
-    log.info("node %s answered %s (study %s, round %d): %d arrays released, audit entry %d",
-             runtime.name, record["kind"], record["study_hash"][:12], record["round"], len(arrays), entry["seq"])
-    return m.Reply(status=m.OK, node=runtime.name, payload=payload, arrays=arrays,
-                   task_id=task.task_id, audit_hash=entry["hash"])
+    log.info(
+        "node %s answered %s (study %s, round %d): %d arrays released, audit entry %d",
+        runtime.name,
+        record["kind"],
+        record["study_hash"][:12],
+        record["round"],
+        len(arrays),
+        entry["seq"],
+    )
+    return m.Reply(
+        status=m.OK, node=runtime.name, payload=payload, arrays=arrays, task_id=task.task_id, audit_hash=entry["hash"]
+    )
 
 
 class Unserviceable(IaptnetError):
@@ -151,7 +182,7 @@ def _load_dataset(runtime: NodeRuntime) -> None:
     """Load the node's data before the handler, so that a broken schema or extract is the
     operator's error, not a refusal of the study."""
     try:
-        runtime.dataset
+        runtime.dataset  # noqa: B018 - loads and validates it
     except SpecError as exc:
         raise Unserviceable(f"this node cannot serve its data: {exc}") from None
     except DataError as exc:
@@ -159,6 +190,7 @@ def _load_dataset(runtime: NodeRuntime) -> None:
 
 
 # --------------------------------------------------------------------------- the gate
+
 
 def _gate(runtime: NodeRuntime, policy, task: m.Task, now: float, params: str):
     """Refuse what may not run at all; returns (rules, approval to remember or None, the
@@ -172,46 +204,76 @@ def _gate(runtime: NodeRuntime, policy, task: m.Task, now: float, params: str):
             raise d.Refusal(d.Violation("replay", "the task was answered before (a replayed task)"))
         age = now - float(task.issued_at)
         if not age <= policy.max_task_age_seconds:
-            raise d.Refusal(d.Violation("max_task_age", "the task was issued too long ago (a replayed or delayed task)",
-                                        int(policy.max_task_age_seconds // 60)))
+            raise d.Refusal(
+                d.Violation(
+                    "max_task_age",
+                    "the task was issued too long ago (a replayed or delayed task)",
+                    int(policy.max_task_age_seconds // 60),
+                )
+            )
         if age < -CLOCK_SKEW:
-            raise d.Refusal(d.Violation("max_task_age", "the task claims to be issued in the future; check the coordinator's clock"))
+            raise d.Refusal(
+                d.Violation("max_task_age", "the task claims to be issued in the future; check the coordinator's clock")
+            )
         memory.remember_task(task.task_id, float(task.issued_at), now, policy.max_task_age_seconds)
         registration = load_kinds().get(task.kind)
         if registration is None:
             raise d.Refusal(d.Violation("task_kind", f"this node does not know the task kind '{_safe(task.kind)}'"))
         if not policy.allows_kind(task.kind):
-            raise d.Refusal(d.Violation("task_kind", f"this node's policy does not allow the task kind '{_safe(task.kind)}'"))
+            raise d.Refusal(
+                d.Violation("task_kind", f"this node's policy does not allow the task kind '{_safe(task.kind)}'")
+            )
         fresh = None
         if registration.studies == "payload":
             approved = _approval(policy, task)
             fresh = approved
         elif registration.studies == "prepared":
             if task.study_hash not in runtime.prepared or task.study_hash not in runtime.approvals:
-                raise d.Refusal(d.Violation("not_prepared", "this node has not prepared the study (it may have restarted); start the study again"))
+                raise d.Refusal(
+                    d.Violation(
+                        "not_prepared",
+                        "this node has not prepared the study (it may have restarted); start the study again",
+                    )
+                )
             approved = runtime.approvals[task.study_hash]
         else:
             approved = False
         rules = policy.rules_for(approved)
         if memory.refusals_today(now) >= rules.max_refusals_per_day:
-            raise d.Refusal(d.Violation("max_refusals_per_day",
-                                        "this node has refused as many tasks on its data today as its policy allows "
-                                        "(each such refusal answers a yes/no question about its rows); it answers "
-                                        "again tomorrow (UTC)", rules.max_refusals_per_day))
+            raise d.Refusal(
+                d.Violation(
+                    "max_refusals_per_day",
+                    "this node has refused as many tasks on its data today as its policy allows "
+                    "(each such refusal answers a yes/no question about its rows); it answers "
+                    "again tomorrow (UTC)",
+                    rules.max_refusals_per_day,
+                )
+            )
         repeat = None
         if registration.studies != "none":
             _load_dataset(runtime)
-            repeat = hashlib.sha256(f"{task.kind}|{task.study_hash}|{params}|{runtime.dataset.data_version}"
-                                    .encode()).hexdigest()
+            repeat = hashlib.sha256(
+                f"{task.kind}|{task.study_hash}|{params}|{runtime.dataset.data_version}".encode()
+            ).hexdigest()
             if memory.answered_before(repeat, now):
                 return rules, fresh, repeat
             done = memory.tasks_today(task.study_hash, now)
             if done >= rules.max_rounds_per_study:
-                raise d.Refusal(d.Violation("max_rounds_per_study", "the study has had as many tasks today as this node answers",
-                                            rules.max_rounds_per_study))
+                raise d.Refusal(
+                    d.Violation(
+                        "max_rounds_per_study",
+                        "the study has had as many tasks today as this node answers",
+                        rules.max_rounds_per_study,
+                    )
+                )
             if done == 0 and memory.studies_today(now) >= rules.max_studies_per_day:
-                raise d.Refusal(d.Violation("max_studies_per_day", "this node has answered as many studies today as its policy allows",
-                                            rules.max_studies_per_day))
+                raise d.Refusal(
+                    d.Violation(
+                        "max_studies_per_day",
+                        "this node has answered as many studies today as its policy allows",
+                        rules.max_studies_per_day,
+                    )
+                )
             memory.count_task(task.study_hash, now)
     return rules, fresh, repeat
 
@@ -236,12 +298,18 @@ def _approval(policy, task: m.Task) -> bool:
     unapproved = [(n, h) for n, h in zip(names, approvals) if not policy.is_approved(h)]
     if unapproved and policy.mode == "approved":
         listed = ", ".join(f"'{_safe(n)}' ({h[:12]})" for n, h in unapproved[:3])
-        raise d.Refusal(d.Violation("not_approved", f"the Trust has not approved the study {listed}",
-                                    fix="ask the Trust to review it with 'iaptnet node approve STUDY.toml'"))
+        raise d.Refusal(
+            d.Violation(
+                "not_approved",
+                f"the Trust has not approved the study {listed}",
+                fix="ask the Trust to review it with 'iaptnet node approve STUDY.toml'",
+            )
+        )
     return not unapproved
 
 
 # --------------------------------------------------------------------------- the policy
+
 
 def _as_release(result) -> d.Release:
     if isinstance(result, d.Release):
@@ -278,14 +346,24 @@ def _judge(runtime: NodeRuntime, release: d.Release, rules, conditions=()) -> li
         if section.kind == "round":
             violations += d.check_round(section, rules)
     for f in facts:
-        if f.parameters is not None or f.levels or f.max_leverage is not None or f.events is not None \
-                or f.weights is not None or f.offset is not None:
+        if (
+            f.parameters is not None
+            or f.levels
+            or f.max_leverage is not None
+            or f.events is not None
+            or f.weights is not None
+            or f.offset is not None
+        ):
             violations += d.check_model(f, rules)
     if violations:
         raise d.Refusal(_dedupe(violations))
     if not d.all_finite(release, rules):
-        raise d.Refusal(d.Violation("not_finite", "a statistic of this release is not a finite number on this "
-                                    "node's rows, so it is not released"))
+        raise d.Refusal(
+            d.Violation(
+                "not_finite",
+                "a statistic of this release is not a finite number on this node's rows, so it is not released",
+            )
+        )
     footprints = [f.footprint() for f in facts if f.n_rows]
     if footprints:
         dataset = runtime.dataset
@@ -335,9 +413,21 @@ def _dedupe(violations: list[d.Violation]) -> list[d.Violation]:
 
 #: Refusals that depend on the node's rows: each tells the analyst something (a cohort is small,
 #: two cohorts differ by a few people), so the policy caps how many a day (max_refusals_per_day).
-DATA_RULES = frozenset({"min_rows", "min_events", "min_level_count", "max_leverage", "max_params_per_row",
-                        "min_subset_difference", "min_effective_rows", "cannot_compute", "not_finite",
-                        "prior_weights", "offset"})
+DATA_RULES = frozenset(
+    {
+        "min_rows",
+        "min_events",
+        "min_level_count",
+        "max_leverage",
+        "max_params_per_row",
+        "min_subset_difference",
+        "min_effective_rows",
+        "cannot_compute",
+        "not_finite",
+        "prior_weights",
+        "offset",
+    }
+)
 
 
 def _refused(runtime: NodeRuntime, task: m.Task, record: dict, refusal: d.Refusal) -> m.Reply:
@@ -352,13 +442,27 @@ def _refused(runtime: NodeRuntime, task: m.Task, record: dict, refusal: d.Refusa
     if len(refusal.violations) > 6:
         message += f"; and {len(refusal.violations) - 6} more"
     audit_hash = _audit(runtime, {**record, "status": m.REFUSED, "code": refusal.rule, "refusal": refusals})
-    log.info("node %s refused %s (study %s, round %d): %s", runtime.name, record["kind"],
-             record["study_hash"][:12], record["round"], message)
+    log.info(
+        "node %s refused %s (study %s, round %d): %s",
+        runtime.name,
+        record["kind"],
+        record["study_hash"][:12],
+        record["round"],
+        message,
+    )
     if audit_hash is None:
-        return _reply_error(runtime, task, "audit_failed",
-                            "the node could not write its audit log; its operator has the detail.")
-    return m.Reply(status=m.REFUSED, node=runtime.name, code=refusal.rule, message=message,
-                   payload={"refusals": refusals}, task_id=_safe(task.task_id, 64), audit_hash=audit_hash)
+        return _reply_error(
+            runtime, task, "audit_failed", "the node could not write its audit log; its operator has the detail."
+        )
+    return m.Reply(
+        status=m.REFUSED,
+        node=runtime.name,
+        code=refusal.rule,
+        message=message,
+        payload={"refusals": refusals},
+        task_id=_safe(task.task_id, 64),
+        audit_hash=audit_hash,
+    )
 
 
 def _failed(runtime: NodeRuntime, task: m.Task, record: dict, code: str, message: str) -> m.Reply:
@@ -382,13 +486,18 @@ def _reply_error(runtime: NodeRuntime, task: m.Task, code: str, message: str) ->
 
 def refuse_undecoded(runtime: NodeRuntime, kind: str, task_id: str, violation: d.Violation) -> m.Reply:
     """A refusal for a message that was not decoded (e.g. too large), audited like any task."""
-    record = {"time": now_iso(time.time()), "node": runtime.name, "task_id": _safe(task_id, 64),
-              "kind": _safe(kind), "study_hash": "", "round": 0, "params": ""}
+    record = {
+        "time": now_iso(time.time()),
+        "node": runtime.name,
+        "task_id": _safe(task_id, 64),
+        "kind": _safe(kind),
+        "study_hash": "",
+        "round": 0,
+        "params": "",
+    }
     task = m.Task(kind=_safe(kind), study_hash="", task_id=_safe(task_id, 64))
     return _refused(runtime, task, record, d.Refusal(violation))
 
 
 def _safe(text, limit: int = 60) -> str:
     return "".join(ch for ch in str(text)[:limit] if ch.isprintable())
-
-

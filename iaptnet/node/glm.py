@@ -34,8 +34,7 @@ from ..protocol.kinds import glm as protocol
 from ..protocol.kinds.glm import NULL_SUFFIX, studies_from_payload
 from ..protocol.messages import pack_upper
 from ..protocol.study import StudySpec, check_at_node
-from .design import (DesignedModel, build_design, evaluate_expression, model_selection,
-                     stateful_arguments, study_frame)
+from .design import DesignedModel, build_design, evaluate_expression, model_selection, stateful_arguments, study_frame
 from .disclosure import LevelCount, ModelFacts, Refusal, Release, require_rows, task_rules
 from .registry import handler
 from .runtime import NodeRuntime, PreparedStudy
@@ -63,7 +62,7 @@ def moments(dataset, payload: dict, release: Release, augments=None) -> None:
         require_rows(used, spec.name, task_rules())
         facts = ModelFacts(spec.name, used)
         section = release.model(key, facts, group="moments")
-        for i, (expr, inner) in enumerate(stateful_arguments(parsed).items()):
+        for i, (_expr, inner) in enumerate(stateful_arguments(parsed).items()):
             values = evaluate_expression(rows, inner) if len(rows) else np.zeros(0)
             facts.columns.append((inner, values))
             n = float(len(values))
@@ -120,10 +119,19 @@ def model_facts(label: str, design: DesignedModel, family: str, clusters_chosen:
         counts = np.bincount(clusters)
         levels += [LevelCount("the clusters", None, int(c), cluster=True) for c in counts if c]
         indicators += [("cluster", positions[clusters == c]) for c in np.flatnonzero(counts)]
-    return ModelFacts(label, mask, parameters=design.parameters, family=family,
-                      events=events, levels=levels, max_leverage=design.max_leverage(),
-                      indicators=indicators, columns=columns, weights=design.weights,
-                      offset=design.offset if design.n and np.any(design.offset != 0) else None)
+    return ModelFacts(
+        label,
+        mask,
+        parameters=design.parameters,
+        family=family,
+        events=events,
+        levels=levels,
+        max_leverage=design.max_leverage(),
+        indicators=indicators,
+        columns=columns,
+        weights=design.weights,
+        offset=design.offset if design.n and np.any(design.offset != 0) else None,
+    )
 
 
 def prepare(dataset, payload: dict, release: Release, augments=None):
@@ -143,8 +151,13 @@ def prepare(dataset, payload: dict, release: Release, augments=None):
     declined: list[str] = []
     for key, spec in specs.items():
         try:
-            design = build_design(study_frame(dataset.frame, spec, augments), dataset.schema, spec,
-                                  states.get(key), gate=lambda rows, name=spec.name: require_rows(rows, name, task_rules()))
+            design = build_design(
+                study_frame(dataset.frame, spec, augments),
+                dataset.schema,
+                spec,
+                states.get(key),
+                gate=lambda rows, name=spec.name: require_rows(rows, name, task_rules()),
+            )
         except Refusal as refusal:
             if key not in optional or refusal.rule != "min_rows":
                 raise
@@ -156,8 +169,9 @@ def prepare(dataset, payload: dict, release: Release, augments=None):
             raise DataError(f"model '{spec.name}': {problem}.")
         designs[key] = design
         designs[key + NULL_SUFFIX] = _null_design(design)
-        facts[key] = model_facts(spec.name, design, spec.family,
-                                 clusters_chosen=spec.cluster is not None and spec.cluster in dataset.schema)
+        facts[key] = model_facts(
+            spec.name, design, spec.family, clusters_chosen=spec.cluster is not None and spec.cluster in dataset.schema
+        )
         facts[key + NULL_SUFFIX] = facts[key]
         section = release.model(key, facts[key])
         section.value("columns", list(design.names))
@@ -205,8 +219,14 @@ def round_contributions(prepared, betas: dict[str, np.ndarray], release: Release
         if finite and (family.name != "gaussian" or robust) and design.n:
             weights = row_weights(design, family, beta, robust)
             history = _history_weights(prepared, key, design, family, robust)
-        section = release.round(key, prepared.facts[key], coefficients=beta, weights=weights,
-                                history=history, bounded=family.name != "gaussian")
+        section = release.round(
+            key,
+            prepared.facts[key],
+            coefficients=beta,
+            weights=weights,
+            history=history,
+            bounded=family.name != "gaussian",
+        )
         if finite:
             score, info, stats = evaluate(design, family, beta)
             section.array(protocol.score_key(key), score)
@@ -225,13 +245,15 @@ def _remember_round(prepared, key: str, beta: np.ndarray, weights: dict) -> None
         prepared.weight_cache.setdefault(key, []).append(weights)
 
 
-def _history_weights(prepared, key: str, design: DesignedModel, family, robust: bool = False) -> dict[str, list[np.ndarray]]:
+def _history_weights(
+    prepared, key: str, design: DesignedModel, family, robust: bool = False
+) -> dict[str, list[np.ndarray]]:
     """The weights at every coefficient vector answered before (and the node's own fit),
     computed once each and cached."""
     previous = prepared.history.get(key, [])
     cache = prepared.weight_cache.setdefault(key, [])
     if len(cache) < len(previous):
-        missing = row_weights_many(design, family, previous[len(cache):], robust)
+        missing = row_weights_many(design, family, previous[len(cache) :], robust)
         for j in range(len(previous) - len(cache)):
             cache.append({name: vectors[j] for name, vectors in missing.items()})
     out: dict[str, list[np.ndarray]] = {}
@@ -253,7 +275,9 @@ def row_weights(design: DesignedModel, family, beta: np.ndarray, robust: bool = 
     return _weights_at(design, family, design.X @ beta + design.offset, robust)
 
 
-def row_weights_many(design: DesignedModel, family, betas: list[np.ndarray], robust: bool = False) -> dict[str, list[np.ndarray]]:
+def row_weights_many(
+    design: DesignedModel, family, betas: list[np.ndarray], robust: bool = False
+) -> dict[str, list[np.ndarray]]:
     """The same weights at each of several coefficient vectors (rounds answered before)."""
     out: dict[str, list[np.ndarray]] = {}
     if design.n == 0:
@@ -397,11 +421,21 @@ def family_link(family: str, mu: np.ndarray) -> np.ndarray:
 
 
 def _null_design(design: DesignedModel) -> DesignedModel:
-    return DesignedModel(["Intercept"], np.ones((design.n, 1)), design.y, design.offset,
-                         design.n_cohort, design.n_missing, design.mask, [], weights=design.weights)
+    return DesignedModel(
+        ["Intercept"],
+        np.ones((design.n, 1)),
+        design.y,
+        design.offset,
+        design.n_cohort,
+        design.n_missing,
+        design.mask,
+        [],
+        weights=design.weights,
+    )
 
 
 # --------------------------------------------------------------------------- the task handlers
+
 
 @handler(protocol.MOMENTS, studies="payload")
 def glm_moments(runtime: NodeRuntime, task) -> Release:
@@ -425,8 +459,9 @@ def glm_prepare(runtime: NodeRuntime, task) -> Release:
     declined = {k for k in families if k not in designs}  # optional models too small here
     answered = runtime.memory.answered_rounds(task.study_hash, dataset.data_version)
     history = {key: [beta, *(b for b in answered.get(key, []) if b.shape == beta.shape)] for key, beta in local.items()}
-    prepared = PreparedStudy(designs=designs, families=families, cov_types=cov_types, facts=facts,
-                             history=history, declined=declined)
+    prepared = PreparedStudy(
+        designs=designs, families=families, cov_types=cov_types, facts=facts, history=history, declined=declined
+    )
     release.after(lambda: runtime.remember(task.study_hash, prepared))
     return release
 

@@ -1,11 +1,11 @@
 """`iaptnet node approve | audit`: the Trust's governance commands (policy and audit log).
 
-    iaptnet node approve STUDY.toml --policy policy.toml [--schema SCHEMA.toml] [--yes]
-        prints what the study will compute and what the node will release for it, then adds
-        its hash to the policy's `approved` list (after a yes, or with --yes).
-    iaptnet node audit --policy policy.toml [--node NAME] [--since DATE] [--verify] [--json]
-        lists the audit log's entries (one line each, or full JSON), and with --verify checks
-        the hash chain and the head: any edited, deleted or reordered entry is reported.
+iaptnet node approve STUDY.toml --policy policy.toml [--schema SCHEMA.toml] [--yes]
+    prints what the study will compute and what the node will release for it, then adds
+    its hash to the policy's `approved` list (after a yes, or with --yes).
+iaptnet node audit --policy policy.toml [--node NAME] [--since DATE] [--verify] [--json]
+    lists the audit log's entries (one line each, or full JSON), and with --verify checks
+    the hash chain and the head: any edited, deleted or reordered entry is reported.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ def register(node_sub) -> None:
     approve = node_sub.add_parser("approve", help="review a study and add its hash to the policy's approved list")
     approve.add_argument("study", help="study TOML file")
     approve.add_argument("--policy", default="policy.toml", help="the node's policy file")
-    approve.add_argument("--schema", help="the schema TOML this node serves (default: the study's own, else the built-in IAPT dataset)")
+    approve.add_argument(
+        "--schema", help="the schema TOML this node serves (default: the study's own, else the built-in IAPT dataset)"
+    )
     approve.add_argument("--yes", action="store_true", help="approve without asking")
     approve.set_defaults(fn=cmd_approve)
 
@@ -36,6 +38,7 @@ def register(node_sub) -> None:
 
 
 # --------------------------------------------------------------------------- approve
+
 
 def cmd_approve(args) -> int:
     from ..protocol.iapt_schema import iapt_analysis_schema
@@ -94,8 +97,12 @@ def describe_study(spec, parsed, schema, policy) -> str:
     for column, groups in spec.merge.items():
         for new, olds in groups.items():
             lines.append(f"  merge      {column}: '{new}' = {' + '.join(repr(o) for o in olds)}")
-    lines.append(f"  nodes      {'every node must contribute' if spec.min_nodes is None else f'continues with at least {spec.min_nodes} nodes'}")
-    lines.append(f"  reads      {', '.join(sorted({parsed.outcome, *parsed.columns, *([spec.offset] if spec.offset else [])}))}")
+    lines.append(
+        f"  nodes      {'every node must contribute' if spec.min_nodes is None else f'continues with at least {spec.min_nodes} nodes'}"
+    )
+    lines.append(
+        f"  reads      {', '.join(sorted({parsed.outcome, *parsed.columns, *([spec.offset] if spec.offset else [])}))}"
+    )
     if terms:
         lines.append(f"  estimates  {len(terms)} coefficients: {', '.join(terms)}")
     lines += [
@@ -158,13 +165,15 @@ def design_terms(spec, parsed, schema) -> list[str]:
     try:
         rhs = legacy_ordered(spec.formula.split("~", 1)[1], schema)
         mm = ModelSpec(formula=rhs, na_action="ignore", output="pandas").get_model_matrix(
-            pd.DataFrame(row), context=EVAL_CONTEXT)
+            pd.DataFrame(row), context=EVAL_CONTEXT
+        )
         return list(mm.columns)
     except Exception:  # noqa: BLE001 - the listing is a help, not a check
         return []
 
 
 # --------------------------------------------------------------------------- audit
+
 
 def cmd_audit(args) -> int:
     from .audit import AuditLog, parse_since
@@ -197,14 +206,18 @@ def state_folder(policy, node: str | None) -> Path:
     if not found:
         raise SpecError(f"{policy.path}: no audit log yet in {base} (the node has answered no task).")
     if len(found) > 1:
-        raise SpecError(f"{policy.path}: the state folder {base} holds several nodes' logs "
-                        f"({', '.join(p.name for p in found)}); name one with --node.")
+        raise SpecError(
+            f"{policy.path}: the state folder {base} holds several nodes' logs "
+            f"({', '.join(p.name for p in found)}); name one with --node."
+        )
     return found[0]
 
 
 def summarise(entry: dict) -> str:
-    head = (f"#{entry.get('seq')} {entry.get('time', '')[:19]}Z {entry.get('kind', '')} "
-            f"study {str(entry.get('study_hash', ''))[:12] or '-'} round {entry.get('round', 0)}")
+    head = (
+        f"#{entry.get('seq')} {entry.get('time', '')[:19]}Z {entry.get('kind', '')} "
+        f"study {str(entry.get('study_hash', ''))[:12] or '-'} round {entry.get('round', 0)}"
+    )
     status = entry.get("status")
     if status == "ok":
         released = entry.get("released", {})

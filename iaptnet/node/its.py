@@ -41,8 +41,11 @@ def its_columns(runtime, task) -> Release:
     p = protocol.check_at_node(spec, dataset.schema)
     frame = dataset.frame
     columns = study_columns(frame, p)
-    complete = (columns[protocol.DENOMINATOR].to_numpy() > 0) & columns[protocol.AFTER].notna().to_numpy() \
+    complete = (
+        (columns[protocol.DENOMINATOR].to_numpy() > 0)
+        & columns[protocol.AFTER].notna().to_numpy()
         & frame[p["outcome"]].notna().to_numpy()
+    )
     rows = cohort_mask(frame, spec.where_tree()) & complete
     rules = task_rules()
     release = Release()
@@ -81,13 +84,20 @@ def segment_suppression(counts: dict, rules) -> tuple[set, set, set]:
             values[(level, "total", what)] = counts[before] + counts[after]
             relations.append(Relation((level, "total", what), (before, after), implicit=True))
     small = {key for key, n in counts.items() if round_count(n, rules.suppress_max, rules.round_to) is None}
-    few = {(level, period) for level, period, what in counts
-           if what == "referrals" and 0 < counts[(level, period, what)] < rules.min_level_count}
+    few = {
+        (level, period)
+        for level, period, what in counts
+        if what == "referrals" and 0 < counts[(level, period, what)] < rules.min_level_count
+    }
     withheld: set = set()
     while True:
         hidden = suppress(values, small, relations, hidden=withheld)
-        sums = {(level, period, what) for level, period, kind in hidden | {(*lp, "referrals") for lp in few}
-                if kind == "referrals" for what in WHAT[1:]}
+        sums = {
+            (level, period, what)
+            for level, period, kind in hidden | {(*lp, "referrals") for lp in few}
+            if kind == "referrals"
+            for what in WHAT[1:]
+        }
         if sums <= withheld:
             return small, hidden, withheld
         withheld |= sums
@@ -108,5 +118,6 @@ def study_columns(frame: pd.DataFrame, p: dict) -> pd.DataFrame:
     denominator = np.zeros(len(frame))
     for column in p["denominator"]:
         denominator = denominator + frame[column].to_numpy(dtype=float, na_value=np.nan)
-    return pd.DataFrame({protocol.AFTER: after, protocol.SINCE: since,
-                         protocol.DENOMINATOR: denominator}, index=frame.index)
+    return pd.DataFrame(
+        {protocol.AFTER: after, protocol.SINCE: since, protocol.DENOMINATOR: denominator}, index=frame.index
+    )

@@ -45,7 +45,7 @@ def match_nearest(logit: np.ndarray, exposed: np.ndarray, caliper: float) -> tup
     values = logit[order_c]
     n = values.size
     right = list(range(n + 1))  # right[i]: the first available index >= i (n: none)
-    left = list(range(n + 1))   # left[i + 1]: the last available index <= i (0: none)
+    left = list(range(n + 1))  # left[i + 1]: the last available index <= i (0: none)
     rows_c = order_c.tolist()
 
     def find(links: list[int], i: int) -> int:
@@ -80,8 +80,9 @@ def match_nearest(logit: np.ndarray, exposed: np.ndarray, caliper: float) -> tup
     return np.asarray(out_t, dtype=np.int64), np.asarray(out_c, dtype=np.int64)
 
 
-def leave_none_or_many_unmatched(treated: np.ndarray, controls: np.ndarray, logit: np.ndarray,
-                                 n_exposed: int, n_controls: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+def leave_none_or_many_unmatched(
+    treated: np.ndarray, controls: np.ndarray, logit: np.ndarray, n_exposed: int, n_controls: int, t: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The pairs kept so that the exposed left unmatched, and the controls left unmatched,
     number 0 or at least t (the policy's min_subset_difference): otherwise a result on the
     matched set beside one on the cohort would differ by those few people. While either group

@@ -43,8 +43,12 @@ def meta_local_fit(runtime, task) -> Release:
     dataset = runtime.dataset
     key, spec = glm.single_study(task.payload, dataset.schema, "meta")
     local = protocol.check_at_node(spec, dataset.schema)
-    design = build_design(study_frame(dataset.frame, local, runtime.augments), dataset.schema, local,
-                          gate=lambda rows: require_rows(rows, local.name, task_rules()))
+    design = build_design(
+        study_frame(dataset.frame, local, runtime.augments),
+        dataset.schema,
+        local,
+        gate=lambda rows: require_rows(rows, local.name, task_rules()),
+    )
     family = get_family(local.family)
     problem = family.check_outcome(design.y) if design.n else None
     if problem:
@@ -97,8 +101,18 @@ def fit_exposure(design: DesignedModel, family, exposure: str, cov_type: str) ->
     if not keep[j] or design.n <= int(keep.sum()):
         return None
     names = [n for n, k in zip(design.names, keep) if k]
-    sub = DesignedModel(names, np.ascontiguousarray(design.X[:, keep]), design.y, design.offset,
-                        design.n_cohort, design.n_missing, design.mask, [], design.weights, design.clusters)
+    sub = DesignedModel(
+        names,
+        np.ascontiguousarray(design.X[:, keep]),
+        design.y,
+        design.offset,
+        design.n_cohort,
+        design.n_missing,
+        design.mask,
+        [],
+        design.weights,
+        design.clusters,
+    )
     beta = _newton(sub, family)
     if beta is None:
         return None
@@ -114,8 +128,7 @@ def fit_exposure(design: DesignedModel, family, exposure: str, cov_type: str) ->
     se = float(np.sqrt(cov[i, i]))
     if not np.isfinite(se) or se <= 0:
         return None
-    return {"estimate": float(beta[i]), "std_error": se,
-            "dropped": [n for n, k in zip(design.names, keep) if not k]}
+    return {"estimate": float(beta[i]), "std_error": se, "dropped": [n for n, k in zip(design.names, keep) if not k]}
 
 
 def _newton(design: DesignedModel, family) -> np.ndarray | None:

@@ -84,22 +84,38 @@ EXPLORATORY_DEFAULTS = {
 
 #: For each rule, which direction is stricter: +1 larger is stricter, -1 smaller is stricter.
 _STRICTER = {
-    "suppress_max": +1, "round_to": +1, "min_rows": +1, "min_events": +1,
-    "max_params_per_row": -1, "min_level_count": +1, "max_leverage": -1, "max_combined_leverage": -1,
+    "suppress_max": +1,
+    "round_to": +1,
+    "min_rows": +1,
+    "min_events": +1,
+    "max_params_per_row": -1,
+    "min_level_count": +1,
+    "max_leverage": -1,
+    "max_combined_leverage": -1,
     "min_subset_difference": +1,
-    "min_effective_rows": +1, "max_abs_coefficient": -1, "max_rounds_per_study": -1,
-    "max_studies_per_day": -1, "max_refusals_per_day": -1,
+    "min_effective_rows": +1,
+    "max_abs_coefficient": -1,
+    "max_rounds_per_study": -1,
+    "max_studies_per_day": -1,
+    "max_refusals_per_day": -1,
 }
 _RULE_LIMITS = {  # (smallest allowed, largest allowed)
-    "suppress_max": (0, 1000), "round_to": (1, 1000), "min_rows": (1, 10**9),
-    "min_events": (1, 10**9), "max_params_per_row": (0.001, 1.0), "min_level_count": (1, 10**9),
-    "max_leverage": (0.01, 1.0), "max_combined_leverage": (0.01, 1.0),
-    "min_subset_difference": (1, 10**9), "min_effective_rows": (1, 10**9),
-    "max_abs_coefficient": (1.0, 1e6), "max_rounds_per_study": (1, 10**6),
-    "max_studies_per_day": (1, 10**6), "max_refusals_per_day": (1, 10**6),
+    "suppress_max": (0, 1000),
+    "round_to": (1, 1000),
+    "min_rows": (1, 10**9),
+    "min_events": (1, 10**9),
+    "max_params_per_row": (0.001, 1.0),
+    "min_level_count": (1, 10**9),
+    "max_leverage": (0.01, 1.0),
+    "max_combined_leverage": (0.01, 1.0),
+    "min_subset_difference": (1, 10**9),
+    "min_effective_rows": (1, 10**9),
+    "max_abs_coefficient": (1.0, 1e6),
+    "max_rounds_per_study": (1, 10**6),
+    "max_studies_per_day": (1, 10**6),
+    "max_refusals_per_day": (1, 10**6),
 }
-_TOP_KEYS = {"mode", "approved", "tasks", "state_dir", "max_task_age_minutes", "max_payload_mb",
-             "rules", "exploratory"}
+_TOP_KEYS = {"mode", "approved", "tasks", "state_dir", "max_task_age_minutes", "max_payload_mb", "rules", "exploratory"}
 
 
 @dataclass(frozen=True)
@@ -140,8 +156,10 @@ def load_policy(path: str | Path | None, *, production: bool) -> Policy:
     network serves in exploratory mode with the default thresholds."""
     if path is None or str(path) == "":
         if production:
-            raise SpecError("a production node needs a policy file: give its path (policy.toml) in the "
-                            "node's configuration; docs/governance/policy.md has a template with the defaults.")
+            raise SpecError(
+                "a production node needs a policy file: give its path (policy.toml) in the "
+                "node's configuration; docs/governance/policy.md has a template with the defaults."
+            )
         return default_policy()
     path = Path(path)
     data = read_toml(path, "policy file")
@@ -157,17 +175,21 @@ def parse_policy(data: dict, path: Path) -> Policy:
         raise fail(sorted(unknown)[0], f"is not a policy field (expected {', '.join(sorted(_TOP_KEYS))}).")
     mode = data.get("mode", "approved")
     if mode not in MODES:
-        raise fail("mode", f"must be \"approved\" or \"exploratory\", got {mode!r}.")
+        raise fail("mode", f'must be "approved" or "exploratory", got {mode!r}.')
     approved = data.get("approved", [])
     if not isinstance(approved, list) or not all(isinstance(h, str) for h in approved):
         raise fail("approved", "must be a list of study hashes (64 hexadecimal characters each).")
     for h in approved:
         if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
-            raise fail("approved", f"holds {h[:70]!r}, which is not a study hash (64 lower-case hexadecimal characters).")
+            raise fail(
+                "approved", f"holds {h[:70]!r}, which is not a study hash (64 lower-case hexadecimal characters)."
+            )
     tasks = data.get("tasks")
     if tasks is not None:
         if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) and t for t in tasks):
-            raise fail("tasks", "must be a non-empty list of task kinds, e.g. [\"glm.moments\", \"glm.prepare\", \"glm.round\"].")
+            raise fail(
+                "tasks", 'must be a non-empty list of task kinds, e.g. ["glm.moments", "glm.prepare", "glm.round"].'
+            )
         tasks = frozenset(tasks)
     state_dir = data.get("state_dir", "state")
     if not isinstance(state_dir, str) or not state_dir.strip():
@@ -177,17 +199,29 @@ def parse_policy(data: dict, path: Path) -> Policy:
     age = _number(data, "max_task_age_minutes", 60, 1, 7 * 24 * 60, fail)
     payload_mb = _number(data, "max_payload_mb", 2, 0.01, 1024, fail)
     rules = _rules(data.get("rules", {}), Rules(), "rules", fail)
-    explo_base = replace(rules, **{k: v for k, v in EXPLORATORY_DEFAULTS.items()
-                                   if _at_least_as_strict(k, v, getattr(rules, k))})
+    explo_base = replace(
+        rules, **{k: v for k, v in EXPLORATORY_DEFAULTS.items() if _at_least_as_strict(k, v, getattr(rules, k))}
+    )
     exploratory = _rules(data.get("exploratory", {}), explo_base, "exploratory", fail)
     for f in fields(Rules):
         if not _at_least_as_strict(f.name, getattr(exploratory, f.name), getattr(rules, f.name)):
             word = "at least" if _STRICTER[f.name] > 0 else "at most"
-            raise fail(f"exploratory.{f.name}", f"must be {word} the value in [rules] ({getattr(rules, f.name)}): "
-                       "unapproved studies get stricter limits, never looser ones.")
-    return Policy(path=path, mode=mode, approved=frozenset(approved), tasks=tasks, rules=rules,
-                  exploratory=exploratory, state_dir=state, max_task_age_seconds=float(age) * 60.0,
-                  max_payload_bytes=int(float(payload_mb) * 1_000_000))
+            raise fail(
+                f"exploratory.{f.name}",
+                f"must be {word} the value in [rules] ({getattr(rules, f.name)}): "
+                "unapproved studies get stricter limits, never looser ones.",
+            )
+    return Policy(
+        path=path,
+        mode=mode,
+        approved=frozenset(approved),
+        tasks=tasks,
+        rules=rules,
+        exploratory=exploratory,
+        state_dir=state,
+        max_task_age_seconds=float(age) * 60.0,
+        max_payload_bytes=int(float(payload_mb) * 1_000_000),
+    )
 
 
 def _at_least_as_strict(name: str, value, base) -> bool:
@@ -213,7 +247,9 @@ def _rules(table, base: Rules, section: str, fail) -> Rules:
             raise fail(f"{section}.{key}", f"is not a rule (expected {', '.join(names)}).")
         low, high = _RULE_LIMITS[key]
         is_float = names[key].type == "float"
-        ok_type = (isinstance(value, (int, float)) if is_float else isinstance(value, int)) and not isinstance(value, bool)
+        ok_type = (isinstance(value, (int, float)) if is_float else isinstance(value, int)) and not isinstance(
+            value, bool
+        )
         if not ok_type or (is_float and not math.isfinite(value)):
             kind = "a number" if is_float else "a whole number"
             raise fail(f"{section}.{key}", f"must be {kind} between {low:g} and {high:g}.")
@@ -225,14 +261,17 @@ def _rules(table, base: Rules, section: str, fail) -> Rules:
 
 # --------------------------------------------------------------------------- small numbers
 
+
 def round_count(count: float | int, rules: Rules) -> int | None:
     """A table count under the small-number rules: 0 stays 0, 1..suppress_max is suppressed
     (None, shown as '*'), anything else is rounded to the nearest `round_to` (halves up)."""
     from ..protocol import sdc  # the one rule (protocol/sdc.py), with this Trust's thresholds
+
     return sdc.round_count(count, rules.suppress_max, rules.round_to)
 
 
 # --------------------------------------------------------------------------- approve
+
 
 def add_approved_hash(path: Path, study_hash: str) -> bool:
     """Add a study hash to the `approved` list of a policy file, keeping its comments and
@@ -256,7 +295,7 @@ def add_approved_hash(path: Path, study_hash: str) -> bool:
                 break
         current = sorted(policy.approved, key=lambda h: text.find(h))
         block = ["approved = [\n", *(f'    "{h}",\n' for h in current), entry, "]\n"]
-        lines[start:end + 1] = block
+        lines[start : end + 1] = block
     else:
         block = ["approved = [\n", entry, "]\n"]
         lines[first_table:first_table] = block + (["\n"] if first_table < len(lines) else [])
@@ -274,7 +313,7 @@ def add_approved_hash(path: Path, study_hash: str) -> bool:
 
 def _is_top_key(line: str, key: str) -> bool:
     stripped = line.strip()
-    return stripped.startswith(key) and stripped[len(key):].lstrip().startswith("=")
+    return stripped.startswith(key) and stripped[len(key) :].lstrip().startswith("=")
 
 
 def _brackets(line: str) -> int:

@@ -43,7 +43,6 @@ import pandas as pd
 
 from ..protocol.errors import DataError
 from ..protocol.kinds import propensity as kind
-from ..protocol.kinds.glm import studies_from_payload
 from ..protocol.study import StudySpec
 from . import glm
 from .design import DesignedModel
@@ -76,8 +75,9 @@ def propensity_score(runtime: NodeRuntime, task) -> Release:
     if parent.kind == "iptw" and finite:
         ipw = iptw_weights(logit, exposed, parent.params, task.payload.get("marginal"))
         weights["inverse probability weight"] = ipw
-    section = release.round("propensity", facts, coefficients=beta, weights=weights, history=history,
-                            group="propensity")
+    section = release.round(
+        "propensity", facts, coefficients=beta, weights=weights, history=history, group="propensity"
+    )
     cohort = release.model("balance", facts, group="propensity")
     _declare_groups(release, parent, "cohort", design.mask, np.ones(design.n, dtype=bool), design.y)
     columns = np.column_stack([logit, design.X])  # balance rows: the logit, then the design
@@ -118,8 +118,8 @@ def propensity_match(runtime: NodeRuntime, task) -> Release:
     exposed = design.y == 1
     treated_rows, control_rows = match_nearest(logit, exposed, float(caliper))
     treated_rows, control_rows = leave_none_or_many_unmatched(
-        treated_rows, control_rows, logit, int(exposed.sum()), int((~exposed).sum()),
-        task_rules().min_subset_difference)
+        treated_rows, control_rows, logit, int(exposed.sum()), int((~exposed).sum()), task_rules().min_subset_difference
+    )
     pairs = np.full(design.n, np.nan)
     pairs[treated_rows] = np.arange(1, treated_rows.size + 1)
     pairs[control_rows] = np.arange(1, control_rows.size + 1)
@@ -182,12 +182,14 @@ def matched_facts(parent: StudySpec, design: DesignedModel, matched: np.ndarray)
     counts are not what it could reveal."""
     mask = np.zeros(design.mask.size, dtype=bool)
     mask[np.flatnonzero(design.mask)[matched]] = True
-    return ModelFacts(f"{parent.name} (matched set)", mask, family="binomial",
-                      events=int(np.count_nonzero(design.y[matched] == 1)))
+    return ModelFacts(
+        f"{parent.name} (matched set)", mask, family="binomial", events=int(np.count_nonzero(design.y[matched] == 1))
+    )
 
 
-def _declare_groups(release: Release, parent: StudySpec, what: str, mask: np.ndarray,
-                    selected: np.ndarray, exposure: np.ndarray) -> None:
+def _declare_groups(
+    release: Release, parent: StudySpec, what: str, mask: np.ndarray, selected: np.ndarray, exposure: np.ndarray
+) -> None:
     """Declare the exposed and the control rows of a released block as row sets of their own:
     its statistics are sums over each group, so the subset rule must see the groups (another
     release over the exposed minus one or two people would give those people away)."""
@@ -196,8 +198,11 @@ def _declare_groups(release: Release, parent: StudySpec, what: str, mask: np.nda
         group = np.zeros(mask.size, dtype=bool)
         group[rows[selected & (exposure == value)]] = True
         # (sized by the propensity model's events rule, not the cohort size rule)
-        release.table(f"{what}_{name}", facts=ModelFacts(f"{parent.name} ({what} {name} rows)", group, cohort=False),
-                      group="propensity")
+        release.table(
+            f"{what}_{name}",
+            facts=ModelFacts(f"{parent.name} ({what} {name} rows)", group, cohort=False),
+            group="propensity",
+        )
 
 
 def _study(payload: dict) -> tuple[str, StudySpec, StudySpec]:
@@ -205,7 +210,7 @@ def _study(payload: dict) -> tuple[str, StudySpec, StudySpec]:
     specs = glm.studies_from_payload(payload)
     if len(specs) != 1:
         raise DataError("a propensity task carries exactly one propensity model.")
-    (key, spec), = specs.items()
+    ((key, spec),) = specs.items()
     if spec.params.get("step") != "propensity":
         raise DataError("the task's model is not a study's propensity model.")
     return key, spec, kind.parent_of(spec)

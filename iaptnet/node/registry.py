@@ -40,6 +40,7 @@ def handler(kind: str, *, studies: str = "payload"):
     def register(fn: Callable) -> Callable:
         HANDLERS[kind] = Registration(fn, studies)
         return fn
+
     return register
 
 

@@ -37,6 +37,7 @@ class MemoryDamaged(IaptnetError):
     """The release memory on disk cannot be read back: the node answers nothing until its
     operator restores it."""
 
+
 #: Numeric columns are screened on this many sampled rows before an exact comparison.
 SCREEN_ROWS = 256
 
@@ -84,9 +85,9 @@ class VersionMemory:
     def __init__(self, folder: Path | None, n: int):
         self.folder, self.n = folder, n
         self.salt = self._salt()
-        self.base: dict[str, np.ndarray] = {}      # digest -> packed rows (combination audit)
-        self.pairs: dict[str, np.ndarray] = {}     # digest -> packed rows (compared in pairs)
-        self._pop: list[tuple[int, str]] = []      # sorted (popcount, digest) of pairs
+        self.base: dict[str, np.ndarray] = {}  # digest -> packed rows (combination audit)
+        self.pairs: dict[str, np.ndarray] = {}  # digest -> packed rows (compared in pairs)
+        self._pop: list[tuple[int, str]] = []  # sorted (popcount, digest) of pairs
         self.columns: dict[str, tuple[str, str, np.ndarray]] = {}  # digest -> (base digest, name, values)
         self._positions: dict[str, np.ndarray] = {}  # base digest -> dataset rows of the base
         universe = dif.pack(np.ones(n, dtype=bool))
@@ -132,8 +133,10 @@ class VersionMemory:
                 except (ValueError, KeyError, TypeError, OSError):
                     # Fail closed: a release the node cannot read back is one it could not
                     # audit a later release against.
-                    raise MemoryDamaged(f"this node's release memory ({path}) has an entry it cannot read; "
-                                        "restore the state folder from its backup before answering more tasks") from None
+                    raise MemoryDamaged(
+                        f"this node's release memory ({path}) has an entry it cannot read; "
+                        "restore the state folder from its backup before answering more tasks"
+                    ) from None
             self._offset += complete
         legacy = self.folder.parent.parent / "rowsets" / self.folder.name
         if legacy.is_dir() and not self._legacy_read:
@@ -158,7 +161,9 @@ class VersionMemory:
             for digest, base, name in entry["columns"]:
                 self.columns[digest] = (base, name, bundle[f"c_{digest}"])
 
-    def _write_bundle(self, sets: list[tuple[str, str, np.ndarray]], columns: list[tuple[str, str, str, np.ndarray]]) -> None:
+    def _write_bundle(
+        self, sets: list[tuple[str, str, np.ndarray]], columns: list[tuple[str, str, str, np.ndarray]]
+    ) -> None:
         """One file per release (its new sets and columns), synced, then one index line."""
         if self.folder is None or not (sets or columns):
             return
@@ -177,7 +182,11 @@ class VersionMemory:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, folder / name)
-        entry = {"bundle": name, "sets": [[d, k] for d, k, _ in sets], "columns": [[d, b, nm] for d, b, nm, _ in columns]}
+        entry = {
+            "bundle": name,
+            "sets": [[d, k] for d, k, _ in sets],
+            "columns": [[d, b, nm] for d, b, nm, _ in columns],
+        }
         path = self.folder / "index.jsonl"
         with open(path, "a") as fh:
             fh.write(json.dumps(entry, sort_keys=True) + "\n")
@@ -205,8 +214,9 @@ class VersionMemory:
         return self._positions[base]
 
     # -- the audit
-    def audit(self, footprints: list[Footprint], t: int, rng: np.random.Generator | None = None,
-              vetted: list[Footprint] = ()) -> list[Finding]:
+    def audit(
+        self, footprints: list[Footprint], t: int, rng: np.random.Generator | None = None, vetted: list[Footprint] = ()
+    ) -> list[Finding]:
         """Findings (empty when the release is safe) for releasing these footprints now.
         `vetted`: footprints of the same release already audited together (a table's cells
         accepted one by one): they count as released, and are not checked again."""
@@ -231,7 +241,9 @@ class VersionMemory:
         if self._matrix is None or self._matrix[3] != len(self._pop):
             digests = [d for _, d in self._pop]
             pops = np.array([p for p, _ in self._pop], dtype=np.int64)
-            matrix = np.stack([self.pairs[d] for d in digests]) if digests else np.zeros((0, (self.n + 7) // 8), np.uint8)
+            matrix = (
+                np.stack([self.pairs[d] for d in digests]) if digests else np.zeros((0, (self.n + 7) // 8), np.uint8)
+            )
             self._matrix = (matrix, pops, digests, len(self._pop))
         return self._matrix[:3]
 
@@ -245,7 +257,7 @@ class VersionMemory:
         hits = np.flatnonzero((diff > 0) & (diff < t))
         return digests[lo + int(hits[0])] if hits.size else None
 
-    def _pairs_findings(self, plan: "_Plan", t: int, before: "_Plan") -> list[Finding]:
+    def _pairs_findings(self, plan: _Plan, t: int, before: _Plan) -> list[Finding]:
         out = []
         seen_new: dict[int, list[tuple[np.ndarray, str]]] = {}  # popcount -> new sets
         for _, digest, packed, _ in before.pair_sets:
@@ -275,7 +287,7 @@ class VersionMemory:
             return True
         return dif.sets_differ_by_few(packed, fresh, t) is not None
 
-    def _combination_findings(self, plan: "_Plan", t: int, before: "_Plan") -> list[Finding]:
+    def _combination_findings(self, plan: _Plan, t: int, before: _Plan) -> list[Finding]:
         fresh = [(label, d, p) for label, d, p in plan.base_sets if d not in self.base]
         if not fresh:
             return []
@@ -298,7 +310,7 @@ class VersionMemory:
         computed before (a table's cells are audited one more at a time)."""
         if self._sig_cache is not None and self._sig_cache[2] == len(self.base):
             known, cached = self._sig_cache[0], self._sig_cache[1]
-            if order[:len(known)] == known:
+            if order[: len(known)] == known:
                 signatures = cached.copy()
                 start = len(known)
             else:
@@ -310,7 +322,7 @@ class VersionMemory:
         self._sig_cache = (list(order), signatures, len(self.base))
         return signatures
 
-    def _column_findings(self, plan: "_Plan", t: int, rng: np.random.Generator, before: "_Plan") -> list[Finding]:
+    def _column_findings(self, plan: _Plan, t: int, rng: np.random.Generator, before: _Plan) -> list[Finding]:
         """Each new numeric column against every column released before and every other new
         one (of another footprint), grouped by the rows they were released on."""
         groups: dict[str, list[tuple[str, str, np.ndarray]]] = {}  # base -> [(digest, name, values)]
@@ -342,8 +354,11 @@ class VersionMemory:
                 rank = self._ranks(b, plan.positions)
                 general = []
                 for ref in refs:
-                    mismatch = self._same_column(positions, values, in_u, b, rank, ref[2], plan.positions) \
-                        if ref[1] == name else None
+                    mismatch = (
+                        self._same_column(positions, values, in_u, b, rank, ref[2], plan.positions)
+                        if ref[1] == name
+                        else None
+                    )
                     if mismatch is None:
                         general.append(ref)
                     elif 0 < mismatch < t:
@@ -355,8 +370,9 @@ class VersionMemory:
                     f_positions = plan.positions.get(b)
                     if f_positions is None:
                         f_positions = self.positions(b)
-                    if self._near_affine(positions, u_full, in_u, f_positions, rank, stacked[key], t, rng,
-                                         cache, ((base,), key), digest):
+                    if self._near_affine(
+                        positions, u_full, in_u, f_positions, rank, stacked[key], t, rng, cache, ((base,), key), digest
+                    ):
                         return [Finding(label, "column")]
             groups.setdefault(base, []).append((digest, name, values))
             self._positions.setdefault(base, positions)
@@ -400,9 +416,20 @@ class VersionMemory:
             self._rank_cache[digest] = out
         return out
 
-    def _near_affine(self, positions: np.ndarray, u_full: np.ndarray, in_u: np.ndarray, f_positions: np.ndarray,
-                     rank: np.ndarray, F: np.ndarray, t: int, rng: np.random.Generator,
-                     cache: dict | None = None, key=None, u_digest: str = "") -> bool:
+    def _near_affine(
+        self,
+        positions: np.ndarray,
+        u_full: np.ndarray,
+        in_u: np.ndarray,
+        f_positions: np.ndarray,
+        rank: np.ndarray,
+        F: np.ndarray,
+        t: int,
+        rng: np.random.Generator,
+        cache: dict | None = None,
+        key=None,
+        u_digest: str = "",
+    ) -> bool:
         """Whether u (on `positions`; `u_full` over the dataset) is near an affine function of
         a column of F (columns stacked on the rows `f_positions`; `rank` places dataset rows
         among them).
@@ -466,8 +493,14 @@ class VersionMemory:
             gf = (rank[rows] >= 0).astype(float)
             candidates = possible.copy()
             idx = np.flatnonzero(possible)
-            candidates[idx] = dif.screen_near_affine(u_full[rows], at(rows)[:, idx], in_u[rows].astype(float),
-                                                     np.repeat(gf[:, None], idx.size, axis=1), allowed, rng)
+            candidates[idx] = dif.screen_near_affine(
+                u_full[rows],
+                at(rows)[:, idx],
+                in_u[rows].astype(float),
+                np.repeat(gf[:, None], idx.size, axis=1),
+                allowed,
+                rng,
+            )
             if not candidates.any():
                 return False
         else:
@@ -482,7 +515,7 @@ class VersionMemory:
         return False
 
     # -- remembering
-    def _plan(self, footprints: list[Footprint], t: int) -> "_Plan":
+    def _plan(self, footprints: list[Footprint], t: int) -> _Plan:
         """The footprints packed and digested, kept for the `remember` that follows an audit."""
         key = (tuple(id(fp) for fp in footprints), t)
         if self._last_plan is not None and self._last_plan[0] == key and self._last_plan[2] is footprints[0]:
@@ -535,7 +568,7 @@ class _Plan:
     positions: dict[str, np.ndarray]
 
     @classmethod
-    def of(cls, footprints: list[Footprint], n: int, t: int) -> "_Plan":
+    def of(cls, footprints: list[Footprint], n: int, t: int) -> _Plan:
         parts = [cls.one(fp, n, t) for fp in footprints]
         out = cls([], [], [], {})
         for part in parts:
@@ -546,7 +579,7 @@ class _Plan:
         return out
 
     @classmethod
-    def one(cls, fp: Footprint, n: int, t: int) -> "_Plan":
+    def one(cls, fp: Footprint, n: int, t: int) -> _Plan:
         """One footprint's part, computed once (a table's accepted cells are planned again at
         every later cell's audit otherwise)."""
         key = (n, t)
@@ -578,8 +611,9 @@ class _Plan:
                     raise ValueError("a footprint column does not match its rows")
                 for derived in _level_sets(values, col_positions, n, fp.label, t):
                     pair_sets.append(derived + (col_digest,))
-                columns.append((fp.label, col_digest, col_positions, str(name), values,
-                                _column_digest(col_digest, values)))
+                columns.append(
+                    (fp.label, col_digest, col_positions, str(name), values, _column_digest(col_digest, values))
+                )
         plan = cls(base_sets, pair_sets, columns, positions)
         fp._planned[key] = plan
         return plan

@@ -45,14 +45,23 @@ class NodeConfig:
     state: str | None = None
 
     @classmethod
-    def from_mapping(cls, m) -> "NodeConfig":
+    def from_mapping(cls, m) -> NodeConfig:
         def opt(key):
             value = m.get(key)
             return str(value) if value not in (None, "") else None
-        return cls(name=str(m["name"]), data=str(m["data"]), schema=opt("schema"),
-                   policy=opt("policy"), table=opt("table"), query=opt("query"),
-                   appointments=opt("appointments"), appointments_table=opt("appointments_table"),
-                   appointments_query=opt("appointments_query"), state=opt("state"))
+
+        return cls(
+            name=str(m["name"]),
+            data=str(m["data"]),
+            schema=opt("schema"),
+            policy=opt("policy"),
+            table=opt("table"),
+            query=opt("query"),
+            appointments=opt("appointments"),
+            appointments_table=opt("appointments_table"),
+            appointments_query=opt("appointments_query"),
+            state=opt("state"),
+        )
 
     def appointment_source(self):
         from .dataset import AppointmentSource
@@ -142,13 +151,23 @@ class NodeRuntime:
                 from .dataset import load_dataset
 
                 source = self.config.data
-                self._dataset = load_dataset(source, self.config.schema, table=self.config.table,
-                                             query=self.config.query,
-                                             appointments=self.config.appointment_source())
-                log.info("node %s loaded %s rows (data version %s)", self.name,
-                         self._dataset.n_rows, self._dataset.data_version[:12])
+                self._dataset = load_dataset(
+                    source,
+                    self.config.schema,
+                    table=self.config.table,
+                    query=self.config.query,
+                    appointments=self.config.appointment_source(),
+                )
+                log.info(
+                    "node %s loaded %s rows (data version %s)",
+                    self.name,
+                    self._dataset.n_rows,
+                    self._dataset.data_version[:12],
+                )
             if not self._dataset.usable:
-                raise DataError("this node's data does not pass validation; its operator can run 'iaptnet node check' to see why.")
+                raise DataError(
+                    "this node's data does not pass validation; its operator can run 'iaptnet node check' to see why."
+                )
             return self._dataset
 
     def remember(self, study_hash: str, prepared: PreparedStudy) -> None:
@@ -168,7 +187,9 @@ class NodeRuntime:
         try:
             prepared = self.prepared[study_hash]
         except KeyError:
-            raise DataError("this node has not prepared the study (it may have restarted); start the study again.") from None
+            raise DataError(
+                "this node has not prepared the study (it may have restarted); start the study again."
+            ) from None
         self.prepared.move_to_end(study_hash)
         return prepared
 
@@ -212,4 +233,3 @@ def runtime_for(config: NodeConfig) -> NodeRuntime:
         if config not in _RUNTIMES:
             _RUNTIMES[config] = NodeRuntime(config)
         return _RUNTIMES[config]
-

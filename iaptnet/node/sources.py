@@ -57,8 +57,7 @@ def read_table(source: str | Path, *, table: str | None = None, query: str | Non
     if name.endswith(PARQUET_SUFFIXES):
         return read_parquet(path)
     raise DataError(
-        f"{path}: unknown data format; expected a file ending in .csv, .csv.gz, .parquet or .pq, "
-        "or a database URL."
+        f"{path}: unknown data format; expected a file ending in .csv, .csv.gz, .parquet or .pq, or a database URL."
     )
 
 
@@ -72,18 +71,15 @@ def read_csv(path: Path) -> Table:
     if head.startswith(_PARQUET_MAGIC):
         raise DataError(f"{path}: is a Parquet file, not CSV text; give it a .parquet name.")
     if b"\x00" in head:
-        raise DataError(f"{path}: contains NUL bytes (binary data or UTF-16 text); "
-                        "expected CSV text saved as UTF-8.")
-    options = dict(dtype=str, keep_default_na=False, na_values=list(NA_TOKENS),
-                   encoding="utf-8-sig")
+        raise DataError(f"{path}: contains NUL bytes (binary data or UTF-16 text); expected CSV text saved as UTF-8.")
+    options = dict(dtype=str, keep_default_na=False, na_values=list(NA_TOKENS), encoding="utf-8-sig")
     try:
         header = pd.read_csv(path, header=None, nrows=1, **options)
         frame = pd.read_csv(path, engine="pyarrow", **options)
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text; expected a CSV file saved as UTF-8.") from None
     except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: the file is empty; expected a CSV file with a header "
-                        "row.") from None
+        raise DataError(f"{path}: the file is empty; expected a CSV file with a header row.") from None
     except pd.errors.ParserError:
         raise DataError(f"{path}: {_csv_structure_problem(path, options)}.") from None
     except (OSError, EOFError):
@@ -96,13 +92,13 @@ def read_parquet(path: Path) -> Table:
     """Parquet keeps its stored types; `validate` converts them like CSV text."""
     version = _file_digest(path)
     if not _head(path, 4).startswith(_PARQUET_MAGIC):
-        raise DataError(f"{path}: not a Parquet file (no Parquet signature); "
-                        "expected Parquet, or name a CSV file .csv.")
+        raise DataError(
+            f"{path}: not a Parquet file (no Parquet signature); expected Parquet, or name a CSV file .csv."
+        )
     try:
         frame = pd.read_parquet(path)
     except (ValueError, OSError, TypeError):  # pyarrow.ArrowInvalid is a ValueError
-        raise DataError(f"{path}: the Parquet file is damaged or uses types pandas cannot "
-                        "read.") from None
+        raise DataError(f"{path}: the Parquet file is damaged or uses types pandas cannot read.") from None
     frame = frame.reset_index(drop=True)  # a stored pandas index is not a column of the table
     _check_unique(path, [str(c) for c in frame.columns])
     return Table(_tidy_columns(frame), str(path), version)
@@ -118,17 +114,17 @@ def read_sql(url: str, *, table: str | None = None, query: str | None = None) ->
     try:
         shown = sa.engine.make_url(url).render_as_string(hide_password=True)
     except sa.exc.ArgumentError:
-        raise DataError("data: not a valid database URL; expected e.g. "
-                        "postgresql+psycopg://host/db.") from None
+        raise DataError("data: not a valid database URL; expected e.g. postgresql+psycopg://host/db.") from None
     if (table is None) == (query is None):
-        raise DataError(f"{shown}: give exactly one of 'table' (a table name) or 'query' "
-                        "(a SELECT).")
+        raise DataError(f"{shown}: give exactly one of 'table' (a table name) or 'query' (a SELECT).")
     what = f"table '{table}'" if table is not None else "the query"
     try:
         engine = sa.create_engine(url)
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
-        raise DataError(f"{shown}: cannot use this database URL ({type(exc).__name__}); "
-                        "check the dialect and that its driver is installed.") from None
+        raise DataError(
+            f"{shown}: cannot use this database URL ({type(exc).__name__}); "
+            "check the dialect and that its driver is installed."
+        ) from None
     try:
         with engine.connect() as conn:
             if table is not None:
@@ -162,8 +158,7 @@ def _check_unique(source, names: list[str]) -> None:
     seen: set[str] = set()
     for name in (n.strip() for n in names):
         if name and name in seen:
-            raise DataError(f"{source}: column '{name}' appears twice in the header; "
-                            "expected each column name once.")
+            raise DataError(f"{source}: column '{name}' appears twice in the header; expected each column name once.")
         seen.add(name)
 
 
@@ -188,8 +183,7 @@ def _head(path: Path, size: int = 65536) -> bytes:
         with path.open("rb") as fh:
             return fh.read(size)
     except (gzip.BadGzipFile, EOFError, zlib.error):
-        raise DataError(f"{path}: not gzip-compressed data; expected a .gz file made by "
-                        "gzip.") from None
+        raise DataError(f"{path}: not gzip-compressed data; expected a .gz file made by gzip.") from None
 
 
 def _csv_structure_problem(path: Path, options: dict) -> str:
@@ -200,8 +194,7 @@ def _csv_structure_problem(path: Path, options: dict) -> str:
         found = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
         if found:
             want, line, saw = found.groups()
-            return (f"line {line} has {saw} fields but the header has {want}; "
-                    "expected one field per column")
+            return f"line {line} has {saw} fields but the header has {want}; expected one field per column"
     except (ValueError, OSError):
         pass
     return "not a well-formed CSV file; check its quoting and the number of fields on each line"

@@ -128,9 +128,11 @@ class ReleasedSpan:
                         raise ValueError("a block of another size")
                 self._add(list(entry["digests"]), block)
             except (ValueError, KeyError, TypeError, OSError):
-                raise MemoryDamaged(f"this node's record of released columns ({path}) has an entry it cannot "
-                                    "read; restore the state folder from its backup before answering more "
-                                    "tasks") from None
+                raise MemoryDamaged(
+                    f"this node's record of released columns ({path}) has an entry it cannot "
+                    "read; restore the state folder from its backup before answering more "
+                    "tasks"
+                ) from None
         self._offset += complete
 
     def _write(self, digests: list[str], block: np.ndarray | None) -> None:

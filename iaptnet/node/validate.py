@@ -34,8 +34,7 @@ NOT_A_DATE = "not a date"
 REPEATED_KEY = "repeated in a unique column"
 
 #: Reasons in the order they are checked (a value is counted under its first failing reason).
-REASONS = (NOT_A_NUMBER, NOT_AN_INTEGER, BELOW_MIN, ABOVE_MAX, NOT_BINARY, UNKNOWN_LEVEL,
-           NOT_A_DATE)
+REASONS = (NOT_A_NUMBER, NOT_AN_INTEGER, BELOW_MIN, ABOVE_MAX, NOT_BINARY, UNKNOWN_LEVEL, NOT_A_DATE)
 
 _NA = frozenset(NA_TOKENS)
 
@@ -105,15 +104,18 @@ class ValidationReport:
         """Usable for studies: every required column present and no invalid value."""
         return not self.missing_required and not self.invalid_columns
 
-    def with_notes(self, notes: list[str] | tuple[str, ...]) -> "ValidationReport":
-        return ValidationReport(self.source, self.schema, self.n_rows, self.columns,
-                                self.ignored, self.notes + tuple(notes))
+    def with_notes(self, notes: list[str] | tuple[str, ...]) -> ValidationReport:
+        return ValidationReport(
+            self.source, self.schema, self.n_rows, self.columns, self.ignored, self.notes + tuple(notes)
+        )
 
     def render(self) -> str:
         """A plain-text table, one line per schema column."""
         width = max([len("column")] + [len(c.name) for c in self.columns])
-        lines = [f"{self.source}: {self.n_rows:,} rows checked against schema '{self.schema}'",
-                 f"{'column':<{width}}  {'type':<11}  {'missing':>16}  {'invalid':>9}  problems"]
+        lines = [
+            f"{self.source}: {self.n_rows:,} rows checked against schema '{self.schema}'",
+            f"{'column':<{width}}  {'type':<11}  {'missing':>16}  {'invalid':>9}  problems",
+        ]
         for c in self.columns:
             if not c.present:
                 state = "MISSING: a required column" if c.required else "absent (optional)"
@@ -121,8 +123,7 @@ class ValidationReport:
                 continue
             share = f"({100 * c.n_missing / self.n_rows:.1f}%)" if self.n_rows else ""
             missing = f"{c.n_missing:,} {share}".strip()
-            lines.append(f"{c.name:<{width}}  {c.type:<11}  {missing:>16}  {c.n_invalid:>9,}  "
-                         f"{c.problems()}".rstrip())
+            lines.append(f"{c.name:<{width}}  {c.type:<11}  {missing:>16}  {c.n_invalid:>9,}  {c.problems()}".rstrip())
         if self.missing_required:
             lines.append("required columns not in the file: " + ", ".join(self.missing_required))
         if self.ignored:
@@ -133,17 +134,28 @@ class ValidationReport:
     def as_dict(self) -> dict:
         """JSON-ready form (counts and names only)."""
         return {
-            "source": self.source, "schema": self.schema, "n_rows": self.n_rows, "ok": self.ok,
-            "missing_required": list(self.missing_required), "ignored": list(self.ignored),
+            "source": self.source,
+            "schema": self.schema,
+            "n_rows": self.n_rows,
+            "ok": self.ok,
+            "missing_required": list(self.missing_required),
+            "ignored": list(self.ignored),
             "notes": list(self.notes),
-            "columns": [{"name": c.name, "type": c.type, "present": c.present,
-                         "n_missing": c.n_missing, "invalid": dict(c.invalid),
-                         "n_duplicates": c.n_duplicates} for c in self.columns],
+            "columns": [
+                {
+                    "name": c.name,
+                    "type": c.type,
+                    "present": c.present,
+                    "n_missing": c.n_missing,
+                    "invalid": dict(c.invalid),
+                    "n_duplicates": c.n_duplicates,
+                }
+                for c in self.columns
+            ],
         }
 
 
-def validate(raw: pd.DataFrame, schema: Schema, source: str
-             ) -> tuple[pd.DataFrame, ValidationReport]:
+def validate(raw: pd.DataFrame, schema: Schema, source: str) -> tuple[pd.DataFrame, ValidationReport]:
     """Convert `raw` to the typed frame of `schema` and count what could not be converted.
 
     The typed frame has one column per schema column, in schema order; a column absent from
@@ -161,8 +173,7 @@ def validate(raw: pd.DataFrame, schema: Schema, source: str
     for col in schema.columns.values():
         if col.name not in raw.columns:
             typed[col.name] = _empty(col, n)
-            reports.append(ColumnReport(col.name, col.type, False, not col.optional, n,
-                                        min=col.min, max=col.max))
+            reports.append(ColumnReport(col.name, col.type, False, not col.optional, n, min=col.min, max=col.max))
             continue
         values, missing, invalid = _CONVERT[col.type](raw[col.name], col)
         duplicates = 0
@@ -171,9 +182,19 @@ def validate(raw: pd.DataFrame, schema: Schema, source: str
             if col.unique and duplicates:
                 invalid = dict(invalid, **{REPEATED_KEY: duplicates})
         typed[col.name] = values
-        reports.append(ColumnReport(col.name, col.type, True, not col.optional, int(missing.sum()),
-                                    {r: c for r, c in invalid.items() if c}, duplicates,
-                                    col.min, col.max))
+        reports.append(
+            ColumnReport(
+                col.name,
+                col.type,
+                True,
+                not col.optional,
+                int(missing.sum()),
+                {r: c for r, c in invalid.items() if c},
+                duplicates,
+                col.min,
+                col.max,
+            )
+        )
     ignored = tuple(c for c in raw.columns if c not in schema.columns)
     frame = pd.DataFrame(typed, index=pd.RangeIndex(n))
     return frame, ValidationReport(source, schema.name, n, tuple(reports), ignored)
@@ -181,13 +202,13 @@ def validate(raw: pd.DataFrame, schema: Schema, source: str
 
 # --- conversions: each returns (typed values, missing mask, {reason: count}) -------------------
 
+
 def _uniques(series: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(codes, distinct values, which distinct values are missing): codes index the distinct
     values (-1 for a missing row); text is trimmed, and NA tokens count as missing. Work
     happens once per distinct value, not per row."""
     codes, uniques = pd.factorize(series, use_na_sentinel=True)
-    values = np.array([v.strip() if isinstance(v, str) else v
-                       for v in np.asarray(uniques, dtype=object)], dtype=object)
+    values = np.array([v.strip() if isinstance(v, str) else v for v in np.asarray(uniques, dtype=object)], dtype=object)
     missing = np.array([isinstance(v, str) and v in _NA for v in values], dtype=bool)
     return codes, values, missing
 
@@ -205,8 +226,9 @@ def _to_float(series: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return values, missing, np.isinf(values)
     codes, uniques, missing_u = _uniques(series)
     # Text and plain numbers parse; anything else (a date, True) is not a number.
-    text = pd.Series([v if isinstance(v, str) else str(v) if _as_number(v) is not None else ""
-                      for v in uniques], dtype=object)
+    text = pd.Series(
+        [v if isinstance(v, str) else str(v) if _as_number(v) is not None else "" for v in uniques], dtype=object
+    )
     parsed = pd.to_numeric(text, errors="coerce").to_numpy(dtype="float64", copy=True)
     parsed[missing_u] = np.nan
     bad_u = ~missing_u & ~np.isfinite(parsed)
@@ -342,6 +364,10 @@ def _number(x: float) -> str:
 
 
 _CONVERT = {
-    "numeric": _numeric, "integer": _numeric, "binary": _numeric,
-    "categorical": _categorical, "date": _date, "identifier": _identifier,
+    "numeric": _numeric,
+    "integer": _numeric,
+    "binary": _numeric,
+    "categorical": _categorical,
+    "date": _date,
+    "identifier": _identifier,
 }

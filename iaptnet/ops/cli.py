@@ -16,8 +16,14 @@ def cmd_pki_init(args) -> int:
 def cmd_pki_issue(args) -> int:
     from ..keys import issue_certificate
 
-    cert, key = issue_certificate(Path(args.ca_dir), Path(args.out or args.ca_dir), args.host,
-                                  name=args.name, days=args.days, overwrite=args.force)
+    cert, key = issue_certificate(
+        Path(args.ca_dir),
+        Path(args.out or args.ca_dir),
+        args.host,
+        name=args.name,
+        days=args.days,
+        overwrite=args.force,
+    )
     print(f"hub certificate for {', '.join(args.host)}: {cert} and {key}")
     return 0
 
@@ -61,8 +67,12 @@ def register(sub) -> None:
     init.add_argument("--force", action="store_true", help="replace existing files")
     init.set_defaults(fn=cmd_pki_init)
     issue = psub.add_parser("issue", help="issue the hub's TLS certificate, signed by the CA")
-    issue.add_argument("--host", action="append", required=True,
-                       help="a DNS name or IP address the nodes use to reach the hub (repeat for several)")
+    issue.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        help="a DNS name or IP address the nodes use to reach the hub (repeat for several)",
+    )
     issue.add_argument("--ca-dir", default="pki", help="the CA's folder")
     issue.add_argument("--out", help="folder for NAME.crt and NAME.key (default: the CA's folder)")
     issue.add_argument("--name", default="hub", help="file name (NAME.crt, NAME.key) and common name")
@@ -81,8 +91,12 @@ def register(sub) -> None:
     nup.add_argument("network", help="network.toml")
     nup.add_argument("--port", type=int, help="the hub's port (default: a free one)")
     nup.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the nodes")
-    nup.add_argument("--poll-active", type=float, default=None,
-                     help="the nodes' polling interval during a study (default: 0.25 s up to 3 nodes, N/8 s up to 1 s beyond)")
+    nup.add_argument(
+        "--poll-active",
+        type=float,
+        default=None,
+        help="the nodes' polling interval during a study (default: 0.25 s up to 3 nodes, N/8 s up to 1 s beyond)",
+    )
     nup.set_defaults(fn=cmd_network_up)
     ndown = nsub.add_parser("down", help="stop the processes 'network up' started for this file")
     ndown.add_argument("network", help="network.toml")

@@ -83,8 +83,15 @@ def _toml_str(value: str) -> str:
 def _spawn(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as fh:
-        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True, close_fds=True)
+        return subprocess.Popen(
+            cmd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
 
 
 def _read(path: Path) -> str:
@@ -129,20 +136,27 @@ def _common_schema(nodes: list[dict]) -> str | None:
     return None
 
 
-def up(network_path: str | Path, *, port: int | None = None, timeout: float = 180.0,
-       node_timeout: float = 300.0, poll_idle: float = 1.0, poll_active: float | None = None,
-       echo=print) -> dict:
+def up(
+    network_path: str | Path,
+    *,
+    port: int | None = None,
+    timeout: float = 180.0,
+    node_timeout: float = 300.0,
+    poll_idle: float = 1.0,
+    poll_active: float | None = None,
+    echo=print,
+) -> dict:
     """Start the hub and the nodes; return the processes record. Cleans up if anything fails.
 
     `poll_active` (the nodes' polling interval during a study) defaults to 0.25 s for up to
     3 nodes and N/8 s, at most 1 s, beyond: every process shares this machine, and with 8
     nodes polling every 0.25 s the polls themselves slowed a round (bench/bench_latency.py:
     3.63 s a round against 2.87 s at 1 s)."""
+    from .. import keys as pki
     from ..coordinator.hub import load_hub_config, node_statuses, register_node
     from ..coordinator.network import load_network
-    from ..node.config import approve
-    from .. import keys as pki
     from ..flower.bundle import release_hash
+    from ..node.config import approve
 
     network_path = Path(network_path).resolve()
     network = load_network(network_path)
@@ -154,7 +168,9 @@ def up(network_path: str | Path, *, port: int | None = None, timeout: float = 18
     if paths.processes.exists():
         record = json.loads(paths.processes.read_text())
         if any(_alive(p["pid"], p["marker"]) for p in record.get("processes", [])):
-            raise SpecError(f"{network_path}: the network is already up; run 'iaptnet network down {network_path}' first.")
+            raise SpecError(
+                f"{network_path}: the network is already up; run 'iaptnet network down {network_path}' first."
+            )
     # A fresh network each time: new keys, empty hub and node state.
     import shutil
 
@@ -168,7 +184,8 @@ def up(network_path: str | Path, *, port: int | None = None, timeout: float = 18
     pki.issue_certificate(paths.pki, paths.pki, ["localhost", "127.0.0.1"], name="hub")
     (paths.coordinator_toml).write_text(
         f'host = "127.0.0.1"\nport = {port}\nca_cert = "pki/ca.crt"\ncert = "pki/hub.crt"\n'
-        f'key = "pki/hub.key"\nstate_dir = "hub"\n')
+        f'key = "pki/hub.key"\nstate_dir = "hub"\n'
+    )
     hub_cfg = load_hub_config(paths.coordinator_toml)
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
@@ -194,11 +211,23 @@ def up(network_path: str | Path, *, port: int | None = None, timeout: float = 18
             name = node["name"]
             ndir = paths.node_dir(name)
             key, pub = pki.node_key(ndir, name)
-            lines = [f"name = {_toml_str(name)}", f"hub = {_toml_str(address)}",
-                     f"ca_cert = {_toml_str(hub_cfg.ca_cert)}", f"key = {_toml_str(key)}",
-                     f"data = {_toml_str(node['data'])}", f"state_dir = {_toml_str(ndir / 'state')}"]
-            for field in ("table", "query", "schema", "policy", "appointments", "appointments_table",
-                          "appointments_query"):
+            lines = [
+                f"name = {_toml_str(name)}",
+                f"hub = {_toml_str(address)}",
+                f"ca_cert = {_toml_str(hub_cfg.ca_cert)}",
+                f"key = {_toml_str(key)}",
+                f"data = {_toml_str(node['data'])}",
+                f"state_dir = {_toml_str(ndir / 'state')}",
+            ]
+            for field in (
+                "table",
+                "query",
+                "schema",
+                "policy",
+                "appointments",
+                "appointments_table",
+                "appointments_query",
+            ):
                 if node.get(field):
                     lines.append(f"{field} = {_toml_str(node[field])}")
             lines += ["", "[tuning]", f"poll_idle = {poll_idle!r}", f"poll_active = {poll_active!r}"]
@@ -208,21 +237,25 @@ def up(network_path: str | Path, *, port: int | None = None, timeout: float = 18
 
         echo(f"registering {len(node_files)} node keys")
         with ThreadPoolExecutor(max_workers=4) as pool:
-            ids = dict(zip(node_files, pool.map(lambda item: register_node(hub_cfg, item[0], item[1][1]),
-                                                node_files.items())))
+            ids = dict(
+                zip(node_files, pool.map(lambda item: register_node(hub_cfg, item[0], item[1][1]), node_files.items()))
+            )
         for name, (node_toml, _) in node_files.items():
-            proc = _spawn(_cli("node", "start", "--config", str(node_toml), "--local-network"),
-                          paths.logs / f"{name}.log", env)
+            proc = _spawn(
+                _cli("node", "start", "--config", str(node_toml), "--local-network"), paths.logs / f"{name}.log", env
+            )
             remember(proc, "node", name, str(node_toml))
 
         echo(f"waiting for {len(ids)} nodes to connect")
         deadline = time.monotonic() + timeout
         wanted = {str(i): name for name, i in ids.items()}
         while True:
-            for proc, marker in started:
+            for proc, _marker in started:
                 if proc.poll() is not None:
                     who = next(p for p in record["processes"] if p["pid"] == proc.pid)
-                    raise NetworkError(f"{who['role']} {who['name']} exited during start-up (exit {proc.returncode}); see {paths.logs / (who['name'] + '.log')}.")
+                    raise NetworkError(
+                        f"{who['role']} {who['name']} exited during start-up (exit {proc.returncode}); see {paths.logs / (who['name'] + '.log')}."
+                    )
             # Each SuperNode logs its id once the hub has accepted it: ask the hub only then
             # (every `flwr` command costs a second or two of CPU).
             logged = [name for name in node_files if CONNECTED in _read(paths.logs / f"{name}.log")]
@@ -233,7 +266,9 @@ def up(network_path: str | Path, *, port: int | None = None, timeout: float = 18
                 if not missing:
                     break
             if time.monotonic() > deadline:
-                raise NetworkError(f"nodes {', '.join(missing)} did not connect within {timeout:g} s; see their logs in {paths.logs}.")
+                raise NetworkError(
+                    f"nodes {', '.join(missing)} did not connect within {timeout:g} s; see their logs in {paths.logs}."
+                )
             time.sleep(0.3)
 
         schema = _common_schema(network.nodes)
@@ -241,8 +276,9 @@ def up(network_path: str | Path, *, port: int | None = None, timeout: float = 18
         if schema:
             hub_lines.append(f"schema = {_toml_str(schema)}")
         hub_lines.append(f"node_timeout = {float(node_timeout)!r}")
-        paths.hub_toml.write_text("# Written by 'iaptnet network up': the local hub and the CA to trust.\n"
-                                  + "\n".join(hub_lines) + "\n")
+        paths.hub_toml.write_text(
+            "# Written by 'iaptnet network up': the local hub and the CA to trust.\n" + "\n".join(hub_lines) + "\n"
+        )
         record["hub_toml"] = str(paths.hub_toml)
         record["flwr_home"] = str(hub_cfg.flwr_home)
         paths.processes.write_text(json.dumps(record, indent=2))

@@ -173,7 +173,9 @@ class _Parser:
             return ("missing", left[1], negated)
         if kind != "op":
             found = value or "the end"
-            raise FilterSyntaxError(f"the filter expected a comparison after {_render_operand(left)!r} but found {found!r}.")
+            raise FilterSyntaxError(
+                f"the filter expected a comparison after {_render_operand(left)!r} but found {found!r}."
+            )
         self.take()
         right = self.operand()
         if left[0] != "col" and right[0] != "col":
@@ -269,7 +271,8 @@ def check_shape(tree: tuple, source: str) -> None:
             raise SpecError(
                 f"{source}: field 'where' has a condition on {listed} at once (joined by 'or' or 'not', or "
                 f"compared with each other); a cohort must be conditions joined by 'and', "
-                f"each on one column, e.g. age >= 18 and (sex == \"f\" or sex == \"m\").")
+                f'each on one column, e.g. age >= 18 and (sex == "f" or sex == "m").'
+            )
 
 
 def check_against_schema(tree: tuple, schema: Schema, source: str) -> None:
@@ -290,7 +293,9 @@ def _check_terms(tree: tuple, schema: Schema, source: str) -> None:
         return
     for name in columns(tree):
         if name not in schema:
-            raise SpecError(f"{source}: field 'where' names column '{name}', which the dataset '{schema.name}' does not have.")
+            raise SpecError(
+                f"{source}: field 'where' names column '{name}', which the dataset '{schema.name}' does not have."
+            )
         if not schema[name].in_models and schema[name].type != "date":
             raise SpecError(f"{source}: field 'where' cannot use the {schema[name].type} column '{name}'.")
     if kind == "missing":
@@ -304,11 +309,15 @@ def _check_terms(tree: tuple, schema: Schema, source: str) -> None:
         lt, rt = schema[left[1]], schema[right[1]]
         if (lt.type == "date") != (rt.type == "date"):
             date, other = (lt, rt) if lt.type == "date" else (rt, lt)
-            raise SpecError(f"{source}: field 'where' compares the date column '{date.name}' with the {other.type} column "
-                            f"'{other.name}'; a date compares only with a date column or a quoted date \"YYYY-MM-DD\".")
+            raise SpecError(
+                f"{source}: field 'where' compares the date column '{date.name}' with the {other.type} column "
+                f"'{other.name}'; a date compares only with a date column or a quoted date \"YYYY-MM-DD\"."
+            )
         if lt.is_categorical or rt.is_categorical:
             if op not in ("==", "!=") or lt.levels != rt.levels:
-                raise SpecError(f"{source}: field 'where' compares '{left[1]}' with '{right[1]}', which have different types or levels.")
+                raise SpecError(
+                    f"{source}: field 'where' compares '{left[1]}' with '{right[1]}', which have different types or levels."
+                )
         return
     col, lit = (left, right) if left[0] == "col" else (right, left)
     _check_literal(schema[col[1]], lit, op, source)
@@ -318,17 +327,25 @@ def _check_literal(col, lit, op, source):
     where = f"{source}: field 'where'"
     if col.is_categorical:
         if lit[0] != "str":
-            raise SpecError(f"{where} compares the categorical column '{col.name}' with a number; quote the level, e.g. {col.name} == \"{col.levels[0]}\".")
+            raise SpecError(
+                f"{where} compares the categorical column '{col.name}' with a number; quote the level, e.g. {col.name} == \"{col.levels[0]}\"."
+            )
         if lit[1] not in col.levels:
-            raise SpecError(f"{where} uses a level that column '{col.name}' does not have; its levels are {', '.join(col.levels)}.")
+            raise SpecError(
+                f"{where} uses a level that column '{col.name}' does not have; its levels are {', '.join(col.levels)}."
+            )
         if op not in ("==", "!=", "in"):
             raise SpecError(f"{where} orders the categorical column '{col.name}' with {op}; use == , != or in [...].")
         return
     if col.type == "date":
         if lit[0] != "str" or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", lit[1]):
-            raise SpecError(f"{where} compares the date column '{col.name}' with something other than a quoted date \"YYYY-MM-DD\".")
+            raise SpecError(
+                f"{where} compares the date column '{col.name}' with something other than a quoted date \"YYYY-MM-DD\"."
+            )
         if calendar_date(lit[1]) is None:
-            raise SpecError(f"{where} compares the date column '{col.name}' with \"{lit[1]}\", which is not a calendar date.")
+            raise SpecError(
+                f"{where} compares the date column '{col.name}' with \"{lit[1]}\", which is not a calendar date."
+            )
         return
     if lit[0] != "num":
         raise SpecError(f"{where} compares the {col.type} column '{col.name}' with a string; use a number.")

@@ -29,8 +29,9 @@ class Family:
         Fisher information = X' diag(w) X. Canonical links: r = y - mu, w = Var(mu)."""
         raise NotImplementedError
 
-    def deviance(self, y: np.ndarray, mu: np.ndarray, eta: np.ndarray | None = None,
-                 weights: np.ndarray | None = None) -> float:
+    def deviance(
+        self, y: np.ndarray, mu: np.ndarray, eta: np.ndarray | None = None, weights: np.ndarray | None = None
+    ) -> float:
         """Sum of (prior-weighted) unit deviances."""
         raise NotImplementedError
 
@@ -40,8 +41,9 @@ class Family:
     def variance(self, mu: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def loglike_sum(self, y: np.ndarray, mu: np.ndarray, eta: np.ndarray | None = None,
-                    weights: np.ndarray | None = None) -> float:
+    def loglike_sum(
+        self, y: np.ndarray, mu: np.ndarray, eta: np.ndarray | None = None, weights: np.ndarray | None = None
+    ) -> float:
         """Sum over rows of the log-likelihood terms (prior weights as statsmodels'
         var_weights). Gaussian returns 0.5 * sum(log w) instead: its llf needs only n, the
         residual sum of squares (the deviance) and that."""

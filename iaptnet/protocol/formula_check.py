@@ -86,14 +86,19 @@ def _prescan(text: str, source: str) -> None:
             raise _fail(source, f"uses {tok.string!r}, which is not supported; list the terms explicitly.")
         elif tok.type == tokenize.OP and tok.string == "**" and not any(stack):
             nxt = tokens[i + 1] if i + 1 < len(tokens) else None
-            if nxt is None or nxt.type != tokenize.NUMBER or not nxt.string.isdigit() or int(nxt.string) > MAX_TERM_POWER:
+            if (
+                nxt is None
+                or nxt.type != tokenize.NUMBER
+                or not nxt.string.isdigit()
+                or int(nxt.string) > MAX_TERM_POWER
+            ):
                 raise _fail(source, f"raises terms to a power above {MAX_TERM_POWER}; write the interactions you need.")
         if tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.ENDMARKER):
             prev = tok
 
 
 @functools.lru_cache(maxsize=256)
-def parse_formula(text: str, source: str = "study") -> "ParsedFormulaParts":
+def parse_formula(text: str, source: str = "study") -> ParsedFormulaParts:
     """Scan and parse with formulaic; returns the outcome and the right-hand factors.
     Cached: a node parses the same formulas at every task of a study."""
     from formulaic import Formula  # the parser only; nothing is evaluated
@@ -174,10 +179,15 @@ def check_expression(expr: str, schema: Schema, source: str, field: str) -> froz
     if expr in schema:
         _check_column(expr, schema, source)
         return frozenset({expr})
-    if "C(" in expr.replace(" ", "") or "I(" in expr.replace(" ", "") or any(
-            f"{c}(" in expr.replace(" ", "") for c in STATEFUL_CALLS):
-        raise SpecError(f"{source}: field '{field}' may not use C(), I(), center() or scale(); an offset is a column, "
-                        "an affine function of one column, or log() or sqrt() of one.")
+    if (
+        "C(" in expr.replace(" ", "")
+        or "I(" in expr.replace(" ", "")
+        or any(f"{c}(" in expr.replace(" ", "") for c in STATEFUL_CALLS)
+    ):
+        raise SpecError(
+            f"{source}: field '{field}' may not use C(), I(), center() or scale(); an offset is a column, "
+            "an affine function of one column, or log() or sqrt() of one."
+        )
     try:
         tree = ast.parse(expr, mode="eval")
         checker = _Whitelist(schema, source)
@@ -207,7 +217,9 @@ def _check_outcome_type(col, family: str, source: str) -> None:
         "gaussian": ("numeric", "integer", "binary"),
     }[family]
     if col.type not in ok:
-        raise _fail(source, f"has outcome '{col.name}' of type {col.type}; a {family} model needs a {' or '.join(ok)} outcome.")
+        raise _fail(
+            source, f"has outcome '{col.name}' of type {col.type}; a {family} model needs a {' or '.join(ok)} outcome."
+        )
     if family == "poisson" and col.min is not None and col.min < 0:
         raise _fail(source, f"has outcome '{col.name}', which may be negative; a poisson model needs counts.")
 
@@ -232,11 +244,14 @@ class _Whitelist:
             shown = ast.unparse(node)[:80]
         except Exception:  # noqa: BLE001 - a shape ast cannot print
             shown = "a term"
-        return _fail(self.source, f"has the term {shown!r}, which is not an allowed transform (allowed: a column, "
-                                  "C(g), center(x), scale(x), I(a), I(a ** 2), I(a ** 3), log(a) and sqrt(a) where "
-                                  "a is x, x + c, x - c, c * x or x / c for one numeric column x whose declared range "
-                                  f"keeps log and sqrt finite, and constants 0 or between {MIN_CONSTANT:g} and "
-                                  f"{MAX_CONSTANT:g} in size).")
+        return _fail(
+            self.source,
+            f"has the term {shown!r}, which is not an allowed transform (allowed: a column, "
+            "C(g), center(x), scale(x), I(a), I(a ** 2), I(a ** 3), log(a) and sqrt(a) where "
+            "a is x, x + c, x - c, c * x or x / c for one numeric column x whose declared range "
+            f"keeps log and sqrt finite, and constants 0 or between {MIN_CONSTANT:g} and "
+            f"{MAX_CONSTANT:g} in size).",
+        )
 
     def factor(self, node) -> set[str]:
         if isinstance(node, ast.Name):
@@ -252,8 +267,11 @@ class _Whitelist:
             if not isinstance(arg, ast.Name):
                 raise _fail(self.source, "may only apply C() to a column name.")
             if arg.id in self.schema and self.schema[arg.id].type != "categorical":
-                raise _fail(self.source, f"applies C() to the {self.schema[arg.id].type} column '{arg.id}'; C() needs a "
-                                         f"categorical column whose levels the schema declares (use '{arg.id}' directly).")
+                raise _fail(
+                    self.source,
+                    f"applies C() to the {self.schema[arg.id].type} column '{arg.id}'; C() needs a "
+                    f"categorical column whose levels the schema declares (use '{arg.id}' directly).",
+                )
             return {self.column(arg)}
         if name in STATEFUL_CALLS:
             if not isinstance(arg, ast.Name):
@@ -283,11 +301,17 @@ class _Whitelist:
         column, (low, _) = self.affine(arg)
         fn = name.split(".")[-1]
         if fn == "log" and not (low is not None and low > 0):
-            raise _fail(self.source, f"takes log() of an expression of '{column}' that the schema does not keep "
-                                     "positive; declare the column's min (above 0) in the schema, or add a constant.")
+            raise _fail(
+                self.source,
+                f"takes log() of an expression of '{column}' that the schema does not keep "
+                "positive; declare the column's min (above 0) in the schema, or add a constant.",
+            )
         if fn == "sqrt" and not (low is not None and low >= 0):
-            raise _fail(self.source, f"takes sqrt() of an expression of '{column}' that the schema does not keep "
-                                     "at or above 0; declare the column's min in the schema, or add a constant.")
+            raise _fail(
+                self.source,
+                f"takes sqrt() of an expression of '{column}' that the schema does not keep "
+                "at or above 0; declare the column's min in the schema, or add a constant.",
+            )
         return {column}
 
     def affine(self, node) -> tuple[str, tuple[float | None, float | None]]:
@@ -334,8 +358,11 @@ class _Whitelist:
         except OverflowError:
             raise _fail(self.source, "has a constant that is too large.") from None
         if value != 0 and not (MIN_CONSTANT <= abs(value) <= MAX_CONSTANT):
-            raise _fail(self.source, f"has a constant of size {abs(value):g}; constants in transforms are 0 or between "
-                                     f"{MIN_CONSTANT:g} and {MAX_CONSTANT:g}, so that no transform concentrates a column on a few rows.")
+            raise _fail(
+                self.source,
+                f"has a constant of size {abs(value):g}; constants in transforms are 0 or between "
+                f"{MIN_CONSTANT:g} and {MAX_CONSTANT:g}, so that no transform concentrates a column on a few rows.",
+            )
         return -value if negative else value
 
     def column(self, node: ast.Name, types: tuple[str, ...] | None = None) -> str:
@@ -343,8 +370,11 @@ class _Whitelist:
             raise _fail(self.source, f"uses {node.id!r} other than as a call.")
         _check_column(node.id, self.schema, self.source)
         if types is not None and self.schema[node.id].type not in types:
-            raise _fail(self.source, f"transforms the {self.schema[node.id].type} column '{node.id}'; only numeric and "
-                                     "integer columns can be transformed.")
+            raise _fail(
+                self.source,
+                f"transforms the {self.schema[node.id].type} column '{node.id}'; only numeric and "
+                "integer columns can be transformed.",
+            )
         return node.id
 
     @staticmethod
@@ -354,8 +384,12 @@ class _Whitelist:
         func = node.func
         if isinstance(func, ast.Name) and func.id in ALLOWED_CALLS:
             return func.id
-        if (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "np"
-                and func.attr in _FUNCTIONS):
+        if (
+            isinstance(func, ast.Attribute)
+            and isinstance(func.value, ast.Name)
+            and func.value.id == "np"
+            and func.attr in _FUNCTIONS
+        ):
             return f"np.{func.attr}"
         return None
 

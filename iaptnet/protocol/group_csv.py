@@ -15,10 +15,17 @@ from .schema import Schema
 
 AREA = "area"
 #: The ONS-layout column of each grouping variable of the IAPT dataset.
-ONS_COLUMNS = {"age_group": "age_band", "sex": "sex", "ethnicity_ons": "ethnic_group",
-               "imd_quintile": "imd_quintile"}
-SEX_CODES = {"1": "male", "2": "female", "m": "male", "f": "female", "males": "male",
-             "females": "female", "men": "male", "women": "female"}
+ONS_COLUMNS = {"age_group": "age_band", "sex": "sex", "ethnicity_ons": "ethnic_group", "imd_quintile": "imd_quintile"}
+SEX_CODES = {
+    "1": "male",
+    "2": "female",
+    "m": "male",
+    "f": "female",
+    "males": "male",
+    "females": "female",
+    "men": "male",
+    "women": "female",
+}
 _BAND = re.compile(r"^(\d+)\s*-\s*(\d+)$")
 _OPEN_BAND = re.compile(r"^(\d+)\s*\+$")
 _AGE = re.compile(r"^(\d{1,3})(\+?)$")
@@ -53,8 +60,7 @@ def read_header(text: str, where: str, expected: str, max_columns: int):
     return reader, names
 
 
-def group_columns(names: list[str], skip: tuple[str, ...], schema: Schema, where: str,
-                  unknown: str) -> dict[int, str]:
+def group_columns(names: list[str], skip: tuple[str, ...], schema: Schema, where: str, unknown: str) -> dict[int, str]:
     """Column index -> the schema variable a group column holds, in column order: its
     ONS-layout name (the CSV's ethnic_group holds the ONS five groups, ethnicity_ons, not the
     dataset's NHS ethnic_group) or a categorical column's own name; `unknown` ends the
@@ -117,6 +123,7 @@ def level_matcher(var: str, schema: Schema):
                     if low <= age <= high and (not found.group(2) or high == math.inf):
                         return level
         return None
+
     return match
 
 

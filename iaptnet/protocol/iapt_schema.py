@@ -15,12 +15,29 @@ from .schema import Schema, builtin_schema_path
 IAPT_SCHEMA_NAME = "iapt"
 #: The low-intensity therapy types (docs/reference/domain.md#therapy-types, NHSE's LI/HI classification); the others
 #: are high intensity.
-LOW_INTENSITY_THERAPIES = ("GSH_BOOK", "NGSH_BOOK", "GSH_COMP", "NGSH_COMP", "PHYS_ACT", "PSYED_PEER",
-                           "OTHER_LI", "SIGNPOST", "MINDFUL", "BA_LI")
+LOW_INTENSITY_THERAPIES = (
+    "GSH_BOOK",
+    "NGSH_BOOK",
+    "GSH_COMP",
+    "NGSH_COMP",
+    "PHYS_ACT",
+    "PSYED_PEER",
+    "OTHER_LI",
+    "SIGNPOST",
+    "MINDFUL",
+    "BA_LI",
+)
 #: The extract's pathway columns, which a node may compute from an appointment table instead
 #: (node/iapt/appointments.py); an extract served with one must not also have them.
-PATHWAY_COLUMNS = ("n_treat", "n_dna", "n_cancel_pt", "n_cancel_prov", "first_treatment_date",
-                   "intensity", "primary_therapy")
+PATHWAY_COLUMNS = (
+    "n_treat",
+    "n_dna",
+    "n_cancel_pt",
+    "n_cancel_prov",
+    "first_treatment_date",
+    "intensity",
+    "primary_therapy",
+)
 
 
 @cache

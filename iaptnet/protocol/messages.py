@@ -67,18 +67,22 @@ def _arrays_from(record: ArrayRecord | None) -> dict[str, np.ndarray]:
 
 
 def encode_task(task: Task) -> RecordDict:
-    return RecordDict({
-        "task": ConfigRecord({
-            "version": PROTOCOL_VERSION,
-            "kind": task.kind,
-            "study_hash": task.study_hash,
-            "round": task.round,
-            "task_id": task.task_id,
-            "issued_at": task.issued_at,
-            "payload": json.dumps(task.payload, sort_keys=True),
-        }),
-        "arrays": _arrays_record(task.arrays),
-    })
+    return RecordDict(
+        {
+            "task": ConfigRecord(
+                {
+                    "version": PROTOCOL_VERSION,
+                    "kind": task.kind,
+                    "study_hash": task.study_hash,
+                    "round": task.round,
+                    "task_id": task.task_id,
+                    "issued_at": task.issued_at,
+                    "payload": json.dumps(task.payload, sort_keys=True),
+                }
+            ),
+            "arrays": _arrays_record(task.arrays),
+        }
+    )
 
 
 def content_size(content: RecordDict) -> int:
@@ -126,19 +130,23 @@ def decode_task(content: RecordDict) -> Task:
 
 
 def encode_reply(reply: Reply) -> RecordDict:
-    return RecordDict({
-        "reply": ConfigRecord({
-            "version": PROTOCOL_VERSION,
-            "status": reply.status,
-            "node": reply.node,
-            "code": reply.code,
-            "message": reply.message,
-            "task_id": reply.task_id,
-            "audit_hash": reply.audit_hash,
-            "payload": json.dumps(reply.payload, sort_keys=True),
-        }),
-        "arrays": _arrays_record(reply.arrays),
-    })
+    return RecordDict(
+        {
+            "reply": ConfigRecord(
+                {
+                    "version": PROTOCOL_VERSION,
+                    "status": reply.status,
+                    "node": reply.node,
+                    "code": reply.code,
+                    "message": reply.message,
+                    "task_id": reply.task_id,
+                    "audit_hash": reply.audit_hash,
+                    "payload": json.dumps(reply.payload, sort_keys=True),
+                }
+            ),
+            "arrays": _arrays_record(reply.arrays),
+        }
+    )
 
 
 def decode_reply(content: RecordDict) -> Reply:
@@ -158,6 +166,7 @@ def decode_reply(content: RecordDict) -> Reply:
 def render_refusal(refusal: dict) -> str:
     """One structured refusal in plain words, e.g. "level 'bdd' of problem has fewer than 8
     rows; the policy's minimum is 8 (model 'd5'); to fix: merge it with another level, ..."."""
+
     def clean(value) -> str:
         return "".join(ch for ch in str(value)[:600] if ch.isprintable())
 

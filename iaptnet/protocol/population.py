@@ -34,8 +34,17 @@ import math
 from dataclasses import dataclass
 
 from .errors import SpecError
-from .group_csv import (AREA, BELOW_FIRST_BAND, ONS_COLUMNS, GroupShares, data_rows, group_columns, normalise,
-                        level_matcher, read_header)
+from .group_csv import (
+    AREA,
+    BELOW_FIRST_BAND,
+    ONS_COLUMNS,
+    GroupShares,
+    data_rows,
+    group_columns,
+    level_matcher,
+    normalise,
+    read_header,
+)
 from .schema import Schema
 from .study import merged_levels
 
@@ -72,16 +81,20 @@ class PopulationTable:
         where = f"{self.source}: the population table (field 'population' of {study})"
         missing = [a for a in areas if a not in self.cells]
         if missing:
-            raise SpecError(f"{where} has no rows for area '{missing[0]}' (node {label}); add its rows, or map "
-                            f"the node to the table's areas with [areas] {label} = [\"...\"].")
+            raise SpecError(
+                f"{where} has no rows for area '{missing[0]}' (node {label}); add its rows, or map "
+                f'the node to the table\'s areas with [areas] {label} = ["..."].'
+            )
         out = []
         for group in self.groups():
             absent = [a for a in areas if group not in self.cells[a]]
             if absent:
                 named = ", ".join(f"{v} '{lv}'" for v, lv in zip(self.by, group))
-                raise SpecError(f"{where} has no row for {named} in area '{absent[0]}' (node {label}); every "
-                                "group the study counts needs a row in every area (population 0 where there is "
-                                "no one).")
+                raise SpecError(
+                    f"{where} has no row for {named} in area '{absent[0]}' (node {label}); every "
+                    "group the study counts needs a row in every area (population 0 where there is "
+                    "no one)."
+                )
             out.append(math.fsum(self.cells[a][group] for a in areas))
         return out
 
@@ -96,8 +109,9 @@ class PopulationTable:
         return out
 
 
-def parse_population(text: str, source: str, by: list[str], schema: Schema, merge: dict,
-                     study: str, need: GroupShares | None = None) -> PopulationTable:
+def parse_population(
+    text: str, source: str, by: list[str], schema: Schema, merge: dict, study: str, need: GroupShares | None = None
+) -> PopulationTable:
     """Read the CSV text and aggregate it to area x the study's groups (see the module doc).
     With `need` (protocol/prevalence.py), each row counts its population times the prevalence
     of its group: the table is then of people with need."""
@@ -105,21 +119,31 @@ def parse_population(text: str, source: str, by: list[str], schema: Schema, merg
     reader, names = read_header(text, where, ",".join(LAYOUT), max_columns=20)
     for required in (AREA, POPULATION):
         if required not in names:
-            raise SpecError(f"{where} has no column '{required}'; its columns are {', '.join(names)} "
-                            f"(expected {', '.join(LAYOUT)}).")
-    holds = group_columns(names, (AREA, POPULATION), schema, where,
-                          f"not part of the layout ({', '.join(LAYOUT)}); remove it (a population over "
-                          "several years should be averaged first)")
+            raise SpecError(
+                f"{where} has no column '{required}'; its columns are {', '.join(names)} "
+                f"(expected {', '.join(LAYOUT)})."
+            )
+    holds = group_columns(
+        names,
+        (AREA, POPULATION),
+        schema,
+        where,
+        f"not part of the layout ({', '.join(LAYOUT)}); remove it (a population over "
+        "several years should be averaged first)",
+    )
     for var in by:
         if var not in holds.values():
             expected = ONS_COLUMNS.get(var, var)
-            raise SpecError(f"{where} has no column '{expected}' for '{var}' (field 'by'); "
-                            f"its columns are {', '.join(names)}.")
+            raise SpecError(
+                f"{where} has no column '{expected}' for '{var}' (field 'by'); its columns are {', '.join(names)}."
+            )
     if need is not None:
         for var in need.vars:
             if var not in holds.values():
-                raise SpecError(f"{where} has no column '{ONS_COLUMNS.get(var, var)}', which the need table "
-                                f"{need.source} (field 'need') gives prevalence by.")
+                raise SpecError(
+                    f"{where} has no column '{ONS_COLUMNS.get(var, var)}', which the need table "
+                    f"{need.source} (field 'need') gives prevalence by."
+                )
     matchers = {i: level_matcher(var, schema) for i, var in holds.items()}
     area_i, pop_i = names.index(AREA), names.index(POPULATION)
     mappings = [merged_levels(list(schema[var].levels), merge.get(var, {}))[1] for var in by]
@@ -133,8 +157,9 @@ def parse_population(text: str, source: str, by: list[str], schema: Schema, merg
         population = _population(row[pop_i], f"{where}, line {line}")
         raw = (area, *(normalise(row[i]) for i in holds))
         if raw in seen:
-            raise SpecError(f"{where}, line {line}: repeats the group of an earlier row "
-                            f"(area '{area}'); each group needs one row.")
+            raise SpecError(
+                f"{where}, line {line}: repeats the group of an earlier row (area '{area}'); each group needs one row."
+            )
         seen.add(raw)
         key = [area]
         skip = False
@@ -145,8 +170,10 @@ def parse_population(text: str, source: str, by: list[str], schema: Schema, merg
             elif level is None:
                 var = holds[i]
                 allowed = ", ".join(schema[var].levels) if var in schema else ""
-                raise SpecError(f"{where}, line {line}: column '{names[i]}' has '{row[i].strip()[:40]}', "
-                                f"which is not a level of {var} ({allowed}).")
+                raise SpecError(
+                    f"{where}, line {line}: column '{names[i]}' has '{row[i].strip()[:40]}', "
+                    f"which is not a level of {var} ({allowed})."
+                )
             key.append(level)
         if skip:
             continue
@@ -155,8 +182,10 @@ def parse_population(text: str, source: str, by: list[str], schema: Schema, merg
             share = need.of(levels)
             if share is None:
                 named = ", ".join(f"{ONS_COLUMNS.get(v, v)} '{levels[v]}'" for v in need.vars)
-                raise SpecError(f"{where}, line {line}: the need table {need.source} (field 'need') has no "
-                                f"prevalence for {named}; give every group of the population a row.")
+                raise SpecError(
+                    f"{where}, line {line}: the need table {need.source} (field 'need') has no "
+                    f"prevalence for {named}; give every group of the population a row."
+                )
             population *= share
         group = tuple(mapping.get(levels[var], levels[var]) for var, mapping in zip(by, mappings))
         parts.setdefault((area, group), []).append(population)
@@ -169,11 +198,19 @@ def parse_population(text: str, source: str, by: list[str], schema: Schema, merg
     for k, var in enumerate(by):
         for level in levels[var]:
             if not any(p > 0 for c in cells.values() for g, p in c.items() if g[k] == level):
-                raise SpecError(f"{where} has no population for {var} '{level}' in any area; "
-                                "merge that level with another or leave the variable out of field 'by'.")
-    blob = json.dumps({"by": list(by), "levels": {v: list(ls) for v, ls in levels.items()},
-                       "cells": sorted([area, list(g), p] for area, c in cells.items() for g, p in c.items())},
-                      sort_keys=True, separators=(",", ":"))
+                raise SpecError(
+                    f"{where} has no population for {var} '{level}' in any area; "
+                    "merge that level with another or leave the variable out of field 'by'."
+                )
+    blob = json.dumps(
+        {
+            "by": list(by),
+            "levels": {v: list(ls) for v, ls in levels.items()},
+            "cells": sorted([area, list(g), p] for area, c in cells.items() for g, p in c.items()),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     return PopulationTable(source, tuple(by), levels, cells, hashlib.sha256(blob.encode()).hexdigest())
 
 
@@ -181,8 +218,10 @@ def _population(text: str, where: str) -> float:
     try:
         value = float(text.strip())
     except ValueError:
-        raise SpecError(f"{where}: column 'population' has '{text.strip()[:40]}', which is not a number "
-                        "(write whole numbers without thousands separators).") from None
+        raise SpecError(
+            f"{where}: column 'population' has '{text.strip()[:40]}', which is not a number "
+            "(write whole numbers without thousands separators)."
+        ) from None
     if not math.isfinite(value) or value < 0:
         raise SpecError(f"{where}: column 'population' must be a number of people, zero or more.")
     return value

@@ -64,12 +64,19 @@ def parse_prevalence(text: str, source: str, schema: Schema, study: str) -> Prev
     where = f"{source}: the need table (field 'need' of {study})"
     reader, names = read_header(text, where, f"such as age_band,sex,{PREVALENCE}", max_columns=10)
     if PREVALENCE not in names:
-        raise SpecError(f"{where} has no column '{PREVALENCE}' (the proportion of the group with need); "
-                        f"its columns are {', '.join(names)}.")
+        raise SpecError(
+            f"{where} has no column '{PREVALENCE}' (the proportion of the group with need); "
+            f"its columns are {', '.join(names)}."
+        )
     if AREA in names:
         raise SpecError(f"{where} has a column 'area'; prevalence is national here: give one row per group.")
-    holds = group_columns(names, (PREVALENCE,), schema, where,
-                          f"not a group column of the population layout ({', '.join(ONS_COLUMNS.values())})")
+    holds = group_columns(
+        names,
+        (PREVALENCE,),
+        schema,
+        where,
+        f"not a group column of the population layout ({', '.join(ONS_COLUMNS.values())})",
+    )
     if not holds:
         raise SpecError(f"{where} has no group column (for example age_band and sex) beside '{PREVALENCE}'.")
     matchers = {i: level_matcher(var, schema) for i, var in holds.items()}
@@ -80,22 +87,29 @@ def parse_prevalence(text: str, source: str, schema: Schema, study: str) -> Prev
         for i, var in holds.items():
             level = matchers[i](row[i])
             if level is None or level is BELOW_FIRST_BAND:
-                raise SpecError(f"{where}, line {line}: column '{names[i]}' has '{row[i].strip()[:40]}', "
-                                f"which is not a level of {var} ({', '.join(schema[var].levels)}).")
+                raise SpecError(
+                    f"{where}, line {line}: column '{names[i]}' has '{row[i].strip()[:40]}', "
+                    f"which is not a level of {var} ({', '.join(schema[var].levels)})."
+                )
             key.append(level)
         try:
             value = float(row[value_i].strip())
         except ValueError:
             value = math.nan
         if not 0.0 <= value <= 1.0:
-            raise SpecError(f"{where}, line {line}: column '{PREVALENCE}' has '{row[value_i].strip()[:40]}'; "
-                            "it must be a proportion between 0 and 1 (write 0.26 for 26%).")
+            raise SpecError(
+                f"{where}, line {line}: column '{PREVALENCE}' has '{row[value_i].strip()[:40]}'; "
+                "it must be a proportion between 0 and 1 (write 0.26 for 26%)."
+            )
         if tuple(key) in values:
             raise SpecError(f"{where}, line {line}: repeats the group of an earlier row; each group needs one row.")
         values[tuple(key)] = value
     if not values:
         raise SpecError(f"{where} has no rows.")
     variables = tuple(holds.values())
-    blob = json.dumps({"vars": list(variables), "values": sorted([list(k), v] for k, v in values.items())},
-                      sort_keys=True, separators=(",", ":"))
+    blob = json.dumps(
+        {"vars": list(variables), "values": sorted([list(k), v] for k, v in values.items())},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     return Prevalence(source, variables, values, hashlib.sha256(blob.encode()).hexdigest())

@@ -85,13 +85,13 @@ class Schema:
         blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def merged(self, other: "Schema", name: str | None = None) -> "Schema":
+    def merged(self, other: Schema, name: str | None = None) -> Schema:
         cols = dict(self.columns)
         cols.update(other.columns)
         return Schema(name or self.name, cols)
 
     @classmethod
-    def from_dict(cls, data: dict, source: str, name: str | None = None) -> "Schema":
+    def from_dict(cls, data: dict, source: str, name: str | None = None) -> Schema:
         columns = data.get("columns")
         if not isinstance(columns, dict) or not columns:
             raise SpecError(f"{source}: expected a [columns.NAME] table for each column, found none.")
@@ -100,21 +100,27 @@ class Schema:
             col_name = str(raw_name).strip()
             where = f"{source}: column '{col_name}'"
             if not col_name.isidentifier():
-                raise SpecError(f"{where}: a column name must be a Python-style identifier (letters, digits, _); name it so and give the file's header as 'source'.")
+                raise SpecError(
+                    f"{where}: a column name must be a Python-style identifier (letters, digits, _); name it so and give the file's header as 'source'."
+                )
             if col_name in parsed:
                 raise SpecError(f"{where}: declared twice.")
             if not isinstance(spec, dict):
                 raise SpecError(f"{where}: expected a table with at least 'type'.")
             unknown = set(spec) - {"type", "levels", "min", "max", "optional", "description", "source", "unique"}
             if unknown:
-                raise SpecError(f"{where}: unknown key '{sorted(unknown)[0]}' (expected type, levels, min, max, optional, description, source, unique).")
+                raise SpecError(
+                    f"{where}: unknown key '{sorted(unknown)[0]}' (expected type, levels, min, max, optional, description, source, unique)."
+                )
             ctype = spec.get("type")
             if ctype not in COLUMN_TYPES:
                 raise SpecError(f"{where}: 'type' must be one of {', '.join(COLUMN_TYPES)}, got {ctype!r}.")
             levels = spec.get("levels", [])
             if ctype == "categorical":
                 if not isinstance(levels, list) or len(levels) < 2:
-                    raise SpecError(f"{where}: a categorical column needs 'levels' = a list of at least two values (the first is the reference).")
+                    raise SpecError(
+                        f"{where}: a categorical column needs 'levels' = a list of at least two values (the first is the reference)."
+                    )
                 levels = [str(v).strip() for v in levels]
                 if len(set(levels)) != len(levels):
                     raise SpecError(f"{where}: 'levels' lists a value twice.")
@@ -147,7 +153,7 @@ class Schema:
         return cls(name or str(data.get("name", Path(source).stem)), parsed)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Schema":
+    def load(cls, path: str | Path) -> Schema:
         path = Path(path)
         data = read_toml(path, "schema file")
         return cls.from_dict(data, str(path))

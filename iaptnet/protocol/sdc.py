@@ -79,8 +79,13 @@ class _Leavers:
     later: Hashable
 
 
-def suppress(values: Mapping[Hashable, float | None], small: Iterable, relations: Sequence,
-             differences: Sequence[tuple[Hashable, Hashable]] = (), hidden: Iterable = ()) -> set:
+def suppress(
+    values: Mapping[Hashable, float | None],
+    small: Iterable,
+    relations: Sequence,
+    differences: Sequence[tuple[Hashable, Hashable]] = (),
+    hidden: Iterable = (),
+) -> set:
     """The cells to hide: `small` (suppressed for being small), `hidden` (hidden for another
     reason, e.g. by a node) and the complementary cells rules (a)-(e) add.
 
@@ -148,7 +153,7 @@ class _Links:
             for steps in self.chains:  # (c)
                 first = next((k for k, s in enumerate(steps) if s in small), None)
                 if first is not None:
-                    for s in steps[first + 1:]:
+                    for s in steps[first + 1 :]:
                         if s not in out:
                             out.add(s)
                             changed = True
@@ -204,9 +209,11 @@ class _Links:
 
     def exact(self, values) -> bool:
         """Every count known and every relation and chain holding exactly."""
+
         def known(key):
             v = values.get(key)
             return v is not None and math.isfinite(v)
+
         if not all(known(key) and values[key] >= 0 for key in self.order):
             return False
         for r in self.relations:
@@ -241,6 +248,7 @@ class _Links:
 
         def is_zero(key):
             return key in zero or (key not in out and values[key] == 0)
+
         changed = True
         while changed:
             changed = False
@@ -257,7 +265,7 @@ class _Links:
             for steps in self.chains:
                 first = next((k for k, s in enumerate(steps) if is_zero(s)), None)
                 if first is not None:
-                    new = [s for s in steps[first + 1:] if s in out and s not in zero]
+                    new = [s for s in steps[first + 1 :] if s in out and s not in zero]
                     if new:
                         zero.update(new)
                         changed = True
@@ -269,8 +277,9 @@ class _Links:
         system = _System(self, values, out)
         exempt = self.known_zero(values, out)
         protected = [k for k in system.variables if not isinstance(k, _Leavers) and k not in exempt]
-        protected += [_Leavers(a, b) for a, b in self.differences
-                      if _Leavers(a, b) in system.variables and a not in exempt]
+        protected += [
+            _Leavers(a, b) for a, b in self.differences if _Leavers(a, b) in system.variables and a not in exempt
+        ]
         if only is not None:
             protected = [only] if only in protected else []
         by_component: dict = {}
@@ -279,8 +288,13 @@ class _Links:
         found = []
         for keys in by_component.values():
             members, a, b, _ = system.block(keys[0])
-            free, _ = _free(a, b, np.array([values.get(system.names[i], 1) == 0 or
-                                            isinstance(system.names[i], _Leavers) for i in members]))
+            free, _ = _free(
+                a,
+                b,
+                np.array(
+                    [values.get(system.names[i], 1) == 0 or isinstance(system.names[i], _Leavers) for i in members]
+                ),
+            )
             local = {i: j for j, i in enumerate(members)}
             found += [key for key in keys if not free[local[system.variables[key]]]]
         return sorted(found, key=self._rank)
@@ -299,8 +313,9 @@ class _Links:
         if item not in system.variables:
             return []
         members, a, b, sources = system.block(item)
-        maybe_zero = np.array([values.get(system.names[i], 1) == 0 or isinstance(system.names[i], _Leavers)
-                               for i in members])
+        maybe_zero = np.array(
+            [values.get(system.names[i], 1) == 0 or isinstance(system.names[i], _Leavers) for i in members]
+        )
         _, hull = _free(a, b, maybe_zero)
         target = np.zeros(len(members))
         target[members.index(system.variables[item])] = 1.0
@@ -310,8 +325,13 @@ class _Links:
         for i in members:
             key = system.names[i]
             cells.update((key.earlier, key.later) if isinstance(key, _Leavers) else (key,))
-        candidates = {k for key in cells for group in self.touching.get(key, ()) for k in _members(group)
-                      if k not in out and k not in self.fixed}
+        candidates = {
+            k
+            for key in cells
+            for group in self.touching.get(key, ())
+            for k in _members(group)
+            if k not in out and k not in self.fixed
+        }
 
         def frees(key) -> tuple[bool, bool]:
             column = np.zeros(len(hull))
@@ -321,9 +341,13 @@ class _Links:
                 else:
                     column[k] = (key == group[0]) - (key == group[1])
             used = bool(np.any((column != 0) & (np.abs(weights) > TOLERANCE)))
-            alone = used and abs(weights @ column) > TOLERANCE and \
-                (left.size == 0 or np.abs(left.T @ column).max() < TOLERANCE)
+            alone = (
+                used
+                and abs(weights @ column) > TOLERANCE
+                and (left.size == 0 or np.abs(left.T @ column).max() < TOLERANCE)
+            )
             return not alone, not used
+
         return sorted(candidates, key=lambda k: (*frees(k), self.cost(values, out, k)))
 
 
@@ -424,10 +448,9 @@ def _free(a: np.ndarray, b: np.ndarray, maybe_zero: np.ndarray) -> tuple[np.ndar
         a_ub = sparse.hstack([-eye, eye, sparse.csr_matrix((n, 1))])
         cost = np.concatenate([np.zeros(n), -np.ones(n), [0.0]])
         bounds = [(0, None)] * n + [(0, 1)] * n + [(1, None)]
-        res = linprog(cost, A_ub=a_ub, b_ub=np.zeros(n), A_eq=a_eq, b_eq=np.zeros(m), bounds=bounds,
-                      method="highs")
+        res = linprog(cost, A_ub=a_ub, b_ub=np.zeros(n), A_eq=a_eq, b_eq=np.zeros(m), bounds=bounds, method="highs")
         if res.status == 0:
-            always_zero = maybe_zero & (res.x[n:2 * n] < 0.5)
+            always_zero = maybe_zero & (res.x[n : 2 * n] < 0.5)
     hull = np.vstack([a, np.eye(n)[always_zero]])
     return np.linalg.norm(_null_space(hull), axis=1) > TOLERANCE, hull
 

@@ -17,8 +17,8 @@ study's identity, which Trusts approve and which every result and audit entry ca
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,14 +30,15 @@ from .schema import Column, Schema
 from .tomlfile import read_toml, reject_unknown
 
 #: Fields every kind of study may have (besides its own).
-COMMON_KEYS = {"name", "kind", "title", "description", "where", "schema", "min_nodes", "reference",
-               "merge", "exposure"}
+COMMON_KEYS = {"name", "kind", "title", "description", "where", "schema", "min_nodes", "reference", "merge", "exposure"}
 #: The fields of a GLM study (`kind = "glm"`, the default).
 STUDY_KEYS = COMMON_KEYS | {"family", "formula", "offset", "weights", "cov_type", "cluster"}
 #: Covariance of the estimates, as statsmodels names them: model-based, robust (sandwich,
 #: HC0) and cluster-robust (with statsmodels' small-sample correction; clusters must not span
 #: nodes, e.g. services or matched pairs).
 COV_TYPES = ("nonrobust", "HC0", "cluster")
+
+
 @dataclass(frozen=True)
 class StudySpec:
     name: str
@@ -79,8 +80,9 @@ class StudySpec:
             "min_nodes": self.min_nodes,
         }
         if self.merge:  # only when present, so hashes of studies without merges are unchanged
-            out["merge"] = {col: {new: list(levels) for new, levels in groups.items()}
-                            for col, groups in self.merge.items()}
+            out["merge"] = {
+                col: {new: list(levels) for new, levels in groups.items()} for col, groups in self.merge.items()
+            }
         # Likewise the estimation options, only when they differ from the defaults.
         if self.weights:
             out["weights"] = self.weights
@@ -89,8 +91,10 @@ class StudySpec:
         if self.cluster:
             out["cluster"] = self.cluster
         if self.augment:
-            out["augment"] = {"state": str(self.augment["state"]),
-                              "columns": dict(sorted(self.augment["columns"].items()))}
+            out["augment"] = {
+                "state": str(self.augment["state"]),
+                "columns": dict(sorted(self.augment["columns"].items())),
+            }
         if self.params:
             out["params"] = self.params
         return out
@@ -111,20 +115,28 @@ class StudySpec:
         return self.canonical()
 
     @classmethod
-    def from_wire(cls, data: dict, source: str = "task") -> "StudySpec":
+    def from_wire(cls, data: dict, source: str = "task") -> StudySpec:
         merge = data.get("merge") if isinstance(data, dict) else None
         if merge is not None and not _merge_shaped(merge):
             raise SpecError(f"{source}: field 'merge' must map columns to tables of level lists.")
         try:
             return cls(
-                name=str(data["name"]), family=str(data.get("family", "")), formula=str(data.get("formula", "")),
-                where=data.get("where"), offset=data.get("offset"), exposure=data.get("exposure"),
-                kind=str(data.get("kind", "glm")), min_nodes=data.get("min_nodes"),
+                name=str(data["name"]),
+                family=str(data.get("family", "")),
+                formula=str(data.get("formula", "")),
+                where=data.get("where"),
+                offset=data.get("offset"),
+                exposure=data.get("exposure"),
+                kind=str(data.get("kind", "glm")),
+                min_nodes=data.get("min_nodes"),
                 merge=data.get("merge") or {},
-                weights=data.get("weights"), cov_type=str(data.get("cov_type", "nonrobust")),
-                cluster=data.get("cluster"), augment=data.get("augment"),
+                weights=data.get("weights"),
+                cov_type=str(data.get("cov_type", "nonrobust")),
+                cluster=data.get("cluster"),
+                augment=data.get("augment"),
                 params=data.get("params") or {},
-                dataset=str(data.get("dataset", "iapt")), schema_fingerprint=str(data.get("schema", "")),
+                dataset=str(data.get("dataset", "iapt")),
+                schema_fingerprint=str(data.get("schema", "")),
                 source=source,
             )
         except (KeyError, TypeError) as exc:
@@ -179,16 +191,21 @@ def embed_files(data: dict, path: Path) -> dict:
         file = builtins.get(value.strip()) or path.parent / value.strip()
         try:
             if file.stat().st_size > MAX_EMBEDDED_BYTES:
-                raise SpecError(f"{path}: field '{field_name}' names {file}, which is larger than "
-                                f"{MAX_EMBEDDED_BYTES // 1_000_000} MB.")
+                raise SpecError(
+                    f"{path}: field '{field_name}' names {file}, which is larger than "
+                    f"{MAX_EMBEDDED_BYTES // 1_000_000} MB."
+                )
             text = file.read_text(encoding="utf-8-sig")
         except FileNotFoundError:
-            raise SpecError(f"{path}: field '{field_name}' names {value!r}, which does not exist "
-                            f"(looked for {file}).") from None
+            raise SpecError(
+                f"{path}: field '{field_name}' names {value!r}, which does not exist (looked for {file})."
+            ) from None
         except UnicodeDecodeError:
             raise SpecError(f"{path}: field '{field_name}' names {file}, which is not UTF-8 text.") from None
         except OSError as exc:
-            raise SpecError(f"{path}: field '{field_name}' names {file}, which cannot be read ({exc.strerror}).") from None
+            raise SpecError(
+                f"{path}: field '{field_name}' names {file}, which cannot be read ({exc.strerror})."
+            ) from None
         data = {**data, target: {"source": str(file), "text": text}}
     return data
 
@@ -225,11 +242,16 @@ def parse_glm_study(data: dict, schema: Schema, source: str) -> tuple[StudySpec,
         if family == "binomial":
             raise SpecError(f"{source}: field 'offset' is not supported for a binomial model.")
     weights, cov_type, cluster = check_estimation(data, schema, source)
-    spec = StudySpec(family=family, formula=data["formula"], offset=offset, weights=weights,
-                     cov_type=cov_type, cluster=cluster, **common)
+    spec = StudySpec(
+        family=family,
+        formula=data["formula"],
+        offset=offset,
+        weights=weights,
+        cov_type=cov_type,
+        cluster=cluster,
+        **common,
+    )
     return spec, parsed
-
-
 
 
 def common_fields(data: dict, schema: Schema, source: str, allowed: set[str]) -> dict:
@@ -280,12 +302,22 @@ MAX_MERGED_COLUMNS = 50
 
 def _merge_shaped(merge) -> bool:
     """{column: {new level: [level, ...]}} with strings throughout (structure only)."""
-    return isinstance(merge, dict) and len(merge) <= MAX_MERGED_COLUMNS and all(
-        isinstance(col, str) and isinstance(groups, dict) and all(
-            isinstance(new, str) and isinstance(levels, list) and len(levels) <= 1000
-            and all(isinstance(v, str) for v in levels)
-            for new, levels in groups.items())
-        for col, groups in merge.items())
+    return (
+        isinstance(merge, dict)
+        and len(merge) <= MAX_MERGED_COLUMNS
+        and all(
+            isinstance(col, str)
+            and isinstance(groups, dict)
+            and all(
+                isinstance(new, str)
+                and isinstance(levels, list)
+                and len(levels) <= 1000
+                and all(isinstance(v, str) for v in levels)
+                for new, levels in groups.items()
+            )
+            for col, groups in merge.items()
+        )
+    )
 
 
 def check_merges(merge, schema: Schema, source: str) -> dict:
@@ -293,17 +325,23 @@ def check_merges(merge, schema: Schema, source: str) -> dict:
     if merge is None or merge == {}:
         return {}
     if not isinstance(merge, dict) or len(merge) > MAX_MERGED_COLUMNS:
-        raise SpecError(f"{source}: field 'merge' must be tables like [merge.problem] ocd = [\"ocd\", \"bdd\"].")
+        raise SpecError(f'{source}: field \'merge\' must be tables like [merge.problem] ocd = ["ocd", "bdd"].')
     out = {}
     for column, groups in merge.items():
         where = f"{source}: field 'merge.{column}'"
         if not isinstance(column, str) or column not in schema:
-            raise SpecError(f"{source}: field 'merge' names column '{column}', which the dataset '{schema.name}' does not have.")
+            raise SpecError(
+                f"{source}: field 'merge' names column '{column}', which the dataset '{schema.name}' does not have."
+            )
         col = schema[column]
         if not col.is_categorical:
-            raise SpecError(f"{where} merges levels of the {col.type} column '{column}'; only categorical columns have levels to merge.")
+            raise SpecError(
+                f"{where} merges levels of the {col.type} column '{column}'; only categorical columns have levels to merge."
+            )
         if not isinstance(groups, dict) or not groups:
-            raise SpecError(f"{where} must map a new level name to the levels it merges, e.g. {column}.other = [\"{col.levels[-1]}\", ...].")
+            raise SpecError(
+                f'{where} must map a new level name to the levels it merges, e.g. {column}.other = ["{col.levels[-1]}", ...].'
+            )
         used: dict[str, str] = {}
         canonical = {}
         for new, levels in groups.items():
@@ -313,12 +351,16 @@ def check_merges(merge, schema: Schema, source: str) -> dict:
                 raise SpecError(f"{where}.{new} must list at least two levels of '{column}' to merge.")
             for level in levels:
                 if level not in col.levels:
-                    raise SpecError(f"{where}.{new} lists '{level}', which is not a level of '{column}'; its levels are {', '.join(col.levels)}.")
+                    raise SpecError(
+                        f"{where}.{new} lists '{level}', which is not a level of '{column}'; its levels are {', '.join(col.levels)}."
+                    )
                 if level in used:
                     raise SpecError(f"{where}: level '{level}' is merged twice (into '{used[level]}' and '{new}').")
                 used[level] = new
             if new in col.levels and new not in levels:
-                raise SpecError(f"{where}.{new}: the merged level's name is already a level of '{column}' that it does not include.")
+                raise SpecError(
+                    f"{where}.{new}: the merged level's name is already a level of '{column}' that it does not include."
+                )
             canonical[new] = list(levels)
         names = merged_levels(col.levels, canonical)[0]
         if len(names) < 2:
@@ -346,11 +388,15 @@ def check_offset(offset, schema: Schema, source: str) -> frozenset[str]:
     """An offset is a numeric column or an allowed expression of columns (e.g. log(days)),
     on the link scale; returns the columns it reads."""
     if isinstance(offset, str) and offset in schema and schema[offset].type not in ("numeric", "integer"):
-        raise SpecError(f"{source}: field 'offset' names the {schema[offset].type} column '{offset}'; an offset must be numeric (on the link scale, e.g. log(person_years)).")
+        raise SpecError(
+            f"{source}: field 'offset' names the {schema[offset].type} column '{offset}'; an offset must be numeric (on the link scale, e.g. log(person_years))."
+        )
     columns = check_expression(offset, schema, source, "offset")
     for name in columns:
         if schema[name].type not in ("numeric", "integer", "binary"):
-            raise SpecError(f"{source}: field 'offset' uses the {schema[name].type} column '{name}'; an offset must be numeric.")
+            raise SpecError(
+                f"{source}: field 'offset' uses the {schema[name].type} column '{name}'; an offset must be numeric."
+            )
     return columns
 
 
@@ -359,16 +405,26 @@ def check_estimation(data: dict, schema: Schema, source: str) -> tuple[str | Non
     weights = data.get("weights")
     if weights is not None:
         if not isinstance(weights, str) or weights not in schema or schema[weights].type not in ("numeric", "integer"):
-            raise SpecError(f"{source}: field 'weights' must name a numeric column of the dataset '{schema.name}' (non-negative prior weights).")
+            raise SpecError(
+                f"{source}: field 'weights' must name a numeric column of the dataset '{schema.name}' (non-negative prior weights)."
+            )
         if schema[weights].min is not None and schema[weights].min < 0:
-            raise SpecError(f"{source}: field 'weights' names '{weights}', which may be negative; weights must be zero or more.")
+            raise SpecError(
+                f"{source}: field 'weights' names '{weights}', which may be negative; weights must be zero or more."
+            )
     cov_type = data.get("cov_type", "nonrobust")
     if cov_type not in COV_TYPES:
         raise SpecError(f"{source}: field 'cov_type' must be one of {', '.join(COV_TYPES)}, got {cov_type!r}.")
     cluster = data.get("cluster")
     if cov_type == "cluster":
-        if not isinstance(cluster, str) or cluster not in schema or schema[cluster].type not in ("categorical", "integer", "binary"):
-            raise SpecError(f"{source}: field 'cluster' must name a categorical or integer column (clusters must not span nodes) when cov_type = \"cluster\".")
+        if (
+            not isinstance(cluster, str)
+            or cluster not in schema
+            or schema[cluster].type not in ("categorical", "integer", "binary")
+        ):
+            raise SpecError(
+                f"{source}: field 'cluster' must name a categorical or integer column (clusters must not span nodes) when cov_type = \"cluster\"."
+            )
     elif cluster is not None:
         raise SpecError(f"{source}: field 'cluster' applies only with cov_type = \"cluster\".")
     return weights, cov_type, cluster
@@ -384,14 +440,19 @@ def augmented_schema(schema: Schema, augment: dict | None) -> Schema:
     """`schema` plus columns a node computed for a study (checked: names, types)."""
     if not augment:
         return schema
-    if not isinstance(augment, dict) or not isinstance(augment.get("state"), str) or not isinstance(augment.get("columns"), dict):
+    if (
+        not isinstance(augment, dict)
+        or not isinstance(augment.get("state"), str)
+        or not isinstance(augment.get("columns"), dict)
+    ):
         raise SpecError("the study's computed columns are not described properly.")
     extra = {}
     for name, kind in augment["columns"].items():
         if not isinstance(name, str) or not name.isidentifier() or name in schema or kind not in AUGMENT_TYPES:
             raise SpecError("the study's computed columns clash with the dataset or have an unknown type.")
-        extra[name] = (Column(name=name, type="numeric", min=math.ulp(0.0)) if kind == "positive"
-                       else Column(name=name, type=kind))
+        extra[name] = (
+            Column(name=name, type="numeric", min=math.ulp(0.0)) if kind == "positive" else Column(name=name, type=kind)
+        )
     return schema.merged(Schema(schema.name, extra))
 
 
@@ -407,8 +468,7 @@ def check_at_node(spec: StudySpec, schema: Schema) -> None:
         cohort_filter.check_against_schema(tree, schema, spec.source)
     if spec.offset is not None:
         check_offset(spec.offset, schema, spec.source)
-    check_estimation({"weights": spec.weights, "cov_type": spec.cov_type, "cluster": spec.cluster},
-                     schema, spec.source)
+    check_estimation({"weights": spec.weights, "cov_type": spec.cov_type, "cluster": spec.cluster}, schema, spec.source)
     if spec.merge:
         if check_merges(spec.merge, schema, spec.source) != spec.merge:
             raise SpecError(f"{spec.source}: field 'merge' is not in canonical form.")

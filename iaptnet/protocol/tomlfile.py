@@ -31,7 +31,9 @@ def read_toml(path: str | Path, what: str) -> dict:
     except RecursionError:
         # tomllib parses nested arrays and tables recursively: a few hundred levels exhaust
         # Python's stack, and no file of ours nests more than a handful.
-        raise SpecError(f"{path}: the {what} is nested too deeply (arrays or tables inside each other) to be read.") from None
+        raise SpecError(
+            f"{path}: the {what} is nested too deeply (arrays or tables inside each other) to be read."
+        ) from None
     except IsADirectoryError:
         raise SpecError(f"{path}: is a folder, not a {what}.") from None
     except OSError as exc:
@@ -42,4 +44,6 @@ def reject_unknown(data: dict, allowed: set[str], where: str, prefix: str = "") 
     """SpecError naming the first field of `data` not in `allowed` (typos must not pass)."""
     unknown = set(data) - allowed
     if unknown:
-        raise SpecError(f"{where}: unknown field '{prefix}{sorted(unknown)[0]}' (expected {', '.join(sorted(allowed))}).")
+        raise SpecError(
+            f"{where}: unknown field '{prefix}{sorted(unknown)[0]}' (expected {', '.join(sorted(allowed))})."
+        )

@@ -38,14 +38,27 @@ from .outcomes import draw_outcomes
 from .params import DEFAULT_SEED, PAPER_PATIENTS, PAPER_SERVICES
 from .pathway import draw_pathway
 from .population import draw_population
-from .reminders import (REMINDER_DATES, REMINDER_DATES_BY_SERVICE_ID,
-                        REMINDER_MONTH_BY_SERVICE_ID, reminder_dates)
+from .reminders import REMINDER_DATES, REMINDER_DATES_BY_SERVICE_ID, REMINDER_MONTH_BY_SERVICE_ID, reminder_dates
 
-__all__ = ["DEFAULT_SEED", "PAPER_PATIENTS", "PAPER_SERVICES", "FORMATS", "REMINDER_DATES",
-           "REMINDER_DATES_BY_SERVICE_ID", "REMINDER_MONTH_BY_SERVICE_ID", "Synthetic",
-           "generate", "generate_extract", "generate_network", "max_services",
-           "population_csv", "population_table", "read_population", "reminder_dates",
-           "service_names"]
+__all__ = [
+    "DEFAULT_SEED",
+    "PAPER_PATIENTS",
+    "PAPER_SERVICES",
+    "FORMATS",
+    "REMINDER_DATES",
+    "REMINDER_DATES_BY_SERVICE_ID",
+    "REMINDER_MONTH_BY_SERVICE_ID",
+    "Synthetic",
+    "generate",
+    "generate_extract",
+    "generate_network",
+    "max_services",
+    "population_csv",
+    "population_table",
+    "read_population",
+    "reminder_dates",
+    "service_names",
+]
 
 
 @dataclass(frozen=True)
@@ -68,8 +81,7 @@ def max_services() -> int:
     return len(iapt_extract_schema()["service_id"].levels)
 
 
-def generate(patients: int = PAPER_PATIENTS, services: int = PAPER_SERVICES,
-             seed: int = DEFAULT_SEED) -> Synthetic:
+def generate(patients: int = PAPER_PATIENTS, services: int = PAPER_SERVICES, seed: int = DEFAULT_SEED) -> Synthetic:
     _check(patients, services, seed)
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
     cohort = draw_population(streams[0], patients, services)
@@ -82,23 +94,36 @@ def generate(patients: int = PAPER_PATIENTS, services: int = PAPER_SERVICES,
     return Synthetic(extract, truth, seed, services)
 
 
-def generate_extract(patients: int = PAPER_PATIENTS, services: int = PAPER_SERVICES,
-                     seed: int = DEFAULT_SEED) -> pd.DataFrame:
+def generate_extract(
+    patients: int = PAPER_PATIENTS, services: int = PAPER_SERVICES, seed: int = DEFAULT_SEED
+) -> pd.DataFrame:
     """The pooled extract of all services as one DataFrame, as pandas reads the files."""
     return to_frame(generate(patients, services, seed).extract)
 
 
-def generate_network(out_dir: str | Path, services: int = PAPER_SERVICES,
-                     patients: int = PAPER_PATIENTS, seed: int = DEFAULT_SEED,
-                     fmt: str = "parquet", appointments: bool = False) -> Path:
+def generate_network(
+    out_dir: str | Path,
+    services: int = PAPER_SERVICES,
+    patients: int = PAPER_PATIENTS,
+    seed: int = DEFAULT_SEED,
+    fmt: str = "parquet",
+    appointments: bool = False,
+) -> Path:
     """Generate and write a network (one extract per service, network.toml and the population
     denominators population.csv) into out_dir, atomically. Returns the path of network.toml.
     With `appointments`, each service's pathway columns come as an appointment table."""
     if fmt not in FORMATS:
         raise SpecError(f"synth: format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
     synthetic = generate(patients, services, seed)
-    return write_network(out_dir, synthetic.extract, services, seed, fmt,
-                         population=population_csv(patients, services), appointments=appointments)
+    return write_network(
+        out_dir,
+        synthetic.extract,
+        services,
+        seed,
+        fmt,
+        population=population_csv(patients, services),
+        appointments=appointments,
+    )
 
 
 def _check(patients: int, services: int, seed: int) -> None:
@@ -107,10 +132,13 @@ def _check(patients: int, services: int, seed: int) -> None:
             raise SpecError(f"synth: --{name} must be a whole number, got {value!r}.")
     top = max_services()
     if not 1 <= services <= top:
-        raise SpecError(f"synth: --services must be between 1 and {top} "
-                        f"(the IAPT schema's service_id levels), got {services}.")
+        raise SpecError(
+            f"synth: --services must be between 1 and {top} (the IAPT schema's service_id levels), got {services}."
+        )
     if patients < 100 * services:
-        raise SpecError(f"synth: --patients must be at least 100 per service "
-                        f"({100 * services} for {services} services), got {patients}.")
+        raise SpecError(
+            f"synth: --patients must be at least 100 per service "
+            f"({100 * services} for {services} services), got {patients}."
+        )
     if seed < 0:
         raise SpecError(f"synth: --seed must be zero or positive, got {seed}.")

@@ -6,8 +6,9 @@ import numpy as np
 from scipy.special import expit
 
 
-def calibrate_intercept(eta: np.ndarray, target: float, iterations: int = 60,
-                        weights: np.ndarray | None = None) -> float:
+def calibrate_intercept(
+    eta: np.ndarray, target: float, iterations: int = 60, weights: np.ndarray | None = None
+) -> float:
     """b such that mean(expit(b + eta)) == target (Newton on a monotone function); with
     `weights` w (in 0..1), b such that mean(w * expit(b + eta)) == target."""
     if eta.size == 0:

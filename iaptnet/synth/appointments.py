@@ -40,8 +40,10 @@ def appointments_for(extract: pa.Table, rng: np.random.Generator, with_intensity
     day = _days(extract, "referral_date")
     first = _days(extract, "first_treatment_date")
     discharge = _days(extract, "discharge_date")
-    count = {c: np.asarray(extract.column(c).to_numpy(zero_copy_only=False), dtype=np.int64)
-             for c in ("n_treat", "n_dna", "n_cancel_pt", "n_cancel_prov")}
+    count = {
+        c: np.asarray(extract.column(c).to_numpy(zero_copy_only=False), dtype=np.int64)
+        for c in ("n_treat", "n_dna", "n_cancel_pt", "n_cancel_prov")
+    }
     intensity = np.asarray(extract.column("intensity").to_pylist(), dtype=object)
     primary = np.asarray(extract.column("primary_therapy").to_pylist(), dtype=object)
     n = len(ids)
@@ -106,7 +108,10 @@ def _expand(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _block(rows, days, app, attend, therapy):
     m = len(rows)
-    return (np.asarray(rows, dtype=np.int64), np.asarray(days, dtype=np.int64),
-            np.broadcast_to(np.asarray(app, dtype=object), (m,)),
-            np.broadcast_to(np.asarray(attend, dtype=object), (m,)),
-            np.asarray(therapy, dtype=object) if therapy is not None else np.full(m, None, dtype=object))
+    return (
+        np.asarray(rows, dtype=np.int64),
+        np.asarray(days, dtype=np.int64),
+        np.broadcast_to(np.asarray(app, dtype=object), (m,)),
+        np.broadcast_to(np.asarray(attend, dtype=object), (m,)),
+        np.asarray(therapy, dtype=object) if therapy is not None else np.full(m, None, dtype=object),
+    )

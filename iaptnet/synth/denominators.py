@@ -61,8 +61,13 @@ SEXES = ("female", "male")
 ETHNIC_GROUPS = ("White", "Mixed", "Asian", "Black", "Other")
 IMD_QUINTILES = ("1", "2", "3", "4", "5")
 #: NHS ethnic category -> ONS five groups (as the node derives ethnicity_ons).
-ONS_GROUP = {**dict.fromkeys("ABC", "White"), **dict.fromkeys("DEFG", "Mixed"),
-             **dict.fromkeys("HJKLR", "Asian"), **dict.fromkeys("MNP", "Black"), "S": "Other"}
+ONS_GROUP = {
+    **dict.fromkeys("ABC", "White"),
+    **dict.fromkeys("DEFG", "Mixed"),
+    **dict.fromkeys("HJKLR", "Asian"),
+    **dict.fromkeys("MNP", "Black"),
+    "S": "Other",
+}
 #: The shipped table, for the paper-scale network (483,683 referrals, 8 services).
 SHIPPED = Path(__file__).with_name("population.csv")
 FILENAME = "population.csv"
@@ -102,8 +107,7 @@ def population_ethnic_imd(rounds: int = 200) -> np.ndarray:
     return table
 
 
-def area_totals(patients: int = P.PAPER_PATIENTS,
-                services: int = P.PAPER_SERVICES) -> np.ndarray:
+def area_totals(patients: int = P.PAPER_PATIENTS, services: int = P.PAPER_SERVICES) -> np.ndarray:
     """Adults per area for a network of this size (see the module docstring)."""
     scale = patients / P.PAPER_PATIENTS
     if services == P.PAPER_SERVICES:
@@ -113,19 +117,15 @@ def area_totals(patients: int = P.PAPER_PATIENTS,
     return np.rint(raw).astype(np.int64)
 
 
-def population_table(patients: int = P.PAPER_PATIENTS,
-                     services: int = P.PAPER_SERVICES) -> pd.DataFrame:
+def population_table(patients: int = P.PAPER_PATIENTS, services: int = P.PAPER_SERVICES) -> pd.DataFrame:
     """The denominators for a network of this size, rows in area, age band, sex, ethnic group,
     IMD quintile order; code columns as strings, population as int64."""
     age = np.asarray(P.POPULATION_AGE_SHARES, dtype=float)
     sex = np.asarray((P.POPULATION_FEMALE_SHARE, 1 - P.POPULATION_FEMALE_SHARE))
-    cell_shares = (age[:, None, None] * sex[None, :, None]
-                   * population_ethnic_imd().ravel()[None, None, :]).ravel()
+    cell_shares = (age[:, None, None] * sex[None, :, None] * population_ethnic_imd().ravel()[None, None, :]).ravel()
     names = service_names(services)
-    counts = np.concatenate([exact_counts(int(total), cell_shares)
-                             for total in area_totals(patients, services)])
-    grid = pd.MultiIndex.from_product(
-        [names, AGE_BANDS, SEXES, ETHNIC_GROUPS, IMD_QUINTILES], names=COLUMNS[:-1])
+    counts = np.concatenate([exact_counts(int(total), cell_shares) for total in area_totals(patients, services)])
+    grid = pd.MultiIndex.from_product([names, AGE_BANDS, SEXES, ETHNIC_GROUPS, IMD_QUINTILES], names=COLUMNS[:-1])
     frame = grid.to_frame(index=False)
     frame["population"] = counts.astype(np.int64)
     return frame
@@ -139,8 +139,7 @@ def population_csv(patients: int = P.PAPER_PATIENTS, services: int = P.PAPER_SER
     return "\n".join(lines) + "\n"
 
 
-def write_population(path: str | Path, patients: int = P.PAPER_PATIENTS,
-                     services: int = P.PAPER_SERVICES) -> Path:
+def write_population(path: str | Path, patients: int = P.PAPER_PATIENTS, services: int = P.PAPER_SERVICES) -> Path:
     path = Path(path)
     path.write_text(population_csv(patients, services), encoding="utf-8", newline="")
     return path

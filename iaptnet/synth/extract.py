@@ -17,8 +17,7 @@ import pyarrow.compute as pc
 from ..protocol.iapt_schema import iapt_extract_schema
 from . import params as P
 from .pathway import END_CODES, THERAPY_CODES
-from .population import (ETHNIC_CODES, PROBLEM_CODES, REFERRAL_SOURCE_CODES,
-                         SEXUAL_ORIENTATION_CODES, Cohort)
+from .population import ETHNIC_CODES, PROBLEM_CODES, REFERRAL_SOURCE_CODES, SEXUAL_ORIENTATION_CODES, Cohort
 
 _EPOCH_OFFSET = int((np.datetime64(P.REFERRAL_START, "D") - np.datetime64(0, "D")).astype(int))
 
@@ -39,29 +38,29 @@ def build_tables(rng: np.random.Generator, c: Cohort, masks: dict[str, np.ndarra
     cols["pathway_id"] = pathway_id
     cols["service_id"] = pa.array(service).cast(pa.string())
     cols["referral_date"] = _dates(c["referral_day"])
-    cols["referral_source"] = _codes(REFERRAL_SOURCE_CODES, c["referral_source"],
-                                     m["referral_source"])
+    cols["referral_source"] = _codes(REFERRAL_SOURCE_CODES, c["referral_source"], m["referral_source"])
     cols["age_at_referral"] = pa.array(c["age"], pa.int64())
 
-    cols["gender"] = _with_missing(rng, ("1", "2"), c["female"].astype(np.int64), m["gender"],
-                                   P.GENDER_MISSING_CODES)
-    cols["ethnic_category"] = _with_missing(rng, ETHNIC_CODES, c["ethnic"], m["ethnicity"],
-                                            P.ETHNIC_MISSING_CODES)
-    cols["employment_status"] = _with_missing(rng, P.EMPLOYMENT_CODES, c["employment"],
-                                              m["employment"], (("ZZ", 1.0),))
+    cols["gender"] = _with_missing(rng, ("1", "2"), c["female"].astype(np.int64), m["gender"], P.GENDER_MISSING_CODES)
+    cols["ethnic_category"] = _with_missing(rng, ETHNIC_CODES, c["ethnic"], m["ethnicity"], P.ETHNIC_MISSING_CODES)
+    cols["employment_status"] = _with_missing(rng, P.EMPLOYMENT_CODES, c["employment"], m["employment"], (("ZZ", 1.0),))
 
     lsoa = _join(pa.array(np.full(n, "E01"), pa.string()), "", _pad(c["lsoa_number"], 6))
     cols["lsoa_code"] = _null_where(lsoa, m["imd"])
     cols["imd_decile"] = pa.array(c["imd_decile"], pa.int64(), mask=m["imd"])
     cols["ltc"] = pa.array(c["ltc"].astype(np.int64), pa.int64(), mask=m["ltc"])
     # Index 0 is NN (none); 1.. the disability codes.
-    cols["disability"] = _with_missing(rng, ("NN",) + P.DISABILITY_CODES, c["disability"] + 1,
-                                       m["disability"], (("ZZ", 1.0),))
-    cols["sexual_orientation"] = _with_missing(rng, SEXUAL_ORIENTATION_CODES,
-                                               c["sexual_orientation"], m["sexual_orientation"],
-                                               P.SEXUAL_ORIENTATION_MISSING_CODES)
-    cols["psychotropic_med"] = pa.array(c["psychotropic"].astype(np.int64), pa.int64(),
-                                        mask=m["psychotropic"])
+    cols["disability"] = _with_missing(
+        rng, ("NN",) + P.DISABILITY_CODES, c["disability"] + 1, m["disability"], (("ZZ", 1.0),)
+    )
+    cols["sexual_orientation"] = _with_missing(
+        rng,
+        SEXUAL_ORIENTATION_CODES,
+        c["sexual_orientation"],
+        m["sexual_orientation"],
+        P.SEXUAL_ORIENTATION_MISSING_CODES,
+    )
+    cols["psychotropic_med"] = pa.array(c["psychotropic"].astype(np.int64), pa.int64(), mask=m["psychotropic"])
     cols["problem_descriptor"] = _codes(PROBLEM_CODES, c["problem"], None)
     cols["end_code"] = _codes(END_CODES, c["end_code"], None)
     cols["discharge_date"] = _dates(c["discharge_day"])
@@ -85,26 +84,26 @@ def build_tables(rng: np.random.Generator, c: Cohort, masks: dict[str, np.ndarra
 
     names = iapt_extract_schema().names()
     if sorted(names) != sorted(cols):  # the schema file and this module must agree
-        raise RuntimeError(f"synth: extract columns differ from the schema: "
-                           f"{sorted(set(names) ^ set(cols))}")
+        raise RuntimeError(f"synth: extract columns differ from the schema: {sorted(set(names) ^ set(cols))}")
     extract = pa.table({name: cols[name] for name in names})
 
     fin = c["finished"]
     flag = c["outcome_flag"]
-    truth = pa.table({
-        "pathway_id": pathway_id,
-        "service_id": cols["service_id"],
-        "finished_treatment": pa.array(fin.astype(np.int64)),
-        "case_first": pa.array(c["case_first"].astype(np.int64)),
-        "reliable_recovery": pa.array(c["reliable_recovery"], pa.int64(),
-                                      mask=c["reliable_recovery"] < 0),
-        "reliable_improvement": pa.array(np.isin(flag, (0, 1)).astype(np.int64), mask=~fin),
-        "reliable_deterioration": pa.array((flag == 2).astype(np.int64), mask=~fin),
-        "attrition": pa.array(c["attrition"].astype(np.int64), mask=~entered),
-        "nice_mismatch": pa.array(c["nice_mismatch"], pa.int64(), mask=c["nice_mismatch"] < 0),
-        "outcome_intercept": pa.array(c["outcome_intercept"]),
-        "service_effect": pa.array(c["service_effect"]),
-    })
+    truth = pa.table(
+        {
+            "pathway_id": pathway_id,
+            "service_id": cols["service_id"],
+            "finished_treatment": pa.array(fin.astype(np.int64)),
+            "case_first": pa.array(c["case_first"].astype(np.int64)),
+            "reliable_recovery": pa.array(c["reliable_recovery"], pa.int64(), mask=c["reliable_recovery"] < 0),
+            "reliable_improvement": pa.array(np.isin(flag, (0, 1)).astype(np.int64), mask=~fin),
+            "reliable_deterioration": pa.array((flag == 2).astype(np.int64), mask=~fin),
+            "attrition": pa.array(c["attrition"].astype(np.int64), mask=~entered),
+            "nice_mismatch": pa.array(c["nice_mismatch"], pa.int64(), mask=c["nice_mismatch"] < 0),
+            "outcome_intercept": pa.array(c["outcome_intercept"]),
+            "service_effect": pa.array(c["service_effect"]),
+        }
+    )
     return extract, truth
 
 
@@ -113,8 +112,7 @@ def to_frame(table: pa.Table) -> pd.DataFrame:
     return table.to_pandas()
 
 
-def _with_missing(rng, codes: tuple[str, ...], index: np.ndarray, mask: np.ndarray,
-                  written: tuple) -> pa.Array:
+def _with_missing(rng, codes: tuple[str, ...], index: np.ndarray, mask: np.ndarray, written: tuple) -> pa.Array:
     """Codes by index; masked rows get a "not stated" code or a blank, drawn by the shares in
     `written` ((code or None, share), ...)."""
     vocab = list(codes)

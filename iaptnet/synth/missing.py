@@ -31,8 +31,9 @@ def covariate_missing() -> dict[str, float]:
     }
 
 
-def draw_masks(rng: np.random.Generator, n: int, finished: np.ndarray,
-               rho: float | None = None) -> dict[str, np.ndarray]:
+def draw_masks(
+    rng: np.random.Generator, n: int, finished: np.ndarray, rho: float | None = None
+) -> dict[str, np.ndarray]:
     """Boolean masks (True = not recorded). `finished` only selects who can lose the last
     scores (2% of finishers), which is fixed by design before any outcome is seen."""
     rho = P.MISSING_COPULA_RHO if rho is None else rho

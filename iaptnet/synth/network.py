@@ -37,9 +37,15 @@ def service_names(services: int) -> list[str]:
     return [f"service_{k}" for k in range(1, services + 1)]
 
 
-def write_network(out_dir: str | Path, extract: pa.Table, services: int, seed: int,
-                  fmt: str = "parquet", population: str | None = None,
-                  appointments: bool = False) -> Path:
+def write_network(
+    out_dir: str | Path,
+    extract: pa.Table,
+    services: int,
+    seed: int,
+    fmt: str = "parquet",
+    population: str | None = None,
+    appointments: bool = False,
+) -> Path:
     """Write `extract` split by service into out_dir, and `population` (CSV text) as
     population.csv when given; returns the network.toml path. With `appointments`, each
     service's extract leaves out the pathway columns and an appointment table that carries
@@ -53,8 +59,7 @@ def write_network(out_dir: str | Path, extract: pa.Table, services: int, seed: i
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.synth-", dir=parent))
     try:
         service = extract.column("service_id")
-        lines = [f"{HEADER} (seed {seed})",
-                 f"# {extract.num_rows:,} referrals in {services} services", ""]
+        lines = [f"{HEADER} (seed {seed})", f"# {extract.num_rows:,} referrals in {services} services", ""]
         for k, name in enumerate(service_names(services), start=1):
             part = extract.filter(pc.equal(service, str(k)))
             filename = f"service_{k}.{fmt}"
@@ -68,8 +73,7 @@ def write_network(out_dir: str | Path, extract: pa.Table, services: int, seed: i
             lines += node + [""]
         if population is not None:
             (tmp / "population.csv").write_text(population, encoding="utf-8", newline="")
-            lines[2:2] = ["# population.csv: adult population denominators of the catchments "
-                          "(for the coordinator)"]
+            lines[2:2] = ["# population.csv: adult population denominators of the catchments (for the coordinator)"]
         (tmp / "network.toml").write_text("\n".join(lines))
         _replace(tmp, out)
     except BaseException:
@@ -89,11 +93,11 @@ def _check_destination(out: Path) -> None:
     if not out.exists():
         return
     if not out.is_dir():
-        raise SpecError(f"{out}: exists and is not a folder; "
-                        "give a new or empty folder for the network.")
+        raise SpecError(f"{out}: exists and is not a folder; give a new or empty folder for the network.")
     if any(out.iterdir()) and not _is_synthetic(out):
-        raise SpecError(f"{out}: the folder is not empty and was not written by 'iaptnet synth'; "
-                        "give a new or empty folder.")
+        raise SpecError(
+            f"{out}: the folder is not empty and was not written by 'iaptnet synth'; give a new or empty folder."
+        )
 
 
 def _is_synthetic(out: Path) -> bool:

@@ -12,10 +12,21 @@ import numpy as np
 
 #: problem_descriptor code -> derived `problem` group (iapt_derived.toml).
 PROBLEM_GROUP = {
-    "F32": "depression", "F33": "depression", "F41.1": "gad", "F41.0": "panic",
-    "F40.0": "agoraphobia", "F40.1": "social_anxiety", "F40.2": "specific_phobia",
-    "F41.2": "mixed_anxiety_depression", "F42": "ocd", "F43.1": "ptsd", "F45.2": "health_anxiety",
-    "BDD": "bdd", "F40-F43": "other_anxiety", "OTHER_MH": "other", "UNSPECIFIED": "other",
+    "F32": "depression",
+    "F33": "depression",
+    "F41.1": "gad",
+    "F41.0": "panic",
+    "F40.0": "agoraphobia",
+    "F40.1": "social_anxiety",
+    "F40.2": "specific_phobia",
+    "F41.2": "mixed_anxiety_depression",
+    "F42": "ocd",
+    "F43.1": "ptsd",
+    "F45.2": "health_anxiety",
+    "BDD": "bdd",
+    "F40-F43": "other_anxiety",
+    "OTHER_MH": "other",
+    "UNSPECIFIED": "other",
 }
 
 _SELF_HELP = ("GSH_BOOK", "GSH_COMP")
@@ -23,8 +34,22 @@ _SELF_HELP = ("GSH_BOOK", "GSH_COMP")
 #: Problem group -> therapies that count as matched (first or second line). Groups absent here
 #: have no guideline: their `nice_match` is missing.
 MATCHED = {
-    "depression": ("GSH_BOOK", "GSH_COMP", "NGSH_COMP", "PHYS_ACT", "PSYED_PEER", "BA_LI",
-                   "CBT", "BA_HI", "IPT", "CFD", "COUPLES_DEP", "DIT", "COLLAB_CARE", "MINDFUL"),
+    "depression": (
+        "GSH_BOOK",
+        "GSH_COMP",
+        "NGSH_COMP",
+        "PHYS_ACT",
+        "PSYED_PEER",
+        "BA_LI",
+        "CBT",
+        "BA_HI",
+        "IPT",
+        "CFD",
+        "COUPLES_DEP",
+        "DIT",
+        "COLLAB_CARE",
+        "MINDFUL",
+    ),
     "gad": ("NGSH_BOOK", *_SELF_HELP, "PSYED_PEER", "CBT", "APPLIED_RELAX"),
     "panic": (*_SELF_HELP, "NGSH_BOOK", "CBT"),
     "agoraphobia": (*_SELF_HELP, "NGSH_BOOK", "CBT"),

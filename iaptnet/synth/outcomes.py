@@ -36,7 +36,10 @@ def linear_predictor(c: Cohort) -> np.ndarray:
         + b["nice_mismatch"] * mismatch
         + b["older_adult"] * c["older"]
         + b["neet"] * c["neet"]
-        + b["imd2"] * (q == 2) + b["imd3"] * (q == 3) + b["imd4"] * (q == 4) + b["imd5"] * (q == 5)
+        + b["imd2"] * (q == 2)
+        + b["imd3"] * (q == 3)
+        + b["imd4"] * (q == 4)
+        + b["imd5"] * (q == 5)
         + b["asian"] * np.isin(eth, ("H", "J", "K", "L"))
         + b["other_ethnic"] * np.isin(eth, ("R", "S"))
         + b["white_other"] * (eth == "C")
@@ -54,8 +57,9 @@ def case_first(c: Cohort) -> np.ndarray:
     return (c["phq9_first"] >= P.PHQ_CUT) | (c["gad7_first"] >= P.GAD_CUT)
 
 
-def draw_outcomes(rng: np.random.Generator, c: Cohort, services: int,
-                  masks: dict[str, np.ndarray] | None = None) -> None:
+def draw_outcomes(
+    rng: np.random.Generator, c: Cohort, services: int, masks: dict[str, np.ndarray] | None = None
+) -> None:
     """Plant the outcomes. `masks` (the MCAR masks, drawn independently of every value) only
     stratify the balanced draw of Y; the outcome itself depends on true values alone."""
     n = len(c["age"])
@@ -80,7 +84,8 @@ def draw_outcomes(rng: np.random.Generator, c: Cohort, services: int,
     # reliable rise) on the same or the other one.
     same = (f_p - P.PHQ_RCI >= P.PHQ_CUT) | (f_g - P.GAD_RCI >= P.GAD_CUT)
     cross = ((f_p >= P.PHQ_RCI) & (f_g + P.GAD_RCI - 1 >= P.GAD_CUT)) | (
-        (f_g >= P.GAD_RCI) & (f_p + P.PHQ_RCI - 1 >= P.PHQ_CUT))
+        (f_g >= P.GAD_RCI) & (f_p + P.PHQ_RCI - 1 >= P.PHQ_CUT)
+    )
     can_improve = np.where(case, same | cross, can_drop)
 
     # Deterioration: its planted odds ratio holds among all finishers (where the source study
@@ -118,14 +123,18 @@ def draw_outcomes(rng: np.random.Generator, c: Cohort, services: int,
     wsas_last[ent] = np.clip(np.rint(c["wsas_first"] + change), 0, P.WSAS_MAX)[ent]
 
     c.update(
-        case_first=case, reliable_recovery=np.where(eligible, recovered.astype(np.int64), -1),
-        outcome_flag=flag, phq9_last=phq_last, gad7_last=gad_last, wsas_last=wsas_last,
-        outcome_intercept=np.full(n, b0), service_effect=u_service[c["service"] - 1],
+        case_first=case,
+        reliable_recovery=np.where(eligible, recovered.astype(np.int64), -1),
+        outcome_flag=flag,
+        phq9_last=phq_last,
+        gad7_last=gad_last,
+        wsas_last=wsas_last,
+        outcome_intercept=np.full(n, b0),
+        service_effect=u_service[c["service"] - 1],
     )
 
 
-def balanced_bernoulli(rng: np.random.Generator, p: np.ndarray,
-                       keys: list[np.ndarray]) -> np.ndarray:
+def balanced_bernoulli(rng: np.random.Generator, p: np.ndarray, keys: list[np.ndarray]) -> np.ndarray:
     """Bernoulli(p) draws by systematic sampling: rows sorted by the stratum keys (first key
     most significant) and, within a stratum, in random order; a row succeeds where the running
     sum of p crosses an integer offset by one uniform. Each row keeps P(success) = p exactly,
@@ -145,14 +154,31 @@ def _strata(c: Cohort, masks: dict[str, np.ndarray] | None, rows: np.ndarray) ->
     keys = []
     if masks is not None:
         model = np.zeros(len(c["age"]), dtype=bool)
-        for name in ("gender", "ethnicity", "imd", "ltc", "disability", "psychotropic", "wsas",
-                     "referral_source", "last_scores"):
+        for name in (
+            "gender",
+            "ethnicity",
+            "imd",
+            "ltc",
+            "disability",
+            "psychotropic",
+            "wsas",
+            "referral_source",
+            "last_scores",
+        ):
             model |= masks[name]
         pattern = np.where(model, 2, np.where(masks["employment"], 1, 0))
         keys.append(pattern[rows])
     retired = c["employment"] == 7  # 08: nearly collinear with older_adult in D4
-    for key in (c["service"], retired, c["older"], c["young"], c["neet"], c["imd_quintile"],
-                c["nice_mismatch"], np.minimum(c["n_dna"], 4)):
+    for key in (
+        c["service"],
+        retired,
+        c["older"],
+        c["young"],
+        c["neet"],
+        c["imd_quintile"],
+        c["nice_mismatch"],
+        np.minimum(c["n_dna"], 4),
+    ):
         keys.append(key[rows])
     return [np.asarray(k, dtype=np.int64) for k in keys]
 
@@ -219,8 +245,10 @@ def _last_scores(rng, c: Cohort, flag: np.ndarray, case: np.ndarray):
         fg = np.repeat(f_g[chunk], grid_p.size)
         lp = np.tile(grid_p, k)
         lg = np.tile(grid_g, k)
-        ok = (flags_from_scores(fp, fg, lp, lg, np.repeat(case[chunk], grid_p.size))
-              == np.repeat(flag[chunk], grid_p.size)).reshape(k, grid_p.size)
+        ok = (
+            flags_from_scores(fp, fg, lp, lg, np.repeat(case[chunk], grid_p.size))
+            == np.repeat(flag[chunk], grid_p.size)
+        ).reshape(k, grid_p.size)
         if not ok.any(axis=1).all():  # pragma: no cover - the pools guarantee feasibility
             raise RuntimeError("synth: a finisher has no last scores matching its planted flags")
         pick = np.argmax(np.where(ok, rng.random(ok.shape), -1.0), axis=1)

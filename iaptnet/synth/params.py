@@ -54,15 +54,26 @@ GENDER_MISSING_CODES = (("X", 0.55), ("9", 0.05), (None, 0.40))
 #: NHS ethnic codes with their share of known ethnicity [A: §E group shares split by code].
 ETHNIC_CODES = {
     # White 64.6%
-    "A": 0.450, "B": 0.020, "C": 0.176,
+    "A": 0.450,
+    "B": 0.020,
+    "C": 0.176,
     # Mixed 5%
-    "D": 0.015, "E": 0.010, "F": 0.010, "G": 0.015,
+    "D": 0.015,
+    "E": 0.010,
+    "F": 0.010,
+    "G": 0.015,
     # Asian 12%
-    "H": 0.035, "J": 0.025, "K": 0.040, "L": 0.020,
+    "H": 0.035,
+    "J": 0.025,
+    "K": 0.040,
+    "L": 0.020,
     # Black 12%
-    "M": 0.045, "N": 0.060, "P": 0.015,
+    "M": 0.045,
+    "N": 0.060,
+    "P": 0.015,
     # Other 6.4% (R Chinese counts as Other in the NHS groups, as Asian in ONS groups)
-    "R": 0.012, "S": 0.052,
+    "R": 0.012,
+    "S": 0.052,
 }
 ETHNIC_WHITE = ("A", "B", "C")
 ETHNIC_MISSING = 95_570 / 483_683
@@ -108,25 +119,53 @@ PSYCHOTROPIC_MISSING = 0.30
 
 #: Sexual orientation among those recorded [A]; 40% not recorded (blank, declined or unknown).
 SEXUAL_ORIENTATION = {
-    "20430005": 0.880, "89217008": 0.025, "76102007": 0.012, "38628009": 0.013,
-    "42035005": 0.040, "765288000": 0.010, "1064711000000100": 0.020,
+    "20430005": 0.880,
+    "89217008": 0.025,
+    "76102007": 0.012,
+    "38628009": 0.013,
+    "42035005": 0.040,
+    "765288000": 0.010,
+    "1064711000000100": 0.020,
 }
 SEXUAL_ORIENTATION_MISSING = 0.40
 SEXUAL_ORIENTATION_MISSING_CODES = (("699042003", 0.15), ("440583007", 0.15), (None, 0.70))
 
 #: Referral source: self 45%, GP 45%, other 10% spread over the other codes [A].
 REFERRAL_SOURCES = {
-    "B1": 0.45, "A1": 0.45, "H2": 0.015, "C1": 0.015, "G1": 0.010, "G3": 0.010, "M1": 0.010,
-    "M3": 0.010, "P1": 0.010, "D1": 0.005, "E1": 0.005, "F1": 0.005, "N3": 0.005,
+    "B1": 0.45,
+    "A1": 0.45,
+    "H2": 0.015,
+    "C1": 0.015,
+    "G1": 0.010,
+    "G3": 0.010,
+    "M1": 0.010,
+    "M3": 0.010,
+    "P1": 0.010,
+    "D1": 0.005,
+    "E1": 0.005,
+    "F1": 0.005,
+    "N3": 0.005,
 }
 REFERRAL_SOURCE_MISSING = 0.02
 
 #: Problem descriptor shares (§E; F32/F33 split 25/8; "other/unspecified" split OTHER_MH 4%,
 #: BDD 0.3%, UNSPECIFIED 6.2%) [A].
 PROBLEMS = {
-    "F32": 0.250, "F33": 0.080, "F41.1": 0.200, "F41.2": 0.140, "F43.1": 0.050,
-    "F41.0": 0.040, "F40.1": 0.030, "F42": 0.030, "F45.2": 0.020, "F40.2": 0.015,
-    "F40.0": 0.010, "F40-F43": 0.030, "OTHER_MH": 0.040, "BDD": 0.003, "UNSPECIFIED": 0.062,
+    "F32": 0.250,
+    "F33": 0.080,
+    "F41.1": 0.200,
+    "F41.2": 0.140,
+    "F43.1": 0.050,
+    "F41.0": 0.040,
+    "F40.1": 0.030,
+    "F42": 0.030,
+    "F45.2": 0.020,
+    "F40.2": 0.015,
+    "F40.0": 0.010,
+    "F40-F43": 0.030,
+    "OTHER_MH": 0.040,
+    "BDD": 0.003,
+    "UNSPECIFIED": 0.062,
 }
 
 # ---------------------------------------------------------------- baseline scores
@@ -185,8 +224,7 @@ DNA_EXTRA_MEAN = 1.3  # mean of (missed - 1) among those with any, before the tr
 DNA_EXTRA_SIZE = 0.35  # NB size of that tail
 #: Odds multipliers on having any DNA [A: deprivation, youth and NEET raise DNAs, age lowers;
 #: the deprivation terms are sized so that finishers in IMD Q1 miss ~0.3 more than in Q5].
-DNA_LOG_OR = {"imd1": 0.65, "imd2": 0.32, "young": 0.20, "neet": 0.35, "older": -0.40,
-              "age10": -0.08}
+DNA_LOG_OR = {"imd1": 0.65, "imd2": 0.32, "young": 0.20, "neet": 0.35, "older": -0.40, "age10": -0.08}
 #: Patient and provider cancellations per scheduled contact. The appointments the trend and
 #: the reminders kept from being missed are patient cancellations too (cancelled ahead), so the
 #: patient rate is lowered from 0.09 to keep patient cancellations ~8% of scheduled [fitted].
@@ -201,17 +239,40 @@ WAIT_SIGMA = math.log(42 / 35) / 1.1264  # Phi^-1(0.87) = 1.1264
 #: spread over the small types, BA 3% split LI 1.5 / HI 1.5 [A]. Sampling weights are raked so
 #: that, after the NICE mismatch steering, each type keeps its share within its intensity.
 THERAPY_SHARES = {
-    "GSH_BOOK": 18.0, "GSH_COMP": 14.0, "PSYED_PEER": 8.0, "BA_LI": 1.5, "NGSH_BOOK": 0.8,
-    "NGSH_COMP": 0.6, "PHYS_ACT": 0.5, "MINDFUL": 0.6, "SIGNPOST": 0.5, "OTHER_LI": 1.0,
-    "CBT": 32.0, "CFD": 12.0, "IPT": 3.0, "EMDR": 3.0, "BA_HI": 1.5, "DIT": 1.5,
-    "COUPLES_DEP": 0.5, "APPLIED_RELAX": 1.0, "COLLAB_CARE": 0.3, "OTHER_HI": 0.5,
+    "GSH_BOOK": 18.0,
+    "GSH_COMP": 14.0,
+    "PSYED_PEER": 8.0,
+    "BA_LI": 1.5,
+    "NGSH_BOOK": 0.8,
+    "NGSH_COMP": 0.6,
+    "PHYS_ACT": 0.5,
+    "MINDFUL": 0.6,
+    "SIGNPOST": 0.5,
+    "OTHER_LI": 1.0,
+    "CBT": 32.0,
+    "CFD": 12.0,
+    "IPT": 3.0,
+    "EMDR": 3.0,
+    "BA_HI": 1.5,
+    "DIT": 1.5,
+    "COUPLES_DEP": 0.5,
+    "APPLIED_RELAX": 1.0,
+    "COLLAB_CARE": 0.3,
+    "OTHER_HI": 0.5,
 }
 #: Share of referrals with a NICE guideline whose primary therapy is not recommended, by problem
 #: group (about 25% overall; counselling for anxiety is the usual mismatch) [A].
 MISMATCH_BY_GROUP = {
-    "depression": 0.18, "gad": 0.33, "panic": 0.30, "agoraphobia": 0.30,
-    "social_anxiety": 0.35, "specific_phobia": 0.30, "ocd": 0.30, "ptsd": 0.30,
-    "health_anxiety": 0.35, "bdd": 0.35,
+    "depression": 0.18,
+    "gad": 0.33,
+    "panic": 0.30,
+    "agoraphobia": 0.30,
+    "social_anxiety": 0.35,
+    "specific_phobia": 0.30,
+    "ocd": 0.30,
+    "ptsd": 0.30,
+    "health_anxiety": 0.35,
+    "bdd": 0.35,
 }
 
 # ---------------------------------------------------------------- planted outcome model
@@ -303,7 +364,6 @@ POPULATION_FEMALE_SHARE = 0.51
 #: ONS 2011 five ethnic groups (R Chinese counted as Asian) among adults of the catchments [A:
 #: Census 2011 for the NCEL boroughs, roughly]. Referrals (known ethnicity) are 64.6% White,
 #: 13.2% Asian: Asian adults are referred less often.
-POPULATION_ETHNIC_SHARES = {"White": 0.58, "Mixed": 0.05, "Asian": 0.19, "Black": 0.13,
-                            "Other": 0.05}
+POPULATION_ETHNIC_SHARES = {"White": 0.58, "Mixed": 0.05, "Asian": 0.19, "Black": 0.13, "Other": 0.05}
 #: The population's IMD quintile profile is the referrals' (IMD_SHARES): access is similar
 #: across deprivation (abstract), so every quintile has the same referral rate in expectation.

@@ -69,8 +69,17 @@ def _raked_weights(rounds: int = 100) -> np.ndarray:
 
 _THERAPY_WEIGHTS = _raked_weights()
 
-NOT_TREATED_CODES = {"10": 0.15, "11": 0.10, "12": 0.10, "13": 0.10, "14": 0.25, "16": 0.15,
-                     "17": 0.002, "50": 0.10, "95": 0.048}
+NOT_TREATED_CODES = {
+    "10": 0.15,
+    "11": 0.10,
+    "12": 0.10,
+    "13": 0.10,
+    "14": 0.25,
+    "16": 0.15,
+    "17": 0.002,
+    "50": 0.10,
+    "95": 0.048,
+}
 TREATED_V15 = {"42": 0.80, "40": 0.07, "41": 0.03, "44": 0.04, "45": 0.002, "98": 0.058}
 TREATED_V20 = {"46": 0.80, "48": 0.10, "49": 0.002, "96": 0.098}
 END_CODES = tuple(NOT_TREATED_CODES) + ("43", "47") + tuple(TREATED_V15) + tuple(TREATED_V20)
@@ -79,8 +88,7 @@ END_CODES = tuple(NOT_TREATED_CODES) + ("43", "47") + tuple(TREATED_V15) + tuple
 def draw_pathway(rng: np.random.Generator, c: Cohort) -> None:
     n = len(c["age"])
     imd1 = c["imd_quintile"] == 1
-    effects = dict(older=c["older"], young=c["young"], neet=c["neet"], imd1=imd1,
-                   unemployed=c["unemployed"])
+    effects = dict(older=c["older"], young=c["young"], neet=c["neet"], imd1=imd1, unemployed=c["unemployed"])
 
     eta = sum(v * effects[k] for k, v in P.ENTER_LOG_OR.items())
     b = calibrate_intercept(eta, 1 - P.SHARE_NEVER)
@@ -88,13 +96,16 @@ def draw_pathway(rng: np.random.Generator, c: Cohort) -> None:
 
     # Attrition among entrants: older OR 0.48, NEET OR 1.31 (planted conditional on F-like
     # covariates: deprivation and youth raise it a little too).
-    eta = (P.ATTRITION_LOG_OR["older"] * c["older"] + P.ATTRITION_LOG_OR["neet"] * c["neet"]
-           + 0.15 * imd1 + 0.10 * c["young"])
+    eta = (
+        P.ATTRITION_LOG_OR["older"] * c["older"]
+        + P.ATTRITION_LOG_OR["neet"] * c["neet"]
+        + 0.15 * imd1
+        + 0.10 * c["young"]
+    )
     b = calibrate_intercept(eta[entered], P.ATTRITION_SHARE)
     attrition = entered & bernoulli(rng, expit(b + eta))
 
-    eta = (sum(v * effects[k] for k, v in P.FINISH_LOG_OR.items())
-           + P.FINISH_GIVEN_ATTRITION_LOG_OR * attrition)
+    eta = sum(v * effects[k] for k, v in P.FINISH_LOG_OR.items()) + P.FINISH_GIVEN_ATTRITION_LOG_OR * attrition
     b = calibrate_intercept(eta[entered], P.SHARE_FINISHED / (1 - P.SHARE_NEVER))
     finished = entered & bernoulli(rng, expit(b + eta))
     one = entered & ~finished
@@ -112,12 +123,16 @@ def draw_pathway(rng: np.random.Generator, c: Cohort) -> None:
     # appointment by exactly the planted shift. The hurdle is calibrated on the kept count:
     # P(none kept) = 1 - p_any * P(at least one of 1 + NB kept).
     engage = rng.standard_normal(n)
-    keep = dna_retention(c["service"], referral_month(c["referral_day"]),
-                         int(c["service"].max()))
-    eta = (P.DNA_LOG_OR["imd1"] * imd1 + P.DNA_LOG_OR["imd2"] * (c["imd_quintile"] == 2)
-           + P.DNA_LOG_OR["young"] * c["young"] + P.DNA_LOG_OR["neet"] * c["neet"]
-           + P.DNA_LOG_OR["older"] * c["older"] + P.DNA_LOG_OR["age10"] * (c["age"] - 38) / 10
-           + P.ENGAGE_DNA * engage)
+    keep = dna_retention(c["service"], referral_month(c["referral_day"]), int(c["service"].max()))
+    eta = (
+        P.DNA_LOG_OR["imd1"] * imd1
+        + P.DNA_LOG_OR["imd2"] * (c["imd_quintile"] == 2)
+        + P.DNA_LOG_OR["young"] * c["young"]
+        + P.DNA_LOG_OR["neet"] * c["neet"]
+        + P.DNA_LOG_OR["older"] * c["older"]
+        + P.DNA_LOG_OR["age10"] * (c["age"] - 38) / 10
+        + P.ENGAGE_DNA * engage
+    )
     tail_mean = np.where(finished, P.DNA_EXTRA_MEAN, 0.4) * np.exp(0.5 * P.ENGAGE_DNA * engage)
     size_dna = P.DNA_EXTRA_SIZE
     any_kept = 1 - (1 - keep) * (1 + tail_mean * keep / size_dna) ** (-size_dna)
@@ -137,8 +152,7 @@ def draw_pathway(rng: np.random.Generator, c: Cohort) -> None:
     sd = np.asarray(P.SESSIONS_SD)[intensity.clip(0)]
     extra_mean = mean - 2
     size = extra_mean**2 / np.maximum(sd**2 - extra_mean, 0.5)
-    log_scale = (P.SESSIONS_AGE * (c["age"] - 38) + np.log(P.SESSIONS_NEET) * c["neet"]
-                 + P.SESSIONS_PER_DNA * would_miss)
+    log_scale = P.SESSIONS_AGE * (c["age"] - 38) + np.log(P.SESSIONS_NEET) * c["neet"] + P.SESSIONS_PER_DNA * would_miss
     scale = np.exp(log_scale)
     for k in range(len(P.INTENSITY_LEVELS)):
         rows = finished & (intensity == k)
@@ -155,8 +169,7 @@ def draw_pathway(rng: np.random.Generator, c: Cohort) -> None:
 
     therapy, mismatch = _primary_therapy(rng, c["problem"], intensity, entered)
 
-    wait = np.where(entered, np.rint(np.exp(np.log(P.WAIT_MEDIAN)
-                                            + P.WAIT_SIGMA * rng.standard_normal(n))), -1)
+    wait = np.where(entered, np.rint(np.exp(np.log(P.WAIT_MEDIAN) + P.WAIT_SIGMA * rng.standard_normal(n))), -1)
     wait = wait.astype(np.int64)
     first_day = np.where(entered, c["referral_day"] + wait, -1)
     gap = rng.uniform(7.0, 12.0, size=n)
@@ -167,9 +180,18 @@ def draw_pathway(rng: np.random.Generator, c: Cohort) -> None:
     discharge_day = discharge_day.astype(np.int64)
 
     c.update(
-        entered=entered, attrition=attrition, finished=finished, intensity=intensity,
-        n_treat=n_treat, n_dna=n_dna, n_cancel_pt=n_cancel_pt, n_cancel_prov=n_cancel_prov,
-        therapy=therapy, nice_mismatch=mismatch, wait_days=wait, first_treatment_day=first_day,
+        entered=entered,
+        attrition=attrition,
+        finished=finished,
+        intensity=intensity,
+        n_treat=n_treat,
+        n_dna=n_dna,
+        n_cancel_pt=n_cancel_pt,
+        n_cancel_prov=n_cancel_prov,
+        therapy=therapy,
+        nice_mismatch=mismatch,
+        wait_days=wait,
+        first_treatment_day=first_day,
         discharge_day=discharge_day,
     )
     c["end_code"] = _end_codes(rng, c)
@@ -188,8 +210,7 @@ def _primary_therapy(rng, problem: np.ndarray, intensity: np.ndarray, entered: n
     for k in range(len(PROBLEM_CODES)):
         for is_li in (True, False):
             for mis in (False, True):
-                rows = np.flatnonzero(entered & (problem == k) & (li == is_li)
-                                      & (want_mismatch == mis))
+                rows = np.flatnonzero(entered & (problem == k) & (li == is_li) & (want_mismatch == mis))
                 if rows.size == 0:
                     continue
                 w = np.where(_allowed(k, is_li, mis), _THERAPY_WEIGHTS, 0.0)

@@ -115,8 +115,7 @@ def _baseline_scores(rng, c: Cohort, n: int) -> None:
     x[:, 1] += 0.4 * (c["imd_quintile"] == 1)
     code = np.asarray(PROBLEM_CODES)[c["problem"]]
     depression = np.isin(code, ("F32", "F33"))
-    anxiety = np.isin(code, ("F41.1", "F41.0", "F40.0", "F40.1", "F40.2", "F42", "F43.1",
-                             "F45.2", "BDD", "F40-F43"))
+    anxiety = np.isin(code, ("F41.1", "F41.0", "F40.0", "F40.1", "F40.2", "F42", "F43.1", "F45.2", "BDD", "F40-F43"))
     x[:, 0] += 1.0 * depression - 1.0 * anxiety
     x[:, 1] += -0.6 * depression + 0.6 * anxiety
     c["phq9_first"] = np.clip(np.rint(x[:, 0]), 0, P.PHQ_MAX).astype(np.int64)

@@ -48,16 +48,13 @@ def month_index(day: dt.date) -> int:
 
 
 #: service_id -> referral_month of the first referral month with reminders.
-REMINDER_MONTH_BY_SERVICE_ID: dict[str, int] = {
-    k: month_index(day) for k, day in REMINDER_DATES_BY_SERVICE_ID.items()
-}
+REMINDER_MONTH_BY_SERVICE_ID: dict[str, int] = {k: month_index(day) for k, day in REMINDER_DATES_BY_SERVICE_ID.items()}
 
 
 def reminder_dates(services: int = P.PAPER_SERVICES) -> dict[str, dt.date]:
     """Node name -> reminder date for a network of `services` services (names as in its
     network.toml: the NCEL names for 8, service_<k> otherwise)."""
-    return {name: REMINDER_DATES_BY_SERVICE_ID[str(k)]
-            for k, name in enumerate(service_names(services), start=1)}
+    return {name: REMINDER_DATES_BY_SERVICE_ID[str(k)] for k, name in enumerate(service_names(services), start=1)}
 
 
 def referral_month(referral_day: np.ndarray) -> np.ndarray:
@@ -71,13 +68,14 @@ def log_dna_odds_shift(service: np.ndarray, month: np.ndarray) -> np.ndarray:
     """Planted log odds-ratio of missing an appointment by service (1-based) and referral
     month, relative to an unspecified baseline: trend, reminder level change, slope change."""
     start = np.asarray(P.REMINDER_DATES_8)
-    change = np.asarray([month_index(dt.date.fromisoformat(d)) for d in start])[
-        np.asarray(service) - 1]
+    change = np.asarray([month_index(dt.date.fromisoformat(d)) for d in start])[np.asarray(service) - 1]
     month = np.asarray(month, dtype=float)
     after = month >= change
-    return (P.DNA_TREND_PER_MONTH * month
-            + np.log(P.REMINDER_ODDS_RATIO) * after
-            + P.REMINDER_SLOPE_CHANGE * np.where(after, month - change, 0.0))
+    return (
+        P.DNA_TREND_PER_MONTH * month
+        + np.log(P.REMINDER_ODDS_RATIO) * after
+        + P.REMINDER_SLOPE_CHANGE * np.where(after, month - change, 0.0)
+    )
 
 
 def dna_retention(service: np.ndarray, month: np.ndarray, services: int) -> np.ndarray:

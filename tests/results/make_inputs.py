@@ -64,9 +64,7 @@ def psm_input() -> pd.DataFrame:
     for k, n in enumerate((620, 560, 600, 540)):
         frame = _propensity_site(rng, n, k)
         if k == 1:  # three exposed far beyond every control (x2 about 6 SD up)
-            extra = _propensity_site(rng, 3, k).assign(
-                t=1, x2=np.round(rng.normal(6.0, 0.3, size=3), 6)
-            )
+            extra = _propensity_site(rng, 3, k).assign(t=1, x2=np.round(rng.normal(6.0, 0.3, size=3), 6))
             frame = pd.concat([frame.iloc[:200], extra, frame.iloc[200:]], ignore_index=True)
         frames.append(frame.assign(site=f"s{k}"))
     return pd.concat(frames, ignore_index=True)[["site", "y", "t", "x1", "x2", "g", "h"]]
@@ -74,9 +72,7 @@ def psm_input() -> pd.DataFrame:
 
 def iptw_input() -> pd.DataFrame:
     rng = np.random.default_rng(20240613)
-    frames = [
-        _propensity_site(rng, n, k).assign(site=f"s{k}") for k, n in enumerate((700, 650, 750))
-    ]
+    frames = [_propensity_site(rng, n, k).assign(site=f"s{k}") for k, n in enumerate((700, 650, 750))]
     return pd.concat(frames, ignore_index=True)[["site", "y", "t", "x1", "x2", "g", "h"]]
 
 
@@ -92,9 +88,7 @@ def glm_input() -> pd.DataFrame:
         x = np.round(rng.normal(0.5 + 0.1 * k, 1.0, size=n), 6)
         eff = pd.Series(g).map({"a": 0.0, "b": 0.4, "c": -0.5}).to_numpy()
         y = (rng.random(n) < expit(-0.2 + 0.7 * x + eff + 0.3 * h + clinic_effect)).astype(int)
-        w = np.round(
-            3.0 + 1.5 * x + eff - 0.4 * h + 2.0 * clinic_effect + rng.normal(scale=1.3, size=n), 6
-        )
+        w = np.round(3.0 + 1.5 * x + eff - 0.4 * h + 2.0 * clinic_effect + rng.normal(scale=1.3, size=n), 6)
         wt = np.round(rng.gamma(2.0, 0.5, size=n), 6)
         frames.append(
             pd.DataFrame(

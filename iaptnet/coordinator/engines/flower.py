@@ -37,10 +37,10 @@ from pathlib import Path
 
 from ...protocol import errors
 from ...protocol.errors import NetworkError, SpecError
+from ...protocol.tomlfile import read_toml, reject_unknown
 from ..hub import CONNECTION, FlwrCli, flwr_error, flwr_plain, write_connection
 from ..serverapp import MARK_CLOSE, MARK_OPEN, encode_studies
 from ..session import ProgressFn
-from ...protocol.tomlfile import read_toml, reject_unknown
 
 HUB_KEYS = {"address", "ca_cert", "schema", "node_timeout", "poll_interval", "run_timeout"}
 _EVENT = re.compile(re.escape(MARK_OPEN) + r"([A-Za-z0-9+/=]+)" + re.escape(MARK_CLOSE))
@@ -89,16 +89,21 @@ def load_hub_file(path: str | Path) -> HubFile:
             raise SpecError(f"{path}: field '{key}' must be a number of seconds from {lo:g} to {hi:g}.")
         return float(value)
 
-    return HubFile(path=path, address=address, ca_cert=ca_path, schema=schema_path,
-                   node_timeout=seconds("node_timeout", 300.0, 1.0, 86400.0),
-                   poll_interval=seconds("poll_interval", 0.25, 0.01, 10.0),
-                   run_timeout=seconds("run_timeout", 3600.0, 10.0, 7 * 86400.0))
+    return HubFile(
+        path=path,
+        address=address,
+        ca_cert=ca_path,
+        schema=schema_path,
+        node_timeout=seconds("node_timeout", 300.0, 1.0, 86400.0),
+        poll_interval=seconds("poll_interval", 0.25, 0.01, 10.0),
+        run_timeout=seconds("run_timeout", 3600.0, 10.0, 7 * 86400.0),
+    )
 
 
 def study_entries(study_paths: list[str | Path], hub: HubFile) -> list[dict]:
     """Validate each study here, and package it (with its schema's text) for the hub."""
-    from ..studies import load_study
     from ...protocol.study import read_study_file
+    from ..studies import load_study
 
     entries = []
     network_schemas = {str(hub.schema) if hub.schema else None}
@@ -114,11 +119,17 @@ def study_entries(study_paths: list[str | Path], hub: HubFile) -> list[dict]:
         try:
             json.dumps(data)
         except (TypeError, ValueError):
-            raise SpecError(f"{path}: holds values (dates or times) that a study cannot carry; use strings and numbers.") from None
-        entries.append({
-            "source": str(path), "data": data, "hash": loaded.spec.hash,
-            "schema": {"source": str(schema_path), "text": schema_path.read_text()} if schema_path else None,
-        })
+            raise SpecError(
+                f"{path}: holds values (dates or times) that a study cannot carry; use strings and numbers."
+            ) from None
+        entries.append(
+            {
+                "source": str(path),
+                "data": data,
+                "hash": loaded.spec.hash,
+                "schema": {"source": str(schema_path), "text": schema_path.read_text()} if schema_path else None,
+            }
+        )
     return entries
 
 
@@ -136,22 +147,26 @@ class FlowerRun:
         self.error: dict | None = None
         self.log_lines: list[str] = []
 
-    def submit_and_follow(self, entries: list[dict], progress: ProgressFn | None = None,
-                          on_run_id: Callable[[str], None] | None = None) -> None:
+    def submit_and_follow(
+        self, entries: list[dict], progress: ProgressFn | None = None, on_run_id: Callable[[str], None] | None = None
+    ) -> None:
         """`flwr run --stream`: submit the release with the studies, then read the run's log
         stream until the run finishes (or `run_timeout` passes), collecting its events."""
         from ...flower.bundle import stage_release
 
         app = stage_release(self.workdir)
         config = self.workdir / "run-config.toml"
-        config.write_text(f'studies = "{encode_studies(entries)}"\n'
-                          f"node-timeout = {self.hub.node_timeout!r}\n"
-                          f"poll-interval = {self.hub.poll_interval!r}\n")
+        config.write_text(
+            f'studies = "{encode_studies(entries)}"\n'
+            f"node-timeout = {self.hub.node_timeout!r}\n"
+            f"poll-interval = {self.hub.poll_interval!r}\n"
+        )
         parts: dict[int, str] = {}
         n_parts = None
         cmd = self.cli.command("run", str(app), CONNECTION, "-c", str(config), "--stream")
-        proc = subprocess.Popen(cmd, env=self.cli.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
+        proc = subprocess.Popen(
+            cmd, env=self.cli.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
         deadline = time.monotonic() + self.hub.run_timeout
         try:
             for line in proc.stdout:
@@ -177,15 +192,18 @@ class FlowerRun:
                     break  # the ServerApp's last act: no need to follow its stream to the end
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise NetworkError(f"run {self.run_id} did not finish within {self.hub.run_timeout:g} s (hub.toml 'run_timeout'); it was stopped.")
+                    raise NetworkError(
+                        f"run {self.run_id} did not finish within {self.hub.run_timeout:g} s (hub.toml 'run_timeout'); it was stopped."
+                    )
         finally:
             if proc.poll() is None:
                 proc.terminate()
             proc.wait(timeout=30)
         if self.run_id is None:
             said = [ln for ln in self.log_lines if ln.strip() and not ln.startswith("Using SuperLink")]
-            raise NetworkError(f"the hub at {self.hub.address} did not accept the run: "
-                               f"{flwr_plain(said[-4:])[:400] or 'no answer'}")
+            raise NetworkError(
+                f"the hub at {self.hub.address} did not accept the run: {flwr_plain(said[-4:])[:400] or 'no answer'}"
+            )
         if n_parts is not None and len(parts) == n_parts:
             self.results = json.loads("".join(parts[i] for i in range(n_parts)))
 
@@ -226,8 +244,13 @@ def _raise_reported(error: dict, run_id: str) -> None:
     raise cls(str(error.get("message", f"run {run_id} failed on the hub.")))
 
 
-def run_flower(study_paths: list[str | Path], hub_path: str | Path, *,
-               progress: ProgressFn | None = None, status: StatusFn | None = None) -> list[dict]:
+def run_flower(
+    study_paths: list[str | Path],
+    hub_path: str | Path,
+    *,
+    progress: ProgressFn | None = None,
+    status: StatusFn | None = None,
+) -> list[dict]:
     """Run studies on a deployed network; return the same result dicts as the in-process engine."""
     hub = load_hub_file(hub_path)
     entries = study_entries(study_paths, hub)
@@ -250,7 +273,11 @@ def run_flower(study_paths: list[str | Path], hub_path: str | Path, *,
     if run.error:
         _raise_reported(run.error, run_id)
     if state != "finished:completed":
-        raise NetworkError(f"run {run_id} {state.replace('finished:', '') or 'ended'} on the hub: {details or 'no reason given'}.")
+        raise NetworkError(
+            f"run {run_id} {state.replace('finished:', '') or 'ended'} on the hub: {details or 'no reason given'}."
+        )
     if run.results is None:
-        raise NetworkError(f"run {run_id} completed on the hub but sent no results; see 'flwr log {run_id}' at the hub.")
+        raise NetworkError(
+            f"run {run_id} completed on the hub but sent no results; see 'flwr log {run_id}' at the hub."
+        )
     return run.results

@@ -14,9 +14,9 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from flwr.app import Context, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.grid import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -94,12 +94,18 @@ class InProcessGrid(Grid):
         node_id = msg.metadata.dst_node_id
         incoming = _wire(msg)
         incoming.metadata.__dict__["_message_id"] = msg_id
-        context = Context(run_id=1, node_id=node_id, node_config=self._nodes[node_id],
-                          state=self._states[node_id], run_config=self._run_config)
+        context = Context(
+            run_id=1,
+            node_id=node_id,
+            node_config=self._nodes[node_id],
+            state=self._states[node_id],
+            run_config=self._run_config,
+        )
         try:
             reply = self._app(incoming, context)
         except Exception as exc:  # as Flower does: the exception becomes an error reply
             from flwr.app import Error
+
             reply = Message(Error(code=2, reason=f"{type(exc).__name__}"), reply_to=incoming)
         return _wire(reply)
 

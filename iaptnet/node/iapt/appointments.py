@@ -65,12 +65,14 @@ def summarise(contacts: pd.DataFrame, pathway_ids: pd.Series) -> tuple[pd.DataFr
     n = len(keys)
     treated = np.isin(app, TREATMENT) & np.isin(attend, ATTENDED)
     scheduled = np.isin(app, SCHEDULED)
-    out = pd.DataFrame({
-        "n_treat": np.bincount(row[treated], minlength=n),
-        "n_dna": np.bincount(row[scheduled & np.isin(attend, MISSED)], minlength=n),
-        "n_cancel_pt": np.bincount(row[scheduled & (attend == CANCELLED_BY_PATIENT)], minlength=n),
-        "n_cancel_prov": np.bincount(row[scheduled & (attend == CANCELLED_BY_PROVIDER)], minlength=n),
-    })
+    out = pd.DataFrame(
+        {
+            "n_treat": np.bincount(row[treated], minlength=n),
+            "n_dna": np.bincount(row[scheduled & np.isin(attend, MISSED)], minlength=n),
+            "n_cancel_pt": np.bincount(row[scheduled & (attend == CANCELLED_BY_PATIENT)], minlength=n),
+            "n_cancel_prov": np.bincount(row[scheduled & (attend == CANCELLED_BY_PROVIDER)], minlength=n),
+        }
+    )
     sessions = pd.DataFrame({"row": row[treated], "date": date[treated], "therapy": therapy[treated]})
     first = sessions.dropna(subset=["date"]).groupby("row")["date"].min()
     out["first_treatment_date"] = pd.Series(first, index=range(n)).dt.strftime("%Y-%m-%d")
@@ -80,8 +82,11 @@ def summarise(contacts: pd.DataFrame, pathway_ids: pd.Series) -> tuple[pd.DataFr
 
 
 def _intensity(sessions: pd.DataFrame, level: np.ndarray, n: int) -> pd.Series:
-    klass = np.where(np.isin(sessions["therapy"].to_numpy(dtype=object), LOW_INTENSITY_THERAPIES), "LI",
-                     np.where(pd.isna(sessions["therapy"]).to_numpy(), None, "HI"))
+    klass = np.where(
+        np.isin(sessions["therapy"].to_numpy(dtype=object), LOW_INTENSITY_THERAPIES),
+        "LI",
+        np.where(pd.isna(sessions["therapy"]).to_numpy(), None, "HI"),
+    )
     klass = np.where(pd.isna(level), klass, level)  # the contact's own intensity where recorded
     frame = pd.DataFrame({"row": sessions["row"].to_numpy(), "li": klass == "LI", "hi": klass == "HI"})
     seen = frame.groupby("row")[["li", "hi"]].any()
@@ -97,5 +102,6 @@ def _primary(sessions: pd.DataFrame, therapies: list[str], n: int) -> pd.Series:
     per["order"] = per["therapy"].map({t: i for i, t in enumerate(therapies)})
     per["last"] = per["last"].fillna(pd.Timestamp.min)
     best = per.sort_values(["row", "count", "last", "order"]).groupby("row").tail(1)
-    return pd.Series(pd.Series(best["therapy"].to_numpy(), index=best["row"].to_numpy(), dtype=object),
-                     index=range(n), dtype=object)
+    return pd.Series(
+        pd.Series(best["therapy"].to_numpy(), index=best["row"].to_numpy(), dtype=object), index=range(n), dtype=object
+    )

@@ -48,22 +48,41 @@ PERIOD = (pd.Timestamp("2012-04-01"), pd.Timestamp("2020-03-31"))
 
 SEX = {"1": "male", "2": "female"}
 ETHNIC_GROUP = {
-    "A": "White British", "B": "White Irish", "C": "White other",
-    **dict.fromkeys("DEFG", "Mixed"), **dict.fromkeys("HJKL", "Asian"),
-    **dict.fromkeys("MNP", "Black"), "R": "Other", "S": "Other",
+    "A": "White British",
+    "B": "White Irish",
+    "C": "White other",
+    **dict.fromkeys("DEFG", "Mixed"),
+    **dict.fromkeys("HJKL", "Asian"),
+    **dict.fromkeys("MNP", "Black"),
+    "R": "Other",
+    "S": "Other",
 }
 ETHNICITY_ONS = {
-    **dict.fromkeys("ABC", "White"), **dict.fromkeys("DEFG", "Mixed"),
-    **dict.fromkeys("HJKLR", "Asian"), **dict.fromkeys("MNP", "Black"), "S": "Other",
+    **dict.fromkeys("ABC", "White"),
+    **dict.fromkeys("DEFG", "Mixed"),
+    **dict.fromkeys("HJKLR", "Asian"),
+    **dict.fromkeys("MNP", "Black"),
+    "S": "Other",
 }
 BME = {**dict.fromkeys("ABC", 0.0), **dict.fromkeys("DEFGHJKLMNPRS", 1.0)}
 DISABILITY_ANY = {"NN": 0.0, **{f"{i:02d}": 1.0 for i in range(1, 11)}, "XX": 1.0}
 REFERRAL_SOURCE_GROUP = {"A1": "GP", "B1": "self"}  # every other known code: "other"
 PROBLEM = {
-    "F32": "depression", "F33": "depression", "F41.1": "gad", "F41.0": "panic",
-    "F40.0": "agoraphobia", "F40.1": "social_anxiety", "F40.2": "specific_phobia",
-    "F41.2": "mixed_anxiety_depression", "F42": "ocd", "F43.1": "ptsd", "F45.2": "health_anxiety",
-    "BDD": "bdd", "F40-F43": "other_anxiety", "OTHER_MH": "other", "UNSPECIFIED": "other",
+    "F32": "depression",
+    "F33": "depression",
+    "F41.1": "gad",
+    "F41.0": "panic",
+    "F40.0": "agoraphobia",
+    "F40.1": "social_anxiety",
+    "F40.2": "specific_phobia",
+    "F41.2": "mixed_anxiety_depression",
+    "F42": "ocd",
+    "F43.1": "ptsd",
+    "F45.2": "health_anxiety",
+    "BDD": "bdd",
+    "F40-F43": "other_anxiety",
+    "OTHER_MH": "other",
+    "UNSPECIFIED": "other",
 }
 
 
@@ -81,8 +100,8 @@ def derive(typed: pd.DataFrame) -> pd.DataFrame:
     out: dict[str, object] = {}
 
     out["age_group"] = pd.Categorical.from_codes(
-        np.where(np.isnan(age), -1, np.searchsorted(AGE_BREAKS, age, side="right")),
-        categories=levels["age_group"])
+        np.where(np.isnan(age), -1, np.searchsorted(AGE_BREAKS, age, side="right")), categories=levels["age_group"]
+    )
     out["older_adult"] = _flag(age >= 65, ~np.isnan(age))
     young = (age >= 18) & (age <= 24)
     out["young_adult"] = _flag(young, ~np.isnan(age))
@@ -98,13 +117,11 @@ def derive(typed: pd.DataFrame) -> pd.DataFrame:
     out["neet"] = _flag(neet, young & (neet | x.isin("employment_status", IN_WORK_OR_STUDY)))
     decile = x.num("imd_decile")
     out["imd_quintile"] = pd.Categorical.from_codes(
-        np.where(np.isnan(decile), -1, np.ceil(decile / 2) - 1).astype(np.int64),
-        categories=levels["imd_quintile"])
+        np.where(np.isnan(decile), -1, np.ceil(decile / 2) - 1).astype(np.int64), categories=levels["imd_quintile"]
+    )
     out["disability_any"] = x.lookup("disability", DISABILITY_ANY)
-    sources = {code: REFERRAL_SOURCE_GROUP.get(code, "other")
-               for code in x.levels("referral_source")}
-    out["referral_source_group"] = x.recode("referral_source", sources,
-                                            levels["referral_source_group"])
+    sources = {code: REFERRAL_SOURCE_GROUP.get(code, "other") for code in x.levels("referral_source")}
+    out["referral_source_group"] = x.recode("referral_source", sources, levels["referral_source_group"])
     out["problem"] = x.recode("problem_descriptor", PROBLEM, levels["problem"])
 
     referral = x.dates("referral_date")
@@ -115,7 +132,8 @@ def derive(typed: pd.DataFrame) -> pd.DataFrame:
     fy_code = fy - first_fy
     fy_ok = ~np.isnan(fy) & (fy_code >= 0) & (fy_code < len(levels["referral_year"]))
     out["referral_year"] = pd.Categorical.from_codes(
-        np.where(fy_ok, fy_code, -1).astype(np.int64), categories=levels["referral_year"])
+        np.where(fy_ok, fy_code, -1).astype(np.int64), categories=levels["referral_year"]
+    )
     out["referral_month"] = (year - 2012) * 12 + (month - 4)
     wait = x.dates("first_treatment_date") - referral
     out["wait_days"] = wait.dt.days.to_numpy(dtype="float64", na_value=np.nan)
@@ -126,20 +144,20 @@ def derive(typed: pd.DataFrame) -> pd.DataFrame:
     finished = (n_treat >= 2) & x.dates("discharge_date").notna().to_numpy()
     out["entered_treatment"] = _flag(entered, has_n)
     out["finished_treatment"] = _flag(finished, has_n)
-    out["attrition"] = _flag(x.isin("end_code", ATTRITION_END_CODES),
-                             entered & x.present("end_code"))
+    out["attrition"] = _flag(x.isin("end_code", ATTRITION_END_CODES), entered & x.present("end_code"))
 
     out.update(_outcomes(x, finished))
     out.update(_nice(x))
     out["nice_mismatch"] = 1.0 - out["nice_match"]
 
     served = [n for n, c in extract.columns.items() if c.type != "identifier"]
-    frame = pd.concat([typed[served].reset_index(drop=True),
-                       pd.DataFrame({n: out[n] for n in derived.columns})], axis=1)
+    frame = pd.concat(
+        [typed[served].reset_index(drop=True), pd.DataFrame({n: out[n] for n in derived.columns})], axis=1
+    )
     return frame
 
 
-def _outcomes(x: "_Columns", finished: np.ndarray) -> dict[str, np.ndarray]:
+def _outcomes(x: _Columns, finished: np.ndarray) -> dict[str, np.ndarray]:
     """Caseness, reliable change and recovery (docs/reference/domain.md#caseness, #reliable-change, #recovery)."""
     phq_f, phq_l = x.num("phq9_first"), x.num("phq9_last")
     adsm_f, adsm_l = x.num("adsm_first"), x.num("adsm_last")
@@ -176,7 +194,7 @@ def _outcomes(x: "_Columns", finished: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def _nice(x: "_Columns") -> dict[str, np.ndarray]:
+def _nice(x: _Columns) -> dict[str, np.ndarray]:
     """nice_match from a descriptor-by-therapy table; the last row and column are 'missing'."""
     descriptors, therapies = x.levels("problem_descriptor"), x.levels("primary_therapy")
     grid = np.full((len(descriptors) + 1, len(therapies) + 1), np.nan)
@@ -198,15 +216,17 @@ def consistency_notes(typed: pd.DataFrame) -> list[str]:
     discharged = x.dates("discharge_date")
     n_treat = x.num("n_treat")
     checks = [
-        (((referral < PERIOD[0]) | (referral > PERIOD[1])).sum(),
-         "referral_date outside 2012-04-01..2020-03-31 (referral_year missing for them)"),
-        ((treated < referral).sum(),
-         "first_treatment_date before referral_date (negative wait_days)"),
+        (
+            ((referral < PERIOD[0]) | (referral > PERIOD[1])).sum(),
+            "referral_date outside 2012-04-01..2020-03-31 (referral_year missing for them)",
+        ),
+        ((treated < referral).sum(), "first_treatment_date before referral_date (negative wait_days)"),
         ((discharged < referral).sum(), "discharge_date before referral_date"),
-        (((n_treat >= 1) & treated.isna().to_numpy()).sum(),
-         "n_treat of 1 or more without a first_treatment_date (wait_days missing)"),
-        (((n_treat == 0) & treated.notna().to_numpy()).sum(),
-         "a first_treatment_date with n_treat of 0"),
+        (
+            ((n_treat >= 1) & treated.isna().to_numpy()).sum(),
+            "n_treat of 1 or more without a first_treatment_date (wait_days missing)",
+        ),
+        (((n_treat == 0) & treated.notna().to_numpy()).sum(), "a first_treatment_date with n_treat of 0"),
     ]
     return [f"{int(count):,} rows with {what}" for count, what in checks if count]
 
@@ -244,8 +264,7 @@ class _Columns:
     def recode(self, name: str, mapping: dict[str, str], levels: list[str]) -> pd.Categorical:
         """Level -> new level; levels not in `mapping` and missing values become missing."""
         index = {level: i for i, level in enumerate(levels)}
-        table = np.array([index[mapping[level]] if level in mapping else -1
-                          for level in self.levels(name)] + [-1])
+        table = np.array([index[mapping[level]] if level in mapping else -1 for level in self.levels(name)] + [-1])
         return pd.Categorical.from_codes(table[self.codes(name)], categories=levels)
 
 

@@ -13,8 +13,7 @@ OTHER_HI are never matched.
 from __future__ import annotations
 
 _DEPRESSION = {
-    "first": ("GSH_BOOK", "GSH_COMP", "NGSH_COMP", "PHYS_ACT", "PSYED_PEER", "BA_LI", "CBT",
-              "BA_HI", "IPT"),
+    "first": ("GSH_BOOK", "GSH_COMP", "NGSH_COMP", "PHYS_ACT", "PSYED_PEER", "BA_LI", "CBT", "BA_HI", "IPT"),
     "second": ("CFD", "COUPLES_DEP", "DIT", "COLLAB_CARE", "MINDFUL"),
 }
 _PANIC = {"first": ("GSH_BOOK", "NGSH_BOOK", "GSH_COMP", "CBT"), "second": ()}
@@ -24,8 +23,7 @@ _BODY_ANXIETY = {"first": ("CBT",), "second": ("GSH_BOOK", "GSH_COMP")}
 NICE_RECOMMENDED: dict[str, dict[str, tuple[str, ...]]] = {
     "F32": _DEPRESSION,
     "F33": _DEPRESSION,
-    "F41.1": {"first": ("NGSH_BOOK", "GSH_BOOK", "GSH_COMP", "PSYED_PEER", "CBT", "APPLIED_RELAX"),
-              "second": ()},
+    "F41.1": {"first": ("NGSH_BOOK", "GSH_BOOK", "GSH_COMP", "PSYED_PEER", "CBT", "APPLIED_RELAX"), "second": ()},
     "F41.0": _PANIC,
     "F40.0": _PANIC,
     "F40.1": {"first": ("CBT",), "second": ("GSH_BOOK", "GSH_COMP", "DIT")},

@@ -50,6 +50,7 @@ def margins_key(model: str, variable: str) -> str:
     coordinator/access.py reads it)."""
     return f"margins/{model}/{variable}"
 
+
 KEYS = COMMON_KEYS | {"population", "population_csv", "by", "period", "area_effects", "areas", "need", "need_csv"}
 PER = 100_000
 DATE_COLUMN = "referral_date"
@@ -61,8 +62,10 @@ SYNTHETIC_POPULATION = Path(__file__).resolve().parents[2] / "synth" / "populati
 ILLUSTRATIVE_NEED = Path(__file__).resolve().parents[2] / "synth" / "need_prevalence.csv"
 #: Study fields naming a file that `read_study_file` reads and carries inside the study:
 #: field -> (key the text goes under, built-in names).
-FILES = {"population": ("population_csv", {"synthetic": SYNTHETIC_POPULATION}),
-         "need": ("need_csv", {"illustrative": ILLUSTRATIVE_NEED})}
+FILES = {
+    "population": ("population_csv", {"synthetic": SYNTHETIC_POPULATION}),
+    "need": ("need_csv", {"illustrative": ILLUSTRATIVE_NEED}),
+}
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -89,14 +92,23 @@ def parse(data: dict, schema: Schema, source: str) -> tuple[StudySpec, AccessStu
     area_effects = data.get("area_effects", True)
     if not isinstance(area_effects, bool):
         raise SpecError(f"{source}: field 'area_effects' must be true or false.")
-    label, text, file = embedded_table(data, "population", source, "is required: a CSV of population "
-                                       "denominators (a path relative to the study file), or \"synthetic\" "
-                                       "for the table shipped with iaptnet")
+    label, text, file = embedded_table(
+        data,
+        "population",
+        source,
+        "is required: a CSV of population "
+        'denominators (a path relative to the study file), or "synthetic" '
+        "for the table shipped with iaptnet",
+    )
     need = need_label = None
     if data.get("need") is not None:
         need_label, need_text, need_file = embedded_table(
-            data, "need", source, "must name a CSV of prevalence by group (a path relative to the study "
-            "file), or \"illustrative\" for the table shipped with iaptnet")
+            data,
+            "need",
+            source,
+            "must name a CSV of prevalence by group (a path relative to the study "
+            'file), or "illustrative" for the table shipped with iaptnet',
+        )
         need = parse_prevalence(need_text, need_file, schema, source)
     table = parse_population(text, file, list(by), schema, common["merge"], source, need)
     areas = check_areas(data.get("areas"), table, source)
@@ -107,8 +119,10 @@ def parse(data: dict, schema: Schema, source: str) -> tuple[StudySpec, AccessStu
         if area_effects:
             terms += [f"area[T.{a}]" for a in sorted(set(table.areas) | set(areas))]
         if exposure not in terms:
-            raise SpecError(f"{source}: field 'exposure' must be a term of the adjusted model, e.g. "
-                            f"{', '.join(terms[:3])}; got {exposure!r}.")
+            raise SpecError(
+                f"{source}: field 'exposure' must be a term of the adjusted model, e.g. "
+                f"{', '.join(terms[:3])}; got {exposure!r}."
+            )
     params = {
         "by": list(by),
         "period": list(period),
@@ -121,8 +135,7 @@ def parse(data: dict, schema: Schema, source: str) -> tuple[StudySpec, AccessStu
         "no_population": table.zero_groups(),
     }
     spec = StudySpec(**common, params=params)
-    study = AccessStudy(by, levels, period, params["years"], area_effects, areas, table, label,
-                        need, need_label)
+    study = AccessStudy(by, levels, period, params["years"], area_effects, areas, table, label, need, need_label)
     return spec, study
 
 
@@ -134,31 +147,44 @@ def embedded_table(data: dict, field_name: str, source: str, expected: str) -> t
         raise SpecError(f"{source}: field '{field_name}' {expected}.")
     embedded = data.get(FILES[field_name][0])
     if not isinstance(embedded, dict) or not isinstance(embedded.get("text"), str):
-        raise SpecError(f"{source}: field '{field_name}' names a table that was not read with the study; "
-                        "load the study file with iaptnet (which carries the table inside the study).")
+        raise SpecError(
+            f"{source}: field '{field_name}' names a table that was not read with the study; "
+            "load the study file with iaptnet (which carries the table inside the study)."
+        )
     return label.strip(), embedded["text"], str(embedded.get("source") or label)
 
 
 def check_by(by, schema: Schema, source: str) -> tuple[str, ...]:
     if not isinstance(by, list) or not by or len(by) > MAX_BY or not all(isinstance(v, str) for v in by):
-        raise SpecError(f"{source}: field 'by' must list the grouping variables, e.g. "
-                        "[\"age_group\", \"sex\", \"ethnicity_ons\", \"imd_quintile\"].")
+        raise SpecError(
+            f"{source}: field 'by' must list the grouping variables, e.g. "
+            '["age_group", "sex", "ethnicity_ons", "imd_quintile"].'
+        )
     if len(set(by)) != len(by):
         raise SpecError(f"{source}: field 'by' lists a variable twice.")
     for var in by:
         if var not in schema:
-            raise SpecError(f"{source}: field 'by' names column '{var}', which the dataset '{schema.name}' does not have.")
+            raise SpecError(
+                f"{source}: field 'by' names column '{var}', which the dataset '{schema.name}' does not have."
+            )
         if not schema[var].is_categorical:
-            raise SpecError(f"{source}: field 'by' names the {schema[var].type} column '{var}'; grouping "
-                            "variables must be categorical (for 65+ vs 18-64 merge age_group's levels).")
+            raise SpecError(
+                f"{source}: field 'by' names the {schema[var].type} column '{var}'; grouping "
+                "variables must be categorical (for 65+ vs 18-64 merge age_group's levels)."
+            )
     return tuple(by)
 
 
 def check_period(period, schema: Schema, source: str) -> tuple[str, str]:
-    if (not isinstance(period, list) or len(period) != 2
-            or not all(isinstance(d, str) and _DATE.match(d) for d in period)):
-        raise SpecError(f"{source}: field 'period' must be the first and last referral dates counted, as quoted "
-                        "dates: [\"2012-04-01\", \"2020-03-31\"].")
+    if (
+        not isinstance(period, list)
+        or len(period) != 2
+        or not all(isinstance(d, str) and _DATE.match(d) for d in period)
+    ):
+        raise SpecError(
+            f"{source}: field 'period' must be the first and last referral dates counted, as quoted "
+            'dates: ["2012-04-01", "2020-03-31"].'
+        )
     try:
         first, last = (dt.date.fromisoformat(d) for d in period)
     except ValueError:
@@ -166,8 +192,10 @@ def check_period(period, schema: Schema, source: str) -> tuple[str, str]:
     if last < first:
         raise SpecError(f"{source}: field 'period' ends before it starts.")
     if DATE_COLUMN not in schema or schema[DATE_COLUMN].type != "date":
-        raise SpecError(f"{source}: an access study counts referrals by '{DATE_COLUMN}', a date column the "
-                        f"dataset '{schema.name}' does not have.")
+        raise SpecError(
+            f"{source}: an access study counts referrals by '{DATE_COLUMN}', a date column the "
+            f"dataset '{schema.name}' does not have."
+        )
     return period[0], period[1]
 
 
@@ -196,10 +224,14 @@ def check_areas(areas, table: PopulationTable, source: str) -> dict[str, list[st
             raise SpecError(f"{source}: field 'areas.{node}' must be an area name or a list of them.")
         for area in listed:
             if area not in table.cells:
-                raise SpecError(f"{source}: field 'areas.{node}' names area '{area}', which the population table "
-                                f"{table.source} does not have.")
+                raise SpecError(
+                    f"{source}: field 'areas.{node}' names area '{area}', which the population table "
+                    f"{table.source} does not have."
+                )
             if area in used:
-                raise SpecError(f"{source}: field 'areas' gives area '{area}' to two nodes ('{used[area]}' and '{node}').")
+                raise SpecError(
+                    f"{source}: field 'areas' gives area '{area}' to two nodes ('{used[area]}' and '{node}')."
+                )
             used[area] = node
         out[str(node)] = sorted(set(listed))
     return dict(sorted(out.items()))
@@ -211,7 +243,8 @@ def describe(spec: StudySpec, rules) -> list[str]:
     return [
         f"  counts     referrals {p['period'][0]}..{p['period'][1]} by {', '.join(p['by'])} "
         f"(rates per {PER:,} against population sha256 {p['population']['sha256'][:16]}"
-        + (f", people with need: prevalence sha256 {p['need']['sha256'][:16]}" if p.get("need") else "") + ")",
+        + (f", people with need: prevalence sha256 {p['need']['sha256'][:16]}" if p.get("need") else "")
+        + ")",
         "",
         "what this node releases for it (every reply is checked against the policy first):",
         "  exactly   the referrals it counts, and their number at each level of each of those",
@@ -251,9 +284,11 @@ def node_settings(spec: StudySpec, schema: Schema, node: str) -> NodeSettings:
     sets = []
     for area in mine:
         groups = zero.get(area, [])
-        if (not isinstance(groups, list) or len(groups) > MAX_NO_POPULATION
-                or not all(isinstance(g, list) and len(g) == len(by) and all(isinstance(v, str) for v in g)
-                           for g in groups)):
+        if (
+            not isinstance(groups, list)
+            or len(groups) > MAX_NO_POPULATION
+            or not all(isinstance(g, list) and len(g) == len(by) and all(isinstance(v, str) for v in g) for g in groups)
+        ):
             raise SpecError(f"{spec.source}: the study's groups without population are not described properly.")
         sets.append({tuple(g) for g in groups})
     # A group has no population in the node's catchment when it has none in any of its areas.

@@ -65,6 +65,7 @@ def parse_thresholds_array_key(name: str) -> tuple[int, int] | None:
         return None
     return int(parts[1]), int(parts[2])
 
+
 DEFAULT_QUANTILES = (0.25, 0.5, 0.75)
 MAX_VARIABLES = 64
 MAX_STEPS = 20
@@ -128,13 +129,19 @@ def parse(data: dict, schema: Schema, source: str) -> tuple[StudySpec, TablePlan
     by = data.get("by")
     if by is not None:
         if not isinstance(by, str) or by not in schema:
-            raise SpecError(f"{source}: field 'by' must name a categorical or binary column of the dataset '{schema.name}'.")
+            raise SpecError(
+                f"{source}: field 'by' must name a categorical or binary column of the dataset '{schema.name}'."
+            )
         if schema[by].type not in COUNT_TYPES:
-            raise SpecError(f"{source}: field 'by' names the {schema[by].type} column '{by}'; tables are split by a categorical or binary column.")
+            raise SpecError(
+                f"{source}: field 'by' names the {schema[by].type} column '{by}'; tables are split by a categorical or binary column."
+            )
     variables, labels = _variables(data.get("variables"), schema, source, by)
     funnel, step_labels = _funnel(data.get("funnel"), schema, source)
     if not variables and not funnel:
-        raise SpecError(f"{source}: a table study needs 'variables' (the rows of the table) or 'funnel' (its steps), or both.")
+        raise SpecError(
+            f"{source}: a table study needs 'variables' (the rows of the table) or 'funnel' (its steps), or both."
+        )
     cohort_label = data.get("cohort_label", "cohort")
     if not isinstance(cohort_label, str) or not cohort_label.strip():
         raise SpecError(f"{source}: field 'cohort_label' must be a non-empty string.")
@@ -159,9 +166,13 @@ def _variables(raw, schema: Schema, source: str, by: str | None) -> tuple[list[d
     elif isinstance(raw, list):
         items = [{"name": item} if isinstance(item, str) else item for item in raw]
     else:
-        raise SpecError(f"{source}: field 'variables' must be a list of column names (or of {{name = ..., ...}} tables).")
+        raise SpecError(
+            f"{source}: field 'variables' must be a list of column names (or of {{name = ..., ...}} tables)."
+        )
     if len(items) > MAX_VARIABLES:
-        raise SpecError(f"{source}: field 'variables' lists more than {MAX_VARIABLES} columns; split the table into several studies.")
+        raise SpecError(
+            f"{source}: field 'variables' lists more than {MAX_VARIABLES} columns; split the table into several studies."
+        )
     out, labels, seen = [], [], set()
     for item in items:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
@@ -170,12 +181,18 @@ def _variables(raw, schema: Schema, source: str, by: str | None) -> tuple[list[d
         where = f"{source}: field 'variables.{name}'"
         unknown = set(item) - VARIABLE_KEYS
         if unknown:
-            raise SpecError(f"{where} has unknown option '{sorted(unknown)[0]}' (expected {', '.join(sorted(VARIABLE_KEYS - {'name'}))}).")
+            raise SpecError(
+                f"{where} has unknown option '{sorted(unknown)[0]}' (expected {', '.join(sorted(VARIABLE_KEYS - {'name'}))})."
+            )
         if name not in schema:
-            raise SpecError(f"{source}: field 'variables' names column '{name}', which the dataset '{schema.name}' does not have.")
+            raise SpecError(
+                f"{source}: field 'variables' names column '{name}', which the dataset '{schema.name}' does not have."
+            )
         kind = schema[name].type
         if kind not in COUNT_TYPES + SUMMARY_TYPES:
-            raise SpecError(f"{where}: the {kind} column '{name}' cannot be tabulated (use categorical, binary, integer or numeric columns).")
+            raise SpecError(
+                f"{where}: the {kind} column '{name}' cannot be tabulated (use categorical, binary, integer or numeric columns)."
+            )
         if name in seen:
             raise SpecError(f"{source}: field 'variables' lists '{name}' twice.")
         if name == by:
@@ -190,16 +207,23 @@ def _variables(raw, schema: Schema, source: str, by: str | None) -> tuple[list[d
             entry["quantiles"] = _quantiles(item.get("quantiles", list(DEFAULT_QUANTILES)), where)
             entry["resolution"] = _resolution(item.get("resolution"), schema[name], where)
         elif "quantiles" in item or "resolution" in item:
-            raise SpecError(f"{where}: 'quantiles' and 'resolution' apply to integer and numeric columns only; '{name}' is {kind}.")
+            raise SpecError(
+                f"{where}: 'quantiles' and 'resolution' apply to integer and numeric columns only; '{name}' is {kind}."
+            )
         out.append(entry)
     return out, labels
 
 
 def _quantiles(value, where: str) -> list[float]:
-    ok = isinstance(value, list) and len(value) <= MAX_QUANTILES and all(
-        isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p < 1 for p in value)
+    ok = (
+        isinstance(value, list)
+        and len(value) <= MAX_QUANTILES
+        and all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p < 1 for p in value)
+    )
     if not ok:
-        raise SpecError(f"{where}.quantiles must be a list of at most {MAX_QUANTILES} probabilities between 0 and 1, e.g. [0.25, 0.5, 0.75].")
+        raise SpecError(
+            f"{where}.quantiles must be a list of at most {MAX_QUANTILES} probabilities between 0 and 1, e.g. [0.25, 0.5, 0.75]."
+        )
     return sorted({float(p) for p in value})
 
 
@@ -221,14 +245,20 @@ def _resolution(value, col, where: str) -> float | None:
     if col.min is not None and col.max is not None and col.max > col.min:
         span = float(col.max) - float(col.min)
         if step > span:
-            raise SpecError(f"{where}.resolution {step:g} is wider than the column's range ({col.min:g} to {col.max:g}); "
-                            "every quantile would be the grid's top.")
+            raise SpecError(
+                f"{where}.resolution {step:g} is wider than the column's range ({col.min:g} to {col.max:g}); "
+                "every quantile would be the grid's top."
+            )
         if span / step > MAX_GRID_STEPS:
-            raise SpecError(f"{where}.resolution {step:g} makes more than {MAX_GRID_STEPS:,} steps over the column's "
-                            f"range ({col.min:g} to {col.max:g}); use a coarser one.")
+            raise SpecError(
+                f"{where}.resolution {step:g} makes more than {MAX_GRID_STEPS:,} steps over the column's "
+                f"range ({col.min:g} to {col.max:g}); use a coarser one."
+            )
     elif not OPEN_RESOLUTION[0] <= step <= OPEN_RESOLUTION[1]:
-        raise SpecError(f"{where}.resolution must be between {OPEN_RESOLUTION[0]:g} and {OPEN_RESOLUTION[1]:g} for a "
-                        "column whose schema does not declare both min and max.")
+        raise SpecError(
+            f"{where}.resolution must be between {OPEN_RESOLUTION[0]:g} and {OPEN_RESOLUTION[1]:g} for a "
+            "column whose schema does not declare both min and max."
+        )
     return step
 
 
@@ -236,7 +266,9 @@ def _funnel(raw, schema: Schema, source: str) -> tuple[list[str], list[str]]:
     if raw is None:
         return [], []
     if not isinstance(raw, list) or not raw or len(raw) > MAX_STEPS:
-        raise SpecError(f"{source}: field 'funnel' must be a list of 1 to {MAX_STEPS} steps (filters, or {{label = ..., where = ...}} tables).")
+        raise SpecError(
+            f"{source}: field 'funnel' must be a list of 1 to {MAX_STEPS} steps (filters, or {{label = ..., where = ...}} tables)."
+        )
     steps, labels = [], []
     for number, item in enumerate(raw, start=1):
         where = f"{source}: field 'funnel' step {number}"
@@ -267,11 +299,19 @@ def check_step(text: str, schema: Schema, where: str) -> str:
 def _by_labels(raw, lay: Layout, source: str) -> dict[str, str]:
     if raw is None:
         return {}
-    if not lay.by or not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
-        raise SpecError(f"{source}: field 'by_labels' must map levels of the 'by' column to labels, e.g. {{\"1\" = \"65+\"}}.")
+    if (
+        not lay.by
+        or not isinstance(raw, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items())
+    ):
+        raise SpecError(
+            f"{source}: field 'by_labels' must map levels of the 'by' column to labels, e.g. {{\"1\" = \"65+\"}}."
+        )
     unknown = set(raw) - set(lay.by_levels)
     if unknown:
-        raise SpecError(f"{source}: field 'by_labels' names '{sorted(unknown)[0]}', which is not a level of '{lay.by}' ({', '.join(lay.by_levels)}).")
+        raise SpecError(
+            f"{source}: field 'by_labels' names '{sorted(unknown)[0]}', which is not a level of '{lay.by}' ({', '.join(lay.by_levels)})."
+        )
     return dict(raw)
 
 
@@ -293,7 +333,12 @@ def layout(params: dict, schema: Schema, merge: dict, source: str = "study") -> 
         raise SpecError(f"{source}: field 'by' must name a categorical or binary column.")
     variables = params["variables"]
     funnel = params["funnel"]
-    if not isinstance(variables, list) or len(variables) > MAX_VARIABLES or not isinstance(funnel, list) or len(funnel) > MAX_STEPS:
+    if (
+        not isinstance(variables, list)
+        or len(variables) > MAX_VARIABLES
+        or not isinstance(funnel, list)
+        or len(funnel) > MAX_STEPS
+    ):
         raise SpecError(f"{source}: the table study's variables or funnel are not lists of the allowed size.")
     out = []
     for v in variables:
@@ -371,6 +416,7 @@ def describe(spec: StudySpec, rules) -> list[str]:
 
 # --------------------------------------------------------------------------- cells
 
+
 def cell_keys(lay: Layout) -> list[tuple]:
     """Every count cell of a study: ("N", column) the cohort in each column (the funnel's
     first step), ("v", variable, row, column) each variable's rows, ("f", step, column) each
@@ -410,8 +456,10 @@ def relations(lay: Layout) -> list:
 def step_pairs(lay: Layout) -> list[tuple[tuple, tuple]]:
     """(earlier, later) cells of each column for every two funnel steps (the cohort first):
     the later count subtracted from the earlier is the people leaving in between."""
+
     def cell(s, c):
         return ("N", c) if s == 0 else ("f", s, c)
+
     n = len(lay.funnel) + 1
     return [(cell(a, c), cell(b, c)) for a in range(n) for b in range(a + 1, n) for c in range(lay.n_columns)]
 

@@ -80,7 +80,7 @@ def meat_key(model: str) -> str:
 def betas_from_arrays(arrays: dict) -> dict:
     """A round task's coefficient vectors by model key; DataError unless every array is one."""
     prefix = beta_key("")
-    betas = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    betas = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
     if not betas or len(betas) > MAX_BETAS or len(betas) != len(arrays):
         raise DataError("the task's coefficients are not one array per prepared model.")
     return betas

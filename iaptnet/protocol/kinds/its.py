@@ -37,8 +37,16 @@ from ..formula_check import ParsedFormula, check_formula
 from ..schema import Schema
 from ..study import COMMON_KEYS, StudySpec, common_fields
 
-KEYS = (COMMON_KEYS - {"exposure"}) | {"family", "outcome", "denominator", "time", "group", "changes",
-                                       "time_origin", "cov_type"}
+KEYS = (COMMON_KEYS - {"exposure"}) | {
+    "family",
+    "outcome",
+    "denominator",
+    "time",
+    "group",
+    "changes",
+    "time_origin",
+    "cov_type",
+}
 #: The task kind that computes a study's columns at each node (node/its.py).
 TASK = "its.columns"
 COV_TYPES = ("nonrobust", "HC0")
@@ -63,25 +71,44 @@ def parse(data: dict, schema: Schema, source: str) -> tuple[StudySpec, ITSParsed
     fields = common_fields(data, schema, source, KEYS)
     family = data.get("family", "poisson")
     if family != "poisson":
-        raise SpecError(f"{source}: field 'family' must be \"poisson\" in an its study (events with offset "
-                        f"log(denominator): a rate ratio), got {family!r}.")
-    outcome = _column(data, "outcome", None, ("integer", "numeric"), schema, source, "a count column, e.g. \"n_dna\"")
+        raise SpecError(
+            f"{source}: field 'family' must be \"poisson\" in an its study (events with offset "
+            f"log(denominator): a rate ratio), got {family!r}."
+        )
+    outcome = _column(data, "outcome", None, ("integer", "numeric"), schema, source, 'a count column, e.g. "n_dna"')
     if schema[outcome].min is not None and schema[outcome].min < 0:
-        raise SpecError(f"{source}: field 'outcome' names '{outcome}', which may be negative; the outcome must be a count.")
-    time = _column(data, "time", "referral_month", ("integer",), schema, source, "an integer time column, e.g. \"referral_month\"")
-    group = _column(data, "group", "service_id", ("categorical",), schema, source, "a categorical column, e.g. \"service_id\"")
+        raise SpecError(
+            f"{source}: field 'outcome' names '{outcome}', which may be negative; the outcome must be a count."
+        )
+    time = _column(
+        data, "time", "referral_month", ("integer",), schema, source, 'an integer time column, e.g. "referral_month"'
+    )
+    group = _column(
+        data, "group", "service_id", ("categorical",), schema, source, 'a categorical column, e.g. "service_id"'
+    )
     denominator = data.get("denominator")
     if isinstance(denominator, str):
         denominator = [denominator]
-    if (not isinstance(denominator, list) or not denominator or len(denominator) > 10
-            or not all(isinstance(c, str) for c in denominator) or len(set(denominator)) != len(denominator)):
-        raise SpecError(f"{source}: field 'denominator' must be a column or a list of columns whose sum is each "
-                        "row's denominator, e.g. [\"n_dna\", \"n_treat\"] (scheduled appointments).")
+    if (
+        not isinstance(denominator, list)
+        or not denominator
+        or len(denominator) > 10
+        or not all(isinstance(c, str) for c in denominator)
+        or len(set(denominator)) != len(denominator)
+    ):
+        raise SpecError(
+            f"{source}: field 'denominator' must be a column or a list of columns whose sum is each "
+            'row\'s denominator, e.g. ["n_dna", "n_treat"] (scheduled appointments).'
+        )
     for column in denominator:
         if column not in schema or schema[column].type not in ("integer", "numeric", "binary"):
-            raise SpecError(f"{source}: field 'denominator' names '{column}', which is not a numeric column of the dataset '{schema.name}'.")
+            raise SpecError(
+                f"{source}: field 'denominator' names '{column}', which is not a numeric column of the dataset '{schema.name}'."
+            )
         if schema[column].min is not None and schema[column].min < 0:
-            raise SpecError(f"{source}: field 'denominator' names '{column}', which may be negative; a denominator sums counts.")
+            raise SpecError(
+                f"{source}: field 'denominator' names '{column}', which may be negative; a denominator sums counts."
+            )
     origin = data.get("time_origin", TIME_ORIGINS.get(time))
     if origin is not None and (not isinstance(origin, str) or not _MONTH.match(origin) or _month_of(origin) is None):
         raise SpecError(f"{source}: field 'time_origin' must be the month that time 0 stands for, as \"YYYY-MM\".")
@@ -90,16 +117,29 @@ def parse(data: dict, schema: Schema, source: str) -> tuple[StudySpec, ITSParsed
     changes = _changes(data.get("changes"), schema[group], origin, schema[time], source)
     cov_type = data.get("cov_type", "HC0")
     if cov_type not in COV_TYPES:
-        raise SpecError(f"{source}: field 'cov_type' must be \"HC0\" (robust to overdispersion between referrals; "
-                        f"the default) or \"nonrobust\" (Poisson), got {cov_type!r}.")
+        raise SpecError(
+            f"{source}: field 'cov_type' must be \"HC0\" (robust to overdispersion between referrals; "
+            f'the default) or "nonrobust" (Poisson), got {cov_type!r}.'
+        )
     for name in COLUMNS:
         if name in schema:
-            raise SpecError(f"{source}: the dataset '{schema.name}' has a column '{name}', which an its study computes; "
-                            "rename that column.")
+            raise SpecError(
+                f"{source}: the dataset '{schema.name}' has a column '{name}', which an its study computes; "
+                "rename that column."
+            )
     if group in fields["merge"]:
-        raise SpecError(f"{source}: field 'merge' merges levels of the group column '{group}', whose levels the changes name.")
-    params = {"outcome": outcome, "denominator": list(denominator), "time": time, "group": group,
-              "changes": changes, "time_origin": origin, "cov_type": cov_type}
+        raise SpecError(
+            f"{source}: field 'merge' merges levels of the group column '{group}', whose levels the changes name."
+        )
+    params = {
+        "outcome": outcome,
+        "denominator": list(denominator),
+        "time": time,
+        "group": group,
+        "changes": changes,
+        "time_origin": origin,
+        "cov_type": cov_type,
+    }
     spec = StudySpec(family="poisson", params=params, **fields)
     pooled = pooled_spec(spec)
     parsed = check_formula(pooled.formula, pooled.schema_with_augment(schema), "poisson", source)
@@ -131,21 +171,27 @@ def _month_of(text: str) -> int | None:
 def _changes(table, column, origin: str | None, time_column, source: str) -> dict[str, int]:
     where = f"{source}: field 'changes'"
     if not isinstance(table, dict) or not table:
-        raise SpecError(f"{where} must be a table of {column.name} levels and their change month, e.g. "
-                        f"[changes] {column.levels[0]} = \"2016-01\".")
+        raise SpecError(
+            f"{where} must be a table of {column.name} levels and their change month, e.g. "
+            f'[changes] {column.levels[0]} = "2016-01".'
+        )
     if len(table) > MAX_CHANGES:
         raise SpecError(f"{where} has more than {MAX_CHANGES} entries.")
     out = {}
     for level, value in table.items():
         if str(level) not in column.levels:
-            raise SpecError(f"{where} names '{level}', which is not a level of '{column.name}'; its levels are {', '.join(column.levels)}.")
+            raise SpecError(
+                f"{where} names '{level}', which is not a level of '{column.name}'; its levels are {', '.join(column.levels)}."
+            )
         if isinstance(value, bool):
             value = None
         if isinstance(value, int):
             month = value
         elif isinstance(value, (dt.date, dt.time)):
-            raise SpecError(f"{source}: field 'changes.{level}' is a TOML date; write it as a string, e.g. \"2016-01\" "
-                            "(studies carry strings and numbers only).")
+            raise SpecError(
+                f"{source}: field 'changes.{level}' is a TOML date; write it as a string, e.g. \"2016-01\" "
+                "(studies carry strings and numbers only)."
+            )
         elif isinstance(value, str) and origin is not None:
             month = _month_of(value)
             month = None if month is None else month - _month_of(origin)
@@ -153,21 +199,27 @@ def _changes(table, column, origin: str | None, time_column, source: str) -> dic
             month = None
         if month is None:
             if origin is None and not isinstance(value, int):
-                raise SpecError(f"{source}: field 'changes.{level}' must be a number of '{time_column.name}' (the study has no "
-                                "'time_origin' to turn a date into one).")
-            raise SpecError(f"{source}: field 'changes.{level}' must be the first month with the change, as \"YYYY-MM\" "
-                            f"(or \"YYYY-MM-01\"), got {value!r}.")
+                raise SpecError(
+                    f"{source}: field 'changes.{level}' must be a number of '{time_column.name}' (the study has no "
+                    "'time_origin' to turn a date into one)."
+                )
+            raise SpecError(
+                f"{source}: field 'changes.{level}' must be the first month with the change, as \"YYYY-MM\" "
+                f'(or "YYYY-MM-01"), got {value!r}.'
+            )
         low, high = time_column.min, time_column.max
         if (low is not None and month <= low) or (high is not None and month > high):
             span = f"{'' if low is None else f'from {low:g} '}{'' if high is None else f'to {high:g}'}".strip()
-            raise SpecError(f"{source}: field 'changes.{level}' falls outside the time the data covers ('{time_column.name}' "
-                            f"{span}); a change needs months before and after it.")
+            raise SpecError(
+                f"{source}: field 'changes.{level}' falls outside the time the data covers ('{time_column.name}' "
+                f"{span}); a change needs months before and after it."
+            )
         out[str(level)] = int(month)
     return {level: out[level] for level in column.levels if level in out}
 
 
 def month_label(month: int, origin: str | None) -> str:
-    """"YYYY-MM" of a time value when the study has an origin, else the number."""
+    """ "YYYY-MM" of a time value when the study has an origin, else the number."""
     if origin is None:
         return str(month)
     total = _month_of(origin) + int(month)
@@ -183,11 +235,22 @@ def _derived(spec: StudySpec, name: str, formula: str, where: str, step: str) ->
     """A model of the study. It names the study in `params["derived_from"]`, so that a Trust
     that approved the study answers it too (protocol/study.py: `approval_hash`)."""
     p = spec.params
-    return replace(spec, kind="glm", name=name, family="poisson", formula=formula, where=where,
-                   offset=f"log({DENOMINATOR})", exposure=AFTER, cov_type=p["cov_type"],
-                   augment={"state": spec.hash, "columns": dict(COLUMNS)},
-                   params={"derived_from": spec.canonical(), "step": step},
-                   title="", description="", reference={})
+    return replace(
+        spec,
+        kind="glm",
+        name=name,
+        family="poisson",
+        formula=formula,
+        where=where,
+        offset=f"log({DENOMINATOR})",
+        exposure=AFTER,
+        cov_type=p["cov_type"],
+        augment={"state": spec.hash, "columns": dict(COLUMNS)},
+        params={"derived_from": spec.canonical(), "step": step},
+        title="",
+        description="",
+        reference={},
+    )
 
 
 def pooled_spec(spec: StudySpec) -> StudySpec:
@@ -201,8 +264,13 @@ def group_spec(spec: StudySpec, level: str) -> StudySpec:
     """One group's own segmented regression."""
     p = spec.params
     formula = f"{p['outcome']} ~ {p['time']} + {AFTER} + {SINCE}"
-    return _derived(spec, f"{spec.name} ({p['group']} {level})", formula,
-                    _where(spec, f"{p['group']} == \"{level}\""), f"group {level}")
+    return _derived(
+        spec,
+        f"{spec.name} ({p['group']} {level})",
+        formula,
+        _where(spec, f'{p["group"]} == "{level}"'),
+        f"group {level}",
+    )
 
 
 def model_specs(spec: StudySpec) -> dict[str, StudySpec]:
@@ -260,18 +328,31 @@ def check_at_node(spec: StudySpec, schema: Schema) -> dict:
     if spec.kind != "its" or not isinstance(spec.params, dict):
         raise SpecError(f"{spec.source}: the task does not carry an its study.")
     p = spec.params
-    ok = (set(p) == {"outcome", "denominator", "time", "group", "changes", "time_origin", "cov_type"}
-          and isinstance(p["outcome"], str) and p["outcome"] in schema
-          and schema[p["outcome"]].type in ("integer", "numeric")
-          and isinstance(p["time"], str) and p["time"] in schema and schema[p["time"]].type == "integer"
-          and isinstance(p["group"], str) and p["group"] in schema and schema[p["group"]].is_categorical
-          and isinstance(p["denominator"], list) and 0 < len(p["denominator"]) <= 10
-          and all(isinstance(c, str) and c in schema and schema[c].type in ("integer", "numeric", "binary")
-                  for c in p["denominator"])
-          and isinstance(p["changes"], dict) and 0 < len(p["changes"]) <= MAX_CHANGES
-          and all(k in schema[p["group"]].levels and isinstance(v, int) and not isinstance(v, bool)
-                  and abs(v) < 10**6 for k, v in p["changes"].items())
-          and p["cov_type"] in COV_TYPES)
+    ok = (
+        set(p) == {"outcome", "denominator", "time", "group", "changes", "time_origin", "cov_type"}
+        and isinstance(p["outcome"], str)
+        and p["outcome"] in schema
+        and schema[p["outcome"]].type in ("integer", "numeric")
+        and isinstance(p["time"], str)
+        and p["time"] in schema
+        and schema[p["time"]].type == "integer"
+        and isinstance(p["group"], str)
+        and p["group"] in schema
+        and schema[p["group"]].is_categorical
+        and isinstance(p["denominator"], list)
+        and 0 < len(p["denominator"]) <= 10
+        and all(
+            isinstance(c, str) and c in schema and schema[c].type in ("integer", "numeric", "binary")
+            for c in p["denominator"]
+        )
+        and isinstance(p["changes"], dict)
+        and 0 < len(p["changes"]) <= MAX_CHANGES
+        and all(
+            k in schema[p["group"]].levels and isinstance(v, int) and not isinstance(v, bool) and abs(v) < 10**6
+            for k, v in p["changes"].items()
+        )
+        and p["cov_type"] in COV_TYPES
+    )
     if not ok:
         raise SpecError(f"{spec.source}: the its study's settings are not valid here.")
     if any(name in schema for name in COLUMNS):

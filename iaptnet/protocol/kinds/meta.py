@@ -55,35 +55,55 @@ def parse(data: dict, schema: Schema, source: str) -> tuple[StudySpec, MetaParse
         raise SpecError(f"{source}: field 'family' must be one of {', '.join(FAMILIES)}, got {family!r}.")
     parsed = check_formula(data["formula"], schema, family, source)
     if parsed.stateful:
-        raise SpecError(f"{source}: field 'formula' uses center() or scale(), which a meta study does not support "
-                        "(each node's own fit would centre on its own rows); centre by hand, e.g. I(age - 40).")
+        raise SpecError(
+            f"{source}: field 'formula' uses center() or scale(), which a meta study does not support "
+            "(each node's own fit would centre on its own rows); centre by hand, e.g. I(age - 40)."
+        )
     if not parsed.has_intercept:
-        raise SpecError(f"{source}: field 'formula' must keep the intercept in a meta study (each node's fit needs its own).")
+        raise SpecError(
+            f"{source}: field 'formula' must keep the intercept in a meta study (each node's fit needs its own)."
+        )
     if not fields["exposure"]:
-        raise SpecError(f"{source}: field 'exposure' is required in a meta study: the design column whose "
-                        "effect is compared between nodes, e.g. \"n_treat\" or \"imd_quintile[T.5]\".")
+        raise SpecError(
+            f"{source}: field 'exposure' is required in a meta study: the design column whose "
+            'effect is compared between nodes, e.g. "n_treat" or "imd_quintile[T.5]".'
+        )
     offset = data.get("offset")
     if offset is not None:
         check_offset(offset, schema, source)
         if family == "binomial":
             raise SpecError(f"{source}: field 'offset' is not supported for a binomial model.")
     if data.get("cov_type", "nonrobust") not in COV_TYPES:
-        raise SpecError(f"{source}: field 'cov_type' must be \"nonrobust\" or \"HC0\" in a meta study "
-                        "(each node's own fit has one service, so clusters by service cannot be used).")
+        raise SpecError(
+            f'{source}: field \'cov_type\' must be "nonrobust" or "HC0" in a meta study '
+            "(each node's own fit has one service, so clusters by service cannot be used)."
+        )
     weights, cov_type, _ = check_estimation({k: data[k] for k in ("weights", "cov_type") if k in data}, schema, source)
     service = data.get("service", DEFAULT_SERVICE)
     if not isinstance(service, str) or service not in schema or not schema[service].is_categorical:
-        raise SpecError(f"{source}: field 'service' must name a categorical column of the dataset "
-                        f"'{schema.name}' (the service whose fixed effects the one-stage model adds), e.g. \"service_id\".")
+        raise SpecError(
+            f"{source}: field 'service' must name a categorical column of the dataset "
+            f"'{schema.name}' (the service whose fixed effects the one-stage model adds), e.g. \"service_id\"."
+        )
     if service in fields["merge"]:
-        raise SpecError(f"{source}: field 'merge' merges levels of the service column '{service}'; a meta study compares services as they are.")
+        raise SpecError(
+            f"{source}: field 'merge' merges levels of the service column '{service}'; a meta study compares services as they are."
+        )
     without, _ = split_service_term(data["formula"], service, source)
     _check_exposure(fields["exposure"], without, schema, fields["merge"], source)
-    spec = StudySpec(family=family, formula=data["formula"], offset=offset, weights=weights,
-                     cov_type=cov_type, params={"service": service}, **fields)
+    spec = StudySpec(
+        family=family,
+        formula=data["formula"],
+        offset=offset,
+        weights=weights,
+        cov_type=cov_type,
+        params={"service": service},
+        **fields,
+    )
     one, fe = model_specs(spec)
-    return spec, MetaParsed(check_formula(one.formula, schema, family, source),
-                            check_formula(fe.formula, schema, family, source))
+    return spec, MetaParsed(
+        check_formula(one.formula, schema, family, source), check_formula(fe.formula, schema, family, source)
+    )
 
 
 def split_service_term(formula: str, service: str, source: str = "study") -> tuple[str, bool]:
@@ -101,8 +121,10 @@ def split_service_term(formula: str, service: str, source: str = "study") -> tup
             found = True
             continue
         if any(service in _names(e) for e in exprs):
-            raise SpecError(f"{source}: field 'formula' uses the service column '{service}' other than as a main "
-                            "effect; a meta study compares the exposure between services, so write it as a main effect only.")
+            raise SpecError(
+                f"{source}: field 'formula' uses the service column '{service}' other than as a main "
+                "effect; a meta study compares the exposure between services, so write it as a main effect only."
+            )
         kept.append(":".join(exprs))
     rhs = " + ".join(kept) if kept else "1"
     return f"{outcome} ~ {rhs}" if intercept else f"{outcome} ~ 0 + {rhs}", found
@@ -124,8 +146,10 @@ def _check_exposure(exposure: str, formula: str, schema: Schema, merge: dict, so
     if name in terms:
         column = name[2:-1] if name.startswith("C(") else name
         if column in schema and schema[column].is_categorical:
-            raise SpecError(f"{source}: field 'exposure' names the categorical term '{exposure}'; name one of its "
-                            f"levels, e.g. \"{exposure}[T.{_levels(column, schema, merge)[-1]}]\".")
+            raise SpecError(
+                f"{source}: field 'exposure' names the categorical term '{exposure}'; name one of its "
+                f'levels, e.g. "{exposure}[T.{_levels(column, schema, merge)[-1]}]".'
+            )
         return
     if name.endswith("]") and "[T." in name:
         base, level = name[:-1].split("[T.", 1)
@@ -134,10 +158,14 @@ def _check_exposure(exposure: str, formula: str, schema: Schema, merge: dict, so
             levels = _levels(column, schema, merge)
             if level in levels[1:]:
                 return
-            raise SpecError(f"{source}: field 'exposure' names level '{level}' of '{column}', which is not one of its "
-                            f"non-reference levels ({', '.join(levels[1:])}).")
-    raise SpecError(f"{source}: field 'exposure' must be a term of the formula (without the service term), "
-                    f"e.g. \"n_treat\" or \"imd_quintile[T.5]\"; got {exposure!r}.")
+            raise SpecError(
+                f"{source}: field 'exposure' names level '{level}' of '{column}', which is not one of its "
+                f"non-reference levels ({', '.join(levels[1:])})."
+            )
+    raise SpecError(
+        f"{source}: field 'exposure' must be a term of the formula (without the service term), "
+        f'e.g. "n_treat" or "imd_quintile[T.5]"; got {exposure!r}.'
+    )
 
 
 def _levels(column: str, schema: Schema, merge: dict) -> list[str]:
@@ -158,10 +186,17 @@ def model_specs(spec: StudySpec) -> tuple[StudySpec, StudySpec]:
     with_fe = spec.formula if had else f"{spec.formula} + {service}"
     link = spec.canonical()
     base = replace(spec, kind="glm", title="", description="", reference={})
-    return (replace(base, name=f"{spec.name} (one-stage)", formula=without,
-                    params={"derived_from": link, "step": "one_stage"}),
-            replace(base, name=f"{spec.name} (one-stage, service fixed effects)", formula=with_fe,
-                    params={"derived_from": link, "step": "one_stage_service_fe"}))
+    return (
+        replace(
+            base, name=f"{spec.name} (one-stage)", formula=without, params={"derived_from": link, "step": "one_stage"}
+        ),
+        replace(
+            base,
+            name=f"{spec.name} (one-stage, service fixed effects)",
+            formula=with_fe,
+            params={"derived_from": link, "step": "one_stage_service_fe"},
+        ),
+    )
 
 
 def parent_of(spec: StudySpec) -> StudySpec:
@@ -186,8 +221,12 @@ def check_at_node(spec: StudySpec, schema: Schema) -> StudySpec:
     if spec.kind != "meta":
         raise SpecError(f"{spec.source}: the task does not carry a meta study.")
     service = spec.params.get("service") if isinstance(spec.params, dict) else None
-    if set(spec.params) != {"service"} or not isinstance(service, str) or service not in schema \
-            or not schema[service].is_categorical:
+    if (
+        set(spec.params) != {"service"}
+        or not isinstance(service, str)
+        or service not in schema
+        or not schema[service].is_categorical
+    ):
         raise SpecError(f"{spec.source}: the meta study's settings are not valid here.")
     if spec.cov_type not in COV_TYPES or not spec.exposure:
         raise SpecError(f"{spec.source}: the meta study's exposure or cov_type is not valid here.")

@@ -71,6 +71,7 @@ def weighted_mean_key(group: str) -> str:
     """The balance rows' weighted means in the group (iptw)."""
     return f"weighted/{group}/mean"
 
+
 #: Columns a node computes for the study and keeps (never released).
 PAIR_COLUMN = "pair_id"
 WEIGHT_COLUMN = "iptw_weight"
@@ -110,8 +111,10 @@ def parse(data: dict, schema: Schema, source: str) -> tuple[StudySpec, Propensit
     outcome = _column_field(data, "outcome", schema, source)
     exposure = _column_field(data, "exposure", schema, source)
     if schema[exposure].type != "binary":
-        raise SpecError(f"{source}: field 'exposure' names the {schema[exposure].type} column '{exposure}'; "
-                        "a propensity-score study needs a binary (0/1) exposure.")
+        raise SpecError(
+            f"{source}: field 'exposure' names the {schema[exposure].type} column '{exposure}'; "
+            "a propensity-score study needs a binary (0/1) exposure."
+        )
     if exposure == outcome:
         raise SpecError(f"{source}: fields 'exposure' and 'outcome' name the same column '{exposure}'.")
     family = data.get("family", "binomial")
@@ -119,8 +122,10 @@ def parse(data: dict, schema: Schema, source: str) -> tuple[StudySpec, Propensit
         raise SpecError(f"{source}: field 'family' must be one of {', '.join(FAMILIES)}, got {family!r}.")
     covariates = data.get("covariates")
     if not isinstance(covariates, str) or not covariates.strip() or "~" in covariates:
-        raise SpecError(f"{source}: field 'covariates' is required: the right-hand side of the propensity "
-                        "model, e.g. \"age_group + sex + phq9_first\".")
+        raise SpecError(
+            f"{source}: field 'covariates' is required: the right-hand side of the propensity "
+            'model, e.g. "age_group + sex + phq9_first".'
+        )
     covariates = " ".join(covariates.split())
     try:
         ps = _formula(f"{exposure} ~ {covariates}", schema, "binomial", source, "covariates")
@@ -138,29 +143,35 @@ def parse(data: dict, schema: Schema, source: str) -> tuple[StudySpec, Propensit
     if kind == "psm":
         caliper = data.get("caliper", DEFAULT_CALIPER)
         if isinstance(caliper, bool) or not isinstance(caliper, (int, float)) or not 0 < caliper <= MAX_CALIPER:
-            raise SpecError(f"{source}: field 'caliper' must be a number above 0 and at most {MAX_CALIPER:g} "
-                            "(standard deviations of the logit of the propensity score).")
+            raise SpecError(
+                f"{source}: field 'caliper' must be a number above 0 and at most {MAX_CALIPER:g} "
+                "(standard deviations of the logit of the propensity score)."
+            )
         params["caliper"] = float(caliper)
     else:
         estimand = data.get("estimand", "ATE")
         if estimand not in ESTIMANDS:
-            raise SpecError(f"{source}: field 'estimand' must be \"ATE\" or \"ATT\", got {estimand!r}.")
+            raise SpecError(f'{source}: field \'estimand\' must be "ATE" or "ATT", got {estimand!r}.')
         stabilized = data.get("stabilized", False)
         if not isinstance(stabilized, bool):
             raise SpecError(f"{source}: field 'stabilized' must be true or false.")
         if stabilized and estimand != "ATE":
-            raise SpecError(f"{source}: field 'stabilized' applies to ATE weights only (ATT weights are already "
-                            "1 for the exposed).")
+            raise SpecError(
+                f"{source}: field 'stabilized' applies to ATE weights only (ATT weights are already 1 for the exposed)."
+            )
         params.update(estimand=estimand, stabilized=stabilized)
-    spec = StudySpec(family=family, formula=outcome_formula(outcome, exposure, covariates, adjust),
-                     params=params, **fields)
+    spec = StudySpec(
+        family=family, formula=outcome_formula(outcome, exposure, covariates, adjust), params=params, **fields
+    )
     outcome_parsed = _formula(spec.formula, schema, family, source, "outcome")
     return spec, PropensityParsed(ps, outcome_parsed)
 
 
 def _covariate_error(source: str, what: str, column: str) -> SpecError:
-    return SpecError(f"{source}: field 'covariates' uses the {what} '{column}'; the propensity model's "
-                     "covariates must not include the exposure or the outcome.")
+    return SpecError(
+        f"{source}: field 'covariates' uses the {what} '{column}'; the propensity model's "
+        "covariates must not include the exposure or the outcome."
+    )
 
 
 def _column_field(data: dict, key: str, schema: Schema, source: str) -> str:
@@ -168,9 +179,13 @@ def _column_field(data: dict, key: str, schema: Schema, source: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise SpecError(f"{source}: field '{key}' is required and must name a column.")
     if value not in schema:
-        raise SpecError(f"{source}: field '{key}' names column '{value}', which the dataset '{schema.name}' does not have.")
+        raise SpecError(
+            f"{source}: field '{key}' names column '{value}', which the dataset '{schema.name}' does not have."
+        )
     if not schema[value].in_models:
-        raise SpecError(f"{source}: field '{key}' names the {schema[value].type} column '{value}', which cannot appear in a model.")
+        raise SpecError(
+            f"{source}: field '{key}' names the {schema[value].type} column '{value}', which cannot appear in a model."
+        )
     return value
 
 
@@ -210,20 +225,38 @@ def derived_specs(parent: StudySpec) -> dict[str, StudySpec]:
         raise SpecError(f"{parent.source}: the study's propensity-score settings are incomplete.") from None
     exposure = parent.exposure
     where = cohort_where(parent)
-    common = dict(where=where, min_nodes=parent.min_nodes, merge=parent.merge, dataset=parent.dataset,
-                  schema_fingerprint=parent.schema_fingerprint, source=parent.source)
+    common = dict(
+        where=where,
+        min_nodes=parent.min_nodes,
+        merge=parent.merge,
+        dataset=parent.dataset,
+        schema_fingerprint=parent.schema_fingerprint,
+        source=parent.source,
+    )
     link = parent.canonical()
-    ps = StudySpec(name=f"{parent.name} (propensity model)", family="binomial",
-                   formula=f"{exposure} ~ {covariates}",
-                   params={"derived_from": link, "step": "propensity"}, **common)
+    ps = StudySpec(
+        name=f"{parent.name} (propensity model)",
+        family="binomial",
+        formula=f"{exposure} ~ {covariates}",
+        params={"derived_from": link, "step": "propensity"},
+        **common,
+    )
     augment_columns = {PAIR_COLUMN: "integer"} if parent.kind == "psm" else {WEIGHT_COLUMN: "numeric"}
-    estimation = ({"cov_type": "cluster", "cluster": PAIR_COLUMN} if parent.kind == "psm"
-                  else {"cov_type": "HC0", "weights": WEIGHT_COLUMN})
-    outcome_spec = StudySpec(name=f"{parent.name} (outcome model)", family=parent.family,
-                             formula=outcome_formula(outcome, exposure, covariates, adjust),
-                             exposure=exposure,
-                             augment={"state": state_key(parent), "columns": augment_columns},
-                             params={"derived_from": link, "step": "outcome"}, **estimation, **common)
+    estimation = (
+        {"cov_type": "cluster", "cluster": PAIR_COLUMN}
+        if parent.kind == "psm"
+        else {"cov_type": "HC0", "weights": WEIGHT_COLUMN}
+    )
+    outcome_spec = StudySpec(
+        name=f"{parent.name} (outcome model)",
+        family=parent.family,
+        formula=outcome_formula(outcome, exposure, covariates, adjust),
+        exposure=exposure,
+        augment={"state": state_key(parent), "columns": augment_columns},
+        params={"derived_from": link, "step": "outcome"},
+        **estimation,
+        **common,
+    )
     return {"ps": ps, "outcome": outcome_spec}
 
 
@@ -252,11 +285,15 @@ def describe(spec: StudySpec, rules) -> list[str]:
     """For a Trust's `iaptnet node approve`: what the study computes and what the node releases."""
     p = spec.params
     if spec.kind == "psm":
-        method = (f"1:1 nearest-neighbour matching on the logit of the propensity score, without "
-                  f"replacement, caliper {p['caliper']:g} SD, within this node's rows")
+        method = (
+            f"1:1 nearest-neighbour matching on the logit of the propensity score, without "
+            f"replacement, caliper {p['caliper']:g} SD, within this node's rows"
+        )
         outcome = "on the matched set, standard errors clustered on the matched pair"
     else:
-        method = f"inverse probability of treatment weights ({p['estimand']}{', stabilised' if p['stabilized'] else ''})"
+        method = (
+            f"inverse probability of treatment weights ({p['estimand']}{', stabilised' if p['stabilized'] else ''})"
+        )
         outcome = "weighted, robust (HC0) standard errors"
     lines = [
         f"  method     {method}",
