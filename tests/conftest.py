@@ -3,7 +3,7 @@
 Every node keeps its audit log and the memory of what it released on disk, and checks each
 release against everything it released before on the same data. Tests are independent
 analyses, so each test gets its own state folder (IAPTNET_STATE_DIR) and fresh node runtimes;
-tests of the memory itself say so explicitly (tests/test_release_memory.py).
+tests of the memory itself (across runs and restarts, in tests/test_attacks.py) say so explicitly.
 """
 
 from __future__ import annotations

@@ -519,6 +519,7 @@ def test_access_rates_on_a_small_network(small_frames):
     assert 0.80 <= got["imd_ratio"] <= 1.20  # Q5 has ~1,700 referrals here
 
 
+@pytest.mark.paper_scale
 def test_access_rates_against_the_shipped_population_at_paper_scale(paper):
     """Older adults are under-represented; access is similar across deprivation (§D)."""
     got = _access_checks(paper["frame"], synth.read_population())

@@ -8,7 +8,7 @@ exists: docs/developer/flower.md.
 `check_flwr()` verifies the installed version and the presence, signature and relied-on source
 lines of every private object used (`NEEDS`), and raises `FlowerAdaptationError` naming what
 moved. The node daemon and the ServerApp call it before patching, and
-tests/test_flower_adapt.py calls it on every CI run, so a new flwr fails loudly, never silently.
+tests/test_flower_pins.py calls it on every CI run, so a new flwr fails loudly, never silently.
 """
 
 from __future__ import annotations
