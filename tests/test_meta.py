@@ -234,6 +234,8 @@ BASE = {
         ({"cov_type": "cluster"}, "field 'cov_type' must be"),
         ({"family": "binomial", "offset": "z"}, "field 'offset' is not supported"),
         ({"colour": "red"}, "unknown field 'colour'"),
+        ({"ci": "knha"}, 'field \'ci\' must be "normal" (Wald, the default) or "hksj"'),
+        ({"ci": 1}, "got 1."),
     ],
 )
 def test_bad_fields_are_one_sentence(tmp_path, change, words):
@@ -275,3 +277,26 @@ def test_a_trust_approving_the_study_answers_only_the_models_it_derives(tmp_path
     assert "is not one the study 'm' derives" in reply.message
     lines = protocol.describe(spec, node.runtime.policy.rules)
     assert any("own fit" in line for line in lines)
+
+
+def test_ci_field_changes_the_hash_only_when_hksj_and_nothing_a_node_releases(tmp_path):
+    """`ci` is coordinator-side: a node answers an HKSJ study with exactly the release of the
+    default one. The default ("normal") is left out of the study hash, so that studies written
+    before the field keep theirs; "hksj" is part of it (and checked by the node)."""
+    from dataclasses import replace
+
+    from iaptnet.protocol import messages as m
+
+    rng = np.random.default_rng(12)
+    node = Node(tmp_path, make_site("s1", 400, rng), COLUMNS)
+    default, _ = parse_study(BASE, node.schema, "m.toml")
+    normal, _ = parse_study({**BASE, "ci": "normal"}, node.schema, "m.toml")
+    hksj, _ = parse_study({**BASE, "ci": "hksj"}, node.schema, "m.toml")
+    assert normal.hash == default.hash and default.params == {"service": "site"}
+    assert hksj.hash != default.hash and hksj.params == {"service": "site", "ci": "hksj"}
+    replies = [node.prepare(spec.to_wire(), kind=protocol.TASK)[0] for spec in (default, hksj)]
+    assert all(r.status == m.OK for r in replies)
+    assert replies[0].payload["models"] == replies[1].payload["models"]
+    assert any("HKSJ" in line for line in protocol.describe(hksj, node.runtime.policy.rules))
+    with pytest.raises(SpecError, match="settings are not valid here"):
+        protocol.check_at_node(replace(hksj, params={"service": "site", "ci": "adhoc"}), node.schema)

@@ -5,7 +5,9 @@
    whatever the nodes answer: a node that refuses, fails, has no rows or cannot estimate the
    exposure alone is reported with its reason and left out of the meta-analysis.
 2. The exposure's node estimates are pooled by fixed-effect and random-effects
-   (DerSimonian-Laird, REML) meta-analysis (coordinator/meta_analysis.py).
+   (DerSimonian-Laird, REML) meta-analysis (coordinator/meta_analysis.py), the REML interval
+   Wald or HKSJ as the study's `ci` says, with the Q-profile CI for tau^2. Both use only the
+   estimates and standard errors of step 1: nothing more is asked of the nodes.
 3. The one-stage models, exact federated GLMs fitted in shared rounds: the formula without
    the service term, and with service fixed effects. These follow the study's `min_nodes`
    like any GLM study.
@@ -17,7 +19,7 @@ from ..protocol.errors import ModelError
 from ..protocol.families import get_family
 from ..protocol.kinds import meta as protocol
 from .derived_models import fit_derived, footer, header, model_result, with_ratio
-from .meta_analysis import Z975, meta_analyse
+from .meta_analysis import Z975, meta_analyse, tau2_qprofile
 from .session import Session
 
 METHODS = (
@@ -36,11 +38,10 @@ def run_study(
     replies = local.ask(protocol.TASK, {"models": {"meta": spec.to_wire()}})
     per_node = _per_node(local, replies, ratio)
     usable = [e for e in per_node if e["estimate"] is not None]
-    pooled = (
-        meta_analyse([e["estimate"] for e in usable], [e["std_error"] ** 2 for e in usable])
-        if len(usable) >= 2
-        else {key: None for key, _ in METHODS}
-    )
+    ci = spec.params.get("ci", protocol.DEFAULT_CI)
+    effects, variances = [e["estimate"] for e in usable], [e["std_error"] ** 2 for e in usable]
+    pooled = meta_analyse(effects, variances, ci=ci) if len(usable) >= 2 else {key: None for key, _ in METHODS}
+    tau2_ci = tau2_qprofile(effects, variances, pooled["random_reml"]["tau2"]) if len(usable) >= 2 else None
     for key, _ in METHODS:
         if pooled[key] is None:
             continue
@@ -83,12 +84,14 @@ def run_study(
             "cov_type": spec.cov_type,
             "exposure": spec.exposure,
             "service": spec.params["service"],
+            "ci": ci,
             "exposure_term": service_fe["exposure_term"],
             "k": len(usable),
             "per_node": per_node,
             "fixed": pooled["fixed"],
             "random_dl": pooled["random_dl"],
             "random_reml": pooled["random_reml"],
+            "tau2_ci": tau2_ci,
             "one_stage": one_stage,
             "one_stage_service_fe": service_fe,
             "n": service_fe["n"],
@@ -163,6 +166,8 @@ def render(result: dict) -> str:
         entry = result.get(key)
         if entry is None:
             continue
+        if entry.get("ci") == "hksj":
+            name = f"{name}, HKSJ"
         extra = f"Q = {entry['Q']:.2f} on {entry['Q_df']} df"
         if entry.get("Q_p_value") is not None:
             extra += f" (p = {entry['Q_p_value']:.3g})"
@@ -177,6 +182,15 @@ def render(result: dict) -> str:
             else:
                 pi = f"{entry['prediction_low']:.4f} to {entry['prediction_high']:.4f}"
             lines.append(f"  {'':<38} 95% prediction interval for a new node: {pi}")
+        if entry.get("ci") == "hksj":
+            lines.append(
+                f"  {'':<38} Hartung-Knapp-Sidik-Jonkman interval: t = {entry['statistic']:.3f} on "
+                f"{entry['df']} df, p = {entry['p_value']:.3g}, SE {entry['std_error']:.4g}"
+            )
+    if result.get("tau2_ci"):
+        lines.append(f"  {'heterogeneity, 95% CI (Q-profile)':<38} {_tau2_ci_text(result['tau2_ci'])}")
+        if result["tau2_ci"].get("note"):
+            lines.append(f"  {'':<38} {result['tau2_ci']['note']}")
     for key, name in (
         ("one_stage", "one-stage (pooled rows)"),
         ("one_stage_service_fe", "one-stage + service fixed effects"),
@@ -188,3 +202,14 @@ def render(result: dict) -> str:
     if result.get("note"):
         lines.append(f"  note: {result['note']}")
     return "\n".join(lines)
+
+
+def _tau2_ci_text(ci: dict) -> str:
+    """tau2, tau, I2 and H2 bounds, with metafor's signs where a bound is at the search's end."""
+    lo, hi = ci.get("lower_sign") or "", ci.get("upper_sign") or ""
+    return (
+        f"tau2 {lo}{ci['tau2_low']:.3g} to {hi}{ci['tau2_high']:.3g}, "
+        f"tau {lo}{ci['tau_low']:.3g} to {hi}{ci['tau_high']:.3g}, "
+        f"I2 {lo}{100 * ci['I2_low']:.1f}% to {hi}{100 * ci['I2_high']:.1f}%, "
+        f"H2 {lo}{ci['H2_low']:.3g} to {hi}{ci['H2_high']:.3g}"
+    )

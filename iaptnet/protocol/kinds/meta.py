@@ -10,6 +10,11 @@ required `exposure` (the design column it is about) and a `service` column (defa
 - one-stage: the exact federated GLM of the formula without the service term, and with it
   (service fixed effects), fitted together.
 
+`ci` chooses the REML random-effects interval: "normal" (Wald, the default) or "hksj"
+(Hartung-Knapp-Sidik-Jonkman, t on k - 1 df, for few services). It is coordinator-side (the
+nodes release the same either way) but part of the study hash, stored in `params` only when
+it is not the default, so that studies without it keep their hashes.
+
 This module derives the models both halves need from the study alone, so that the node and the
 coordinator build the same ones and a Trust can approve every hash the study sends
 (`approval_hashes`). Pure: no I/O, no pandas.
@@ -26,11 +31,14 @@ from ..formula_check import ParsedFormula, check_formula, parse_formula
 from ..schema import Schema
 from ..study import COMMON_KEYS, StudySpec, check_estimation, check_offset, common_fields
 
-KEYS = COMMON_KEYS | {"family", "formula", "offset", "weights", "cov_type", "service"}
+KEYS = COMMON_KEYS | {"family", "formula", "offset", "weights", "cov_type", "service", "ci"}
 #: The task kind of each node's own fit (node/meta.py).
 TASK = "meta.local_fit"
 COV_TYPES = ("nonrobust", "HC0")
 DEFAULT_SERVICE = "service_id"
+#: The study field `ci`: the REML random-effects interval (coordinator/meta_analysis.py).
+CI_METHODS = ("normal", "hksj")
+DEFAULT_CI = "normal"
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,12 @@ def parse(data: dict, schema: Schema, source: str) -> tuple[StudySpec, MetaParse
         raise SpecError(
             f"{source}: field 'merge' merges levels of the service column '{service}'; a meta study compares services as they are."
         )
+    ci = data.get("ci", DEFAULT_CI)
+    if ci not in CI_METHODS:
+        raise SpecError(
+            f'{source}: field \'ci\' must be "normal" (Wald, the default) or "hksj" (Hartung-Knapp-Sidik-Jonkman, '
+            f"t on k - 1 df) for the REML random-effects interval; got {ci!r}."
+        )
     without, _ = split_service_term(data["formula"], service, source)
     _check_exposure(fields["exposure"], without, schema, fields["merge"], source)
     spec = StudySpec(
@@ -97,7 +111,7 @@ def parse(data: dict, schema: Schema, source: str) -> tuple[StudySpec, MetaParse
         offset=offset,
         weights=weights,
         cov_type=cov_type,
-        params={"service": service},
+        params={"service": service, **({"ci": ci} if ci != DEFAULT_CI else {})},
         **fields,
     )
     one, fe = model_specs(spec)
@@ -222,7 +236,8 @@ def check_at_node(spec: StudySpec, schema: Schema) -> StudySpec:
         raise SpecError(f"{spec.source}: the task does not carry a meta study.")
     service = spec.params.get("service") if isinstance(spec.params, dict) else None
     if (
-        set(spec.params) != {"service"}
+        set(spec.params) - {"ci"} != {"service"}
+        or spec.params.get("ci", DEFAULT_CI) not in CI_METHODS
         or not isinstance(service, str)
         or service not in schema
         or not schema[service].is_categorical
@@ -251,6 +266,9 @@ def describe(spec: StudySpec, rules) -> list[str]:
         f"  model      {spec.family} GLM: {' '.join(spec.formula.split())}",
         f"  exposure   {spec.exposure}, compared between services ('{spec.params['service']}')",
         f"  one-stage  {' '.join(one.formula.split())}; and {' '.join(fe.formula.split())}",
+        "  pooled     fixed effect, DerSimonian-Laird and REML random effects "
+        + ("(REML with the HKSJ interval)" if spec.params.get("ci") == "hksj" else "(Wald intervals)")
+        + ", Q-profile CI for tau2; by the coordinator from the nodes' own estimates",
         "",
         "what this node releases for it (every reply is checked against the policy first):",
         "  own fit   the exposure's estimate and standard error from this node's rows alone (or",
