@@ -8,6 +8,13 @@ entry without `hash`). `audit.head` holds the last sequence number and hash, so 
 entries from the end is detected as well as editing or deleting any entry. `iaptnet node
 audit --verify` checks both.
 
+A crash at any instant of an append leaves a state the node repairs when it opens the log
+(a torn final line removed, a head one entry behind rolled forward), recording what it
+repaired in an `audit.recovery` entry; `--verify` reports those as crash repairs, not as
+tampering (`AuditLog`). Every reply carries the head after its task (the anchor), results.json
+records it per node, and `--verify --against results.json` checks that the chain still holds
+those entries, which catches a log edited and re-chained after the fact (`read_anchors`).
+
 The memory (`memory.json`, `rowsets/`) is what the node must remember between tasks: task
 ids it has answered (replay), tasks per study and studies today (volume limits), and a
 bitmap of every row set it has released model statistics on (the subset rule). Without a
@@ -20,11 +27,13 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +45,8 @@ from .release_memory import Footprint, MemoryDamaged, ReleaseMemory
 from .span import SpanMemory
 
 GENESIS = "0" * 64
+
+log = logging.getLogger("iaptnet.node")
 
 try:  # POSIX advisory locks; other systems rely on the in-process lock
     import fcntl
@@ -86,8 +97,8 @@ def _file_lock(path: Path):
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+def _write_atomic(path: Path, text: str, prefix: str = ".tmp-") -> None:
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
@@ -101,6 +112,24 @@ def _write_atomic(path: Path, text: str) -> None:
 
 # --------------------------------------------------------------------------- the audit log
 
+RECOVERY = "audit.recovery"  # the kind of an entry recording a crash repair
+DAMAGE = "audit.damage"  # ... recording damage a crash cannot produce (tampering)
+_HEAD_TMP = ".audit.head.tmp-"
+
+
+class AuditUnreadable(DataError):
+    """The log's end cannot be read, so the node cannot chain a new entry onto it."""
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A node's audit head as recorded outside the node: `results.json` of a study."""
+
+    source: str  # the results file
+    study: str
+    seq: int
+    hash: str
+
 
 @dataclass
 class Verification:
@@ -108,16 +137,32 @@ class Verification:
     entries: int
     head: str
     problem: str = ""
+    seq: int = 0  # the last entry's sequence number
+    repairs: list[str] = field(default_factory=list)  # crash repairs recorded in the log
+    pending: str = ""  # a crash state the node repairs when it next opens the log
+    anchored: int = 0  # anchors checked
 
 
 class AuditLog:
-    """Append-only, hash-chained. `folder=None` keeps the entries in memory."""
+    """Append-only, hash-chained. `folder=None` keeps the entries in memory.
+
+    An append writes the entry's line (fsync), then replaces the head file (fsync). A process
+    killed at any instant leaves one of: the log as it was; a torn final line (part of the new
+    line); the whole line with the head one entry behind. `recover()` (the node runs it when it
+    opens its log, and every append checks first) removes a torn line, rolls a lagging head
+    forward and appends a recovery entry saying what it repaired. Anything else (a head ahead
+    of a clean log end, a head further behind, a missing head, a last entry that does not match
+    its hash) is not what a crash leaves: it is recorded in an `audit.damage` entry, so that
+    the log never verifies again, and the node chains on from the log's last entry.
+    """
 
     def __init__(self, folder: Path | None):
         self.folder = folder
         self._lock = threading.Lock()
         self._memory: list[str] = []
         self._memory_head: tuple[int, str] = (0, GENESIS)
+        self._known: tuple | None = None  # (log file identity, head) after our last append
+        self._repair_entry: dict | None = None  # the recovery or damage entry the last settle wrote
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -129,132 +174,424 @@ class AuditLog:
     def head_path(self) -> Path | None:
         return None if self.folder is None else self.folder / "audit.head"
 
-    def append(self, fields: dict) -> dict:
-        """Chain and write one entry; returns it (with seq, prev and hash)."""
-        with self._lock, _file_lock(self.folder / "audit.lock") if self.folder else contextlib.nullcontext():
-            seq, prev = self._head()
-            entry = {"seq": seq + 1, **fields, "prev": prev}
-            # The body is serialised once: hashed, then written with the hash appended (the
-            # line is the canonical body plus its hash; verify() re-serialises the body).
-            body = canonical(entry)
-            entry["hash"] = hashlib.sha256((prev + body).encode()).hexdigest()
-            line = body[:-1] + ',"hash":' + json.dumps(entry["hash"]) + "}\n"
-            if self.folder is None:
-                self._memory.append(line)
-                self._memory_head = (entry["seq"], entry["hash"])
-            else:
-                with open(self.path, "a") as fh:
-                    fh.write(line)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                _write_atomic(self.head_path, json.dumps({"seq": entry["seq"], "hash": entry["hash"]}) + "\n")
-            return entry
+    def _locked(self):
+        return _file_lock(self.folder / "audit.lock") if self.folder else contextlib.nullcontext()
 
-    def _head(self) -> tuple[int, str]:
+    def append(self, fields: dict) -> dict:
+        """Chain and write one entry; returns it (with seq, prev and hash). A crash state left
+        by an earlier process is repaired (and recorded) first."""
+        with self._lock, self._locked():
+            if self.folder is None:
+                seq, prev = self._memory_head
+            else:
+                seq, prev = self._settle()
+            return self._write(fields, seq, prev)
+
+    def recover(self) -> dict | None:
+        """Repair what a crash left (see the class); returns the recovery or damage entry
+        written, or None when the log was sound."""
         if self.folder is None:
-            return self._memory_head
+            return None
+        with self._lock, self._locked():
+            self._known = None  # look at the files whatever this object wrote last
+            self._settle()
+            return self._repair_entry
+
+    # -- writing
+    def _write(self, fields: dict, seq: int, prev: str) -> dict:
+        entry = {"seq": seq + 1, **fields, "prev": prev}
+        # The body is serialised once: hashed, then written with the hash appended (the
+        # line is the canonical body plus its hash; verify() re-serialises the body).
+        body = canonical(entry)
+        entry["hash"] = hashlib.sha256((prev + body).encode()).hexdigest()
+        line = body[:-1] + ',"hash":' + json.dumps(entry["hash"]) + "}\n"
+        if self.folder is None:
+            self._memory.append(line)
+            self._memory_head = (entry["seq"], entry["hash"])
+            return entry
+        with open(self.path, "ab") as fh:
+            fh.write(line.encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+        head = json.dumps({"seq": entry["seq"], "hash": entry["hash"]}) + "\n"
+        _write_atomic(self.head_path, head, prefix=_HEAD_TMP)
+        _fsync_folder(self.folder)
+        self._known = (_identity(self.path), (entry["seq"], entry["hash"]))
+        return entry
+
+    def _head_file(self) -> tuple[int, str] | str:
+        """(seq, hash) of the head file, "missing" or "invalid"."""
         try:
             head = json.loads(self.head_path.read_text())
-            return int(head["seq"]), str(head["hash"])
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
-            last = _last_line(self.path)
-            if last is None:
-                return 0, GENESIS
-            entry = json.loads(last)
-            return int(entry["seq"]), str(entry["hash"])
+            seq, hash_ = head["seq"], head["hash"]
+        except FileNotFoundError:
+            return "missing"
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            return "invalid"
+        if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(hash_, str):
+            return "invalid"
+        return seq, hash_
+
+    def _settle(self) -> tuple[int, str]:
+        """(seq, hash) the next entry chains on, after repairing (and recording) a crash state;
+        the caller holds the lock."""
+        head = self._head_file()
+        if isinstance(head, tuple) and self._known == (_identity(self.path), head):
+            return head  # the files are as our last append left them
+        self._repair_entry = None
+        for stray in self.folder.glob(_HEAD_TMP + "*"):
+            stray.unlink(missing_ok=True)  # a head replacement interrupted before its rename
+        size, fragment, line = _read_tail(self.path)
+        state = _classify(head, line, fragment)
+        if state.unreadable:
+            raise AuditUnreadable(
+                f"the audit log {self.path} cannot be continued: {state.unreadable}; restore the state "
+                "folder from its backup."
+            )
+        if fragment:
+            with open(self.path, "r+b") as fh:
+                fh.truncate(size)
+                fh.flush()
+                os.fsync(fh.fileno())
+        seq, prev = state.chain
+        if not state.repairs and not state.damage:
+            self._known = (_identity(self.path), head)
+            return seq, prev
+        fields = {"time": now_iso(time.time()), "node": self.folder.name}
+        if state.damage:
+            fields.update(kind=DAMAGE, status="damaged", damage=state.damage, repairs=state.repairs)
+            log.error("audit log %s: %s", self.path, state.damage)
+        else:
+            fields.update(kind=RECOVERY, status="recovered", repairs=state.repairs)
+            log.warning(
+                "audit log %s repaired after a crash: %s", self.path, "; ".join(r["sentence"] for r in state.repairs)
+            )
+        entry = self._write(fields, seq, prev)
+        self._repair_entry = entry
+        return entry["seq"], entry["hash"]
+
+    # -- reading
+    def _raw_lines(self) -> Iterator[bytes]:
+        if self.folder is None:
+            for line in list(self._memory):
+                yield line.encode()
+            return
+        try:
+            with open(self.path, "rb") as fh:
+                yield from fh
+        except FileNotFoundError:
+            return
 
     def lines(self) -> Iterator[str]:
+        for raw in self._raw_lines():
+            yield raw.decode(errors="replace")
+
+    def scan(self) -> Iterator[tuple[int, dict | None, str]]:
+        """(line number, entry or None, what is wrong with the line) for every line; never
+        raises on a damaged log."""
+        for number, raw in enumerate(self._raw_lines(), 1):
+            if not raw.endswith(b"\n"):
+                yield (
+                    number,
+                    None,
+                    "the last line is torn (the node stopped while writing it); the node removes it "
+                    "and records a recovery entry when it next starts",
+                )
+                return
+            if not raw.strip():
+                yield number, None, "the line is empty"
+                continue
+            entry, problem = _parse(raw)
+            yield number, entry, problem
+
+    def last_entry(self) -> dict | None:
+        """The last complete entry, read from the end of the file (None if there is none or
+        it cannot be read)."""
         if self.folder is None:
-            yield from list(self._memory)
-            return
-        if not self.path.exists():
-            return
-        with open(self.path) as fh:
-            yield from fh
+            return json.loads(self._memory[-1]) if self._memory else None
+        _, _, line = _read_tail(self.path)
+        return None if line is None else _parse(line)[0]
 
     def entries(self, since: dt.datetime | None = None) -> Iterator[dict]:
-        for line in self.lines():
-            if not line.strip():
+        """The log's readable entries (`scan` says where a line is not one)."""
+        for _, entry, _ in self.scan():
+            if entry is None:
                 continue
-            entry = json.loads(line)
-            if since is not None and _parse_time(entry.get("time", "")) < since:
+            if since is not None and entry_time(entry) < since:
                 continue
             yield entry
 
-    def verify(self) -> Verification:
+    def verify(self, anchors: Iterable[Anchor] = ()) -> Verification:
+        """Check the chain, the head and every anchor (the hash recorded outside the node for
+        an entry must be that entry's hash here). A crash state not yet repaired is reported
+        in `pending`, not as tampering."""
+        anchored: dict[int, list[Anchor]] = {}
+        for anchor in anchors:
+            anchored.setdefault(anchor.seq, []).append(anchor)
         prev, seq, count = GENESIS, 0, 0
-        for number, line in enumerate(self.lines(), 1):
-            if not line.strip():
-                return Verification(False, count, prev, f"line {number} is empty: the log was edited.")
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                return Verification(False, count, prev, f"line {number} is not a valid entry: the log was edited.")
-            if not isinstance(entry, dict) or "hash" not in entry or "seq" not in entry:
-                return Verification(False, count, prev, f"line {number} is not a valid entry: the log was edited.")
+        last_line: bytes | None = None
+        fragment = b""
+        repairs: list[str] = []
+        damage = ""
+        checked = 0
+
+        def failed(problem: str) -> Verification:
+            return Verification(False, count, prev, problem, seq, repairs, anchored=checked)
+
+        for number, raw in enumerate(self._raw_lines(), 1):
+            if not raw.endswith(b"\n"):
+                fragment = raw  # a torn final line
+                break
+            if not raw.strip():
+                return failed(f"line {number} is empty: the log was edited.")
+            entry, problem = _parse(raw)
+            if entry is None:
+                return failed(f"line {number} is not a valid entry: the log was edited.")
             if entry["seq"] != seq + 1:
-                return Verification(
-                    False,
-                    count,
-                    prev,
-                    f"entry {seq + 1} is missing (line {number} holds entry {entry['seq']}): entries were deleted or reordered.",
+                return failed(
+                    f"entry {seq + 1} is missing (line {number} holds entry {entry['seq']}): entries were deleted or reordered."
                 )
-            if entry.get("prev") != prev:
-                return Verification(
-                    False,
-                    count,
-                    prev,
-                    f"entry {entry['seq']} does not follow entry {seq}: the chain is broken (an entry was deleted or replaced).",
+            if entry["prev"] != prev:
+                return failed(
+                    f"entry {entry['seq']} does not follow entry {seq}: the chain is broken (an entry was deleted or replaced)."
                 )
             if entry_hash(prev, entry) != entry["hash"]:
-                return Verification(
-                    False, count, prev, f"entry {entry['seq']} was edited: its hash does not match its content."
+                return failed(f"entry {entry['seq']} was edited: its hash does not match its content.")
+            for anchor in anchored.get(entry["seq"], ()):
+                checked += 1
+                if anchor.hash != entry["hash"]:
+                    return failed(
+                        f"entry {entry['seq']} is not the entry that {anchor.source} recorded for study "
+                        f"'{anchor.study}' (hash {anchor.hash[:16]}..., here {entry['hash'][:16]}...): the log "
+                        "was rewritten after the node released that study's results."
+                    )
+            if entry.get("kind") == RECOVERY:
+                said = "; ".join(str(r.get("sentence", r.get("repair", ""))) for r in entry.get("repairs", []))
+                repairs.append(f"entry {entry['seq']}: {said}")
+            if entry.get("kind") == DAMAGE and not damage:
+                damage = (
+                    f"entry {entry['seq']} records that the node found its log damaged when it opened it "
+                    f"({entry.get('time', '')[:19]}Z): {entry.get('damage', '')}"
                 )
             prev, seq, count = entry["hash"], entry["seq"], count + 1
+            last_line = raw
+        beyond = [a for s, group in anchored.items() if s > seq for a in group]
+        if beyond:
+            a = min(beyond, key=lambda a: a.seq)
+            return failed(
+                f"{a.source} recorded entry {a.seq} for study '{a.study}' but the log ends at entry {seq}: "
+                "entries the node released were deleted."
+            )
+        if damage:
+            return failed(damage)
+        pending = ""
         if self.folder is not None:
-            try:
-                head = json.loads(self.head_path.read_text())
-            except FileNotFoundError:
-                if count:
-                    return Verification(
-                        False,
-                        count,
-                        prev,
-                        "the head file audit.head is missing, so deletions at the end cannot be ruled out.",
-                    )
-                head = {"seq": 0, "hash": GENESIS}
-            except ValueError:
-                return Verification(False, count, prev, "the head file audit.head is not valid: it was edited.")
-            if head.get("seq") != seq or head.get("hash") != prev:
-                if isinstance(head.get("seq"), int) and head["seq"] > seq:
-                    return Verification(
-                        False,
-                        count,
-                        prev,
-                        f"the log ends at entry {seq} but the head records entry {head['seq']}: the last entries were deleted.",
-                    )
-                return Verification(
-                    False, count, prev, "the head file does not match the last entry: the log or its head was edited."
+            head = self._head_file()
+            if head == "invalid":
+                return failed("the head file audit.head is not valid: it was edited.")
+            state = _classify(head, last_line, fragment)
+            if state.damage or state.unreadable:
+                return failed(state.damage or state.unreadable)
+            if state.repairs:
+                pending = (
+                    "; ".join(_found(r) for r in state.repairs)
+                    + ". A crash, not an edit: the node repairs it and records a recovery entry when it next starts."
                 )
-        return Verification(True, count, prev)
+        return Verification(True, count, prev, "", seq, repairs, pending, checked)
 
 
-def _last_line(path: Path) -> str | None:
-    if not path.exists() or path.stat().st_size == 0:
-        return None
-    with open(path, "rb") as fh:
-        fh.seek(0, os.SEEK_END)
-        end = fh.tell()
-        pos, chunk, data = end, 65536, b""
-        while pos > 0:
-            step = min(chunk, pos)
+@dataclass
+class _TailState:
+    chain: tuple[int, str] = (0, GENESIS)  # what the next entry chains on
+    repairs: list[dict] = field(default_factory=list)
+    damage: str = ""
+    unreadable: str = ""
+
+
+def _classify(head, line: bytes | None, fragment: bytes) -> _TailState:
+    """What the end of a log says happened: `head` from the head file ((seq, hash), "missing"
+    or "invalid"), `line` the last complete line (None: no entry), `fragment` the bytes after
+    it."""
+    state = _TailState()
+    last, problem = _parse(line) if line is not None else (None, "")
+    if line is not None and last is None:
+        if isinstance(head, tuple):  # chain on from the head; the line stays as evidence
+            state.chain = head
+            state.damage = f"the log's last complete line {problem.removeprefix('the line ')}"
+        else:
+            state.unreadable = f"its last complete line {problem.removeprefix('the line ')} and its head file is {head}"
+        return state
+    if last is not None:
+        state.chain = (last["seq"], last["hash"])
+        if entry_hash(last["prev"], last) != last["hash"]:
+            state.damage = f"entry {last['seq']} was edited: its hash does not match its content"
+    seq, last_hash = state.chain
+    if fragment:
+        state.repairs.append(
+            {
+                "repair": "torn_tail",
+                "after_seq": seq,
+                "bytes": len(fragment),
+                "sha256": hashlib.sha256(fragment).hexdigest(),
+                "sentence": f"removed a torn final line of {len(fragment)} bytes after entry {seq} (the node "
+                "stopped while writing it, before anything it recorded was sent)",
+            }
+        )
+    if head == "missing" and seq <= 1:
+        head = (0, GENESIS)  # the first append stopped before the head file was created
+    if head == "missing":
+        state.damage = state.damage or (
+            f"the head file audit.head is missing although the log holds {seq} entries, so deletions at "
+            "the end cannot be ruled out"
+        )
+    elif head == "invalid":
+        state.damage = state.damage or "the head file audit.head is not valid: it was edited"
+    elif head == (seq, last_hash):
+        pass
+    elif last is not None and head[0] == seq - 1 and head[1] == last["prev"] and not state.damage:
+        state.repairs.append(
+            {
+                "repair": "head_rolled_forward",
+                "seq": seq,
+                "sentence": f"entry {seq} was written in full but the head still recorded entry {seq - 1} "
+                "(the node stopped before confirming it, so its reply was not sent); the head now records it",
+            }
+        )
+    elif head[0] == seq + 1 and fragment:
+        state.repairs.append(
+            {
+                "repair": "lost_entry",
+                "seq": head[0],
+                "hash": head[1],
+                "sentence": f"the head recorded entry {head[0]} (hash {head[1][:16]}...) but the crash lost the "
+                "end of its line: what that entry recorded cannot be recovered",
+            }
+        )
+    elif head[0] > seq:
+        state.damage = state.damage or (
+            f"the log ends at entry {seq} but the head records entry {head[0]}: the last entries were deleted"
+        )
+    else:
+        state.damage = state.damage or (
+            f"the head file records entry {head[0]} but the log ends at entry {seq}: the head does not match "
+            "the last entry (the log or its head was edited)"
+        )
+    return state
+
+
+def _found(repair: dict) -> str:
+    """A crash state not yet repaired, in words."""
+    if repair["repair"] == "torn_tail":
+        return (
+            f"the last line ({repair['bytes']} bytes after entry {repair['after_seq']}) is torn: the node "
+            "stopped while writing it"
+        )
+    if repair["repair"] == "head_rolled_forward":
+        return (
+            f"entry {repair['seq']} is written in full but the head still records entry {repair['seq'] - 1}: "
+            "the node stopped before confirming it"
+        )
+    return f"the head records entry {repair['seq']} but the crash tore that entry's line"
+
+
+def _parse(raw: bytes) -> tuple[dict | None, str]:
+    try:
+        entry = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None, "the line is not a valid entry"
+    if (
+        not isinstance(entry, dict)
+        or not isinstance(entry.get("seq"), int)
+        or isinstance(entry.get("seq"), bool)
+        or not isinstance(entry.get("hash"), str)
+        or not isinstance(entry.get("prev"), str)
+    ):
+        return None, "the line is not a valid entry"
+    return entry, ""
+
+
+def _read_tail(path: Path) -> tuple[int, bytes, bytes | None]:
+    """(bytes up to and including the last newline, the bytes after it, the last complete line
+    without its newline or None)."""
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        return 0, b"", None
+    with fh:
+        pos = fh.seek(0, os.SEEK_END)
+        buf = b""
+        while True:
+            last = buf.rfind(b"\n")
+            if last >= 0 and (buf.rfind(b"\n", 0, last) >= 0 or pos == 0):
+                break
+            if pos == 0:
+                break
+            step = min(1 << 16, pos)
             pos -= step
             fh.seek(pos)
-            data = fh.read(step) + data
-            stripped = data.rstrip(b"\n")
-            if b"\n" in stripped:
-                return stripped.rsplit(b"\n", 1)[1].decode()
-        return data.rstrip(b"\n").decode() or None
+            buf = fh.read(step) + buf
+        if last < 0:
+            return 0, buf, None
+        start = buf.rfind(b"\n", 0, last) + 1
+        return pos + last + 1, buf[last + 1 :], buf[start:last]
+
+
+def _identity(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (best effort where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_anchors(paths: Iterable[str | Path], node: str) -> list[Anchor]:
+    """The audit heads that results files recorded for `node` (each study's `nodes` entries,
+    nested models included). SpecError for a file that is not a results file."""
+    out: list[Anchor] = []
+    for path in paths:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise SpecError(f"{path}: no such results file.") from None
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+            raise SpecError(f"{path}: not a results file (expected the JSON that 'iaptnet run' writes).") from None
+        stack = [(data, "")]
+        while stack:
+            item, study = stack.pop()
+            if isinstance(item, list):
+                stack.extend((x, study) for x in item)
+                continue
+            if not isinstance(item, dict):
+                continue
+            if isinstance(item.get("study_hash"), str) and isinstance(item.get("study"), str):
+                study = item["study"]
+            head = item.get("audit_head")
+            if item.get("name") == node and isinstance(head, dict):
+                seq, hash_ = head.get("seq"), head.get("hash")
+                if isinstance(seq, int) and not isinstance(seq, bool) and seq > 0 and isinstance(hash_, str):
+                    out.append(Anchor(str(path), study or path.parent.name, seq, hash_))
+            stack.extend((v, study) for v in item.values() if isinstance(v, (dict, list)))
+    return sorted(set(out), key=lambda a: (a.seq, a.source, a.study))
+
+
+def entry_time(entry: dict) -> dt.datetime:
+    """When an entry was written (the earliest time for an entry without a readable one)."""
+    return _parse_time(str(entry.get("time", "")))
 
 
 def _parse_time(text: str) -> dt.datetime:

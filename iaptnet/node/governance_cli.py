@@ -4,8 +4,13 @@ iaptnet node approve STUDY.toml --policy policy.toml [--schema SCHEMA.toml] [--y
     prints what the study will compute and what the node will release for it, then adds
     its hash to the policy's `approved` list (after a yes, or with --yes).
 iaptnet node audit --policy policy.toml [--node NAME] [--since DATE] [--verify] [--json]
-    lists the audit log's entries (one line each, or full JSON), and with --verify checks
-    the hash chain and the head: any edited, deleted or reordered entry is reported.
+                   [--against RESULTS.json ...]
+    lists the audit log's entries (one line each, or full JSON; a damaged line is named by
+    file and line), and with --verify checks the hash chain and the head: any edited,
+    deleted or reordered entry is reported, while a crash the node repaired (a recovery
+    entry) or has yet to repair is said to be one. With --against, each audit head that the
+    results files recorded for this node must be in the chain at its sequence number, so a
+    log rewritten and re-chained after those studies fails too.
 """
 
 from __future__ import annotations
@@ -34,6 +39,12 @@ def register(node_sub) -> None:
     audit.add_argument("--since", help="only entries from this date (YYYY-MM-DD) or time on, UTC")
     audit.add_argument("--verify", action="store_true", help="check the hash chain; exit 1 if it is broken")
     audit.add_argument("--json", action="store_true", help="print the entries as JSON lines, in full")
+    audit.add_argument(
+        "--against",
+        nargs="+",
+        metavar="RESULTS.json",
+        help="also check the audit heads these results recorded for this node (implies --verify)",
+    )
     audit.set_defaults(fn=cmd_audit)
 
 
@@ -176,23 +187,46 @@ def design_terms(spec, parsed, schema) -> list[str]:
 
 
 def cmd_audit(args) -> int:
-    from .audit import AuditLog, parse_since
+    from .audit import AuditLog, entry_time, parse_since, read_anchors
     from .policy import load_policy
 
     policy = load_policy(Path(args.policy), production=True)
     folder = state_folder(policy, args.node)
     log = AuditLog(folder)
     since = parse_since(args.since) if args.since else None
-    if args.verify:
-        result = log.verify()
-        if result.ok:
-            print(f"audit log OK: {result.entries} entries, chain intact, head {result.head}")
-            return 0
-        print(f"audit log FAILED after {result.entries} good entries: {result.problem}")
-        return 1
-    for entry in log.entries(since):
+    if args.verify or args.against:
+        anchors = []
+        if args.against:
+            anchors = read_anchors(args.against, folder.name)
+            if not anchors:
+                raise SpecError(
+                    f"{', '.join(args.against)}: no audit head recorded for node '{folder.name}' (results "
+                    "written before iaptnet recorded audit heads have none); give results of studies this node answered."
+                )
+        result = log.verify(anchors)
+        if not result.ok:
+            print(f"audit log FAILED after {result.entries} good entries: {result.problem}")
+            return 1
+        line = f"audit log OK: {result.entries} entries, chain intact, head {result.head}"
+        if anchors:
+            sources = len({a.source for a in anchors})
+            line += f"; {result.anchored} audit heads recorded in {sources} results file{'s' * (sources != 1)} match"
+        print(line)
+        for repair in result.repairs:
+            print(f"  crash repair recorded in {repair}")
+        if result.pending:
+            print(f"  note: {result.pending}")
+        return 0
+    damaged = False
+    for number, entry, problem in log.scan():
+        if entry is None:
+            damaged = True
+            print(f"error: {log.path}, line {number}: {problem}.", file=sys.stderr)
+            continue
+        if since is not None and entry_time(entry) < since:
+            continue
         print(json.dumps(entry, sort_keys=True) if args.json else summarise(entry))
-    return 0
+    return 1 if damaged else 0
 
 
 def state_folder(policy, node: str | None) -> Path:
@@ -214,6 +248,12 @@ def state_folder(policy, node: str | None) -> Path:
 
 
 def summarise(entry: dict) -> str:
+    if entry.get("kind") in ("audit.recovery", "audit.damage"):
+        head = f"#{entry.get('seq')} {str(entry.get('time', ''))[:19]}Z {entry.get('kind')}"
+        what = "; ".join(str(r.get("sentence", r.get("repair", ""))) for r in entry.get("repairs", []) or [])
+        if entry.get("status") == "damaged":
+            return f"{head}: DAMAGE FOUND {entry.get('damage', '')}" + (f"; {what}" if what else "")
+        return f"{head}: RECOVERED after a crash: {what}"
     head = (
         f"#{entry.get('seq')} {entry.get('time', '')[:19]}Z {entry.get('kind', '')} "
         f"study {str(entry.get('study_hash', ''))[:12] or '-'} round {entry.get('round', 0)}"

@@ -224,7 +224,15 @@ def _state_for(folder: Path):
 
     with _RUNTIMES_LOCK:
         if folder not in _STATES:
-            _STATES[folder] = (AuditLog(folder), NodeMemory(folder))
+            audit = AuditLog(folder)
+            try:
+                # Opening the log repairs what a crash left (a torn line, a lagging head) and
+                # records it; a log that cannot be continued fails every append instead
+                # (the node then releases nothing), so it is not fatal here.
+                audit.recover()
+            except Exception:  # noqa: BLE001
+                log.exception("node state %s: the audit log could not be opened", folder)
+            _STATES[folder] = (audit, NodeMemory(folder))
         return _STATES[folder]
 
 
