@@ -219,7 +219,7 @@ def test_a_restarted_node_repairs_its_log_before_its_next_task(node, capsys):
     assert prepare.ok
     entries = node.audit_entries()
     assert [e["kind"] for e in entries] == ["glm.prepare", RECOVERY, "glm.prepare"]
-    assert prepare.audit_hash == entries[-1]["hash"]
+    assert prepare.audit_hash == entries[-1]["hash"] and prepare.audit_seq == entries[-1]["seq"]
     policy = str(node.folder / "policy.toml")
     assert main(["node", "audit", "--policy", policy, "--verify"]) == 0
     out = capsys.readouterr().out

@@ -73,6 +73,7 @@ def fit_derived(
             if node is not None:
                 node.name = before.name
                 node.data_version = before.data_version
+                node.audit_hash, node.audit_seq = before.audit_hash, before.audit_seq  # until it answers again
                 if not before.contributed:
                     node.contributed, node.dropped_reason = False, before.dropped_reason
                     node.refusals = before.refusals

@@ -189,6 +189,7 @@ def _carry_dropped(first: Session, second: Session) -> None:
         earlier = first.nodes.get(node_id)
         if earlier is not None and not earlier.contributed:
             node.name, node.contributed, node.dropped_reason = earlier.name, False, earlier.dropped_reason
+            node.audit_hash, node.audit_seq = earlier.audit_hash, earlier.audit_seq  # its last answer's head
 
 
 def _model_summary(fit: ModelFit) -> dict:

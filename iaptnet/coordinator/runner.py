@@ -79,7 +79,9 @@ def run_glm_batch(
 
 def node_status(session: Session, counts: dict[str, dict] | None = None) -> list[dict]:
     """The results' `nodes` entries: every node of the cohort, whether it contributed (with
-    its data version and its counts, under the small-number rules) or why not."""
+    its data version and its counts, under the small-number rules) or why not, and the
+    node's audit head after its last reply (`audit_head`: the anchor that `iaptnet node audit
+    --verify --against` holds the node's log to)."""
     status = []
     for node in sorted(session.nodes.values(), key=lambda n: n.name or str(n.node_id)):
         entry = {
@@ -91,5 +93,7 @@ def node_status(session: Session, counts: dict[str, dict] | None = None) -> list
             entry.update((counts or {}).get(node.name, {}))
         else:
             entry["reason"] = node.dropped_reason
+        if node.audit_hash and node.audit_seq > 0:
+            entry["audit_head"] = {"seq": node.audit_seq, "hash": node.audit_hash}
         status.append(entry)
     return status

@@ -35,7 +35,8 @@ class NodeStatus:
     data_version: str = ""
     payload: dict = field(default_factory=dict)
     refusals: list[dict] = field(default_factory=list)  # structured reasons, if it refused
-    audit_hash: str = ""  # the node's audit-chain hash after its last reply
+    audit_hash: str = ""  # the node's audit head (hash, sequence number) after its last reply
+    audit_seq: int = 0
 
 
 #: Errors that the hub, not the node, puts in place of a reply: the task expired or vanished
@@ -99,7 +100,7 @@ class Session:
                 continue
             node.name = node.name or reply.node
             if reply.audit_hash:
-                node.audit_hash = reply.audit_hash
+                node.audit_hash, node.audit_seq = reply.audit_hash, reply.audit_seq
             if reply.status == m.REFUSED:
                 node.refusals = refusals.refusals_of(reply)
                 problems.append((node, f"refused: {refusals.describe(reply)}"))

@@ -170,7 +170,13 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
         entry["seq"],
     )
     return m.Reply(
-        status=m.OK, node=runtime.name, payload=payload, arrays=arrays, task_id=task.task_id, audit_hash=entry["hash"]
+        status=m.OK,
+        node=runtime.name,
+        payload=payload,
+        arrays=arrays,
+        task_id=task.task_id,
+        audit_hash=entry["hash"],
+        audit_seq=entry["seq"],
     )
 
 
@@ -441,7 +447,7 @@ def _refused(runtime: NodeRuntime, task: m.Task, record: dict, refusal: d.Refusa
     message = "; ".join(v.render() for v in refusal.violations[:6])
     if len(refusal.violations) > 6:
         message += f"; and {len(refusal.violations) - 6} more"
-    audit_hash = _audit(runtime, {**record, "status": m.REFUSED, "code": refusal.rule, "refusal": refusals})
+    entry = _audit(runtime, {**record, "status": m.REFUSED, "code": refusal.rule, "refusal": refusals})
     log.info(
         "node %s refused %s (study %s, round %d): %s",
         runtime.name,
@@ -450,7 +456,7 @@ def _refused(runtime: NodeRuntime, task: m.Task, record: dict, refusal: d.Refusa
         record["round"],
         message,
     )
-    if audit_hash is None:
+    if entry is None:
         return _reply_error(
             runtime, task, "audit_failed", "the node could not write its audit log; its operator has the detail."
         )
@@ -461,20 +467,23 @@ def _refused(runtime: NodeRuntime, task: m.Task, record: dict, refusal: d.Refusa
         message=message,
         payload={"refusals": refusals},
         task_id=_safe(task.task_id, 64),
-        audit_hash=audit_hash,
+        audit_hash=entry["hash"],
+        audit_seq=entry["seq"],
     )
 
 
 def _failed(runtime: NodeRuntime, task: m.Task, record: dict, code: str, message: str) -> m.Reply:
-    audit_hash = _audit(runtime, {**record, "status": m.ERROR, "code": code, "error": message})
+    entry = _audit(runtime, {**record, "status": m.ERROR, "code": code, "error": message})
     reply = _reply_error(runtime, task, code, message)
-    reply.audit_hash = audit_hash or ""
+    if entry is not None:
+        reply.audit_hash, reply.audit_seq = entry["hash"], entry["seq"]
     return reply
 
 
-def _audit(runtime: NodeRuntime, fields: dict) -> str | None:
+def _audit(runtime: NodeRuntime, fields: dict) -> dict | None:
+    """The entry written (its seq and hash are the node's audit head), or None."""
     try:
-        return runtime.audit.append(fields)["hash"]
+        return runtime.audit.append(fields)
     except Exception:  # noqa: BLE001
         log.exception("the audit log could not be written")
         return None

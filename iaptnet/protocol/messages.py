@@ -7,8 +7,10 @@ ConfigRecord "task" (kind, study hash, round, JSON payload) and an ArrayRecord "
 an error is a normal reply with status "refused" or "error": a sentence free of data values,
 never a trace. A refusal's payload is {"refusals": [{rule, sentence, threshold, model, term,
 level, fix}, ...]} (fields absent when they do not apply), which the coordinator renders in
-plain words. `audit_hash` is the node's audit-chain hash after it logged the task: a
-coordinator that keeps it can later hold the node's log to it.
+plain words. `audit_seq` and `audit_hash` are the node's audit head after it logged the task
+(the entry's sequence number and hash; metadata, never a row value): the coordinator records
+them in results.json, and `iaptnet node audit --verify --against results.json` later holds
+the node's log to them.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Reply:
     message: str = ""
     task_id: str = ""
     audit_hash: str = ""
+    audit_seq: int = 0
 
     @property
     def ok(self) -> bool:
@@ -141,6 +144,7 @@ def encode_reply(reply: Reply) -> RecordDict:
                     "message": reply.message,
                     "task_id": reply.task_id,
                     "audit_hash": reply.audit_hash,
+                    "audit_seq": int(reply.audit_seq),
                     "payload": json.dumps(reply.payload, sort_keys=True),
                 }
             ),
@@ -160,7 +164,12 @@ def decode_reply(content: RecordDict) -> Reply:
         message=str(cfg["message"]),
         task_id=str(cfg["task_id"]),
         audit_hash=str(cfg.get("audit_hash", "")),
+        audit_seq=_seq(cfg.get("audit_seq", 0)),
     )
+
+
+def _seq(value) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def render_refusal(refusal: dict) -> str:
