@@ -183,7 +183,7 @@ def _start_newcomer(net) -> subprocess.Popen:
     )
 
 
-def test_logistic_study_equals_inprocess_and_newcomer_does_not_join(net):
+def test_logistic_study_equals_inprocess_and_newcomer_does_not_join(net, capsys):
     path = study(net, "logit_equal")
     # This study waits up to a minute for a node (the others use NODE_TIMEOUT): site1 is
     # frozen mid-study while a registered newcomer starts and connects to the hub, then
@@ -238,6 +238,12 @@ def test_logistic_study_equals_inprocess_and_newcomer_does_not_join(net):
         anchors = read_anchors([results_file], name)
         verified = AuditLog(log_file.parent).verify(anchors)
         assert anchors and verified.ok and verified.anchored == len(anchors), verified.problem
+    # A running node daemon reports itself healthy and connected (its status file).
+    capsys.readouterr()
+    node_toml = net["folder"] / launcher.STATE_DIR / "nodes" / "site0" / "node.toml"
+    assert main(["node", "status", "--config", str(node_toml)]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith("node site0: healthy") and "hub answered" in said, said
 
 
 def assert_same(a, b, path="results"):

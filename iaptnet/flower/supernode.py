@@ -100,7 +100,12 @@ class SleepPolicy:
         self.last_activity = now
 
 
-def install_supernode_adaptations(policy: SleepPolicy, on_message: Callable[[], None], storing: threading.Lock) -> None:
+def install_supernode_adaptations(
+    policy: SleepPolicy,
+    on_message: Callable[[], None],
+    storing: threading.Lock,
+    on_contact: Callable[[str], None] | None = None,
+) -> None:
     """Patch the SuperNode loop (module `flwr.supernode.start_client_internal`):
 
     * its `time` becomes a `_TimeProxy` (capped sleeps, see `SleepPolicy`);
@@ -109,7 +114,10 @@ def install_supernode_adaptations(policy: SleepPolicy, on_message: Callable[[], 
     * `_pull_and_store_message` holds `storing` while it runs (flwr creates the task before it
       has pulled the message's objects: a worker claiming the task in that gap would wait out a
       pull backoff), then calls `on_message()` to wake the worker;
-    * `_push_messages` logs (debug) how long the reply took to reach the hub.
+    * `_push_messages` logs (debug) how long the reply took to reach the hub;
+    * `on_contact(event)`, when given, hears each time the hub answered: "poll" (nothing to
+      do), "message" (a task arrived) or "reply" (the answer was delivered); the node
+      daemon's status file (node/health.py).
     """
     import flwr.supernode.start_client_internal as sci
 
@@ -123,6 +131,8 @@ def install_supernode_adaptations(policy: SleepPolicy, on_message: Callable[[], 
         with storing:
             t0 = _time.monotonic()
             run_id = original_pull(*args, **kwargs)
+        if on_contact is not None:
+            on_contact("poll" if run_id is None else "message")
         if run_id is not None:
             log.debug("message stored (%.3f s)", _time.monotonic() - t0)
             policy.touch()
@@ -133,6 +143,8 @@ def install_supernode_adaptations(policy: SleepPolicy, on_message: Callable[[], 
     def push_messages(*args, **kwargs):
         t0 = _time.monotonic()
         original_push(*args, **kwargs)
+        if on_contact is not None:
+            on_contact("reply")
         log.debug("reply sent to the hub (%.3f s after the loop began waiting for it)", _time.monotonic() - t0)
 
     _INSTALLED["sci"] = saved

@@ -28,6 +28,12 @@ def cmd_start(args) -> int:
     return start(load_node_file(args.config), local_network=args.local_network)
 
 
+def cmd_status(args) -> int:
+    from .health import cmd_status as status
+
+    return status(args)
+
+
 def cmd_approve_app(args) -> int:
     from .config import approve, load_node_file, read_approved
 
@@ -61,6 +67,19 @@ def register(sub) -> None:
     # policy file (exploratory), and only when its hub is on this machine.
     start.add_argument("--local-network", action="store_true", help=argparse.SUPPRESS)
     start.set_defaults(fn=cmd_start)
+
+    status = node_sub.add_parser(
+        "status", help="one line on the node's health (daemon, hub contact, audit log); exit 0 when healthy"
+    )
+    status.add_argument("--config", default="node.toml", help="node.toml")
+    status.add_argument(
+        "--max-silence",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="unhealthy when the hub has not answered for this long (default 120)",
+    )
+    status.set_defaults(fn=cmd_status)
 
     approve_app = node_sub.add_parser(
         "approve-app", help="approve an app bundle hash (a release, from 'iaptnet app-hash')"

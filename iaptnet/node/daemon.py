@@ -175,6 +175,7 @@ def _serve(cfg: NodeFile, local_network: bool) -> int:
     node_config = cfg.node_config()
     runtime = runtime_for(NodeConfig.from_mapping(node_config))
     dataset = runtime.dataset  # load and validate now: a bad extract stops the daemon here
+    runtime.audit  # noqa: B018 - opens the audit log now, repairing (and recording) what a crash left
     release = release_hash()
     approved = read_approved(cfg.approved_apps)
     log.info(
@@ -206,7 +207,11 @@ def _serve(cfg: NodeFile, local_network: bool) -> int:
     else:
         policy = supernode.SleepPolicy(idle_poll=cfg.poll_idle, active_poll=cfg.poll_active)
         wake = worker.notify
-    supernode.install_supernode_adaptations(policy, wake, worker.storing)
+    from .health import STATUS_FILE, Heartbeat
+
+    heartbeat = Heartbeat(cfg.state_dir / STATUS_FILE, cfg.name, dataset.data_version)
+    heartbeat.started()  # `iaptnet node status` reads it
+    supernode.install_supernode_adaptations(policy, wake, worker.storing, on_contact=heartbeat.seen)
     worker.start()
     log.info("node %s connecting to hub %s (TLS, node authentication)", cfg.name, cfg.hub)
     try:
@@ -239,4 +244,6 @@ def _serve(cfg: NodeFile, local_network: bool) -> int:
                 cfg.key.with_suffix(""),
             )
         raise
+    finally:
+        heartbeat.stopped()
     return 0
