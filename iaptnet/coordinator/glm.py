@@ -13,6 +13,15 @@ node per round carries every model still iterating). The fit:
 3. `glm.round` until the Newton step is below 1e-8 standard errors for every coefficient,
    halving the step when the deviance rises. The reported estimate includes that last step.
 
+A negative binomial model estimates theta with the coefficients, to the joint maximum of the
+likelihood that MASS::glm.nb reaches by alternating IRLS and theta.ml: every round takes a
+Fisher scoring step for the coefficients at the current theta and a Newton step for log theta
+at the current means (from the nodes' theta score and its derivative), both at once, halving
+both while the log-likelihood falls, until both steps are below 1e-8 standard errors. The
+coefficients' covariance is the inverse information at the final theta (given theta, as
+glm.nb's); theta's standard error is theta.ml's, 1 / sqrt(-d^2 loglik / d theta^2) at the final
+means. Its null model (for the null deviance) is fitted at the model's final theta, as glm.nb's.
+
 The node half is node/glm.py; the wire contract (task names, array keys) protocol/kinds/glm.py.
 """
 
@@ -25,7 +34,7 @@ import scipy.linalg
 
 from ..protocol import messages as m
 from ..protocol.errors import ModelError, NetworkError
-from ..protocol.families import Family, get_family
+from ..protocol.families import THETA_MAX, THETA_MIN, Family, get_family
 from ..protocol.kinds import glm as protocol
 from ..protocol.kinds.glm import NULL_SUFFIX
 from ..protocol.study import StudySpec
@@ -37,6 +46,9 @@ MAX_HALVINGS = 20
 # A residual deviance below this share of the null deviance is an exact fit up to rounding
 # (R² = 1 to 20 digits, beyond float64's 16): a dispersion family's scale is then zero.
 EXACT_FIT = 1e-20
+# A negative binomial round moves log theta by at most this much (a factor e^2): Newton's step
+# from a start far from the optimum can overshoot, and the halving then has less to undo.
+MAX_LOG_THETA_STEP = 2.0
 
 
 @dataclass
@@ -69,6 +81,24 @@ class ModelFit:
     node_stats: dict[str, dict] = field(default_factory=dict)  # per node, exact n_used and events
     null: ModelFit | None = None
     holders: list[str] = field(default_factory=list)  # nodes whose rows the model rests on
+    # Negative binomial models: log theta (its null model: the one its last round was sent at),
+    # the previous round's and its log-likelihood (for step-halving), and d^2 loglik / d theta^2
+    # at the final round (theta's standard error).
+    log_theta: float | None = None
+    prev_log_theta: float | None = None
+    prev_llf: float | None = None
+    theta_second: float = float("nan")
+
+    @property
+    def theta(self) -> float | None:
+        return None if self.log_theta is None else float(np.exp(self.log_theta))
+
+    @property
+    def theta_std_error(self) -> float | None:
+        """theta.ml's standard error: 1 / sqrt(-d^2 loglik / d theta^2) at the final means."""
+        if self.log_theta is None:
+            return None
+        return float(1.0 / np.sqrt(-self.theta_second)) if self.theta_second < 0 else float("nan")
 
     @property
     def active_names(self) -> list[str]:
@@ -142,23 +172,39 @@ def fit_models(
         pending = [f for f in all_fits if not f.converged]
         if not pending:
             break
-        arrays = {protocol.beta_key(f.key): f.beta for f in pending}
+        arrays = {protocol.beta_key(f.key): _round_vector(f, fits) for f in pending}
         replies = session.ask(protocol.ROUND, {"models": [f.key for f in pending]}, arrays)
         _check_replies(replies, session)
         for fit in pending:
-            holders = fits[fit.key.removesuffix(NULL_SUFFIX)].holders
-            mine = [r for r in replies if r.node in holders]
+            main = fits[fit.key.removesuffix(NULL_SUFFIX)]
+            mine = [r for r in replies if r.node in main.holders]
             score = _sum(mine, protocol.score_key(fit.key))
             info = m.unpack_upper(_sum(mine, protocol.info_key(fit.key)), len(fit.names))
             stats = _sum(mine, protocol.stats_key(fit.key))
             meat = None
             if fit.spec.cov_type != "nonrobust" and not fit.key.endswith(NULL_SUFFIX):
                 meat = m.unpack_upper(_sum(mine, protocol.meat_key(fit.key)), len(fit.names))
-            _newton_update(fit, score, info, stats, meat)
+            if fit.log_theta is None:
+                _newton_update(fit, score, info, stats, meat)
+            elif fit is main:
+                _nb_update(fit, score, info, stats, _sum(mine, protocol.theta_key(fit.key)), meat)
+            else:
+                _nb_null_update(fit, main, score, info, stats)
     for fit in fits.values():
         _check_exact_fit(fit)
     _count_contributors(fits, session)
     return fits
+
+
+def _round_vector(fit: ModelFit, fits: dict[str, ModelFit]) -> np.ndarray:
+    """What a round sends for a model: its coefficients; a negative binomial model's followed
+    by log theta (its null model's: the model's current one)."""
+    if fit.log_theta is None:
+        return fit.beta
+    main = fits[fit.key.removesuffix(NULL_SUFFIX)]
+    if fit is not main:
+        fit.log_theta = main.log_theta
+    return np.append(fit.beta, fit.log_theta)
 
 
 def _check_exact_fit(fit: ModelFit) -> None:
@@ -294,6 +340,10 @@ def _absorb_prepare(fit: ModelFit, replies: list[m.Reply]) -> None:
     _check_collinear(fit, info)
     fit.beta = np.zeros(p)
     fit.beta[fit.active] = _solve_start(info[np.ix_(fit.active, fit.active)], ibeta[fit.active])
+    if fit.family.name == "negative_binomial":
+        # The coefficients start from the nodes' Poisson fits (as glm.nb's from a Poisson
+        # glm), theta at 1: Newton's steps on log theta reach it in a few rounds.
+        fit.log_theta = 0.0
     fit.null = _null_fit(fit, replies)
 
 
@@ -368,6 +418,7 @@ def _null_fit(fit: ModelFit, replies: list[m.Reply]) -> ModelFit:
     info = _sum(replies, protocol.local_info_key(null.key)).reshape(1, 1)
     ibeta = _sum(replies, protocol.local_ibeta_key(null.key))
     null.beta = _solve_start(info, ibeta)
+    null.log_theta = fit.log_theta
     exact = _null_intercept(fit)
     if exact is not None:
         null.beta = np.array([exact])
@@ -385,8 +436,8 @@ def _null_intercept(fit: ModelFit) -> float | None:
     mean = fit.events / fit.n if fit.events is not None else None
     if fit.family.name == "binomial" and mean is not None and 0.0 < mean < 1.0:
         return float(np.log(mean) - np.log1p(-mean))
-    if fit.family.name == "poisson" and mean is not None and mean > 0.0:
-        return float(np.log(mean))
+    if fit.family.name in ("poisson", "negative_binomial") and mean is not None and mean > 0.0:
+        return float(np.log(mean))  # (the negative binomial's at every theta)
     return None
 
 
@@ -428,6 +479,92 @@ def _newton_update(
     fit.prev_beta, fit.prev_dev = fit.beta.copy(), dev
     fit.beta = fit.beta.copy()
     fit.beta[a] += step
+
+
+def _nb_update(
+    fit: ModelFit,
+    score: np.ndarray,
+    info: np.ndarray,
+    stats: np.ndarray,
+    theta_sums: np.ndarray,
+    meat: np.ndarray | None = None,
+) -> None:
+    """One round of a negative binomial model: a scoring step for the coefficients at the
+    current theta and a Newton step for log theta at the current means, together; both halved
+    while the log-likelihood falls. Converged when both are below STEP_TOL standard errors."""
+    llf = float(stats[2])
+    if fit.prev_llf is not None and llf < fit.prev_llf - 1e-10 * (abs(fit.prev_llf) + 1.0):
+        fit.halvings += 1
+        if fit.halvings > MAX_HALVINGS:
+            raise ModelError(
+                f"model '{fit.spec.name}': the fit did not converge (the log-likelihood kept falling after {MAX_HALVINGS} step-halvings)."
+            )
+        fit.beta = (fit.beta + fit.prev_beta) / 2.0
+        fit.log_theta = (fit.log_theta + fit.prev_log_theta) / 2.0
+        return
+    a = fit.active
+    sub = info[np.ix_(a, a)]
+    try:
+        chol = scipy.linalg.cho_factor(sub)
+        cov = scipy.linalg.cho_solve(chol, np.eye(sub.shape[0]))
+    except (np.linalg.LinAlgError, ValueError):
+        raise ModelError(
+            f"model '{fit.spec.name}': the information matrix became singular during the fit; the design may be collinear."
+        ) from None
+    step = cov @ score[a]
+    se = np.sqrt(np.diag(cov))
+    # log theta: d loglik / d log theta = theta U, d^2 / d log theta^2 = theta^2 H + theta U.
+    theta = float(np.exp(fit.log_theta))
+    u, h = float(theta_sums[0]), float(theta_sums[1])
+    gradient, curvature = theta * u, theta * theta * h + theta * u
+    concave = curvature < 0
+    log_step = -gradient / curvature if concave else float(np.sign(gradient)) * MAX_LOG_THETA_STEP
+    log_step = float(np.clip(log_step, -MAX_LOG_THETA_STEP, MAX_LOG_THETA_STEP))
+    fit.iterations += 1
+    tol = STEP_TOL / 10  # (linear convergence: what is left is about a tenth of the last step)
+    if concave and np.all(np.abs(step) / se < tol) and abs(log_step) * np.sqrt(-curvature) < tol:
+        fit.beta = fit.beta.copy()
+        fit.beta[a] += step
+        fit.log_theta += log_step
+        fit.converged = True
+        fit.cov = cov
+        if meat is not None:
+            fit.meat = meat[np.ix_(a, a)]
+        fit.deviance, fit.pearson, fit.loglike_sum = float(stats[0]), float(stats[1]), llf
+        fit.theta_second = h
+        return
+    new_log_theta = fit.log_theta + log_step
+    low, high = float(np.log(THETA_MIN)), float(np.log(THETA_MAX))
+    if new_log_theta > high:
+        if fit.log_theta >= high - 1e-12:
+            raise ModelError(
+                f"model '{fit.spec.name}': theta grows beyond {THETA_MAX:g}: the counts vary no more than a "
+                'Poisson model\'s (no over-dispersion), so theta is infinite; fit family = "poisson".'
+            )
+        new_log_theta = high
+    elif new_log_theta < low:
+        if fit.log_theta <= low + 1e-12:
+            raise ModelError(
+                f"model '{fit.spec.name}': theta falls below {THETA_MIN:g} (alpha above {1 / THETA_MIN:g}): the "
+                "counts are too dispersed for a negative binomial model; check the outcome for extreme values."
+            )
+        new_log_theta = low
+    _check_divergence(fit, se)
+    fit.prev_beta, fit.prev_log_theta, fit.prev_llf = fit.beta.copy(), fit.log_theta, llf
+    fit.beta = fit.beta.copy()
+    fit.beta[a] += step
+    fit.log_theta = new_log_theta
+
+
+def _nb_null_update(null: ModelFit, main: ModelFit, score, info, stats) -> None:
+    """A negative binomial model's null model, at the model's theta of each round: converged
+    once its step is small at the model's final theta (one round after the model, at most)."""
+    if null.prev_log_theta != null.log_theta:
+        null.prev_dev = None  # deviances at different thetas are not compared
+    null.prev_log_theta = null.log_theta
+    _newton_update(null, score, info, stats)
+    if null.converged and not (main.converged and null.log_theta == main.log_theta):
+        null.converged = False
 
 
 def _check_divergence(fit: ModelFit, se: np.ndarray) -> None:

@@ -61,6 +61,9 @@ def build_results(fit: ModelFit, *, study_hash: str, engine: str, node_status: l
     terms = term_rows(fit)
     exposure = next((t for t in terms if t["term"] == spec.exposure), None)
     llf = fit.llf
+    # Estimated parameters: the coefficients, and a negative binomial model's theta (glm.nb's
+    # AIC counts it).
+    k = fit.rank + (fit.log_theta is not None)
     return {
         "study": spec.name,
         "title": spec.title,
@@ -91,12 +94,23 @@ def build_results(fit: ModelFit, *, study_hash: str, engine: str, node_status: l
         "df_model": fit.rank - 1,
         "df_resid": fit.n - fit.rank,
         "llf": llf,
-        "aic": -2.0 * llf + 2.0 * fit.rank,
+        "aic": -2.0 * llf + 2.0 * k,
+        **dispersion_fields(fit),
         "dropped_terms": fit.dropped,
         "nodes": node_status,
         "terms": terms,
         **provenance(spec, engine),
     }
+
+
+def dispersion_fields(fit: ModelFit) -> dict:
+    """A negative binomial model's theta and alpha = 1 / theta with their standard errors
+    (theta's as MASS::theta.ml gives it; alpha's by the delta method, SE(theta) / theta^2);
+    nothing for the other families."""
+    if fit.log_theta is None:
+        return {}
+    theta, se = fit.theta, fit.theta_std_error
+    return {"theta": theta, "theta_std_error": se, "alpha": 1.0 / theta, "alpha_std_error": se / theta**2}
 
 
 def provenance(spec, engine: str) -> dict:
@@ -195,6 +209,11 @@ def render_report(result: dict) -> str:
         f"deviance {result['deviance']:.4f}, null {result['null_deviance']:.4f}, AIC {result['aic']:.2f}; "
         f"{result['iterations']} Newton rounds"
     )
+    if result.get("theta") is not None:
+        lines.append(
+            f"  theta {result['theta']:.4f} (std err {result['theta_std_error']:.4f}); "
+            f"alpha = 1/theta {result['alpha']:.4f} (std err {result['alpha_std_error']:.4f})"
+        )
     lines.extend(node_lines(result))
     ratio = result.get("ratio_name")
     head = f"  {'term':<34} {'estimate':>10} {'std err':>9} {'z':>8} {'p':>9}"

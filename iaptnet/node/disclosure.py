@@ -403,7 +403,7 @@ def check_model(facts: ModelFacts, rules: Rules) -> list[Violation]:
                 fix="use fewer terms (merge levels, drop interactions) or a wider cohort",
             )
         )
-    if facts.events is not None and facts.family in ("binomial", "poisson"):
+    if facts.events is not None and facts.family in ("binomial", "poisson", "negative_binomial"):
         if facts.family == "binomial":
             groups = (("events", facts.events), ("non-events", n - facts.events))
         else:

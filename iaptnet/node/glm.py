@@ -9,7 +9,9 @@
   count table (rows used, events, rows in the cohort, rows dropped as missing) under the
   small-number rules, for display.
 - `glm.round`: for each model's beta, the score X'r, the information X'WX (upper triangle)
-  and the deviance, Pearson statistic and log-likelihood sum of the node's rows.
+  and the deviance, Pearson statistic and log-likelihood sum of the node's rows; for a
+  negative binomial model (whose beta ends with log theta) also the theta score and its
+  derivative over the same rows, at a theta within [THETA_MIN, THETA_MAX].
 
 Each model has a companion null model (intercept only, same rows, same offset), fitted in the
 same rounds, for the null deviance.
@@ -25,17 +27,19 @@ over (IRLS weights and fitted means), so coefficients that single out a few rows
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..protocol.errors import DataError
-from ..protocol.families import get_family
+from ..protocol.families import THETA_MAX, THETA_MIN, get_family
 from ..protocol.formula_check import check_formula
 from ..protocol.kinds import glm as protocol
 from ..protocol.kinds.glm import NULL_SUFFIX, studies_from_payload
 from ..protocol.messages import pack_upper
 from ..protocol.study import StudySpec, check_at_node
 from .design import DesignedModel, build_design, evaluate_expression, model_selection, stateful_arguments, study_frame
-from .disclosure import LevelCount, ModelFacts, Refusal, Release, require_rows, task_rules
+from .disclosure import LevelCount, ModelFacts, Refusal, Release, Violation, require_rows, task_rules
 from .registry import handler
 from .runtime import NodeRuntime, PreparedStudy
 
@@ -80,7 +84,7 @@ def model_facts(label: str, design: DesignedModel, family: str, clusters_chosen:
     events = None
     if family == "binomial":
         events = int(np.count_nonzero(design.y == 1))
-    elif family == "poisson":
+    elif family in ("poisson", "negative_binomial"):
         events = int(np.count_nonzero(design.y > 0))
     mask = np.asarray(design.mask, dtype=bool).copy()
     positions = np.flatnonzero(mask)
@@ -186,8 +190,13 @@ def prepare(dataset, payload: dict, release: Release, augments=None):
             nonzero = design.X != 0
             section.value("indicator", np.all((design.X == 0) | (design.X == 1), axis=0).tolist())
             section.value("events_nnz", (design.y @ nonzero).tolist() if design.n else [0.0] * design.X.shape[1])
+        nb = family.name == "negative_binomial"
         for model_key in (key, key + NULL_SUFFIX):
-            info, ibeta, local[model_key] = local_fit(designs[model_key], family)
+            # A negative binomial model starts, as glm.nb does, from the Poisson fit.
+            info, ibeta, local[model_key] = local_fit(designs[model_key], get_family("poisson") if nb else family)
+            if nb:  # the node's own fit has a theta too (kept for the history, not released)
+                theta = local_theta(designs[model_key], local[model_key])
+                local[model_key] = np.append(local[model_key], math.log(theta))
             section.array(protocol.local_info_key(model_key), pack_upper(info))
             section.array(protocol.local_ibeta_key(model_key), ibeta)
         table = release.table(key, group="counts")
@@ -206,12 +215,16 @@ def round_contributions(prepared, betas: dict[str, np.ndarray], release: Release
     per model, with the row weights they sum over and those of the rounds answered before."""
     for key, beta in betas.items():
         design = prepared.designs[key]
-        if beta.shape != (design.X.shape[1],):
-            raise DataError(f"model '{key}': expected {design.X.shape[1]} coefficients, received {beta.size}.")
         family = get_family(prepared.families[key])
+        nb = family.name == "negative_binomial"
+        expected = design.X.shape[1] + nb
+        if beta.shape != (expected,):
+            raise DataError(f"model '{key}': expected {expected} coefficients, received {beta.size}.")
         cov_type = prepared.cov_types.get(key, "nonrobust")
         beta = np.asarray(beta, dtype=float)
         finite = bool(np.all(np.isfinite(beta)))
+        if nb and finite:
+            family = _at_theta(family, beta, prepared.facts[key].label)
         weights, history = {}, {}
         # The HC0 middle term sum r_i^2 x_i x_i' is X'WX with W = r^2 at coefficients the
         # coordinator chose: its weights are judged like the IRLS weights, Gaussian models too.
@@ -228,13 +241,68 @@ def round_contributions(prepared, betas: dict[str, np.ndarray], release: Release
             bounded=family.name != "gaussian",
         )
         if finite:
-            score, info, stats = evaluate(design, family, beta)
+            coefficients = beta[:-1] if nb else beta
+            score, info, stats = evaluate(design, family, coefficients)
             section.array(protocol.score_key(key), score)
             section.array(protocol.info_key(key), pack_upper(info))
             section.array(protocol.stats_key(key), stats)
             if cov_type != "nonrobust":
-                section.array(protocol.meat_key(key), pack_upper(meat(design, family, beta, cov_type)))
+                section.array(protocol.meat_key(key), pack_upper(meat(design, family, coefficients, cov_type)))
+            if nb and not key.endswith(NULL_SUFFIX):
+                # Sums over the same rows as the score (prior weight 0: nothing), at the theta
+                # judged above; their outcome weights are among the round's weights.
+                section.array(protocol.theta_key(key), np.array(theta_sums(design, family, coefficients)))
         release.after(lambda key=key, beta=beta, weights=weights: _remember_round(prepared, key, beta, weights))
+
+
+def _at_theta(family, vector: np.ndarray, label: str):
+    """The negative binomial family at the theta a round's vector ends with (its log), which
+    must lie within [THETA_MIN, THETA_MAX]: beyond, theta + y drops a count's low bits and the
+    sums would count the rows above a threshold (docs/governance/privacy/glm.md)."""
+    log_theta = float(vector[-1])
+    if not math.log(THETA_MIN) <= log_theta <= math.log(THETA_MAX):
+        raise Refusal(
+            Violation(
+                "theta_range",
+                f"the negative binomial theta sent lies outside {THETA_MIN:g} to {THETA_MAX:g}",
+                THETA_MAX,
+                model=label,
+                fix='a theta beyond 1e6 is a Poisson model: fit family = "poisson"',
+            )
+        )
+    return family.at(math.exp(log_theta))
+
+
+def theta_sums(design: DesignedModel, family, beta: np.ndarray) -> tuple[float, float]:
+    """The theta score and its derivative over the model's rows (prior-weighted)."""
+    if design.n == 0:
+        return 0.0, 0.0
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        mu = np.exp(design.X @ beta + design.offset)
+        return family.theta_sums(design.y, mu, design.weights)
+
+
+def local_theta(design: DesignedModel, beta: np.ndarray) -> float:
+    """The node's own theta at its own fit (theta.ml from the moment estimate): its rounds are
+    part of the history later rounds are compared with, never released."""
+    from ..protocol.families import NegativeBinomial
+
+    theta = 1.0
+    if design.n:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            mu = np.exp(design.X @ beta + design.offset)
+            moments = float(np.sum((design.y / mu - 1.0) ** 2))
+            theta = design.n / moments if moments > 0 else THETA_MAX
+            for _ in range(LOCAL_MAX_ITER):
+                theta = min(max(abs(theta), THETA_MIN), THETA_MAX)
+                score, second = NegativeBinomial(theta).theta_sums(design.y, mu, design.weights)
+                if not (np.isfinite(score) and np.isfinite(second)) or second >= 0:
+                    break
+                step = -score / second
+                theta += step
+                if abs(step) < 1e-4 * theta:
+                    break
+    return float(min(max(theta, THETA_MIN), THETA_MAX)) if np.isfinite(theta) else 1.0
 
 
 def _remember_round(prepared, key: str, beta: np.ndarray, weights: dict) -> None:
@@ -271,7 +339,10 @@ def row_weights(design: DesignedModel, family, beta: np.ndarray, robust: bool = 
     """The row weights a round's statistics are sums over: the IRLS weights W of X'WX, and
     for the score X'(y - mu) the fitted means (and 1 - mu for binomial: X'1 is known); with
     HC0 robust SEs, the squared residuals of the middle term (Gaussian models: only those,
-    their W is constant)."""
+    their W is constant). A negative binomial model's `beta` ends with log theta (and
+    `family` is at that theta)."""
+    if family.name == "negative_binomial":
+        beta = beta[:-1]
     return _weights_at(design, family, design.X @ beta + design.offset, robust)
 
 
@@ -282,9 +353,12 @@ def row_weights_many(
     out: dict[str, list[np.ndarray]] = {}
     if design.n == 0:
         return out
-    etas = design.X @ np.column_stack(betas) + design.offset[:, None]
+    nb = family.name == "negative_binomial"
+    coefficients = [b[:-1] for b in betas] if nb else betas
+    etas = design.X @ np.column_stack(coefficients) + design.offset[:, None]
     for j in range(etas.shape[1]):
-        for name, v in _weights_at(design, family, etas[:, j], robust).items():
+        at = family.at(float(np.exp(np.clip(betas[j][-1], -700, 700)))) if nb else family
+        for name, v in _weights_at(design, at, etas[:, j], robust).items():
             out.setdefault(name, []).append(v)
     return out
 
@@ -300,6 +374,16 @@ def _weights_at(design: DesignedModel, family, eta: np.ndarray, robust: bool = F
         out["fitted complement"] = 1.0 - mu
     elif family.name == "poisson":
         out["fitted"] = mu
+    elif family.name == "negative_binomial":
+        # The score weighs each row's outcome by theta / (theta + mu), the theta score by
+        # 1 / (theta + mu) and its derivative by the square: small for rows of large fitted
+        # means, so weights the coordinator can concentrate on a few rows through theta and
+        # beta together (a tiny theta makes them theta / mu), judged like the fitted means.
+        out["fitted"] = mu
+        with np.errstate(over="ignore", invalid="ignore"):
+            share = family.theta / (family.theta + mu)
+        out["outcome"] = share
+        out["outcome curvature"] = share * share
     if robust:
         with np.errstate(over="ignore", invalid="ignore"):
             out[SQUARED_RESIDUALS] = r * r

@@ -13,6 +13,16 @@ import numpy as np
 import scipy.special
 
 FAMILIES = ("binomial", "gaussian", "poisson")
+#: The families of a GLM study (`kind = "glm"`): the above and the negative binomial, whose
+#: dispersion theta is estimated with the coefficients (the other kinds fit the above only).
+GLM_FAMILIES = (*FAMILIES, "negative_binomial")
+
+#: The range of theta a node evaluates a negative binomial model at (docs/governance/privacy/glm.md):
+#: beyond 1e6, theta + y rounds a count's low bits away (at 2^58 every count below 32 adds
+#: nothing), so sums at such theta would count the rows above a threshold; at either end the
+#: model is a Poisson one or a degenerate one, never an answer.
+THETA_MIN = 1e-6
+THETA_MAX = 1e6
 
 
 class Family:
@@ -155,10 +165,89 @@ class Gaussian(Family):
         return -0.5 * n * (math.log(2 * math.pi * scale) + 1.0) + loglike_sum
 
 
+class NegativeBinomial(Family):
+    """NB2 with log link at a given theta: Var(y) = mu + mu^2 / theta (alpha = 1 / theta), as
+    R's MASS::negative.binomial(theta) and statsmodels' NegativeBinomial(alpha = 1 / theta).
+    Given theta it is a GLM (the log link is not its canonical one: the information is the
+    expected one, as glm.nb's IRLS and its standard errors use); `theta_sums` gives what the
+    theta step needs (MASS::theta.ml's score and its derivative)."""
+
+    name = "negative_binomial"
+    link_name = "log"
+    ratio_name = "rate ratio"
+
+    def __init__(self, theta: float = 1.0):
+        self.theta = float(theta)
+
+    def at(self, theta: float) -> NegativeBinomial:
+        return NegativeBinomial(theta)
+
+    def mean(self, eta):
+        return np.exp(eta)
+
+    def working(self, y, eta):
+        mu = np.exp(eta)
+        share = self.theta / (self.theta + mu)  # theta / (theta + mu): the outcome's weight
+        return mu, mu * share, (y - mu) * share
+
+    def variance(self, mu):
+        return mu + mu * mu / self.theta
+
+    def deviance(self, y, mu, eta=None, weights=None):
+        th = self.theta
+        ylogy = np.where(y > 0, y * np.log(np.where(y > 0, y, 1.0) / mu), 0.0)
+        unit = ylogy - (y + th) * np.log((y + th) / (mu + th))
+        return float(2.0 * np.sum(_w(weights) * unit))
+
+    def loglike_sum(self, y, mu, eta=None, weights=None):
+        # MASS::glm.nb's loglik: lgamma(th + y) - lgamma(th) - lgamma(y + 1) + th log th
+        # + y log mu - (th + y) log(th + mu).
+        th = self.theta
+        terms = (
+            scipy.special.gammaln(th + y)
+            - math.lgamma(th)
+            - scipy.special.gammaln(y + 1.0)
+            + th * math.log(th)
+            + np.where(y > 0, y * np.log(mu), 0.0)
+            - (th + y) * np.log(th + mu)
+        )
+        return float(np.sum(_w(weights) * terms))
+
+    def theta_sums(self, y, mu, weights=None) -> tuple[float, float]:
+        """(d loglik / d theta, d^2 loglik / d theta^2) summed over rows at fixed mu."""
+        th = self.theta
+        score = (
+            scipy.special.digamma(y + th)
+            - scipy.special.digamma(th)
+            + math.log(th)
+            + 1.0
+            - np.log(th + mu)
+            - (y + th) / (th + mu)
+        )
+        second = (
+            scipy.special.polygamma(1, y + th)
+            - scipy.special.polygamma(1, th)
+            + 1.0 / th
+            - 2.0 / (th + mu)
+            + (y + th) / (th + mu) ** 2
+        )
+        w = _w(weights)
+        return float(np.sum(w * score)), float(np.sum(w * second))
+
+    def check_outcome(self, y):
+        if np.any(y < 0):
+            return "a negative binomial outcome must be a count (zero or more)"
+        return None
+
+
 _FAMILIES = {"binomial": Binomial(), "gaussian": Gaussian(), "poisson": Poisson()}
 
 
 def get_family(name: str) -> Family:
+    """The family by name; a negative binomial one is a new object at theta = 1 (each model
+    keeps its own theta: `family.at(theta)`)."""
+    if name == "negative_binomial":
+        return NegativeBinomial()
     return _FAMILIES[name]
 
 

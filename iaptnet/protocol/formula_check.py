@@ -214,14 +214,15 @@ def _check_outcome_type(col, family: str, source: str) -> None:
     ok = {
         "binomial": ("binary",),
         "poisson": ("integer", "numeric", "binary"),
+        "negative_binomial": ("integer", "numeric", "binary"),
         "gaussian": ("numeric", "integer", "binary"),
     }[family]
     if col.type not in ok:
         raise _fail(
             source, f"has outcome '{col.name}' of type {col.type}; a {family} model needs a {' or '.join(ok)} outcome."
         )
-    if family == "poisson" and col.min is not None and col.min < 0:
-        raise _fail(source, f"has outcome '{col.name}', which may be negative; a poisson model needs counts.")
+    if family in ("poisson", "negative_binomial") and col.min is not None and col.min < 0:
+        raise _fail(source, f"has outcome '{col.name}', which may be negative; a {family} model needs counts.")
 
 
 def _check_python_factor(expr: str, schema: Schema, source: str) -> set[str]:

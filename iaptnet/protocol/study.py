@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import cohort_filter
 from .errors import SpecError
-from .families import FAMILIES
+from .families import GLM_FAMILIES
 from .formula_check import ParsedFormula, check_expression, check_formula
 from .schema import Column, Schema
 from .tomlfile import read_toml, reject_unknown
@@ -233,8 +233,8 @@ def parse_glm_study(data: dict, schema: Schema, source: str) -> tuple[StudySpec,
         if not isinstance(data[key], str) or not data[key].strip():
             raise SpecError(f"{source}: field '{key}' must be a non-empty string.")
     family = data["family"]
-    if family not in FAMILIES:
-        raise SpecError(f"{source}: field 'family' must be one of {', '.join(FAMILIES)}, got {family!r}.")
+    if family not in GLM_FAMILIES:
+        raise SpecError(f"{source}: field 'family' must be one of {', '.join(GLM_FAMILIES)}, got {family!r}.")
     parsed = check_formula(data["formula"], schema, family, source)
     offset = data.get("offset")
     if offset is not None:

@@ -10,7 +10,9 @@ One GLM run is three task kinds (docs/developer/architecture.md draws one round)
   `local_ibeta/<key>`, for the model and for its null model (key + NULL_SUFFIX);
 - `glm.round`: task arrays `beta/<key>`; reply arrays `score/<key>`, `info/<key>` (packed),
   `stats/<key>` = (deviance, Pearson statistic, log-likelihood sum) and, with robust SEs,
-  `meat/<key>` (packed).
+  `meat/<key>` (packed). A negative binomial model's `beta/<key>` is its coefficients followed
+  by log theta (its null model's: the intercept and the model's log theta), and its reply adds
+  `theta/<key>` = (d loglik / d theta, d^2 loglik / d theta^2) (not for the null model).
 
 The task's study hash is `batch_hash` of its models' hashes (every kind's tasks carry their
 studies the same way, as `models`).
@@ -75,6 +77,10 @@ def stats_key(model: str) -> str:
 
 def meat_key(model: str) -> str:
     return f"meat/{model}"
+
+
+def theta_key(model: str) -> str:
+    return f"theta/{model}"
 
 
 def betas_from_arrays(arrays: dict) -> dict:
