@@ -54,7 +54,9 @@ COLUMNS = {
     "score": {"type": "numeric"},
     "solo": {"type": "categorical", "levels": ["crowd", "alone"]},  # "alone": the target only
     **{name: {"type": "numeric"} for name in EXTRA},
+    "visits": {"type": "integer", "min": 0},  # over-dispersed counts below 20, the target's 61
 }
+BOB_VISITS = 61
 
 ATTACKS = {
     "differencing_filter": "the same model on a cohort, then on that cohort minus one person",
@@ -117,6 +119,8 @@ ATTACKS = {
     "a_robust_middle_term_on_one_row": "HC0 middle term at coefficients leaving one non-zero residual",
     "three_models_whose_columns_combine_to_one_row": "x ~ age, x ~ I(age ** 2), x ~ I(age ** 3): a combination of their sums is one person",
     "a_cluster_of_one": "cluster-robust SEs with the target alone in his cluster",
+    "theta_rounds_the_outcome": "a negative binomial theta of 2^58, at which theta + y drops every count below 32",
+    "theta_weighs_one_row": "a tiny negative binomial theta that weighs the target's outcome 16 times anyone else's",
 }
 
 
@@ -176,6 +180,9 @@ def make_frame(seed: int = 11) -> pd.DataFrame:
     )
     for name in EXTRA:
         frame[name] = rng.normal(size=N)
+    visits = np.minimum(rng.negative_binomial(1, 0.35, size=N), 19)
+    visits[0] = BOB_VISITS
+    frame["visits"] = visits
     return frame
 
 
@@ -1044,3 +1051,52 @@ def test_a_cluster_of_one(tmp_path):
     reply, _ = node.prepare(node.spec(family="gaussian", formula="x ~ g", cov_type="cluster", cluster="age"))
     refused(node, reply, "min_level_count")
     assert "a cluster of the cluster-robust variance" in reply.message and "64" not in reply.message
+
+
+# --------------------------------------------------------------------------- 10. negative binomial theta
+
+
+def test_theta_rounds_the_outcome(node):
+    """`visits ~ x + h` as a negative binomial model, whose rounds carry log theta after the
+    coefficients. At theta = 2^58 the sum theta + y rounds every count below 32 to theta, so the
+    theta score is the same whatever everyone else's count, and non-zero exactly when someone
+    has 32 or more: a yes/no question about the maximum (the target's 61), which halving or
+    doubling theta would bisect. The node evaluates theta only within 1e-6..1e6, where
+    theta + y is exact."""
+    from iaptnet.protocol.families import NegativeBinomial
+
+    theta = 2.0**58
+    y = make_frame()["visits"].to_numpy(dtype=float)
+    assert y[0] == BOB_VISITS and y[1:].max() < 32
+    mu = np.full(N, np.exp(0.6))
+    family = NegativeBinomial(theta)
+    answer = family.theta_sums(y, mu)[0]
+    others = y.copy()
+    others[1:] = np.random.default_rng(1).integers(0, 32, size=N - 1)
+    assert family.theta_sums(others, mu)[0] == answer != 0.0  # the others' counts do not matter
+    assert family.theta_sums(np.minimum(y, 31), mu)[0] == 0.0  # no one at 32 or more: zero
+    reply, study = node.prepare(node.spec(family="negative_binomial", formula="visits ~ x + h"))
+    beta = local_beta(ok(reply))
+    ok(node.round(study, {"m0": np.append(beta, 0.0)}))  # an honest round, at theta = 1
+    refused(node, node.round(study, {"m0": [0.6, 0.0, 0.0, np.log(theta)]}), "theta_range")
+
+
+def test_theta_weighs_one_row(node):
+    """`visits ~ x` at coefficients (0, -1): the fitted means exp(-x) pass the rules (about 150
+    effective rows), but the score weighs each row's outcome by theta / (theta + mu), which a
+    tiny theta turns into about theta / mu = theta exp(x): at theta = exp(-6) the target's x of
+    7.3 gets a weight of 0.79 and no one else more than 0.05, so his 61 visits weigh in the
+    intercept's score as much as 16 other people's (9 effective rows). The outcome's weights are
+    judged like the fitted means; so are the information weights, mu theta / (theta + mu), which
+    are then about theta for everyone but the target (refused first, as setting him apart)."""
+    frame = make_frame()
+    theta = np.exp(-6.0)
+    mu = np.exp(-frame["x"].to_numpy())
+    weight = theta / (theta + mu)
+    assert weight[0] > 0.75 and np.all(weight[1:] < 0.05)
+    assert (weight.sum() ** 2 / np.sum(weight**2)) < 10
+    assert (mu.sum() ** 2 / np.sum(mu**2)) > 100  # (the fitted means alone pass)
+    reply, study = node.prepare(node.spec(family="negative_binomial", formula="visits ~ x"))
+    ok(reply)
+    refused(node, node.round(study, {"m0": [0.0, -1.0, np.log(theta)]}), "min_effective_rows")
+    assert "weights" in node.audit_entries()[-1]["refusal"][0]["sentence"]
