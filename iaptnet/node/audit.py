@@ -383,7 +383,7 @@ class AuditLog:
                 "entries the node released were deleted."
             )
         if damage:
-            return failed(damage)
+            return failed(damage.rstrip(".") + ".")
         pending = ""
         if self.folder is not None:
             head = self._head_file()
@@ -391,7 +391,7 @@ class AuditLog:
                 return failed("the head file audit.head is not valid: it was edited.")
             state = _classify(head, last_line, fragment)
             if state.damage or state.unreadable:
-                return failed(state.damage or state.unreadable)
+                return failed((state.damage or state.unreadable) + ".")
             if state.repairs:
                 pending = (
                     "; ".join(_found(r) for r in state.repairs)
