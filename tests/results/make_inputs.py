@@ -13,6 +13,10 @@ committed and the tests read them, so R and numpy versions never move the inputs
   s2, and 14 in s1, three of them exposed rows whose logits lie beyond every control's.
 - iptw: 3 services, exposure depending on a categorical and two continuous covariates.
 - glm: 4 services of 12 clinics each (clusters within services), prior weights.
+- nb: public data, the RAND Health Insurance Experiment's outpatient visits (Deb and Trivedi's
+  extract, as statsmodels ships it: statsmodels.datasets.randhie, read from the installed
+  package, nothing downloaded): 3,000 of its 20,190 person-years drawn without replacement
+  (in their order), split over 5 services of unequal size; the sparse hlthp left out.
 """
 
 from __future__ import annotations
@@ -107,7 +111,20 @@ def glm_input() -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-INPUTS = {"meta": meta_input, "psm": psm_input, "iptw": iptw_input, "glm": glm_input}
+def nb_input() -> pd.DataFrame:
+    from statsmodels.datasets import randhie
+
+    data = randhie.load_pandas().data
+    rng = np.random.default_rng(20240615)
+    rows = data.iloc[np.sort(rng.choice(len(data), size=3000, replace=False))].reset_index(drop=True)
+    rows = rows[["mdvis", "lncoins", "idp", "lpi", "fmde", "physlm", "disea", "hlthg", "hlthf"]]
+    rows = rows.astype({"mdvis": int, "idp": int, "physlm": float, "hlthg": int, "hlthf": int}).round(6)
+    sizes = (420, 610, 880, 390, 700)
+    site = np.repeat([f"s{k}" for k in range(len(sizes))], sizes)
+    return pd.concat([pd.DataFrame({"site": site}), rows], axis=1)
+
+
+INPUTS = {"meta": meta_input, "psm": psm_input, "iptw": iptw_input, "glm": glm_input, "nb": nb_input}
 
 
 def main() -> None:
