@@ -84,6 +84,9 @@ class ModelFit:
     # Negative binomial models: log theta (its null model: the one its last round was sent at),
     # the previous round's and its log-likelihood (for step-halving), and d^2 loglik / d theta^2
     # at the final round (theta's standard error).
+    # A study's `marginal` exposures: the nodes' summed marginal sums at the final estimate, by
+    # exposure column (protocol.marginal_key's layout).
+    marginal_sums: dict[str, np.ndarray] = field(default_factory=dict)
     log_theta: float | None = None
     prev_log_theta: float | None = None
     prev_llf: float | None = None
@@ -192,8 +195,33 @@ def fit_models(
                 _nb_null_update(fit, main, score, info, stats)
     for fit in fits.values():
         _check_exact_fit(fit)
+    _marginal_round(session, fits)
     _count_contributors(fits, session)
     return fits
+
+
+def _marginal_round(session: Session, fits: dict[str, ModelFit]) -> None:
+    """For models with `marginal` exposures, one more round at the final estimate: each node
+    returns, per exposure, the sums of its rows' fitted means with the exposure set to 1 and to
+    0 and their gradients (p-vectors), judged like any round's."""
+    asked = {key: list(fit.spec.marginal) for key, fit in fits.items() if fit.spec.marginal}
+    if not asked:
+        return
+    for key, terms in asked.items():
+        fit = fits[key]
+        for term in terms:
+            if term not in fit.active_names:
+                raise ModelError(
+                    f"model '{fit.spec.name}': the marginal exposure '{term}' has no rows with a value of 1 "
+                    "in the cohort, so its effect cannot be standardised."
+                )
+    arrays = {protocol.beta_key(key): _round_vector(fits[key], fits) for key in asked}
+    replies = session.ask(protocol.ROUND, {"models": list(asked), "marginal": asked}, arrays)
+    _check_replies(replies, session)
+    for key, terms in asked.items():
+        fit = fits[key]
+        mine = [r for r in replies if r.node in fit.holders]
+        fit.marginal_sums = {term: _sum(mine, protocol.marginal_key(key, i)) for i, term in enumerate(terms)}
 
 
 def _round_vector(fit: ModelFit, fits: dict[str, ModelFit]) -> np.ndarray:

@@ -96,11 +96,50 @@ def build_results(fit: ModelFit, *, study_hash: str, engine: str, node_status: l
         "llf": llf,
         "aic": -2.0 * llf + 2.0 * k,
         **dispersion_fields(fit),
+        **({"marginal": marginal_rows(fit)} if fit.marginal_sums else {}),
         "dropped_terms": fit.dropped,
         "nodes": node_status,
         "terms": terms,
         **provenance(spec, engine),
     }
+
+
+def marginal_rows(fit: ModelFit) -> list[dict]:
+    """Standardised (g-computation) risks of each `marginal` exposure: the mean fitted value
+    over the model's rows (prior-weighted) with the exposure set to 1 and to 0 for everyone
+    (its interactions too), their difference and ratio; delta-method SEs with the covariance
+    the terms report (robust when cov_type is), normal 95% intervals, the ratio's on the log
+    scale. The cohort's covariates are held fixed (no sampling variance of their mix)."""
+    a = fit.active
+    p = len(fit.names)
+    cov = fit.covariance
+    rows = []
+    for term, sums in fit.marginal_sums.items():
+        n = float(sums[2])
+        r1, r0 = float(sums[0]) / n, float(sums[1]) / n
+        g1, g0 = sums[3 : 3 + p][a] / n, sums[3 + p : 3 + 2 * p][a] / n
+        rd = r1 - r0
+        grad = g1 - g0
+        se = math.sqrt(float(grad @ cov @ grad))
+        row = {
+            "term": term,
+            "risk_exposed": r1,
+            "risk_unexposed": r0,
+            "risk_difference": rd,
+            "rd_std_error": se,
+            "rd_low": rd - Z975 * se,
+            "rd_high": rd + Z975 * se,
+            "risk_ratio": None,
+            "rr_low": None,
+            "rr_high": None,
+        }
+        if r1 > 0 and r0 > 0:
+            log_grad = g1 / r1 - g0 / r0
+            se_log = math.sqrt(float(log_grad @ cov @ log_grad))
+            rr = r1 / r0
+            row.update(risk_ratio=rr, rr_low=rr * math.exp(-Z975 * se_log), rr_high=rr * math.exp(Z975 * se_log))
+        rows.append(row)
+    return rows
 
 
 def dispersion_fields(fit: ModelFit) -> dict:
@@ -229,4 +268,12 @@ def render_report(result: dict) -> str:
         lines.append(row)
     for d in result.get("dropped_terms", []):
         lines.append(f"  dropped {d['term']}: {d['reason']}")
+    for e in result.get("marginal") or []:
+        line = (
+            f"  standardised {e['term']}: {e['risk_exposed']:.4f} set to 1 vs {e['risk_unexposed']:.4f} set to 0; "
+            f"difference {e['risk_difference']:.4f} ({e['rd_low']:.4f} to {e['rd_high']:.4f})"
+        )
+        if e["risk_ratio"] is not None:
+            line += f", ratio {e['risk_ratio']:.3f} ({e['rr_low']:.3f}-{e['rr_high']:.3f})"
+        lines.append(line)
     return "\n".join(lines)

@@ -55,6 +55,9 @@ class DesignedModel:
     levels: list = field(default_factory=list)  # disclosure.LevelCount, kept at the node
     weights: np.ndarray | None = None  # prior weights; None means 1 for every row
     clusters: np.ndarray | None = None  # cluster code per row (cov_type = "cluster")
+    # For a study's `marginal` exposures: the design with the exposure set to 1 and to 0 for
+    # every row (its interactions follow), by column name; kept at the node.
+    counterfactual: dict = field(default_factory=dict)
     _gram: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -227,7 +230,12 @@ def evaluate_expression(rows: pd.DataFrame, expr: str) -> np.ndarray:
 
 
 def build_design(
-    frame: pd.DataFrame, schema: Schema, spec: StudySpec, transform_state: dict | None = None, gate=None
+    frame: pd.DataFrame,
+    schema: Schema,
+    spec: StudySpec,
+    transform_state: dict | None = None,
+    gate=None,
+    counterfactual: tuple[str, ...] = (),
 ) -> DesignedModel:
     """Filter, drop incomplete rows and build X with formulaic; raise DataError on failure.
 
@@ -272,7 +280,33 @@ def build_design(
     clusters = pd.factorize(rows[spec.cluster], sort=True)[0] if spec.cluster else None
     names = list(mm.model_spec.column_names)
     levels = level_counts(rows, X, names, mm.model_spec, schema, spec, parsed)
-    return DesignedModel(names, X, y, offset, n_cohort, n_missing, used, levels, weights, clusters)
+    designed = DesignedModel(names, X, y, offset, n_cohort, n_missing, used, levels, weights, clusters)
+    for column in counterfactual:
+        designed.counterfactual[column] = tuple(_set_to(mm.model_spec, rows, column, value, X) for value in (1, 0))
+    return designed
+
+
+def _set_to(model_spec, rows: pd.DataFrame, column: str, value: int, X: np.ndarray) -> np.ndarray:
+    """The design with `column` set to `value` on every row, from the model's own spec (same
+    levels, same pooled centring). Each of its columns must be constant or one of the model's
+    own (the study's check keeps an interaction's other terms in the formula), so it releases
+    no column the model did not."""
+    try:
+        mm = model_spec.get_model_matrix(rows.assign(**{column: float(value)}), context=EVAL_CONTEXT)
+    except Exception as exc:  # as above: no data values in the message
+        raise DataError(
+            f"the design with '{column}' set to {value} could not be built ({type(exc).__name__})."
+        ) from exc
+    Z = np.ascontiguousarray(np.asarray(mm, dtype=float))
+    own = {np.ascontiguousarray(X[:, k]).tobytes() for k in range(X.shape[1])}
+    for j in range(Z.shape[1]):
+        col = np.ascontiguousarray(Z[:, j])
+        if not (np.all(col == col[0]) or col.tobytes() in own):
+            raise DataError(
+                f"setting '{column}' to {value} makes a design column the model does not have; "
+                "put the terms it interacts with in the formula too."
+            )
+    return Z
 
 
 def _offset(rows: pd.DataFrame, spec: StudySpec) -> np.ndarray:

@@ -161,6 +161,7 @@ def prepare(dataset, payload: dict, release: Release, augments=None):
                 spec,
                 states.get(key),
                 gate=lambda rows, name=spec.name: require_rows(rows, name, task_rules()),
+                counterfactual=spec.marginal,
             )
         except Refusal as refusal:
             if key not in optional or refusal.rule != "min_rows":
@@ -210,9 +211,13 @@ def prepare(dataset, payload: dict, release: Release, augments=None):
     return designs, facts, local
 
 
-def round_contributions(prepared, betas: dict[str, np.ndarray], release: Release) -> None:
+def round_contributions(
+    prepared, betas: dict[str, np.ndarray], release: Release, marginal: dict[str, list[str]] | None = None
+) -> None:
     """Declare score, packed information and [deviance, pearson, loglike sum]
-    per model, with the row weights they sum over and those of the rounds answered before."""
+    per model, with the row weights they sum over and those of the rounds answered before;
+    with `marginal`, the standardised fitted means of the models' exposures set to 1 and 0."""
+    marginal = marginal or {}
     for key, beta in betas.items():
         design = prepared.designs[key]
         family = get_family(prepared.families[key])
@@ -229,9 +234,23 @@ def round_contributions(prepared, betas: dict[str, np.ndarray], release: Release
         # The HC0 middle term sum r_i^2 x_i x_i' is X'WX with W = r^2 at coefficients the
         # coordinator chose: its weights are judged like the IRLS weights, Gaussian models too.
         robust = cov_type == "HC0"
+        exposures = marginal.get(key, [])
+        if any(term not in design.counterfactual for term in exposures):
+            raise DataError(f"model '{key}': the round asks for marginal effects of a term the study did not name.")
         if finite and (family.name != "gaussian" or robust) and design.n:
             weights = row_weights(design, family, beta, robust)
             history = _history_weights(prepared, key, design, family, robust)
+        if finite and family.name != "gaussian" and design.n:
+            for term in exposures:  # the counterfactual fitted means are weights of their sums,
+                weights.update(counterfactual_weights(design, family, beta[:-1] if nb else beta, term))
+                # compared with the same at every round answered before (and the node's own fit)
+                for previous in prepared.history.get(key, []):
+                    if previous.shape == beta.shape:
+                        at = family.at(float(np.exp(np.clip(previous[-1], -700, 700)))) if nb else family
+                        for name, v in counterfactual_weights(
+                            design, at, previous[:-1] if nb else previous, term
+                        ).items():
+                            history.setdefault(name, []).append(v)
         section = release.round(
             key,
             prepared.facts[key],
@@ -252,7 +271,43 @@ def round_contributions(prepared, betas: dict[str, np.ndarray], release: Release
                 # Sums over the same rows as the score (prior weight 0: nothing), at the theta
                 # judged above; their outcome weights are among the round's weights.
                 section.array(protocol.theta_key(key), np.array(theta_sums(design, family, coefficients)))
+            for i, term in enumerate(exposures):
+                section.array(protocol.marginal_key(key, i), marginal_sums(design, family, coefficients, term))
         release.after(lambda key=key, beta=beta, weights=weights: _remember_round(prepared, key, beta, weights))
+
+
+def _counterfactual_means(design: DesignedModel, family, beta: np.ndarray, term: str):
+    """(mu1, dmu/deta at 1, X1, mu0, dmu/deta at 0, X0) with `term` set to 1 and 0."""
+    out = []
+    for Z in design.counterfactual[term]:
+        with np.errstate(over="ignore", invalid="ignore"):
+            eta = Z @ beta + design.offset
+            mu = family.mean(eta)
+            slope = {"binomial": mu * (1.0 - mu), "gaussian": np.ones_like(mu)}.get(family.name, mu)
+        out += [mu, slope, Z]
+    return out
+
+
+def counterfactual_weights(design: DesignedModel, family, beta: np.ndarray, term: str) -> dict[str, np.ndarray]:
+    """The row weights of the marginal sums: the fitted means with the exposure set to 1 and to
+    0 (and, for binomial, their derivatives), judged like a round's fitted means."""
+    mu1, slope1, _, mu0, slope0, _ = _counterfactual_means(design, family, beta, term)
+    out = {f"fitted with {term} = 1": mu1, f"fitted with {term} = 0": mu0}
+    if family.name == "binomial":
+        out[f"information with {term} = 1"] = slope1
+        out[f"information with {term} = 0"] = slope0
+    return out
+
+
+def marginal_sums(design: DesignedModel, family, beta: np.ndarray, term: str) -> np.ndarray:
+    """(sum w mu1, sum w mu0, sum w, sum w mu'(eta1) x1, sum w mu'(eta0) x0) over the model's
+    rows, w the prior weights (rows of weight 0 add nothing)."""
+    p = design.X.shape[1]
+    if design.n == 0:
+        return np.zeros(3 + 2 * p)
+    mu1, slope1, X1, mu0, slope0, X0 = _counterfactual_means(design, family, beta, term)
+    w = design.weights if design.weights is not None else np.ones(design.n)
+    return np.concatenate([[w @ mu1, w @ mu0, w.sum()], X1.T @ (w * slope1), X0.T @ (w * slope0)])
 
 
 def _at_theta(family, vector: np.ndarray, label: str):
@@ -560,7 +615,7 @@ def glm_round(runtime: NodeRuntime, task) -> Release:
         raise DataError("the task names a model this study did not prepare.")
     betas = {k: v for k, v in betas.items() if k in prepared.designs}  # nothing for declined models
     release = Release()
-    round_contributions(prepared, betas, release)
+    round_contributions(prepared, betas, release, protocol.marginal_from_payload(task.payload))
     version = runtime.dataset.data_version
     release.remember(lambda: runtime.memory.remember_rounds(task.study_hash, version, betas))
     return release

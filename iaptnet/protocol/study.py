@@ -32,7 +32,7 @@ from .tomlfile import read_toml, reject_unknown
 #: Fields every kind of study may have (besides its own).
 COMMON_KEYS = {"name", "kind", "title", "description", "where", "schema", "min_nodes", "reference", "merge", "exposure"}
 #: The fields of a GLM study (`kind = "glm"`, the default).
-STUDY_KEYS = COMMON_KEYS | {"family", "formula", "offset", "weights", "cov_type", "cluster"}
+STUDY_KEYS = COMMON_KEYS | {"family", "formula", "offset", "weights", "cov_type", "cluster", "marginal"}
 #: Covariance of the estimates, as statsmodels names them: model-based, robust (sandwich,
 #: HC0) and cluster-robust (with statsmodels' small-sample correction; clusters must not span
 #: nodes, e.g. services or matched pairs).
@@ -56,6 +56,8 @@ class StudySpec:
     weights: str | None = None  # a column of prior weights (statsmodels' var_weights)
     cov_type: str = "nonrobust"
     cluster: str | None = None  # the cluster column for cov_type = "cluster"
+    # Binary exposures whose standardised (g-computation) risks the results report.
+    marginal: tuple[str, ...] = ()
     # Columns a node computed for this study from an earlier step of it (e.g. matched pairs
     # of a propensity-score study): {"state": key at the node, "columns": {name: type}}.
     augment: dict | None = None
@@ -90,6 +92,8 @@ class StudySpec:
             out["cov_type"] = self.cov_type
         if self.cluster:
             out["cluster"] = self.cluster
+        if self.marginal:
+            out["marginal"] = list(self.marginal)
         if self.augment:
             out["augment"] = {
                 "state": str(self.augment["state"]),
@@ -133,6 +137,7 @@ class StudySpec:
                 weights=data.get("weights"),
                 cov_type=str(data.get("cov_type", "nonrobust")),
                 cluster=data.get("cluster"),
+                marginal=tuple(data.get("marginal") or ()),
                 augment=data.get("augment"),
                 params=data.get("params") or {},
                 dataset=str(data.get("dataset", "iapt")),
@@ -242,6 +247,7 @@ def parse_glm_study(data: dict, schema: Schema, source: str) -> tuple[StudySpec,
         if family == "binomial":
             raise SpecError(f"{source}: field 'offset' is not supported for a binomial model.")
     weights, cov_type, cluster = check_estimation(data, schema, source)
+    marginal = check_marginal(data.get("marginal"), data["formula"], schema, source)
     spec = StudySpec(
         family=family,
         formula=data["formula"],
@@ -249,9 +255,48 @@ def parse_glm_study(data: dict, schema: Schema, source: str) -> tuple[StudySpec,
         weights=weights,
         cov_type=cov_type,
         cluster=cluster,
+        marginal=marginal,
         **common,
     )
     return spec, parsed
+
+
+MAX_MARGINAL = 10
+
+
+def check_marginal(marginal, formula: str, schema: Schema, source: str) -> tuple[str, ...]:
+    """Validate `marginal = ["column", ...]`: binary columns the formula uses bare (their design
+    term has the column's name), each interaction of one with the exposure beside the terms it
+    multiplies (so that setting the exposure makes no design column that the model lacks)."""
+    if marginal is None:
+        return ()
+    expect = (
+        f"{source}: field 'marginal' must be a list of binary columns that the formula uses as terms, "
+        'e.g. marginal = ["treated"]'
+    )
+    if not isinstance(marginal, list) or not marginal or len(marginal) > MAX_MARGINAL:
+        raise SpecError(f"{expect} (at most {MAX_MARGINAL}).")
+    from .formula_check import parse_formula
+
+    terms = parse_formula(formula, source).rhs_terms
+    factor_sets = [frozenset(str(f.expr).replace(" ", "") for f in term.factors) for term in terms]
+    out = []
+    for name in marginal:
+        if not isinstance(name, str) or name in out:
+            raise SpecError(f"{expect}; {name!r} is not a column name or is listed twice.")
+        if name not in schema or schema[name].type != "binary":
+            raise SpecError(f"{expect}; '{name}' is not a binary (0/1) column of the dataset '{schema.name}'.")
+        if frozenset([name]) not in factor_sets:
+            raise SpecError(f"{expect}; the formula has no term '{name}' (write the column bare, not C({name})).")
+        for factors in factor_sets:
+            if name in factors and len(factors) > 1 and factors - {name} not in factor_sets:
+                rest = ":".join(sorted(factors - {name}))
+                raise SpecError(
+                    f"{source}: field 'marginal' lists '{name}', whose interaction with '{rest}' needs the term "
+                    f"'{rest}' in the formula too (setting '{name}' to 1 turns the interaction into it)."
+                )
+        out.append(name)
+    return tuple(out)
 
 
 def common_fields(data: dict, schema: Schema, source: str, allowed: set[str]) -> dict:
@@ -469,6 +514,8 @@ def check_at_node(spec: StudySpec, schema: Schema) -> None:
     if spec.offset is not None:
         check_offset(spec.offset, schema, spec.source)
     check_estimation({"weights": spec.weights, "cov_type": spec.cov_type, "cluster": spec.cluster}, schema, spec.source)
+    if spec.marginal and spec.kind == "glm":
+        check_marginal(list(spec.marginal), spec.formula, schema, spec.source)
     if spec.merge:
         if check_merges(spec.merge, schema, spec.source) != spec.merge:
             raise SpecError(f"{spec.source}: field 'merge' is not in canonical form.")

@@ -13,6 +13,10 @@ One GLM run is three task kinds (docs/developer/architecture.md draws one round)
   `meat/<key>` (packed). A negative binomial model's `beta/<key>` is its coefficients followed
   by log theta (its null model's: the intercept and the model's log theta), and its reply adds
   `theta/<key>` = (d loglik / d theta, d^2 loglik / d theta^2) (not for the null model).
+  A round whose payload has `marginal` ({model key: [exposure column, ...]}, once the model has
+  converged) adds per exposure i `marginal/<key>/<i>` = (sum w mu1, sum w mu0, sum w, then the
+  p-vectors sum w mu'(eta1) x1 and sum w mu'(eta0) x0): the fitted means and their gradients
+  with the exposure set to 1 and to 0 for every row (w the prior weights, else 1).
 
 The task's study hash is `batch_hash` of its models' hashes (every kind's tasks carry their
 studies the same way, as `models`).
@@ -81,6 +85,21 @@ def meat_key(model: str) -> str:
 
 def theta_key(model: str) -> str:
     return f"theta/{model}"
+
+
+def marginal_key(model: str, i: int) -> str:
+    return f"marginal/{model}/{i}"
+
+
+def marginal_from_payload(payload: dict) -> dict[str, list[str]]:
+    """A round's `marginal` request: {model key: [exposure column, ...]}; DataError otherwise."""
+    marginal = payload.get("marginal") or {}
+    if not isinstance(marginal, dict) or not all(
+        isinstance(k, str) and isinstance(v, list) and 0 < len(v) <= 10 and all(isinstance(t, str) for t in v)
+        for k, v in marginal.items()
+    ):
+        raise DataError("the round's marginal request is not a table of exposure lists.")
+    return marginal
 
 
 def betas_from_arrays(arrays: dict) -> dict:
