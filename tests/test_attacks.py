@@ -120,6 +120,7 @@ ATTACKS = {
     "three_models_whose_columns_combine_to_one_row": "x ~ age, x ~ I(age ** 2), x ~ I(age ** 3): a combination of their sums is one person",
     "a_cluster_of_one": "cluster-robust SEs with the target alone in his cluster",
     "theta_rounds_the_outcome": "a negative binomial theta of 2^58, at which theta + y drops every count below 32",
+    "marginal_rounds_differ_in_one_row": "two marginal-effect rounds whose fitted means with the exposure set differ only in the target's",
     "theta_weighs_one_row": "a tiny negative binomial theta that weighs the target's outcome 16 times anyone else's",
 }
 
@@ -1100,3 +1101,55 @@ def test_theta_weighs_one_row(node):
     ok(reply)
     refused(node, node.round(study, {"m0": [0.0, -1.0, np.log(theta)]}), "min_effective_rows")
     assert "weights" in node.audit_entries()[-1]["refusal"][0]["sentence"]
+
+
+# --------------------------------------------------------------------------- 11. marginal effects
+
+
+def test_marginal_rounds_differ_in_one_row(tmp_path):
+    """`y ~ h * (x + x2)` with `marginal = ["h"]` (x2 is x but 0 for the target; the leverage
+    rules are off so that the design is prepared). A round may ask for the sums of the fitted
+    means with h set to 1 and their gradient. Between two such rounds the coefficients move by
+    d = (0, 0, c, 0, a - c, -a): with h set to 1 every row's linear predictor moves by
+    a (x - x2), the target's alone, while the model's own fitted means move for everyone with
+    h = 0. The difference of the two gradient sums is then the target's row times a number:
+    its x component over its intercept component is his x. The counterfactual fitted means are
+    judged like the fitted means, against those of the rounds answered before."""
+    from iaptnet.node.design import build_design
+    from iaptnet.protocol.study import StudySpec
+
+    node = policy_node(
+        tmp_path,
+        'mode = "exploratory"\n[rules]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n'
+        "[exploratory]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n",
+    )
+    wire = node.spec(formula="y ~ h * (x + x2)", marginal=["h"])
+    spec = StudySpec.from_wire(wire)
+    design = build_design(make_frame(), node.schema, spec, counterfactual=("h",))
+    assert design.names == ["Intercept", "h", "x", "x2", "h:x", "h:x2"]
+    c, a = 0.3, 0.5
+    d = np.array([0.0, 0.0, c, 0.0, a - c, -a])
+    X1, _ = design.counterfactual["h"]
+    assert np.count_nonzero(X1 @ d) == 1 and np.count_nonzero(design.X @ d) > 200
+    beta = np.array([-0.2, 0.3, 0.4, 0.0, 0.0, 0.0])  # every fitted mean with h = 1 changes
+    slopes = []
+    for b in (beta, beta + d):
+        mu1 = 1 / (1 + np.exp(-(X1 @ b)))
+        slopes.append(X1.T @ (mu1 * (1 - mu1)))
+    leak = slopes[1] - slopes[0]
+    assert np.isclose(leak[2] / leak[0], BOB_X, rtol=1e-9, atol=0)  # the leak, if both were answered
+    reply, study = node.prepare(wire)
+    ok(reply)
+
+    def marginal_round(coefficients):
+        task = m.Task(
+            kind=glm_protocol.ROUND,
+            study_hash=study,
+            payload={"models": ["m0"], "marginal": {"m0": ["h"]}},
+            arrays={"beta/m0": np.asarray(coefficients, dtype=float)},
+        )
+        return node.send(task)
+
+    assert ok(marginal_round(beta)).arrays["marginal/m0/0"].shape == (3 + 2 * 6,)
+    refused(node, marginal_round(beta + d), "min_effective_rows")
+    assert "compared with a round this node already answered" in node.audit_entries()[-1]["refusal"][0]["sentence"]
