@@ -40,9 +40,10 @@ test: lint docs
 	$(BIN)/python -m pytest -q -n 2 -m "not network"
 	$(BIN)/python -m pytest -q -m network
 
-# The inner loop: under a minute, without the real network, paper-scale data or PostgreSQL.
+# The inner loop: under a minute, without the real network, paper-scale data, PostgreSQL or
+# a browser.
 test-fast: $(BIN)/iaptnet
-	$(BIN)/python -m pytest -q -n 2 -m "not network and not paper_scale and not postgres"
+	$(BIN)/python -m pytest -q -n 2 -m "not network and not paper_scale and not postgres and not browser"
 
 lint: $(BIN)/iaptnet
 	$(BIN)/ruff check iaptnet tests bench

@@ -21,21 +21,6 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 from .protocol.errors import IaptnetError  # noqa: E402
 
 
-def _progress_printer(enabled: bool):
-    if not enabled:
-        return None, None
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    status = console.status("starting")
-    status.start()
-
-    def progress(kind: str, round_no: int, answered: int, expected: int) -> None:
-        status.update(f"round {round_no} ({kind}): {answered}/{expected} nodes answered")
-
-    return progress, status
-
-
 def _study_names(paths: list[str]) -> list[str | None]:
     """Each study file's `name` as written (None where it has none: loading it says so)."""
     from .protocol.tomlfile import read_toml
@@ -58,19 +43,18 @@ def cmd_run(args) -> int:
         # Two studies writing one folder is found now, not after an hour of rounds.
         named = [(n, p) for n, p in zip(_study_names(args.study), args.study) if n is not None]
         results_paths(Path(args.out), [n for n, _ in named], [p for _, p in named])
-    progress, status = _progress_printer(not args.json and sys.stderr.isatty())
-    try:
+    from .progress import LiveProgress
+
+    with LiveProgress.for_terminal(quiet=args.quiet or args.json) as live:
+        live.stage(f"running {len(args.study)} stud{'y' if len(args.study) == 1 else 'ies'}")
         if args.engine == "flower":
             from .coordinator.engines.flower import run_flower
 
-            results = run_flower(args.study, args.hub, progress=progress, status=status.update if status else None)
+            results = run_flower(args.study, args.hub, progress=live.round, status=live.update)
         else:
             from .coordinator.inprocess import run_inprocess
 
-            results = run_inprocess(args.study, args.network, progress=progress)
-    finally:
-        if status:
-            status.stop()
+            results = run_inprocess(args.study, args.network, progress=live.round, announce=live.stage)
     if args.out:
         out = Path(args.out)
         if len(results) == 1:
@@ -82,6 +66,7 @@ def cmd_run(args) -> int:
                 write_json_atomic(path, result)
             except OSError as exc:
                 raise IaptnetError(f"{path}: the results cannot be written ({exc.strerror or exc}).") from None
+        report = _write_report(out)
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     else:
@@ -89,7 +74,22 @@ def cmd_run(args) -> int:
             print(render_report(result))
             print()
         if args.out:
-            print(f"results written to {args.out}")
+            print(f"results written to {args.out}; report: {report}")
+    return 0
+
+
+def _write_report(folder: Path, out: Path | None = None) -> Path:
+    from .report import write_report
+
+    try:
+        return write_report(folder, out).html
+    except OSError as exc:
+        raise IaptnetError(f"{exc.filename or folder}: the report cannot be written ({exc.strerror or exc}).") from None
+
+
+def cmd_report(args) -> int:
+    path = _write_report(Path(args.folder), Path(args.out) if args.out else None)
+    print(f"report: {path} (tables in {path.parent / 'tables'} and {path.parent / 'tables.xlsx'})")
     return 0
 
 
@@ -100,6 +100,7 @@ def cmd_demo(args) -> int:
         Path(args.out),
         cache=Path(args.cache) if args.cache else None,
         json_mode=args.json,
+        quiet=args.quiet,
         patients=args.patients,
         seed=args.seed,
     )
@@ -172,13 +173,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="inprocess: the nodes of a network file in this process; flower: a real hub",
     )
     run.add_argument("--hub", help="hub.toml: the hub's address and CA certificate (flower engine)")
-    run.add_argument("--out", help="folder for results.json")
+    run.add_argument("--out", help="folder for results.json, report.html and the report's tables")
     run.add_argument("--json", action="store_true", help="print results as JSON, no progress")
+    run.add_argument("--quiet", action="store_true", help="no progress display (it shows only on a terminal)")
     run.set_defaults(fn=cmd_run)
+
+    report = sub.add_parser(
+        "report", help="render the HTML report (and its CSV and XLSX tables) of a results folder again"
+    )
+    report.add_argument("folder", help="the --out folder of iaptnet run or iaptnet demo; no node is asked anything")
+    report.add_argument("--out", help="the report's file (default: FOLDER/report.html; tables go beside it)")
+    report.set_defaults(fn=cmd_report)
 
     demo = sub.add_parser("demo", help="synthesise the paper-scale network and run the catalogue")
     demo.add_argument(
-        "--out", default="demo-out", help="folder for summary.json, secondary.json and each study's results"
+        "--out",
+        default="demo-out",
+        help="folder for report.html, summary.json, secondary.json and each study's results",
     )
     demo.add_argument("--cache", help="folder for the cached synthetic network")
     demo.add_argument("--patients", type=int, default=483_683, help="referrals in the synthetic network")
@@ -186,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=None, help="the synthetic network's seed (default: the paper's, 20210901)"
     )
     demo.add_argument("--json", action="store_true", help="print the findings as JSON, no progress")
+    demo.add_argument("--quiet", action="store_true", help="no progress display (it shows only on a terminal)")
     demo.set_defaults(fn=cmd_demo)
 
     synth = sub.add_parser("synth", help="write a synthetic network of service extracts")

@@ -28,3 +28,30 @@ def _own_node_state(tmp_path_factory, monkeypatch):
     yield
     runtime._RUNTIMES.clear()
     runtime._STATES.clear()
+
+
+@pytest.fixture(scope="session")
+def report_run(tmp_path_factory):
+    """The --out folder of one `iaptnet run` of every kind (tests/reportcase.py), shared by
+    the report's tests and its browser tests."""
+    from reportcase import run_every_kind
+
+    return run_every_kind(tmp_path_factory.mktemp("report"))
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium (Debian's package) driven by Playwright; a missing browser fails the
+    test (CI installs it), it is never skipped."""
+    from pathlib import Path
+
+    from reportcase import CHROMIUM, CHROMIUM_ARGS
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Chromium is not installed: apt-get install chromium (.ci/run does), then run the tests again.")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()

@@ -88,8 +88,10 @@ def test_study_names_never_choose_a_path_outside_out(capsys, tmp_path, net, name
     written = files_under(tmp_path) - before
     assert written and all(f.startswith(str(out) + os.sep) for f in written), written
     assert (out / "plain" / "results.json").exists()
-    folders = [p for p in out.iterdir() if p.name != "plain"]
+    folders = [p for p in out.iterdir() if p.name not in ("plain", "tables", "tables.xlsx", "report.html")]
     assert len(folders) == 1 and (folders[0] / "results.json").exists()
+    tables = list((out / "tables").iterdir())  # the report's tables: plain names too
+    assert tables and all(not t.name.startswith(".") and t.name.isprintable() and t.suffix == ".csv" for t in tables)
     assert not folders[0].name.startswith(".") and all(c.isprintable() for c in folders[0].name)
 
 
@@ -153,6 +155,9 @@ def test_the_demo_writes_study_names_under_out_only(tmp_path, monkeypatch):
     results = [{"study": "../../escaped", "kind": "glm"}, {"study": str(tmp_path / "abs"), "kind": "glm"}]
     monkeypatch.setattr(demo, "synthetic_network", lambda *a, **k: tmp_path / "network.toml")
     monkeypatch.setattr(demo, "run_inprocess", lambda *a, **k: results)
+    import iaptnet.report
+
+    monkeypatch.setattr(iaptnet.report, "write_report", lambda folder: iaptnet.report.ReportFiles(folder, [], folder))
     out = tmp_path / "a" / "b" / "out"
     assert demo.run_demo(out, cache=tmp_path, json_mode=True, patients=10_000) == 0
     written = files_under(tmp_path)

@@ -36,7 +36,7 @@ def default_cache() -> Path:
     return Path(base) / "iaptnet"
 
 
-def synthetic_network(cache: Path, patients: int, seed: int, say=print) -> Path:
+def synthetic_network(cache: Path, patients: int, seed: int, say=print, step=None) -> Path:
     from ..synth import generate_network
 
     folder = cache / f"network-{patients}-{seed}-{_generator_fingerprint()}"
@@ -46,7 +46,7 @@ def synthetic_network(cache: Path, patients: int, seed: int, say=print) -> Path:
         return network
     say(f"synthesising {patients:,} referrals for 8 services (seed {seed}) ...")
     start = time.perf_counter()
-    path = generate_network(folder, services=8, patients=patients, seed=seed)
+    path = generate_network(folder, services=8, patients=patients, seed=seed, step=step)
     say(f"  done in {time.perf_counter() - start:.1f} s")
     return path
 
@@ -94,23 +94,37 @@ def render_summary(rows: list[dict], results: list[dict], heading: str = "findin
 
 
 def run_demo(
-    out: Path, *, cache: Path | None = None, json_mode: bool = False, patients: int = 483_683, seed: int | None = None
+    out: Path,
+    *,
+    cache: Path | None = None,
+    json_mode: bool = False,
+    quiet: bool = False,
+    patients: int = 483_683,
+    seed: int | None = None,
 ) -> int:
+    from ..progress import LiveProgress
+    from ..report import write_report
+
     say = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if json_mode else print
     if patients < 10_000:
         raise IaptnetError("--patients must be at least 10,000 for the catalogue's sub-cohorts to be estimable.")
     check_out_folder(out)
-    network = synthetic_network(cache or default_cache(), patients, seed or DEFAULT_SEED, say)
     paths = catalogue_paths()
-    say(f"running the catalogue ({len(paths)} studies; its regressions share one conversation with the 8 nodes) ...")
-    start = time.perf_counter()
-    results = run_inprocess(paths, network)
-    elapsed = time.perf_counter() - start
-    rows, secondary = summarise(results), summarise(results, secondary=True)
-    for path, result in zip(results_paths(out, [r["study"] for r in results]), results):
-        write_json_atomic(path, result)
-    write_json_atomic(out / "secondary.json", secondary)
-    write_json_atomic(out / "summary.json", rows)
+    with LiveProgress.for_terminal(quiet=quiet or json_mode) as live:
+        network = synthetic_network(cache or default_cache(), patients, seed or DEFAULT_SEED, say, step=live.stage)
+        say(
+            f"running the catalogue ({len(paths)} studies; its regressions share one conversation with the 8 nodes) ..."
+        )
+        start = time.perf_counter()
+        results = run_inprocess(paths, network, progress=live.round, announce=live.stage)
+        elapsed = time.perf_counter() - start
+        rows, secondary = summarise(results), summarise(results, secondary=True)
+        for path, result in zip(results_paths(out, [r["study"] for r in results]), results):
+            write_json_atomic(path, result)
+        write_json_atomic(out / "secondary.json", secondary)
+        write_json_atomic(out / "summary.json", rows)
+        live.stage("writing the report")
+        report = write_report(out).html
     if json_mode:
         print(json.dumps(rows, indent=2))
     else:
@@ -122,4 +136,5 @@ def run_demo(
                 print()
                 print(render_report(result))
         print(f"\n{len(results)} studies in {elapsed:.1f} s; results in {out}/ (summary.json and one folder per study)")
+        print(f"report: {report}")
     return 0

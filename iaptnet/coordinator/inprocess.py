@@ -12,9 +12,9 @@ from .studies import load_study
 
 
 def run_inprocess(
-    study_paths: list[str | Path], network_path: str | Path, *, progress: ProgressFn | None = None
+    study_paths: list[str | Path], network_path: str | Path, *, progress: ProgressFn | None = None, announce=None
 ) -> list[dict]:
     network = load_network(network_path)
     studies = [load_study(p, network.schema_paths) for p in study_paths]
     grid = InProcessGrid(network.nodes)
-    return run_batch(grid, studies, engine="inprocess", progress=progress)
+    return run_batch(grid, studies, engine="inprocess", progress=progress, announce=announce)

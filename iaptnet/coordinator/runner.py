@@ -25,8 +25,10 @@ def run_batch(
     progress: ProgressFn | None = None,
     timeout: float | None = 300.0,
     poll_interval: float = 0.0,
+    announce=None,
 ) -> list[dict]:
-    """Results of every study, in the order given."""
+    """Results of every study, in the order given. `announce(text)`, when given, hears which
+    studies start (for a progress display)."""
     names = [s.spec.name for s in studies]
     if len(set(names)) != len(names):
         raise SpecError("two studies in one run share a name; give each study its own 'name'.")
@@ -38,9 +40,15 @@ def run_batch(
     for kind, indices in by_kind.items():
         chosen = [studies[i] for i in indices]
         if kind == "glm":
+            if announce:
+                announce(f"{len(chosen)} regression(s) in shared rounds")
             out = run_glm_batch(grid, chosen, **options)
         else:
-            out = [module_for(kind).run_study(grid, study, **options) for study in chosen]
+            out = []
+            for study in chosen:
+                if announce:
+                    announce(f"{study.spec.name} ({kind})")
+                out.append(module_for(kind).run_study(grid, study, **options))
         for i, result in zip(indices, out):
             results[i] = result
     return results

@@ -34,6 +34,13 @@ class Column:
     description: str = ""
     source: str | None = None  # the column's header in the file, when it is not a valid name
     unique: bool = False  # identifier columns only: every value must differ (a row key)
+    # Categorical columns: words for codes ("02" -> "unemployed, seeking work"), shown wherever
+    # a report shows the code. Presentation only: not part of as_dict, so no hash changes.
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def label(self, level: str) -> str | None:
+        """The words for one level, or None where the schema gives none."""
+        return dict(self.labels).get(str(level))
 
     @property
     def is_categorical(self) -> bool:
@@ -107,11 +114,10 @@ class Schema:
                 raise SpecError(f"{where}: declared twice.")
             if not isinstance(spec, dict):
                 raise SpecError(f"{where}: expected a table with at least 'type'.")
-            unknown = set(spec) - {"type", "levels", "min", "max", "optional", "description", "source", "unique"}
+            keys = ("type", "levels", "labels", "min", "max", "optional", "description", "source", "unique")
+            unknown = set(spec) - set(keys)
             if unknown:
-                raise SpecError(
-                    f"{where}: unknown key '{sorted(unknown)[0]}' (expected type, levels, min, max, optional, description, source, unique)."
-                )
+                raise SpecError(f"{where}: unknown key '{sorted(unknown)[0]}' (expected {', '.join(keys)}).")
             ctype = spec.get("type")
             if ctype not in COLUMN_TYPES:
                 raise SpecError(f"{where}: 'type' must be one of {', '.join(COLUMN_TYPES)}, got {ctype!r}.")
@@ -126,6 +132,7 @@ class Schema:
                     raise SpecError(f"{where}: 'levels' lists a value twice.")
             elif levels:
                 raise SpecError(f"{where}: 'levels' is only allowed for categorical columns.")
+            labels = _labels(spec.get("labels"), levels if ctype == "categorical" else None, where)
             lo, hi = spec.get("min"), spec.get("max")
             for key, val in (("min", lo), ("max", hi)):
                 if val is not None and (isinstance(val, bool) or not isinstance(val, (int, float))):
@@ -149,6 +156,7 @@ class Schema:
                 description=str(spec.get("description", "")),
                 source=source_name.strip() if source_name else None,
                 unique=bool(spec.get("unique", False)),
+                labels=labels,
             )
         return cls(name or str(data.get("name", Path(source).stem)), parsed)
 
@@ -161,3 +169,18 @@ class Schema:
 
 def builtin_schema_path(name: str) -> Path:
     return Path(__file__).with_name("schemas") / f"{name}.toml"
+
+
+def _labels(raw, levels: list | None, where: str) -> tuple[tuple[str, str], ...]:
+    """A categorical column's `labels = { "02" = "unemployed, seeking work", ... }`: each key
+    one of its levels, each value a short text (levels without one are shown as the code)."""
+    if raw is None:
+        return ()
+    if levels is None:
+        raise SpecError(f"{where}: 'labels' is only allowed for categorical columns.")
+    if not isinstance(raw, dict) or not all(isinstance(v, str) and v.strip() for v in raw.values()):
+        raise SpecError(f"{where}: 'labels' must be a table of level = \"words\" (text for each level it names).")
+    unknown = [str(k) for k in raw if str(k).strip() not in levels]
+    if unknown:
+        raise SpecError(f"{where}: 'labels' names '{unknown[0]}', which is not one of the column's levels.")
+    return tuple((str(k).strip(), str(v).strip()) for k, v in raw.items())

@@ -108,12 +108,16 @@ def generate_network(
     seed: int = DEFAULT_SEED,
     fmt: str = "parquet",
     appointments: bool = False,
+    step=None,
 ) -> Path:
     """Generate and write a network (one extract per service, network.toml and the population
     denominators population.csv) into out_dir, atomically. Returns the path of network.toml.
-    With `appointments`, each service's pathway columns come as an appointment table."""
+    With `appointments`, each service's pathway columns come as an appointment table.
+    `step(text)`, when given, hears each stage (for a progress display)."""
     if fmt not in FORMATS:
         raise SpecError(f"synth: format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
+    if step:
+        step(f"generating {patients:,} referrals for {services} services")
     synthetic = generate(patients, services, seed)
     return write_network(
         out_dir,
@@ -123,6 +127,7 @@ def generate_network(
         fmt,
         population=population_csv(patients, services),
         appointments=appointments,
+        step=step,
     )
 
 

@@ -45,6 +45,7 @@ def write_network(
     fmt: str = "parquet",
     population: str | None = None,
     appointments: bool = False,
+    step=None,
 ) -> Path:
     """Write `extract` split by service into out_dir, and `population` (CSV text) as
     population.csv when given; returns the network.toml path. With `appointments`, each
@@ -62,6 +63,8 @@ def write_network(
         lines = [f"{HEADER} (seed {seed})", f"# {extract.num_rows:,} referrals in {services} services", ""]
         for k, name in enumerate(service_names(services), start=1):
             part = extract.filter(pc.equal(service, str(k)))
+            if step:
+                step(f"writing service {k} of {services} ({name})")
             filename = f"service_{k}.{fmt}"
             node = ["[[node]]", f'name = "{name}"', f'data = "{filename}"']
             if appointments:

@@ -1,0 +1,141 @@
+"""Numbers and names as an NHS analyst reads them: one format for each kind of number, and
+words for codes (from the schema's `labels`) wherever a code would be shown.
+
+Every formatter takes the raw value from results.json and returns the text the report shows,
+so a test can format the same value and find it on the page.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from functools import cache
+
+MISSING = "–"  # an en dash: not available (suppressed, not estimable or not asked for)
+
+# Terms of art, explained where they appear (an <abbr> title on the page, and the glossary).
+GLOSSARY = {
+    "95% CI": "95% confidence interval: the range of values compatible with the data at the 5% level.",
+    "OR": "Odds ratio: how many times the odds of the outcome multiply for one unit more of the term.",
+    "RR": "Rate ratio: how many times the rate of the outcome multiplies for one unit more of the term.",
+    "HC0": "Robust (sandwich) standard errors: valid when the model's variance assumption does not hold.",
+    "cluster-robust": "Standard errors that allow outcomes within a cluster (here a service) to be related.",
+    "SMD": "Standardised mean difference: the difference in means between the groups, in standard deviations; "
+    "below 0.1 is usually taken as balanced.",
+    "I²": "The share of the variation between services' estimates that is beyond chance (0% none, above 75% high).",
+    "tau²": "The variance of the true effect between services (on the log scale).",
+    "Newton rounds": "The iterations the coordinator took to fit the model: in each, every node sends its "
+    "aggregates once.",
+    "DerSimonian-Laird": "A moment estimate of the between-service variance.",
+    "REML": "Restricted maximum likelihood: an estimate of the between-service variance, less biased with few "
+    "services than DerSimonian-Laird.",
+    "HKSJ": "Hartung-Knapp-Sidik-Jonkman: a random-effects interval on a t distribution, wider and more honest "
+    "with few services.",
+}
+
+
+def p_value(p) -> str:
+    """p-values as journals print them: `<0.001`, else three decimals."""
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return MISSING
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def p_phrase(p) -> str:
+    """A p-value in a sentence: `p < 0.001`, `p = 0.012`."""
+    text = p_value(p)
+    return f"p {text[0]} {text[1:]}" if text.startswith("<") else f"p = {text}"
+
+
+def percent(value, decimals: int = 1) -> str:
+    """A percentage given in percent (12.34 -> `12.3%`)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    return f"{value:.{decimals}f}%"
+
+
+def share(value, decimals: int = 1) -> str:
+    """A proportion (0.1234 -> `12.3%`)."""
+    return MISSING if value is None else percent(100.0 * value, decimals)
+
+
+def number(value, decimals: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return MISSING
+    return f"{value:,.{decimals}f}"
+
+
+def count(value) -> str:
+    return MISSING if value is None else f"{int(round(value)):,}"
+
+
+def ratio(value, decimals: int = 2) -> str:
+    return number(value, decimals) if value is not None else MISSING
+
+
+def interval(low, high, decimals: int = 2) -> str:
+    if low is None or high is None:
+        return MISSING
+    return f"{number(low, decimals)} to {number(high, decimals)}"
+
+
+def ratio_with_ci(value, low, high, decimals: int = 2) -> str:
+    if value is None:
+        return MISSING
+    return f"{number(value, decimals)} ({interval(low, high, decimals)})"
+
+
+@cache
+def _schema_labels() -> dict[str, tuple[str, dict[str, str]]]:
+    """{column: (description-free name, {level: words})} from the IAPT schemas iaptnet ships."""
+    from ..protocol.iapt_schema import iapt_analysis_schema
+
+    schema = iapt_analysis_schema()
+    out = {}
+    for name, column in schema.columns.items():
+        out[name] = (name.replace("_", " "), dict(column.labels))
+    return out
+
+
+def level_label(column: str, level) -> str:
+    """A level as words with its code where the code means something on its own
+    (`employment` `02` -> `unemployed, seeking work (02)`); the level itself otherwise."""
+    if level is None:
+        return MISSING
+    labels = _schema_labels().get(column, ("", {}))[1]
+    words = labels.get(str(level))
+    if words is None or words == str(level):
+        return str(level)
+    code = str(level)
+    # A code that is not itself a word (02, F32, A) is kept beside its words.
+    if code in words or not (len(code) <= 2 or any(ch.isdigit() for ch in code)):
+        return words
+    return f"{words} ({code})"
+
+
+def column_label(column: str) -> str:
+    return column.replace("_", " ")
+
+
+_TERM = re.compile(r"^C?\(?(?P<column>[A-Za-z_][A-Za-z0-9_]*)\)?\[T\.(?P<level>.+)\]$")
+
+
+def term_label(term: str) -> str:
+    """A model term in words: `employment[T.02]` -> `employment: unemployed, seeking work (02)`,
+    `a:b` -> `a × b`, `n_treat` -> `n treat`; the Intercept stays."""
+    if term == "Intercept":
+        return "Intercept"
+    parts = []
+    for piece in term.split(":"):
+        match = _TERM.match(piece)
+        if match:
+            column = match["column"]
+            parts.append(f"{column_label(column)}: {level_label(column, match['level'])}")
+        else:
+            parts.append(column_label(piece))
+    return " × ".join(parts)
+
+
+def service_name(node: str) -> str:
+    """A node's name as a service name (`camden_islington` -> `Camden Islington`)."""
+    return " ".join(word.capitalize() if word.islower() else word for word in str(node).split("_"))

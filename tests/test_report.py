@@ -1,0 +1,185 @@
+"""The HTML report of a run (iaptnet/report): written by `iaptnet run --out`, rendered again
+by `iaptnet report` from the results alone, its numbers those of results.json, its tables the
+same in the page, the CSV files and the workbook, and nothing on the page fetched from
+anywhere. The page in a real browser: tests/test_report_browser.py."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import tomllib
+
+import pytest
+from openpyxl import load_workbook
+from reportcase import STUDIES, page_tables
+
+from iaptnet.cli import main
+from iaptnet.coordinator.results import safe_filename
+from iaptnet.report import words
+
+
+@pytest.fixture(scope="module")
+def run_out(report_run):
+    return report_run
+
+
+@pytest.fixture(scope="module")
+def page(run_out):
+    return (run_out / "report.html").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def results(run_out):
+    return {p.parent.name: json.loads(p.read_text()) for p in run_out.glob("*/results.json")}
+
+
+def test_every_study_has_a_section_and_every_kind_a_figure(page, results):
+    assert set(results) == set(STUDIES)
+    for name in results:
+        assert f'data-study="{name}"' in page, name
+    parsed = page_tables(page)
+    figures = parsed.figures
+    # One figure per kind at least: forest (glm, meta, findings), funnel, love plots, rates, series.
+    assert {"d4_older_adults-forest", "h1_heterogeneity_sessions-forest", "findings-forest"} <= set(figures)
+    assert {"t2_funnel-funnel", "p3_older_adults_psm-love", "p4_older_adults_iptw-love"} <= set(figures)
+    assert {"a1_access_older_adults-rates", "s1_reminders_its-series"} <= set(figures)
+    meta = results["h1_heterogeneity_sessions"]
+    assert figures["h1_heterogeneity_sessions-forest"]["points"] == len(meta["per_node"]) + 3
+    assert figures["t2_funnel-funnel"]["bars"] == len(results["t2_funnel"]["funnel"]["steps"])
+    fitted = [s for s in results["s1_reminders_its"]["per_service"] if s["fitted"]]
+    assert figures["s1_reminders_its-series"]["points"] == 2 * len(fitted)
+
+
+def test_the_numbers_on_the_page_are_those_of_results_json(page, results):
+    tables = page_tables(page).tables
+    result = results["d4_older_adults"]
+    rows = tables["d4_older_adults-terms"]
+    assert len(rows) == len(result["terms"])
+    for row, term in zip(rows, result["terms"]):
+        assert row[0][1] is None and words.term_label(term["term"]) in row[0][0]
+        assert json.loads(row[1][1]) == term["estimate"]  # the raw value, exactly
+        assert row[1][0] == f"{term['estimate']:,.4f}"
+        assert row[4][0] == words.p_value(term["p_value"])
+        assert row[5][0] == f"{term['ratio']:.3f}"
+        assert row[6][0] == f"{term['ratio_low']:.3f} to {term['ratio_high']:.3f}"
+    # The finding beside its published estimate, to two decimals.
+    assert len(tables["findings"]) == 2  # d1 and d4 name a published finding
+    (finding,) = [row for row in tables["findings"] if row[0][0] == result["title"]]
+    exposure = result["exposure_term"]
+    assert finding[2][0] == f"{exposure['ratio']:.2f}"
+    assert finding[4][0] == f"{result['reference']['ratio']:.2f}"
+    # p-values as journals print them; percentages in one format.
+    assert all(re.fullmatch(r"<0\.001|[01]\.\d{3}|–", r[4][0]) for r in rows)
+    funnel = tables["t2_funnel-funnel"]
+    step = results["t2_funnel"]["funnel"]["steps"][1]["cells"][0]
+    assert funnel[1][1][0] == f"{step['count']:,} ({step['percent_of_previous']:.1f}%)"
+
+
+def test_codes_are_shown_as_words(page, results):
+    tables = page_tables(page).tables
+    labels = [row[0][0].strip() for row in tables["t1_table1_older_adults-table"]]
+    assert "unemployed, seeking work (02)" in labels and "02" not in labels
+    assert "generalised anxiety disorder" in labels
+    # Services by name, not by service_id level.
+    services = [row[0][0] for row in tables["s1_reminders_its-changes"]]
+    assert "Camden Islington" in services and not any(s.strip().isdigit() for s in services)
+
+
+def test_csv_and_xlsx_hold_the_tables_of_the_page(run_out, page):
+    tables = page_tables(page).tables
+    book = load_workbook(run_out / "tables.xlsx", read_only=True)
+    contents = list(book["contents"].iter_rows(values_only=True))[1:]
+    assert len(contents) == len(tables)
+    for (sheet, _title), (name, rows) in zip(contents, tables.items()):
+        with open(run_out / "tables" / f"{safe_filename(name)}.csv", encoding="utf-8", newline="") as fh:
+            lines = list(csv.reader(fh))
+        assert len(lines) == len(rows) + 1, name  # a header row, then the page's rows
+        values = list(book[sheet].iter_rows(values_only=True))[1 : len(rows) + 1]
+        for page_row, csv_row, xlsx_row in zip(rows, lines[1:], values):
+            for (text, raw), in_csv, in_xlsx in zip(page_row, csv_row, xlsx_row):
+                if raw is None or raw.startswith("["):
+                    continue
+                number = json.loads(raw)
+                # The CSV keeps every digit; a workbook cell keeps Excel's 15 significant ones.
+                assert float(in_csv) == number and in_xlsx == pytest.approx(number, rel=1e-14), (name, text)
+
+
+def test_the_page_fetches_nothing_and_runs_no_script(page):
+    assert "<script" not in page.lower()
+    assert "<link" not in page.lower()
+    assert "@import" not in page and not re.search(r"url\((?!#)", page)  # only the SVG's own clip paths
+    # The only addresses are XML namespace names (never fetched).
+    addresses = re.findall(r'(\w[\w:-]*)="(?:https?:)?//[^"]*"', page)
+    assert addresses and all(attr.startswith("xmlns") for attr in addresses)
+    assert "default-src 'none'" in page  # and the browser is told not to fetch anything
+
+
+def test_report_renders_the_same_page_again_from_results_alone(run_out, page, tmp_path, capsys):
+    out = tmp_path / "again.html"
+    assert main(["report", str(run_out), "--out", str(out)]) == 0
+    assert out.read_text(encoding="utf-8") == page
+    assert str(out) in capsys.readouterr().out
+    assert (tmp_path / "tables.xlsx").exists() and len(list((tmp_path / "tables").glob("*.csv"))) > 10
+
+
+@pytest.mark.parametrize(
+    "make, expect",
+    [
+        (lambda d: None, "holds no <study>/results.json"),
+        (lambda d: (d / "a").mkdir() or (d / "a" / "results.json").write_text("{not json"), "cannot be read as JSON"),
+        (lambda d: (d / "a").mkdir() or (d / "a" / "results.json").write_text("[1, 2]"), "not a study's results"),
+        (
+            lambda d: (d / "a").mkdir() or (d / "a" / "results.json").write_text('{"study": "a", "kind": "glm"}'),
+            "not results the report can read",
+        ),
+        (
+            lambda d: (d / "a").mkdir() or (d / "a" / "results.json").write_text('{"study": "a", "kind": "x"}'),
+            "does not know this kind",
+        ),
+    ],
+)
+def test_a_folder_without_results_is_one_sentence(tmp_path, capsys, make, expect):
+    make(tmp_path)
+    assert main(["report", str(tmp_path)]) != 0
+    err = capsys.readouterr().err
+    assert expect in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "report.html").exists() and not (tmp_path / "tables").exists()
+
+
+def test_no_progress_when_output_is_not_a_terminal(run_out, tmp_path, capsys):
+    """Progress shows only on a terminal; under pytest stdout is a pipe."""
+    assert main(["report", str(run_out), "--out", str(tmp_path / "r.html")]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_words_format_as_analysts_read():
+    assert words.p_value(0.0004) == "<0.001" and words.p_value(0.0123) == "0.012"
+    assert words.p_phrase(1e-9) == "p < 0.001" and words.p_phrase(0.5) == "p = 0.500"
+    assert words.percent(12.345) == "12.3%" and words.share(0.5) == "50.0%"
+    assert words.term_label("employment[T.02]") == "employment: unemployed, seeking work (02)"
+    assert words.term_label("problem[T.gad]") == "problem: generalised anxiety disorder"
+    assert words.term_label("older_adult:sex[T.male]") == "older adult × sex: male"
+    assert words.number(math.nan) == words.MISSING
+
+
+def _schema(columns: str):
+    from iaptnet.protocol.schema import Schema
+
+    return Schema.from_dict(tomllib.loads(columns), "s.toml")
+
+
+def test_schema_labels_are_checked_and_leave_the_fingerprint_alone():
+    from iaptnet.protocol.errors import SpecError
+
+    plain = '[columns.x]\ntype = "categorical"\nlevels = ["a", "b"]\n'
+    labelled = _schema(plain + '[columns.x.labels]\nb = "the b group"\n')
+    assert labelled.columns["x"].label("b") == "the b group" and labelled.columns["x"].label("a") is None
+    assert labelled.fingerprint == _schema(plain).fingerprint
+    with pytest.raises(SpecError, match="names 'c', which is not one of the column's levels"):
+        _schema(plain + '[columns.x.labels]\nc = "no such level"\n')
+    with pytest.raises(SpecError, match="only allowed for categorical"):
+        _schema('[columns.y]\ntype = "numeric"\n[columns.y.labels]\n1 = "one"\n')
+    with pytest.raises(SpecError, match="must be a table"):
+        _schema(plain + "[columns.x.labels]\nb = 3\n")
