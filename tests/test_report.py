@@ -183,3 +183,13 @@ def test_schema_labels_are_checked_and_leave_the_fingerprint_alone():
         _schema('[columns.y]\ntype = "numeric"\n[columns.y.labels]\n1 = "one"\n')
     with pytest.raises(SpecError, match="must be a table"):
         _schema(plain + "[columns.x.labels]\nb = 3\n")
+
+
+def test_the_its_terminal_report_names_services_not_codes(results):
+    from iaptnet.coordinator.its import render
+
+    result = results["s1_reminders_its"]
+    text = render(result)
+    for segment in result["segments"]:
+        (node,) = segment["nodes"]
+        assert f"  {node} " in text and f"service_id {segment['group']} " not in text

@@ -241,7 +241,16 @@ def render(result: dict) -> str:
         f"{result.get('title') or result['study']}  [interrupted time series, poisson/log of "
         f"{result['outcome']} per {' + '.join(result['denominator'])}]  study {result['study_hash'][:12]}"
     ]
-    lines.append(f"  {'group':<8} {'change':<9} {'referrals before/after':>24} {'events per unit of denominator':>32}")
+    # A group held by one node is named by that service (not by its code, e.g. service_id 3).
+    names = {g["group"]: g["nodes"][0] for g in result["segments"] if len(g.get("nodes") or []) == 1}
+
+    def group_name(level: str) -> str:
+        return names.get(level) or f"{result['group']} {level}"
+
+    width = max([16, *(len(group_name(g["group"])) for g in result["segments"])])
+    lines.append(
+        f"  {'group':<{width}} {'change':<9} {'referrals before/after':>24} {'events per unit of denominator':>32}"
+    )
 
     def num(v):
         return "*" if v is None else f"{v:,}"
@@ -252,7 +261,8 @@ def render(result: dict) -> str:
     for s in result["segments"]:
         change = s["change_date"] or "none"
         lines.append(
-            f"  {s['group']:<8} {change:<9} {num(s['before']['referrals']) + ' / ' + num(s['after']['referrals']):>24} "
+            f"  {group_name(s['group']):<{width}} {change:<9} "
+            f"{num(s['before']['referrals']) + ' / ' + num(s['after']['referrals']):>24} "
             f"{pct(s['before']['rate']) + ' / ' + pct(s['after']['rate']):>32}"
         )
 
@@ -264,7 +274,7 @@ def render(result: dict) -> str:
         )
 
     for s in result["per_service"]:
-        label = f"{result['group']} {s['group']} from {s['change_date']}"
+        label = f"{group_name(s['group'])} from {s['change_date']}"
         if s["fitted"]:
             lines.append(f"  {label:<32} {change(s)}  n = {s['n']:,}")
         else:
