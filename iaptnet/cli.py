@@ -30,7 +30,7 @@ def _study_names(paths: list[str]) -> list[str | None]:
 
 
 def cmd_run(args) -> int:
-    from .coordinator.results import check_out_folder, render_report, results_paths, write_json_atomic
+    from .coordinator.outputs import check_out_folder, results_paths, write_json_atomic
 
     if args.engine == "flower":
         if not args.hub:
@@ -70,6 +70,8 @@ def cmd_run(args) -> int:
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     else:
+        from .coordinator.results import render_report
+
         for result in results:
             print(render_report(result))
             print()

@@ -36,7 +36,7 @@ from iaptnet import keys as pki
 from iaptnet.cli import main
 from iaptnet.coordinator.engines.flower import run_flower
 from iaptnet.coordinator.inprocess import run_inprocess
-from iaptnet.coordinator.results import write_json_atomic
+from iaptnet.coordinator.outputs import write_json_atomic
 from iaptnet.node.audit import AuditLog, read_anchors
 from iaptnet.ops import launcher
 from iaptnet.protocol.errors import NetworkError

@@ -138,12 +138,12 @@ def test_an_out_that_is_a_file_is_refused_before_anything_runs(capsys, tmp_path,
 
 
 def test_results_that_cannot_be_written_are_one_sentence(capsys, tmp_path, net, monkeypatch):
-    from iaptnet.coordinator import results
+    from iaptnet.coordinator import outputs
 
     def full(path, data):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(results, "write_json_atomic", full)
+    monkeypatch.setattr(outputs, "write_json_atomic", full)
     study = write(tmp_path / "s.toml", name="s", family="binomial", formula="y ~ x")
     code, err = cli(capsys, "run", study, "--network", net, "--out", tmp_path / "out")
     one_sentence(code, err, "results.json", "cannot be written", "No space left", exit_code=2)

@@ -16,7 +16,7 @@ from openpyxl import load_workbook
 from reportcase import STUDIES, page_tables
 
 from iaptnet.cli import main
-from iaptnet.coordinator.results import safe_filename
+from iaptnet.coordinator.outputs import safe_filename
 from iaptnet.report import words
 
 

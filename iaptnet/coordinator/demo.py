@@ -17,7 +17,8 @@ from pathlib import Path
 from ..protocol.errors import IaptnetError
 from .catalogue import catalogue_paths
 from .inprocess import run_inprocess
-from .results import check_out_folder, render_report, results_paths, write_json_atomic
+from .outputs import check_out_folder, results_paths, write_json_atomic
+from .results import render_report
 
 DEFAULT_SEED = 20210901
 

@@ -37,7 +37,7 @@ def _csv_value(cell):
 def file_stems(tables) -> list[str]:
     """One plain, unique file name per table: table names come from study names, which must
     never choose where a file goes (`../x`, `/abs`, control characters, 400 letters)."""
-    from ..coordinator.results import safe_filename
+    from ..coordinator.outputs import safe_filename
 
     stems, seen = [], set()
     for table in tables:
