@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import scipy.special
 
 FAMILIES = ("binomial", "gaussian", "poisson")
 #: The families of a GLM study (`kind = "glm"`): the above and the negative binomial, whose
@@ -24,6 +23,14 @@ GLM_FAMILIES = (*FAMILIES, "negative_binomial")
 THETA_MIN = 1e-6
 THETA_MAX = 1e6
 
+
+
+def _special():
+    """scipy.special, imported on first use: the command line reads study files (which name
+    a family) without paying for scipy's import."""
+    import scipy.special
+
+    return scipy.special
 
 class Family:
     name: str
@@ -204,9 +211,9 @@ class NegativeBinomial(Family):
         # + y log mu - (th + y) log(th + mu).
         th = self.theta
         terms = (
-            scipy.special.gammaln(th + y)
+            _special().gammaln(th + y)
             - math.lgamma(th)
-            - scipy.special.gammaln(y + 1.0)
+            - _special().gammaln(y + 1.0)
             + th * math.log(th)
             + np.where(y > 0, y * np.log(mu), 0.0)
             - (th + y) * np.log(th + mu)
@@ -217,16 +224,16 @@ class NegativeBinomial(Family):
         """(d loglik / d theta, d^2 loglik / d theta^2) summed over rows at fixed mu."""
         th = self.theta
         score = (
-            scipy.special.digamma(y + th)
-            - scipy.special.digamma(th)
+            _special().digamma(y + th)
+            - _special().digamma(th)
             + math.log(th)
             + 1.0
             - np.log(th + mu)
             - (y + th) / (th + mu)
         )
         second = (
-            scipy.special.polygamma(1, y + th)
-            - scipy.special.polygamma(1, th)
+            _special().polygamma(1, y + th)
+            - _special().polygamma(1, th)
             + 1.0 / th
             - 2.0 / (th + mu)
             + (y + th) / (th + mu) ** 2
@@ -253,7 +260,7 @@ def get_family(name: str) -> Family:
 
 def _expit(eta: np.ndarray) -> np.ndarray:
     """The logistic function, stable at both tails (scipy's ufunc)."""
-    return scipy.special.expit(np.asarray(eta, dtype=float))
+    return _special().expit(np.asarray(eta, dtype=float))
 
 
 def _sum_log_factorial(y: np.ndarray, weights: np.ndarray | None = None) -> float:
