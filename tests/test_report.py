@@ -193,3 +193,12 @@ def test_the_its_terminal_report_names_services_not_codes(results):
     for segment in result["segments"]:
         (node,) = segment["nodes"]
         assert f"  {node} " in text and f"service_id {segment['group']} " not in text
+
+
+def test_terms_of_art_are_explained_where_they_appear():
+    html = str(words.explain("REML beside DerSimonian-Laird, REML again, <b> & HC0"))
+    assert html.count("<abbr") == 3  # each term once, the first time it appears
+    assert html.index(">REML</abbr>") < html.index(">DerSimonian-Laird</abbr>")
+    assert "&lt;b&gt; &amp;" in html  # the text itself is escaped
+    # A title never holds another term's mark-up.
+    assert all("<abbr" not in part.split(">")[0] for part in html.split('title="')[1:])

@@ -32,6 +32,7 @@ from ..protocol.errors import NetworkError, SpecError
 from ..protocol.families import get_family
 from ..protocol.kinds.access import PER, TASK, margins_key
 from ..protocol.sdc import ROUND_TO, SUPPRESS_MAX, Relation, round_count, suppress
+from ..report.words import p_phrase, p_value
 from . import loglinear
 from .glm import ModelFit
 from .results import node_lines, provenance, term_rows
@@ -406,13 +407,13 @@ def render(result: dict) -> str:
     p = result["lr_p_value"]
     lines.append(
         f"  adjusted: {result['formula']}; likelihood ratio vs no groups {result['lr_statistic']:.1f} "
-        f"on {result['lr_df']} df" + (f", p {p:.3g}" if p is not None else "")
+        f"on {result['lr_df']} df" + (f", {p_phrase(p)}" if p is not None else "")
     )
     lines.append(f"  {'term':<34} {'estimate':>10} {'std err':>9} {'z':>8} {'p':>9}   {'rate ratio (95% CI)':>26}")
     for t in result["terms"]:
         row = (
             f"  {t['term'][:34]:<34} {t['estimate']:>10.4f} {t['std_error']:>9.4f} {t['statistic']:>8.2f} "
-            f"{t['p_value']:>9.3g}   {t['ratio']:>8.3f} ({t['ratio_low']:.3f}-{t['ratio_high']:.3f})"
+            f"{p_value(t['p_value']):>9}   {t['ratio']:>8.3f} ({t['ratio_low']:.3f}-{t['ratio_high']:.3f})"
         )
         if t["term"] == result.get("exposure"):
             row += "  <- exposure"

@@ -18,6 +18,7 @@ from __future__ import annotations
 from ..protocol.errors import ModelError
 from ..protocol.families import get_family
 from ..protocol.kinds import meta as protocol
+from ..report.words import p_phrase
 from .derived_models import fit_derived, footer, header, model_result, with_ratio
 from .meta_analysis import Z975, meta_analyse, tau2_qprofile
 from .session import Session
@@ -170,7 +171,7 @@ def render(result: dict) -> str:
             name = f"{name}, HKSJ"
         extra = f"Q = {entry['Q']:.2f} on {entry['Q_df']} df"
         if entry.get("Q_p_value") is not None:
-            extra += f" (p = {entry['Q_p_value']:.3g})"
+            extra += f" ({p_phrase(entry['Q_p_value'])})"
         if entry.get("I2") is not None:
             extra += f", I2 = {100 * entry['I2']:.1f}%"
         if "tau2" in entry:
@@ -185,7 +186,7 @@ def render(result: dict) -> str:
         if entry.get("ci") == "hksj":
             lines.append(
                 f"  {'':<38} Hartung-Knapp-Sidik-Jonkman interval: t = {entry['statistic']:.3f} on "
-                f"{entry['df']} df, p = {entry['p_value']:.3g}, SE {entry['std_error']:.4g}"
+                f"{entry['df']} df, {p_phrase(entry['p_value'])}, SE {entry['std_error']:.4g}"
             )
     if result.get("tau2_ci"):
         lines.append(f"  {'heterogeneity, 95% CI (Q-profile)':<38} {_tau2_ci_text(result['tau2_ci'])}")

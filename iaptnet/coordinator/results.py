@@ -13,6 +13,7 @@ import numpy as np
 from scipy import special
 
 from .. import __version__
+from ..report.words import p_value
 from .glm import ModelFit
 from .outputs import check_out_folder, results_paths, safe_filename, write_json_atomic  # noqa: F401 (re-exported)
 
@@ -194,7 +195,7 @@ def render_report(result: dict) -> str:
         head += f"   {ratio + ' (95% CI)':>26}"
     lines.append(head)
     for t in result["terms"]:
-        row = f"  {t['term'][:34]:<34} {t['estimate']:>10.4f} {t['std_error']:>9.4f} {t['statistic']:>8.2f} {t['p_value']:>9.3g}"
+        row = f"  {t['term'][:34]:<34} {t['estimate']:>10.4f} {t['std_error']:>9.4f} {t['statistic']:>8.2f} {p_value(t['p_value']):>9}"
         if ratio:
             row += f"   {t['ratio']:>8.3f} ({t['ratio_low']:.3f}-{t['ratio_high']:.3f})"
         if t["term"] == result.get("exposure"):

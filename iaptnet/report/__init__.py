@@ -141,6 +141,7 @@ def render_html(results: list[dict], sections: list, *, folder: Path) -> str:
         lstrip_blocks=True,
     )
     env.filters["slug"] = lambda text: "".join(ch if ch.isalnum() or ch in "_-" else "-" for ch in str(text))
+    env.filters["explain"] = words.explain
     template = env.get_template("report.html.j2")
     from .. import __version__
 

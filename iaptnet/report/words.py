@@ -34,6 +34,33 @@ GLOSSARY = {
 }
 
 
+# The glossary's terms that are marked where they appear in a sentence (an <abbr> whose title
+# says what it means, as a tooltip and for screen readers).
+EXPLAINED = ("HC0", "SMD", "I²", "tau²", "Newton rounds", "REML", "DerSimonian-Laird", "HKSJ", "cluster-robust")
+
+
+def explain(text: str):
+    """Text for the page (escaped), with each explained term wrapped in <abbr title=...>."""
+    import re
+
+    from markupsafe import Markup, escape
+
+    escaped = {str(escape(term)): term for term in EXPLAINED}
+    pattern = re.compile(r"(?<!\w)(" + "|".join(re.escape(e) for e in escaped) + r")(?!\w)")
+    used = set()
+
+    def mark(match):
+        term = escaped[match.group(0)]
+        if term in used:
+            return match.group(0)
+        used.add(term)
+        return f'<abbr title="{escape(GLOSSARY[term])}">{match.group(0)}</abbr>'
+
+    # One pass over the text: a title inserted for one term is never searched for another.
+    out = pattern.sub(mark, str(escape(text)))
+    return Markup(out)
+
+
 def p_value(p) -> str:
     """p-values as journals print them: `<0.001`, else three decimals."""
     if p is None or (isinstance(p, float) and math.isnan(p)):
