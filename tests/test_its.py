@@ -6,6 +6,7 @@ rules; bad study fields are one sentence."""
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -227,3 +228,74 @@ def test_models_name_their_study(tmp_path):
         approval_hash(replace(protocol.pooled_spec(spec), where="denominator > 1.0"))
     lines = protocol.describe(spec, Rules())
     assert any("no sums for a suppressed cell" in line for line in lines)
+
+
+# --------------------------------------------------------------------------- monthly counts
+
+
+def _month_counts(referrals: dict[str, list[int]]) -> tuple[dict, dict]:
+    """A node's count table for one group: {period: referrals of each month}; events and the
+    denominator as 2 and 5 per referral."""
+    from iaptnet.node.its import month_key
+
+    counts, months, t = {}, {}, 0
+    for period, per_month in referrals.items():
+        for what, factor in (("referrals", 1), ("events", 2), ("denominator", 5)):
+            counts[("1", period, what)] = float(sum(per_month) * factor)
+        for n in per_month:
+            key = month_key(t)
+            months.setdefault(("1", period), []).append(key)
+            for what, factor in (("referrals", 1), ("events", 2), ("denominator", 5)):
+                counts[("1", key, what)] = float(n * factor)
+            t += 1
+    return counts, months
+
+
+@pytest.mark.parametrize(
+    "referrals",
+    [
+        {"before": [40, 3, 50, 60], "after": [45, 55, 65]},  # one small month
+        {"before": [40, 50, 60], "after": [2, 55, 65]},  # the small month after the change
+        {"before": [40, 3, 50, 6], "after": [45, 1, 65]},  # several
+        {"before": [0, 0, 50, 60], "after": [45, 55, 65]},  # empty months are shown as 0
+    ],
+)
+def test_a_small_month_cannot_be_worked_out_from_its_period_and_the_other_months(referrals):
+    """The attack: the period's count minus the months shown gives a suppressed month exactly.
+    Closed by complementary suppression: in every period, the hidden cells among the period
+    and its months are none or at least two, and a month's sums follow its referrals."""
+    from iaptnet.node.its import WHAT, segment_suppression
+
+    counts, months = _month_counts(referrals)
+    rules = Rules()
+    small, hidden, withheld = segment_suppression(counts, rules, months)
+    unreleased = hidden | withheld
+    assert any(n < 8 for per_month in referrals.values() for n in per_month)
+    for (level, period), keys in months.items():
+        for what in WHAT:
+            cells = [(level, period, what), *((level, k, what) for k in keys)]
+            gone = [c for c in cells if c in unreleased]
+            assert len(gone) != 1, (what, gone)
+    for level, period, what in counts:
+        if what == "referrals" and 0 < counts[(level, period, what)] < rules.min_level_count:
+            assert (level, period, "events") in unreleased and (level, period, "denominator") in unreleased
+
+
+def test_the_series_is_released_month_by_month(tmp_path):
+    """Each group's months, network-wide, add up (up to the nodes' rounding to 5) to its
+    periods, and carry the crude rate of their rounded counts."""
+    from iaptnet import synth
+
+    network = synth.generate_network(tmp_path / "net", patients=40_000)
+    (result,) = run_inprocess([Path(__file__).parents[1] / "iaptnet/catalogue/s1_reminders_its.toml"], network)
+    for segment in result["segments"]:
+        months = segment["months"]
+        times = [month["time"] for month in months]
+        assert times == sorted(times) and len(months) > 24
+        before = [month for month in months if month["time"] < segment["change_time"]]
+        shown = [month["referrals"] for month in before if month["referrals"] is not None]
+        if len(shown) == len(before):
+            assert abs(sum(shown) - segment["before"]["referrals"]) <= 2.5 * len(before)
+        for month in months:
+            if month["rate"] is not None:
+                assert month["rate"] == month["events"] / month["denominator"]

@@ -135,14 +135,17 @@ def _segments(spec, replies) -> list[dict]:
     the rounded counts, as NHS publications compute percentages from rounded values."""
     p = spec.params
     levels = list(dict.fromkeys([*p["changes"], *_levels_in(replies)]))
+    tables = [reply.payload.get("segments", {}).get("its", {}) for reply in replies]
+    months = _months_in(tables)
     pooled, small, withheld = {}, set(), set()
     for level in levels:
-        for period in PERIODS:
+        for period in (*PERIODS, *months.get(level, [])):
             for what in WHAT:
                 key, name, total, known = (level, period, what), f"{level}/{period}/{what}", 0.0, True
-                for reply in replies:
-                    table = reply.payload.get("segments", {}).get("its", {})
+                for table in tables:
                     value = table.get(name)
+                    if value is None and period not in PERIODS and _holds_none(table, level):
+                        value = 0  # a node without referrals of this group has no months of it
                     if value is None:
                         known = False
                         (small if name in table else withheld).add(key)
@@ -154,6 +157,17 @@ def _segments(spec, replies) -> list[dict]:
         for level in levels
         for what in WHAT
     ]
+    change = p["changes"]
+    for level, keys in months.items():
+        for period in PERIODS:
+            inside = (
+                [k for k in keys if (int(k[1:]) >= change[level]) == (period == "after")] if level in change else []
+            )
+            if level not in change and period == "before":
+                inside = list(keys)
+            for what in WHAT:
+                if inside:
+                    relations.append(Relation((level, period, what), tuple((level, k, what) for k in inside)))
     hidden = suppress(pooled, small, relations, hidden=withheld)
     hidden |= {(level, period, what) for level, period, kind in hidden if kind == "referrals" for what in WHAT[1:]}
     out = []
@@ -167,24 +181,52 @@ def _segments(spec, replies) -> list[dict]:
             "nodes": [],
         }
         for period in PERIODS:
-            cell = {what: None if (level, period, what) in hidden else pooled[(level, period, what)] for what in WHAT}
-            events, denominator = cell["events"], cell["denominator"]
-            cell["rate"] = events / denominator if events is not None and denominator else None
-            entry[period] = cell
-        for reply in replies:
-            table = reply.payload.get("segments", {}).get("its", {})
+            entry[period] = _cell(pooled, hidden, level, period)
+        entry["months"] = [
+            {
+                "time": int(k[1:]),
+                "date": protocol.month_label(int(k[1:]), p["time_origin"]),
+                **_cell(pooled, hidden, level, k),
+            }
+            for k in months.get(level, [])
+        ]
+        for table in tables:
             if any(table.get(f"{level}/{period}/referrals") != 0 for period in PERIODS):
-                entry["nodes"].append(reply.node)
+                entry["nodes"].append(replies[tables.index(table)].node)
         if level in p["changes"] or entry["nodes"]:
             out.append(entry)
     return out
+
+
+def _cell(pooled: dict, hidden: set, level: str, period: str) -> dict:
+    """One period's (or month's) network counts, None where hidden, and the crude rate."""
+    cell = {what: None if (level, period, what) in hidden else pooled[(level, period, what)] for what in WHAT}
+    events, denominator = cell["events"], cell["denominator"]
+    cell["rate"] = events / denominator if events is not None and denominator else None
+    return cell
+
+
+def _months_in(tables: list[dict]) -> dict[str, list[str]]:
+    """{level: month keys in time order} over every node's count table."""
+    found: dict[str, set] = {}
+    for table in tables:
+        for name in table:
+            level, period, _ = name.rsplit("/", 2)
+            if period not in PERIODS:
+                found.setdefault(level, set()).add(period)
+    return {level: sorted(keys, key=lambda k: int(k[1:])) for level, keys in found.items()}
+
+
+def _holds_none(table: dict, level: str) -> bool:
+    """The node released 0 referrals of this group in both periods (it holds none)."""
+    return all(table.get(f"{level}/{period}/referrals") == 0 for period in PERIODS)
 
 
 def _levels_in(replies) -> list[str]:
     names = []
     for reply in replies:
         for name in reply.payload.get("segments", {}).get("its", {}):
-            names.append(name.split("/")[0])
+            names.append(name.rsplit("/", 2)[0])
     return names
 
 

@@ -7,11 +7,12 @@ study names: `after_change`, `time_after_change` and `denominator`. It keeps the
 models (their specs name the columns in `augment`); the columns never leave the node.
 
 It releases a count table of the cohort per group level and period (before / after the
-change): referrals, events (sum of the outcome) and denominator (sum), under the Trust's
-small-number rules (1-7 suppressed, others rounded), with complementary suppression
-(protocol/sdc.py): each group's before and after counts add up to the group's count, which
-the fitted models give exactly, so when one period is suppressed the other is hidden too,
-even a 0. The events and denominator of a period are sums over its referrals: they are
+change), and for the groups it holds per time value (month) too: referrals, events (sum of
+the outcome) and denominator (sum), under the Trust's small-number rules (1-7 suppressed,
+others rounded), with complementary suppression (protocol/sdc.py): each group's before and
+after counts add up to the group's count, which the fitted models give exactly, so when one
+period is suppressed the other is hidden too, even a 0; and a period is the sum of its
+months, so a suppressed month hides another month of its period. The events and denominator of a period are sums over its referrals: they are
 released only when its referrals are shown and number at least the policy's
 `min_level_count` (or none), never as a sum over a few people; hidden ones are not released
 at all. The table's rows are the models' complete cases, so the subset rule sees one row set
@@ -54,14 +55,24 @@ def its_columns(runtime, task) -> Release:
     after = columns[protocol.AFTER].to_numpy()
     outcome = frame[p["outcome"]].to_numpy(dtype=float, na_value=np.nan)
     denominator = columns[protocol.DENOMINATOR].to_numpy()
-    counts = {}
+    time = frame[p["time"]].to_numpy(dtype=float, na_value=np.nan)
+    counts, months = {}, {}
     for level in dataset.schema[p["group"]].levels:
         for flag, period in enumerate(PERIODS):
             cell = rows & (group == level) & (after == flag)
             counts[(level, period, "referrals")] = int(cell.sum())
             counts[(level, period, "events")] = float(outcome[cell].sum())
             counts[(level, period, "denominator")] = float(denominator[cell].sum())
-    small, hidden, withheld = segment_suppression(counts, rules)
+            # The period month by month (the series a report draws), for the groups this
+            # node holds: each month a cell of its own, under the same rules.
+            if cell.any():
+                for month in np.unique(time[cell]).astype(int):
+                    in_month = cell & (time == month)
+                    months.setdefault((level, period), []).append(month_key(month))
+                    counts[(level, month_key(month), "referrals")] = int(in_month.sum())
+                    counts[(level, month_key(month), "events")] = float(outcome[in_month].sum())
+                    counts[(level, month_key(month), "denominator")] = float(denominator[in_month].sum())
+    small, hidden, withheld = segment_suppression(counts, rules, months)
     for key, n in counts.items():
         if key in withheld or (key in hidden and key not in small):
             continue  # not released at all
@@ -71,11 +82,19 @@ def its_columns(runtime, task) -> Release:
     return release
 
 
-def segment_suppression(counts: dict, rules) -> tuple[set, set, set]:
-    """(small, hidden, withheld) cells of the count table {(level, period, what): n}. Each
-    group's (before, after) of each count is a relation whose total the models release
-    exactly; the sums of a period whose referrals are hidden or fewer than min_level_count
-    (but not none) are withheld, and hiding them can hide more: repeated until stable."""
+def month_key(month: int) -> str:
+    """The count table's name of one time value (`m45`), beside `before` and `after`."""
+    return f"m{int(month)}"
+
+
+def segment_suppression(counts: dict, rules, months: dict | None = None) -> tuple[set, set, set]:
+    """(small, hidden, withheld) cells of the count table {(level, period, what): n}, where a
+    period is `before`, `after` or a month (`m45`). Each group's (before, after) of each
+    count is a relation whose total the models release exactly, and each period is the sum
+    of its months (`months`: {(level, period): [month keys]}), so a hidden month hides
+    another of its period (or the period). The sums of a cell whose referrals are hidden or
+    fewer than min_level_count (but not none) are withheld, and hiding them can hide more:
+    repeated until stable."""
     levels = dict.fromkeys(level for level, _, _ in counts)
     values, relations = dict(counts), []
     for level in levels:
@@ -83,6 +102,9 @@ def segment_suppression(counts: dict, rules) -> tuple[set, set, set]:
             before, after = (level, "before", what), (level, "after", what)
             values[(level, "total", what)] = counts[before] + counts[after]
             relations.append(Relation((level, "total", what), (before, after), implicit=True))
+    for (level, period), keys in (months or {}).items():
+        for what in WHAT:
+            relations.append(Relation((level, period, what), tuple((level, key, what) for key in keys)))
     small = {key for key, n in counts.items() if round_count(n, rules.suppress_max, rules.round_to) is None}
     few = {
         (level, period)

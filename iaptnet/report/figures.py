@@ -230,9 +230,9 @@ def rates(figure_id: str, rows: list[dict], *, xlabel: str, caption: str) -> Fig
 
 
 def its_panels(figure_id: str, panels: list[dict], *, caption: str, ylabel: str) -> Figure:
-    """One small panel per service: the fitted rate (line) month by month, the change (a
-    vertical line) and the observed mean rate before and after it (points at the middle of
-    each period). panels: {label, months, fitted, change, before: (month, rate), after: ...}."""
+    """One small panel per service: the observed rate month by month (points), the fitted
+    rate (line) and the change (a vertical line). panels: {label, months, fitted, change,
+    observed: [(month, rate), ...]}."""
     plt = _pyplot()
     columns = 2 if len(panels) > 1 else 1
     nrows = math.ceil(len(panels) / columns)
@@ -242,12 +242,11 @@ def its_panels(figure_id: str, panels: list[dict], *, caption: str, ylabel: str)
         canvas.fig, axes = plt.subplots(nrows, columns, figsize=(7.0, 0.4 + 1.7 * nrows), sharex=True, squeeze=False)
     axes = axes.ravel()
     for ax, panel in zip(axes, panels):
+        for month, rate in panel.get("observed") or []:
+            canvas.point(ax, month, rate, color=GREY, marker="o", size=2.5)
         ax.plot(panel["months"], panel["fitted"], color=OURS, linewidth=1.4)
         if panel.get("change") is not None:
             ax.axvline(panel["change"], color=PUBLISHED, linewidth=1, linestyle="--")
-        for period in ("before", "after"):
-            if panel.get(period):
-                canvas.point(ax, panel[period][0], panel[period][1], color=GREY, marker="o", size=4)
         ax.set_title(panel["label"], fontsize=9)
         ax.set_ylim(bottom=0)
         ax.spines["top"].set_visible(False)

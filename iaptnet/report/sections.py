@@ -675,18 +675,8 @@ def its_section(result: dict, time_max: float | None) -> Section:
                 )
                 for m in months
             ]
-            before = (segment.get("before") or {}).get("rate")
-            after = (segment.get("after") or {}).get("rate")
-            panels.append(
-                {
-                    "label": label,
-                    "months": months,
-                    "fitted": fitted,
-                    "change": change,
-                    "before": (change / 2, before) if before is not None else None,
-                    "after": ((change + end) / 2, after) if after is not None else None,
-                }
-            )
+            observed = [(m["time"], m["rate"]) for m in segment.get("months") or [] if m.get("rate") is not None]
+            panels.append({"label": label, "months": months, "fitted": fitted, "change": change, "observed": observed})
             level, slope = entry.get("level_change") or {}, entry.get("slope_change") or {}
             row += [
                 num(level.get("ratio"), 3),
@@ -727,9 +717,9 @@ def its_section(result: dict, time_max: float | None) -> Section:
                 panels,
                 ylabel=ylabel,
                 caption=(
-                    "Each service's fitted rate month by month (line), the month of its change (dashed line) and the "
-                    "observed mean rate before and after the change (grey points). The nodes release counts per "
-                    "period, not per month, so the observed monthly points are not shown."
+                    "Each service's observed rate month by month (grey points), the segmented regression's fitted "
+                    "rate (line) and the month of its change (dashed line). A month whose counts are suppressed "
+                    "under the small-number rules has no point."
                 ),
             )
         )
