@@ -38,7 +38,7 @@ from ..protocol.families import THETA_MAX, THETA_MIN, Family, get_family
 from ..protocol.kinds import glm as protocol
 from ..protocol.kinds.glm import NULL_SUFFIX
 from ..protocol.study import StudySpec
-from .session import Session
+from .session import Session, _names
 
 STEP_TOL = 1e-8  # converged when every Newton step is below this many standard errors
 MAX_ROUNDS = 40
@@ -81,6 +81,10 @@ class ModelFit:
     node_stats: dict[str, dict] = field(default_factory=dict)  # per node, exact n_used and events
     null: ModelFit | None = None
     holders: list[str] = field(default_factory=list)  # nodes whose rows the model rests on
+    # Per node, from its prepare reply: rows per column (nnz), clusters, indicator columns'
+    # events, and its local information (packed): what a node's leaving takes away.
+    node_shapes: dict[str, dict] = field(default_factory=dict)
+    node_info: dict[str, np.ndarray] = field(default_factory=dict)
     # Negative binomial models: log theta (its null model: the one its last round was sent at),
     # the previous round's and its log-likelihood (for step-halving), and d^2 loglik / d theta^2
     # at the final round (theta's standard error).
@@ -147,15 +151,42 @@ def fit_models(
     A node may decline a model named in `optional` when its rows are below its minimum (0
     included: the same answer); the model is then fitted on the nodes that hold it
     (`ModelFit.holders`), and the caller decides whether that is the model it asked for (an
-    its study's per-group models: the nodes whose count table shows no rows of the group)."""
+    its study's per-group models: the nodes whose count table shows no rows of the group).
+
+    A node that leaves the study (the session lets it go when the study's `min_nodes` allows)
+    takes its rows with it, at any point: its sums leave every later round, the columns only
+    it had rows for are dropped (`_continue_without`), and the fit goes on to the remaining
+    nodes' own pooled estimate. A model that centres or scales is prepared again on the
+    remaining nodes, since its pooled means and SDs included the lost node's rows."""
+    earlier: dict[str, ModelFit] = {}
+    while True:
+        fits = _prepare_fits(session, specs, stateful, optional, earlier)
+        if fits is None:  # a node left between the moments and the prepare: centre without it
+            continue
+        if _iterate(session, fits, stateful):
+            break
+        earlier = fits  # a node left a model that centres or scales: prepare again without it
+    for fit in fits.values():
+        _check_exact_fit(fit)
+    _count_contributors(fits, session)
+    return fits
+
+
+def _prepare_fits(session, specs, stateful, optional, earlier) -> dict[str, ModelFit] | None:
+    """`glm.moments` (if a formula centres or scales) and `glm.prepare` on the session's
+    active nodes; None if a node left between the two (the moments then included its rows)."""
     fits = {key: ModelFit(key, spec, get_family(spec.family)) for key, spec in specs.items()}
     models_wire = {key: spec.to_wire() for key, spec in specs.items()}
-    transform_state = _pooled_transform_state(session, models_wire, stateful) if any(stateful.values()) else {}
+    transform_state, moment_nodes = {}, None
+    if any(stateful.values()):
+        transform_state, moment_nodes = _pooled_transform_state(session, models_wire, stateful)
     payload = {"models": models_wire, "transform_state": transform_state}
     if optional:
         payload["optional"] = sorted(optional)
     replies = session.ask(protocol.PREPARE, payload)
     _check_replies(replies, session)
+    if moment_nodes is not None and {r.node for r in replies} != moment_nodes:
+        return None
     for reply in replies:
         session.node_named(reply.node).data_version = str(reply.payload.get("data_version", ""))
     for fit in fits.values():
@@ -167,19 +198,40 @@ def fit_models(
         fit.holders = [r.node for r in replies if r.node not in declined]
         if not fit.holders:
             raise ModelError(f"model '{fit.spec.name}': no node holds enough rows of it.")
-        _absorb_prepare(fit, [r for r in replies if r.node in fit.holders])
+        before = earlier.get(fit.key)
+        _absorb_prepare(
+            fit, [r for r in replies if r.node in fit.holders], session, before.node_shapes if before else {}
+        )
+    return fits
+
+
+def _iterate(session: Session, fits: dict[str, ModelFit], stateful: dict[str, list[str]]) -> bool:
+    """Newton rounds (and the marginal round) until every model has converged on the nodes
+    that remain. False if a node left a model that centres or scales (prepare again)."""
     all_fits = []
     for fit in fits.values():
         all_fits.extend([fit, fit.null])
     while True:
         pending = [f for f in all_fits if not f.converged]
         if not pending:
-            break
+            lost = _marginal_round(session, fits)
+            if not lost:
+                return True
+            if any(stateful.get(key) for key in lost):
+                return False
+            for key in lost:
+                _continue_without(fits[key], session, [])
+            continue
         arrays = {protocol.beta_key(f.key): _round_vector(f, fits) for f in pending}
         replies = session.ask(protocol.ROUND, {"models": [f.key for f in pending]}, arrays)
         _check_replies(replies, session)
+        lost = _left_models(fits, session)
+        if any(stateful.get(key) for key in lost):
+            return False
         for fit in pending:
             main = fits[fit.key.removesuffix(NULL_SUFFIX)]
+            if main.key in lost:
+                continue  # (below: its step is taken without the node that left)
             mine = [r for r in replies if r.node in main.holders]
             score = _sum(mine, protocol.score_key(fit.key))
             info = m.unpack_upper(_sum(mine, protocol.info_key(fit.key)), len(fit.names))
@@ -193,20 +245,142 @@ def fit_models(
                 _nb_update(fit, score, info, stats, _sum(mine, protocol.theta_key(fit.key)), meat)
             else:
                 _nb_null_update(fit, main, score, info, stats)
-    for fit in fits.values():
-        _check_exact_fit(fit)
-    _marginal_round(session, fits)
-    _count_contributors(fits, session)
-    return fits
+        for key in lost:
+            fit = fits[key]
+            _continue_without(fit, session, replies if fit in pending else [])
 
 
-def _marginal_round(session: Session, fits: dict[str, ModelFit]) -> None:
+def _left_models(fits: dict[str, ModelFit], session: Session) -> list[str]:
+    """Keys of the models that a node holding rows of them has just left."""
+    active = {n.name for n in session.active}
+    return [key for key, fit in fits.items() if any(h not in active for h in fit.holders)]
+
+
+def _continue_without(fit: ModelFit, session: Session, replies: list[m.Reply]) -> None:
+    """A node holding rows of this model left the study: the model goes on from the remaining
+    nodes' rows alone. Its counts and totals lose the node's; the columns only the node had
+    rows for are dropped, and so is a column that the remaining rows make a combination of the
+    others (a categorical term whose reference level only the node held: its first remaining
+    level becomes the reference, as a fit on the remaining rows alone would choose); each is
+    listed in `dropped_terms` naming the node. The model and its null model iterate again from
+    their current estimates, with one constrained Newton step from this round's replies when
+    it had some, until they converge on the remaining nodes' pooled estimate."""
+    active = {n.name for n in session.active}
+    gone = [h for h in fit.holders if h not in active]
+    fit.holders = [h for h in fit.holders if h in active]
+    left = session.left(gone)
+    if not fit.holders:
+        raise ModelError(f"model '{fit.spec.name}': no node that holds its rows remains ({left}).")
+    shapes = [fit.node_shapes[h] for h in fit.holders]
+    fit.node_stats = {k: v for k, v in fit.node_stats.items() if k in active}
+    fit.node_counts = {k: v for k, v in fit.node_counts.items() if k in active}
+    for target in (fit, fit.null):
+        _set_totals(target, fit.node_stats, fit.node_counts)
+    was = fit.active.copy()
+    nnz = np.sum([s["nnz"] for s in shapes], axis=0)
+    for j in np.flatnonzero(was & (nnz == 0)):
+        had = [h for h in gone if fit.node_shapes[h]["nnz"][j] > 0]
+        fit.dropped.append(
+            {"term": fit.names[j], "reason": f"only {_names(had)} had rows with this term ({session.left(had)})"}
+        )
+    fit.active = was & (nnz > 0)
+    _check_remaining(fit, shapes)
+    mine = [r for r in replies if r.node in fit.holders]
+    p = len(fit.names)
+    if mine:  # the information at the current estimate, from the remaining nodes
+        info = m.unpack_upper(_sum(mine, protocol.info_key(fit.key)), p)
+    else:
+        info = m.unpack_upper(np.sum([fit.node_info[h] for h in fit.holders], axis=0), p)
+    for j in _aliased(info, fit.active, fit.names):
+        fit.active[j] = False
+        fit.dropped.append(
+            {
+                "term": fit.names[j],
+                "reason": f"a linear combination of the other terms in the remaining nodes' rows ({left})",
+            }
+        )
+    if fit.n <= fit.rank:
+        raise ModelError(
+            f"model '{fit.spec.name}': the {fit.n} rows that remain ({left}) are too few for {fit.rank} coefficients."
+        )
+    beta = fit.beta.copy()
+    gone_cols = was & ~fit.active
+    if mine:  # Newton's step in the remaining columns, the dropped ones set to zero
+        score = _sum(mine, protocol.score_key(fit.key))
+        a = fit.active
+        rhs = score[a] + info[np.ix_(a, gone_cols)] @ beta[gone_cols]
+        try:
+            beta[a] += scipy.linalg.solve(info[np.ix_(a, a)], rhs, assume_a="pos")
+        except (np.linalg.LinAlgError, ValueError):
+            pass  # (the next round's step starts from the current estimate)
+    beta[~fit.active] = 0.0
+    fit.beta = beta if np.all(np.isfinite(beta)) else np.where(fit.active, fit.beta, 0.0)
+    for target in (fit, fit.null):
+        target.converged = False
+        target.prev_beta = target.prev_dev = target.prev_llf = target.prev_log_theta = None
+        target.halvings = 0
+        target.cov = target.meat = None
+    fit.marginal_sums = {}
+    exact = _null_intercept(fit)
+    if exact is not None:
+        fit.null.beta = np.array([exact])
+
+
+def _check_remaining(fit: ModelFit, shapes: list[dict]) -> None:
+    """What the prepare checks of the whole cohort, checked again on the remaining nodes' rows."""
+    spec = fit.spec
+    if fit.n == 0:
+        raise ModelError(f"model '{spec.name}': no rows remain once the nodes that left are taken out.")
+    if spec.cov_type == "cluster":
+        fit.n_clusters = sum(int(s["n_clusters"]) for s in shapes)
+        if fit.n_clusters < 2:
+            raise ModelError(f"model '{spec.name}': cluster-robust standard errors need at least two clusters.")
+    if spec.exposure and spec.exposure in fit.names and not fit.active[fit.names.index(spec.exposure)]:
+        raise ModelError(f"model '{spec.name}': the exposure term '{spec.exposure}' has no rows in the cohort.")
+    if fit.family.name == "binomial":
+        if fit.events == 0 or fit.events == fit.n:
+            raise ModelError(
+                f"model '{spec.name}': the outcome takes a single value in the whole cohort, so there is nothing to model."
+            )
+        _check_level_separation(fit, shapes)
+
+
+def _aliased(info: np.ndarray, active: np.ndarray, names: list[str]) -> list[int]:
+    """Active columns that are a linear combination of others in `info` (X'WX): the intercept
+    is kept first, then the columns from the last to the first, each kept if it adds to the
+    span of those kept (the same 1e-9 tolerance as `_check_collinear`). Of a categorical
+    term's levels this drops the first, as treatment coding of the remaining levels would."""
+    order = [j for j in np.flatnonzero(active) if names[j] == "Intercept"]
+    order += [j for j in np.flatnonzero(active)[::-1] if names[j] != "Intercept"]
+    kept: list[int] = []
+    out: list[int] = []
+    for j in order:
+        d = info[j, j]
+        if d <= 0:
+            out.append(int(j))
+            continue
+        if kept:
+            sub = info[np.ix_(kept, kept)]
+            cross = info[kept, j]
+            try:
+                residual = d - cross @ scipy.linalg.solve(sub, cross, assume_a="pos")
+            except (np.linalg.LinAlgError, ValueError):
+                residual = 0.0
+            if residual <= 1e-9 * d:
+                out.append(int(j))
+                continue
+        kept.append(int(j))
+    return sorted(out)
+
+
+def _marginal_round(session: Session, fits: dict[str, ModelFit]) -> list[str]:
     """For models with `marginal` exposures, one more round at the final estimate: each node
     returns, per exposure, the sums of its rows' fitted means with the exposure set to 1 and to
-    0 and their gradients (p-vectors), judged like any round's."""
-    asked = {key: list(fit.spec.marginal) for key, fit in fits.items() if fit.spec.marginal}
+    0 and their gradients (p-vectors), judged like any round's. Returns the models a node
+    holding their rows left during that round (to be fitted again without it)."""
+    asked = {key: list(fit.spec.marginal) for key, fit in fits.items() if fit.spec.marginal and not fit.marginal_sums}
     if not asked:
-        return
+        return []
     for key, terms in asked.items():
         fit = fits[key]
         for term in terms:
@@ -218,10 +392,14 @@ def _marginal_round(session: Session, fits: dict[str, ModelFit]) -> None:
     arrays = {protocol.beta_key(key): _round_vector(fits[key], fits) for key in asked}
     replies = session.ask(protocol.ROUND, {"models": list(asked), "marginal": asked}, arrays)
     _check_replies(replies, session)
+    lost = _left_models(fits, session)
+    if lost:
+        return lost
     for key, terms in asked.items():
         fit = fits[key]
         mine = [r for r in replies if r.node in fit.holders]
         fit.marginal_sums = {term: _sum(mine, protocol.marginal_key(key, i)) for i, term in enumerate(terms)}
+    return []
 
 
 def _round_vector(fit: ModelFit, fits: dict[str, ModelFit]) -> np.ndarray:
@@ -286,8 +464,9 @@ def _sum(replies: list[m.Reply], name: str) -> np.ndarray:
     return total
 
 
-def _pooled_transform_state(session, models_wire, stateful) -> dict:
-    """Pool (n, mean, M2) per centred/scaled expression with Chan's formula; exact."""
+def _pooled_transform_state(session, models_wire, stateful) -> tuple[dict, set[str]]:
+    """Pool (n, mean, M2) per centred/scaled expression with Chan's formula; exact. Also
+    returns the nodes pooled."""
     replies = session.ask(protocol.MOMENTS, {"models": models_wire})
     _check_replies(replies, session)
     state: dict[str, dict] = {}
@@ -310,11 +489,17 @@ def _pooled_transform_state(session, models_wire, stateful) -> dict:
             if expr.replace(" ", "").startswith("scale("):
                 entry["scale"] = float(np.sqrt(m2 / (n - 1)))
             state[key][expr] = entry
-    return state
+    return state, {r.node for r in replies}
 
 
-def _absorb_prepare(fit: ModelFit, replies: list[m.Reply]) -> None:
+def _absorb_prepare(
+    fit: ModelFit, replies: list[m.Reply], session: Session | None = None, earlier: dict[str, dict] | None = None
+) -> None:
+    """The prepare replies of the nodes holding a model. `earlier`: the nodes' prepare shapes
+    from before a node left (a model that centres or scales is prepared again), to name in
+    `dropped_terms` the node that took a column's rows with it."""
     spec = fit.spec
+    lost = session.lost if session is not None else []
     shapes = [r.payload["models"][fit.key] for r in replies]
     names = shapes[0]["columns"]
     for reply, shape in zip(replies, shapes):
@@ -324,6 +509,8 @@ def _absorb_prepare(fit: ModelFit, replies: list[m.Reply]) -> None:
             )
     fit.names = list(names)
     p = len(names)
+    fit.node_shapes = {r.node: s for r, s in zip(replies, shapes)}
+    fit.node_info = {r.node: r.arrays[protocol.local_info_key(fit.key)] for r in replies}
     fit.node_stats = {r.node: {"n_used": s["n_used"], "events": s["events"]} for r, s in zip(replies, shapes)}
     fit.node_counts = {}
     for reply in replies:
@@ -348,9 +535,16 @@ def _absorb_prepare(fit: ModelFit, replies: list[m.Reply]) -> None:
         if fit.n_clusters < 2:
             raise ModelError(f"model '{spec.name}': cluster-robust standard errors need at least two clusters.")
     for j in np.flatnonzero(~fit.active):
-        fit.dropped.append(
-            {"term": names[j], "reason": "no rows in the cohort have this term (a level absent from the cohort)"}
-        )
+        had = [n for n in lost if n in (earlier or {}) and earlier[n]["nnz"][j] > 0]
+        if had:
+            reason = f"only {_names(had)} had rows with this term ({session.left(had)})"
+        elif lost:
+            reason = (
+                f"no rows of the remaining nodes' cohort have this term (a level absent from it; {session.left(lost)})"
+            )
+        else:
+            reason = "no rows in the cohort have this term (a level absent from the cohort)"
+        fit.dropped.append({"term": names[j], "reason": reason})
     if spec.exposure and spec.exposure in names and not fit.active[names.index(spec.exposure)]:
         raise ModelError(f"model '{spec.name}': the exposure term '{spec.exposure}' has no rows in the cohort.")
     if fit.family.name == "binomial":
@@ -365,6 +559,15 @@ def _absorb_prepare(fit: ModelFit, replies: list[m.Reply]) -> None:
         )
     info = m.unpack_upper(_sum(replies, protocol.local_info_key(fit.key)), p)
     ibeta = _sum(replies, protocol.local_ibeta_key(fit.key))
+    if lost:  # (as when a node leaves mid-study: a reference level only it held)
+        for j in _aliased(info, fit.active, fit.names):
+            fit.active[j] = False
+            fit.dropped.append(
+                {
+                    "term": names[j],
+                    "reason": f"a linear combination of the other terms in the remaining nodes' rows ({session.left(lost)})",
+                }
+            )
     _check_collinear(fit, info)
     fit.beta = np.zeros(p)
     fit.beta[fit.active] = _solve_start(info[np.ix_(fit.active, fit.active)], ibeta[fit.active])

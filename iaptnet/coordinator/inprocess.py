@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .network import load_network
-from .studies import load_study
+from .studies import check_min_nodes, load_study
 
 
 def run_inprocess(
@@ -15,6 +15,7 @@ def run_inprocess(
     numpy, pandas) is imported, so a mistake in one is reported at once."""
     network = load_network(network_path)
     studies = [load_study(p, network.schema_paths) for p in study_paths]
+    check_min_nodes(studies, len(network.nodes), f"the network {network.path} has {len(network.nodes)} node(s)")
     from .engines.inprocess import InProcessGrid
     from .runner import run_batch
 

@@ -14,7 +14,7 @@ from .glm import fit_models
 from .kinds import module_for
 from .results import build_results
 from .session import ProgressFn, Session
-from .studies import LoadedStudy, batch_hash
+from .studies import LoadedStudy, batch_hash, check_min_nodes
 
 
 def run_batch(
@@ -32,6 +32,12 @@ def run_batch(
     names = [s.spec.name for s in studies]
     if len(set(names)) != len(names):
         raise SpecError("two studies in one run share a name; give each study its own 'name'.")
+    n_nodes = len(list(grid.get_node_ids()))
+    check_min_nodes(
+        studies,
+        n_nodes,
+        f"{n_nodes} node(s) are connected to the hub" if engine == "flower" else f"the network has {n_nodes} node(s)",
+    )
     options = {"engine": engine, "progress": progress, "timeout": timeout, "poll_interval": poll_interval}
     by_kind: dict[str, list[int]] = {}
     for i, study in enumerate(studies):

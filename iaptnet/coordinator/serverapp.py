@@ -191,6 +191,10 @@ def main(grid: Grid, context: Context) -> None:
     for result in results:
         for entry in result.get("nodes", []):
             entry["name"] = name_nodes(entry["name"], names)
+            if entry.get("reason"):
+                entry["reason"] = name_nodes(entry["reason"], names)
+        for entry in result.get("dropped_terms", []):
+            entry["reason"] = name_nodes(entry["reason"], names)
     blob = json.dumps(results, allow_nan=True)
     parts = [blob[i : i + CHUNK] for i in range(0, len(blob), CHUNK)] or [""]
     for i, part in enumerate(parts):

@@ -32,6 +32,7 @@ class NodeStatus:
     name: str = ""
     contributed: bool = True
     dropped_reason: str = ""
+    dropped_at: str = ""  # the task it left the study at, e.g. "glm.round (round 3)"
     data_version: str = ""
     payload: dict = field(default_factory=dict)
     refusals: list[dict] = field(default_factory=list)  # structured reasons, if it refused
@@ -66,6 +67,10 @@ class Session:
         node_ids = sorted(grid.get_node_ids())
         if not node_ids:
             raise NetworkError("no nodes are connected to the network.")
+        if min_nodes is not None and len(node_ids) < min_nodes:
+            raise NetworkError(
+                f"the study needs at least {min_nodes} nodes (its 'min_nodes') and {len(node_ids)} are connected."
+            )
         self.nodes: dict[int, NodeStatus] = {nid: NodeStatus(nid) for nid in node_ids}
 
     @property
@@ -144,6 +149,23 @@ class Session:
         for node, why in problems:
             node.contributed = False
             node.dropped_reason = why
+            node.dropped_at = f"{kind} (round {self.round})"
+
+    def left(self, names) -> str:
+        """Why nodes left the study, one clause each: "site2 left at glm.round (round 3): did
+        not answer within 10 s"."""
+        clauses = []
+        for name in names:
+            node = next((n for n in self.nodes.values() if (n.name or f"node {n.node_id}") == name), None)
+            if node is None or node.contributed:
+                continue
+            clauses.append(f"{name} left at {node.dropped_at}: {node.dropped_reason}")
+        return "; ".join(clauses)
+
+    @property
+    def lost(self) -> list[str]:
+        """Names of the nodes that left the study (min_nodes let it go on without them)."""
+        return [n.name or f"node {n.node_id}" for n in self.nodes.values() if not n.contributed]
 
     def _exchange(self, kind: str, messages: list[Message]) -> dict[int, m.Reply]:
         """Push one round and collect the replies until every node answered or the timeout.

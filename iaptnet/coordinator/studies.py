@@ -50,3 +50,15 @@ def load_study(path: str | Path, network_schemas: set[str | None] = frozenset({N
 def batch_hash(specs: list[StudySpec]) -> str:
     """Identity of a batch of studies run together (protocol/kinds/glm.py), in order."""
     return glm_protocol.batch_hash([s.hash for s in specs])
+
+
+def check_min_nodes(studies: list[LoadedStudy], n_nodes: int, network: str) -> None:
+    """A study whose `min_nodes` is above the network's size is refused before anything runs;
+    `network` says what the network has ("the network network.toml has 4 node(s)")."""
+    for study in studies:
+        wanted = study.spec.min_nodes
+        if wanted is not None and wanted > n_nodes:
+            raise SpecError(
+                f"{study.path or study.spec.source}: field 'min_nodes' is {wanted}, but {network}; "
+                f"set it to at most {n_nodes}."
+            )

@@ -1,0 +1,256 @@
+"""A node lost mid-study under `min_nodes` (issue 13): the study goes on from the remaining
+nodes and gives exactly their pooled result, compared with statsmodels on the remaining
+nodes' concatenated rows to 1e-8, whenever the node is lost (at prepare, in a Newton round,
+in the marginal round, after the moments of a scaled term); the columns only it had rows for
+(its service's) are dropped and listed with a reason naming it. `min_nodes` above the
+network's size is an error before anything runs.
+
+The in-process engine plays the network; `LosingGrid` makes a chosen node stop answering
+from a chosen task on, as a node that died or was cut off (the session waits for it until
+its timeout, as on the real network)."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pandas as pd
+import pytest
+from glmcase import assert_matches, reference_fit, write_network, write_study
+
+from iaptnet.cli import main
+from iaptnet.coordinator.engines.inprocess import InProcessGrid
+from iaptnet.coordinator.inprocess import run_inprocess
+from iaptnet.coordinator.network import load_network
+from iaptnet.coordinator.runner import run_batch
+from iaptnet.coordinator.studies import load_study
+from iaptnet.protocol import messages as m
+from iaptnet.protocol.errors import NetworkError, SpecError
+
+SITES = ("s0", "s1", "s2", "s3")
+COLUMNS = {
+    "y": {"type": "binary"},
+    "count": {"type": "integer", "min": 0, "max": 1000},
+    "x": {"type": "numeric"},
+    "z": {"type": "numeric"},
+    "e": {"type": "binary"},
+    "g": {"type": "categorical", "levels": ["a", "b", "c"]},
+    # The service each row belongs to: one per node, as service_id in the IAPT extract.
+    "service": {"type": "categorical", "levels": list(SITES)},
+}
+
+
+def make_sites(seed: int = 3) -> dict[str, pd.DataFrame]:
+    rng = np.random.default_rng(seed)
+    sites = {}
+    for k, (name, n) in enumerate(zip(SITES, (260, 340, 300, 280))):
+        x = rng.normal(size=n)
+        z = rng.normal(size=n)
+        g = rng.choice(["a", "b", "c"], size=n)
+        eta = -0.2 + 0.7 * x - 0.3 * z + pd.Series(g).map({"a": 0.0, "b": 0.4, "c": -0.5}).to_numpy() + 0.15 * k
+        y = (rng.random(n) < 1 / (1 + np.exp(-eta))).astype(int)
+        count = rng.poisson(np.exp(0.5 + 0.3 * x + 0.1 * k))
+        e = (rng.random(n) < 0.4).astype(int)
+        frame = pd.DataFrame({"y": y, "count": count, "x": x, "z": z, "e": e, "g": g, "service": name})
+        frame.loc[rng.choice(n, size=n // 25, replace=False), "z"] = np.nan
+        sites[name] = frame
+    return sites
+
+
+class LosingGrid(InProcessGrid):
+    """The in-process network, where node `lost` stops answering from the first task for
+    which `when(task)` holds (its tasks are accepted and never answered)."""
+
+    def __init__(self, network, lost: str, when):
+        super().__init__(network.nodes)
+        self.lost_id = 1 + [n["name"] for n in network.nodes].index(lost)
+        self.when = when
+        self.gone = False
+        self.tasks: list[tuple[str, int]] = []  # the lost node's
+        self.asked: list[str] = []  # every task's kind, once per push
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        kept = []
+        self.asked.extend({m.decode_task(msg.content).kind for msg in messages[:1]})
+        for msg in messages:
+            task = m.decode_task(msg.content)
+            if msg.metadata.dst_node_id == self.lost_id:
+                self.tasks.append((task.kind, task.round))
+                self.gone = self.gone or bool(self.when(task))
+            if not (self.gone and msg.metadata.dst_node_id == self.lost_id):
+                kept.append(msg)
+        ids = iter(super().push_messages(kept))
+        return [
+            next(ids) if not (self.gone and msg.metadata.dst_node_id == self.lost_id) else uuid.uuid4().hex
+            for msg in messages
+        ]
+
+
+def at(kind: str, round_no: int | None = None, marginal: bool = False):
+    def when(task) -> bool:
+        return (
+            task.kind == kind
+            and (round_no is None or task.round >= round_no)
+            and (not marginal or "marginal" in task.payload)
+        )
+
+    return when
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lost")
+    sites = make_sites()
+    write_network(folder, sites, COLUMNS)
+    return {"folder": folder, "sites": sites, "network": load_network(folder / "network.toml")}
+
+
+def run_losing(net, lost: str, when, **fields) -> tuple[dict, LosingGrid]:
+    path = write_study(net["folder"] / f"{fields['name']}.toml", **fields)
+    study = load_study(path, net["network"].schema_paths)
+    grid = LosingGrid(net["network"], lost, when)
+    return run_batch(grid, [study], engine="inprocess", timeout=0.2)[0], grid
+
+
+def remaining_reference(net, lost: str, formula: str, family: str, needed: list[str]):
+    """statsmodels on the remaining nodes' concatenated rows, the service levels those rows
+    have (so the first remaining service is the reference, as a fit on them alone takes)."""
+    frame = pd.concat([f for name, f in net["sites"].items() if name != lost], ignore_index=True)
+    frame["g"] = pd.Categorical(frame["g"], categories=["a", "b", "c"])
+    frame["service"] = pd.Categorical(frame["service"], categories=[s for s in SITES if s != lost])
+    return reference_fit(frame, formula, family, needed)
+
+
+def assert_lost(result: dict, lost: str, at_kind: str) -> None:
+    status = {n["name"]: n for n in result["nodes"]}
+    assert status[lost]["contributed"] is False and "did not answer within 0.2 s" in status[lost]["reason"]
+    assert all(status[s]["contributed"] for s in SITES if s != lost)
+    assert result["converged"]
+
+
+def test_node_lost_in_a_newton_round_gives_the_remaining_nodes_pooled_fit(net):
+    formula = "y ~ x + z + g + service"
+    result, grid = run_losing(
+        net, "s2", at("glm.round", 3), name="lost_round", family="binomial", formula=formula, min_nodes=3
+    )
+    assert ("glm.round", 3) in grid.tasks  # lost mid-way through the Newton rounds
+    assert_lost(result, "s2", "glm.round")
+    ref = remaining_reference(net, "s2", formula, "binomial", ["y", "x", "z", "g", "service"])
+    assert_matches(result, ref, rtol=1e-8)
+    (dropped,) = result["dropped_terms"]
+    assert dropped["term"] == "service[T.s2]"
+    assert dropped["reason"].startswith("only s2 had rows with this term (s2 left at glm.round (round 3)")
+    assert result["n"] == sum(len(f.dropna()) for k, f in net["sites"].items() if k != "s2")
+
+
+def test_node_holding_the_reference_level_lost_the_next_level_becomes_the_reference(net):
+    # Without s0 the remaining service columns add up to the intercept: service[T.s1] is
+    # dropped (s1 becomes the reference), as statsmodels does on the remaining rows.
+    formula = "y ~ x + z + g + service"
+    result, _ = run_losing(
+        net, "s0", at("glm.round", 2), name="lost_ref", family="binomial", formula=formula, min_nodes=3
+    )
+    assert_lost(result, "s0", "glm.round")
+    ref = remaining_reference(net, "s0", formula, "binomial", ["y", "x", "z", "g", "service"])
+    assert_matches(result, ref, rtol=1e-8)
+    reasons = {d["term"]: d["reason"] for d in result["dropped_terms"]}
+    assert set(reasons) == {"service[T.s1]"}
+    assert (
+        "linear combination" in reasons["service[T.s1]"]
+        and "s0 left at glm.round (round 2)" in reasons["service[T.s1]"]
+    )
+
+
+def test_node_lost_at_prepare(net):
+    # A node that never answered is named by its id in-process ("node 4"); the hub names it by
+    # the name its key is registered under (coordinator/serverapp.py's name_nodes).
+    formula = "y ~ x + z + g + service"
+    result, _ = run_losing(
+        net, "s3", at("glm.prepare"), name="lost_prepare", family="binomial", formula=formula, min_nodes=2
+    )
+    status = {n["name"]: n for n in result["nodes"]}
+    assert status["node 4"]["contributed"] is False and status["node 4"]["reason"] == "did not answer within 0.2 s"
+    assert_matches(result, remaining_reference(net, "s3", formula, "binomial", ["y", "x", "z", "g", "service"]))
+    (dropped,) = result["dropped_terms"]
+    assert dropped["term"] == "service[T.s3]"
+    assert dropped["reason"] == (
+        "no rows of the remaining nodes' cohort have this term (a level absent from it; "
+        "node 4 left at glm.prepare (round 1): did not answer within 0.2 s)"
+    )
+
+
+def test_node_lost_after_the_moments_of_a_scaled_term_is_centred_without(net):
+    # scale(x) uses the pooled SD: a node lost after the moments is left out of them too (the
+    # models are prepared again on the remaining nodes), so the estimate is per remaining SD.
+    formula = "count ~ scale(x) + z + service"
+    result, grid = run_losing(
+        net, "s1", at("glm.round", 3), name="lost_scaled", family="poisson", formula=formula, min_nodes=3
+    )
+    assert_lost(result, "s1", "glm.round")
+    # moments and prepare again, on the three remaining nodes, after the loss
+    assert grid.asked[:3] == ["glm.moments", "glm.prepare", "glm.round"]
+    assert grid.asked[3:5] == ["glm.moments", "glm.prepare"]
+    ref = remaining_reference(net, "s1", formula, "poisson", ["count", "x", "z", "service"])
+    assert_matches(result, ref, rtol=1e-8)
+    (dropped,) = result["dropped_terms"]
+    assert dropped["term"] == "service[T.s1]" and dropped["reason"].startswith("only s1 had rows with this term")
+
+
+def test_gaussian_node_lost_gives_the_remaining_scale(net):
+    formula = "x ~ z + g + service"
+    result, _ = run_losing(
+        net, "s1", at("glm.round", 2), name="lost_gauss", family="gaussian", formula=formula, min_nodes=3
+    )
+    assert_lost(result, "s1", "glm.round")
+    assert_matches(result, remaining_reference(net, "s1", formula, "gaussian", ["x", "z", "g", "service"]))
+
+
+def test_node_lost_in_the_marginal_round_is_fitted_again_without_it(net):
+    formula = "y ~ e + x + g + service"
+    result, grid = run_losing(
+        net,
+        "s3",
+        at("glm.round", marginal=True),
+        name="lost_marginal",
+        family="binomial",
+        formula=formula,
+        marginal=["e"],
+        min_nodes=3,
+    )
+    assert_lost(result, "s3", "glm.round")
+    assert sum(1 for kind, _ in grid.tasks if kind == "glm.round") >= 3
+    ref = remaining_reference(net, "s3", formula, "binomial", ["y", "e", "x", "g", "service"])
+    assert_matches(result, ref)
+    # the standardised risks are the remaining rows' (g-computation on the reference fit)
+    rows = ref.model.data.frame.dropna(subset=["y", "e", "x", "g", "service"])
+    risk1 = ref.predict(rows.assign(e=1)).mean()
+    risk0 = ref.predict(rows.assign(e=0)).mean()
+    (marginal,) = result["marginal"]
+    assert marginal["risk_exposed"] == pytest.approx(risk1, rel=1e-8)
+    assert marginal["risk_unexposed"] == pytest.approx(risk0, rel=1e-8)
+
+
+def test_losing_more_nodes_than_min_nodes_allows_stops_the_study(net):
+    with pytest.raises(NetworkError) as err:
+        run_losing(net, "s2", at("glm.round", 2), name="lost_too_many", family="binomial", formula="y ~ x", min_nodes=4)
+    assert "s2 did not answer within 0.2 s (the study needs at least 4 nodes; 3 remain)" in str(err.value)
+
+
+def test_min_nodes_above_the_network_size_is_refused_before_anything_runs(net, capsys):
+    path = write_study(
+        net["folder"] / "too_many.toml", name="too_many", family="binomial", formula="y ~ x", min_nodes=5
+    )
+    network = net["folder"] / "network.toml"
+    with pytest.raises(SpecError) as err:
+        run_inprocess([path], network)
+    assert str(err.value) == (
+        f"{path}: field 'min_nodes' is 5, but the network {network} has 4 node(s); set it to at most 4."
+    )
+    assert main(["run", str(path), "--network", str(network)]) == SpecError.exit_code
+    assert "field 'min_nodes' is 5" in capsys.readouterr().err
+    # On a hub (the run's grid), the same before any task: nothing was asked of any node.
+    grid = LosingGrid(net["network"], "s0", lambda task: False)
+    with pytest.raises(SpecError, match="field 'min_nodes' is 5, but the network has 4 node"):
+        run_batch(grid, [load_study(path, net["network"].schema_paths)], engine="inprocess")
+    assert grid.tasks == []
