@@ -18,7 +18,7 @@ from iaptnet.coordinator.catalogue import catalogue_paths
 SHORT = "n_treat + sex + phq9_first + service_id"
 STUDIES = {
     "d1_sessions": {"formula": f"reliable_recovery ~ {SHORT}"},
-    "d4_older_adults": {"formula": f"reliable_recovery ~ older_adult + {SHORT}"},
+    "d4_older_adults": {"formula": f"reliable_recovery ~ older_adult + {SHORT}", "marginal": ["older_adult"]},
     "t1_table1_older_adults": {},
     "t2_funnel": {},
     "h1_heterogeneity_sessions": {"formula": f"reliable_recovery ~ {SHORT}"},

@@ -205,3 +205,22 @@ def test_terms_of_art_are_explained_where_they_appear():
     assert "&lt;b&gt; &amp;" in html  # the text itself is escaped
     # A title never holds another term's mark-up.
     assert all("<abbr" not in part.split(">")[0] for part in html.split('title="')[1:])
+
+
+def test_the_meta_section_states_heterogeneity_as_results_json_holds_it(page, results):
+    result = results["h1_heterogeneity_sessions"]
+    reml, ci = result["random_reml"], result["tau2_ci"]
+    text = re.sub(r"<[^>]+>", "", page)  # the words as read (terms of art are marked up)
+    assert f"I² {words.share(reml['I2'])}" in text and f"tau² {words.significant(reml['tau2'])} (REML)" in text
+    assert f"{words.significant(ci['tau2_high'])}, for I²" in text
+
+
+def test_marginal_risks_are_shown_on_the_scale_a_commissioner_reads(page, results):
+    (marginal,) = results["d4_older_adults"]["marginal"]
+    (row,) = page_tables(page).tables["d4_older_adults-marginal"]
+    assert [cell[0] for cell in row[1:4]] == [
+        words.share(marginal["risk_exposed"]),
+        words.share(marginal["risk_unexposed"]),
+        words.share(marginal["risk_difference"]),
+    ]
+    assert json.loads(row[3][1]) == marginal["risk_difference"] and row[5][0] == f"{marginal['risk_ratio']:.3f}"

@@ -253,12 +253,54 @@ def glm_section(result: dict) -> Section:
             )
         )
     section.tables.append(terms_table(f"{name}-terms", "Model terms", result["terms"], ratio, result.get("exposure")))
+    if result.get("theta") is not None:
+        section.summary.append(
+            f"Over-dispersion: theta {w.number(result['theta'], 3)} (standard error "
+            f"{w.number(result.get('theta_std_error'), 3)}); alpha = 1/theta {w.number(result.get('alpha'), 4)}."
+        )
+    if result.get("marginal"):
+        section.tables.append(marginal_table(f"{name}-marginal", result["marginal"]))
     for d in result.get("dropped_terms") or []:
         section.notes.append(f"Term {w.term_label(d['term'])} was left out: {d['reason']}.")
     nodes = nodes_table(result, name)
     if nodes:
         section.tables.append(nodes)
     return section
+
+
+def marginal_table(name: str, rows: list[dict]) -> Table:
+    """Standardised risks with the exposure set to 1 and to 0 for everyone, their difference
+    and ratio: the scale a commissioner reads."""
+    out = []
+    for m in rows:
+        out.append(
+            [
+                c(m["term"], w.term_label(m["term"])),
+                Cell(m.get("risk_exposed"), w.share(m.get("risk_exposed"))),
+                Cell(m.get("risk_unexposed"), w.share(m.get("risk_unexposed"))),
+                Cell(m.get("risk_difference"), w.share(m.get("risk_difference"))),
+                c(
+                    [m.get("rd_low"), m.get("rd_high")],
+                    f"{w.share(m.get('rd_low'))} to {w.share(m.get('rd_high'))}",
+                ),
+                num(m.get("risk_ratio"), 3),
+                c([m.get("rr_low"), m.get("rr_high")], w.interval(m.get("rr_low"), m.get("rr_high"), 3)),
+            ]
+        )
+    return Table(
+        name,
+        "Standardised risks (everyone exposed, everyone unexposed), their difference and ratio",
+        [
+            "exposure",
+            "risk if exposed",
+            "risk if unexposed",
+            "risk difference",
+            "95% CI",
+            "risk ratio",
+            "95% CI (ratio)",
+        ],
+        out,
+    )
 
 
 # --- table (Table 1 and funnels) --------------------------------------------------------
@@ -615,10 +657,22 @@ def meta_section(result: dict) -> Section:
             ]
         )
     reml = result.get("random_reml") or {}
+    if reml.get("ci") == "hksj":
+        section.summary.append(
+            f"The REML interval is the Hartung-Knapp-Sidik-Jonkman (HKSJ) one, on a t distribution with "
+            f"{reml.get('df')} degrees of freedom."
+        )
+    ci = result.get("tau2_ci")
+    if ci:
+        lo, hi = ci.get("lower_sign") or "", ci.get("upper_sign") or ""
+        section.summary.append(
+            f"95% confidence interval (Q-profile) for tau² {lo}{w.significant(ci.get('tau2_low'))} to "
+            f"{hi}{w.significant(ci.get('tau2_high'))}, for I² {lo}{w.share(ci.get('I2_low'))} to {hi}{w.share(ci.get('I2_high'))}."
+        )
     section.summary.append(
         f"Each service's own estimate of {w.term_label(result.get('exposure') or '')} and their combination "
-        f"across {result.get('k')} services. Heterogeneity: I² {w.percent(reml.get('I2'))}, tau² "
-        f"{w.number(reml.get('tau2'), 4)} (REML); Cochran's Q {w.number(reml.get('Q'), 1)} on {reml.get('Q_df')} "
+        f"across {result.get('k')} services. Heterogeneity: I² {w.share(reml.get('I2'))}, tau² "
+        f"{w.significant(reml.get('tau2'))} (REML); Cochran's Q {w.number(reml.get('Q'), 1)} on {reml.get('Q_df')} "
         f"degrees of freedom, {w.p_phrase(reml.get('Q_p_value'))}."
     )
     section.figures.append(

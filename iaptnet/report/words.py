@@ -92,6 +92,13 @@ def number(value, decimals: int = 2) -> str:
     return f"{value:,.{decimals}f}"
 
 
+def significant(value, digits: int = 3) -> str:
+    """A small positive quantity (a variance such as tau²) to `digits` significant digits."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return MISSING
+    return f"{value:.{digits}g}"
+
+
 def count(value) -> str:
     return MISSING if value is None else f"{int(round(value)):,}"
 
