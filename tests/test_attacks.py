@@ -122,6 +122,9 @@ ATTACKS = {
     "theta_rounds_the_outcome": "a negative binomial theta of 2^58, at which theta + y drops every count below 32",
     "marginal_rounds_differ_in_one_row": "two marginal-effect rounds whose fitted means with the exposure set differ only in the target's",
     "theta_weighs_one_row": "a tiny negative binomial theta that weighs the target's outcome 16 times anyone else's",
+    "a_random_intercept_group_of_one": "a random intercept whose groups leave the target alone in his",
+    "random_intercept_groups_that_differ_in_one_person": "two random-intercept studies whose groups differ only by where the target is",
+    "a_random_intercept_round_that_isolates_one_row": "coefficients and sigma that put every fitted weight at the groups' modes on the target",
 }
 
 
@@ -1153,3 +1156,125 @@ def test_marginal_rounds_differ_in_one_row(tmp_path):
     assert ok(marginal_round(beta)).arrays["marginal/m0/0"].shape == (3 + 2 * 6,)
     refused(node, marginal_round(beta + d), "min_effective_rows")
     assert "compared with a round this node already answered" in node.audit_entries()[-1]["refusal"][0]["sentence"]
+
+
+# --------------------------------------------------------------------------- 12. random intercepts
+
+
+def _glmm_round(node: Node, study: str, parameters) -> m.Reply:
+    from iaptnet.protocol.kinds import glmm as glmm_protocol
+
+    return node.send(
+        m.Task(
+            kind=glmm_protocol.ROUND,
+            study_hash=study,
+            payload={"models": ["m0"]},
+            arrays={glmm_protocol.parameters_key("m0"): np.asarray(parameters, dtype=float)},
+        )
+    )
+
+
+def _gaussian_cross(frame: pd.DataFrame, groups: str, theta: float) -> np.ndarray:
+    """What a node would release for `x ~ g` with a random intercept per `groups` at theta:
+    Z'V^-1 Z, Z = [1, g[T.b], x] (node/glmm_likelihood.py's own sums)."""
+    from iaptnet.node.glmm_likelihood import GroupDesign, Groups, gaussian_sums
+
+    X = np.column_stack([np.ones(len(frame)), frame.g == "b"]).astype(float)
+    codes, values = pd.factorize(frame[groups], sort=True)
+    design = GroupDesign(X, frame.x.to_numpy(dtype=float), np.zeros(len(frame)), Groups(codes, len(values)))
+    return gaussian_sums(design, theta)[0][0]
+
+
+def test_a_random_intercept_group_of_one(tmp_path):
+    """`x ~ g` with a random intercept per age: the target (64) is alone in his group, beside
+    three groups of 100. A gaussian round at theta releases Z'Z - sum_g w(n_g, theta) s_g s_g'
+    (s_g the group's sums of [1, g, x], w depending only on its size), so rounds at theta = 0
+    and two more thetas are three equations in the two size classes' sums: the class of size 1
+    is the target's row, whose x is its x entry over its intercept entry. Every group must have
+    min_level_count rows; the refusal never names the group's value."""
+    frame = span_frame()
+    base = _gaussian_cross(frame, "age", 0.0)
+    rows = []
+    for theta in (0.5, 2.0):
+        w = {n: theta**2 / (1 + n * theta**2) for n in (1, 100)}
+        rows.append((w[100], w[1], base - _gaussian_cross(frame, "age", theta)))
+    (a1, b1, d1), (a2, b2, d2) = rows
+    target = (a2 * d1 - a1 * d2) / (a2 * b1 - a1 * b2)  # the class of size 1: his [1, g, x] outer product
+    assert np.isclose(target[0, 2] / target[0, 0], BOB_X, rtol=1e-9, atol=0)  # the leak, if answered
+    node = Node(tmp_path / "node", frame, SPAN_COLUMNS)
+    reply, _ = node.prepare(node.spec(family="gaussian", formula="x ~ g", random_intercept="age"), kind="glmm.prepare")
+    refused(node, reply, "min_level_count")
+    assert "a group of the random intercept has fewer than 8 rows" in reply.message and "64" not in reply.message
+
+
+def ward_frame() -> pd.DataFrame:
+    """301 people in 10 wards of 30, the target in ward 0 by one record (`ward`) and in ward
+    1 by another (`ward2`); everyone else's wards agree."""
+    rng = np.random.default_rng(8)
+    ward = np.concatenate([[0], np.repeat(np.arange(10), 30)])
+    ward2 = ward.copy()
+    ward2[0] = 1
+    x = rng.normal(size=ward.size)
+    x[0] = BOB_X
+    g = rng.choice(["a", "b"], size=ward.size).astype(object)
+    return pd.DataFrame({"x": x, "g": g, "ward": ward, "ward2": ward2})
+
+
+WARD_COLUMNS = {
+    "x": {"type": "numeric"},
+    "g": {"type": "categorical", "levels": ["a", "b"]},
+    "ward": {"type": "integer"},
+    "ward2": {"type": "integer"},
+}
+
+
+def test_random_intercept_groups_that_differ_in_one_person(tmp_path):
+    """`x ~ g` with a random intercept per ward, then per ward2, where only the target moves
+    (ward 0 to ward 1). Between the two studies' gaussian rounds at the same theta, the x
+    column's sums give (Y0 - Y1) times a known number (Y the two wards' sums of x without him),
+    and its squares, at two thetas, two equations in Y0 + Y1 and his x. The groups' row sets
+    join the differencing audit: a group differing by 1 to 7 people from one released before
+    is refused."""
+    frame = ward_frame()
+    diffs, ws = [], []
+    for theta in (0.5, 2.0):
+        diffs.append(_gaussian_cross(frame, "ward", theta) - _gaussian_cross(frame, "ward2", theta))
+        ws.append({n: theta**2 / (1 + n * theta**2) for n in (30, 31)})
+    gap = diffs[0][0, 2] / (31 * ws[0][31] - 30 * ws[0][30])  # Y0 - Y1
+    # (x, x) entry: gap * (w31 (S + 2 x_t) - w30 S), S = Y0 + Y1: linear in (S, x_t).
+    A = np.array([[w[31] - w[30], 2 * w[31]] for w in ws])
+    S, x_t = np.linalg.solve(A, [d[2, 2] / gap for d in diffs])
+    assert np.isclose(x_t, BOB_X, rtol=1e-8, atol=0)  # the leak, if both were answered
+    node = Node(tmp_path / "node", frame, WARD_COLUMNS)
+    first, _ = node.prepare(
+        node.spec(name="a", family="gaussian", formula="x ~ g", random_intercept="ward"), kind="glmm.prepare"
+    )
+    ok(first)
+    reply, _ = node.prepare(
+        node.spec(name="b", family="gaussian", formula="x ~ g", random_intercept="ward2"), kind="glmm.prepare"
+    )
+    refused(node, reply, "min_subset_difference")
+
+
+def test_a_random_intercept_round_that_isolates_one_row(node):
+    """`y ~ x` with a random intercept per unit (369 and 31 people): at an intercept of -40
+    and a slope of 8 every fitted mean is 0 but the target's (x = 7.3). A group's intercept at
+    its mode, sigma u*, lifts its whole group (by about sigma^2 times its events while their
+    fitted means are 0), so a large sigma spreads the weights again; at sigma = 0.01 it lifts
+    them by less than 0.03 and the round's sums would be the target's. A random-intercept round
+    declares the fitted means and information weights at the groups' modes, judged like a GLM
+    round's (an honest round first)."""
+    from iaptnet.node.glmm_likelihood import Groups, modes
+
+    frame = make_frame()
+    beta, sigma = np.array([-40.0, 8.0]), 0.01
+    codes, values = pd.factorize(frame.unit, sort=True)
+    eta = beta[0] + beta[1] * frame.x.to_numpy()
+    lift = sigma * modes("binomial", frame.y.to_numpy(dtype=float), eta, Groups(codes, len(values)), sigma)
+    assert np.all(np.abs(lift) < 0.03)
+    mu = 1 / (1 + np.exp(-(eta + lift[codes])))
+    assert mu[0] > 0.99 and np.all(mu[1:] < 1e-5)  # every fitted weight on the target
+    reply, study = node.prepare(node.spec(formula="y ~ x", random_intercept="unit"), kind="glmm.prepare")
+    ok(reply)
+    ok(_glmm_round(node, study, np.append(local_beta(reply), 1.0)))
+    refused(node, _glmm_round(node, study, [*beta, sigma]), "min_effective_rows")

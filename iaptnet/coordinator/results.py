@@ -175,6 +175,10 @@ def render_report(result: dict) -> str:
         from .kinds import module_for
 
         return module_for(result["kind"]).render(result)
+    if result.get("random_intercept"):
+        from .glmm import render
+
+        return render(result)
     lines = []
     title = result.get("title") or result["study"]
     lines.append(f"{title}  [{result['family']}/{result['link']}]  study {result['study_hash'][:12]}")

@@ -16,6 +16,9 @@ from .results import build_results
 from .session import ProgressFn, Session
 from .studies import LoadedStudy, batch_hash, check_min_nodes
 
+#: The group of a run's studies that are GLMs with a random intercept (each runs alone).
+RANDOM_INTERCEPT = "glm with a random intercept"
+
 
 def run_batch(
     grid: Grid,
@@ -41,7 +44,9 @@ def run_batch(
     options = {"engine": engine, "progress": progress, "timeout": timeout, "poll_interval": poll_interval}
     by_kind: dict[str, list[int]] = {}
     for i, study in enumerate(studies):
-        by_kind.setdefault(study.spec.kind, []).append(i)
+        # A GLM with a random intercept runs alone, through coordinator/glmm.py.
+        mixed = study.spec.kind == "glm" and "random_intercept" in study.spec.params
+        by_kind.setdefault(RANDOM_INTERCEPT if mixed else study.spec.kind, []).append(i)
     results: list[dict | None] = [None] * len(studies)
     for kind, indices in by_kind.items():
         chosen = [studies[i] for i in indices]
@@ -54,7 +59,12 @@ def run_batch(
             for study in chosen:
                 if announce:
                     announce(f"{study.spec.name} ({kind})")
-                out.append(module_for(kind).run_study(grid, study, **options))
+                if kind == RANDOM_INTERCEPT:
+                    from . import glmm
+
+                    out.append(glmm.run_study(grid, study, **options))
+                else:
+                    out.append(module_for(kind).run_study(grid, study, **options))
         for i, result in zip(indices, out):
             results[i] = result
     return results

@@ -162,6 +162,7 @@ class LevelCount:
     count: int
     fix: str = ""
     cluster: bool = False  # a cluster of cluster-robust SEs (`term` names the clustering)
+    what: str = "a cluster of the cluster-robust variance"  # how a refusal names such a cluster
 
 
 @dataclass
@@ -433,7 +434,7 @@ def check_model(facts: ModelFacts, rules: Rules) -> list[Violation]:
     for lc in facts.levels:
         if 0 < lc.count < rules.min_level_count:
             if lc.cluster:
-                sentence = f"a cluster of the cluster-robust variance has fewer than {rules.min_level_count} rows"
+                sentence = f"{lc.what} has fewer than {rules.min_level_count} rows"
             elif lc.level is not None:
                 sentence = f"level '{lc.level}' of {lc.term} has fewer than {rules.min_level_count} rows"
             else:

@@ -19,7 +19,7 @@ from importlib import import_module
 STUDY_MODES = ("payload", "prepared", "none")
 
 #: The node modules that register task handlers (one per kind; see protocol/kinds/__init__.py).
-KIND_MODULES = ("glm", "describe", "propensity", "access", "meta", "its")
+KIND_MODULES = ("glm", "describe", "propensity", "access", "meta", "its", "glmm")
 
 
 @dataclass(frozen=True)

@@ -124,9 +124,15 @@ def studies_from_payload(payload: dict) -> dict:
 
 
 def parse(data: dict, schema, source: str):
-    """A GLM study file: (StudySpec, ParsedFormula)."""
+    """A GLM study file: (StudySpec, ParsedFormula). A random intercept's fields
+    (protocol/kinds/glmm.py) are checked there and carried in the spec's params."""
     from ..study import parse_glm_study
+    from .glmm import split_fields, with_random_intercept
 
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a study is a table of fields.")
-    return parse_glm_study(data, schema, source)
+    data, mixed = split_fields(data, source)
+    spec, parsed = parse_glm_study(data, schema, source)
+    if mixed is not None:
+        spec = with_random_intercept(spec, mixed, parsed, schema, source)
+    return spec, parsed
