@@ -48,6 +48,8 @@ def load_network(path: str | Path) -> Network:
     nodes, seen = [], set()
     for i, raw in enumerate(raw_nodes, 1):
         where = f"{path}: [[node]] number {i}"
+        if not isinstance(raw, dict):
+            raise SpecError(f"{where} is not a table; write each node as a [[node]] table with 'name' and 'data'.")
         reject_unknown(raw, NODE_KEYS, where)
         name = raw.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
@@ -64,12 +66,12 @@ def load_network(path: str | Path) -> Network:
         if "://" in data_ref:
             if not (raw.get("table") or raw.get("query")):
                 raise SpecError(f"{where} ({name}): an SQL source needs 'table' or 'query'.")
-        elif not Path(node["data"]).exists():
+        elif not _exists(node["data"]):
             raise SpecError(f"{where} ({name}): field 'data' names {data_ref}, which does not exist.")
         for key in ("schema", "policy"):
             if raw.get(key) is not None:
                 value = resolve_path(base, str(raw[key]))
-                if not Path(value).exists():
+                if not _exists(value):
                     raise SpecError(f"{where} ({name}): field '{key}' names {raw[key]}, which does not exist.")
                 node[key] = value
         for key in ("table", "query", "appointments_table", "appointments_query"):
@@ -90,10 +92,18 @@ def load_network(path: str | Path) -> Network:
                         f"{where} ({name}): an SQL appointment table needs 'appointments_table' or "
                         "'appointments_query'."
                     )
-            elif not Path(node["appointments"]).exists():
+            elif not _exists(node["appointments"]):
                 raise SpecError(f"{where} ({name}): field 'appointments' names {appointments}, which does not exist.")
         nodes.append(node)
     return Network(path, nodes)
+
+
+def _exists(value: str) -> bool:
+    """Whether a file exists; False for a name the system refuses (too long, a NUL byte)."""
+    try:
+        return Path(value).exists()
+    except (OSError, ValueError):
+        return False
 
 
 def resolve_path(base: Path, value: str) -> str:
