@@ -130,7 +130,7 @@ class Schema:
                 levels = [str(v).strip() for v in levels]
                 if len(set(levels)) != len(levels):
                     raise SpecError(f"{where}: 'levels' lists a value twice.")
-            elif levels:
+            elif levels != []:  # 0 or "" too: not a list of levels
                 raise SpecError(f"{where}: 'levels' is only allowed for categorical columns.")
             labels = _labels(spec.get("labels"), levels if ctype == "categorical" else None, where)
             lo, hi = spec.get("min"), spec.get("max")
