@@ -133,7 +133,7 @@ def read_sql(url: str, *, table: str | None = None, query: str | None = None) ->
                 frame = pd.read_sql_query(sa.text(query), conn)
     except ValueError:  # pandas: table not found
         raise DataError(f"{shown}: {what} was not found in the database.") from None
-    except sa.exc.SQLAlchemyError as exc:
+    except (sa.exc.SQLAlchemyError, pd.errors.DatabaseError) as exc:  # pandas wraps a failed query
         raise DataError(f"{shown}: could not read {what} ({type(exc).__name__}).") from None
     finally:
         engine.dispose()
