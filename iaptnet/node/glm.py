@@ -486,6 +486,7 @@ def meat(design: DesignedModel, family, beta: np.ndarray, cov_type: str) -> np.n
     return per_cluster.T @ per_cluster
 
 
+@np.errstate(over="ignore", invalid="ignore", divide="ignore")  # a fit that runs off ends below; sums are judged finite
 def local_fit(design: DesignedModel, family) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """This node's own maximum-likelihood fit, for the coordinator's warm start.
 
@@ -511,11 +512,11 @@ def local_fit(design: DesignedModel, family) -> tuple[np.ndarray, np.ndarray, np
             # Binomial and gaussian start with one weight for every row: X'X, shared with
             # the leverage check, scaled.
             step_info = w[0] * design.gram() if np.all(w == w[0]) else weighted_gram(X, w)
-            new = np.linalg.lstsq(step_info, X.T @ (w * z), rcond=None)[0]
+            new = _min_norm_solution(step_info, X.T @ (w * z))
         else:
             mu, w, r = family.working(y, X @ beta + off)
             step_info = weighted_gram(X, w * pw)
-            new = beta + np.linalg.lstsq(step_info, X.T @ (r * pw), rcond=None)[0]
+            new = beta + _min_norm_solution(step_info, X.T @ (r * pw))
         if not np.all(np.isfinite(new)):
             break
         info = step_info
@@ -533,6 +534,14 @@ def local_fit(design: DesignedModel, family) -> tuple[np.ndarray, np.ndarray, np
     # coordinator only needs a consistent pair (I_k, I_k b_k) to combine, and it saves one
     # pass over the rows.
     return info, info @ beta, beta
+
+
+def _min_norm_solution(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """lstsq's minimum-norm solution of a x = b; NaN when a or b is not finite (values near a
+    float's limits), which ends the local fit, rather than LAPACK's complaint on the terminal."""
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return np.full(a.shape[1], np.nan)
+    return np.linalg.lstsq(a, b, rcond=None)[0]
 
 
 def weighted_gram(X: np.ndarray, w: np.ndarray) -> np.ndarray:
