@@ -81,7 +81,7 @@ def estimable_columns(X: np.ndarray, tol: float = 1e-9) -> np.ndarray:
     for j in range(gram.shape[0]):
         if chosen:
             sub = gram[np.ix_(chosen, chosen)]
-            coef = scipy.linalg.solve(sub, gram[chosen, j], assume_a="pos")
+            coef = _solve_pos(sub, gram[chosen, j])
             residual = gram[j, j] - gram[j, chosen] @ coef
         else:
             residual = gram[j, j]
@@ -139,7 +139,7 @@ def _newton(design: DesignedModel, family) -> np.ndarray | None:
     z = glm.family_link(family.name, mu) - design.offset + (y - mu) / family.variance(mu)
     w = family.variance(mu) * pw
     try:
-        beta = scipy.linalg.solve(X.T @ (X * w[:, None]), X.T @ (w * z), assume_a="pos")
+        beta = _solve_pos(X.T @ (X * w[:, None]), X.T @ (w * z))
     except (np.linalg.LinAlgError, ValueError):
         return None
     intercept = np.array([n == "Intercept" for n in design.names])
@@ -164,6 +164,13 @@ def _newton(design: DesignedModel, family) -> np.ndarray | None:
         if np.all(np.abs(step) < STEP_TOL * se):
             return beta
     return None
+
+
+def _solve_pos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a x = b for a positive definite a, by its Cholesky factor: as scipy.linalg.solve with
+    assume_a="pos" (LinAlgError when a is not positive definite), without the LinAlgWarning
+    it prints for an ill-conditioned a (the callers judge that themselves)."""
+    return scipy.linalg.cho_solve(scipy.linalg.cho_factor(a), b)
 
 
 def _inverse(info: np.ndarray) -> np.ndarray | None:
