@@ -104,6 +104,19 @@ def fit(dsg: Design, person_years: np.ndarray, xty: np.ndarray, label: str) -> L
                 "cannot be estimated on the log scale; merge that level with another (or, for an area, "
                 "set area_effects = false)."
             )
+    # A variable's reference level holds the referrals its other levels do not: none there
+    # makes every other level's rate ratio infinite (the fit would run off to it).
+    terms: dict[str, list[int]] = {}
+    for k, source in enumerate(dsg.sources):
+        if source[0] != "Intercept":
+            terms.setdefault(source[0], []).append(k)
+    for var, ks in terms.items():
+        if xty[0] - sum(xty[k] for k in ks) < 0.5:
+            raise ModelError(
+                f"model '{label}': no referrals in the cohort are in the first (reference) "
+                f"{'area' if var == 'area' else f'level of {var!r}'}, so the other rate ratios are infinite; "
+                "merge that level with another (or, for an area, set area_effects = false)."
+            )
     X, offset = dsg.X, np.log(person_years)
     beta = np.zeros(X.shape[1])
     beta[0] = np.log(xty[0] / person_years.sum())
