@@ -227,14 +227,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _not_from_nodes(record: logging.LogRecord) -> bool:
+    return not record.name.startswith("iaptnet.node")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    before = list(logging.root.handlers)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose and args.fn in (cmd_run, cmd_demo):
+        # The in-process nodes report to the coordinator, whose one sentence says what they
+        # said; their own log (a policy they cannot read, a task they could not compute)
+        # would repeat it beside it. -v shows it, as a node daemon's log does.
+        for handler in logging.root.handlers:
+            if handler not in before:
+                handler.addFilter(_not_from_nodes)
     try:
         return args.fn(args)
     except IaptnetError as exc:
