@@ -54,17 +54,7 @@ def run_study(
             skipped[level] = reason
         else:
             chosen[f"g{i}"] = all_specs[f"g{i}"]
-    after = [by_level[level]["after"]["referrals"] for level in p["changes"]]
-    if not any(after):
-        if all(n == 0 for n in after):
-            raise ModelError(
-                f"study '{spec.name}': no referral in the cohort falls after a change date, so there is no change to estimate."
-            )
-        raise ModelError(
-            f"study '{spec.name}': the count of referrals after each change date is suppressed (a node has "
-            "1-7 of them, or hides the count beside such a small one) or 0, so the change cannot be "
-            "estimated without singling out a few referrals; widen the cohort or the time after the changes."
-        )
+    _check_estimable(spec, [by_level[level] for level in p["changes"]])
     # A group's own model rests on the nodes holding its referrals; the others decline it
     # (too few rows: a node answers 0 rows as it answers a few, so it cannot say "none").
     session, fits = fit_derived(
@@ -240,7 +230,20 @@ def _why_not(segment: dict) -> str | None:
             )
         if n == 0:
             return f"no referral in the cohort falls {period} the change"
+    if _one_month_before(segment):
+        return (
+            "every referral before the change falls in one month, so the group's trend before the change "
+            "cannot be told apart from its slope change"
+        )
     return None
+
+
+def _one_month_before(segment: dict) -> bool:
+    """The count table shows every referral of the group before its change in one month
+    (shown, not suppressed, and equal to the period's count)."""
+    months = [m for m in segment.get("months") or [] if m["time"] < segment["change_time"] and m["referrals"] != 0]
+    before = segment["before"]["referrals"]
+    return len(months) == 1 and before is not None and months[0]["referrals"] == before
 
 
 def _level_change_meta(per_service: list[dict]) -> dict | None:
@@ -266,15 +269,83 @@ def _level_change_meta(per_service: list[dict]) -> dict | None:
     return pooled
 
 
+def _check_estimable(spec, segments: list[dict]) -> None:
+    """ModelError unless some group with a change shows referrals after it and has some (or a
+    suppressed count) before it: otherwise the level change is not estimable, or only from a
+    few referrals. Each sentence says what the count table shows for each group."""
+    after = [s["after"]["referrals"] for s in segments]
+    both = [s for n, s in zip(after, segments) if n and s["before"]["referrals"] != 0]
+    if both and all(_one_month_before(s) for s in both):
+        raise ModelError(
+            f"study '{spec.name}': in every group with referrals on both sides of its change, those before it fall "
+            "in one month, so the trend before a change cannot be told apart from the slope change; move the "
+            "change dates later (a change needs at least two months of data before it)."
+        )
+    if both:
+        return
+    counts = _listing(segments)
+    if any(after):  # referrals after a change only in groups with none before theirs
+        raise ModelError(
+            f"study '{spec.name}': no group with a change has referrals both before and after it ({counts}), "
+            "so the level change cannot be told apart from the groups' own levels; move the change dates or "
+            "widen the cohort."
+        )
+    if all(n == 0 for n in after):
+        raise ModelError(
+            f"study '{spec.name}': no referral in the cohort falls on or after a change date ({counts}), "
+            "so there is no change to estimate."
+        )
+    raise ModelError(
+        f"study '{spec.name}': after each change date the count of referrals is suppressed or none ({counts}; "
+        "a count is suppressed when a node has 1-7 of them, or hides it beside such a small one), so the change "
+        "cannot be estimated without singling out a few referrals; widen the cohort or the time after the changes."
+    )
+
+
+def _listing(segments: list[dict]) -> str:
+    """ "group 1: 120 before, suppressed after; group 2: ..." from the count table."""
+
+    def count(n):
+        return "suppressed" if n is None else "none" if n == 0 else f"{n:,}"
+
+    return "; ".join(
+        f"group {s['group']}: {count(s['before']['referrals'])} before, {count(s['after']['referrals'])} after"
+        for s in segments
+    )
+
+
+#: Why the slope change is left out of a model whose change falls in its last period.
+SLOPE_DROPPED = (
+    "every referral on or after the change falls in the change's own period (the change is at the last "
+    "period of the data), so there is no trend after it to compare: the slope change is not estimable "
+    "and the model is fitted without it"
+)
+
+
 def _with_changes(model: dict, p: dict) -> dict:
     terms = {t["term"]: t for t in model["terms"]}
     model["level_change"] = dict(terms[protocol.AFTER])
+    if protocol.SINCE not in terms:
+        # time_after_change is 0 on every row: the model left it out as a column without rows.
+        for dropped in model["dropped_terms"]:
+            if dropped["term"] == protocol.SINCE:
+                dropped["reason"] = SLOPE_DROPPED
+        model["slope_change"] = None
+        return model
     slope = dict(terms[protocol.SINCE])
-    slope["ratio_per_12"] = math.exp(12 * slope["estimate"])
-    slope["ratio_per_12_low"] = math.exp(12 * slope["conf_low"])
-    slope["ratio_per_12_high"] = math.exp(12 * slope["conf_high"])
+    slope["ratio_per_12"] = _exp(12 * slope["estimate"])
+    slope["ratio_per_12_low"] = _exp(12 * slope["conf_low"])
+    slope["ratio_per_12_high"] = _exp(12 * slope["conf_high"])
     model["slope_change"] = slope
     return model
+
+
+def _exp(x: float) -> float:
+    """exp(x), infinite past a float's range (a wide interval on the scale of 12 months)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 def render(result: dict) -> str:
@@ -310,10 +381,12 @@ def render(result: dict) -> str:
 
     def change(model):
         lv, sl = model["level_change"], model["slope_change"]
-        return (
-            f"level RR {lv['ratio']:.3f} ({lv['ratio_low']:.3f}-{lv['ratio_high']:.3f}); "
-            f"slope RR per 12 {sl['ratio_per_12']:.3f} ({sl['ratio_per_12_low']:.3f}-{sl['ratio_per_12_high']:.3f})"
+        slope = (
+            "slope change not estimable (the change is at the last period)"
+            if sl is None
+            else f"slope RR per 12 {sl['ratio_per_12']:.3f} ({sl['ratio_per_12_low']:.3f}-{sl['ratio_per_12_high']:.3f})"
         )
+        return f"level RR {lv['ratio']:.3f} ({lv['ratio_low']:.3f}-{lv['ratio_high']:.3f}); {slope}"
 
     for s in result["per_service"]:
         label = f"{group_name(s['group'])} from {s['change_date']}"
