@@ -195,6 +195,8 @@ def test_random_intercept_through_iaptnet_run(tmp_path, capsys):
     assert_matches_lme4(result, theirs, name)
     assert "random intercept per id, adaptive Gauss-Hermite, 10 points" in shown
     assert "variance id" in shown and "316 groups" in shown
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "With an intercept for each of the 316 groups" in report and "quadrature with 10 points" in report
 
 
 # --------------------------------------------------------------------------- the node's sums
@@ -383,3 +385,72 @@ def test_the_random_intercept_is_part_of_the_study_hash(schema):
     assert len({plain.hash, laplace.hash, agq.hash}) == 3
     assert laplace.params == {"random_intercept": "id", "nagq": 1}
     assert agq.to_wire()["params"] == {"random_intercept": "id", "nagq": 5}
+
+
+# --------------------------------------------------------------------------- at the boundary
+
+
+def boundary_sites(family: str) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+    """Two services of 30 groups of 8 people, the outcome unrelated to the group and its
+    groups' residual sums less spread than chance would make them: the likelihood is largest
+    at sigma = 0 (the first seed for which the score for sigma^2 at the GLM fit is negative)."""
+    import statsmodels.api as sm
+
+    for seed in range(100):
+        rng = np.random.default_rng(seed)
+        n = 480
+        group = np.repeat(np.arange(60), 8)
+        x = np.round(rng.normal(size=n), 6)
+        if family == "binomial":
+            y = (rng.random(n) < 1 / (1 + np.exp(-(0.2 + 0.6 * x)))).astype(int)
+            fit = sm.GLM(y, sm.add_constant(x), family=sm.families.Binomial()).fit()
+            r, w = y - fit.fittedvalues, fit.fittedvalues * (1 - fit.fittedvalues)
+            score = np.sum(np.bincount(group, r) ** 2) - np.sum(w)
+        else:
+            y = np.round(1.0 + 0.5 * x + rng.normal(size=n), 6)
+            fit = sm.OLS(y, sm.add_constant(x)).fit()
+            score = np.sum(np.bincount(group, fit.resid) ** 2) - n * np.sum(fit.resid**2) / n
+        if score < 0:
+            frame = pd.DataFrame({"group": group, "x": x, "y": y})
+            return {"s0": frame.iloc[:240].reset_index(drop=True), "s1": frame.iloc[240:].reset_index(drop=True)}, frame
+    raise AssertionError("no seed gives a boundary fit")
+
+
+@pytest.mark.parametrize("family, reml", [("binomial", False), ("gaussian", False), ("gaussian", True)])
+def test_a_variance_at_zero_gives_the_glm(tmp_path, family, reml):
+    """When the likelihood is largest at sigma = 0 (lme4's singular fit), the fit stops there:
+    the random-intercept model is then the GLM, whose estimates and standard errors (with the
+    residual variance over n, ML, or n - p, REML) statsmodels gives on the pooled rows."""
+    import statsmodels.api as sm
+
+    sites, frame = boundary_sites(family)
+    columns = {"group": {"type": "integer"}, "x": {"type": "numeric"}, "y": {"type": family_type(family)}}
+    write_network(tmp_path, sites, columns)
+    fields = {"reml": reml} if family == "gaussian" else {}
+    result = run_study(tmp_path, name="edge", family=family, formula="y ~ x", random_intercept="group", **fields)
+    assert result["converged"] and result["variance_components"][0]["variance"] == 0.0
+    X = sm.add_constant(frame.x.to_numpy())
+    if family == "binomial":
+        ref = sm.GLM(frame.y.to_numpy(), X, family=sm.families.Binomial()).fit(tol=1e-13, tol_criterion="params")
+        se = ref.bse
+    else:
+        ref = sm.OLS(frame.y.to_numpy(), X).fit()
+        n = len(frame)
+        se = ref.bse if reml else ref.bse * np.sqrt((n - 2) / n)
+    np.testing.assert_allclose([t["estimate"] for t in result["terms"]], ref.params, rtol=1e-8)
+    np.testing.assert_allclose([t["std_error"] for t in result["terms"]], se, rtol=1e-8)
+
+
+def family_type(family: str) -> str:
+    return "binary" if family == "binomial" else "numeric"
+
+
+def test_approve_says_what_a_random_intercept_releases(schema):
+    """`iaptnet node approve` prints the random intercept and what it adds to the releases."""
+    from iaptnet.node.governance_cli import describe_study
+    from iaptnet.node.policy import Policy
+
+    spec, parsed = parse_study({**BASE, "nagq": 7}, schema, "s.toml")
+    text = describe_study(spec, parsed, schema, Policy())
+    assert "random     an intercept per group of 'id' (adaptive Gauss-Hermite quadrature, 7 points)" in text
+    assert "per group of at least 8 rows only" in text

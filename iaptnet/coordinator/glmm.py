@@ -269,7 +269,7 @@ def _ask_glmm(session: Session, fit: MixedFit, beta: np.ndarray, sigma: float):
 
 def _fit_glmm(session: Session, fit: MixedFit, beta: np.ndarray) -> None:
     x = np.append(beta, 1.0)
-    prev_x, prev_value = None, None
+    prev_x, prev_value, last_sigma = None, None, 1.0
     while True:
         value, gradient, hessian = _ask_glmm(session, fit, x[:-1], float(x[-1]))
         if prev_value is not None and value < prev_value - 1e-10 * (abs(prev_value) + 1.0):
@@ -293,6 +293,12 @@ def _fit_glmm(session: Session, fit: MixedFit, beta: np.ndarray) -> None:
         step = vectors @ ((vectors.T @ gradient) / floor)
         cov = (vectors / floor) @ vectors.T
         se = np.sqrt(np.diag(cov))
+        sigma = float(x[-1])
+        if sigma == 0.0 and hessian[-1, -1] >= 0:
+            # The likelihood is even in sigma, so its slope at sigma = 0 is 0; there it is not a
+            # maximum along sigma, so the optimum lies inside: sigma starts again above 0.
+            step[-1] = last_sigma / 2.0
+            definite = False
         if definite and np.all(np.abs(step) < STEP_TOL * se):
             x = x + step
             fit.beta, fit.sigma = x[:-1], abs(float(x[-1]))
@@ -301,11 +307,15 @@ def _fit_glmm(session: Session, fit: MixedFit, beta: np.ndarray) -> None:
             fit.converged = True
             return
         _check_divergence(fit, x, se)
-        # sigma moves by at most a factor MAX_SCALE_STEP up or down (so never to 0 or below).
-        sigma = float(x[-1])
-        target = float(np.clip(sigma + step[-1], sigma / MAX_SCALE_STEP, sigma * MAX_SCALE_STEP))
-        if step[-1] != 0 and target != sigma + step[-1]:
-            step = step * ((target - sigma) / step[-1])
+        # sigma moves by at most a factor MAX_SCALE_STEP up or down, or to exactly 0 (the
+        # boundary, lme4's singular fit) when Newton's step would take it to 0 or past it.
+        if sigma > 0:
+            last_sigma = sigma
+            wanted = sigma + step[-1]
+            target = 0.0 if wanted <= 0 else float(np.clip(wanted, sigma / MAX_SCALE_STEP, sigma * MAX_SCALE_STEP))
+            if target != wanted:
+                step = step * ((target - sigma) / step[-1])
+                step[-1] = target - sigma
         prev_x, prev_value = x.copy(), value
         x = x + step
 
@@ -399,8 +409,12 @@ def _fit_gaussian(session: Session, fit: MixedFit) -> None:
                 break
         else:
             step = -math.copysign(max(theta, 0.1), d1)  # not yet where the deviance is convex
-        if theta > 0:
-            step = float(np.clip(step, theta / MAX_SCALE_STEP - theta, theta * MAX_SCALE_STEP - theta))
+        if theta > 0:  # (to exactly 0, the boundary, when Newton's step would reach it)
+            step = (
+                -theta
+                if theta + step <= 0
+                else float(np.clip(step, theta / MAX_SCALE_STEP - theta, theta * MAX_SCALE_STEP - theta))
+            )
         if fit.iterations >= MAX_ROUNDS:
             raise ModelError(f"model '{fit.spec.name}': the fit did not converge in {MAX_ROUNDS} rounds.")
         prev_theta, prev_dev = theta, dev
@@ -439,6 +453,7 @@ def term_rows(fit: MixedFit) -> list[dict]:
             "estimate": float(b),
             "std_error": float(s),
             "statistic": float(z),
+            "df": None,
             "p_value": float(2.0 * special.ndtr(-abs(z))),
             "conf_low": float(b - Z975 * s),
             "conf_high": float(b + Z975 * s),
@@ -502,6 +517,7 @@ def build_results(fit: MixedFit, *, engine: str, node_status: list[dict], rounds
 
 def render(result: dict) -> str:
     """The terminal report of a random-intercept model."""
+    from ..report.words import p_value
     from .results import node_lines
 
     gaussian = result["family"] == "gaussian"
@@ -527,7 +543,7 @@ def render(result: dict) -> str:
         head += f"   {ratio + ' (95% CI)':>26}"
     lines.append(head)
     for t in result["terms"]:
-        row = f"  {t['term'][:34]:<34} {t['estimate']:>10.4f} {t['std_error']:>9.4f} {t['statistic']:>8.2f} {t['p_value']:>9.3g}"
+        row = f"  {t['term'][:34]:<34} {t['estimate']:>10.4f} {t['std_error']:>9.4f} {t['statistic']:>8.2f} {p_value(t['p_value']):>9}"
         if ratio:
             row += f"   {t['ratio']:>8.3f} ({t['ratio_low']:.3f}-{t['ratio_high']:.3f})"
         if t["term"] == result.get("exposure"):

@@ -105,6 +105,9 @@ def describe_study(spec, parsed, schema, policy) -> str:
         lines.append(f"  offset     {spec.offset}")
     if spec.exposure:
         lines.append(f"  exposure   {spec.exposure}")
+    from ..protocol.kinds.glmm import describe as random_intercept_lines
+
+    lines += random_intercept_lines(spec, rules)
     for column, groups in spec.merge.items():
         for new, olds in groups.items():
             lines.append(f"  merge      {column}: '{new}' = {' + '.join(repr(o) for o in olds)}")

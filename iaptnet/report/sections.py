@@ -221,6 +221,24 @@ def _forest_rows(terms: list[dict], *, skip=("Intercept",), skip_prefix=("servic
     return rows
 
 
+def _random_intercept(result: dict) -> str:
+    """A random-intercept model's variance between groups, in a sentence."""
+    group, *rest = result["variance_components"]
+    if result["family"] == "gaussian":
+        how = "restricted maximum likelihood (REML)" if result.get("reml") else "maximum likelihood"
+    else:
+        nagq = result.get("nagq", 1)
+        how = "the Laplace approximation" if nagq == 1 else f"adaptive Gauss-Hermite quadrature with {nagq} points"
+    text = (
+        f"With an intercept for each of the {w.count(result.get('n_groups'))} groups of "
+        f"{w.column_label(group['group'])}, fitted by {how} as lme4 does: the variance between groups is "
+        f"{w.significant(group['variance'])} (standard deviation {w.significant(group['std_dev'])})"
+    )
+    if rest:
+        text += f", the residual variance {w.significant(rest[0]['variance'])}"
+    return text + "."
+
+
 def glm_section(result: dict) -> Section:
     name = result["study"]
     ratio = result.get("ratio_name")
@@ -233,6 +251,8 @@ def glm_section(result: dict) -> Section:
         f"({w.count(result.get('n_missing'))} left out for a missing value), fitted in "
         f"{result.get('iterations')} Newton rounds with {cov} standard errors: formula `{result['formula']}`."
     )
+    if result.get("variance_components"):
+        section.summary.append(_random_intercept(result))
     term = result.get("exposure_term")
     if term and ratio:
         section.summary.append(
