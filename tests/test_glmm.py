@@ -454,3 +454,30 @@ def test_approve_says_what_a_random_intercept_releases(schema):
     text = describe_study(spec, parsed, schema, Policy())
     assert "random     an intercept per group of 'id' (adaptive Gauss-Hermite quadrature, 7 points)" in text
     assert "per group of at least 8 rows only" in text
+
+
+@pytest.mark.parametrize("name, model", [("glmm_gaussian", "ml"), ("glmm_binomial", "laplace")])
+def test_a_node_that_leaves_mid_fit_leaves_the_fit_of_the_others(tmp_path, name, model):
+    """With min_nodes, a node that stops answering (here its policy's daily task limit, 3)
+    takes its rows and groups with it; the fit goes on to the estimate of the other nodes'
+    rows, the same as a network without it."""
+    theirs = reference(name)[model]
+    sites = sites_of(name)
+    last = sorted(sites)[-1]
+    policy = 'mode = "exploratory"\n[exploratory]\nmax_rounds_per_study = 3\n'
+    write_network(tmp_path / "all", sites, COLUMNS[name], policies={last: policy})
+    fields = {**fields_of(theirs, name), "min_nodes": len(sites) - 1}
+    result = run_study(tmp_path / "all", name="leaves", **fields)
+    gone = [n for n in result["nodes"] if not n["contributed"]]
+    assert [n["name"] for n in gone] == [last] and "refused" in gone[0]["reason"]
+    rest = {k: v for k, v in sites.items() if k != last}
+    write_network(tmp_path / "rest", rest, COLUMNS[name])
+    alone = run_study(tmp_path / "rest", name="rest", **fields_of(theirs, name))
+    assert result["n"] == alone["n"] and result["n_groups"] == alone["n_groups"]
+    for ours, other in zip(result["terms"], alone["terms"]):
+        assert ours["term"] == other["term"]
+        np.testing.assert_allclose(ours["estimate"], other["estimate"], rtol=1e-7, atol=1e-12)
+        np.testing.assert_allclose(ours["std_error"], other["std_error"], rtol=1e-7)
+    np.testing.assert_allclose(
+        result["variance_components"][0]["variance"], alone["variance_components"][0]["variance"], rtol=1e-7
+    )

@@ -68,6 +68,7 @@ class MixedFit:
     node_counts: dict[str, dict] = field(default_factory=dict)
     node_stats: dict[str, dict] = field(default_factory=dict)
     groups_at: dict[str, int] = field(default_factory=dict)  # node -> its number of groups
+    node_nnz: dict[str, np.ndarray] = field(default_factory=dict)  # node -> its rows per column
     beta: np.ndarray | None = None  # over the active columns
     sigma: float = 1.0  # the random intercept's SD (gaussian: theta = sigma_b / sigma)
     llf: float = float("nan")
@@ -170,6 +171,7 @@ def _absorb_prepare(fit: MixedFit, replies: list[m.Reply]) -> np.ndarray:
     )
     fit.node_counts = {r.node: {k: r.payload.get("counts", {}).get(KEY, {}).get(k) for k in keys} for r in replies}
     fit.groups_at = {r.node: int(s["n_groups"]) for r, s in zip(replies, shapes)}
+    fit.node_nnz = {r.node: np.asarray(s["nnz"], dtype=float) for r, s in zip(replies, shapes)}
     _set_totals(fit)
     _check_groups(fit, replies, shapes)
     if fit.n == 0:
@@ -251,27 +253,55 @@ def _count_contributors(fit: MixedFit, session: Session) -> None:
 # --------------------------------------------------------------------------- binomial, poisson
 
 
-def _ask_glmm(session: Session, fit: MixedFit, beta: np.ndarray, sigma: float):
-    """One round at (beta over the active columns, sigma): the summed log marginal likelihood,
-    gradient and Hessian over the active columns and sigma."""
+def _ask_glmm(session: Session, fit: MixedFit, x: np.ndarray):
+    """One round at x = (beta over the active columns, sigma): the summed log marginal
+    likelihood, gradient and Hessian over the active columns and sigma, and x again (without
+    the columns only a node that left had rows for)."""
     full = np.zeros(len(fit.names))
-    full[fit.active] = beta
-    replies = session.ask(protocol.ROUND, {"models": [KEY]}, {protocol.parameters_key(KEY): np.append(full, sigma)})
+    full[fit.active] = x[:-1]
+    replies = session.ask(protocol.ROUND, {"models": [KEY]}, {protocol.parameters_key(KEY): np.append(full, x[-1])})
     _check_replies(replies, session)
+    kept = _lose_nodes(fit, session)
+    if kept is not None:
+        x = np.append(x[:-1][kept], x[-1])
     mine = [r for r in replies if r.node in fit.node_stats]
     p = len(fit.names)
     keep = np.append(fit.active, True)
     value = float(_sum(mine, protocol.loglik_key(KEY))[0])
     gradient = _sum(mine, protocol.gradient_key(KEY))[keep]
     hessian = m.unpack_upper(_sum(mine, protocol.hessian_key(KEY)), p + 1)[np.ix_(keep, keep)]
-    return value, gradient, hessian
+    return value, gradient, hessian, x, kept is not None
+
+
+def _lose_nodes(fit: MixedFit, session: Session) -> np.ndarray | None:
+    """After a node left (min_nodes let the study go on): its rows and groups leave the totals,
+    and the columns only it had rows for leave the model. Returns which of the active columns
+    stay, or None if no node left."""
+    active = {n.name for n in session.active}
+    lost = sorted(name for name in fit.node_stats if name not in active)
+    if not lost:
+        return None
+    for name in lost:
+        fit.node_stats.pop(name)
+        fit.node_counts.pop(name, None)
+    _set_totals(fit)
+    nnz = np.sum([fit.node_nnz[name] for name in fit.node_stats], axis=0)
+    still = fit.active & (nnz > 0)
+    why = session.left(lost)
+    for j in np.flatnonzero(fit.active & ~still):
+        fit.dropped.append({"term": fit.names[j], "reason": f"only the rows of a node that left had this term ({why})"})
+    kept = still[fit.active]
+    fit.active = still
+    return kept
 
 
 def _fit_glmm(session: Session, fit: MixedFit, beta: np.ndarray) -> None:
     x = np.append(beta, 1.0)
     prev_x, prev_value, last_sigma = None, None, 1.0
     while True:
-        value, gradient, hessian = _ask_glmm(session, fit, x[:-1], float(x[-1]))
+        value, gradient, hessian, x, lost = _ask_glmm(session, fit, x)
+        if lost:  # the likelihood is now over fewer groups: no comparison with the last round
+            prev_x, prev_value = None, None
         if prev_value is not None and value < prev_value - 1e-10 * (abs(prev_value) + 1.0):
             fit.halvings += 1
             if fit.halvings > MAX_HALVINGS:
@@ -343,6 +373,7 @@ def _check_divergence(fit: MixedFit, x: np.ndarray, se: np.ndarray) -> None:
 def _ask_gaussian(session: Session, fit: MixedFit, theta: float):
     replies = session.ask(protocol.ROUND, {"models": [KEY]}, {protocol.parameters_key(KEY): np.array([theta])})
     _check_replies(replies, session)
+    _lose_nodes(fit, session)
     mine = [r for r in replies if r.node in fit.node_stats]
     p = len(fit.names)
     keep = np.append(fit.active, True)
@@ -379,9 +410,13 @@ def profiled_deviance(cross: list[np.ndarray], logdet: np.ndarray, n: int, reml:
 
 def _fit_gaussian(session: Session, fit: MixedFit) -> None:
     theta, prev_theta, prev_dev = 1.0, None, None
-    n, reml = fit.n, fit.ri.reml
+    reml = fit.ri.reml
     while True:
+        before = fit.n
         cross, logdet = _ask_gaussian(session, fit, theta)
+        n = fit.n
+        if n != before:  # a node left: the deviance is now over fewer rows
+            prev_theta, prev_dev = None, None
         try:
             dev, d1, d2, beta, r2, inv = profiled_deviance(cross, logdet, n, reml)
         except (np.linalg.LinAlgError, ValueError):
