@@ -18,7 +18,8 @@ from importlib import import_module
 
 STUDY_MODES = ("payload", "prepared", "none")
 
-#: The node modules that register task handlers (one per kind; see protocol/kinds/__init__.py).
+#: The node modules that register task handlers (one per kind, see protocol/kinds/__init__.py;
+#: and glmm, the tasks of a GLM with a random intercept).
 KIND_MODULES = ("glm", "describe", "propensity", "access", "meta", "its", "glmm")
 
 
