@@ -60,7 +60,7 @@ bench: $(BIN)/iaptnet
 # with (R is needed only here, never to run the tests): the inputs from make_inputs.py, then
 # each make_<name>.R writes <name>.json. R and its packages from Debian's archive:
 #   apt-get install -y --no-install-recommends r-base-core r-cran-metafor r-cran-matchit \
-#       r-cran-sandwich r-cran-survey r-cran-jsonlite
+#       r-cran-sandwich r-cran-survey r-cran-jsonlite r-cran-clubsandwich
 references: $(BIN)/iaptnet
 	$(BIN)/python tests/results/make_inputs.py
 	cd tests/results && for script in make_*.R; do Rscript "$$script" || exit 1; done

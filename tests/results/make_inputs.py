@@ -17,6 +17,13 @@ committed and the tests read them, so R and numpy versions never move the inputs
   extract, as statsmodels ships it: statsmodels.datasets.randhie, read from the installed
   package, nothing downloaded): 3,000 of its 20,190 person-years drawn without replacement
   (in their order), split over 5 services of unequal size; the sparse hlthp left out.
+- cr2: the same public data, 4,000 other person-years (another seed) over 5 services of unequal
+  size (600 to 1,150), with `service` (1..5, the node's own: clusters = nodes) and `arm`, the
+  insurance arm within the service (10 x service + 0 for free care, 1 for any coinsurance: 10
+  clusters within nodes, each of at least 200 person-years); outcomes any visit (anyvis),
+  visits (mdvis) and the chronic disease index (disea); `wt` = 1 / (1 + physlm), prior weights
+  for one gaussian model. (clubSandwich forms each cluster's n x n matrices with R's reference
+  BLAS: a node of 2,300 rows takes minutes per model.)
 """
 
 from __future__ import annotations
@@ -124,15 +131,42 @@ def nb_input() -> pd.DataFrame:
     return pd.concat([pd.DataFrame({"site": site}), rows], axis=1)
 
 
-INPUTS = {"meta": meta_input, "psm": psm_input, "iptw": iptw_input, "glm": glm_input, "nb": nb_input}
+def cr2_input() -> pd.DataFrame:
+    from statsmodels.datasets import randhie
+
+    data = randhie.load_pandas().data
+    rng = np.random.default_rng(20240616)
+    rows = data.iloc[np.sort(rng.choice(len(data), size=4000, replace=False))].reset_index(drop=True)
+    rows = rows[["mdvis", "lncoins", "idp", "lpi", "fmde", "physlm", "disea", "hlthg", "hlthf"]]
+    rows = rows.astype({"mdvis": int, "idp": int, "physlm": float, "hlthg": int, "hlthf": int}).round(6)
+    sizes = (600, 900, 700, 1150, 650)
+    service = np.repeat(np.arange(1, len(sizes) + 1), sizes)
+    arm = (rows["lncoins"] > 0).astype(int).to_numpy()
+    front = pd.DataFrame({"site": [f"s{k - 1}" for k in service], "service": service, "arm": 10 * service + arm})
+    rows = rows.assign(anyvis=(rows["mdvis"] > 0).astype(int), wt=np.round(1.0 / (1.0 + rows["physlm"]), 6))
+    return pd.concat([front, rows], axis=1)
 
 
-def main() -> None:
+INPUTS = {
+    "meta": meta_input,
+    "psm": psm_input,
+    "iptw": iptw_input,
+    "glm": glm_input,
+    "nb": nb_input,
+    "cr2": cr2_input,
+}
+
+
+def main(names: list[str] | None = None) -> None:
     for name, make in INPUTS.items():
+        if names and name not in names:
+            continue
         frame = make()
         frame.to_csv(HERE / f"{name}_input.csv", index=False, float_format="%.6f")
         print(f"{name}_input.csv: {len(frame)} rows, {frame['site'].nunique()} sites")
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])
