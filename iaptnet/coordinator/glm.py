@@ -38,6 +38,7 @@ from ..protocol.families import THETA_MAX, THETA_MIN, Family, get_family
 from ..protocol.kinds import glm as protocol
 from ..protocol.kinds.glm import NULL_SUFFIX
 from ..protocol.study import StudySpec
+from .cr2 import cr2_round
 from .session import Session, _names
 
 STEP_TOL = 1e-8  # converged when every Newton step is below this many standard errors
@@ -95,6 +96,8 @@ class ModelFit:
     prev_log_theta: float | None = None
     prev_llf: float | None = None
     theta_second: float = float("nan")
+    # cov_type = "CR2": Satterthwaite degrees of freedom per active coefficient (coordinator/cr2.py).
+    df: np.ndarray | None = None
 
     @property
     def theta(self) -> float | None:
@@ -129,7 +132,8 @@ class ModelFit:
     def covariance(self) -> np.ndarray:
         """Covariance of the active estimates, as statsmodels computes it for `cov_type`:
         the scaled inverse information, the sandwich (HC0), or the cluster sandwich with
-        statsmodels' small-sample factor G/(G-1) * (n-1)/(n-p)."""
+        statsmodels' small-sample factor G/(G-1) * (n-1)/(n-p); for "CR2", clubSandwich's
+        bias-reduced sandwich (its meat from the CR2 round: coordinator/cr2.py)."""
         kind = self.spec.cov_type
         if kind == "nonrobust":
             return self.cov * self.scale
@@ -214,7 +218,7 @@ def _iterate(session: Session, fits: dict[str, ModelFit], stateful: dict[str, li
     while True:
         pending = [f for f in all_fits if not f.converged]
         if not pending:
-            lost = _marginal_round(session, fits)
+            lost = _marginal_round(session, fits) or cr2_round(session, fits)
             if not lost:
                 return True
             if any(stateful.get(key) for key in lost):
@@ -237,7 +241,7 @@ def _iterate(session: Session, fits: dict[str, ModelFit], stateful: dict[str, li
             info = m.unpack_upper(_sum(mine, protocol.info_key(fit.key)), len(fit.names))
             stats = _sum(mine, protocol.stats_key(fit.key))
             meat = None
-            if fit.spec.cov_type != "nonrobust" and not fit.key.endswith(NULL_SUFFIX):
+            if fit.spec.cov_type in ("HC0", "cluster") and not fit.key.endswith(NULL_SUFFIX):
                 meat = m.unpack_upper(_sum(mine, protocol.meat_key(fit.key)), len(fit.names))
             if fit.log_theta is None:
                 _newton_update(fit, score, info, stats, meat)
@@ -331,7 +335,7 @@ def _check_remaining(fit: ModelFit, shapes: list[dict]) -> None:
     spec = fit.spec
     if fit.n == 0:
         raise ModelError(f"model '{spec.name}': no rows remain once the nodes that left are taken out.")
-    if spec.cov_type == "cluster":
+    if spec.cov_type in ("cluster", "CR2"):
         fit.n_clusters = sum(int(s["n_clusters"]) for s in shapes)
         if fit.n_clusters < 2:
             raise ModelError(f"model '{spec.name}': cluster-robust standard errors need at least two clusters.")
@@ -530,7 +534,8 @@ def _absorb_prepare(
         raise ModelError(f"model '{spec.name}': the formula has no terms.")
     nnz = np.sum([s["nnz"] for s in shapes], axis=0)
     fit.active = nnz > 0
-    if spec.cov_type == "cluster":
+    _check_clusters_within_nodes(fit, replies, shapes)
+    if spec.cov_type in ("cluster", "CR2"):
         fit.n_clusters = sum(int(s["n_clusters"]) for s in shapes)
         if fit.n_clusters < 2:
             raise ModelError(f"model '{spec.name}': cluster-robust standard errors need at least two clusters.")
@@ -576,6 +581,31 @@ def _absorb_prepare(
         # glm), theta at 1: Newton's steps on log theta reach it in a few rounds.
         fit.log_theta = 0.0
     fit.null = _null_fit(fit, replies)
+
+
+def _check_clusters_within_nodes(fit: ModelFit, replies: list[m.Reply], shapes: list[dict]) -> None:
+    """Cluster-robust SEs sum each node's per-cluster sums: a cluster whose rows lie at two
+    nodes would be two clusters (its cross-node products missing). The nodes send a salted
+    digest of each cluster's value (clusters they make themselves, e.g. matched pairs, are
+    theirs alone and send none); a digest at two nodes stops the study."""
+    if fit.spec.cov_type not in ("cluster", "CR2"):
+        return
+    seen: dict[str, str] = {}
+    shared: dict[tuple[str, str], int] = {}
+    for reply, shape in zip(replies, shapes):
+        for digest in shape.get("cluster_digests") or []:
+            if digest in seen and seen[digest] != reply.node:
+                pair = (seen[digest], reply.node)
+                shared[pair] = shared.get(pair, 0) + 1
+            seen.setdefault(digest, reply.node)
+    if shared:
+        (a, b), count = next(iter(shared.items()))
+        more = f" (and {len(shared) - 1} more pairs of nodes)" if len(shared) > 1 else ""
+        raise ModelError(
+            f"model '{fit.spec.name}': {count} cluster(s) of '{fit.spec.cluster}' have rows at both node {a} and "
+            f"node {b}{more}; cluster-robust standard errors need every cluster within one node (its rows at two "
+            "nodes would count as two clusters). Cluster on a column nested in the nodes, such as the service."
+        )
 
 
 def _check_level_separation(fit: ModelFit, shapes: list[dict]) -> None:

@@ -25,22 +25,31 @@ Z975 = float(special.ndtri(0.975))
 def term_rows(fit: ModelFit) -> list[dict]:
     """The term rows of docs/reference/design.md#results-contract. With robust or cluster-robust standard errors, each row also
     gives the model-based one (`std_error_model`), which docs/reference/domain.md#model-defaults reports beside a
-    sandwich from few clusters."""
+    sandwich from few clusters. `df` is null where the p-value and limits use the normal
+    distribution, and with CR2 standard errors the Satterthwaite degrees of freedom of the
+    t distribution they use (as clubSandwich's coef_test and conf_int)."""
     se = np.sqrt(np.diag(fit.covariance))
     robust = fit.spec.cov_type != "nonrobust"
     se_model = np.sqrt(np.diag(fit.cov * fit.scale)) if robust else se
     est = fit.beta[fit.active]
+    dfs = getattr(fit, "df", None)
     rows = []
-    for name, b, s, s_model in zip(fit.active_names, est, se, se_model):
+    for i, (name, b, s, s_model) in enumerate(zip(fit.active_names, est, se, se_model)):
         z = b / s
+        df = None if dfs is None else float(dfs[i])
+        if df is None:
+            p, crit = float(2.0 * special.ndtr(-abs(z))), Z975
+        else:
+            p, crit = float(2.0 * special.stdtr(df, -abs(z))), float(special.stdtrit(df, 0.975))
         row = {
             "term": name,
             "estimate": float(b),
             "std_error": float(s),
             "statistic": float(z),
-            "p_value": float(2.0 * special.ndtr(-abs(z))),
-            "conf_low": float(b - Z975 * s),
-            "conf_high": float(b + Z975 * s),
+            "df": df,
+            "p_value": p,
+            "conf_low": float(b - crit * s),
+            "conf_high": float(b + crit * s),
         }
         if robust:
             row["std_error_model"] = float(s_model)
@@ -85,7 +94,8 @@ def build_results(fit: ModelFit, *, study_hash: str, engine: str, node_status: l
         "pearson_chi2": fit.pearson,
         "scale": fit.scale,
         "cov_type": fit.spec.cov_type,
-        "n_clusters": fit.n_clusters if fit.spec.cov_type == "cluster" else None,
+        "n_clusters": fit.n_clusters if fit.spec.cov_type in ("cluster", "CR2") else None,
+        "cluster": fit.spec.cluster,
         "weights": fit.spec.weights,
         "df_model": fit.rank - 1,
         "df_resid": fit.n - fit.rank,
@@ -193,6 +203,12 @@ def render_report(result: dict) -> str:
             f"alpha = 1/theta {result['alpha']:.4f} (std err {result['alpha_std_error']:.4f})"
         )
     lines.extend(node_lines(result))
+    if result.get("cov_type") == "CR2":
+        dfs = ", ".join(f"{t['term']} {t['df']:.1f}" for t in result["terms"])
+        lines.append(
+            f"  CR2 standard errors clustered on {result.get('cluster')} ({result.get('n_clusters')} clusters); "
+            f"z below is t, its p and CI on Satterthwaite df: {dfs}"
+        )
     ratio = result.get("ratio_name")
     head = f"  {'term':<34} {'estimate':>10} {'std err':>9} {'z':>8} {'p':>9}"
     if ratio:

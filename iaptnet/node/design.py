@@ -54,7 +54,8 @@ class DesignedModel:
     mask: np.ndarray | None = None  # dataset rows used (kept at the node)
     levels: list = field(default_factory=list)  # disclosure.LevelCount, kept at the node
     weights: np.ndarray | None = None  # prior weights; None means 1 for every row
-    clusters: np.ndarray | None = None  # cluster code per row (cov_type = "cluster")
+    clusters: np.ndarray | None = None  # cluster code per row (cov_type = "cluster" or "CR2")
+    cluster_labels: list | None = None  # the cluster column's value of each code (kept at the node)
     # For a study's `marginal` exposures: the design with the exposure set to 1 and to 0 for
     # every row (its interactions follow), by column name; kept at the node.
     counterfactual: dict = field(default_factory=dict)
@@ -277,10 +278,11 @@ def build_design(
         weights = rows[spec.weights].to_numpy(dtype=float)
         if np.any(weights < 0) or not np.all(np.isfinite(weights)):
             raise DataError(f"the weights column '{spec.weights}' has negative or infinite values.")
-    clusters = pd.factorize(rows[spec.cluster], sort=True)[0] if spec.cluster else None
+    clusters, labels = pd.factorize(rows[spec.cluster], sort=True) if spec.cluster else (None, None)
     names = list(mm.model_spec.column_names)
     levels = level_counts(rows, X, names, mm.model_spec, schema, spec, parsed)
     designed = DesignedModel(names, X, y, offset, n_cohort, n_missing, used, levels, weights, clusters)
+    designed.cluster_labels = None if labels is None else list(labels)
     for column in counterfactual:
         designed.counterfactual[column] = tuple(_set_to(mm.model_spec, rows, column, value, X) for value in (1, 0))
     return designed

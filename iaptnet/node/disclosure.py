@@ -162,6 +162,9 @@ class LevelCount:
     count: int
     fix: str = ""
     cluster: bool = False  # a cluster of cluster-robust SEs (`term` names the clustering)
+    # A cluster whose own statistics are released as a model's (CR2's adjusted sums): it is
+    # held to min_rows as well as min_level_count.
+    model_sized: bool = False
     what: str = "a cluster of the cluster-robust variance"  # how a refusal names such a cluster
 
 
@@ -432,6 +435,18 @@ def check_model(facts: ModelFacts, rules: Rules) -> list[Violation]:
             )
         )
     for lc in facts.levels:
+        if lc.model_sized and 0 < lc.count < rules.min_rows:
+            out.append(
+                Violation(
+                    "min_rows",
+                    f"a cluster of the CR2 variance has fewer than {rules.min_rows} rows",
+                    rules.min_rows,
+                    model=label,
+                    term=lc.term,
+                    fix=lc.fix or None,
+                )
+            )
+            continue
         if 0 < lc.count < rules.min_level_count:
             if lc.cluster:
                 sentence = f"{lc.what} has fewer than {rules.min_level_count} rows"

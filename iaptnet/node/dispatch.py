@@ -432,6 +432,8 @@ DATA_RULES = frozenset(
         "not_finite",
         "prior_weights",
         "offset",
+        "cr2_covariance",
+        "cr2_cluster_alone",
     }
 )
 

@@ -37,7 +37,8 @@ from ..protocol.formula_check import check_formula
 from ..protocol.kinds import glm as protocol
 from ..protocol.kinds.glm import NULL_SUFFIX, studies_from_payload
 from ..protocol.messages import pack_upper
-from ..protocol.study import StudySpec, check_at_node
+from ..protocol.study import CR2_FAMILIES, StudySpec, check_at_node
+from . import cr2
 from .design import DesignedModel, build_design, evaluate_expression, model_selection, stateful_arguments, study_frame
 from .disclosure import LevelCount, ModelFacts, Refusal, Release, Violation, require_rows, task_rules
 from .registry import handler
@@ -75,7 +76,9 @@ def moments(dataset, payload: dict, release: Release, augments=None) -> None:
             section.array(protocol.moments_key(key, i), np.array([n, mean, m2]))
 
 
-def model_facts(label: str, design: DesignedModel, family: str, clusters_chosen: bool = False) -> ModelFacts:
+def model_facts(
+    label: str, design: DesignedModel, family: str, clusters_chosen: bool = False, clusters_sized: bool = False
+) -> ModelFacts:
     """What the policy judges a model by (kept at the node): its rows (those with a positive
     prior weight), events, levels, leverage, prior weights and offset, and the columns its
     statistics sum over for the differencing audit: each 0/1 design column as an indicator,
@@ -121,7 +124,11 @@ def model_facts(label: str, design: DesignedModel, family: str, clusters_chosen:
         # never known to the analyst, who cannot weigh one against another.)
         clusters = design.clusters[keep]
         counts = np.bincount(clusters)
-        levels += [LevelCount("the clusters", None, int(c), cluster=True) for c in counts if c]
+        # CR2's adjusted sums are a model's statistics of each cluster's rows (`clusters_sized`):
+        # such a cluster is held to min_rows as well.
+        levels += [
+            LevelCount("the clusters", None, int(c), cluster=True, model_sized=clusters_sized) for c in counts if c
+        ]
         indicators += [("cluster", positions[clusters == c]) for c in np.flatnonzero(counts)]
     return ModelFacts(
         label,
@@ -169,13 +176,18 @@ def prepare(dataset, payload: dict, release: Release, augments=None):
             declined.append(key)  # the same answer for 0 rows and for a few
             continue
         family = get_family(spec.family)
+        if spec.cov_type == "CR2" and spec.family not in CR2_FAMILIES:
+            raise DataError(
+                f"model '{spec.name}': CR2 standard errors are computed for {', '.join(CR2_FAMILIES)} models."
+            )
         problem = family.check_outcome(design.y) if design.n else None
         if problem:
             raise DataError(f"model '{spec.name}': {problem}.")
         designs[key] = design
         designs[key + NULL_SUFFIX] = _null_design(design)
+        chosen = spec.cluster is not None and spec.cluster in dataset.schema
         facts[key] = model_facts(
-            spec.name, design, spec.family, clusters_chosen=spec.cluster is not None and spec.cluster in dataset.schema
+            spec.name, design, spec.family, clusters_chosen=chosen, clusters_sized=spec.cov_type == "CR2"
         )
         facts[key + NULL_SUFFIX] = facts[key]
         section = release.model(key, facts[key])
@@ -185,6 +197,11 @@ def prepare(dataset, payload: dict, release: Release, augments=None):
         section.value("nnz", np.count_nonzero(design.X, axis=0).tolist())
         if spec.cov_type == "cluster":
             section.value("n_clusters", design.n_clusters)
+        elif spec.cov_type == "CR2":
+            section.value("n_clusters", cr2.cluster_count(design))
+        if spec.cov_type in ("cluster", "CR2") and chosen:
+            # Whether two nodes hold rows of one cluster (the sandwich would count it twice).
+            section.value("cluster_digests", cr2.cluster_digests(design, spec))
         if spec.family == "binomial":
             # Per 0/1 column: is it an indicator, and how many of its rows have the outcome.
             # Lets the coordinator name a perfectly predicting level before iterating.
@@ -212,12 +229,21 @@ def prepare(dataset, payload: dict, release: Release, augments=None):
 
 
 def round_contributions(
-    prepared, betas: dict[str, np.ndarray], release: Release, marginal: dict[str, list[str]] | None = None
+    prepared,
+    betas: dict[str, np.ndarray],
+    release: Release,
+    marginal: dict[str, list[str]] | None = None,
+    cr2_request: dict | None = None,
 ) -> None:
     """Declare score, packed information and [deviance, pearson, loglike sum]
     per model, with the row weights they sum over and those of the rounds answered before;
-    with `marginal`, the standardised fitted means of the models' exposures set to 1 and 0."""
+    with `marginal`, the standardised fitted means of the models' exposures set to 1 and 0;
+    with `cr2_request` ({key: (active columns, pooled inverse information)}), the sums of a
+    CR2 model's clusters (node/cr2.py)."""
     marginal = marginal or {}
+    cr2_request = cr2_request or {}
+    if any(prepared.cov_types.get(key) != "CR2" or key not in betas for key in cr2_request):
+        raise DataError("the round asks for CR2 sums of a model that is not a CR2 model of this round.")
     for key, beta in betas.items():
         design = prepared.designs[key]
         family = get_family(prepared.families[key])
@@ -265,8 +291,14 @@ def round_contributions(
             section.array(protocol.score_key(key), score)
             section.array(protocol.info_key(key), pack_upper(info))
             section.array(protocol.stats_key(key), stats)
-            if cov_type != "nonrobust":
+            if cov_type in ("HC0", "cluster"):
                 section.array(protocol.meat_key(key), pack_upper(meat(design, family, coefficients, cov_type)))
+            if key in cr2_request:
+                active, bread = cr2_request[key]
+                sums = cr2.node_release(design, family, coefficients, active, bread, prepared.facts[key].label)
+                section.array(protocol.cr2_meat_key(key), pack_upper(sums[0]))
+                section.array(protocol.cr2_trace_key(key), sums[1])
+                section.array(protocol.cr2_cross_key(key), np.concatenate([pack_upper(s) for s in sums[2]]))
             if nb and not key.endswith(NULL_SUFFIX):
                 # Sums over the same rows as the score (prior weight 0: nothing), at the theta
                 # judged above; their outcome weights are among the round's weights.
@@ -624,7 +656,13 @@ def glm_round(runtime: NodeRuntime, task) -> Release:
         raise DataError("the task names a model this study did not prepare.")
     betas = {k: v for k, v in betas.items() if k in prepared.designs}  # nothing for declined models
     release = Release()
-    round_contributions(prepared, betas, release, protocol.marginal_from_payload(task.payload))
+    round_contributions(
+        prepared,
+        betas,
+        release,
+        protocol.marginal_from_payload(task.payload),
+        protocol.cr2_from_payload(task.payload, task.arrays),
+    )
     version = runtime.dataset.data_version
     release.remember(lambda: runtime.memory.remember_rounds(task.study_hash, version, betas))
     return release

@@ -35,8 +35,11 @@ COMMON_KEYS = {"name", "kind", "title", "description", "where", "schema", "min_n
 STUDY_KEYS = COMMON_KEYS | {"family", "formula", "offset", "weights", "cov_type", "cluster", "marginal"}
 #: Covariance of the estimates, as statsmodels names them: model-based, robust (sandwich,
 #: HC0) and cluster-robust (with statsmodels' small-sample correction; clusters must not span
-#: nodes, e.g. services or matched pairs).
-COV_TYPES = ("nonrobust", "HC0", "cluster")
+#: nodes, e.g. services or matched pairs); and "CR2", clubSandwich's bias-reduced cluster
+#: sandwich with Satterthwaite degrees of freedom per coefficient (few clusters).
+COV_TYPES = ("nonrobust", "HC0", "cluster", "CR2")
+#: The families CR2 is computed for (canonical links; validated against clubSandwich).
+CR2_FAMILIES = ("binomial", "poisson", "gaussian")
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class StudySpec:
     merge: dict = field(default_factory=dict)  # column -> {new level: [schema levels]}
     weights: str | None = None  # a column of prior weights (statsmodels' var_weights)
     cov_type: str = "nonrobust"
-    cluster: str | None = None  # the cluster column for cov_type = "cluster"
+    cluster: str | None = None  # the cluster column for cov_type = "cluster" or "CR2"
     # Binary exposures whose standardised (g-computation) risks the results report.
     marginal: tuple[str, ...] = ()
     # Columns a node computed for this study from an earlier step of it (e.g. matched pairs
@@ -247,6 +250,11 @@ def parse_glm_study(data: dict, schema: Schema, source: str) -> tuple[StudySpec,
         if family == "binomial":
             raise SpecError(f"{source}: field 'offset' is not supported for a binomial model.")
     weights, cov_type, cluster = check_estimation(data, schema, source)
+    if cov_type == "CR2" and family not in CR2_FAMILIES:
+        raise SpecError(
+            f"{source}: field 'cov_type' = \"CR2\" is available for the {', '.join(CR2_FAMILIES)} families, "
+            f"not {family}."
+        )
     marginal = check_marginal(data.get("marginal"), data["formula"], schema, source)
     spec = StudySpec(
         family=family,
@@ -461,17 +469,17 @@ def check_estimation(data: dict, schema: Schema, source: str) -> tuple[str | Non
     if cov_type not in COV_TYPES:
         raise SpecError(f"{source}: field 'cov_type' must be one of {', '.join(COV_TYPES)}, got {cov_type!r}.")
     cluster = data.get("cluster")
-    if cov_type == "cluster":
+    if cov_type in ("cluster", "CR2"):
         if (
             not isinstance(cluster, str)
             or cluster not in schema
             or schema[cluster].type not in ("categorical", "integer", "binary")
         ):
             raise SpecError(
-                f"{source}: field 'cluster' must name a categorical or integer column (clusters must not span nodes) when cov_type = \"cluster\"."
+                f"{source}: field 'cluster' must name a categorical or integer column (clusters must not span nodes) when cov_type = \"{cov_type}\"."
             )
     elif cluster is not None:
-        raise SpecError(f"{source}: field 'cluster' applies only with cov_type = \"cluster\".")
+        raise SpecError(f'{source}: field \'cluster\' applies only with cov_type = "cluster" or "CR2".')
     return weights, cov_type, cluster
 
 

@@ -243,9 +243,12 @@ def glm_section(result: dict) -> Section:
     name = result["study"]
     ratio = result.get("ratio_name")
     section = Section(name, result.get("title") or name, "glm", provenance=provenance(result))
-    cov = {"nonrobust": "model-based", "HC0": "robust (HC0)", "cluster": "cluster-robust"}.get(
-        result.get("cov_type"), result.get("cov_type")
-    )
+    cov = {
+        "nonrobust": "model-based",
+        "HC0": "robust (HC0)",
+        "cluster": "cluster-robust",
+        "CR2": "small-sample cluster-robust (CR2)",
+    }.get(result.get("cov_type"), result.get("cov_type"))
     section.summary.append(
         f"A {result['family']} regression of {outcome_of(result)} on {w.count(result['n'])} referrals "
         f"({w.count(result.get('n_missing'))} left out for a missing value), fitted in "

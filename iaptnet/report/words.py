@@ -20,6 +20,8 @@ GLOSSARY = {
     "RR": "Rate ratio: how many times the rate of the outcome multiplies for one unit more of the term.",
     "HC0": "Robust (sandwich) standard errors: valid when the model's variance assumption does not hold.",
     "cluster-robust": "Standard errors that allow outcomes within a cluster (here a service) to be related.",
+    "CR2": "Cluster-robust standard errors corrected for few clusters (Bell-McCaffrey), with t tests on "
+    "Satterthwaite degrees of freedom: honest intervals with eight services.",
     "SMD": "Standardised mean difference: the difference in means between the groups, in standard deviations; "
     "below 0.1 is usually taken as balanced.",
     "I²": "The share of the variation between services' estimates that is beyond chance (0% none, above 75% high).",
@@ -36,7 +38,7 @@ GLOSSARY = {
 
 # The glossary's terms that are marked where they appear in a sentence (an <abbr> whose title
 # says what it means, as a tooltip and for screen readers).
-EXPLAINED = ("HC0", "SMD", "I²", "tau²", "Newton rounds", "REML", "DerSimonian-Laird", "HKSJ", "cluster-robust")
+EXPLAINED = ("HC0", "SMD", "I²", "tau²", "Newton rounds", "REML", "DerSimonian-Laird", "HKSJ", "cluster-robust", "CR2")
 
 
 def explain(text: str):

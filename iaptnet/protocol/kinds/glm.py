@@ -17,6 +17,14 @@ One GLM run is three task kinds (docs/developer/architecture.md draws one round)
   converged) adds per exposure i `marginal/<key>/<i>` = (sum w mu1, sum w mu0, sum w, then the
   p-vectors sum w mu'(eta1) x1 and sum w mu'(eta0) x0): the fitted means and their gradients
   with the exposure set to 1 and to 0 for every row (w the prior weights, else 1).
+  A round whose payload has `cr2` ({model key: the active-column mask as 0/1}, once a
+  cov_type = "CR2" model has converged) carries besides `bread/<key>`, the pooled inverse
+  information over the active columns (packed), and adds `cr2_meat/<key>` (packed, active
+  columns), `cr2_trace/<key>` (2 p-vectors) and `cr2_cross/<key>` (p packed p x p matrices):
+  node/cr2.py's sums over the node's clusters.
+- `glm.prepare` with cov_type "cluster" or "CR2" on a dataset column also answers
+  `cluster_digests`: a salted digest of each cluster's value, so that the coordinator can
+  refuse clusters that span nodes.
 
 The task's study hash is `batch_hash` of its models' hashes (every kind's tasks carry their
 studies the same way, as `models`).
@@ -91,6 +99,50 @@ def marginal_key(model: str, i: int) -> str:
     return f"marginal/{model}/{i}"
 
 
+def bread_key(model: str) -> str:
+    return f"bread/{model}"
+
+
+def cr2_meat_key(model: str) -> str:
+    return f"cr2_meat/{model}"
+
+
+def cr2_trace_key(model: str) -> str:
+    return f"cr2_trace/{model}"
+
+
+def cr2_cross_key(model: str) -> str:
+    return f"cr2_cross/{model}"
+
+
+def cr2_from_payload(payload: dict, arrays: dict) -> dict:
+    """A round's `cr2` request: {model key: (active mask, pooled inverse information over the
+    active columns)}; DataError unless each is well formed."""
+    import numpy as np
+
+    from ..messages import unpack_upper
+
+    request = payload.get("cr2") or {}
+    if not isinstance(request, dict) or len(request) > MAX_MODELS:
+        raise DataError("the round's CR2 request is not a table of models.")
+    out = {}
+    for key, mask in request.items():
+        if (
+            not isinstance(key, str)
+            or not isinstance(mask, list)
+            or not 0 < len(mask) <= 10_000
+            or not all(v in (0, 1) and not isinstance(v, float) for v in mask)
+        ):
+            raise DataError("the round's CR2 request does not give each model's active columns.")
+        active = np.array(mask, dtype=bool)
+        k = int(active.sum())
+        packed = arrays.get(bread_key(key))
+        if packed is None or np.shape(packed) != (k * (k + 1) // 2,) or k == 0:
+            raise DataError("the round's CR2 request does not carry a covariance of its active columns.")
+        out[key] = (active, unpack_upper(np.asarray(packed, dtype=float), k))
+    return out
+
+
 def marginal_from_payload(payload: dict) -> dict[str, list[str]]:
     """A round's `marginal` request: {model key: [exposure column, ...]}; DataError otherwise."""
     marginal = payload.get("marginal") or {}
@@ -106,7 +158,8 @@ def betas_from_arrays(arrays: dict) -> dict:
     """A round task's coefficient vectors by model key; DataError unless every array is one."""
     prefix = beta_key("")
     betas = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
-    if not betas or len(betas) > MAX_BETAS or len(betas) != len(arrays):
+    breads = [k for k in arrays if k.startswith(bread_key("")) and k[len(bread_key("")) :] in betas]
+    if not betas or len(betas) > MAX_BETAS or len(betas) + len(breads) != len(arrays):
         raise DataError("the task's coefficients are not one array per prepared model.")
     return betas
 
