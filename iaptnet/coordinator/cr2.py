@@ -25,12 +25,18 @@ from ..protocol.kinds import glm as protocol
 
 
 def cr2_round(session, fits: dict) -> list[str]:
-    """The CR2 round for each converged CR2 model without its sums yet (fit.meat is None):
-    the coefficients and M to the nodes that hold it, their sums back. Returns the models a
-    node holding their rows left during the round (to be fitted again without it)."""
+    """The CR2 round for each converged CR2 model without its sums yet: the coefficients and
+    M to the nodes that hold it, their sums back. (A model fitted again without a lost node
+    has no meat; one restored from a checkpoint may have its meat without df: asked again.)
+    Returns the models a node holding their rows left during the round (to be fitted again
+    without it)."""
     from .glm import _check_replies, _left_models, _sum
 
-    asked = {key: fit for key, fit in fits.items() if fit.spec.cov_type == "CR2" and fit.meat is None}
+    asked = {
+        key: fit
+        for key, fit in fits.items()
+        if fit.spec.cov_type == "CR2" and (fit.meat is None or getattr(fit, "df", None) is None)
+    }
     if not asked:
         return []
     payload = {"models": list(asked), "cr2": {}}
