@@ -122,6 +122,11 @@ ATTACKS = {
     "theta_rounds_the_outcome": "a negative binomial theta of 2^58, at which theta + y drops every count below 32",
     "marginal_rounds_differ_in_one_row": "two marginal-effect rounds whose fitted means with the exposure set differ only in the target's",
     "theta_weighs_one_row": "a tiny negative binomial theta that weighs the target's outcome 16 times anyone else's",
+    "a_cr2_cluster_of_the_target_and_thirty": "CR2 SEs with the target's cluster 31 people large (enough for cluster-robust SEs, not for a model)",
+    "cr2_clusters_that_differ_in_one_person": "two CR2 studies whose clusters differ only by where the target is",
+    "a_cr2_covariance_no_pooled_fit_gives": "a CR2 round whose covariance is 100 times the inverse of the node's own information",
+    "a_cr2_round_that_gives_the_target_leverage": "coefficients whose IRLS weights give the target a leverage of 0.89, then a CR2 round at them",
+    "a_cr2_cluster_alone_on_a_term": "CR2 clustered on a term's own values, so that one cluster alone determines it ((I - H)^-1/2 infinite)",
     "a_random_intercept_group_of_one": "a random intercept whose groups leave the target alone in his",
     "random_intercept_groups_that_differ_in_one_person": "two random-intercept studies whose groups differ only by where the target is",
     "a_random_intercept_round_that_isolates_one_row": "coefficients and sigma that put every fitted weight at the groups' modes on the target",
@@ -1278,3 +1283,116 @@ def test_a_random_intercept_round_that_isolates_one_row(node):
     ok(reply)
     ok(_glmm_round(node, study, np.append(local_beta(reply), 1.0)))
     refused(node, _glmm_round(node, study, [*beta, sigma]), "min_effective_rows")
+
+
+# --------------------------------------------------------------------------- 13. CR2
+
+
+def _cr2_round(node: Node, study: str, beta, bread) -> m.Reply:
+    """A CR2 round (protocol/kinds/glm.py): the coefficients and the pooled inverse
+    information the node's adjustment uses, over every column."""
+    from iaptnet.protocol.messages import pack_upper
+
+    beta = np.asarray(beta, dtype=float)
+    return node.send(
+        m.Task(
+            kind=glm_protocol.ROUND,
+            study_hash=study,
+            payload={"models": ["m0"], "cr2": {"m0": [1] * beta.size}},
+            arrays={"beta/m0": beta, "bread/m0": pack_upper(np.asarray(bread, dtype=float))},
+        )
+    )
+
+
+def _information(beta, columns: list[str]) -> np.ndarray:
+    """X'WX of `y ~ columns` (binomial) at `beta` over the attack frame's rows."""
+    frame = make_frame()
+    X = np.column_stack([np.ones(N)] + [frame[c].to_numpy(dtype=float) for c in columns])
+    mu = 1 / (1 + np.exp(-(X @ np.asarray(beta, dtype=float))))
+    return (X * (mu * (1 - mu))[:, None]).T @ X
+
+
+def test_a_cr2_cluster_of_the_target_and_thirty(node):
+    """`y ~ x` with CR2 SEs clustered on unit: the target shares unit q with 30 people. That
+    passes the cluster rule of cluster-robust SEs (8 rows), but CR2's adjusted sums of a
+    cluster are a model's statistics of its rows (its (I - H)^-1/2 reaches into each row
+    through the cluster's own design): a CR2 cluster is held to min_rows too."""
+    reply, _ = node.prepare(node.spec(formula="y ~ x", cov_type="cluster", cluster="unit"))
+    ok(reply)  # (the control: cluster-robust SEs on the same clusters)
+    reply, _ = node.prepare(node.spec(name="t", formula="y ~ x", cov_type="CR2", cluster="unit"))
+    refused(node, reply, "min_rows")
+    assert "a cluster of the CR2 variance has fewer than 100 rows" in reply.message
+
+
+def test_cr2_clusters_that_differ_in_one_person(tmp_path):
+    """`y ~ x` with CR2 SEs clustered on h (150 and 250 people), then on hb, the same but
+    the target moved from one cluster to the other. The two studies' cluster sums at the same
+    coefficients differ by the target's adjusted score, counted in one cluster or the other.
+    The clusters' row sets join the differencing audit."""
+    frame = make_frame()
+    frame["hb"] = frame["h"]
+    frame.loc[0, "hb"] = 0
+    assert frame.loc[0, "h"] == 1 and (frame["h"] != frame["hb"]).sum() == 1
+    node = Node(tmp_path / "node", frame, {**COLUMNS, "hb": {"type": "integer"}})
+    first, _ = node.prepare(node.spec(name="a", formula="y ~ x", cov_type="CR2", cluster="h"))
+    ok(first)
+    reply, _ = node.prepare(node.spec(name="b", formula="y ~ x", cov_type="CR2", cluster="hb"))
+    refused(node, reply, "min_subset_difference")
+
+
+def test_a_cr2_covariance_no_pooled_fit_gives(node):
+    """`y ~ x` with CR2 SEs clustered on h. A CR2 round carries the pooled inverse information
+    M, which the node cannot recompute (it is the other nodes' too); its adjustment
+    (I - H_jj)^-1/2, H_jj = Y_j M Y_j', grows without bound as M grows, and past that is
+    undefined. The pooled information includes the node's own, so M can be no larger than the
+    inverse of the node's information: 100 times that is refused (the honest M first)."""
+    reply, study = node.prepare(node.spec(formula="y ~ x", cov_type="CR2", cluster="h"))
+    beta = local_beta(ok(reply))
+    own = np.linalg.inv(_information(beta, ["x"]))
+    answered = ok(_cr2_round(node, study, beta, own))
+    assert {"cr2_meat/m0", "cr2_trace/m0", "cr2_cross/m0"} <= set(answered.arrays)
+    refused(node, _cr2_round(node, study, beta, 100 * own), "cr2_covariance")
+
+
+def test_a_cr2_round_that_gives_the_target_leverage(node):
+    """`y ~ x` with CR2 SEs clustered on h. At coefficients (-8, 0.6) every fitted mean is
+    small, the target's (x = 7.3) least so: the IRLS weights pass the round rules (45
+    effective rows, 13 set apart from the median), but they give him a leverage of 0.89 in
+    X'WX. With M the inverse of that information (as a pooled fit of this node's rows alone
+    would send), his cluster's CR2 adjustment multiplies his part of its score 3.4 times (8%
+    of the plain score's size, 21% of the adjusted one's). The node judges every row's leverage
+    under the M sent like a model's (max_leverage); the plain round at these coefficients is
+    answered."""
+    from iaptnet.node import cr2
+
+    frame = make_frame()
+    beta = np.array([-8.0, 0.6])
+    X = np.column_stack([np.ones(N), frame.x.to_numpy()])
+    mu = 1 / (1 + np.exp(-(X @ beta)))
+    Y = np.sqrt(mu * (1 - mu))[:, None] * X
+    M = np.linalg.inv(Y.T @ Y)
+    leverage = np.einsum("ij,jk,ik->i", Y, M, Y)
+    assert leverage[0] > 0.88 and np.all(leverage[1:] < 0.02)
+    rows = frame.h.to_numpy() == 1
+    resid = frame.y.to_numpy(dtype=float)[rows] - mu[rows]
+    Mh, _ = cr2.sqrt_psd(M)
+    without = resid.copy()
+    without[0] = 0.0
+    his = cr2.cluster_pieces((mu * (1 - mu))[rows], Y[rows], resid, Mh, "m")[0]
+    his = his - cr2.cluster_pieces((mu * (1 - mu))[rows], Y[rows], without, Mh, "m")[0]
+    assert np.linalg.norm(his) / np.linalg.norm(X[0] * resid[0]) > 3.3  # the amplification, if answered
+    reply, study = node.prepare(node.spec(formula="y ~ x", cov_type="CR2", cluster="h"))
+    ok(reply)
+    ok(node.round(study, {"m0": beta}))
+    refused(node, _cr2_round(node, study, beta, M), "max_leverage")
+    assert "one row's leverage in the pooled fit" in node.audit_entries()[-1]["refusal"][0]["sentence"]
+
+
+def test_a_cr2_cluster_alone_on_a_term(node):
+    """`y ~ x + h` with CR2 SEs clustered on h itself: the cluster h = 1 alone determines the
+    intercept plus h's coefficient, so its H_jj has an eigenvalue of 1 and (I - H_jj)^-1/2 is
+    infinite (clubSandwich drops such a direction; its degrees of freedom are meaningless). The
+    node refuses a cluster whose share of the information in some direction is above 0.999."""
+    reply, study = node.prepare(node.spec(formula="y ~ x + h", cov_type="CR2", cluster="h"))
+    beta = local_beta(ok(reply))
+    refused(node, _cr2_round(node, study, beta, np.linalg.inv(_information(beta, ["x", "h"]))), "cr2_cluster_alone")
