@@ -224,3 +224,12 @@ def test_marginal_risks_are_shown_on_the_scale_a_commissioner_reads(page, result
         words.share(marginal["risk_difference"]),
     ]
     assert json.loads(row[3][1]) == marginal["risk_difference"] and row[5][0] == f"{marginal['risk_ratio']:.3f}"
+
+
+def test_each_node_s_audit_entry_is_shown_beside_its_service(page, results):
+    result = results["d4_older_adults"]
+    rows = page_tables(page).tables["d4_older_adults-nodes"]
+    assert len(rows) == len(result["nodes"])
+    for row, node in zip(rows, result["nodes"]):
+        head = node["audit_head"]
+        assert row[3][0] == f"#{head['seq']} {head['hash'][:12]}"

@@ -107,15 +107,26 @@ def nodes_table(result: dict, name: str) -> Table | None:
                 c(node.get("name"), w.service_name(node.get("name", ""))),
                 c("yes" if contributed else "no"),
                 c(node.get("data_version"), (node.get("data_version") or w.MISSING)[:12]),
+                _audit_head(node.get("audit_head")),
                 c(node.get("reason"), node.get("reason") or ""),
             ]
         )
     return Table(
         f"{name}-nodes",
         "Services asked: who contributed, on which data version, and why any did not",
-        ["service", "contributed", "data version", "reason not contributed"],
+        ["service", "contributed", "data version", "audit log entry", "reason not contributed"],
         rows,
+        note=(
+            "The audit log entry is the node's record of this study (its sequence number and hash): "
+            "`iaptnet node audit --verify --against results.json` at the Trust checks its log still holds it."
+        ),
     )
+
+
+def _audit_head(head) -> Cell:
+    if not isinstance(head, dict) or head.get("hash") is None:
+        return Cell(None, w.MISSING)
+    return Cell(f"{head.get('seq')}:{head['hash']}", f"#{head.get('seq')} {str(head['hash'])[:12]}")
 
 
 # --- findings ---------------------------------------------------------------------------
