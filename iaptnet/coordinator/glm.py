@@ -314,7 +314,7 @@ def _continue_without(fit: ModelFit, session: Session, replies: list[m.Reply]) -
         a = fit.active
         rhs = score[a] + info[np.ix_(a, gone_cols)] @ beta[gone_cols]
         try:
-            beta[a] += scipy.linalg.solve(info[np.ix_(a, a)], rhs, assume_a="pos")
+            beta[a] += _solve_pos(info[np.ix_(a, a)], rhs)
         except (np.linalg.LinAlgError, ValueError):
             pass  # (the next round's step starts from the current estimate)
     beta[~fit.active] = 0.0
@@ -367,7 +367,7 @@ def _aliased(info: np.ndarray, active: np.ndarray, names: list[str]) -> list[int
             sub = info[np.ix_(kept, kept)]
             cross = info[kept, j]
             try:
-                residual = d - cross @ scipy.linalg.solve(sub, cross, assume_a="pos")
+                residual = d - cross @ _solve_pos(sub, cross)
             except (np.linalg.LinAlgError, ValueError):
                 residual = 0.0
             if residual <= 1e-9 * d:
@@ -656,12 +656,19 @@ def _check_collinear(fit: ModelFit, info: np.ndarray) -> None:
 
 def _solve_start(info: np.ndarray, ibeta: np.ndarray) -> np.ndarray:
     try:
-        beta = scipy.linalg.solve(info, ibeta, assume_a="pos")
+        beta = _solve_pos(info, ibeta)
     except (np.linalg.LinAlgError, ValueError):
         return np.zeros(len(ibeta))
     if not np.all(np.isfinite(beta)) or np.max(np.abs(beta)) > 50:
         return np.zeros(len(ibeta))
     return beta
+
+
+def _solve_pos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a x = b for a positive definite a, by its Cholesky factor: scipy.linalg.solve with
+    assume_a="pos" (LinAlgError when a is not positive definite), without the LinAlgWarning
+    it prints beside the answer for an ill-conditioned a (collinearity is judged on its own)."""
+    return scipy.linalg.cho_solve(scipy.linalg.cho_factor(a), b)
 
 
 def _null_fit(fit: ModelFit, replies: list[m.Reply]) -> ModelFit:
