@@ -227,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(text: str) -> str:
+    """The sentence as one printable line: a control or bidirectional-override character that
+    came from a file (a field's value quoted back) is shown escaped, so it can neither break
+    the line nor take over the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _not_from_nodes(record: logging.LogRecord) -> bool:
     return not record.name.startswith("iaptnet.node")
 
@@ -250,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except IaptnetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
