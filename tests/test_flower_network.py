@@ -9,6 +9,9 @@ separate processes, with TLS and SuperNode authentication, started by `iaptnet n
 * faults: a node killed mid-study fails the study within the configured timeout naming the
   node, or, when the study allows a minimum number of nodes, the study completes without it and
   says so in its results; the hub and the other nodes keep running;
+* self-healing (issue 13): a node frozen (SIGSTOP) past the node timeout and thawed answers
+  the next study, or ends itself through its watchdog and, started again as systemd would,
+  answers it;
 * `network down` stops exactly the processes `network up` started.
 
 Every process started here is stopped whatever happens (the module fixture's finally, plus a
@@ -490,6 +493,74 @@ class _OnAnswer(threading.Thread):
 
 def _kill_after_answer(net, name: str) -> _OnAnswer:
     return _OnAnswer(net, name, lambda: os.killpg(node_pid(net, name), signal.SIGKILL))
+
+
+def _since(net, name: str, offset: int) -> str:
+    with open(net["folder"] / launcher.STATE_DIR / "logs" / f"{name}.log", errors="replace") as fh:
+        fh.seek(offset)
+        return fh.read()
+
+
+def _log_sizes(net) -> dict[str, int]:
+    return {name: (net["folder"] / launcher.STATE_DIR / "logs" / f"{name}.log").stat().st_size for name in SITES}
+
+
+def _start_node(net, name: str) -> subprocess.Popen:
+    """Start a node daemon again, as systemd does after it exited."""
+    node_toml = net["folder"] / launcher.STATE_DIR / "nodes" / name / "node.toml"
+    with open(net["folder"] / launcher.STATE_DIR / "logs" / f"{name}.log", "ab") as fh:
+        fh.write(b"--- started again by the test ---\n")
+        fh.flush()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "iaptnet.cli", "node", "start", "--config", str(node_toml), "--local-network"],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+        )
+    _replace_process(net, name, proc)
+    return proc
+
+
+def freeze_and_thaw(net, name: str, hold: float, *, min_nodes: int) -> tuple[dict, str]:
+    """Freeze node `name` (SIGSTOP) the moment it has answered a study's prepare, for `hold`
+    seconds (past the node timeout), then thaw it (SIGCONT), while the study goes on without it
+    under `min_nodes`. Then run the next study on every node: returns its result (or
+    {"error": ...}) and what the node logged meanwhile. If the node ended itself (its watchdog),
+    it is started again first, as systemd would."""
+    pid = node_pid(net, name)
+    offset = _log_sizes(net)[name]
+
+    def freeze():
+        os.killpg(pid, signal.SIGSTOP)
+        time.sleep(hold)
+        os.killpg(pid, signal.SIGCONT)
+
+    tag = f"{name}_{time.monotonic_ns()}"
+    with _OnAnswer(net, name, freeze) as watcher:
+        first = run_flower([study(net, f"freeze_{tag}", min_nodes=min_nodes)], net["hub"])[0]
+    assert watcher.fired
+    assert {n["name"]: n["contributed"] for n in first["nodes"]}[name] is False
+    time.sleep(1.0)
+    if not alive(pid):
+        assert "the watchdog ends the daemon (exit code 75)" in _since(net, name, offset)
+        _start_node(net, name)
+        deadline = time.monotonic() + 90
+        while "SuperNode ID" not in _since(net, name, offset).rsplit("started again by the test", 1)[-1]:
+            assert time.monotonic() < deadline, "the node started again did not connect"
+            time.sleep(0.2)
+    try:
+        second = run_flower([study(net, f"after_{tag}")], net["hub"])[0]
+    except NetworkError as exc:
+        second = {"error": str(exc)}
+    return second, _since(net, name, offset)
+
+
+def test_a_node_frozen_past_the_timeout_answers_the_next_study_or_restarts_itself(net):
+    result, said = freeze_and_thaw(net, "site1", NODE_TIMEOUT + 4.0, min_nodes=3)
+    assert "error" not in result, result
+    assert result["converged"] and all(n["contributed"] for n in result["nodes"]), said[-3000:]
+    assert "suspended for about" in said  # the watchdog saw the freeze for what it was
 
 
 def test_node_killed_mid_study_fails_it_naming_the_node(net):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import os as _os
 import time as _time
 from dataclasses import dataclass
 
@@ -71,14 +72,73 @@ NEEDS: tuple[_Need, ...] = (
             "confirm_message_received",
             "trusted_entities",
         ),
-        ("state.create_task(", "return run_id"),
+        ("state.create_task(", "return run_id", "recv := receive()"),
     ),
     _Need(
         "flwr.supernode.start_client_internal",
         "_push_messages",
         ("state", "object_store", "send", "push_object"),
-        ("time.sleep(0.5)",),
+        # The two waits the TaskTracker ends (supernode.REPLY_WAIT), the second inside the
+        # try whose handler drops the reply.
+        (
+            "time.sleep(0.5)",
+            "while not (reply_messages := state.get_messages_legacy(is_reply=True)):",
+            'while (content := object_store.get(tree.object_id)) == b"":',
+            "except Exception as err:",
+        ),
     ),
+    # Reconnection (supernode.install_reconnect_adaptations, run_supernode).
+    _Need(
+        "flwr.supernode.start_client_internal",
+        "_init_connection",
+        ("server_address", "insecure", "root_certificates", "authentication_keys", "max_retries", "max_wait_time"),
+    ),
+    _Need(
+        "flwr.supernode.fleet_http_connection",
+        "http_request_response",
+        ("server_address", "insecure", "root_certificates", "authentication_keys", "max_retries", "max_wait_time"),
+        (
+            "retry_invoker = make_simple_http_retry_invoker()",
+            "heartbeat_sender = HeartbeatSender(send_node_heartbeat)",
+            "os.kill(os.getpid(), signal.SIGINT)",
+            "connection_initialized = True",
+            "log(ERROR, exc)",
+        ),
+    ),
+    _Need("flwr.supernode.fleet_http_connection", "make_simple_http_retry_invoker", ()),
+    _Need("flwr.supernode.fleet_http_connection", "HeartbeatSender", ("heartbeat_fn",)),
+    _Need(
+        "flwr.supercore.retry.retry_invoker",
+        "RetryInvoker",
+        ("wait_gen_factory", "recoverable_exceptions", "max_tries", "max_time", "on_success", "on_backoff"),
+        ("self.should_giveup(_exception)", "try_call_event_handler(self.on_backoff)", "self.wait_gen_factory()"),
+    ),
+    _Need("flwr.supercore.retry", "exponential", ("base_delay", "multiplier", "max_delay")),
+    _Need(
+        "flwr.supercore.heartbeat",
+        "HeartbeatSender",
+        ("heartbeat_fn",),
+        ("def _heartbeat(self)", "self.heartbeat_fn()", "raise HeartbeatFailure", "self._stop_event"),
+    ),
+    _Need("flwr.supercore.heartbeat", "HeartbeatFailure"),
+    _Need(
+        "flwr.supernode.cli.flower_supernode",
+        "flower_supernode",
+        (),
+        (
+            "config = _parse_supernode_lifespan_config()",
+            "NodeStateFactory(objectstore_factory=objectstore_factory)",
+            "_start_supernode_http_api(config, state_factory)",
+            "add_exit_handler(stop_http_server)",
+            "start_client_internal(",
+        ),
+    ),
+    _Need("flwr.supernode.cli.flower_supernode", "_parse_supernode_lifespan_config", ()),
+    _Need("flwr.supernode.cli.flower_supernode", "_start_supernode_http_api", ("config", "state_factory")),
+    _Need("flwr.supernode.cli.flower_supernode", "NodeStateFactory"),
+    _Need("flwr.supernode.cli.flower_supernode", "ObjectStoreFactory"),
+    _Need("flwr.supernode.cli.flower_supernode", "add_exit_handler"),
+    _Need("flwr.supernode.cli.flower_supernode", "start_client_internal"),
     _Need("flwr.supernode.runtime.run_clientapp", "pull_task_input", ("client",)),
     _Need("flwr.supernode.runtime.run_clientapp", "push_message", ("client", "message", "context")),
     _Need("flwr.supernode.runtime.run_clientapp", "push_task_output", ("client", "context", "sub_status", "details")),
@@ -167,6 +227,9 @@ def check_flwr() -> None:
     sci = importlib.import_module("flwr.supernode.start_client_internal")
     if getattr(sci, "time", None) is not _time and not getattr(getattr(sci, "time", None), "iaptnet_proxy", False):
         problems.append("flwr.supernode.start_client_internal no longer imports the time module as `time`")
+    fhc = importlib.import_module("flwr.supernode.fleet_http_connection")
+    if getattr(fhc, "os", None) is not _os and not getattr(getattr(fhc, "os", None), "iaptnet_proxy", False):
+        problems.append("flwr.supernode.fleet_http_connection no longer imports the os module as `os`")
     try:
         from flwr.proto.runtime_pb2 import AcquireTaskRequest
 

@@ -18,6 +18,8 @@
     poll_idle = 1.0      # seconds between polls of the hub while no study runs
     poll_active = 0.25   # ... while a study runs (for 120 s after the last message)
     runtime_port = 0     # the SuperNode's Runtime API port on 127.0.0.1 (0: any free port)
+    stall_limit = 300    # the watchdog ends the daemon (exit 75) when its loop makes no progress this long
+    task_limit = 900     # ... or when one task runs longer than this (seconds)
 
 Relative paths are relative to the folder of node.toml. Every mistake is reported as one
 sentence naming the file and the field.
@@ -49,7 +51,7 @@ KEYS = {
     "appointments_table",
     "appointments_query",
 }
-TUNING_KEYS = {"poll_idle", "poll_active", "runtime_port"}
+TUNING_KEYS = {"poll_idle", "poll_active", "runtime_port", "stall_limit", "task_limit"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 HASH = re.compile(r"^[0-9a-f]{64}$")
@@ -75,6 +77,8 @@ class NodeFile:
     poll_idle: float = 1.0
     poll_active: float = 0.25
     runtime_port: int = 0
+    stall_limit: float = 300.0  # the watchdog's limits (flower/supernode.py's Watchdog)
+    task_limit: float = 900.0
     extra: dict = field(default_factory=dict)
 
     def node_config(self) -> dict:
@@ -204,6 +208,8 @@ def load_node_file(path: str | Path) -> NodeFile:
         poll_idle=number("poll_idle", 1.0, 0.05, 3.0),
         poll_active=number("poll_active", 0.25, 0.01, 3.0),
         runtime_port=port,
+        stall_limit=number("stall_limit", 300.0, 10.0, 86400.0),
+        task_limit=number("task_limit", 900.0, 10.0, 86400.0),
     )
 
 

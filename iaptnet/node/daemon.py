@@ -11,6 +11,11 @@
 4. runs flwr's SuperNode in this process, with TLS and node authentication, the warm worker and
    the capped sleeps of flower/supernode.py. It connects out to the hub only; its Runtime API
    listens on 127.0.0.1.
+5. heals itself: a hub that restarted (and no longer knows the node) is reconnected to with
+   backoff, in this process; a reply the warm worker could not store is given up on; and a
+   watchdog ends the process with exit code 75 (`EXIT_STALLED`, so that systemd starts it
+   again) when its loop stops making progress, a task runs past `tuning.task_limit`, or the
+   worker thread died (flower/supernode.py).
 
 Telemetry and update checks are off and Flower's files live under the node's own state folder.
 """
@@ -191,6 +196,7 @@ def _serve(cfg: NodeFile, local_network: bool) -> int:
 
     port = cfg.runtime_port or _free_port()
     stock = os.environ.get(pins.STOCK_TIMING_ENV) == "1"
+    tracker = supernode.TaskTracker()
     worker = supernode.WarmWorker(
         f"127.0.0.1:{port}",
         client_app,
@@ -198,6 +204,7 @@ def _serve(cfg: NodeFile, local_network: bool) -> int:
         Gate(cfg.approved_apps, release),
         cfg.name,
         fallback_poll=1.0 if stock else 5.0,
+        tracker=tracker,
     )
     if stock:  # benchmarks: flwr's own sleeps and a 1 s dispatch poll, like its SuperExec
         log.warning(
@@ -211,8 +218,17 @@ def _serve(cfg: NodeFile, local_network: bool) -> int:
 
     heartbeat = Heartbeat(cfg.state_dir / STATUS_FILE, cfg.name, dataset.data_version)
     heartbeat.started()  # `iaptnet node status` reads it
-    supernode.install_supernode_adaptations(policy, wake, worker.storing, on_contact=heartbeat.seen)
+    supernode.install_supernode_adaptations(policy, wake, worker.storing, on_contact=heartbeat.seen, tracker=tracker)
+    supernode.install_reconnect_adaptations(on_attempt=tracker.beat)
     worker.start()
+    watchdog = supernode.Watchdog(
+        tracker,
+        worker,
+        lambda reason: _stalled(cfg.name, reason, heartbeat),
+        stall_limit=cfg.stall_limit,
+        task_limit=cfg.task_limit,
+    )
+    watchdog.start()
     log.info("node %s connecting to hub %s (TLS, node authentication)", cfg.name, cfg.hub)
     try:
         supernode.run_supernode(
@@ -229,7 +245,9 @@ def _serve(cfg: NodeFile, local_network: bool) -> int:
                 "127.0.0.1",
                 "--port",
                 str(port),
-            ]
+            ],
+            reconnect=True,
+            on_attempt=tracker.beat,
         )
     except SystemExit as exc:
         if exc.code not in (0, None):
@@ -245,5 +263,25 @@ def _serve(cfg: NodeFile, local_network: bool) -> int:
             )
         raise
     finally:
+        watchdog.stop()
         heartbeat.stopped()
     return 0
+
+
+def _stalled(name: str, reason: str, heartbeat) -> None:
+    """The watchdog's verdict: the daemon is alive but no longer working. It ends the process
+    at once, non-zero, so that systemd (Restart=) starts it again; a stuck thread could hold
+    up a graceful exit."""
+    from ..flower.supernode import EXIT_STALLED
+
+    log.critical(
+        "node %s: the watchdog ends the daemon (exit code %d) so that it is started again: %s.",
+        name,
+        EXIT_STALLED,
+        reason,
+    )
+    heartbeat.stopped()
+    for handler in logging.getLogger("iaptnet").handlers + logging.getLogger("flwr").handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    os._exit(EXIT_STALLED)
