@@ -50,11 +50,11 @@ def cmd_run(args) -> int:
         if args.engine == "flower":
             from .coordinator.engines.flower import run_flower
 
-            results = run_flower(args.study, args.hub, progress=live.round, status=live.update)
+            results = run_flower(args.study, args.hub, progress=live.round, status=live.update, out=args.out)
         else:
             from .coordinator.inprocess import run_inprocess
 
-            results = run_inprocess(args.study, args.network, progress=live.round, announce=live.stage)
+            results = run_inprocess(args.study, args.network, progress=live.round, announce=live.stage, out=args.out)
     if args.out:
         out = Path(args.out)
         if len(results) == 1:

@@ -9,9 +9,11 @@ separate processes, with TLS and SuperNode authentication, started by `iaptnet n
 * faults: a node killed mid-study fails the study within the configured timeout naming the
   node, or, when the study allows a minimum number of nodes, the study completes without it and
   says so in its results; the hub and the other nodes keep running;
-* self-healing (issue 13): a node frozen (SIGSTOP) past the node timeout and thawed answers
-  the next study, or ends itself through its watchdog and, started again as systemd would,
-  answers it;
+* self-healing (issue 13): the hub crashes mid-study and is started again: every node daemon
+  rejoins it by itself (same process, no traceback), `iaptnet run` says the run was lost, and
+  submitted again the study continues from its checkpoint to the uninterrupted run's results;
+  a node frozen (SIGSTOP) past the node timeout and thawed answers the next study, or ends
+  itself through its watchdog and, started again as systemd would, answers it;
 * `network down` stops exactly the processes `network up` started.
 
 Every process started here is stopped whatever happens (the module fixture's finally, plus a
@@ -503,6 +505,84 @@ def _since(net, name: str, offset: int) -> str:
 
 def _log_sizes(net) -> dict[str, int]:
     return {name: (net["folder"] / launcher.STATE_DIR / "logs" / f"{name}.log").stat().st_size for name in SITES}
+
+
+def _restart_hub(net, pause: float = 1.0, how: int = signal.SIGTERM) -> None:
+    """Stop the hub (systemctl restart: SIGTERM; a crash: SIGKILL) and start it again on the
+    same address; its Flower state is in memory, so it comes back knowing no node session and
+    no run."""
+    from iaptnet.coordinator.hub import wait_for_hub
+
+    root = net["folder"] / launcher.STATE_DIR
+    old = next(p["pid"] for p in net["record"]["processes"] if p["role"] == "hub")
+    os.killpg(old, how)
+    deadline = time.monotonic() + 30
+    while alive(old) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(pause)
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    proc = launcher._spawn(
+        launcher._cli("coordinator", "start", "--config", str(root / "coordinator.toml")),
+        root / "logs" / "hub.log",
+        env,
+    )
+    _replace_process(net, "hub", proc)
+    assert wait_for_hub(net["record"]["address"], root / "pki" / "ca.crt", proc, 60), "the hub did not start again"
+
+
+def _wait_rejoined(net, offsets: dict[str, int], timeout: float = 120.0) -> float:
+    """Seconds until every node has logged a new SuperNode ID (accepted by the hub again)."""
+    started = time.monotonic()
+    while True:
+        pending = [n for n in SITES if "SuperNode ID" not in _since(net, n, offsets[n])]
+        if not pending:
+            return time.monotonic() - started
+        assert time.monotonic() - started < timeout, f"{', '.join(pending)} did not rejoin the hub"
+        time.sleep(0.2)
+
+
+def test_hub_restart_nodes_rejoin_and_the_lost_run_continues_from_its_checkpoint(net, tmp_path):
+    """The hub restarts (here: crashes and is started again) while a study is in its Newton
+    rounds. Every node daemon rejoins it by itself, in the same process and without a
+    traceback. `iaptnet run` says the run was lost and where its checkpoint is; submitted again
+    once the nodes are back, the study continues from the last completed round (the nodes
+    prepare it again) and its results are the uninterrupted run's."""
+    out = tmp_path / "out"
+    path = study(net, "logit_resumed")
+    pids = {name: node_pid(net, name) for name in SITES}
+    offsets = _log_sizes(net)
+    crash = _OnAnswer(
+        net,
+        "site0",
+        lambda: _restart_hub(net, how=signal.SIGKILL),
+        seen=lambda text: text.count("node site0 answered glm.round") >= 2,
+    )
+    with crash, pytest.raises(NetworkError) as err:
+        run_flower([path], net["hub"], out=out)
+    assert crash.fired
+    message = str(err.value)
+    assert message.startswith("run ") and " was lost: the hub no longer knows it" in message, message
+    assert f"kept in {out / '.checkpoint'}" in message and "run the same command again" in message
+    (saved,) = (out / ".checkpoint").glob("*.json")
+    kept = json.loads(saved.read_text())["round"]
+    assert kept >= 2  # prepare, then at least the first Newton round
+    took = _wait_rejoined(net, offsets)
+    print(f"nodes rejoined the restarted hub within {took:.1f} s of the lost run's message")
+    for name in SITES:
+        said = _since(net, name, offsets[name])
+        assert alive(pids[name]) and node_pid(net, name) == pids[name]  # the same process: no restart
+        assert "Traceback" not in said and "Exit Code" not in said, said[-2000:]
+        assert "reconnecting" in said
+    notes = []
+    resumed = run_flower([path], net["hub"], out=out, status=notes.append)[0]
+    assert any(f"continuing from the checkpoint of round {kept}" in n for n in notes), notes
+    assert not saved.exists()
+    local = run_inprocess([path], net["network"])[0]
+    assert_same(
+        {k: v for k, v in resumed.items() if k not in ("engine", "created_at")},
+        {k: v for k, v in local.items() if k not in ("engine", "created_at")},
+    )
 
 
 def _start_node(net, name: str) -> subprocess.Popen:

@@ -38,7 +38,9 @@ from ..protocol.families import THETA_MAX, THETA_MIN, Family, get_family
 from ..protocol.kinds import glm as protocol
 from ..protocol.kinds.glm import NULL_SUFFIX
 from ..protocol.study import StudySpec
+from .checkpoint import BatchCheckpoint
 from .cr2 import cr2_round
+from .resume import restore, snapshot
 from .session import Session, _names
 
 STEP_TOL = 1e-8  # converged when every Newton step is below this many standard errors
@@ -149,6 +151,7 @@ def fit_models(
     specs: dict[str, StudySpec],
     stateful: dict[str, list[str]],
     optional: frozenset[str] = frozenset(),
+    checkpoint: BatchCheckpoint | None = None,
 ) -> dict[str, ModelFit]:
     """Fit every model of a batch on the session's nodes; keys are model keys ("m0", ...).
 
@@ -161,13 +164,30 @@ def fit_models(
     takes its rows with it, at any point: its sums leave every later round, the columns only
     it had rows for are dropped (`_continue_without`), and the fit goes on to the remaining
     nodes' own pooled estimate. A model that centres or scales is prepared again on the
-    remaining nodes, since its pooled means and SDs included the lost node's rows."""
+    remaining nodes, since its pooled means and SDs included the lost node's rows.
+
+    With a `checkpoint`, the state after every round is saved, and a saved state is taken up
+    once the nodes have prepared again: the fit goes on from the saved round
+    (coordinator/resume.py)."""
     earlier: dict[str, ModelFit] = {}
+    resume = checkpoint.load() if checkpoint is not None else None
     while True:
-        fits = _prepare_fits(session, specs, stateful, optional, earlier)
-        if fits is None:  # a node left between the moments and the prepare: centre without it
+        given = resume.get("transform_state") if resume and any(stateful.values()) else None
+        prepared = _prepare_fits(session, specs, stateful, optional, earlier, given)
+        if prepared is None:  # a node left between the moments and the prepare: centre without it
             continue
-        if _iterate(session, fits, stateful):
+        fits, transform_state = prepared
+        if resume is not None:
+            why = restore(session, fits, resume)
+            resume = None
+            if why is None:
+                checkpoint.resumed(session.round)
+            else:
+                checkpoint.not_applied(why)
+                if given is not None:
+                    continue  # centred with the checkpoint's pooled moments: start afresh
+        save = (lambda: checkpoint.save(snapshot(session, fits, transform_state))) if checkpoint else None
+        if _iterate(session, fits, stateful, save):
             break
         earlier = fits  # a node left a model that centres or scales: prepare again without it
     for fit in fits.values():
@@ -176,13 +196,18 @@ def fit_models(
     return fits
 
 
-def _prepare_fits(session, specs, stateful, optional, earlier) -> dict[str, ModelFit] | None:
-    """`glm.moments` (if a formula centres or scales) and `glm.prepare` on the session's
-    active nodes; None if a node left between the two (the moments then included its rows)."""
+def _prepare_fits(
+    session, specs, stateful, optional, earlier, given: dict | None = None
+) -> tuple[dict[str, ModelFit], dict] | None:
+    """`glm.moments` (if a formula centres or scales; not with the pooled moments `given` by a
+    checkpoint) and `glm.prepare` on the session's active nodes: the models and the pooled
+    moments; None if a node left between the two (the moments then included its rows)."""
     fits = {key: ModelFit(key, spec, get_family(spec.family)) for key, spec in specs.items()}
     models_wire = {key: spec.to_wire() for key, spec in specs.items()}
     transform_state, moment_nodes = {}, None
-    if any(stateful.values()):
+    if given is not None:
+        transform_state = given
+    elif any(stateful.values()):
         transform_state, moment_nodes = _pooled_transform_state(session, models_wire, stateful)
     payload = {"models": models_wire, "transform_state": transform_state}
     if optional:
@@ -206,12 +231,13 @@ def _prepare_fits(session, specs, stateful, optional, earlier) -> dict[str, Mode
         _absorb_prepare(
             fit, [r for r in replies if r.node in fit.holders], session, before.node_shapes if before else {}
         )
-    return fits
+    return fits, transform_state
 
 
-def _iterate(session: Session, fits: dict[str, ModelFit], stateful: dict[str, list[str]]) -> bool:
+def _iterate(session: Session, fits: dict[str, ModelFit], stateful: dict[str, list[str]], save=None) -> bool:
     """Newton rounds (and the marginal round) until every model has converged on the nodes
-    that remain. False if a node left a model that centres or scales (prepare again)."""
+    that remain. False if a node left a model that centres or scales (prepare again).
+    `save()`, when given, keeps the state after each Newton round (a checkpoint)."""
     all_fits = []
     for fit in fits.values():
         all_fits.extend([fit, fit.null])
@@ -252,6 +278,8 @@ def _iterate(session: Session, fits: dict[str, ModelFit], stateful: dict[str, li
         for key in lost:
             fit = fits[key]
             _continue_without(fit, session, replies if fit in pending else [])
+        if save is not None:
+            save()
 
 
 def _left_models(fits: dict[str, ModelFit], session: Session) -> list[str]:

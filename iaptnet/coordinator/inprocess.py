@@ -9,15 +9,20 @@ from .studies import check_min_nodes, load_study
 
 
 def run_inprocess(
-    study_paths: list[str | Path], network_path: str | Path, *, progress=None, announce=None
+    study_paths: list[str | Path], network_path: str | Path, *, progress=None, announce=None, out=None
 ) -> list[dict]:
     """Every study's results. The files are read and checked before the engine (Flower,
-    numpy, pandas) is imported, so a mistake in one is reported at once."""
+    numpy, pandas) is imported, so a mistake in one is reported at once. With `out` (the
+    run's --out folder), the GLM studies keep a checkpoint there after every round, and a run
+    started again continues from it (coordinator/checkpoint.py)."""
     network = load_network(network_path)
     studies = [load_study(p, network.schema_paths) for p in study_paths]
     check_min_nodes(studies, len(network.nodes), f"the network {network.path} has {len(network.nodes)} node(s)")
+    from .checkpoint import FileCheckpoints
+
+    checkpoints = FileCheckpoints(out) if out else None
     from .engines.inprocess import InProcessGrid
     from .runner import run_batch
 
     grid = InProcessGrid(network.nodes)
-    return run_batch(grid, studies, engine="inprocess", progress=progress, announce=announce)
+    return run_batch(grid, studies, engine="inprocess", progress=progress, announce=announce, checkpoints=checkpoints)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from flwr.serverapp.grid import Grid
 
 from ..protocol.errors import SpecError
+from .checkpoint import BatchCheckpoint, Checkpoints
 from .glm import fit_models
 from .kinds import module_for
 from .results import build_results
@@ -29,9 +30,12 @@ def run_batch(
     timeout: float | None = 300.0,
     poll_interval: float = 0.0,
     announce=None,
+    checkpoints: Checkpoints | None = None,
 ) -> list[dict]:
     """Results of every study, in the order given. `announce(text)`, when given, hears which
-    studies start (for a progress display)."""
+    studies start (for a progress display), and whether a checkpoint was taken up.
+    `checkpoints`: where the GLM batch keeps its Newton state after every round, and finds it
+    when the run is submitted again (coordinator/checkpoint.py)."""
     names = [s.spec.name for s in studies]
     if len(set(names)) != len(names):
         raise SpecError("two studies in one run share a name; give each study its own 'name'.")
@@ -53,7 +57,7 @@ def run_batch(
         if kind == "glm":
             if announce:
                 announce(f"{len(chosen)} regression(s) in shared rounds")
-            out = run_glm_batch(grid, chosen, **options)
+            out = run_glm_batch(grid, chosen, **options, checkpoints=checkpoints, note=announce)
         else:
             out = []
             for study in chosen:
@@ -78,26 +82,33 @@ def run_glm_batch(
     progress: ProgressFn | None = None,
     timeout: float | None = 300.0,
     poll_interval: float = 0.0,
+    checkpoints: Checkpoints | None = None,
+    note=None,
 ) -> list[dict]:
-    """GLM studies fitted together: every model travels in the same rounds."""
+    """GLM studies fitted together: every model travels in the same rounds. With
+    `checkpoints`, their state is kept after every round and taken up again (fit_models)."""
     specs = {f"m{i}": s.spec for i, s in enumerate(studies)}
     stateful = {f"m{i}": list(s.parsed.stateful) for i, s in enumerate(studies)}
     min_nodes = [s.spec.min_nodes for s in studies if s.spec.min_nodes is not None]
+    key = batch_hash([s.spec for s in studies])
     session = Session(
         grid,
-        batch_hash([s.spec for s in studies]),
+        key,
         min_nodes=max(min_nodes) if min_nodes else None,
         timeout=timeout,
         poll_interval=poll_interval,
         progress=progress,
     )
-    fits = fit_models(session, specs, stateful)
+    checkpoint = BatchCheckpoint(checkpoints, key, note) if checkpoints is not None else None
+    fits = fit_models(session, specs, stateful, checkpoint=checkpoint)
     out = []
     for _key, fit in fits.items():
         status = node_status(session, fit.node_counts)
         out.append(
             build_results(fit, study_hash=fit.spec.hash, engine=engine, node_status=status, rounds=session.round)
         )
+    if checkpoints is not None:
+        checkpoints.done(key)  # the batch is done: nothing left to continue from
     return out
 
 

@@ -7,8 +7,10 @@ the same as on the analyst's machine), calls `run_batch` on the Grid it is given
 in-process engine does, and reports back through its log stream, the only channel Flower gives
 a ServerApp: one line per event, `@@iaptnet:<base64 JSON>:@@`, written in one write so that it
 is never split. Events are progress (`kind`, `round`, `answered`, `expected`), the results (the
-JSON of `results.json`, in chunks; JSON keeps every float64 exactly) and errors (`type`,
-`message`, `exit_code`). Nothing in them carries a row value: progress is counts, errors are the
+JSON of `results.json`, in chunks; JSON keeps every float64 exactly), errors (`type`,
+`message`, `exit_code`), notes (`text`) and, after every round of a GLM batch, its checkpoint
+(`key`, `seq`, in chunks: coordinator/checkpoint.py), which a run submitted again brings back
+in the run config key `resume` (base64 of JSON, {key: state}). Nothing in them carries a row value: progress is counts, errors are the
 sentences the session and the nodes write for the analyst, results are aggregates.
 
 On the way, the Grid is wrapped so that each task's arrays travel as one (`FramedGrid`,
@@ -155,6 +157,38 @@ def name_nodes(text: str, names: dict[int, str]) -> str:
     return _NODE_ID.sub(lambda m: names.get(int(m.group(1)), m.group(0)), text)
 
 
+def emit_chunked(event: dict, blob: str) -> None:
+    """An event whose `data` is `blob`, in parts of CHUNK characters (a log line stays short)."""
+    parts = [blob[i : i + CHUNK] for i in range(0, len(blob), CHUNK)] or [""]
+    for i, part in enumerate(parts):
+        emit({**event, "part": i, "parts": len(parts), "data": part})
+
+
+def decode_resume(blob: str) -> dict:
+    """The run config's `resume` (checkpoints the analyst's machine kept), or {}."""
+    if not blob:
+        return {}
+    try:
+        data = json.loads(base64.b64decode(blob.encode(), validate=True))
+    except (ValueError, TypeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class _Checkpoints:
+    """The hub's checkpoints: given with the run, sent on as events after every round."""
+
+    def __init__(self, resume: dict):
+        from .checkpoint import EmittedCheckpoints
+
+        self.seq = 0
+        self.store = EmittedCheckpoints(resume, self._emit)
+
+    def _emit(self, key: str, state: dict) -> None:
+        self.seq += 1
+        emit_chunked({"event": "checkpoint", "key": key, "seq": self.seq}, json.dumps(state, allow_nan=True))
+
+
 def _progress(kind: str, round_no: int, answered: int, expected: int) -> None:
     emit({"event": "progress", "kind": kind, "round": round_no, "answered": answered, "expected": expected})
 
@@ -183,6 +217,8 @@ def main(grid: Grid, context: Context) -> None:
             progress=_progress,
             timeout=timeout,
             poll_interval=float(cfg.get("poll-interval", 0.25)),
+            announce=lambda text: emit({"event": "note", "text": text}),
+            checkpoints=_Checkpoints(decode_resume(str(cfg.get("resume", "")))).store,
         )
     except IaptnetError as exc:
         message = name_nodes(str(exc), names)

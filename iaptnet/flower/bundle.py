@@ -28,6 +28,7 @@ RUN_CONFIG = {
     "studies": "",  # base64 JSON of the studies and their schemas, set by `iaptnet run --engine flower`
     "node-timeout": 300.0,
     "poll-interval": 0.25,
+    "resume": "",  # base64 JSON of the checkpoints a run continues from (coordinator/checkpoint.py)
 }
 
 

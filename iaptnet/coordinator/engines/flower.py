@@ -146,6 +146,10 @@ class FlowerRun:
         self.results: list | None = None
         self.error: dict | None = None
         self.log_lines: list[str] = []
+        self.on_checkpoint: Callable[[str, dict], None] | None = None  # (key, state)
+        self.on_note: Callable[[str], None] | None = None
+        self.resume: dict[str, dict] = {}  # checkpoints to continue from, by key
+        self.stream_ended = False  # the log stream ended without the run's results
 
     def submit_and_follow(
         self, entries: list[dict], progress: ProgressFn | None = None, on_run_id: Callable[[str], None] | None = None
@@ -160,9 +164,11 @@ class FlowerRun:
             f'studies = "{encode_studies(entries)}"\n'
             f"node-timeout = {self.hub.node_timeout!r}\n"
             f"poll-interval = {self.hub.poll_interval!r}\n"
+            + (f'resume = "{encode_resume(self.resume)}"\n' if self.resume else "")
         )
         parts: dict[int, str] = {}
         n_parts = None
+        checkpoint_parts: dict[tuple[str, int], dict[int, str]] = {}
         cmd = self.cli.command("run", str(app), CONNECTION, "-c", str(config), "--stream")
         proc = subprocess.Popen(
             cmd, env=self.cli.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
@@ -188,6 +194,10 @@ class FlowerRun:
                         n_parts = int(event["parts"])
                     elif kind == "error":
                         self.error = event
+                    elif kind == "note" and self.on_note:
+                        self.on_note(str(event.get("text", "")))
+                    elif kind == "checkpoint":
+                        self._checkpoint_part(event, checkpoint_parts)
                 if n_parts is not None and len(parts) == n_parts:
                     break  # the ServerApp's last act: no need to follow its stream to the end
                 if time.monotonic() > deadline:
@@ -206,6 +216,18 @@ class FlowerRun:
             )
         if n_parts is not None and len(parts) == n_parts:
             self.results = json.loads("".join(parts[i] for i in range(n_parts)))
+        else:
+            self.stream_ended = True
+
+    def _checkpoint_part(self, event: dict, pending: dict) -> None:
+        """Collect a checkpoint's parts; a whole one goes to `on_checkpoint`."""
+        key, seq = str(event.get("key", "")), int(event.get("seq", 0))
+        got = pending.setdefault((key, seq), {})
+        got[int(event["part"])] = event["data"]
+        if len(got) == int(event["parts"]):
+            del pending[(key, seq)]
+            if self.on_checkpoint:
+                self.on_checkpoint(key, json.loads("".join(got[i] for i in range(len(got)))))
 
     def outcome(self) -> tuple[str, str]:
         """(status, details) of the finished run. The ServerApp sends its results as its very
@@ -216,11 +238,25 @@ class FlowerRun:
         return self.status()
 
     def status(self) -> tuple[str, str]:
-        """(status, details) of the run at the hub, e.g. ('finished:completed', '')."""
+        """(status, details) of the run at the hub, e.g. ('finished:completed', ''). A hub
+        that no longer knows the run (it restarted, its state in memory) lost it: RunLost."""
+        unreachable_since = None
         for _ in range(50):
             data = self.cli.json("ls", CONNECTION, "--run-id", self.run_id)
             if not data.get("success"):
-                raise NetworkError(f"could not read the status of run {self.run_id}: {flwr_error(data)}")
+                said = flwr_error(data)
+                if _run_unknown(said):
+                    raise RunLost(self.run_id, "the hub no longer knows it: the hub restarted while it ran")
+                if not self.stream_ended:
+                    raise NetworkError(f"could not read the status of run {self.run_id}: {said}")
+                # The stream broke off: the hub may be restarting. Ask again for a minute.
+                unreachable_since = unreachable_since or time.monotonic()
+                if time.monotonic() - unreachable_since > 60:
+                    raise RunLost(
+                        self.run_id, f"the connection to the hub broke off and the hub did not answer ({said})"
+                    )
+                time.sleep(2.0)
+                continue
             run = data["runs"][0]
             status = str(run.get("status", ""))
             if status.startswith("finished"):
@@ -237,6 +273,35 @@ class FlowerRun:
                 pass
 
 
+class RunLost(NetworkError):
+    """The hub lost a run (it restarted while the run was in progress)."""
+
+    def __init__(self, run_id: str | None, why: str, resumable: str = ""):
+        self.run_id, self.why = run_id, why
+        super().__init__(self._text(resumable))
+
+    def _text(self, resumable: str) -> str:
+        again = (
+            f" Its GLM studies' last completed round is kept in {resumable}: run the same command again "
+            "once the nodes are back, and they continue from it."
+            if resumable
+            else " Run it again (with --out, a run keeps a checkpoint after every round and continues from it)."
+        )
+        return f"run {self.run_id} was lost: {self.why}.{again}"
+
+    def with_checkpoint(self, where: str) -> RunLost:
+        return RunLost(self.run_id, self.why, where)
+
+
+def _run_unknown(said: str) -> bool:
+    text = said.lower()
+    return "not found" in text or "does not exist" in text or "no run" in text or "unknown run" in text
+
+
+def encode_resume(states: dict[str, dict]) -> str:
+    return base64.b64encode(json.dumps(states, allow_nan=True).encode()).decode()
+
+
 def _raise_reported(error: dict, run_id: str) -> None:
     cls = getattr(errors, str(error.get("type", "")), None)
     if not (isinstance(cls, type) and issubclass(cls, errors.IaptnetError)):
@@ -250,12 +315,29 @@ def run_flower(
     *,
     progress: ProgressFn | None = None,
     status: StatusFn | None = None,
+    out: str | Path | None = None,
 ) -> list[dict]:
-    """Run studies on a deployed network; return the same result dicts as the in-process engine."""
+    """Run studies on a deployed network; return the same result dicts as the in-process engine.
+
+    With `out` (the run's --out folder) the hub sends the GLM batch's checkpoint after every
+    round and it is kept there; a run submitted again sends it back and continues from it
+    (coordinator/checkpoint.py). A run the hub lost raises RunLost, saying so."""
+    from ..checkpoint import FileCheckpoints, glm_batch_key
+
     hub = load_hub_file(hub_path)
     entries = study_entries(study_paths, hub)
+    store = FileCheckpoints(out) if out else None
+    key = glm_batch_key([(str(e["data"].get("kind", "glm")), e["hash"]) for e in entries])
     with tempfile.TemporaryDirectory(prefix="iaptnet-run-") as tmp:
         run = FlowerRun(hub, Path(tmp))
+        if store is not None and key is not None:
+            saved = store.load(key)
+            if saved is not None:
+                run.resume = {key: saved}
+                if status:
+                    status(f"found the checkpoint of round {saved.get('round')} in {store.folder}")
+            run.on_checkpoint = store.save
+        run.on_note = status
         if status:
             status(f"submitting to the hub at {hub.address}")
 
@@ -268,7 +350,14 @@ def run_flower(
         except KeyboardInterrupt:
             run.stop()
             raise
-        state, details = run.outcome()
+        try:
+            state, details = run.outcome()
+        except RunLost as lost:
+            if store is not None and key is not None and store.load(key) is not None:
+                raise lost.with_checkpoint(str(store.folder)) from None
+            raise
+        if store is not None and key is not None and state == "finished:completed" and not run.error:
+            store.done(key)
     run_id = run.run_id
     if run.error:
         _raise_reported(run.error, run_id)
