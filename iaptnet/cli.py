@@ -194,7 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for report.html, summary.json, secondary.json and each study's results",
     )
     demo.add_argument("--cache", help="folder for the cached synthetic network")
-    demo.add_argument("--patients", type=int, default=483_683, help="referrals in the synthetic network")
+    demo.add_argument(
+        "--patients",
+        type=int,
+        default=483_683,
+        help="referrals in the synthetic network, at least the paper's 483,683 (on fewer, nodes refuse some studies)",
+    )
     demo.add_argument(
         "--seed", type=int, default=None, help="the synthetic network's seed (default: the paper's, 20210901)"
     )

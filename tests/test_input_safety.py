@@ -159,7 +159,7 @@ def test_the_demo_writes_study_names_under_out_only(tmp_path, monkeypatch):
 
     monkeypatch.setattr(iaptnet.report, "write_report", lambda folder: iaptnet.report.ReportFiles(folder, [], folder))
     out = tmp_path / "a" / "b" / "out"
-    assert demo.run_demo(out, cache=tmp_path, json_mode=True, patients=10_000) == 0
+    assert demo.run_demo(out, cache=tmp_path, json_mode=True, patients=demo.MIN_PATIENTS) == 0
     written = files_under(tmp_path)
     assert len(written) == 4 and all(f.startswith(str(out) + os.sep) for f in written), written
 
