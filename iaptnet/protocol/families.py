@@ -24,13 +24,13 @@ THETA_MIN = 1e-6
 THETA_MAX = 1e6
 
 
-
 def _special():
     """scipy.special, imported on first use: the command line reads study files (which name
     a family) without paying for scipy's import."""
     import scipy.special
 
     return scipy.special
+
 
 class Family:
     name: str
