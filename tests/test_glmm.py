@@ -225,7 +225,9 @@ def test_the_gradient_and_hessian_are_exact(family, nagq):
     def at(x):
         return likelihood.evaluate(x[:-1], float(x[-1]))
 
-    _, gradient, hessian, _ = at(point)
+    _, gradient, hessian, weights = at(point)
+    for name, values in likelihood.row_weights(point[:-1], float(point[-1])).items():  # (the history's)
+        np.testing.assert_allclose(values, weights[name], rtol=1e-12, atol=1e-15, err_msg=name)
     h = 1e-5
     steps = np.eye(point.size) * h
     numeric_gradient = np.array([(at(point + e)[0] - at(point - e)[0]) / (2 * h) for e in steps])

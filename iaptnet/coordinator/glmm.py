@@ -297,7 +297,7 @@ def _lose_nodes(fit: MixedFit, session: Session) -> np.ndarray | None:
 
 def _fit_glmm(session: Session, fit: MixedFit, beta: np.ndarray) -> None:
     x = np.append(beta, 1.0)
-    prev_x, prev_value, last_sigma = None, None, 1.0
+    prev_x, prev_value, last_sigma, to_zero = None, None, 1.0, False
     while True:
         value, gradient, hessian, x, lost = _ask_glmm(session, fit, x)
         if lost:  # the likelihood is now over fewer groups: no comparison with the last round
@@ -331,23 +331,37 @@ def _fit_glmm(session: Session, fit: MixedFit, beta: np.ndarray) -> None:
             definite = False
         if definite and np.all(np.abs(step) < STEP_TOL * se):
             x = x + step
+            if abs(x[-1]) < STEP_TOL * se[-1]:
+                x[-1] = 0.0  # within the tolerance of the boundary: lme4's singular fit
             fit.beta, fit.sigma = x[:-1], abs(float(x[-1]))
             fit.cov = cov[:-1, :-1]
             fit.llf = value
             fit.converged = True
             return
         _check_divergence(fit, x, se)
-        # sigma moves by at most a factor MAX_SCALE_STEP up or down, or to exactly 0 (the
-        # boundary, lme4's singular fit) when Newton's step would take it to 0 or past it.
         if sigma > 0:
             last_sigma = sigma
-            wanted = sigma + step[-1]
-            target = 0.0 if wanted <= 0 else float(np.clip(wanted, sigma / MAX_SCALE_STEP, sigma * MAX_SCALE_STEP))
-            if target != wanted:
-                step = step * ((target - sigma) / step[-1])
-                step[-1] = target - sigma
+            step, to_zero = _sigma_step(step, sigma, to_zero)
         prev_x, prev_value = x.copy(), value
         x = x + step
+
+
+def _sigma_step(step: np.ndarray, sigma: float, to_zero: bool) -> tuple[np.ndarray, bool]:
+    """Newton's step for (beta, sigma) with sigma's part limited: it moves by at most a factor
+    MAX_SCALE_STEP up or down. A step that would take sigma to 0 or below (Newton's steps far
+    from the optimum overshoot) moves it down by that factor, or, if `to_zero` (the last step
+    wanted the same), to exactly 0: the boundary, lme4's singular fit, which the next round
+    checks. Returns the step and whether it wanted 0."""
+    wanted = sigma + step[-1]
+    wants_zero = wanted <= 0
+    if wants_zero and to_zero:
+        target = 0.0
+    else:
+        target = float(np.clip(wanted, sigma / MAX_SCALE_STEP, sigma * MAX_SCALE_STEP))
+    if target != wanted:
+        step = step * ((target - sigma) / step[-1])
+        step[-1] = target - sigma
+    return step, wants_zero
 
 
 def _check_divergence(fit: MixedFit, x: np.ndarray, se: np.ndarray) -> None:

@@ -163,7 +163,7 @@ def _history_weights(prepared: MixedPrepared, key: str, likelihood: MarginalLike
     cache = prepared.weight_cache.setdefault(key, [])
     for vector in previous[len(cache) :]:
         with np.errstate(all="ignore"):
-            cache.append(likelihood.evaluate(vector[:-1], float(vector[-1]))[3])
+            cache.append(likelihood.row_weights(vector[:-1], float(vector[-1])))
     out: dict[str, list[np.ndarray]] = {}
     for entry in cache:
         for name, v in entry.items():

@@ -14,7 +14,8 @@ node returns the sums over its groups of log L_g and of its exact gradient and H
 value, gradient, Hessian per group): the mode's dependence on the parameters comes from two
 Newton steps taken in jet arithmetic from the converged mode (the Newton map's derivative in u
 vanishes at its fixed point, so after one step the gradient of u* is exact and after two its
-Hessian is). Each row enters through sums over its group of f(eta_j) x_j and f(eta_j) x_j x_j'.
+Hessian is). Each row enters through sums over its group of f(eta_j) and f(eta_j) x_j, and
+through one weighted X'X over all rows (see `Jet`).
 
 Gaussian: closed forms. With theta = sigma_b / sigma, V_g = I + theta^2 1 1' and
 w_g = theta^2 / (1 + n_g theta^2), Z_g' V_g^-1 Z_g = Z_g'Z_g - w_g s_g s_g' (s_g = Z_g'1), and
@@ -51,13 +52,11 @@ class Groups:
     codes: np.ndarray
     n_groups: int
     indicator: scipy.sparse.csr_matrix = field(init=False)
-    columns: scipy.sparse.csc_matrix = field(init=False)  # the same, for slices of rows
     sizes: np.ndarray = field(init=False)
 
     def __post_init__(self):
         n = self.codes.size
         self.indicator = scipy.sparse.csr_matrix((np.ones(n), (self.codes, np.arange(n))), shape=(self.n_groups, n))
-        self.columns = self.indicator.tocsc()
         self.sizes = np.bincount(self.codes, minlength=self.n_groups).astype(float)
 
     def sum(self, values: np.ndarray) -> np.ndarray:
@@ -132,26 +131,44 @@ def modes(family: str, y: np.ndarray, a: np.ndarray, groups: Groups, sigma: floa
 
 class Jet:
     """Per-group values with their gradient (groups, m) and Hessian (groups, m, m) in the
-    round's parameters."""
+    round's parameters.
 
-    __slots__ = ("v", "g", "H")
+    A group's Hessian also holds sums over its rows of f(eta_j) x_j x_j' (p x p each). Those
+    are kept unevaluated, as `lazy` terms {key: (row weights f, per-group coefficient c)}: every
+    operation on jets combines Hessians linearly with per-group coefficients, so the pooled
+    Hessian needs them only as one sum over all rows, X' diag(sum_t c_t[group] f_t) X, formed
+    once in `total` (instead of a p x p sum per group for every term)."""
 
-    def __init__(self, v, g, H):
+    __slots__ = ("v", "g", "H", "lazy")
+
+    def __init__(self, v, g, H, lazy=None):
         self.v, self.g, self.H = v, g, H
+        self.lazy = lazy or {}
 
     @classmethod
     def constant(cls, v: np.ndarray, m: int) -> Jet:
         return cls(v, np.zeros((v.size, m)), np.zeros((v.size, m, m)))
 
+    @staticmethod
+    def _combine(*parts) -> dict:
+        """The lazy terms of a linear combination: parts are (lazy, coefficient) pairs."""
+        out: dict = {}
+        for lazy, c in parts:
+            for key, (w, coef) in lazy.items():
+                out[key] = (w, out[key][1] + coef * c) if key in out else (w, coef * c)
+        return out
+
     def __add__(self, other):
         if isinstance(other, Jet):
-            return Jet(self.v + other.v, self.g + other.g, self.H + other.H)
-        return Jet(self.v + other, self.g, self.H)
+            lazy = self._combine((self.lazy, 1.0), (other.lazy, 1.0))
+            return Jet(self.v + other.v, self.g + other.g, self.H + other.H, lazy)
+        return Jet(self.v + other, self.g, self.H, self.lazy)
 
     def __sub__(self, other):
         if isinstance(other, Jet):
-            return Jet(self.v - other.v, self.g - other.g, self.H - other.H)
-        return Jet(self.v - other, self.g, self.H)
+            lazy = self._combine((self.lazy, 1.0), (other.lazy, -1.0))
+            return Jet(self.v - other.v, self.g - other.g, self.H - other.H, lazy)
+        return Jet(self.v - other, self.g, self.H, self.lazy)
 
     def __mul__(self, other):
         if isinstance(other, Jet):
@@ -160,8 +177,9 @@ class Jet:
                 self.v * other.v,
                 self.g * other.v[:, None] + other.g * self.v[:, None],
                 self.H * other.v[:, None, None] + other.H * self.v[:, None, None] + cross + cross.transpose(0, 2, 1),
+                self._combine((self.lazy, other.v), (other.lazy, self.v)),
             )
-        return Jet(self.v * other, self.g * other, self.H * other)
+        return Jet(self.v * other, self.g * other, self.H * other, self._combine((self.lazy, other)))
 
     __rmul__ = __mul__
 
@@ -171,6 +189,7 @@ class Jet:
             f0,
             self.g * f1[:, None],
             self.H * f1[:, None, None] + np.einsum("ci,cj->cij", self.g, self.g) * f2[:, None, None],
+            self._combine((self.lazy, f1)),
         )
 
     def reciprocal(self) -> Jet:
@@ -195,14 +214,23 @@ class Jet:
     def square(self) -> Jet:
         return self * self
 
-    def total(self) -> tuple[float, np.ndarray, np.ndarray]:
-        return float(self.v.sum()), self.g.sum(axis=0), self.H.sum(axis=0)
+    def total(self, design: GroupDesign) -> tuple[float, np.ndarray, np.ndarray]:
+        """The sums over the groups: value, gradient and Hessian (the lazy terms as one
+        weighted X'X over the design's rows)."""
+        hessian = self.H.sum(axis=0)
+        if self.lazy:
+            codes = design.groups.codes
+            weights = np.zeros(codes.size)
+            for w, coef in self.lazy.values():
+                weights += np.asarray(coef)[codes] * w if np.ndim(coef) else coef * w
+            p = design.p
+            hessian[:p, :p] += design.X.T @ (design.X * weights[:, None])
+        return float(self.v.sum()), self.g.sum(axis=0), hessian
 
 
 @dataclass
 class GroupDesign:
-    """What a round needs of a design: rows (X, y, offset), their groups, and the packed
-    row outer products x_j x_j' for the per-group sums of f x x' (computed in chunks)."""
+    """What a round needs of a design: rows (X, y, offset) and their groups."""
 
     X: np.ndarray
     y: np.ndarray
@@ -213,34 +241,10 @@ class GroupDesign:
     def p(self) -> int:
         return self.X.shape[1]
 
-    def group_gram(self, w: np.ndarray) -> np.ndarray:
-        """Per group sum_j w_j x_j x_j' (groups, p, p)."""
-        p = self.p
-        iu, ju = np.triu_indices(p)
-        out = np.zeros((self.groups.n_groups, iu.size))
-        n = self.X.shape[0]
-        chunk = max(1, 4_000_000 // max(1, iu.size))
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            Xc = self.X[start:stop]
-            prod = Xc[:, iu] * Xc[:, ju] * w[start:stop, None]
-            out += np.asarray(self.groups.columns[:, start:stop] @ prod)
-        full = np.zeros((self.groups.n_groups, p, p))
-        full[:, iu, ju] = out
-        full[:, ju, iu] = out
-        return full
-
 
 def _pad(g: np.ndarray) -> np.ndarray:
     """Per-group vectors over beta extended with sigma's coordinate (0)."""
     return np.concatenate([g, np.zeros((g.shape[0], 1))], axis=1)
-
-
-def _pad2(H: np.ndarray) -> np.ndarray:
-    c, p, _ = H.shape
-    out = np.zeros((c, p + 1, p + 1))
-    out[:, :p, :p] = H
-    return out
 
 
 class MarginalLikelihood:
@@ -264,42 +268,42 @@ class MarginalLikelihood:
         e_sigma[:, -1] = 1.0
         sig = Jet(np.full(c, sigma), e_sigma, np.zeros((c, m, m)))
 
-        def eta_parts(u: Jet):
-            """The row linear predictors' values and the per-group parts of their jets
-            (eta_j = a_j + sigma u: gradient x_j + delta_g, Hessian K_g)."""
-            su = sig * u
-            return a + su.v[groups.codes], su.g, su.H
-
-        def group_sum(derivs: list[np.ndarray], delta: np.ndarray, K: np.ndarray) -> Jet:
-            """Jet of sum_j f(eta_j) over each group from f, f', f'' per row."""
+        def group_sum(derivs: list[np.ndarray], su: Jet) -> Jet:
+            """Jet of sum_j f(eta_j) over each group from f, f', f'' per row, at
+            eta_j = a_j + (sigma u)_g: eta_j's gradient is x_j + delta_g, its Hessian K_g."""
             f0, f1, f2 = derivs
+            delta = su.g
             s0, s1, s2 = groups.sum(f0), groups.sum(f1), groups.sum(f2)
             x1 = _pad(groups.sum(f1[:, None] * d.X))
             x2 = _pad(groups.sum(f2[:, None] * d.X))
             cross = np.einsum("ci,cj->cij", x2, delta)
             H = (
-                _pad2(d.group_gram(f2))
-                + cross
+                cross
                 + cross.transpose(0, 2, 1)
                 + s2[:, None, None] * np.einsum("ci,cj->cij", delta, delta)
-                + s1[:, None, None] * K
+                + s1[:, None, None] * su.H
             )
-            return Jet(s0, x1 + s1[:, None] * delta, H)
+            lazy = Jet._combine(({id(f2): (f2, 1.0)}, 1.0), (su.lazy, s1))
+            return Jet(s0, x1 + s1[:, None] * delta, H, lazy)
+
+        def at(u: Jet):
+            su = sig * u
+            return a + su.v[groups.codes], su
 
         def newton(u: Jet) -> Jet:
-            eta, delta, K = eta_parts(u)
+            eta, su = at(u)
             derivs = row_derivatives(self.family, d.y, eta, 4)
-            score = sig * group_sum(derivs[1:4], delta, K) - u
-            curvature = sig.square() * group_sum(derivs[2:5], delta, K) - 1.0
+            score = sig * group_sum(derivs[1:4], su) - u
+            curvature = sig.square() * group_sum(derivs[2:5], su) - 1.0
             return u - score / curvature
 
         u = newton(newton(Jet.constant(u_star, m)))
-        eta, delta, K = eta_parts(u)
+        eta, su = at(u)
         derivs = row_derivatives(self.family, d.y, eta, 4)
-        curvature = (sig.square() * group_sum(derivs[2:5], delta, K)) * -1.0 + 1.0
+        curvature = (sig.square() * group_sum(derivs[2:5], su)) * -1.0 + 1.0
         mode_mu = fitted(self.family, eta)
         if self.nagq == 1:
-            total = group_sum(derivs[0:3], delta, K) - u.square() * 0.5 - curvature.log() * 0.5
+            total = group_sum(derivs[0:3], su) - u.square() * 0.5 - curvature.log() * 0.5
             averaged = mode_mu
         else:
             scale = curvature.rsqrt()
@@ -307,9 +311,9 @@ class MarginalLikelihood:
             etas = []
             for z, w in zip(self.nodes, self.weights):
                 uk = u + scale * z
-                eta_k, delta_k, K_k = eta_parts(uk)
+                eta_k, su_k = at(uk)
                 etas.append(eta_k)
-                hk = group_sum(row_derivatives(self.family, d.y, eta_k, 2), delta_k, K_k) - uk.square() * 0.5
+                hk = group_sum(row_derivatives(self.family, d.y, eta_k, 2), su_k) - uk.square() * 0.5
                 terms.append(hk + (0.5 * z * z + math.log(w)))
             top = np.max(np.stack([t.v for t in terms]), axis=0)
             inner = None
@@ -320,13 +324,43 @@ class MarginalLikelihood:
             # The quadrature points' shares of each group's integral, for the averaged means.
             shares = np.stack([np.exp(t.v - top) for t in terms]) / inner.v
             averaged = sum(shares[k][groups.codes] * fitted(self.family, etas[k]) for k in range(len(terms)))
-        value, gradient, hessian = total.total()
-        weights = {"fitted": mode_mu, "information": -derivs[2]}
-        if self.family == "binomial":
-            weights["fitted complement"] = 1.0 - mode_mu
+        value, gradient, hessian = total.total(d)
+        return value, gradient, hessian, _row_weights(self.family, mode_mu, -derivs[2], averaged, self.nagq)
+
+    def row_weights(self, beta: np.ndarray, sigma: float) -> dict[str, np.ndarray]:
+        """The per-row weights `evaluate` declares, without the derivatives (for the rounds
+        answered before)."""
+        d = self.design
+        groups = d.groups
+        a = d.X @ beta + d.offset
+        u = modes(self.family, d.y, a, groups, sigma)
+        eta = a + sigma * u[groups.codes]
+        _, _, d2 = row_derivatives(self.family, d.y, eta, 2)
+        mode_mu = fitted(self.family, eta)
+        averaged = mode_mu
         if self.nagq > 1:
-            weights["fitted, averaged over the group's intercept"] = averaged
-        return value, gradient, hessian, weights
+            scale = (1.0 - sigma * sigma * groups.sum(d2)) ** -0.5
+            logs, etas = [], []
+            for z, w in zip(self.nodes, self.weights):
+                uk = u + scale * z
+                eta_k = a + sigma * uk[groups.codes]
+                etas.append(eta_k)
+                h = groups.sum(row_derivatives(self.family, d.y, eta_k, 0)[0]) - 0.5 * uk * uk
+                logs.append(h + 0.5 * z * z + math.log(w))
+            logs = np.stack(logs)
+            shares = np.exp(logs - logs.max(axis=0))
+            shares /= shares.sum(axis=0)
+            averaged = sum(shares[k][groups.codes] * fitted(self.family, etas[k]) for k in range(len(etas)))
+        return _row_weights(self.family, mode_mu, -d2, averaged, self.nagq)
+
+
+def _row_weights(family: str, mu: np.ndarray, information: np.ndarray, averaged: np.ndarray, nagq: int) -> dict:
+    weights = {"fitted": mu, "information": information}
+    if family == "binomial":
+        weights["fitted complement"] = 1.0 - mu
+    if nagq > 1:
+        weights["fitted, averaged over the group's intercept"] = averaged
+    return weights
 
 
 # ----------------------------------------------------------------------------- gaussian
