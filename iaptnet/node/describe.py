@@ -293,11 +293,13 @@ def _summaries(
             checker.accept(facts)
         else:
             facts.cohort = False  # an empty cell: shown as empty, like its count of 0
-        mean = float(x.mean()) if len(x) else 0.0
+        with np.errstate(over="ignore", invalid="ignore"):  # near a float's limits: not finite, refused below
+            mean = float(x.mean()) if len(x) else 0.0
+            m2 = float(np.sum((x - mean) ** 2)) if len(x) else 0.0
         section = release.model(contract.summary_key(i, c), facts, group="summaries")
         section.value("n", int(len(x)))
         section.value("mean", mean)
-        section.value("m2", float(np.sum((x - mean) ** 2)) if len(x) else 0.0)
+        section.value("m2", m2)
     label = f"{spec.name}: {v.name} recorded"
     return VariableState(ModelFacts(label, mask, span=False), values, groups, tuple(released))
 
