@@ -111,3 +111,18 @@ def test_an_ill_conditioned_information_matrix_is_solved_without_a_warning():
         warnings.simplefilter("error")
         x = _solve_pos(a, np.array([1.0, 2.0]))
     assert np.all(np.isfinite(x))
+
+
+def test_identifiers_stored_as_floats_beyond_exact_integers():
+    """A Parquet identifier column of floats holding 1e300 or inf: kept as text, not cast to
+    Int64 (a TypeError, with pandas' RuntimeWarning, before)."""
+    import warnings
+
+    import numpy as np
+
+    from iaptnet.node.validate import identifier_text
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert identifier_text(pd.Series([1.0, 2.0, np.nan])).tolist()[:2] == ["1", "2"]
+        assert identifier_text(pd.Series([1e300, 2.0, np.inf])).tolist() == ["1e+300", "2.0", "inf"]

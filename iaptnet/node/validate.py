@@ -343,8 +343,9 @@ def identifier_text(series: pd.Series) -> pd.Series:
     """Identifiers as trimmed text, missing tokens as missing (how a key column is compared).
     Mostly distinct values, so whole-column string operations rather than per distinct value."""
     series = series.reset_index(drop=True)
-    if pd.api.types.is_float_dtype(series) and (series.dropna() % 1 == 0).all():
-        series = series.astype("Int64")  # integer ids that passed through a float column
+    whole = series.dropna() if pd.api.types.is_float_dtype(series) else None
+    if whole is not None and ((whole % 1 == 0) & (whole.abs() < 2**53)).all():
+        series = series.astype("Int64")  # integer ids that passed through a float column (exactly)
     text = series.astype("str").str.strip()
     return text.mask(text.isin(NA_TOKENS))
 
