@@ -312,7 +312,10 @@ def _fit_glmm(session: Session, fit: MixedFit, beta: np.ndarray) -> None:
             x = (x + prev_x) / 2.0
             continue
         fit.iterations += 1
-        values, vectors = np.linalg.eigh(-hessian)
+        try:
+            values, vectors = np.linalg.eigh(-hessian)
+        except np.linalg.LinAlgError:
+            values = np.array([np.nan])
         if not np.all(np.isfinite(values)) or values[-1] <= 0:
             raise ModelError(
                 f"model '{fit.spec.name}': the likelihood's curvature is not finite or vanishes; "
