@@ -179,6 +179,17 @@ def node_lines(result: dict) -> list[str]:
     return lines
 
 
+def term_text(term: str, result: dict) -> str:
+    """A term as the terminal shows it: a service's term by its node (`service_id[T.ZN2]` ->
+    `service_id: barnet (ZN2)`), others as they are."""
+    column, services = result.get("service_column"), result.get("services") or {}
+    prefix = f"{column}[T."
+    if column and term.startswith(prefix) and term.endswith("]") and term[len(prefix) : -1] in services:
+        code = term[len(prefix) : -1]
+        return f"{column}: {services[code]} ({code})"
+    return term
+
+
 def render_report(result: dict) -> str:
     """A statsmodels-like summary table for the terminal (other kinds: their module's render)."""
     if result.get("kind", "glm") != "glm":
@@ -215,7 +226,7 @@ def render_report(result: dict) -> str:
         head += f"   {ratio + ' (95% CI)':>26}"
     lines.append(head)
     for t in result["terms"]:
-        row = f"  {t['term'][:34]:<34} {t['estimate']:>10.4f} {t['std_error']:>9.4f} {t['statistic']:>8.2f} {p_value(t['p_value']):>9}"
+        row = f"  {term_text(t['term'], result)[:34]:<34} {t['estimate']:>10.4f} {t['std_error']:>9.4f} {t['statistic']:>8.2f} {p_value(t['p_value']):>9}"
         if ratio:
             row += f"   {t['ratio']:>8.3f} ({t['ratio_low']:.3f}-{t['ratio_high']:.3f})"
         if t["term"] == result.get("exposure"):

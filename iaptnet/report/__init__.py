@@ -81,6 +81,7 @@ def _read_json(path: Path):
 
 def build_sections(results: list[dict], summary: list | None, secondary: list | None) -> list:
     from . import sections as s
+    from .words import services_of
 
     out = []
     if summary is None and secondary is None:
@@ -101,10 +102,11 @@ def build_sections(results: list[dict], summary: list | None, secondary: list | 
             if result.get("kind", "glm") != kind:
                 continue
             try:
-                if kind == "its":
-                    section = s.its_section(result, time_max.get(result.get("time")))
-                else:
-                    section = s.BUILDERS[kind](result)
+                with services_of(result):
+                    if kind == "its":
+                        section = s.its_section(result, time_max.get(result.get("time")))
+                    else:
+                        section = s.BUILDERS[kind](result)
             except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
                 raise SpecError(
                     f"{result['_path']}: not results the report can read ({exc.__class__.__name__}: {exc}); "

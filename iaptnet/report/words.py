@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cache
 
 MISSING = "–"  # an en dash: not available (suppressed, not estimable or not asked for)
@@ -133,11 +135,30 @@ def _schema_labels() -> dict[str, tuple[str, dict[str, str]]]:
     return out
 
 
+#: (service column, {code: node name}) of the result being rendered (`services_of`).
+_SERVICES: ContextVar[tuple[str | None, dict]] = ContextVar("services", default=(None, {}))
+
+
+@contextmanager
+def services_of(result: dict):
+    """Within it, a level of the result's service column (a service's code) is named by the
+    node that holds it (`service_id` `ZN2` -> `Barnet (ZN2)`)."""
+    token = _SERVICES.set((result.get("service_column"), dict(result.get("services") or {})))
+    try:
+        yield
+    finally:
+        _SERVICES.reset(token)
+
+
 def level_label(column: str, level) -> str:
     """A level as words with its code where the code means something on its own
-    (`employment` `02` -> `unemployed, seeking work (02)`); the level itself otherwise."""
+    (`employment` `02` -> `unemployed, seeking work (02)`), a service by its name
+    (`Barnet (ZN2)`); the level itself otherwise."""
     if level is None:
         return MISSING
+    service_column, services = _SERVICES.get()
+    if column == service_column and str(level) in services:
+        return f"{service_name(services[str(level)])} ({level})"
     labels = _schema_labels().get(column, ("", {}))[1]
     words = labels.get(str(level))
     if words is None or words == str(level):
