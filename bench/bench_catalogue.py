@@ -118,7 +118,7 @@ def main() -> None:
     network_path = synthetic_network(default_cache(), args.patients, DEFAULT_SEED)
     network = load_network(network_path)
     paths = catalogue_paths()
-    studies = [load_study(p) for p in paths]
+    studies = [load_study(p, network.schema_paths, list(network.services)) for p in paths]
     tomls = [tomllib.loads(p.read_text()) for p in paths]
 
     t = time.perf_counter()

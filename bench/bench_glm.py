@@ -42,7 +42,7 @@ def main() -> None:
     network_path = synthetic_network(default_cache(), args.patients, DEFAULT_SEED)
     network = load_network(network_path)
     d1 = next(p for p in catalogue_paths() if p.name.startswith("d1"))
-    study = load_study(d1)
+    study = load_study(d1, network.schema_paths, list(network.services))
     t0 = time.perf_counter()
     runtimes = [runtime_for(NodeConfig.from_mapping(n)) for n in network.nodes]
     frames = [r.dataset.frame for r in runtimes]

@@ -328,6 +328,8 @@ def test_typed_frame_conventions():
         dtype = typed[name].dtype
         if column.type in ("numeric", "integer", "binary"):
             assert dtype == np.float64, name
+        elif column.network:  # service_id: the codes its rows hold (the node declares none)
+            assert list(dtype.categories) == ["1"], name
         elif column.type == "categorical":
             assert list(dtype.categories) == list(column.levels), name  # all levels, in order
         elif column.type == "date":
@@ -373,7 +375,9 @@ def test_output_columns_and_types():
     for name, column in iapt_analysis_schema().columns.items():
         if name not in frame:
             continue
-        if column.is_categorical:
+        if column.network:  # service_id: the codes the node serves (here, those its rows hold)
+            assert list(frame[name].cat.categories) == sorted(frame[name].dropna().unique()), name
+        elif column.is_categorical:
             assert list(frame[name].cat.categories) == list(column.levels), name
         elif column.type != "date":
             assert frame[name].dtype == np.float64, name
@@ -661,7 +665,8 @@ def test_load_dataset_iapt(tmp_path):
     write_csv(path, extract({}, {"phq9_first": "9", "gad7_first": "7"}))
     ds = load_dataset(path)
     assert ds.usable and ds.n_rows == 2
-    assert ds.schema.fingerprint == iapt_analysis_schema().fingerprint
+    # The schema served: service_id's levels the node's own codes (it declares none: those it holds).
+    assert ds.schema.fingerprint == iapt_analysis_schema().with_services(["1"]).fingerprint
     assert ds.data_version == hashlib.sha256(path.read_bytes()).hexdigest()
     assert "pathway_id" not in ds.frame and "lsoa_code" not in ds.frame
     assert col(ds.frame, "reliable_recovery") == [1.0, None]

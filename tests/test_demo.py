@@ -57,8 +57,9 @@ def test_every_catalogue_study_validates_against_the_iapt_schema():
     """The shipped studies (and the tables they name: population, need) load and validate as
     `iaptnet run` would load them, before any node is asked anything."""
     from iaptnet.coordinator.studies import load_study
+    from iaptnet.synth import service_codes
 
-    studies = [load_study(p) for p in catalogue_paths()]
+    studies = [load_study(p, services=service_codes(8)) for p in catalogue_paths()]
     assert len({s.spec.hash for s in studies}) == len(studies)
     need = [s for s in studies if s.spec.kind == "access" and s.spec.params.get("need")]
     assert [s.spec.name for s in need] == ["a4_access_need"]

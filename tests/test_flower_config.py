@@ -291,7 +291,7 @@ def test_unreachable_hub_is_one_plain_sentence(kit, capsys):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     hub = kit / "hub.toml"
-    hub.write_text(f'address = "127.0.0.1:{port}"\nca_cert = "pki/ca.crt"\n')
+    hub.write_text(f'address = "127.0.0.1:{port}"\nca_cert = "pki/ca.crt"\n[services]\nZN1 = "site-a"\n')
     d1 = next(p for p in catalogue_paths() if p.stem == "d1_sessions")
     code, err = run_cli(capsys, "run", str(d1), "--engine", "flower", "--hub", str(hub))
     assert code == NetworkError.exit_code and "Traceback" not in err
@@ -304,7 +304,7 @@ def test_network_up_polling_interval(tmp_path, capsys):
 
     # all processes share one machine: fewer polls as nodes are added, never slower than 1 s
     assert [default_poll_active(n) for n in (1, 3, 4, 8, 20)] == [0.25, 0.25, 0.5, 1.0, 1.0]
-    (tmp_path / "network.toml").write_text('[[node]]\nname = "a"\ndata = "a.csv"\n')
+    (tmp_path / "network.toml").write_text('[[node]]\nname = "a"\ndata = "a.csv"\nservices = ["ZN1"]\n')
     (tmp_path / "a.csv").write_text("x,y\n1,0\n")
     code, err = run_cli(capsys, "network", "up", str(tmp_path / "network.toml"), "--poll-active", "0")
     assert code == 2 and "--poll-active 0" in err and "Traceback" not in err

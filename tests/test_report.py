@@ -61,7 +61,8 @@ def test_the_numbers_on_the_page_are_those_of_results_json(page, results):
     rows = tables["d4_older_adults-terms"]
     assert len(rows) == len(result["terms"])
     for row, term in zip(rows, result["terms"]):
-        assert row[0][1] is None and words.term_label(term["term"]) in row[0][0]
+        with words.services_of(result):
+            assert row[0][1] is None and words.term_label(term["term"]) in row[0][0]
         assert json.loads(row[1][1]) == term["estimate"]  # the raw value, exactly
         assert row[1][0] == f"{term['estimate']:,.4f}"
         assert row[4][0] == words.p_value(term["p_value"])
@@ -88,6 +89,11 @@ def test_codes_are_shown_as_words(page, results):
     # Services by name, not by service_id level.
     services = [row[0][0] for row in tables["s1_reminders_its-changes"]]
     assert "Camden Islington" in services and not any(s.strip().isdigit() for s in services)
+    # A service's term too: the node that holds it, beside its code (results carry the network's).
+    d4 = results["d4_older_adults"]
+    assert d4["service_column"] == "service_id" and d4["services"]["ZN2"] == "barnet"
+    terms = [row[0][0] for row in tables["d4_older_adults-terms"]]
+    assert "service id: Barnet (ZN2)" in terms
 
 
 def test_csv_and_xlsx_hold_the_tables_of_the_page(run_out, page):

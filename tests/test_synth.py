@@ -29,6 +29,7 @@ from iaptnet.protocol.errors import SpecError
 from iaptnet.protocol.iapt_schema import iapt_derived_schema, iapt_extract_schema
 from iaptnet.synth import denominators as D
 from iaptnet.synth import params as P
+from iaptnet.synth._draw import exact_counts
 
 CATALOGUE = sorted((Path(synth.__file__).parent.parent / "catalogue").glob("d*.toml"))
 SMALL = 60_000
@@ -86,7 +87,9 @@ def test_extract_columns_types_and_codes_follow_the_schema(small):
     frame = table.to_pandas()
     for name, col in schema.columns.items():
         values = frame[name].dropna()
-        if col.type == "categorical":
+        if col.network:  # service_id: each service's code, the paper network's 8
+            assert sorted(values.unique()) == list(P.SERVICE_CODES_8), name
+        elif col.type == "categorical":
             assert set(values.unique()) <= set(col.levels), name
             assert all(isinstance(v, str) for v in values.unique()), name
         elif col.type in ("integer", "binary"):
@@ -112,10 +115,11 @@ def test_network_files_load_validate_and_rederive_the_planted_flags(tmp_path, sm
     frames = []
     for k, node in enumerate(network["node"], start=1):
         assert node["data"] == f"service_{k}.parquet"
-        dataset = load_dataset(toml_path.parent / node["data"])
+        assert node["services"] == [P.SERVICE_CODES_8[k - 1]]
+        dataset = load_dataset(toml_path.parent / node["data"], services=tuple(node["services"]))
         assert dataset.usable, dataset.report.render()
         assert not dataset.report.notes, dataset.report.notes
-        assert set(dataset.frame["service_id"].dropna().unique()) == {str(k)}
+        assert set(dataset.frame["service_id"].dropna().unique()) == {P.SERVICE_CODES_8[k - 1]}
         frames.append(dataset.frame)
     derived = pd.concat(frames, ignore_index=True)
     truth = small.truth.to_pandas()
@@ -323,6 +327,39 @@ def test_toml_names_for_other_network_sizes(tmp_path):
     path = synth.generate_network(tmp_path / "three", services=3, patients=3_000, seed=1)
     nodes = tomllib.loads(path.read_text())["node"]
     assert [n["name"] for n in nodes] == ["service_1", "service_2", "service_3"]
+    assert [n["services"] for n in nodes] == [[code] for code in synth.service_codes(3)]
+    assert "made-up codes" in path.read_text()
+
+
+def test_any_number_of_services_with_log_normal_sizes_and_ods_style_codes(tmp_path):
+    """128 services (a national network): sizes spread as NHS Talking Therapies providers'
+    are (log-normal, the largest ~24 times the smallest), well-formed made-up codes, each
+    service's rows in its own file under its own code; the paper network keeps its 8."""
+    assert synth.service_codes(8) == P.SERVICE_CODES_8
+    np.testing.assert_array_equal(synth.service_shares(8), P.SERVICE_SHARES_8)
+    codes = synth.service_codes(128)
+    assert len(set(codes)) == 128 and not set(codes) & set(P.SERVICE_CODES_8)
+    assert all(re.fullmatch(r"Z[A-HJ-NP-Y][0-9A-Z]", c) for c in codes)
+    assert synth.service_codes(128) == codes  # the same codes every time, whatever the seed
+    shares = synth.service_shares(128)
+    assert shares.sum() == pytest.approx(1.0)
+    log_sizes = np.log(shares)
+    assert log_sizes.std() == pytest.approx(P.SERVICE_SIZE_SIGMA, rel=0.05)
+    assert 15 < shares.max() / shares.min() < 40
+    assert not np.all(np.diff(shares) > 0)  # sizes are not in node order
+    # Written: 12 services, each file one code, sizes as planned, reminder dates in turn.
+    path = synth.generate_network(tmp_path / "twelve", services=12, patients=12_000, seed=3)
+    nodes = tomllib.loads(path.read_text())["node"]
+    sizes = []
+    for node, code in zip(nodes, synth.service_codes(12)):
+        frame = pd.read_parquet(path.parent / node["data"], columns=["service_id", "pathway_id"])
+        assert set(frame["service_id"]) == {code} and node["services"] == [code]
+        assert frame["pathway_id"].str.startswith(code + "-").all()
+        sizes.append(len(frame))
+    np.testing.assert_array_equal(sizes, exact_counts(12_000, synth.service_shares(12)))
+    dates = synth.reminder_dates_by_code(12)
+    assert list(dates) == list(synth.service_codes(12))
+    assert list(dates.values())[8:] == list(synth.REMINDER_DATES.values())[:4]
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
@@ -358,8 +395,8 @@ def test_rewrite_replaces_a_previous_network_but_not_a_foreign_folder(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(services=9), "between 1 and 8"),
-        (dict(services=0), "between 1 and 8"),
+        (dict(services=501), "between 1 and 500"),
+        (dict(services=0), "between 1 and 500"),
         (dict(services=2, patients=50), "at least 100 per service"),
         (dict(services=2, patients=1_000, seed=-1), "zero or positive"),
         (dict(services=2, patients=1_000, fmt="xlsx"), "format"),
@@ -540,7 +577,8 @@ def test_reminder_dates_by_name_and_service_id():
     from iaptnet.synth.reminders import month_index
 
     assert list(synth.REMINDER_DATES) == list(P.SERVICE_NAMES_8)
-    assert list(synth.REMINDER_DATES_BY_SERVICE_ID) == [str(k) for k in range(1, 9)]
+    assert list(synth.REMINDER_DATES_BY_SERVICE_ID) == list(P.SERVICE_CODES_8)
+    assert synth.reminder_dates_by_code(8) == synth.REMINDER_DATES_BY_SERVICE_ID
     assert list(synth.REMINDER_DATES.values()) == list(synth.REMINDER_DATES_BY_SERVICE_ID.values())
     for sid, day in synth.REMINDER_DATES_BY_SERVICE_ID.items():
         assert dt.date(2015, 4, 1) <= day <= dt.date(2018, 10, 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .network import load_network
+from .network import load_network, name_services
 from .studies import check_min_nodes, load_study
 
 
@@ -16,7 +16,7 @@ def run_inprocess(
     run's --out folder), the GLM studies keep a checkpoint there after every round, and a run
     started again continues from it (coordinator/checkpoint.py)."""
     network = load_network(network_path)
-    studies = [load_study(p, network.schema_paths) for p in study_paths]
+    studies = [load_study(p, network.schema_paths, list(network.services)) for p in study_paths]
     check_min_nodes(studies, len(network.nodes), f"the network {network.path} has {len(network.nodes)} node(s)")
     from .checkpoint import FileCheckpoints
 
@@ -25,4 +25,8 @@ def run_inprocess(
     from .runner import run_batch
 
     grid = InProcessGrid(network.nodes)
-    return run_batch(grid, studies, engine="inprocess", progress=progress, announce=announce, checkpoints=checkpoints)
+    results = run_batch(
+        grid, studies, engine="inprocess", progress=progress, announce=announce, checkpoints=checkpoints
+    )
+    column = next((c for s in studies for c in s.spec.levels), None)
+    return name_services(results, network.services, column)

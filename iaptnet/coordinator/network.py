@@ -2,7 +2,10 @@
 local launcher. Each `[[node]]` has `name`, `data` (a CSV or Parquet path relative to the file,
 or an SQLAlchemy URL with `table` or `query`), optional `schema` and optional `policy`; for the
 IAPT extract, optional `appointments` (a path, or a URL with `appointments_table` or
-`appointments_query`)."""
+`appointments_query`). A node serving the IAPT extract (or any schema whose service column
+takes its levels from the network) declares `services`: the ODS codes of the services whose
+referrals it holds; the network's codes, sorted, are the levels of `service_id` in every study
+run on it (protocol/schema.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..protocol.errors import SpecError
+from ..protocol.schema import check_service_codes
 from ..protocol.tomlfile import read_toml, reject_unknown
 
 NODE_KEYS = {
@@ -23,6 +27,7 @@ NODE_KEYS = {
     "appointments",
     "appointments_table",
     "appointments_query",
+    "services",
 }
 STATE_FOLDER = ".iaptnet-state"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -36,6 +41,31 @@ class Network:
     @property
     def schema_paths(self) -> set[str | None]:
         return {n.get("schema") for n in self.nodes}
+
+    @property
+    def services(self) -> dict[str, str]:
+        """Service code -> the name of the node that holds its referrals, in code order; {}
+        when no node declares services (a network of custom tables without a service column)."""
+        out = {code: n["name"] for n in self.nodes for code in node_services(n)}
+        return dict(sorted(out.items()))
+
+
+def name_services(results: list[dict], services: dict[str, str], column: str | None) -> list[dict]:
+    """Each result gains `service_column` (the column whose levels are the network's services)
+    and `services` (each code -> the node holding it), so that reports name a service (a
+    `service_id` term or group) by its node."""
+    if services and column:
+        for result in results:
+            result["service_column"] = column
+            result["services"] = dict(services)
+    return results
+
+
+def node_services(node: dict) -> tuple[str, ...]:
+    """The service codes a node entry declares (kept as one comma-separated string, as
+    Flower's node config holds scalars)."""
+    text = node.get("services") or ""
+    return tuple(code for code in str(text).split(",") if code)
 
 
 def load_network(path: str | Path) -> Network:
@@ -94,8 +124,38 @@ def load_network(path: str | Path) -> Network:
                     )
             elif not _exists(node["appointments"]):
                 raise SpecError(f"{where} ({name}): field 'appointments' names {appointments}, which does not exist.")
+        if raw.get("services") is not None:
+            node["services"] = ",".join(check_service_codes(raw["services"], f"{where} ({name}): field 'services'"))
+        elif _needs_services(node.get("schema")):
+            raise SpecError(
+                f"{where} ({name}): field 'services' is required: the ODS codes of the services whose referrals "
+                'the node holds (its service_id values), e.g. services = ["RRP"].'
+            )
         nodes.append(node)
+    _check_services_unique(path, nodes)
     return Network(path, nodes)
+
+
+def _needs_services(schema_path: str | None) -> bool:
+    """Whether a node's schema (None: the IAPT extract) has a column whose levels are the
+    network's service codes."""
+    if schema_path is None:
+        return True
+    from ..protocol.schema import Schema
+
+    return Schema.load(schema_path).network_column is not None
+
+
+def _check_services_unique(path: Path, nodes: list[dict]) -> None:
+    holder: dict[str, str] = {}
+    for node in nodes:
+        for code in node_services(node):
+            if code in holder:
+                raise SpecError(
+                    f"{path}: the service '{code}' is declared by both '{holder[code]}' and '{node['name']}'; "
+                    "a service's referrals are held by one node."
+                )
+            holder[code] = node["name"]
 
 
 def _exists(value: str) -> bool:

@@ -85,6 +85,9 @@ def load_wire_study(entry: dict):
             raise SpecError(f"{schema_entry['source']}: not a valid TOML file ({exc}).") from None
     else:
         schema = iapt_analysis_schema()
+    services = entry.get("services")
+    if services and schema.network_column is not None:
+        schema = schema.with_services(services)
     spec, parsed = parse_study(dict(entry["data"]), schema, source)
     if entry.get("hash") and spec.hash != entry["hash"]:
         raise SpecError(

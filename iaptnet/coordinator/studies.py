@@ -1,7 +1,12 @@
 """Loading study files and validating them against their dataset's schema, before any node
 is asked anything. A study names its dataset schema with `schema = "path.toml"` (relative to
 the study file); without it, the network's own schema is used (all nodes must share one), and
-without that, the built-in IAPT dataset (the extract's columns and the derived variables)."""
+without that, the built-in IAPT dataset (the extract's columns and the derived variables).
+
+A schema whose service column takes its levels from the network (the IAPT extract's
+`service_id`) is bound to the network's service codes first (`services`: what the nodes
+declare), so the study is checked against, and its hash covers, the levels every node will
+build its columns with."""
 
 from __future__ import annotations
 
@@ -39,12 +44,28 @@ def resolve_schema(study_data: dict, study_path: Path | None, network_schemas: s
     return iapt_analysis_schema()
 
 
-def load_study(path: str | Path, network_schemas: set[str | None] = frozenset({None})) -> LoadedStudy:
+def load_study(path: str | Path, network_schemas: set[str | None] = frozenset({None}), services=None) -> LoadedStudy:
+    """`services`: the network's service codes (Network.services); None leaves a service
+    column unbound (a study checked without a network)."""
     path = Path(path)
     data = read_study_file(path)
-    schema = resolve_schema(data, path, set(network_schemas))
+    schema = bind_services(resolve_schema(data, path, set(network_schemas)), services, path)
     spec, parsed = parse_study(data, schema, str(path))
     return LoadedStudy(spec, parsed, path)
+
+
+def bind_services(schema: Schema, services, where) -> Schema:
+    """`schema` with its service column's levels set to the network's codes; unchanged
+    without a service column or without codes (None). A network that declares no services
+    for a schema that needs them is refused."""
+    if services is None or schema.network_column is None:
+        return schema
+    if not services:
+        raise SpecError(
+            f"{where}: the dataset's '{schema.network_column}' takes its levels from the network, but the network "
+            "lists no services (each node's 'services' in the network file, or [services] in hub.toml)."
+        )
+    return schema.with_services(list(services))
 
 
 def batch_hash(specs: list[StudySpec]) -> str:

@@ -49,6 +49,7 @@ def access_counts(runtime: NodeRuntime, task) -> Release:
 
 def count_referrals(dataset, key: str, spec, release: Release, node: str) -> None:
     """Declare one study's margins (model statistics) and its count table."""
+    dataset = dataset.for_study(spec)  # the service column with the network's levels
     schema = dataset.schema
     check_at_node(spec, schema)
     settings = node_settings(spec, schema, node)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .dataset import AppointmentSource, load_dataset
+from .dataset import NOT_USABLE, AppointmentSource, load_dataset
 
 
 def run_check(
@@ -20,12 +20,13 @@ def run_check(
     appointments: str | Path | None = None,
     appointments_table: str | None = None,
     appointments_query: str | None = None,
+    services: tuple[str, ...] | None = None,
 ) -> tuple[str, bool]:
     """(report text ending in a one-line verdict, whether the data is usable for studies).
     With an appointment table, its report comes first, then the extract's (whose pathway
-    columns were computed from it)."""
+    columns were computed from it). `services`: the codes the node declares (node.toml)."""
     source = AppointmentSource(str(appointments), appointments_table, appointments_query) if appointments else None
-    dataset = load_dataset(data, schema, table=table, query=query, appointments=source)
+    dataset = load_dataset(data, schema, table=table, query=query, appointments=source, services=services)
     reports = [r for r in (dataset.appointments_report, dataset.report) if r is not None]
     lines = [text for r in reports for text in (r.render(), "")]
     lines += [f"data version: sha256 {dataset.data_version}", ""]
@@ -47,6 +48,9 @@ def run_check(
                     + f" missing{where}"
                 )
         lines.append(" and ".join(problems) + ": see above (not usable for studies)")
+        reason = dataset.unusable_reason()
+        if reason != NOT_USABLE:
+            lines.append(reason[0].upper() + reason[1:])
     return "\n".join(lines), dataset.usable
 
 

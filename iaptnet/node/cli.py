@@ -16,9 +16,19 @@ def cmd_check(args) -> int:
         appointments=args.appointments,
         appointments_table=args.appointments_table,
         appointments_query=args.appointments_query,
+        services=_codes(args.services),
     )
     print(text)
     return 0 if ok else 1
+
+
+def _codes(text: str | None) -> tuple[str, ...] | None:
+    """--services RRP,TAF as declared codes (checked), or None."""
+    if not text:
+        return None
+    from ..protocol.schema import check_service_codes
+
+    return tuple(check_service_codes([c.strip() for c in text.split(",") if c.strip()], "--services"))
 
 
 def cmd_start(args) -> int:
@@ -59,6 +69,11 @@ def register(sub) -> None:
     )
     check.add_argument("--appointments-table", help="table name, for an SQL appointment table")
     check.add_argument("--appointments-query", help="SQL query, for an SQL appointment table")
+    check.add_argument(
+        "--services",
+        help="the ODS codes of the services whose referrals the extract holds, comma-separated, as node.toml "
+        "declares them (default: whatever codes its service_id holds)",
+    )
     check.set_defaults(fn=cmd_check)
 
     start = node_sub.add_parser("start", help="run the node daemon (a Flower SuperNode serving this Trust's data)")

@@ -9,6 +9,10 @@
     appointments = "appointments.parquet"         # optional, IAPT extract only: the appointment table the
                                                   # pathway columns are computed from (a database: a URL
                                                   # with appointments_table or appointments_query)
+    services = ["RRP"]                            # the IAPT extract: the ODS codes of the services
+                                                  # whose referrals the table holds (its service_id);
+                                                  # a row of any other service makes the node refuse
+                                                  # (without it, the node serves the codes its rows hold)
     schema   = "schema.toml"                      # optional (default: the built-in IAPT extract)
     policy   = "/etc/iaptnet/policy.toml"         # the Trust's disclosure policy (required)
     state_dir = "/var/lib/iaptnet-node"           # approved app hashes, Flower's private home
@@ -50,6 +54,7 @@ KEYS = {
     "appointments",
     "appointments_table",
     "appointments_query",
+    "services",
 }
 TUNING_KEYS = {"poll_idle", "poll_active", "runtime_port", "stall_limit", "task_limit"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -74,6 +79,7 @@ class NodeFile:
     appointments: str | None = None
     appointments_table: str | None = None
     appointments_query: str | None = None
+    services: tuple[str, ...] = ()  # the ODS codes of the services whose referrals it holds
     poll_idle: float = 1.0
     poll_active: float = 0.25
     runtime_port: int = 0
@@ -88,6 +94,8 @@ class NodeFile:
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
+        if self.services:
+            out["services"] = ",".join(self.services)
         # Without a policy file (local networks only) the audit log and release memory still
         # live on disk, under the daemon's state folder.
         out["state"] = str(self.state_dir / "governance")
@@ -170,6 +178,11 @@ def load_node_file(path: str | Path) -> NodeFile:
     schema = existing_file("schema", "a dataset schema TOML", required=False)
     if appointments is not None and schema is not None:
         raise SpecError(f"{path}: field 'appointments' goes with the IAPT extract only, not with 'schema'.")
+    services = ()
+    if raw.get("services") is not None:
+        from ..protocol.schema import check_service_codes
+
+        services = tuple(check_service_codes(raw["services"], f"{path}: field 'services'"))
     policy = existing_file("policy", "the Trust's disclosure policy TOML", required=False)
     state_dir = Path(_resolve(base, text("state_dir", False) or "state"))
     approved = text("approved_apps", False)
@@ -205,6 +218,7 @@ def load_node_file(path: str | Path) -> NodeFile:
         appointments=appointments,
         appointments_table=appointments_table,
         appointments_query=appointments_query,
+        services=services,
         poll_idle=number("poll_idle", 1.0, 0.05, 3.0),
         poll_active=number("poll_active", 0.25, 0.01, 3.0),
         runtime_port=port,

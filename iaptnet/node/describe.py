@@ -102,8 +102,8 @@ class TableState(PreparedStudy):
 
 @handler(TABLE_TASK, studies="payload")
 def describe_table(runtime: NodeRuntime, task) -> Release:
-    dataset = runtime.dataset
     spec = _study(task.payload)
+    dataset = runtime.dataset.for_study(spec)  # the service column with the network's levels
     check_at_node(spec, dataset.schema)
     lay = layout(spec.params, spec.schema_with_augment(dataset.schema), spec.merge, spec.source)
     frame = study_frame(dataset.frame, spec, runtime.augments)

@@ -61,9 +61,10 @@ def single_study(payload: dict, schema, what: str) -> tuple[str, StudySpec]:
 def moments(dataset, payload: dict, release: Release, augments=None) -> None:
     """(n, mean, M2) of each centred/scaled expression over the model's complete cases."""
     for key, spec in studies_from_payload(payload).items():
-        check_at_node(spec, dataset.schema)
-        parsed = check_formula(spec.formula, spec.schema_with_augment(dataset.schema), spec.family, spec.source)
-        rows, used, _, _ = model_selection(study_frame(dataset.frame, spec, augments), spec, parsed)
+        view = dataset.for_study(spec)  # the service column with the network's levels
+        check_at_node(spec, view.schema)
+        parsed = check_formula(spec.formula, spec.schema_with_augment(view.schema), spec.family, spec.source)
+        rows, used, _, _ = model_selection(study_frame(view.frame, spec, augments), spec, parsed)
         require_rows(used, spec.name, task_rules())
         facts = ModelFacts(spec.name, used)
         section = release.model(key, facts, group="moments")
@@ -161,10 +162,11 @@ def prepare(dataset, payload: dict, release: Release, augments=None):
     local: dict[str, np.ndarray] = {}
     declined: list[str] = []
     for key, spec in specs.items():
+        view = dataset.for_study(spec)  # the service column with the network's levels
         try:
             design = build_design(
-                study_frame(dataset.frame, spec, augments),
-                dataset.schema,
+                study_frame(view.frame, spec, augments),
+                view.schema,
                 spec,
                 states.get(key),
                 gate=lambda rows, name=spec.name: require_rows(rows, name, task_rules()),

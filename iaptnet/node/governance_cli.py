@@ -1,8 +1,11 @@
 """`iaptnet node approve | audit`: the Trust's governance commands (policy and audit log).
 
-iaptnet node approve STUDY.toml --policy policy.toml [--schema SCHEMA.toml] [--yes]
+iaptnet node approve STUDY.toml --policy policy.toml [--schema SCHEMA.toml]
+                     [--services CODES | --network NETWORK.toml | --hub HUB.toml] [--yes]
     prints what the study will compute and what the node will release for it, then adds
-    its hash to the policy's `approved` list (after a yes, or with --yes).
+    its hash to the policy's `approved` list (after a yes, or with --yes). On the IAPT
+    extract the hash covers the network's service codes (the levels of service_id), so the
+    network's services are given, as a list or from the network or hub file that lists them.
 iaptnet node audit --policy policy.toml [--node NAME] [--since DATE] [--verify] [--json]
                    [--against RESULTS.json ...]
     lists the audit log's entries (one line each, or full JSON; a damaged line is named by
@@ -30,6 +33,11 @@ def register(node_sub) -> None:
     approve.add_argument(
         "--schema", help="the schema TOML this node serves (default: the study's own, else the built-in IAPT dataset)"
     )
+    approve.add_argument(
+        "--services", help="the network's service codes, comma-separated (the levels of service_id in the study)"
+    )
+    approve.add_argument("--network", help="a network file whose nodes declare the network's services")
+    approve.add_argument("--hub", help="a hub file whose [services] lists the network's services")
     approve.add_argument("--yes", action="store_true", help="approve without asking")
     approve.set_defaults(fn=cmd_approve)
 
@@ -67,6 +75,8 @@ def cmd_approve(args) -> int:
         schema = Schema.load(study_path.parent / str(data["schema"]))
     else:
         schema = iapt_analysis_schema()
+    if schema.network_column is not None:
+        schema = schema.with_services(network_services(args, schema.network_column))
     spec, parsed = parse_study(data, schema, str(study_path))
     print(describe_study(spec, parsed, schema, policy))
     if spec.hash in policy.approved:
@@ -82,6 +92,29 @@ def cmd_approve(args) -> int:
     add_approved_hash(policy_path, spec.hash)
     print(f"approved: {spec.hash} added to {policy_path}")
     return 0
+
+
+def network_services(args, column: str) -> list[str]:
+    """The network's service codes for `approve`: --services, or from --network or --hub."""
+    given = [flag for flag in ("services", "network", "hub") if getattr(args, flag, None)]
+    if len(given) != 1:
+        raise SpecError(
+            f"approve: the study's '{column}' takes its levels from the network's services, which its hash covers; "
+            "give exactly one of --services CODES, --network NETWORK.toml or --hub HUB.toml."
+        )
+    if args.services:
+        return [c.strip() for c in args.services.split(",") if c.strip()]
+    if args.network:
+        from ..coordinator.network import load_network
+
+        codes = list(load_network(args.network).services)
+    else:
+        from ..coordinator.engines.flower import load_hub_file
+
+        codes = list(load_hub_file(args.hub).services)
+    if not codes:
+        raise SpecError(f"approve: {args.network or args.hub} lists no services.")
+    return codes
 
 
 def describe_study(spec, parsed, schema, policy) -> str:

@@ -39,6 +39,7 @@ WHAT = ("referrals", "events", "denominator")
 def its_columns(runtime, task) -> Release:
     dataset = runtime.dataset
     key, spec = glm.single_study(task.payload, dataset.schema, "its")
+    dataset = dataset.for_study(spec)  # the service column with the network's levels
     p = protocol.check_at_node(spec, dataset.schema)
     frame = dataset.frame
     columns = study_columns(frame, p)

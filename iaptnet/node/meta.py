@@ -42,6 +42,7 @@ RUNAWAY = 30.0  # a non-intercept coefficient this large means (quasi-)separatio
 def meta_local_fit(runtime, task) -> Release:
     dataset = runtime.dataset
     key, spec = glm.single_study(task.payload, dataset.schema, "meta")
+    dataset = dataset.for_study(spec)  # the service column with the network's levels
     local = protocol.check_at_node(spec, dataset.schema)
     design = build_design(
         study_frame(dataset.frame, local, runtime.augments),

@@ -43,6 +43,9 @@ class NodeConfig:
     # Where a node without a policy file keeps its audit log and release memory (the
     # network file's `.iaptnet-state` folder, or the daemon's state_dir); see `state_folder`.
     state: str | None = None
+    # The ODS codes of the services whose referrals this node holds, comma-separated (the
+    # network file's or node.toml's `services`): its data may hold no other service_id.
+    services: str | None = None
 
     @classmethod
     def from_mapping(cls, m) -> NodeConfig:
@@ -61,7 +64,13 @@ class NodeConfig:
             appointments_table=opt("appointments_table"),
             appointments_query=opt("appointments_query"),
             state=opt("state"),
+            services=_services_text(m.get("services")),
         )
+
+    @property
+    def service_codes(self) -> tuple[str, ...] | None:
+        """The declared service codes, or None when the node declares none."""
+        return tuple(self.services.split(",")) if self.services else None
 
     def appointment_source(self):
         from .dataset import AppointmentSource
@@ -69,6 +78,15 @@ class NodeConfig:
         if self.appointments is None:
             return None
         return AppointmentSource(self.appointments, self.appointments_table, self.appointments_query)
+
+
+def _services_text(value) -> str | None:
+    """Declared services as one comma-separated string (a list is accepted too)."""
+    if value in (None, "", [], ()):
+        return None
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 @dataclass
@@ -157,6 +175,7 @@ class NodeRuntime:
                     table=self.config.table,
                     query=self.config.query,
                     appointments=self.config.appointment_source(),
+                    services=self.config.service_codes,
                 )
                 log.info(
                     "node %s loaded %s rows (data version %s)",
@@ -165,9 +184,7 @@ class NodeRuntime:
                     self._dataset.data_version[:12],
                 )
             if not self._dataset.usable:
-                raise DataError(
-                    "this node's data does not pass validation; its operator can run 'iaptnet node check' to see why."
-                )
+                raise DataError(self._dataset.unusable_reason())
             return self._dataset
 
     def remember(self, study_hash: str, prepared: PreparedStudy) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..protocol.errors import DataError
-from ..protocol.schema import Column, Schema
+from ..protocol.schema import SERVICE_CODE, Column, Schema
 from .sources import NA_TOKENS
 
 NOT_A_NUMBER = "not a number"
@@ -160,10 +160,13 @@ def validate(raw: pd.DataFrame, schema: Schema, source: str) -> tuple[pd.DataFra
 
     The typed frame has one column per schema column, in schema order; a column absent from
     `raw` is present in the frame as all-missing (the report says whether that is allowed).
+    A service column not yet bound to codes (`levels = "network"`, the node declaring none)
+    takes the well-formed codes its rows hold, sorted.
     """
     raw = raw.rename(columns=lambda c: str(c).strip())
     renames = {c.source: c.name for c in schema.columns.values() if c.source}
     raw = raw.rename(columns=renames)
+    schema = _bind_found_services(schema, raw)
     if raw.columns.duplicated().any():
         name = raw.columns[raw.columns.duplicated()][0]
         raise DataError(f"{source}: column '{name}' appears twice; expected each column once.")
@@ -248,6 +251,23 @@ def _numeric(series: pd.Series, col: Column):
     if col.max is not None:
         invalid[ABOVE_MAX] = values > col.max
     return _finish(values, missing, invalid, np.nan)
+
+
+def _bind_found_services(schema: Schema, raw: pd.DataFrame) -> Schema:
+    column = schema.network_column
+    if column is None or schema[column].levels or column not in raw.columns:
+        return schema
+    found = {_code_text(v) for v in pd.unique(raw[column].dropna())}
+    codes = sorted(code for code in found if SERVICE_CODE.match(code))
+    return schema.with_services(codes) if codes else schema
+
+
+def _code_text(value) -> str:
+    """A service code as text; a whole number from a typed source (2.0) as "2"."""
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        if float(value).is_integer():
+            return str(int(value))
+    return str(value).strip()
 
 
 def _finish(values: np.ndarray, missing: np.ndarray, invalid: dict, blank):

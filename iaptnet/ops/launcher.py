@@ -230,6 +230,9 @@ def up(
             ):
                 if node.get(field):
                     lines.append(f"{field} = {_toml_str(node[field])}")
+            if node.get("services"):
+                codes = ", ".join(_toml_str(code) for code in node["services"].split(","))
+                lines.append(f"services = [{codes}]")
             lines += ["", "[tuning]", f"poll_idle = {poll_idle!r}", f"poll_active = {poll_active!r}"]
             (ndir / "node.toml").write_text("\n".join(lines) + "\n")
             approve(ndir / "state" / "approved-apps.txt", fab_hash, "network up: the installed release")
@@ -276,6 +279,8 @@ def up(
         if schema:
             hub_lines.append(f"schema = {_toml_str(schema)}")
         hub_lines.append(f"node_timeout = {float(node_timeout)!r}")
+        if network.services:  # the levels of service_id in every study run on this hub
+            hub_lines += ["", "[services]"] + [f"{code} = {_toml_str(n)}" for code, n in network.services.items()]
         paths.hub_toml.write_text(
             "# Written by 'iaptnet network up': the local hub and the CA to trust.\n" + "\n".join(hub_lines) + "\n"
         )

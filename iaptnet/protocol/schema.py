@@ -4,6 +4,12 @@ A schema fixes each column's type and, for categorical columns, the full list of
 order (the first is the reference). Levels come from the schema, never from local data, so
 every node builds the same design columns in the same order even when a level is absent
 locally. The schema's fingerprint is part of a study's identity.
+
+One categorical column may take its levels from the network instead (`levels = "network"`,
+the IAPT extract's `service_id`): each node declares the service codes whose rows it holds,
+the coordinator binds the column to all of the network's codes in sorted order
+(`with_services`) and sends them with the study, so every node still builds the same columns,
+and the bound schema's fingerprint (so the study's hash) covers the codes used.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import SpecError
@@ -21,6 +28,11 @@ from .tomlfile import read_toml
 #: validated but cannot appear in a formula.
 COLUMN_TYPES = ("numeric", "integer", "binary", "categorical", "date", "identifier")
 MODEL_TYPES = ("numeric", "integer", "binary", "categorical")
+#: `levels = "network"`: the column's levels are the network's service codes.
+NETWORK_LEVELS = "network"
+#: A service code as a node declares it: an ODS organisation code (letters and digits).
+SERVICE_CODE = re.compile(r"^[A-Z0-9]{1,12}$")
+MAX_SERVICES = 10_000
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,9 @@ class Column:
     # Categorical columns: words for codes ("02" -> "unemployed, seeking work"), shown wherever
     # a report shows the code. Presentation only: not part of as_dict, so no hash changes.
     labels: tuple[tuple[str, str], ...] = ()
+    # Categorical columns whose levels are the network's service codes (`levels = "network"`):
+    # () until the schema is bound to a network (Schema.with_services).
+    network: bool = False
 
     def label(self, level: str) -> str | None:
         """The words for one level, or None where the schema gives none."""
@@ -52,7 +67,10 @@ class Column:
 
     def as_dict(self) -> dict:
         out: dict = {"type": self.type}
-        if self.levels:
+        if self.network:
+            out["levels"] = list(self.levels) if self.levels else NETWORK_LEVELS
+            out["network"] = True
+        elif self.levels:
             out["levels"] = list(self.levels)
         if self.min is not None:
             out["min"] = self.min
@@ -92,6 +110,28 @@ class Schema:
         blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
+    @property
+    def network_column(self) -> str | None:
+        """The column whose levels come from the network (the service), or None."""
+        return next((n for n, c in self.columns.items() if c.network), None)
+
+    def with_services(self, codes) -> Schema:
+        """This schema with its network column's levels set to the network's service codes,
+        sorted (so the order does not depend on how the network file lists its nodes); the
+        schema itself when it has no such column."""
+        column = self.network_column
+        if column is None:
+            return self
+        levels = tuple(sorted(check_service_codes(codes, "the network's services")))
+        return Schema(self.name, {**self.columns, column: replace(self.columns[column], levels=levels)})
+
+    def network_levels(self) -> dict[str, list[str]]:
+        """{network column: its bound levels}, or {} (no such column, or not bound)."""
+        column = self.network_column
+        if column is None or not self.columns[column].levels:
+            return {}
+        return {column: list(self.columns[column].levels)}
+
     def merged(self, other: Schema, name: str | None = None) -> Schema:
         cols = dict(self.columns)
         cols.update(other.columns)
@@ -122,17 +162,27 @@ class Schema:
             if ctype not in COLUMN_TYPES:
                 raise SpecError(f"{where}: 'type' must be one of {', '.join(COLUMN_TYPES)}, got {ctype!r}.")
             levels = spec.get("levels", [])
-            if ctype == "categorical":
+            network = levels == NETWORK_LEVELS
+            if network:
+                if ctype != "categorical":
+                    raise SpecError(f'{where}: levels = "network" is only allowed for a categorical column.')
+                if any(c.network for c in parsed.values()):
+                    raise SpecError(f"{where}: only one column of a schema may take its levels from the network.")
+                if spec.get("labels") is not None:
+                    raise SpecError(f"{where}: a column whose levels come from the network has no 'labels'.")
+                levels = []
+            elif ctype == "categorical":
                 if not isinstance(levels, list) or len(levels) < 2:
                     raise SpecError(
-                        f"{where}: a categorical column needs 'levels' = a list of at least two values (the first is the reference)."
+                        f"{where}: a categorical column needs 'levels' = a list of at least two values (the first is the reference), "
+                        'or levels = "network" for the service column.'
                     )
                 levels = [str(v).strip() for v in levels]
                 if len(set(levels)) != len(levels):
                     raise SpecError(f"{where}: 'levels' lists a value twice.")
             elif levels != []:  # 0 or "" too: not a list of levels
                 raise SpecError(f"{where}: 'levels' is only allowed for categorical columns.")
-            labels = _labels(spec.get("labels"), levels if ctype == "categorical" else None, where)
+            labels = () if network else _labels(spec.get("labels"), levels if ctype == "categorical" else None, where)
             lo, hi = spec.get("min"), spec.get("max")
             for key, val in (("min", lo), ("max", hi)):
                 if val is not None and (isinstance(val, bool) or not isinstance(val, (int, float))):
@@ -157,6 +207,7 @@ class Schema:
                 source=source_name.strip() if source_name else None,
                 unique=bool(spec.get("unique", False)),
                 labels=labels,
+                network=network,
             )
         return cls(name or str(data.get("name", Path(source).stem)), parsed)
 
@@ -165,6 +216,24 @@ class Schema:
         path = Path(path)
         data = read_toml(path, "schema file")
         return cls.from_dict(data, str(path))
+
+
+def check_service_codes(codes, where: str) -> list[str]:
+    """Service codes as declared (ODS organisation codes: capital letters and digits, each
+    once); raises SpecError naming `where`."""
+    if isinstance(codes, str) or not isinstance(codes, (list, tuple)) or not codes or len(codes) > MAX_SERVICES:
+        raise SpecError(f'{where}: expected a list of service codes (ODS organisation codes), e.g. ["RRP"].')
+    out = []
+    for code in codes:
+        if not isinstance(code, str) or not SERVICE_CODE.match(code):
+            raise SpecError(
+                f"{where}: {code!r} is not a service code; an ODS organisation code is 1-12 capital letters "
+                'and digits, e.g. "RRP".'
+            )
+        if code in out:
+            raise SpecError(f"{where}: lists the service code '{code}' twice.")
+        out.append(code)
+    return out
 
 
 def builtin_schema_path(name: str) -> Path:

@@ -69,6 +69,9 @@ class StudySpec:
     dataset: str = "iapt"  # schema name
     schema_fingerprint: str = ""
     source: str = "study"
+    # The levels the network gave its schema's network column (the services' codes, sorted):
+    # {column: [codes]}; they travel with the study so every node builds the same columns.
+    levels: dict = field(default_factory=dict)
 
     def canonical(self) -> dict:
         """What is computed; presentation-only fields (title, description, reference) are left out."""
@@ -104,10 +107,17 @@ class StudySpec:
             }
         if self.params:
             out["params"] = self.params
+        if self.levels:  # only for a schema bound to a network: others' hashes are unchanged
+            out["levels"] = {col: list(codes) for col, codes in self.levels.items()}
         return out
 
     def schema_with_augment(self, schema: Schema) -> Schema:
-        """The dataset schema plus the columns a node computed for this study."""
+        """The dataset schema as this study sees it: its service column's levels the study's
+        (the network's codes it carries), plus the columns a node computed for this study."""
+        column = schema.network_column
+        codes = self.levels.get(column) if column and isinstance(self.levels, dict) else None
+        if codes and list(schema[column].levels) != list(codes):
+            schema = schema.with_services(codes)
         return augmented_schema(schema, self.augment)
 
     @property
@@ -126,6 +136,9 @@ class StudySpec:
         merge = data.get("merge") if isinstance(data, dict) else None
         if merge is not None and not _merge_shaped(merge):
             raise SpecError(f"{source}: field 'merge' must map columns to tables of level lists.")
+        levels = data.get("levels") if isinstance(data, dict) else None
+        if levels is not None and not _levels_shaped(levels):
+            raise SpecError(f"{source}: field 'levels' must map the service column to the network's service codes.")
         try:
             return cls(
                 name=str(data["name"]),
@@ -146,6 +159,7 @@ class StudySpec:
                 dataset=str(data.get("dataset", "iapt")),
                 schema_fingerprint=str(data.get("schema", "")),
                 source=source,
+                levels=levels or {},
             )
         except (KeyError, TypeError) as exc:
             raise SpecError(f"{source}: the study is missing field {exc}.") from None
@@ -347,6 +361,7 @@ def common_fields(data: dict, schema: Schema, source: str, allowed: set[str]) ->
         "dataset": schema.name,
         "schema_fingerprint": schema.fingerprint,
         "source": source,
+        "levels": schema.network_levels(),
     }
 
 
@@ -369,6 +384,19 @@ def _merge_shaped(merge) -> bool:
                 for new, levels in groups.items()
             )
             for col, groups in merge.items()
+        )
+    )
+
+
+def _levels_shaped(levels) -> bool:
+    """{column: [code, ...]}: one column, its codes as strings (structure only; a node checks
+    the codes themselves when it binds its schema)."""
+    return (
+        isinstance(levels, dict)
+        and len(levels) <= 1
+        and all(
+            isinstance(col, str) and isinstance(codes, list) and all(isinstance(c, str) for c in codes)
+            for col, codes in levels.items()
         )
     )
 

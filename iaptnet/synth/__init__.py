@@ -5,6 +5,7 @@
     generate(patients, services, seed) -> Synthetic(extract, truth) Arrow tables
     population_table(patients, services) -> the population denominators (population.csv)
     REMINDER_DATES / REMINDER_DATES_BY_SERVICE_ID -> when each service started SMS reminders
+    service_names(services) / service_codes(services) -> each service's node name and code
 
 Modules, one job each: `params` (the targets of docs/reference/synthetic.md), `population` (who is referred),
 `pathway` (funnel, treatment, dates, end codes), `reminders` (the planted service change: SMS
@@ -14,9 +15,12 @@ masks), `extract` (the schema-exact table), `denominators` (the catchments' adul
 by age band, sex, ethnic group and IMD quintile, for access rates), `network` (atomic writing
 and network.toml).
 
-A written network folder holds service_<k>.parquet (or .csv), network.toml and population.csv.
-The package ships `population.csv` for the default paper-scale network (483,683 referrals, 8
-services); it does not depend on the seed.
+A written network folder holds service_<k>.parquet (or .csv), network.toml (each node with the
+code of its service: `services = ["ZN1"]`) and population.csv. The package ships
+`population.csv` for the default paper-scale network (483,683 referrals, 8 services); it does
+not depend on the seed. The paper network's 8 services have the source study's sizes; any
+other number of services (`--services 128`) gets log-normal sizes and made-up ODS-style codes
+(population.py: `service_shares`, `service_codes`).
 """
 
 from __future__ import annotations
@@ -29,16 +33,22 @@ import pandas as pd
 import pyarrow as pa
 
 from ..protocol.errors import SpecError
-from ..protocol.iapt_schema import iapt_extract_schema
+from ._draw import exact_counts
 from .denominators import population_csv, population_table, read_population
 from .extract import build_tables, to_frame
 from .missing import draw_masks
 from .network import FORMATS, service_names, write_network
 from .outcomes import draw_outcomes
-from .params import DEFAULT_SEED, PAPER_PATIENTS, PAPER_SERVICES
+from .params import DEFAULT_SEED, MAX_SERVICES, PAPER_PATIENTS, PAPER_SERVICES
 from .pathway import draw_pathway
-from .population import draw_population
-from .reminders import REMINDER_DATES, REMINDER_DATES_BY_SERVICE_ID, REMINDER_MONTH_BY_SERVICE_ID, reminder_dates
+from .population import draw_population, service_codes, service_shares
+from .reminders import (
+    REMINDER_DATES,
+    REMINDER_DATES_BY_SERVICE_ID,
+    REMINDER_MONTH_BY_SERVICE_ID,
+    reminder_dates,
+    reminder_dates_by_code,
+)
 
 __all__ = [
     "DEFAULT_SEED",
@@ -57,7 +67,10 @@ __all__ = [
     "population_table",
     "read_population",
     "reminder_dates",
+    "reminder_dates_by_code",
+    "service_codes",
     "service_names",
+    "service_shares",
 ]
 
 
@@ -78,7 +91,7 @@ class Synthetic:
 
 
 def max_services() -> int:
-    return len(iapt_extract_schema()["service_id"].levels)
+    return MAX_SERVICES
 
 
 def generate(patients: int = PAPER_PATIENTS, services: int = PAPER_SERVICES, seed: int = DEFAULT_SEED) -> Synthetic:
@@ -90,7 +103,7 @@ def generate(patients: int = PAPER_PATIENTS, services: int = PAPER_SERVICES, see
     # balanced outcome draw can stratify on the complete-case pattern. They are applied after.
     masks = draw_masks(streams[3], patients, cohort["finished"])
     draw_outcomes(streams[2], cohort, services, masks)
-    extract, truth = build_tables(streams[4], cohort, masks)
+    extract, truth = build_tables(streams[4], cohort, masks, service_codes(services))
     return Synthetic(extract, truth, seed, services)
 
 
@@ -137,13 +150,15 @@ def _check(patients: int, services: int, seed: int) -> None:
             raise SpecError(f"synth: --{name} must be a whole number, got {value!r}.")
     top = max_services()
     if not 1 <= services <= top:
+        raise SpecError(f"synth: --services must be between 1 and {top}, got {services}.")
+    smallest = float(service_shares(services).min())
+    need = max(100 * services, int(np.ceil(100 / smallest)))
+    while exact_counts(need, service_shares(services)).min() < 100:
+        need += 1
+    if patients < need:
         raise SpecError(
-            f"synth: --services must be between 1 and {top} (the IAPT schema's service_id levels), got {services}."
-        )
-    if patients < 100 * services:
-        raise SpecError(
-            f"synth: --patients must be at least 100 per service "
-            f"({100 * services} for {services} services), got {patients}."
+            f"synth: --patients must be at least 100 per service, the smallest included "
+            f"({need:,} for {services} services of these sizes), got {patients}."
         )
     if seed < 0:
         raise SpecError(f"synth: --seed must be zero or positive, got {seed}.")

@@ -22,8 +22,9 @@ from .population import ETHNIC_CODES, PROBLEM_CODES, REFERRAL_SOURCE_CODES, SEXU
 _EPOCH_OFFSET = int((np.datetime64(P.REFERRAL_START, "D") - np.datetime64(0, "D")).astype(int))
 
 
-def build_tables(rng: np.random.Generator, c: Cohort, masks: dict[str, np.ndarray]):
-    """(extract, truth) Arrow tables, rows ordered by service then referral date."""
+def build_tables(rng: np.random.Generator, c: Cohort, masks: dict[str, np.ndarray], codes: tuple[str, ...]):
+    """(extract, truth) Arrow tables, rows ordered by service then referral date; service k
+    (1-based) is written as its code, codes[k - 1]."""
     order = np.lexsort((c["referral_day"], c["service"]))
     c = {k: v[order] for k, v in c.items()}
     m = {k: v[order] for k, v in masks.items()}
@@ -32,11 +33,12 @@ def build_tables(rng: np.random.Generator, c: Cohort, masks: dict[str, np.ndarra
     starts = np.r_[0, np.flatnonzero(np.diff(service)) + 1]
     lengths = np.diff(np.r_[starts, n])
     seq = np.arange(n) - np.repeat(starts, lengths) + 1
-    pathway_id = _join(pa.array(service).cast(pa.string()), "-", _pad(seq, 7))
+    service_id = _codes(codes, service - 1, None)
+    pathway_id = _join(service_id, "-", _pad(seq, 7))
 
     cols: dict[str, pa.Array] = {}
     cols["pathway_id"] = pathway_id
-    cols["service_id"] = pa.array(service).cast(pa.string())
+    cols["service_id"] = service_id
     cols["referral_date"] = _dates(c["referral_day"])
     cols["referral_source"] = _codes(REFERRAL_SOURCE_CODES, c["referral_source"], m["referral_source"])
     cols["age_at_referral"] = pa.array(c["age"], pa.int64())

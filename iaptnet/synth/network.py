@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from ..protocol.errors import SpecError
 from . import params as P
 from .appointments import appointments_for, without_pathway_columns
+from .population import service_codes
 
 HEADER = "# written by iaptnet synth"
 FORMATS = ("parquet", "csv")
@@ -61,12 +62,13 @@ def write_network(
     try:
         service = extract.column("service_id")
         lines = [f"{HEADER} (seed {seed})", f"# {extract.num_rows:,} referrals in {services} services", ""]
-        for k, name in enumerate(service_names(services), start=1):
-            part = extract.filter(pc.equal(service, str(k)))
+        lines[2:2] = ["# services: made-up codes in the form of ODS codes, naming no real organisation"]
+        for k, (name, code) in enumerate(zip(service_names(services), service_codes(services)), start=1):
+            part = extract.filter(pc.equal(service, code))
             if step:
                 step(f"writing service {k} of {services} ({name})")
             filename = f"service_{k}.{fmt}"
-            node = ["[[node]]", f'name = "{name}"', f'data = "{filename}"']
+            node = ["[[node]]", f'name = "{name}"', f'data = "{filename}"', f'services = ["{code}"]']
             if appointments:
                 contacts = appointments_for(part, np.random.default_rng([seed, k]), with_intensity=k % 2 == 1)
                 _write(contacts, tmp / f"service_{k}_appointments.{fmt}", fmt)

@@ -29,8 +29,22 @@ SERVICE_NAMES_8 = (
     "redbridge",
     "barking_havering",
 )
+#: Their service codes (service_id), in the same order: made up, in the form of ODS
+#: organisation codes (three capital letters and digits), naming no real organisation. Their
+#: sorted order is the network's order, so the first (camden_islington) is service_id's
+#: reference level, as it was when the codes were "1".."8".
+SERVICE_CODES_8 = ("ZN1", "ZN2", "ZN3", "ZN4", "ZN5", "ZN6", "ZN7", "ZN8")
 #: SD of the service random intercept on logit P(reliable recovery).
 SERVICE_SD = 0.15
+#: Networks of another size (e.g. the 128 services of a national run): service sizes are
+#: log-normal with this SD of log size (the log-normal's quantiles, so the sizes do not
+#: depend on the seed; the largest of 128 services is ~24 times the smallest, about the
+#: spread of NHS Talking Therapies providers' yearly referrals) [A], in an order drawn with
+#: SERVICE_CODE_SEED, as are their made-up codes ("Z", then a letter other than I, O or Z,
+#: then a letter or digit; never one of SERVICE_CODES_8).
+SERVICE_SIZE_SIGMA = 0.6
+SERVICE_CODE_SEED = 20240401
+MAX_SERVICES = 500
 
 # ---------------------------------------------------------------- referral dates
 REFERRAL_START = "2012-04-01"
@@ -327,7 +341,8 @@ MISSING_COPULA_RHO = 0.97
 
 # ---------------------------------------------------------------- service change: SMS reminders
 #: The date each service began sending SMS appointment reminders (service order as
-#: SERVICE_NAMES_8; a network of k < 8 services uses the first k). Dates are the first of a
+#: SERVICE_NAMES_8; a network of k < 8 services uses the first k, a larger one repeats
+#: them in turn: service k has the date of service (k - 1) mod 8 + 1). Dates are the first of a
 #: month so the step falls on a referral_month boundary; staggered 2015-04..2018-10 so that a
 #: pooled interrupted time series separates the step from the secular trend [A].
 REMINDER_DATES_8 = (

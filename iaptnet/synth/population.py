@@ -6,8 +6,10 @@ decided later (missing.py), after the outcome has been generated from these valu
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
-from scipy.special import expit
+from scipy.special import expit, ndtri
 
 from . import params as P
 from ._draw import bernoulli, calibrate_intercept, categorical_rows, choice, exact_counts
@@ -21,9 +23,34 @@ Cohort = dict[str, np.ndarray]
 
 
 def service_shares(services: int) -> np.ndarray:
+    """Each service's share of the referrals, in node order: the source study's for the
+    paper network; log-normal sizes (params.SERVICE_SIZE_SIGMA) otherwise."""
     if services == P.PAPER_SERVICES:
         return np.asarray(P.SERVICE_SHARES_8)
-    return np.full(services, 1.0 / services)
+    return _lognormal_shares(services)
+
+
+@cache
+def _lognormal_shares(services: int) -> np.ndarray:
+    quantiles = ndtri((np.arange(services) + 0.5) / services)
+    sizes = np.exp(P.SERVICE_SIZE_SIGMA * quantiles)
+    order = np.random.default_rng([P.SERVICE_CODE_SEED, services, 1]).permutation(services)
+    shares = sizes[order] / sizes.sum()
+    shares.flags.writeable = False
+    return shares
+
+
+@cache
+def service_codes(services: int) -> tuple[str, ...]:
+    """Each service's code (its service_id), in node order: params.SERVICE_CODES_8 for the
+    paper network; otherwise made-up ODS-style codes drawn once per network size."""
+    if services == P.PAPER_SERVICES:
+        return P.SERVICE_CODES_8
+    second = "ABCDEFGHJKLMNPQRSTUVWXY"
+    third = "0123456789ABCDEFGHJKLMNPQRSTUVWXYZ"
+    pool = [f"Z{a}{b}" for a in second for b in third if f"Z{a}{b}" not in P.SERVICE_CODES_8]
+    rng = np.random.default_rng([P.SERVICE_CODE_SEED, services])
+    return tuple(pool[i] for i in rng.choice(len(pool), size=services, replace=False))
 
 
 def draw_population(rng: np.random.Generator, n: int, services: int) -> Cohort:

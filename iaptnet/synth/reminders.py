@@ -26,15 +26,16 @@ import numpy as np
 
 from . import params as P
 from .network import service_names
+from .population import service_codes
 
 #: Service name -> reminder start date, for the 8-service (paper) network.
 REMINDER_DATES: dict[str, dt.date] = {
     name: dt.date.fromisoformat(day) for name, day in zip(P.SERVICE_NAMES_8, P.REMINDER_DATES_8)
 }
-#: service_id (as written in the extract: "1".."8") -> reminder start date. A network of k < 8
-#: services uses ids "1".."k" with the same dates.
+#: service_id (as written in the extract of the paper network: its code, "ZN1".."ZN8") ->
+#: reminder start date. Other networks: `reminder_dates_by_code`.
 REMINDER_DATES_BY_SERVICE_ID: dict[str, dt.date] = {
-    str(k): dt.date.fromisoformat(day) for k, day in enumerate(P.REMINDER_DATES_8, start=1)
+    code: dt.date.fromisoformat(day) for code, day in zip(P.SERVICE_CODES_8, P.REMINDER_DATES_8)
 }
 
 _START = dt.date.fromisoformat(P.REFERRAL_START)
@@ -51,10 +52,20 @@ def month_index(day: dt.date) -> int:
 REMINDER_MONTH_BY_SERVICE_ID: dict[str, int] = {k: month_index(day) for k, day in REMINDER_DATES_BY_SERVICE_ID.items()}
 
 
+def _date_of(k: int) -> dt.date:
+    """The reminder date of service k (1-based): the paper's 8 dates in turn."""
+    return dt.date.fromisoformat(P.REMINDER_DATES_8[(k - 1) % len(P.REMINDER_DATES_8)])
+
+
 def reminder_dates(services: int = P.PAPER_SERVICES) -> dict[str, dt.date]:
     """Node name -> reminder date for a network of `services` services (names as in its
     network.toml: the NCEL names for 8, service_<k> otherwise)."""
-    return {name: REMINDER_DATES_BY_SERVICE_ID[str(k)] for k, name in enumerate(service_names(services), start=1)}
+    return {name: _date_of(k) for k, name in enumerate(service_names(services), start=1)}
+
+
+def reminder_dates_by_code(services: int = P.PAPER_SERVICES) -> dict[str, dt.date]:
+    """service_id (the service's code) -> reminder date for a network of `services` services."""
+    return {code: _date_of(k) for k, code in enumerate(service_codes(services), start=1)}
 
 
 def referral_month(referral_day: np.ndarray) -> np.ndarray:
@@ -68,7 +79,8 @@ def log_dna_odds_shift(service: np.ndarray, month: np.ndarray) -> np.ndarray:
     """Planted log odds-ratio of missing an appointment by service (1-based) and referral
     month, relative to an unspecified baseline: trend, reminder level change, slope change."""
     start = np.asarray(P.REMINDER_DATES_8)
-    change = np.asarray([month_index(dt.date.fromisoformat(d)) for d in start])[np.asarray(service) - 1]
+    months = np.asarray([month_index(dt.date.fromisoformat(d)) for d in start])
+    change = months[(np.asarray(service) - 1) % len(months)]
     month = np.asarray(month, dtype=float)
     after = month >= change
     return (

@@ -21,6 +21,9 @@
     node_timeout = 300                    # optional: seconds a round waits for a node
     poll_interval = 0.25                  # optional: seconds between the ServerApp's pulls
     run_timeout = 3600                    # optional: seconds to wait for the whole run
+
+    [services]                            # the IAPT extract: each service's ODS code and its node
+    RRP = "trust-a"                       # (the levels of service_id in every study run here)
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...protocol import errors
@@ -42,7 +45,7 @@ from ..hub import CONNECTION, FlwrCli, flwr_error, flwr_plain, write_connection
 from ..serverapp import MARK_CLOSE, MARK_OPEN, encode_studies
 from ..session import ProgressFn
 
-HUB_KEYS = {"address", "ca_cert", "schema", "node_timeout", "poll_interval", "run_timeout"}
+HUB_KEYS = {"address", "ca_cert", "schema", "node_timeout", "poll_interval", "run_timeout", "services"}
 _EVENT = re.compile(re.escape(MARK_OPEN) + r"([A-Za-z0-9+/=]+)" + re.escape(MARK_CLOSE))
 _STARTED = re.compile(r"Successfully started run (\d+)")
 StatusFn = Callable[[str], None]
@@ -57,6 +60,7 @@ class HubFile:
     node_timeout: float = 300.0
     poll_interval: float = 0.25
     run_timeout: float = 3600.0
+    services: dict = field(default_factory=dict)  # service code -> node name, in code order
 
 
 def load_hub_file(path: str | Path) -> HubFile:
@@ -97,7 +101,22 @@ def load_hub_file(path: str | Path) -> HubFile:
         node_timeout=seconds("node_timeout", 300.0, 1.0, 86400.0),
         poll_interval=seconds("poll_interval", 0.25, 0.01, 10.0),
         run_timeout=seconds("run_timeout", 3600.0, 10.0, 7 * 86400.0),
+        services=_services(raw.get("services"), path),
     )
+
+
+def _services(raw, path: Path) -> dict[str, str]:
+    """hub.toml's [services]: each service's ODS code = the name of the node holding it."""
+    if raw is None:
+        return {}
+    from ...protocol.schema import check_service_codes
+
+    if not isinstance(raw, dict) or not all(isinstance(v, str) and v for v in raw.values()):
+        raise SpecError(
+            f"{path}: [services] must map each service's ODS code to its node's name, e.g. RRP = \"trust-a\"."
+        )
+    check_service_codes(list(raw), f"{path}: [services]")
+    return dict(sorted(raw.items()))
 
 
 def study_entries(study_paths: list[str | Path], hub: HubFile) -> list[dict]:
@@ -110,7 +129,7 @@ def study_entries(study_paths: list[str | Path], hub: HubFile) -> list[dict]:
     for p in study_paths:
         path = Path(p)
         data = read_study_file(path)
-        loaded = load_study(path, network_schemas)
+        loaded = load_study(path, network_schemas, list(hub.services))
         schema_path = None
         if data.get("schema"):
             schema_path = path.parent / str(data["schema"])
@@ -128,6 +147,7 @@ def study_entries(study_paths: list[str | Path], hub: HubFile) -> list[dict]:
                 "data": data,
                 "hash": loaded.spec.hash,
                 "schema": {"source": str(schema_path), "text": schema_path.read_text()} if schema_path else None,
+                "services": list(hub.services),
             }
         )
     return entries
@@ -369,4 +389,9 @@ def run_flower(
         raise NetworkError(
             f"run {run_id} completed on the hub but sent no results; see 'flwr log {run_id}' at the hub."
         )
-    return run.results
+    from ...protocol.iapt_schema import iapt_analysis_schema
+    from ...protocol.schema import Schema
+    from ..network import name_services
+
+    column = (Schema.load(hub.schema) if hub.schema else iapt_analysis_schema()).network_column
+    return name_services(run.results, hub.services, column)

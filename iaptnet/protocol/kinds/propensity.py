@@ -232,6 +232,7 @@ def derived_specs(parent: StudySpec) -> dict[str, StudySpec]:
         dataset=parent.dataset,
         schema_fingerprint=parent.schema_fingerprint,
         source=parent.source,
+        levels=parent.levels,
     )
     link = parent.canonical()
     ps = StudySpec(
