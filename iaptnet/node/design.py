@@ -207,9 +207,12 @@ def apply_merges(rows: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
         if column not in rows.columns:
             continue
         col = rows[column]
-        levels, mapping = merged_levels(list(col.cat.categories), groups)
-        values = col.astype(object).map(lambda v: mapping.get(v, v) if isinstance(v, str) else v)
-        rows[column] = pd.Categorical(values, categories=levels)
+        old = list(col.cat.categories)
+        levels, mapping = merged_levels(old, groups)
+        # Level by level, then row codes through that table (-1, missing, stays missing).
+        position = {level: i for i, level in enumerate(levels)}
+        table = np.array([position[mapping.get(level, level)] for level in old] + [-1], dtype=np.int64)
+        rows[column] = pd.Categorical.from_codes(table[col.cat.codes.to_numpy()], categories=levels)
     return rows
 
 
