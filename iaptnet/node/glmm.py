@@ -62,12 +62,13 @@ def prepare(runtime: NodeRuntime, task, release: Release) -> MixedPrepared:
         raise DataError("the task's transform state is not a table.")
     prepared = MixedPrepared(designs={}, families={})
     for key, spec in specs.items():
-        ri = protocol.node_settings(spec, dataset.schema)
+        view = dataset.for_study(spec)  # the service column with the network's levels
+        ri = protocol.node_settings(spec, view.schema)
         # The design as a GLM's, with the group column among the columns a row needs.
         grouped = replace(spec, params={}, cluster=ri.column, cov_type="cluster")
         design = build_design(
-            study_frame(dataset.frame, spec, runtime.augments),
-            dataset.schema,
+            study_frame(view.frame, spec, runtime.augments),
+            view.schema,
             grouped,
             states.get(key),
             gate=lambda rows, name=spec.name: require_rows(rows, name, task_rules()),
@@ -77,7 +78,7 @@ def prepare(runtime: NodeRuntime, task, release: Release) -> MixedPrepared:
         if problem:
             raise DataError(f"model '{spec.name}': {problem}.")
         # The groups of the design's rows (in their order), level merges applied.
-        column = apply_merges(dataset.frame.loc[design.mask, [ri.column]], spec)[ri.column]
+        column = apply_merges(view.frame.loc[design.mask, [ri.column]], spec)[ri.column]
         codes, values = pd.factorize(column, sort=True)
         facts = model_facts(spec.name, design, spec.family)
         positions = np.flatnonzero(design.mask)
