@@ -142,7 +142,8 @@ def test_appointments_from_postgres_give_back_the_flat_extract(tmp_path):
     pd.read_parquet(appt["appointments"]).to_sql(table, engine, index=False)
     try:
         (tmp_path / "network.toml").write_text(
-            f'[[node]]\nname = "db"\ndata = "{appt["data"]}"\nappointments = "{url}"\n'
+            f'[[node]]\nname = "db"\ndata = "{appt["data"]}"\nservices = ["{appt["services"]}"]\n'
+            f'appointments = "{url}"\n'
             f'appointments_query = "SELECT * FROM {table}"\n'
         )
         node = load_network(tmp_path / "network.toml").nodes[0]

@@ -64,9 +64,26 @@ class FileCheckpoints(Checkpoints):
         return data
 
     def save(self, key: str, state: dict) -> None:
+        """A checkpoint that cannot be written (a full disk) does not stop the run: it only
+        means a lost run starts again from the beginning; the results' own write says so."""
         from .outputs import write_json_atomic
 
-        write_json_atomic(self.path(key), {**state, "version": VERSION, "key": key})
+        try:
+            write_json_atomic(self.path(key), {**state, "version": VERSION, "key": key})
+        except OSError:
+            self.path(key).unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        """After a run that ended in an error (not a lost run): no checkpoint, and no --out
+        folder left behind that the run made and filled with nothing else."""
+        if self.folder.is_dir():
+            for path in self.folder.glob("*.json"):
+                path.unlink(missing_ok=True)
+            for folder in (self.folder, self.folder.parent):
+                try:
+                    folder.rmdir()  # only if empty
+                except OSError:
+                    break
 
     def done(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)

@@ -21,12 +21,20 @@ def run_inprocess(
     from .checkpoint import FileCheckpoints
 
     checkpoints = FileCheckpoints(out) if out else None
+    from ..protocol.errors import IaptnetError
     from .engines.inprocess import InProcessGrid
     from .runner import run_batch
 
     grid = InProcessGrid(network.nodes)
-    results = run_batch(
-        grid, studies, engine="inprocess", progress=progress, announce=announce, checkpoints=checkpoints
-    )
+    try:
+        results = run_batch(
+            grid, studies, engine="inprocess", progress=progress, announce=announce, checkpoints=checkpoints
+        )
+    except IaptnetError:
+        # A study that cannot be fitted fails the same way again: its checkpoint would only
+        # be left behind in --out (an in-process run is never lost to a hub).
+        if checkpoints:
+            checkpoints.discard()
+        raise
     column = next((c for s in studies for c in s.spec.levels), None)
     return name_services(results, network.services, column)

@@ -61,7 +61,11 @@ def write_network(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.synth-", dir=parent))
     try:
         service = extract.column("service_id")
-        lines = [f"{HEADER} (seed {seed})", f"# {extract.num_rows:,} referrals in {services} services", ""]
+        lines = [
+            f"{HEADER} (seed {seed})",
+            f"# {extract.num_rows:,} referrals in {services} service{'' if services == 1 else 's'}",
+            "",
+        ]
         lines[2:2] = ["# services: made-up codes in the form of ODS codes, naming no real organisation"]
         for k, (name, code) in enumerate(zip(service_names(services), service_codes(services)), start=1):
             part = extract.filter(pc.equal(service, code))
