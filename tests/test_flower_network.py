@@ -552,10 +552,25 @@ def test_hub_restart_nodes_rejoin_and_the_lost_run_continues_from_its_checkpoint
     path = study(net, "logit_resumed")
     pids = {name: node_pid(net, name) for name in SITES}
     offsets = _log_sizes(net)
+
+    def crash_once_the_checkpoint_is_kept():
+        # Freeze site0 (the study then waits for its next reply, up to the node timeout) until
+        # the analyst holds a checkpoint: Flower's log stream delivers the ServerApp's events
+        # with a delay that a loaded machine stretches past a short study's last round.
+        pid = node_pid(net, "site0")
+        os.killpg(pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + NODE_TIMEOUT - 2.0
+            while not any((out / ".checkpoint").glob("*.json")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            _restart_hub(net, how=signal.SIGKILL)
+        finally:
+            os.killpg(pid, signal.SIGCONT)
+
     crash = _OnAnswer(
         net,
         "site0",
-        lambda: _restart_hub(net, how=signal.SIGKILL),
+        crash_once_the_checkpoint_is_kept,
         seen=lambda text: text.count("node site0 answered glm.round") >= 2,
     )
     with crash, pytest.raises(NetworkError) as err:
