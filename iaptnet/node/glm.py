@@ -35,6 +35,7 @@ from ..protocol.errors import DataError
 from ..protocol.families import THETA_MAX, THETA_MIN, get_family
 from ..protocol.formula_check import check_formula
 from ..protocol.kinds import glm as protocol
+from ..protocol.kinds import glmm as glmm_protocol
 from ..protocol.kinds.glm import NULL_SUFFIX, studies_from_payload
 from ..protocol.messages import pack_upper
 from ..protocol.study import CR2_FAMILIES, StudySpec, check_at_node
@@ -58,9 +59,23 @@ def single_study(payload: dict, schema, what: str) -> tuple[str, StudySpec]:
     return key, spec
 
 
+def plain_glm(spec: StudySpec) -> StudySpec:
+    """`spec` when it is a GLM without a random intercept. A study with one (its `params`,
+    protocol/kinds/glmm.py) is a mixed model, approved as such under its hash: the glm.* tasks
+    would release a plain GLM's statistics for it, so they refuse it (its tasks are glmm.*)."""
+    params = spec.params if isinstance(spec.params, dict) else {}
+    if any(name in params for name in glmm_protocol.FIELDS):
+        raise DataError(
+            f"model '{spec.name}' has a random intercept, which a plain GLM's tasks would leave out: it is fitted by "
+            "the glmm tasks."
+        )
+    return spec
+
+
 def moments(dataset, payload: dict, release: Release, augments=None) -> None:
     """(n, mean, M2) of each centred/scaled expression over the model's complete cases."""
     for key, spec in studies_from_payload(payload).items():
+        plain_glm(spec)
         view = dataset.for_study(spec)  # the service column with the network's levels
         check_at_node(spec, view.schema)
         parsed = check_formula(spec.formula, spec.schema_with_augment(view.schema), spec.family, spec.source)
@@ -162,6 +177,7 @@ def prepare(dataset, payload: dict, release: Release, augments=None):
     local: dict[str, np.ndarray] = {}
     declined: list[str] = []
     for key, spec in specs.items():
+        plain_glm(spec)
         view = dataset.for_study(spec)  # the service column with the network's levels
         try:
             design = build_design(
@@ -651,6 +667,13 @@ def glm_prepare(runtime: NodeRuntime, task) -> Release:
 @handler(protocol.ROUND, studies="prepared")
 def glm_round(runtime: NodeRuntime, task) -> Release:
     prepared = runtime.recall(task.study_hash)
+    if type(prepared) is not PreparedStudy:  # a random intercept's (glmm.prepare), a table's (describe)
+        labels = sorted({f.label for f in prepared.facts.values()})
+        what = "model " + ", ".join(f"'{label}'" for label in labels[:3]) if labels else "the study"
+        raise DataError(
+            f"{what} was not prepared by glm.prepare (a model with a random intercept is fitted by glmm.round), "
+            "so glm.round does not continue it."
+        )
     prepared.rounds += 1
     betas = protocol.betas_from_arrays(task.arrays)
     unknown = set(betas) - set(prepared.designs) - prepared.declined
