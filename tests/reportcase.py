@@ -18,7 +18,8 @@ from iaptnet.coordinator.catalogue import catalogue_paths
 SHORT = "n_treat + sex + phq9_first + service_id"
 STUDIES = {
     "d1_sessions": {"formula": f"reliable_recovery ~ {SHORT}"},
-    "d4_older_adults": {"formula": f"reliable_recovery ~ older_adult + {SHORT}", "marginal": ["older_adult"]},
+    # (its [sensitivity] adds the CR2 and random-intercept companions and the risk difference)
+    "d4_older_adults": {"formula": f"reliable_recovery ~ older_adult + {SHORT}"},
     "t1_table1_older_adults": {},
     "t2_funnel": {},
     "h1_heterogeneity_sessions": {"formula": f"reliable_recovery ~ {SHORT}"},

@@ -10,6 +10,7 @@ from __future__ import annotations
 from flwr.serverapp.grid import Grid
 
 from ..protocol.errors import SpecError
+from ..protocol.sensitivity import fold
 from .checkpoint import BatchCheckpoint, Checkpoints
 from .glm import fit_models
 from .kinds import module_for
@@ -36,6 +37,10 @@ def run_batch(
     studies start (for a progress display), and whether a checkpoint was taken up.
     `checkpoints`: where the GLM batch keeps its Newton state after every round, and finds it
     when the run is submitted again (coordinator/checkpoint.py)."""
+    asked = len(studies)
+    # Each study's sensitivity analyses run beside it as studies of their own, and fold back
+    # into its results (protocol/sensitivity.py).
+    studies = list(studies) + [c for s in studies for _, c in s.companions]
     names = [s.spec.name for s in studies]
     if len(set(names)) != len(names):
         raise SpecError("two studies in one run share a name; give each study its own 'name'.")
@@ -71,7 +76,11 @@ def run_batch(
                     out.append(module_for(kind).run_study(grid, study, **options))
         for i, result in zip(indices, out):
             results[i] = result
-    return results
+    extra = iter(results[asked:])
+    return [
+        fold(result, [(analysis, next(extra)) for analysis, _ in study.companions]) if study.companions else result
+        for study, result in zip(studies[:asked], results[:asked])
+    ]
 
 
 def run_glm_batch(

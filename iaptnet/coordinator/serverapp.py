@@ -73,8 +73,7 @@ def load_wire_study(entry: dict):
     from ..protocol.errors import SpecError
     from ..protocol.iapt_schema import iapt_analysis_schema
     from ..protocol.schema import Schema
-    from ..protocol.study import parse_study
-    from .studies import LoadedStudy
+    from .studies import parse_loaded
 
     source = str(entry["source"])
     schema_entry = entry.get("schema")
@@ -88,12 +87,12 @@ def load_wire_study(entry: dict):
     services = entry.get("services")
     if services and schema.network_column is not None:
         schema = schema.with_services(services)
-    spec, parsed = parse_study(dict(entry["data"]), schema, source)
-    if entry.get("hash") and spec.hash != entry["hash"]:
+    loaded = parse_loaded(dict(entry["data"]), schema, source, None)
+    if entry.get("hash") and loaded.spec.hash != entry["hash"]:
         raise SpecError(
             f"{source}: the hub computes a different study hash from the analyst's machine; are both on the same iaptnet release?"
         )
-    return LoadedStudy(spec, parsed, None)
+    return loaded
 
 
 class FramedGrid(Grid):

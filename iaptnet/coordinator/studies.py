@@ -18,6 +18,7 @@ from ..protocol.formula_check import ParsedFormula
 from ..protocol.iapt_schema import iapt_analysis_schema
 from ..protocol.kinds import glm as glm_protocol
 from ..protocol.schema import Schema
+from ..protocol.sensitivity import expand
 from ..protocol.study import StudySpec, parse_study, read_study_file
 
 
@@ -26,6 +27,19 @@ class LoadedStudy:
     spec: StudySpec
     parsed: ParsedFormula
     path: Path | None
+    #: The sensitivity analyses the study asks for (protocol/sensitivity.py): (analysis, study).
+    companions: tuple[tuple[str, LoadedStudy], ...] = ()
+
+
+def parse_loaded(data: dict, schema: Schema, source: str, path: Path | None) -> LoadedStudy:
+    """A study and the companion studies of its [sensitivity] table, each validated."""
+    own, companions = expand(data, source)
+    spec, parsed = parse_study(own, schema, source)
+    loaded = []
+    for analysis, fields in companions:
+        c_spec, c_parsed = parse_study(fields, schema, f"{source} [sensitivity]")
+        loaded.append((analysis, LoadedStudy(c_spec, c_parsed, path)))
+    return LoadedStudy(spec, parsed, path, tuple(loaded))
 
 
 def resolve_schema(study_data: dict, study_path: Path | None, network_schemas: set[str | None]) -> Schema:
@@ -50,8 +64,7 @@ def load_study(path: str | Path, network_schemas: set[str | None] = frozenset({N
     path = Path(path)
     data = read_study_file(path)
     schema = bind_services(resolve_schema(data, path, set(network_schemas)), services, path)
-    spec, parsed = parse_study(data, schema, str(path))
-    return LoadedStudy(spec, parsed, path)
+    return parse_loaded(data, schema, str(path), path)
 
 
 def bind_services(schema: Schema, services, where) -> Schema:

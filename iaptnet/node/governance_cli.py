@@ -62,6 +62,7 @@ def register(node_sub) -> None:
 def cmd_approve(args) -> int:
     from ..protocol.iapt_schema import iapt_analysis_schema
     from ..protocol.schema import Schema
+    from ..protocol.sensitivity import expand
     from ..protocol.study import parse_study, read_study_file
     from .policy import add_approved_hash, load_policy
 
@@ -77,20 +78,27 @@ def cmd_approve(args) -> int:
         schema = iapt_analysis_schema()
     if schema.network_column is not None:
         schema = schema.with_services(network_services(args, schema.network_column))
-    spec, parsed = parse_study(data, schema, str(study_path))
-    print(describe_study(spec, parsed, schema, policy))
-    if spec.hash in policy.approved:
+    # A study's sensitivity analyses are studies of their own (protocol/sensitivity.py): the
+    # Trust reviews and approves each, by its own hash.
+    own, companions = expand(data, str(study_path))
+    specs = [parse_study(own, schema, str(study_path))]
+    specs += [parse_study(fields, schema, f"{study_path} [sensitivity]") for _, fields in companions]
+    print("\n\n".join(describe_study(spec, parsed, schema, policy) for spec, parsed in specs))
+    pending = [spec.hash for spec, _ in specs if spec.hash not in policy.approved]
+    if not pending:
         print(f"\nalready approved in {policy_path}")
         return 0
     if not args.yes:
         if not sys.stdin.isatty():
             raise SpecError("approve: not approved; give --yes to approve without a terminal to ask on.")
-        answer = input(f"\nApprove this study in {policy_path}? [y/N] ").strip().lower()
+        what = "this study" if len(specs) == 1 else f"this study and its {len(specs) - 1} sensitivity analyses"
+        answer = input(f"\nApprove {what} in {policy_path}? [y/N] ").strip().lower()
         if answer not in ("y", "yes"):
             print("not approved")
             return 1
-    add_approved_hash(policy_path, spec.hash)
-    print(f"approved: {spec.hash} added to {policy_path}")
+    for digest in pending:
+        add_approved_hash(policy_path, digest)
+        print(f"approved: {digest} added to {policy_path}")
     return 0
 
 
@@ -138,6 +146,10 @@ def describe_study(spec, parsed, schema, policy) -> str:
         lines.append(f"  offset     {spec.offset}")
     if spec.exposure:
         lines.append(f"  exposure   {spec.exposure}")
+    if spec.cov_type != "nonrobust":
+        lines.append(f"  std errors {spec.cov_type}" + (f", clustered by {spec.cluster}" if spec.cluster else ""))
+    if spec.marginal:
+        lines.append(f"  marginal   standardised risks of {', '.join(spec.marginal)}")
     from ..protocol.kinds.glmm import describe as random_intercept_lines
 
     lines += random_intercept_lines(spec, rules)
@@ -160,6 +172,15 @@ def describe_study(spec, parsed, schema, policy) -> str:
         f"            rows in the cohort and dropped as missing as counts (1-{rules.suppress_max} suppressed, others rounded to {rules.round_to})",
         "  rounds    score, information matrix, deviance and log-likelihood at coefficients sent",
         "            by the coordinator (refused if they single out a few rows)",
+    ]
+    if spec.cov_type == "CR2":
+        lines += [
+            "  CR2       one more round: sums over this node's clusters of the bias-reduced scores' outer",
+            "            products and the p x p pieces of their degrees of freedom (p x p sums, never a row)",
+        ]
+    if spec.marginal:
+        lines.append("  marginal  sums of the fitted risks with the exposure set to 1 and to 0, and their gradients")
+    lines += [
         f"  refused   under {rules.min_rows} rows, under {rules.min_events} events or non-events, over "
         f"{rules.max_params_per_row:g} parameters per row, a level with 1-{rules.min_level_count - 1} rows,",
         f"            rows differing by 1-{rules.min_subset_difference - 1} people from the whole dataset or an earlier release,",

@@ -503,8 +503,9 @@ def check_estimation(data: dict, schema: Schema, source: str) -> tuple[str | Non
             or cluster not in schema
             or schema[cluster].type not in ("categorical", "integer", "binary")
         ):
+            named = f", not {cluster!r}" if isinstance(cluster, str) else ""
             raise SpecError(
-                f"{source}: field 'cluster' must name a categorical or integer column (clusters must not span nodes) when cov_type = \"{cov_type}\"."
+                f"{source}: field 'cluster' must name a categorical or integer column (clusters must not span nodes) when cov_type = \"{cov_type}\"{named}."
             )
     elif cluster is not None:
         raise SpecError(f'{source}: field \'cluster\' applies only with cov_type = "cluster" or "CR2".')

@@ -91,6 +91,9 @@ def build_sections(results: list[dict], summary: list | None, secondary: list | 
         summary, secondary = summarise(results), summarise(results, secondary=True)
     if summary:
         out.append(s.findings_section(summary, results, secondary=False))
+    sensitivity = s.sensitivity_section(results)
+    if sensitivity:
+        out.append(sensitivity)
     if secondary:
         out.append(s.findings_section(secondary, results, secondary=True))
     unknown = sorted({str(r.get("kind")) for r in results} - set(KIND_ORDER))

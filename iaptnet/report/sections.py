@@ -199,7 +199,9 @@ def _short(text: str, limit: int = 48) -> str:
 
 
 def terms_table(name: str, title: str, terms: list[dict], ratio_name: str | None, exposure: str | None) -> Table:
-    header = ["term", "estimate", "std. error", "z", "p"]
+    # CR2 terms are t statistics on their own Satterthwaite degrees of freedom.
+    with_df = any(t.get("df") is not None for t in terms)
+    header = ["term", "estimate", "std. error", *(["t", "df"] if with_df else ["z"]), "p"]
     if ratio_name:
         header += [ratio_name, "95% CI"]
     rows = []
@@ -210,6 +212,7 @@ def terms_table(name: str, title: str, terms: list[dict], ratio_name: str | None
             num(t["estimate"], 4),
             num(t["std_error"], 4),
             num(t["statistic"], 2),
+            *([num(t.get("df"), 1)] if with_df else []),
             pval(t["p_value"]),
         ]
         if ratio_name:
@@ -294,11 +297,125 @@ def glm_section(result: dict) -> Section:
         )
     if result.get("marginal"):
         section.tables.append(marginal_table(f"{name}-marginal", result["marginal"]))
+    if result.get("sensitivity") and term:
+        section.tables.append(
+            Table(
+                f"{name}-sensitivity",
+                "The exposure's estimate with the services handled three ways",
+                SENSITIVITY_HEADER,
+                sensitivity_rows(result),
+            )
+        )
     for d in result.get("dropped_terms") or []:
         section.notes.append(f"Term {w.term_label(d['term'])} was left out: {d['reason']}.")
     nodes = nodes_table(result, name)
     if nodes:
         section.tables.append(nodes)
+    return section
+
+
+# --- sensitivity analyses (protocol/sensitivity.py) ---------------------------------------
+
+#: How each analysis handles the services, in words.
+SENSITIVITY_WAYS = {
+    "main": "services as fixed effects (the main estimate)",
+    "cr2": "services as clusters: small-sample cluster-robust standard errors (CR2)",
+    "random_intercept": "services as a random intercept",
+}
+SENSITIVITY_HEADER = ["finding", "analysis", "ratio", "95% CI", "df", "p", "referrals", "what else it estimates"]
+
+
+def _sensitivity_terms(result: dict) -> list[tuple[str, dict, dict]]:
+    """(analysis, exposure term, entry) for the main estimate and each companion model."""
+    out = [("main", result["exposure_term"], {"n": result.get("n")})]
+    for entry in result.get("sensitivity") or []:
+        if entry["analysis"] in SENSITIVITY_WAYS and entry.get("term"):
+            out.append((entry["analysis"], entry["term"], entry))
+    return out
+
+
+def _sensitivity_note(analysis: str, entry: dict) -> str:
+    if analysis == "cr2":
+        return f"{w.count(entry.get('n_clusters'))} clusters of {w.column_label(entry.get('cluster') or '')}"
+    if analysis == "random_intercept":
+        vc = (entry.get("variance_components") or [{}])[0]
+        return f"between-service standard deviation {w.significant(vc.get('std_dev'))} (log-odds scale)"
+    return ""
+
+
+def sensitivity_rows(result: dict) -> list[list[Cell]]:
+    finding = (result.get("reference") or {}).get("finding") or result["study"]
+    label = result.get("title") or finding
+    rows = []
+    for analysis, t, entry in _sensitivity_terms(result):
+        rows.append(
+            [
+                c(finding, label),
+                c(analysis, SENSITIVITY_WAYS[analysis]),
+                num(t.get("ratio"), 3),
+                c([t.get("ratio_low"), t.get("ratio_high")], w.interval(t.get("ratio_low"), t.get("ratio_high"), 3)),
+                num(t.get("df"), 1),
+                pval(t.get("p_value")),
+                cnt(entry.get("n")),
+                c(_sensitivity_note(analysis, entry)),
+            ]
+        )
+    return rows
+
+
+def sensitivity_section(results: list[dict]) -> Section | None:
+    """The findings' sensitivity analyses together: each exposure's ratio with the services as
+    fixed effects, as clusters (CR2) and as a random intercept, and its risk difference."""
+    chosen = [r for r in results if r.get("sensitivity") and r.get("exposure_term")]
+    if not chosen:
+        return None
+    title = "Sensitivity analyses of the findings"
+    section = Section("sensitivity", title, "findings")
+    section.summary.append(
+        "Each finding's model adjusts for the service with a fixed effect per service. With eight services a "
+        "reviewer asks whether the interval is honest when the referrals of one service are alike: the same "
+        "model fitted with the services as clusters (the CR2 small-sample cluster-robust standard errors with "
+        "Satterthwaite degrees of freedom, as the R package clubSandwich computes them) and with a random "
+        "intercept per service (as lme4's glmer). Both replace the services' fixed effects, so their estimates "
+        "differ a little from the main one."
+    )
+    forest_rows, table_rows, risk_rows = [], [], []
+    short = {"main": "fixed", "cr2": "CR2", "random_intercept": "random"}
+    for result in chosen:
+        finding = (result.get("reference") or {}).get("finding") or result["study"]
+        for analysis, t, _ in _sensitivity_terms(result):
+            forest_rows.append(
+                {
+                    "label": f"{_short(finding, 30)}: {short[analysis]}",
+                    "ratio": t.get("ratio"),
+                    "low": t.get("ratio_low"),
+                    "high": t.get("ratio_high"),
+                }
+            )
+        table_rows += sensitivity_rows(result)
+        risk_rows += [e["term"] for e in result["sensitivity"] if e["analysis"] == "marginal"]
+    section.figures.append(
+        figures.forest(
+            "sensitivity-forest",
+            forest_rows,
+            xlabel="odds ratio (log scale)",
+            caption=(
+                "Each finding's odds ratio with its 95% confidence interval, with the services as fixed effects "
+                "(the main estimate), as clusters with small-sample cluster-robust intervals (CR2) and as a random "
+                "intercept; the dashed line marks no difference."
+            ),
+        )
+    )
+    section.tables.append(
+        Table("sensitivity", "The findings with the services handled three ways", SENSITIVITY_HEADER, table_rows)
+    )
+    if risk_rows:
+        section.summary.append(
+            "For the binary exposures, the risk difference: the share with the outcome if everyone were exposed "
+            "minus the share if no one were, standardised over the finding's referrals (g-computation), on the "
+            "scale a commissioner reads."
+        )
+        section.tables.append(marginal_table("sensitivity-risk-difference", risk_rows))
     return section
 
 

@@ -35,12 +35,29 @@ GLOSSARY = {
     "services than DerSimonian-Laird.",
     "HKSJ": "Hartung-Knapp-Sidik-Jonkman: a random-effects interval on a t distribution, wider and more honest "
     "with few services.",
+    "random intercept": "A service's own baseline drawn from a normal distribution across services, instead of a "
+    "fixed effect per service.",
+    "g-computation": "The model's predictions averaged over the referrals with the exposure set for everyone, "
+    "then compared: a standardised risk.",
 }
 
 
 # The glossary's terms that are marked where they appear in a sentence (an <abbr> whose title
 # says what it means, as a tooltip and for screen readers).
-EXPLAINED = ("HC0", "SMD", "I²", "tau²", "Newton rounds", "REML", "DerSimonian-Laird", "HKSJ", "cluster-robust", "CR2")
+EXPLAINED = (
+    "HC0",
+    "SMD",
+    "I²",
+    "tau²",
+    "Newton rounds",
+    "REML",
+    "DerSimonian-Laird",
+    "HKSJ",
+    "cluster-robust",
+    "CR2",
+    "random intercept",
+    "g-computation",
+)
 
 
 def explain(text: str):
