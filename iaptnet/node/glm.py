@@ -34,6 +34,7 @@ import numpy as np
 from ..protocol.errors import DataError
 from ..protocol.families import THETA_MAX, THETA_MIN, get_family
 from ..protocol.formula_check import check_formula
+from ..protocol.kinds import MODULES as KIND_MODULES
 from ..protocol.kinds import glm as protocol
 from ..protocol.kinds import glmm as glmm_protocol
 from ..protocol.kinds.glm import NULL_SUFFIX, studies_from_payload
@@ -60,10 +61,31 @@ def single_study(payload: dict, schema, what: str) -> tuple[str, StudySpec]:
 
 
 def plain_glm(spec: StudySpec) -> StudySpec:
-    """`spec` when it is a GLM without a random intercept. A study with one (its `params`,
-    protocol/kinds/glmm.py) is a mixed model, approved as such under its hash: the glm.* tasks
-    would release a plain GLM's statistics for it, so they refuse it (its tasks are glmm.*)."""
+    """`spec` when it is a GLM study or a GLM another study derives, without a random intercept.
+
+    - A study of another kind (psm, iptw, meta, its, access, table) is approved under its hash
+      as that kind: its formula fitted as a GLM would be a model the Trust never approved (a
+      psm or iptw study's outcome model on the whole cohort, unmatched and unweighted), so the
+      glm.* tasks refuse it; the GLMs such a study derives are of kind "glm" and name it
+      (`params["derived_from"]`, checked at the gate: protocol/study.py's `approval_hash`).
+    - A model that reads columns this node computed for a study (`augment`: matched pairs,
+      weights, segments) must be one that study derives: otherwise, under the exploratory
+      policy, a coordinator could fit those private columns in a model of its own choosing.
+    - A study with a random intercept (its `params`, protocol/kinds/glmm.py) is a mixed model,
+      approved as such under its hash: the glm.* tasks would release a plain GLM's statistics
+      for it, so they refuse it (its tasks are glmm.*)."""
+    if spec.kind != "glm":
+        kind = f"kind '{spec.kind}'" if spec.kind in KIND_MODULES else "another kind"  # never echo any text sent
+        raise DataError(
+            f"model '{spec.name}' is a study of {kind}, which its own tasks compute: the glm tasks fit GLM studies "
+            "and the models a study derives."
+        )
     params = spec.params if isinstance(spec.params, dict) else {}
+    if spec.augment and not isinstance(params.get("derived_from"), dict):
+        raise DataError(
+            f"model '{spec.name}' reads columns this node computed for a study but names no study that derives it, "
+            "so the glm tasks do not fit it."
+        )
     if any(name in params for name in glmm_protocol.FIELDS):
         raise DataError(
             f"model '{spec.name}' has a random intercept, which a plain GLM's tasks would leave out: it is fitted by "
