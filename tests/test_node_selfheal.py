@@ -311,3 +311,54 @@ def test_reconnect_adaptations_are_undone():
     assert fhc.os is not before[2] and sci._init_connection is not before[3]
     supernode.uninstall_reconnect_adaptations()
     assert (fhc.make_simple_http_retry_invoker, fhc.HeartbeatSender, fhc.os, sci._init_connection) == before
+
+
+def test_a_message_whose_run_ended_while_it_was_pulled_leaves_no_task_behind(patched_loop, caplog):
+    """flwr 1.42 creates the task and stores the message before pulling its objects; a run that
+    ends meanwhile (the hub answers RunNotRunning: here a node thawed after the study went on
+    without it) makes it log "Ignoring message" and return, leaving a pending task whose
+    objects never come. The warm worker claimed that task and waited for them for ever: the
+    node, online, answered nothing again (bench/bench_freeze.py, frozen after a reply). The
+    adaptation drops the message and ends its task."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID, Status
+    from flwr.supercore.inflatable.inflatable_object import get_object_tree
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run, RunNotRunningException
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supernode.nodestate import NodeStateFactory
+
+    sci, _ = patched_loop
+    stores = ObjectStoreFactory()
+    store, state = stores.store(), NodeStateFactory(stores).state()
+    state.set_node_id(7)
+    run = Run.create_empty(run_id=42)
+    run.fab_hash = "f" * 64
+    state.store_run(run)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 42, SUPERLINK_NODE_ID
+    message = Message(RecordDict({"c": ConfigRecord({"a": 1})}), dst_node_id=7, message_type="query.task")
+    message.metadata.__dict__["_message_id"] = message.object_id
+    message.metadata.__dict__["_run_id"] = 42
+    tree = get_object_tree(message)
+    given = [(message, tree)]
+
+    def pull_object(run_id, object_id):
+        raise RunNotRunningException()
+
+    with caplog.at_level(logging.INFO):
+        got = sci._pull_and_store_message(
+            state=state,
+            object_store=store,
+            node_config={},
+            receive=lambda: given.pop() if given else None,
+            get_run=None,
+            get_fab=None,
+            pull_object=pull_object,
+            confirm_message_received=lambda *a: None,
+            trusted_entities=None,
+        )
+    assert got is None and "Ignoring message" in caplog.text
+    assert "was dropped with its task" in caplog.text
+    tasks = state.get_tasks(run_ids=[42])
+    assert tasks and all(t.status.status == Status.FINISHED for t in tasks)  # nothing left to claim
+    assert not state.get_messages_legacy(run_ids=[42], is_reply=False)

@@ -72,7 +72,15 @@ NEEDS: tuple[_Need, ...] = (
             "confirm_message_received",
             "trusted_entities",
         ),
-        ("state.create_task(", "return run_id", "recv := receive()"),
+        (
+            "state.create_task(",
+            "return run_id",
+            "recv := receive()",
+            # a run that ends while its message's objects are pulled leaves the message and its
+            # task behind (supernode.py's _drop_ignored ends them)
+            "state.store_message(message)",
+            "except RunNotRunningException:",
+        ),
     ),
     _Need(
         "flwr.supernode.start_client_internal",

@@ -155,19 +155,26 @@ def install_supernode_adaptations(
     original_pull, original_push = saved["_pull_and_store_message"], saved["_push_messages"]
 
     received: list[str] = []  # the id of the message being stored
+    created: list = []  # the task flwr created for it
 
     @functools.wraps(original_pull)
     def pull_and_store_message(*args, **kwargs):
         if tracker is not None:
             tracker.beat()
-            receive = kwargs.get("receive")
-            if receive is not None:
-                kwargs["receive"] = _noting_receive(receive, received)
+        receive = kwargs.get("receive")
+        if receive is not None:
+            kwargs["receive"] = _noting_receive(receive, received)
+        state = kwargs.get("state")
+        if state is not None:
+            _note_created_tasks(state, created)
         received.clear()
+        created.clear()
         try:
             with storing:
                 t0 = _time.monotonic()
                 run_id = original_pull(*args, **kwargs)
+                if run_id is None and received:
+                    _drop_ignored(state, kwargs.get("object_store"), received[0], created)
         except Exception as exc:
             if _unauthorized(exc):
                 raise HubForgotNode() from None
@@ -216,6 +223,47 @@ def _noting_receive(receive, received: list[str]):
         return got
 
     return noting
+
+
+def _note_created_tasks(state, created: list) -> None:
+    """Have flwr's NodeState note in `created` each task id it creates (once per state)."""
+    if getattr(state, "_iaptnet_notes_tasks", False):
+        return
+    create = state.create_task
+
+    @functools.wraps(create)
+    def noting(*args, **kwargs):
+        task_id = create(*args, **kwargs)
+        created.append(task_id)
+        return task_id
+
+    state.create_task = noting
+    state._iaptnet_notes_tasks = True
+
+
+def _drop_ignored(state, object_store, message_id: str, created: list) -> None:
+    """A message flwr received and then ignored (its run ended while its objects were pulled:
+    flwr 1.42 logs "Run ID ... is not in `RUNNING` status. Ignoring message") stays in the
+    node's state with its task and without its objects: the warm worker would claim that task
+    and wait for the objects for ever, and the node answer nothing again (a node frozen past
+    the node timeout and thawed met exactly this). Drop the message and end its task, as flwr
+    does for a message whose objects it failed to pull."""
+    from flwr.common.constant import SubStatus
+
+    if state is None:
+        return
+    try:
+        state.delete_messages(message_ids=[message_id])
+        if object_store is not None:
+            object_store.delete(message_id)
+        for task_id in [t for t in created if t is not None]:
+            state.finish_task(
+                task_id, sub_status=SubStatus.FAILED, details="the run ended while its message was pulled"
+            )
+    except Exception:  # noqa: BLE001 - cleaning up only
+        log.debug("could not drop the ignored message %s", message_id, exc_info=True)
+        return
+    log.info("message %s of a run that had ended was dropped with its task", message_id)
 
 
 def _drop_unanswered(state, object_store, message_id: str | None, why: Exception) -> None:
