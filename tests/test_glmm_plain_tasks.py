@@ -12,21 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 from nodecase import Node, assert_nothing_released, local_beta
+from test_glmm import COLUMNS as GLMM_COLUMNS
 
 from iaptnet.protocol import messages as m
 from iaptnet.protocol.kinds import glm as glm_protocol
 from iaptnet.protocol.kinds import glmm as glmm_protocol
 
 RESULTS = Path(__file__).resolve().parent / "results"
-COLUMNS = {
-    "id": {"type": "integer"},
-    "y": {"type": "binary"},
-    "anger": {"type": "integer"},
-    "gender": {"type": "categorical", "levels": ["F", "M"]},
-    "btype": {"type": "categorical", "levels": ["curse", "scold", "shout"]},
-    "situ": {"type": "categorical", "levels": ["other", "self"]},
-    "mode": {"type": "categorical", "levels": ["want", "do"]},
-}
+COLUMNS = GLMM_COLUMNS["glmm_binomial"]  # the VerbAgg extract of tests/results
 FORMULA = "y ~ anger + situ"
 
 
