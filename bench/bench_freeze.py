@@ -52,9 +52,22 @@ levels = ["a", "b", "c"]
 """
 
 
+# Two studies a try: more than exploratory mode's 25 studies a day (node/policy.py).
+POLICY = """mode = "exploratory"
+state_dir = "state"
+
+[rules]
+max_studies_per_day = 1000
+
+[exploratory]
+max_studies_per_day = 1000
+"""
+
+
 def write_network(folder: Path, nodes: int, rows: int = 400) -> Path:
     rng = np.random.default_rng(7)
     (folder / "schema.toml").write_text(SCHEMA)
+    (folder / "policy.toml").write_text(POLICY)
     entries = []
     for i in range(nodes):
         x = rng.normal(size=rows)
@@ -62,7 +75,9 @@ def write_network(folder: Path, nodes: int, rows: int = 400) -> Path:
         eta = -0.2 + 0.8 * x + pd.Series(g).map({"a": 0.0, "b": 0.4, "c": -0.5}).to_numpy()
         y = (rng.random(rows) < 1 / (1 + np.exp(-eta))).astype(int)
         pd.DataFrame({"y": y, "x": x, "g": g}).to_csv(folder / f"site{i}.csv", index=False)
-        entries.append(f'[[node]]\nname = "site{i}"\ndata = "site{i}.csv"\nschema = "schema.toml"\n')
+        entries.append(
+            f'[[node]]\nname = "site{i}"\ndata = "site{i}.csv"\nschema = "schema.toml"\npolicy = "policy.toml"\n'
+        )
     (folder / "network.toml").write_text("\n".join(entries))
     return folder / "network.toml"
 
