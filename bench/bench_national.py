@@ -162,7 +162,12 @@ def main() -> None:
     # differences blow up for estimates near 0).
     se = {t["term"]: t["std_error"] for t in result["terms"]}
     gap = max(abs(t["estimate"] - reference["params"][t["term"]]) / se[t["term"]] for t in result["terms"])
-    print(f"network: {args.services} services, {args.patients:,} referrals ({network.parent})")
+    if args.network:
+        from iaptnet.coordinator.network import load_network
+
+        print(f"network: {len(load_network(network).services)} services ({network})")
+    else:
+        print(f"network: {args.services} services, {args.patients:,} referrals ({network.parent})")
     print(
         f"{result['study']}: n = {result['n']:,}, {len(result['terms'])} coefficients, {result['rounds']} rounds "
         f"(1 prepare + {result['iterations']} Newton); statsmodels: {reference['iterations']} IRLS iterations"

@@ -383,17 +383,9 @@ def _judge(runtime: NodeRuntime, release: d.Release, rules, conditions=()) -> li
 
 
 def _in_span(facts: list[d.ModelFacts]) -> list:
-    """The footprints that join the span of released columns (node/span.py); the same list
-    object for the same facts, so the span's audit is reused when the release is remembered."""
-    key = tuple(id(f) for f in facts)
-    cached = _SPAN_CACHE.get("last")
-    if cached is None or cached[0] != key:
-        cached = (key, [f.footprint() for f in facts if f.n_rows and f.span])
-        _SPAN_CACHE["last"] = cached
-    return cached[1]
-
-
-_SPAN_CACHE: dict = {}
+    """The footprints that join the span of released columns (node/span.py; it reuses its
+    audit when the release is remembered with the same columns)."""
+    return [f.footprint() for f in facts if f.n_rows and f.span]
 
 
 def _distinct_facts(release: d.Release) -> list[d.ModelFacts]:

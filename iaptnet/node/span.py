@@ -56,7 +56,9 @@ class ReleasedSpan:
         self.leverage = np.zeros(n)
         self.digests: set[str] = set()
         self._offset = 0
-        self._pending: dict[int, tuple[list[str], np.ndarray | None]] = {}
+        # The new directions of the last audit, by the digests of the columns it was given: the
+        # release that passed is remembered with the same columns, so its QR is not done twice.
+        self._pending: dict[tuple[str, ...], np.ndarray | None] = {}
         self.reload()
 
     # -- the audit
@@ -66,24 +68,27 @@ class ReleasedSpan:
         self._pending = {}  # (one task at a time: an earlier, refused task's are dropped)
         digests, V = _columns(footprints, self.n, self.digests)
         if V is None:
-            self._pending[id(footprints)] = (digests, None)
             return float(self.leverage.max()) if self.n else 0.0
         if not np.all(np.isfinite(V)):
             return math.nan
         block = self._new_directions(V)
-        self._pending[id(footprints)] = (digests, block)
+        self._pending[tuple(digests)] = block
         if block is None:
             return float(self.leverage.max())
         return float(np.max(self.leverage + np.einsum("ij,ij->i", block, block)))
 
     def remember(self, footprints: list[Footprint]) -> None:
         """Join the footprints' columns to the span (after the release passed and was sent)."""
-        digests, block = self._pending.pop(id(footprints), (None, None))
-        if digests is None:  # not audited in this process: compute now
-            self.audit(footprints)
-            digests, block = self._pending.pop(id(footprints))
+        digests, V = _columns(footprints, self.n, self.digests)
         if not digests:
             return
+        key = tuple(digests)
+        if key in self._pending:  # audited with these very columns
+            block = self._pending.pop(key)
+        elif V is not None and np.all(np.isfinite(V)):
+            block = self._new_directions(V)
+        else:  # (the audit refuses a column that is not finite: it is never remembered)
+            raise ValueError("a released column is not finite")
         self._write(digests, block)
         self._add(digests, block)
 
@@ -102,6 +107,8 @@ class ReleasedSpan:
         if not keep.any():
             return None
         q = q[:, keep]
+        if not self.blocks:  # (LAPACK's q is orthonormal to rounding: nothing to project out)
+            return q
         for Q in self.blocks:  # once more against the span, for q's own rounding
             q -= Q @ (Q.T @ q)
         q, _ = np.linalg.qr(q)
