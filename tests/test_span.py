@@ -1,0 +1,71 @@
+"""The span of released columns (node/span.py) remembers a release with the directions its
+audit found, matched by the columns' content: the same columns in another list reuse them,
+other columns never do, and the span it keeps is the one a fresh computation gives."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from iaptnet.node import span as span_module
+from iaptnet.node.release_memory import Footprint
+from iaptnet.node.span import ReleasedSpan
+
+N = 400
+
+
+def footprint(label: str, seed: int, k: int = 3) -> Footprint:
+    rng = np.random.default_rng(seed)
+    rows = rng.random(N) < 0.7
+    columns = [(f"x{j}", rng.normal(size=int(rows.sum()))) for j in range(k)]
+    return Footprint(label, rows, columns=columns)
+
+
+def counting(monkeypatch) -> list[int]:
+    calls = []
+    original = ReleasedSpan._new_directions
+
+    def counted(self, V):
+        calls.append(V.shape[1])
+        return original(self, V)
+
+    monkeypatch.setattr(span_module.ReleasedSpan, "_new_directions", counted)
+    return calls
+
+
+def test_a_release_is_remembered_with_its_audits_directions(monkeypatch):
+    calls = counting(monkeypatch)
+    span = ReleasedSpan(None, N)
+    fp = footprint("m", 1)
+    top = span.audit([fp])
+    span.remember([footprint("m", 1)])  # the same columns, in another list of other objects
+    assert len(calls) == 1
+    np.testing.assert_allclose(span.leverage.max(), top, rtol=1e-12)
+
+
+def test_other_columns_are_never_remembered_with_an_audits_directions(monkeypatch):
+    calls = counting(monkeypatch)
+    span, fresh = ReleasedSpan(None, N), ReleasedSpan(None, N)
+    span.audit([footprint("a", 1)])  # audited (then, say, refused)
+    span.remember([footprint("b", 2)])  # another release remembered
+    fresh.remember([footprint("b", 2)])
+    assert len(calls) == 3  # b's own directions, computed for it
+    np.testing.assert_allclose(span.leverage, fresh.leverage, rtol=1e-12, atol=1e-15)
+
+
+def test_the_span_kept_is_the_projection_onto_every_released_column():
+    span = ReleasedSpan(None, N)
+    released = [footprint("a", 1), footprint("b", 2, k=5), footprint("c", 3)]
+    for fp in released:
+        span.audit([fp])
+        span.remember([fp])
+    columns = []
+    for fp in released:
+        columns.append(fp.rows.astype(float))
+        for _, values in fp.columns:
+            column = np.zeros(N)
+            column[fp.rows] = values
+            columns.append(column)
+    q, _ = np.linalg.qr(np.column_stack(columns))
+    np.testing.assert_allclose(span.leverage, np.einsum("ij,ij->i", q, q), rtol=1e-9, atol=1e-12)
+    basis = np.column_stack(span.blocks)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-12)
