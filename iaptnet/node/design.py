@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ..protocol.errors import DataError
-from ..protocol.formula_check import ParsedFormula, check_formula
+from ..protocol.formula_check import ParsedFormula, check_formula, holding_ast_lock
 from ..protocol.schema import Schema
 from ..protocol.study import StudySpec, check_at_node, merged_levels
 from .cohort import cohort_mask
@@ -176,6 +176,7 @@ def estimation_columns(spec: StudySpec, frame: pd.DataFrame) -> list[str]:
     return out
 
 
+@holding_ast_lock
 def _expression_columns(expr: str, frame: pd.DataFrame) -> set[str]:
     return {n.id for n in ast.walk(ast.parse(expr, mode="eval")) if isinstance(n, ast.Name) and n.id in frame.columns}
 
@@ -216,6 +217,7 @@ def apply_merges(rows: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
     return rows
 
 
+@holding_ast_lock
 def stateful_arguments(parsed: ParsedFormula) -> dict[str, str]:
     """For each center()/scale() factor, the expression inside it (evaluated for moments)."""
     out = {}
@@ -225,6 +227,7 @@ def stateful_arguments(parsed: ParsedFormula) -> dict[str, str]:
     return out
 
 
+@holding_ast_lock
 def evaluate_expression(rows: pd.DataFrame, expr: str) -> np.ndarray:
     """Evaluate one already-checked factor expression on the rows, via formulaic."""
     from formulaic import model_matrix
@@ -233,6 +236,7 @@ def evaluate_expression(rows: pd.DataFrame, expr: str) -> np.ndarray:
     return np.asarray(mm, dtype=float)[:, 0]
 
 
+@holding_ast_lock
 def build_design(
     frame: pd.DataFrame,
     schema: Schema,
@@ -291,6 +295,7 @@ def build_design(
     return designed
 
 
+@holding_ast_lock
 def _set_to(model_spec, rows: pd.DataFrame, column: str, value: int, X: np.ndarray) -> np.ndarray:
     """The design with `column` set to `value` on every row, from the model's own spec (same
     levels, same pooled centring). Each of its columns must be constant or one of the model's
@@ -420,6 +425,7 @@ def _quote(text: str) -> str:
     return '"' + text + '"'
 
 
+@holding_ast_lock
 def legacy_ordered(rhs: str, schema: Schema):
     """The right-hand side with terms in statsmodels' default ("legacy", patsy) order.
 
@@ -454,6 +460,7 @@ def _legacy_ordered(rhs: str, categorical_columns: tuple[str, ...]):
     return Formula(intercept + cats + rest, _ordering="none")
 
 
+@holding_ast_lock
 def _names_from_empty(rows: pd.DataFrame, model_spec) -> list[str]:
     """Column names when the node has no complete rows: evaluate on one placeholder row."""
     placeholder = {}

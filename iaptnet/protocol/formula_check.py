@@ -24,11 +24,31 @@ from __future__ import annotations
 import ast
 import functools
 import io
+import threading
 import tokenize
 from dataclasses import dataclass
 
 from .errors import SpecError
 from .schema import Schema
+
+#: CPython 3.11 keeps the depth of its AST conversions (ast.parse, compile of a tree) in
+#: interpreter-wide state: two threads parsing at once (the in-process engine's nodes, each
+#: building a design with formulaic) can fail with "SystemError: AST constructor recursion depth
+#: mismatch" (CPython gh-106905). Every parse of a formula or a factor, here and in formulaic,
+#: holds this lock (`holding_ast_lock`).
+AST_LOCK = threading.RLock()
+
+
+def holding_ast_lock(fn):
+    """`fn` run while holding AST_LOCK."""
+
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):
+        with AST_LOCK:
+            return fn(*args, **kwargs)
+
+    return locked
+
 
 MAX_LENGTH = 4000
 MAX_NESTING = 12
@@ -98,6 +118,7 @@ def _prescan(text: str, source: str) -> None:
 
 
 @functools.lru_cache(maxsize=256)
+@holding_ast_lock
 def parse_formula(text: str, source: str = "study") -> ParsedFormulaParts:
     """Scan and parse with formulaic; returns the outcome and the right-hand factors.
     Cached: a node parses the same formulas at every task of a study."""
@@ -130,6 +151,7 @@ class ParsedFormulaParts:
     rhs_terms: list
 
 
+@holding_ast_lock
 def check_formula(text: str, schema: Schema, family: str, source: str = "study") -> ParsedFormula:
     """Validate a formula against the schema and the allowed transforms; raise SpecError."""
     parts = parse_formula(text, source)
@@ -171,6 +193,7 @@ def check_formula(text: str, schema: Schema, family: str, source: str = "study")
     )
 
 
+@holding_ast_lock
 def check_expression(expr: str, schema: Schema, source: str, field: str) -> frozenset[str]:
     """Check a standalone expression (an offset such as `log(n_dna + n_treat)`) against the
     same allowed transforms as a formula factor; return the columns it reads."""

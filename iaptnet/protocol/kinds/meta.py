@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import SpecError
 from ..families import FAMILIES
-from ..formula_check import ParsedFormula, check_formula, parse_formula
+from ..formula_check import ParsedFormula, check_formula, holding_ast_lock, parse_formula
 from ..schema import Schema
 from ..study import COMMON_KEYS, StudySpec, check_estimation, check_offset, common_fields
 
@@ -144,6 +144,7 @@ def split_service_term(formula: str, service: str, source: str = "study") -> tup
     return f"{outcome} ~ {rhs}" if intercept else f"{outcome} ~ 0 + {rhs}", found
 
 
+@holding_ast_lock
 def _names(expr: str) -> set[str]:
     try:
         return {n.id for n in ast.walk(ast.parse(expr, mode="eval")) if isinstance(n, ast.Name)}

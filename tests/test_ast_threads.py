@@ -1,0 +1,66 @@
+"""The in-process engine runs nodes in threads, and each parses formulas and factors (here and
+in formulaic). CPython 3.11 keeps the depth of its AST conversions in interpreter-wide state,
+so a thread switch inside one (the garbage collector running Python finalizers) let another
+thread's parse corrupt it: "SystemError: AST constructor recursion depth mismatch", seen once
+in CI as a node's internal error. Every parse holds formula_check.AST_LOCK."""
+
+from __future__ import annotations
+
+import gc
+import sys
+import threading
+
+import pandas as pd
+
+from iaptnet.node import design
+from iaptnet.protocol.formula_check import check_expression, parse_formula
+from iaptnet.protocol.schema import Column, Schema
+
+EXPR = "log(" * 30 + "x + y * 2" + ")" * 30
+
+
+class Cycle:
+    """Garbage that runs Python code when the collector frees it: a chance to switch threads."""
+
+    def __init__(self):
+        self.me = self
+
+    def __del__(self):
+        sum(range(50))
+
+
+def hammer(work, threads: int = 4, rounds: int = 3000) -> list[str]:
+    errors: list[str] = []
+
+    def run():
+        for _ in range(rounds):
+            Cycle()
+            Cycle()
+            try:
+                work()
+            except SystemError as exc:  # pragma: no cover - the failure this test guards against
+                errors.append(str(exc))
+                return
+
+    interval, thresholds = sys.getswitchinterval(), gc.get_threshold()
+    sys.setswitchinterval(1e-6)
+    gc.set_threshold(50, 1, 1)
+    try:
+        pool = [threading.Thread(target=run) for _ in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+        gc.set_threshold(*thresholds)
+    return errors
+
+
+def test_formulas_parse_safely_from_many_threads():
+    schema = Schema("t", {"x": Column(name="x", type="numeric"), "y": Column(name="y", type="numeric")})
+    frame = pd.DataFrame({"x": [1.0, 2.0], "y": [0.0, 1.0]})
+
+    assert hammer(lambda: design._expression_columns(EXPR, frame)) == []
+    assert hammer(lambda: check_expression(EXPR, schema, "s", "offset"), rounds=300) == []
+    assert hammer(lambda: parse_formula(f"y ~ {EXPR}"), rounds=300) == []
