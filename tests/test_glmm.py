@@ -166,6 +166,27 @@ def test_random_intercept_equals_lme4(networks, name, model):
     np.testing.assert_allclose(llf, theirs["loglik"], rtol=1e-9, atol=0)
 
 
+def test_a_centred_term_is_lme4s_fit_with_the_pooled_mean_taken_out(networks):
+    """`center(time)` goes through glmm.moments (the nodes' means pooled exactly): the slopes
+    and every standard error but the intercept's are lme4's, and the intercept moves by the
+    slope times the pooled rows' mean (pandas)."""
+    theirs = reference("glmm_gaussian")["ml"]
+    fields = dict(fields_of(theirs, "glmm_gaussian"), formula=theirs["formula"].replace("time", "center(time)"))
+    result = run_study(networks["glmm_gaussian"], name="glmm_centred", **fields)
+    ours = {t["term"]: t for t in result["terms"]}
+    mean = pd.concat(sites_of("glmm_gaussian").values())["time"].mean()
+    slope = theirs["estimate"]["time"]
+    np.testing.assert_allclose(ours["center(time)"]["estimate"], slope, rtol=GLMM_RTOL)
+    np.testing.assert_allclose(ours["center(time)"]["std_error"], theirs["std_error"]["time"], rtol=GLMM_RTOL)
+    for r_name in ("dietmixed", "dietlupins"):
+        np.testing.assert_allclose(
+            ours[term_of(r_name, "glmm_gaussian")]["estimate"], theirs["estimate"][r_name], rtol=GLMM_RTOL
+        )
+    np.testing.assert_allclose(
+        ours["Intercept"]["estimate"], theirs["estimate"]["(Intercept)"] + slope * mean, rtol=GLMM_RTOL
+    )
+
+
 @pytest.mark.parametrize("name, model", [("glmm_binomial", "laplace"), ("glmm_binomial", "agq10")])
 def test_standard_errors_equal_lme4s_vcov_with_an_accurate_hessian(networks, name, model):
     """lme4's vcov() formula (the beta block of twice the inverse Hessian of the deviance in

@@ -208,7 +208,7 @@ def _prepare_fits(
     if given is not None:
         transform_state = given
     elif any(stateful.values()):
-        transform_state, moment_nodes = _pooled_transform_state(session, models_wire, stateful)
+        transform_state, moment_nodes = pooled_transform_state(session, models_wire, stateful)
     payload = {"models": models_wire, "transform_state": transform_state}
     if optional:
         payload["optional"] = sorted(optional)
@@ -496,13 +496,14 @@ def _sum(replies: list[m.Reply], name: str) -> np.ndarray:
     return total
 
 
-def _pooled_transform_state(session, models_wire, stateful) -> tuple[dict, set[str]]:
+def pooled_transform_state(session, models_wire, stateful, task: str = protocol.MOMENTS) -> tuple[dict, set[str]]:
     """Pool (n, mean, M2) per centred/scaled expression with Chan's formula; exact. Also
-    returns the nodes pooled."""
-    replies = session.ask(protocol.MOMENTS, {"models": models_wire})
+    returns the nodes pooled. `task`: the kind's moments task (glm.moments, glmm.moments)."""
+    replies = session.ask(task, {"models": models_wire})
     _check_replies(replies, session)
     state: dict[str, dict] = {}
     for key, exprs in stateful.items():
+        name = models_wire[key].get("name", key)
         state[key] = {}
         for i, expr in enumerate(exprs):
             n = mean = m2 = 0.0
@@ -516,7 +517,7 @@ def _pooled_transform_state(session, models_wire, stateful) -> tuple[dict, set[s
                 m2 = m2 + m2k + delta * delta * n * nk / total
                 n = total
             if n < 2:
-                raise ModelError(f"model '{key}': too few rows to centre or scale '{expr}'.")
+                raise ModelError(f"model '{name}': too few rows to centre or scale '{expr}'.")
             entry = {"ddof": 1, "center": mean, "scale": None}
             if expr.replace(" ", "").startswith("scale("):
                 entry["scale"] = float(np.sqrt(m2 / (n - 1)))

@@ -33,10 +33,9 @@ from scipy import special
 from ..protocol import messages as m
 from ..protocol.errors import ModelError, NetworkError
 from ..protocol.families import Family, get_family
-from ..protocol.kinds import glm as glm_protocol
 from ..protocol.kinds import glmm as protocol
 from ..protocol.study import StudySpec
-from .glm import _check_collinear, _check_replies, _solve_start, _sum
+from .glm import _check_collinear, _check_replies, _solve_start, _sum, pooled_transform_state
 from .results import Z975, provenance
 from .runner import node_status
 from .session import Session
@@ -111,7 +110,7 @@ def fit_mixed(session: Session, spec: StudySpec, stateful: Sequence[str] = ()) -
     ri = protocol.settings(spec)
     fit = MixedFit(spec, get_family(spec.family), ri)
     wire = {KEY: spec.to_wire()}
-    state = {KEY: _pooled_moments(session, wire, list(stateful), spec.name)} if stateful else {}
+    state = pooled_transform_state(session, wire, {KEY: list(stateful)}, protocol.MOMENTS)[0] if stateful else {}
     replies = session.ask(protocol.PREPARE, {"models": wire, "transform_state": state})
     _check_replies(replies, session)
     for reply in replies:
@@ -123,32 +122,6 @@ def fit_mixed(session: Session, spec: StudySpec, stateful: Sequence[str] = ()) -
         _fit_glmm(session, fit, start)
     _count_contributors(fit, session)
     return fit
-
-
-def _pooled_moments(session: Session, wire: dict, stateful: list[str], name: str) -> dict:
-    """(n, mean, M2) of each centred or scaled expression pooled with Chan's formula (exact),
-    over the rows with a group."""
-    replies = session.ask(protocol.MOMENTS, {"models": wire})
-    _check_replies(replies, session)
-    state = {}
-    for i, expr in enumerate(stateful):
-        n = mean = m2 = 0.0
-        for reply in replies:
-            nk, meank, m2k = reply.arrays[glm_protocol.moments_key(KEY, i)]
-            if nk == 0:
-                continue
-            delta = meank - mean
-            total = n + nk
-            mean = mean + delta * nk / total
-            m2 = m2 + m2k + delta * delta * n * nk / total
-            n = total
-        if n < 2:
-            raise ModelError(f"model '{name}': too few rows to centre or scale '{expr}'.")
-        entry = {"ddof": 1, "center": mean, "scale": None}
-        if expr.replace(" ", "").startswith("scale("):
-            entry["scale"] = float(np.sqrt(m2 / (n - 1)))
-        state[expr] = entry
-    return state
 
 
 def _absorb_prepare(fit: MixedFit, replies: list[m.Reply]) -> np.ndarray:
