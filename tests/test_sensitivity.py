@@ -278,3 +278,16 @@ def test_the_trust_approves_the_study_and_its_companions_together(run, tmp_path,
     assert "std errors CR2, clustered by site" in said and "marginal   standardised risks of t" in said
     result = run_inprocess([study], network)[0]
     assert [e["analysis"] for e in result["sensitivity"]] == ["cr2", "random_intercept", "marginal"]
+
+
+def test_the_terminal_report_has_a_line_per_companion(run):
+    from iaptnet.coordinator.results import render_report
+
+    text = render_report(run["result"])
+    cr2, mixed = entries(run["result"])["cr2"], entries(run["result"])["random_intercept"]
+    lines = [line for line in text.splitlines() if line.startswith("  sensitivity, ")]
+    assert len(lines) == 2
+    assert f"CR2 by site (4 clusters, df {cr2['term']['df']:.1f})" in lines[0]
+    assert f"{cr2['term']['ratio']:.3f}" in lines[0] and cr2["formula"] in lines[0]
+    assert "random intercept for site" in lines[1] and f"{mixed['term']['ratio']:.3f}" in lines[1]
+    assert "standardised t:" in text  # the risk difference, as the study's own marginal line

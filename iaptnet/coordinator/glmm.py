@@ -542,8 +542,7 @@ def build_results(fit: MixedFit, *, engine: str, node_status: list[dict], rounds
 
 def render(result: dict) -> str:
     """The terminal report of a random-intercept model."""
-    from ..report.words import p_value
-    from .results import node_lines
+    from .results import node_lines, term_lines
 
     gaussian = result["family"] == "gaussian"
     how = (
@@ -562,18 +561,5 @@ def render(result: dict) -> str:
     for vc in result["variance_components"]:
         lines.append(f"  variance {vc['group']:<20} {vc['variance']:.6g} (std dev {vc['std_dev']:.6g})")
     lines.extend(node_lines(result))
-    ratio = result.get("ratio_name")
-    head = f"  {'term':<34} {'estimate':>10} {'std err':>9} {'z':>8} {'p':>9}"
-    if ratio:
-        head += f"   {ratio + ' (95% CI)':>26}"
-    lines.append(head)
-    for t in result["terms"]:
-        row = f"  {t['term'][:34]:<34} {t['estimate']:>10.4f} {t['std_error']:>9.4f} {t['statistic']:>8.2f} {p_value(t['p_value']):>9}"
-        if ratio:
-            row += f"   {t['ratio']:>8.3f} ({t['ratio_low']:.3f}-{t['ratio_high']:.3f})"
-        if t["term"] == result.get("exposure"):
-            row += "  <- exposure"
-        lines.append(row)
-    for d in result.get("dropped_terms", []):
-        lines.append(f"  dropped {d['term']}: {d['reason']}")
+    lines.extend(term_lines(result))
     return "\n".join(lines)

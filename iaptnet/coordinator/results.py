@@ -190,6 +190,46 @@ def term_text(term: str, result: dict) -> str:
     return term
 
 
+def term_lines(result: dict) -> list[str]:
+    """The terms as a table (estimate, standard error, statistic, p, ratio with its CI), then
+    the terms the fit left out."""
+    ratio = result.get("ratio_name")
+    head = f"  {'term':<34} {'estimate':>10} {'std err':>9} {'z':>8} {'p':>9}"
+    if ratio:
+        head += f"   {ratio + ' (95% CI)':>26}"
+    lines = [head]
+    for t in result["terms"]:
+        row = f"  {term_text(t['term'], result)[:34]:<34} {t['estimate']:>10.4f} {t['std_error']:>9.4f} {t['statistic']:>8.2f} {p_value(t['p_value']):>9}"
+        if ratio:
+            row += f"   {t['ratio']:>8.3f} ({t['ratio_low']:.3f}-{t['ratio_high']:.3f})"
+        if t["term"] == result.get("exposure"):
+            row += "  <- exposure"
+        lines.append(row)
+    for d in result.get("dropped_terms", []):
+        lines.append(f"  dropped {d['term']}: {d['reason']}")
+    return lines
+
+
+def sensitivity_lines(result: dict) -> list[str]:
+    """The study's sensitivity analyses (protocol/sensitivity.py), one line each."""
+    ratio = result.get("ratio_name") or "ratio"
+    lines = []
+    for e in result.get("sensitivity") or []:
+        t = e.get("term") or {}
+        if e["analysis"] == "marginal" or "ratio" not in t:
+            continue
+        if e["analysis"] == "cr2":
+            how = f"CR2 by {e['cluster']} ({e['n_clusters']} clusters, df {t['df']:.1f})"
+        else:
+            group = e["variance_components"][0]
+            how = f"random intercept for {group['group']} (std dev {group['std_dev']:.3g})"
+        lines.append(
+            f"  sensitivity, {how}: {ratio} {t['ratio']:.3f} ({t['ratio_low']:.3f}-{t['ratio_high']:.3f}), "
+            f"p {p_value(t['p_value'])}; {e['formula']}"
+        )
+    return lines
+
+
 def render_report(result: dict) -> str:
     """A statsmodels-like summary table for the terminal (other kinds: their module's render)."""
     if result.get("kind", "glm") != "glm":
@@ -220,20 +260,7 @@ def render_report(result: dict) -> str:
             f"  CR2 standard errors clustered on {result.get('cluster')} ({result.get('n_clusters')} clusters); "
             f"z below is t, its p and CI on Satterthwaite df: {dfs}"
         )
-    ratio = result.get("ratio_name")
-    head = f"  {'term':<34} {'estimate':>10} {'std err':>9} {'z':>8} {'p':>9}"
-    if ratio:
-        head += f"   {ratio + ' (95% CI)':>26}"
-    lines.append(head)
-    for t in result["terms"]:
-        row = f"  {term_text(t['term'], result)[:34]:<34} {t['estimate']:>10.4f} {t['std_error']:>9.4f} {t['statistic']:>8.2f} {p_value(t['p_value']):>9}"
-        if ratio:
-            row += f"   {t['ratio']:>8.3f} ({t['ratio_low']:.3f}-{t['ratio_high']:.3f})"
-        if t["term"] == result.get("exposure"):
-            row += "  <- exposure"
-        lines.append(row)
-    for d in result.get("dropped_terms", []):
-        lines.append(f"  dropped {d['term']}: {d['reason']}")
+    lines.extend(term_lines(result))
     for e in result.get("marginal") or []:
         line = (
             f"  standardised {e['term']}: {e['risk_exposed']:.4f} set to 1 vs {e['risk_unexposed']:.4f} set to 0; "
@@ -242,4 +269,5 @@ def render_report(result: dict) -> str:
         if e["risk_ratio"] is not None:
             line += f", ratio {e['risk_ratio']:.3f} ({e['rr_low']:.3f}-{e['rr_high']:.3f})"
         lines.append(line)
+    lines.extend(sensitivity_lines(result))
     return "\n".join(lines)
