@@ -18,8 +18,8 @@ from ..protocol.formula_check import ParsedFormula
 from ..protocol.iapt_schema import iapt_analysis_schema
 from ..protocol.kinds import glm as glm_protocol
 from ..protocol.schema import Schema
-from ..protocol.sensitivity import expand
-from ..protocol.study import StudySpec, parse_study, read_study_file
+from ..protocol.sensitivity import parse_with_companions
+from ..protocol.study import StudySpec, read_study_file
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,9 @@ class LoadedStudy:
 
 def parse_loaded(data: dict, schema: Schema, source: str, path: Path | None) -> LoadedStudy:
     """A study and the companion studies of its [sensitivity] table, each validated."""
-    own, companions = expand(data, source)
-    spec, parsed = parse_study(own, schema, source)
-    loaded = []
-    for analysis, fields in companions:
-        c_spec, c_parsed = parse_study(fields, schema, f"{source} [sensitivity]")
-        loaded.append((analysis, LoadedStudy(c_spec, c_parsed, path)))
-    return LoadedStudy(spec, parsed, path, tuple(loaded))
+    (spec, parsed), companions = parse_with_companions(data, schema, source)
+    loaded = tuple((analysis, LoadedStudy(*parsed_companion, path)) for analysis, parsed_companion in companions)
+    return LoadedStudy(spec, parsed, path, loaded)
 
 
 def resolve_schema(study_data: dict, study_path: Path | None, network_schemas: set[str | None]) -> Schema:

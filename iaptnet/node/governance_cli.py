@@ -62,8 +62,8 @@ def register(node_sub) -> None:
 def cmd_approve(args) -> int:
     from ..protocol.iapt_schema import iapt_analysis_schema
     from ..protocol.schema import Schema
-    from ..protocol.sensitivity import expand
-    from ..protocol.study import parse_study, read_study_file
+    from ..protocol.sensitivity import parse_with_companions
+    from ..protocol.study import read_study_file
     from .policy import add_approved_hash, load_policy
 
     policy_path = Path(args.policy)
@@ -80,9 +80,8 @@ def cmd_approve(args) -> int:
         schema = schema.with_services(network_services(args, schema.network_column))
     # A study's sensitivity analyses are studies of their own (protocol/sensitivity.py): the
     # Trust reviews and approves each, by its own hash.
-    own, companions = expand(data, str(study_path))
-    specs = [parse_study(own, schema, str(study_path))]
-    specs += [parse_study(fields, schema, f"{study_path} [sensitivity]") for _, fields in companions]
+    main, companions = parse_with_companions(data, schema, str(study_path))
+    specs = [main] + [parsed for _, parsed in companions]
     print("\n\n".join(describe_study(spec, parsed, schema, policy) for spec, parsed in specs))
     pending = [spec.hash for spec, _ in specs if spec.hash not in policy.approved]
     if not pending:

@@ -130,6 +130,17 @@ def expand(data: dict, source: str) -> tuple[dict, list[tuple[str, dict]]]:
     return own, companions
 
 
+def parse_with_companions(data: dict, schema, source: str):
+    """A study file's fields parsed (protocol/study.py's parse_study), with its companions':
+    ((spec, parsed), [(analysis, (spec, parsed)), ...])."""
+    from .study import parse_study
+
+    own, companions = expand(data, source)
+    return parse_study(own, schema, source), [
+        (analysis, parse_study(fields, schema, f"{source} [sensitivity]")) for analysis, fields in companions
+    ]
+
+
 #: Keys of a companion's exposure term kept in its sensitivity entry.
 TERM_KEYS = (
     "term",
