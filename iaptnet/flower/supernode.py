@@ -154,8 +154,7 @@ def install_supernode_adaptations(
     saved = {name: getattr(sci, name) for name in ("time", "pull_objects", "_pull_and_store_message", "_push_messages")}
     original_pull, original_push = saved["_pull_and_store_message"], saved["_push_messages"]
 
-    received: list[str] = []  # the id of the message being stored
-    created: list = []  # the task flwr created for it
+    received: list = []  # the message being stored
 
     @functools.wraps(original_pull)
     def pull_and_store_message(*args, **kwargs):
@@ -164,17 +163,13 @@ def install_supernode_adaptations(
         receive = kwargs.get("receive")
         if receive is not None:
             kwargs["receive"] = _noting_receive(receive, received)
-        state = kwargs.get("state")
-        if state is not None:
-            _note_created_tasks(state, created)
         received.clear()
-        created.clear()
         try:
             with storing:
                 t0 = _time.monotonic()
                 run_id = original_pull(*args, **kwargs)
                 if run_id is None and received:
-                    _drop_ignored(state, kwargs.get("object_store"), received[0], created)
+                    _drop_ignored(kwargs.get("state"), kwargs.get("object_store"), received[0])
         except Exception as exc:
             if _unauthorized(exc):
                 raise HubForgotNode() from None
@@ -184,7 +179,7 @@ def install_supernode_adaptations(
         if run_id is not None:
             log.debug("message stored (%.3f s)", _time.monotonic() - t0)
             if tracker is not None:
-                tracker.message_stored(received[0] if received else None)
+                tracker.message_stored(received[0].metadata.message_id if received else None)
             policy.touch()
             on_message()
         return run_id
@@ -213,52 +208,38 @@ def install_supernode_adaptations(
     sci._push_messages = push_messages
 
 
-def _noting_receive(receive, received: list[str]):
-    """flwr's `receive`, noting the id of the message it returns."""
+def _noting_receive(receive, received: list):
+    """flwr's `receive`, noting the message it returns."""
 
     def noting():
         got = receive()
         if got is not None:
-            received.append(got[0].metadata.message_id)
+            received.append(got[0])
         return got
 
     return noting
 
 
-def _note_created_tasks(state, created: list) -> None:
-    """Have flwr's NodeState note in `created` each task id it creates (once per state)."""
-    if getattr(state, "_iaptnet_notes_tasks", False):
-        return
-    create = state.create_task
-
-    @functools.wraps(create)
-    def noting(*args, **kwargs):
-        task_id = create(*args, **kwargs)
-        created.append(task_id)
-        return task_id
-
-    state.create_task = noting
-    state._iaptnet_notes_tasks = True
-
-
-def _drop_ignored(state, object_store, message_id: str, created: list) -> None:
+def _drop_ignored(state, object_store, message) -> None:
     """A message flwr received and then ignored (its run ended while its objects were pulled:
     flwr 1.42 logs "Run ID ... is not in `RUNNING` status. Ignoring message") stays in the
-    node's state with its task and without its objects: the warm worker would claim that task
-    and wait for the objects for ever, and the node answer nothing again (a node frozen past
-    the node timeout and thawed met exactly this). Drop the message and end its task, as flwr
-    does for a message whose objects it failed to pull."""
-    from flwr.common.constant import SubStatus
+    node's state with a pending task and without its objects: the warm worker would claim that
+    task and wait for the objects for ever, and the node answer nothing again (a node frozen
+    past the node timeout and thawed met exactly this). Drop the message and end the run's
+    pending tasks (the run has ended: none of them can be served), as flwr does for a message
+    whose objects it failed to pull."""
+    from flwr.common.constant import Status, SubStatus
 
     if state is None:
         return
+    message_id, run_id = message.metadata.message_id, message.metadata.run_id
     try:
         state.delete_messages(message_ids=[message_id])
         if object_store is not None:
             object_store.delete(message_id)
-        for task_id in [t for t in created if t is not None]:
+        for task in state.get_tasks(run_ids=[run_id], statuses=[Status.PENDING]):
             state.finish_task(
-                task_id, sub_status=SubStatus.FAILED, details="the run ended while its message was pulled"
+                task.task_id, sub_status=SubStatus.FAILED, details="the run ended while its message was pulled"
             )
     except Exception:  # noqa: BLE001 - cleaning up only
         log.debug("could not drop the ignored message %s", message_id, exc_info=True)
