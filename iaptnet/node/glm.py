@@ -257,12 +257,7 @@ def prepare(dataset, payload: dict, release: Release, augments=None):
                 local[model_key] = np.append(local[model_key], math.log(theta))
             section.array(protocol.local_info_key(model_key), pack_upper(info))
             section.array(protocol.local_ibeta_key(model_key), ibeta)
-        table = release.table(key, group="counts")
-        table.count("n_used", design.n)
-        if spec.family != "gaussian":
-            table.count("events", float(design.y.sum()))
-        table.count("n_cohort", design.n_cohort)
-        table.count("n_missing", design.n_missing)
+        release_counts(release, key, design, spec.family)
     if declined:
         release.public("declined", declined)
     return designs, facts, local
@@ -559,6 +554,17 @@ def meat(design: DesignedModel, family, beta: np.ndarray, cov_type: str) -> np.n
 
 
 @np.errstate(over="ignore", invalid="ignore", divide="ignore")  # a fit that runs off ends below; sums are judged finite
+def release_counts(release: Release, key: str, design: DesignedModel, family: str) -> None:
+    """A model's count table (rows used, events, cohort, dropped as missing), under the
+    small-number rules (rounded, small counts suppressed) like every table."""
+    table = release.table(key, group="counts")
+    table.count("n_used", design.n)
+    if family != "gaussian":
+        table.count("events", float(design.y.sum()))
+    table.count("n_cohort", design.n_cohort)
+    table.count("n_missing", design.n_missing)
+
+
 def local_fit(design: DesignedModel, family) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """This node's own maximum-likelihood fit, for the coordinator's warm start.
 

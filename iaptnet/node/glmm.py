@@ -32,7 +32,7 @@ from ..protocol.kinds.glm import studies_from_payload
 from ..protocol.messages import pack_upper
 from .design import apply_merges, build_design, study_frame
 from .disclosure import LevelCount, Release, require_rows, task_rules
-from .glm import local_fit, model_facts, moments
+from .glm import local_fit, model_facts, moments, release_counts
 from .glmm_likelihood import GroupDesign, Groups, MarginalLikelihood, gaussian_sums
 from .registry import handler
 from .runtime import NodeRuntime, PreparedStudy
@@ -95,12 +95,7 @@ def prepare(runtime: NodeRuntime, task, release: Release) -> MixedPrepared:
         info, ibeta, local = local_fit(design, family)
         section.array(protocol.local_info_key(key), pack_upper(info))
         section.array(protocol.local_ibeta_key(key), ibeta)
-        table = release.table(key, group="counts")
-        table.count("n_used", design.n)
-        if spec.family != "gaussian":
-            table.count("events", float(design.y.sum()))
-        table.count("n_cohort", design.n_cohort)
-        table.count("n_missing", design.n_missing)
+        release_counts(release, key, design, spec.family)
         prepared.designs[key] = design
         prepared.families[key] = spec.family
         prepared.facts[key] = facts
