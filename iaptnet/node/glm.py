@@ -553,7 +553,6 @@ def meat(design: DesignedModel, family, beta: np.ndarray, cov_type: str) -> np.n
     return per_cluster.T @ per_cluster
 
 
-@np.errstate(over="ignore", invalid="ignore", divide="ignore")  # a fit that runs off ends below; sums are judged finite
 def release_counts(release: Release, key: str, design: DesignedModel, family: str) -> None:
     """A model's count table (rows used, events, cohort, dropped as missing), under the
     small-number rules (rounded, small counts suppressed) like every table."""
@@ -565,6 +564,7 @@ def release_counts(release: Release, key: str, design: DesignedModel, family: st
     table.count("n_missing", design.n_missing)
 
 
+@np.errstate(over="ignore", invalid="ignore", divide="ignore")  # a fit that runs off ends below; sums are judged finite
 def local_fit(design: DesignedModel, family) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """This node's own maximum-likelihood fit, for the coordinator's warm start.
 
