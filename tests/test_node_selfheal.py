@@ -362,3 +362,82 @@ def test_a_message_whose_run_ended_while_it_was_pulled_leaves_no_task_behind(pat
     tasks = state.get_tasks(run_ids=[42])
     assert tasks and all(t.status.status == Status.FINISHED for t in tasks)  # nothing left to claim
     assert not state.get_messages_legacy(run_ids=[42], is_reply=False)
+
+
+# --------------------------------------------------------------------------- serving a task
+
+
+class _Served:
+    """Stands in for flwr's runtime client, task heartbeat and task input/output functions
+    around `WarmWorker._serve`, with a reply push that fails as `push_error` says."""
+
+    def __init__(self, monkeypatch, push_error: Exception):
+        import types
+
+        import flwr.supercore.heartbeat as heartbeat
+        import flwr.supercore.runtime as runtime
+        import flwr.supernode.runtime.run_clientapp as run_clientapp
+
+        self.ended: list = []
+        message = types.SimpleNamespace(metadata=types.SimpleNamespace(message_id="m1"), has_content=lambda: False)
+        run = types.SimpleNamespace(run_id=7)
+        fab = types.SimpleNamespace(content=b"bundle")
+
+        class Client:
+            def close(self):
+                pass
+
+        class Beat:
+            is_running = False
+
+            def __init__(self, fn):
+                pass
+
+            def start(self):
+                pass
+
+        def push_message(client, reply, context):
+            raise push_error
+
+        monkeypatch.setattr(runtime.RuntimeHttpClient, "from_server_address", staticmethod(lambda **kw: Client()))
+        monkeypatch.setattr(heartbeat, "HeartbeatSender", Beat)
+        monkeypatch.setattr(run_clientapp, "pull_task_input", lambda client: (message, types.SimpleNamespace(node_config={}), run, fab))
+        monkeypatch.setattr(run_clientapp, "push_message", push_message)
+        monkeypatch.setattr(run_clientapp, "push_task_output", lambda c, ctx, status, details: self.ended.append(status))
+        reply = types.SimpleNamespace(has_content=lambda: False)
+        self.tracker = supernode.TaskTracker()
+        self.worker = supernode.WarmWorker(
+            "127.0.0.1:1",
+            client_app=lambda message, context: reply,
+            node_config={},
+            gate=lambda digest: None,
+            node_name="site0",
+            tracker=self.tracker,
+        )
+
+
+def test_a_reply_the_restarted_hub_no_longer_takes_is_one_warning_not_a_traceback(monkeypatch, caplog):
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
+
+    served = _Served(monkeypatch, ObjectPushError("4beef8", 14872519394250361968, "d0ea170b"))
+    with caplog.at_level(logging.WARNING, logger="iaptnet.node.flower"):
+        served.worker._serve(types_task(), "token")
+    (record,) = [r for r in caplog.records if "task" in r.getMessage()]
+    assert record.levelno == logging.WARNING and record.exc_info is None
+    assert "the hub no longer takes it (ObjectPushError" in record.getMessage()
+    assert served.ended, "the end of the task is still reported to the SuperNode"
+    assert served.worker.served == 0
+
+
+def test_a_failure_that_is_not_the_hub_going_away_keeps_its_traceback(monkeypatch, caplog):
+    served = _Served(monkeypatch, KeyError("a bug"))
+    with caplog.at_level(logging.WARNING, logger="iaptnet.node.flower"):
+        served.worker._serve(types_task(), "token")
+    (record,) = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert record.levelno == logging.ERROR and record.exc_info is not None
+
+
+def types_task():
+    import types
+
+    return types.SimpleNamespace(task_id="t1")

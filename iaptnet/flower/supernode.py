@@ -740,8 +740,16 @@ class WarmWorker(threading.Thread):
             log.debug(
                 "task served: input %.3f s, app %.3f s, reply %.3f s", t1 - t0, t2 - t1, _time.perf_counter() - t2
             )
-        except Exception:  # noqa: BLE001
-            log.exception("serving task %s failed", getattr(task, "task_id", "?"))
+        except Exception as exc:  # noqa: BLE001
+            if _hub_gone(exc):
+                log.warning(
+                    "task %s ended without its reply: the hub no longer takes it (%s; it may have restarted "
+                    "or ended the run)",
+                    getattr(task, "task_id", "?"),
+                    type(exc).__name__,
+                )
+            else:
+                log.exception("serving task %s failed", getattr(task, "task_id", "?"))
         finally:
             try:
                 push_task_output(client, context, sub_status, details)
@@ -753,6 +761,17 @@ class WarmWorker(threading.Thread):
                 client.close()
                 if self.tracker is not None:
                     self.tracker.task_finished(message_id, replied)
+
+
+def _hub_gone(exc: BaseException) -> bool:
+    """Whether serving failed because the hub (or the SuperNode's session with it) went away:
+    an expected event on a restart, reported in one line, not a traceback."""
+    import httpx
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectPushError, ObjectUnavailableError
+
+    return isinstance(exc, (ObjectPushError, ObjectPullError, ObjectUnavailableError, httpx.TransportError)) or (
+        isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code in (401, 404, 412, 502, 503)
+    )
 
 
 def _safe_heartbeat(client) -> Callable[[], bool]:
