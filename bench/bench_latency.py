@@ -9,7 +9,7 @@ IAPTNET_STOCK_FLOWER_TIMING=1 keeps its 3 s idle poll, 0.5 s reply check, 1 s+ p
 
 Both keep what is not a timing: the warm worker (with flwr's stock one-process-per-message the
 node loses the prepared study between rounds and the GLM cannot run at all; docs/reference/flower.md#latency has
-that path at 7-10 s a round with 3 nodes), one array per message (flower/frame.py) and
+that path at 7-10 s a round with 3 nodes), one record per message (flower/frame.py) and
 the hub's in-memory state (coordinator.toml `database = "memory"`).
 
 Per configuration it prints: the median seconds a round (from the ServerApp's own event

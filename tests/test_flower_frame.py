@@ -1,5 +1,6 @@
-"""The deployment engine's framing (all arrays of a task or reply in one Array) is lossless, cuts
-the objects Flower moves per message, and a study through it gives the in-process numbers."""
+"""The deployment engine's framing (a task or reply as one record, its arrays inside as bytes) is
+lossless, cuts the objects Flower moves per message to three, and a study through it gives the
+in-process numbers."""
 
 from __future__ import annotations
 
@@ -38,8 +39,26 @@ def test_pack_unpack_is_bit_exact():
         assert back.arrays[name].shape == value.shape
         assert back.arrays[name].tobytes() == np.asarray(value, dtype=np.float64).tobytes()
     assert unpack(content) is content  # unframed content passes through
-    single = m.encode_reply(reply_with({"only": np.ones(3)}))
-    assert pack(single) is single
+    for few in ({}, {"only": np.ones(3)}):  # no array, or one: framed all the same
+        content = m.encode_reply(reply_with(few))
+        back, sent = m.decode_reply(unpack(pack(content))), m.decode_reply(content)
+        assert {k: v.tobytes() for k, v in back.arrays.items()} == {k: v.tobytes() for k, v in sent.arrays.items()}
+        assert (back.status, back.node, back.payload) == (sent.status, sent.node, sent.payload)
+
+
+def test_what_the_frame_cannot_carry_passes_unchanged():
+    from flwr.app import ConfigRecord, MetricRecord
+
+    two_configs = m.encode_reply(reply_with({"a": np.ones(2)}))
+    two_configs["other"] = ConfigRecord({"x": 1})
+    metrics = m.encode_reply(reply_with({"a": np.ones(2)}))
+    metrics["m"] = MetricRecord({"x": 1.0})
+    ints = m.encode_reply(reply_with({}))
+    from flwr.app import Array
+
+    ints.array_records["arrays"]["i"] = Array(np.arange(3))
+    for content in (two_configs, metrics, ints):
+        assert pack(content) is content
 
 
 def test_framing_cuts_the_objects_flower_moves():
@@ -55,7 +74,7 @@ def test_framing_cuts_the_objects_flower_moves():
     content = m.encode_reply(reply_with(arrays))
     plain = len(get_all_nested_objects(Message(content, dst_node_id=1, message_type=m.MESSAGE_TYPE)))
     framed = len(get_all_nested_objects(Message(pack(content), dst_node_id=1, message_type=m.MESSAGE_TYPE)))
-    assert framed <= 7 < 16 <= plain
+    assert framed == 3 < 16 <= plain  # the message, its RecordDict and the one record
 
 
 def test_study_through_the_frame_equals_inprocess(tmp_path):
@@ -96,14 +115,26 @@ def test_study_through_the_frame_equals_inprocess(tmp_path):
     assert all(0 < first["seq"] < second["seq"] for first, second in heads)
 
 
-@pytest.mark.parametrize("bad", ["version", "size"])
+@pytest.mark.parametrize("bad", ["json", "size", "negative", "duplicate", "bytes", "second record"])
 def test_bad_frames_are_rejected(bad):
+    from flwr.app import ConfigRecord
+
+    from iaptnet.flower.frame import FRAME, PACKED
+
     content = pack(m.encode_reply(reply_with({"a": np.ones(2), "b": np.ones(3)})))
-    frame = content.config_records["frame"]
-    if bad == "version":
-        frame["version"] = 99
+    record = content.config_records["reply"]
+    if bad == "json":
+        record[FRAME] = "{not json"
+    elif bad == "size":
+        record[FRAME] = '{"names": ["a", "b"], "shapes": [[2], [4]]}'
+    elif bad == "negative":
+        record[FRAME] = '{"names": ["a", "b"], "shapes": [[-2], [7]]}'
+    elif bad == "duplicate":
+        record[FRAME] = '{"names": ["a", "a"], "shapes": [[2], [3]]}'
+    elif bad == "bytes":
+        record[PACKED] = "not bytes"
     else:
-        frame["shapes"] = "[[2], [4]]"
+        content["other"] = ConfigRecord({"x": 1})
     with pytest.raises(ValueError):
         unpack(content)
 

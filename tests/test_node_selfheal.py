@@ -401,9 +401,13 @@ class _Served:
 
         monkeypatch.setattr(runtime.RuntimeHttpClient, "from_server_address", staticmethod(lambda **kw: Client()))
         monkeypatch.setattr(heartbeat, "HeartbeatSender", Beat)
-        monkeypatch.setattr(run_clientapp, "pull_task_input", lambda client: (message, types.SimpleNamespace(node_config={}), run, fab))
+        monkeypatch.setattr(
+            run_clientapp, "pull_task_input", lambda client: (message, types.SimpleNamespace(node_config={}), run, fab)
+        )
         monkeypatch.setattr(run_clientapp, "push_message", push_message)
-        monkeypatch.setattr(run_clientapp, "push_task_output", lambda c, ctx, status, details: self.ended.append(status))
+        monkeypatch.setattr(
+            run_clientapp, "push_task_output", lambda c, ctx, status, details: self.ended.append(status)
+        )
         reply = types.SimpleNamespace(has_content=lambda: False)
         self.tracker = supernode.TaskTracker()
         self.worker = supernode.WarmWorker(

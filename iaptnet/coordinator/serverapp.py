@@ -13,7 +13,7 @@ JSON of `results.json`, in chunks; JSON keeps every float64 exactly), errors (`t
 in the run config key `resume` (base64 of JSON, {key: state}). Nothing in them carries a row value: progress is counts, errors are the
 sentences the session and the nodes write for the analyst, results are aggregates.
 
-On the way, the Grid is wrapped so that each task's arrays travel as one (`FramedGrid`,
+On the way, the Grid is wrapped so that each task travels as one record (`FramedGrid`,
 flower/frame.py), a node that never answered is named by the name its key is registered
 under at the hub (`name_nodes`), and flwr's reply pulls retry quickly and time out with the
 study's node timeout (`install_serverapp_adaptations` in flower/serverapp.py, the one module
@@ -96,7 +96,7 @@ def load_wire_study(entry: dict):
 
 
 class FramedGrid(Grid):
-    """The hub's Grid, sending each task's arrays as one (see flower/frame.py)."""
+    """The hub's Grid, sending each task as one record (see flower/frame.py)."""
 
     def __init__(self, grid: Grid):
         self._grid = grid

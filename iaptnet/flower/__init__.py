@@ -3,7 +3,7 @@
 - `pins.py`: the release iaptnet is written for and every private part of it touched, checked.
 - `supernode.py`: the node daemon's SuperNode adapted (app allow-list, warm worker, sleeps).
 - `serverapp.py`: the hub's ServerApp adapted (reply pulls with a deadline).
-- `frame.py`: a task's or reply's arrays framed as one Flower array.
+- `frame.py`: a task or reply framed as one Flower record, its arrays inside as bytes.
 - `bundle.py`: the iaptnet release as a Flower app bundle (FAB), and its hash.
 
 The roles' processes that use them stay with their role: the node daemon (node/daemon.py),

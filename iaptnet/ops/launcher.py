@@ -144,9 +144,14 @@ def up(
     node_timeout: float = 300.0,
     poll_idle: float = 1.0,
     poll_active: float | None = None,
+    start_nodes: bool = True,
     echo=print,
 ) -> dict:
     """Start the hub and the nodes; return the processes record. Cleans up if anything fails.
+
+    With `start_nodes=False` only the hub starts, with every node's key made and registered
+    (in `.iaptnet-network/nodes/NAME/`): for stand-ins that speak Flower's node protocol
+    themselves (bench/bench_hub.py).
 
     `poll_active` (the nodes' polling interval during a study) defaults to 0.25 s for up to
     3 nodes and N/8 s, at most 1 s, beyond: every process shares this machine, and with 8
@@ -243,16 +248,16 @@ def up(
             ids = dict(
                 zip(node_files, pool.map(lambda item: register_node(hub_cfg, item[0], item[1][1]), node_files.items()))
             )
-        for name, (node_toml, _) in node_files.items():
+        for name, (node_toml, _) in node_files.items() if start_nodes else ():
             proc = _spawn(
                 _cli("node", "start", "--config", str(node_toml), "--local-network"), paths.logs / f"{name}.log", env
             )
             remember(proc, "node", name, str(node_toml))
 
-        echo(f"waiting for {len(ids)} nodes to connect")
+        echo(f"waiting for {len(ids)} nodes to connect" if start_nodes else f"{len(ids)} node keys registered")
         deadline = time.monotonic() + timeout
         wanted = {str(i): name for name, i in ids.items()}
-        while True:
+        while start_nodes:
             for proc, _marker in started:
                 if proc.poll() is not None:
                     who = next(p for p in record["processes"] if p["pid"] == proc.pid)
@@ -286,8 +291,10 @@ def up(
         )
         record["hub_toml"] = str(paths.hub_toml)
         record["flwr_home"] = str(hub_cfg.flwr_home)
+        record["node_ids"] = ids
         paths.processes.write_text(json.dumps(record, indent=2))
-        echo(f"network up: hub {address}, {len(ids)} nodes connected; hub file {paths.hub_toml}")
+        connected = f"{len(ids)} nodes connected" if start_nodes else "no node started"
+        echo(f"network up: hub {address}, {connected}; hub file {paths.hub_toml}")
         return record
     except BaseException:
         _stop(record)
