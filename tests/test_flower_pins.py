@@ -68,12 +68,16 @@ def test_sleep_policy_caps_flower_sleeps():
     assert policy.cap(3) == 1.0  # idle: poll the hub every second, not every 3 s
     policy.touch()
     assert policy.cap(3) == 0.1  # during a study
-    policy.period = 4.0  # long rounds (many nodes): poll less often
-    assert policy.cap(3) == pytest.approx(0.4)
-    policy.period = 60.0
-    assert policy.cap(3) == 1.0  # never slower than idle
+    policy.period = 4.0  # long rounds (many nodes): poll a fifth of a round apart
+    assert policy.cap(3) == pytest.approx(0.8)
+    policy.period = 20.0  # longer than flwr's own 3 s, as the hub serves every poll
+    assert policy.cap(3) == pytest.approx(4.0)
+    policy.period = 100.0
+    assert policy.cap(3) == policy.active_poll_cap == 5.0  # but never more than 5 s
+    policy.last_activity -= 61.0
+    assert policy.cap(3) == 1.0  # the study is over: idle again
     assert policy.cap(0.5) == policy.reply_poll == 0.01  # waiting for the reply
-    assert policy.cap(0.005) == 0.005  # never longer than flwr asked
+    assert policy.cap(0.005) == 0.005  # never longer than flwr asked for a short wait
 
 
 def test_install_and_uninstall_patch_only_the_supernode_module():

@@ -15,7 +15,7 @@ Flower's Control API (submitting runs, registering nodes) has no authentication 
 open-source edition and shares the hub's port with the Fleet API the nodes use: listen on
 127.0.0.1 and put a reverse proxy in front that passes only `/v1/fleet/` (docs/operator/index.md).
 
-The hub runs `flower-superlink` with `--enable-supernode-auth`, TLS, runtime dependency
+The hub runs `flower-superlink` (with its middleware scoped, flower/superlink.py) with `--enable-supernode-auth`, TLS, runtime dependency
 installation off, telemetry and update checks off and a private FLWR_HOME under `state_dir`.
 The state that must outlive a restart is the registered node keys: the hub keeps them in its own
 registry (`<state_dir>/nodes.json`, public keys only). With `database = "memory"` (the default)
@@ -155,7 +155,9 @@ def load_hub_config(path: str | Path) -> HubConfig:
 
 def superlink_command(cfg: HubConfig) -> list[str]:
     cmd = [
-        flwr_executable("flower-superlink"),
+        sys.executable,  # flwr's flower-superlink, with the hub's adaptation (flower/superlink.py)
+        "-m",
+        "iaptnet.flower.superlink",
         "--ssl-ca-certfile",
         str(cfg.ca_cert),
         "--ssl-certfile",

@@ -2,7 +2,8 @@
 
 flwr 1.42.0 has no public option for what a Trust's node needs, so iaptnet reaches into
 private parts of that exact release: the SuperNode adaptations (flower/supernode.py), the
-hub's ServerApp pulls (flower/serverapp.py) and the app bundle (flower/bundle.py). Why each
+hub's ServerApp pulls (flower/serverapp.py), the hub's SuperLink middleware
+(flower/superlink.py) and the app bundle (flower/bundle.py). Why each
 exists: docs/developer/flower.md.
 
 `check_flwr()` verifies the installed version and the presence, signature and relied-on source
@@ -184,6 +185,60 @@ NEEDS: tuple[_Need, ...] = (
         ("code=ErrorCode.MESSAGE_UNAVAILABLE", "reply_to_message_id=msg_proto.metadata.reply_to_message_id"),
     ),
     _Need("flwr.cli.build", "build_fab_from_disk", ("app",)),
+    # The hub's SuperLink (flower/superlink.py): the middleware list create_app takes, and the
+    # lines by which each scoped middleware passes other paths straight on.
+    _Need("flwr.superlink.cli.flower_superlink", "flower_superlink", ()),
+    _Need(
+        "flwr.superlink.main",
+        "_get_middleware",
+        (),
+        (
+            "Middleware(ControlSensitiveResponseMiddleware)",
+            "Middleware(ControlAuthenticationMiddleware)",
+            "Middleware(ControlLicenseMiddleware)",
+            "Middleware(ControlEventLogMiddleware)",
+            "Middleware(NodeAuthMiddleware)",
+            "Middleware(FleetEventLogMiddleware)",
+        ),
+    ),
+    _Need("flwr.superlink.main", "create_app", None, ("middleware=_get_middleware()",)),
+    _Need("flwr.superlink.routers.control.middlewares", "_is_control_path", None, ('path.startswith("/v1/control/")',)),
+    _Need(
+        "flwr.superlink.routers.control.middlewares",
+        "ControlSensitiveResponseMiddleware",
+        None,
+        ("if _is_control_sensitive_route(request):",),
+    ),
+    _Need(
+        "flwr.superlink.routers.control.middlewares",
+        "ControlAuthenticationMiddleware",
+        None,
+        ("if not _is_control_path(request.url.path) or _is_control_auth_route(request):",),
+    ),
+    _Need(
+        "flwr.superlink.routers.control.middlewares",
+        "ControlLicenseMiddleware",
+        None,
+        ("or not _is_control_path(request.url.path):",),
+    ),
+    _Need(
+        "flwr.superlink.routers.control.middlewares",
+        "ControlEventLogMiddleware",
+        None,
+        ("if not _is_control_path(request.url.path) or _is_control_sensitive_route(",),
+    ),
+    _Need(
+        "flwr.superlink.routers.fleet.node_auth",
+        "NodeAuthMiddleware",
+        None,
+        ('if request.url.path.startswith("/v1/fleet/") and isinstance(',),
+    ),
+    _Need(
+        "flwr.superlink.routers.fleet.middlewares",
+        "FleetEventLogMiddleware",
+        None,
+        ('if not request.url.path.startswith("/v1/fleet/"):',),
+    ),
 )
 
 

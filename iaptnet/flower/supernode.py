@@ -82,11 +82,14 @@ class _TimeProxy:
 class SleepPolicy:
     """How long the SuperNode loop really sleeps when flwr asks for `seconds`.
 
-    flwr asks for 3 s after an empty poll of the hub: during a study (`active_window` seconds
-    after the last message) we poll every `active_poll` seconds, or every tenth of the last
-    round's period when rounds are long (many nodes: fewer polls loading the hub), and when idle
-    every `idle_poll` seconds. flwr asks for 0.5 s while waiting for the ClientApp's reply (an
-    in-memory check): we check every 10 ms.
+    flwr asks for 3 s after an empty poll of the hub. During a study (`active_window` seconds
+    after the last message) we poll every `active_poll` seconds, or, when rounds are long (many
+    nodes), every fifth of the last round's period, up to `active_poll_cap`: each poll is a
+    request the hub serves, and with many nodes the polls of one round would otherwise cost
+    the hub more than the round's own messages (bench/bench_hub.py), while a poll a fifth of a
+    round apart delays the round by at most a fifth. When idle we poll every `idle_poll`
+    seconds. flwr asks for 0.5 s while waiting for the ClientApp's reply (an in-memory check):
+    we check every 10 ms.
     """
 
     idle_poll: float = 1.0
@@ -97,7 +100,8 @@ class SleepPolicy:
     pull_backoff_cap: float = 0.2
     last_activity: float = float("-inf")
     period: float = 0.0  # seconds between the last two messages, during a study
-    period_fraction: float = 0.1
+    period_fraction: float = 0.2
+    active_poll_cap: float = 5.0
 
     stock: bool = False  # benchmarks only: flwr 1.42's own timings, nothing capped
 
@@ -109,12 +113,11 @@ class SleepPolicy:
     def cap(self, seconds: float) -> float:
         if self.stock:
             return seconds
-        if seconds >= 1.0:  # the idle poll of the hub
+        if seconds >= 1.0:  # the poll of the hub after an empty one
             quiet = _time.monotonic() - self.last_activity
             if quiet >= self.active_window:
                 return min(seconds, self.idle_poll)
-            poll = max(self.active_poll, min(self.idle_poll, self.period * self.period_fraction))
-            return min(seconds, poll)
+            return max(self.active_poll, min(self.active_poll_cap, self.period * self.period_fraction))
         return min(seconds, self.reply_poll)
 
     def touch(self) -> None:
