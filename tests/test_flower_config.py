@@ -309,3 +309,40 @@ def test_network_up_polling_interval(tmp_path, capsys):
     code, err = run_cli(capsys, "network", "up", str(tmp_path / "network.toml"), "--poll-active", "0")
     assert code == 2 and "--poll-active 0" in err and "Traceback" not in err
     assert not (tmp_path / ".iaptnet-network").exists()  # nothing started, nothing written
+
+
+def test_the_flwr_connection_file_is_never_seen_half_written(tmp_path):
+    """`network up` registers node keys four at a time, each registration writing the hub's
+    flwr connection file while other `flwr` commands read it (at 128 nodes one read it empty:
+    "SuperLink connection 'hub' not found")."""
+    import threading
+    import tomllib
+
+    from iaptnet.coordinator.hub import CONNECTION, write_connection
+
+    home, ca = tmp_path / "flwr-home", tmp_path / "ca.crt"
+    ca.write_text("x")
+    write_connection(home, "127.0.0.1:1", ca)
+    stop, bad = threading.Event(), []
+
+    def writer(k: int) -> None:
+        while not stop.is_set():
+            write_connection(home, f"127.0.0.1:{1 + k % 2}", ca)  # alternating: really rewritten
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(3000):
+            text = (home / "config.toml").read_text()
+            try:
+                if CONNECTION not in tomllib.loads(text)["superlink"]:
+                    bad.append(text)
+            except (tomllib.TOMLDecodeError, KeyError):
+                bad.append(text)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not bad, bad[:3]
+    assert [p.name for p in home.iterdir()] == ["config.toml"]  # no temporary file left

@@ -22,8 +22,9 @@ registry (`<state_dir>/nodes.json`, public keys only). With `database = "memory"
 Flower keeps its working state (runs, messages) in memory, twice as fast a round as its SQLite
 store, and `coordinator start` registers every key of the registry again each time the SuperLink
 starts; with `database = "sqlite"` Flower keeps everything (also run history and logs) in
-`<state_dir>/state.db`. Commands that talk to the Control API (`register-node`, the flower
-engine) go through Flower's own `flwr` CLI with a private FLWR_HOME that names this hub.
+`<state_dir>/state.db`. The operator's commands that talk to the Control API (`register-node`,
+`unregister-node`, `nodes`) go through Flower's own `flwr` CLI with a private FLWR_HOME that names this hub;
+the flower engine speaks to it from the analyst's process (flower/control.py).
 """
 
 from __future__ import annotations
@@ -294,12 +295,21 @@ def replay_registrations(cfg: HubConfig) -> None:
 
 
 def write_connection(flwr_home: Path, address: str, ca_cert: Path) -> None:
-    """The `flwr` CLI's connection file naming this hub as the default SuperLink."""
+    """The `flwr` CLI's connection file naming this hub as the default SuperLink. Replaced
+    whole (never truncated in place): `flwr` commands running meanwhile, such as the
+    registrations `network up` makes four at a time, read either file, never a partial one."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
+    path = flwr_home / "config.toml"
+    text = (
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "{address}"\nroot-certificates = "{Path(ca_cert).resolve()}"\n'
     )
+    if path.exists() and path.read_text() == text:
+        return
+    fd, tmp = tempfile.mkstemp(dir=flwr_home, prefix=".config-", suffix=".toml")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
 
 
 class FlwrCli:
