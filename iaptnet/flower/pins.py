@@ -185,6 +185,25 @@ NEEDS: tuple[_Need, ...] = (
         ("code=ErrorCode.MESSAGE_UNAVAILABLE", "reply_to_message_id=msg_proto.metadata.reply_to_message_id"),
     ),
     _Need("flwr.cli.build", "build_fab_from_disk", ("app",)),
+    # The analyst's side of a run (flower/control.py): flwr's Control API client and requests.
+    _Need(
+        "flwr.supercore.control.control_http_client",
+        "ControlHttpClient",
+        None,
+        ('path="/v1/control/start-run"', 'path="/v1/control/stream-logs"', 'path="/v1/control/list-runs"'),
+    ),
+    _Need(
+        "flwr.supercore.protobuf.client",
+        "ProtobufClient",
+        None,
+        ("def from_server_address(", "root_certificates: bytes | str | None,", "interceptors: Sequence["),
+    ),
+    _Need("flwr.cli.cli_client_interceptor", "CliClientHttpInterceptor"),
+    _Need("flwr.supercore.fab", "Fab", ("hash_str", "content", "verifications")),
+    _Need("flwr.supercore.error", "FlowerError"),
+    _Need("flwr.common.serde", "fab_to_proto", ("fab",)),
+    _Need("flwr.common.serde", "user_config_to_proto", ("user_config",)),
+    _Need("flwr.common.serde", "run_from_proto", ("run_proto",)),
     # The hub's SuperLink (flower/superlink.py): the middleware list create_app takes, and the
     # lines by which each scoped middleware passes other paths straight on.
     _Need("flwr.superlink.cli.flower_superlink", "flower_superlink", ()),

@@ -3,15 +3,16 @@
 `iaptnet run STUDY.toml --engine flower --hub hub.toml`:
 
 1. validates every study here first (same checks, same hash as the in-process engine);
-2. stages the installed iaptnet release as a Flower app and submits it with
-   `flwr run --stream`, the studies travelling in the run config (`studies`, base64 JSON; see
-   coordinator/serverapp.py);
+2. submits the installed iaptnet release as a Flower app bundle, the studies travelling in
+   the run config (`studies`, base64 JSON; see coordinator/serverapp.py), through the hub's
+   Control API from this process (flower/control.py: what `flwr run` does, without a `flwr`
+   process);
 3. follows the run's log stream, turning the ServerApp's event lines into progress (rounds,
    nodes answered) and collecting its results;
-4. asks the hub for the run's final status (`flwr ls`), because `flwr run` and the log stream
-   end the same way whether the ServerApp succeeded or crashed: a failed run raises the error the
-   ServerApp reported (or the hub's status details), so the command exits non-zero with the
-   reason.
+4. without whole results, asks the hub for the run's final status (what `flwr ls` shows),
+   because the log stream ends the same way whether the ServerApp succeeded or crashed: a
+   failed run raises the error the ServerApp reported (or the hub's status details), so the
+   command exits non-zero with the reason.
 
 `hub.toml` (written by `iaptnet network up`, or by the hub's operator for analysts):
 
@@ -31,7 +32,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,13 +41,11 @@ from pathlib import Path
 from ...protocol import errors
 from ...protocol.errors import NetworkError, SpecError
 from ...protocol.tomlfile import read_toml, reject_unknown
-from ..hub import CONNECTION, FlwrCli, flwr_error, flwr_plain, write_connection
 from ..serverapp import MARK_CLOSE, MARK_OPEN, encode_studies
 from ..session import ProgressFn
 
 HUB_KEYS = {"address", "ca_cert", "schema", "node_timeout", "poll_interval", "run_timeout", "services"}
 _EVENT = re.compile(re.escape(MARK_OPEN) + r"([A-Za-z0-9+/=]+)" + re.escape(MARK_CLOSE))
-_STARTED = re.compile(r"Successfully started run (\d+)")
 StatusFn = Callable[[str], None]
 
 
@@ -154,14 +152,13 @@ def study_entries(study_paths: list[str | Path], hub: HubFile) -> list[dict]:
 
 
 class FlowerRun:
-    """One submission to a hub, followed to its end."""
+    """One submission to a hub, followed to its end, through the hub's Control API
+    (flower/control.py: what `flwr run --stream`, `flwr ls` and `flwr stop` do, in this
+    process)."""
 
     def __init__(self, hub: HubFile, workdir: Path):
         self.hub = hub
         self.workdir = Path(workdir)
-        home = self.workdir / "flwr-home"
-        write_connection(home, hub.address, hub.ca_cert)
-        self.cli = FlwrCli(home)
         self.run_id: str | None = None
         self.results: list | None = None
         self.error: dict | None = None
@@ -171,69 +168,61 @@ class FlowerRun:
         self.resume: dict[str, dict] = {}  # checkpoints to continue from, by key
         self.stream_ended = False  # the log stream ended without the run's results
 
+    def _control(self):
+        from ...flower.control import ControlClient
+
+        return ControlClient(self.hub.address, self.hub.ca_cert)
+
     def submit_and_follow(
         self, entries: list[dict], progress: ProgressFn | None = None, on_run_id: Callable[[str], None] | None = None
     ) -> None:
-        """`flwr run --stream`: submit the release with the studies, then read the run's log
-        stream until the run finishes (or `run_timeout` passes), collecting its events."""
-        from ...flower.bundle import stage_release
+        """Submit the release with the studies, then read the run's log stream until the run
+        finishes (or `run_timeout` passes), collecting its events."""
+        from ...flower.bundle import release_fab
+        from ...flower.control import HubUnreachable
 
-        app = stage_release(self.workdir)
-        config = self.workdir / "run-config.toml"
-        config.write_text(
-            f'studies = "{encode_studies(entries)}"\n'
-            f"node-timeout = {self.hub.node_timeout!r}\n"
-            f"poll-interval = {self.hub.poll_interval!r}\n"
-            + (f'resume = "{encode_resume(self.resume)}"\n' if self.resume else "")
-        )
+        config: dict[str, str | float] = {
+            "studies": encode_studies(entries),
+            "node-timeout": float(self.hub.node_timeout),
+            "poll-interval": float(self.hub.poll_interval),
+        }
+        if self.resume:
+            config["resume"] = encode_resume(self.resume)
         parts: dict[int, str] = {}
         n_parts = None
         checkpoint_parts: dict[tuple[str, int], dict[int, str]] = {}
-        cmd = self.cli.command("run", str(app), CONNECTION, "-c", str(config), "--stream")
-        proc = subprocess.Popen(
-            cmd, env=self.cli.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-        )
-        deadline = time.monotonic() + self.hub.run_timeout
-        try:
-            for line in proc.stdout:
-                self.log_lines.append(line.rstrip("\n"))
-                if self.run_id is None:
-                    found = _STARTED.search(line)
-                    if found:
-                        self.run_id = found.group(1)
-                        if on_run_id:
-                            on_run_id(self.run_id)
-                    continue
-                for blob in _EVENT.findall(line):
-                    event = json.loads(base64.b64decode(blob))
-                    kind = event.get("event")
-                    if kind == "progress" and progress:
-                        progress(event["kind"], event["round"], event["answered"], event["expected"])
-                    elif kind == "result":
-                        parts[int(event["part"])] = event["data"]
-                        n_parts = int(event["parts"])
-                    elif kind == "error":
-                        self.error = event
-                    elif kind == "note" and self.on_note:
-                        self.on_note(str(event.get("text", "")))
-                    elif kind == "checkpoint":
-                        self._checkpoint_part(event, checkpoint_parts)
-                if n_parts is not None and len(parts) == n_parts:
-                    break  # the ServerApp's last act: no need to follow its stream to the end
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise NetworkError(
-                        f"run {self.run_id} did not finish within {self.hub.run_timeout:g} s (hub.toml 'run_timeout'); it was stopped."
-                    )
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-            proc.wait(timeout=30)
-        if self.run_id is None:
-            said = [ln for ln in self.log_lines if ln.strip() and not ln.startswith("Using SuperLink")]
-            raise NetworkError(
-                f"the hub at {self.hub.address} did not accept the run: {flwr_plain(said[-4:])[:400] or 'no answer'}"
-            )
+        with self._control() as control:
+            run_id = control.start_run(release_fab()[0], config)
+            self.run_id = str(run_id)
+            if on_run_id:
+                on_run_id(self.run_id)
+            deadline = time.monotonic() + self.hub.run_timeout
+            try:
+                for line in control.log_lines(run_id):
+                    self.log_lines.append(line)
+                    for blob in _EVENT.findall(line):
+                        event = json.loads(base64.b64decode(blob))
+                        kind = event.get("event")
+                        if kind == "progress" and progress:
+                            progress(event["kind"], event["round"], event["answered"], event["expected"])
+                        elif kind == "result":
+                            parts[int(event["part"])] = event["data"]
+                            n_parts = int(event["parts"])
+                        elif kind == "error":
+                            self.error = event
+                        elif kind == "note" and self.on_note:
+                            self.on_note(str(event.get("text", "")))
+                        elif kind == "checkpoint":
+                            self._checkpoint_part(event, checkpoint_parts)
+                    if n_parts is not None and len(parts) == n_parts:
+                        break  # the ServerApp's last act: no need to follow its stream to the end
+                    if time.monotonic() > deadline:
+                        self.stop()
+                        raise NetworkError(
+                            f"run {self.run_id} did not finish within {self.hub.run_timeout:g} s (hub.toml 'run_timeout'); it was stopped."
+                        )
+            except HubUnreachable:
+                pass  # the stream broke off: `status` finds out why
         if n_parts is not None and len(parts) == n_parts:
             self.results = json.loads("".join(parts[i] for i in range(n_parts)))
         else:
@@ -252,43 +241,48 @@ class FlowerRun:
     def outcome(self) -> tuple[str, str]:
         """(status, details) of the finished run. The ServerApp sends its results as its very
         last act, after every study finished, so whole results are the run's success; only
-        without them is the hub asked (a `flwr ls`, ~1.5 s)."""
+        without them is the hub asked."""
         if self.results is not None and not self.error:
             return "finished:completed", ""
         return self.status()
 
     def status(self) -> tuple[str, str]:
-        """(status, details) of the run at the hub, e.g. ('finished:completed', ''). A hub
-        that no longer knows the run (it restarted, its state in memory) lost it: RunLost."""
+        """(status, details) of the run at the hub, e.g. ('finished:completed', ''), once it
+        has finished. A hub that no longer knows the run (it restarted, its state in memory)
+        lost it: RunLost."""
+        from ...flower.control import HubUnreachable
+
         unreachable_since = None
-        for _ in range(50):
-            data = self.cli.json("ls", CONNECTION, "--run-id", self.run_id)
-            if not data.get("success"):
-                said = flwr_error(data)
-                if _run_unknown(said):
-                    raise RunLost(self.run_id, "the hub no longer knows it: the hub restarted while it ran")
-                if not self.stream_ended:
-                    raise NetworkError(f"could not read the status of run {self.run_id}: {said}")
-                # The stream broke off: the hub may be restarting. Ask again for a minute.
-                unreachable_since = unreachable_since or time.monotonic()
-                if time.monotonic() - unreachable_since > 60:
-                    raise RunLost(
-                        self.run_id, f"the connection to the hub broke off and the hub did not answer ({said})"
-                    )
-                time.sleep(2.0)
-                continue
-            run = data["runs"][0]
-            status = str(run.get("status", ""))
-            if status.startswith("finished"):
-                details = str(run.get("status-details", ""))
-                return status, "" if details == "N/A" else details
-            time.sleep(0.2)
+        status = ""
+        with self._control() as control:
+            for _ in range(50):
+                try:
+                    status, details = control.status(int(self.run_id))
+                except HubUnreachable as exc:
+                    # The hub may be restarting. Ask again for a minute.
+                    unreachable_since = unreachable_since or time.monotonic()
+                    if time.monotonic() - unreachable_since > 60:
+                        raise RunLost(
+                            self.run_id, f"the connection to the hub broke off and the hub did not answer ({exc})"
+                        ) from None
+                    time.sleep(2.0)
+                    continue
+                except NetworkError as exc:
+                    if _run_unknown(str(exc)):
+                        raise RunLost(
+                            self.run_id, "the hub no longer knows it: the hub restarted while it ran"
+                        ) from None
+                    raise NetworkError(f"could not read the status of run {self.run_id}: {exc}") from None
+                if status.startswith("finished"):
+                    return status, "" if details == "N/A" else details
+                time.sleep(0.2)
         return status, ""
 
     def stop(self) -> None:
         if self.run_id:
             try:
-                self.cli.json("stop", self.run_id, CONNECTION, timeout=60)
+                with self._control() as control:
+                    control.stop(int(self.run_id))
             except NetworkError:
                 pass
 
