@@ -74,7 +74,10 @@ def test_sleep_policy_caps_flower_sleeps():
     assert policy.cap(3) == pytest.approx(4.0)
     policy.period = 100.0
     assert policy.cap(3) == policy.active_poll_cap == 5.0  # but never more than 5 s
-    policy.last_activity -= 61.0
+    policy.period = 0.0  # the first round of a study: a fifth of the wait so far
+    policy.last_activity -= 10.0
+    assert policy.cap(3) == pytest.approx(2.0, abs=0.01)
+    policy.last_activity -= 51.0
     assert policy.cap(3) == 1.0  # the study is over: idle again
     assert policy.cap(0.5) == policy.reply_poll == 0.01  # waiting for the reply
     assert policy.cap(0.005) == 0.005  # never longer than flwr asked for a short wait

@@ -84,11 +84,12 @@ class SleepPolicy:
 
     flwr asks for 3 s after an empty poll of the hub. During a study (`active_window` seconds
     after the last message) we poll every `active_poll` seconds, or, when rounds are long (many
-    nodes), every fifth of the last round's period, up to `active_poll_cap`: each poll is a
-    request the hub serves, and with many nodes the polls of one round would otherwise cost
-    the hub more than the round's own messages (bench/bench_hub.py), while a poll a fifth of a
-    round apart delays the round by at most a fifth. When idle we poll every `idle_poll`
-    seconds. flwr asks for 0.5 s while waiting for the ClientApp's reply (an in-memory check):
+    nodes), a fifth of the last round's period apart, or of the wait so far when that is
+    longer (the first round of a study, whose period is not known yet), up to
+    `active_poll_cap`: each poll is a request the hub serves, and with many nodes the polls of
+    one round would otherwise cost the hub more than the round's own messages
+    (bench/bench_hub.py), while polls a fifth of a round apart delay it by at most a fifth.
+    When idle we poll every `idle_poll` seconds. flwr asks for 0.5 s while waiting for the ClientApp's reply (an in-memory check):
     we check every 10 ms.
     """
 
@@ -117,7 +118,8 @@ class SleepPolicy:
             quiet = _time.monotonic() - self.last_activity
             if quiet >= self.active_window:
                 return min(seconds, self.idle_poll)
-            return max(self.active_poll, min(self.active_poll_cap, self.period * self.period_fraction))
+            wait = max(self.period, quiet)
+            return max(self.active_poll, min(self.active_poll_cap, wait * self.period_fraction))
         return min(seconds, self.reply_poll)
 
     def touch(self) -> None:
