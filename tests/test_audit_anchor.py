@@ -15,7 +15,7 @@ from glmcase import write_network
 from test_audit import COLUMNS, frame
 
 from iaptnet.cli import main
-from iaptnet.flower.frame import pack, unpack
+from iaptnet.flower.frame import FRAME, pack, unpack
 from iaptnet.node.audit import GENESIS, canonical, entry_hash
 from iaptnet.protocol import messages as m
 
@@ -143,7 +143,8 @@ def test_the_reply_carries_the_head_as_metadata_through_flower_framing():
         audit_seq=41,
     )
     content = pack(m.encode_reply(reply))
-    assert "frame" in content.config_records  # the deployment engine's packed form
+    assert list(content.config_records) == ["reply"] and not content.array_records  # the framed form
+    assert FRAME in content.config_records["reply"]
     back = m.decode_reply(unpack(RecordDict(dict(content.items()))))
     assert (back.audit_seq, back.audit_hash) == (41, "c" * 64)
     # metadata beside status and code: no array, nothing from the rows

@@ -295,7 +295,7 @@ def test_unreachable_hub_is_one_plain_sentence(kit, capsys):
     d1 = next(p for p in catalogue_paths() if p.stem == "d1_sessions")
     code, err = run_cli(capsys, "run", str(d1), "--engine", "flower", "--hub", str(hub))
     assert code == NetworkError.exit_code and "Traceback" not in err
-    assert f"the hub at 127.0.0.1:{port} did not accept the run" in err and "unavailable" in err
+    assert f"the hub at 127.0.0.1:{port} did not accept the run: it did not answer" in err and "refused" in err
     assert len(err.strip().splitlines()) == 1 and not re.search(r"[\u2500-\u257f]", err)
 
 

@@ -86,5 +86,7 @@ def test_a_hub_that_answers_with_an_error_is_not_a_hub_that_is_down():
         client_with(FakeControl(error=refused)).status(7)
     assert not isinstance(err.value, control.HubUnreachable)
     down = httpx.ConnectError("connection refused", request=request)
-    with pytest.raises(control.HubUnreachable, match="did not answer \\(connection refused\\)"):
+    with pytest.raises(
+        control.HubUnreachable, match="could not say how the run is: it did not answer \\(connection refused\\)"
+    ):
         client_with(FakeControl(error=down)).status(7)

@@ -106,7 +106,7 @@ class ControlClient:
         except httpx.HTTPStatusError as exc:
             raise NetworkError(f"the hub at {self.address} {failing}: {_said(exc)}") from None
         except httpx.HTTPError as exc:
-            raise HubUnreachable(f"the hub at {self.address} did not answer ({_said(exc)}).") from None
+            raise HubUnreachable(f"the hub at {self.address} {failing}: it did not answer ({_said(exc)}).") from None
 
 
 def _said(exc: Exception) -> str:
