@@ -64,3 +64,36 @@ def test_formulas_parse_safely_from_many_threads():
     assert hammer(lambda: design._expression_columns(EXPR, frame)) == []
     assert hammer(lambda: check_expression(EXPR, schema, "s", "offset"), rounds=300) == []
     assert hammer(lambda: parse_formula(f"y ~ {EXPR}"), rounds=300) == []
+
+
+def test_a_node_logging_a_traceback_does_not_race_a_parse_in_another_thread():
+    """Python 3.11 parses a traceback's source lines (ast) to place its carets: a node logging a
+    failure with its traceback (the dispatcher's `cannot_compute`) raced the other node's
+    formula parse (CI: "AST constructor recursion depth mismatch" at a psm edge case). The
+    node logs them through formula_check.log_exception, which holds AST_LOCK."""
+    import io
+    import logging
+
+    from iaptnet.protocol.formula_check import log_exception
+
+    logger = logging.getLogger("iaptnet.test.ast-threads")
+    logger.propagate = False
+    handler = logging.StreamHandler(io.StringIO())
+    logger.addHandler(handler)
+    frame = pd.DataFrame({"x": [1.0, 2.0], "y": [0.0, 1.0]})
+    turn = iter(range(10**9))
+
+    def work():
+        if next(turn) % 2:
+            design._expression_columns(EXPR, frame)
+            return
+        try:
+            {"a": 1}["b"] + sum(range(3)) * len([1, 2, 3])  # noqa: B018 - a line with carets
+        except KeyError:
+            log_exception(logger, "failed")
+
+    try:
+        assert hammer(work, rounds=1500) == []
+    finally:
+        logger.removeHandler(handler)
+    assert "Traceback" in handler.stream.getvalue() and "^" in handler.stream.getvalue()

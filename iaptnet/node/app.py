@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from ..protocol import messages as m
 from ..protocol.errors import SpecError
+from ..protocol.formula_check import log_exception
 from .disclosure import Violation
 from .dispatch import dispatch, refuse_undecoded
 from .runtime import NodeConfig, runtime_for
@@ -32,7 +33,7 @@ def task(msg: Message, context: Context) -> Message:
     try:
         reply = handle(msg.content, context)
     except Exception:  # noqa: BLE001 - never let Flower forward exception text
-        log.exception("the node's app failed")
+        log_exception(log, "the node's app failed")
         reply = m.Reply(
             status=m.ERROR,
             node=str(context.node_config.get("name", "")),

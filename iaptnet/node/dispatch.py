@@ -34,6 +34,7 @@ import numpy as np
 
 from ..protocol import messages as m
 from ..protocol.errors import DataError, IaptnetError, SpecError
+from ..protocol.formula_check import log_exception
 from ..protocol.kinds.glm import MAX_MODELS, batch_hash
 from ..protocol.study import StudySpec, approval_hash
 from . import disclosure as d
@@ -105,7 +106,7 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
     except (np.linalg.LinAlgError, FloatingPointError, OverflowError, ZeroDivisionError):
         # Numerical failure on the rows (after the size rule): the same form as a refusal,
         # and never the library's words.
-        log.exception("task %s (%s) could not be computed", task.task_id, task.kind)
+        log_exception(log, "task %s (%s) could not be computed", task.task_id, task.kind)
         return _refused(
             runtime,
             task,
@@ -120,7 +121,7 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
         code = "DataError" if isinstance(exc, Unserviceable) else type(exc).__name__
         return _failed(runtime, task, record, code, str(exc))
     except Exception:  # noqa: BLE001 - anything else may carry values: log here, say little
-        log.exception("task %s (%s) failed with an internal error", task.task_id, task.kind)
+        log_exception(log, "task %s (%s) failed with an internal error", task.task_id, task.kind)
         return _failed(
             runtime,
             task,
@@ -145,7 +146,7 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
             {**record, "status": m.OK, "released": {"payload": payload, "arrays": arrays_for_log(arrays)}}
         )
     except Exception:  # noqa: BLE001
-        log.exception("task %s: the audit log could not be written; nothing was released", task.task_id)
+        log_exception(log, "task %s: the audit log could not be written; nothing was released", task.task_id)
         return _reply_error(
             runtime,
             task,
@@ -156,7 +157,7 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
         try:
             fn()
         except Exception:  # noqa: BLE001 - the reply stands; a later task will say what is missing
-            log.exception("task %s: a step after the release failed", task.task_id)
+            log_exception(log, "task %s: a step after the release failed", task.task_id)
     if fresh_study is not None:
         runtime.approvals[task.study_hash] = fresh_study
     # The operator's view of activity (node log): what was answered, never a value.
@@ -436,7 +437,7 @@ def _refused(runtime: NodeRuntime, task: m.Task, record: dict, refusal: d.Refusa
             with runtime.memory.transaction() as memory:
                 memory.count_refusal(time.time())
         except Exception:  # noqa: BLE001 - the refusal stands; the count is best effort
-            log.exception("the node could not count a refusal")
+            log_exception(log, "the node could not count a refusal")
     refusals = [v.as_dict() for v in refusal.violations]
     message = "; ".join(v.render() for v in refusal.violations[:6])
     if len(refusal.violations) > 6:
@@ -479,7 +480,7 @@ def _audit(runtime: NodeRuntime, fields: dict) -> dict | None:
     try:
         return runtime.audit.append(fields)
     except Exception:  # noqa: BLE001
-        log.exception("the audit log could not be written")
+        log_exception(log, "the audit log could not be written")
         return None
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..protocol.errors import DataError
+from ..protocol.formula_check import log_exception
 
 log = logging.getLogger("iaptnet.node")
 
@@ -248,7 +249,7 @@ def _state_for(folder: Path):
                 # (the node then releases nothing), so it is not fatal here.
                 audit.recover()
             except Exception:  # noqa: BLE001
-                log.exception("node state %s: the audit log could not be opened", folder)
+                log_exception(log, "node state %s: the audit log could not be opened", folder)
             _STATES[folder] = (audit, NodeMemory(folder))
         return _STATES[folder]
 

@@ -39,6 +39,14 @@ from .schema import Schema
 AST_LOCK = threading.RLock()
 
 
+def log_exception(logger, msg: str, *args) -> None:
+    """`logger.exception(msg, *args)` while holding AST_LOCK: Python 3.11 parses the source
+    lines of a traceback (ast) to place its carets, which races with a parse in another node's
+    thread as any other parse does."""
+    with AST_LOCK:
+        logger.exception(msg, *args)
+
+
 def holding_ast_lock(fn):
     """`fn` run while holding AST_LOCK."""
 
