@@ -31,7 +31,6 @@ its CPU time is what a hub machine must have.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import pickle
@@ -242,29 +241,14 @@ class CpuSampler(threading.Thread):
 
 
 def run_once(hub_toml: Path, study: Path, sampler: CpuSampler) -> dict:
-    from iaptnet.coordinator.engines import flower as engine
+    from bench_latency import follow
 
-    hub = engine.load_hub_file(hub_toml)
-    entries = engine.study_entries([study], hub)
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-hub-run-") as tmp:
-        run = engine.FlowerRun(hub, Path(tmp))
-        run.submit_and_follow(entries)
-        status, details = run.outcome()
-    wall = time.monotonic() - started
-    if run.error or status != "finished:completed" or not run.results:
-        raise SystemExit(f"the study failed: {run.error or details or status}")
-    events = [json.loads(base64.b64decode(b)) for line in run.log_lines for b in engine._EVENT.findall(line)]
-    rounds: dict[int, list[float]] = {}
-    for e in events:
-        if e["event"] == "progress":
-            rounds.setdefault(e["round"], []).append(e["t"])
-    spans = [(min(ts), max(ts)) for _, ts in sorted(rounds.items())]
+    one = follow(hub_toml, study)
     return {
-        "round_wall": [t1 - t0 for t0, t1 in spans],
-        "round_cpu": [sampler.between(t0, t1) for t0, t1 in spans],
-        "wall": wall,
-        "result": run.results[0],
+        "round_wall": [t1 - t0 for t0, t1 in one["spans"]],
+        "round_cpu": [sampler.between(t0, t1) for t0, t1 in one["spans"]],
+        "wall": one["wall"],
+        "result": one["result"],
     }
 
 

@@ -43,31 +43,40 @@ from iaptnet.synth import generate_network
 D1 = next(p for p in catalogue_paths() if p.stem == "d1_sessions")
 
 
-def run_once(hub_toml: Path) -> dict:
+def follow(hub_toml: Path, study: Path) -> dict:
+    """Run `study` on the hub through the flower engine; its results, the whole run's wall
+    seconds, and each round's span (first task pushed, last reply pulled: the ServerApp's own
+    event timestamps) and the ServerApp's last act (results sent)."""
     hub = engine.load_hub_file(hub_toml)
-    entries = engine.study_entries([D1], hub)
+    entries = engine.study_entries([study], hub)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
-        run = engine.FlowerRun(hub, Path(tmp))
-        run.submit_and_follow(entries)
-        status, details = run.outcome()
+    run = engine.FlowerRun(hub)
+    run.submit_and_follow(entries)
+    status, details = run.outcome()
     wall = time.monotonic() - started
     if run.error or status != "finished:completed" or not run.results:
-        raise SystemExit(f"D1 failed: {run.error or details or status}")
+        raise SystemExit(f"{study.stem} failed: {run.error or details or status}")
     events = [json.loads(base64.b64decode(b)) for line in run.log_lines for b in engine._EVENT.findall(line)]
     rounds: dict[int, list[float]] = {}
     for e in events:
         if e["event"] == "progress":
             rounds.setdefault(e["round"], []).append(e["t"])
-    per_round = [max(ts) - min(ts) for _, ts in sorted(rounds.items())]
-    first_push = min(min(ts) for ts in rounds.values())
-    done = max(e["t"] for e in events if e["event"] == "result")  # the ServerApp's last act
     return {
-        "rounds": per_round,
-        "study": done - first_push,
+        "result": run.results[0],
         "wall": wall,
-        "n_rounds": run.results[0]["rounds"],
-        "beta": run.results[0]["exposure_term"]["estimate"],
+        "spans": [(min(ts), max(ts)) for _, ts in sorted(rounds.items())],
+        "done": max(e["t"] for e in events if e["event"] == "result"),
+    }
+
+
+def run_once(hub_toml: Path) -> dict:
+    one = follow(hub_toml, D1)
+    return {
+        "rounds": [t1 - t0 for t0, t1 in one["spans"]],
+        "study": one["done"] - one["spans"][0][0],
+        "wall": one["wall"],
+        "n_rounds": one["result"]["rounds"],
+        "beta": one["result"]["exposure_term"]["estimate"],
     }
 
 

@@ -8,8 +8,9 @@ ConfigRecord ("task" or "reply", protocol/messages.py) and an ArrayRecord of flo
 is. The deployment engine therefore sends the arrays inside the ConfigRecord itself, as the
 little-endian bytes of their concatenation, with their names and shapes, and unpacks them on
 arrival: the same numbers, bit for bit, in three objects (the message, its RecordDict and the
-one record). On the hub each request costs milliseconds of CPU (bench/bench_hub.py), so this
-cuts what a round costs it by about two fifths. The in-process engine does not use it.
+one record). On the hub each request costs milliseconds of CPU: with 32 nodes this cut a
+node's requests a round from 21 to 15.7 and the hub's CPU a round by a tenth
+(bench/bench_hub.py). The in-process engine does not use it.
 
 Pure: records in, records out.
 """

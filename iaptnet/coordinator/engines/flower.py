@@ -32,7 +32,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -156,9 +155,8 @@ class FlowerRun:
     (flower/control.py: what `flwr run --stream`, `flwr ls` and `flwr stop` do, in this
     process)."""
 
-    def __init__(self, hub: HubFile, workdir: Path):
+    def __init__(self, hub: HubFile):
         self.hub = hub
-        self.workdir = Path(workdir)
         self.run_id: str | None = None
         self.results: list | None = None
         self.error: dict | None = None
@@ -342,36 +340,35 @@ def run_flower(
     entries = study_entries(study_paths, hub)
     store = FileCheckpoints(out) if out else None
     key = glm_batch_key([(str(e["data"].get("kind", "glm")), e["hash"]) for e in entries])
-    with tempfile.TemporaryDirectory(prefix="iaptnet-run-") as tmp:
-        run = FlowerRun(hub, Path(tmp))
-        if store is not None and key is not None:
-            saved = store.load(key)
-            if saved is not None:
-                run.resume = {key: saved}
-                if status:
-                    status(f"found the checkpoint of round {saved.get('round')} in {store.folder}")
-            run.on_checkpoint = store.save
-        run.on_note = status
-        if status:
-            status(f"submitting to the hub at {hub.address}")
-
-        def submitted(run_id: str) -> None:
+    run = FlowerRun(hub)
+    if store is not None and key is not None:
+        saved = store.load(key)
+        if saved is not None:
+            run.resume = {key: saved}
             if status:
-                status(f"run {run_id} submitted; waiting for the hub")
+                status(f"found the checkpoint of round {saved.get('round')} in {store.folder}")
+        run.on_checkpoint = store.save
+    run.on_note = status
+    if status:
+        status(f"submitting to the hub at {hub.address}")
 
-        try:
-            run.submit_and_follow(entries, progress, on_run_id=submitted)
-        except KeyboardInterrupt:
-            run.stop()
-            raise
-        try:
-            state, details = run.outcome()
-        except RunLost as lost:
-            if store is not None and key is not None and store.load(key) is not None:
-                raise lost.with_checkpoint(str(store.folder)) from None
-            raise
-        if store is not None and key is not None and state == "finished:completed" and not run.error:
-            store.done(key)
+    def submitted(run_id: str) -> None:
+        if status:
+            status(f"run {run_id} submitted; waiting for the hub")
+
+    try:
+        run.submit_and_follow(entries, progress, on_run_id=submitted)
+    except KeyboardInterrupt:
+        run.stop()
+        raise
+    try:
+        state, details = run.outcome()
+    except RunLost as lost:
+        if store is not None and key is not None and store.load(key) is not None:
+            raise lost.with_checkpoint(str(store.folder)) from None
+        raise
+    if store is not None and key is not None and state == "finished:completed" and not run.error:
+        store.done(key)
     run_id = run.run_id
     if run.error:
         _raise_reported(run.error, run_id)
