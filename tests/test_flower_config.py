@@ -11,7 +11,7 @@ import pytest
 from iaptnet import keys as pki
 from iaptnet.cli import main
 from iaptnet.coordinator.engines.flower import load_hub_file
-from iaptnet.coordinator.hub import load_hub_config, superlink_command
+from iaptnet.coordinator.hub import load_hub_config, superlink_command, warm_serverapp_command
 from iaptnet.node.config import approve, load_node_file, read_approved
 from iaptnet.node.daemon import Gate, check_policy
 from iaptnet.protocol.errors import SpecError
@@ -183,6 +183,17 @@ def test_coordinator_file_and_superlink_flags(kit):
     assert "--database" not in cmd  # default: Flower's state in memory, node keys replayed
     sqlite = superlink_command(load_hub_config(coordinator_toml(kit, database="sqlite")))
     assert sqlite[sqlite.index("--database") + 1] == str(kit / "hub-state" / "state.db")
+    # The warm ServerApp serves the runs: the SuperLink starts no SuperExec of its own, and the
+    # worker reaches the Runtime API on this machine, trusting only the network CA.
+    assert cmd[cmd.index("--isolation") + 1] == "process"
+    assert "--isolation" not in superlink_command(cfg, warm=False)
+    worker = warm_serverapp_command(cfg, parent_pid=4321)
+    assert worker[1:3] == ["-m", "iaptnet.flower.warm_serverapp"]
+    assert worker[worker.index("--runtime-api-address") + 1] == "127.0.0.1:9443"
+    assert worker[worker.index("--root-certificates") + 1] == str(kit / "pki" / "ca.crt")
+    assert worker[worker.index("--parent-pid") + 1] == "4321"
+    anywhere = load_hub_config(coordinator_toml(kit, port=9443, host="0.0.0.0"))
+    assert anywhere.runtime_address == "127.0.0.1:9443"
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,9 @@ open-source edition and shares the hub's port with the Fleet API the nodes use: 
 127.0.0.1 and put a reverse proxy in front that passes only `/v1/fleet/` (docs/operator/index.md).
 
 The hub runs `flower-superlink` (with its middleware scoped, flower/superlink.py) with `--enable-supernode-auth`, TLS, runtime dependency
-installation off, telemetry and update checks off and a private FLWR_HOME under `state_dir`.
+installation off, telemetry and update checks off and a private FLWR_HOME under `state_dir`,
+and beside it the warm ServerApp (flower/warm_serverapp.py), which serves every run's ServerApp
+from one process that has imported everything already, and only the hub's own release.
 The state that must outlive a restart is the registered node keys: the hub keeps them in its own
 registry (`<state_dir>/nodes.json`, public keys only). With `database = "memory"` (the default)
 Flower keeps its working state (runs, messages) in memory, twice as fast a round as its SQLite
@@ -98,6 +100,13 @@ class HubConfig:
     def registry(self) -> Path:
         return self.state_dir / "nodes.json"
 
+    @property
+    def runtime_address(self) -> str:
+        """Where the warm ServerApp reaches the SuperLink's Runtime API: this machine, the
+        hub's own port (as flwr's SuperExec does)."""
+        local = "127.0.0.1" if self.host in ("0.0.0.0", "localhost") else "[::1]" if self.host == "::" else self.host
+        return f"{local}:{self.port}"
+
 
 def _resolve(base: Path, value: str) -> Path:
     p = Path(value).expanduser()
@@ -154,7 +163,14 @@ def load_hub_config(path: str | Path) -> HubConfig:
     )
 
 
-def superlink_command(cfg: HubConfig) -> list[str]:
+def warm_serverapp_wanted() -> bool:
+    """The warm ServerApp (flower/warm_serverapp.py), unless a benchmark asks for stock Flower."""
+    return os.environ.get("IAPTNET_STOCK_FLOWER_TIMING") != "1"
+
+
+def superlink_command(cfg: HubConfig, warm: bool = True) -> list[str]:
+    """The SuperLink. With `warm`, `--isolation process`: no SuperExec, the hub's warm
+    ServerApp serves the runs (`warm_serverapp_command`)."""
     cmd = [
         sys.executable,  # flwr's flower-superlink, with the hub's adaptation (flower/superlink.py)
         "-m",
@@ -172,11 +188,27 @@ def superlink_command(cfg: HubConfig) -> list[str]:
         "--port",
         str(cfg.port),
     ]
+    if warm:
+        cmd += ["--isolation", "process"]
     if cfg.database_kind == "sqlite":
         cmd += ["--database", str(cfg.database)]
     if cfg.log_file:
         cmd += ["--log-file", str(cfg.log_file)]
     return cmd
+
+
+def warm_serverapp_command(cfg: HubConfig, parent_pid: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "iaptnet.flower.warm_serverapp",
+        "--runtime-api-address",
+        cfg.runtime_address,
+        "--root-certificates",
+        str(cfg.ca_cert),
+        "--parent-pid",
+        str(parent_pid),
+    ]
 
 
 def prepare_state(cfg: HubConfig) -> None:
@@ -198,41 +230,83 @@ def prepare_state(cfg: HubConfig) -> None:
 
 
 def start_hub(cfg: HubConfig) -> int:
-    """Run the SuperLink until it stops. With Flower's state in SQLite this process becomes the
-    SuperLink (a supervisor manages it directly); with it in memory this process stays as its
-    parent, registers the registry's node keys once the SuperLink answers, forwards SIGTERM and
-    SIGINT, and exits with the SuperLink's exit code."""
+    """Run the SuperLink and the warm ServerApp until the SuperLink stops. This process stays
+    as their parent: it registers the registry's node keys once the SuperLink answers (with
+    Flower's state in memory), starts the warm ServerApp again if it dies, forwards SIGTERM and
+    SIGINT to both, and exits with the SuperLink's exit code. With stock Flower
+    (IAPTNET_STOCK_FLOWER_TIMING=1, benchmarks) the SuperLink's own SuperExec starts a
+    ServerApp process per run, and with its state in SQLite this process becomes the SuperLink."""
     import signal
 
     prepare_state(cfg)
-    # The ServerApp of each run is started by the SuperLink's SuperExec, which polls for
-    # work every second by default; this documented variable makes a run start sooner.
-    extra = {} if os.environ.get("IAPTNET_STOCK_FLOWER_TIMING") == "1" else {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.5"}
-    env = flower_env(cfg.flwr_home, extra)
-    cmd = superlink_command(cfg)
+    warm = warm_serverapp_wanted()
+    env = flower_env(cfg.flwr_home)
+    cmd = superlink_command(cfg, warm)
     sys.stdout.flush()
     sys.stderr.flush()
-    if cfg.database_kind == "sqlite":
+    if cfg.database_kind == "sqlite" and not warm:
         os.execvpe(cmd[0], cmd, env)
     proc = subprocess.Popen(cmd, env=env)
+    worker = _WarmServerApp(cfg, env) if warm else None
+    stopping = []
 
     def forward(signum, _frame):
-        if proc.poll() is None:
-            proc.send_signal(signum)
+        stopping.append(signum)
+        for p in (proc, worker.proc if worker else None):
+            if p is not None and p.poll() is None:
+                p.send_signal(signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
     try:
-        if wait_healthy(cfg, proc, timeout=120.0):
+        if worker is not None:
+            worker.start()
+        if wait_healthy(cfg, proc, timeout=120.0) and cfg.database_kind == "memory":
             replay_registrations(cfg)
-        return proc.wait()
+        while proc.poll() is None:
+            if worker is not None and not stopping:
+                worker.keep_alive()
+            time.sleep(0.5)
+        return proc.returncode
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for p in (proc, worker.proc if worker else None):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+class _WarmServerApp:
+    """The warm ServerApp process, started again (after 1 s, doubling to 60 s) if it dies."""
+
+    def __init__(self, cfg: HubConfig, env: dict):
+        self.cfg, self.env = cfg, env
+        self.proc: subprocess.Popen | None = None
+        self.delay, self.not_before = 1.0, 0.0
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(warm_serverapp_command(self.cfg, os.getpid()), env=self.env)
+        self.started = time.monotonic()
+
+    def keep_alive(self) -> None:
+        if self.proc is None or self.proc.poll() is None:
+            return
+        now = time.monotonic()
+        if not self.not_before:
+            if now - self.started > 300:
+                self.delay = 1.0
+            print(
+                f"iaptnet hub: the warm ServerApp ended (exit {self.proc.returncode}); starting it again in {self.delay:g} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.not_before = now + self.delay
+            self.delay = min(self.delay * 2, 60.0)
+        elif now >= self.not_before:
+            self.not_before = 0.0
+            self.start()
 
 
 def wait_healthy(cfg: HubConfig, proc: subprocess.Popen | None = None, timeout: float = 60.0) -> bool:

@@ -2,8 +2,9 @@
 
 flwr 1.42.0 has no public option for what a Trust's node needs, so iaptnet reaches into
 private parts of that exact release: the SuperNode adaptations (flower/supernode.py), the
-hub's ServerApp pulls (flower/serverapp.py), the hub's SuperLink middleware
-(flower/superlink.py) and the app bundle (flower/bundle.py). Why each
+hub's ServerApp pulls (flower/serverapp.py), the hub's warm ServerApp
+(flower/warm_serverapp.py), the hub's SuperLink middleware (flower/superlink.py) and the app
+bundle (flower/bundle.py). Why each
 exists: docs/developer/flower.md.
 
 `check_flwr()` verifies the installed version and the presence, signature and relied-on source
@@ -185,6 +186,44 @@ NEEDS: tuple[_Need, ...] = (
         ("code=ErrorCode.MESSAGE_UNAVAILABLE", "reply_to_message_id=msg_proto.metadata.reply_to_message_id"),
     ),
     _Need("flwr.cli.build", "build_fab_from_disk", ("app",)),
+    # The hub's warm ServerApp (flower/warm_serverapp.py): what flwr's `run_serverapp` does for
+    # one task, done in a forked child with the installed ServerApp.
+    _Need(
+        "flwr.superlink.runtime.run_serverapp",
+        "run_serverapp",
+        ("runtime_api_address", "log_queue", "token", "insecure", "certificates"),
+        (
+            "grid._runtime_client.PullTaskInput(req)",
+            "TaskIdentity.task_id = res.task_id",
+            "grid.set_run(run)",
+            "start_log_uploader(",
+            "grid._runtime_client.PushTaskOutput(pushoutput_req)",
+            "context.state = RecordDict()",
+        ),
+    ),
+    _Need("flwr.superlink.grid.http_grid", "HttpGrid", ("runtime_api_address", "insecure", "root_certificates", "token")),
+    _Need("flwr.server.run_serverapp", "run", ("grid", "context", "server_app_dir", "server_app_attr", "loaded_server_app")),
+    _Need("flwr.common.config", "get_fused_config_from_fab", ("fab_file", "run")),
+    _Need("flwr.common.serde", "context_from_proto", ("context_proto",)),
+    _Need("flwr.common.serde", "context_to_proto", ("context",)),
+    _Need("flwr.common.serde", "fab_from_proto", ("fab",)),
+    _Need("flwr.supercore.logger", "mirror_output_to_queue", ("log_queue",)),
+    _Need("flwr.supercore.logger", "start_log_uploader", ("log_queue", "node_id", "run_id", "client")),
+    _Need("flwr.supercore.logger", "stop_log_uploader", ("log_queue", "log_uploader")),
+    _Need("flwr.supercore.logger", "flush_logs", ("log_queue",)),
+    _Need("flwr.supercore.heartbeat", "make_task_heartbeat_fn_http", ("client",)),
+    _Need("flwr.supercore.exit", "flwr_exit", ("code", "message", "event_type", "event_details")),
+    _Need("flwr.supercore.exit", "register_signal_handlers", ("event_type", "exit_message")),
+    _Need("flwr.supercore.task_identity", "TaskIdentity"),
+    _Need("flwr.proto.runtime_pb2", "PullTaskInputRequest"),
+    _Need("flwr.proto.runtime_pb2", "PushTaskOutputRequest"),
+    # `--isolation process`: the SuperLink starts no SuperExec (the warm ServerApp serves).
+    _Need(
+        "flwr.superlink.cli.flower_superlink",
+        "SuperLinkLifespan",
+        None,
+        ("if config.isolation != ISOLATION_MODE_SUBPROCESS:",),
+    ),
     # The analyst's side of a run (flower/control.py): flwr's Control API client and requests.
     _Need(
         "flwr.supercore.control.control_http_client",
