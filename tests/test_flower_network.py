@@ -369,6 +369,58 @@ def test_unapproved_app_bundle_is_refused_before_it_runs(net, capsys):
     assert "REFUSED run" in log_of(net, "site1") and "not approved" in log_of(net, "site1").lower()
 
 
+def _warm_serverapp_pid(net) -> int | None:
+    from iaptnet.ops.launcher import _children, _descendants
+
+    hub = next(p["pid"] for p in net["record"]["processes"] if p["role"] == "hub")
+    for pid in _descendants(hub, _children()):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"iaptnet.flower.warm_serverapp" in cmdline and alive(pid):
+            return pid
+    return None
+
+
+def test_the_hub_serves_only_its_own_release_and_its_warm_serverapp_comes_back(net, capsys, monkeypatch, tmp_path):
+    """The warm ServerApp (flower/warm_serverapp.py) killed: the hub starts it again. A run
+    whose bundle is not the hub's release is refused with a sentence the analyst sees, and
+    none of its code runs at the hub; the next run of the release completes."""
+    from iaptnet.flower import bundle
+
+    first = _warm_serverapp_pid(net)
+    assert first is not None, "the hub runs no warm ServerApp"
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while (_warm_serverapp_pid(net) in (None, first)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _warm_serverapp_pid(net) not in (None, first), "the hub did not start its warm ServerApp again"
+    assert "the warm ServerApp ended" in log_of(net, "hub")
+
+    app = bundle.stage_release(tmp_path)
+    marker = tmp_path / "ran-foreign-code"
+    (app / "iaptnet" / "coordinator" / "serverapp.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        + (app / "iaptnet" / "coordinator" / "serverapp.py").read_text()
+    )
+    foreign = bundle.build_fab_from_dir(app)
+    import hashlib
+
+    monkeypatch.setattr(bundle, "release_fab", lambda: (foreign, hashlib.sha256(foreign).hexdigest()))
+    code = main(["run", str(study(net, "logit_foreign")), "--engine", "flower", "--hub", str(net["hub"])])
+    err = capsys.readouterr().err
+    assert code == NetworkError.exit_code and "Traceback" not in err
+    assert "the hub serves only the app of its own iaptnet release" in err
+    assert hashlib.sha256(foreign).hexdigest()[:16] in err
+    assert not marker.exists()
+
+    monkeypatch.undo()
+    out = tmp_path / "out"
+    assert main(["run", str(study(net, "logit_after_warm")), "--engine", "flower", "--hub", str(net["hub"]), "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["terms"]
+
+
 def _free_port() -> str:
     import socket
 
