@@ -15,7 +15,10 @@ the hub's in-memory state (coordinator.toml `database = "memory"`).
 Per configuration it prints: the median seconds a round (from the ServerApp's own event
 timestamps: a round starts when its tasks are pushed and ends when the last node's reply is
 pulled), the median of the D1 study on the hub (first task pushed to results) and of the whole
-`iaptnet run` (submit to results.json on the analyst's machine), and the rounds D1 took.
+run seen from the analyst's process (submit to results), and the rounds D1 took. Then, for the
+issue's end-to-end goal, the median of `--repeat` runs of `iaptnet run D1 --engine flower` and
+of `iaptnet run D1` in-process on a fresh copy of the same services (no release memory), each a
+new process as a user runs it, interleaved, and their ratio.
 These machines are shared and noisy: compare the before/after of one run, not seconds across
 runs.
 
@@ -29,7 +32,9 @@ import argparse
 import base64
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -80,6 +85,25 @@ def run_once(hub_toml: Path) -> dict:
     }
 
 
+def cli_seconds(*args: str) -> float:
+    """Wall seconds of one `iaptnet run ...` as a user runs it (a new process: imports included)."""
+    iaptnet = Path(sys.executable).parent / "iaptnet"
+    started = time.monotonic()
+    proc = subprocess.run([str(iaptnet), "run", *args, "--quiet"], capture_output=True, text=True)
+    wall = time.monotonic() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"iaptnet run {' '.join(args)} failed: {proc.stderr.strip()[-500:]}")
+    return wall
+
+
+def inprocess_seconds(network: Path) -> float:
+    """D1 through the in-process CLI on a fresh copy of the network (no release memory)."""
+    with tempfile.TemporaryDirectory(prefix="bench-latency-inprocess-") as tmp:
+        copy = Path(tmp) / "net"
+        shutil.copytree(network.parent, copy, ignore=shutil.ignore_patterns(launcher.STATE_DIR, ".iaptnet-state"))
+        return cli_seconds(str(D1), "--network", str(copy / network.name))
+
+
 def measure(network: Path, nodes: int, stock: bool, repeat: int, poll_active: float = 0.25) -> dict:
     env_key = "IAPTNET_STOCK_FLOWER_TIMING"
     saved = os.environ.get(env_key)
@@ -92,6 +116,12 @@ def measure(network: Path, nodes: int, stock: bool, repeat: int, poll_active: fl
         try:
             run_once(network.parent / "hub.toml")  # warm-up: first load of the data, caches
             runs = [run_once(network.parent / "hub.toml") for _ in range(repeat)]
+            # The same D1 through the command line, on the hub and in-process, interleaved
+            # (the in-process runs share the machine with the idle network).
+            cli_flower, cli_local = [], []
+            for _ in range(repeat):
+                cli_flower.append(cli_seconds(str(D1), "--engine", "flower", "--hub", str(network.parent / "hub.toml")))
+                cli_local.append(inprocess_seconds(network))
         finally:
             launcher.down(network, echo=lambda *_: None)
     finally:
@@ -112,6 +142,8 @@ def measure(network: Path, nodes: int, stock: bool, repeat: int, poll_active: fl
         "wall_median": statistics.median(r["wall"] for r in runs),
         "rounds": runs[0]["n_rounds"],
         "beta": runs[0]["beta"],
+        "cli_flower": statistics.median(cli_flower),
+        "cli_local": statistics.median(cli_local),
     }
 
 
@@ -150,15 +182,20 @@ def main() -> None:
             rows.append(row)
             print(
                 f"  {row['round_median']:.2f} s a round, D1 {row['study_median']:.1f} s on the hub, "
-                f"{row['wall_median']:.1f} s end to end, {row['rounds']} rounds",
+                f"{row['wall_median']:.1f} s end to end, {row['rounds']} rounds; through the CLI "
+                f"{row['cli_flower']:.1f} s on the hub, {row['cli_local']:.1f} s in-process",
                 file=sys.stderr,
             )
-    print("\n| nodes | configuration | median s/round | D1 on the hub (s) | D1 end to end (s) | D1 rounds |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "\n| nodes | configuration | median s/round | D1 on the hub (s) | D1 end to end (s) | D1 rounds "
+        "| `iaptnet run` on the hub (s) | `iaptnet run` in-process (s) | × in-process |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['nodes']} | {r['config']} | {r['round_median']:.2f} | {r['study_median']:.1f} | "
-            f"{r['wall_median']:.1f} | {r['rounds']} |"
+            f"{r['wall_median']:.1f} | {r['rounds']} | {r['cli_flower']:.1f} | {r['cli_local']:.1f} | "
+            f"{r['cli_flower'] / r['cli_local']:.2f} |"
         )
     by = {
         (r["nodes"], r["config"].split()[0]): r
