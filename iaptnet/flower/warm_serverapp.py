@@ -41,8 +41,8 @@ import time
 
 log = logging.getLogger("iaptnet.hub.serverapp")
 
-#: What a parent imports before it forks: what every run's ServerApp needs (the rest of a
-#: kind's coordinator is imported on first use, once per child; the common kinds are here).
+#: What a parent imports before it forks: what every run's ServerApp needs (warm_up() adds
+#: every kind's coordinator half and what parsing a study loads).
 WARM_MODULES = (
     "iaptnet.coordinator.serverapp",
     "iaptnet.coordinator.runner",
@@ -58,6 +58,10 @@ WARM_MODULES = (
     "flwr.common.config",
     "flwr.common.serde",
 )
+
+
+#: Seconds between two uploads of a run's log, when there is something to upload (flwr: 0.2).
+LOG_UPLOAD_INTERVAL = 0.05
 
 
 def refusal_sentence(got: str, serves: str, version: str) -> str:
@@ -94,6 +98,11 @@ def serve_task(runtime_address: str, root_certificates: bytes, token: str, serve
     from ..coordinator import serverapp as iaptnet_serverapp
     from ..protocol.errors import NetworkError
 
+    import flwr.supercore.logger as flwr_logger
+
+    # The run's log (its progress and results) goes up every LOG_UPLOAD_INTERVAL s when there
+    # is any (flwr: 0.2); the analyst's results wait on it.
+    flwr_logger.LOG_UPLOAD_INTERVAL = LOG_UPLOAD_INTERVAL
     log_queue: Queue[str | None] = Queue()
     mirror_output_to_queue(log_queue)  # this process's stdout is the run's log stream
     grid = HttpGrid(runtime_api_address=runtime_address, insecure=False, root_certificates=root_certificates, token=token)
@@ -213,6 +222,25 @@ class WarmServerApp:
         for name in WARM_MODULES:
             importlib.import_module(name)
         self.serves = release_hash()
+        # What a run imports on first use: every kind's coordinator half, and what parsing a
+        # study loads (formulaic, pandas: a third of a second or more in every child if not
+        # here). Parsing the catalogue's studies loads exactly that.
+        from ..coordinator.catalogue import catalogue_paths
+        from ..coordinator.kinds import module_for
+        from ..coordinator.studies import load_study
+        from ..protocol.kinds import MODULES
+
+        for kind in MODULES:
+            try:
+                module_for(kind)
+            except Exception:  # noqa: BLE001 - a kind without a coordinator half is refused per run
+                pass
+        importlib.import_module("iaptnet.coordinator.glmm")
+        for path in catalogue_paths():
+            try:
+                load_study(path)
+            except Exception:  # noqa: BLE001 - some need the network's services: imports are what count
+                pass
 
     def _client(self):
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
@@ -305,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll", type=float, default=0.2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    # One line per HTTP request would fill the hub's log (5 polls a second) and, in a child,
+    # feed the run's own log stream: each upload logged, the log never empty, and flwr's
+    # flush_logs waiting its full 3 s at the end of every run.
+    for quiet in ("httpx", "httpcore"):
+        logging.getLogger(quiet).setLevel(logging.WARNING)
     worker = WarmServerApp(args.runtime_api_address, args.root_certificates, args.parent_pid, args.poll)
     worker.warm_up()
     for signum in (signal.SIGTERM, signal.SIGINT):
