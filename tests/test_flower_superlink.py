@@ -78,14 +78,16 @@ def test_the_control_routes_flwr_treats_specially_are_under_the_control_prefix()
     assert routes and all(path.startswith(superlink.CONTROL) for _method, path in routes)
 
 
-def test_install_and_uninstall_patch_only_the_middleware_list():
+def test_install_and_uninstall_patch_only_the_middleware_list_and_the_log_stream_interval():
     import flwr.superlink.main as main
+    import flwr.superlink.servicer.control.control_handlers as control_handlers
 
-    original = main._get_middleware
+    original, interval = main._get_middleware, control_handlers.LOG_STREAM_INTERVAL
     superlink.install_superlink_adaptations()
     superlink.install_superlink_adaptations()  # twice: still one layer of wrapping
     try:
         assert main._get_middleware is not original and main._get_middleware.__wrapped__ is original
+        assert control_handlers.LOG_STREAM_INTERVAL == superlink.LOG_STREAM_INTERVAL < interval
     finally:
         superlink.uninstall_superlink_adaptations()
-    assert main._get_middleware is original
+    assert main._get_middleware is original and control_handlers.LOG_STREAM_INTERVAL == interval

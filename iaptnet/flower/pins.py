@@ -211,6 +211,12 @@ NEEDS: tuple[_Need, ...] = (
     _Need("flwr.supercore.logger", "start_log_uploader", ("log_queue", "node_id", "run_id", "client")),
     _Need("flwr.supercore.logger", "stop_log_uploader", ("log_queue", "log_uploader")),
     _Need("flwr.supercore.logger", "flush_logs", ("log_queue",)),
+    # The run's log uploads (warm_serverapp.LOG_UPLOAD_INTERVAL) and the analyst's log stream
+    # (superlink.LOG_STREAM_INTERVAL): module constants read at each wait.
+    _Need("flwr.supercore.logger", "LOG_UPLOAD_INTERVAL"),
+    _Need("flwr.supercore.logger", "_log_uploader", None, ("time.sleep(LOG_UPLOAD_INTERVAL)",)),
+    _Need("flwr.superlink.servicer.control.control_handlers", "LOG_STREAM_INTERVAL"),
+    _Need("flwr.superlink.servicer.control.control_handlers", "_stream_logs", None, ("time.sleep(LOG_STREAM_INTERVAL)",)),
     _Need("flwr.supercore.heartbeat", "make_task_heartbeat_fn_http", ("client",)),
     _Need("flwr.supercore.exit", "flwr_exit", ("code", "message", "event_type", "event_details")),
     _Need("flwr.supercore.exit", "register_signal_handlers", ("event_type", "exit_message")),

@@ -1,5 +1,6 @@
 """The hub's SuperLink, adapted (flwr 1.42.0 exactly; see flower/pins.py): each of its HTTP
-middlewares sees only the requests it acts on.
+middlewares sees only the requests it acts on, and an analyst following a run hears its log
+(its results) within 0.1 s instead of 0.5 s.
 
 flwr's SuperLink serves the Control API (the analysts' `flwr` commands), the Fleet API (the
 nodes) and the ServerAppIo API (the ServerApp) from one FastAPI app, and puts every request
@@ -69,16 +70,24 @@ def scoped_middleware(middleware: list) -> list:
     return out
 
 
+#: Seconds between two looks at a run's log for the analyst following it (flwr: 0.5). The
+#: results reach the analyst through that stream; each look is an in-memory read at the hub.
+LOG_STREAM_INTERVAL = 0.1
+
+
 def install_superlink_adaptations() -> None:
     """Patch `flwr.superlink.main._get_middleware`, which `create_app` calls when the
-    SuperLink starts."""
+    SuperLink starts, and the Control API's log-stream interval."""
     import flwr.superlink.main as main
+    import flwr.superlink.servicer.control.control_handlers as control_handlers
 
     if "superlink_middleware" in _INSTALLED:
         return
     check_flwr()
     original = main._get_middleware
     _INSTALLED["superlink_middleware"] = original
+    _INSTALLED["superlink_log_stream_interval"] = control_handlers.LOG_STREAM_INTERVAL
+    control_handlers.LOG_STREAM_INTERVAL = LOG_STREAM_INTERVAL
 
     @functools.wraps(original)
     def get_middleware():
@@ -89,10 +98,14 @@ def install_superlink_adaptations() -> None:
 
 def uninstall_superlink_adaptations() -> None:
     import flwr.superlink.main as main
+    import flwr.superlink.servicer.control.control_handlers as control_handlers
 
     original = _INSTALLED.pop("superlink_middleware", None)
     if original is not None:
         main._get_middleware = original
+    interval = _INSTALLED.pop("superlink_log_stream_interval", None)
+    if interval is not None:
+        control_handlers.LOG_STREAM_INTERVAL = interval
 
 
 def main(argv: list[str] | None = None) -> None:
