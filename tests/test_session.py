@@ -100,3 +100,26 @@ def test_without_a_timeout_the_exchange_waits_for_every_node():
     replies = session(hub, timeout=None).ask("glm.prepare")
     assert [r.node for r in replies] == ["site0", "site1", "site2", "site3"]
     assert hub.pulls == 4
+
+
+def test_a_round_is_pulled_soon_after_its_replies_and_a_long_one_no_more_often_than_poll_interval():
+    from iaptnet.coordinator.session import pull_wait
+
+    assert pull_wait(0.0, 0.25) == pytest.approx(0.02)  # a short round is seen ending at once
+    assert pull_wait(0.5, 0.25) == pytest.approx(0.1)  # a fifth of the round so far
+    assert pull_wait(30.0, 0.25) == 0.25  # never more often than before on a long round
+    assert pull_wait(30.0, 0.0) == 0.0  # in-process: the grid answers at once
+
+
+def test_the_coordinator_waits_between_pulls_as_pull_wait_says(monkeypatch):
+    # Replies appear at the fourth pull; the waits before it start at 20 ms, not at the hub's
+    # poll_interval (0.25 s) as they did.
+    import iaptnet.coordinator.session as session_module
+
+    waits = []
+    monkeypatch.setattr(session_module.time, "sleep", waits.append)
+    hub = ScriptedHub([{}, {}, {}, {1: "ok", 2: "ok", 3: "ok", 4: "ok"}])
+    s = Session(hub, "f" * 64, timeout=5.0, poll_interval=0.25)
+    assert len(s.ask("glm.prepare")) == 4
+    waits = [w for w in waits if w > 0]  # (the scripted hub's own zero delays)
+    assert len(waits) == 3 and waits[0] == pytest.approx(0.02) and max(waits) < 0.25
