@@ -66,21 +66,44 @@ def test_a_changed_signature_or_sleep_is_refused(monkeypatch):
 def test_sleep_policy_caps_flower_sleeps():
     policy = supernode.SleepPolicy(idle_poll=1.0, active_poll=0.1, active_window=60.0)
     assert policy.cap(3) == 1.0  # idle: poll the hub every second, not every 3 s
-    policy.touch()
+    policy.touch(run_id=7)
     assert policy.cap(3) == 0.1  # during a study
-    policy.period = 4.0  # long rounds (many nodes): poll a fifth of a round apart
+    policy.period = 4.0  # long rounds (many nodes): poll a fifth of a wait apart
     assert policy.cap(3) == pytest.approx(0.8)
     policy.period = 20.0  # longer than flwr's own 3 s, as the hub serves every poll
     assert policy.cap(3) == pytest.approx(4.0)
     policy.period = 100.0
     assert policy.cap(3) == policy.active_poll_cap == 5.0  # but never more than 5 s
     policy.period = 0.0  # the first round of a study: a fifth of the wait so far
-    policy.last_activity -= 10.0
-    assert policy.cap(3) == pytest.approx(2.0, abs=0.01)
+    policy.last_activity -= 4.0
+    assert policy.cap(3) == pytest.approx(0.8, abs=0.01)
+    policy.last_activity -= 10.0  # ... but never slower than when idle
+    assert policy.cap(3) == 1.0
     policy.last_activity -= 51.0
     assert policy.cap(3) == 1.0  # the study is over: idle again
     assert policy.cap(0.5) == policy.reply_poll == 0.01  # waiting for the reply
     assert policy.cap(0.005) == 0.005  # never longer than flwr asked for a short wait
+
+
+def test_sleep_policy_learns_a_study_s_wait_from_reply_to_next_message_and_forgets_it_with_the_run(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(supernode._time, "monotonic", lambda: clock[0])
+    policy = supernode.SleepPolicy(idle_poll=1.0, active_poll=0.05, active_window=120.0)
+    policy.touch(run_id=1)  # round 1 of run 1
+    clock[0] += 30.0  # the node computes for 30 s (its own work is not a wait)
+    policy.replied()
+    assert policy.cap(3) == 0.05  # just replied: the next message may come at once
+    clock[0] += 10.0  # the other nodes take 10 s more
+    assert policy.cap(3) == 1.0  # a fifth of the wait so far, at most idle_poll
+    policy.touch(run_id=1)  # round 2: the wait was 10 s
+    assert policy.period == pytest.approx(10.0)
+    policy.replied()
+    assert policy.cap(3) == pytest.approx(2.0)  # a fifth of the last wait
+    clock[0] += 5.0
+    policy.touch(run_id=2)  # another run: its rounds are not the last run's
+    assert policy.period == 0.0
+    policy.replied()
+    assert policy.cap(3) == 0.05
 
 
 def test_install_and_uninstall_patch_only_the_supernode_module():

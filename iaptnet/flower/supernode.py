@@ -83,14 +83,16 @@ class SleepPolicy:
     """How long the SuperNode loop really sleeps when flwr asks for `seconds`.
 
     flwr asks for 3 s after an empty poll of the hub. During a study (`active_window` seconds
-    after the last message) we poll every `active_poll` seconds, or, when rounds are long (many
-    nodes), a fifth of the last round's period apart, or of the wait so far when that is
-    longer (the first round of a study, whose period is not known yet), up to
-    `active_poll_cap`: each poll is a request the hub serves, and with many nodes the polls of
-    one round would otherwise cost the hub more than the round's own messages
-    (bench/bench_hub.py), while polls a fifth of a round apart delay it by at most a fifth.
-    When idle we poll every `idle_poll` seconds. flwr asks for 0.5 s while waiting for the ClientApp's reply (an in-memory check):
-    we check every 10 ms.
+    after the last message) we poll every `active_poll` seconds; when rounds are long (many
+    nodes) a fifth of the study's last wait apart (from the node's reply to the next message
+    of the same run), up to `active_poll_cap`; and while a wait goes on, a fifth of the wait
+    so far, up to `idle_poll` (the first round of a study, whose waits are not known yet, or
+    the end of a study). Each poll is a request the hub serves, and with many nodes the polls
+    of one round would otherwise cost the hub more than the round's own messages
+    (bench/bench_hub.py), while polls a fifth of a wait apart delay it by at most a fifth. A
+    new run starts with no known wait: the last study's rounds say nothing about the next's.
+    When idle we poll every `idle_poll` seconds. flwr asks for 0.5 s while waiting for the
+    ClientApp's reply (an in-memory check): we check every 10 ms.
     """
 
     idle_poll: float = 1.0
@@ -99,8 +101,10 @@ class SleepPolicy:
     reply_poll: float = 0.01
     pull_backoff: float = 0.02  # flwr: 1 s, then doubling to 10 s
     pull_backoff_cap: float = 0.2
-    last_activity: float = float("-inf")
-    period: float = 0.0  # seconds between the last two messages, during a study
+    last_activity: float = float("-inf")  # the last message stored
+    last_reply: float = float("-inf")  # the last reply pushed to the hub
+    run_id: int | None = None  # the run of the last message
+    period: float = 0.0  # the last wait from a reply to the next message of the same run
     period_fraction: float = 0.2
     active_poll_cap: float = 5.0
 
@@ -115,18 +119,30 @@ class SleepPolicy:
         if self.stock:
             return seconds
         if seconds >= 1.0:  # the poll of the hub after an empty one
-            quiet = _time.monotonic() - self.last_activity
-            if quiet >= self.active_window:
+            now = _time.monotonic()
+            if now - self.last_activity >= self.active_window:
                 return min(seconds, self.idle_poll)
-            wait = max(self.period, quiet)
-            return max(self.active_poll, min(self.active_poll_cap, wait * self.period_fraction))
+            waited = now - max(self.last_activity, self.last_reply)
+            return max(
+                self.active_poll,
+                min(self.active_poll_cap, self.period * self.period_fraction),
+                min(self.idle_poll, waited * self.period_fraction),
+            )
         return min(seconds, self.reply_poll)
 
-    def touch(self) -> None:
+    def touch(self, run_id: int | None = None) -> None:
+        """A message of run `run_id` was stored."""
         now = _time.monotonic()
-        since = now - self.last_activity
-        self.period = since if since < self.active_window else 0.0
+        if run_id is None or run_id != self.run_id:
+            self.period = 0.0
+        elif self.last_reply > self.last_activity:
+            self.period = now - self.last_reply
+        self.run_id = run_id
         self.last_activity = now
+
+    def replied(self) -> None:
+        """The node's reply reached the hub: the wait for the next message starts."""
+        self.last_reply = _time.monotonic()
 
 
 def install_supernode_adaptations(
@@ -185,7 +201,7 @@ def install_supernode_adaptations(
             log.debug("message stored (%.3f s)", _time.monotonic() - t0)
             if tracker is not None:
                 tracker.message_stored(received[0].metadata.message_id if received else None)
-            policy.touch()
+            policy.touch(run_id)
             on_message()
         return run_id
 
@@ -200,6 +216,7 @@ def install_supernode_adaptations(
         finally:
             if tracker is not None:
                 tracker.done_waiting()
+        policy.replied()
         if on_contact is not None:
             on_contact("reply")
         log.debug("reply sent to the hub (%.3f s after the loop began waiting for it)", _time.monotonic() - t0)
