@@ -62,14 +62,16 @@ def follow(hub_toml: Path, study: Path) -> dict:
     if run.error or status != "finished:completed" or not run.results:
         raise SystemExit(f"{study.stem} failed: {run.error or details or status}")
     events = [json.loads(base64.b64decode(b)) for line in run.log_lines for b in engine._EVENT.findall(line)]
-    rounds: dict[int, list[float]] = {}
+    # A round is one conversation's (glm, glmm, ...: the task kind's prefix) round number: D1's
+    # random-intercept companion counts its rounds from 1 again after the GLMs' rounds.
+    rounds: dict[tuple[str, int], list[float]] = {}
     for e in events:
         if e["event"] == "progress":
-            rounds.setdefault(e["round"], []).append(e["t"])
+            rounds.setdefault((e["kind"].split(".")[0], e["round"]), []).append(e["t"])
     return {
         "result": run.results[0],
         "wall": wall,
-        "spans": [(min(ts), max(ts)) for _, ts in sorted(rounds.items())],
+        "spans": sorted((min(ts), max(ts)) for ts in rounds.values()),
         "done": max(e["t"] for e in events if e["event"] == "result"),
     }
 
@@ -80,7 +82,7 @@ def run_once(hub_toml: Path) -> dict:
         "rounds": [t1 - t0 for t0, t1 in one["spans"]],
         "study": one["done"] - one["spans"][0][0],
         "wall": one["wall"],
-        "n_rounds": one["result"]["rounds"],
+        "n_rounds": len(one["spans"]),
         "beta": one["result"]["exposure_term"]["estimate"],
     }
 
