@@ -153,10 +153,10 @@ def up(
     (in `.iaptnet-network/nodes/NAME/`): for stand-ins that speak Flower's node protocol
     themselves (bench/bench_hub.py).
 
-    `poll_active` (the nodes' polling interval during a study) defaults to 0.25 s for up to
-    3 nodes and N/8 s, at most 1 s, beyond: every process shares this machine, and with 8
-    nodes polling every 0.25 s the polls themselves slowed a round (bench/bench_latency.py:
-    3.63 s a round against 2.87 s at 1 s)."""
+    `poll_active` (the nodes' polling interval during a study) defaults to 0.1 s for up to
+    3 nodes (D1: 8.9 s on the hub against 9.6 s at 0.25 s, bench/bench_latency.py) and N/8 s,
+    at most 1 s, beyond: every process shares this machine, and with 8 nodes polling every
+    0.25 s the polls themselves slowed a round (3.63 s a round against 2.87 s at 1 s)."""
     from .. import keys as pki
     from ..coordinator.hub import load_hub_config, node_statuses, register_node
     from ..coordinator.network import load_network
@@ -304,7 +304,7 @@ def up(
 
 def default_poll_active(nodes: int) -> float:
     """The nodes' polling interval during a study when all of them share one machine."""
-    return 0.25 if nodes <= 3 else min(1.0, nodes / 8)
+    return 0.1 if nodes <= 3 else min(1.0, nodes / 8)
 
 
 def _children() -> dict[int, list[int]]:
