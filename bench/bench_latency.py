@@ -23,7 +23,7 @@ These machines are shared and noisy: compare the before/after of one run, not se
 runs.
 
     .venv/bin/python bench/bench_latency.py [--nodes 3 8] [--repeat 3] [--patients-per-node 60000]
-                                            [--only before|after] [--poll-active 0.25 0.5]
+                                            [--only before|after] [--poll-active 0.1 0.25]
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def inprocess_seconds(network: Path) -> float:
         return cli_seconds(str(D1), "--network", str(copy / network.name))
 
 
-def measure(network: Path, nodes: int, stock: bool, repeat: int, poll_active: float = 0.25) -> dict:
+def measure(network: Path, nodes: int, stock: bool, repeat: int, poll_active: float | None = None) -> dict:
+    """`poll_active` None: what `iaptnet network up` picks for this many nodes."""
     env_key = "IAPTNET_STOCK_FLOWER_TIMING"
     saved = os.environ.get(env_key)
     if stock:
@@ -133,7 +134,7 @@ def measure(network: Path, nodes: int, stock: bool, repeat: int, poll_active: fl
             os.environ[env_key] = saved
     rounds = [r for run in runs for r in run["rounds"]]
     config = "before (flwr 1.42 timings)" if stock else "after (iaptnet adaptations)"
-    if not stock and poll_active != 0.25:
+    if not stock and poll_active is not None:
         config += f", poll_active {poll_active:g} s"
     return {
         "nodes": nodes,
@@ -161,8 +162,9 @@ def main() -> None:
         "--poll-active",
         type=float,
         nargs="+",
-        default=[0.25],
-        help="node.toml tuning.poll_active values to measure 'after' with (default 0.25)",
+        default=None,
+        help="node.toml tuning.poll_active values to measure 'after' with (default: what "
+        "`iaptnet network up` picks, 0.1 s for up to 3 nodes)",
     )
     args = parser.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-latency-"))
@@ -173,12 +175,14 @@ def main() -> None:
         if not network.exists():
             print(f"synthesising {nodes} services x {args.patients_per_node:,} referrals in {folder}", file=sys.stderr)
             generate_network(folder, services=nodes, patients=nodes * args.patients_per_node, seed=args.seed)
-        configs = [(True, 0.25)] + [(False, poll) for poll in args.poll_active]
+        configs = [(True, None)] + [(False, poll) for poll in (args.poll_active or [None])]
         for stock, poll in configs:
             if args.only and (args.only == "before") != stock:
                 continue
             print(
-                f"{nodes} nodes, {'before' if stock else f'after (poll_active {poll:g} s)'}: measuring", file=sys.stderr
+                f"{nodes} nodes, {'before' if stock else 'after'}"
+                f"{'' if poll is None else f' (poll_active {poll:g} s)'}: measuring",
+                file=sys.stderr,
             )
             row = measure(network, nodes, stock, args.repeat, poll)
             rows.append(row)
@@ -202,7 +206,7 @@ def main() -> None:
     by = {
         (r["nodes"], r["config"].split()[0]): r
         for r in rows
-        if r["poll_active"] == 0.25 or r["config"].startswith("before")
+        if r["poll_active"] is None or r["config"].startswith("before")
     }
     for nodes in args.nodes:
         if (nodes, "before") in by and (nodes, "after") in by:
