@@ -149,9 +149,9 @@ class StandIn(threading.Thread):
                 if received is None:
                     time.sleep(policy.cap(3.0))  # what flwr asks for after an empty poll
                     continue
-                policy.touch()
                 message, tree = received
                 run_id = message.metadata.run_id
+                policy.touch(run_id)
                 if run_id not in runs:  # the SuperNode fetches a new run and its bundle once
                     run = get_run(run_id)
                     get_fab(run.fab_hash, run_id)
@@ -177,6 +177,7 @@ class StandIn(threading.Thread):
                     push_object(run_id, session, oid, objects[oid].deflate())
                 self.requests += 1 + len(wanted)
                 self.answered += 1
+                policy.replied()  # as the SuperNode's _push_messages tells it (flower/supernode.py)
 
 
 def stand_ins_main(spec_path: Path) -> None:

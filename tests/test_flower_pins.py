@@ -104,6 +104,16 @@ def test_sleep_policy_learns_a_study_s_wait_from_reply_to_next_message_and_forge
     assert policy.period == 0.0
     policy.replied()
     assert policy.cap(3) == 0.05
+    clock[0] += 20.0  # a long wait in a network known for 10 s waits: a fifth of the longest
+    assert policy.cap(3) == pytest.approx(2.0)
+    small = supernode.SleepPolicy(idle_poll=1.0, active_poll=0.05, active_window=120.0)
+    small.touch(run_id=1)
+    small.replied()
+    clock[0] += 0.3
+    small.touch(run_id=1)  # a small network: 0.3 s waits
+    small.replied()
+    clock[0] += 30.0  # the study is over; the next one is picked up within idle_poll
+    assert small.cap(3) == 1.0
 
 
 def test_install_and_uninstall_patch_only_the_supernode_module():
