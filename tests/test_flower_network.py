@@ -417,7 +417,21 @@ def test_the_hub_serves_only_its_own_release_and_its_warm_serverapp_comes_back(n
 
     monkeypatch.undo()
     out = tmp_path / "out"
-    assert main(["run", str(study(net, "logit_after_warm")), "--engine", "flower", "--hub", str(net["hub"]), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(study(net, "logit_after_warm")),
+                "--engine",
+                "flower",
+                "--hub",
+                str(net["hub"]),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "results.json").read_text())["terms"]
     # Its polls are not logged one line a request (they would fill the hub's log and the
     # run's own log stream).

@@ -201,8 +201,14 @@ NEEDS: tuple[_Need, ...] = (
             "context.state = RecordDict()",
         ),
     ),
-    _Need("flwr.superlink.grid.http_grid", "HttpGrid", ("runtime_api_address", "insecure", "root_certificates", "token")),
-    _Need("flwr.server.run_serverapp", "run", ("grid", "context", "server_app_dir", "server_app_attr", "loaded_server_app")),
+    _Need(
+        "flwr.superlink.grid.http_grid", "HttpGrid", ("runtime_api_address", "insecure", "root_certificates", "token")
+    ),
+    _Need(
+        "flwr.server.run_serverapp",
+        "run",
+        ("grid", "context", "server_app_dir", "server_app_attr", "loaded_server_app"),
+    ),
     _Need("flwr.common.config", "get_fused_config_from_fab", ("fab_file", "run")),
     _Need("flwr.common.serde", "context_from_proto", ("context_proto",)),
     _Need("flwr.common.serde", "context_to_proto", ("context",)),
@@ -216,7 +222,9 @@ NEEDS: tuple[_Need, ...] = (
     _Need("flwr.supercore.logger", "LOG_UPLOAD_INTERVAL"),
     _Need("flwr.supercore.logger", "_log_uploader", None, ("time.sleep(LOG_UPLOAD_INTERVAL)",)),
     _Need("flwr.superlink.servicer.control.control_handlers", "LOG_STREAM_INTERVAL"),
-    _Need("flwr.superlink.servicer.control.control_handlers", "_stream_logs", None, ("time.sleep(LOG_STREAM_INTERVAL)",)),
+    _Need(
+        "flwr.superlink.servicer.control.control_handlers", "_stream_logs", None, ("time.sleep(LOG_STREAM_INTERVAL)",)
+    ),
     _Need("flwr.supercore.heartbeat", "make_task_heartbeat_fn_http", ("client",)),
     _Need("flwr.supercore.exit", "flwr_exit", ("code", "message", "event_type", "event_details")),
     _Need("flwr.supercore.exit", "register_signal_handlers", ("event_type", "exit_message")),

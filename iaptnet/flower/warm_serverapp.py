@@ -80,6 +80,7 @@ def serve_task(runtime_address: str, root_certificates: bytes, token: str, serve
     the installed release's ServerApp; ends the process through flwr's `flwr_exit`."""
     from queue import Queue
 
+    import flwr.supercore.logger as flwr_logger
     import httpx
     from flwr.app import RecordDict
     from flwr.common.config import get_fused_config_from_fab
@@ -98,14 +99,14 @@ def serve_task(runtime_address: str, root_certificates: bytes, token: str, serve
     from ..coordinator import serverapp as iaptnet_serverapp
     from ..protocol.errors import NetworkError
 
-    import flwr.supercore.logger as flwr_logger
-
     # The run's log (its progress and results) goes up every LOG_UPLOAD_INTERVAL s when there
     # is any (flwr: 0.2); the analyst's results wait on it.
     flwr_logger.LOG_UPLOAD_INTERVAL = LOG_UPLOAD_INTERVAL
     log_queue: Queue[str | None] = Queue()
     mirror_output_to_queue(log_queue)  # this process's stdout is the run's log stream
-    grid = HttpGrid(runtime_api_address=runtime_address, insecure=False, root_certificates=root_certificates, token=token)
+    grid = HttpGrid(
+        runtime_api_address=runtime_address, insecure=False, root_certificates=root_certificates, token=token
+    )
     state = {"uploader": None, "context": None, "sub_status": SubStatus.FAILED, "details": "", "done": False}
     state["details"] = "Task failed with unknown error."
     heartbeat = None
