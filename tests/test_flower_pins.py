@@ -85,7 +85,7 @@ def test_sleep_policy_caps_flower_sleeps():
     assert policy.cap(0.005) == 0.005  # never longer than flwr asked for a short wait
 
 
-def test_sleep_policy_learns_a_study_s_wait_from_reply_to_next_message_and_forgets_it_with_the_run(monkeypatch):
+def test_sleep_policy_learns_a_study_s_wait_from_reply_to_next_message_never_across_runs(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(supernode._time, "monotonic", lambda: clock[0])
     policy = supernode.SleepPolicy(idle_poll=1.0, active_poll=0.05, active_window=120.0)
@@ -99,21 +99,24 @@ def test_sleep_policy_learns_a_study_s_wait_from_reply_to_next_message_and_forge
     assert policy.period == pytest.approx(10.0)
     policy.replied()
     assert policy.cap(3) == pytest.approx(2.0)  # a fifth of the last wait
-    clock[0] += 5.0
-    policy.touch(run_id=2)  # another run: its rounds are not the last run's
-    assert policy.period == 0.0
+    clock[0] += 50.0
+    policy.touch(run_id=2)  # another run 50 s later: not a 50 s wait; the last one sets the pace
+    assert policy.period == pytest.approx(10.0)
     policy.replied()
-    assert policy.cap(3) == 0.05
-    clock[0] += 20.0  # a long wait in a network known for 10 s waits: a fifth of the longest
     assert policy.cap(3) == pytest.approx(2.0)
+
     small = supernode.SleepPolicy(idle_poll=1.0, active_poll=0.05, active_window=120.0)
     small.touch(run_id=1)
+    clock[0] += 0.1  # its work
     small.replied()
     clock[0] += 0.3
     small.touch(run_id=1)  # a small network: 0.3 s waits
     small.replied()
-    clock[0] += 30.0  # the study is over; the next one is picked up within idle_poll
+    clock[0] += 30.0  # its study is over; the next one is picked up within idle_poll
     assert small.cap(3) == 1.0
+    small.touch(run_id=2)
+    small.replied()
+    assert small.cap(3) == pytest.approx(0.06)  # and its rounds polled at its own pace
 
 
 def test_install_and_uninstall_patch_only_the_supernode_module():

@@ -86,13 +86,12 @@ class SleepPolicy:
     after the last message) we poll every `active_poll` seconds; when rounds are long (many
     nodes) a fifth of the study's last wait apart (from the node's reply to the next message
     of the same run), up to `active_poll_cap`; and while a wait goes on, a fifth of the wait
-    so far (the first round of a study, whose waits are not known yet, or the end of a
-    study), up to `idle_poll`, or up to a fifth of the longest wait known when this network's
-    waits are long. Each poll is a request the hub serves, and with many nodes the polls of
-    one round would otherwise cost the hub more than the round's own messages
-    (bench/bench_hub.py), while polls a fifth of a wait apart delay it by at most a fifth. A
-    new run starts with no known wait of its own: the last study's rounds say little about
-    the next's, and a small network's next study should start within `idle_poll`.
+    so far, up to `idle_poll` (before any wait is known, and after a small network's study).
+    Each poll is a request the hub serves, and with many nodes the polls of one round would
+    otherwise cost the hub more than the round's own messages (bench/bench_hub.py), while
+    polls a fifth of a wait apart delay it by at most a fifth. A wait is never measured
+    across two runs (the gap between two studies is not a round), but the last one measured
+    stays the pace of the next run's first round: the network's size sets it.
     When idle we poll every `idle_poll` seconds. flwr asks for 0.5 s while waiting for the
     ClientApp's reply (an in-memory check): we check every 10 ms.
     """
@@ -107,7 +106,6 @@ class SleepPolicy:
     last_reply: float = float("-inf")  # the last reply pushed to the hub
     run_id: int | None = None  # the run of the last message
     period: float = 0.0  # the last wait from a reply to the next message of the same run
-    longest_known: float = 0.0  # the longest such wait of the runs so far (the network's pace)
     period_fraction: float = 0.2
     active_poll_cap: float = 5.0
 
@@ -126,24 +124,18 @@ class SleepPolicy:
             if now - self.last_activity >= self.active_window:
                 return min(seconds, self.idle_poll)
             waited = now - max(self.last_activity, self.last_reply)
-            # While a wait goes on, never slower than when idle, unless this network's waits
-            # are known to be long (many nodes): then as slow as a fifth of the longest.
-            slowest = max(self.idle_poll, min(self.active_poll_cap, self.longest_known * self.period_fraction))
             return max(
                 self.active_poll,
                 min(self.active_poll_cap, self.period * self.period_fraction),
-                min(slowest, waited * self.period_fraction),
+                min(self.idle_poll, waited * self.period_fraction),
             )
         return min(seconds, self.reply_poll)
 
     def touch(self, run_id: int | None = None) -> None:
         """A message of run `run_id` was stored."""
         now = _time.monotonic()
-        if run_id is None or run_id != self.run_id:
-            self.period = 0.0
-        elif self.last_reply > self.last_activity:
+        if run_id is not None and run_id == self.run_id and self.last_reply > self.last_activity:
             self.period = now - self.last_reply
-            self.longest_known = max(self.longest_known, self.period)
         self.run_id = run_id
         self.last_activity = now
 
