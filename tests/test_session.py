@@ -109,6 +109,8 @@ def test_a_round_is_pulled_soon_after_its_replies_and_a_long_one_no_more_often_t
     assert pull_wait(0.5, 0.25) == pytest.approx(0.1)  # a fifth of the round so far
     assert pull_wait(30.0, 0.25) == 0.25  # never more often than before on a long round
     assert pull_wait(30.0, 0.0) == 0.0  # in-process: the grid answers at once
+    assert pull_wait(0.0, 0.25, last_round=20.0) == 0.25  # many nodes: no burst of early pulls
+    assert pull_wait(0.0, 0.25, last_round=0.4) == pytest.approx(0.04)
 
 
 def test_the_coordinator_waits_between_pulls_as_pull_wait_says(monkeypatch):

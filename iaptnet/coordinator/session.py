@@ -64,6 +64,7 @@ class Session:
         self.poll_interval = poll_interval
         self.progress = progress
         self.round = 0
+        self.last_round = 0.0  # seconds the last round took, push to last reply
         node_ids = sorted(grid.get_node_ids())
         if not node_ids:
             raise NetworkError("no nodes are connected to the network.")
@@ -200,7 +201,8 @@ class Session:
                 break
             overdue = deadline is not None and time.monotonic() > deadline
             if not overdue:
-                time.sleep(pull_wait(time.monotonic() - pushed, self.poll_interval))
+                time.sleep(pull_wait(time.monotonic() - pushed, self.poll_interval, self.last_round))
+        self.last_round = time.monotonic() - pushed
         return out
 
     @staticmethod
@@ -230,17 +232,19 @@ class Session:
 #: far that the wait grows to (up to the hub's `poll_interval`).
 FIRST_PULL_WAIT = 0.02
 PULL_FRACTION = 0.2
+LAST_ROUND_FRACTION = 0.1
 
 
-def pull_wait(elapsed: float, poll_interval: float) -> float:
+def pull_wait(elapsed: float, poll_interval: float, last_round: float = 0.0) -> float:
     """Seconds to wait before the next pull of a round's replies, `elapsed` seconds after its
-    tasks were pushed: a fifth of the round so far, from 20 ms up to `poll_interval`. A short
-    round (a few nodes) is seen to end within a few hundredths of a second, while a long one
-    (many nodes) is pulled no more often than before and seen at most a fifth late. With
-    `poll_interval` 0 (the in-process engine, whose grid answers at once) there is no wait."""
+    tasks were pushed: a fifth of the round so far, and at least a tenth of the last round,
+    from 20 ms up to `poll_interval`. A short round (a few nodes) is seen to end within a few
+    hundredths of a second, while a long one (many nodes) is pulled no more often than every
+    `poll_interval` and seen at most a fifth late. With `poll_interval` 0 (the in-process
+    engine, whose grid answers at once) there is no wait."""
     if poll_interval <= 0:
         return 0.0
-    return min(poll_interval, max(FIRST_PULL_WAIT, PULL_FRACTION * elapsed))
+    return min(poll_interval, max(FIRST_PULL_WAIT, PULL_FRACTION * elapsed, LAST_ROUND_FRACTION * last_round))
 
 
 def _all_finite(reply: m.Reply) -> bool:
