@@ -85,38 +85,37 @@ def test_sleep_policy_caps_flower_sleeps():
     assert policy.cap(0.005) == 0.005  # never longer than flwr asked for a short wait
 
 
-def test_sleep_policy_learns_a_study_s_wait_from_reply_to_next_message_never_across_runs(monkeypatch):
+def test_sleep_policy_learns_a_study_s_round_never_across_runs(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(supernode._time, "monotonic", lambda: clock[0])
     policy = supernode.SleepPolicy(idle_poll=1.0, active_poll=0.05, active_window=120.0)
     policy.touch(run_id=1)  # round 1 of run 1
-    clock[0] += 30.0  # the node computes for 30 s (its own work is not a wait)
+    clock[0] += 2.0  # the node's own work
     policy.replied()
     assert policy.cap(3) == 0.05  # just replied: the next message may come at once
-    clock[0] += 10.0  # the other nodes take 10 s more
+    clock[0] += 8.0  # the other nodes take 8 s more
     assert policy.cap(3) == 1.0  # a fifth of the wait so far, at most idle_poll
-    policy.touch(run_id=1)  # round 2: the wait was 10 s
+    policy.touch(run_id=1)  # round 2: the round took 10 s
     assert policy.period == pytest.approx(10.0)
     policy.replied()
-    assert policy.cap(3) == pytest.approx(2.0)  # a fifth of the last wait
+    assert policy.cap(3) == pytest.approx(2.0)  # a fifth of the last round
     clock[0] += 50.0
-    policy.touch(run_id=2)  # another run 50 s later: not a 50 s wait; the last one sets the pace
+    policy.touch(run_id=2)  # another run 50 s later: not a 50 s round; the last one sets the pace
     assert policy.period == pytest.approx(10.0)
     policy.replied()
     assert policy.cap(3) == pytest.approx(2.0)
 
     small = supernode.SleepPolicy(idle_poll=1.0, active_poll=0.05, active_window=120.0)
     small.touch(run_id=1)
-    clock[0] += 0.1  # its work
     small.replied()
-    clock[0] += 0.3
-    small.touch(run_id=1)  # a small network: 0.3 s waits
+    clock[0] += 0.4
+    small.touch(run_id=1)  # a small network: 0.4 s rounds
     small.replied()
     clock[0] += 30.0  # its study is over; the next one is picked up within idle_poll
     assert small.cap(3) == 1.0
     small.touch(run_id=2)
     small.replied()
-    assert small.cap(3) == pytest.approx(0.06)  # and its rounds polled at its own pace
+    assert small.cap(3) == pytest.approx(0.08)  # and its rounds polled at its own pace
 
 
 def test_install_and_uninstall_patch_only_the_supernode_module():

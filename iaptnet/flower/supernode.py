@@ -84,14 +84,14 @@ class SleepPolicy:
 
     flwr asks for 3 s after an empty poll of the hub. During a study (`active_window` seconds
     after the last message) we poll every `active_poll` seconds; when rounds are long (many
-    nodes) a fifth of the study's last wait apart (from the node's reply to the next message
-    of the same run), up to `active_poll_cap`; and while a wait goes on, a fifth of the wait
-    so far, up to `idle_poll` (before any wait is known, and after a small network's study).
-    Each poll is a request the hub serves, and with many nodes the polls of one round would
-    otherwise cost the hub more than the round's own messages (bench/bench_hub.py), while
-    polls a fifth of a wait apart delay it by at most a fifth. A wait is never measured
-    across two runs (the gap between two studies is not a round), but the last one measured
-    stays the pace of the next run's first round: the network's size sets it.
+    nodes) a fifth of the last round apart (the time between two messages of the same run),
+    up to `active_poll_cap`; and while a wait goes on (since the node's reply), a fifth of the
+    wait so far, up to `idle_poll` (before any round is known, and after a small network's
+    study). Each poll is a request the hub serves, and with many nodes the polls of one round
+    would otherwise cost the hub more than the round's own messages (bench/bench_hub.py),
+    while polls a fifth of a round apart delay it by at most a fifth. A round is never
+    measured across two runs (the gap between two studies is not a round), but the last one
+    measured stays the pace of the next run's first round: the network's size sets it.
     When idle we poll every `idle_poll` seconds. flwr asks for 0.5 s while waiting for the
     ClientApp's reply (an in-memory check): we check every 10 ms.
     """
@@ -105,7 +105,7 @@ class SleepPolicy:
     last_activity: float = float("-inf")  # the last message stored
     last_reply: float = float("-inf")  # the last reply pushed to the hub
     run_id: int | None = None  # the run of the last message
-    period: float = 0.0  # the last wait from a reply to the next message of the same run
+    period: float = 0.0  # the last round: seconds between two messages of the same run
     period_fraction: float = 0.2
     active_poll_cap: float = 5.0
 
@@ -134,8 +134,8 @@ class SleepPolicy:
     def touch(self, run_id: int | None = None) -> None:
         """A message of run `run_id` was stored."""
         now = _time.monotonic()
-        if run_id is not None and run_id == self.run_id and self.last_reply > self.last_activity:
-            self.period = now - self.last_reply
+        if run_id is not None and run_id == self.run_id:
+            self.period = now - self.last_activity
         self.run_id = run_id
         self.last_activity = now
 
