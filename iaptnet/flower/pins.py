@@ -3,7 +3,7 @@
 flwr 1.42.0 has no public option for what a Trust's node needs, so iaptnet reaches into
 private parts of that exact release: the SuperNode adaptations (flower/supernode.py), the
 hub's ServerApp pulls (flower/serverapp.py), the hub's warm ServerApp
-(flower/warm_serverapp.py), the hub's SuperLink middleware (flower/superlink.py) and the app
+(flower/warm_serverapp.py, flower/runtime_tasks.py), the hub's SuperLink middleware (flower/superlink.py) and the app
 bundle (flower/bundle.py). Why each
 exists: docs/developer/flower.md.
 

@@ -657,17 +657,11 @@ class WarmWorker(threading.Thread):
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> None:
-        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-        from flwr.supercore.retry import make_simple_http_retry_invoker
-        from flwr.supercore.runtime import RuntimeHttpClient
+        from flwr.supercore.constant import TaskType
 
-        acquirer = RuntimeHttpClient.from_server_address(
-            server_address=self.runtime_address,
-            insecure=True,
-            root_certificates=None,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-            retry_invoker=make_simple_http_retry_invoker(),
-        )
+        from .runtime_tasks import acquire_task, runtime_client
+
+        acquirer = runtime_client(self.runtime_address)
         try:
             while not self._stop.is_set():
                 self.wake.wait(self.fallback_poll)
@@ -675,7 +669,7 @@ class WarmWorker(threading.Thread):
                 while not self._stop.is_set():
                     try:
                         with self.storing:
-                            acquired = self._acquire(acquirer)
+                            acquired = acquire_task(acquirer, TaskType.CLIENT_APP)
                     except Exception:  # noqa: BLE001 - keep serving; the SuperNode may be starting
                         log.debug("could not reach the SuperNode's runtime API yet", exc_info=True)
                         break
@@ -684,16 +678,6 @@ class WarmWorker(threading.Thread):
                     self._serve(*acquired)
         finally:
             acquirer.close()
-
-    @staticmethod
-    def _acquire(acquirer):
-        from flwr.proto.runtime_pb2 import AcquireTaskRequest
-        from flwr.supercore.constant import TaskType
-
-        res = acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-        if res.HasField("task") and res.token:
-            return res.task, res.token
-        return None
 
     def _serve(self, task, token: str) -> None:
         from flwr.app import Message

@@ -201,7 +201,7 @@ def _child(runtime_address: str, root_certificates: bytes, token: str, serves: s
 
 
 class WarmServerApp:
-    """The long-lived parent. `acquire()` asks the SuperLink for one ServerApp task."""
+    """The long-lived parent: polls the SuperLink for ServerApp tasks and forks a child each."""
 
     def __init__(self, runtime_address: str, root_certificates_path: str, parent_pid: int | None, poll: float):
         self.runtime_address = runtime_address
@@ -243,29 +243,6 @@ class WarmServerApp:
             except Exception:  # noqa: BLE001 - some need the network's services: imports are what count
                 pass
 
-    def _client(self):
-        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-        from flwr.supercore.retry import make_simple_http_retry_invoker
-        from flwr.supercore.runtime import RuntimeHttpClient
-
-        return RuntimeHttpClient.from_server_address(
-            server_address=self.runtime_address,
-            insecure=False,
-            root_certificates=self.root_certificates,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-            retry_invoker=make_simple_http_retry_invoker(),
-        )
-
-    @staticmethod
-    def acquire(client):
-        from flwr.proto.runtime_pb2 import AcquireTaskRequest
-        from flwr.supercore.constant import TaskType
-
-        res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP]))
-        if res.HasField("task") and res.token:
-            return res.task, res.token
-        return None
-
     def fork(self, task, token: str) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -303,13 +280,17 @@ class WarmServerApp:
     def loop(self) -> None:
         """Poll until stopped or orphaned; an unreachable SuperLink is asked again, backing off
         to 2 s (it may be starting or restarting)."""
-        client = self._client()
+        from flwr.supercore.constant import TaskType
+
+        from .runtime_tasks import acquire_task, runtime_client
+
+        client = runtime_client(self.runtime_address, self.root_certificates)
         wait = self.poll
         try:
             while not self.stopping and not self.orphaned():
                 self.reap()
                 try:
-                    acquired = self.acquire(client)
+                    acquired = acquire_task(client, TaskType.SERVER_APP)
                     wait = self.poll
                 except Exception:  # noqa: BLE001 - the SuperLink may be starting or restarting
                     log.debug("the SuperLink's Runtime API did not answer", exc_info=True)
