@@ -42,6 +42,7 @@ from pathlib import Path
 
 from iaptnet.coordinator.catalogue import catalogue_paths
 from iaptnet.coordinator.engines import flower as engine
+from iaptnet.flower import pins
 from iaptnet.ops import launcher
 from iaptnet.synth import generate_network
 
@@ -108,7 +109,7 @@ def inprocess_seconds(network: Path) -> float:
 
 def measure(network: Path, nodes: int, stock: bool, repeat: int, poll_active: float | None = None) -> dict:
     """`poll_active` None: what `iaptnet network up` picks for this many nodes."""
-    env_key = "IAPTNET_STOCK_FLOWER_TIMING"
+    env_key = pins.STOCK_TIMING_ENV
     saved = os.environ.get(env_key)
     if stock:
         os.environ[env_key] = "1"

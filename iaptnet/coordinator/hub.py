@@ -43,6 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..flower.pins import stock_timing
 from ..protocol.errors import NetworkError, SpecError
 from ..protocol.tomlfile import read_toml, reject_unknown
 
@@ -163,11 +164,6 @@ def load_hub_config(path: str | Path) -> HubConfig:
     )
 
 
-def warm_serverapp_wanted() -> bool:
-    """The warm ServerApp (flower/warm_serverapp.py), unless a benchmark asks for stock Flower."""
-    return os.environ.get("IAPTNET_STOCK_FLOWER_TIMING") != "1"
-
-
 def superlink_command(cfg: HubConfig, warm: bool = True) -> list[str]:
     """The SuperLink. With `warm`, `--isolation process`: no SuperExec, the hub's warm
     ServerApp serves the runs (`warm_serverapp_command`)."""
@@ -239,7 +235,7 @@ def start_hub(cfg: HubConfig) -> int:
     import signal
 
     prepare_state(cfg)
-    warm = warm_serverapp_wanted()
+    warm = not stock_timing()  # the warm ServerApp, unless a benchmark asks for stock Flower
     env = flower_env(cfg.flwr_home)
     cmd = superlink_command(cfg, warm)
     sys.stdout.flush()

@@ -27,6 +27,11 @@ FLWR_VERSION = "1.42.0"
 STOCK_TIMING_ENV = "IAPTNET_STOCK_FLOWER_TIMING"
 
 
+def stock_timing() -> bool:
+    """Whether a benchmark asked for flwr 1.42 as shipped (STOCK_TIMING_ENV=1)."""
+    return _os.environ.get(STOCK_TIMING_ENV) == "1"
+
+
 class FlowerAdaptationError(RuntimeError):
     """The installed flwr is not the release these adaptations were written for."""
 

@@ -4,10 +4,9 @@ with short retries and a deadline, not flwr's 1 s, 2 s, 4 s... backoff for up to
 from __future__ import annotations
 
 import functools
-import os
 
 from .pins import INSTALLED as _INSTALLED
-from .pins import STOCK_TIMING_ENV, check_flwr
+from .pins import check_flwr, stock_timing
 
 
 def install_serverapp_adaptations(max_time: float) -> None:
@@ -20,7 +19,7 @@ def install_serverapp_adaptations(max_time: float) -> None:
     """
     import flwr.superlink.grid.http_grid as http_grid
 
-    if os.environ.get(STOCK_TIMING_ENV) == "1" or "grid_pull_objects" in _INSTALLED:
+    if stock_timing() or "grid_pull_objects" in _INSTALLED:
         return
     check_flwr()
     _INSTALLED["grid_pull_objects"] = http_grid.pull_objects

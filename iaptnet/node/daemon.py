@@ -195,7 +195,7 @@ def _serve(cfg: NodeFile, local_network: bool) -> int:
     from .app import app as client_app
 
     port = cfg.runtime_port or _free_port()
-    stock = os.environ.get(pins.STOCK_TIMING_ENV) == "1"
+    stock = pins.stock_timing()
     tracker = supernode.TaskTracker()
     worker = supernode.WarmWorker(
         f"127.0.0.1:{port}",
