@@ -370,10 +370,12 @@ def test_unapproved_app_bundle_is_refused_before_it_runs(net, capsys):
 
 
 def _warm_serverapp_pid(net) -> int | None:
-    from iaptnet.ops.launcher import _children, _descendants
+    """The warm ServerApp itself: the hub's own child, not a run's process forked from it
+    (which has the same command line)."""
+    from iaptnet.ops.launcher import _children
 
     hub = next(p["pid"] for p in net["record"]["processes"] if p["role"] == "hub")
-    for pid in _descendants(hub, _children()):
+    for pid in _children().get(hub, []):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:

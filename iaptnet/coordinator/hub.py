@@ -280,7 +280,7 @@ class _WarmServerApp:
     def __init__(self, cfg: HubConfig, env: dict):
         self.cfg, self.env = cfg, env
         self.proc: subprocess.Popen | None = None
-        self.delay, self.not_before = 1.0, 0.0
+        self.delay, self.not_before, self.started = 1.0, 0.0, 0.0
 
     def start(self) -> None:
         self.proc = subprocess.Popen(warm_serverapp_command(self.cfg, os.getpid()), env=self.env)
