@@ -5,9 +5,10 @@ other columns never do, and the span it keeps is the one a fresh computation giv
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from iaptnet.node import span as span_module
-from iaptnet.node.release_memory import Footprint
+from iaptnet.node.release_memory import Footprint, MemoryDamaged
 from iaptnet.node.span import ReleasedSpan
 
 N = 400
@@ -24,9 +25,9 @@ def counting(monkeypatch) -> list[int]:
     calls = []
     original = ReleasedSpan._new_directions
 
-    def counted(self, V):
+    def counted(self, rows, V):
         calls.append(V.shape[1])
-        return original(self, V)
+        return original(self, rows, V)
 
     monkeypatch.setattr(span_module.ReleasedSpan, "_new_directions", counted)
     return calls
@@ -67,5 +68,58 @@ def test_the_span_kept_is_the_projection_onto_every_released_column():
             columns.append(column)
     q, _ = np.linalg.qr(np.column_stack(columns))
     np.testing.assert_allclose(span.leverage, np.einsum("ij,ij->i", q, q), rtol=1e-9, atol=1e-12)
-    basis = np.column_stack(span.blocks)
+    basis = span.basis()
     np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-12)
+
+
+def cohort_footprint(label: str, rows: np.ndarray, seed: int, k: int = 2) -> Footprint:
+    rng = np.random.default_rng(seed)
+    return Footprint(label, rows, columns=[(f"x{j}", rng.normal(size=int(rows.sum()))) for j in range(k)])
+
+
+def test_releases_on_separate_and_overlapping_cohorts_span_what_all_their_columns_span():
+    """Blocks are kept on their own rows: a release on another cohort, one that overlaps two,
+    and one over every row give the leverage of the whole projection."""
+    span = ReleasedSpan(None, N)
+    index = np.arange(N)
+    cohorts = [index < 100, (index >= 100) & (index < 200), (index >= 50) & (index < 150), index < N]
+    released = [cohort_footprint(str(i), rows, i) for i, rows in enumerate(cohorts)]
+    for fp in released:
+        span.audit([fp])
+        span.remember([fp])
+    assert [b.rows.size for b in span.blocks] == [100, 100, 200, N]  # each on the rows it touched
+    columns = []
+    for fp in released:
+        columns.append(fp.rows.astype(float))
+        for _, values in fp.columns:
+            column = np.zeros(N)
+            column[fp.rows] = values
+            columns.append(column)
+    q, _ = np.linalg.qr(np.column_stack(columns))
+    np.testing.assert_allclose(span.leverage, np.einsum("ij,ij->i", q, q), rtol=1e-9, atol=1e-12)
+    basis = span.basis()
+    np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-12)
+
+
+def test_the_span_on_disk_is_read_back_as_it_was_kept_including_blocks_of_all_rows(tmp_path):
+    """A node restarted reads its span back; a block written over all n rows (the form before
+    0.3) still reads, as the same directions."""
+    kept = ReleasedSpan(tmp_path, N)
+    index = np.arange(N)
+    for i, rows in enumerate([index < 120, index >= 300]):
+        fp = cohort_footprint(str(i), rows, i)
+        kept.audit([fp])
+        kept.remember([fp])
+    again = ReleasedSpan(tmp_path, N)
+    np.testing.assert_array_equal(again.leverage, kept.leverage)
+    assert again.digests == kept.digests
+    # The older form: one .npy over all n rows, named by the index.
+    old = tmp_path / "old"
+    old.mkdir()
+    np.save(old / "block-0.npy", kept.basis())
+    (old / "index.jsonl").write_text('{"block": "block-0.npy", "digests": ["d"]}\n')
+    np.testing.assert_allclose(ReleasedSpan(old, N).leverage, kept.leverage, rtol=1e-12, atol=1e-15)
+    # A block of another size is damage, not a span.
+    np.save(old / "block-0.npy", kept.basis()[:-1])
+    with pytest.raises(MemoryDamaged):
+        ReleasedSpan(old, N)
