@@ -61,7 +61,8 @@ class Footprint:
     indicators: list[np.ndarray] = field(default_factory=list)
     columns: list[tuple[str, np.ndarray]] = field(default_factory=list)
     column_rows: np.ndarray | None = None  # the rows `columns` are given on, when not `rows`
-    _planned: dict = field(default_factory=dict, repr=False, compare=False)  # (n, t) -> its _Plan; ("span", n) -> node/span.py's digests
+    # (n, t) -> its _Plan; ("span", n) -> the digests of its columns (node/span.py)
+    _planned: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
