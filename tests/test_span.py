@@ -4,6 +4,8 @@ other columns never do, and the span it keeps is the one a fresh computation giv
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -102,8 +104,8 @@ def test_releases_on_separate_and_overlapping_cohorts_span_what_all_their_column
 
 
 def test_the_span_on_disk_is_read_back_as_it_was_kept_including_blocks_of_all_rows(tmp_path):
-    """A node restarted reads its span back; a block written over all n rows (the form before
-    0.3) still reads, as the same directions."""
+    """A node restarted reads its span back; a block written over all n rows (as iaptnet 0.2
+    wrote it) still reads, as the same directions."""
     kept = ReleasedSpan(tmp_path, N)
     index = np.arange(N)
     for i, rows in enumerate([index < 120, index >= 300]):
@@ -123,3 +125,18 @@ def test_the_span_on_disk_is_read_back_as_it_was_kept_including_blocks_of_all_ro
     np.save(old / "block-0.npy", kept.basis()[:-1])
     with pytest.raises(MemoryDamaged):
         ReleasedSpan(old, N)
+
+
+def test_a_columns_digest_is_the_one_iaptnet_0_2_remembered():
+    """Digests name columns already in the span across an upgrade: the sha256 of the column's
+    n values scaled to unit norm, zero off its rows."""
+    fp = footprint("m", 4, k=1)
+    span = ReleasedSpan(None, N)
+    span.remember([fp])
+    expected = set()
+    for values in (np.ones(int(fp.rows.sum())), fp.columns[0][1]):
+        column = np.zeros(N)
+        column[fp.rows] = values / np.abs(values).max()
+        column /= np.linalg.norm(column)
+        expected.add(hashlib.sha256(column.tobytes()).hexdigest()[:32])
+    assert span.digests == expected

@@ -130,7 +130,7 @@ class ReleasedSpan:
         touching = [b for b in self.blocks if _shares_a_row(b.rows, rows)]
         support = rows
         if touching:
-            support = np.unique(np.concatenate([rows, *[b.rows for b in touching]]))
+            support = _union([rows, *[b.rows for b in touching]], self.n)
         W = np.zeros((support.size, V.shape[1]))
         W[np.searchsorted(support, rows)] = V
         places = [np.searchsorted(support, b.rows) for b in touching]
@@ -178,7 +178,7 @@ class ReleasedSpan:
         self._offset += complete
 
     def _read_block(self, name: str | None) -> Block | None:
-        """A block file: `.npz` of its rows and basis; or, as written before 0.3, an `.npy`
+        """A block file: `.npz` of its rows and basis; or, as iaptnet 0.2 wrote it, an `.npy`
         basis over all n rows."""
         if not name:
             return None
@@ -266,7 +266,7 @@ def _candidates(fp: Footprint, n: int):
 
 
 def _digest(at: np.ndarray, values: np.ndarray, n: int) -> str:
-    """A column's digest: of its n values, zero off its rows (the same digest as before 0.3,
+    """A column's digest: of its n values, zero off its rows (the digest iaptnet 0.2 kept,
     so a state folder's remembered columns still match)."""
     column = np.zeros(n)
     column[at] = values
@@ -314,11 +314,24 @@ def _new_columns(
             fresh.append((at, unit))
     if not fresh:
         return digests, None
-    rows = np.unique(np.concatenate([at for at, _ in fresh]))
+    rows = _union([at for at, _ in fresh], n)
     V = np.zeros((rows.size, len(fresh)))
+    places: dict[int, np.ndarray] = {}  # the columns of a footprint share one array of rows
     for j, (at, unit) in enumerate(fresh):
-        V[np.searchsorted(rows, at), j] = unit
+        if id(at) not in places:
+            places[id(at)] = np.searchsorted(rows, at)
+        V[places[id(at)], j] = unit
     return digests, (rows, V)
+
+
+def _union(row_sets: list[np.ndarray], n: int) -> np.ndarray:
+    """The sorted rows in any of the sets (without sorting their concatenation)."""
+    if len({id(rows) for rows in row_sets}) == 1:
+        return row_sets[0]
+    mask = np.zeros(n, dtype=bool)
+    for rows in row_sets:
+        mask[rows] = True
+    return np.flatnonzero(mask)
 
 
 class SpanMemory:
