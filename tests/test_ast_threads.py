@@ -97,3 +97,26 @@ def test_a_node_logging_a_traceback_does_not_race_a_parse_in_another_thread():
     finally:
         logger.removeHandler(handler)
     assert "Traceback" in handler.stream.getvalue() and "^" in handler.stream.getvalue()
+
+
+def test_designs_build_from_many_threads_while_others_parse():
+    """Nodes build their designs in parallel: the design materializer holds AST_LOCK only
+    while formulaic parses Python (an expression factor, the intercept's literal), so a design
+    is built beside another thread's parse without corrupting it."""
+    import numpy as np
+    from formulaic import ModelSpec
+
+    frame = pd.DataFrame({"x": [1.0, 2.0, 3.0], "y": [0.0, 1.0, 1.0]})
+    spec = ModelSpec(
+        formula=f"1 + x + I({EXPR})", materializer=design.design_materializer(), na_action="ignore", output="numpy"
+    )
+    turn = iter(range(10**9))
+
+    def work():
+        if next(turn) % 2:
+            design._expression_columns(EXPR, frame)
+            return
+        with np.errstate(all="ignore"):
+            spec.get_model_matrix(frame, context=design.EVAL_CONTEXT)
+
+    assert hammer(work, rounds=400) == []

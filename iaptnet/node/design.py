@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ..protocol.errors import DataError
-from ..protocol.formula_check import ParsedFormula, check_formula, holding_ast_lock
+from ..protocol.formula_check import AST_LOCK, ParsedFormula, check_formula, holding_ast_lock
 from ..protocol.schema import Schema
 from ..protocol.study import StudySpec, check_at_node, merged_levels
 from .cohort import cohort_mask
@@ -236,7 +236,30 @@ def evaluate_expression(rows: pd.DataFrame, expr: str) -> np.ndarray:
     return np.asarray(mm, dtype=float)[:, 0]
 
 
-@holding_ast_lock
+@functools.cache
+def design_materializer():
+    """formulaic's pandas materializer, holding AST_LOCK only while it parses Python (a factor
+    that is an expression, or a literal such as the intercept's 1), not while it looks columns
+    up and encodes them: the in-process engine's nodes build their designs in parallel
+    threads, and a design of plain columns then holds the lock for microseconds."""
+    from formulaic.materializers import PandasMaterializer
+    from interface_meta import override  # (formulaic's own interface checker asks for it)
+
+    class LockedPandasMaterializer(PandasMaterializer):
+        # A name of its own (a model spec keeps its materializer by name), chosen for no input.
+        REGISTER_NAME = "iaptnet_pandas"
+        REGISTER_INPUTS = ()
+
+        @override
+        def _evaluate_factor(self, factor, spec, drop_rows):
+            if factor.eval_method.value == "lookup":
+                return super()._evaluate_factor(factor, spec, drop_rows)
+            with AST_LOCK:
+                return super()._evaluate_factor(factor, spec, drop_rows)
+
+    return LockedPandasMaterializer
+
+
 def build_design(
     frame: pd.DataFrame,
     schema: Schema,
@@ -264,7 +287,13 @@ def build_design(
             counted[np.flatnonzero(used)[~positive]] = False
         gate(counted)
     rhs = legacy_ordered(spec.formula.split("~", 1)[1], schema)
-    model_spec = ModelSpec(formula=rhs, na_action="ignore", output="numpy", transform_state=dict(transform_state or {}))
+    model_spec = ModelSpec(
+        formula=rhs,
+        materializer=design_materializer(),
+        na_action="ignore",
+        output="numpy",
+        transform_state=dict(transform_state or {}),
+    )
     if len(rows) == 0:
         names = _names_from_empty(rows, model_spec)
         p = len(names)
