@@ -120,3 +120,24 @@ def test_designs_build_from_many_threads_while_others_parse():
             spec.get_model_matrix(frame, context=design.EVAL_CONTEXT)
 
     assert hammer(work, rounds=400) == []
+
+
+def test_arrays_are_read_from_many_threads_while_others_parse():
+    """numpy reads an array's `.npy` header with ast.literal_eval: a node reading a task's
+    arrays raced another node's parse (CI: "AST constructor recursion depth mismatch" in an
+    its study's glm.round). Reading a message's arrays holds AST_LOCK."""
+    import numpy as np
+
+    from iaptnet.protocol.messages import _arrays_from, _arrays_record
+
+    record = _arrays_record({f"a{i}": np.arange(6.0).reshape(2, 3) for i in range(8)})
+    frame = pd.DataFrame({"x": [1.0, 2.0], "y": [0.0, 1.0]})
+    turn = iter(range(10**9))
+
+    def work():
+        if next(turn) % 2:
+            design._expression_columns(EXPR, frame)
+        else:
+            _arrays_from(record)
+
+    assert hammer(work, rounds=1500) == []

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..protocol.errors import IaptnetError
+from ..protocol.formula_check import AST_LOCK
 from . import differencing as dif
 
 
@@ -143,14 +144,16 @@ class VersionMemory:
         if legacy.is_dir() and not self._legacy_read:
             self._legacy_read = True
             for path in legacy.glob("*.npy"):
-                packed = np.load(path, allow_pickle=False)
+                with AST_LOCK:  # (numpy reads the header with ast.literal_eval)
+                    packed = np.load(path, allow_pickle=False)
                 if packed.size == (self.n + 7) // 8:
                     digest = _digest(packed, self.n)
                     self._add_base(digest, packed)
                     self._add_pair(digest, packed)
 
     def _read_bundle(self, entry: dict) -> None:
-        with np.load(self.folder / "bundles" / entry["bundle"], allow_pickle=False) as bundle:
+        # (numpy reads each member's header with ast.literal_eval: see AST_LOCK)
+        with AST_LOCK, np.load(self.folder / "bundles" / entry["bundle"], allow_pickle=False) as bundle:
             for digest, kind in entry["sets"]:
                 if f"q_{digest}" in bundle:  # a small set, kept as its rows
                     packed = dif.pack(_mask(bundle[f"q_{digest}"], self.n))

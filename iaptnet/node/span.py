@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..protocol.formula_check import AST_LOCK
 from .release_memory import Footprint, MemoryDamaged
 
 #: A column whose part outside the span is below this share of its norm is in the span
@@ -183,7 +184,7 @@ class ReleasedSpan:
         if not name:
             return None
         if name.endswith(".npz"):
-            with np.load(self.folder / name, allow_pickle=False) as stored:
+            with AST_LOCK, np.load(self.folder / name, allow_pickle=False) as stored:  # (the header: ast)
                 rows, basis = stored["rows"].astype(np.int64), stored["basis"]
             if (
                 rows.ndim != 1
@@ -193,7 +194,8 @@ class ReleasedSpan:
             ):
                 raise ValueError("a block of another shape")
             return Block(rows, basis)
-        basis = np.load(self.folder / name, allow_pickle=False)
+        with AST_LOCK:
+            basis = np.load(self.folder / name, allow_pickle=False)
         if basis.ndim != 2 or basis.shape[0] != self.n:
             raise ValueError("a block of another size")
         rows = np.flatnonzero(np.any(basis != 0.0, axis=1))

@@ -34,8 +34,11 @@ from .schema import Schema
 #: CPython 3.11 keeps the depth of its AST conversions (ast.parse, compile of a tree) in
 #: interpreter-wide state: two threads parsing at once (the in-process engine's nodes, each
 #: building a design with formulaic) can fail with "SystemError: AST constructor recursion depth
-#: mismatch" (CPython gh-106905). Every parse of a formula or a factor, here and in formulaic,
-#: holds this lock (`holding_ast_lock`).
+#: mismatch" (CPython gh-106905). Every parse of a formula or a factor, here and in formulaic
+#: (node/design.py's materializer), holds this lock (`holding_ast_lock`), and so does every
+#: numpy load of an array in a node's path (numpy reads an `.npy` header with
+#: `ast.literal_eval`: a task's arrays, the release memory, the span). Compiling source text
+#: (imports) does not build Python AST objects and is safe.
 AST_LOCK = threading.RLock()
 
 

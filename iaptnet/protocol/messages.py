@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from .formula_check import AST_LOCK
+
 MESSAGE_TYPE = "query.task"
 PROTOCOL_VERSION = 1
 
@@ -66,7 +68,8 @@ def _arrays_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 def _arrays_from(record: ArrayRecord | None) -> dict[str, np.ndarray]:
     if record is None:
         return {}
-    return {k: v.numpy() for k, v in record.items()}
+    with AST_LOCK:  # numpy reads each array's header with ast.literal_eval (see AST_LOCK)
+        return {k: v.numpy() for k, v in record.items()}
 
 
 def encode_task(task: Task) -> RecordDict:
