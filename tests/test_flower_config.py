@@ -311,14 +311,17 @@ def test_unreachable_hub_is_one_plain_sentence(kit, capsys):
 
 
 def test_network_up_polling_interval(tmp_path, capsys):
-    from iaptnet.ops.launcher import default_poll_active
+    from iaptnet.ops.launcher import default_poll_active, default_poll_idle
 
     # all processes share one machine: fewer polls as nodes are added, never slower than 1 s
     assert [default_poll_active(n) for n in (1, 3, 4, 8, 20)] == [0.1, 0.1, 0.5, 1.0, 1.0]
+    assert [default_poll_idle(n) for n in (1, 3, 4, 20)] == [0.25, 0.25, 1.0, 1.0]
     (tmp_path / "network.toml").write_text('[[node]]\nname = "a"\ndata = "a.csv"\nservices = ["ZN1"]\n')
     (tmp_path / "a.csv").write_text("x,y\n1,0\n")
     code, err = run_cli(capsys, "network", "up", str(tmp_path / "network.toml"), "--poll-active", "0")
     assert code == 2 and "--poll-active 0" in err and "Traceback" not in err
+    code, err = run_cli(capsys, "network", "up", str(tmp_path / "network.toml"), "--poll-idle", "5")
+    assert code == 2 and "--poll-idle 5" in err and "from 0.05 to 3 seconds" in err and "Traceback" not in err
     assert not (tmp_path / ".iaptnet-network").exists()  # nothing started, nothing written
 
 

@@ -46,7 +46,7 @@ def cmd_app_hash(args) -> int:
 def cmd_network_up(args) -> int:
     from .launcher import up
 
-    up(args.network, port=args.port, timeout=args.timeout, poll_active=args.poll_active)
+    up(args.network, port=args.port, timeout=args.timeout, poll_active=args.poll_active, poll_idle=args.poll_idle)
     return 0
 
 
@@ -95,7 +95,13 @@ def register(sub) -> None:
         "--poll-active",
         type=float,
         default=None,
-        help="the nodes' polling interval during a study (default: 0.25 s up to 3 nodes, N/8 s up to 1 s beyond)",
+        help="the nodes' polling interval during a study (default: 0.1 s up to 3 nodes, N/8 s up to 1 s beyond)",
+    )
+    nup.add_argument(
+        "--poll-idle",
+        type=float,
+        default=None,
+        help="the nodes' polling interval between studies (default: 0.25 s up to 3 nodes, 1 s beyond)",
     )
     nup.set_defaults(fn=cmd_network_up)
     ndown = nsub.add_parser("down", help="stop the processes 'network up' started for this file")
