@@ -18,6 +18,11 @@ compare the ratios of one run, not seconds across runs.
 
     .venv/bin/python bench/bench_national.py [--services 128] [--patients 2000000] [--repeat 1]
                                              [--seed 20210901] [--cache DIR] [--study FILE]
+                                             [--network FILE] [--paper]
+
+`--paper` measures the paper-scale network instead (the demo's: 8 services, 483,683
+referrals, synthesised once and cached) with the catalogue's D1 without its sensitivity
+analyses: issue 14's first goal.
 """
 
 from __future__ import annotations
@@ -113,6 +118,21 @@ NATIONAL_MERGES = {
 }
 
 
+def paper_d1(folder: Path) -> Path:
+    """The catalogue's D1 without its sensitivity analyses (the reference fits its main
+    model only), written into `folder`."""
+    import tomllib
+
+    import tomli_w
+
+    d1 = next(p for p in catalogue_paths() if p.name.startswith("d1"))
+    study = tomllib.loads(d1.read_text())
+    study.pop("sensitivity", None)
+    path = folder / "d1_sessions_main.toml"
+    path.write_text(tomli_w.dumps(study))
+    return path
+
+
 def national_d1(folder: Path) -> Path:
     """The catalogue's D1 with NATIONAL_MERGES (and without its sensitivity analyses), written
     beside the network."""
@@ -138,9 +158,17 @@ def main() -> None:
     parser.add_argument("--cache", help="folder for the synthetic network (default: iaptnet's cache)")
     parser.add_argument("--study", help="study file (default: the catalogue's D1 with NATIONAL_MERGES)")
     parser.add_argument("--network", help="a network file to use instead of the synthetic one")
+    parser.add_argument("--paper", action="store_true", help="the paper-scale network and D1 (issue 14's first goal)")
     args = parser.parse_args()
-    network = Path(args.network) if args.network else network_path(args)
-    study = Path(args.study) if args.study else national_d1(network.parent)
+    if args.paper:
+        from iaptnet.coordinator.demo import PAPER_PATIENTS, synthetic_network
+
+        cache = Path(args.cache) if args.cache else default_cache()
+        network = synthetic_network(cache, PAPER_PATIENTS, args.seed)
+        study = Path(args.study) if args.study else paper_d1(network.parent)
+    else:
+        network = Path(args.network) if args.network else network_path(args)
+        study = Path(args.study) if args.study else national_d1(network.parent)
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     cli = [sys.executable, "-m", "iaptnet.cli", "run", str(study), "--network", str(network), "--json"]
     ref = [sys.executable, "-c", REFERENCE, str(network), str(study)]
@@ -162,7 +190,7 @@ def main() -> None:
     # differences blow up for estimates near 0).
     se = {t["term"]: t["std_error"] for t in result["terms"]}
     gap = max(abs(t["estimate"] - reference["params"][t["term"]]) / se[t["term"]] for t in result["terms"])
-    if args.network:
+    if args.network or args.paper:
         from iaptnet.coordinator.network import load_network
 
         print(f"network: {len(load_network(network).services)} services ({network})")
