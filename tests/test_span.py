@@ -140,3 +140,35 @@ def test_a_columns_digest_is_the_one_iaptnet_0_2_remembered():
         column /= np.linalg.norm(column)
         expected.add(hashlib.sha256(column.tobytes()).hexdigest()[:32])
     assert span.digests == expected
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "flat"])
+def test_a_damaged_block_stops_the_node_with_memory_damaged(tmp_path, damage):
+    """A block file the node cannot read back (torn, overwritten, of another shape) is damage
+    to its governance state: the node says so and answers nothing, never a traceback."""
+    span = ReleasedSpan(tmp_path, N)
+    fp = cohort_footprint("a", np.arange(N) < 200, 1)
+    span.audit([fp])
+    span.remember([fp])
+    (block,) = tmp_path.glob("block-*.npz")
+    if damage == "garbage":
+        block.write_bytes(b"not a zip file at all")
+    elif damage == "truncated":
+        block.write_bytes(block.read_bytes()[:100])
+    else:
+        np.savez(block, rows=np.arange(3), basis=np.zeros(3))
+    with pytest.raises(MemoryDamaged):
+        ReleasedSpan(tmp_path, N)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_release_bundle_stops_the_node_with_memory_damaged(tmp_path, damage):
+    """The release memory's bundles are read back the same way: damage is MemoryDamaged."""
+    from iaptnet.node.release_memory import VersionMemory
+
+    memory = VersionMemory(tmp_path, N)
+    memory.remember([cohort_footprint("a", np.arange(N) < 200, 1)], 10)
+    (bundle,) = (tmp_path / "bundles").glob("*.npz")
+    bundle.write_bytes(b"not a zip file at all" if damage == "garbage" else bundle.read_bytes()[:100])
+    with pytest.raises(MemoryDamaged):
+        VersionMemory(tmp_path, N)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import secrets
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,7 +133,7 @@ class VersionMemory:
             for line in data[:complete].splitlines():
                 try:
                     self._read_bundle(json.loads(line))
-                except (ValueError, KeyError, TypeError, OSError):
+                except (ValueError, KeyError, TypeError, OSError, EOFError, zipfile.BadZipFile):
                     # Fail closed: a release the node cannot read back is one it could not
                     # audit a later release against.
                     raise MemoryDamaged(

@@ -40,6 +40,7 @@ import json
 import math
 import os
 import secrets
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -170,7 +171,7 @@ class ReleasedSpan:
             try:
                 entry = json.loads(line)
                 self._add(list(entry["digests"]), self._read_block(entry.get("block")))
-            except (ValueError, KeyError, TypeError, OSError):
+            except (ValueError, KeyError, TypeError, OSError, EOFError, zipfile.BadZipFile):
                 raise MemoryDamaged(
                     f"this node's record of released columns ({path}) has an entry it cannot "
                     "read; restore the state folder from its backup before answering more "
@@ -188,7 +189,8 @@ class ReleasedSpan:
                 rows, basis = stored["rows"].astype(np.int64), stored["basis"]
             if (
                 rows.ndim != 1
-                or basis.shape != (rows.size, basis.shape[1])
+                or basis.ndim != 2
+                or basis.shape[0] != rows.size
                 or rows.size
                 and (rows.min() < 0 or rows.max() >= self.n or np.any(np.diff(rows) <= 0))
             ):
