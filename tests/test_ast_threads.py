@@ -13,6 +13,7 @@ import threading
 import pandas as pd
 
 from iaptnet.node import design
+from iaptnet.protocol.errors import SpecError
 from iaptnet.protocol.formula_check import check_expression, parse_formula
 from iaptnet.protocol.schema import Column, Schema
 
@@ -38,8 +39,15 @@ def hammer(work, threads: int = 4, rounds: int = 3000) -> list[str]:
             Cycle()
             try:
                 work()
+            except SpecError:
+                continue  # a refusal after the parse (the nested EXPR is not an allowed term)
             except SystemError as exc:  # pragma: no cover - the failure this test guards against
                 errors.append(str(exc))
+                return
+            except Exception as exc:  # noqa: BLE001 - any other end of a thread fails the test
+                # (never left to the thread's excepthook: formatting a traceback parses its
+                # source lines, which itself raced the other threads' parses in CI)
+                errors.append(f"{type(exc).__name__}: {exc}")
                 return
 
     interval, thresholds = sys.getswitchinterval(), gc.get_threshold()
@@ -119,7 +127,7 @@ def test_designs_build_from_many_threads_while_others_parse():
         with np.errstate(all="ignore"):
             spec.get_model_matrix(frame, context=design.EVAL_CONTEXT)
 
-    assert hammer(work, rounds=400) == []
+    assert hammer(work, rounds=200) == []
 
 
 def test_arrays_are_read_from_many_threads_while_others_parse():
