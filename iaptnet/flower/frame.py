@@ -22,7 +22,7 @@ import json
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from ..protocol.formula_check import AST_LOCK
+from ..protocol.messages import arrays_from
 
 ARRAYS = "arrays"  # the ArrayRecord of iaptnet's task and reply encodings (protocol/messages.py)
 FRAME = "frame.v2"  # key in the ConfigRecord: JSON {names, shapes}
@@ -39,8 +39,7 @@ def pack(content: RecordDict) -> RecordDict:
     ((name, config),) = configs.items()
     if FRAME in config or PACKED in config:
         return content
-    with AST_LOCK:  # numpy reads each array's header with ast.literal_eval (see AST_LOCK)
-        values = [(key, array.numpy()) for key, array in arrays.get(ARRAYS, ArrayRecord()).items()]
+    values = list(arrays_from(arrays.get(ARRAYS)).items())
     if any(value.dtype != np.float64 for _, value in values):
         return content
     flat = np.concatenate([value.ravel() for _, value in values]) if values else np.zeros(0)

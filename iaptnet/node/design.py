@@ -324,7 +324,6 @@ def build_design(
     return designed
 
 
-@holding_ast_lock
 def _set_to(model_spec, rows: pd.DataFrame, column: str, value: int, X: np.ndarray) -> np.ndarray:
     """The design with `column` set to `value` on every row, from the model's own spec (same
     levels, same pooled centring). Each of its columns must be constant or one of the model's
@@ -489,7 +488,6 @@ def _legacy_ordered(rhs: str, categorical_columns: tuple[str, ...]):
     return Formula(intercept + cats + rest, _ordering="none")
 
 
-@holding_ast_lock
 def _names_from_empty(rows: pd.DataFrame, model_spec) -> list[str]:
     """Column names when the node has no complete rows: evaluate on one placeholder row."""
     placeholder = {}

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..protocol.errors import IaptnetError
-from ..protocol.formula_check import AST_LOCK
+from ..protocol.formula_check import load_array, load_arrays
 from . import differencing as dif
 
 
@@ -145,26 +145,24 @@ class VersionMemory:
         if legacy.is_dir() and not self._legacy_read:
             self._legacy_read = True
             for path in legacy.glob("*.npy"):
-                with AST_LOCK:  # (numpy reads the header with ast.literal_eval)
-                    packed = np.load(path, allow_pickle=False)
+                packed = load_array(path)
                 if packed.size == (self.n + 7) // 8:
                     digest = _digest(packed, self.n)
                     self._add_base(digest, packed)
                     self._add_pair(digest, packed)
 
     def _read_bundle(self, entry: dict) -> None:
-        # (numpy reads each member's header with ast.literal_eval: see AST_LOCK)
-        with AST_LOCK, np.load(self.folder / "bundles" / entry["bundle"], allow_pickle=False) as bundle:
-            for digest, kind in entry["sets"]:
-                if f"q_{digest}" in bundle:  # a small set, kept as its rows
-                    packed = dif.pack(_mask(bundle[f"q_{digest}"], self.n))
-                else:
-                    packed = bundle[f"s_{digest}"]
-                if kind == "base":
-                    self._add_base(digest, packed)
-                self._add_pair(digest, packed)
-            for digest, base, name in entry["columns"]:
-                self.columns[digest] = (base, name, bundle[f"c_{digest}"])
+        bundle = load_arrays(self.folder / "bundles" / entry["bundle"])
+        for digest, kind in entry["sets"]:
+            if f"q_{digest}" in bundle:  # a small set, kept as its rows
+                packed = dif.pack(_mask(bundle[f"q_{digest}"], self.n))
+            else:
+                packed = bundle[f"s_{digest}"]
+            if kind == "base":
+                self._add_base(digest, packed)
+            self._add_pair(digest, packed)
+        for digest, base, name in entry["columns"]:
+            self.columns[digest] = (base, name, bundle[f"c_{digest}"])
 
     def _write_bundle(
         self, sets: list[tuple[str, str, np.ndarray]], columns: list[tuple[str, str, str, np.ndarray]]

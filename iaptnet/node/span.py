@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..protocol.formula_check import AST_LOCK
+from ..protocol.formula_check import load_array, load_arrays
 from .release_memory import Footprint, MemoryDamaged
 
 #: A column whose part outside the span is below this share of its norm is in the span
@@ -185,8 +185,8 @@ class ReleasedSpan:
         if not name:
             return None
         if name.endswith(".npz"):
-            with AST_LOCK, np.load(self.folder / name, allow_pickle=False) as stored:  # (the header: ast)
-                rows, basis = stored["rows"].astype(np.int64), stored["basis"]
+            stored = load_arrays(self.folder / name)
+            rows, basis = stored["rows"].astype(np.int64), stored["basis"]
             if (
                 rows.ndim != 1
                 or basis.ndim != 2
@@ -196,8 +196,7 @@ class ReleasedSpan:
             ):
                 raise ValueError("a block of another shape")
             return Block(rows, basis)
-        with AST_LOCK:
-            basis = np.load(self.folder / name, allow_pickle=False)
+        basis = load_array(self.folder / name)
         if basis.ndim != 2 or basis.shape[0] != self.n:
             raise ValueError("a block of another size")
         rows = np.flatnonzero(np.any(basis != 0.0, axis=1))

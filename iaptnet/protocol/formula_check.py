@@ -37,7 +37,8 @@ from .schema import Schema
 #: mismatch" (CPython gh-106905). Every parse of a formula or a factor, here and in formulaic
 #: (node/design.py's materializer), holds this lock (`holding_ast_lock`), and so does every
 #: numpy load of an array in a node's path (numpy reads an `.npy` header with
-#: `ast.literal_eval`: a task's arrays, the release memory, the span). Compiling source text
+#: `ast.literal_eval`: `load_arrays` below for files, protocol/messages.py's `arrays_from`
+#: for a message's arrays). Compiling source text
 #: (imports) does not build Python AST objects and is safe.
 AST_LOCK = threading.RLock()
 
@@ -48,6 +49,23 @@ def log_exception(logger, msg: str, *args) -> None:
     thread as any other parse does."""
     with AST_LOCK:
         logger.exception(msg, *args)
+
+
+def load_arrays(path):
+    """`np.load` of an `.npy` file (its array) or an `.npz` file (its arrays by name, all read
+    now), holding AST_LOCK: numpy reads each array's header with `ast.literal_eval`."""
+    import numpy as np
+
+    with AST_LOCK, np.load(path, allow_pickle=False) as loaded:
+        return {name: loaded[name] for name in loaded.files}
+
+
+def load_array(path):
+    """`np.load` of an `.npy` file, holding AST_LOCK (see load_arrays)."""
+    import numpy as np
+
+    with AST_LOCK:
+        return np.load(path, allow_pickle=False)
 
 
 def holding_ast_lock(fn):

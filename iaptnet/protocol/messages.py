@@ -65,7 +65,8 @@ def _arrays_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(np.asarray(v, dtype=np.float64))) for k, v in arrays.items()})
 
 
-def _arrays_from(record: ArrayRecord | None) -> dict[str, np.ndarray]:
+def arrays_from(record: ArrayRecord | None) -> dict[str, np.ndarray]:
+    """A record's arrays as numpy arrays, read holding AST_LOCK."""
     if record is None:
         return {}
     with AST_LOCK:  # numpy reads each array's header with ast.literal_eval (see AST_LOCK)
@@ -128,7 +129,7 @@ def decode_task(content: RecordDict) -> Task:
         kind=str(cfg["kind"]),
         study_hash=str(cfg["study_hash"]),
         payload=payload,
-        arrays=_arrays_from(content.array_records.get("arrays")),
+        arrays=arrays_from(content.array_records.get("arrays")),
         round=int(cfg["round"]),
         task_id=str(cfg["task_id"]),
         issued_at=float(cfg["issued_at"]),
@@ -162,7 +163,7 @@ def decode_reply(content: RecordDict) -> Reply:
         status=str(cfg["status"]),
         node=str(cfg["node"]),
         payload=json.loads(str(cfg["payload"])),
-        arrays=_arrays_from(content.array_records.get("arrays")),
+        arrays=arrays_from(content.array_records.get("arrays")),
         code=str(cfg["code"]),
         message=str(cfg["message"]),
         task_id=str(cfg["task_id"]),
