@@ -412,11 +412,11 @@ def main() -> None:
         return
     os.environ.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
     sys.path.insert(0, str(BENCH))
-    from bench_national import national_d1, network_path
+    from bench_national import NATIONAL_MERGES, d1_main, network_path
 
     defaults = argparse.Namespace(services=128, patients=2_000_000, seed=20210901, cache=None)
     full = network_path(defaults)
-    study = national_d1(full.parent)
+    study = d1_main(full.parent, "d1_sessions_national.toml", NATIONAL_MERGES)
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         rows = [measure(args, full, study, n, work) for n in args.nodes]

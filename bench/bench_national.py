@@ -118,9 +118,9 @@ NATIONAL_MERGES = {
 }
 
 
-def paper_d1(folder: Path) -> Path:
-    """The catalogue's D1 without its sensitivity analyses (the reference fits its main
-    model only), written into `folder`."""
+def d1_main(folder: Path, name: str, merges: dict | None = None) -> Path:
+    """The catalogue's D1 without its sensitivity analyses (the reference fits its main model
+    only), with `merges` if given, written into `folder` as `name`."""
     import tomllib
 
     import tomli_w
@@ -128,23 +128,9 @@ def paper_d1(folder: Path) -> Path:
     d1 = next(p for p in catalogue_paths() if p.name.startswith("d1"))
     study = tomllib.loads(d1.read_text())
     study.pop("sensitivity", None)
-    path = folder / "d1_sessions_main.toml"
-    path.write_text(tomli_w.dumps(study))
-    return path
-
-
-def national_d1(folder: Path) -> Path:
-    """The catalogue's D1 with NATIONAL_MERGES (and without its sensitivity analyses), written
-    beside the network."""
-    import tomllib
-
-    import tomli_w
-
-    d1 = next(p for p in catalogue_paths() if p.name.startswith("d1"))
-    study = tomllib.loads(d1.read_text())
-    study["merge"] = NATIONAL_MERGES
-    study.pop("sensitivity", None)  # the main model only: the reference fits that
-    path = folder / "d1_sessions_national.toml"
+    if merges:
+        study["merge"] = merges
+    path = folder / name
     path.write_text(tomli_w.dumps(study))
     return path
 
@@ -165,10 +151,12 @@ def main() -> None:
 
         cache = Path(args.cache) if args.cache else default_cache()
         network = synthetic_network(cache, PAPER_PATIENTS, args.seed)
-        study = Path(args.study) if args.study else paper_d1(network.parent)
+        study = Path(args.study) if args.study else d1_main(network.parent, "d1_sessions_main.toml")
     else:
         network = Path(args.network) if args.network else network_path(args)
-        study = Path(args.study) if args.study else national_d1(network.parent)
+        study = (
+            Path(args.study) if args.study else d1_main(network.parent, "d1_sessions_national.toml", NATIONAL_MERGES)
+        )
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     cli = [sys.executable, "-m", "iaptnet.cli", "run", str(study), "--network", str(network), "--json"]
     ref = [sys.executable, "-c", REFERENCE, str(network), str(study)]

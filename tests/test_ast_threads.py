@@ -136,7 +136,7 @@ def test_arrays_are_read_from_many_threads_while_others_parse():
     its study's glm.round). Reading a message's arrays holds AST_LOCK."""
     import numpy as np
 
-    from iaptnet.protocol.messages import _arrays_from, _arrays_record
+    from iaptnet.protocol.messages import _arrays_record, arrays_from
 
     record = _arrays_record({f"a{i}": np.arange(6.0).reshape(2, 3) for i in range(8)})
     frame = pd.DataFrame({"x": [1.0, 2.0], "y": [0.0, 1.0]})
@@ -146,6 +146,6 @@ def test_arrays_are_read_from_many_threads_while_others_parse():
         if next(turn) % 2:
             design._expression_columns(EXPR, frame)
         else:
-            _arrays_from(record)
+            arrays_from(record)
 
     assert hammer(work, rounds=1500) == []

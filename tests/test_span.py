@@ -35,6 +35,22 @@ def counting(monkeypatch) -> list[int]:
     return calls
 
 
+def assert_span_is_the_projection_onto(span: ReleasedSpan, released: list[Footprint]) -> None:
+    """The span's leverages are those of a QR of every released column over all N rows (each
+    zero off its rows), and its basis is orthonormal."""
+    columns = []
+    for fp in released:
+        columns.append(fp.rows.astype(float))
+        for _, values in fp.columns:
+            column = np.zeros(N)
+            column[fp.rows] = values
+            columns.append(column)
+    q, _ = np.linalg.qr(np.column_stack(columns))
+    np.testing.assert_allclose(span.leverage, np.einsum("ij,ij->i", q, q), rtol=1e-9, atol=1e-12)
+    basis = span.basis()
+    np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-12)
+
+
 def test_a_release_is_remembered_with_its_audits_directions(monkeypatch):
     calls = counting(monkeypatch)
     span = ReleasedSpan(None, N)
@@ -61,17 +77,7 @@ def test_the_span_kept_is_the_projection_onto_every_released_column():
     for fp in released:
         span.audit([fp])
         span.remember([fp])
-    columns = []
-    for fp in released:
-        columns.append(fp.rows.astype(float))
-        for _, values in fp.columns:
-            column = np.zeros(N)
-            column[fp.rows] = values
-            columns.append(column)
-    q, _ = np.linalg.qr(np.column_stack(columns))
-    np.testing.assert_allclose(span.leverage, np.einsum("ij,ij->i", q, q), rtol=1e-9, atol=1e-12)
-    basis = span.basis()
-    np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-12)
+    assert_span_is_the_projection_onto(span, released)
 
 
 def cohort_footprint(label: str, rows: np.ndarray, seed: int, k: int = 2) -> Footprint:
@@ -90,17 +96,7 @@ def test_releases_on_separate_and_overlapping_cohorts_span_what_all_their_column
         span.audit([fp])
         span.remember([fp])
     assert [b.rows.size for b in span.blocks] == [100, 100, 200, N]  # each on the rows it touched
-    columns = []
-    for fp in released:
-        columns.append(fp.rows.astype(float))
-        for _, values in fp.columns:
-            column = np.zeros(N)
-            column[fp.rows] = values
-            columns.append(column)
-    q, _ = np.linalg.qr(np.column_stack(columns))
-    np.testing.assert_allclose(span.leverage, np.einsum("ij,ij->i", q, q), rtol=1e-9, atol=1e-12)
-    basis = span.basis()
-    np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-12)
+    assert_span_is_the_projection_onto(span, released)
 
 
 def test_the_span_on_disk_is_read_back_as_it_was_kept_including_blocks_of_all_rows(tmp_path):
