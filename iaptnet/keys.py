@@ -5,9 +5,12 @@
 * `issue_certificate` — the hub's TLS certificate signed by the CA, with its host names and IP
   addresses as subject alternative names (localhost and 127.0.0.1 are always added: the hub's
   own ServerApp runtime connects to it locally).
-* `node_key` — a node's SuperNode authentication key pair: `NAME.key` (OpenSSH private key,
-  stays at the Trust) and `NAME.pub` (OpenSSH public key, sent to the coordinator, who
-  registers it with `iaptnet coordinator register-node`).
+* `node_key` — a node's SuperNode authentication key pair (ECDSA P-256): `NAME.key` (OpenSSH
+  private key, stays at the Trust) and `NAME.pub` (OpenSSH public key, sent to the
+  coordinator, who registers it with `iaptnet coordinator register-node`). The node signs every
+  request it makes and the hub checks each signature: a P-256 check costs the hub a seventh of
+  a P-384 one (bench/bench_hub.py), at the 128-bit strength NIST and the NCSC accept. A
+  P-384 node key made by an earlier release still works.
 
 Private keys are written with mode 0600 and never overwritten unless asked.
 """
@@ -28,7 +31,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from .protocol.errors import SpecError
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
-CURVE = ec.SECP384R1
+CURVE = ec.SECP384R1  # the CA and the hub's TLS certificate
+NODE_CURVE = ec.SECP256R1  # node authentication keys (see the module docstring)
 
 
 def _now() -> dt.datetime:
@@ -173,7 +177,7 @@ def issue_certificate(
 
 def node_key(out_folder: str | Path, name: str, *, overwrite: bool = False) -> tuple[Path, Path]:
     """Create a SuperNode authentication key pair; return (NAME.key, NAME.pub)."""
-    key = ec.generate_private_key(CURVE())
+    key = ec.generate_private_key(NODE_CURVE())
     private = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     )
