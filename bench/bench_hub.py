@@ -4,8 +4,9 @@ The hub is the one `iaptnet network up` starts (`iaptnet coordinator start`: Flo
 SuperLink with TLS and node authentication, every node's key registered, the ServerApp of
 each run started by it from the installed release). The nodes are stand-ins that compute
 nothing: each speaks Flower 1.42's node protocol over HTTPS with its own registered key, as
-the SuperNode does (activate, poll for messages with the node's own polling timings, fetch the
-run and its bundle once, pull the message's objects, confirm, push the reply and its objects),
+the SuperNode does (activate, poll for messages with the node's own polling timings and held
+polls, fetch the run and its bundle once, pull the message's objects, confirm, push the reply
+and its objects),
 and answers with the reply the real node gave to the same task. Those replies are recorded
 first by running the same study on the same data through the in-process engine; a stand-in
 only puts the task's id into its recorded reply. So the hub's ServerApp runs the real study
@@ -25,7 +26,7 @@ cores with the hub, so the wall time is an upper bound of what a hub on its own 
 its CPU time is what a hub machine must have.
 
     .venv/bin/python bench/bench_hub.py [--nodes 32 64 128] [--repeat 3] [--workers 2]
-                                        [--poll-active 0.25] [--poll-idle 1.0]
+                                        [--poll-active 0.25] [--poll-idle 1.0] [--hold 10]
 """
 
 from __future__ import annotations
@@ -137,7 +138,9 @@ class StandIn(threading.Thread):
         from iaptnet.protocol import messages as m
 
         private = load_ssh_private_key(self.key.read_bytes(), password=None)
-        policy = SleepPolicy(idle_poll=self.spec["poll_idle"], active_poll=self.spec["poll_active"])
+        policy = SleepPolicy(
+            idle_poll=self.spec["poll_idle"], active_poll=self.spec["poll_active"], hold=self.spec["hold"]
+        )
         served = defaultdict(int)
         runs: set[int] = set()
         with http_request_response(
@@ -145,7 +148,9 @@ class StandIn(threading.Thread):
         ) as (_node_id, receive, send, get_run, get_fab, pull_object, push_object, confirm):
             while not self.stop.is_set():
                 self.requests += 1
+                t0 = time.monotonic()
                 received = receive()
+                policy.polled(time.monotonic() - t0, received is None)  # as the SuperNode's loop tells it
                 if received is None:
                     time.sleep(policy.cap(3.0))  # what flwr asks for after an empty poll
                     continue
@@ -181,7 +186,10 @@ class StandIn(threading.Thread):
 
 
 def stand_ins_main(spec_path: Path) -> None:
+    from iaptnet.flower.supernode import install_pull_hold
+
     spec = json.loads(spec_path.read_text())
+    install_pull_hold(spec["hold"])  # as the node daemon does (flower/supernode.py)
     replies = pickle.loads(Path(spec["replies"]).read_bytes())
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -300,6 +308,7 @@ def measure(args, full_network: Path, study: Path, n: int, work: Path) -> dict:
                         "counts": str(counts),
                         "poll_active": args.poll_active,
                         "poll_idle": args.poll_idle,
+                        "hold": args.hold,
                         "nodes": [[name, str(_key(paths.node_dir(name), name))] for name in mine],
                     }
                 )
@@ -404,6 +413,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes the stand-in nodes run in")
     parser.add_argument("--poll-active", type=float, default=0.25, help="the nodes' poll during a study (node.toml)")
     parser.add_argument("--poll-idle", type=float, default=1.0, help="the nodes' poll when idle (node.toml)")
+    parser.add_argument(
+        "--hold", type=float, default=10.0, help="seconds the nodes ask the hub to hold an empty poll (0: none)"
+    )
     parser.add_argument("--work", help="folder for the networks' state (default: a temporary one)")
     parser.add_argument("--stand-ins", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -422,7 +434,8 @@ def main() -> None:
         rows = [measure(args, full, study, n, work) for n in args.nodes]
     print(
         f"\nD1 (national merges), {rows[-1]['coefficients']} coefficients; nodes poll every "
-        f"{args.poll_active:g} s during a study; medians of {args.repeat} runs"
+        f"{args.poll_active:g} s during a study, asking the hub to hold an empty poll {args.hold:g} s; "
+        f"medians of {args.repeat} runs"
     )
     print("| nodes | rounds | hub wall s/round | hub CPU s/round | requests per node per round | run wall s |")
     print("|--:|--:|--:|--:|--:|--:|")

@@ -118,6 +118,42 @@ def test_sleep_policy_learns_a_study_s_round_never_across_runs(monkeypatch):
     assert small.cap(3) == pytest.approx(0.08)  # and its rounds polled at its own pace
 
 
+def test_after_a_held_empty_poll_the_node_polls_again_at_once_and_after_a_quick_one_it_sleeps():
+    policy = supernode.SleepPolicy(idle_poll=1.0, active_poll=0.1, hold=10.0)
+    policy.polled(9.98, empty=True)  # the hub held it: the next poll waits at the hub
+    assert policy.cap(3) == 0.0
+    assert policy.cap(0.5) == policy.reply_poll  # (the wait for the reply is not a poll)
+    policy.polled(0.01, empty=True)  # answered at once: a hub that does not hold polls
+    assert policy.cap(3) == 1.0
+    policy.polled(4.0, empty=False)  # a message came during the hold
+    assert policy.cap(3) == 1.0
+    stock = supernode.SleepPolicy.flwr_defaults()
+    stock.polled(30.0, empty=True)  # flwr as shipped never asks for a hold
+    assert stock.hold == 0.0 and stock.cap(3) == 3
+
+
+def test_the_held_poll_asks_the_hub_on_polls_only():
+    import flwr.supernode.fleet_http_connection as fhc
+    import httpx
+
+    stock = fhc.FleetHttpClient
+    supernode.install_pull_hold(7.0)
+    supernode.install_pull_hold(7.0)  # twice: one subclass
+    try:
+        assert fhc.FleetHttpClient is not stock and fhc.FleetHttpClient.__mro__[1] is stock
+        client = fhc.FleetHttpClient.from_server_address("127.0.0.1:1", True, None, [])
+        hold = client._interceptors[-1]
+        sent = []
+        for method in ("/flwr.proto.Fleet/PullMessages", "/flwr.proto.Fleet/PushMessages"):
+            request = httpx.Request("POST", "http://hub/x")
+            context = type("Context", (), {"rpc_method": method, "request": request})()
+            hold.intercept(context, lambda c: sent.append(dict(c.request.headers)))
+        assert sent[0]["x-iaptnet-hold"] == "7" and "x-iaptnet-hold" not in sent[1]
+    finally:
+        supernode.uninstall_pull_hold()
+    assert fhc.FleetHttpClient is stock
+
+
 def test_install_and_uninstall_patch_only_the_supernode_module():
     import time as real_time
 

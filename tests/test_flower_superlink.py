@@ -1,5 +1,6 @@
 """The hub's SuperLink adaptation (iaptnet/flower/superlink.py): each of flwr's HTTP middlewares
-sees only the requests it acts on, and everything else about them is as flwr has it.
+sees only the requests it acts on, everything else about them is as flwr has it, and the fast
+path gives a node the answers flwr's own stack gives, errors included.
 
 The network tests (tests/test_flower_network.py) run the adapted SuperLink for real, among them
 an unregistered node key refused by the (scoped) node authentication."""
@@ -7,7 +8,10 @@ an unregistered node key refused by the (scoped) node authentication."""
 from __future__ import annotations
 
 import warnings
+from base64 import b64encode
 
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
@@ -58,8 +62,9 @@ def test_flwr_middleware_is_scoped_in_its_own_order():
     finally:
         superlink.uninstall_superlink_adaptations()
     original = main._get_middleware()
-    assert len(adapted) == len(original) == 8
-    for before, after in zip(original, adapted):
+    assert len(original) == 8 and len(adapted) == 9
+    assert adapted[0].cls is superlink.FastPath  # in front of all of flwr's
+    for before, after in zip(original, adapted[1:]):
         name = before.cls.__name__
         if name in superlink.SCOPES:
             assert after.cls is superlink.PathScoped
@@ -91,3 +96,344 @@ def test_install_and_uninstall_patch_only_the_middleware_list_and_the_log_stream
     finally:
         superlink.uninstall_superlink_adaptations()
     assert main._get_middleware is original and control_handlers.LOG_STREAM_INTERVAL == interval
+
+
+# --------------------------------------------------------------------------------------------
+# The Fleet fast path against flwr's own stack
+
+
+def _superlink_app(adapted: bool):
+    import flwr.superlink.main as main
+
+    if adapted:
+        superlink.install_superlink_adaptations()
+    try:
+        return main.create_app()  # flwr's SuperLink app, its state in memory, no lifespan run
+    finally:
+        superlink.uninstall_superlink_adaptations()
+
+
+def _signed(private_key, public_key: bytes, **extra) -> dict:
+    """The headers flwr's SuperNode sends (NodeAuthHttpInterceptor), then `extra`."""
+    from flwr.common.constant import TIMESTAMP_HEADER
+    from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
+    from flwr.supercore.date import now
+    from flwr.supercore.primitives.asymmetric import sign_message
+
+    timestamp = now().isoformat()
+    headers = {
+        "content-type": "application/protobuf",
+        FLEET_HTTP_PUBLIC_KEY_HEADER: b64encode(public_key).decode("ascii"),
+        TIMESTAMP_HEADER: timestamp,
+        FLEET_HTTP_SIGNATURE_HEADER: b64encode(sign_message(private_key, timestamp.encode("ascii"))).decode("ascii"),
+    }
+    headers.update(extra)
+    return headers
+
+
+def _answers(adapted: bool, curve) -> list[tuple]:
+    """What one SuperLink app answers to the requests of a node whose key is on `curve`, good
+    and bad: (path, status, content type, body) each, and whether the heartbeat reached the
+    node's state."""
+    from flwr.proto.fleet_pb2 import PullMessagesRequest, PushMessagesRequest
+    from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
+    from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest, PullObjectRequest, PushObjectRequest
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
+
+    app = _superlink_app(adapted)
+    state = app.state.linkstate_factory.state()
+    private = ec.generate_private_key(curve())
+    key = public_key_to_bytes(private.public_key())
+    node_id = state.create_node("account", "owner", key, 30.0)
+    stranger = generate_key_pairs()[0]
+    node = Node(node_id=node_id)
+    pull = PullMessagesRequest(node=node).SerializeToString()
+    requests = [
+        (
+            "/v1/fleet/send-node-heartbeat",
+            SendNodeHeartbeatRequest(node=node, heartbeat_interval=30).SerializeToString(),
+            {},
+        ),
+        ("/v1/fleet/pull-messages", pull, {}),
+        ("/v1/fleet/pull-messages", b"\xff\xff", {}),  # not a protobuf message
+        ("/v1/fleet/pull-messages", pull, {"content-type": "text/plain"}),
+        ("/v1/fleet/pull-messages", pull, {"signature": "stranger"}),  # signed by another key
+        ("/v1/fleet/pull-messages", PullMessagesRequest(node=Node(node_id=node_id + 1)).SerializeToString(), {}),
+        ("/v1/fleet/pull-messages", pull, {"unsigned": True}),
+        ("/v1/fleet/push-messages", PushMessagesRequest(node=node).SerializeToString(), {}),
+        ("/v1/fleet/pull-object", PullObjectRequest(node=node, run_id=7, object_id="ab" * 32).SerializeToString(), {}),
+        (
+            "/v1/fleet/push-object",
+            PushObjectRequest(node=node, run_id=7, object_id="ab" * 32, object_content=b"x").SerializeToString(),
+            {},
+        ),
+        (
+            "/v1/fleet/confirm-message-received",
+            ConfirmMessageReceivedRequest(node=node, run_id=7, message_object_id="ab" * 32).SerializeToString(),
+            {},
+        ),
+        ("/v1/fleet/get-run", b"", {}),  # not on the fast path: flwr's stack answers it
+    ]
+    client = _client(app)
+    out = []
+    for path, body, how in requests:
+        if how.get("unsigned"):
+            headers = {"content-type": "application/protobuf"}
+        else:
+            signer = stranger if how.get("signature") == "stranger" else private
+            headers = _signed(signer, key, **{k: v for k, v in how.items() if k == "content-type"})
+        response = client.post(path, content=body, headers=headers)
+        out.append((path, response.status_code, response.headers.get("content-type"), response.content))
+    out.append(("online", state.get_node_info(node_ids=[node_id])[0].status))
+    return out
+
+
+@pytest.mark.parametrize("curve", [ec.SECP256R1, ec.SECP384R1], ids=["P-256 (iaptnet's keys)", "P-384 (earlier)"])
+def test_the_fast_path_answers_a_node_as_flwr_stack_does_errors_included(curve):
+    stock, fast = _answers(adapted=False, curve=curve), _answers(adapted=True, curve=curve)
+    assert fast == stock
+    # (the good requests, then: not protobuf, wrong media type, three failed authentications,
+    # requests about a run the hub does not know, and a route off the fast path)
+    assert [answer[1] for answer in stock[:-1]] == [200, 200, 400, 415, 401, 401, 401, 500, 500, 500, 500, 401]
+    assert stock[-1][1] == "online"  # the heartbeat reached the node's state
+
+
+def test_the_fast_path_authenticates_before_the_handler_runs(monkeypatch):
+    """An unauthenticated request never reaches the endpoint (as flwr's NodeAuthMiddleware)."""
+    from flwr.superlink.servicer.fleet import fleet_handlers
+
+    called = []
+    original = fleet_handlers.pull_messages
+    monkeypatch.setattr(fleet_handlers, "pull_messages", lambda **kw: called.append(1) or original(**kw))
+    app = _superlink_app(adapted=True)
+    from flwr.proto.fleet_pb2 import PullMessagesRequest
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    key = public_key_to_bytes(private.public_key())
+    node_id = app.state.linkstate_factory.state().create_node("account", "owner", key, 30.0)
+    body = PullMessagesRequest(node=Node(node_id=node_id)).SerializeToString()
+    client = _client(app)
+    unsigned = client.post("/v1/fleet/pull-messages", content=body, headers={"content-type": "application/protobuf"})
+    assert unsigned.status_code == 401 and called == []
+    signed = client.post("/v1/fleet/pull-messages", content=body, headers=_signed(private, key))
+    assert signed.status_code == 200 and called == [1]
+
+
+def _runtime_answers(adapted: bool) -> list[tuple]:
+    """What one SuperLink app answers to a ServerApp's requests, good and bad (its task token
+    missing, wrong or given twice; an older flwr's version; bad protobuf): (path, status,
+    content type, body) each."""
+    from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest, PullObjectRequest, PushObjectRequest
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PushAppMessagesRequest
+    from flwr.supercore.constant import (
+        FLWR_COMPONENT_NAME_METADATA_KEY,
+        FLWR_PACKAGE_NAME_METADATA_KEY,
+        FLWR_PACKAGE_VERSION_METADATA_KEY,
+        NOOP_FEDERATION_ID,
+        TASK_TOKEN_HEADER,
+        TaskType,
+    )
+
+    app = _superlink_app(adapted)
+    state = app.state.linkstate_factory.state()
+    run_id = state.create_run(None, None, "ab" * 32, {}, NOOP_FEDERATION_ID, None, "account", TaskType.SERVER_APP)
+    token = state.claim_task(state.get_tasks(run_ids=[run_id])[0].task_id)
+    old_flwr = [
+        (FLWR_PACKAGE_NAME_METADATA_KEY, "flwr"),
+        (FLWR_PACKAGE_VERSION_METADATA_KEY, "1.20.0"),
+        (FLWR_COMPONENT_NAME_METADATA_KEY, "ServerApp"),
+    ]
+    pull = PullAppMessagesRequest(message_ids=[]).SerializeToString()
+    requests = [
+        ("/v1/runtime/pull-messages", pull, [(TASK_TOKEN_HEADER, token)]),
+        ("/v1/runtime/pull-messages", pull, []),
+        ("/v1/runtime/pull-messages", pull, [(TASK_TOKEN_HEADER, "f" * 64)]),
+        ("/v1/runtime/pull-messages", pull, [(TASK_TOKEN_HEADER, token), (TASK_TOKEN_HEADER, token)]),
+        ("/v1/runtime/pull-messages", pull, [(TASK_TOKEN_HEADER, token), *old_flwr]),
+        ("/v1/runtime/pull-messages", b"\xff\xff", [(TASK_TOKEN_HEADER, token)]),
+        (
+            "/v1/runtime/push-messages",
+            PushAppMessagesRequest().SerializeToString(),
+            [(TASK_TOKEN_HEADER, token)],
+        ),
+        (
+            "/v1/runtime/push-object",
+            PushObjectRequest(run_id=run_id, object_id="ab" * 32, object_content=b"x").SerializeToString(),
+            [(TASK_TOKEN_HEADER, token)],
+        ),
+        (
+            "/v1/runtime/pull-object",
+            PullObjectRequest(run_id=run_id, object_id="ab" * 32).SerializeToString(),
+            [(TASK_TOKEN_HEADER, token)],
+        ),
+        (
+            "/v1/runtime/confirm-message-received",
+            ConfirmMessageReceivedRequest(run_id=run_id, message_object_id="ab" * 32).SerializeToString(),
+            [(TASK_TOKEN_HEADER, token)],
+        ),
+    ]
+    client = _client(app)
+    out = []
+    for path, body, headers in requests:
+        response = client.post(path, content=body, headers=[("content-type", "application/protobuf"), *headers])
+        out.append((path, response.status_code, response.headers.get("content-type"), response.content))
+    return out
+
+
+def test_the_fast_path_answers_the_serverapp_as_flwr_stack_does_errors_included():
+    stock, fast = _runtime_answers(adapted=False), _runtime_answers(adapted=True)
+    assert fast == stock
+    # (a good pull; its token missing, wrong, twice; an older flwr; bad protobuf; an empty push;
+    # an object pushed and one pulled without the ServerApp's node; a confirmation)
+    assert [answer[1] for answer in stock] == [200, 401, 401, 401, 412, 400, 500, 412, 412, 200]
+
+
+@pytest.mark.parametrize("path", superlink.FAST_FLEET_PATHS + superlink.FAST_RUNTIME_PATHS)
+def test_every_fast_path_is_a_route_of_flwr_with_the_checks_that_can_refuse(path):
+    route = superlink.fast_routes()[path]
+    api = path.split("/")[2]
+    assert route.api == api
+    assert route.endpoint.__module__ in ("flwr.superlink.routers.fleet.router", "flwr.supercore.routers.runtime.router")
+    assert route.request_type.DESCRIPTOR.full_name.startswith("flwr.proto.")
+    # The Fleet API's version check never refuses (flwr builds it so); the Runtime API's does.
+    assert [type(c).__name__ for c in route.checks] == ([] if api == "fleet" else ["VersionDependency"])
+
+
+def test_a_route_that_needs_more_than_the_fast_path_gives_stops_the_hub(monkeypatch):
+    from flwr.superlink.routers.fleet import router as fleet_router
+
+    from iaptnet.flower.pins import FlowerAdaptationError
+
+    route = next(r for r in fleet_router.router.routes if r.path == "/v1/fleet/pull-messages")
+
+    def wants_more(request, state, store):  # a new parameter flwr would inject
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(route.endpoint, "__wrapped__", wants_more)
+    with pytest.raises(FlowerAdaptationError, match="pull-messages now takes"):
+        superlink.fast_routes()
+
+
+def test_with_flwr_fleet_event_log_on_every_request_takes_the_stock_path():
+    app = _superlink_app(adapted=True)
+    seen = []
+
+    class Plugin:  # flwr's EventLogWriterPlugin interface, as far as the middleware uses it
+        def compose_log_before_event(self, **kw):
+            seen.append(("before", kw["method_name"]))
+
+        def compose_log_after_event(self, **kw):
+            seen.append(("after", kw["method_name"]))
+
+        def write_log(self, entry):
+            pass
+
+    app.state.fleet_event_log_plugin = Plugin()
+    from flwr.proto.fleet_pb2 import PullMessagesRequest
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
+
+    private, public = generate_key_pairs()
+    key = public_key_to_bytes(public)
+    node_id = app.state.linkstate_factory.state().create_node("account", "owner", key, 30.0)
+    response = _client(app).post(
+        "/v1/fleet/pull-messages",
+        content=PullMessagesRequest(node=Node(node_id=node_id)).SerializeToString(),
+        headers=_signed(private, key),
+    )
+    assert response.status_code == 200
+    assert seen == [("before", "/v1/fleet/pull-messages"), ("after", "/v1/fleet/pull-messages")]
+
+
+# --------------------------------------------------------------------------------------------
+# Held polls
+
+
+def test_the_hold_a_request_asks_is_read_capped_and_never_negative():
+    def scope(*headers):
+        return {"headers": [(k.encode(), v.encode()) for k, v in headers]}
+
+    assert superlink.requested_hold(scope()) == 0.0
+    assert superlink.requested_hold(scope((superlink.HOLD_HEADER, "2.5"))) == 2.5
+    assert superlink.requested_hold(scope((superlink.HOLD_HEADER, "3600"))) == superlink.MAX_HOLD
+    for bad in ("-1", "0", "nan", "soon", ""):
+        assert superlink.requested_hold(scope((superlink.HOLD_HEADER, bad))) == 0.0
+
+
+def _held_polls(monkeypatch, script):
+    """Run `script(client, pull, state)` against the adapted SuperLink app in an event loop:
+    `pull(hold)` polls as a registered node (asking for `hold` seconds, or not when None) and
+    returns (seconds taken, messages received); `state["message"] = True` makes the hub have a
+    message for the node from then on."""
+    import asyncio
+    import time
+
+    import httpx
+    from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse
+    from flwr.proto.message_pb2 import Message as ProtoMessage
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+    from flwr.superlink.servicer.fleet import fleet_handlers
+
+    state = {"message": False, "pulls": 0}
+
+    def pull_messages(request, state_, store):  # flwr's handler, with a message when asked
+        state["pulls"] += 1
+        return PullMessagesResponse(messages_list=[ProtoMessage()] if state["message"] else [])
+
+    monkeypatch.setattr(
+        fleet_handlers, "pull_messages", lambda request, state, store: pull_messages(request, state, store)
+    )
+    app = _superlink_app(adapted=True)
+    private = ec.generate_private_key(ec.SECP256R1())
+    key = public_key_to_bytes(private.public_key())
+    node_id = app.state.linkstate_factory.state().create_node("account", "owner", key, 30.0)
+    body = PullMessagesRequest(node=Node(node_id=node_id)).SerializeToString()
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub") as client:
+
+            async def pull(hold):
+                extra = {} if hold is None else {superlink.HOLD_HEADER: str(hold)}
+                t0 = time.monotonic()
+                response = await client.post(
+                    "/v1/fleet/pull-messages", content=body, headers=_signed(private, key, **extra)
+                )
+                assert response.status_code == 200
+                parsed = PullMessagesResponse()
+                parsed.ParseFromString(response.content)
+                return time.monotonic() - t0, len(parsed.messages_list)
+
+            return await script(client, pull, state)
+
+    return asyncio.run(main())
+
+
+def test_an_empty_poll_that_asks_is_held_for_its_seconds_and_one_that_does_not_is_answered_at_once(monkeypatch):
+    async def script(client, pull, state):
+        return await pull(None), await pull(0.6)
+
+    (quick, none), (held, nothing) = _held_polls(monkeypatch, script)
+    assert none == nothing == 0
+    assert quick < 0.3 and 0.6 <= held < 2.0
+
+
+def test_a_held_poll_is_answered_when_the_serverapp_has_pushed_the_round(monkeypatch):
+    import asyncio
+
+    async def script(client, pull, state):
+        poll = asyncio.create_task(pull(8))
+        await asyncio.sleep(0.3)
+        state["message"] = True  # the round's messages are stored, then their objects pushed:
+        pulls_before = state["pulls"]
+        for _ in range(3):  # a burst of pushes (refused here: no task token; they still end a burst)
+            await client.post("/v1/runtime/push-object", content=b"", headers={"content-type": "application/protobuf"})
+        took, messages = await poll
+        return took, messages, pulls_before
+
+    took, messages, pulls_before = _held_polls(monkeypatch, script)
+    assert messages == 1 and 0.3 <= took < 2.0  # not the 8 s of the hold
+    assert pulls_before == 1  # held, not polled again, until the burst of pushes ended

@@ -316,6 +316,80 @@ NEEDS: tuple[_Need, ...] = (
         None,
         ('if not request.url.path.startswith("/v1/fleet/"):',),
     ),
+    # The Fleet fast path (superlink.FastPath) does what these do for a node's per-round
+    # requests, with these same functions, in this order.
+    _Need(
+        "flwr.superlink.routers.fleet.node_auth",
+        "NodeAuthMiddleware",
+        None,
+        ("await run_in_threadpool(authenticate_node, request)",),
+    ),
+    _Need("flwr.superlink.routers.fleet.node_auth", "authenticate_node", ("request",)),
+    _Need("flwr.supercore.error.http", "http_error_translator", ("request", "call_next")),
+    _Need(
+        "flwr.supercore.protobuf.translation",
+        "ProtobufTranslationMiddleware",
+        None,
+        (
+            "self._check_request_media_type(request)",
+            "request.state.protobuf_request = self._parse_request(",
+            "content=result.SerializeToString(), media_type=PROTOBUF_MEDIA_TYPE",
+        ),
+    ),
+    _Need("flwr.supercore.protobuf.translation", "PROTOBUF_REQUEST_TYPES"),
+    _Need("flwr.superlink.dependencies.linkstate", "get_linkstate", ("request",)),
+    _Need("flwr.supercore.constant", "FLWR_IN_MEMORY_DB_NAME"),
+    _Need("flwr.supercore.constant", "TASK_TOKEN_HEADER"),
+    _Need(
+        "flwr.supercore.routers.runtime.router",
+        "create_runtime_router",
+        ("component_name",),
+        ("versioned_router.include_router(router)",),
+    ),
+    _Need("flwr.superlink.main", "create_app", None, ('include_router(create_runtime_router("SuperLink"))',)),
+    _Need("flwr.supercore.dependencies.task", "authenticate_task", ("request", "token", "state")),
+    _Need(
+        "flwr.supercore.dependencies.runtime", "get_task", None, ("return authenticate_task(request, token, state)",)
+    ),
+    _Need("flwr.supercore.dependencies.runtime", "get_runtime_state", ("request",)),
+    _Need("flwr.supercore.dependencies.runtime", "get_runtime_handlers", ("request",)),
+    _Need(
+        "flwr.supercore.dependencies.version",
+        "VersionDependency",
+        None,
+        (
+            "if incompat_details is None or not self._reject_incompatible:",
+            "self._reject_incompatible = reject_incompatible",
+        ),
+    ),
+    # The held poll (supernode.install_pull_hold): the client class the fleet connection
+    # makes, and how an interceptor reaches its requests.
+    _Need(
+        "flwr.supernode.fleet_http_connection",
+        "http_request_response",
+        None,
+        ("FleetHttpClient.from_server_address(", "interceptors=["),
+    ),
+    _Need(
+        "flwr.supercore.protobuf.client",
+        "ProtobufClient",
+        None,
+        ("def from_server_address(", "context = ProtobufRequestContext(", "request=http_request,"),
+    ),
+    _Need(
+        "flwr.supernode.fleet_http_client", "FleetHttpClient", None, ('rpc_method="/flwr.proto.Fleet/PullMessages"',)
+    ),
+    *(
+        _Need("flwr.superlink.routers.fleet.router", name, ("request", "state"))
+        for name in (
+            "fleet_pull_messages",
+            "fleet_push_messages",
+            "fleet_pull_object",
+            "fleet_push_object",
+            "fleet_confirm_message_received",
+            "fleet_send_node_heartbeat",
+        )
+    ),
 )
 
 

@@ -13,6 +13,25 @@ machinery runs. The two that act on every request (the error translator and the 
 translation) stay as they are, as does everything each layer does on its own paths: node
 authentication still checks every Fleet request's signature.
 
+The requests of every round (a node's pulls and pushes of messages and objects, confirmations
+and heartbeats; the ServerApp's pushes and pulls of messages and objects) are most of what a hub
+serves, and for them flwr's stack costs several times the work it wraps (routing, dependency
+injection, two more `BaseHTTPMiddleware` layers, a thread hand-off per request). `FastPath`
+serves those paths directly with flwr's own parts, in flwr's order: the media-type check and
+protobuf parse of its translation middleware, the authentication (a node's signature and
+identity on every Fleet request, `authenticate_node`; the ServerApp's task token on every
+Runtime request, `authenticate_task`), the route's version check, the route's own function,
+and flwr's error translator for anything that fails, so a caller sees the same answers, errors
+included. Any other request, and every Fleet request when flwr's Fleet event log is on, takes
+the stock path.
+
+A node polls the hub for its next message, and between two rounds most of a node's requests
+were empty polls. An iaptnet node asks the hub (header HOLD_HEADER) to hold an empty poll for up
+to MAX_HOLD seconds: the fast path answers it the moment the ServerApp's pushes of a round's
+messages and objects have ended (`PushBursts`), or empty at the end of the hold. A node gets its
+message at once instead of at its next poll, and makes one poll a round instead of several.
+A client that does not ask (flwr's own SuperNode) is answered at once, as flwr answers it.
+
 `python -m iaptnet.flower.superlink ARGS` runs flwr's `flower-superlink ARGS` in this process
 with the adaptation installed (coordinator/hub.py starts the hub this way).
 """
@@ -20,7 +39,11 @@ with the adaptation installed (coordinator/hub.py starts the hub this way).
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from .pins import INSTALLED as _INSTALLED
 from .pins import check_flwr
@@ -55,12 +78,242 @@ class PathScoped:
             await self.inner(scope, receive, send)
 
 
+#: The requests `FastPath` serves: those a node makes every round (Fleet API) and those
+#: the hub's ServerApp makes every round (Runtime API). Registration, activation, the run and
+#: its bundle, tasks and logs are rare and take the stock path.
+FAST_FLEET_PATHS = (
+    "/v1/fleet/pull-messages",
+    "/v1/fleet/push-messages",
+    "/v1/fleet/pull-object",
+    "/v1/fleet/push-object",
+    "/v1/fleet/confirm-message-received",
+    "/v1/fleet/send-node-heartbeat",
+)
+FAST_RUNTIME_PATHS = (
+    "/v1/runtime/push-messages",
+    "/v1/runtime/pull-messages",
+    "/v1/runtime/push-object",
+    "/v1/runtime/pull-object",
+    "/v1/runtime/confirm-message-received",
+)
+
+
+@dataclass(frozen=True)
+class FastRoute:
+    """One of flwr's routes as the fast path serves it."""
+
+    api: str  # "fleet" (node authentication) or "runtime" (task-token authentication)
+    request_type: type  # its protobuf request
+    endpoint: Callable  # the route's own function
+    checks: tuple  # the route's dependencies that can refuse a request (version checks)
+
+
+def fast_routes() -> dict[str, FastRoute]:
+    """{path: FastRoute} for FAST_FLEET_PATHS and FAST_RUNTIME_PATHS, read from flwr's own
+    routers; raises FlowerAdaptationError when a route needs more than the fast path gives it
+    (its parameters and their dependencies are checked against flwr's)."""
+    import typing
+
+    from flwr.supercore.dependencies.runtime import RuntimeHandlersDependency, RuntimeStateDependency, TaskDependency
+    from flwr.supercore.dependencies.version import VersionDependency
+    from flwr.supercore.protobuf.translation import PROTOBUF_REQUEST_TYPES
+    from flwr.superlink.routers.fleet import router as fleet_router
+
+    # (the module, not the APIRouter the package re-exports under the same name)
+    runtime_router = importlib.import_module("flwr.supercore.routers.runtime.router")
+
+    from .pins import FlowerAdaptationError
+
+    expected = {
+        "fleet": {"state": fleet_router.LinkStateDependency},
+        "runtime": {"state": RuntimeStateDependency, "handlers": RuntimeHandlersDependency, "task": TaskDependency},
+    }
+    # The Runtime routes as create_app mounts them: inside the router create_runtime_router
+    # makes, whose dependency is the SuperLink's version check.
+    mounted = runtime_router.create_runtime_router("SuperLink")
+    sources = {
+        "fleet": (fleet_router.router.routes, FAST_FLEET_PATHS, []),
+        "runtime": (runtime_router.router.routes, FAST_RUNTIME_PATHS, list(mounted.dependencies)),
+    }
+    routes = {}
+    for api, (candidates, paths, outer) in sources.items():
+        for route in candidates:
+            if route.path not in paths or "POST" not in route.methods:
+                continue
+            endpoint = route.endpoint.__wrapped__  # (ProtobufRoute wraps the route's function)
+            hints = typing.get_type_hints(endpoint, include_extras=True)
+            params = [p for p in inspect.signature(endpoint).parameters if p != "request"]
+            if params != list(expected[api]) or any(hints.get(p) != dep for p, dep in expected[api].items()):
+                raise FlowerAdaptationError(f"flwr's route {route.path} now takes ({', '.join(params)})")
+            dependencies = [d.dependency for d in [*outer, *route.dependencies]]
+            if not all(isinstance(d, VersionDependency) for d in dependencies):
+                raise FlowerAdaptationError(f"flwr's route {route.path} depends on more than its version check")
+            # A version check built not to reject answers nothing: it is left out.
+            checks = tuple(d for d in dependencies if d._reject_incompatible)
+            routes[route.path] = FastRoute(api, PROTOBUF_REQUEST_TYPES[("POST", route.path)], endpoint, checks)
+    missing = sorted(set(FAST_FLEET_PATHS + FAST_RUNTIME_PATHS) - set(routes))
+    if missing:
+        raise FlowerAdaptationError(f"flwr's routers lack {missing}")
+    return routes
+
+
+def _answer(route: FastRoute, request, message):
+    """What flwr's stack does for `message` on `route` once it is parsed: authentication, the
+    route's checks, its dependencies and the route's function."""
+    if route.api == "fleet":
+        from flwr.superlink.dependencies.linkstate import get_linkstate
+        from flwr.superlink.routers.fleet.node_auth import authenticate_node
+
+        authenticate_node(request)  # (flwr's NodeAuthMiddleware, before the router)
+        for check in route.checks:
+            check(request)
+        return route.endpoint(request=message, state=get_linkstate(request))
+    from flwr.supercore.constant import TASK_TOKEN_HEADER
+    from flwr.supercore.dependencies.runtime import get_runtime_handlers, get_runtime_state
+    from flwr.supercore.dependencies.task import authenticate_task
+
+    for check in route.checks:
+        check(request)
+    state = get_runtime_state(request)
+    handlers = get_runtime_handlers(request)
+    task = authenticate_task(request, request.headers.get(TASK_TOKEN_HEADER), state)
+    return route.endpoint(request=message, state=state, handlers=handlers, task=task)
+
+
+#: The request header in which an iaptnet node asks the hub to hold an empty poll (seconds).
+HOLD_HEADER = "x-iaptnet-hold"
+#: The longest hold the hub grants (well inside flwr's 30 s client read timeout).
+MAX_HOLD = 10.0
+#: The ServerApp's pushes that make messages pullable: a round's messages, then their objects.
+PUSH_PATHS = ("/v1/runtime/push-messages", "/v1/runtime/push-object")
+PULL_MESSAGES = "/v1/fleet/pull-messages"
+
+
+class PushBursts:
+    """Wakes the held polls once a burst of the ServerApp's pushes has ended (`quiet` seconds
+    without another), so a node pulls its message when its objects are there, not while they
+    are still being uploaded (each early pull of an object would be a retry)."""
+
+    def __init__(self, quiet: float = 0.02):
+        self.quiet = quiet
+        self.bursts = 0  # bursts ended so far
+        self._burst_over = None
+        self._timer = None
+
+    def pushed(self) -> None:
+        import asyncio
+
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(self.quiet, self._wake)
+
+    def _wake(self) -> None:
+        self._timer = None
+        self.bursts += 1
+        if self._burst_over is not None:
+            self._burst_over.set()
+            self._burst_over = None
+
+    async def wait(self, timeout: float, after: int) -> None:
+        """Until a burst of pushes after the first `after` bursts has ended, or `timeout`
+        seconds."""
+        import asyncio
+
+        if self.bursts > after:
+            return
+        if self._burst_over is None:
+            self._burst_over = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._burst_over.wait(), timeout)
+        except TimeoutError:
+            pass
+
+
+def requested_hold(scope) -> float:
+    """The seconds the request asks its empty poll to be held (0: none), at most MAX_HOLD."""
+    key = HOLD_HEADER.encode("latin-1")
+    for name, value in scope.get("headers", ()):
+        if name == key:
+            try:
+                seconds = float(value.decode("latin-1"))
+            except (UnicodeDecodeError, ValueError):
+                return 0.0
+            return min(MAX_HOLD, seconds) if seconds > 0 else 0.0  # (NaN: none)
+    return 0.0
+
+
+class FastPath:
+    """An ASGI middleware (outermost of flwr's) that serves FAST_FLEET_PATHS and
+    FAST_RUNTIME_PATHS without flwr's middleware stack and router, doing what they do for those
+    requests, and holds an empty poll a node asks to be held (module docstring)."""
+
+    def __init__(self, app):
+        self.app = app
+        self.routes = fast_routes()
+        self.pushes = PushBursts()
+
+    async def __call__(self, scope, receive, send) -> None:
+        http_post = scope["type"] == "http" and scope["method"] == "POST"
+        route = self.routes.get(scope["path"]) if http_post else None
+        if route is not None and route.api == "fleet" and getattr(scope["app"].state, "fleet_event_log_plugin", None):
+            route = None  # flwr's Fleet event log writes around each request: the stock path
+        if route is None:
+            await self.app(scope, receive, send)
+        else:
+            from flwr.supercore.error.http import http_error_translator
+            from starlette.requests import Request
+
+            request = Request(scope, receive)
+            response = await http_error_translator(request, functools.partial(self._serve, route))
+            await response(scope, receive, send)
+        if http_post and scope["path"] in PUSH_PATHS:
+            self.pushes.pushed()
+
+    async def _serve(self, route, request):
+        import time
+
+        from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+        from flwr.supercore.protobuf.constants import PROTOBUF_MEDIA_TYPE
+        from flwr.supercore.protobuf.translation import ProtobufTranslationMiddleware as Translation
+        from flwr.superlink.dependencies.linkstate import get_linkstate
+        from starlette.concurrency import run_in_threadpool
+        from starlette.responses import Response
+
+        Translation._check_request_media_type(request)
+        message = Translation._parse_request(await request.body(), route.request_type)
+        request.state.protobuf_request = message
+
+        def handle():
+            return _answer(route, request, message)
+
+        def again():  # the same poll once more, already authenticated
+            return route.endpoint(request=message, state=get_linkstate(request))
+
+        # The in-memory state answers in microseconds: no thread hand-off. A database-backed
+        # one may wait on its disk, so it runs in a worker thread as flwr runs it.
+        inline = getattr(request.app.state.linkstate_factory, "database", None) == FLWR_IN_MEMORY_DB_NAME
+        bursts = self.pushes.bursts
+        result = handle() if inline else await run_in_threadpool(handle)
+        hold = requested_hold(request.scope) if request.url.path == PULL_MESSAGES else 0.0
+        if hold:
+            deadline = time.monotonic() + hold
+            while not result.messages_list and (left := deadline - time.monotonic()) > 0:
+                await self.pushes.wait(left, after=bursts)
+                bursts = self.pushes.bursts
+                # A node gone while its poll was held must not be handed (and so lose) a message.
+                if await request.is_disconnected():
+                    break
+                result = again() if inline else await run_in_threadpool(again)
+        return Response(content=result.SerializeToString(), media_type=PROTOBUF_MEDIA_TYPE)
+
+
 def scoped_middleware(middleware: list) -> list:
     """`middleware` (starlette `Middleware` entries, outermost first) with each layer named in
-    SCOPES wrapped in `PathScoped`; order and everything else unchanged."""
+    SCOPES wrapped in `PathScoped`, and `FastPath` in front of them all; order and
+    everything else unchanged."""
     from starlette.middleware import Middleware
 
-    out = []
+    out = [Middleware(FastPath)]
     for entry in middleware:
         prefix = SCOPES.get(getattr(entry.cls, "__name__", ""))
         if prefix is None:

@@ -18,7 +18,9 @@
    SuperNode module's `time` is replaced by a proxy whose `sleep` polls fast while a study is
    active and slower when idle and waits for replies in 10 ms steps, the worker is woken the
    moment a message is stored instead of polling, and object pulls retry every 20-250 ms
-   (`install_supernode_adaptations`).
+   (`install_supernode_adaptations`). Each poll asks the hub to hold it while there is nothing
+   (`install_pull_hold`; the hub's side is in flower/superlink.py): the node hears of its next
+   message the moment it is there, and after a held empty poll polls again at once.
 4. **No wait without end.** flwr's loop waits, without limit, for the ClientApp's reply and
    then for each of its objects. When the warm worker's push fails part-way (flwr's
    `ObjectPushError` after the node was suspended past its task token), that reply never
@@ -110,16 +112,20 @@ class SleepPolicy:
     active_poll_cap: float = 5.0
 
     stock: bool = False  # benchmarks only: flwr 1.42's own timings, nothing capped
+    hold: float = 10.0  # seconds the hub is asked to hold an empty poll (superlink.HOLD_HEADER)
+    last_poll_held: bool = False  # the last poll was empty after the hub held it
 
     @classmethod
     def flwr_defaults(cls) -> SleepPolicy:
         """flwr 1.42 as shipped (the 'before' of bench/bench_latency.py)."""
-        return cls(pull_backoff=1.0, pull_backoff_cap=10.0, stock=True)
+        return cls(pull_backoff=1.0, pull_backoff_cap=10.0, stock=True, hold=0.0)
 
     def cap(self, seconds: float) -> float:
         if self.stock:
             return seconds
         if seconds >= 1.0:  # the poll of the hub after an empty one
+            if self.last_poll_held:
+                return 0.0  # the hub held it: the next poll waits there, not here
             now = _time.monotonic()
             if now - self.last_activity >= self.active_window:
                 return min(seconds, self.idle_poll)
@@ -142,6 +148,12 @@ class SleepPolicy:
     def replied(self) -> None:
         """The node's reply reached the hub: the wait for the next message starts."""
         self.last_reply = _time.monotonic()
+
+    def polled(self, seconds: float, empty: bool) -> None:
+        """A poll of the hub took `seconds` and found nothing (`empty`) or a message. An empty
+        poll that took at least half the hold was held by the hub; one answered at once (a hub
+        that does not hold polls, or one about to restart) keeps the capped sleeps."""
+        self.last_poll_held = empty and self.hold > 0 and seconds >= 0.5 * self.hold
 
 
 def install_supernode_adaptations(
@@ -182,7 +194,7 @@ def install_supernode_adaptations(
             tracker.beat()
         receive = kwargs.get("receive")
         if receive is not None:
-            kwargs["receive"] = _noting_receive(receive, received)
+            kwargs["receive"] = _noting_receive(receive, received, policy)
         received.clear()
         try:
             with storing:
@@ -227,18 +239,64 @@ def install_supernode_adaptations(
     )
     sci._pull_and_store_message = pull_and_store_message
     sci._push_messages = push_messages
+    install_pull_hold(policy.hold)
 
 
-def _noting_receive(receive, received: list):
-    """flwr's `receive`, noting the message it returns."""
+def _noting_receive(receive, received: list, policy: SleepPolicy | None = None):
+    """flwr's `receive`, noting the message it returns (and for `policy`, how long it took)."""
 
     def noting():
+        t0 = _time.monotonic()
         got = receive()
+        if policy is not None:
+            policy.polled(_time.monotonic() - t0, got is None)
         if got is not None:
             received.append(got[0])
         return got
 
     return noting
+
+
+class HoldRequest:
+    """A flwr HTTP client interceptor that asks the hub to hold this node's empty polls for
+    `seconds` (flower/superlink.py answers them when the next round's messages are there)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def intercept(self, context, call_next):
+        if context.rpc_method == "/flwr.proto.Fleet/PullMessages":
+            from .superlink import HOLD_HEADER
+
+            context.request.headers[HOLD_HEADER] = f"{self.seconds:g}"
+        return call_next(context)
+
+
+def install_pull_hold(seconds: float) -> None:
+    """Make flwr's fleet connection (`fleet_http_connection.FleetHttpClient`) ask the hub to
+    hold each empty poll for `seconds` (0: never ask, as flwr)."""
+    import flwr.supernode.fleet_http_connection as fhc
+
+    if "hold" in _INSTALLED or seconds <= 0:
+        return
+    stock = fhc.FleetHttpClient
+
+    class HoldingFleetHttpClient(stock):
+        @classmethod
+        def from_server_address(cls, server_address, insecure, root_certificates, interceptors, **kwargs):
+            interceptors = [*interceptors, HoldRequest(seconds)]
+            return super().from_server_address(server_address, insecure, root_certificates, interceptors, **kwargs)
+
+    _INSTALLED["hold"] = stock
+    fhc.FleetHttpClient = HoldingFleetHttpClient
+
+
+def uninstall_pull_hold() -> None:
+    import flwr.supernode.fleet_http_connection as fhc
+
+    stock = _INSTALLED.pop("hold", None)
+    if stock is not None:
+        fhc.FleetHttpClient = stock
 
 
 def _drop_ignored(state, object_store, message) -> None:
@@ -291,6 +349,7 @@ def uninstall_supernode_adaptations() -> None:
 
     for name, value in _INSTALLED.pop("sci", {}).items():
         setattr(sci, name, value)
+    uninstall_pull_hold()
 
 
 # --------------------------------------------------------------------------------------------
