@@ -5,8 +5,8 @@ SuperLink with TLS and node authentication, every node's key registered, the Ser
 each run started by it from the installed release). The nodes are stand-ins that compute
 nothing: each speaks Flower 1.42's node protocol over HTTPS with its own registered key, as
 the SuperNode does (activate, poll for messages with the node's own polling timings and held
-polls, fetch the run and its bundle once, pull the message's objects, confirm, push the reply
-and its objects),
+polls, fetch the run once and its bundle only if it is not the installed release, pull the
+message's objects, confirm, push the reply and its objects),
 and answers with the reply the real node gave to the same task. Those replies are recorded
 first by running the same study on the same data through the in-process engine; a stand-in
 only puts the task's id into its recorded reply. So the hub's ServerApp runs the real study
@@ -133,8 +133,9 @@ class StandIn(threading.Thread):
         from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents, pull_objects
         from flwr.supernode.fleet_http_connection import http_request_response
 
+        from iaptnet.flower.bundle import release_hash
         from iaptnet.flower.frame import pack, unpack
-        from iaptnet.flower.supernode import SleepPolicy
+        from iaptnet.flower.supernode import SleepPolicy, local_release_fab
         from iaptnet.protocol import messages as m
 
         private = load_ssh_private_key(self.key.read_bytes(), password=None)
@@ -146,6 +147,7 @@ class StandIn(threading.Thread):
         with http_request_response(
             self.spec["address"], False, self.spec["ca_cert"], authentication_keys=(private, private.public_key())
         ) as (_node_id, receive, send, get_run, get_fab, pull_object, push_object, confirm):
+            fab = local_release_fab(get_fab)  # as the node daemon's SuperNode (flower/supernode.py)
             while not self.stop.is_set():
                 self.requests += 1
                 t0 = time.monotonic()
@@ -157,10 +159,10 @@ class StandIn(threading.Thread):
                 message, tree = received
                 run_id = message.metadata.run_id
                 policy.touch(run_id)
-                if run_id not in runs:  # the SuperNode fetches a new run and its bundle once
+                if run_id not in runs:  # the SuperNode fetches a new run once
                     run = get_run(run_id)
-                    get_fab(run.fab_hash, run_id)
-                    self.requests += 2
+                    fab(run.fab_hash, run_id)  # (its bundle only if not the installed release)
+                    self.requests += 1 + (run.fab_hash != release_hash())
                     runs.add(run_id)
                 ids = [t.object_id for t in iterate_object_tree(tree)]
                 contents = pull_objects(ids, pull_object_fn=lambda oid, r=run_id: pull_object(r, oid))

@@ -5,6 +5,7 @@ and unpatching) without starting any process."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import threading
@@ -152,6 +153,18 @@ def test_the_held_poll_asks_the_hub_on_polls_only():
     finally:
         supernode.uninstall_pull_hold()
     assert fhc.FleetHttpClient is stock
+
+
+def test_a_run_of_the_installed_release_is_not_downloaded_and_any_other_bundle_is():
+    from iaptnet.flower.bundle import release_fab
+
+    data, digest = release_fab()
+    asked = []
+    fab = supernode.local_release_fab(lambda fab_hash, run_id: asked.append((fab_hash, run_id)) or "from the hub")
+    mine = fab(digest, 7)
+    assert asked == [] and mine.hash_str == digest and mine.content == data
+    assert hashlib.sha256(mine.content).hexdigest() == digest  # what the node's gate checks
+    assert fab("ab" * 32, 8) == "from the hub" and asked == [("ab" * 32, 8)]
 
 
 def test_install_and_uninstall_patch_only_the_supernode_module():

@@ -83,34 +83,47 @@ def test_the_control_routes_flwr_treats_specially_are_under_the_control_prefix()
     assert routes and all(path.startswith(superlink.CONTROL) for _method, path in routes)
 
 
-def test_install_and_uninstall_patch_only_the_middleware_list_and_the_log_stream_interval():
+def test_install_and_uninstall_patch_only_the_middleware_list_the_log_stream_interval_and_key_reading():
     import flwr.superlink.main as main
+    import flwr.superlink.routers.fleet.node_auth as node_auth
     import flwr.superlink.servicer.control.control_handlers as control_handlers
 
-    original, interval = main._get_middleware, control_handlers.LOG_STREAM_INTERVAL
+    original, interval, read_key = (
+        main._get_middleware,
+        control_handlers.LOG_STREAM_INTERVAL,
+        node_auth.bytes_to_public_key,
+    )
     superlink.install_superlink_adaptations()
     superlink.install_superlink_adaptations()  # twice: still one layer of wrapping
     try:
         assert main._get_middleware is not original and main._get_middleware.__wrapped__ is original
         assert control_handlers.LOG_STREAM_INTERVAL == superlink.LOG_STREAM_INTERVAL < interval
+        assert node_auth.bytes_to_public_key.__wrapped__ is read_key  # (read once per key)
     finally:
         superlink.uninstall_superlink_adaptations()
     assert main._get_middleware is original and control_handlers.LOG_STREAM_INTERVAL == interval
+    assert node_auth.bytes_to_public_key is read_key
 
 
 # --------------------------------------------------------------------------------------------
 # The Fleet fast path against flwr's own stack
 
 
+@pytest.fixture(autouse=True)
+def _stock_flwr_after_each_test():
+    yield
+    superlink.uninstall_superlink_adaptations()
+
+
 def _superlink_app(adapted: bool):
+    """flwr's SuperLink app (its state in memory, no lifespan run), as flwr ships it or with
+    the hub's adaptations, which stay installed until the test ends."""
     import flwr.superlink.main as main
 
+    superlink.uninstall_superlink_adaptations()
     if adapted:
         superlink.install_superlink_adaptations()
-    try:
-        return main.create_app()  # flwr's SuperLink app, its state in memory, no lifespan run
-    finally:
-        superlink.uninstall_superlink_adaptations()
+    return main.create_app()
 
 
 def _signed(private_key, public_key: bytes, **extra) -> dict:

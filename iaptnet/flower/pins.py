@@ -324,7 +324,13 @@ NEEDS: tuple[_Need, ...] = (
         None,
         ("await run_in_threadpool(authenticate_node, request)",),
     ),
-    _Need("flwr.superlink.routers.fleet.node_auth", "authenticate_node", ("request",)),
+    _Need(
+        "flwr.superlink.routers.fleet.node_auth",
+        "authenticate_node",
+        ("request",),
+        ("bytes_to_public_key(public_key)", "get_node_id_by_public_key(public_key) != node_id"),
+    ),
+    _Need("flwr.superlink.routers.fleet.node_auth", "bytes_to_public_key", ("public_key_bytes",)),
     _Need("flwr.supercore.error.http", "http_error_translator", ("request", "call_next")),
     _Need(
         "flwr.supercore.protobuf.translation",

@@ -330,8 +330,11 @@ LOG_STREAM_INTERVAL = 0.1
 
 def install_superlink_adaptations() -> None:
     """Patch `flwr.superlink.main._get_middleware`, which `create_app` calls when the
-    SuperLink starts, and the Control API's log-stream interval."""
+    SuperLink starts, the Control API's log-stream interval, and node authentication's reading
+    of a node's public key, which it did from PEM on every request and now does once per key
+    (the key a request claims is still compared with the node's registered one every time)."""
     import flwr.superlink.main as main
+    import flwr.superlink.routers.fleet.node_auth as node_auth
     import flwr.superlink.servicer.control.control_handlers as control_handlers
 
     if "superlink_middleware" in _INSTALLED:
@@ -340,7 +343,9 @@ def install_superlink_adaptations() -> None:
     original = main._get_middleware
     _INSTALLED["superlink_middleware"] = original
     _INSTALLED["superlink_log_stream_interval"] = control_handlers.LOG_STREAM_INTERVAL
+    _INSTALLED["superlink_public_key"] = node_auth.bytes_to_public_key
     control_handlers.LOG_STREAM_INTERVAL = LOG_STREAM_INTERVAL
+    node_auth.bytes_to_public_key = functools.lru_cache(maxsize=4096)(node_auth.bytes_to_public_key)
 
     @functools.wraps(original)
     def get_middleware():
@@ -359,6 +364,11 @@ def uninstall_superlink_adaptations() -> None:
     interval = _INSTALLED.pop("superlink_log_stream_interval", None)
     if interval is not None:
         control_handlers.LOG_STREAM_INTERVAL = interval
+    public_key = _INSTALLED.pop("superlink_public_key", None)
+    if public_key is not None:
+        import flwr.superlink.routers.fleet.node_auth as node_auth
+
+        node_auth.bytes_to_public_key = public_key
 
 
 def main(argv: list[str] | None = None) -> None:

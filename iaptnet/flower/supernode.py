@@ -18,7 +18,8 @@
    SuperNode module's `time` is replaced by a proxy whose `sleep` polls fast while a study is
    active and slower when idle and waits for replies in 10 ms steps, the worker is woken the
    moment a message is stored instead of polling, and object pulls retry every 20-250 ms
-   (`install_supernode_adaptations`). Each poll asks the hub to hold it while there is nothing
+   (`install_supernode_adaptations`). A run whose bundle is the installed release is not
+   downloaded again (`local_release_fab`). Each poll asks the hub to hold it while there is nothing
    (`install_pull_hold`; the hub's side is in flower/superlink.py): the node hears of its next
    message the moment it is there, and after a held empty poll polls again at once.
 4. **No wait without end.** flwr's loop waits, without limit, for the ClientApp's reply and
@@ -195,6 +196,8 @@ def install_supernode_adaptations(
         receive = kwargs.get("receive")
         if receive is not None:
             kwargs["receive"] = _noting_receive(receive, received, policy)
+        if kwargs.get("get_fab") is not None:
+            kwargs["get_fab"] = local_release_fab(kwargs["get_fab"])
         received.clear()
         try:
             with storing:
@@ -255,6 +258,26 @@ def _noting_receive(receive, received: list, policy: SleepPolicy | None = None):
         return got
 
     return noting
+
+
+def local_release_fab(get_fab):
+    """flwr's `get_fab(fab_hash, run_id)`, answered from the installed release when the run's
+    bundle is that release (same sha256) instead of downloading the same bytes again: 1.4 MB a
+    node a run, 180 MB of the hub's sending a run at 128 nodes. The node runs its installed
+    package whatever the bundle holds (`WarmWorker._serve`), and its gate still checks the hash
+    of the bytes it has."""
+    from .bundle import release_fab
+
+    def fab(fab_hash: str, run_id: int):
+        data, digest = release_fab()
+        if fab_hash != digest:
+            return get_fab(fab_hash, run_id)
+        from flwr.supercore.fab import Fab
+
+        log.debug("run %s brings this node's own release: its bundle is not downloaded", run_id)
+        return Fab(hash_str=digest, content=data, verifications={})
+
+    return fab
 
 
 class HoldRequest:
