@@ -450,3 +450,35 @@ def test_a_held_poll_is_answered_when_the_serverapp_has_pushed_the_round(monkeyp
     took, messages, pulls_before = _held_polls(monkeypatch, script)
     assert messages == 1 and 0.3 <= took < 2.0  # not the 8 s of the hold
     assert pulls_before == 1  # held, not polled again, until the burst of pushes ended
+
+
+def test_held_polls_wake_when_every_object_asked_for_is_pushed_or_else_when_pushes_are_quiet():
+    import asyncio
+    import time
+
+    async def main():
+        bursts = superlink.PushBursts(quiet=0.3)
+        t0 = time.monotonic()
+        waiter = asyncio.create_task(bursts.wait(5.0, after=0))
+        await asyncio.sleep(0.01)
+        bursts.expect(["a", "b"])  # a push of messages whose two objects are to follow
+        bursts.pushed()
+        bursts.object_pushed("a")
+        await asyncio.sleep(0.01)
+        assert not waiter.done()  # "b" is still to come
+        bursts.object_pushed("b")
+        await waiter
+        precise = time.monotonic() - t0
+        seen = bursts.bursts
+        t1 = time.monotonic()
+        bursts.expect(["c"])  # ... and one that never comes: the quiet wakes the pollers
+        bursts.pushed()
+        await bursts.wait(5.0, after=seen)
+        fallback = time.monotonic() - t1
+        seen = bursts.bursts
+        bursts.expect([])  # nothing to push: at once
+        await asyncio.wait_for(bursts.wait(5.0, after=seen - 1), 0.1)
+        return precise, fallback, bursts.outstanding
+
+    precise, fallback, outstanding = asyncio.run(main())
+    assert precise < 0.2 and 0.3 <= fallback < 1.0 and outstanding == set()

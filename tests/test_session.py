@@ -125,3 +125,51 @@ def test_the_coordinator_waits_between_pulls_as_pull_wait_says(monkeypatch):
     assert len(s.ask("glm.prepare")) == 4
     waits = [w for w in waits if w > 0]  # (the scripted hub's own zero delays)
     assert len(waits) == 3 and waits[0] == pytest.approx(0.02) and max(waits) < 0.25
+
+
+def test_with_a_hub_that_holds_pulls_the_round_is_pulled_again_at_once(monkeypatch):
+    import sys
+
+    import iaptnet.coordinator.session as session_module
+
+    clock, slept = [0.0], []
+
+    class Clock:  # one clock for the session and the hub: the hub's holds take its time
+        def __init__(self, record: bool):
+            self.record = record
+
+        def monotonic(self):
+            return clock[0]
+
+        def sleep(self, seconds):
+            clock[0] += seconds
+            if self.record:
+                slept.append(seconds)
+
+    monkeypatch.setattr(session_module, "time", Clock(record=True))
+    monkeypatch.setattr(sys.modules[__name__], "time", Clock(record=False))  # ScriptedHub's delays
+    # A holding hub: an empty pull comes back after the hold (0.4 s asked, 0.4 s taken).
+    holding = ScriptedHub([{2: "ok"}, {}, {1: "ok", 3: "ok", 4: "ok"}], delays=[0.0, 0.4, 0.0])
+    holding.pull_hold_max = 0.4
+    replies = session(holding, timeout=None).ask("glm.prepare")
+    assert len(replies) == 4 and holding.pulls == 3 and slept == []
+    # A hub that answers an empty pull at once (an earlier release's): the session waits between.
+    quick = ScriptedHub([{2: "ok"}, {}, {1: "ok", 3: "ok", 4: "ok"}])
+    quick.pull_hold_max = 0.4
+    replies = session(quick, timeout=None).ask("glm.prepare")
+    assert len(replies) == 4 and quick.pulls == 3 and len(slept) == 1  # after the empty pull only
+
+
+def test_a_held_pull_is_never_asked_to_outlast_the_round_s_deadline():
+    class Recording(ScriptedHub):
+        asked: list = []
+
+        def pull_messages(self, message_ids):
+            self.asked.append(self.pull_hold)
+            return super().pull_messages(message_ids)
+
+    hub = Recording([{}], delays=[0.0])
+    hub.pull_hold_max = 10.0
+    s = session(hub, timeout=0.3, min_nodes=0)
+    s.ask("glm.prepare")
+    assert hub.asked and all(0.0 <= a <= 0.3 for a in hub.asked)  # not the hub's 10 s

@@ -186,8 +186,17 @@ class Session:
         out: dict[int, m.Reply] = {}
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         overdue = False
+        # A hub that holds pulls (flower/warm_serverapp.py) is asked to hold each up to
+        # `pull_hold_max` seconds, never past the round's deadline.
+        hold_max = getattr(self.grid, "pull_hold_max", 0.0)
         while pending:
-            for msg in self.grid.pull_messages(list(pending)):
+            asked = time.monotonic()
+            hold = hold_max if deadline is None else min(hold_max, max(0.0, deadline - asked))
+            if hold_max:
+                self.grid.pull_hold = hold
+            got = list(self.grid.pull_messages(list(pending)))
+            held = hold > 0 and (bool(got) or time.monotonic() - asked >= 0.5 * hold)
+            for msg in got:
                 msg_id = msg.metadata.reply_to_message_id
                 if msg_id not in pending:
                     continue
@@ -200,7 +209,9 @@ class Session:
             if not pending or overdue:
                 break
             overdue = deadline is not None and time.monotonic() > deadline
-            if not overdue:
+            # A hub that holds pulls answers the next one when a reply is there: pull again at
+            # once. (One that answered an empty pull at once does not hold them: wait first.)
+            if not overdue and not held:
                 time.sleep(pull_wait(time.monotonic() - pushed, self.poll_interval, self.last_round))
         self.last_round = time.monotonic() - pushed
         return out

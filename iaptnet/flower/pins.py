@@ -380,7 +380,25 @@ NEEDS: tuple[_Need, ...] = (
         "flwr.supercore.protobuf.client",
         "ProtobufClient",
         None,
-        ("def from_server_address(", "context = ProtobufRequestContext(", "request=http_request,"),
+        (
+            "def from_server_address(",
+            "context = ProtobufRequestContext(",
+            "request=http_request,",
+            "self._interceptors = tuple(interceptors)",
+        ),
+    ),
+    # The ServerApp's held pulls of replies (warm_serverapp.hold_reply_pulls).
+    _Need(
+        "flwr.supercore.runtime.runtime_http_client",
+        "RuntimeHttpClient",
+        None,
+        ('rpc_method="/flwr.proto.Runtime/PullMessages"',),
+    ),
+    _Need(
+        "flwr.superlink.grid.http_grid",
+        "HttpGrid",
+        None,
+        ("def _runtime_client(self)", "self._client = RuntimeHttpClient.from_server_address("),
     ),
     _Need(
         "flwr.supernode.fleet_http_client", "FleetHttpClient", None, ('rpc_method="/flwr.proto.Fleet/PullMessages"',)

@@ -180,43 +180,86 @@ def _answer(route: FastRoute, request, message):
     return route.endpoint(request=message, state=state, handlers=handlers, task=task)
 
 
-#: The request header in which an iaptnet node asks the hub to hold an empty poll (seconds).
+#: The request header in which a caller asks the hub to hold an empty poll (seconds).
 HOLD_HEADER = "x-iaptnet-hold"
 #: The longest hold the hub grants (well inside flwr's 30 s client read timeout).
 MAX_HOLD = 10.0
-#: The ServerApp's pushes that make messages pullable: a round's messages, then their objects.
-PUSH_PATHS = ("/v1/runtime/push-messages", "/v1/runtime/push-object")
-PULL_MESSAGES = "/v1/fleet/pull-messages"
+#: Who pushes what another side polls for: the ServerApp's pushes (a round's tasks) end a node's
+#: held poll, a node's pushes (its reply) end the ServerApp's.
+PUSHES = {
+    "/v1/runtime/push-messages": "tasks",
+    "/v1/runtime/push-object": "tasks",
+    "/v1/fleet/push-messages": "replies",
+    "/v1/fleet/push-object": "replies",
+}
+HELD_POLLS = {"/v1/fleet/pull-messages": "tasks", "/v1/runtime/pull-messages": "replies"}
+
+
+class HoldRequest:
+    """The caller's side of a held poll: a flwr HTTP client interceptor that asks the hub to
+    hold each empty `rpc_method` request (a node's poll for tasks, the ServerApp's for
+    replies) for `seconds` (a number, or a function giving it at each request)."""
+
+    def __init__(self, seconds, rpc_method: str):
+        self.seconds = seconds
+        self.rpc_method = rpc_method
+
+    def intercept(self, context, call_next):
+        if context.rpc_method == self.rpc_method:
+            seconds = self.seconds() if callable(self.seconds) else self.seconds
+            context.request.headers[HOLD_HEADER] = f"{max(0.0, seconds):g}"
+        return call_next(context)
 
 
 class PushBursts:
-    """Wakes the held polls once a burst of the ServerApp's pushes has ended (`quiet` seconds
-    without another), so a node pulls its message when its objects are there, not while they
-    are still being uploaded (each early pull of an object would be a retry)."""
+    """Wakes the held polls once messages are there whole: when every object the last
+    pushes of messages asked for has been pushed (the hub's answer to a push of messages lists
+    them), or else once `quiet` seconds have passed without another push. A poller then pulls
+    a message whose objects are all there (an early pull of an object would be a retry)."""
 
     def __init__(self, quiet: float = 0.02):
         self.quiet = quiet
-        self.bursts = 0  # bursts ended so far
+        self.bursts = 0  # wakes so far
+        self.outstanding: set[str] = set()  # objects asked for and not yet pushed
         self._burst_over = None
         self._timer = None
 
+    def expect(self, object_ids) -> None:
+        """Messages were pushed; their objects `object_ids` are to follow."""
+        self.outstanding.update(object_ids)
+        if not self.outstanding:
+            self._wake()
+
+    def object_pushed(self, object_id: str) -> None:
+        if object_id in self.outstanding:
+            self.outstanding.discard(object_id)
+            if not self.outstanding:
+                self._wake()
+
     def pushed(self) -> None:
+        """A push whose objects are not accounted for: wake once pushes have been quiet."""
         import asyncio
 
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(self.quiet, self._wake)
+        self._timer = asyncio.get_running_loop().call_later(self.quiet, self._quiet)
+
+    def _quiet(self) -> None:
+        self._timer = None
+        self.outstanding.clear()  # (what never came will not: a failed push, an ended run)
+        self._wake()
 
     def _wake(self) -> None:
-        self._timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.bursts += 1
         if self._burst_over is not None:
             self._burst_over.set()
             self._burst_over = None
 
     async def wait(self, timeout: float, after: int) -> None:
-        """Until a burst of pushes after the first `after` bursts has ended, or `timeout`
-        seconds."""
+        """Until a wake after the first `after` wakes, or `timeout` seconds."""
         import asyncio
 
         if self.bursts > after:
@@ -250,13 +293,14 @@ class FastPath:
     def __init__(self, app):
         self.app = app
         self.routes = fast_routes()
-        self.pushes = PushBursts()
+        self.bursts = {"tasks": PushBursts(), "replies": PushBursts()}
 
     async def __call__(self, scope, receive, send) -> None:
         http_post = scope["type"] == "http" and scope["method"] == "POST"
         route = self.routes.get(scope["path"]) if http_post else None
         if route is not None and route.api == "fleet" and getattr(scope["app"].state, "fleet_event_log_plugin", None):
             route = None  # flwr's Fleet event log writes around each request: the stock path
+        accounted = False  # a push whose objects the hub has counted (PushBursts)
         if route is None:
             await self.app(scope, receive, send)
         else:
@@ -265,9 +309,11 @@ class FastPath:
 
             request = Request(scope, receive)
             response = await http_error_translator(request, functools.partial(self._serve, route))
+            accounted = response.status_code < 400
             await response(scope, receive, send)
-        if http_post and scope["path"] in PUSH_PATHS:
-            self.pushes.pushed()
+        pushes = self.bursts.get(PUSHES.get(scope["path"])) if http_post else None
+        if pushes is not None and (not accounted or pushes.outstanding):
+            pushes.pushed()  # (uncounted, or objects still to come: wake when pushes are quiet)
 
     async def _serve(self, route, request):
         import time
@@ -286,24 +332,34 @@ class FastPath:
         def handle():
             return _answer(route, request, message)
 
-        def again():  # the same poll once more, already authenticated
-            return route.endpoint(request=message, state=get_linkstate(request))
+        def again():  # the same poll once more (a node's already authenticated)
+            if route.api == "fleet":
+                return route.endpoint(request=message, state=get_linkstate(request))
+            return _answer(route, request, message)
 
         # The in-memory state answers in microseconds: no thread hand-off. A database-backed
         # one may wait on its disk, so it runs in a worker thread as flwr runs it.
         inline = getattr(request.app.state.linkstate_factory, "database", None) == FLWR_IN_MEMORY_DB_NAME
-        bursts = self.pushes.bursts
+        path = request.url.path
+        awaited = self.bursts.get(HELD_POLLS.get(path))
+        seen = awaited.bursts if awaited is not None else 0
         result = handle() if inline else await run_in_threadpool(handle)
-        hold = requested_hold(request.scope) if request.url.path == PULL_MESSAGES else 0.0
+        hold = requested_hold(request.scope) if awaited is not None else 0.0
         if hold:
             deadline = time.monotonic() + hold
             while not result.messages_list and (left := deadline - time.monotonic()) > 0:
-                await self.pushes.wait(left, after=bursts)
-                bursts = self.pushes.bursts
-                # A node gone while its poll was held must not be handed (and so lose) a message.
+                await awaited.wait(left, after=seen)
+                seen = awaited.bursts
+                # A poller gone while held must not be handed (and so lose) a message.
                 if await request.is_disconnected():
                     break
                 result = again() if inline else await run_in_threadpool(again)
+        pushes = self.bursts.get(PUSHES.get(path))
+        if pushes is not None:
+            if path.endswith("/push-messages"):
+                pushes.expect(result.objects_to_push)
+            else:
+                pushes.object_pushed(message.object_id)
         return Response(content=result.SerializeToString(), media_type=PROTOBUF_MEDIA_TYPE)
 
 

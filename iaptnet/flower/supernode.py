@@ -280,21 +280,6 @@ def local_release_fab(get_fab):
     return fab
 
 
-class HoldRequest:
-    """A flwr HTTP client interceptor that asks the hub to hold this node's empty polls for
-    `seconds` (flower/superlink.py answers them when the next round's messages are there)."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-
-    def intercept(self, context, call_next):
-        if context.rpc_method == "/flwr.proto.Fleet/PullMessages":
-            from .superlink import HOLD_HEADER
-
-            context.request.headers[HOLD_HEADER] = f"{self.seconds:g}"
-        return call_next(context)
-
-
 def install_pull_hold(seconds: float) -> None:
     """Make flwr's fleet connection (`fleet_http_connection.FleetHttpClient`) ask the hub to
     hold each empty poll for `seconds` (0: never ask, as flwr)."""
@@ -307,7 +292,9 @@ def install_pull_hold(seconds: float) -> None:
     class HoldingFleetHttpClient(stock):
         @classmethod
         def from_server_address(cls, server_address, insecure, root_certificates, interceptors, **kwargs):
-            interceptors = [*interceptors, HoldRequest(seconds)]
+            from .superlink import HoldRequest
+
+            interceptors = [*interceptors, HoldRequest(seconds, "/flwr.proto.Fleet/PullMessages")]
             return super().from_server_address(server_address, insecure, root_certificates, interceptors, **kwargs)
 
     _INSTALLED["hold"] = stock

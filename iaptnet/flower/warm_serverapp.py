@@ -17,6 +17,9 @@ heartbeat, log stream, pull input, push output and exit status) with two differe
   the bundle holds byte for byte. Any other bundle fails its run with one sentence that the
   analyst sees, naming both hashes.
 - **Nothing is written to disk.** The run config's defaults are read from the bundle in memory.
+- **Its pulls of replies are held.** The run's grid asks the hub to hold each empty pull of
+  replies until a node's reply is there whole (`hold_reply_pulls`, the hub's side in
+  flower/superlink.py), so a round ends when its last reply arrives, not at the next pull.
 
 A child is a process of its own, so runs stay isolated from each other as in stock Flower
 (stdout is the run's log stream, flwr keeps per-process globals, a run that crashes takes
@@ -62,6 +65,24 @@ WARM_MODULES = (
 
 #: Seconds between two uploads of a run's log, when there is something to upload (flwr: 0.2).
 LOG_UPLOAD_INTERVAL = 0.05
+
+
+#: Seconds the run's pulls of replies ask the hub to hold them (flower/superlink.py).
+REPLY_PULL_HOLD = 10.0
+
+
+def hold_reply_pulls(grid) -> None:
+    """Have the run's grid ask the hub to hold its empty pulls of replies and answer them when
+    a node's reply is there whole. The run's Session sets how long each pull may be held
+    (`grid.pull_hold`, never past its round's deadline) and pulls again at once instead of
+    waiting between pulls (coordinator/session.py)."""
+    from .superlink import HoldRequest
+
+    grid.pull_hold = 0.0  # (the Session's to set, up to REPLY_PULL_HOLD)
+    grid.pull_hold_max = REPLY_PULL_HOLD
+    client = grid._runtime_client  # (flwr connects on first use)
+    hold = HoldRequest(lambda: grid.pull_hold, "/flwr.proto.Runtime/PullMessages")
+    client._interceptors = (*client._interceptors, hold)
 
 
 def refusal_sentence(got: str, serves: str, version: str) -> str:
@@ -142,6 +163,7 @@ def serve_task(runtime_address: str, root_certificates: bytes, token: str, serve
     try:
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(grid._runtime_client))
         heartbeat.start()
+        hold_reply_pulls(grid)
         res = grid._runtime_client.PullTaskInput(PullTaskInputRequest())
         TaskIdentity.task_id = res.task_id
         TaskIdentity.run_id = res.run.run_id
