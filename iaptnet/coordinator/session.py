@@ -19,6 +19,7 @@ from flwr.app import Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp.grid import Grid
 
+from ..flower.superlink import hub_held
 from ..protocol import messages as m
 from ..protocol.errors import NetworkError
 from . import refusals
@@ -195,7 +196,7 @@ class Session:
             if hold_max:
                 self.grid.pull_hold = hold
             got = list(self.grid.pull_messages(list(pending)))
-            held = hold > 0 and (bool(got) or time.monotonic() - asked >= 0.5 * hold)
+            held = hub_held(time.monotonic() - asked, hold, empty=not got)
             for msg in got:
                 msg_id = msg.metadata.reply_to_message_id
                 if msg_id not in pending:

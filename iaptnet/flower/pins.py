@@ -278,7 +278,12 @@ NEEDS: tuple[_Need, ...] = (
             "Middleware(FleetEventLogMiddleware)",
         ),
     ),
-    _Need("flwr.superlink.main", "create_app", None, ("middleware=_get_middleware()",)),
+    _Need(
+        "flwr.superlink.main",
+        "create_app",
+        None,
+        ("middleware=_get_middleware()", 'include_router(create_runtime_router("SuperLink"))'),
+    ),
     _Need("flwr.superlink.routers.control.middlewares", "_is_control_path", None, ('path.startswith("/v1/control/")',)),
     _Need(
         "flwr.superlink.routers.control.middlewares",
@@ -308,7 +313,11 @@ NEEDS: tuple[_Need, ...] = (
         "flwr.superlink.routers.fleet.node_auth",
         "NodeAuthMiddleware",
         None,
-        ('if request.url.path.startswith("/v1/fleet/") and isinstance(',),
+        (
+            'if request.url.path.startswith("/v1/fleet/") and isinstance(',
+            # (all it does there, which the fast path does with the same function)
+            "await run_in_threadpool(authenticate_node, request)",
+        ),
     ),
     _Need(
         "flwr.superlink.routers.fleet.middlewares",
@@ -318,12 +327,6 @@ NEEDS: tuple[_Need, ...] = (
     ),
     # The Fleet fast path (superlink.FastPath) does what these do for a node's per-round
     # requests, with these same functions, in this order.
-    _Need(
-        "flwr.superlink.routers.fleet.node_auth",
-        "NodeAuthMiddleware",
-        None,
-        ("await run_in_threadpool(authenticate_node, request)",),
-    ),
     _Need(
         "flwr.superlink.routers.fleet.node_auth",
         "authenticate_node",
@@ -352,7 +355,6 @@ NEEDS: tuple[_Need, ...] = (
         ("component_name",),
         ("versioned_router.include_router(router)",),
     ),
-    _Need("flwr.superlink.main", "create_app", None, ('include_router(create_runtime_router("SuperLink"))',)),
     _Need("flwr.supercore.dependencies.task", "authenticate_task", ("request", "token", "state")),
     _Need(
         "flwr.supercore.dependencies.runtime", "get_task", None, ("return authenticate_task(request, token, state)",)

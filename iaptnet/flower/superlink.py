@@ -25,12 +25,13 @@ and flwr's error translator for anything that fails, so a caller sees the same a
 included. Any other request, and every Fleet request when flwr's Fleet event log is on, takes
 the stock path.
 
-A node polls the hub for its next message, and between two rounds most of a node's requests
-were empty polls. An iaptnet node asks the hub (header HOLD_HEADER) to hold an empty poll for up
-to MAX_HOLD seconds: the fast path answers it the moment the ServerApp's pushes of a round's
-messages and objects have ended (`PushBursts`), or empty at the end of the hold. A node gets its
-message at once instead of at its next poll, and makes one poll a round instead of several.
-A client that does not ask (flwr's own SuperNode) is answered at once, as flwr answers it.
+A node polls the hub for its next task and the ServerApp for the nodes' replies, and between
+two rounds most of a node's requests were empty polls. Both ask the hub (header HOLD_HEADER,
+`HoldRequest`) to hold an empty poll for up to MAX_HOLD seconds: the fast path answers it the
+moment a message for the poller is there with all its objects (`PushBursts`), or empty at the
+end of the hold. A node gets its task at once instead of at its next poll, and makes one poll a
+round instead of several. A client that does not ask (flwr's own) is answered at once, as flwr
+answers it.
 
 `python -m iaptnet.flower.superlink ARGS` runs flwr's `flower-superlink ARGS` in this process
 with the adaptation installed (coordinator/hub.py starts the hub this way).
@@ -42,6 +43,7 @@ import functools
 import importlib
 import inspect
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -157,26 +159,55 @@ def fast_routes() -> dict[str, FastRoute]:
     return routes
 
 
+@functools.cache
+def _flwr():
+    """The flwr parts the fast path calls on every request, imported once (and only by the
+    hub: a node imports this module for `HoldRequest` alone)."""
+    from types import SimpleNamespace
+
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, TASK_TOKEN_HEADER
+    from flwr.supercore.dependencies.runtime import get_runtime_handlers, get_runtime_state
+    from flwr.supercore.dependencies.task import authenticate_task
+    from flwr.supercore.error.http import http_error_translator
+    from flwr.supercore.protobuf.constants import PROTOBUF_MEDIA_TYPE
+    from flwr.supercore.protobuf.translation import ProtobufTranslationMiddleware
+    from flwr.superlink.dependencies.linkstate import get_linkstate
+    from flwr.superlink.routers.fleet.node_auth import authenticate_node
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    return SimpleNamespace(
+        FLWR_IN_MEMORY_DB_NAME=FLWR_IN_MEMORY_DB_NAME,
+        TASK_TOKEN_HEADER=TASK_TOKEN_HEADER,
+        get_runtime_handlers=get_runtime_handlers,
+        get_runtime_state=get_runtime_state,
+        authenticate_task=authenticate_task,
+        http_error_translator=http_error_translator,
+        PROTOBUF_MEDIA_TYPE=PROTOBUF_MEDIA_TYPE,
+        ProtobufTranslationMiddleware=ProtobufTranslationMiddleware,
+        get_linkstate=get_linkstate,
+        authenticate_node=authenticate_node,
+        run_in_threadpool=run_in_threadpool,
+        Request=Request,
+        Response=Response,
+    )
+
+
 def _answer(route: FastRoute, request, message):
     """What flwr's stack does for `message` on `route` once it is parsed: authentication, the
     route's checks, its dependencies and the route's function."""
+    f = _flwr()
     if route.api == "fleet":
-        from flwr.superlink.dependencies.linkstate import get_linkstate
-        from flwr.superlink.routers.fleet.node_auth import authenticate_node
-
-        authenticate_node(request)  # (flwr's NodeAuthMiddleware, before the router)
+        f.authenticate_node(request)  # (flwr's NodeAuthMiddleware, before the router)
         for check in route.checks:
             check(request)
-        return route.endpoint(request=message, state=get_linkstate(request))
-    from flwr.supercore.constant import TASK_TOKEN_HEADER
-    from flwr.supercore.dependencies.runtime import get_runtime_handlers, get_runtime_state
-    from flwr.supercore.dependencies.task import authenticate_task
-
+        return route.endpoint(request=message, state=f.get_linkstate(request))
     for check in route.checks:
         check(request)
-    state = get_runtime_state(request)
-    handlers = get_runtime_handlers(request)
-    task = authenticate_task(request, request.headers.get(TASK_TOKEN_HEADER), state)
+    state = f.get_runtime_state(request)
+    handlers = f.get_runtime_handlers(request)
+    task = f.authenticate_task(request, request.headers.get(f.TASK_TOKEN_HEADER), state)
     return route.endpoint(request=message, state=state, handlers=handlers, task=task)
 
 
@@ -272,6 +303,14 @@ class PushBursts:
             pass
 
 
+def hub_held(seconds: float, hold: float, empty: bool) -> bool:
+    """Whether a poll that asked for `hold` seconds, took `seconds` and came back `empty` (or
+    not) was answered by a hub that holds polls: one that brought something, or came back
+    empty only after at least half its hold. (An empty answer in less time is a hub that does
+    not hold polls: its poller paces itself.)"""
+    return hold > 0 and (not empty or seconds >= 0.5 * hold)
+
+
 def requested_hold(scope) -> float:
     """The seconds the request asks its empty poll to be held (0: none), at most MAX_HOLD."""
     key = HOLD_HEADER.encode("latin-1")
@@ -304,11 +343,9 @@ class FastPath:
         if route is None:
             await self.app(scope, receive, send)
         else:
-            from flwr.supercore.error.http import http_error_translator
-            from starlette.requests import Request
-
-            request = Request(scope, receive)
-            response = await http_error_translator(request, functools.partial(self._serve, route))
+            f = _flwr()
+            request = f.Request(scope, receive)
+            response = await f.http_error_translator(request, functools.partial(self._serve, route))
             accounted = response.status_code < 400
             await response(scope, receive, send)
         pushes = self.bursts.get(PUSHES.get(scope["path"])) if http_post else None
@@ -316,17 +353,10 @@ class FastPath:
             pushes.pushed()  # (uncounted, or objects still to come: wake when pushes are quiet)
 
     async def _serve(self, route, request):
-        import time
-
-        from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
-        from flwr.supercore.protobuf.constants import PROTOBUF_MEDIA_TYPE
-        from flwr.supercore.protobuf.translation import ProtobufTranslationMiddleware as Translation
-        from flwr.superlink.dependencies.linkstate import get_linkstate
-        from starlette.concurrency import run_in_threadpool
-        from starlette.responses import Response
-
-        Translation._check_request_media_type(request)
-        message = Translation._parse_request(await request.body(), route.request_type)
+        f = _flwr()
+        translation = f.ProtobufTranslationMiddleware
+        translation._check_request_media_type(request)
+        message = translation._parse_request(await request.body(), route.request_type)
         request.state.protobuf_request = message
 
         def handle():
@@ -334,12 +364,13 @@ class FastPath:
 
         def again():  # the same poll once more (a node's already authenticated)
             if route.api == "fleet":
-                return route.endpoint(request=message, state=get_linkstate(request))
+                return route.endpoint(request=message, state=f.get_linkstate(request))
             return _answer(route, request, message)
 
         # The in-memory state answers in microseconds: no thread hand-off. A database-backed
         # one may wait on its disk, so it runs in a worker thread as flwr runs it.
-        inline = getattr(request.app.state.linkstate_factory, "database", None) == FLWR_IN_MEMORY_DB_NAME
+        inline = getattr(request.app.state.linkstate_factory, "database", None) == f.FLWR_IN_MEMORY_DB_NAME
+        run_in_threadpool = f.run_in_threadpool
         path = request.url.path
         awaited = self.bursts.get(HELD_POLLS.get(path))
         seen = awaited.bursts if awaited is not None else 0
@@ -360,7 +391,7 @@ class FastPath:
                 pushes.expect(result.objects_to_push)
             else:
                 pushes.object_pushed(message.object_id)
-        return Response(content=result.SerializeToString(), media_type=PROTOBUF_MEDIA_TYPE)
+        return f.Response(content=result.SerializeToString(), media_type=f.PROTOBUF_MEDIA_TYPE)
 
 
 def scoped_middleware(middleware: list) -> list:

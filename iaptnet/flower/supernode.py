@@ -151,10 +151,12 @@ class SleepPolicy:
         self.last_reply = _time.monotonic()
 
     def polled(self, seconds: float, empty: bool) -> None:
-        """A poll of the hub took `seconds` and found nothing (`empty`) or a message. An empty
-        poll that took at least half the hold was held by the hub; one answered at once (a hub
-        that does not hold polls, or one about to restart) keeps the capped sleeps."""
-        self.last_poll_held = empty and self.hold > 0 and seconds >= 0.5 * self.hold
+        """A poll of the hub took `seconds` and found nothing (`empty`) or a message. After an
+        empty poll the hub held, the next one goes at once; after one answered at once (a hub
+        that does not hold polls, or one about to restart) the capped sleeps apply."""
+        from .superlink import hub_held
+
+        self.last_poll_held = empty and hub_held(seconds, self.hold, empty)
 
 
 def install_supernode_adaptations(
@@ -245,14 +247,13 @@ def install_supernode_adaptations(
     install_pull_hold(policy.hold)
 
 
-def _noting_receive(receive, received: list, policy: SleepPolicy | None = None):
-    """flwr's `receive`, noting the message it returns (and for `policy`, how long it took)."""
+def _noting_receive(receive, received: list, policy: SleepPolicy):
+    """flwr's `receive`, noting the message it returns and, for `policy`, how long it took."""
 
     def noting():
         t0 = _time.monotonic()
         got = receive()
-        if policy is not None:
-            policy.polled(_time.monotonic() - t0, got is None)
+        policy.polled(_time.monotonic() - t0, got is None)
         if got is not None:
             received.append(got[0])
         return got
