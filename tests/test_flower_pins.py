@@ -24,7 +24,9 @@ def test_installed_flwr_is_the_one_adapted_to():
 
 def test_every_need_is_present_with_its_signature():
     for need in pins.NEEDS:
-        obj = getattr(importlib.import_module(need.module), need.name)
+        obj = importlib.import_module(need.module)
+        for part in need.name.split("."):  # a module's attribute, or a class's ("Class.name")
+            obj = getattr(obj, part)
         if need.params:
             target = obj.__init__ if inspect.isclass(obj) else obj
             params = [p for p in inspect.signature(target).parameters if p != "self"]

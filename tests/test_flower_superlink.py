@@ -83,15 +83,17 @@ def test_the_control_routes_flwr_treats_specially_are_under_the_control_prefix()
     assert routes and all(path.startswith(superlink.CONTROL) for _method, path in routes)
 
 
-def test_install_and_uninstall_patch_only_the_middleware_list_the_log_stream_interval_and_key_reading():
+def test_install_and_uninstall_patch_only_the_middleware_list_the_log_stream_interval_key_reading_and_the_poll_search():
     import flwr.superlink.main as main
     import flwr.superlink.routers.fleet.node_auth as node_auth
     import flwr.superlink.servicer.control.control_handlers as control_handlers
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 
-    original, interval, read_key = (
+    original, interval, read_key, get_message_ins = (
         main._get_middleware,
         control_handlers.LOG_STREAM_INTERVAL,
         node_auth.bytes_to_public_key,
+        InMemoryLinkState.get_message_ins,
     )
     superlink.install_superlink_adaptations()
     superlink.install_superlink_adaptations()  # twice: still one layer of wrapping
@@ -99,10 +101,11 @@ def test_install_and_uninstall_patch_only_the_middleware_list_the_log_stream_int
         assert main._get_middleware is not original and main._get_middleware.__wrapped__ is original
         assert control_handlers.LOG_STREAM_INTERVAL == superlink.LOG_STREAM_INTERVAL < interval
         assert node_auth.bytes_to_public_key.__wrapped__ is read_key  # (read once per key)
+        assert InMemoryLinkState.get_message_ins.__wrapped__ is get_message_ins
     finally:
         superlink.uninstall_superlink_adaptations()
     assert main._get_middleware is original and control_handlers.LOG_STREAM_INTERVAL == interval
-    assert node_auth.bytes_to_public_key is read_key
+    assert node_auth.bytes_to_public_key is read_key and InMemoryLinkState.get_message_ins is get_message_ins
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,3 +485,57 @@ def test_held_polls_wake_when_every_object_asked_for_is_pushed_or_else_when_push
 
     precise, fallback, outstanding = asyncio.run(main())
     assert precise < 0.2 and 0.3 <= fallback < 1.0 and outstanding == set()
+
+
+def _stored_messages_taken(monkeypatch, adapted: bool) -> tuple[list, list, list]:
+    """Three nodes and three messages for each (node 1's and node 2's second expired, node 1's
+    third delivered already), stored in flwr's in-memory state as the ServerApp stores them:
+    what each pull takes, in order (with and without a limit, for its run and another), and
+    which messages are left stored after node 1's and node 0's pulls and after node 2's."""
+    import time
+
+    from flwr.app import Message, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.constant import NOOP_FEDERATION_ID, TaskType
+    from flwr.supercore.task_identity import TaskIdentity
+
+    app = _superlink_app(adapted)
+    state = app.state.linkstate_factory.state()
+    nodes = [state.create_node("account", "owner", f"key-{k}".encode(), 30.0) for k in range(3)]
+    for node in nodes:
+        state.activate_node(node, 30.0)
+    run = state.create_run(None, None, "ab" * 32, {}, NOOP_FEDERATION_ID, None, "account", TaskType.SERVER_APP)
+    for name, value in {"_run_id": run, "_node_id": SUPERLINK_NODE_ID, "_task_id": 1}.items():
+        monkeypatch.setattr(TaskIdentity, name, value)  # as in the ServerApp's process
+    names = {}
+    for k in range(9):  # message k is for node k % 3
+        message = Message(RecordDict(), nodes[k % 3], "query", ttl=60.0, group_id=str(k))
+        message.metadata.__dict__["_message_id"] = message.object_id
+        assert state.store_message_ins(message) == message.object_id
+        if k in (4, 5):  # expired since: stored two minutes ago with a minute to live
+            message.metadata.__dict__["_created_at"] = time.time() - 120.0
+        if k == 7:
+            message.metadata.__dict__["_delivered_at"] = "2026-12-05T09:00:00+00:00"
+        names[message.metadata.message_id] = k
+
+    def pull(node, limit, **run_id):
+        return [names[m.metadata.message_id] for m in state.get_message_ins(nodes[node], limit, **run_id)]
+
+    def stored():
+        return sorted(names[i] for i in state.message_ins_store)
+
+    taken = [pull(1, 1, run_id=run + 1), pull(1, 1, run_id=run), pull(1, None), pull(0, None), pull(0, None)]
+    between = stored()
+    taken.append(pull(2, None))
+    return taken, between, stored()
+
+
+def test_a_node_poll_takes_from_the_hub_state_what_flwr_gives_it_judging_only_its_own_messages(monkeypatch):
+    (stock, stock_between, stock_left), (fast, fast_between, fast_left) = (
+        _stored_messages_taken(monkeypatch, adapted=False),
+        _stored_messages_taken(monkeypatch, adapted=True),
+    )
+    assert fast == stock == [[], [1], [], [0, 3, 6], [], [2, 8]]
+    # flwr deletes node 2's expired message at anyone's poll; adapted, at node 2's own
+    assert stock_between == [0, 1, 2, 3, 6, 7, 8] and fast_between == [0, 1, 2, 3, 5, 6, 7, 8]
+    assert fast_left == stock_left == [0, 1, 2, 3, 6, 7, 8]

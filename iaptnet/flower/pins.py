@@ -334,6 +334,20 @@ NEEDS: tuple[_Need, ...] = (
         ("bytes_to_public_key(public_key)", "get_node_id_by_public_key(public_key) != node_id"),
     ),
     _Need("flwr.superlink.routers.fleet.node_auth", "bytes_to_public_key", ("public_key_bytes",)),
+    # superlink.own_messages_only replaces this, judging each of the node's messages as it does.
+    _Need(
+        "flwr.server.superlink.linkstate.in_memory_linkstate",
+        "InMemoryLinkState.get_message_ins",
+        ("node_id", "limit", "run_id"),
+        (
+            "for msg_id in list(self.message_ins_store.keys()):",
+            "self._check_stored_messages({msg_id})",
+            "and msg_ins.metadata.dst_node_id == node_id",
+            'and msg_ins.metadata.delivered_at == ""',
+            "msg_ins.metadata.delivered_at = delivered_at",
+        ),
+    ),
+    _Need("flwr.supercore.date", "now"),
     _Need("flwr.supercore.error.http", "http_error_translator", ("request", "call_next")),
     _Need(
         "flwr.supercore.protobuf.translation",
@@ -420,7 +434,11 @@ NEEDS: tuple[_Need, ...] = (
 
 
 def _get(need: _Need):
-    return getattr(importlib.import_module(need.module), need.name)
+    """The object `need` names: a module attribute, or a class's attribute ("Class.name")."""
+    obj = importlib.import_module(need.module)
+    for part in need.name.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def check_flwr() -> None:

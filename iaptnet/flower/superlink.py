@@ -415,14 +415,48 @@ def scoped_middleware(middleware: list) -> list:
 LOG_STREAM_INTERVAL = 0.1
 
 
+def own_messages_only(self, node_id: int, limit: int | None, *, run_id: int | None = None) -> list:
+    """`InMemoryLinkState.get_message_ins` (flwr 1.42.0) judging only the polling node's
+    messages. flwr's checks every stored message on every node's poll (its expiry, and with
+    `FederationManager.filter_nodes` that both ends are still in the federation), so a round
+    at N nodes cost N x N checks under the state's lock. The answer is the same messages in the
+    same order, each checked as flwr checks it; another node's expired message is deleted at
+    that node's own poll or when the ServerApp asks for its reply (`get_message_res` checks the
+    messages it is asked about), not at this one."""
+    from flwr.supercore.date import now
+
+    if limit is not None and limit < 1:
+        raise AssertionError("`limit` must be >= 1")
+    found = []
+    with self.lock:
+        for msg_id, message in list(self.message_ins_store.items()):
+            if message.metadata.dst_node_id != node_id:
+                continue
+            self._check_stored_messages({msg_id})
+            if (
+                (msg_ins := self.message_ins_store.get(msg_id))
+                and (run_id is None or msg_ins.metadata.run_id == run_id)
+                and msg_ins.metadata.delivered_at == ""
+            ):
+                found.append(msg_ins)
+            if limit and len(found) == limit:
+                break
+    delivered_at = now().isoformat()
+    for msg_ins in found:
+        msg_ins.metadata.delivered_at = delivered_at
+    return found
+
+
 def install_superlink_adaptations() -> None:
     """Patch `flwr.superlink.main._get_middleware`, which `create_app` calls when the
-    SuperLink starts, the Control API's log-stream interval, and node authentication's reading
+    SuperLink starts, the Control API's log-stream interval, node authentication's reading
     of a node's public key, which it did from PEM on every request and now does once per key
-    (the key a request claims is still compared with the node's registered one every time)."""
+    (the key a request claims is still compared with the node's registered one every time),
+    and the in-memory state's search for a node's messages (`own_messages_only`)."""
     import flwr.superlink.main as main
     import flwr.superlink.routers.fleet.node_auth as node_auth
     import flwr.superlink.servicer.control.control_handlers as control_handlers
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 
     if "superlink_middleware" in _INSTALLED:
         return
@@ -433,6 +467,14 @@ def install_superlink_adaptations() -> None:
     _INSTALLED["superlink_public_key"] = node_auth.bytes_to_public_key
     control_handlers.LOG_STREAM_INTERVAL = LOG_STREAM_INTERVAL
     node_auth.bytes_to_public_key = functools.lru_cache(maxsize=4096)(node_auth.bytes_to_public_key)
+    stock_get_message_ins = InMemoryLinkState.get_message_ins
+    _INSTALLED["superlink_get_message_ins"] = stock_get_message_ins
+
+    @functools.wraps(stock_get_message_ins)
+    def get_message_ins(self, node_id: int, limit: int | None, *, run_id: int | None = None) -> list:
+        return own_messages_only(self, node_id, limit, run_id=run_id)
+
+    InMemoryLinkState.get_message_ins = get_message_ins
 
     @functools.wraps(original)
     def get_middleware():
@@ -451,6 +493,11 @@ def uninstall_superlink_adaptations() -> None:
     interval = _INSTALLED.pop("superlink_log_stream_interval", None)
     if interval is not None:
         control_handlers.LOG_STREAM_INTERVAL = interval
+    get_message_ins = _INSTALLED.pop("superlink_get_message_ins", None)
+    if get_message_ins is not None:
+        from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+
+        InMemoryLinkState.get_message_ins = get_message_ins
     public_key = _INSTALLED.pop("superlink_public_key", None)
     if public_key is not None:
         import flwr.superlink.routers.fleet.node_auth as node_auth
