@@ -69,11 +69,11 @@ class Node:
         task = m.Task(kind=kind, study_hash=study_hash, payload={"models": models, "transform_state": {}})
         return self.send(task), study_hash
 
-    def round(self, study_hash: str, betas: dict[str, np.ndarray]) -> m.Reply:
+    def round(self, study_hash: str, betas: dict[str, np.ndarray], meat: list[str] | None = None) -> m.Reply:
+        """A glm.round at `betas`; `meat`: the models whose robust middle term it asks for."""
         arrays = {f"beta/{k}": np.asarray(v, dtype=float) for k, v in betas.items()}
-        return self.send(
-            m.Task(kind=glm_protocol.ROUND, study_hash=study_hash, payload={"models": list(betas)}, arrays=arrays)
-        )
+        payload = {"models": list(betas)} | ({"meat": meat} if meat is not None else {})
+        return self.send(m.Task(kind=glm_protocol.ROUND, study_hash=study_hash, payload=payload, arrays=arrays))
 
     def audit_entries(self) -> list[dict]:
         return list(self.runtime.audit.entries())

@@ -233,3 +233,75 @@ def test_offset_expression(weighted_network):
         offset=lambda f: np.log(f["days"] / 30),
     )
     assert_matches(result, ref)
+
+
+# --- the robust middle term is asked for only in the rounds that may converge -------------------
+
+
+def _counting_meat(monkeypatch) -> list:
+    """Count the nodes' computations of the robust middle term (one per node per round asked)."""
+    from iaptnet.node import glm as node_glm
+
+    calls = []
+    original = node_glm.meat
+    monkeypatch.setattr(node_glm, "meat", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def test_a_robust_model_is_sent_its_middle_term_only_in_the_rounds_that_may_converge(tmp_path, monkeypatch):
+    """The middle term is as large as the information matrix: asked in every round it doubled
+    what each node sends (and what the hub carries) for nothing but the last round's."""
+    sites = make_sites(seed=21)
+    write_network(tmp_path, sites, COLUMNS)
+    calls = _counting_meat(monkeypatch)
+    result = run_study(tmp_path, name="hc0", family="binomial", formula="y ~ x + g + h", cov_type="HC0")
+    assert_matches(
+        result, _reference(pooled(sites, COLUMNS), "y ~ x + g + h", "binomial", ["y", "x", "g", "h"], cov_type="HC0")
+    )
+    assert result["iterations"] >= 3 and result["rounds"] == 1 + result["iterations"]
+    assert len(calls) <= 2 * len(sites) < result["iterations"] * len(sites)
+
+
+def test_a_round_that_converges_without_the_middle_term_is_asked_again_with_it(tmp_path, monkeypatch):
+    """Asked for in no round ahead (MEAT_AHEAD 0), the same fit: one more round at the same
+    estimate, and the same numbers to the last bit."""
+    from iaptnet.coordinator import glm as coordinator_glm
+
+    sites = make_sites(seed=21)
+    fields = dict(name="hc0", family="binomial", formula="y ~ x + g + h", cov_type="HC0")
+    ahead = run_study(write_network(tmp_path / "ahead", sites, COLUMNS).parent, **fields)
+    monkeypatch.setattr(coordinator_glm, "MEAT_AHEAD", 0.0)
+    calls = _counting_meat(monkeypatch)
+    late = run_study(write_network(tmp_path / "late", sites, COLUMNS).parent, **fields)
+    assert len(calls) == len(sites)  # only the round asked again
+    assert late["rounds"] == ahead["rounds"] + 1 and late["iterations"] == ahead["iterations"]
+    assert [(t["estimate"], t["std_error"]) for t in late["terms"]] == [
+        (t["estimate"], t["std_error"]) for t in ahead["terms"]
+    ]
+
+
+def test_a_robust_gaussian_model_takes_no_more_rounds_than_a_plain_one(tmp_path):
+    sites = make_sites(seed=21)
+    write_network(tmp_path, sites, COLUMNS)
+    plain = run_study(tmp_path, name="plain", family="gaussian", formula="w ~ x + z")
+    robust = run_study(tmp_path, name="robust", family="gaussian", formula="w ~ x + z", cov_type="HC0")
+    assert robust["rounds"] == plain["rounds"] and robust["cov_type"] == "HC0"
+
+
+def test_a_node_sends_the_middle_term_when_asked_and_only_for_a_robust_model(tmp_path):
+    from nodecase import Node, local_beta
+
+    from iaptnet.protocol import messages as m
+
+    frame = make_sites(seed=21)["site0"]
+    node = Node(tmp_path / "robust", frame, COLUMNS)
+    reply, study = node.prepare(node.spec(formula="y ~ x + h", cov_type="HC0"))
+    beta = local_beta(reply)
+    assert "meat/m0" not in node.round(study, {"m0": beta}).arrays
+    asked = node.round(study, {"m0": beta}, meat=["m0"])
+    assert asked.arrays["meat/m0"].shape == (6,)  # 3 x 3, packed
+    plain = Node(tmp_path / "plain", frame, COLUMNS)
+    reply, study = plain.prepare(plain.spec(formula="y ~ x + h"))
+    refused = plain.round(study, {"m0": local_beta(reply)}, meat=["m0"])
+    assert refused.status == m.REFUSED and refused.arrays == {}
+    assert "robust middle term of a model that has no robust SEs" in refused.message

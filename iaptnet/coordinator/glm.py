@@ -44,6 +44,12 @@ from .resume import restore, snapshot
 from .session import Session, _names
 
 STEP_TOL = 1e-8  # converged when every Newton step is below this many standard errors
+# A robust model's round asks the nodes for the middle term of its sandwich (`meat`, as large as
+# the information) only when the fit may converge in it: the last step was below this many
+# standard errors (Newton's next is about its square), and in every round of a Gaussian model
+# or of a model whose rows one node holds (their start is the optimum). A round that converges
+# without it is asked again at the same estimate with it: the same numbers, one more round.
+MEAT_AHEAD = 1e-2
 MAX_ROUNDS = 40
 MAX_HALVINGS = 20
 # A residual deviance below this share of the null deviance is an exact fit up to rounding
@@ -79,6 +85,8 @@ class ModelFit:
     loglike_sum: float = float("nan")
     cov: np.ndarray | None = None  # unscaled inverse information over active columns
     meat: np.ndarray | None = None  # sum of score outer products (robust covariances)
+    last_ratio: float | None = None  # the last Newton step's largest |step| / SE (None: no step yet)
+    meat_due: bool = False  # converged without the middle term: the same round again with it
     n_clusters: int = 0
     node_counts: dict[str, dict] = field(default_factory=dict)  # per node, small-number rules applied
     node_stats: dict[str, dict] = field(default_factory=dict)  # per node, exact n_used and events
@@ -253,7 +261,8 @@ def _iterate(session: Session, fits: dict[str, ModelFit], stateful: dict[str, li
                 _continue_without(fits[key], session, [])
             continue
         arrays = {protocol.beta_key(f.key): _round_vector(f, fits) for f in pending}
-        replies = session.ask(protocol.ROUND, {"models": [f.key for f in pending]}, arrays)
+        payload = {"models": [f.key for f in pending], "meat": [f.key for f in pending if _meat_ahead(f)]}
+        replies = session.ask(protocol.ROUND, payload, arrays)
         _check_replies(replies, session)
         lost = _left_models(fits, session)
         if any(stateful.get(key) for key in lost):
@@ -267,7 +276,7 @@ def _iterate(session: Session, fits: dict[str, ModelFit], stateful: dict[str, li
             info = m.unpack_upper(_sum(mine, protocol.info_key(fit.key)), len(fit.names))
             stats = _sum(mine, protocol.stats_key(fit.key))
             meat = None
-            if fit.spec.cov_type in ("HC0", "cluster") and not fit.key.endswith(NULL_SUFFIX):
+            if fit.key in payload["meat"]:
                 meat = m.unpack_upper(_sum(mine, protocol.meat_key(fit.key)), len(fit.names))
             if fit.log_theta is None:
                 _newton_update(fit, score, info, stats, meat)
@@ -280,6 +289,23 @@ def _iterate(session: Session, fits: dict[str, ModelFit], stateful: dict[str, li
             _continue_without(fit, session, replies if fit in pending else [])
         if save is not None:
             save()
+
+
+def _robust(fit: ModelFit) -> bool:
+    """Whether the model's covariance is a sandwich whose middle term the nodes sum (the null
+    model's never is)."""
+    return fit.spec.cov_type in ("HC0", "cluster") and not fit.key.endswith(NULL_SUFFIX)
+
+
+def _meat_ahead(fit: ModelFit) -> bool:
+    """Whether this round asks for the robust middle term (MEAT_AHEAD)."""
+    if not _robust(fit):
+        return False
+    if fit.meat_due or (fit.last_ratio is not None and fit.last_ratio < MEAT_AHEAD):
+        return True
+    # A Gaussian model's start (the nodes' local fits pooled) is its optimum; with one node the
+    # start is that node's own fit, the optimum of any family.
+    return fit.family.name == "gaussian" or len(fit.holders) == 1
 
 
 def _left_models(fits: dict[str, ModelFit], session: Session) -> list[str]:
@@ -352,6 +378,7 @@ def _continue_without(fit: ModelFit, session: Session, replies: list[m.Reply]) -
         target.prev_beta = target.prev_dev = target.prev_llf = target.prev_log_theta = None
         target.halvings = 0
         target.cov = target.meat = None
+        target.last_ratio, target.meat_due = None, False
     fit.marginal_sums = {}
     exact = _null_intercept(fit)
     if exact is not None:
@@ -761,8 +788,12 @@ def _newton_update(
         ) from None
     step = cov @ score[a]
     se = np.sqrt(np.diag(cov))
-    fit.iterations += 1
     ratio = np.abs(step) / se
+    if np.all(ratio < STEP_TOL) and _robust(fit) and meat is None:
+        fit.meat_due = True  # the same step again, with the middle term (MEAT_AHEAD)
+        return
+    fit.iterations += 1
+    fit.last_ratio = float(np.max(ratio, initial=0.0))
     if np.all(ratio < STEP_TOL):
         fit.beta = fit.beta.copy()
         fit.beta[a] += step
@@ -817,8 +848,13 @@ def _nb_update(
     concave = curvature < 0
     log_step = -gradient / curvature if concave else float(np.sign(gradient)) * MAX_LOG_THETA_STEP
     log_step = float(np.clip(log_step, -MAX_LOG_THETA_STEP, MAX_LOG_THETA_STEP))
-    fit.iterations += 1
     tol = STEP_TOL / 10  # (linear convergence: what is left is about a tenth of the last step)
+    ratio = max(float(np.max(np.abs(step) / se, initial=0.0)), abs(log_step) * float(np.sqrt(abs(curvature))))
+    if concave and ratio < tol and _robust(fit) and meat is None:
+        fit.meat_due = True  # the same step again, with the middle term (MEAT_AHEAD)
+        return
+    fit.iterations += 1
+    fit.last_ratio = ratio
     if concave and np.all(np.abs(step) / se < tol) and abs(log_step) * np.sqrt(-curvature) < tol:
         fit.beta = fit.beta.copy()
         fit.beta[a] += step

@@ -38,6 +38,8 @@ _PLAIN = (
     "prev_log_theta",
     "prev_llf",
     "theta_second",
+    "last_ratio",
+    "meat_due",
 )
 _ARRAYS = ("active", "beta", "prev_beta", "cov", "meat")
 

@@ -269,14 +269,20 @@ def round_contributions(
     release: Release,
     marginal: dict[str, list[str]] | None = None,
     cr2_request: dict | None = None,
+    meat_request: set[str] | None = None,
 ) -> None:
     """Declare score, packed information and [deviance, pearson, loglike sum]
     per model, with the row weights they sum over and those of the rounds answered before;
     with `marginal`, the standardised fitted means of the models' exposures set to 1 and 0;
     with `cr2_request` ({key: (active columns, pooled inverse information)}), the sums of a
-    CR2 model's clusters (node/cr2.py)."""
+    CR2 model's clusters (node/cr2.py); for the robust models in `meat_request`, the middle
+    term of their sandwich. (A robust model's squared residuals are judged in every round,
+    asked or not: what the node judges never depends on what this round happens to ask.)"""
     marginal = marginal or {}
     cr2_request = cr2_request or {}
+    meat_request = meat_request or set()
+    if any(prepared.cov_types.get(key) not in ("HC0", "cluster") for key in meat_request & set(betas)):
+        raise DataError("the round asks for the robust middle term of a model that has no robust SEs in this round.")
     if any(prepared.cov_types.get(key) != "CR2" or key not in betas for key in cr2_request):
         raise DataError("the round asks for CR2 sums of a model that is not a CR2 model of this round.")
     for key, beta in betas.items():
@@ -326,7 +332,7 @@ def round_contributions(
             section.array(protocol.score_key(key), score)
             section.array(protocol.info_key(key), pack_upper(info))
             section.array(protocol.stats_key(key), stats)
-            if cov_type in ("HC0", "cluster"):
+            if key in meat_request:
                 section.array(protocol.meat_key(key), pack_upper(meat(design, family, coefficients, cov_type)))
             if key in cr2_request:
                 active, bread = cr2_request[key]
@@ -704,7 +710,8 @@ def glm_round(runtime: NodeRuntime, task) -> Release:
         )
     prepared.rounds += 1
     betas = protocol.betas_from_arrays(task.arrays)
-    unknown = set(betas) - set(prepared.designs) - prepared.declined
+    meat_request = protocol.meat_from_payload(task.payload)
+    unknown = (set(betas) | meat_request) - set(prepared.designs) - prepared.declined
     if unknown:
         raise DataError("the task names a model this study did not prepare.")
     betas = {k: v for k, v in betas.items() if k in prepared.designs}  # nothing for declined models
@@ -715,6 +722,7 @@ def glm_round(runtime: NodeRuntime, task) -> Release:
         release,
         protocol.marginal_from_payload(task.payload),
         protocol.cr2_from_payload(task.payload, task.arrays),
+        meat_request,
     )
     version = runtime.dataset.data_version
     release.remember(lambda: runtime.memory.remember_rounds(task.study_hash, version, betas))

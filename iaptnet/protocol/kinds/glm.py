@@ -9,8 +9,9 @@ One GLM run is three task kinds (docs/developer/architecture.md draws one round)
   a node may decline as too small); per model `local_info/<key>` (packed upper triangle) and
   `local_ibeta/<key>`, for the model and for its null model (key + NULL_SUFFIX);
 - `glm.round`: task arrays `beta/<key>`; reply arrays `score/<key>`, `info/<key>` (packed),
-  `stats/<key>` = (deviance, Pearson statistic, log-likelihood sum) and, with robust SEs,
-  `meat/<key>` (packed). A negative binomial model's `beta/<key>` is its coefficients followed
+  `stats/<key>` = (deviance, Pearson statistic, log-likelihood sum) and, for the models its
+  payload lists in `meat` (robust SEs: cov_type "HC0" or "cluster", asked only in the rounds
+  that may converge), `meat/<key>` (packed). A negative binomial model's `beta/<key>` is its coefficients followed
   by log theta (its null model's: the intercept and the model's log theta), and its reply adds
   `theta/<key>` = (d loglik / d theta, d^2 loglik / d theta^2) (not for the null model).
   A round whose payload has `marginal` ({model key: [exposure column, ...]}, once the model has
@@ -152,6 +153,14 @@ def marginal_from_payload(payload: dict) -> dict[str, list[str]]:
     ):
         raise DataError("the round's marginal request is not a table of exposure lists.")
     return marginal
+
+
+def meat_from_payload(payload: dict) -> set[str]:
+    """The model keys whose robust middle term a round asks for; DataError unless a list of keys."""
+    meat = payload.get("meat") or []
+    if not isinstance(meat, list) or not all(isinstance(k, str) for k in meat):
+        raise DataError("the round's meat request is not a list of model keys.")
+    return set(meat)
 
 
 def betas_from_arrays(arrays: dict) -> dict:
