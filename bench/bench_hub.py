@@ -23,10 +23,13 @@ ServerApp's own event timestamps: tasks pushed to the last reply pulled), the hu
 seconds in that time, and the requests the stand-ins made; then the cost of each added node
 (least squares over the node counts). Everything runs on this machine: the stand-ins share its
 cores with the hub, so the wall time is an upper bound of what a hub on its own machine takes;
-its CPU time is what a hub machine must have.
+its CPU time is what a hub machine must have. `--nice 19` runs the stand-ins at the lowest
+priority, so that when the hub and the stand-ins both want a core the hub gets it, nearer to
+nodes on machines of their own (the stand-ins still take the cores whenever the hub waits).
 
     .venv/bin/python bench/bench_hub.py [--nodes 32 64 128] [--repeat 3] [--workers 2]
                                         [--poll-active 0.25] [--poll-idle 1.0] [--hold 10]
+                                        [--nice 0]
 """
 
 from __future__ import annotations
@@ -322,6 +325,7 @@ def measure(args, full_network: Path, study: Path, n: int, work: Path) -> dict:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"},
+                    preexec_fn=(lambda: os.nice(args.nice)) if args.nice else None,
                 )
             )
             count_files.append(counts)
@@ -418,6 +422,9 @@ def main() -> None:
     parser.add_argument(
         "--hold", type=float, default=10.0, help="seconds the nodes ask the hub to hold an empty poll (0: none)"
     )
+    parser.add_argument(
+        "--nice", type=int, default=0, help="the stand-ins' niceness (19: the hub gets the cores first)"
+    )
     parser.add_argument("--work", help="folder for the networks' state (default: a temporary one)")
     parser.add_argument("--stand-ins", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -437,7 +444,8 @@ def main() -> None:
     print(
         f"\nD1 (national merges), {rows[-1]['coefficients']} coefficients; nodes poll every "
         f"{args.poll_active:g} s during a study, asking the hub to hold an empty poll {args.hold:g} s; "
-        f"medians of {args.repeat} runs"
+        + (f"stand-ins at niceness {args.nice}; " if args.nice else "")
+        + f"medians of {args.repeat} runs"
     )
     print("| nodes | rounds | hub wall s/round | hub CPU s/round | requests per node per round | run wall s |")
     print("|--:|--:|--:|--:|--:|--:|")
