@@ -29,7 +29,7 @@ from pathlib import Path
 
 #: The folder of a run's --out that holds its checkpoints.
 FOLDER = ".checkpoint"
-VERSION = 1
+VERSION = 2  # 2: a model's state holds its last step and whether its middle term is due
 
 
 class Checkpoints:

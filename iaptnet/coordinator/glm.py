@@ -788,13 +788,13 @@ def _newton_update(
         ) from None
     step = cov @ score[a]
     se = np.sqrt(np.diag(cov))
-    ratio = np.abs(step) / se
-    if np.all(ratio < STEP_TOL) and _robust(fit) and meat is None:
+    largest = float(np.max(np.abs(step) / se, initial=0.0))  # (NaN stays NaN: not converged)
+    if largest < STEP_TOL and _robust(fit) and meat is None:
         fit.meat_due = True  # the same step again, with the middle term (MEAT_AHEAD)
         return
     fit.iterations += 1
-    fit.last_ratio = float(np.max(ratio, initial=0.0))
-    if np.all(ratio < STEP_TOL):
+    fit.last_ratio = largest
+    if largest < STEP_TOL:
         fit.beta = fit.beta.copy()
         fit.beta[a] += step
         fit.converged = True
@@ -849,13 +849,14 @@ def _nb_update(
     log_step = -gradient / curvature if concave else float(np.sign(gradient)) * MAX_LOG_THETA_STEP
     log_step = float(np.clip(log_step, -MAX_LOG_THETA_STEP, MAX_LOG_THETA_STEP))
     tol = STEP_TOL / 10  # (linear convergence: what is left is about a tenth of the last step)
-    ratio = max(float(np.max(np.abs(step) / se, initial=0.0)), abs(log_step) * float(np.sqrt(abs(curvature))))
-    if concave and ratio < tol and _robust(fit) and meat is None:
+    # The largest step of the coefficients and of log theta, in standard errors (NaN stays NaN).
+    largest = float(np.max(np.append(np.abs(step) / se, abs(log_step) * np.sqrt(abs(curvature)))))
+    if concave and largest < tol and _robust(fit) and meat is None:
         fit.meat_due = True  # the same step again, with the middle term (MEAT_AHEAD)
         return
     fit.iterations += 1
-    fit.last_ratio = ratio
-    if concave and np.all(np.abs(step) / se < tol) and abs(log_step) * np.sqrt(-curvature) < tol:
+    fit.last_ratio = largest
+    if concave and largest < tol:
         fit.beta = fit.beta.copy()
         fit.beta[a] += step
         fit.log_theta += log_step
