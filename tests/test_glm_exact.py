@@ -274,6 +274,8 @@ def test_a_round_that_converges_without_the_middle_term_is_asked_again_with_it(t
     calls = _counting_meat(monkeypatch)
     late = run_study(write_network(tmp_path / "late", sites, COLUMNS).parent, **fields)
     assert len(calls) == len(sites)  # only the round asked again
+    reference = _reference(pooled(sites, COLUMNS), "y ~ x + g + h", "binomial", ["y", "x", "g", "h"], cov_type="HC0")
+    assert_matches(late, reference)
     assert late["rounds"] == ahead["rounds"] + 1 and late["iterations"] == ahead["iterations"]
     assert [(t["estimate"], t["std_error"]) for t in late["terms"]] == [
         (t["estimate"], t["std_error"]) for t in ahead["terms"]
