@@ -5,8 +5,12 @@ Synthesises (or reuses a cached) network of `--services` services with log-norma
 
 - runs D1 through the command line as a user does (`iaptnet run d1_sessions.toml --network
   ... --json`, the in-process engine: every node reads, validates and derives its own file,
-  builds its design and answers the rounds), under `/usr/bin/time` for its wall time and peak
-  resident memory;
+  builds its design and answers the rounds; the nodes answer in a worker process per core),
+  under `/usr/bin/time` for its wall and CPU time, its peak memory sampled over all its
+  processes (their proportional set sizes, so that pages a forked worker shares with its
+  parent count once);
+- the same with `--workers 1` (every node in threads of the one process, as before worker
+  processes), to show what the workers bring;
 - runs a statsmodels script that reads the same files the same way (each service's extract
   validated and its variables derived by iaptnet's own loader, as a node does), pools the rows,
   keeps D1's cohort and fits the same formula with statsmodels' GLM: again wall time and peak
@@ -34,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -78,17 +83,63 @@ print(json.dumps({"params": fit.params.to_dict(), "nobs": int(fit.nobs), "read":
 """
 
 
+def _tree(pid: int) -> list[int]:
+    """The process and all its descendants (Linux /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                todo.extend(int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split())
+        except OSError:
+            pass
+    return out
+
+
+def _pss_kib(pid: int) -> int:
+    """A process's proportional set size: its own pages plus its share of pages it shares
+    (with a forked worker, the parent's libraries count once over both, not twice)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def timed(cmd: list[str], env: dict) -> tuple[float, float, float, str]:
-    """(wall seconds, CPU seconds (user + system), peak resident MiB, stdout) of one command,
-    from /usr/bin/time."""
-    with tempfile.NamedTemporaryFile("r", suffix=".time") as out:
-        proc = subprocess.run(
-            [TIME, "-f", "%e %U %S %M", "-o", out.name, *cmd], env=env, capture_output=True, text=True, check=False
+    """(wall seconds, CPU seconds (user + system) of all its processes, peak memory MiB,
+    stdout) of one command: times from /usr/bin/time, memory the largest sum of the
+    proportional set sizes of the command's processes (its worker processes included),
+    sampled every 20 ms."""
+    peak = [0]
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as out, tempfile.TemporaryFile("w+") as stdout:
+        proc = subprocess.Popen(
+            [TIME, "-f", "%e %U %S %M", "-o", out.name, *cmd],
+            env=env,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
         )
+        done = threading.Event()
+
+        def sample():
+            while not done.wait(0.02):
+                peak[0] = max(peak[0], sum(_pss_kib(p) for p in _tree(proc.pid)))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        stderr = proc.communicate()[1]
+        done.set()
+        sampler.join()
         if proc.returncode != 0:
-            sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+            sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{stderr[-3000:]}")
         wall, user, system, peak_kb = Path(out.name).read_text().split()[-4:]
-    return float(wall), float(user) + float(system), float(peak_kb) / 1024, proc.stdout
+        stdout.seek(0)
+        text = stdout.read()
+    return float(wall), float(user) + float(system), max(peak[0], int(peak_kb)) / 1024, text
 
 
 def network_path(args) -> Path:
@@ -160,19 +211,22 @@ def main() -> None:
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     cli = [sys.executable, "-m", "iaptnet.cli", "run", str(study), "--network", str(network), "--json"]
     ref = [sys.executable, "-c", REFERENCE, str(network), str(study)]
-    fed, pooled = [], []
+    fed, single, pooled = [], [], []
     for k in range(args.repeat):
-        with tempfile.TemporaryDirectory(prefix="iaptnet-bench-state-") as state:
-            # A fresh state folder: each run's nodes start with an empty memory of releases.
-            fed.append(timed(cli, {**env, "IAPTNET_STATE_DIR": state}))
+        for runs, command in ((fed, cli), (single, [*cli, "--workers", "1"])):
+            with tempfile.TemporaryDirectory(prefix="iaptnet-bench-state-") as state:
+                # A fresh state folder: each run's nodes start with an empty memory of releases.
+                runs.append(timed(command, {**env, "IAPTNET_STATE_DIR": state}))
         pooled.append(timed(ref, env))
         print(
             f"run {k + 1}: iaptnet run {fed[-1][0]:.1f} s (CPU {fed[-1][1]:.1f} s), peak {fed[-1][2]:,.0f} MiB; "
+            f"with --workers 1 {single[-1][0]:.1f} s, peak {single[-1][2]:,.0f} MiB; "
             f"statsmodels {pooled[-1][0]:.1f} s (CPU {pooled[-1][1]:.1f} s), peak {pooled[-1][2]:,.0f} MiB",
             flush=True,
         )
     result, reference = json.loads(fed[-1][3]), json.loads(pooled[-1][3])
     f_wall, f_cpu, f_mem = (statistics.median(run[i] for run in fed) for i in range(3))
+    s_wall, s_cpu, s_mem = (statistics.median(run[i] for run in single) for i in range(3))
     r_wall, r_cpu, r_mem = (statistics.median(run[i] for run in pooled) for i in range(3))
     # Estimates against statsmodels': the largest difference in standard errors (relative
     # differences blow up for estimates near 0).
@@ -188,10 +242,17 @@ def main() -> None:
         f"{result['study']}: n = {result['n']:,}, {len(result['terms'])} coefficients, {result['rounds']} rounds "
         f"(1 prepare + {result['iterations']} Newton); statsmodels: {reference['iterations']} IRLS iterations"
     )
-    print(f"iaptnet run (in-process, CLI): wall {f_wall:.1f} s, CPU {f_cpu:.1f} s, peak RSS {f_mem:,.0f} MiB")
+    print(
+        f"iaptnet run (in-process, CLI, nodes in a worker process per core): wall {f_wall:.1f} s, "
+        f"CPU {f_cpu:.1f} s, peak memory {f_mem:,.0f} MiB"
+    )
+    print(
+        f"iaptnet run --workers 1 (nodes in threads of one process): wall {s_wall:.1f} s, CPU {s_cpu:.1f} s, "
+        f"peak memory {s_mem:,.0f} MiB; worker processes over threads: {f_wall / s_wall:.2f} of the time"
+    )
     print(
         f"statsmodels script (read {reference['read']:.1f} s, then fit): wall {r_wall:.1f} s, CPU {r_cpu:.1f} s, "
-        f"peak RSS {r_mem:,.0f} MiB"
+        f"peak memory {r_mem:,.0f} MiB"
     )
     print(f"ratio of wall time, iaptnet / statsmodels: {f_wall / r_wall:.3f} (CPU time: {f_cpu / r_cpu:.3f})")
     print(f"ratio of peak memory, iaptnet / statsmodels: {f_mem / r_mem:.2f}")

@@ -37,6 +37,8 @@ def cmd_run(args) -> int:
             raise IaptnetError("iaptnet run: --hub HUB.toml is required for the flower engine.")
     elif not args.network:
         raise IaptnetError("iaptnet run: --network NETWORK.toml is required for the in-process engine.")
+    if args.workers is not None and (args.workers < 1 or args.engine == "flower"):
+        raise IaptnetError("iaptnet run: --workers expects a whole number of 1 or more, with the in-process engine.")
     if args.out:
         check_out_folder(Path(args.out))
     if args.out and len(args.study) > 1:
@@ -52,9 +54,16 @@ def cmd_run(args) -> int:
 
             results = run_flower(args.study, args.hub, progress=live.round, status=live.update, out=args.out)
         else:
-            from .coordinator.inprocess import run_inprocess
+            from .coordinator.inprocess import run_inprocess, usable_cores
 
-            results = run_inprocess(args.study, args.network, progress=live.round, announce=live.stage, out=args.out)
+            results = run_inprocess(
+                args.study,
+                args.network,
+                progress=live.round,
+                announce=live.stage,
+                out=args.out,
+                workers=args.workers or usable_cores(),
+            )
     if args.out:
         out = Path(args.out)
         if len(results) == 1:
@@ -172,7 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine",
         default="inprocess",
         choices=["inprocess", "flower"],
-        help="inprocess: the nodes of a network file in this process; flower: a real hub",
+        help="inprocess: the nodes of a network file on this machine; flower: a real hub",
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="in-process engine: worker processes the nodes answer in (default: one per core; 1: in this process)",
     )
     run.add_argument("--hub", help="hub.toml: the hub's address and CA certificate (flower engine)")
     run.add_argument("--out", help="folder for results.json, report.html and the report's tables")

@@ -430,11 +430,12 @@ def _held_polls(monkeypatch, script):
 
 def test_an_empty_poll_that_asks_is_held_for_its_seconds_and_one_that_does_not_is_answered_at_once(monkeypatch):
     async def script(client, pull, state):
-        return await pull(None), await pull(0.6)
+        return await pull(None), await pull(1.5)
 
     (quick, none), (held, nothing) = _held_polls(monkeypatch, script)
     assert none == nothing == 0
-    assert quick < 0.3 and 0.6 <= held < 2.0
+    # Margins wide enough for a loaded machine: not held is well under the hold's 1.5 s.
+    assert quick < 0.75 and 1.5 <= held < 3.5
 
 
 def test_a_held_poll_is_answered_when_the_serverapp_has_pushed_the_round(monkeypatch):

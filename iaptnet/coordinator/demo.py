@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..protocol.errors import IaptnetError
 from .catalogue import catalogue_paths
-from .inprocess import run_inprocess
+from .inprocess import run_inprocess, usable_cores
 from .outputs import check_out_folder, results_paths, write_json_atomic
 from .results import render_report
 
@@ -163,7 +163,7 @@ def run_demo(
             f"running the catalogue ({len(paths)} studies; its regressions share one conversation with the 8 nodes) ..."
         )
         start = time.perf_counter()
-        results = run_inprocess(paths, network, progress=live.round, announce=live.stage)
+        results = run_inprocess(paths, network, progress=live.round, announce=live.stage, workers=usable_cores())
         elapsed = time.perf_counter() - start
         rows, secondary = summarise(results), summarise(results, secondary=True)
         for path, result in zip(results_paths(out, [r["study"] for r in results]), results):

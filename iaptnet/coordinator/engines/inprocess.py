@@ -76,11 +76,16 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self._nodes)
 
+    @staticmethod
+    def _new_id(msg: Message) -> str:
+        msg_id = uuid.uuid4().hex
+        msg.metadata.__dict__["_message_id"] = msg_id
+        return msg_id
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         jobs = []
         for msg in messages:
-            msg_id = uuid.uuid4().hex
-            msg.metadata.__dict__["_message_id"] = msg_id
+            msg_id = self._new_id(msg)
             if msg.metadata.dst_node_id in self._nodes:
                 jobs.append((msg_id, msg))
         workers = max(1, min(len(jobs), os.cpu_count() or 1))
@@ -91,9 +96,13 @@ class InProcessGrid(Grid):
         return [msg_id for msg_id, _ in jobs]
 
     def _deliver(self, msg_id: str, msg: Message) -> Message:
-        node_id = msg.metadata.dst_node_id
         incoming = _wire(msg)
         incoming.metadata.__dict__["_message_id"] = msg_id
+        return _wire(self._answer(incoming))
+
+    def _answer(self, incoming: Message) -> Message:
+        """The destination node's reply to a message that came over the wire."""
+        node_id = incoming.metadata.dst_node_id
         context = Context(
             run_id=1,
             node_id=node_id,
@@ -107,7 +116,7 @@ class InProcessGrid(Grid):
             from flwr.app import Error
 
             reply = Message(Error(code=2, reason=f"{type(exc).__name__}"), reply_to=incoming)
-        return _wire(reply)
+        return reply
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
