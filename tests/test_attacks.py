@@ -25,6 +25,7 @@ import pytest
 from flwr.app import ConfigRecord, RecordDict
 from nodecase import Node, assert_nothing_released, local_beta
 
+from iaptnet.node.audit import logged_array
 from iaptnet.protocol import messages as m
 from iaptnet.protocol.errors import SpecError
 from iaptnet.protocol.kinds import glm as glm_protocol
@@ -564,8 +565,8 @@ def test_honest_rounds_are_answered(prepared):
         reply = ok(node.round(study, {"m0": beta * step}))
         assert set(reply.arrays) == {"score/m0", "info/m0", "stats/m0"}
     entry = node.audit_entries()[-1]
-    released = entry["released"]["arrays"]["score/m0"]["values"]
-    assert released == reply.arrays["score/m0"].tolist()
+    released = logged_array(entry["released"]["arrays"]["score/m0"])
+    assert released.tolist() == reply.arrays["score/m0"].tolist()  # bit for bit
     assert json.dumps(entry)  # the audit entry is plain JSON
 
 

@@ -4,6 +4,7 @@ edit, deletion or reordering."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import json
@@ -15,6 +16,7 @@ from nodecase import Node, local_beta
 
 from iaptnet.cli import main
 from iaptnet.node import runtime as rt
+from iaptnet.node.audit import logged_array
 from iaptnet.protocol import messages as m
 from iaptnet.protocol.kinds import glm as glm_protocol
 
@@ -71,7 +73,7 @@ def test_each_task_is_one_chained_entry_holding_exactly_what_was_released(node):
             for name, array in reply.arrays.items():
                 logged = released["arrays"][name]
                 assert logged["shape"] == list(array.shape)
-                assert logged["values"] == array.ravel().tolist()  # bit for bit
+                assert logged_array(logged).tobytes() == np.asarray(array, dtype="<f8").tobytes()  # bit for bit
     assert entries[3]["refusal"][0]["rule"] == "task_kind" and "released" not in entries[3]
     assert "released" not in entries[4] and entries[4]["refusal"][0]["rule"] == "cannot_compute"
     assert entries[4]["refusal"][0]["sentence"] in replies[4].message
@@ -88,8 +90,10 @@ def test_verify_passes_on_an_untouched_log(node, capsys):
 
 def _edit_value(lines):
     entry = json.loads(lines[1])
-    values = entry["released"]["arrays"][sorted(entry["released"]["arrays"])[0]]["values"]
-    values[0] += 1.0
+    logged = entry["released"]["arrays"][sorted(entry["released"]["arrays"])[0]]
+    values = logged_array(logged).copy()
+    values.flat[0] += 1.0
+    logged["f8_base64"] = base64.b64encode(values.astype("<f8").tobytes()).decode()
     lines[1] = json.dumps(entry, sort_keys=True, separators=(",", ":"))
     return lines
 
@@ -170,3 +174,16 @@ def test_a_node_without_policy_keeps_its_log_in_memory(tmp_path):
     assert reply.status == m.OK
     assert not any(p.name == "state" for p in (tmp_path / "n").iterdir())
     assert node.runtime.audit.verify().ok and len(node.audit_entries()) == 1
+
+
+def test_released_arrays_are_logged_exactly_and_logs_of_release_0_2_still_read():
+    from iaptnet.node.audit import arrays_for_log
+
+    info = np.array([[1 / 3, -2.5e-300], [np.pi, 7.0]])
+    logged = arrays_for_log({"info/m0": info, "score/m0": np.array([0.1, -0.0])})
+    assert list(logged) == ["info/m0", "score/m0"] and logged["info/m0"]["shape"] == [2, 2]
+    assert logged_array(logged["info/m0"]).tobytes() == info.tobytes()
+    assert np.signbit(logged_array(logged["score/m0"])[1])  # -0.0 kept
+    json.dumps(logged)  # plain JSON
+    earlier = {"shape": [2, 2], "values": info.ravel().tolist()}  # how 0.2.0 wrote it
+    assert logged_array(earlier).tobytes() == info.tobytes()

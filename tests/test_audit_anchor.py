@@ -5,6 +5,7 @@ studies, so a forger who edits an entry and recomputes every hash after it is ca
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from test_audit import COLUMNS, frame
 
 from iaptnet.cli import main
 from iaptnet.flower.frame import FRAME, pack, unpack
-from iaptnet.node.audit import GENESIS, canonical, entry_hash
+from iaptnet.node.audit import GENESIS, canonical, entry_hash, logged_array
 from iaptnet.protocol import messages as m
 
 POLICY = 'mode = "exploratory"\nstate_dir = "state"\n'
@@ -88,8 +89,10 @@ def test_a_rechained_forgery_passes_the_chain_but_not_the_anchor(tmp_path, net, 
     capsys.readouterr()
 
     def forge(entries):  # change a number the node released in the first study, hide it
-        arrays = entries[1]["released"]["arrays"]
-        arrays[sorted(arrays)[0]]["values"][0] += 0.5
+        logged = entries[1]["released"]["arrays"][sorted(entries[1]["released"]["arrays"])[0]]
+        values = logged_array(logged).copy()
+        values.flat[0] += 0.5
+        logged["f8_base64"] = base64.b64encode(values.astype("<f8").tobytes()).decode()
         return entries
 
     rechain(net, "north", forge)

@@ -20,6 +20,7 @@ from reference_propensity import match_within, reference_iptw, reference_psm
 from iaptnet.coordinator.inprocess import run_inprocess
 from iaptnet.coordinator.network import load_network
 from iaptnet.coordinator.propensity import render
+from iaptnet.node.audit import logged_array
 from iaptnet.node.runtime import NodeConfig, runtime_for
 from iaptnet.protocol import messages as m
 from iaptnet.protocol.errors import SpecError
@@ -242,7 +243,7 @@ def _pairs_released(folder) -> float:
     (node,) = load_network(folder / "network.toml").nodes
     (entry,) = [e for e in runtime_for(NodeConfig.from_mapping(node)).audit.entries() if e["kind"] == kind.TASK_MATCH]
     assert sorted(entry["released"]["arrays"]) == ["after/difference", "after/pairs"]  # no sum over one group
-    return entry["released"]["arrays"]["after/pairs"]["values"][0]
+    return logged_array(entry["released"]["arrays"]["after/pairs"])[0]
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ state folder (a local network's node with no policy file) all of it lives in mem
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import hashlib
@@ -74,10 +75,27 @@ def digest_parameters(payload: dict, arrays: dict[str, np.ndarray]) -> str:
 
 
 def arrays_for_log(arrays: dict[str, np.ndarray]) -> dict:
+    """Each released array as its shape and its values' bytes (float64, little-endian,
+    row-major) in base64: exact to the bit, and about a tenth of the time and half the
+    space of the numbers as JSON text, which was a tenth of a node's work at 178
+    coefficients (`logged_array` reads it back)."""
     return {
-        name: {"shape": list(np.shape(a)), "values": np.asarray(a, dtype=float).ravel().tolist()}
+        name: {
+            "shape": list(np.shape(a)),
+            "f8_base64": base64.b64encode(np.ascontiguousarray(a, dtype="<f8").tobytes()).decode("ascii"),
+        }
         for name, a in sorted(arrays.items())
     }
+
+
+def logged_array(logged: dict) -> np.ndarray:
+    """An array as the audit log holds it (`arrays_for_log`; logs written by release 0.2.0 and
+    earlier hold its numbers as a JSON list under "values")."""
+    if "f8_base64" in logged:
+        flat = np.frombuffer(base64.b64decode(logged["f8_base64"]), dtype="<f8")
+    else:
+        flat = np.asarray(logged["values"], dtype=float)
+    return flat.reshape(logged["shape"])
 
 
 def now_iso(t: float) -> str:

@@ -19,6 +19,7 @@ iaptnet node audit --policy policy.toml [--node NAME] [--since DATE] [--verify] 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -318,7 +319,7 @@ def summarise(entry: dict) -> str:
     if status == "ok":
         released = entry.get("released", {})
         arrays = released.get("arrays", {})
-        values = sum(len(a.get("values", [])) for a in arrays.values())
+        values = sum(math.prod(a.get("shape", [])) for a in arrays.values())
         return f"{head}: released {len(arrays)} arrays ({values} numbers) and {_count_leaves(released.get('payload', {}))} values"
     if status == "refused":
         from ..protocol.messages import render_refusal
