@@ -106,3 +106,31 @@ def test_the_command_line_runs_its_nodes_in_workers_and_checks_the_number(networ
     assert main(["run", str(study), "--network", str(folder / "network.toml"), "--workers", "0"]) == 2
     err = capsys.readouterr().err
     assert "--workers expects a whole number of 1 or more" in err and "Traceback" not in err
+
+
+def _slow(msg, context):
+    import time
+
+    time.sleep(0.5)
+    return msg
+
+
+def test_a_run_stopped_while_a_worker_works_ends_it_quietly(network, capfd):
+    """The coordinator stops mid-round (Ctrl-C, an error): the worker finishes its task,
+    finds nobody to answer, and ends without a traceback on the analyst's terminal."""
+    import time
+
+    from flwr.app import RecordDict
+
+    from iaptnet.coordinator.engines.node_processes import _to_bytes
+
+    folder, _ = network
+    grid = NodeProcessGrid(load_network(folder / "network.toml").nodes, workers=2, client_app=_slow)
+    message = grid.create_message(RecordDict(), "query.task", 1, "g")
+    worker = grid._owner[1]
+    grid._pipes[worker].send([("m1", _to_bytes(message))])
+    process = grid._processes[worker]
+    start = time.monotonic()
+    grid.close()
+    assert time.monotonic() - start < 2.0 and process.exitcode == 0
+    assert "Traceback" not in capfd.readouterr().err

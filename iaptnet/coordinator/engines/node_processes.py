@@ -92,14 +92,17 @@ class NodeProcessGrid(InProcessGrid):
             while True:
                 try:
                     batch = pipe.recv()
-                except EOFError:
-                    return
+                except (EOFError, OSError):
+                    return  # the coordinator closed the pipe, or stopped
                 replies = []
                 for msg_id, data in batch:
                     incoming = _from_bytes(data)
                     incoming.metadata.__dict__["_message_id"] = msg_id
                     replies.append(_to_bytes(self._answer(incoming)))
-                pipe.send(replies)
+                try:
+                    pipe.send(replies)
+                except OSError:
+                    return  # the coordinator stopped (Ctrl-C, an error) while we worked
 
     def push_messages(self, messages) -> list[str]:
         batches: list[list] = [[] for _ in self._pipes]
@@ -127,12 +130,16 @@ class NodeProcessGrid(InProcessGrid):
         return ids
 
     def close(self) -> None:
+        """Stop the workers: an idle one sees its pipe close and ends; one still working (the
+        run was interrupted) is stopped after 2 s, which its node survives as it survives a
+        crash (the audit log and release memory are crash-safe)."""
         for pipe in self._pipes:
             pipe.close()
         for process in self._processes:
-            process.join(timeout=5)
+            process.join(timeout=2)
             if process.is_alive():
                 process.kill()
+                process.join()
         self._pipes, self._processes = [], []
 
     def __enter__(self) -> NodeProcessGrid:
