@@ -115,19 +115,28 @@ class NodeProcessGrid(InProcessGrid):
                 ids.append(msg_id)
         busy = [w for w, batch in enumerate(batches) if batch]
         for worker in busy:
-            self._pipes[worker].send(batches[worker])
+            try:
+                self._pipes[worker].send(batches[worker])
+            except OSError:  # it died before it could hear the round
+                raise self._stopped(worker) from None
         for worker in busy:
             try:
                 replies = self._pipes[worker].recv()
-            except EOFError:
-                code = self._processes[worker].exitcode
-                raise IaptnetError(
-                    f"a worker process of the in-process engine stopped (exit code {code}); "
-                    "if the machine ran out of memory, run with fewer workers (--workers)."
-                ) from None
+            except (EOFError, OSError):
+                raise self._stopped(worker) from None
             for (msg_id, _), data in zip(batches[worker], replies):
                 self._replies[msg_id] = _from_bytes(data)
         return ids
+
+    def _stopped(self, worker: int) -> IaptnetError:
+        """The error for a worker that died; its exit code is read once the process is reaped
+        (the pipe closes a moment before the operating system reports the exit)."""
+        process = self._processes[worker]
+        process.join(timeout=5)
+        return IaptnetError(
+            f"a worker process of the in-process engine stopped (exit code {process.exitcode}); "
+            "if the machine ran out of memory, run with fewer workers (--workers)."
+        )
 
     def close(self) -> None:
         """Stop the workers: an idle one sees its pipe close and ends; one still working (the
