@@ -97,6 +97,7 @@ ATTACKS = {
     "prior_weights_zero_for_all_but_the_target": "prior weights 0 for everyone but one person",
     "prior_weights_negligible_for_all_but_the_target": "prior weights 1e-9 for everyone but one person",
     "offset_concentrated_on_the_target": "an offset of 1 for one person and 1e-41 for the rest",
+    "an_offset_whose_exponential_rests_on_a_few_rows": "an offset of 8 * age, which a log link turns into weights on the oldest few",
     "two_designs_that_differ_in_one_row": "two designs whose columns differ only in one person's value",
     "interaction_against_a_cohort": "x:h over everyone against x over the h cohort minus one person",
     "transforms_outside_the_whitelist": "a term scaled to 1e-30, high or nested powers, exp, products of columns, an unbounded log",
@@ -733,6 +734,36 @@ def test_offset_concentrated_on_the_target(node):
     fitted count: the rounds' difference with and without it isolates the target."""
     reply, _ = node.prepare(node.spec(family="poisson", formula="count ~ x", offset="spike"))
     refused(node, reply, "offset")
+
+
+@pytest.mark.parametrize("scale", [2, 8])
+def test_an_offset_whose_exponential_rests_on_a_few_rows(tmp_path, scale):
+    """`scale * age` is an ordinary column (it varies over every row), but a log link turns it
+    into exp(scale * age): the node's own fit at prepare weighs the oldest people e^(6 scale)
+    times the next, so its information over its weight sum is their x, and a meta study's own
+    estimate is theirs. Every fit a node makes at coefficients it chose is judged as a round
+    at them: the GLM, random-intercept and meta prepares refuse (or, where the fit runs off,
+    send no estimate); a gentle offset is answered."""
+    frame = make_frame()
+    oldest = frame.age.to_numpy() >= 86
+    heavy = np.exp(scale * frame.age.to_numpy(dtype=float) - scale * 93.0)
+    assert heavy[oldest].sum() / heavy.sum() > 0.99  # the weights an answer would rest on
+    node = Node(tmp_path / "node", frame, COLUMNS)
+    offset = f"{scale} * age"
+    glm_study = node.spec(name="glm", family="poisson", formula="count ~ x", offset=offset)
+    refused(node, node.prepare(glm_study)[0], "min_effective_rows")
+    mixed = node.spec(name="mixed", family="poisson", formula="count ~ x", offset=offset, random_intercept="unit")
+    refused(node, node.prepare(mixed, kind="glmm.prepare")[0], "min_effective_rows")
+    meta = node.spec(
+        name="meta", kind="meta", family="poisson", formula="count ~ x + h", exposure="h", service="unit", offset=offset
+    )
+    reply = node.prepare(meta, kind="meta.local_fit")[0]
+    if scale == 2:  # an estimate, resting on the oldest few: refused
+        refused(node, reply, "min_effective_rows")
+    else:  # the fit runs off before any estimate: none is sent
+        assert ok(reply).payload["models"]["m0"] == {"has_rows": True, "estimable": False}
+    gentle = node.spec(name="gentle", family="poisson", formula="count ~ x", offset="0.02 * age")
+    ok(node.prepare(gentle)[0])
 
 
 def test_two_designs_that_differ_in_one_row(node):

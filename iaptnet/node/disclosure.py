@@ -267,6 +267,12 @@ class Section:
         self.counts: dict[str, float] = {}
         self.cell_stats: dict[str, tuple[float, float]] = {}
 
+    def rests_on(self, weights: Mapping[str, np.ndarray]) -> Section:
+        """Row weights of sums this node computed at coefficients it chose itself (its own fit
+        at prepare): judged as a round's weights are, before anything is released."""
+        self.weights.update({k: _weights(v) for k, v in weights.items()})
+        return self
+
     def value(self, name: str, value) -> Section:
         """An exact statistic (number, string or list of them) of a model or round section."""
         if self.kind == "table":
@@ -595,6 +601,7 @@ def check_round(section: Section, rules: Rules) -> list[Violation]:
             return out
     if section.facts is not None and section.facts.n_rows == 0:
         return out
+    at = "at the coefficients sent" if section.kind == "round" else "at this node's own estimate"
     for name, w in section.weights.items():
         # The first broken check is enough: one sentence per refused round. Written so that
         # a NaN (a check that could not be computed) refuses.
@@ -602,8 +609,7 @@ def check_round(section: Section, rules: Rules) -> list[Violation]:
             return [
                 Violation(
                     "min_effective_rows",
-                    f"at the coefficients sent, the {name} weights rest on fewer than "
-                    f"{rules.min_effective_rows} effective rows",
+                    f"{at}, the {name} weights rest on fewer than {rules.min_effective_rows} effective rows",
                     rules.min_effective_rows,
                     model=label,
                 )
@@ -613,8 +619,7 @@ def check_round(section: Section, rules: Rules) -> list[Violation]:
             return [
                 Violation(
                     "min_effective_rows",
-                    f"at the coefficients sent, the {name} weights set fewer than "
-                    f"{rules.min_level_count} rows apart from all others",
+                    f"{at}, the {name} weights set fewer than {rules.min_level_count} rows apart from all others",
                     rules.min_level_count,
                     model=label,
                 )

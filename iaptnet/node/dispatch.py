@@ -350,7 +350,7 @@ def _judge(runtime: NodeRuntime, release: d.Release, rules, conditions=()) -> li
         if violations:
             raise d.Refusal(violations[:1])
     for section in release.sections:
-        if section.kind == "round":
+        if section.kind == "round" or section.weights:  # a node's own fit is judged as a round
             violations += d.check_round(section, rules)
     for f in facts:
         if (

@@ -251,7 +251,11 @@ def prepare(dataset, payload: dict, release: Release, augments=None):
         nb = family.name == "negative_binomial"
         for model_key in (key, key + NULL_SUFFIX):
             # A negative binomial model starts, as glm.nb does, from the Poisson fit.
-            info, ibeta, local[model_key] = local_fit(designs[model_key], get_family("poisson") if nb else family)
+            info, ibeta, local[model_key], weights = local_fit(
+                designs[model_key], get_family("poisson") if nb else family
+            )
+            null = model_key.endswith(NULL_SUFFIX)
+            section.rests_on({f"{name} of the null model" if null else name: w for name, w in weights.items()})
             if nb:  # the node's own fit has a theta too (kept for the history, not released)
                 theta = local_theta(designs[model_key], local[model_key])
                 local[model_key] = np.append(local[model_key], math.log(theta))
@@ -571,11 +575,14 @@ def release_counts(release: Release, key: str, design: DesignedModel, family: st
 
 
 @np.errstate(over="ignore", invalid="ignore", divide="ignore")  # a fit that runs off ends below; sums are judged finite
-def local_fit(design: DesignedModel, family) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def local_fit(design: DesignedModel, family) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """This node's own maximum-likelihood fit, for the coordinator's warm start.
 
-    Returns (I_k, I_k b_k, b_k) at the local estimate b_k (b_k itself is not released, but
-    the coordinator can compute it, so later rounds are compared with it). Columns the node cannot estimate
+    Returns (I_k, I_k b_k, b_k, weights) at the local estimate b_k (b_k itself is not released,
+    but the coordinator can compute it, so later rounds are compared with it). `weights` are
+    the row weights the released sums rest on, at b_k and at the step I_k was taken at: the
+    caller has them judged as a round's (an offset such as 8 * age puts a log-link fit's whole
+    weight on the oldest few, at coefficients no coordinator sent). Columns the node cannot estimate
     (levels it has no rows of, local separation) get the minimum-norm solution; they carry
     little or no information, so the pooled combination sum(I_k)^-1 sum(I_k b_k) is still a
     good start.
@@ -584,11 +591,12 @@ def local_fit(design: DesignedModel, family) -> tuple[np.ndarray, np.ndarray, np
     pw = design.weights if design.weights is not None else 1.0
     p = X.shape[1]
     if design.n == 0:
-        return np.zeros((p, p)), np.zeros(p), np.zeros(p)
+        return np.zeros((p, p)), np.zeros(p), np.zeros(p), {}
     mu = _starting_mu(family.name, y)
     eta = family_link(family.name, mu)
     beta = np.zeros(p)
     info = None
+    info_at = None  # the coefficients of I_k's step (None: the start, whose weights rest on y alone)
     for it in range(LOCAL_MAX_ITER):
         if it == 0:
             w = family.variance(mu) * pw
@@ -603,7 +611,7 @@ def local_fit(design: DesignedModel, family) -> tuple[np.ndarray, np.ndarray, np
             new = beta + _min_norm_solution(step_info, X.T @ (r * pw))
         if not np.all(np.isfinite(new)):
             break
-        info = step_info
+        info, info_at = step_info, (beta if it else None)
         # A warm start needs no more precision than this: a node's own estimate differs from
         # the pooled one by far more (sampling noise), and the pooled Newton rounds polish
         # it (the catalogue takes the same number of rounds at 1e-4).
@@ -613,11 +621,14 @@ def local_fit(design: DesignedModel, family) -> tuple[np.ndarray, np.ndarray, np
             break
     if info is None or np.max(np.abs(beta)) > 50 or not np.all(np.isfinite(beta)):
         _, w, _ = family.working(y, X @ beta + off)
-        info = weighted_gram(X, w * pw)
+        info, info_at = weighted_gram(X, w * pw), beta
     # Otherwise I_k is the information of the last step, taken within 1e-4 of b_k: the
     # coordinator only needs a consistent pair (I_k, I_k b_k) to combine, and it saves one
     # pass over the rows.
-    return info, info @ beta, beta
+    weights = row_weights(design, family, beta)
+    if info_at is not None and info_at is not beta:
+        weights |= {f"{name} (step before)": v for name, v in row_weights(design, family, info_at).items()}
+    return info, info @ beta, beta, weights
 
 
 def _min_norm_solution(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -60,6 +60,9 @@ def meta_local_fit(runtime, task) -> Release:
     fit = fit_exposure(design, family, spec.exposure, spec.cov_type) if design.n else None
     section.value("estimable", fit is not None)
     if fit is not None:
+        # Its estimate rests on the fit's row weights, at coefficients this node chose: judged
+        # as a round's (an offset's exponential can put them on a few rows).
+        section.rests_on(glm.row_weights(fit["design"], family, fit["beta"], robust=spec.cov_type == "HC0"))
         section.value("estimate", fit["estimate"])
         section.value("std_error", fit["std_error"])
         section.value("dropped", fit["dropped"])
@@ -129,7 +132,13 @@ def fit_exposure(design: DesignedModel, family, exposure: str, cov_type: str) ->
     se = float(np.sqrt(cov[i, i]))
     if not np.isfinite(se) or se <= 0:
         return None
-    return {"estimate": float(beta[i]), "std_error": se, "dropped": [n for n, k in zip(design.names, keep) if not k]}
+    return {
+        "estimate": float(beta[i]),
+        "std_error": se,
+        "dropped": [n for n, k in zip(design.names, keep) if not k],
+        "design": sub,
+        "beta": beta,
+    }
 
 
 def _newton(design: DesignedModel, family) -> np.ndarray | None:
