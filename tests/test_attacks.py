@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from flwr.app import ConfigRecord, RecordDict
-from nodecase import Node, assert_nothing_released, local_beta
+from nodecase import ApprovingNode, Node, assert_nothing_released, local_beta
 
 from iaptnet.node.audit import logged_array
 from iaptnet.protocol import messages as m
@@ -197,9 +197,20 @@ def make_frame(seed: int = 11) -> pd.DataFrame:
     return frame
 
 
-@pytest.fixture
-def node(tmp_path):
-    return Node(tmp_path / "node", make_frame(), COLUMNS)
+#: A strict exploratory policy: every rule a notch stricter than the defaults.
+STRICT = (
+    'mode = "exploratory"\n[exploratory]\nmin_rows = 120\nmin_level_count = 10\nmin_effective_rows = 20\n'
+    "max_leverage = 0.3\n"
+)
+
+
+@pytest.fixture(params=["default", "strict", "approved"])
+def node(request, tmp_path):
+    """The target's node under the default policy (no policy file), a strict exploratory
+    policy, and approved mode with a Trust that approves every study sent."""
+    if request.param == "approved":
+        return ApprovingNode(tmp_path / "node", make_frame(), COLUMNS)
+    return Node(tmp_path / "node", make_frame(), COLUMNS, policy=STRICT if request.param == "strict" else None)
 
 
 def policy_node(tmp_path, text: str) -> Node:
@@ -277,7 +288,8 @@ def test_single_person_level(node):
     reply, _ = node.prepare(node.spec(formula="y ~ x + g"))
     refused(node, reply, "min_level_count")
     (item,) = [r for r in reply.payload["refusals"] if r["rule"] == "min_level_count"]
-    assert (item["term"], item["level"], item["threshold"]) == ("g", "rare", 8)
+    assert (item["term"], item["level"]) == ("g", "rare")
+    assert item["threshold"] == node.runtime.policy.rules_for(isinstance(node, ApprovingNode)).min_level_count
     assert "[merge.g]" in item["fix"] and "drop the term 'g'" in item["fix"]
     # The fix works: with the level merged the model is answered.
     ok(node.prepare(node.spec(formula="y ~ x + g", merge={"g": {"c": ["c", "rare"]}}))[0])
@@ -582,6 +594,8 @@ from iaptnet.cli import main as cli_main  # noqa: E402
 from iaptnet.node import runtime as node_runtime  # noqa: E402
 from iaptnet.protocol.kinds.describe import QUANTILE_TASK, TABLE_TASK  # noqa: E402
 
+APPROVED = 'mode = "approved"\napproved = []\n'
+
 
 def cli_network(tmp_path, policy: str | None = None) -> Path:
     """The attack frame as a one-node network behind the CLI (`iaptnet run`)."""
@@ -590,7 +604,15 @@ def cli_network(tmp_path, policy: str | None = None) -> Path:
     )
 
 
+@pytest.fixture(params=["default", "strict", "approved"])
+def cli_policy(request) -> str | None:
+    """The node's policy for a case run through the CLI: none (the default), a strict
+    exploratory one, or approved mode, where `cli_run` has the Trust approve every study."""
+    return {"default": None, "strict": STRICT, "approved": APPROVED}[request.param]
+
+
 def cli_run(capsys, tmp_path, network: Path, **study) -> tuple[int, str, Path]:
+    """Run one study; a node in approved mode has its Trust approve it first (`node approve`)."""
     import tomli_w
 
     study.setdefault("family", "binomial")
@@ -598,6 +620,19 @@ def cli_run(capsys, tmp_path, network: Path, **study) -> tuple[int, str, Path]:
     slug = "".join(ch if ch.isalnum() else "_" for ch in study["name"])
     path = tmp_path / f"{slug}.toml"
     path.write_text(tomli_w.dumps(study))
+    policy = network.parent / "trust_policy.toml"
+    if policy.exists() and policy.read_text().startswith('mode = "approved"'):
+        approve = [
+            "node",
+            "approve",
+            str(path),
+            "--policy",
+            str(policy),
+            "--schema",
+            str(network.parent / "schema.toml"),
+        ]
+        assert cli_main([*approve, "--yes"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
     out = tmp_path / f"out-{slug}"
     code = cli_main(["run", str(path), "--network", str(network), "--out", str(out)])
     err = capsys.readouterr().err
@@ -645,13 +680,13 @@ def test_combination_of_three_cohorts(node):
     assert "combination" in reply.message
 
 
-def test_combination_across_kinds_through_the_cli(capsys, tmp_path):
+def test_combination_across_kinds_through_the_cli(capsys, tmp_path, cli_policy):
     """A GLM on everyone (its X'X holds the sum of x), then a table's exact mean of x on
     age < 60 and on 60 <= age < 93: the sum minus both tables' sums is the target's x."""
     frame = make_frame()
     a, b = frame.age < 60, (frame.age >= 60) & (frame.age < 93)
     assert abs(frame.x.sum() - frame.x[a].sum() - frame.x[b].sum() - BOB_X) < 1e-9
-    net = cli_network(tmp_path)
+    net = cli_network(tmp_path, cli_policy)
     assert cli_run(capsys, tmp_path, net, name="everyone", formula="y ~ x")[0] == 0
     code, err, _ = cli_run(
         capsys,
@@ -737,7 +772,7 @@ def test_offset_concentrated_on_the_target(node):
 
 
 @pytest.mark.parametrize("scale", [2, 8])
-def test_an_offset_whose_exponential_rests_on_a_few_rows(tmp_path, scale):
+def test_an_offset_whose_exponential_rests_on_a_few_rows(node, scale):
     """`scale * age` is an ordinary column (it varies over every row), but a log link turns it
     into exp(scale * age): the node's own fit at prepare weighs the oldest people e^(6 scale)
     times the next, so its information over its weight sum is their x, and a meta study's own
@@ -748,7 +783,6 @@ def test_an_offset_whose_exponential_rests_on_a_few_rows(tmp_path, scale):
     oldest = frame.age.to_numpy() >= 86
     heavy = np.exp(scale * frame.age.to_numpy(dtype=float) - scale * 93.0)
     assert heavy[oldest].sum() / heavy.sum() > 0.99  # the weights an answer would rest on
-    node = Node(tmp_path / "node", frame, COLUMNS)
     offset = f"{scale} * age"
     glm_study = node.spec(name="glm", family="poisson", formula="count ~ x", offset=offset)
     refused(node, node.prepare(glm_study)[0], "min_effective_rows")
@@ -883,10 +917,10 @@ def test_refusals_that_answer_questions_are_rationed(tmp_path):
 # --------------------------------------------------------------------------- 6. small cells
 
 
-def test_a_by_group_of_one_shows_nothing_through_the_cli(capsys, tmp_path):
+def test_a_by_group_of_one_shows_nothing_through_the_cli(capsys, tmp_path, cli_policy):
     """A table by `solo`, whose level 'alone' is the target: a suppressed total beside
     exact zeros would give the target's level of g. Every cell of that column is hidden."""
-    net = cli_network(tmp_path)
+    net = cli_network(tmp_path, cli_policy)
     code, err, out = cli_run(
         capsys, tmp_path, net, name="solo_table", kind="table", by="solo", variables=["g", "h"], family=None
     )
@@ -911,8 +945,8 @@ def test_the_maximum_cannot_be_bisected(node):
     assert reply.payload["thresholds"]["v0/0/0"]["count"] == int((make_frame().age <= 50).sum())
 
 
-def test_a_quantile_at_the_top_is_never_the_maximum_through_the_cli(capsys, tmp_path):
-    net = cli_network(tmp_path)
+def test_a_quantile_at_the_top_is_never_the_maximum_through_the_cli(capsys, tmp_path, cli_policy):
+    net = cli_network(tmp_path, cli_policy)
     code, err, out = cli_run(
         capsys,
         tmp_path,
@@ -1353,7 +1387,10 @@ def test_a_cr2_cluster_of_the_target_and_thirty(node):
     ok(reply)  # (the control: cluster-robust SEs on the same clusters)
     reply, _ = node.prepare(node.spec(name="t", formula="y ~ x", cov_type="CR2", cluster="unit"))
     refused(node, reply, "min_rows")
-    assert "a cluster of the CR2 variance has fewer than 100 rows" in reply.message
+    assert (
+        f"a cluster of the CR2 variance has fewer than {reply.payload['refusals'][0]['threshold']} rows"
+        in reply.message
+    )
 
 
 def test_cr2_clusters_that_differ_in_one_person(tmp_path):
