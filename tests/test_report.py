@@ -239,3 +239,40 @@ def test_each_node_s_audit_entry_is_shown_beside_its_service(page, results):
     for row, node in zip(rows, result["nodes"]):
         head = node["audit_head"]
         assert row[3][0] == f"#{head['seq']} {head['hash'][:12]}"
+
+
+def _section(page: str, study: str) -> str:
+    """The HTML of one study's section of the page."""
+    start = page.index(f'data-study="{study}"')
+    return page[start : page.index("</section>", start)]
+
+
+def test_every_study_section_lists_its_services(page, results):
+    """Who contributed or refused, on which data version, with the audit entry: in every
+    study's own section, the meta-analysis's included."""
+    for name, result in results.items():
+        rows = page_tables(_section(page, name)).tables.get(f"{name}-nodes")
+        assert rows is not None, name
+        assert [row[0][0] for row in rows] == [words.service_name(node["name"]) for node in result["nodes"]], name
+    meta = results["h1_heterogeneity_sessions"]
+    rows = page_tables(_section(page, "h1_heterogeneity_sessions")).tables["h1_heterogeneity_sessions-nodes"]
+    for row, node in zip(rows, meta["nodes"]):
+        assert row[1][0] == ("yes" if node["contributed"] else "no")
+        assert row[2][0] == node["data_version"][:12]
+        assert row[3][0] == f"#{node['audit_head']['seq']} {node['audit_head']['hash'][:12]}"
+
+
+def test_suppressed_table_cells_are_marked_and_the_disclosure_rules_shown(page, results):
+    import html
+
+    name = "t1_table1_older_adults"
+    result = results[name]
+    cells = [cell for t in result["tables"] for row in t["rows"] for cell in row["cells"]]
+    suppressed = [cell for cell in cells if cell["suppressed"]]
+    assert suppressed  # the run exercises the small-number rules
+    rows = page_tables(page).tables[f"{name}-table"]
+    shown = [cell for row in rows for cell in row[1:] if cell[0] == "suppressed"]
+    assert shown and all(raw is None for _, raw in shown)
+    text = html.unescape(_section(page, name))
+    assert result["disclosure"] in text
+    assert f"{len(suppressed)} cells are suppressed under the small-number rules" in text

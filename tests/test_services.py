@@ -30,6 +30,7 @@ from iaptnet.protocol.errors import SpecError
 from iaptnet.protocol.iapt_schema import iapt_analysis_schema
 from iaptnet.protocol.schema import Schema
 from iaptnet.protocol.study import StudySpec
+from iaptnet.report import words
 
 statsmodels.formula.options.formula_engine = "formulaic"
 
@@ -209,7 +210,7 @@ def test_reports_name_services_by_their_nodes(networks, tmp_path, capsys):
     text = capsys.readouterr().out
     code = sorted(synth.service_codes(3))[1]
     node = load_network(networks[3]).services[code]
-    assert f"service_id: {node} ({code})" in text
+    assert f"service id: {words.service_name(node)} ({code})" in text
     result = json.loads((out / "results.json").read_text())
     assert result["services"][code] == node
     html = (out / "report.html").read_text()

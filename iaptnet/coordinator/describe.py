@@ -29,6 +29,17 @@ from ..protocol.kinds import describe as contract
 from ..protocol.kinds.describe import QUANTILE_TASK, TABLE_TASK, Layout, TablePlan, cell_keys, relations, wire_name
 from ..protocol.sdc import suppress
 from ..protocol.study import StudySpec
+from ..report.words import (
+    MISSING,
+    column_label,
+    count_with_percent,
+    mean_sd,
+    median_iqr,
+    services_of,
+    table_column_labels,
+    table_row_label,
+)
+from ..report.words import count as count_text
 from .quantiles import Search
 from .results import node_lines, provenance
 from .runner import node_status
@@ -293,10 +304,17 @@ def _results(
 
 
 def render(result: dict) -> str:
-    """A readable Table 1 (and funnel) for the terminal: counts as n (%), numeric variables as
-    mean (SD) and median [Q1, Q3] (an interval a..b where the nodes' policies stopped the
-    search); '*' marks a suppressed count or a withheld statistic."""
-    labels = [col["label"] for col in result["columns"]]
+    """A readable Table 1 (and funnel) for the terminal, in the words and formats of the
+    report (report/words.py): levels as the schema's labels, counts as n (%) with one
+    percentage format, numeric variables as mean (SD) and median [Q1, Q3] (an interval a..b
+    where the nodes' policies stopped the search); '*' marks a suppressed count or a withheld
+    statistic."""
+    with services_of(result):
+        return _render(result)
+
+
+def _render(result: dict) -> str:
+    labels = table_column_labels(result)
     title = result.get("title") or result["study"]
     lines = [
         f"{title}  [table]  study {result['study_hash'][:12]}",
@@ -308,7 +326,7 @@ def render(result: dict) -> str:
     if result["tables"]:
         rows.append(("N", [_n(c["count"]) for c in result["group_sizes"]]))
         for table in result["tables"]:
-            rows.append((table["label"], []))
+            rows.append((table.get("label") or column_label(table["variable"]), []))
             if table["show"] == "summary":
                 rows += _summary_rows(table)
             for row in table["rows"]:
@@ -316,7 +334,9 @@ def render(result: dict) -> str:
                     continue
                 if row["row"] == "missing" and all(cell["count"] == 0 for cell in row["cells"]):
                     continue
-                rows.append(("  " + row["row"], [_count_pct(cell, "percent") for cell in row["cells"]]))
+                rows.append(
+                    ("  " + table_row_label(table, row["row"]), [_count_pct(cell, "percent") for cell in row["cells"]])
+                )
     funnel = []
     if result.get("funnel"):
         funnel = [
@@ -328,14 +348,15 @@ def render(result: dict) -> str:
         for c in range(len(labels))
         if c < len(labels) - 1
         or not result["by"]
-        or any(cells and cells[c] not in ("0", "", "-") for _, cells in rows + funnel)
+        or any(cells and cells[c] not in ("0", "", MISSING) for _, cells in rows + funnel)
     ]
     width = [max([len(labels[c])] + [len(cells[c]) for _, cells in rows + funnel if cells]) + 2 for c in show]
-    head = "  " + " " * 36 + "".join(f"{labels[c]:>{w}}" for c, w in zip(show, width))
+    first = max([36] + [len(label) for label, cells in rows if cells] + [len(label) + 2 for label, _ in funnel])
+    head = "  " + " " * first + "".join(f"{labels[c]:>{w}}" for c, w in zip(show, width))
 
     def line(label, cells):
         return (
-            f"  {label[:36]:<36}" + "".join(f"{cells[c]:>{w}}" for c, w in zip(show, width)) if cells else f"  {label}"
+            f"  {label:<{first}}" + "".join(f"{cells[c]:>{w}}" for c, w in zip(show, width)) if cells else f"  {label}"
         )
 
     if rows:
@@ -346,39 +367,25 @@ def render(result: dict) -> str:
 
 
 def _n(count) -> str:
-    return "*" if count is None else f"{count:,}"
+    return "*" if count is None else count_text(count)
 
 
 def _count_pct(cell: dict, key: str) -> str:
     if cell["count"] is None:
         return "*"
-    pct = cell.get(key)
-    return f"{cell['count']:,}" + ("" if pct is None else f" ({pct:g}%)")
+    return count_with_percent(cell["count"], cell.get(key))
 
 
 def _summary_rows(table: dict) -> list[tuple[str, list[str]]]:
-    def fmt(x):
-        return "-" if x is None else f"{x:.1f}"
-
-    def q(entry, p):
-        item = next((x for x in entry["quantiles"] if x["p"] == p), None)
-        if item is None:
-            return None
-        if item["exact"]:
-            return f"{item['value']:g}"
-        low, high = item["low"], item["high"]
-        return f"{'?' if low is None else f'{low:g}'}..{'?' if high is None else f'{high:g}'}"
-
     means, medians = [], []
     for entry in table["summary"]:
         if entry["suppressed"]:
             means.append("*")
             medians.append("*")
             continue
-        means.append("-" if entry["mean"] is None else f"{fmt(entry['mean'])} ({fmt(entry['sd'])})")
-        mid, lo, hi = q(entry, 0.5), q(entry, 0.25), q(entry, 0.75)
-        medians.append("" if mid is None else f"{mid} [{lo or '-'}, {hi or '-'}]")
+        means.append(mean_sd(entry))
+        medians.append(median_iqr(entry) or "")
     out = [("  mean (SD)", means)]
-    if any(medians):
-        out.append(("  median [Q1, Q3]", medians))
+    if any(m not in ("", "*") for m in medians):
+        out.append(("  median [Q1, Q3]", [m or MISSING for m in medians]))
     return out

@@ -13,7 +13,7 @@ import numpy as np
 from scipy import special
 
 from .. import __version__
-from ..report.words import p_value
+from ..report.words import p_value, services_of, term_label
 from .glm import ModelFit
 from .outputs import check_out_folder, results_paths, safe_filename, write_json_atomic  # noqa: F401 (re-exported)
 
@@ -180,33 +180,32 @@ def node_lines(result: dict) -> list[str]:
 
 
 def term_text(term: str, result: dict) -> str:
-    """A term as the terminal shows it: a service's term by its node (`service_id[T.ZN2]` ->
-    `service_id: barnet (ZN2)`), others as they are."""
-    column, services = result.get("service_column"), result.get("services") or {}
-    prefix = f"{column}[T."
-    if column and term.startswith(prefix) and term.endswith("]") and term[len(prefix) : -1] in services:
-        code = term[len(prefix) : -1]
-        return f"{column}: {services[code]} ({code})"
-    return term
+    """A term in the words the report uses (report/words.py `term_label`): a level by its
+    schema label (`employment[T.02]` -> `employment: unemployed, seeking work (02)`), a
+    service's term by its node (`service_id[T.ZN2]` -> `service id: Barnet (ZN2)`)."""
+    with services_of(result):
+        return term_label(term)
 
 
 def term_lines(result: dict) -> list[str]:
     """The terms as a table (estimate, standard error, statistic, p, ratio with its CI), then
     the terms the fit left out."""
     ratio = result.get("ratio_name")
-    head = f"  {'term':<34} {'estimate':>10} {'std err':>9} {'z':>8} {'p':>9}"
+    names = [term_text(t["term"], result) for t in result["terms"]]
+    width = max([34, *map(len, names)])
+    head = f"  {'term':<{width}} {'estimate':>10} {'std err':>9} {'z':>8} {'p':>9}"
     if ratio:
         head += f"   {ratio + ' (95% CI)':>26}"
     lines = [head]
-    for t in result["terms"]:
-        row = f"  {term_text(t['term'], result)[:34]:<34} {t['estimate']:>10.4f} {t['std_error']:>9.4f} {t['statistic']:>8.2f} {p_value(t['p_value']):>9}"
+    for t, name in zip(result["terms"], names):
+        row = f"  {name:<{width}} {t['estimate']:>10.4f} {t['std_error']:>9.4f} {t['statistic']:>8.2f} {p_value(t['p_value']):>9}"
         if ratio:
             row += f"   {t['ratio']:>8.3f} ({t['ratio_low']:.3f}-{t['ratio_high']:.3f})"
         if t["term"] == result.get("exposure"):
             row += "  <- exposure"
         lines.append(row)
     for d in result.get("dropped_terms", []):
-        lines.append(f"  dropped {d['term']}: {d['reason']}")
+        lines.append(f"  dropped {term_text(d['term'], result)}: {d['reason']}")
     return lines
 
 
@@ -255,7 +254,7 @@ def render_report(result: dict) -> str:
         )
     lines.extend(node_lines(result))
     if result.get("cov_type") == "CR2":
-        dfs = ", ".join(f"{t['term']} {t['df']:.1f}" for t in result["terms"])
+        dfs = ", ".join(f"{term_text(t['term'], result)} {t['df']:.1f}" for t in result["terms"])
         lines.append(
             f"  CR2 standard errors clustered on {result.get('cluster')} ({result.get('n_clusters')} clusters); "
             f"z below is t, its p and CI on Satterthwaite df: {dfs}"
@@ -263,7 +262,7 @@ def render_report(result: dict) -> str:
     lines.extend(term_lines(result))
     for e in result.get("marginal") or []:
         line = (
-            f"  standardised {e['term']}: {e['risk_exposed']:.4f} set to 1 vs {e['risk_unexposed']:.4f} set to 0; "
+            f"  standardised {term_text(e['term'], result)}: {e['risk_exposed']:.4f} set to 1 vs {e['risk_unexposed']:.4f} set to 0; "
             f"difference {e['risk_difference']:.4f} ({e['rd_low']:.4f} to {e['rd_high']:.4f})"
         )
         if e["risk_ratio"] is not None:

@@ -460,22 +460,13 @@ def marginal_table(name: str, rows: list[dict]) -> Table:
 def _count_cell(cell: dict, percent_key: str = "percent") -> Cell:
     if cell.get("suppressed"):
         return Cell(None, "suppressed")
-    text = w.count(cell.get("count"))
-    if cell.get(percent_key) is not None:
-        text += f" ({w.percent(cell[percent_key])})"
-    return Cell(cell.get("count"), text)
+    return Cell(cell.get("count"), w.count_with_percent(cell.get("count"), cell.get(percent_key)))
 
 
 def table_section(result: dict) -> Section:
     name = result["study"]
     section = Section(name, result.get("title") or name, "table", provenance=provenance(result))
-    by = result.get("by")
-    labels = [
-        w.level_label(by, col["level"])
-        if by and col.get("level") is not None and col["label"] == col["level"]
-        else col["label"]
-        for col in result["columns"]
-    ]
+    labels = w.table_column_labels(result)
     header = ["", *labels]
     sizes = [_count_cell(g, "none") for g in result.get("group_sizes") or []]
     rows = [[c("n", "referrals"), *sizes]] if sizes else []
@@ -491,9 +482,7 @@ def table_section(result: dict) -> Section:
         else:
             for row in table["rows"]:
                 level = row["row"]
-                shown = "missing" if level == "missing" else w.level_label(variable, level)
-                if table.get("type") == "binary" and level in ("0", "1"):
-                    shown = {"0": "no", "1": "yes"}[level]
+                shown = w.table_row_label(table, level)
                 rows.append([c(f"{variable}={level}", f"  {shown}"), *[_count_cell(x) for x in row["cells"]]])
     if rows:
         section.tables.append(Table(f"{name}-table", section.title, header, rows, note=result.get("disclosure") or ""))
@@ -551,22 +540,15 @@ def table_section(result: dict) -> Section:
 def _mean_sd(s: dict) -> Cell:
     if s.get("suppressed") or s.get("mean") is None:
         return Cell(None, "suppressed" if s.get("suppressed") else w.MISSING)
-    return Cell(s["mean"], f"{w.number(s['mean'], 1)} ({w.number(s.get('sd'), 1)})")
+    return Cell(s["mean"], w.mean_sd(s))
 
 
 def _median_iqr(s: dict) -> Cell:
-    q = {round(x["p"], 4): x for x in s.get("quantiles") or []}
-    if s.get("suppressed") or 0.5 not in q:
+    text = None if s.get("suppressed") else w.median_iqr(s)
+    if text is None:
         return Cell(None, w.MISSING)
-
-    def one(x):
-        if x is None:
-            return w.MISSING
-        if x.get("exact") or x.get("low") == x.get("high"):
-            return w.number(x["value"], 1)
-        return f"{w.number(x.get('low'), 1)}..{w.number(x.get('high'), 1)}"
-
-    return Cell(q[0.5].get("value"), f"{one(q[0.5])} [{one(q.get(0.25))}, {one(q.get(0.75))}]")
+    median = next(x for x in s["quantiles"] if round(x["p"], 4) == 0.5)
+    return Cell(median.get("value"), text)
 
 
 # --- psm / iptw -------------------------------------------------------------------------
@@ -845,6 +827,9 @@ def meta_section(result: dict) -> Section:
             table_rows,
         )
     )
+    nodes = nodes_table(result, name)
+    if nodes:
+        section.tables.append(nodes)
     return section
 
 

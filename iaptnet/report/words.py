@@ -213,3 +213,64 @@ def term_label(term: str) -> str:
 def service_name(node: str) -> str:
     """A node's name as a service name (`camden_islington` -> `Camden Islington`)."""
     return " ".join(word.capitalize() if word.islower() else word for word in str(node).split("_"))
+
+
+# --- a descriptive table (Table 1 and funnel), shared by the page and the terminal --------
+
+
+def table_column_labels(result: dict) -> list[str]:
+    """The heads of a table's columns: `Overall`, and each level of its `by` column in words
+    (`age_group` `18-24` -> `age group 18-24`), its own label where the study gave one."""
+    by = result.get("by")
+    heads = []
+    for col in result["columns"]:
+        label, level = col["label"], col.get("level")
+        if by and level is not None and label == level:
+            label = level_label(by, level)
+        elif by and level is not None and label == f"{by} {level}":
+            label = f"{column_label(by)} {level_label(by, level)}"
+        elif by and level is None and label == f"{by} missing":
+            label = f"{column_label(by)} missing"
+        heads.append(label)
+    return heads
+
+
+def table_row_label(table: dict, level: str) -> str:
+    """A row of a table in words: a binary's `0`/`1` as no/yes, `missing`, a level by
+    `level_label` (employment `02` -> `unemployed, seeking work (02)`)."""
+    if level == "missing":
+        return "missing"
+    if table.get("type") == "binary" and level in ("0", "1"):
+        return {"0": "no", "1": "yes"}[level]
+    return level_label(table["variable"], level)
+
+
+def count_with_percent(count_value, percent_value) -> str:
+    """A released count with its percentage (`1,485 (63.0%)`); the count alone without one."""
+    text = count(count_value)
+    return text if percent_value is None else f"{text} ({percent(percent_value)})"
+
+
+def mean_sd(summary: dict) -> str:
+    """A numeric variable's mean (SD) to one decimal (`38.7 (15.2)`)."""
+    if summary.get("mean") is None:
+        return MISSING
+    return f"{number(summary['mean'], 1)} ({number(summary.get('sd'), 1)})"
+
+
+def median_iqr(summary: dict) -> str | None:
+    """A numeric variable's median [Q1, Q3] to one decimal (`36.0 [27.0, 48.0]`), a quantile
+    the nodes' policies stopped the search for as the interval it lies in (`3.0..4.0`); None
+    when no median was asked for."""
+    q = {round(x["p"], 4): x for x in summary.get("quantiles") or []}
+    if 0.5 not in q:
+        return None
+
+    def one(x):
+        if x is None:
+            return MISSING
+        if x.get("exact") or x.get("low") == x.get("high"):
+            return number(x.get("value"), 1)
+        return f"{number(x.get('low'), 1)}..{number(x.get('high'), 1)}"
+
+    return f"{one(q[0.5])} [{one(q.get(0.25))}, {one(q.get(0.75))}]"
