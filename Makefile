@@ -59,8 +59,9 @@ bench: $(BIN)/iaptnet
 # The stored R results in tests/results/, which tests/test_r_references.py compares iaptnet
 # with (R is needed only here, never to run the tests): the inputs from make_inputs.py, then
 # each make_<name>.R writes <name>.json. R and its packages from Debian's archive:
-#   apt-get install -y --no-install-recommends r-base-core r-cran-metafor r-cran-matchit \
-#       r-cran-sandwich r-cran-survey r-cran-jsonlite r-cran-clubsandwich
+#   apt-get install -y --no-install-recommends r-base-core r-cran-jsonlite r-cran-sandwich \
+#       r-cran-clubsandwich r-cran-metafor r-cran-matchit r-cran-survey r-cran-mass \
+#       r-cran-lme4 r-cran-minqa r-cran-nlme r-cran-numderiv
 references: $(BIN)/iaptnet
 	$(BIN)/python tests/results/make_inputs.py
 	cd tests/results && for script in make_*.R; do Rscript "$$script" || exit 1; done
