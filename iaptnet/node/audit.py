@@ -24,11 +24,13 @@ state folder (a local network's node with no policy file) all of it lives in mem
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -90,9 +92,17 @@ def arrays_for_log(arrays: dict[str, np.ndarray]) -> dict:
 
 def logged_array(logged: dict) -> np.ndarray:
     """An array as the audit log holds it (`arrays_for_log`; logs written by release 0.2.0 and
-    earlier hold its numbers as a JSON list under "values")."""
+    earlier hold its numbers as a JSON list under "values"). DataError for one that is not
+    (`entry_problem` reports such an entry as a damaged line)."""
+    problem = _array_problem(logged)
+    if problem:
+        raise DataError(f"not a valid logged array: it {problem}.")
     if "f8_base64" in logged:
-        flat = np.frombuffer(base64.b64decode(logged["f8_base64"]), dtype="<f8")
+        try:
+            data = binascii.a2b_base64(logged["f8_base64"], strict_mode=True)
+        except ValueError:  # (binascii.Error)
+            raise DataError("not a valid logged array: it has values that are not base64 text.") from None
+        flat = np.frombuffer(data, dtype="<f8")
     else:
         flat = np.asarray(logged["values"], dtype=float)
     return flat.reshape(logged["shape"])
@@ -319,16 +329,16 @@ class AuditLog:
             if not raw.strip():
                 yield number, None, "the line is empty"
                 continue
-            entry, problem = _parse(raw)
+            entry, problem = _read(raw)
             yield number, entry, problem
 
     def last_entry(self) -> dict | None:
         """The last complete entry, read from the end of the file (None if there is none or
         it cannot be read)."""
         if self.folder is None:
-            return json.loads(self._memory[-1]) if self._memory else None
+            return _read(self._memory[-1].encode())[0] if self._memory else None
         _, _, line = _read_tail(self.path)
-        return None if line is None else _parse(line)[0]
+        return None if line is None else _read(line)[0]
 
     def entries(self, since: dt.datetime | None = None) -> Iterator[dict]:
         """The log's readable entries (`scan` says where a line is not one)."""
@@ -356,15 +366,16 @@ class AuditLog:
         def failed(problem: str) -> Verification:
             return Verification(False, count, prev, problem, seq, repairs, anchored=checked)
 
+        where = "" if self.path is None else f"{self.path}: "
         for number, raw in enumerate(self._raw_lines(), 1):
             if not raw.endswith(b"\n"):
                 fragment = raw  # a torn final line
                 break
             if not raw.strip():
-                return failed(f"line {number} is empty: the log was edited.")
-            entry, problem = _parse(raw)
+                return failed(f"{where}line {number} is empty: the log was edited.")
+            entry, problem = _read(raw)
             if entry is None:
-                return failed(f"line {number} is not a valid entry: the log was edited.")
+                return failed(f"{where}line {number} {problem.removeprefix('the line ')}: the log was edited.")
             if entry["seq"] != seq + 1:
                 return failed(
                     f"entry {seq + 1} is missing (line {number} holds entry {entry['seq']}): entries were deleted or reordered."
@@ -512,7 +523,95 @@ def _found(repair: dict) -> str:
     return f"the head records entry {repair['seq']} but the crash tore that entry's line"
 
 
+def _read(raw: bytes) -> tuple[dict | None, str]:
+    """A line as an entry every reader can rely on (`_parse`, then `entry_problem`), or None
+    and what is wrong with it."""
+    entry, problem = _parse(raw)
+    if entry is not None:
+        wrong = entry_problem(entry)
+        if wrong:
+            return None, f"the line is not a valid entry ({wrong})"
+    return entry, problem
+
+
+# The fields the node writes, each optional (an entry holds those of its kind), and the type
+# each must have when present.
+_TEXT_FIELDS = ("time", "node", "task_id", "kind", "study_hash", "params", "status", "code", "error", "damage")
+_OBJECT_LISTS = ("repairs", "refusal")
+
+
+def entry_problem(entry: dict) -> str:
+    """What is wrong with the fields of an entry that has its chain fields (`_parse`), in a few
+    words, or "" if nothing: a field the node writes as text that is not text, a round that is
+    not a whole number, repairs or refusals that are not a list of objects, or a released
+    array that does not hold the numbers its shape says. Every reader of the log (the
+    listing, `verify`, `last_entry`, the node's status) reads only entries this accepts, so
+    such an entry is reported as a damaged line, never raised on."""
+    for name in _TEXT_FIELDS:
+        if name in entry and not isinstance(entry[name], str):
+            return f"field '{name}' is not text"
+    if "round" in entry and not _whole(entry["round"]):
+        return "field 'round' is not a whole number"
+    for name in _OBJECT_LISTS:
+        items = entry.get(name, [])
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            return f"field '{name}' is not a list of objects"
+    if "released" not in entry:
+        return ""
+    released = entry["released"]
+    if not isinstance(released, dict):
+        return "field 'released' is not an object"
+    arrays = released.get("arrays", {})
+    if not isinstance(arrays, dict):
+        return "field 'released.arrays' is not an object"
+    for name, logged in arrays.items():
+        problem = _array_problem(logged)
+        if problem:
+            shown = "".join(ch for ch in name[:60] if ch.isprintable())
+            return f"released array '{shown}' {problem}"
+    return ""
+
+
+def _array_problem(logged) -> str:
+    """What is wrong with a released array as the log holds it (`arrays_for_log`, or the
+    "values" list of release 0.2.0), or ""."""
+    if not isinstance(logged, dict):
+        return "is not an object"
+    shape = logged.get("shape")
+    if not isinstance(shape, list) or not all(_whole(n) and n >= 0 for n in shape):
+        return "has a shape that is not a list of sizes"
+    size = math.prod(shape)
+    if "f8_base64" in logged:
+        # Its length, not its characters (decoding every array would slow `verify` by a
+        # third); `logged_array` decodes it strictly.
+        text = logged["f8_base64"]
+        if not isinstance(text, str) or not text.isascii() or len(text) % 4:
+            return "has values that are not base64 text"
+        pad = 2 if text.endswith("==") else 1 if text.endswith("=") else 0
+        if len(text) // 4 * 3 - pad != 8 * size:
+            return "does not hold the numbers its shape says"
+        return ""
+    if "values" in logged:
+        values = logged["values"]
+        if not isinstance(values, list) or not all(_number(v) for v in values):
+            return "has values that are not a list of numbers"
+        if len(values) != size:
+            return "does not hold the numbers its shape says"
+        return ""
+    return "has no values"
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _parse(raw: bytes) -> tuple[dict | None, str]:
+    """An entry with its chain fields (seq, prev, hash), or None: all that continuing the
+    chain needs (`_classify`); readers use `_read`, which checks the other fields too."""
     try:
         entry = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):

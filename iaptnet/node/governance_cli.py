@@ -305,6 +305,8 @@ def state_folder(policy, node: str | None) -> Path:
 
 
 def summarise(entry: dict) -> str:
+    """One entry on one line: an entry `AuditLog.scan` read (a line whose fields have the
+    types `entry_problem` checks; the listing reports any other line as damaged)."""
     if entry.get("kind") in ("audit.recovery", "audit.damage"):
         head = f"#{entry.get('seq')} {str(entry.get('time', ''))[:19]}Z {entry.get('kind')}"
         what = "; ".join(str(r.get("sentence", r.get("repair", ""))) for r in entry.get("repairs", []) or [])
@@ -329,8 +331,15 @@ def summarise(entry: dict) -> str:
 
 
 def _count_leaves(obj) -> int:
-    if isinstance(obj, dict):
-        return sum(_count_leaves(v) for v in obj.values())
-    if isinstance(obj, list):
-        return sum(_count_leaves(v) for v in obj) if obj and isinstance(obj[0], (dict, list)) else len(obj)
-    return 1
+    """The values in a released payload (a list of numbers counts each); without recursion,
+    since a payload nested as deep as the JSON reader allows must not stop the listing."""
+    count, stack = 0, [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list) and item and isinstance(item[0], (dict, list)):
+            stack.extend(item)
+        else:
+            count += len(item) if isinstance(item, list) else 1
+    return count
