@@ -24,6 +24,9 @@ committed and the tests read them, so R and numpy versions never move the inputs
   visits (mdvis) and the chronic disease index (disea); `wt` = 1 / (1 + physlm), prior weights
   for one gaussian model. (clubSandwich forms each cluster's n x n matrices with R's reference
   BLAS: a node of 2,300 rows takes minutes per model.)
+- marginal: the same public data, 3,000 other person-years (another seed) over 4 services of
+  unequal size, with any visit (anyvis) beside the visits; the exposure is the individual
+  deductible plan (idp, binary).
 """
 
 from __future__ import annotations
@@ -147,6 +150,20 @@ def cr2_input() -> pd.DataFrame:
     return pd.concat([front, rows], axis=1)
 
 
+def marginal_input() -> pd.DataFrame:
+    from statsmodels.datasets import randhie
+
+    data = randhie.load_pandas().data
+    rng = np.random.default_rng(20240617)
+    rows = data.iloc[np.sort(rng.choice(len(data), size=3000, replace=False))].reset_index(drop=True)
+    rows = rows[["mdvis", "lncoins", "idp", "lpi", "fmde", "physlm", "disea", "hlthg", "hlthf"]]
+    rows = rows.astype({"mdvis": int, "idp": int, "physlm": float, "hlthg": int, "hlthf": int}).round(6)
+    rows = rows.assign(anyvis=(rows["mdvis"] > 0).astype(int))
+    sizes = (650, 900, 580, 870)
+    site = np.repeat([f"s{k}" for k in range(len(sizes))], sizes)
+    return pd.concat([pd.DataFrame({"site": site}), rows], axis=1)
+
+
 INPUTS = {
     "meta": meta_input,
     "psm": psm_input,
@@ -154,6 +171,7 @@ INPUTS = {
     "glm": glm_input,
     "nb": nb_input,
     "cr2": cr2_input,
+    "marginal": marginal_input,
 }
 
 
