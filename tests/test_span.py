@@ -168,3 +168,53 @@ def test_a_damaged_release_bundle_stops_the_node_with_memory_damaged(tmp_path, d
     bundle.write_bytes(b"not a zip file at all" if damage == "garbage" else bundle.read_bytes()[:100])
     with pytest.raises(MemoryDamaged):
         VersionMemory(tmp_path, N)
+
+
+@pytest.mark.parametrize("together", [True, False])
+def test_columns_near_the_span_are_kept_to_in_span_as_a_pivoted_qr_keeps_them(together):
+    """Columns a relative 1e-3, 1e-6 and 1e-8 outside the others' span are new directions; one
+    1e-11 outside and one inside are not (IN_SPAN is 1e-9). The Gram matrix tells apart only
+    the first (node/span.py's CLEAR); the others are resolved by a pivoted QR of their own,
+    whether they come in the release of the columns they are near or in a later one."""
+    rng = np.random.default_rng(5)
+    rows = np.ones(N, dtype=bool)
+    base = rng.normal(size=(N, 5))
+    q, _ = np.linalg.qr(np.column_stack([base, rng.normal(size=(N, 4))]))
+    near = []
+    for j, eps in enumerate([1e-3, 1e-6, 1e-8, 1e-11, 0.0]):
+        c = base @ rng.normal(size=5)
+        c /= np.linalg.norm(c)
+        near.append(c + eps * q[:, 5 + min(j, 3)])
+    first = Footprint("base", rows, columns=[(f"b{j}", base[:, j]) for j in range(5)])
+    second = Footprint("near", rows, columns=[(f"n{j}", c) for j, c in enumerate(near)])
+    span = ReleasedSpan(None, N)
+    for release in [[first, second]] if together else [[first], [second]]:
+        span.audit(release)
+        span.remember(release)
+    assert span.basis().shape[1] == 5 + 3 + 1  # the cohort's indicator too
+    expected, _ = np.linalg.qr(np.column_stack([np.ones(N), base, q[:, 5:8]]))
+    np.testing.assert_allclose(span.leverage, np.einsum("ij,ij->i", expected, expected), rtol=0, atol=1e-7)
+    basis = span.basis()
+    np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-12)
+
+
+def test_a_release_of_many_columns_on_many_rows_is_one_orthonormal_block():
+    """The catalogue's first batch in miniature: 120 columns on 20,000 rows, a tenth of them
+    combinations of others, beside an earlier release: the span gains exactly the new rank."""
+    rng = np.random.default_rng(9)
+    n = 20_000
+    rows = np.ones(n, dtype=bool)
+    X = rng.normal(size=(n, 108))
+    X = np.column_stack([X, X[:, :12] @ rng.normal(size=(12, 12))])
+    span = ReleasedSpan(None, n)
+    earlier = Footprint("earlier", rows, columns=[("e", X[:, 0] + X[:, 1])])
+    span.audit([earlier])
+    span.remember([earlier])
+    release = Footprint("batch", rows, columns=[(f"x{j}", X[:, j]) for j in range(X.shape[1])])
+    span.audit([release])
+    span.remember([release])
+    basis = span.basis()
+    assert basis.shape[1] == 1 + 108  # the rows' indicator, and "e" is in the span of x0 and x1
+    np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-11)
+    q, _ = np.linalg.qr(np.column_stack([np.ones(n), X[:, :108]]))
+    np.testing.assert_allclose(span.leverage, np.einsum("ij,ij->i", q, q), rtol=1e-9, atol=1e-12)
