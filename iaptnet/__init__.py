@@ -1,3 +1,3 @@
 """iaptnet: a federated analysis network for NHS Talking Therapies services."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0.dev0"
