@@ -218,3 +218,37 @@ def test_a_release_of_many_columns_on_many_rows_is_one_orthonormal_block():
     np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-11)
     q, _ = np.linalg.qr(np.column_stack([np.ones(n), X[:, :108]]))
     np.testing.assert_allclose(span.leverage, np.einsum("ij,ij->i", q, q), rtol=1e-9, atol=1e-12)
+
+
+def test_forty_releases_on_overlapping_cohorts_near_each_others_span():
+    """Forty releases of 1-7 columns on random cohorts, each a mix of six shared columns plus a
+    part 10^-8..1 of their size of its own: the span has the rank, leverages and orthonormal
+    basis of one pivoted QR of every column released (the passes it skips are not missed)."""
+    import scipy.linalg
+
+    rng = np.random.default_rng(3)
+    n = 3000
+    span = ReleasedSpan(None, n)
+    base = rng.normal(size=(n, 6))
+    columns = []
+    for r in range(40):
+        rows = rng.random(n) < rng.uniform(0.2, 0.9)
+        k = int(rng.integers(1, 8))
+        own = (rng.random() < 0.5) * rng.normal(size=(int(rows.sum()), k)) * 10 ** rng.uniform(-8, 0)
+        mix = base[rows] @ rng.normal(size=(6, k)) + own
+        fp = Footprint(str(r), rows, columns=[(f"c{j}", mix[:, j]) for j in range(k)])
+        span.audit([fp])
+        span.remember([fp])
+        columns.append(rows.astype(float))
+        for j in range(k):
+            column = np.zeros(n)
+            column[rows] = mix[:, j]
+            columns.append(column)
+    A = np.column_stack(columns)
+    q, r, _ = scipy.linalg.qr(A / np.linalg.norm(A, axis=0), mode="economic", pivoting=True)
+    q = q[:, np.abs(np.diag(r)) > span_module.IN_SPAN]
+    basis = span.basis()
+    assert basis.shape[1] == q.shape[1]
+    # (a direction 1e-8 of a column's size is known to about 1e-8 of itself, in either QR)
+    np.testing.assert_allclose(span.leverage, np.einsum("ij,ij->i", q, q), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-12)

@@ -144,14 +144,25 @@ class ReleasedSpan:
 
         def project_out(M: np.ndarray) -> None:
             for b, at in zip(touching, places, strict=True):
-                M[at] -= b.basis @ (b.basis.T @ M[at])
+                if at.size == M.shape[0]:  # the block is on every row here: no gather
+                    M -= b.basis @ (b.basis.T @ M)
+                else:
+                    M[at] -= b.basis @ (b.basis.T @ M[at])
 
-        for _ in range(2):  # Gram-Schmidt against the span, twice (re-orthogonalisation)
-            project_out(W)
-        q = _orthonormal(W, float(norms.max()))
+        project_out(W)  # Gram-Schmidt against the span
+        if touching:
+            # Twice is enough (Kahan, Parlett): a column that kept half its norm is orthogonal
+            # to the span to rounding after one pass; the columns that lost more are
+            # projected again, and only they (each pass reads every touching block).
+            again = np.linalg.norm(W, axis=0) < 0.5 * norms
+            if again.any():
+                part = W[:, again]
+                project_out(part)
+                W[:, again] = part
+        q, clean = _orthonormal(W, float(norms.max()))
         if q is None:
             return None
-        if touching:  # once more against the span, for q's own rounding
+        if touching and not clean:  # once more against the span, for q's own rounding
             project_out(q)
             q = _cholesky_qr(q)
         return Block(support, q)
@@ -229,8 +240,10 @@ class ReleasedSpan:
             self.leverage[block.rows] += np.einsum("ij,ij->i", block.basis, block.basis)
 
 
-def _orthonormal(W: np.ndarray, scale: float) -> np.ndarray | None:
-    """Orthonormal columns spanning what W's columns hold beyond IN_SPAN * scale (None: nothing).
+def _orthonormal(W: np.ndarray, scale: float) -> tuple[np.ndarray | None, bool]:
+    """Orthonormal columns spanning what W's columns hold beyond IN_SPAN * scale (None: nothing),
+    and whether each was at least half of a column (then W's rounding outside its span stays
+    rounding in them; a direction made from a small part of a column magnifies it).
 
     Most columns are told apart on the Gram matrix W'W, by a pivoted Cholesky factorisation,
     and orthonormalised by Cholesky QR done twice: matrix products, several times faster on a
@@ -248,8 +261,11 @@ def _orthonormal(W: np.ndarray, scale: float) -> np.ndarray | None:
     piv = piv - 1  # (LAPACK counts from 1)
     parts = []
     rest = W
+    clean = True
     if rank:
-        Q = _solve_right(W[:, piv[:rank]], np.triu(U[:rank, :rank]))
+        R = np.triu(U[:rank, :rank])
+        clean = float(np.min(np.abs(np.diag(R)))) >= 0.5 * scale
+        Q = _solve_right(W[:, piv[:rank]], R)
         Q = _cholesky_qr(Q)
         parts.append(Q)
         rest = W[:, piv[rank:]]
@@ -260,9 +276,10 @@ def _orthonormal(W: np.ndarray, scale: float) -> np.ndarray | None:
         keep = np.abs(np.diag(r)) > IN_SPAN * scale
         if keep.any():
             parts.append(q[:, keep])
+            clean = False
     if not parts:
-        return None
-    return parts[0] if len(parts) == 1 else np.hstack(parts)
+        return None, True
+    return (parts[0] if len(parts) == 1 else np.hstack(parts)), clean
 
 
 def _solve_right(A: np.ndarray, R: np.ndarray) -> np.ndarray:
