@@ -10,13 +10,24 @@ Loads (or synthesises) the paper-scale network, then in one run:
 Prints seconds per study and the totals' ratio; compare ratios from one run, not seconds
 across runs (the machines are shared).
 
-    .venv/bin/python bench/bench_catalogue.py [--patients N]
+With `--audit`, it instead measures what the nodes' memory of their releases costs the
+catalogue (issue 9's goal: at most 10% more time): the federated catalogue `--repeat` times
+each, interleaved, with the release-memory checks (differencing audit, span of released
+columns, cohort conditions; each pass in a fresh state folder, as a first run) and with them
+switched off in this process only (a benchmark's patch: no node can be told to skip them),
+and prints the medians and their ratio.
+
+    .venv/bin/python bench/bench_catalogue.py [--patients N] [--audit [--repeat 2]]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import statistics
 import sys
+import tempfile
 import time
 import tomllib
 import warnings
@@ -111,9 +122,50 @@ def pooled(kind, frame, study, toml):
     raise ValueError(kind)
 
 
+@contextlib.contextmanager
+def release_memory_off():
+    """The node's checks against what it released before, switched off (benchmark only)."""
+    from iaptnet.node.audit import NodeMemory
+
+    names = ("audit_release", "audit_span", "audit_conditions", "remember_release", "remember_conditions")
+    saved = {name: getattr(NodeMemory, name) for name in names}
+    for name in names:
+        setattr(NodeMemory, name, (lambda self, *a, **k: []) if name.startswith("audit") else (lambda *a, **k: None))
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(NodeMemory, name, method)
+
+
+def fresh_state(nodes) -> None:
+    """Every node's audit log and release memory in a new, empty folder (a first run)."""
+    os.environ["IAPTNET_STATE_DIR"] = tempfile.mkdtemp(prefix="iaptnet-bench-state-")
+    for node in nodes:
+        runtime_for(NodeConfig.from_mapping(node))._state = None
+
+
+def audit_cost(network, studies, repeat: int) -> None:
+    timings: dict[bool, list[float]] = {True: [], False: []}
+    run_batch(InProcessGrid(network.nodes), studies[:1], engine="inprocess")  # warm: imports, caches
+    for _ in range(repeat):
+        for audited in (False, True):
+            fresh_state(network.nodes)
+            with contextlib.nullcontext() if audited else release_memory_off():
+                t = time.perf_counter()
+                run_batch(InProcessGrid(network.nodes), studies, engine="inprocess")
+                timings[audited].append(time.perf_counter() - t)
+    on, off = statistics.median(timings[True]), statistics.median(timings[False])
+    print(f"catalogue with the release-memory checks:    {on:.1f} s  {[round(t, 1) for t in timings[True]]}")
+    print(f"catalogue without (this benchmark's patch):   {off:.1f} s  {[round(t, 1) for t in timings[False]]}")
+    print(f"ratio with / without: {on / off:.3f} (goal: at most 1.10)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--patients", type=int, default=483_683)
+    parser.add_argument("--audit", action="store_true", help="the release-memory checks' cost instead")
+    parser.add_argument("--repeat", type=int, default=2, help="passes of each, with --audit")
     args = parser.parse_args()
     network_path = synthetic_network(default_cache(), args.patients, DEFAULT_SEED)
     network = load_network(network_path)
@@ -129,6 +181,9 @@ def main() -> None:
         frame["area"] = node["name"]
         frames.append(frame)
     load = time.perf_counter() - t
+    if args.audit:
+        audit_cost(network, studies, args.repeat)
+        return
     frame = pd.concat(frames, ignore_index=True)
     print(f"loaded {len(frame):,} rows at {len(frames)} nodes in {load:.1f} s (both sides need this once)")
 
