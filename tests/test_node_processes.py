@@ -134,3 +134,29 @@ def test_a_run_stopped_while_a_worker_works_ends_it_quietly(network, capfd):
     grid.close()
     assert time.monotonic() - start < 2.0 and process.exitcode == 0
     assert "Traceback" not in capfd.readouterr().err
+
+
+def _run_in_a_daemon(study: str, network: str, answer) -> None:
+    try:
+        answer.put(run_inprocess([study], network, workers=2)[0]["terms"])
+    except Exception as exc:  # noqa: BLE001 (the test shows what went wrong)
+        answer.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_a_run_in_a_daemonic_process_answers_in_threads(network):
+    """A multiprocessing pool's worker (a daemonic process) may not start processes: the nodes
+    answer in its threads instead of failing ('daemonic processes are not allowed to have
+    children'), with the results of worker processes."""
+    import multiprocessing
+
+    folder, _ = network
+    study = write_study(folder / "logit.toml", name="logit", family="binomial", formula="y ~ x + g + h")
+    expected = run_inprocess([study], folder / "network.toml", workers=2)[0]["terms"]
+    context = multiprocessing.get_context("fork")
+    answer = context.Queue()
+    daemon = context.Process(target=_run_in_a_daemon, args=(str(study), str(folder / "network.toml"), answer))
+    daemon.daemon = True
+    daemon.start()
+    got = answer.get(timeout=120)
+    daemon.join(timeout=30)
+    assert got == expected

@@ -32,19 +32,24 @@ def run_inprocess(
     run's --out folder), the GLM studies keep a checkpoint there after every round, and a run
     started again continues from it (coordinator/checkpoint.py). With `workers` of 2 or more
     the nodes answer in that many worker processes (the command line's default: one per
-    core); with 1, in this process's threads, where a caller can look at their state."""
+    core); with 1, or in a daemonic process, in this process's threads, where a caller can
+    look at their state."""
     network = load_network(network_path)
     studies = [load_study(p, network.schema_paths, list(network.services)) for p in study_paths]
     check_min_nodes(studies, len(network.nodes), f"the network {network.path} has {len(network.nodes)} node(s)")
     from .checkpoint import FileCheckpoints
 
     checkpoints = FileCheckpoints(out) if out else None
+    import multiprocessing
+
     from ..protocol.errors import IaptnetError
     from .engines.inprocess import InProcessGrid
     from .engines.node_processes import NodeProcessGrid
     from .runner import run_batch
 
-    if workers >= 2 and len(network.nodes) >= 2:
+    # A daemonic process (a multiprocessing pool's worker) may not start processes: there the
+    # nodes answer in threads, with the same results.
+    if workers >= 2 and len(network.nodes) >= 2 and not multiprocessing.current_process().daemon:
         grid = NodeProcessGrid(network.nodes, workers)
     else:
         grid = InProcessGrid(network.nodes)
