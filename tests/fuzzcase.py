@@ -358,7 +358,18 @@ def mutate(rng: random.Random, data: dict, kind: str) -> dict:
         else:
             plausible = {
                 "family": ["binomial", "poisson", "gaussian", "negative_binomial", "gamma"],
-                "cov_type": ["HC0", "cluster", "nonrobust", "HC3"],
+                "cov_type": ["HC0", "cluster", "nonrobust", "HC3", "CR2"],
+                "random_intercept": ["svc", "g", "x", "nosuch"],
+                "nagq": [1, 10, 25, 0, 26, 1.5, -1, True],
+                "reml": [True, False, "yes"],
+                "sensitivity": [
+                    {"cluster": "svc", "random_intercept": "svc", "marginal": True},
+                    {"cluster": "g"},
+                    {"random_intercept": "x", "marginal": "yes"},
+                    {"cluster": "svc", "other": 1},
+                    {},
+                    "svc",
+                ],
                 "cluster": ["svc", "g", "x"],
                 "weights": ["w", "x", "k"],
                 "offset": ["log(n)", "x", "n", "log(w)"],
