@@ -123,6 +123,7 @@ ATTACKS = {
     "a_cluster_of_one": "cluster-robust SEs with the target alone in his cluster",
     "theta_rounds_the_outcome": "a negative binomial theta of 2^58, at which theta + y drops every count below 32",
     "marginal_rounds_differ_in_one_row": "two marginal-effect rounds whose fitted means with the exposure set differ only in the target's",
+    "marginal_contrast_isolates_one_row": "two rounds of a categorical contrast whose fitted means with every row set to one level differ only in the target's",
     "theta_weighs_one_row": "a tiny negative binomial theta that weighs the target's outcome 16 times anyone else's",
     "a_cr2_cluster_of_the_target_and_thirty": "CR2 SEs with the target's cluster 31 people large (enough for cluster-robust SEs, not for a model)",
     "cr2_clusters_that_differ_in_one_person": "two CR2 studies whose clusters differ only by where the target is",
@@ -1227,6 +1228,60 @@ def test_marginal_rounds_differ_in_one_row(tmp_path):
     assert ok(marginal_round(beta)).arrays["marginal/m0/0"].shape == (3 + 2 * 6,)
     refused(node, marginal_round(beta + d), "min_effective_rows")
     assert "compared with a round this node already answered" in node.audit_entries()[-1]["refusal"][0]["sentence"]
+
+
+def test_marginal_contrast_isolates_one_row(tmp_path):
+    """A contrast `{exposure = "unit", compare = ["q", "p"]}` of `y ~ unit * (x + x2)` (x2 is
+    x but 0 for the target, who is one of unit q's 31 rows; the leverage rules are off so that
+    the design is prepared). With every row set to unit q, the design's interaction columns
+    are x and x2 for everyone, so between two rounds the coefficients move by d (c on x, a - c
+    on unit[T.q]:x, -a on unit[T.q]:x2) and every row's counterfactual linear predictor moves
+    by a (x - x2): the target's alone, while the model's own fitted means move for every row of
+    unit p. The difference of the two gradient sums would be the target's row times a number
+    (its x component over its intercept component is his x). The contrast's counterfactual
+    fitted means are judged as weights against the rounds answered before, as a binary
+    exposure's are."""
+    from iaptnet.node.design import build_design
+    from iaptnet.protocol.study import StudySpec
+
+    node = policy_node(
+        tmp_path,
+        'mode = "exploratory"\n[rules]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n'
+        "[exploratory]\nmax_leverage = 1.0\nmax_combined_leverage = 1.0\n",
+    )
+    contrast = {"exposure": "unit", "compare": ["q", "p"]}
+    wire = node.spec(formula="y ~ unit * (x + x2)", marginal=[contrast])
+    spec = StudySpec.from_wire(wire)
+    frame = make_frame().assign(unit=lambda f: pd.Categorical(f["unit"], categories=["p", "q"]))
+    design = build_design(frame, node.schema, spec, counterfactual=spec.marginal)
+    assert design.names == ["Intercept", "unit[T.q]", "x", "unit[T.q]:x", "x2", "unit[T.q]:x2"]
+    c, a = 0.3, 0.5
+    d = np.array([0.0, 0.0, c, a - c, 0.0, -a])
+    Xq, _ = design.counterfactual["unit q vs p"]
+    assert np.count_nonzero(np.abs(Xq @ d) > 1e-12) == 1 and np.count_nonzero(design.X @ d) > 300
+    beta = np.array([-0.2, 0.3, 0.4, 0.0, 0.0, 0.0])
+    slopes = []
+    for b in (beta, beta + d):
+        mu = 1 / (1 + np.exp(-(Xq @ b)))
+        slopes.append(Xq.T @ (mu * (1 - mu)))
+    leak = slopes[1] - slopes[0]
+    assert np.isclose(leak[2] / leak[0], BOB_X, rtol=1e-9, atol=0)  # the leak, if both were answered
+    reply, study = node.prepare(wire)
+    ok(reply)
+
+    def contrast_round(coefficients):
+        task = m.Task(
+            kind=glm_protocol.ROUND,
+            study_hash=study,
+            payload={"models": ["m0"], "marginal": {"m0": ["unit q vs p"]}},
+            arrays={"beta/m0": np.asarray(coefficients, dtype=float)},
+        )
+        return node.send(task)
+
+    assert ok(contrast_round(beta)).arrays["marginal/m0/0"].shape == (3 + 2 * 6,)
+    refused(node, contrast_round(beta + d), "min_effective_rows")
+    sentence = node.audit_entries()[-1]["refusal"][0]["sentence"]
+    assert "compared with a round this node already answered" in sentence and "unit = q" in sentence
 
 
 # --------------------------------------------------------------------------- 12. random intercepts

@@ -155,6 +155,183 @@ def test_bad_marginal_fields_are_one_sentence(network, marginal, formula, senten
     assert sentence in str(caught.value) and "\n" not in str(caught.value)
 
 
+# --- contrasts: a categorical exposure set to two levels, a numeric one to two values ---------------
+
+
+def setting(frame: pd.DataFrame, column: str, value):
+    """`column` set to `value` on every row (a categorical column to the level, its levels kept)."""
+    if isinstance(frame[column].dtype, pd.CategoricalDtype):
+        return frame.assign(**{column: pd.Categorical([value] * len(frame), categories=frame[column].cat.categories)})
+    return frame.assign(**{column: float(value)})
+
+
+def g_contrast(fit, frame: pd.DataFrame, formula: str, column: str, values, offset=None) -> dict:
+    """g_computation for a contrast: mean predictions with `column` set to each of `values`."""
+    rhs = formula.split("~", 1)[1]
+    beta, cov = fit.params.to_numpy(), fit.cov_params().to_numpy()
+    order = [list(model_matrix(rhs, frame).columns).index(c) for c in fit.params.index]
+    off = 0.0 if offset is None else offset
+    risks, grads = [], []
+    for value in values:
+        X = np.asarray(model_matrix(rhs, setting(frame, column, value), output="numpy"), dtype=float)[:, order]
+        mu = fit.model.family.link.inverse(X @ beta + off)
+        slope = fit.model.family.link.inverse_deriv(X @ beta + off)
+        risks.append(mu.mean())
+        grads.append((X * slope[:, None]).mean(axis=0))
+    (r1, r0), (g1, g0) = risks, grads
+    se_rd = np.sqrt((g1 - g0) @ cov @ (g1 - g0))
+    log_grad = g1 / r1 - g0 / r0
+    se_log = np.sqrt(log_grad @ cov @ log_grad)
+    first, second = (str(v) if isinstance(v, str) else f"{v:g}" for v in values)
+    return {
+        "term": f"{column} {first} vs {second}",
+        "risk_exposed": r1,
+        "risk_unexposed": r0,
+        "risk_difference": r1 - r0,
+        "rd_std_error": se_rd,
+        "rd_low": r1 - r0 - Z * se_rd,
+        "rd_high": r1 - r0 + Z * se_rd,
+        "risk_ratio": r1 / r0,
+        "rr_low": r1 / r0 * np.exp(-Z * se_log),
+        "rr_high": r1 / r0 * np.exp(Z * se_log),
+    }
+
+
+LARGEST = {}  # the largest relative difference from statsmodels per contrast case (reported)
+
+
+def assert_contrast(ours: dict, theirs: dict, case: str) -> None:
+    assert_marginal(ours, theirs)
+    worst = max(abs(ours[k] - v) / abs(v) for k, v in theirs.items() if k != "term")
+    LARGEST[case] = max(LARGEST.get(case, 0.0), worst)
+
+
+@pytest.mark.parametrize("cov_type", ["nonrobust", "HC0"])
+def test_contrasts_of_a_categorical_and_a_numeric_exposure(network, cov_type):
+    """`g` set to level c and to a (its reference), to c and to b (neither the reference), and
+    the numeric `x` set to 1.5 and to -0.5, in a model where both interact (`g * x`: with x set
+    to 1.5 the interaction columns are 1.5 times g's), beside the binary `t` as before."""
+    folder, frame = network
+    formula = "y ~ t + g * x"
+    contrasts = [
+        {"exposure": "g", "compare": ["c", "a"]},
+        {"exposure": "g", "compare": ["c", "b"]},
+        {"exposure": "x", "compare": [1.5, -0.5]},
+    ]
+    result = run_study(
+        folder,
+        name=f"c_{cov_type}",
+        family="binomial",
+        formula=formula,
+        marginal=["t", *contrasts],
+        cov_type=cov_type,
+    )
+    fit = smf.glm(formula, frame, family=sm.families.Binomial()).fit(
+        tol=1e-13, tol_criterion="params", maxiter=200, cov_type=cov_type
+    )
+    binary, *ours = result["marginal"]
+    assert_marginal(binary, g_computation(fit, frame, formula, "t", None))
+    assert [m["term"] for m in ours] == ["g c vs a", "g c vs b", "x 1.5 vs -0.5"]
+    for m, contrast in zip(ours, contrasts):
+        assert m["exposure"] == contrast["exposure"] and m["compare"] == contrast["compare"]
+        theirs = g_contrast(fit, frame, formula, contrast["exposure"], contrast["compare"])
+        assert_contrast(m, theirs, f"binomial {cov_type} {m['term']}")
+    text = render_report(result)
+    assert "standardised g: " in text and "set to c vs" in text and "set to 1.5 vs" in text
+
+
+def test_contrasts_in_a_poisson_model_with_an_offset(network):
+    folder, frame = network
+    formula = "visits ~ t + x + g"
+    contrasts = [{"exposure": "g", "compare": ["b", "c"]}, {"exposure": "x", "compare": [1, 0]}]
+    result = run_study(
+        folder, name="c_poisson", family="poisson", formula=formula, offset="log(days)", marginal=contrasts
+    )
+    offset = np.log(frame["days"].to_numpy())
+    fit = smf.glm(formula, frame, family=sm.families.Poisson(), offset=offset).fit(
+        tol=1e-13, tol_criterion="params", maxiter=200
+    )
+    for m, contrast in zip(result["marginal"], contrasts):
+        theirs = g_contrast(fit, frame, formula, contrast["exposure"], contrast["compare"], offset)
+        assert_contrast(m, theirs, f"poisson {m['term']}")
+
+
+def test_a_binary_contrast_is_the_binary_exposure_reversed(network):
+    folder, _ = network
+    result = run_study(
+        folder,
+        name="c_reversed",
+        family="binomial",
+        formula="y ~ t + x",
+        marginal=["t", {"exposure": "t", "compare": [0, 1]}],
+    )
+    plain, reversed_ = result["marginal"]
+    assert reversed_["term"] == "t 0 vs 1"
+    assert reversed_["risk_exposed"] == pytest.approx(plain["risk_unexposed"], rel=1e-14)
+    assert reversed_["risk_difference"] == pytest.approx(-plain["risk_difference"], rel=1e-12)
+    assert reversed_["rd_std_error"] == pytest.approx(plain["rd_std_error"], rel=1e-12)
+
+
+def test_a_contrast_through_the_cli(network, tmp_path):
+    """The study file as an analyst writes it (inline tables in the list), through `iaptnet run`."""
+    from iaptnet.cli import main
+
+    folder, frame = network
+    study = tmp_path / "cli_contrast.toml"
+    study.write_text(
+        'name = "cli_contrast"\nfamily = "binomial"\nformula = "y ~ t + x + g"\nexposure = "g[T.c]"\n'
+        'marginal = ["t", {exposure = "g", compare = ["c", "a"]}, {exposure = "x", compare = [2, 0]}]\n'
+    )
+    out = tmp_path / "out"
+    assert main(["run", str(study), "--network", str(folder / "network.toml"), "--out", str(out), "--quiet"]) == 0
+    result = json.loads((out / "results.json").read_text())  # (one study: its results at the top)
+    assert "\ng c vs a," in (out / "tables" / "cli_contrast-marginal.csv").read_text()
+    fit = smf.glm("y ~ t + x + g", frame, family=sm.families.Binomial()).fit(tol=1e-13, tol_criterion="params")
+    _, categorical, numeric = result["marginal"]
+    assert_contrast(categorical, g_contrast(fit, frame, "y ~ t + x + g", "g", ["c", "a"]), "cli g c vs a")
+    assert_contrast(numeric, g_contrast(fit, frame, "y ~ t + x + g", "x", [2, 0]), "cli x 2 vs 0")
+    assert numeric["compare"] == [2.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("marginal", "formula", "sentence"),
+    [
+        ([{"exposure": "nope", "compare": ["b", "a"]}], "y ~ t + g", "which is not a column of the dataset"),
+        ([{"exposure": "g", "compare": ["z", "a"]}], "y ~ t + g", "compares 'z', which is not a level of 'g'"),
+        ([{"exposure": "g", "compare": [2, 1]}], "y ~ t + g", 'two of its levels as text, e.g. compare = ["c", "a"]'),
+        ([{"exposure": "days", "compare": [0, 10]}], "y ~ t + days", "outside the column's declared range 1 to inf"),
+        ([{"exposure": "visits", "compare": [1.5, 0]}], "y ~ t + visits", "is an integer column: give whole numbers"),
+        ([{"exposure": "g", "compare": ["b", "a"]}], "y ~ t + x", "the formula has no term 'g' or 'C(g)'"),
+        ([{"exposure": "x", "compare": [1, 0]}], "y ~ t + log(days)", "the formula has no term 'x'"),
+        ([{"exposure": "x", "compare": [1, 0]}], "y ~ t + x + x:g", "whose interaction with 'g' needs the term 'g'"),
+        ([{"exposure": "g", "compare": ["b", "b"]}], "y ~ g", "compares 'b' with itself"),
+        ([{"exposure": "g", "compare": ["b"]}], "y ~ g", "must compare two values"),
+        ([{"exposure": "g", "levels": ["b", "a"]}], "y ~ g", "has a contrast that has unknown key 'levels'"),
+        ([{"exposure": "t", "compare": [2, 0]}], "y ~ t", "must compare 1 with 0"),
+        ([{"exposure": "g", "compare": ["b", "a"]}] * 2, "y ~ g", "lists 'g b vs a' twice"),
+    ],
+)
+def test_bad_contrasts_are_one_sentence(network, marginal, formula, sentence):
+    folder, _ = network
+    with pytest.raises(SpecError, match="c_bad.toml: field 'marginal'") as caught:
+        run_study(folder, name="c_bad", family="binomial", formula=formula, marginal=marginal)
+    assert sentence in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_contrast_sees_the_study_merges(network):
+    """Levels are those after the study's merges: a merged-away level is not one to compare."""
+    folder, _ = network
+    with pytest.raises(SpecError, match="not a level of 'g' \\(after the study's merges\\); its levels are a, b"):
+        run_study(
+            folder,
+            name="c_merged",
+            family="binomial",
+            formula="y ~ t + g",
+            merge={"g": {"b": ["b", "c"]}},
+            marginal=[{"exposure": "g", "compare": ["c", "a"]}],
+        )
+
+
 # --- against R: glm, predict() on counterfactual copies, vcov() and sandwich's HC0 ----------------
 
 R_COLUMNS = {

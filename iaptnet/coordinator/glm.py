@@ -37,7 +37,7 @@ from ..protocol.errors import ModelError, NetworkError
 from ..protocol.families import THETA_MAX, THETA_MIN, Family, get_family
 from ..protocol.kinds import glm as protocol
 from ..protocol.kinds.glm import NULL_SUFFIX
-from ..protocol.study import StudySpec
+from ..protocol.study import StudySpec, marginal_contrast, marginal_label
 from .checkpoint import BatchCheckpoint
 from .cr2 import cr2_round
 from .resume import restore, snapshot
@@ -437,17 +437,16 @@ def _marginal_round(session: Session, fits: dict[str, ModelFit]) -> list[str]:
     returns, per exposure, the sums of its rows' fitted means with the exposure set to 1 and to
     0 and their gradients (p-vectors), judged like any round's. Returns the models a node
     holding their rows left during that round (to be fitted again without it)."""
-    asked = {key: list(fit.spec.marginal) for key, fit in fits.items() if fit.spec.marginal and not fit.marginal_sums}
+    asked = {
+        key: [marginal_label(m) for m in fit.spec.marginal]
+        for key, fit in fits.items()
+        if fit.spec.marginal and not fit.marginal_sums
+    }
     if not asked:
         return []
-    for key, terms in asked.items():
-        fit = fits[key]
-        for term in terms:
-            if term not in fit.active_names:
-                raise ModelError(
-                    f"model '{fit.spec.name}': the marginal exposure '{term}' has no rows with a value of 1 "
-                    "in the cohort, so its effect cannot be standardised."
-                )
+    for key in asked:
+        for entry in fits[key].spec.marginal:
+            _check_settable(fits[key], entry)
     arrays = {protocol.beta_key(key): _round_vector(fits[key], fits) for key in asked}
     replies = session.ask(protocol.ROUND, {"models": list(asked), "marginal": asked}, arrays)
     _check_replies(replies, session)
@@ -459,6 +458,33 @@ def _marginal_round(session: Session, fits: dict[str, ModelFit]) -> list[str]:
         mine = [r for r in replies if r.node in fit.holders]
         fit.marginal_sums = {term: _sum(mine, protocol.marginal_key(key, i)) for i, term in enumerate(terms)}
     return []
+
+
+def _check_settable(fit: ModelFit, entry) -> None:
+    """A `marginal` entry's exposure must be estimable at the values it is set to: a binary or
+    numeric column's own coefficient, a categorical level's (the reference level has none);
+    ModelError otherwise (a coefficient the fit left out would be taken as 0)."""
+    column, values = marginal_contrast(entry)
+    if isinstance(entry, str):
+        if column not in fit.active_names:
+            raise ModelError(
+                f"model '{fit.spec.name}': the marginal exposure '{column}' has no rows with a value of 1 "
+                "in the cohort, so its effect cannot be standardised."
+            )
+        return
+    for value in values:
+        if isinstance(value, str):
+            names = [f"{column}[T.{value}]", f"C({column})[T.{value}]"]
+            lost = [n for n in names if n in fit.names and n not in fit.active_names]
+            what = f"level '{value}' of '{column}' has no rows in the cohort (or is aliased)"
+        else:
+            lost = [column] if column not in fit.active_names else []
+            what = f"exposure '{column}' has no estimable coefficient in the cohort"
+        if lost:
+            raise ModelError(
+                f"model '{fit.spec.name}': the marginal contrast '{marginal_label(entry)}' cannot be standardised: "
+                f"the {what}."
+            )
 
 
 def _round_vector(fit: ModelFit, fits: dict[str, ModelFit]) -> np.ndarray:

@@ -13,6 +13,7 @@ import numpy as np
 from scipy import special
 
 from .. import __version__
+from ..protocol.study import marginal_label, value_text
 from ..report.words import p_value, services_of, term_label
 from .glm import ModelFit
 from .outputs import check_out_folder, results_paths, safe_filename, write_json_atomic  # noqa: F401 (re-exported)
@@ -111,14 +112,17 @@ def build_results(fit: ModelFit, *, study_hash: str, engine: str, node_status: l
 
 
 def marginal_rows(fit: ModelFit) -> list[dict]:
-    """Standardised (g-computation) risks of each `marginal` exposure: the mean fitted value
+    """Standardised (g-computation) risks of each `marginal` entry: the mean fitted value
     over the model's rows (prior-weighted) with the exposure set to 1 and to 0 for everyone
-    (its interactions too), their difference and ratio; delta-method SEs with the covariance
-    the terms report (robust when cov_type is), normal 95% intervals, the ratio's on the log
-    scale. The cohort's covariates are held fixed (no sampling variance of their mix)."""
+    (a contrast: to its first and second value; its interactions too), their difference and
+    ratio; delta-method SEs with the covariance the terms report (robust when cov_type is),
+    normal 95% intervals, the ratio's on the log scale. The cohort's covariates are held fixed
+    (no sampling variance of their mix). A contrast's row also names its `exposure` column and
+    the two values it `compare`s ("risk_exposed" is the risk at the first)."""
     a = fit.active
     p = len(fit.names)
     cov = fit.covariance
+    contrasts = {marginal_label(e): e for e in fit.spec.marginal if not isinstance(e, str)}
     rows = []
     for term, sums in fit.marginal_sums.items():
         n = float(sums[2])
@@ -139,6 +143,8 @@ def marginal_rows(fit: ModelFit) -> list[dict]:
             "rr_low": None,
             "rr_high": None,
         }
+        if term in contrasts:
+            row["exposure"], row["compare"] = contrasts[term]["exposure"], list(contrasts[term]["compare"])
         if r1 > 0 and r0 > 0:
             log_grad = g1 / r1 - g0 / r0
             se_log = math.sqrt(float(log_grad @ cov @ log_grad))
@@ -261,8 +267,10 @@ def render_report(result: dict) -> str:
         )
     lines.extend(term_lines(result))
     for e in result.get("marginal") or []:
+        first, second = (value_text(v) for v in e.get("compare") or (1, 0))
         line = (
-            f"  standardised {term_text(e['term'], result)}: {e['risk_exposed']:.4f} set to 1 vs {e['risk_unexposed']:.4f} set to 0; "
+            f"  standardised {term_text(e.get('exposure') or e['term'], result)}: {e['risk_exposed']:.4f} set to {first} "
+            f"vs {e['risk_unexposed']:.4f} set to {second}; "
             f"difference {e['risk_difference']:.4f} ({e['rd_low']:.4f} to {e['rd_high']:.4f})"
         )
         if e["risk_ratio"] is not None:

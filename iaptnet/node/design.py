@@ -28,7 +28,7 @@ import pandas as pd
 from ..protocol.errors import DataError
 from ..protocol.formula_check import AST_LOCK, ParsedFormula, check_formula, holding_ast_lock
 from ..protocol.schema import Schema
-from ..protocol.study import StudySpec, check_at_node, merged_levels
+from ..protocol.study import StudySpec, check_at_node, marginal_contrast, marginal_label, merged_levels, value_text
 from .cohort import cohort_mask
 from .disclosure import LevelCount
 
@@ -56,9 +56,12 @@ class DesignedModel:
     weights: np.ndarray | None = None  # prior weights; None means 1 for every row
     clusters: np.ndarray | None = None  # cluster code per row (cov_type = "cluster" or "CR2")
     cluster_labels: list | None = None  # the cluster column's value of each code (kept at the node)
-    # For a study's `marginal` exposures: the design with the exposure set to 1 and to 0 for
-    # every row (its interactions follow), by column name; kept at the node.
+    # For a study's `marginal` entries: the design with the exposure set to 1 and to 0 (a
+    # contrast: to its two values) for every row (its interactions follow), by the entry's
+    # label (protocol/study.py's marginal_label); kept at the node. `settings` names the two
+    # (e.g. "imd_quintile = 5"), for the policy's words.
     counterfactual: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
     _gram: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -266,7 +269,7 @@ def build_design(
     spec: StudySpec,
     transform_state: dict | None = None,
     gate=None,
-    counterfactual: tuple[str, ...] = (),
+    counterfactual: tuple = (),
 ) -> DesignedModel:
     """Filter, drop incomplete rows and build X with formulaic; raise DataError on failure.
 
@@ -319,32 +322,61 @@ def build_design(
     levels = level_counts(rows, X, names, mm.model_spec, schema, spec, parsed)
     designed = DesignedModel(names, X, y, offset, n_cohort, n_missing, used, levels, weights, clusters)
     designed.cluster_labels = None if labels is None else list(labels)
-    for column in counterfactual:
-        designed.counterfactual[column] = tuple(_set_to(mm.model_spec, rows, column, value, X) for value in (1, 0))
+    for entry in counterfactual:
+        label = marginal_label(entry)
+        column, values = marginal_contrast(entry)
+        designed.counterfactual[label] = tuple(_set_to(mm.model_spec, rows, column, value, X) for value in values)
+        designed.settings[label] = tuple(f"{column} = {value_text(value)}" for value in values)
     return designed
 
 
-def _set_to(model_spec, rows: pd.DataFrame, column: str, value: int, X: np.ndarray) -> np.ndarray:
-    """The design with `column` set to `value` on every row, from the model's own spec (same
-    levels, same pooled centring). Each of its columns must be constant or one of the model's
-    own (the study's check keeps an interaction's other terms in the formula), so it releases
-    no column the model did not."""
+def _set_to(model_spec, rows: pd.DataFrame, column: str, value, X: np.ndarray) -> np.ndarray:
+    """The design with `column` set to `value` on every row (a categorical column to the level
+    `value`, with the column's own levels), from the model's own spec (same levels, same pooled
+    centring). Each of its columns must be constant, one of the model's own or a constant
+    multiple of one (a numeric exposure set to 6 turns its interaction with x into 6 x; the
+    study's check keeps an interaction's other terms in the formula), so it releases no column
+    the model did not."""
+    shown = value_text(value)
+    if isinstance(rows[column].dtype, pd.CategoricalDtype):
+        categories = rows[column].cat.categories
+        if str(value) not in [str(c) for c in categories]:
+            raise DataError(f"'{shown}' is not a level of '{column}' in this study's design.")
+        setting = pd.Categorical([str(value)] * len(rows), categories=categories)
+    else:
+        setting = np.full(len(rows), float(value))
     try:
-        mm = model_spec.get_model_matrix(rows.assign(**{column: float(value)}), context=EVAL_CONTEXT)
+        mm = model_spec.get_model_matrix(rows.assign(**{column: setting}), context=EVAL_CONTEXT)
     except Exception as exc:  # as above: no data values in the message
         raise DataError(
-            f"the design with '{column}' set to {value} could not be built ({type(exc).__name__})."
+            f"the design with '{column}' set to {shown} could not be built ({type(exc).__name__})."
         ) from exc
     Z = np.ascontiguousarray(np.asarray(mm, dtype=float))
+    if Z.shape != X.shape or not np.all(np.isfinite(Z)):
+        raise DataError(f"the design with '{column}' set to {shown} is not finite or not the model's shape.")
     own = {np.ascontiguousarray(X[:, k]).tobytes() for k in range(X.shape[1])}
     for j in range(Z.shape[1]):
         col = np.ascontiguousarray(Z[:, j])
-        if not (np.all(col == col[0]) or col.tobytes() in own):
+        if not (np.all(col == col[0]) or col.tobytes() in own or _multiple_of_own(col, X)):
             raise DataError(
-                f"setting '{column}' to {value} makes a design column the model does not have; "
+                f"setting '{column}' to {shown} makes a design column the model does not have; "
                 "put the terms it interacts with in the formula too."
             )
     return Z
+
+
+def _multiple_of_own(col: np.ndarray, X: np.ndarray) -> bool:
+    """Whether `col` is c times one of X's columns (zero exactly where it is zero; c within
+    1e-12 relative on every other row): its sums are c times that column's."""
+    zero = col == 0
+    for k in range(X.shape[1]):
+        own = X[:, k]
+        if not np.array_equal(zero, own == 0) or zero.all():
+            continue
+        ratio = col[~zero] / own[~zero]
+        if np.all(np.abs(ratio - ratio[0]) <= 1e-12 * abs(ratio[0])):
+            return True
+    return False
 
 
 def _offset(rows: pd.DataFrame, spec: StudySpec) -> np.ndarray:

@@ -354,7 +354,8 @@ def round_contributions(
 
 
 def _counterfactual_means(design: DesignedModel, family, beta: np.ndarray, term: str):
-    """(mu1, dmu/deta at 1, X1, mu0, dmu/deta at 0, X0) with `term` set to 1 and 0."""
+    """(mu1, dmu/deta at 1, X1, mu0, dmu/deta at 0, X0) with the marginal entry `term`'s
+    exposure set to 1 and 0 (a contrast: to its first and second value)."""
     out = []
     for Z in design.counterfactual[term]:
         with np.errstate(over="ignore", invalid="ignore"):
@@ -367,12 +368,14 @@ def _counterfactual_means(design: DesignedModel, family, beta: np.ndarray, term:
 
 def counterfactual_weights(design: DesignedModel, family, beta: np.ndarray, term: str) -> dict[str, np.ndarray]:
     """The row weights of the marginal sums: the fitted means with the exposure set to 1 and to
-    0 (and, for binomial, their derivatives), judged like a round's fitted means."""
+    0, or to a contrast's two values (and, for binomial, their derivatives), judged like a
+    round's fitted means."""
     mu1, slope1, _, mu0, slope0, _ = _counterfactual_means(design, family, beta, term)
-    out = {f"fitted with {term} = 1": mu1, f"fitted with {term} = 0": mu0}
+    one, zero = design.settings.get(term) or (f"{term} = 1", f"{term} = 0")
+    out = {f"fitted with {one}": mu1, f"fitted with {zero}": mu0}
     if family.name == "binomial":
-        out[f"information with {term} = 1"] = slope1
-        out[f"information with {term} = 0"] = slope0
+        out[f"information with {one}"] = slope1
+        out[f"information with {zero}"] = slope0
     return out
 
 

@@ -149,7 +149,9 @@ def describe_study(spec, parsed, schema, policy) -> str:
     if spec.cov_type != "nonrobust":
         lines.append(f"  std errors {spec.cov_type}" + (f", clustered by {spec.cluster}" if spec.cluster else ""))
     if spec.marginal:
-        lines.append(f"  marginal   standardised risks of {', '.join(spec.marginal)}")
+        from ..protocol.study import marginal_label
+
+        lines.append(f"  marginal   standardised risks of {', '.join(marginal_label(m) for m in spec.marginal)}")
     from ..protocol.kinds.glmm import describe as random_intercept_lines
 
     lines += random_intercept_lines(spec, rules)
@@ -179,7 +181,8 @@ def describe_study(spec, parsed, schema, policy) -> str:
             "            products and the p x p pieces of their degrees of freedom (p x p sums, never a row)",
         ]
     if spec.marginal:
-        lines.append("  marginal  sums of the fitted risks with the exposure set to 1 and to 0, and their gradients")
+        lines.append("  marginal  sums of the fitted risks with the exposure set to 1 and to 0 (a contrast: to its two")
+        lines.append("            values), and their gradients")
     lines += [
         f"  refused   under {rules.min_rows} rows, under {rules.min_events} events or non-events, over "
         f"{rules.max_params_per_row:g} parameters per row, a level with 1-{rules.min_level_count - 1} rows,",

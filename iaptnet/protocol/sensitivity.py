@@ -15,7 +15,9 @@ node/cr2.py), and a random intercept beside a fixed one for the same groups is n
 identified. A companion is an ordinary study with its own hash (`<name>.cr2`,
 `<name>.random_intercept`): a Trust that approves studies by hash approves it too, and the
 nodes judge its releases like any other. `marginal = true` adds the exposure to the study's
-own `marginal` list (its hash changes accordingly).
+own `marginal` list (its hash changes accordingly); a study whose exposure is not binary gives
+its contrast in its own `marginal` field instead (e.g. marginal = [{exposure = "n_treat",
+compare = [6, 2]}]), which is folded in the same way.
 
 The companions' results are folded into the study's as `sensitivity`, one entry each (see
 `fold`), with the study's own marginal entry last; the demo prints them and the report shows
@@ -157,10 +159,21 @@ TERM_KEYS = (
 )
 
 
+def _contrast_of(entry: dict, exposure) -> bool:
+    """Whether a `marginal` contrast is the study's exposure's: a contrast of the exposure
+    column (`n_treat`), or of the exposure's level against another (`imd_quintile[T.5]`: the
+    contrast of imd_quintile that compares "5" with a level)."""
+    column, values = entry.get("exposure"), entry.get("compare") or []
+    if not isinstance(exposure, str) or not column or not values:
+        return False
+    return exposure == column or exposure in (f"{column}[T.{values[0]}]", f"C({column})[T.{values[0]}]")
+
+
 def fold(result: dict, companions: list[tuple[str, dict]]) -> dict:
     """The study's results with `sensitivity`: per companion (analysis, its results) an entry
     with what it is, its formula, referrals, and its exposure term; then the study's own risk
-    difference for its exposure, when it has one."""
+    difference for its exposure, when it has one (its `marginal` entry for the exposure, or the
+    first contrast of the exposure's column)."""
     entries = []
     for analysis, other in companions:
         term = other.get("exposure_term") or {}
@@ -182,8 +195,9 @@ def fold(result: dict, companions: list[tuple[str, dict]]) -> dict:
         entries.append(entry)
     exposure = result.get("exposure")
     for m in result.get("marginal") or []:
-        if m.get("term") == exposure:
+        if m.get("term") == exposure or _contrast_of(m, exposure):
             entries.append({"analysis": "marginal", "term": dict(m)})
+            break
     if entries:
         result = {**result, FIELD: entries}
     return result

@@ -59,8 +59,9 @@ class StudySpec:
     weights: str | None = None  # a column of prior weights (statsmodels' var_weights)
     cov_type: str = "nonrobust"
     cluster: str | None = None  # the cluster column for cov_type = "cluster" or "CR2"
-    # Binary exposures whose standardised (g-computation) risks the results report.
-    marginal: tuple[str, ...] = ()
+    # Exposures whose standardised (g-computation) risks the results report: binary columns
+    # (set to 1 and to 0), and contrasts {"exposure": column, "compare": [A, B]} (set to A and B).
+    marginal: tuple = ()
     # Columns a node computed for this study from an earlier step of it (e.g. matched pairs
     # of a propensity-score study): {"state": key at the node, "columns": {name: type}}.
     augment: dict | None = None
@@ -269,7 +270,7 @@ def parse_glm_study(data: dict, schema: Schema, source: str) -> tuple[StudySpec,
             f"{source}: field 'cov_type' = \"CR2\" is available for the {', '.join(CR2_FAMILIES)} families, "
             f"not {family}."
         )
-    marginal = check_marginal(data.get("marginal"), data["formula"], schema, source)
+    marginal = check_marginal(data.get("marginal"), data["formula"], schema, source, common["merge"])
     spec = StudySpec(
         family=family,
         formula=data["formula"],
@@ -284,17 +285,52 @@ def parse_glm_study(data: dict, schema: Schema, source: str) -> tuple[StudySpec,
 
 
 MAX_MARGINAL = 10
+#: The keys of a contrast in `marginal`: {exposure = "column", compare = [value, value]}.
+CONTRAST_KEYS = ("exposure", "compare")
 
 
-def check_marginal(marginal, formula: str, schema: Schema, source: str) -> tuple[str, ...]:
-    """Validate `marginal = ["column", ...]`: binary columns the formula uses bare (their design
-    term has the column's name), each interaction of one with the exposure beside the terms it
-    multiplies (so that setting the exposure makes no design column that the model lacks)."""
+def marginal_contrast(entry) -> tuple[str, tuple]:
+    """(column, (first value, second value)) of one `marginal` entry: a binary column's name
+    stands for the column set to 1 and to 0; a contrast for its two values."""
+    if isinstance(entry, str):
+        return entry, (1, 0)
+    return entry["exposure"], tuple(entry["compare"])
+
+
+def value_text(value) -> str:
+    """A compared value as the study gave it: a level as written, a whole number without .0."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return str(value)
+
+
+def marginal_label(entry) -> str:
+    """The name of one `marginal` entry in a round's request and in the results: the binary
+    column's name, or `column A vs B` for a contrast (e.g. `imd_quintile 5 vs 1`)."""
+    if isinstance(entry, str):
+        return entry
+    column, (first, second) = marginal_contrast(entry)
+    return f"{column} {value_text(first)} vs {value_text(second)}"
+
+
+def check_marginal(
+    marginal, formula: str, schema: Schema, source: str, merge: dict | None = None
+) -> tuple[str | dict, ...]:
+    """Validate `marginal = [...]`: each entry a binary column the formula uses bare (set to 1
+    and to 0), or a contrast `{exposure = "column", compare = [A, B]}` (the column set to A and
+    to B on every row: two levels of a categorical column, two values of a numeric or integer
+    one within its declared range, 0 and 1 of a binary one), whose column the formula uses bare
+    (a categorical one also as C(column)); each interaction of an exposure beside the terms it
+    multiplies (so that setting the exposure makes no design column that the model lacks).
+    Returns the canonical entries: the names, and the contrasts as {exposure, compare} with
+    levels as strings and numbers as floats (binary: 0 and 1)."""
     if marginal is None:
         return ()
+    field_name = f"{source}: field 'marginal'"
     expect = (
-        f"{source}: field 'marginal' must be a list of binary columns that the formula uses as terms, "
-        'e.g. marginal = ["treated"]'
+        f"{field_name} must be a list of binary columns that the formula uses as terms, or of contrasts "
+        '{exposure = "column", compare = [value, value]}, e.g. marginal = ["treated", '
+        '{exposure = "imd_quintile", compare = ["5", "1"]}]'
     )
     if not isinstance(marginal, list) or not marginal or len(marginal) > MAX_MARGINAL:
         raise SpecError(f"{expect} (at most {MAX_MARGINAL}).")
@@ -302,23 +338,103 @@ def check_marginal(marginal, formula: str, schema: Schema, source: str) -> tuple
 
     terms = parse_formula(formula, source).rhs_terms
     factor_sets = [frozenset(str(f.expr).replace(" ", "") for f in term.factors) for term in terms]
-    out = []
-    for name in marginal:
-        if not isinstance(name, str) or name in out:
-            raise SpecError(f"{expect}; {name!r} is not a column name or is listed twice.")
-        if name not in schema or schema[name].type != "binary":
-            raise SpecError(f"{expect}; '{name}' is not a binary (0/1) column of the dataset '{schema.name}'.")
-        if frozenset([name]) not in factor_sets:
-            raise SpecError(f"{expect}; the formula has no term '{name}' (write the column bare, not C({name})).")
-        for factors in factor_sets:
-            if name in factors and len(factors) > 1 and factors - {name} not in factor_sets:
-                rest = ":".join(sorted(factors - {name}))
+    out: list = []
+    labels: list[str] = []
+    for entry in marginal:
+        if isinstance(entry, dict):
+            column = entry.get("exposure")
+            entry = _check_contrast(
+                entry, field_name, schema, (merge or {}).get(column) if isinstance(column, str) else None
+            )
+            name = entry["exposure"]
+        else:
+            name = entry
+            if not isinstance(name, str):
+                raise SpecError(f"{expect}; {name!r} is neither a column name nor a contrast.")
+            if name not in schema or schema[name].type != "binary":
                 raise SpecError(
-                    f"{source}: field 'marginal' lists '{name}', whose interaction with '{rest}' needs the term "
-                    f"'{rest}' in the formula too (setting '{name}' to 1 turns the interaction into it)."
+                    f"{expect}; '{name}' is not a binary (0/1) column of the dataset '{schema.name}' (for another "
+                    f'column name the two values to compare: {{exposure = "{name}", compare = [value, value]}}).'
                 )
-        out.append(name)
+        label = marginal_label(entry)
+        if label in labels:
+            raise SpecError(f"{field_name} lists '{label}' twice.")
+        bare = {name, f"C({name})"} if schema[name].is_categorical else {name}
+        own = next((f for f in bare if frozenset([f]) in factor_sets), None)
+        if own is None:
+            how = f"'{name}' or 'C({name})'" if schema[name].is_categorical else f"'{name}' (the column bare)"
+            raise SpecError(f"{field_name} lists '{label}', but the formula has no term {how}.")
+        for factors in factor_sets:
+            if own in factors and len(factors) > 1 and factors - {own} not in factor_sets:
+                rest = ":".join(sorted(factors - {own}))
+                raise SpecError(
+                    f"{field_name} lists '{label}', whose interaction with '{rest}' needs the term "
+                    f"'{rest}' in the formula too (setting '{name}' turns the interaction into it)."
+                )
+        labels.append(label)
+        out.append(entry)
     return tuple(out)
+
+
+def _check_contrast(entry: dict, field_name: str, schema: Schema, groups: dict | None) -> dict:
+    """One contrast of `marginal`, canonical: {"exposure": column, "compare": [A, B]}."""
+    example = '{exposure = "column", compare = [value, value]}'
+    unknown = sorted(set(entry) - set(CONTRAST_KEYS))
+    if unknown or set(entry) != set(CONTRAST_KEYS):
+        what = f"has unknown key '{unknown[0]}'" if unknown else "lacks 'exposure' or 'compare'"
+        raise SpecError(f"{field_name} has a contrast that {what}; a contrast is {example}.")
+    name, values = entry["exposure"], entry["compare"]
+    if not isinstance(name, str) or name not in schema:
+        raise SpecError(
+            f"{field_name} has a contrast of {name!r}, which is not a column of the dataset '{schema.name}'."
+        )
+    col = schema[name]
+    if not col.in_models:
+        raise SpecError(f"{field_name} has a contrast of the {col.type} column '{name}', which a model cannot use.")
+    where = f"{field_name} contrast of '{name}'"
+    if not isinstance(values, list) or len(values) != 2:
+        raise SpecError(f"{where} must compare two values, e.g. compare = {_example_values(col)}.")
+    if col.is_categorical:
+        levels = merged_levels(col.levels, groups)[0] if groups else list(col.levels)
+        for v in values:
+            if not isinstance(v, str):
+                raise SpecError(
+                    f"{where} must compare two of its levels as text, e.g. compare = {_example_values(col)}, not {v!r}."
+                )
+            if v not in levels:
+                merged = " (after the study's merges)" if groups else ""
+                raise SpecError(
+                    f"{where} compares '{v}', which is not a level of '{name}'{merged}; its levels are {', '.join(levels)}."
+                )
+        canonical = [str(v) for v in values]
+    else:
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise SpecError(f"{where} must compare two numbers, e.g. compare = {_example_values(col)}, not {v!r}.")
+        if col.type == "binary":
+            if sorted(values) != [0, 1]:
+                raise SpecError(f"{where} must compare 1 with 0 (or 0 with 1), the binary column's two values.")
+            canonical = [int(v) for v in values]
+        else:
+            for v in values:
+                if (col.min is not None and v < col.min) or (col.max is not None and v > col.max):
+                    low = "-inf" if col.min is None else value_text(col.min)
+                    high = "inf" if col.max is None else value_text(col.max)
+                    raise SpecError(f"{where} compares {v!r}, outside the column's declared range {low} to {high}.")
+                if col.type == "integer" and not float(v).is_integer():
+                    raise SpecError(f"{where} compares {v!r}, but '{name}' is an integer column: give whole numbers.")
+            canonical = [float(v) for v in values]
+    if canonical[0] == canonical[1]:
+        raise SpecError(f"{where} compares {values[0]!r} with itself; give two different values.")
+    return {"exposure": name, "compare": canonical}
+
+
+def _example_values(col: Column) -> str:
+    if col.is_categorical and len(col.levels) >= 2:
+        return f'["{col.levels[-1]}", "{col.levels[0]}"]'
+    if col.type == "binary":
+        return "[1, 0]"
+    return "[2, 1]"
 
 
 def common_fields(data: dict, schema: Schema, source: str, allowed: set[str]) -> dict:
@@ -552,7 +668,10 @@ def check_at_node(spec: StudySpec, schema: Schema) -> None:
         check_offset(spec.offset, schema, spec.source)
     check_estimation({"weights": spec.weights, "cov_type": spec.cov_type, "cluster": spec.cluster}, schema, spec.source)
     if spec.marginal and spec.kind == "glm":
-        check_marginal(list(spec.marginal), spec.formula, schema, spec.source)
+        if list(check_marginal(list(spec.marginal), spec.formula, schema, spec.source, spec.merge)) != list(
+            spec.marginal
+        ):
+            raise SpecError(f"{spec.source}: field 'marginal' is not in canonical form.")
     if spec.merge:
         if check_merges(spec.merge, schema, spec.source) != spec.merge:
             raise SpecError(f"{spec.source}: field 'merge' is not in canonical form.")

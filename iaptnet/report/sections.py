@@ -411,22 +411,32 @@ def sensitivity_section(results: list[dict]) -> Section | None:
     )
     if risk_rows:
         section.summary.append(
-            "For the binary exposures, the risk difference: the share with the outcome if everyone were exposed "
-            "minus the share if no one were, standardised over the finding's referrals (g-computation), on the "
-            "scale a commissioner reads."
+            "The risk difference: the share with the outcome if everyone were exposed minus the share if no one "
+            "were (for a count or a grouping, if everyone had the first value compared minus if everyone had the "
+            "second), standardised over the finding's referrals (g-computation), on the scale a commissioner reads."
         )
         section.tables.append(marginal_table("sensitivity-risk-difference", risk_rows))
     return section
 
 
+def marginal_label(m: dict) -> str:
+    """A `marginal` row's exposure in words: a binary term's label, or a contrast's column
+    with its two values (`imd quintile: 5 (least deprived) vs 1 (most deprived)`)."""
+    if not m.get("compare") or not m.get("exposure"):
+        return w.term_label(m["term"])
+    column = m["exposure"]
+    first, second = (w.level_label(column, v) if isinstance(v, str) else f"{v:g}" for v in m["compare"])
+    return f"{w.column_label(column)}: {first} vs {second}"
+
+
 def marginal_table(name: str, rows: list[dict]) -> Table:
-    """Standardised risks with the exposure set to 1 and to 0 for everyone, their difference
-    and ratio: the scale a commissioner reads."""
+    """Standardised risks with the exposure set to 1 and to 0 for everyone (a contrast: to its
+    first and to its second value), their difference and ratio: the scale a commissioner reads."""
     out = []
     for m in rows:
         out.append(
             [
-                c(m["term"], w.term_label(m["term"])),
+                c(m["term"], marginal_label(m)),
                 Cell(m.get("risk_exposed"), w.share(m.get("risk_exposed"))),
                 Cell(m.get("risk_unexposed"), w.share(m.get("risk_unexposed"))),
                 Cell(m.get("risk_difference"), w.share(m.get("risk_difference"))),
@@ -440,7 +450,8 @@ def marginal_table(name: str, rows: list[dict]) -> Table:
         )
     return Table(
         name,
-        "Standardised risks (everyone exposed, everyone unexposed), their difference and ratio",
+        "Standardised risks (everyone exposed, everyone unexposed; for a contrast, everyone at the first value "
+        "and everyone at the second), their difference and ratio",
         [
             "exposure",
             "risk if exposed",

@@ -14,10 +14,12 @@ One GLM run is three task kinds (docs/developer/architecture.md draws one round)
   that may converge), `meat/<key>` (packed). A negative binomial model's `beta/<key>` is its coefficients followed
   by log theta (its null model's: the intercept and the model's log theta), and its reply adds
   `theta/<key>` = (d loglik / d theta, d^2 loglik / d theta^2) (not for the null model).
-  A round whose payload has `marginal` ({model key: [exposure column, ...]}, once the model has
-  converged) adds per exposure i `marginal/<key>/<i>` = (sum w mu1, sum w mu0, sum w, then the
-  p-vectors sum w mu'(eta1) x1 and sum w mu'(eta0) x0): the fitted means and their gradients
-  with the exposure set to 1 and to 0 for every row (w the prior weights, else 1).
+  A round whose payload has `marginal` ({model key: [entry label, ...]}, once the model has
+  converged; a label is protocol/study.py's `marginal_label` of one of the study's `marginal`
+  entries: the binary column's name, or `column A vs B` for a contrast) adds per entry i
+  `marginal/<key>/<i>` = (sum w mu1, sum w mu0, sum w, then the p-vectors sum w mu'(eta1) x1
+  and sum w mu'(eta0) x0): the fitted means and their gradients with the exposure set to 1 and
+  to 0 (a contrast: to A and to B) for every row (w the prior weights, else 1).
   A round whose payload has `cr2` ({model key: the active-column mask as 0/1}, once a
   cov_type = "CR2" model has converged) carries besides `bread/<key>`, the pooled inverse
   information over the active columns (packed), and adds `cr2_meat/<key>` (packed, active
@@ -145,7 +147,7 @@ def cr2_from_payload(payload: dict, arrays: dict) -> dict:
 
 
 def marginal_from_payload(payload: dict) -> dict[str, list[str]]:
-    """A round's `marginal` request: {model key: [exposure column, ...]}; DataError otherwise."""
+    """A round's `marginal` request: {model key: [entry label, ...]}; DataError otherwise."""
     marginal = payload.get("marginal") or {}
     if not isinstance(marginal, dict) or not all(
         isinstance(k, str) and isinstance(v, list) and 0 < len(v) <= 10 and all(isinstance(t, str) for t in v)
