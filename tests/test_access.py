@@ -193,7 +193,7 @@ def test_rates_and_rate_ratios_equal_the_pooled_rows(network):
     assert result["n_cohort"] >= result["n"] + result["n_missing"]
     json.dumps(result, allow_nan=False)  # plain JSON
     text = render(result)
-    assert "age_group 65+" in text and "<- exposure" in text and "area[T.west]" in text
+    assert "age group: 65+" in text and "<- exposure" in text and "area: west" in text and "[T." not in text
 
 
 def test_older_adults_against_18_to_64_without_area_effects(network):

@@ -274,3 +274,403 @@ def test_a_run_s_terminal_output_says_the_words_of_its_report(report_run):
     assert "service id: Barnet (ZN2)" in glm and "sex: male" in glm and not CODED_TERM.search(glm)
     # results.json keeps the codes.
     assert any(CODED_TERM.search(t["term"]) for t in results["d4_older_adults"]["terms"])
+
+
+# --- the other kinds: access, propensity (psm/iptw), meta and its --------------------------
+# Each hand-built result has the shape its coordinator writes (coordinator/<kind>.py
+# build_results; see a run's results.json), with coded levels the schema has words for.
+
+NODES = [{"name": "barnet", "contributed": True}, {"name": "camden_islington", "contributed": True}]
+SERVICES = {"service_column": "service_id", "services": {"ZN1": "camden_islington", "ZN2": "barnet"}}
+
+
+def _header(kind: str, **fields) -> dict:
+    return {
+        "study": f"coded_{kind}",
+        "title": f"Coded {kind}",
+        "study_hash": "ef" * 32,
+        "kind": kind,
+        "nodes": NODES,
+        **SERVICES,
+        **fields,
+    }
+
+
+def _rate(variable, level, referrals, rate, ratio=None):
+    row = {
+        "variable": variable,
+        "level": level,
+        "referrals": referrals,
+        "population": 10_000.0,
+        "person_years": 80_000.0,
+        "rate": rate,
+        "rate_low": None if rate is None else rate - 10,
+        "rate_high": None if rate is None else rate + 10,
+        "suppressed": None if referrals is not None else "small number",
+    }
+    if ratio is not None:
+        low = None if ratio == 1.0 else ratio - 0.1
+        row.update(rate_ratio=ratio, rate_ratio_low=low, rate_ratio_high=None if low is None else ratio + 0.1)
+    return row
+
+
+def access_result() -> dict:
+    terms = [_term(t) for t in ("Intercept", "age_group[T.65+]", "employment[T.02]", "area[T.barnet]")]
+    return _header(
+        "access",
+        family="poisson",
+        link="log",
+        ratio_name="rate ratio",
+        formula="referrals ~ age_group + employment + area",
+        by=["age_group", "employment"],
+        period={"first": "2012-04-01", "last": "2020-03-31", "years": 8},
+        per=100_000,
+        population={"source": "synthetic", "file": "population.csv", "sha256": "12" * 32, "areas": {}},
+        need=None,
+        exposure="age_group[T.65+]",
+        exposure_term=terms[1],
+        n=1200,
+        n_missing=10,
+        n_no_population=0,
+        n_cohort=1210,
+        cells=8,
+        iterations=4,
+        lr_statistic=120.5,
+        lr_df=3,
+        lr_p_value=1e-9,
+        terms=terms,
+        models=[{"name": "adjusted", "formula": "referrals ~ age_group + employment + area", "terms": terms}],
+        rates=[
+            _rate("age_group", "18-64", 1000, 500.0, 1.0),
+            _rate("age_group", "65+", 200, 150.0, 0.3),
+            _rate("employment", "01", 900, 450.0, 1.0),
+            _rate("employment", "02", None, None, 1.4),
+            _rate("all", "all", 1200, 480.0),
+        ],
+        area_rates=[{"area": "barnet", **_rate("age_group", "65+", 100, 140.0)}],
+        suppression={
+            "network_rule": "1-7 suppressed, others rounded to 5",
+            "node_counts": "as released",
+            "secondary": 1,
+        },
+    )
+
+
+def _balance(term, before, after):
+    return {"term": term, "smd_before": before, "smd_after": after}
+
+
+def propensity_result(kind: str = "psm") -> dict:
+    terms = [_term("Intercept"), _term("older_adult")]
+    result = _header(
+        kind,
+        family="binomial",
+        link="logit",
+        ratio_name="odds ratio",
+        formula="reliable_recovery ~ older_adult",
+        outcome="reliable_recovery",
+        exposure="older_adult",
+        exposure_term=terms[1],
+        n=4548,
+        terms=terms,
+        propensity_model={"n": 35737, "exposed": 2298.0, "iterations": 4, "terms": [_term("Intercept")] * 5},
+        propensity_score={"logit_sd": 0.469},
+        balance=[
+            _balance("ps_logit", 0.479, 0.001),
+            _balance("employment[T.02]", 0.31, 0.12),
+            _balance("service_id[T.ZN2]", 0.15, 0.02),
+            _balance("phq9_first", -0.36, 0.037),
+            _balance("sex[T.male]", 0.04, 0.02),
+        ],
+        balance_summary={
+            "threshold": 0.1,
+            "max_abs_smd_before": 0.479,
+            "max_abs_smd_after": 0.12,
+            "balanced": False,
+            "imbalanced_terms": ["employment[T.02]"],
+        },
+    )
+    if kind == "psm":
+        result["matching"] = {
+            "caliper_sd": 0.2,
+            "caliper": 0.0938,
+            "exposed": 2298,
+            "controls": 33439,
+            "pairs": 2274,
+            "exposed_unmatched": 24,
+            "nodes": [{"name": "barnet", "pairs": 240}, {"name": "camden_islington", "pairs": None}],
+        }
+    else:
+        result["weighting"] = {
+            "estimand": "ATT",
+            "stabilized": False,
+            "exposed": {"n": 2298, "effective_n": 2298.0},
+            "control": {"n": 33439, "effective_n": 25747.8},
+        }
+    return result
+
+
+def _pooled(method=None, **fields):
+    entry = {
+        "estimate": 0.09,
+        "std_error": 0.0025,
+        "statistic": 37.1,
+        "p_value": 1e-9,
+        "conf_low": 0.087,
+        "conf_high": 0.097,
+        "k": 2,
+        "Q": 3.76,
+        "Q_df": 1,
+        "Q_p_value": 0.052,
+        "I2": 0.734,
+        "ratio": 1.096,
+        "ratio_low": 1.091,
+        "ratio_high": 1.102,
+        **fields,
+    }
+    if method:
+        entry.update(
+            method=method,
+            ci="normal",
+            df=None,
+            tau2=0.0021,
+            tau=0.046,
+            H2=3.8,
+            prediction_low=0.01,
+            prediction_high=0.17,
+            prediction_ratio_low=1.01,
+            prediction_ratio_high=1.19,
+        )
+    return entry
+
+
+def meta_result() -> dict:
+    def node(name, ratio, weight):
+        return {
+            "node": name,
+            "estimate": 0.09,
+            "std_error": 0.007,
+            "conf_low": 0.076,
+            "conf_high": 0.104,
+            "ratio": ratio,
+            "ratio_low": ratio - 0.015,
+            "ratio_high": ratio + 0.015,
+            "dropped_terms": ["service_id[T.ZN2]"],
+            "weights": {"fixed": weight, "random_dl": weight, "random_reml": weight},
+        }
+
+    one_stage = {"exposure_term": _term("employment[T.02]"), "n": 35737, "iterations": 3}
+    return _header(
+        "meta",
+        family="binomial",
+        link="logit",
+        ratio_name="odds ratio",
+        formula="reliable_recovery ~ employment + n_treat",
+        exposure="employment[T.02]",
+        k=2,
+        n=35737,
+        per_node=[
+            node("barnet", 1.103, 0.45),
+            node("camden_islington", 1.090, 0.55),
+            {"node": "newham", "estimate": None, "std_error": None, "reason": "has no rows in the study's cohort"},
+        ],
+        fixed=_pooled(),
+        random_dl=_pooled("DerSimonian-Laird"),
+        random_reml=_pooled("REML"),
+        tau2_ci={
+            "tau2_low": 0.0,
+            "tau2_high": 6.4e-05,
+            "tau_low": 0.0,
+            "tau_high": 0.008,
+            "I2_low": 0.0,
+            "I2_high": 0.563,
+            "H2_low": 1.0,
+            "H2_high": 2.29,
+            "lower_sign": "",
+            "upper_sign": "",
+            "note": None,
+        },
+        one_stage=one_stage,
+        one_stage_service_fe=one_stage,
+    )
+
+
+def _change(ratio):
+    level = {"term": "after_change", "estimate": -0.28, "p_value": 0.001, "ratio": ratio}
+    level.update(ratio_low=ratio - 0.1, ratio_high=ratio + 0.1)
+    slope = {"term": "time_after_change", "ratio_per_12": 1.019, "ratio_per_12_low": 0.957, "ratio_per_12_high": 1.085}
+    return {"level_change": level, "slope_change": slope}
+
+
+def its_result() -> dict:
+    def segment(group, nodes, before, after):
+        return {
+            "group": group,
+            "nodes": nodes,
+            "change_date": "2016-01",
+            "before": {"referrals": before, "rate": 0.249},
+            "after": {"referrals": after, "rate": None if after is None else 0.161},
+            "months": [],
+        }
+
+    def service(group, fitted):
+        entry = {"group": group, "change_time": 45, "change_date": "2016-01", "fitted": fitted}
+        if fitted:
+            entry.update(n=11918, terms=[{"term": "Intercept", "estimate": -1.4}], **_change(0.756))
+        else:
+            entry["reason"] = "no referral in the cohort falls before the change"
+        return entry
+
+    return _header(
+        "its",
+        outcome="n_dna",
+        denominator=["n_treat"],
+        group="service_id",
+        time="referral_month",
+        cov_type="HC0",
+        changes=[{"group": "ZN1", "change_time": 45}],
+        segments=[
+            segment("ZN1", ["camden_islington"], 5625, 6295),
+            segment("ZN9", ["barnet", "camden_islington"], 4415, None),
+        ],
+        per_service=[service("ZN1", True), service("ZN9", False)],
+        pooled={"n": 69908, "iterations": 3, **_change(0.761)},
+        level_change=_change(0.761)["level_change"],
+        slope_change=_change(0.761)["slope_change"],
+        level_change_meta={
+            "random_dl": _pooled("DerSimonian-Laird"),
+            "random_reml": _pooled("REML"),
+            "groups": ["ZN1", "ZN9"],
+        },
+    )
+
+
+def _report_texts(section, column: int = 0) -> set[str]:
+    """The texts a column of the report section's tables shows (its nodes table left out)."""
+    return {
+        row[column].text.replace("  (exposure)", "")
+        for table in section.tables
+        if not table.name.endswith("-nodes")
+        for row in table.rows
+    }
+
+
+def test_the_terminal_access_output_names_groups_and_terms_in_the_report_s_words():
+    from iaptnet.report import sections
+
+    result = access_result()
+    text = render_report(result)
+    assert not CODED_TERM.search(text), text
+    assert "age_group" not in text.replace("referrals ~ age_group", "")  # only the formula keeps names
+    for words_shown in (
+        "age group: 18-64",
+        "age group: 65+",
+        "employment: employed (01)",
+        "employment: unemployed, seeking work (02)",
+        "area: barnet",
+        "all referrals",
+    ):
+        assert words_shown in text, words_shown
+    (exposure,) = [line for line in text.splitlines() if line.endswith("<- exposure")]
+    assert exposure.strip().startswith("age group: 65+ ")
+    # Every group and term the report's tables name is named so on the terminal.
+    with words.services_of(result):
+        section = sections.access_section(result)
+    rates = next(t for t in section.tables if t.name.endswith("-rates"))
+    for row in rates.rows:
+        if row[0].value != "all":  # the figure's and the terminal's 'all referrals'
+            assert f"{row[0].text}: {row[1].text}" in text
+    terms = next(t for t in section.tables if t.name.endswith("-adjusted"))
+    for row in terms.rows:
+        assert row[0].text.replace("  (exposure)", "") in text
+
+
+@pytest.mark.parametrize("kind", ["psm", "iptw"])
+def test_the_terminal_propensity_output_names_terms_in_the_report_s_words(kind):
+    from iaptnet.report import sections
+
+    result = propensity_result(kind)
+    text = render_report(result)
+    assert not CODED_TERM.search(text), text
+    assert "ps_logit" not in text and "phq9_first" not in text and "reliable_recovery" not in text
+    for words_shown in (
+        "propensity score (logit)",
+        "employment: unemployed, seeking work (02)",
+        "service id: Barnet (ZN2)",
+        "phq9 first",
+        "outcome model of reliable recovery on older adult",
+        "at or above 0.1 after: employment: unemployed, seeking work (02)",
+    ):
+        assert words_shown in text, words_shown
+    assert "older adult" in [line for line in text.splitlines() if line.endswith("<- exposure")][0]
+    # The balance rows as the report's balance table (and Love plot) label them.
+    with words.services_of(result):
+        section = sections.propensity_section(result)
+    balance = next(t for t in section.tables if t.name.endswith("-balance"))
+    shown = [row[0].text for row in balance.rows if row[0].value != "sex[T.male]"]  # balanced: not listed
+    assert shown and all(label in text for label in shown)
+
+
+def test_the_terminal_meta_output_names_the_exposure_in_the_report_s_words():
+    result = meta_result()
+    text = render_report(result)
+    assert not CODED_TERM.search(text), text
+    assert "meta-analysis of employment: unemployed, seeking work (02)," in text
+    with words.services_of(result):
+        assert words.term_label(result["exposure"]) in text
+    # I² and tau² as the report and its glossary write them.
+    assert "I² = 73.4%" in text and "tau² = 0.0021" in text and "I² 0.0% to 56.3%" in text
+    assert not re.search(r"\b(I2|tau2|H2)\b", text), text
+    assert "newham" in text and "not pooled: has no rows" in text
+
+
+def test_the_terminal_its_output_names_the_series_in_the_report_s_words():
+    from iaptnet.report import sections
+
+    result = its_result()
+    text = render_report(result)
+    assert "n_dna" not in text and "n_treat" not in text and "service_id" not in text, text
+    with words.services_of(result):
+        section = sections.its_section(result, 48)
+    # The series as the report's axis and caption name it.
+    assert "n dna per n treat" in section.summary[0]
+    assert "poisson/log of n dna per n treat]" in text and "n dna per n treat before/after" in text
+    # A group held by one node by that node; one held by several as the report names it.
+    assert "  camden_islington " in text
+    assert "service id ZN9" in text and "service id ZN9" in _report_texts(section)
+    assert "tau² = 0.0021, I² = 73.4%" in text and not re.search(r"\b(I2|tau2)\b", text)
+
+
+@pytest.mark.parametrize(
+    "make, code",
+    [
+        (access_result, "area[T.barnet]"),
+        (propensity_result, "employment[T.02]"),
+        (lambda: propensity_result("iptw"), "employment[T.02]"),
+        (meta_result, "employment[T.02]"),
+        (its_result, "n_dna"),
+    ],
+)
+def test_rendering_the_other_kinds_leaves_their_results_alone(make, code):
+    """`--json` and results.json keep the codes of every kind: rendering changes nothing."""
+    result = make()
+    before = copy.deepcopy(result)
+    render_report(result)
+    assert result == before
+    assert code in json.dumps(result)
+
+
+def test_a_run_s_other_kinds_say_the_words_of_its_report(report_run):
+    """The access, propensity, meta and its studies of a real run as `iaptnet run` prints them."""
+    results = {p.parent.name: json.loads(p.read_text()) for p in report_run.glob("*/results.json")}
+    access = render_report(results["a1_access_older_adults"])
+    assert "age group: 65+" in access and "area: barnet" in access and not CODED_TERM.search(access)
+    for name in ("p3_older_adults_psm", "p4_older_adults_iptw"):
+        text = render_report(results[name])
+        assert "propensity score (logit)" in text and "ps_logit" not in text and not CODED_TERM.search(text)
+    meta = render_report(results["h1_heterogeneity_sessions"])
+    assert "meta-analysis of n treat," in meta and "I² = " in meta and not CODED_TERM.search(meta)
+    its = render_report(results["s1_reminders_its"])
+    assert "of n dna per n treat]" in its and "n_dna" not in its
+    # results.json keeps the codes.
+    assert any(CODED_TERM.search(t["term"]) for t in results["a1_access_older_adults"]["terms"])

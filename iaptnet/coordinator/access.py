@@ -365,7 +365,11 @@ def build_results(spec, access, analysis: dict, *, engine: str, node_status: lis
 
 
 def render(result: dict) -> str:
-    """Rates per 100,000 per year with crude rate ratios, then the adjusted rate ratios."""
+    """Rates per 100,000 per year with crude rate ratios, then the adjusted rate ratios; groups
+    and terms in the report's words (`age group: 65+`, report/words.py), not as codes."""
+    from ..report import words
+    from .results import term_text
+
     title = result.get("title") or result["study"]
     period = result["period"]
     need = result.get("need")
@@ -373,7 +377,8 @@ def render(result: dict) -> str:
     against = (
         (
             f"people with need: population '{result['population']['source']}' x prevalence "
-            f"'{need['source']}' by {', '.join(need['by'])} (sha256 {result['population']['sha256'][:12]}, "
+            f"'{need['source']}' by {', '.join(map(words.column_label, need['by']))} "
+            f"(sha256 {result['population']['sha256'][:12]}, "
             f"{need['sha256'][:12]})"
         )
         if need
@@ -388,12 +393,20 @@ def render(result: dict) -> str:
     lines.extend(node_lines(result))
     rate = "per 100,000 with need/yr" if need else "rate per 100,000/yr"
     width = 34 if need else 30
+    # Each group as the report's rates table and figure name it (report/sections.py access_section).
+    with words.services_of(result):
+        groups = [
+            "all referrals"
+            if row["variable"] == ALL
+            else f"{words.column_label(row['variable'])}: {words.level_label(row['variable'], row['level'])}"
+            for row in result["rates"]
+        ]
+    group_width = max([30, *map(len, groups)])
     lines.append(
-        f"  {'group':<30} {'referrals':>10} {'with need' if need else 'population':>12}   "
+        f"  {'group':<{group_width}} {'referrals':>10} {'with need' if need else 'population':>12}   "
         f"{rate + ' (95% CI)':<{width}} crude rate ratio (95% CI)"
     )
-    for row in result["rates"]:
-        group = "all referrals" if row["variable"] == ALL else f"{row['variable']} {row['level']}"
+    for row, group in zip(result["rates"], groups):
         count = "*" if row["referrals"] is None else f"{row['referrals']:,}"
         shown = "*" if row["rate"] is None else f"{row['rate']:.1f} ({row['rate_low']:.1f}-{row['rate_high']:.1f})"
         ratio = ""
@@ -403,16 +416,21 @@ def render(result: dict) -> str:
                 if row["rate_ratio_low"] is None
                 else f"{row['rate_ratio']:.3f} ({row['rate_ratio_low']:.3f}-{row['rate_ratio_high']:.3f})"
             )
-        lines.append(f"  {group[:30]:<30} {count:>10} {row['population']:>12,.0f}   {shown:<{width}} {ratio}")
+        lines.append(f"  {group:<{group_width}} {count:>10} {row['population']:>12,.0f}   {shown:<{width}} {ratio}")
     p = result["lr_p_value"]
     lines.append(
         f"  adjusted: {result['formula']}; likelihood ratio vs no groups {result['lr_statistic']:.1f} "
         f"on {result['lr_df']} df" + (f", {p_phrase(p)}" if p is not None else "")
     )
-    lines.append(f"  {'term':<34} {'estimate':>10} {'std err':>9} {'z':>8} {'p':>9}   {'rate ratio (95% CI)':>26}")
-    for t in result["terms"]:
+    # Terms as the report's terms table and the GLM output name them (`area: barnet`).
+    names = [term_text(t["term"], result) for t in result["terms"]]
+    term_width = max([34, *map(len, names)])
+    lines.append(
+        f"  {'term':<{term_width}} {'estimate':>10} {'std err':>9} {'z':>8} {'p':>9}   {'rate ratio (95% CI)':>26}"
+    )
+    for t, name in zip(result["terms"], names):
         row = (
-            f"  {t['term'][:34]:<34} {t['estimate']:>10.4f} {t['std_error']:>9.4f} {t['statistic']:>8.2f} "
+            f"  {name:<{term_width}} {t['estimate']:>10.4f} {t['std_error']:>9.4f} {t['statistic']:>8.2f} "
             f"{p_value(t['p_value']):>9}   {t['ratio']:>8.3f} ({t['ratio_low']:.3f}-{t['ratio_high']:.3f})"
         )
         if t["term"] == result.get("exposure"):

@@ -62,6 +62,30 @@ def fit_derived(
     """Fit the derived GLMs together. Nodes that dropped out of the study's earlier session
     stay out, with their reason. `optional`: models a node may decline for too few rows
     (coordinator/glm.py: fit_models)."""
+    session = derived_session(
+        grid,
+        specs,
+        min_nodes=min_nodes,
+        earlier=earlier,
+        progress=progress,
+        timeout=timeout,
+        poll_interval=poll_interval,
+    )
+    fits = fit_models(session, specs, {key: [] for key in specs}, optional)
+    return session, fits
+
+
+def derived_session(
+    grid,
+    specs: dict[str, StudySpec],
+    *,
+    min_nodes: int | None,
+    earlier: Session | None = None,
+    progress=None,
+    timeout: float | None = 300.0,
+    poll_interval: float = 0.0,
+) -> Session:
+    """The session of the derived GLMs (fit_derived), its nodes as `earlier` left them."""
     ordered = [specs[k] for k in sorted(specs, key=lambda k: (len(k), k))]  # the nodes' order
     session = Session(
         grid, batch_hash(ordered), min_nodes=min_nodes, timeout=timeout, poll_interval=poll_interval, progress=progress
@@ -76,9 +100,24 @@ def fit_derived(
                 node.audit_hash, node.audit_seq = before.audit_hash, before.audit_seq  # until it answers again
                 if not before.contributed:
                     node.contributed, node.dropped_reason = False, before.dropped_reason
-                    node.refusals = before.refusals
-    fits = fit_models(session, specs, {key: [] for key in specs}, optional)
-    return session, fits
+                    node.dropped_at, node.refusals = before.dropped_at, before.refusals
+    return session
+
+
+def carry_lost(later: Session, earlier: Session) -> bool:
+    """Nodes that left `later` (min_nodes let the study go on) leave `earlier` too, with their
+    reason; True if a node did. A kind whose later steps rest on an earlier step's pooled
+    numbers then runs that step again without them."""
+    grew = False
+    for node_id, node in later.nodes.items():
+        before = earlier.nodes.get(node_id)
+        if before is not None and before.contributed and not node.contributed:
+            before.name = before.name or node.name
+            before.contributed, before.dropped_reason, before.dropped_at = False, node.dropped_reason, node.dropped_at
+            before.refusals = node.refusals
+            before.audit_hash, before.audit_seq = node.audit_hash, node.audit_seq
+            grew = True
+    return grew
 
 
 def model_result(fit: ModelFit, session: Session, engine: str) -> dict:

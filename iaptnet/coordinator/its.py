@@ -24,7 +24,8 @@ import math
 from ..protocol.errors import ModelError
 from ..protocol.kinds import its as protocol
 from ..protocol.sdc import Relation, suppress
-from .derived_models import fit_derived, footer, header, model_result, with_ratio
+from .derived_models import carry_lost, derived_session, footer, header, model_result, with_ratio
+from .glm import fit_models
 from .meta_analysis import meta_analyse
 from .session import Session
 
@@ -43,30 +44,43 @@ def run_study(
     replies = first.ask(protocol.TASK, {"models": {"its": spec.to_wire()}})
     for reply in replies:
         first.node_named(reply.node).data_version = str(reply.payload.get("data_version", ""))
-    segments = _segments(spec, replies)
-    by_level = {s["group"]: s for s in segments}
-    all_specs = protocol.model_specs(spec)
-    chosen = {"pooled": all_specs["pooled"]}
-    skipped = {}
-    for i, level in enumerate(p["changes"]):
-        reason = _why_not(by_level[level])
-        if reason:
-            skipped[level] = reason
-        else:
-            chosen[f"g{i}"] = all_specs[f"g{i}"]
-    _check_estimable(spec, [by_level[level] for level in p["changes"]])
-    # A group's own model rests on the nodes holding its referrals; the others decline it
-    # (too few rows: a node answers 0 rows as it answers a few, so it cannot say "none").
-    session, fits = fit_derived(
-        grid,
-        chosen,
-        min_nodes=spec.min_nodes,
-        earlier=first,
-        progress=progress,
-        timeout=timeout,
-        poll_interval=poll_interval,
-        optional=frozenset(k for k in chosen if k != "pooled"),
-    )
+    while True:  # once more without a node that left during the models (min_nodes)
+        remaining = {n.name for n in first.active}
+        segments = _segments(spec, [r for r in replies if r.node in remaining])
+        by_level = {s["group"]: s for s in segments}
+        all_specs = protocol.model_specs(spec)
+        chosen = {"pooled": all_specs["pooled"]}
+        skipped = {}
+        for i, level in enumerate(p["changes"]):
+            reason = _why_not(by_level[level])
+            if reason:
+                skipped[level] = reason
+            else:
+                chosen[f"g{i}"] = all_specs[f"g{i}"]
+        _check_estimable(spec, [by_level[level] for level in p["changes"]])
+        # A group's own model rests on the nodes holding its referrals; the others decline it
+        # (too few rows: a node answers 0 rows as it answers a few, so it cannot say "none").
+        # A node lost meanwhile takes its counts and groups with it: the table and the choice
+        # of models are made again from the remaining nodes' counts, and the models fitted anew.
+        session = derived_session(
+            grid,
+            chosen,
+            min_nodes=spec.min_nodes,
+            earlier=first,
+            progress=progress,
+            timeout=timeout,
+            poll_interval=poll_interval,
+        )
+        try:
+            fits = fit_models(session, chosen, {k: [] for k in chosen}, frozenset(k for k in chosen if k != "pooled"))
+        except ModelError:
+            first.round = session.round
+            if carry_lost(session, first):
+                continue  # e.g. the only node holding a group's referrals left during its model
+            raise
+        first.round = session.round
+        if not carry_lost(session, first):
+            break
     for i, level in enumerate(p["changes"]):
         key = f"g{i}"
         if key in fits:
@@ -349,21 +363,25 @@ def _exp(x: float) -> float:
 
 
 def render(result: dict) -> str:
-    """A short report: crude rates per group and period, then the level and slope changes."""
+    """A short report: crude rates per group and period, then the level and slope changes;
+    columns in the report's words (report/sections.py its_section: `n dna per n treat`)."""
+    from ..report import words
+
+    # The series as the report's axis names it: the outcome per its denominator, in words.
+    series = f"{words.column_label(result['outcome'])} per {' + '.join(map(words.column_label, result['denominator']))}"
     lines = [
         f"{result.get('title') or result['study']}  [interrupted time series, poisson/log of "
-        f"{result['outcome']} per {' + '.join(result['denominator'])}]  study {result['study_hash'][:12]}"
+        f"{series}]  study {result['study_hash'][:12]}"
     ]
     # A group held by one node is named by that service (not by its code, e.g. service_id 3).
     names = {g["group"]: g["nodes"][0] for g in result["segments"] if len(g.get("nodes") or []) == 1}
 
     def group_name(level: str) -> str:
-        return names.get(level) or f"{result['group']} {level}"
+        return names.get(level) or f"{words.column_label(result['group'])} {level}"
 
     width = max([16, *(len(group_name(g["group"])) for g in result["segments"])])
-    lines.append(
-        f"  {'group':<{width}} {'change':<9} {'referrals before/after':>24} {'events per unit of denominator':>32}"
-    )
+    rates = f"{series} before/after"
+    lines.append(f"  {'group':<{width}} {'change':<9} {'referrals before/after':>24} {rates:>32}")
 
     def num(v):
         return "*" if v is None else f"{v:,}"
@@ -408,6 +426,6 @@ def render(result: dict) -> str:
                 pi = f"; 95% PI {e['prediction_ratio_low']:.3f}-{e['prediction_ratio_high']:.3f}"
             lines.append(
                 f"  {name:<32} level RR {e['ratio']:.3f} ({e['ratio_low']:.3f}-{e['ratio_high']:.3f}); "
-                f"tau2 = {e['tau2']:.3g}, I2 = {100 * e['I2']:.1f}%{pi}"
+                f"tau² = {e['tau2']:.3g}, I² = {100 * e['I2']:.1f}%{pi}"
             )
     return "\n".join(lines)

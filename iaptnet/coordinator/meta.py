@@ -142,10 +142,13 @@ def _per_node(session: Session, replies, ratio: bool) -> list[dict]:
 
 
 def render(result: dict) -> str:
-    """A short report: each node's estimate, the pooled ones, and the one-stage models."""
+    """A short report: each node's estimate, the pooled ones, and the one-stage models; the
+    exposure in the report's words (`n treat`, `sex: male`) and I², tau² as the report writes them."""
+    from .results import term_text
+
     ratio = result.get("ratio_name")
     lines = [
-        f"{result.get('title') or result['study']}  [meta-analysis of '{result['exposure']}', "
+        f"{result.get('title') or result['study']}  [meta-analysis of {term_text(result['exposure'], result)}, "
         f"{result['family']}/{result['link']}]  study {result['study_hash'][:12]}"
     ]
 
@@ -173,9 +176,9 @@ def render(result: dict) -> str:
         if entry.get("Q_p_value") is not None:
             extra += f" ({p_phrase(entry['Q_p_value'])})"
         if entry.get("I2") is not None:
-            extra += f", I2 = {100 * entry['I2']:.1f}%"
+            extra += f", I² = {100 * entry['I2']:.1f}%"
         if "tau2" in entry:
-            extra = f"tau2 = {entry['tau2']:.3g}, " + extra
+            extra = f"tau² = {entry['tau2']:.3g}, " + extra
         lines.append(f"  {name:<38} {show(entry):<26} {extra}")
         if entry.get("prediction_low") is not None:
             if ratio:
@@ -209,8 +212,8 @@ def _tau2_ci_text(ci: dict) -> str:
     """tau2, tau, I2 and H2 bounds, with metafor's signs where a bound is at the search's end."""
     lo, hi = ci.get("lower_sign") or "", ci.get("upper_sign") or ""
     return (
-        f"tau2 {lo}{ci['tau2_low']:.3g} to {hi}{ci['tau2_high']:.3g}, "
+        f"tau² {lo}{ci['tau2_low']:.3g} to {hi}{ci['tau2_high']:.3g}, "
         f"tau {lo}{ci['tau_low']:.3g} to {hi}{ci['tau_high']:.3g}, "
-        f"I2 {lo}{100 * ci['I2_low']:.1f}% to {hi}{100 * ci['I2_high']:.1f}%, "
-        f"H2 {lo}{ci['H2_low']:.3g} to {hi}{ci['H2_high']:.3g}"
+        f"I² {lo}{100 * ci['I2_low']:.1f}% to {hi}{100 * ci['I2_high']:.1f}%, "
+        f"H² {lo}{ci['H2_low']:.3g} to {hi}{ci['H2_high']:.3g}"
     )

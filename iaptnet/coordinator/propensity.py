@@ -20,9 +20,9 @@ treat the weights as fixed (as statsmodels does).
 
 Steps 1-3 share one study hash (the propensity model's), the outcome model has its own; both
 models carry the study, so a Trust approves the study's hash once. A node that leaves with
-`min_nodes` (refusing a step) leaves the later steps too; the balance compares the nodes that
-answered the matching step, while the propensity model and the SD of the logit keep every node
-that answered them.
+`min_nodes` (refusing a step, or not answering) leaves the later steps too, and a node that
+leaves after the propensity model was fitted takes its rows out of every step: the steps start
+again from the propensity model on the remaining nodes, so that the result is theirs alone.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import numpy as np
 from ..protocol.errors import NetworkError
 from ..protocol.kinds import propensity as kind
 from .balance import balance_rows, balance_summary, pool_moments, pool_weighted_means, variances
+from .derived_models import carry_lost
 from .glm import ModelFit, fit_models
 from .results import build_results, term_rows
 from .runner import node_status
@@ -64,43 +65,53 @@ def run_study(
     specs = kind.derived_specs(parent)
     options = dict(min_nodes=parent.min_nodes, timeout=timeout, poll_interval=poll_interval, progress=progress)
     session = Session(grid, specs["ps"].hash, **options)
-    ps_fit = fit_models(session, {"ps": specs["ps"]}, {"ps": list(study.parsed.ps.stateful)})["ps"]
-    wire = {"models": {"ps": specs["ps"].to_wire()}}
-    payload = dict(wire)
-    if parent.params.get("stabilized"):
-        payload["marginal"] = ps_fit.events / ps_fit.n
-    scored = session.ask(kind.TASK_SCORE, payload, {"beta": ps_fit.beta})
-    _check(scored)
-    names = ["ps_logit", *ps_fit.names]
-    keep = [0] + [j + 1 for j, name in enumerate(ps_fit.names) if ps_fit.active[j] and name != "Intercept"]
-    score = _score_summary(scored)
-    before = _before(scored)
-    if parent.kind == "psm":
-        caliper = parent.params["caliper"] * score["logit_sd"]
-        matched = session.ask(kind.TASK_MATCH, {**wire, "caliper": caliper})
-        _check(matched)
-        if len(matched) < len(scored):  # a node left (min_nodes): compare like with like
-            before = _before([r for r in scored if r.node in {m.node for m in matched}])
-        pairs = sum(float(_array(r, "after/pairs")[0]) for r in matched)
-        total = np.sum([_array(r, "after/difference") for r in matched], axis=0)
-        difference = total / pairs if pairs else np.full(len(names), np.nan)
-        rows = balance_rows(names, keep, before, difference)
-        extra = {"matching": _matching(parent, caliper, score["logit_sd"], before, pairs, matched)}
-    else:
-        sums = {g: np.sum([_array(r, kind.weights_key(g)) for r in scored], axis=0) for g in GROUPS}
-        means = {
-            g: pool_weighted_means(
-                [(_array(r, kind.weights_key(g))[0], _array(r, kind.weighted_mean_key(g))) for r in scored]
-            )[1]
-            for g in GROUPS
-        }
-        rows = balance_rows(names, keep, before, means["exposed"] - means["control"], means)
-        extra = {"weighting": _weighting(parent, before, sums, ps_fit)}
-    outcome_session = Session(grid, specs["outcome"].hash, **options)
-    _carry_dropped(session, outcome_session)
-    out_fit = fit_models(
-        outcome_session, {"outcome": specs["outcome"]}, {"outcome": list(study.parsed.outcome_model.stateful)}
-    )["outcome"]
+    spent = 0  # rounds of outcome models started again
+    # A node lost after the propensity model (min_nodes) takes its rows out of every step:
+    # the steps start again from the propensity model, on the remaining nodes' rows alone.
+    while True:
+        ps_fit = fit_models(session, {"ps": specs["ps"]}, {"ps": list(study.parsed.ps.stateful)})["ps"]
+        lost = len(session.lost)
+        wire = {"models": {"ps": specs["ps"].to_wire()}}
+        payload = dict(wire)
+        if parent.params.get("stabilized"):
+            payload["marginal"] = ps_fit.events / ps_fit.n
+        scored = session.ask(kind.TASK_SCORE, payload, {"beta": ps_fit.beta})
+        _check(scored)
+        if len(session.lost) > lost:
+            continue
+        names = ["ps_logit", *ps_fit.names]
+        keep = [0] + [j + 1 for j, name in enumerate(ps_fit.names) if ps_fit.active[j] and name != "Intercept"]
+        score = _score_summary(scored)
+        before = _before(scored)
+        if parent.kind == "psm":
+            caliper = parent.params["caliper"] * score["logit_sd"]
+            matched = session.ask(kind.TASK_MATCH, {**wire, "caliper": caliper})
+            _check(matched)
+            if len(session.lost) > lost:
+                continue
+            pairs = sum(float(_array(r, "after/pairs")[0]) for r in matched)
+            total = np.sum([_array(r, "after/difference") for r in matched], axis=0)
+            difference = total / pairs if pairs else np.full(len(names), np.nan)
+            rows = balance_rows(names, keep, before, difference)
+            extra = {"matching": _matching(parent, caliper, score["logit_sd"], before, pairs, matched)}
+        else:
+            sums = {g: np.sum([_array(r, kind.weights_key(g)) for r in scored], axis=0) for g in GROUPS}
+            means = {
+                g: pool_weighted_means(
+                    [(_array(r, kind.weights_key(g))[0], _array(r, kind.weighted_mean_key(g))) for r in scored]
+                )[1]
+                for g in GROUPS
+            }
+            rows = balance_rows(names, keep, before, means["exposed"] - means["control"], means)
+            extra = {"weighting": _weighting(parent, before, sums, ps_fit)}
+        outcome_session = Session(grid, specs["outcome"].hash, **options)
+        _carry_dropped(session, outcome_session)
+        out_fit = fit_models(
+            outcome_session, {"outcome": specs["outcome"]}, {"outcome": list(study.parsed.outcome_model.stateful)}
+        )["outcome"]
+        if not carry_lost(outcome_session, session):
+            break
+        spent += outcome_session.round
     counts = out_fit.node_counts
     if parent.kind == "psm":  # the cohort's counts, not the matched set's
         counts = {
@@ -112,7 +123,7 @@ def run_study(
         study_hash=parent.hash,
         engine=engine,
         node_status=node_status(outcome_session, counts),
-        rounds=session.round + outcome_session.round,
+        rounds=session.round + spent + outcome_session.round,
     )
     result.update(
         {
@@ -256,7 +267,14 @@ def _weighting(parent, before: dict, weights: dict, ps_fit: ModelFit) -> dict:
 
 def render(result: dict) -> str:
     """A short human report: the exposure's effect, the propensity model, matching or
-    weighting, and the covariates that stay imbalanced."""
+    weighting, and the covariates that stay imbalanced; terms and columns in the report's
+    words (report/sections.py propensity_section: `sex: male`, `propensity score (logit)`)."""
+    from ..report import words
+    from .results import term_text
+
+    def label(term: str) -> str:
+        return "propensity score (logit)" if term == "ps_logit" else term_text(term, result)
+
     lines = []
     title = result.get("title") or result["study"]
     method = "propensity-score matching" if result["kind"] == "psm" else "inverse probability weighting"
@@ -289,7 +307,7 @@ def render(result: dict) -> str:
         + (
             "; every covariate below 0.1"
             if summary["balanced"]
-            else f"; at or above 0.1 after: {', '.join(summary['imbalanced_terms'][:8])}"
+            else f"; at or above 0.1 after: {', '.join(map(label, summary['imbalanced_terms'][:8]))}"
         )
     )
     shown = [
@@ -300,16 +318,24 @@ def render(result: dict) -> str:
         or (r["smd_before"] is not None and abs(r["smd_before"]) >= summary["threshold"])
     ]
     if shown:
-        lines.append(f"  {'term':<34} {'SMD before':>10} {'SMD after':>10}")
-        for r in shown[:30]:
-            lines.append(f"  {r['term'][:34]:<34} {_smd(r['smd_before']):>10} {_smd(r['smd_after']):>10}")
+        shown = shown[:30]
+        width = max([34, *(len(label(r["term"])) for r in shown)])
+        lines.append(f"  {'term':<{width}} {'SMD before':>10} {'SMD after':>10}")
+        for r in shown:
+            lines.append(f"  {label(r['term']):<{width}} {_smd(r['smd_before']):>10} {_smd(r['smd_after']):>10}")
     ratio = result.get("ratio_name") or "estimate"
+    # The outcome model in words, as the report's summary says it (its terms follow, one a line).
+    outcome = words.column_label(result["outcome"]) if result.get("outcome") else "the outcome"
+    adjusted = result["formula"].split("~", 1)[-1].strip() != result.get("exposure")
     lines.append(
-        f"  outcome model {result['formula']} on {result['n']:,} rows, "
+        f"  outcome model of {outcome} on {label(result['exposure'])}"
+        f"{' and the covariates' if adjusted else ''} ({result['n']:,} rows), "
         f"{'SEs clustered on the matched pair' if result['kind'] == 'psm' else 'robust (HC0) SEs'}:"
     )
-    for t in result["terms"]:
-        row = f"    {t['term'][:32]:<32} {t['estimate']:>9.4f} ({t['std_error']:.4f})"
+    names = [label(t["term"]) for t in result["terms"]]
+    width = max([32, *map(len, names)])
+    for t, name in zip(result["terms"], names):
+        row = f"    {name:<{width}} {t['estimate']:>9.4f} ({t['std_error']:.4f})"
         if "ratio" in t:
             row += f"   {ratio} {t['ratio']:.3f} ({t['ratio_low']:.3f}-{t['ratio_high']:.3f})"
         if t["term"] == result.get("exposure"):
