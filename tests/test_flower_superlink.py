@@ -7,6 +7,7 @@ an unregistered node key refused by the (scoped) node authentication."""
 
 from __future__ import annotations
 
+import asyncio
 import warnings
 from base64 import b64encode
 
@@ -19,6 +20,15 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from iaptnet.flower import superlink
+
+
+def _run(coroutine):
+    """asyncio.run in a thread of its own: a test that ran before in this worker (Playwright's
+    browser) may leave an event loop running in the main thread, where asyncio.run refuses."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 def _client(app):
@@ -384,7 +394,6 @@ def _held_polls(monkeypatch, script):
     `pull(hold)` polls as a registered node (asking for `hold` seconds, or not when None) and
     returns (seconds taken, messages received); `state["message"] = True` makes the hub have a
     message for the node from then on."""
-    import asyncio
     import time
 
     import httpx
@@ -425,7 +434,7 @@ def _held_polls(monkeypatch, script):
 
             return await script(client, pull, state)
 
-    return asyncio.run(main())
+    return _run(main())
 
 
 def test_an_empty_poll_that_asks_is_held_for_its_seconds_and_one_that_does_not_is_answered_at_once(monkeypatch):
@@ -484,7 +493,7 @@ def test_held_polls_wake_when_every_object_asked_for_is_pushed_or_else_when_push
         await asyncio.wait_for(bursts.wait(5.0, after=seen - 1), 0.1)
         return precise, fallback, bursts.outstanding
 
-    precise, fallback, outstanding = asyncio.run(main())
+    precise, fallback, outstanding = _run(main())
     assert precise < 0.2 and 0.3 <= fallback < 1.0 and outstanding == set()
 
 

@@ -254,7 +254,7 @@ def test_meta_hksj_and_qprofile_equal_metafor_through_iaptnet_run(tmp_path, caps
             np.testing.assert_allclose(result[key][field], ref[key][field], rtol=RTOL, atol=0, err_msg=f"{key}.{field}")
     assert_qprofile(result["tau2_ci"], ref["tau2_ci"])
     assert "random effects, REML, HKSJ" in shown and "t = 6.198 on 4 df" in shown
-    assert "heterogeneity, 95% CI (Q-profile)" in shown and "tau2 0.00647 to 0.375" in shown
+    assert "heterogeneity, 95% CI (Q-profile)" in shown and "tau² 0.00647 to 0.375" in shown
 
 
 @pytest.mark.parametrize("case", ["empty", "lower_zero", "two_studies"])
