@@ -398,3 +398,27 @@ def test_random_intercept_node_lost_mid_fit_is_the_remaining_nodes_fit(tmp_path,
         ours["variance_components"][0]["variance"], theirs["variance_components"][0]["variance"], rtol=1e-8
     )
     assert_same_result(ours, theirs)
+
+
+def test_table_node_lost_in_the_quantile_rounds_is_the_remaining_nodes_table(tmp_path, net):
+    # Counts, means and SDs are pooled again without it and the searches start again; the
+    # quantiles (on the grid of whole numbers) are the remaining rows'.
+    fields = dict(
+        name="table_lost",
+        kind="table",
+        by="g",
+        variables=["e", "service", {"name": "count", "resolution": 1.0, "quantiles": [0.1, 0.5, 0.9]}],
+        min_nodes=3,
+    )
+    ours, theirs, grid = run_with_and_without(
+        tmp_path, net["sites"], COLUMNS, "s1", at("describe.quantiles", 3), **fields
+    )
+    assert grid.tasks[:2] == [("describe.table", 1), ("describe.quantiles", 2)]  # answered the table
+    assert_named_lost(ours["nodes"], "s1")
+    summary = {t["variable"]: t for t in ours["tables"]}["count"]["summary"][0]
+    rows = pd.concat([f for k, f in net["sites"].items() if k != "s1"])["count"]
+    assert summary["n"] == len(rows) and summary["mean"] == pytest.approx(rows.mean(), rel=1e-12)
+    exact = {q["p"]: q["value"] for q in summary["quantiles"] if q["exact"]}
+    assert 0.5 in exact  # the others may be an interval, as on the network without s1
+    assert exact == {p: float(np.quantile(rows, p, method="inverted_cdf")) for p in exact}
+    assert_same_result(ours, theirs)
