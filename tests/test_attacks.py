@@ -111,6 +111,9 @@ ATTACKS = {
     "the_maximum_cannot_be_bisected": "thresholds at, below and beyond the maximum",
     "a_quantile_at_the_top_is_never_the_maximum_through_the_cli": "a quantile at p = 0.9999",
     "a_table_of_three_people_is_refused": "a table of a cohort of three",
+    "rounded_counts_of_two_tables_that_differ_in_one_person": "two tables whose h == 1 cells differ by the target alone, one count above a rounding boundary",
+    "a_rounded_count_beside_an_exact_model_count": "a model's exact count of a cell's rows, then the cell without the target, rounded",
+    "rounded_counts_that_differ_in_one_person_through_the_cli": "the two tables of a rounding-boundary difference through `iaptnet run`",
     "a_study_name_cannot_write_outside_out": "a study named ../../escaped",
     "a_deeply_nested_study_file_is_one_sentence": "a study file nested 3,000 levels deep",
     "a_filter_that_pins_the_released_variable": "a cohort whose outcome the filter fixes, plus the target through another column",
@@ -966,6 +969,82 @@ def test_a_quantile_at_the_top_is_never_the_maximum_through_the_cli(capsys, tmp_
 def test_a_table_of_three_people_is_refused(node):
     reply, _ = table_task(node, where="age >= 86", variables=["g", "h"])
     refused(node, reply, "min_rows")
+
+
+def pinned_cut(frame: pd.DataFrame) -> int:
+    """An age cut whose cohort holds a number of h == 1 people one above a rounding
+    boundary (143 rounds to 145, 142 to 140) and, among the 'q' unit the target shares with
+    30 h == 0 people, at least 8: an analyst who learnt that exact count from a model's
+    information matrix can tell from two rounded counts whether one person is in a cell."""
+    for cut in range(18, 70):
+        h1 = int(((frame.h == 1) & (frame.age >= cut)).sum())
+        if h1 % 5 == 3 and int(((frame.unit == "q") & (frame.age >= cut)).sum()) >= 8:
+            return cut
+    raise AssertionError("no pinned cut in the attack frame")
+
+
+def shown_counts(reply: m.Reply) -> dict:
+    return reply.payload.get("tables", {})
+
+
+def assert_cell_hidden_with_a_partner(tables: dict, section: str, cell: str) -> None:
+    """The cell is not released, and neither is it the one unknown of the cohort's relation
+    (cohort = the variable's rows): a second cell of that relation is hidden too."""
+    assert cell not in tables.get(section, {}), tables
+    column = cell.split("/")[1]
+    relation = [tables.get("N", {}).get(column), *(tables.get(section, {}).get(f"{r}/{column}") for r in range(3))]
+    assert sum(v is None for v in relation) >= 2, tables
+
+
+def test_rounded_counts_of_two_tables_that_differ_in_one_person(node):
+    """Two tables of h: on age >= cut (143 with h == 1: shown as 145), then on the same ages
+    in unit 'p', which leaves out the target and 29 people with h == 0. The cohorts differ by
+    30, but the h == 1 cells differ by the target alone: shown as 140 the second time, which
+    says the target has h == 1 (143 - 1 rounds down, 143 would not). The second table's
+    h == 1 cell is withheld, with a partner, so no rounding can say it."""
+    frame = make_frame()
+    cut = pinned_cut(frame)
+    first, _ = table_task(node, where=f"age >= {cut}", variables=["h"])
+    assert shown_counts(ok(first))["v0"]["1/0"] == 145
+    second, _ = table_task(node, name="t2", where=f"age >= {cut} and unit == 'p'", variables=["h"])
+    assert_cell_hidden_with_a_partner(shown_counts(ok(second)), "v0", "1/0")
+
+
+def test_a_rounded_count_beside_an_exact_model_count(node):
+    """A model on the h == 1 people aged cut or more releases their number exactly (143);
+    a table of h on the same ages in unit 'p' would show that cell, one person fewer, as
+    140. The cell differs from the model's rows by the target alone and is withheld."""
+    frame = make_frame()
+    cut = pinned_cut(frame)
+    ok(node.prepare(node.spec(name="exact", formula="y ~ n1", where=f"h == 1 and age >= {cut}"))[0])
+    reply, _ = table_task(node, name="t", where=f"age >= {cut} and unit == 'p'", variables=["h"])
+    assert_cell_hidden_with_a_partner(shown_counts(ok(reply)), "v0", "1/0")
+
+
+def test_rounded_counts_that_differ_in_one_person_through_the_cli(capsys, tmp_path, cli_policy):
+    """The two tables of the first case through `iaptnet run`: the second table's h == 1
+    count is not in its results.json (the first one's is 145)."""
+    cut = pinned_cut(make_frame())
+    net = cli_network(tmp_path, cli_policy)
+    code, err, out = cli_run(
+        capsys, tmp_path, net, name="first", kind="table", where=f"age >= {cut}", variables=["h"], family=None
+    )
+    assert code == 0, err
+    rows = json.loads((out / "results.json").read_text())["tables"][0]["rows"]
+    assert rows[1]["cells"][0]["count"] == 145, rows
+    code, err, out = cli_run(
+        capsys,
+        tmp_path,
+        net,
+        name="second",
+        kind="table",
+        where=f"age >= {cut} and unit == 'p'",
+        variables=["h"],
+        family=None,
+    )
+    assert code == 0, err
+    rows = json.loads((out / "results.json").read_text())["tables"][0]["rows"]
+    assert rows[1]["cells"][0]["count"] is None, rows
 
 
 # --------------------------------------------------------------------------- 7. output and crashes

@@ -11,7 +11,10 @@ or a cohort funnel.
   recovered from the totals it releases, nor a small number of people leaving between two
   funnel steps from the two steps' counts; the complementary cells are not declared at all.
   The cohort's rows are declared as the tables' facts (subset rule: a cohort differing from
-  an earlier release by 1-7 people is refused).
+  an earlier release by 1-7 people is refused), with each count cell shown as one of their
+  indicators: a rounded count is still a count, so a cell whose rows differ by 1-7 people
+  from a row set released before (or from an earlier cell of the table) is withheld like a
+  small count, with complementary suppression around it (`_suppress_and_audit`).
 - **exact summaries** (model statistics: n, mean and centred sum of squares) of each numeric
   variable in each column, over the rows with the value recorded, guarded by the model rules
   (minimum rows, rows away from the most common value, the subset rule). A summary is
@@ -130,10 +133,16 @@ def describe_table(runtime: NodeRuntime, task) -> Release:
     release = Release()
     release.public("data_version", dataset.data_version)
     checker = SubsetCheck(runtime, dataset.data_version, dataset.n_rows, rules)
-    cohort_facts = ModelFacts(f"{spec.name}: cohort", cohort, span=False)
-    checker.accept(cohort_facts)  # refused by the dispatcher if it breaks the subset rule
     leaving = [(a, b) for a, b in step_pairs(lay) if round_count(counts[a] - counts[b], rules) is None]
-    hidden = suppress(counts, primary, relations(lay), leaving, hidden=forced)
+    cells = CellRows(lay, cohort, rows, groups, in_column, steps)
+    hidden, shown = _suppress_and_audit(runtime, dataset, counts, primary, forced, leaving, lay, cells, rules)
+    # The cohort's rows join the differencing audit with every count cell shown over them
+    # (each cell's rows and the rest of the cohort are compared in pairs with every row set
+    # released before), so a later release cannot difference a rounded count either.
+    cohort_facts = ModelFacts(
+        f"{spec.name}: cohort", cohort, span=False, indicators=[(str(key), cells.positions(key)) for key in shown]
+    )
+    checker.accept(cohort_facts)  # refused by the dispatcher if it breaks the subset rule
     for key in cell_keys(lay):
         if key in hidden and (key not in primary or key in forced):
             continue  # complementary suppression: not declared at all
@@ -153,6 +162,66 @@ def describe_table(runtime: NodeRuntime, task) -> Release:
                 v.answered = {c: list(ts) for c, ts in earlier.variables[i].answered.items()}
     release.after(lambda: runtime.remember(task.study_hash, state))
     return release
+
+
+class CellRows:
+    """The rows of the dataset behind each count cell of a table (dataset row numbers)."""
+
+    def __init__(self, lay: Layout, cohort, rows: pd.DataFrame, groups, in_column, steps):
+        self.lay, self.steps, self.in_column = lay, steps, in_column
+        self.cohort_positions = np.flatnonzero(cohort)
+        self.groups, self.rows = groups, rows
+        self._codes: dict[int, np.ndarray] = {}
+
+    def positions(self, key: tuple) -> np.ndarray:
+        column = key[-1]
+        if key[0] == "v":
+            i, r = key[1], key[2]
+            if i not in self._codes:
+                self._codes[i] = _row_codes(self.rows, self.lay.variables[i])
+            keep = self._codes[i] == r
+            if column:
+                keep &= self.groups == column
+            return self.cohort_positions[keep]
+        mask = self.steps[0] if key[0] == "N" else self.steps[key[1]]
+        if column:
+            mask = mask & (self.in_column == column)
+        return np.flatnonzero(mask)
+
+
+def _suppress_and_audit(runtime, dataset, counts, primary, forced, leaving, lay, cells: CellRows, rules):
+    """(hidden cells, shown cells): secondary suppression, then the differencing audit of the
+    shown cells' rows. A rounded count is still a count: two cells whose rows differ by 1 to
+    t - 1 people (in two tables, or a cell beside a model's exact rows) give that difference
+    whenever it crosses a rounding boundary, so a cell whose rows (or the rest of its cohort)
+    differ by so few from a row set released before, or from a cell shown before it in this
+    table, is withheld like a small one, and suppression runs again around it."""
+    t = rules.min_subset_difference
+    with runtime.memory.transaction() as memory:
+        remembered = memory.releases(dataset.data_version, dataset.n_rows)
+    n, cohort = dataset.n_rows, cells.steps[0]
+    withheld = set(forced)
+    while True:
+        hidden = suppress(counts, primary, relations(lay), leaving, hidden=withheld)
+        shown = [key for key in cell_keys(lay) if key not in hidden and round_count(counts[key], rules)]
+        if t <= 1:
+            return hidden, shown
+        accepted: list[np.ndarray] = []
+        differs = set()
+        for key in shown:
+            part = np.zeros(n, dtype=bool)
+            part[cells.positions(key)] = True
+            rest = cohort & ~part
+            if not rest.any():
+                continue  # the cohort itself: the dispatcher judges it, and refuses the table
+            sets = [part, rest]
+            if any(remembered.set_differs_by_few(s, accepted, t) for s in sets):
+                differs.add(key)
+                continue
+            accepted += [np.packbits(s) for s in sets]
+        if not differs:
+            return hidden, shown
+        withheld |= differs
 
 
 def _study(payload: dict) -> StudySpec:
