@@ -299,3 +299,36 @@ def test_the_series_is_released_month_by_month(tmp_path):
         for month in months:
             if month["rate"] is not None:
                 assert month["rate"] == month["events"] / month["denominator"]
+
+
+def test_a_month_one_person_away_from_an_earlier_release_is_withheld(tmp_path):
+    """Two series of one service, on everyone (aged over 0) and on those under 90, which
+    leaves out the target (99) and ten people aged 91 to 98 in other months. Month 10 holds
+    the target and twelve others: 13 shows as 15, and without him 12 would show as 10, which
+    says he was referred in month 10. The second series withholds that month (and a partner of
+    its period), so no rounding can say it."""
+    rng = np.random.default_rng(5)
+    n = 400
+    month = rng.integers(0, 40, size=n)
+    month[month == 10] = 11
+    month[:13] = 10
+    age = np.clip(rng.normal(40, 12, size=n), 18, 85)
+    age[0] = 99.0
+    age[13:23] = [91, 92, 93, 94, 95, 96, 97, 98, 98, 98]
+    frame = pd.DataFrame(
+        {"dna": rng.poisson(1.0, size=n), "att": rng.poisson(3.0, size=n) + 1, "month": month, "svc": "1", "age": age}
+    )
+    assert ((frame.age >= 90) & (frame.month != 10)).sum() == 10 and frame.age.max() == 99.0
+    node = Node(tmp_path, frame, COLUMNS)
+    tables = []
+    for name, where in (("everyone", "age > 0"), ("under_90", "age < 90")):
+        spec, _ = parse_study({**BASE, "name": name, "where": where}, node.schema, f"{name}.toml")
+        reply, _ = node.prepare(spec.to_wire(), kind=protocol.TASK)
+        assert reply.status == m.OK, reply.message
+        tables.append(reply.payload["segments"]["m0"])
+    assert tables[0]["1/m10/referrals"] == 15
+    assert tables[1].get("1/m10/referrals") is None, tables[1]
+    assert "1/m10/events" not in tables[1]
+    # Month 10 is not the one unknown of its period (before = the sum of months 0 to 19).
+    relation = ["1/before/referrals", *(f"1/m{t}/referrals" for t in range(20))]
+    assert sum(tables[1].get(key) is None for key in relation) >= 2

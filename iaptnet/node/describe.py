@@ -13,7 +13,7 @@ or a cohort funnel.
   The cohort's rows are declared as the tables' facts (subset rule: a cohort differing from
   an earlier release by 1-7 people is refused), with each count cell shown as one of their
   indicators: a rounded count is still a count, so a cell whose rows differ by 1-7 people
-  from a row set released before (or from an earlier cell of the table) is withheld like a
+  from a row set released before (of any kind, and remembered with the table) is withheld like a
   small count, with complementary suppression around it (`_suppress_and_audit`).
 - **exact summaries** (model statistics: n, mean and centred sum of squares) of each numeric
   variable in each column, over the rows with the value recorded, guarded by the model rules
@@ -55,6 +55,7 @@ from ..protocol.kinds.describe import (
 )
 from ..protocol.sdc import suppress
 from ..protocol.study import StudySpec, check_at_node
+from .cell_audit import CellAudit
 from .cohort import cohort_mask
 from .design import apply_merges, study_frame
 from .disclosure import LevelCount, ModelFacts, Release, check_model, check_round, check_size, require_rows, task_rules
@@ -135,13 +136,11 @@ def describe_table(runtime: NodeRuntime, task) -> Release:
     checker = SubsetCheck(runtime, dataset.data_version, dataset.n_rows, rules)
     leaving = [(a, b) for a, b in step_pairs(lay) if round_count(counts[a] - counts[b], rules) is None]
     cells = CellRows(lay, cohort, rows, groups, in_column, steps)
-    hidden, shown = _suppress_and_audit(runtime, dataset, counts, primary, forced, leaving, lay, cells, rules)
+    hidden, shown = _suppress_and_audit(runtime, counts, primary, forced, leaving, lay, cells, rules)
     # The cohort's rows join the differencing audit with every count cell shown over them
     # (each cell's rows and the rest of the cohort are compared in pairs with every row set
     # released before), so a later release cannot difference a rounded count either.
-    cohort_facts = ModelFacts(
-        f"{spec.name}: cohort", cohort, span=False, indicators=[(str(key), cells.positions(key)) for key in shown]
-    )
+    cohort_facts = ModelFacts(f"{spec.name}: cohort", cohort, span=False, cells=[cells.positions(key) for key in shown])
     checker.accept(cohort_facts)  # refused by the dispatcher if it breaks the subset rule
     for key in cell_keys(lay):
         if key in hidden and (key not in primary or key in forced):
@@ -189,36 +188,16 @@ class CellRows:
         return np.flatnonzero(mask)
 
 
-def _suppress_and_audit(runtime, dataset, counts, primary, forced, leaving, lay, cells: CellRows, rules):
+def _suppress_and_audit(runtime, counts, primary, forced, leaving, lay, cells: CellRows, rules):
     """(hidden cells, shown cells): secondary suppression, then the differencing audit of the
-    shown cells' rows. A rounded count is still a count: two cells whose rows differ by 1 to
-    t - 1 people (in two tables, or a cell beside a model's exact rows) give that difference
-    whenever it crosses a rounding boundary, so a cell whose rows (or the rest of its cohort)
-    differ by so few from a row set released before, or from a cell shown before it in this
-    table, is withheld like a small one, and suppression runs again around it."""
-    t = rules.min_subset_difference
-    with runtime.memory.transaction() as memory:
-        remembered = memory.releases(dataset.data_version, dataset.n_rows)
-    n, cohort = dataset.n_rows, cells.steps[0]
+    shown cells' rows (node/cell_audit.py); a cell it finds is withheld like a small one and
+    suppression runs again around it, until nothing more is found."""
+    audit = CellAudit(runtime, cells.steps[0], rules.min_subset_difference)
     withheld = set(forced)
     while True:
         hidden = suppress(counts, primary, relations(lay), leaving, hidden=withheld)
         shown = [key for key in cell_keys(lay) if key not in hidden and round_count(counts[key], rules)]
-        if t <= 1:
-            return hidden, shown
-        accepted: list[np.ndarray] = []
-        differs = set()
-        for key in shown:
-            part = np.zeros(n, dtype=bool)
-            part[cells.positions(key)] = True
-            rest = cohort & ~part
-            if not rest.any():
-                continue  # the cohort itself: the dispatcher judges it, and refuses the table
-            sets = [part, rest]
-            if any(remembered.set_differs_by_few(s, accepted, t) for s in sets):
-                differs.add(key)
-                continue
-            accepted += [np.packbits(s) for s in sets]
+        differs = audit.differing((key, cells.positions(key)) for key in shown)
         if not differs:
             return hidden, shown
         withheld |= differs

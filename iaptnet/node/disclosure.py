@@ -202,6 +202,8 @@ class ModelFacts:
     weights: np.ndarray | None = None
     offset: np.ndarray | None = None
     column_rows: np.ndarray | None = None  # the rows `columns` are given on, when not `rows`
+    # Count cells shown over the rows (dataset row numbers each; node/cell_audit.py).
+    cells: list[np.ndarray] = field(default_factory=list)
     # Joins the span of released columns (node/span.py): models' sums do; a table's cells,
     # summaries and thresholds have their own rules (small cells, tails, set combinations).
     span: bool = True
@@ -219,7 +221,7 @@ class ModelFacts:
 
     def footprint(self) -> Footprint:
         """What the differencing audit remembers of these rows (built once per content)."""
-        key = (len(self.indicators), len(self.columns))
+        key = (len(self.indicators), len(self.columns), len(self.cells))
         cached = self.__dict__.get("_footprint")
         if cached is None or cached[0] != key:
             cached = (
@@ -231,6 +233,7 @@ class ModelFacts:
                     indicators=list(self.indicators),
                     columns=list(self.columns),
                     column_rows=self.column_rows,
+                    cells=list(self.cells),
                 ),
             )
             self.__dict__["_footprint"] = cached

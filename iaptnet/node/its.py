@@ -27,6 +27,7 @@ import pandas as pd
 from ..protocol.kinds import its as protocol
 from ..protocol.sdc import Relation, round_count, suppress
 from . import glm
+from .cell_audit import CellAudit
 from .cohort import cohort_mask
 from .disclosure import ModelFacts, Release, task_rules
 from .registry import handler
@@ -51,17 +52,17 @@ def its_columns(runtime, task) -> Release:
     rows = cohort_mask(frame, spec.where_tree()) & complete
     rules = task_rules()
     release = Release()
-    table = release.table(key, facts=ModelFacts(f"{spec.name} (segments)", rows), group="segments")
     group = frame[p["group"]].astype(object).to_numpy()
     after = columns[protocol.AFTER].to_numpy()
     outcome = frame[p["outcome"]].to_numpy(dtype=float, na_value=np.nan)
     denominator = columns[protocol.DENOMINATOR].to_numpy()
     time = frame[p["time"]].to_numpy(dtype=float, na_value=np.nan)
-    counts, months = {}, {}
+    counts, months, cells = {}, {}, {}
     for level in dataset.schema[p["group"]].levels:
         for flag, period in enumerate(PERIODS):
             cell = rows & (group == level) & (after == flag)
             counts[(level, period, "referrals")] = int(cell.sum())
+            cells[(level, period, "referrals")] = np.flatnonzero(cell)
             counts[(level, period, "events")] = float(outcome[cell].sum())
             counts[(level, period, "denominator")] = float(denominator[cell].sum())
             # The period month by month (the series a report draws), for the groups this
@@ -71,9 +72,28 @@ def its_columns(runtime, task) -> Release:
                     in_month = cell & (time == month)
                     months.setdefault((level, period), []).append(month_key(month))
                     counts[(level, month_key(month), "referrals")] = int(in_month.sum())
+                    cells[(level, month_key(month), "referrals")] = np.flatnonzero(in_month)
                     counts[(level, month_key(month), "events")] = float(outcome[in_month].sum())
                     counts[(level, month_key(month), "denominator")] = float(denominator[in_month].sum())
-    small, hidden, withheld = segment_suppression(counts, rules, months)
+    # Rounded counts are still counts: a shown cell whose rows differ by a few people from a
+    # row set released before is withheld like a small one (node/cell_audit.py), and its
+    # cells' rows are remembered with the release.
+    audit, differing = CellAudit(runtime, rows, rules.min_subset_difference), set()
+    while True:
+        small, hidden, withheld = segment_suppression(counts, rules, months, differing)
+        shown = [
+            k
+            for k in cells
+            if k not in hidden and k not in withheld and round_count(counts[k], rules.suppress_max, rules.round_to)
+        ]
+        found = audit.differing((k, cells[k]) for k in shown)
+        if not found:
+            break
+        differing |= found
+    # Not in the span of released columns: the fitted models add the cohort's rows and the
+    # periods' indicators themselves; the months are counts, audited in pairs.
+    facts = ModelFacts(f"{spec.name} (segments)", rows, cells=[cells[k] for k in shown], span=False)
+    table = release.table(key, facts=facts, group="segments")
     for key, n in counts.items():
         if key in withheld or (key in hidden and key not in small):
             continue  # not released at all
@@ -88,14 +108,17 @@ def month_key(month: int) -> str:
     return f"m{int(month)}"
 
 
-def segment_suppression(counts: dict, rules, months: dict | None = None) -> tuple[set, set, set]:
+def segment_suppression(
+    counts: dict, rules, months: dict | None = None, differing: set = frozenset()
+) -> tuple[set, set, set]:
     """(small, hidden, withheld) cells of the count table {(level, period, what): n}, where a
     period is `before`, `after` or a month (`m45`). Each group's (before, after) of each
     count is a relation whose total the models release exactly, and each period is the sum
     of its months (`months`: {(level, period): [month keys]}), so a hidden month hides
     another of its period (or the period). The sums of a cell whose referrals are hidden or
     fewer than min_level_count (but not none) are withheld, and hiding them can hide more:
-    repeated until stable."""
+    repeated until stable. `differing`: referral cells the differencing audit withholds
+    (node/cell_audit.py), with their sums."""
     levels = dict.fromkeys(level for level, _, _ in counts)
     values, relations = dict(counts), []
     for level in levels:
@@ -112,7 +135,7 @@ def segment_suppression(counts: dict, rules, months: dict | None = None) -> tupl
         for level, period, what in counts
         if what == "referrals" and 0 < counts[(level, period, what)] < rules.min_level_count
     }
-    withheld: set = set()
+    withheld: set = {(level, period, what) for level, period, _ in differing for what in WHAT}
     while True:
         hidden = suppress(values, small, relations, hidden=withheld)
         sums = {

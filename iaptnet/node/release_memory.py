@@ -63,6 +63,10 @@ class Footprint:
     indicators: list[np.ndarray] = field(default_factory=list)
     columns: list[tuple[str, np.ndarray]] = field(default_factory=list)
     column_rows: np.ndarray | None = None  # the rows `columns` are given on, when not `rows`
+    # Count cells shown over the rows (dataset row numbers each): like indicators, each with the
+    # rest of the rows, but not compared with each other or with `rows` (their own kind's
+    # suppression governs the cells of one table; see node/cell_audit.py).
+    cells: list[np.ndarray] = field(default_factory=list)
     # (n, t) -> its _Plan; ("span", n) -> the digests of its columns (node/span.py)
     _planned: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -262,6 +266,7 @@ class VersionMemory:
 
     def _pairs_findings(self, plan: _Plan, t: int, before: _Plan) -> list[Finding]:
         out = []
+        families = {**before.families, **plan.families}
         seen_new: dict[int, list[tuple[np.ndarray, str]]] = {}  # popcount -> new sets
         for _, digest, packed, _ in before.pair_sets:
             seen_new.setdefault(dif.popcount(packed), []).append((packed, digest))
@@ -275,7 +280,13 @@ class VersionMemory:
             if near is not None:
                 out.append(Finding(label, "complement" if near == self.universe else "rows"))
                 continue
-            others = [p for q in range(pop - t + 1, pop + t) for p, d in seen_new.get(q, ()) if d != digest]
+            family = families.get(digest)
+            others = [
+                p
+                for q in range(pop - t + 1, pop + t)
+                for p, d in seen_new.get(q, ())
+                if d != digest and (family is None or families.get(d) != family)
+            ]
             if dif.sets_differ_by_few(packed, others, t) is not None:
                 out.append(Finding(label, "rows"))
                 continue
@@ -569,6 +580,8 @@ class _Plan:
     pair_sets: list[tuple[str, str, np.ndarray, str]]
     columns: list[tuple[str, str, np.ndarray, str, np.ndarray, str]]
     positions: dict[str, np.ndarray]
+    # digest -> the footprint whose count cells (or rows) it is: not compared with each other
+    families: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, footprints: list[Footprint], n: int, t: int) -> _Plan:
@@ -579,6 +592,7 @@ class _Plan:
             out.pair_sets += part.pair_sets
             out.columns += part.columns
             out.positions.update(part.positions)
+            out.families.update(part.families)
         return out
 
     @classmethod
@@ -601,6 +615,13 @@ class _Plan:
             for indicator in fp.indicators:
                 for p, d in _indicator_sets(indicator, rows, packed, digest, n):
                     pair_sets.append((fp.label, d, p, digest))
+            families = {}
+            if fp.cells:
+                families[digest] = id(fp)
+                for cell in fp.cells:
+                    for p, d in _indicator_sets(("cell", cell), rows, packed, digest, n):
+                        pair_sets.append((fp.label, d, p, digest))
+                        families.setdefault(d, id(fp))
             col_digest, col_positions = digest, row_positions
             if fp.column_rows is not None:
                 col_rows = np.asarray(fp.column_rows, dtype=bool)
@@ -617,7 +638,7 @@ class _Plan:
                 columns.append(
                     (fp.label, col_digest, col_positions, str(name), values, _column_digest(col_digest, values))
                 )
-        plan = cls(base_sets, pair_sets, columns, positions)
+        plan = cls(base_sets, pair_sets, columns, positions, families if rows.size == n and rows.any() else {})
         fp._planned[key] = plan
         return plan
 
