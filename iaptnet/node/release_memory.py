@@ -19,7 +19,6 @@ node answering (fail closed: see MemoryDamaged).
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import os
@@ -94,12 +93,12 @@ class VersionMemory:
         self.salt = self._salt()
         self.base: dict[str, np.ndarray] = {}  # digest -> packed rows (combination audit)
         self.pairs: dict[str, np.ndarray] = {}  # digest -> packed rows (compared in pairs)
-        self._pop: list[tuple[int, str]] = []  # sorted (popcount, digest) of pairs
         self.columns: dict[str, tuple[str, str, np.ndarray]] = {}  # digest -> (base digest, name, values)
         self._positions: dict[str, np.ndarray] = {}  # base digest -> dataset rows of the base
         universe = dif.pack(np.ones(n, dtype=bool))
         self.universe = _digest(universe, n)
         self.signatures = dif.Signatures(n)
+        self._index = _PairIndex((n + 7) // 8)
         self._add_base(self.universe, universe)
         self._add_pair(self.universe, universe)
         self._offset = 0
@@ -107,7 +106,6 @@ class VersionMemory:
         self._last_plan = None
         self._sig_cache = None
         self._rank_cache: dict[str, np.ndarray] = {}
-        self._matrix = None
         self._pair_cache: dict = {}
         self.reload()
 
@@ -210,7 +208,8 @@ class VersionMemory:
     def _add_pair(self, digest: str, packed: np.ndarray) -> None:
         if digest not in self.pairs:
             self.pairs[digest] = packed
-            bisect.insort(self._pop, (dif.popcount(packed), digest))
+            pop = dif.popcount(packed)
+            self._index.add(packed, pop, digest)
 
     def positions(self, base: str) -> np.ndarray:
         if base not in self._positions:
@@ -242,40 +241,22 @@ class VersionMemory:
         findings += self._column_findings(plan, t, rng, before)
         return findings
 
-    def _pair_index(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """The remembered sets as one matrix sorted by size (rebuilt after a change): a new
-        set is compared with every set within t - 1 of its size in one vectorised step."""
-        if self._matrix is None or self._matrix[3] != len(self._pop):
-            digests = [d for _, d in self._pop]
-            pops = np.array([p for p, _ in self._pop], dtype=np.int64)
-            matrix = (
-                np.stack([self.pairs[d] for d in digests]) if digests else np.zeros((0, (self.n + 7) // 8), np.uint8)
-            )
-            self._matrix = (matrix, pops, digests, len(self._pop))
-        return self._matrix[:3]
-
     def _near_remembered(self, packed: np.ndarray, pop: int, t: int) -> str | None:
         """The digest of a remembered set differing from `packed` by 1..t-1 rows, if any."""
-        matrix, pops, digests = self._pair_index()
-        lo, hi = np.searchsorted(pops, pop - t + 1, "left"), np.searchsorted(pops, pop + t - 1, "right")
-        if lo >= hi:
-            return None
-        diff = np.bitwise_count(np.bitwise_xor(matrix[lo:hi], packed)).sum(axis=1, dtype=np.int64)
-        hits = np.flatnonzero((diff > 0) & (diff < t))
-        return digests[lo + int(hits[0])] if hits.size else None
+        return self._index.near(packed, pop, t)
 
     def _pairs_findings(self, plan: _Plan, t: int, before: _Plan) -> list[Finding]:
         out = []
         families = {**before.families, **plan.families}
         seen_new: dict[int, list[tuple[np.ndarray, str]]] = {}  # popcount -> new sets
         for _, digest, packed, _ in before.pair_sets:
-            seen_new.setdefault(dif.popcount(packed), []).append((packed, digest))
+            seen_new.setdefault(_popcount(digest, packed), []).append((packed, digest))
         checked = set()
         for label, digest, packed, _ in plan.pair_sets:
             if digest in self.pairs or digest in checked:
                 continue
             checked.add(digest)
-            pop = dif.popcount(packed)
+            pop = _popcount(digest, packed)
             near = self._near_remembered(packed, pop, t)
             if near is not None:
                 out.append(Finding(label, "complement" if near == self.universe else "rows"))
@@ -641,6 +622,46 @@ class _Plan:
         plan = cls(base_sets, pair_sets, columns, positions, families if rows.size == n and rows.any() else {})
         fp._planned[key] = plan
         return plan
+
+
+class _PairIndex:
+    """The remembered sets' bitmaps in one growing matrix (capacity doubled when full) with
+    their sizes: a new set is compared with every set within t - 1 of its size in one
+    vectorised step, and remembering a set copies one row, not the whole matrix."""
+
+    def __init__(self, width: int):
+        self.matrix = np.zeros((16, width), dtype=np.uint8)
+        self.pops = np.zeros(16, dtype=np.int64)
+        self.digests: list[str] = []
+
+    def add(self, packed: np.ndarray, pop: int, digest: str) -> None:
+        k = len(self.digests)
+        if k == self.matrix.shape[0]:
+            self.matrix = np.concatenate([self.matrix, np.zeros_like(self.matrix)])
+            self.pops = np.concatenate([self.pops, np.zeros_like(self.pops)])
+        self.matrix[k], self.pops[k] = packed, pop
+        self.digests.append(digest)
+
+    def near(self, packed: np.ndarray, pop: int, t: int) -> str | None:
+        k = len(self.digests)
+        close = np.flatnonzero(np.abs(self.pops[:k] - pop) < t)
+        if close.size == 0:
+            return None
+        diff = np.bitwise_count(np.bitwise_xor(self.matrix[close], packed)).sum(axis=1, dtype=np.int64)
+        hits = np.flatnonzero((diff > 0) & (diff < t))
+        return self.digests[int(close[hits[0]])] if hits.size else None
+
+
+_POPS: dict[str, int] = {}  # set digest -> its number of rows (digests are of the set's bits)
+
+
+def _popcount(digest: str, packed: np.ndarray) -> int:
+    pop = _POPS.get(digest)
+    if pop is None:
+        if len(_POPS) > 200_000:
+            _POPS.clear()
+        pop = _POPS[digest] = dif.popcount(packed)
+    return pop
 
 
 _INDICATORS: dict = {}  # (n, base digest, rows digest) -> the packed set and its complement

@@ -334,7 +334,9 @@ def _candidates(fp: Footprint, n: int):
     yield on, np.ones(on.size)
     for indicator in fp.indicators:
         if isinstance(indicator, tuple):
-            at = np.unique(np.asarray(indicator[1], dtype=np.int64))
+            at = np.asarray(indicator[1], dtype=np.int64)
+            if at.size > 1 and not np.all(at[1:] > at[:-1]):  # (row numbers are mostly given sorted)
+                at = np.unique(at)
         else:
             at = np.flatnonzero(np.asarray(indicator, dtype=bool) & rows)
         yield at, np.ones(at.size)
