@@ -111,6 +111,9 @@ ATTACKS = {
     "the_maximum_cannot_be_bisected": "thresholds at, below and beyond the maximum",
     "a_quantile_at_the_top_is_never_the_maximum_through_the_cli": "a quantile at p = 0.9999",
     "a_table_of_three_people_is_refused": "a table of a cohort of three",
+    "thresholds_of_three_studies_that_combine_to_one_person": "quantile thresholds on three cohorts whose combination is 13 people, one of them below the threshold",
+    "thresholds_combine_across_a_restart": "two cohorts' thresholds, a node restart, then the third cohort's",
+    "a_bisection_resumed_after_a_restart_remembers_its_bins": "two columns' thresholds, a node restart, then the third column's, which combine to three people",
     "rounded_counts_of_two_tables_that_differ_in_one_person": "two tables whose h == 1 cells differ by the target alone, one count above a rounding boundary",
     "a_rounded_count_beside_an_exact_model_count": "a model's exact count of a cell's rows, then the cell without the target, rounded",
     "rounded_counts_that_differ_in_one_person_through_the_cli": "the two tables of a rounding-boundary difference through `iaptnet run`",
@@ -969,6 +972,86 @@ def test_a_quantile_at_the_top_is_never_the_maximum_through_the_cli(capsys, tmp_
 def test_a_table_of_three_people_is_refused(node):
     reply, _ = table_task(node, where="age >= 86", variables=["g", "h"])
     refused(node, reply, "min_rows")
+
+
+def thresholds_frame() -> pd.DataFrame:
+    """The attack frame with the target aged 50 and the lowest n1 (-1.2345) of the 13 people
+    aged 50 or 51 (the others' n1 above 0.1), though 54 people in all have n1 <= -1."""
+    frame = make_frame()
+    frame.loc[0, "age"] = 50
+    pair = frame.age.between(50, 51)
+    frame.loc[pair, "n1"] = frame.loc[pair, "n1"].abs() + 0.1
+    frame.loc[0, "n1"] = -1.2345
+    return frame
+
+
+def test_thresholds_of_three_studies_that_combine_to_one_person(tmp_path):
+    """Quantile thresholds of n1 in three tables: everyone, age < 50 and age > 51. Every
+    cohort and every pair of threshold sets differs by dozens, but everyone minus the two
+    cohorts is the 13 people aged 50 or 51, so the three counts at a threshold t combine to
+    the number of them with n1 <= t: 1 at t = -1 and 0 at t = -1.3, and bisection between
+    would give the target's n1 exactly. At every threshold at least one of the three counts is
+    withheld once the three studies' thresholds could combine."""
+    frame = thresholds_frame()
+    d = frame.age.between(50, 51)
+    assert ((frame.n1 <= -1.0) & d).sum() == 1 and ((frame.n1 <= -1.3) & d).sum() == 0  # the leak
+    node = Node(tmp_path / "node", frame, COLUMNS)
+    studies = {}
+    for name, where in (("everyone", None), ("young", "age < 50"), ("old", "age > 51")):
+        reply, studies[name] = table_task(node, name=name, variables=["n1"], **({"where": where} if where else {}))
+        assert "v0/0" in ok(reply).payload["summaries"]
+    for t in (-1.0, -1.3, -1.1, -1.2):
+        counts = []
+        for study in studies.values():
+            reply = node.send(m.Task(kind=QUANTILE_TASK, study_hash=study, arrays={"t/0/0": np.array([t])}))
+            counts.append(ok(reply).payload.get("thresholds", {}).get("v0/0/0", {}).get("count"))
+        assert None in counts, (t, counts)
+
+
+def test_thresholds_combine_across_a_restart(tmp_path):
+    """The first two tables' thresholds, a node restart, then the third table's: the node
+    keeps every threshold set it answered on disk, per variable, so the third study's counts
+    still cannot complete the combination."""
+    frame = thresholds_frame()
+    node = Node(tmp_path / "node", frame, COLUMNS)
+    studies = {}
+    for name, where in (("everyone", None), ("young", "age < 50"), ("old", "age > 51")):
+        reply, studies[name] = table_task(node, name=name, variables=["n1"], **({"where": where} if where else {}))
+        ok(reply)
+    counts = {}
+    for name in ("everyone", "young"):
+        reply = node.send(m.Task(kind=QUANTILE_TASK, study_hash=studies[name], arrays={"t/0/0": np.array([-1.0])}))
+        counts[name] = ok(reply).payload["thresholds"]["v0/0/0"]["count"]
+    restart_nodes()
+    reply, again = table_task(node, name="old", variables=["n1"], where="age > 51")
+    ok(reply)
+    reply = node.send(m.Task(kind=QUANTILE_TASK, study_hash=again, arrays={"t/0/0": np.array([-1.0])}))
+    assert not ok(reply).payload.get("thresholds"), counts
+
+
+def test_a_bisection_resumed_after_a_restart_remembers_its_bins(tmp_path):
+    """A table of n2 by h: the count at or below t overall and among h == 0 (the difference is
+    the h == 1 people at or below t), a node restart (the process forgets its bins), the study
+    prepared again, then the count among h == 1 at or below s, three of them fewer: the
+    combination would count the three h == 1 people between s and t. The node judges the new
+    threshold with the ones it keeps on disk and withholds it."""
+    frame = make_frame()
+    group = np.sort(frame.n2[frame.h == 1].to_numpy())
+    s_, t_ = float(group[59]), float(group[62])
+    overall, young = (frame.n2 <= t_).sum(), ((frame.h == 0) & (frame.n2 <= t_)).sum()
+    assert overall - young - ((frame.h == 1) & (frame.n2 <= s_)).sum() == 3  # the leak, if answered
+    node = Node(tmp_path / "node", frame, COLUMNS)
+    reply, study = table_task(node, name="n2", by="h", variables=["n2"])
+    ok(reply)
+    arrays = {"t/0/0": np.array([t_]), "t/0/1": np.array([t_])}
+    reply = node.send(m.Task(kind=QUANTILE_TASK, study_hash=study, arrays=arrays))
+    assert set(ok(reply).payload["thresholds"]) == {"v0/0/0", "v0/1/0"}
+    restart_nodes()
+    reply, again = table_task(node, name="n2", by="h", variables=["n2"])
+    assert again == study
+    ok(reply)
+    reply = node.send(m.Task(kind=QUANTILE_TASK, study_hash=study, arrays={"t/0/2": np.array([s_])}))
+    assert not ok(reply).payload.get("thresholds")
 
 
 def pinned_cut(frame: pd.DataFrame) -> int:

@@ -740,6 +740,7 @@ class NodeMemory:
         self._releases = ReleaseMemory(folder)
         self._conditions = ReleaseMemory(folder, "conditions")
         self._span = SpanMemory(folder)
+        self._thresholds: dict[str, ReleaseMemory] = {}
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -811,6 +812,25 @@ class NodeMemory:
     def count_task(self, study_hash: str, now: float) -> None:
         self._roll(now)
         self._state["studies"][study_hash] = self._state["studies"].get(study_hash, 0) + 1
+
+    # -- thresholds of quantile bisections, per variable (node/describe.py)
+    def thresholds(self, variable: str, version: str, n: int):
+        """Every threshold row set released on one variable, with the rows of the column it
+        was counted in, from any table study on this data version: the sets whose combinations
+        a new threshold is judged with when other studies have bisected the same variable."""
+        name = "thresholds/" + hashlib.sha256(variable.encode()).hexdigest()[:16]
+        if name not in self._thresholds:
+            self._thresholds[name] = ReleaseMemory(self.folder, name)
+        return self._thresholds[name].for_version(version, n)
+
+    def threshold_studies(self, variable: str, version: str) -> set[str]:
+        """The studies that released thresholds on this variable on this data version."""
+        return set(self._state.get("thresholds", {}).get(f"{version[:32]}:{variable}", []))
+
+    def add_threshold_study(self, variable: str, version: str, study_hash: str) -> None:
+        studies = self._state.setdefault("thresholds", {}).setdefault(f"{version[:32]}:{variable}", [])
+        if study_hash not in studies:
+            studies.append(study_hash)
 
     # -- what was released (the differencing audit, node/release_memory.py)
     def releases(self, version: str, n: int):

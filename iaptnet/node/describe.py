@@ -61,6 +61,7 @@ from .design import apply_merges, study_frame
 from .disclosure import LevelCount, ModelFacts, Release, check_model, check_round, check_size, require_rows, task_rules
 from .policy import round_count
 from .registry import handler
+from .release_memory import Footprint
 from .runtime import NodeRuntime, PreparedStudy
 
 MAX_THRESHOLDS = 2000
@@ -75,6 +76,10 @@ class VariableState:
     values: np.ndarray  # their values
     groups: np.ndarray  # their `by` column (0 without a `by`)
     released: tuple[int, ...]  # columns whose exact summary left the node
+    name: str = ""  # the variable
+    # Whether thresholds of this study on the variable were answered by an earlier process of
+    # the node (set at the first quantile task; their bins are not in `answered`).
+    bisected_before: bool | None = None
     answered: dict[int, list[float]] = field(default_factory=dict)  # column -> thresholds
     _cache: dict = field(default_factory=dict)
 
@@ -349,7 +354,7 @@ def _summaries(
         section.value("mean", mean)
         section.value("m2", m2)
     label = f"{spec.name}: {v.name} recorded"
-    return VariableState(ModelFacts(label, mask, span=False), values, groups, tuple(released))
+    return VariableState(ModelFacts(label, mask, span=False), values, groups, tuple(released), name=v.name)
 
 
 def _protect_row(released: list[int], candidates: dict, lay: Layout) -> list[int]:
@@ -415,6 +420,7 @@ def describe_quantiles(runtime: NodeRuntime, task) -> Release:
     dataset = runtime.dataset
     with runtime.memory.transaction() as memory:
         remembered = memory.releases(dataset.data_version, dataset.n_rows)
+        across = _ThresholdsAcross(memory, state, task.study_hash, dataset, minimum)
     accepted: list[np.ndarray] = []  # threshold row sets answered in this task (packed)
     work = {i: {c: list(ts) for c, ts in v.answered.items()} for i, v in state.variables.items()}
     for i, c, j, t in queries:
@@ -437,6 +443,8 @@ def describe_quantiles(runtime: NodeRuntime, task) -> Release:
         )
         if remembered.set_differs_by_few(rows, accepted, rules.min_subset_difference):
             continue  # the same count differs by a few people from a row set released before
+        if not across.allows(i, c, v, rows):
+            continue  # combined with other studies' thresholds on the variable, it isolates a few
         weights = below  # 0/1: the rows counted (the policy's checks count them directly)
         history = [base] + [(base & (v.values <= s)) for s in _neighbours(answered.get(c, []), t)]
         section = release.round(
@@ -452,6 +460,7 @@ def describe_quantiles(runtime: NodeRuntime, task) -> Release:
             release.sections.remove(section)
             continue
         accepted.append(np.packbits(rows))
+        across.accept(i)
         section.value("count", count)
         release.model(
             contract.threshold_key(i, c, j), threshold_facts, group="threshold_rows"
@@ -462,8 +471,58 @@ def describe_quantiles(runtime: NodeRuntime, task) -> Release:
         for i, answered in work.items():
             state.variables[i].answered = answered
 
+    release.remember(across.remember)  # before the counts leave: a later study is judged with them
     release.after(commit)
     return release
+
+
+class _ThresholdsAcross:
+    """The thresholds of one variable across table studies (class 1 of issue 9): counts at
+    thresholds on several cohorts combine like any exact counts (everyone, minus age < 50,
+    minus age > 51, at one threshold, counts the people aged 50 or 51 below it), so every
+    threshold set answered is remembered per variable with the rows of its column, on disk,
+    and once another study has bisected the same variable each new one is judged with all of
+    them by the differencing audit's combination test (node/differencing.py). Within one study
+    `isolates_few` judges its own columns' bins exactly, so a variable only this study has
+    bisected in this process costs nothing more than remembering; after a restart, the study's
+    earlier thresholds are judged with from the memory on disk."""
+
+    def __init__(self, memory, state: TableState, study_hash: str, dataset, minimum: int):
+        self.runtime_memory, self.study_hash, self.minimum = memory, study_hash, minimum
+        self.version, self.n = dataset.data_version, dataset.n_rows
+        self.pending: dict[int, list] = {}  # variable -> footprints of this task's thresholds
+        self.candidate: tuple | None = None
+        self.memories, self.others = {}, {}
+        for i, v in state.variables.items():
+            self.memories[i] = memory.thresholds(v.name, self.version, self.n)
+            studies = memory.threshold_studies(v.name, self.version)
+            if v.bisected_before is None:  # a restarted node does not know its earlier bins
+                v.bisected_before = study_hash in studies
+            self.others[i] = bool(studies - {study_hash}) or v.bisected_before
+        self.names = {i: v.name for i, v in state.variables.items()}
+
+    def allows(self, i: int, c: int, v: VariableState, rows: np.ndarray) -> bool:
+        base = np.zeros(self.n, dtype=bool)
+        base[np.flatnonzero(v.facts.rows)[v.base(c)]] = True
+        label = f"{v.facts.label}, column {c}"
+        pair = [Footprint(label, base), Footprint(f"{label} at or below a threshold", rows)]
+        self.candidate = (i, pair)
+        if not self.others[i]:
+            return True
+        findings = self.memories[i].audit(pair, self.minimum, vetted=self.pending.get(i, []))
+        return not findings
+
+    def accept(self, i: int) -> None:
+        j, pair = self.candidate
+        self.pending.setdefault(j, []).extend(pair)
+
+    def remember(self) -> None:
+        if not self.pending:
+            return
+        with self.runtime_memory.transaction() as memory:
+            for i, footprints in self.pending.items():
+                memory.thresholds(self.names[i], self.version, self.n).remember(footprints, self.minimum)
+                memory.add_threshold_study(self.names[i], self.version, self.study_hash)
 
 
 def _outside_tails(v: VariableState, column: int, count: int, minimum: int) -> bool:
