@@ -252,3 +252,56 @@ def test_forty_releases_on_overlapping_cohorts_near_each_others_span():
     # (a direction 1e-8 of a column's size is known to about 1e-8 of itself, in either QR)
     np.testing.assert_allclose(span.leverage, np.einsum("ij,ij->i", q, q), rtol=0, atol=1e-9)
     np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-12)
+
+
+def test_a_large_release_on_a_cohort_replaces_the_small_blocks_it_touches(tmp_path):
+    """Forty columns on a fifth of the rows (three of them combinations of others), beside four
+    directions on every row: the new
+    columns get their own block on the cohort, and the four directions are replaced by what
+    they hold beyond it (cheaper than projecting forty columns on every row); the span, its
+    leverages, its orthonormal basis and what a restarted node reads back are those of every
+    column released, and a later release on other rows still joins it exactly."""
+    import scipy.linalg
+
+    rng = np.random.default_rng(11)
+    n = 2000
+    everyone = np.ones(n, dtype=bool)
+    cohort = np.arange(n) < n // 5
+    other = np.arange(n) >= n // 2
+    first = Footprint("first", everyone, columns=[(f"e{j}", rng.normal(size=n)) for j in range(3)])
+    shared = rng.normal(size=(int(cohort.sum()), 37))
+    inside = shared[:, :5] @ rng.normal(size=(5, 3))  # three of the batch's columns add nothing
+    batch = Footprint(
+        "batch", cohort, columns=[(f"x{j}", c) for j, c in enumerate(np.column_stack([shared, inside]).T)]
+    )
+    later = Footprint("later", other, columns=[("z", rng.normal(size=int(other.sum())))])
+    kept = ReleasedSpan(tmp_path, n)
+    for fp in (first, batch):
+        kept.audit([fp])
+        kept.remember([fp])
+    assert sorted((b.rows.size, b.basis.shape[1]) for b in kept.blocks) == [(n // 5, 38), (n, 4)]
+    kept.audit([later])
+    kept.remember([later])
+    columns = []
+    for fp in (first, batch, later):
+        columns.append(fp.rows.astype(float))
+        for _, values in fp.columns:
+            column = np.zeros(n)
+            column[fp.rows] = values
+            columns.append(column)
+    A = np.column_stack(columns)
+    q, r, _ = scipy.linalg.qr(A / np.linalg.norm(A, axis=0), mode="economic", pivoting=True)
+    q = q[:, np.abs(np.diag(r)) > span_module.IN_SPAN]
+    assert kept.basis().shape[1] == q.shape[1] == 4 + 38 + 2
+    np.testing.assert_allclose(kept.leverage, np.einsum("ij,ij->i", q, q), rtol=1e-9, atol=1e-12)
+    basis = kept.basis()
+    np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-12)
+    again = ReleasedSpan(tmp_path, n)
+    np.testing.assert_array_equal(again.leverage, kept.leverage)
+    assert again.digests == kept.digests
+    assert [b.name for b in again.blocks] == [b.name for b in kept.blocks]
+    # An index line that drops a block it never read is damage.
+    index = tmp_path / "index.jsonl"
+    index.write_text(index.read_text() + '{"columns": [], "blocks": [], "drops": ["block-x.npz"]}\n')
+    with pytest.raises(MemoryDamaged):
+        ReleasedSpan(tmp_path, n)
