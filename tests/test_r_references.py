@@ -548,6 +548,31 @@ def test_negative_binomial_equals_glm_nb(nb_network, model):
         np.testing.assert_allclose(result[field], theirs[field], rtol=NB_RTOL, atol=0, err_msg=field)
 
 
+def test_negative_binomial_through_iaptnet_run_equals_glm_nb(nb_network, tmp_path, capsys):
+    """The offset model through `iaptnet run` (results.json as written, and the terminal): the
+    coefficients, theta and alpha with their standard errors are glm.nb's."""
+    from glmcase import write_study
+
+    from iaptnet.cli import main
+
+    theirs = reference("nb")["visits_offset"]
+    study = write_study(tmp_path / "nb_cli.toml", name="nb_cli", **nb_fields(theirs))
+    out = tmp_path / "out"
+    assert main(["run", str(study), "--network", str(nb_network / "network.toml"), "--out", str(out)]) == 0
+    shown = capsys.readouterr().out
+    result = json.loads((out / "results.json").read_text())
+    assert result["family"] == "negative_binomial" and result["n"] == theirs["n"]
+    assert_terms(result["terms"], theirs, {}, rtol=NB_RTOL, what="glm.nb through iaptnet run")
+    np.testing.assert_allclose(result["theta"], theirs["theta"], rtol=NB_RTOL, atol=0)
+    np.testing.assert_allclose(result["alpha"], 1.0 / theirs["theta"], rtol=NB_RTOL, atol=0)
+    np.testing.assert_allclose(
+        result["alpha_std_error"], theirs["std_error_theta_polished"] / theirs["theta"] ** 2, rtol=NB_RTOL, atol=0
+    )
+    t, a = theirs["theta"], 1.0 / theirs["theta"]
+    assert f"theta {t:.4f} (std err {theirs['std_error_theta_polished']:.4f})" in shown
+    assert f"alpha = 1/theta {a:.4f} (std err {theirs['std_error_theta_polished'] / t**2:.4f})" in shown
+
+
 def test_negative_binomial_hc0_equals_sandwich(tmp_path):
     # The middle term's squared residuals of these heavy-tailed counts rest on few rows at the
     # smallest services, and change in few rows between rounds: the default policy refuses
