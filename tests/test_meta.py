@@ -103,7 +103,7 @@ def test_binomial_meta_equals_per_service_fits_and_pooled_rows(network):
     assert result["one_stage"]["formula"] == "y ~ x + z + g"
     assert result["exposure_term"]["term"] == "x"
     text = render(result)
-    assert "REML" in text and "prediction interval" in text and "s3" in text
+    assert "REML" in text and "prediction interval" in text and "S3" in text  # (services as the report names them)
 
 
 def test_gaussian_hc0_weighted_meta(network):

@@ -272,6 +272,8 @@ def test_a_run_s_terminal_output_says_the_words_of_its_report(report_run):
     assert percentages and all(re.fullmatch(r"\d{1,3}\.\d%", p) for p in percentages), percentages
     glm = render_report(results["d4_older_adults"])
     assert "service id: Barnet (ZN2)" in glm and "sex: male" in glm and not CODED_TERM.search(glm)
+    contributed = next(line for line in glm.splitlines() if "contributed (" in line)
+    assert "Barnet" in contributed and "Camden Islington" in contributed and "_" not in contributed
     # results.json keeps the codes.
     assert any(CODED_TERM.search(t["term"]) for t in results["d4_older_adults"]["terms"])
 
@@ -603,6 +605,9 @@ def test_the_terminal_propensity_output_names_terms_in_the_report_s_words(kind):
     ):
         assert words_shown in text, words_shown
     assert "older adult" in [line for line in text.splitlines() if line.endswith("<- exposure")][0]
+    if kind == "psm":  # services by the names the report gives them
+        assert "pairs per node (rounded): Barnet 240, Camden Islington" in text, text
+        assert "camden_islington" not in text
     # The balance rows as the report's balance table (and Love plot) label them.
     with words.services_of(result):
         section = sections.propensity_section(result)
@@ -621,7 +626,8 @@ def test_the_terminal_meta_output_names_the_exposure_in_the_report_s_words():
     # I² and tau² as the report and its glossary write them.
     assert "I² = 73.4%" in text and "tau² = 0.0021" in text and "I² 0.0% to 56.3%" in text
     assert not re.search(r"\b(I2|tau2|H2)\b", text), text
-    assert "newham" in text and "not pooled: has no rows" in text
+    # Services by the names the report gives them, never a node's file-system name.
+    assert "Newham" in text and "not pooled: has no rows" in text and "newham" not in text
 
 
 def test_the_terminal_its_output_names_the_series_in_the_report_s_words():
@@ -635,8 +641,9 @@ def test_the_terminal_its_output_names_the_series_in_the_report_s_words():
     # The series as the report's axis and caption name it.
     assert "n dna per n treat" in section.summary[0]
     assert "poisson/log of n dna per n treat]" in text and "n dna per n treat before/after" in text
-    # A group held by one node by that node; one held by several as the report names it.
-    assert "  camden_islington " in text
+    # A group held by one node by that service's name; one held by several as the report
+    # names it.
+    assert "  Camden Islington " in text and "camden_islington" not in text
     assert "service id ZN9" in text and "service id ZN9" in _report_texts(section)
     assert "tau² = 0.0021, I² = 73.4%" in text and not re.search(r"\b(I2|tau2)\b", text)
 

@@ -374,7 +374,9 @@ def render(result: dict) -> str:
         f"{series}]  study {result['study_hash'][:12]}"
     ]
     # A group held by one node is named by that service (not by its code, e.g. service_id 3).
-    names = {g["group"]: g["nodes"][0] for g in result["segments"] if len(g.get("nodes") or []) == 1}
+    names = {
+        g["group"]: words.service_name(g["nodes"][0]) for g in result["segments"] if len(g.get("nodes") or []) == 1
+    }
 
     def group_name(level: str) -> str:
         return names.get(level) or f"{words.column_label(result['group'])} {level}"

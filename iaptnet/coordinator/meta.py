@@ -18,7 +18,7 @@ from __future__ import annotations
 from ..protocol.errors import ModelError
 from ..protocol.families import get_family
 from ..protocol.kinds import meta as protocol
-from ..report.words import p_phrase
+from ..report.words import p_phrase, service_name
 from .derived_models import fit_derived, footer, header, model_result, with_ratio
 from .meta_analysis import Z975, meta_analyse, tau2_qprofile
 from .session import Session
@@ -161,11 +161,11 @@ def render(result: dict) -> str:
     lines.append(f"  {'node':<26} {label:<26} {'weight FE / DL / REML':>24}")
     for e in result["per_node"]:
         if e["estimate"] is None:
-            lines.append(f"  {e['node']:<26} not pooled: {e['reason']}")
+            lines.append(f"  {service_name(e['node']):<26} not pooled: {e['reason']}")
             continue
         w = e.get("weights", {})
         shares = " / ".join(f"{100 * w[k]:5.1f}%" if k in w else "   -  " for k, _ in METHODS)
-        lines.append(f"  {e['node']:<26} {show(e):<26} {shares:>24}")
+        lines.append(f"  {service_name(e['node']):<26} {show(e):<26} {shares:>24}")
     for key, name in METHODS:
         entry = result.get(key)
         if entry is None:

@@ -33,6 +33,7 @@ import numpy as np
 
 from ..protocol.errors import NetworkError
 from ..protocol.kinds import propensity as kind
+from ..report.words import service_name
 from .balance import balance_rows, balance_summary, pool_moments, pool_weighted_means, variances
 from .derived_models import carry_lost
 from .glm import ModelFit, fit_models
@@ -291,7 +292,7 @@ def render(result: dict) -> str:
             f"  matching: caliper {mt['caliper_sd']:g} SD = {mt['caliper']:.4f} on the logit; "
             f"{mt['pairs']:,} pairs; {mt['exposed_unmatched']:,} of {mt['exposed']:,} exposed unmatched"
         )
-        per_node = ", ".join(f"{n['name']} {_shown(n['pairs'])}" for n in mt["nodes"])
+        per_node = ", ".join(f"{service_name(n['name'])} {_shown(n['pairs'])}" for n in mt["nodes"])
         lines.append(f"  pairs per node (rounded): {per_node}")
     else:
         wt = result["weighting"]

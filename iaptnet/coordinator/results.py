@@ -14,7 +14,7 @@ from scipy import special
 
 from .. import __version__
 from ..protocol.study import marginal_label, value_text
-from ..report.words import p_value, services_of, term_label
+from ..report.words import p_value, service_name, services_of, term_label
 from .glm import ModelFit
 from .outputs import check_out_folder, results_paths, safe_filename, write_json_atomic  # noqa: F401 (re-exported)
 
@@ -178,10 +178,15 @@ def provenance(spec, engine: str) -> dict:
 
 
 def node_lines(result: dict) -> list[str]:
-    """The report's lines on which nodes contributed, and why any did not."""
-    contributed = [n["name"] for n in result["nodes"] if n["contributed"]]
+    """The report's lines on which nodes contributed, and why any did not (services by the
+    names the report gives them: `camden_islington` -> `Camden Islington`)."""
+    contributed = [service_name(n["name"]) for n in result["nodes"] if n["contributed"]]
     lines = [f"  nodes: {len(contributed)} contributed ({', '.join(contributed)})"]
-    lines += [f"  node {n['name']} did not contribute: {n['reason']}" for n in result["nodes"] if not n["contributed"]]
+    lines += [
+        f"  node {service_name(n['name'])} did not contribute: {n['reason']}"
+        for n in result["nodes"]
+        if not n["contributed"]
+    ]
     return lines
 
 
