@@ -10,7 +10,9 @@
    estimates and standard errors of step 1: nothing more is asked of the nodes.
 3. The one-stage models, exact federated GLMs fitted in shared rounds: the formula without
    the service term, and with service fixed effects. These follow the study's `min_nodes`
-   like any GLM study.
+   like any GLM study. A node that leaves the study there (lost, or refusing) leaves the
+   meta-analysis too, with its reason: the study is then the one a network without that node
+   gives, as for every kind.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from ..protocol.errors import ModelError
 from ..protocol.families import get_family
 from ..protocol.kinds import meta as protocol
 from ..report.words import p_phrase, service_name
-from .derived_models import fit_derived, footer, header, model_result, with_ratio
+from .derived_models import carry_lost, fit_derived, footer, header, model_result, with_ratio
 from .meta_analysis import Z975, meta_analyse, tau2_qprofile
 from .session import Session
 
@@ -37,6 +39,17 @@ def run_study(
     ratio = get_family(spec.family).ratio_name is not None
     local = Session(grid, spec.hash, min_nodes=0, timeout=timeout, poll_interval=poll_interval, progress=progress)
     replies = local.ask(protocol.TASK, {"models": {"meta": spec.to_wire()}})
+    one, fe = protocol.model_specs(spec)
+    session, fits = fit_derived(
+        grid,
+        {"m0": one, "m1": fe},
+        min_nodes=spec.min_nodes,
+        earlier=None,
+        progress=progress,
+        timeout=timeout,
+        poll_interval=poll_interval,
+    )
+    carry_lost(session, local)
     per_node = _per_node(local, replies, ratio)
     usable = [e for e in per_node if e["estimate"] is not None]
     ci = spec.params.get("ci", protocol.DEFAULT_CI)
@@ -59,16 +72,6 @@ def run_study(
             weights = [w / sum(inv) for w in inv]
         for entry, w in zip(usable, weights):
             entry.setdefault("weights", {})[key] = w
-    one, fe = protocol.model_specs(spec)
-    session, fits = fit_derived(
-        grid,
-        {"m0": one, "m1": fe},
-        min_nodes=spec.min_nodes,
-        earlier=None,
-        progress=progress,
-        timeout=timeout,
-        poll_interval=poll_interval,
-    )
     one_stage = model_result(fits["m0"], session, engine)
     service_fe = model_result(fits["m1"], session, engine)
     for model in (one_stage, service_fe):
