@@ -40,8 +40,8 @@ test: lint docs
 	$(BIN)/python -m pytest -q -n 2 -m "not network"
 	$(BIN)/python -m pytest -q -m network
 
-# The inner loop: under a minute, without the real network, paper-scale data, PostgreSQL or
-# a browser.
+# The inner loop, without the real network, paper-scale data, PostgreSQL or a browser (about
+# 4 minutes on 2 cores: docs/developer/testing.md).
 test-fast: $(BIN)/iaptnet
 	$(BIN)/python -m pytest -q -n 2 -m "not network and not paper_scale and not postgres and not browser"
 

@@ -201,7 +201,9 @@ def test_the_its_terminal_report_names_services_not_codes(results):
     text = render(result)
     for segment in result["segments"]:
         (node,) = segment["nodes"]
-        assert f"  {node} " in text and f"service_id {segment['group']} " not in text
+        # by the service's name as the report gives it (`camden_islington` -> `Camden Islington`)
+        assert f"  {words.service_name(node)} " in text and f"service_id {segment['group']} " not in text
+        assert f"  {node} " not in text
 
 
 def test_terms_of_art_are_explained_where_they_appear():

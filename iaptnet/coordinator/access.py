@@ -32,10 +32,11 @@ from ..protocol.errors import NetworkError, SpecError
 from ..protocol.families import get_family
 from ..protocol.kinds.access import PER, TASK, margins_key
 from ..protocol.sdc import ROUND_TO, SUPPRESS_MAX, Relation, round_count, suppress
+from ..report import words
 from ..report.words import p_phrase, p_value
 from . import loglinear
 from .glm import ModelFit
-from .results import node_lines, provenance, term_rows
+from .results import node_lines, provenance, term_rows, term_text
 from .runner import node_status
 from .session import Session
 
@@ -367,8 +368,6 @@ def build_results(spec, access, analysis: dict, *, engine: str, node_status: lis
 def render(result: dict) -> str:
     """Rates per 100,000 per year with crude rate ratios, then the adjusted rate ratios; groups
     and terms in the report's words (`age group: 65+`, report/words.py), not as codes."""
-    from ..report import words
-    from .results import term_text
 
     title = result.get("title") or result["study"]
     period = result["period"]

@@ -22,6 +22,7 @@ import numpy as np
 from ..protocol import messages as m
 from ..protocol.errors import ModelError
 from ..protocol.kinds import glm as protocol
+from .replies import check_replies, models_left, sum_replies
 
 
 def cr2_round(session, fits: dict) -> list[str]:
@@ -30,8 +31,6 @@ def cr2_round(session, fits: dict) -> list[str]:
     has no meat; one restored from a checkpoint may have its meat without df: asked again.)
     Returns the models a node holding their rows left during the round (to be fitted again
     without it)."""
-    from .glm import _check_replies, _left_models, _sum
-
     asked = {
         key: fit
         for key, fit in fits.items()
@@ -49,16 +48,16 @@ def cr2_round(session, fits: dict) -> list[str]:
         arrays[protocol.beta_key(key)] = fit.beta
         arrays[protocol.bread_key(key)] = m.pack_upper(bread)
     replies = session.ask(protocol.ROUND, payload, arrays)
-    _check_replies(replies, session)
-    lost = _left_models(fits, session)
+    check_replies(replies)
+    lost = models_left(fits, session)
     if lost:
         return lost
     for key, fit in asked.items():
         mine = [r for r in replies if r.node in fit.holders]
         p = fit.rank
-        meat = m.unpack_upper(_sum(mine, protocol.cr2_meat_key(key)), p)
-        trace = _sum(mine, protocol.cr2_trace_key(key))
-        cross = _sum(mine, protocol.cr2_cross_key(key)).reshape(p, -1)
+        meat = m.unpack_upper(sum_replies(mine, protocol.cr2_meat_key(key)), p)
+        trace = sum_replies(mine, protocol.cr2_trace_key(key))
+        cross = sum_replies(mine, protocol.cr2_cross_key(key)).reshape(p, -1)
         fit.meat = meat
         fit.df = satterthwaite(breads[key], trace, np.array([m.unpack_upper(c, p) for c in cross]), fit.spec.name)
     return []

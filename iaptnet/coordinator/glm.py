@@ -40,6 +40,7 @@ from ..protocol.kinds.glm import NULL_SUFFIX
 from ..protocol.study import StudySpec, marginal_contrast, marginal_label
 from .checkpoint import BatchCheckpoint
 from .cr2 import cr2_round
+from .replies import check_replies, models_left, sum_replies
 from .resume import restore, snapshot
 from .session import Session, _names
 
@@ -221,7 +222,7 @@ def _prepare_fits(
     if optional:
         payload["optional"] = sorted(optional)
     replies = session.ask(protocol.PREPARE, payload)
-    _check_replies(replies, session)
+    check_replies(replies)
     if moment_nodes is not None and {r.node for r in replies} != moment_nodes:
         return None
     for reply in replies:
@@ -263,8 +264,8 @@ def _iterate(session: Session, fits: dict[str, ModelFit], stateful: dict[str, li
         arrays = {protocol.beta_key(f.key): _round_vector(f, fits) for f in pending}
         payload = {"models": [f.key for f in pending], "meat": [f.key for f in pending if _meat_ahead(f)]}
         replies = session.ask(protocol.ROUND, payload, arrays)
-        _check_replies(replies, session)
-        lost = _left_models(fits, session)
+        check_replies(replies)
+        lost = models_left(fits, session)
         if any(stateful.get(key) for key in lost):
             return False
         for fit in pending:
@@ -272,16 +273,16 @@ def _iterate(session: Session, fits: dict[str, ModelFit], stateful: dict[str, li
             if main.key in lost:
                 continue  # (below: its step is taken without the node that left)
             mine = [r for r in replies if r.node in main.holders]
-            score = _sum(mine, protocol.score_key(fit.key))
-            info = m.unpack_upper(_sum(mine, protocol.info_key(fit.key)), len(fit.names))
-            stats = _sum(mine, protocol.stats_key(fit.key))
+            score = sum_replies(mine, protocol.score_key(fit.key))
+            info = m.unpack_upper(sum_replies(mine, protocol.info_key(fit.key)), len(fit.names))
+            stats = sum_replies(mine, protocol.stats_key(fit.key))
             meat = None
             if fit.key in payload["meat"]:
-                meat = m.unpack_upper(_sum(mine, protocol.meat_key(fit.key)), len(fit.names))
+                meat = m.unpack_upper(sum_replies(mine, protocol.meat_key(fit.key)), len(fit.names))
             if fit.log_theta is None:
                 _newton_update(fit, score, info, stats, meat)
             elif fit is main:
-                _nb_update(fit, score, info, stats, _sum(mine, protocol.theta_key(fit.key)), meat)
+                _nb_update(fit, score, info, stats, sum_replies(mine, protocol.theta_key(fit.key)), meat)
             else:
                 _nb_null_update(fit, main, score, info, stats)
         for key in lost:
@@ -306,12 +307,6 @@ def _meat_ahead(fit: ModelFit) -> bool:
     # A Gaussian model's start (the nodes' local fits pooled) is its optimum; with one node the
     # start is that node's own fit, the optimum of any family.
     return fit.family.name == "gaussian" or len(fit.holders) == 1
-
-
-def _left_models(fits: dict[str, ModelFit], session: Session) -> list[str]:
-    """Keys of the models that a node holding rows of them has just left."""
-    active = {n.name for n in session.active}
-    return [key for key, fit in fits.items() if any(h not in active for h in fit.holders)]
 
 
 def _continue_without(fit: ModelFit, session: Session, replies: list[m.Reply]) -> None:
@@ -346,7 +341,7 @@ def _continue_without(fit: ModelFit, session: Session, replies: list[m.Reply]) -
     mine = [r for r in replies if r.node in fit.holders]
     p = len(fit.names)
     if mine:  # the information at the current estimate, from the remaining nodes
-        info = m.unpack_upper(_sum(mine, protocol.info_key(fit.key)), p)
+        info = m.unpack_upper(sum_replies(mine, protocol.info_key(fit.key)), p)
     else:
         info = m.unpack_upper(np.sum([fit.node_info[h] for h in fit.holders], axis=0), p)
     for j in _aliased(info, fit.active, fit.names):
@@ -364,7 +359,7 @@ def _continue_without(fit: ModelFit, session: Session, replies: list[m.Reply]) -
     beta = fit.beta.copy()
     gone_cols = was & ~fit.active
     if mine:  # Newton's step in the remaining columns, the dropped ones set to zero
-        score = _sum(mine, protocol.score_key(fit.key))
+        score = sum_replies(mine, protocol.score_key(fit.key))
         a = fit.active
         rhs = score[a] + info[np.ix_(a, gone_cols)] @ beta[gone_cols]
         try:
@@ -449,14 +444,14 @@ def _marginal_round(session: Session, fits: dict[str, ModelFit]) -> list[str]:
             _check_settable(fits[key], entry)
     arrays = {protocol.beta_key(key): _round_vector(fits[key], fits) for key in asked}
     replies = session.ask(protocol.ROUND, {"models": list(asked), "marginal": asked}, arrays)
-    _check_replies(replies, session)
-    lost = _left_models(fits, session)
+    check_replies(replies)
+    lost = models_left(fits, session)
     if lost:
         return lost
     for key, terms in asked.items():
         fit = fits[key]
         mine = [r for r in replies if r.node in fit.holders]
-        fit.marginal_sums = {term: _sum(mine, protocol.marginal_key(key, i)) for i, term in enumerate(terms)}
+        fit.marginal_sums = {term: sum_replies(mine, protocol.marginal_key(key, i)) for i, term in enumerate(terms)}
     return []
 
 
@@ -529,31 +524,11 @@ def _set_totals(fit: ModelFit, stats: dict[str, dict], counts: dict[str, dict]) 
         fit.events = sum(float(s["events"]) for s in stats.values())
 
 
-def _check_replies(replies: list[m.Reply], session: Session) -> None:
-    if not replies:
-        raise NetworkError("no node contributed to the study.")
-    names = [r.node for r in replies]
-    if len(set(names)) != len(names):
-        raise NetworkError("two nodes of the network use the same name; each node needs its own.")
-
-
-def _sum(replies: list[m.Reply], name: str) -> np.ndarray:
-    """Sum one array over the replies, in their (node-name) order."""
-    total = None
-    for reply in replies:
-        try:
-            value = reply.arrays[name]
-        except KeyError:
-            raise NetworkError(f"node {reply.node} sent a reply without '{name}'.") from None
-        total = value.copy() if total is None else total + value
-    return total
-
-
 def pooled_transform_state(session, models_wire, stateful, task: str = protocol.MOMENTS) -> tuple[dict, set[str]]:
     """Pool (n, mean, M2) per centred/scaled expression with Chan's formula; exact. Also
     returns the nodes pooled. `task`: the kind's moments task (glm.moments, glmm.moments)."""
     replies = session.ask(task, {"models": models_wire})
-    _check_replies(replies, session)
+    check_replies(replies)
     state: dict[str, dict] = {}
     for key, exprs in stateful.items():
         name = models_wire[key].get("name", key)
@@ -644,8 +619,8 @@ def _absorb_prepare(
         raise ModelError(
             f"model '{spec.name}': the cohort has {fit.n} rows for {fit.rank} coefficients; it needs more rows than coefficients."
         )
-    info = m.unpack_upper(_sum(replies, protocol.local_info_key(fit.key)), p)
-    ibeta = _sum(replies, protocol.local_ibeta_key(fit.key))
+    info = m.unpack_upper(sum_replies(replies, protocol.local_info_key(fit.key)), p)
+    ibeta = sum_replies(replies, protocol.local_ibeta_key(fit.key))
     if lost:  # (as when a node leaves mid-study: a reference level only it held)
         for j in _aliased(info, fit.active, fit.names):
             fit.active[j] = False
@@ -765,8 +740,8 @@ def _null_fit(fit: ModelFit, replies: list[m.Reply]) -> ModelFit:
         n_cohort=fit.n_cohort,
         events=fit.events,
     )
-    info = _sum(replies, protocol.local_info_key(null.key)).reshape(1, 1)
-    ibeta = _sum(replies, protocol.local_ibeta_key(null.key))
+    info = sum_replies(replies, protocol.local_info_key(null.key)).reshape(1, 1)
+    ibeta = sum_replies(replies, protocol.local_ibeta_key(null.key))
     null.beta = _solve_start(info, ibeta)
     null.log_theta = fit.log_theta
     exact = _null_intercept(fit)

@@ -35,8 +35,9 @@ from ..protocol.errors import ModelError, NetworkError
 from ..protocol.families import Family, get_family
 from ..protocol.kinds import glmm as protocol
 from ..protocol.study import StudySpec
-from .glm import _check_collinear, _check_replies, _solve_start, _sum, pooled_transform_state
-from .results import Z975, provenance
+from .glm import _check_collinear, _solve_start, pooled_transform_state
+from .replies import check_replies, sum_replies
+from .results import Z975, node_lines, provenance, term_lines
 from .runner import node_status
 from .session import Session
 
@@ -112,7 +113,7 @@ def fit_mixed(session: Session, spec: StudySpec, stateful: Sequence[str] = ()) -
     wire = {KEY: spec.to_wire()}
     state = pooled_transform_state(session, wire, {KEY: list(stateful)}, protocol.MOMENTS)[0] if stateful else {}
     replies = session.ask(protocol.PREPARE, {"models": wire, "transform_state": state})
-    _check_replies(replies, session)
+    check_replies(replies)
     for reply in replies:
         session.node_named(reply.node).data_version = str(reply.payload.get("data_version", ""))
     start = _absorb_prepare(fit, replies)
@@ -173,8 +174,8 @@ def _absorb_prepare(fit: MixedFit, replies: list[m.Reply]) -> np.ndarray:
             "a variance between groups needs at least two."
         )
     p = len(names)
-    info = m.unpack_upper(_sum(replies, protocol.local_info_key(KEY)), p)
-    ibeta = _sum(replies, protocol.local_ibeta_key(KEY))
+    info = m.unpack_upper(sum_replies(replies, protocol.local_info_key(KEY)), p)
+    ibeta = sum_replies(replies, protocol.local_ibeta_key(KEY))
     _check_collinear(fit, info)
     a = fit.active
     return _solve_start(info[np.ix_(a, a)], ibeta[a])
@@ -233,16 +234,16 @@ def _ask_glmm(session: Session, fit: MixedFit, x: np.ndarray):
     full = np.zeros(len(fit.names))
     full[fit.active] = x[:-1]
     replies = session.ask(protocol.ROUND, {"models": [KEY]}, {protocol.parameters_key(KEY): np.append(full, x[-1])})
-    _check_replies(replies, session)
+    check_replies(replies)
     kept = _lose_nodes(fit, session)
     if kept is not None:
         x = np.append(x[:-1][kept], x[-1])
     mine = [r for r in replies if r.node in fit.node_stats]
     p = len(fit.names)
     keep = np.append(fit.active, True)
-    value = float(_sum(mine, protocol.loglik_key(KEY))[0])
-    gradient = _sum(mine, protocol.gradient_key(KEY))[keep]
-    hessian = m.unpack_upper(_sum(mine, protocol.hessian_key(KEY)), p + 1)[np.ix_(keep, keep)]
+    value = float(sum_replies(mine, protocol.loglik_key(KEY))[0])
+    gradient = sum_replies(mine, protocol.gradient_key(KEY))[keep]
+    hessian = m.unpack_upper(sum_replies(mine, protocol.hessian_key(KEY)), p + 1)[np.ix_(keep, keep)]
     return value, gradient, hessian, x, kept is not None
 
 
@@ -362,13 +363,13 @@ def _check_divergence(fit: MixedFit, x: np.ndarray, se: np.ndarray) -> None:
 
 def _ask_gaussian(session: Session, fit: MixedFit, theta: float):
     replies = session.ask(protocol.ROUND, {"models": [KEY]}, {protocol.parameters_key(KEY): np.array([theta])})
-    _check_replies(replies, session)
+    check_replies(replies)
     _lose_nodes(fit, session)
     mine = [r for r in replies if r.node in fit.node_stats]
     p = len(fit.names)
     keep = np.append(fit.active, True)
-    cross = [m.unpack_upper(_sum(mine, protocol.cross_key(KEY, d)), p + 1)[np.ix_(keep, keep)] for d in range(3)]
-    return cross, _sum(mine, protocol.logdet_key(KEY))
+    cross = [m.unpack_upper(sum_replies(mine, protocol.cross_key(KEY, d)), p + 1)[np.ix_(keep, keep)] for d in range(3)]
+    return cross, sum_replies(mine, protocol.logdet_key(KEY))
 
 
 def profiled_deviance(cross: list[np.ndarray], logdet: np.ndarray, n: int, reml: bool):
@@ -542,8 +543,6 @@ def build_results(fit: MixedFit, *, engine: str, node_status: list[dict], rounds
 
 def render(result: dict) -> str:
     """The terminal report of a random-intercept model."""
-    from .results import node_lines, term_lines
-
     gaussian = result["family"] == "gaussian"
     how = (
         ("REML" if result.get("reml") else "ML")

@@ -24,6 +24,7 @@ import math
 from ..protocol.errors import ModelError
 from ..protocol.kinds import its as protocol
 from ..protocol.sdc import Relation, suppress
+from ..report import words
 from .derived_models import carry_lost, derived_session, footer, header, model_result, with_ratio
 from .glm import fit_models
 from .meta_analysis import meta_analyse
@@ -365,8 +366,6 @@ def _exp(x: float) -> float:
 def render(result: dict) -> str:
     """A short report: crude rates per group and period, then the level and slope changes;
     columns in the report's words (report/sections.py its_section: `n dna per n treat`)."""
-    from ..report import words
-
     # The series as the report's axis names it: the outcome per its denominator, in words.
     series = f"{words.column_label(result['outcome'])} per {' + '.join(map(words.column_label, result['denominator']))}"
     lines = [

@@ -23,6 +23,7 @@ from ..protocol.kinds import meta as protocol
 from ..report.words import p_phrase, service_name
 from .derived_models import carry_lost, fit_derived, footer, header, model_result, with_ratio
 from .meta_analysis import Z975, meta_analyse, tau2_qprofile
+from .results import term_text
 from .session import Session
 
 METHODS = (
@@ -147,8 +148,6 @@ def _per_node(session: Session, replies, ratio: bool) -> list[dict]:
 def render(result: dict) -> str:
     """A short report: each node's estimate, the pooled ones, and the one-stage models; the
     exposure in the report's words (`n treat`, `sex: male`) and I², tau² as the report writes them."""
-    from .results import term_text
-
     ratio = result.get("ratio_name")
     lines = [
         f"{result.get('title') or result['study']}  [meta-analysis of {term_text(result['exposure'], result)}, "

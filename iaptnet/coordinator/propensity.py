@@ -33,11 +33,12 @@ import numpy as np
 
 from ..protocol.errors import NetworkError
 from ..protocol.kinds import propensity as kind
+from ..report import words
 from ..report.words import service_name
 from .balance import balance_rows, balance_summary, pool_moments, pool_weighted_means, variances
 from .derived_models import carry_lost
 from .glm import ModelFit, fit_models
-from .results import build_results, term_rows
+from .results import build_results, term_rows, term_text
 from .runner import node_status
 from .session import ProgressFn, Session
 from .studies import LoadedStudy
@@ -270,8 +271,6 @@ def render(result: dict) -> str:
     """A short human report: the exposure's effect, the propensity model, matching or
     weighting, and the covariates that stay imbalanced; terms and columns in the report's
     words (report/sections.py propensity_section: `sex: male`, `propensity score (logit)`)."""
-    from ..report import words
-    from .results import term_text
 
     def label(term: str) -> str:
         return "propensity score (logit)" if term == "ps_logit" else term_text(term, result)
