@@ -305,3 +305,15 @@ def test_a_large_release_on_a_cohort_replaces_the_small_blocks_it_touches(tmp_pa
     index.write_text(index.read_text() + '{"columns": [], "blocks": [], "drops": ["block-x.npz"]}\n')
     with pytest.raises(MemoryDamaged):
         ReleasedSpan(tmp_path, n)
+
+
+def test_an_audit_overtaken_by_another_release_is_done_again_when_remembered():
+    """An audit's directions are kept for its release's `remember` only while the span is
+    unchanged: a release remembered in between (in this process, or read from another's)
+    makes the first one's directions stale, and they are computed again."""
+    span = ReleasedSpan(None, N)
+    first, second = footprint("first", 21, k=4), footprint("second", 22, k=4)
+    span.audit([first])
+    span.remember([second])  # remembered without an audit of its own in between
+    span.remember([first])
+    assert_span_is_the_projection_onto(span, [second, first])

@@ -326,6 +326,9 @@ class ReleasedSpan:
         self.digests.update(digests)
         if change is None:
             return
+        # Directions an audit found against the span as it was are stale now: the release they
+        # were for is worked out again when it is remembered.
+        self._pending = {}
         for block in change.dropped:
             self.blocks = [b for b in self.blocks if b is not block]
             self._named.pop(block.name, None)
