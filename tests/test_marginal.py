@@ -2,7 +2,8 @@
 and to 0 for everyone, their difference and ratio with delta-method intervals, against an
 independent computation on the concatenated rows: statsmodels' GLM fit, then g-computation in
 numpy (the design rebuilt with the exposure set, interactions included, by formulaic) and the
-delta method with statsmodels' covariance; 1e-8 relative. And against R (make_marginal.R,
+delta method with statsmodels' covariance (binomial with an interaction and poisson with an
+offset, each model-based and HC0); 1e-8 relative. And against R (make_marginal.R,
 stored in tests/results/marginal.json): base R's glm on public data (the RAND Health Insurance
 Experiment, 3,000 person-years over 4 services), the risks from predict(type = "response") on
 copies of the data with the exposure set, the delta method with vcov() and sandwich's HC0
@@ -119,13 +120,22 @@ def test_binomial_with_an_interaction(network, cov_type):
     assert "standardised t:" in render_report(result)
 
 
-def test_poisson_with_an_offset(network):
+@pytest.mark.parametrize("cov_type", ["nonrobust", "HC0"])
+def test_poisson_with_an_offset(network, cov_type):
     folder, frame = network
     formula = "visits ~ t + x + g"
-    result = run_study(folder, name="m_poisson", family="poisson", formula=formula, offset="log(days)", marginal=["t"])
+    result = run_study(
+        folder,
+        name=f"m_poisson_{cov_type}",
+        family="poisson",
+        formula=formula,
+        offset="log(days)",
+        marginal=["t"],
+        cov_type=cov_type,
+    )
     offset = np.log(frame["days"].to_numpy())
     fit = smf.glm(formula, frame, family=sm.families.Poisson(), offset=offset).fit(
-        tol=1e-13, tol_criterion="params", maxiter=200
+        tol=1e-13, tol_criterion="params", maxiter=200, cov_type=cov_type
     )
     assert_marginal(result["marginal"][0], g_computation(fit, frame, formula, "t", offset))
 
