@@ -36,6 +36,7 @@ from ..report import words
 from ..report.words import p_phrase, p_value
 from . import loglinear
 from .glm import ModelFit
+from .replies import check_replies
 from .results import node_lines, provenance, term_rows, term_text
 from .runner import node_status
 from .session import Session
@@ -51,11 +52,8 @@ def run_study(grid, study, *, engine: str, progress=None, timeout=300.0, poll_in
         grid, spec.hash, min_nodes=spec.min_nodes, timeout=timeout, poll_interval=poll_interval, progress=progress
     )
     replies = session.ask(TASK, {"models": {KEY: spec.to_wire()}})
-    if not replies:
-        raise NetworkError("no node contributed to the study.")
+    check_replies(replies)
     names = [r.node for r in replies]
-    if len(set(names)) != len(names):
-        raise NetworkError("two nodes of the network use the same name; each node needs its own.")
     margins, totals, counts = {}, {}, {}
     for reply in replies:
         session.node_named(reply.node).data_version = str(reply.payload.get("data_version", ""))

@@ -41,6 +41,7 @@ from ..report.words import (
 )
 from ..report.words import count as count_text
 from .quantiles import Search
+from .replies import check_replies
 from .results import node_lines, provenance
 from .runner import node_status
 from .session import Session
@@ -59,7 +60,7 @@ def run_study(
         grid, spec.hash, min_nodes=spec.min_nodes, timeout=timeout, poll_interval=poll_interval, progress=progress
     )
     replies = session.ask(TABLE_TASK, {"models": {"m0": spec.to_wire()}})
-    _check(replies)
+    check_replies(replies)
     for reply in replies:
         session.node_named(reply.node).data_version = str(reply.payload.get("data_version", ""))
     lay = plan.layout
@@ -83,14 +84,6 @@ def run_study(
         summaries[(i, c)]["quantiles"] = search.results()
     node_counts = {name: {"n_cohort": _shown(released[name][0][("N", 0)])} for name in names}
     return _results(spec, plan, pooled, summaries, session, node_counts, engine)
-
-
-def _check(replies: list[m.Reply]) -> None:
-    if not replies:
-        raise NetworkError("no node contributed to the study.")
-    names = [r.node for r in replies]
-    if len(set(names)) != len(names):
-        raise NetworkError("two nodes of the network use the same name; each node needs its own.")
 
 
 # --------------------------------------------------------------------------- reading replies

@@ -38,6 +38,7 @@ from ..report.words import service_name
 from .balance import balance_rows, balance_summary, pool_moments, pool_weighted_means, variances
 from .derived_models import carry_lost
 from .glm import ModelFit, fit_models
+from .replies import check_replies
 from .results import build_results, term_rows, term_text
 from .runner import node_status
 from .session import ProgressFn, Session
@@ -78,7 +79,7 @@ def run_study(
         if parent.params.get("stabilized"):
             payload["marginal"] = ps_fit.events / ps_fit.n
         scored = session.ask(kind.TASK_SCORE, payload, {"beta": ps_fit.beta})
-        _check(scored)
+        check_replies(scored)
         if len(session.lost) > lost:
             continue
         names = ["ps_logit", *ps_fit.names]
@@ -88,7 +89,7 @@ def run_study(
         if parent.kind == "psm":
             caliper = parent.params["caliper"] * score["logit_sd"]
             matched = session.ask(kind.TASK_MATCH, {**wire, "caliper": caliper})
-            _check(matched)
+            check_replies(matched)
             if len(session.lost) > lost:
                 continue
             pairs = sum(float(_array(r, "after/pairs")[0]) for r in matched)
@@ -163,11 +164,6 @@ def _score_summary(replies) -> dict:
 def _before(replies) -> dict:
     """The cohort's (n, mean, M2) of every balance column, per group."""
     return {g: pool_moments([_block(r, g) for r in replies]) for g in GROUPS}
-
-
-def _check(replies) -> None:
-    if not replies:
-        raise NetworkError("no node contributed to the study.")
 
 
 def _triple(reply, name: str) -> tuple[float, np.ndarray, np.ndarray]:

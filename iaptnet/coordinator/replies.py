@@ -1,5 +1,6 @@
 """What every coordinator kind does with a round's replies: check them, sum an array over them,
-and find the models a node holding their rows has left (coordinator/glm.py, cr2.py, glmm.py)."""
+and find the models a node holding their rows has left (glm, cr2, glmm, access, table and
+propensity studies)."""
 
 from __future__ import annotations
 

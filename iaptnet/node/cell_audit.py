@@ -37,19 +37,25 @@ class CellAudit:
         with runtime.memory.transaction() as memory:
             self.remembered = memory.releases(dataset.data_version, dataset.n_rows)
         self.cohort, self.n, self.t = np.asarray(cohort, dtype=bool), dataset.n_rows, t
+        self._judged: dict[Hashable, bool] = {}  # key -> differs (the memory is fixed in a task)
 
     def differing(self, cells: Iterable[tuple[Hashable, np.ndarray]]) -> set:
         """The keys of the cells (key, dataset row numbers) whose rows, or whose rest of the
         cohort, differ by 1..t-1 people from a row set remembered on this data. A cell covering
         the whole cohort is the cohort itself, which the dispatcher judges (and refuses the
-        release for)."""
+        release for). A key is judged once per task: suppression asks again after each round
+        of withholding, about the same cells."""
         if self.t <= 1:
             return set()
         out = set()
         for key, positions in cells:
-            part = np.zeros(self.n, dtype=bool)
-            part[positions] = True
-            rest = self.cohort & ~part
-            if rest.any() and any(self.remembered.set_differs_by_few(s, [], self.t) for s in (part, rest)):
+            if key not in self._judged:
+                part = np.zeros(self.n, dtype=bool)
+                part[positions] = True
+                rest = self.cohort & ~part
+                self._judged[key] = bool(rest.any()) and any(
+                    self.remembered.set_differs_by_few(s, [], self.t) for s in (part, rest)
+                )
+            if self._judged[key]:
                 out.add(key)
         return out

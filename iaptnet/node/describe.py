@@ -492,6 +492,7 @@ class _ThresholdsAcross:
         self.version, self.n = dataset.data_version, dataset.n_rows
         self.pending: dict[int, list] = {}  # variable -> footprints of this task's thresholds
         self.candidate: tuple | None = None
+        self.bases: dict[tuple[int, int], Footprint] = {}  # (variable, column) -> its rows
         self.memories, self.others = {}, {}
         for i, v in state.variables.items():
             self.memories[i] = memory.thresholds(v.name, self.version, self.n)
@@ -502,10 +503,12 @@ class _ThresholdsAcross:
         self.names = {i: v.name for i, v in state.variables.items()}
 
     def allows(self, i: int, c: int, v: VariableState, rows: np.ndarray) -> bool:
-        base = np.zeros(self.n, dtype=bool)
-        base[np.flatnonzero(v.facts.rows)[v.base(c)]] = True
         label = f"{v.facts.label}, column {c}"
-        pair = [Footprint(label, base), Footprint(f"{label} at or below a threshold", rows)]
+        if (i, c) not in self.bases:  # one footprint per column: packed and digested once
+            base = np.zeros(self.n, dtype=bool)
+            base[np.flatnonzero(v.facts.rows)[v.base(c)]] = True
+            self.bases[(i, c)] = Footprint(label, base)
+        pair = [self.bases[(i, c)], Footprint(f"{label} at or below a threshold", rows)]
         self.candidate = (i, pair)
         if not self.others[i]:
             return True

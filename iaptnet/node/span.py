@@ -172,7 +172,7 @@ class ReleasedSpan:
             project_v = support.size * m * (d + m)
             project_blocks = rows.size * m * (m + d) + support.size * d * d
             if project_blocks < project_v:
-                return self._replace_touching(rows, V, touching, support, float(norms.max()))
+                return self._replace_touching(rows, V, touching, support, norms)
         W = np.zeros((support.size, V.shape[1]))
         W[np.searchsorted(support, rows)] = V
         places = [np.searchsorted(support, b.rows) for b in touching]
@@ -184,32 +184,17 @@ class ReleasedSpan:
                 else:
                     M[at] -= b.basis @ (b.basis.T @ M[at])
 
-        project_out(W)  # Gram-Schmidt against the span
-        if touching:
-            # Twice is enough (Kahan, Parlett): a column that kept half its norm is orthogonal
-            # to the span to rounding after one pass; the columns that lost more are
-            # projected again, and only they (each pass reads every touching block).
-            again = np.linalg.norm(W, axis=0) < 0.5 * norms
-            if again.any():
-                part = W[:, again]
-                project_out(part)
-                W[:, again] = part
-        q, clean = _orthonormal(W, float(norms.max()))
-        if q is None:
-            return None
-        if touching and not clean:  # once more against the span, for q's own rounding
-            project_out(q)
-            q = _cholesky_qr(q)
-        return Change([Block(support, q)])
+        q = _orthonormal_beyond(W, norms, project_out if touching else None)
+        return None if q is None else Change([Block(support, q)])
 
     def _replace_touching(
-        self, rows: np.ndarray, V: np.ndarray, touching: list[Block], support: np.ndarray, scale: float
+        self, rows: np.ndarray, V: np.ndarray, touching: list[Block], support: np.ndarray, norms: np.ndarray
     ) -> Change | None:
         """The span with V taken in, as V's own orthonormal basis on its rows and, replacing
         the touching blocks, what they hold beyond it (on their rows and V's). Blocks that do
         not touch V's rows are orthogonal to both (to the touching blocks by the invariant, to
         V's basis by having no row in common), so the blocks stay orthogonal to each other."""
-        q_v, _ = _orthonormal(V, scale)
+        q_v = _orthonormal_beyond(V, norms)
         if q_v is None:
             return None
         T = np.zeros((support.size, sum(b.basis.shape[1] for b in touching)))
@@ -222,19 +207,8 @@ class ReleasedSpan:
         def project_out(M: np.ndarray) -> None:
             M[at] -= q_v @ (q_v.T @ M[at])
 
-        project_out(T)  # twice for the columns that lost more than half (unit columns)
-        again = np.linalg.norm(T, axis=0) < 0.5
-        if again.any():
-            part = T[:, again]
-            project_out(part)
-            T[:, again] = part
-        q_t, clean = _orthonormal(T, 1.0)
-        added = [Block(rows, q_v)]
-        if q_t is not None:
-            if not clean:
-                project_out(q_t)
-                q_t = _cholesky_qr(q_t)
-            added.append(Block(support, q_t))
+        q_t = _orthonormal_beyond(T, np.ones(T.shape[1]), project_out)  # (unit columns)
+        added = [Block(rows, q_v)] + ([] if q_t is None else [Block(support, q_t)])
         return Change(added, touching)
 
     # -- on disk
@@ -343,6 +317,29 @@ class ReleasedSpan:
 def _row_norms(basis: np.ndarray) -> np.ndarray:
     """Each row's squared norm: its leverage in the block's directions."""
     return np.einsum("ij,ij->i", basis, basis)
+
+
+def _orthonormal_beyond(W: np.ndarray, norms: np.ndarray, project_out=None) -> np.ndarray | None:
+    """Orthonormal columns spanning what W's columns (of these norms) hold beyond the span that
+    `project_out` removes in place (None: no span), W overwritten; None when nothing.
+
+    Gram-Schmidt against the span, twice where needed (Kahan, Parlett): a column that kept half
+    its norm is orthogonal to the span to rounding after one pass; the columns that lost more
+    are projected again, and only they (each pass reads every block of the span). Directions
+    made from small parts of columns (`_orthonormal`'s `clean` false) are projected once more,
+    for their own rounding."""
+    if project_out is not None:
+        project_out(W)
+        again = np.linalg.norm(W, axis=0) < 0.5 * norms
+        if again.any():
+            part = W[:, again]
+            project_out(part)
+            W[:, again] = part
+    q, clean = _orthonormal(W, float(norms.max()))
+    if q is not None and project_out is not None and not clean:
+        project_out(q)
+        q = _cholesky_qr(q)
+    return q
 
 
 def _orthonormal(W: np.ndarray, scale: float) -> tuple[np.ndarray | None, bool]:
