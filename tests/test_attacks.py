@@ -64,6 +64,8 @@ ATTACKS = {
     "differencing_missing_covariate": "the same model again with a covariate missing only for the target",
     "differencing_complement": "a cohort of everyone but the target (complement of one)",
     "differencing_in_one_task": "both cohorts of a differencing pair in one task",
+    "a_count_cell_that_combines_with_three_models_to_one_person": "three models on A, B, C, then a rounded count cell that is A + B - C plus the target, at a rounding boundary",
+    "three_models_that_complete_a_shown_count_cell": "the same in the other order: the table first, then the three models",
     "cohort_of_three": "a model on a cohort of three people",
     "saturated_model": "more parameters than a third of the rows",
     "single_person_level": "a categorical level held by one person",
@@ -107,6 +109,8 @@ ATTACKS = {
     "a_small_cohort_is_refused_for_its_size_alone": "a cohort of 3 whose refusal would name a level one of them holds",
     "a_computation_that_fails_on_the_target_says_nothing_more": "a transform that overflows for one person only",
     "refusals_that_answer_questions_are_rationed": "many yes/no questions asked through refusals",
+    "cells_withheld_by_the_audit_are_rationed_like_refusals": "many yes/no questions asked through table cells the differencing audit withholds",
+    "a_threshold_withheld_by_the_audit_is_rationed_like_a_refusal": "the same through quantile thresholds withheld for combining with other studies'",
     "a_by_group_of_one_shows_nothing_through_the_cli": "a table column of one person beside exact zeros",
     "the_maximum_cannot_be_bisected": "thresholds at, below and beyond the maximum",
     "a_quantile_at_the_top_is_never_the_maximum_through_the_cli": "a quantile at p = 0.9999",
@@ -727,6 +731,65 @@ def test_combination_across_kinds_through_the_cli(capsys, tmp_path, cli_policy):
         cli_refused(code, err, out, "fewer than 8 people")
 
 
+#: Models small enough to count the rows around a count cell (a Trust may lower min_rows).
+SMALL_MODELS = 'mode = "exploratory"\n[rules]\nmin_rows = 20\n[exploratory]\nmin_rows = 20\n'
+
+
+def cell_combination(frame: pd.DataFrame) -> tuple[int, list[str], int]:
+    """An age cut k, and three cohorts whose combination A + B - C is everyone aged k or more
+    with y == 1 but the target (unit 'q' with h == 1): A = y == 1 in unit 'p', B = y == 1 with
+    h == 0, C = their overlap. Their exact sizes (a model's information matrix gives them)
+    add up to one above a rounding boundary (187: shown as 185, 188 as 190), so a table's
+    rounded count of y == 1 on those ages says the target's y."""
+    for k in range(18, 70):
+        old = frame.age >= k
+        sizes = [
+            int(((frame.y == 1) & (frame.unit == "p") & old).sum()),
+            int(((frame.y == 1) & (frame.h == 0) & old).sum()),
+            int(((frame.y == 1) & (frame.h == 0) & (frame.unit == "p") & old).sum()),
+        ]
+        known = sizes[0] + sizes[1] - sizes[2]
+        if known % 5 == 2 and min(sizes) >= 20 and sizes[1] - sizes[2] >= 8:
+            cohorts = [
+                f"y == 1 and unit == 'p' and age >= {k}",
+                f"y == 1 and h == 0 and age >= {k}",
+                f"y == 1 and h == 0 and unit == 'p' and age >= {k}",
+            ]
+            return k, cohorts, known
+    raise AssertionError("no cut for the cell combination in the attack frame")
+
+
+def test_a_count_cell_that_combines_with_three_models_to_one_person(tmp_path):
+    """Three models on A, B and C, then a table of y on the ages: every pair of row sets
+    differs by dozens, but the y == 1 cell is A + B - C plus the target, so its rounded count
+    (190 against 185) would give the target's y. The cell is withheld: joined to the span of
+    everything released, it would lift the target's leverage to 1."""
+    frame = make_frame()
+    k, cohorts, known = cell_combination(frame)
+    assert round(known / 5) * 5 != round((known + 1) / 5) * 5  # the leak, if shown
+    node = policy_node(tmp_path, SMALL_MODELS)
+    for i, where in enumerate(cohorts):
+        ok(node.prepare(node.spec(name=f"m{i}", formula="score ~ x", family="gaussian", where=where))[0])
+    reply, _ = table_task(node, where=f"age >= {k}", variables=["y"])
+    assert_cell_hidden_with_a_partner(shown_counts(ok(reply)), "v0", "1/0")
+
+
+def test_three_models_that_complete_a_shown_count_cell(tmp_path):
+    """The same in the other order: the table first (its y == 1 cell shown, rounded), then the
+    three models; the last one would complete the combination, and is refused."""
+    frame = make_frame()
+    k, cohorts, _ = cell_combination(frame)
+    node = policy_node(tmp_path, SMALL_MODELS)
+    reply, _ = table_task(node, where=f"age >= {k}", variables=["y"])
+    assert shown_counts(ok(reply))["v0"]["1/0"] is not None
+    replies = [
+        node.prepare(node.spec(name=f"m{i}", formula="score ~ x", family="gaussian", where=w))[0]
+        for i, w in enumerate(cohorts)
+    ]
+    assert [r.status for r in replies[:2]] == [m.OK, m.OK]
+    refused(node, replies[2], "max_combined_leverage")
+
+
 # --------------------------------------------------------------------------- 2. memory
 
 
@@ -1029,6 +1092,25 @@ def test_thresholds_combine_across_a_restart(tmp_path):
     assert not ok(reply).payload.get("thresholds"), counts
 
 
+def test_a_threshold_withheld_by_the_audit_is_rationed_like_a_refusal(tmp_path):
+    """The three studies' thresholds of the case above under a policy of one refusal a day:
+    the third study's withheld count answered one yes/no question, so the node's next task,
+    of any study, is refused for the day's ration."""
+    limit = 'mode = "exploratory"\n[exploratory]\nmax_refusals_per_day = 1\n[rules]\nmax_refusals_per_day = 1\n'
+    node = Node(tmp_path / "node", thresholds_frame(), COLUMNS, policy=limit)
+    studies = {}
+    for name, where in (("everyone", None), ("young", "age < 50"), ("old", "age > 51")):
+        reply, studies[name] = table_task(node, name=name, variables=["n1"], **({"where": where} if where else {}))
+        ok(reply)
+    answered = []
+    for study in studies.values():
+        reply = node.send(m.Task(kind=QUANTILE_TASK, study_hash=study, arrays={"t/0/0": np.array([-1.0])}))
+        answered.append(bool(ok(reply).payload.get("thresholds")))
+    assert answered == [True, True, False]
+    reply = node.send(m.Task(kind=QUANTILE_TASK, study_hash=studies["everyone"], arrays={"t/0/0": np.array([0.5])}))
+    refused(node, reply, "max_refusals_per_day")
+
+
 def test_a_bisection_resumed_after_a_restart_remembers_its_bins(tmp_path):
     """A table of n2 by h: the count at or below t overall and among h == 0 (the difference is
     the h == 1 people at or below t), a node restart (the process forgets its bins), the study
@@ -1128,6 +1210,34 @@ def test_rounded_counts_that_differ_in_one_person_through_the_cli(capsys, tmp_pa
     assert code == 0, err
     rows = json.loads((out / "results.json").read_text())["tables"][0]["rows"]
     assert rows[1]["cells"][0]["count"] is None, rows
+
+
+def test_cells_withheld_by_the_audit_are_rationed_like_refusals(tmp_path):
+    """A cell the differencing audit withholds (the second table of the case above) says that
+    its rows differ by a few people from a remembered set, as a refusal would: one yes/no
+    answer. Each table that withholds one counts against max_refusals_per_day, so an analyst
+    cannot ask that question without limit; after the policy's number the node answers
+    nothing more that day."""
+    node = policy_node(
+        tmp_path, 'mode = "exploratory"\n[exploratory]\nmax_refusals_per_day = 2\n[rules]\nmax_refusals_per_day = 2\n'
+    )
+    cut = pinned_cut(make_frame())
+    ok(table_task(node, where=f"age >= {cut}", variables=["h"])[0])
+    for name in ("t2", "t3"):
+        reply, _ = table_task(node, name=name, where=f"age >= {cut} and unit == 'p'", variables=["h"])
+        assert_cell_hidden_with_a_partner(shown_counts(ok(reply)), "v0", "1/0")
+    reply, _ = table_task(node, name="t4", where=f"age >= {cut} and unit == 'p'", variables=["h"])
+    refused(node, reply, "max_refusals_per_day")
+
+
+def test_a_table_that_withholds_nothing_is_not_counted(tmp_path):
+    """Only a withheld cell answers a question: tables the audit lets through in full do not
+    use up the day's refusals."""
+    node = policy_node(
+        tmp_path, 'mode = "exploratory"\n[exploratory]\nmax_refusals_per_day = 1\n[rules]\nmax_refusals_per_day = 1\n'
+    )
+    for name, where in (("a", "age >= 30"), ("b", "age >= 40"), ("c", "age >= 50")):
+        ok(table_task(node, name=name, where=where, variables=["h"])[0])
 
 
 # --------------------------------------------------------------------------- 7. output and crashes

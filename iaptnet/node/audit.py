@@ -862,6 +862,11 @@ class NodeMemory:
         self.releases(version, n).remember(footprints, rules.min_subset_difference)
         self._span.for_version(version, n).remember(footprints if span is None else span)
 
+    def span_lifted(self, footprints, version: str, n: int):
+        """(rows, leverages) of the rows whose leverage in the span of released columns would
+        change with these footprints' columns (None: they add nothing; node/span.py)."""
+        return self._span.for_version(version, n).lifted(footprints)
+
     def audit_span(self, footprints, version: str, n: int, rules: Rules) -> list[Violation]:
         """The leverage rule over everything released on this data version with these
         footprints (node/span.py): no combination of all the released columns may weigh one

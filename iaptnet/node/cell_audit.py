@@ -7,17 +7,33 @@ cell whenever the first sits just above a rounding boundary, and an analyst who 
 exact count from a model's information matrix can choose a cohort that puts it there.
 
 So before a kind shows its counts, it asks `CellAudit.differing` which of the cells it would
-show have rows (or leave rows of their cohort) that differ by 1 to t - 1 people from a row set
-the node released before; it withholds those like small counts (its complementary
-suppression runs again around them) and declares the cells it shows as `cells` of the
-cohort's facts, so that the release is remembered with them and every later release, of any
-kind, is compared with them (node/release_memory.py).
+show must be withheld, by two judgements:
 
-Cells of one release are not compared with each other or with their cohort: two rounded
-counts of one table are what the small-number rules and complementary suppression govern, and
-pinning either to a rounding boundary needs an exact count of its rows, which only a release
-on those rows (or rows a few people away) gives, before or after: one the audit compares with
-the remembered cells. Comparing them would withhold the neighbours of every small cell.
+- **pairs**: a cell whose rows (or the rest of its cohort) differ by 1 to t - 1 people from a
+  row set the node released before;
+- **combinations**: a cell that, joined with its cohort to the span of every column the node
+  has released (node/span.py), would lift some row's leverage above `max_combined_leverage`.
+  Three models on A, B and C with A + B - C one person short of a cell give that cell's
+  rows but one exactly, though every pair of the four differs by dozens; the cell would put
+  that person's unit vector in the span (leverage 1). The cell withheld is the smallest that
+  holds a row lifted too far, and the question is asked again about what remains.
+
+A withheld cell is hidden like a small count (its complementary suppression runs again around
+it). The cells shown are declared as `cells` of the cohort's facts, so that the release is
+remembered with them: every later release of any kind is compared with them in pairs, and
+they join the span, so that models that would complete a combination with a shown cell are
+refused in turn.
+
+Cells of one release are not compared with each other in pairs: two rounded counts of one
+table are what the small-number rules and complementary suppression govern, and pinning either
+to a rounding boundary needs an exact count of its rows, which only a release on those rows
+(or rows a few people away) gives, before or after. Comparing them would withhold the
+neighbours of every small cell. (In the span they are judged together, as they are remembered.)
+
+A withheld cell answers a yes/no question as a refusal does (an analyst who knows the cell's
+exact count from elsewhere sees that it is hidden), so a task that withholds any counts once
+against the policy's `max_refusals_per_day`, like a refusal of the data's rules
+(`disclosure.withheld_by_audit`).
 """
 
 from __future__ import annotations
@@ -26,25 +42,38 @@ from collections.abc import Hashable, Iterable
 
 import numpy as np
 
+from .disclosure import withheld_by_audit
+from .policy import Rules
+from .release_memory import Footprint
 from .runtime import NodeRuntime
 
 
 class CellAudit:
-    """The pairs audit of one release's count cells, over a cohort of the node's rows."""
+    """The differencing audit of one release's count cells, over a cohort of the node's rows."""
 
-    def __init__(self, runtime: NodeRuntime, cohort: np.ndarray, t: int):
+    def __init__(self, runtime: NodeRuntime, cohort: np.ndarray, rules: Rules):
         dataset = runtime.dataset
         with runtime.memory.transaction() as memory:
             self.remembered = memory.releases(dataset.data_version, dataset.n_rows)
-        self.cohort, self.n, self.t = np.asarray(cohort, dtype=bool), dataset.n_rows, t
+        self.runtime, self.version = runtime, dataset.data_version
+        self.cohort, self.n = np.asarray(cohort, dtype=bool), dataset.n_rows
+        self.t, self.limit = rules.min_subset_difference, rules.max_combined_leverage
         self._judged: dict[Hashable, bool] = {}  # key -> differs (the memory is fixed in a task)
 
     def differing(self, cells: Iterable[tuple[Hashable, np.ndarray]]) -> set:
-        """The keys of the cells (key, dataset row numbers) whose rows, or whose rest of the
-        cohort, differ by 1..t-1 people from a row set remembered on this data. A cell covering
+        """The keys of the cells (key, dataset row numbers, sorted) to withhold. A cell covering
         the whole cohort is the cohort itself, which the dispatcher judges (and refuses the
-        release for). A key is judged once per task: suppression asks again after each round
-        of withholding, about the same cells."""
+        release for). A key is judged in pairs once per task: suppression asks again after
+        each round of withholding, about the same cells."""
+        cells = list(cells)
+        out = self._pairs(cells)
+        if not out:
+            out = self._combinations(cells)
+        if out:
+            withheld_by_audit()
+        return out
+
+    def _pairs(self, cells: list[tuple[Hashable, np.ndarray]]) -> set:
         if self.t <= 1:
             return set()
         out = set()
@@ -59,3 +88,27 @@ class CellAudit:
             if self._judged[key]:
                 out.add(key)
         return out
+
+    def _combinations(self, cells: list[tuple[Hashable, np.ndarray]]) -> set:
+        """The smallest cell holding a row that the cells and their cohort, joined to the span
+        of released columns, would lift above the limit (empty when none is)."""
+        if self.limit >= 1.0 or not self.cohort.any():
+            return set()
+        footprint = Footprint("count cells", self.cohort, cells=[positions for _, positions in cells])
+        with self.runtime.memory.transaction() as memory:
+            lifted = memory.span_lifted([footprint], self.version, self.n)
+        if lifted is None:
+            return set()
+        rows, leverage = lifted
+        high = rows[~(leverage <= self.limit)]  # (NaN counts as too high: fail closed)
+        if not high.size:
+            return set()
+        whole = int(self.cohort.sum())
+        holding = [
+            (len(positions), i)
+            for i, (_, positions) in enumerate(cells)
+            if len(positions) < whole and np.isin(high, positions, assume_unique=True).any()
+        ]
+        if not holding:
+            return set()  # only the cohort lifts it: the dispatcher refuses the release
+        return {cells[min(holding)[1]][0]}

@@ -58,7 +58,17 @@ from ..protocol.study import StudySpec, check_at_node
 from .cell_audit import CellAudit
 from .cohort import cohort_mask
 from .design import apply_merges, study_frame
-from .disclosure import LevelCount, ModelFacts, Release, check_model, check_round, check_size, require_rows, task_rules
+from .disclosure import (
+    LevelCount,
+    ModelFacts,
+    Release,
+    check_model,
+    check_round,
+    check_size,
+    require_rows,
+    task_rules,
+    withheld_by_audit,
+)
 from .policy import round_count
 from .registry import handler
 from .release_memory import Footprint
@@ -145,7 +155,8 @@ def describe_table(runtime: NodeRuntime, task) -> Release:
     # The cohort's rows join the differencing audit with every count cell shown over them
     # (each cell's rows and the rest of the cohort are compared in pairs with every row set
     # released before), so a later release cannot difference a rounded count either.
-    cohort_facts = ModelFacts(f"{spec.name}: cohort", cohort, span=False, cells=[cells.positions(key) for key in shown])
+    # The cohort and the cells shown join the span of released columns (node/cell_audit.py).
+    cohort_facts = ModelFacts(f"{spec.name}: cohort", cohort, cells=[cells.positions(key) for key in shown])
     checker.accept(cohort_facts)  # refused by the dispatcher if it breaks the subset rule
     for key in cell_keys(lay):
         if key in hidden and (key not in primary or key in forced):
@@ -197,7 +208,7 @@ def _suppress_and_audit(runtime, counts, primary, forced, leaving, lay, cells: C
     """(hidden cells, shown cells): secondary suppression, then the differencing audit of the
     shown cells' rows (node/cell_audit.py); a cell it finds is withheld like a small one and
     suppression runs again around it, until nothing more is found."""
-    audit = CellAudit(runtime, cells.steps[0], rules.min_subset_difference)
+    audit = CellAudit(runtime, cells.steps[0], rules)
     withheld = set(forced)
     while True:
         hidden = suppress(counts, primary, relations(lay), leaving, hidden=withheld)
@@ -390,6 +401,7 @@ class SubsetCheck:
                 [footprint], self.version, self.n, self.rules, vetted=[*self.accepted, *self.held]
             )
         if problems:
+            withheld_by_audit()
             return False
         if commit:
             self.accepted.append(footprint)
@@ -442,8 +454,10 @@ def describe_quantiles(runtime: NodeRuntime, task) -> Release:
             f"{v.facts.label} at or below a threshold", rows, cohort=False, combine=False, span=False
         )
         if remembered.set_differs_by_few(rows, accepted, rules.min_subset_difference):
+            withheld_by_audit()
             continue  # the same count differs by a few people from a row set released before
         if not across.allows(i, c, v, rows):
+            withheld_by_audit()
             continue  # combined with other studies' thresholds on the variable, it isolates a few
         weights = below  # 0/1: the rows counted (the policy's checks count them directly)
         history = [base] + [(base & (v.values <= s)) for s in _neighbours(answered.get(c, []), t)]

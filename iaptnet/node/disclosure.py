@@ -66,6 +66,11 @@ An exact statistic, e.g. a local propensity-score fit, and a per-round reply:
                                 history={"information": [w_at_earlier_rounds, ...]})
         section.array("ps/score", score)
 
+A handler that withholds part of its release because the differencing audit found it a few
+people away from a remembered set (a table cell, a summary, a quantile threshold) calls
+`withheld_by_audit()`: the gap says as much as a refusal would, so the dispatcher counts the
+task once against the policy's `max_refusals_per_day`.
+
 A handler may also refuse itself with `raise Refusal(Violation(rule, sentence, threshold))`:
 the rule, its threshold and the term/level concerned, never a value of the data.
 `Violation.sentence` is what the coordinator shows after "<node> refused: ".
@@ -87,6 +92,8 @@ from .release_memory import Footprint
 KINDS = ("model", "round", "table")
 
 TASK_RULES: ContextVar = ContextVar("iaptnet_task_rules", default=None)
+#: Set by the dispatcher per task to [False]; `withheld_by_audit` makes it [True].
+TASK_WITHHELD: ContextVar = ContextVar("iaptnet_task_withheld", default=None)
 
 
 def task_rules() -> Rules:
@@ -98,6 +105,15 @@ def task_rules() -> Rules:
     if rules is None:
         raise RuntimeError("task_rules() is only available inside a task handler")
     return rules
+
+
+def withheld_by_audit() -> None:
+    """Note that the task withholds something because the differencing audit found its rows
+    a few people away from a set released before: a yes/no answer, rationed like a refusal."""
+    flag = TASK_WITHHELD.get()
+    if flag is None:
+        raise RuntimeError("withheld_by_audit() is only available inside a task handler")
+    flag[0] = True
 
 
 # --------------------------------------------------------------------------- refusals
@@ -204,8 +220,9 @@ class ModelFacts:
     column_rows: np.ndarray | None = None  # the rows `columns` are given on, when not `rows`
     # Count cells shown over the rows (dataset row numbers each; node/cell_audit.py).
     cells: list[np.ndarray] = field(default_factory=list)
-    # Joins the span of released columns (node/span.py): models' sums do; a table's cells,
-    # summaries and thresholds have their own rules (small cells, tails, set combinations).
+    # Joins the span of released columns (node/span.py): models' sums and a table's cohort with
+    # its count cells do; a table's summaries and thresholds have their own rules (set
+    # combinations, tails).
     span: bool = True
 
     def __post_init__(self):

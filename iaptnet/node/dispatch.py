@@ -76,12 +76,14 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
         registration = load_kinds()[task.kind]
         if registration.studies != "none":
             _load_dataset(runtime)
-        token = _TASK_RULES.set(rules)
+        token, withheld = _TASK_RULES.set(rules), [False]
+        withheld_token = d.TASK_WITHHELD.set(withheld)
         try:
             with recording_conditions() as conditions:
                 release = registration.fn(runtime, task)
         finally:
             _TASK_RULES.reset(token)
+            d.TASK_WITHHELD.reset(withheld_token)
         release = _as_release(release)
         if registration.studies == "none" and release.sections:
             raise d.Refusal(d.Violation("undeclared", "a task kind that reads no rows tried to release statistics"))
@@ -139,9 +141,12 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
                 memory.remember_conditions(conditions, dataset.data_version, dataset.n_rows, rules)
         for fn in release.on_commit:
             fn()
-        if repeat is not None:
+        if repeat is not None or withheld[0]:
             with runtime.memory.transaction() as memory:
-                memory.remember_answer(repeat, now)
+                if repeat is not None:
+                    memory.remember_answer(repeat, now)
+                if withheld[0]:  # a gap the differencing audit made answers like a refusal
+                    memory.count_refusal(now)
         entry = runtime.audit.append(
             {**record, "status": m.OK, "released": {"payload": payload, "arrays": arrays_for_log(arrays)}}
         )

@@ -78,7 +78,7 @@ def its_columns(runtime, task) -> Release:
     # Rounded counts are still counts: a shown cell whose rows differ by a few people from a
     # row set released before is withheld like a small one (node/cell_audit.py), and its
     # cells' rows are remembered with the release.
-    audit, differing = CellAudit(runtime, rows, rules.min_subset_difference), set()
+    audit, differing = CellAudit(runtime, rows, rules), set()
     while True:
         small, hidden, withheld = segment_suppression(counts, rules, months, differing)
         shown = [
@@ -90,9 +90,9 @@ def its_columns(runtime, task) -> Release:
         if not found:
             break
         differing |= found
-    # Not in the span of released columns: the fitted models add the cohort's rows and the
-    # periods' indicators themselves; the months are counts, audited in pairs.
-    facts = ModelFacts(f"{spec.name} (segments)", rows, cells=[cells[k] for k in shown], span=False)
+    # The cohort and the months and periods shown join the span of released columns
+    # (node/cell_audit.py).
+    facts = ModelFacts(f"{spec.name} (segments)", rows, cells=[cells[k] for k in shown])
     table = release.table(key, facts=facts, group="segments")
     for key, n in counts.items():
         if key in withheld or (key in hidden and key not in small):

@@ -115,18 +115,35 @@ class ReleasedSpan:
     def audit(self, footprints: list[Footprint]) -> float:
         """The largest leverage of a row once these footprints' columns join the span (the
         current largest when they add nothing); NaN when a column is not finite (refuse)."""
-        self._pending = {}  # (one task at a time: an earlier, refused task's are dropped)
+        lifted = self.lifted(footprints)
+        if lifted is None:
+            return float(self.leverage.max()) if self.n else 0.0
+        _, leverage = lifted
+        if leverage.size and not np.all(np.isfinite(leverage)):
+            return math.nan
+        return float(max(self.leverage.max(), leverage.max())) if leverage.size else float(self.leverage.max())
+
+    def lifted(self, footprints: list[Footprint]) -> tuple[np.ndarray, np.ndarray] | None:
+        """(rows, their leverages) for the rows whose leverage changes once these footprints'
+        columns join the span; None when they add nothing; leverages NaN when a column is not
+        finite (refuse). A table asks this to withhold the cells that would lift a row too far
+        (node/cell_audit.py); the same columns audited again (the dispatcher's check of the
+        release) reuse the work."""
         digests, new = _new_columns(footprints, self.n, self.digests)
         if new is None:
-            return float(self.leverage.max()) if self.n else 0.0
-        rows, V = new
-        if not np.all(np.isfinite(V)):
-            return math.nan
-        change = self._new_directions(rows, V)
-        self._pending[tuple(digests)] = change
+            return None
+        key = tuple(digests)
+        if key not in self._pending:
+            self._pending = {}  # (one task at a time: an earlier, refused task's are dropped)
+            rows, V = new
+            if not np.all(np.isfinite(V)):
+                return rows, np.full(rows.size, math.nan)
+            self._pending[key] = self._new_directions(rows, V)
+        change = self._pending[key]
         if change is None:
-            return float(self.leverage.max())
-        return float(max(self.leverage.max(), self._lifted(change).max()))
+            return None
+        touched = _union([b.rows for b in change.added + change.dropped], self.n)
+        return touched, self._lifted(change)
 
     def _lifted(self, change: Change) -> np.ndarray:
         """The leverages, after the change, of the rows it touches."""
@@ -445,6 +462,8 @@ def _candidates(fp: Footprint, n: int):
     base = on if fp.column_rows is None else np.flatnonzero(np.asarray(fp.column_rows, dtype=bool))
     for _, values in fp.columns:
         yield base, np.asarray(values, dtype=float)
+    for cell in fp.cells:  # a table's count cells: rounded, but judged as if exact
+        yield np.asarray(cell, dtype=np.int64), np.ones(len(cell))
 
 
 def _digest(at: np.ndarray, values: np.ndarray, n: int) -> str:
