@@ -65,6 +65,7 @@ ATTACKS = {
     "differencing_complement": "a cohort of everyone but the target (complement of one)",
     "differencing_in_one_task": "both cohorts of a differencing pair in one task",
     "a_count_cell_that_combines_with_three_models_to_one_person": "three models on A, B, C, then a rounded count cell that is A + B - C plus the target, at a rounding boundary",
+    "a_count_cell_that_combines_with_a_summary_and_two_models": "the same with A's exact size from a table's summary instead of a model",
     "three_models_that_complete_a_shown_count_cell": "the same in the other order: the table first, then the three models",
     "cohort_of_three": "a model on a cohort of three people",
     "saturated_model": "more parameters than a third of the rows",
@@ -769,6 +770,21 @@ def test_a_count_cell_that_combines_with_three_models_to_one_person(tmp_path):
     assert round(known / 5) * 5 != round((known + 1) / 5) * 5  # the leak, if shown
     node = policy_node(tmp_path, SMALL_MODELS)
     for i, where in enumerate(cohorts):
+        ok(node.prepare(node.spec(name=f"m{i}", formula="score ~ x", family="gaussian", where=where))[0])
+    reply, _ = table_task(node, where=f"age >= {k}", variables=["y"])
+    assert_cell_hidden_with_a_partner(shown_counts(ok(reply)), "v0", "1/0")
+
+
+def test_a_count_cell_that_combines_with_a_summary_and_two_models(tmp_path):
+    """The same combination with A's exact size read from a table's summary of n1 on A (its
+    n is exact) instead of a model: the summary's rows are A's recorded rows, whose count cell
+    joined the span with that table, so the y == 1 cell is still withheld."""
+    frame = make_frame()
+    k, cohorts, _ = cell_combination(frame)
+    node = policy_node(tmp_path, SMALL_MODELS)
+    reply, _ = table_task(node, name="a", where=cohorts[0], variables=["n1"])
+    assert ok(reply).payload["summaries"]["v0/0"]["n"] > 0
+    for i, where in enumerate(cohorts[1:], start=1):
         ok(node.prepare(node.spec(name=f"m{i}", formula="score ~ x", family="gaussian", where=where))[0])
     reply, _ = table_task(node, where=f"age >= {k}", variables=["y"])
     assert_cell_hidden_with_a_partner(shown_counts(ok(reply)), "v0", "1/0")
