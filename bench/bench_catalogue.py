@@ -137,6 +137,7 @@ def release_memory_off():
     off = {
         "audit_release": lambda self, *a, **k: [],
         "audit_span": lambda self, *a, **k: [],
+        "span_lifted": lambda self, *a, **k: None,
         "audit_conditions": lambda self, *a, **k: [],
         "remember_release": lambda *a, **k: None,
         "remember_conditions": lambda *a, **k: None,

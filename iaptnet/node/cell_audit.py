@@ -16,7 +16,11 @@ show must be withheld, by two judgements:
   Three models on A, B and C with A + B - C one person short of a cell give that cell's
   rows but one exactly, though every pair of the four differs by dozens; the cell would put
   that person's unit vector in the span (leverage 1). The cell withheld is the smallest that
-  holds a row lifted too far, and the question is asked again about what remains.
+  holds a row lifted too far, and the question is asked again about what remains. A cell
+  that is the sum of other cells shown (a table's overall column, the sum of its `by`
+  columns; one level of a variable, given the column's cohort and the other levels) adds
+  nothing to the span and is left out of it (`CellAudit.for_span`): the same span, at about
+  half the work.
 
 A withheld cell is hidden like a small count (its complementary suppression runs again around
 it). The cells shown are declared as `cells` of the cohort's facts, so that the release is
@@ -51,7 +55,7 @@ from .runtime import NodeRuntime
 class CellAudit:
     """The differencing audit of one release's count cells, over a cohort of the node's rows."""
 
-    def __init__(self, runtime: NodeRuntime, cohort: np.ndarray, rules: Rules):
+    def __init__(self, runtime: NodeRuntime, cohort: np.ndarray, rules: Rules, relations=(), empty=()):
         dataset = runtime.dataset
         with runtime.memory.transaction() as memory:
             self.remembered = memory.releases(dataset.data_version, dataset.n_rows)
@@ -59,6 +63,9 @@ class CellAudit:
         self.cohort, self.n = np.asarray(cohort, dtype=bool), dataset.n_rows
         self.t, self.limit = rules.min_subset_difference, rules.max_combined_leverage
         self._judged: dict[Hashable, bool] = {}  # key -> differs (the memory is fixed in a task)
+        # (total, parts): the total's rows are the disjoint union of the parts' rows
+        self.relations = [r for r in relations if isinstance(r, tuple) and len(r) == 2]
+        self.empty = set(empty)  # cells with no rows: shown as 0, members of relations all the same
 
     def differing(self, cells: Iterable[tuple[Hashable, np.ndarray]]) -> set:
         """The keys of the cells (key, dataset row numbers, sorted) to withhold. A cell covering
@@ -94,6 +101,7 @@ class CellAudit:
         of released columns, would lift above the limit (empty when none is)."""
         if self.limit >= 1.0 or not self.cohort.any():
             return set()
+        cells = self.for_span(cells)
         footprint = Footprint("count cells", self.cohort, cells=[positions for _, positions in cells])
         with self.runtime.memory.transaction() as memory:
             lifted = memory.span_lifted([footprint], self.version, self.n)
@@ -112,3 +120,17 @@ class CellAudit:
         if not holding:
             return set()  # only the cohort lifts it: the dispatcher refuses the release
         return {cells[min(holding)[1]][0]}
+
+    def for_span(self, cells: list[tuple[Hashable, np.ndarray]]) -> list[tuple[Hashable, np.ndarray]]:
+        """The cells without those that are sums or differences of the others shown: for each
+        relation whose members are all kept, the largest member that is not a cohort's count
+        is left out (the cohort counts stay, as most relations share them). Each cell left out
+        is a combination of cells kept when it was, so the span is the same."""
+        kept = dict(cells)
+        for total, parts in self.relations:
+            members = [key for key in (total, *parts) if key not in self.empty]
+            if all(key in kept for key in members):
+                droppable = [key for key in members if not (isinstance(key, tuple) and key[:1] == ("N",))]
+                if droppable:
+                    del kept[max(droppable, key=lambda key: len(kept[key]))]
+        return [(key, positions) for key, positions in cells if key in kept]

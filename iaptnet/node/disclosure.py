@@ -220,6 +220,8 @@ class ModelFacts:
     column_rows: np.ndarray | None = None  # the rows `columns` are given on, when not `rows`
     # Count cells shown over the rows (dataset row numbers each; node/cell_audit.py).
     cells: list[np.ndarray] = field(default_factory=list)
+    # The cells that join the span, when not all (the others are sums of these; cell_audit.py).
+    span_cells: list[np.ndarray] | None = None
     # Joins the span of released columns (node/span.py): models' sums and a table's cohort with
     # its count cells do; a table's summaries and thresholds have their own rules (set
     # combinations, tails).
@@ -238,7 +240,12 @@ class ModelFacts:
 
     def footprint(self) -> Footprint:
         """What the differencing audit remembers of these rows (built once per content)."""
-        key = (len(self.indicators), len(self.columns), len(self.cells))
+        key = (
+            len(self.indicators),
+            len(self.columns),
+            len(self.cells),
+            None if self.span_cells is None else len(self.span_cells),
+        )
         cached = self.__dict__.get("_footprint")
         if cached is None or cached[0] != key:
             cached = (
@@ -251,6 +258,7 @@ class ModelFacts:
                     columns=list(self.columns),
                     column_rows=self.column_rows,
                     cells=list(self.cells),
+                    span_cells=None if self.span_cells is None else list(self.span_cells),
                 ),
             )
             self.__dict__["_footprint"] = cached

@@ -66,6 +66,9 @@ class Footprint:
     # rest of the rows, but not compared with each other or with `rows` (their own kind's
     # suppression governs the cells of one table; see node/cell_audit.py).
     cells: list[np.ndarray] = field(default_factory=list)
+    # The cells that join the span of released columns (node/span.py), when not all of them:
+    # a cell that is the sum of others shown adds nothing to it (node/cell_audit.py).
+    span_cells: list[np.ndarray] | None = None
     # (n, t) -> its _Plan; ("span", n) -> the digests of its columns (node/span.py)
     _planned: dict = field(default_factory=dict, repr=False, compare=False)
 

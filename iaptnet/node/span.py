@@ -462,7 +462,7 @@ def _candidates(fp: Footprint, n: int):
     base = on if fp.column_rows is None else np.flatnonzero(np.asarray(fp.column_rows, dtype=bool))
     for _, values in fp.columns:
         yield base, np.asarray(values, dtype=float)
-    for cell in fp.cells:  # a table's count cells: rounded, but judged as if exact
+    for cell in fp.cells if fp.span_cells is None else fp.span_cells:  # count cells: judged as if exact
         yield np.asarray(cell, dtype=np.int64), np.ones(len(cell))
 
 
