@@ -85,9 +85,13 @@ def cohort_footprint(label: str, rows: np.ndarray, seed: int, k: int = 2) -> Foo
     return Footprint(label, rows, columns=[(f"x{j}", rng.normal(size=int(rows.sum()))) for j in range(k)])
 
 
-def test_releases_on_separate_and_overlapping_cohorts_span_what_all_their_columns_span():
+@pytest.mark.parametrize("projection", ["stacked", "block after block"])
+def test_releases_on_separate_and_overlapping_cohorts_span_what_all_their_columns_span(projection, monkeypatch):
     """Blocks are kept on their own rows: a release on another cohort, one that overlaps two,
-    and one over every row give the leverage of the whole projection."""
+    and one over every row give the leverage of the whole projection (with the touching
+    blocks stacked into one basis, and one after another)."""
+    if projection != "stacked":
+        monkeypatch.setattr(span_module, "STACKED_BASIS_LIMIT", 0)
     span = ReleasedSpan(None, N)
     index = np.arange(N)
     cohorts = [index < 100, (index >= 100) & (index < 200), (index >= 50) & (index < 150), index < N]
@@ -220,11 +224,17 @@ def test_a_release_of_many_columns_on_many_rows_is_one_orthonormal_block():
     np.testing.assert_allclose(span.leverage, np.einsum("ij,ij->i", q, q), rtol=1e-9, atol=1e-12)
 
 
-def test_forty_releases_on_overlapping_cohorts_near_each_others_span():
+@pytest.mark.parametrize("projection", ["stacked", "block after block"])
+def test_forty_releases_on_overlapping_cohorts_near_each_others_span(projection, monkeypatch):
     """Forty releases of 1-7 columns on random cohorts, each a mix of six shared columns plus a
     part 10^-8..1 of their size of its own: the span has the rank, leverages and orthonormal
-    basis of one pivoted QR of every column released (the passes it skips are not missed)."""
+    basis of one pivoted QR of every column released (the passes it skips are not missed).
+    Both ways of projecting on the touching blocks: stacked into one basis, and one after
+    another (beyond STACKED_BASIS_LIMIT)."""
     import scipy.linalg
+
+    if projection != "stacked":
+        monkeypatch.setattr(span_module, "STACKED_BASIS_LIMIT", 0)
 
     rng = np.random.default_rng(3)
     n = 3000

@@ -65,6 +65,10 @@ IN_SPAN = 1e-9
 #: others are resolved to IN_SPAN by a pivoted QR of their own remainder.
 CLEAR = 1e-5
 
+#: Touching blocks are stacked into one basis for a projection when it has at most this many
+#: entries (800 MB of float64); beyond, they are projected one after another.
+STACKED_BASIS_LIMIT = 100_000_000
+
 
 class Block:
     """Orthonormal basis columns of the span that are zero outside `rows` (sorted row numbers):
@@ -193,13 +197,17 @@ class ReleasedSpan:
         W = np.zeros((support.size, V.shape[1]))
         W[np.searchsorted(support, rows)] = V
         places = [np.searchsorted(support, b.rows) for b in touching]
+        dimension = sum(b.basis.shape[1] for b in touching)
+        if touching and support.size * dimension <= STACKED_BASIS_LIMIT:
+            project_out = _stacked_projection(touching, places, support.size, dimension)
+        else:
 
-        def project_out(M: np.ndarray) -> None:
-            for b, at in zip(touching, places, strict=True):
-                if at.size == M.shape[0]:  # the block is on every row here: no gather
-                    M -= b.basis @ (b.basis.T @ M)
-                else:
-                    M[at] -= b.basis @ (b.basis.T @ M[at])
+            def project_out(M: np.ndarray) -> None:
+                for b, at in zip(touching, places, strict=True):
+                    if at.size == M.shape[0]:  # the block is on every row here: no gather
+                        M -= b.basis @ (b.basis.T @ M)
+                    else:
+                        M[at] -= b.basis @ (b.basis.T @ M[at])
 
         q = _orthonormal_beyond(W, norms, project_out if touching else None)
         return None if q is None else Change([Block(support, q)])
@@ -329,6 +337,23 @@ class ReleasedSpan:
             if block.name is not None:
                 self._named[block.name] = block
             self.leverage[block.rows] += _row_norms(block.basis)
+
+
+def _stacked_projection(touching: list[Block], places: list[np.ndarray], rows: int, dimension: int):
+    """`project_out` for columns on `rows` support rows: the touching blocks stacked side by
+    side (they are orthogonal to each other, so together they are one orthonormal basis T,
+    and M - T T'M is the same projection as block after block), two matrix products per pass
+    instead of a gather, two products and a scatter per block."""
+    T = np.zeros((rows, dimension))
+    j = 0
+    for b, at in zip(touching, places, strict=True):
+        T[at, j : j + b.basis.shape[1]] = b.basis
+        j += b.basis.shape[1]
+
+    def project_out(M: np.ndarray) -> None:
+        M -= T @ (T.T @ M)
+
+    return project_out
 
 
 def _row_norms(basis: np.ndarray) -> np.ndarray:
