@@ -1246,6 +1246,22 @@ def test_cells_withheld_by_the_audit_are_rationed_like_refusals(tmp_path):
     refused(node, reply, "max_refusals_per_day")
 
 
+def test_the_same_withheld_answer_again_is_counted_once(tmp_path):
+    """The second table of the case above, sent again (the same question on the same data, the
+    same cells withheld) tells nothing new and is not counted again; another table that
+    withholds is, and uses up the day's two."""
+    node = policy_node(
+        tmp_path, 'mode = "exploratory"\n[exploratory]\nmax_refusals_per_day = 2\n[rules]\nmax_refusals_per_day = 2\n'
+    )
+    cut = pinned_cut(make_frame())
+    ok(table_task(node, where=f"age >= {cut}", variables=["h"])[0])
+    for name in ("t2", "t2", "t3"):
+        reply, _ = table_task(node, name=name, where=f"age >= {cut} and unit == 'p'", variables=["h"])
+        assert_cell_hidden_with_a_partner(shown_counts(ok(reply)), "v0", "1/0")
+    reply, _ = table_task(node, name="t4", where=f"age >= {cut} and unit == 'p'", variables=["h"])
+    refused(node, reply, "max_refusals_per_day")
+
+
 def test_a_table_that_withholds_nothing_is_not_counted(tmp_path):
     """Only a withheld cell answers a question: tables the audit lets through in full do not
     use up the day's refusals."""

@@ -26,8 +26,10 @@ public strings (node/registry.py).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
+import secrets
 import time
 
 import numpy as np
@@ -146,7 +148,10 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
                 if repeat is not None:
                     memory.remember_answer(repeat, now)
                 if withheld[0]:  # a gap the differencing audit made answers like a refusal
-                    memory.count_refusal(now)
+                    answer = _answer_digest(repeat, payload, arrays)
+                    if not memory.answered_before(answer, now):  # (the same answer again says nothing new)
+                        memory.count_refusal(now)
+                        memory.remember_answer(answer, now)
         entry = runtime.audit.append(
             {**record, "status": m.OK, "released": {"payload": payload, "arrays": arrays_for_log(arrays)}}
         )
@@ -184,6 +189,17 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
         audit_hash=entry["hash"],
         audit_seq=entry["seq"],
     )
+
+
+def _answer_digest(repeat: str | None, payload: dict, arrays: dict) -> str:
+    """Names one answer to one question (a task's kind, study, parameters and data version):
+    a task answered again with exactly the same release tells nothing it did not."""
+    h = hashlib.sha256(f"withheld|{repeat or secrets.token_hex(16)}|".encode())
+    h.update(json.dumps(payload, sort_keys=True, default=str).encode())
+    for name in sorted(arrays):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arrays[name]).tobytes())
+    return h.hexdigest()
 
 
 class Unserviceable(IaptnetError):
