@@ -332,3 +332,38 @@ def test_a_month_one_person_away_from_an_earlier_release_is_withheld(tmp_path):
     # Month 10 is not the one unknown of its period (before = the sum of months 0 to 19).
     relation = ["1/before/referrals", *(f"1/m{t}/referrals" for t in range(20))]
     assert sum(tables[1].get(key) is None for key in relation) >= 2
+
+
+def test_a_month_that_two_models_complete_to_one_person_is_withheld(tmp_path):
+    """The series' month 10 holds the target (aged 99) and twelve others. Two models, on months
+    10 to 12 and on months 11 to 12, both under 90, differ by exactly those twelve: every pair
+    of the three row sets differs by a dozen or more, but the month's count less the two models'
+    rows is the target, so its rounded count (13 shows as 15, 12 as 10) would say he was
+    referred in month 10. Joined to the span of the models' columns, the month would lift his
+    leverage to 1: it is withheld, with a partner."""
+    rng = np.random.default_rng(5)
+    n = 400
+    month = rng.integers(0, 40, size=n)
+    month[month == 10] = 13
+    month[:13] = 10
+    age = np.clip(rng.normal(40, 12, size=n), 18, 85)
+    age[0] = 99.0
+    age[13:23] = [91, 92, 93, 94, 95, 96, 97, 98, 98, 98]
+    month[13:23] = 30  # the other old people, outside the months the models take
+    frame = pd.DataFrame(
+        {"dna": rng.poisson(1.0, size=n), "att": rng.poisson(3.0, size=n) + 1, "month": month, "svc": "1", "age": age}
+    )
+    policy = 'mode = "exploratory"\n[rules]\nmin_rows = 10\n[exploratory]\nmin_rows = 10\n'
+    node = Node(tmp_path, frame, COLUMNS, policy=policy)
+    wide, narrow = "month >= 10 and month <= 12 and age < 90", "month >= 11 and month <= 12 and age < 90"
+    assert len(frame.query(wide)) - len(frame.query(narrow)) == 12  # the month but the target
+    for name, where in (("wide", wide), ("narrow", narrow)):
+        reply, _ = node.prepare(node.spec(name=name, formula="dna ~ att", family="gaussian", where=where))
+        assert reply.status == m.OK, reply.message
+    spec, _ = parse_study({**BASE, "name": "everyone", "where": "age > 0"}, node.schema, "everyone.toml")
+    reply, _ = node.prepare(spec.to_wire(), kind=protocol.TASK)
+    assert reply.status == m.OK, reply.message
+    table = reply.payload["segments"]["m0"]
+    assert table.get("1/m10/referrals") is None, table
+    relation = ["1/before/referrals", *(f"1/m{t}/referrals" for t in range(20))]
+    assert sum(table.get(key) is None for key in relation) >= 2
