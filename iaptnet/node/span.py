@@ -122,10 +122,10 @@ class ReleasedSpan:
         lifted = self.lifted(footprints)
         if lifted is None:
             return float(self.leverage.max()) if self.n else 0.0
-        _, leverage = lifted
-        if leverage.size and not np.all(np.isfinite(leverage)):
+        leverage = lifted[1]
+        if not np.all(np.isfinite(leverage)):
             return math.nan
-        return float(max(self.leverage.max(), leverage.max())) if leverage.size else float(self.leverage.max())
+        return float(max(self.leverage.max(), leverage.max()))
 
     def lifted(self, footprints: list[Footprint]) -> tuple[np.ndarray, np.ndarray] | None:
         """(rows, their leverages) for the rows whose leverage changes once these footprints'
@@ -144,19 +144,16 @@ class ReleasedSpan:
                 return rows, np.full(rows.size, math.nan)
             self._pending[key] = self._new_directions(rows, V)
         change = self._pending[key]
-        if change is None:
-            return None
-        touched = _union([b.rows for b in change.added + change.dropped], self.n)
-        return touched, self._lifted(change)
+        return None if change is None else self._lifted(change)
 
-    def _lifted(self, change: Change) -> np.ndarray:
-        """The leverages, after the change, of the rows it touches."""
+    def _lifted(self, change: Change) -> tuple[np.ndarray, np.ndarray]:
+        """(the rows the change touches, their leverages after it)."""
         rows = _union([b.rows for b in change.added + change.dropped], self.n)
         lifted = self.leverage[rows]  # (a copy: fancy indexing)
         for sign, blocks in ((-1.0, change.dropped), (1.0, change.added)):
             for b in blocks:
                 lifted[np.searchsorted(rows, b.rows)] += sign * _row_norms(b.basis)
-        return lifted
+        return rows, lifted
 
     def remember(self, footprints: list[Footprint]) -> None:
         """Join the footprints' columns to the span (after the release passed and was sent)."""
@@ -196,11 +193,18 @@ class ReleasedSpan:
                 return self._replace_touching(rows, V, touching, support, norms)
         W = np.zeros((support.size, V.shape[1]))
         W[np.searchsorted(support, rows)] = V
-        places = [np.searchsorted(support, b.rows) for b in touching]
-        dimension = sum(b.basis.shape[1] for b in touching)
-        if touching and support.size * dimension <= STACKED_BASIS_LIMIT:
-            project_out = _stacked_projection(touching, places, support.size, dimension)
+        if touching and support.size * sum(b.basis.shape[1] for b in touching) <= STACKED_BASIS_LIMIT:
+            # The touching blocks are orthogonal to each other, so side by side they are one
+            # orthonormal basis T, and M - T T'M is the same projection as block after block:
+            # two matrix products per pass instead of a gather, two products and a scatter per
+            # block.
+            T = _stacked(touching, support)
+
+            def project_out(M: np.ndarray) -> None:
+                M -= T @ (T.T @ M)
+
         else:
+            places = [np.searchsorted(support, b.rows) for b in touching]
 
             def project_out(M: np.ndarray) -> None:
                 for b, at in zip(touching, places, strict=True):
@@ -222,11 +226,7 @@ class ReleasedSpan:
         q_v = _orthonormal_beyond(V, norms)
         if q_v is None:
             return None
-        T = np.zeros((support.size, sum(b.basis.shape[1] for b in touching)))
-        j = 0
-        for b in touching:
-            T[np.searchsorted(support, b.rows), j : j + b.basis.shape[1]] = b.basis
-            j += b.basis.shape[1]
+        T = _stacked(touching, support)
         at = np.searchsorted(support, rows)
 
         def project_out(M: np.ndarray) -> None:
@@ -339,21 +339,14 @@ class ReleasedSpan:
             self.leverage[block.rows] += _row_norms(block.basis)
 
 
-def _stacked_projection(touching: list[Block], places: list[np.ndarray], rows: int, dimension: int):
-    """`project_out` for columns on `rows` support rows: the touching blocks stacked side by
-    side (they are orthogonal to each other, so together they are one orthonormal basis T,
-    and M - T T'M is the same projection as block after block), two matrix products per pass
-    instead of a gather, two products and a scatter per block."""
-    T = np.zeros((rows, dimension))
+def _stacked(blocks: list[Block], support: np.ndarray) -> np.ndarray:
+    """The blocks side by side on the support rows (each zero off its own rows)."""
+    T = np.zeros((support.size, sum(b.basis.shape[1] for b in blocks)))
     j = 0
-    for b, at in zip(touching, places, strict=True):
-        T[at, j : j + b.basis.shape[1]] = b.basis
+    for b in blocks:
+        T[np.searchsorted(support, b.rows), j : j + b.basis.shape[1]] = b.basis
         j += b.basis.shape[1]
-
-    def project_out(M: np.ndarray) -> None:
-        M -= T @ (T.T @ M)
-
-    return project_out
+    return T
 
 
 def _row_norms(basis: np.ndarray) -> np.ndarray:
