@@ -46,7 +46,7 @@ from collections.abc import Hashable, Iterable
 
 import numpy as np
 
-from .disclosure import withheld_by_audit
+from .disclosure import ModelFacts, withheld_by_audit
 from .policy import Rules
 from .release_memory import Footprint
 from .runtime import NodeRuntime
@@ -66,13 +66,14 @@ class CellAudit:
         # (total, parts): the total's rows are the disjoint union of the parts' rows
         self.relations = [r for r in relations if isinstance(r, tuple) and len(r) == 2]
         self.empty = set(empty)  # cells with no rows: shown as 0, members of relations all the same
+        self._last: list[tuple[Hashable, np.ndarray]] = []  # the cells of the last judgement
 
     def differing(self, cells: Iterable[tuple[Hashable, np.ndarray]]) -> set:
         """The keys of the cells (key, dataset row numbers, sorted) to withhold. A cell covering
         the whole cohort is the cohort itself, which the dispatcher judges (and refuses the
         release for). A key is judged in pairs once per task: suppression asks again after
         each round of withholding, about the same cells."""
-        cells = list(cells)
+        cells = self._last = list(cells)
         out = self._pairs(cells)
         if not out:
             out = self._combinations(cells)
@@ -120,6 +121,18 @@ class CellAudit:
         if not holding:
             return set()  # only the cohort lifts it: the dispatcher refuses the release
         return {cells[min(holding)[1]][0]}
+
+    def facts(self, label: str) -> ModelFacts:
+        """The cohort's facts, declared with the cells of the last judgement (the ones shown,
+        once nothing more is withheld): every later release is compared with them in pairs,
+        and they join the span of released columns as they were judged, so the dispatcher's
+        check of the release reuses the judgement's work."""
+        return ModelFacts(
+            label,
+            self.cohort,
+            cells=[positions for _, positions in self._last],
+            span_cells=[positions for _, positions in self.for_span(self._last)],
+        )
 
     def for_span(self, cells: list[tuple[Hashable, np.ndarray]]) -> list[tuple[Hashable, np.ndarray]]:
         """The cells without those that are sums or differences of the others shown: for each

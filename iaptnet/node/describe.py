@@ -151,18 +151,12 @@ def describe_table(runtime: NodeRuntime, task) -> Release:
     checker = SubsetCheck(runtime, dataset.data_version, dataset.n_rows, rules)
     leaving = [(a, b) for a, b in step_pairs(lay) if round_count(counts[a] - counts[b], rules) is None]
     cells = CellRows(lay, cohort, rows, groups, in_column, steps)
-    hidden, shown, audit = _suppress_and_audit(runtime, counts, primary, forced, leaving, lay, cells, rules)
+    hidden, audit = _suppress_and_audit(runtime, counts, primary, forced, leaving, lay, cells, rules)
     # The cohort's rows join the differencing audit with every count cell shown over them
     # (each cell's rows and the rest of the cohort are compared in pairs with every row set
     # released before), so a later release cannot difference a rounded count either.
     # The cohort and the cells shown join the span of released columns (node/cell_audit.py).
-    shown_cells = [(key, cells.positions(key)) for key in shown]
-    cohort_facts = ModelFacts(
-        f"{spec.name}: cohort",
-        cohort,
-        cells=[positions for _, positions in shown_cells],
-        span_cells=[positions for _, positions in audit.for_span(shown_cells)],
-    )
+    cohort_facts = audit.facts(f"{spec.name}: cohort")
     checker.accept(cohort_facts)  # refused by the dispatcher if it breaks the subset rule
     for key in cell_keys(lay):
         if key in hidden and (key not in primary or key in forced):
@@ -211,9 +205,10 @@ class CellRows:
 
 
 def _suppress_and_audit(runtime, counts, primary, forced, leaving, lay, cells: CellRows, rules):
-    """(hidden cells, shown cells, their audit): secondary suppression, then the differencing
-    audit of the shown cells' rows (node/cell_audit.py); a cell it finds is withheld like a small one and
-    suppression runs again around it, until nothing more is found."""
+    """(hidden cells, the audit of the cells shown): secondary suppression, then the
+    differencing audit of the shown cells' rows (node/cell_audit.py); a cell it finds is
+    withheld like a small one and suppression runs again around it, until nothing more is
+    found. The audit's last judgement is of the cells shown (`CellAudit.facts`)."""
     empty = {key for key, n in counts.items() if n == 0}
     audit = CellAudit(runtime, cells.steps[0], rules, relations(lay), empty)
     withheld = set(forced)
@@ -222,7 +217,7 @@ def _suppress_and_audit(runtime, counts, primary, forced, leaving, lay, cells: C
         shown = [key for key in cell_keys(lay) if key not in hidden and round_count(counts[key], rules)]
         differs = audit.differing((key, cells.positions(key)) for key in shown)
         if not differs:
-            return hidden, shown, audit
+            return hidden, audit
         withheld |= differs
 
 

@@ -29,7 +29,7 @@ from ..protocol.sdc import Relation, round_count, suppress
 from . import glm
 from .cell_audit import CellAudit
 from .cohort import cohort_mask
-from .disclosure import ModelFacts, Release, task_rules
+from .disclosure import Release, task_rules
 from .registry import handler
 
 PERIODS = ("before", "after")
@@ -92,7 +92,7 @@ def its_columns(runtime, task) -> Release:
         differing |= found
     # The cohort and the months and periods shown join the span of released columns
     # (node/cell_audit.py).
-    facts = ModelFacts(f"{spec.name} (segments)", rows, cells=[cells[k] for k in shown])
+    facts = audit.facts(f"{spec.name} (segments)")
     table = release.table(key, facts=facts, group="segments")
     for key, n in counts.items():
         if key in withheld or (key in hidden and key not in small):
