@@ -26,10 +26,8 @@ public strings (node/registry.py).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
-import secrets
 import time
 
 import numpy as np
@@ -40,7 +38,7 @@ from ..protocol.formula_check import log_exception
 from ..protocol.kinds.glm import MAX_MODELS, batch_hash
 from ..protocol.study import StudySpec, approval_hash
 from . import disclosure as d
-from .audit import arrays_for_log, digest_parameters, now_iso
+from .audit import arrays_for_log, canonical, digest_parameters, now_iso
 from .cohort import recording_conditions
 from .registry import load_kinds
 from .runtime import NodeRuntime
@@ -143,18 +141,19 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
                 memory.remember_conditions(conditions, dataset.data_version, dataset.n_rows, rules)
         for fn in release.on_commit:
             fn()
+        released = {"payload": payload, "arrays": arrays_for_log(arrays)}
         if repeat is not None or withheld[0]:
             with runtime.memory.transaction() as memory:
                 if repeat is not None:
                     memory.remember_answer(repeat, now)
-                if withheld[0]:  # a gap the differencing audit made answers like a refusal
-                    answer = _answer_digest(repeat, payload, arrays)
-                    if not memory.answered_before(answer, now):  # (the same answer again says nothing new)
+                if withheld[0]:  # a gap the differencing audit made answers like a refusal...
+                    # ...unless the same question got this very answer before: it says nothing new
+                    answer = None if repeat is None else _answer_key(repeat, released)
+                    if answer is None or not memory.answered_before(answer, now):
                         memory.count_refusal(now)
-                        memory.remember_answer(answer, now)
-        entry = runtime.audit.append(
-            {**record, "status": m.OK, "released": {"payload": payload, "arrays": arrays_for_log(arrays)}}
-        )
+                        if answer is not None:
+                            memory.remember_answer(answer, now)
+        entry = runtime.audit.append({**record, "status": m.OK, "released": released})
     except Exception:  # noqa: BLE001
         log_exception(log, "task %s: the audit log could not be written; nothing was released", task.task_id)
         return _reply_error(
@@ -191,15 +190,10 @@ def _dispatch(runtime: NodeRuntime, task: m.Task) -> m.Reply:
     )
 
 
-def _answer_digest(repeat: str | None, payload: dict, arrays: dict) -> str:
-    """Names one answer to one question (a task's kind, study, parameters and data version):
-    a task answered again with exactly the same release tells nothing it did not."""
-    h = hashlib.sha256(f"withheld|{repeat or secrets.token_hex(16)}|".encode())
-    h.update(json.dumps(payload, sort_keys=True, default=str).encode())
-    for name in sorted(arrays):
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(arrays[name]).tobytes())
-    return h.hexdigest()
+def _answer_key(repeat: str, released: dict) -> str:
+    """Names one answer (the release, as the audit log records it) to one question (`repeat`:
+    a task's kind, study, parameters and data version)."""
+    return hashlib.sha256(f"withheld|{repeat}|{canonical(released)}".encode()).hexdigest()
 
 
 class Unserviceable(IaptnetError):
